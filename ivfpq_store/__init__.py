@@ -1,0 +1,76 @@
+"""ivfpq-store: an embeddable, disk-backed IVF-PQ vector index.
+
+>>> import ivfpq_store
+>>> with ivfpq_store.create("vectors.ivfpq", xt, nlist=100, m=16) as store:  # doctest: +SKIP
+...     store.add(xb)
+...     distances, ids = store.search(xq, k=10, nprobe=8)
+"""
+
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+from .errors import (
+    BadMagicError,
+    CatalogError,
+    CatalogFullError,
+    ChecksumError,
+    CorruptStoreError,
+    DimensionMismatchError,
+    DuplicateIdError,
+    FormatError,
+    InvalidInputError,
+    InvalidParamsError,
+    IvfpqError,
+    IvfpqWarning,
+    ReadOnlyStoreError,
+    StoreClosedError,
+    StoreExistsError,
+    StoreLockedError,
+    StoreNotFoundError,
+    TrainingError,
+    TruncatedFileError,
+    UnsupportedVersionError,
+    WrongProcessError,
+)
+from .params import IndexParams
+from .search import SearchResult
+from .store import Store, StoreInfo, create, open
+from .types import Metric
+
+try:
+    __version__ = _metadata.version("ivfpq-store")
+except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "BadMagicError",
+    "CatalogError",
+    "CatalogFullError",
+    "ChecksumError",
+    "CorruptStoreError",
+    "DimensionMismatchError",
+    "DuplicateIdError",
+    "FormatError",
+    "IndexParams",
+    "InvalidInputError",
+    "InvalidParamsError",
+    "IvfpqError",
+    "IvfpqWarning",
+    "Metric",
+    "ReadOnlyStoreError",
+    "SearchResult",
+    "Store",
+    "StoreClosedError",
+    "StoreExistsError",
+    "StoreInfo",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "TrainingError",
+    "TruncatedFileError",
+    "UnsupportedVersionError",
+    "WrongProcessError",
+    "__version__",
+    "create",
+    "open",
+]

@@ -1,0 +1,96 @@
+"""Boundary checks that turn user arrays into the fixed dtypes and shapes of the engine.
+
+Everything here raises a specific :class:`IvfpqError` subclass naming what was expected and
+what was found; nothing touches disk, so a failed check leaves a store exactly as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import DimensionMismatchError, DuplicateIdError, InvalidInputError
+from .types import F32Array, I64Array
+
+__all__ = ["as_ids", "as_vectors", "normalize_rows"]
+
+_MAX_SHOWN = 5
+
+
+def _as_array(x: Any, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as err:  # ragged lists and the like
+        raise DimensionMismatchError(f"{name}: cannot be read as an array: {err}") from None
+    return arr
+
+
+def as_vectors(x: Any, dim: int, name: str = "vectors") -> tuple[F32Array, bool]:
+    """Return ``x`` as a C-contiguous float32 (n, dim) array and whether it was 1-D.
+
+    Accepts one vector (1-D) or a batch (2-D) of any real numeric dtype.
+    """
+    arr = _as_array(x, name)
+    if arr.dtype.kind not in "fiu":
+        raise DimensionMismatchError(
+            f"{name}: expected a real numeric array (float32 preferred), got dtype {arr.dtype}")
+    if arr.ndim not in (1, 2):
+        raise DimensionMismatchError(
+            f"{name}: expected a 1-D vector or a 2-D (n, {dim}) batch, got {arr.ndim}-D "
+            f"array of shape {arr.shape}")
+    single = arr.ndim == 1
+    if single:
+        arr = arr[None, :]
+    if arr.shape[1] != dim:
+        raise DimensionMismatchError(
+            f"{name}: expected dimension {dim}, got {arr.shape[1]} (shape {arr.shape})")
+    if arr.shape[0] == 0:
+        raise InvalidInputError(f"{name}: empty batch — expected at least one vector")
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(arr, dtype=np.float32)
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise InvalidInputError(
+            f"{name}: {len(rows)} row(s) contain NaN or inf (or values beyond float32 range), "
+            f"first at row(s) {rows[:_MAX_SHOWN].tolist()} — expected finite values")
+    return out, single
+
+
+def as_ids(ids: Any, n: int, name: str = "ids") -> I64Array:
+    """Return ``ids`` as a contiguous int64 (n,) array of distinct non-negative ids."""
+    arr = _as_array(ids, name)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.dtype.kind not in "iu":
+        raise DimensionMismatchError(f"{name}: expected an integer array, got dtype {arr.dtype}")
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise DimensionMismatchError(
+            f"{name}: expected shape ({n},) to match the vectors, got {arr.shape}")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise InvalidInputError(f"{name}: ids above 2**63-1 — expected non-negative int64 ids")
+    out = np.ascontiguousarray(arr, dtype=np.int64)
+    neg = np.flatnonzero(out < 0)
+    if len(neg):
+        raise InvalidInputError(
+            f"{name}: expected non-negative ids, got {len(neg)} negative, first "
+            f"{out[neg[:_MAX_SHOWN]].tolist()}")
+    uniq, counts = np.unique(out, return_counts=True)
+    if len(uniq) != n:
+        dup = uniq[counts > 1]
+        raise DuplicateIdError(
+            f"{name}: {len(dup)} id(s) appear more than once in the batch, first "
+            f"{dup[:_MAX_SHOWN].tolist()}; nothing was added")
+    return out
+
+
+def normalize_rows(x: F32Array, name: str = "vectors") -> F32Array:
+    """L2-normalised copy of ``x`` for the cosine metric; zero rows cannot be normalised."""
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    zero = np.flatnonzero(norms == 0)
+    if len(zero):
+        raise InvalidInputError(
+            f"{name}: {len(zero)} zero vector(s), first at row(s) {zero[:_MAX_SHOWN].tolist()}"
+            " — the cosine metric needs non-zero vectors")
+    return (x / norms[:, None]).astype(np.float32)

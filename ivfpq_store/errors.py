@@ -1,0 +1,145 @@
+"""The whole exception hierarchy of ivfpq_store, and nothing else.
+
+Every exception the package raises on purpose derives from :class:`IvfpqError`.
+Where a builtin meaning fits, the builtin is a second base, so generic handlers
+(``except ValueError``) keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadMagicError",
+    "CatalogError",
+    "CatalogFullError",
+    "ChecksumError",
+    "CorruptStoreError",
+    "DimensionMismatchError",
+    "DuplicateIdError",
+    "FormatError",
+    "InvalidInputError",
+    "InvalidParamsError",
+    "IvfpqError",
+    "IvfpqWarning",
+    "ReadOnlyStoreError",
+    "StoreClosedError",
+    "StoreExistsError",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "TrainingError",
+    "TruncatedFileError",
+    "UnsupportedVersionError",
+    "WrongProcessError",
+]
+
+
+class IvfpqError(Exception):
+    """Base class of every error ivfpq_store raises on purpose."""
+
+
+class InvalidParamsError(IvfpqError, ValueError):
+    """An index or search parameter is out of range (nlist, m, nbits, metric, k, nprobe...)."""
+
+
+class InvalidInputError(IvfpqError, ValueError):
+    """An input array has bad values: NaN/inf, negative or duplicate ids, an empty batch."""
+
+
+class DimensionMismatchError(InvalidInputError):
+    """An input array has the wrong number of dimensions, width, length or dtype."""
+
+
+class TrainingError(IvfpqError, ValueError):
+    """Training cannot proceed (for example fewer training points than centroids)."""
+
+
+class StoreNotFoundError(IvfpqError, FileNotFoundError):
+    """The path does not exist or is not an ivfpq store."""
+
+
+class StoreExistsError(IvfpqError, FileExistsError):
+    """``create`` was given a path that already exists."""
+
+
+class ReadOnlyStoreError(IvfpqError):
+    """A write was attempted on a store opened with ``readonly=True``."""
+
+
+class StoreClosedError(IvfpqError):
+    """The store was used after ``close()``."""
+
+
+class WrongProcessError(IvfpqError):
+    """A store opened in one process was used in a forked child; open it again in the child."""
+
+
+class StoreLockedError(IvfpqError):
+    """Another writer holds the store's writer lock and did not release it in time."""
+
+
+class DuplicateIdError(IvfpqError, KeyError):
+    """``add`` was given an id that is already live in the store (or twice in one batch)."""
+
+    def __str__(self) -> str:
+        # KeyError.__str__ would repr() the message and wrap it in quotes.
+        return str(self.args[0]) if self.args else ""
+
+
+class FormatError(IvfpqError):
+    """A file violates docs/format.md.
+
+    Attributes
+    ----------
+    path : str
+        The file (or ``"<bytes>"`` when decoding a buffer).
+    offset : int or None
+        Byte offset of the problem, when known.
+    expected, actual : object
+        What the format requires and what was found, when meaningful.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str = "<bytes>",
+        offset: int | None = None,
+        expected: object = None,
+        actual: object = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+        self.expected = expected
+        self.actual = actual
+
+
+class BadMagicError(FormatError):
+    """A file does not start with the magic bytes of its kind."""
+
+
+class UnsupportedVersionError(FormatError):
+    """A file or record declares a format version this reader does not understand."""
+
+
+class TruncatedFileError(FormatError):
+    """A file or buffer is shorter than its declared contents."""
+
+
+class ChecksumError(FormatError):
+    """A CRC32 stored in a file does not match the bytes it covers."""
+
+
+class CatalogError(IvfpqError):
+    """The LMDB catalog failed or holds something unexpected (wraps ``lmdb.Error``)."""
+
+
+class CatalogFullError(CatalogError):
+    """The LMDB catalog reached its map size; reopen with a larger ``map_size``."""
+
+
+class CorruptStoreError(IvfpqError):
+    """Files of one store disagree with each other (header vs catalog vs segments)."""
+
+
+class IvfpqWarning(UserWarning):
+    """Something works but is probably not what you want (for example too little training data)."""

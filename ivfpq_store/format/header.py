@@ -1,0 +1,209 @@
+"""Pure encoder and decoder for the header file (docs/format.md §4). Performs no I/O.
+
+The header holds the index parameters, the coarse centroids and the PQ codebooks.
+Layout: a 64-byte prelude, a section table at ``section_table_offset``, then the
+sections, each starting on a 64-byte boundary and covered by its own CRC32.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from ..errors import (
+    BadMagicError,
+    FormatError,
+    InvalidParamsError,
+    TruncatedFileError,
+    UnsupportedVersionError,
+)
+from ..params import IndexParams
+from ..types import F32Array, Metric
+from ._checksum import align_up, check_crc, crc32
+
+__all__ = [
+    "HEADER_MAGIC",
+    "HEADER_VERSION",
+    "MAX_SECTIONS",
+    "Header",
+    "SectionKind",
+    "decode_header",
+    "encode_header",
+]
+
+HEADER_MAGIC = b"\x89IVFPQ\r\n"
+HEADER_VERSION = (1, 0)
+MAX_SECTIONS = 64
+
+# §4.1 prelude: magic, major, minor, flags, dim, nlist, m, nbits, metric,
+# n_sections, section_table_offset, store_uuid, section_table_crc32 | prelude_crc32
+_PRELUDE = struct.Struct("<8sHHIIIHBBIQ16sI")
+PRELUDE_SIZE = 64
+assert _PRELUDE.size == PRELUDE_SIZE - 4  # the last 4 bytes are the prelude's own crc32
+# §4.2 section entry: kind, crc32, offset, nbytes, reserved
+_SECTION = struct.Struct("<IIQQQ")
+
+
+class SectionKind(enum.IntEnum):
+    """Kinds of header sections; readers skip kinds they do not know (§4.3)."""
+
+    CENTROIDS = 1  #: (nlist, dim) little-endian float32, C order
+    CODEBOOKS = 2  #: (m, ksub, dsub) little-endian float32, C order
+    METADATA = 3  #: msgpack map with string keys (training provenance); informative only
+
+
+@dataclass(frozen=True, eq=False)
+class Header:
+    """Decoded contents of a header file."""
+
+    params: IndexParams
+    store_uuid: uuid.UUID
+    centroids: F32Array  # (nlist, dim)
+    codebooks: F32Array  # (m, ksub, dsub)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    version: tuple[int, int] = HEADER_VERSION
+
+    def __post_init__(self) -> None:
+        p = self.params
+        for name, arr, shape in (
+            ("centroids", self.centroids, (p.nlist, p.dim)),
+            ("codebooks", self.codebooks, (p.m, p.ksub, p.dsub)),
+        ):
+            if arr.shape != shape or arr.dtype != np.float32:
+                raise InvalidParamsError(
+                    f"header {name}: expected float32 {shape}, got {arr.dtype} {arr.shape}"
+                )
+
+
+def encode_header(header: Header) -> bytes:
+    """Serialise ``header`` to bytes (format version :data:`HEADER_VERSION`)."""
+    p = header.params
+    payloads: list[tuple[SectionKind, bytes]] = [
+        (SectionKind.CENTROIDS, np.ascontiguousarray(header.centroids, dtype="<f4").tobytes()),
+        (SectionKind.CODEBOOKS, np.ascontiguousarray(header.codebooks, dtype="<f4").tobytes()),
+        (SectionKind.METADATA, msgpack.packb(header.metadata, use_bin_type=True)),
+    ]
+    table_offset = PRELUDE_SIZE
+    offsets: list[int] = []
+    offset = align_up(table_offset + _SECTION.size * len(payloads))
+    for _, data in payloads:
+        offsets.append(offset)
+        offset = align_up(offset + len(data))
+    # The file ends at the last section's last byte: no trailing padding (§4.1).
+    out = bytearray(offsets[-1] + len(payloads[-1][1]))
+    table = b"".join(
+        _SECTION.pack(kind, crc32(data), off, len(data), 0)
+        for (kind, data), off in zip(payloads, offsets, strict=True)
+    )
+    out[table_offset: table_offset + len(table)] = table
+    for (_, data), off in zip(payloads, offsets, strict=True):
+        out[off: off + len(data)] = data
+    prelude = _PRELUDE.pack(
+        HEADER_MAGIC, *HEADER_VERSION, 0, p.dim, p.nlist, p.m, p.nbits, int(p.metric),
+        len(payloads), table_offset, header.store_uuid.bytes, crc32(table),
+    )
+    out[: PRELUDE_SIZE - 4] = prelude
+    out[PRELUDE_SIZE - 4: PRELUDE_SIZE] = struct.pack("<I", crc32(prelude))
+    return bytes(out)
+
+
+def _fail(cls: type[FormatError], path: str, msg: str, offset: int, **kw: Any) -> FormatError:
+    return cls(f"{path}: {msg}", path=path, offset=offset, **kw)
+
+
+def decode_header(buf: bytes | memoryview, *, source: str = "<bytes>") -> Header:
+    """Parse and fully validate a header buffer.
+
+    Raises
+    ------
+    BadMagicError, UnsupportedVersionError, TruncatedFileError, ChecksumError, FormatError
+        When ``buf`` violates docs/format.md §4; ``source`` names it in the message.
+    """
+    buf = memoryview(buf).cast("B")
+    if len(buf) < PRELUDE_SIZE:
+        raise _fail(TruncatedFileError, source,
+                    f"header is {len(buf)} bytes — expected at least {PRELUDE_SIZE}", 0,
+                    expected=PRELUDE_SIZE, actual=len(buf))
+    if bytes(buf[:8]) != HEADER_MAGIC:
+        raise _fail(BadMagicError, source,
+                    f"not an ivfpq header — expected magic {HEADER_MAGIC!r}, got {bytes(buf[:8])!r}",
+                    0, expected=HEADER_MAGIC, actual=bytes(buf[:8]))
+    major, minor = struct.unpack_from("<HH", buf, 8)
+    # Version before checksum: a future major may lay the prelude out differently.
+    if major != HEADER_VERSION[0]:
+        raise _fail(UnsupportedVersionError, source,
+                    f"format version {major}.{minor} is not readable by this reader "
+                    f"({HEADER_VERSION[0]}.x); upgrade ivfpq-store", 8,
+                    expected=HEADER_VERSION, actual=(major, minor))
+    (stored_crc,) = struct.unpack_from("<I", buf, PRELUDE_SIZE - 4)
+    check_crc(buf[: PRELUDE_SIZE - 4], stored_crc, what="prelude", path=source, offset=0)
+    (_, _, _, flags, dim, nlist, m, nbits, metric, n_sections, table_offset, raw_uuid,
+     table_crc) = _PRELUDE.unpack_from(buf, 0)
+    if flags:
+        raise _fail(UnsupportedVersionError, source,
+                    f"unknown header flags 0x{flags:08x} — expected 0; upgrade ivfpq-store", 12,
+                    expected=0, actual=flags)
+    try:
+        params = IndexParams(dim=dim, nlist=nlist, m=m, nbits=nbits, metric=Metric(metric))
+    except (InvalidParamsError, ValueError) as err:
+        raise _fail(FormatError, source, f"invalid parameters in prelude: {err}", 16) from err
+    if not 1 <= n_sections <= MAX_SECTIONS:
+        raise _fail(FormatError, source,
+                    f"section count {n_sections} — expected 1..{MAX_SECTIONS}", 28,
+                    expected=(1, MAX_SECTIONS), actual=n_sections)
+    table_end = table_offset + n_sections * _SECTION.size
+    if table_offset < PRELUDE_SIZE or table_end > len(buf):
+        raise _fail(TruncatedFileError, source,
+                    f"section table [{table_offset}, {table_end}) lies outside the "
+                    f"{len(buf)}-byte file", 32, expected=table_end, actual=len(buf))
+    check_crc(buf[table_offset:table_end], table_crc, what="section table", path=source,
+              offset=table_offset)
+    sections: dict[int, memoryview] = {}
+    for i in range(n_sections):
+        entry_at = table_offset + i * _SECTION.size
+        kind, sec_crc, off, nbytes, _ = _SECTION.unpack_from(buf, entry_at)
+        if off % 64 or off < table_end or off + nbytes > len(buf):
+            raise _fail(TruncatedFileError, source,
+                        f"section {i} (kind {kind}) spans [{off}, {off + nbytes}) — expected a "
+                        f"64-aligned range inside the {len(buf)}-byte file", entry_at,
+                        expected=len(buf), actual=off + nbytes)
+        data = buf[off: off + nbytes]
+        check_crc(data, sec_crc, what=f"section {i} (kind {kind})", path=source, offset=off)
+        if kind in sections:
+            raise _fail(FormatError, source, f"section kind {kind} appears twice", entry_at)
+        sections[kind] = data  # unknown kinds are checked, then ignored (§4.3)
+
+    def array(kind: SectionKind, shape: tuple[int, ...]) -> F32Array:
+        if kind not in sections:
+            raise _fail(FormatError, source, f"required section {kind.name} is missing",
+                        table_offset)
+        data = sections[kind]
+        want = int(np.prod(shape)) * 4
+        if len(data) != want:
+            raise _fail(FormatError, source,
+                        f"section {kind.name} is {len(data)} bytes — expected {want} for "
+                        f"float32 {shape}", table_offset, expected=want, actual=len(data))
+        return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32, copy=True)
+
+    centroids = array(SectionKind.CENTROIDS, (params.nlist, params.dim))
+    codebooks = array(SectionKind.CODEBOOKS, (params.m, params.ksub, params.dsub))
+    metadata: dict[str, Any] = {}
+    if SectionKind.METADATA in sections:
+        try:
+            metadata = msgpack.unpackb(bytes(sections[SectionKind.METADATA]), raw=False,
+                                       strict_map_key=True)
+        except (ValueError, msgpack.UnpackException) as err:
+            raise _fail(FormatError, source, f"METADATA section is not valid msgpack: {err}",
+                        table_offset) from err
+        if not isinstance(metadata, dict):
+            raise _fail(FormatError, source, "METADATA section is not a msgpack map",
+                        table_offset)
+    return Header(params=params, store_uuid=uuid.UUID(bytes=bytes(raw_uuid)),
+                  centroids=centroids, codebooks=codebooks, metadata=metadata,
+                  version=(major, minor))

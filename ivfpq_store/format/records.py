@@ -1,0 +1,143 @@
+"""Value schemas of catalog records (docs/format.md §6.3). Pure codecs, no I/O.
+
+Extensible records are msgpack maps with string keys and a ``"v"`` schema
+version; decoders accept the versions they know and ignore unknown fields.
+The hot, fixed-size id entry is a ``struct``, not msgpack.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from dataclasses import dataclass, fields
+from typing import Any, Self
+
+import msgpack
+import numpy as np
+
+from ..errors import FormatError, UnsupportedVersionError
+
+__all__ = ["ID_ENTRY", "IdEntry", "ListRecord", "StateRecord", "StoreMeta",
+           "decode_id_entries", "encode_id_entries", "pack", "unpack"]
+
+
+def pack(obj: dict[str, Any]) -> bytes:
+    """msgpack-encode a record map."""
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack(buf: bytes, *, what: str) -> dict[str, Any]:
+    """Decode a msgpack record map, raising :class:`FormatError` on anything else."""
+    try:
+        obj = msgpack.unpackb(buf, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as err:
+        raise FormatError(f"catalog {what}: not valid msgpack: {err}", path="catalog") from err
+    if not isinstance(obj, dict):
+        raise FormatError(f"catalog {what}: expected a msgpack map, got {type(obj).__name__}",
+                          path="catalog")
+    return obj
+
+
+class _Record:
+    """Shared msgpack round trip for the dataclass records below."""
+
+    VERSION = 1
+
+    def to_msgpack(self) -> bytes:
+        obj = {"v": self.VERSION}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            obj[f.name] = value.bytes if isinstance(value, uuid.UUID) else value
+        return pack(obj)
+
+    @classmethod
+    def from_msgpack(cls, buf: bytes) -> Self:
+        what = cls.__name__
+        obj = unpack(buf, what=what)
+        if obj.get("v") != cls.VERSION:
+            raise UnsupportedVersionError(
+                f"catalog {what}: schema version {obj.get('v')!r} — expected {cls.VERSION};"
+                " upgrade ivfpq-store", path="catalog", expected=cls.VERSION, actual=obj.get("v"))
+        kwargs = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            if f.name not in obj:
+                raise FormatError(f"catalog {what}: required field {f.name!r} is missing",
+                                  path="catalog")
+            value = obj[f.name]
+            kwargs[f.name] = uuid.UUID(bytes=value) if f.type == "uuid.UUID" else value
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreMeta(_Record):
+    """``meta/store``: written once at creation; ties the catalog to its header."""
+
+    store_uuid: uuid.UUID
+    format: list[int]  # [major, minor] of the store format
+    created: float  # unix time
+    dim: int
+    nlist: int
+    m: int
+    nbits: int
+    metric: str
+
+
+@dataclass(frozen=True, slots=True)
+class StateRecord(_Record):
+    """``meta/state``: counters, rewritten by every write transaction."""
+
+    commit: int  # incremented by every write transaction; readers cache against it
+    ntotal: int  # live vectors
+    next_id: int  # smallest id that add(ids=None) may hand out
+
+
+@dataclass(frozen=True, slots=True)
+class ListRecord(_Record):
+    """``lists/<list_no>``: the segment of one non-empty inverted list."""
+
+    file: str  # name under segments/
+    generation: int
+    count: int  # committed records; bytes after them are ignored
+    crc32: int  # CRC-32 of the committed record bytes (count * record_size bytes after the prelude)
+
+
+# §6.3 id entry: list_no u32, generation u32, row u64 (little-endian)
+ID_ENTRY = struct.Struct("<IIQ")
+_ID_ENTRY_DTYPE = np.dtype([("list_no", "<u4"), ("generation", "<u4"), ("row", "<u8")])
+
+
+@dataclass(frozen=True, slots=True)
+class IdEntry:
+    """``ids/<id>``: where a live vector's record is."""
+
+    list_no: int
+    generation: int
+    row: int
+
+    def encode(self) -> bytes:
+        return ID_ENTRY.pack(self.list_no, self.generation, self.row)
+
+    @classmethod
+    def decode(cls, buf: bytes) -> IdEntry:
+        if len(buf) != ID_ENTRY.size:
+            raise FormatError(f"catalog id entry: {len(buf)} bytes — expected {ID_ENTRY.size}",
+                              path="catalog", expected=ID_ENTRY.size, actual=len(buf))
+        return cls(*ID_ENTRY.unpack(buf))
+
+
+def encode_id_entries(list_nos: np.ndarray, generations: np.ndarray,
+                      rows: np.ndarray) -> list[bytes]:
+    """Vectorised :meth:`IdEntry.encode`."""
+    arr = np.empty(len(rows), dtype=_ID_ENTRY_DTYPE)
+    arr["list_no"], arr["generation"], arr["row"] = list_nos, generations, rows
+    raw = arr.tobytes()
+    size = ID_ENTRY.size
+    return [raw[i: i + size] for i in range(0, len(raw), size)]
+
+
+def decode_id_entries(values: list[bytes]) -> np.ndarray:
+    """Decode many id entries into a structured array (fields list_no, generation, row)."""
+    raw = b"".join(values)
+    if len(raw) != ID_ENTRY.size * len(values):
+        raise FormatError("catalog id entry: wrong size", path="catalog")
+    return np.frombuffer(raw, dtype=_ID_ENTRY_DTYPE)

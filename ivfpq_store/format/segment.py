@@ -1,0 +1,110 @@
+"""Pure codec for segment files (docs/format.md §5). Performs no I/O.
+
+A segment holds one inverted list: a 64-byte prelude, then fixed-size records
+``(id: <i8, code: u1[code_size])`` starting at byte 64. Only the first
+``count`` records, where ``count`` comes from the catalog, are committed;
+anything after them is a leftover of an interrupted write and MUST be ignored.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from ..errors import BadMagicError, FormatError, TruncatedFileError, UnsupportedVersionError
+from ._checksum import check_crc, crc32
+
+__all__ = [
+    "SEGMENT_MAGIC",
+    "SEGMENT_PRELUDE_SIZE",
+    "SEGMENT_VERSION",
+    "SegmentPrelude",
+    "decode_segment_prelude",
+    "encode_segment_prelude",
+    "record_dtype",
+    "segment_file_name",
+]
+
+SEGMENT_MAGIC = b"\x89IVFSG\r\n"
+SEGMENT_VERSION = (1, 0)
+SEGMENT_PRELUDE_SIZE = 64
+# §5.1: magic, major, minor, list_no, generation, code_size, record_size, store_uuid
+_PRELUDE = struct.Struct("<8sHHIIHH16s")
+_RESERVED = 20  # bytes 40..59, MUST be zero
+assert _PRELUDE.size + _RESERVED + 4 == SEGMENT_PRELUDE_SIZE
+
+
+@lru_cache(maxsize=64)
+def record_dtype(code_size: int) -> np.dtype[np.void]:
+    """The numpy structured dtype of one record: ``<i8`` id, then ``code_size`` bytes of code."""
+    return np.dtype([("id", "<i8"), ("code", "u1", (code_size,))])
+
+
+def segment_file_name(list_no: int, generation: int) -> str:
+    """File name of a list's segment, relative to ``segments/`` (§3)."""
+    return f"{list_no:06d}-{generation:06d}.seg"
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentPrelude:
+    """Decoded segment prelude."""
+
+    list_no: int
+    generation: int
+    code_size: int
+    store_uuid: uuid.UUID
+    version: tuple[int, int] = SEGMENT_VERSION
+
+    @property
+    def record_size(self) -> int:
+        """Bytes per record: 8 (id) + code_size."""
+        return 8 + self.code_size
+
+
+def encode_segment_prelude(prelude: SegmentPrelude) -> bytes:
+    """Serialise a prelude to exactly :data:`SEGMENT_PRELUDE_SIZE` bytes."""
+    head = _PRELUDE.pack(
+        SEGMENT_MAGIC, *SEGMENT_VERSION, prelude.list_no, prelude.generation,
+        prelude.code_size, prelude.record_size, prelude.store_uuid.bytes,
+    ) + bytes(_RESERVED)
+    return head + struct.pack("<I", crc32(head))
+
+
+def decode_segment_prelude(buf: bytes | memoryview, *, source: str = "<bytes>") -> SegmentPrelude:
+    """Parse and validate a segment prelude (the first 64 bytes of a segment file).
+
+    Raises
+    ------
+    TruncatedFileError, BadMagicError, UnsupportedVersionError, ChecksumError, FormatError
+        When ``buf`` violates docs/format.md §5.1.
+    """
+    buf = memoryview(buf).cast("B")
+    if len(buf) < SEGMENT_PRELUDE_SIZE:
+        raise TruncatedFileError(
+            f"{source}: segment is {len(buf)} bytes — expected at least {SEGMENT_PRELUDE_SIZE}",
+            path=source, offset=0, expected=SEGMENT_PRELUDE_SIZE, actual=len(buf))
+    magic = bytes(buf[:8])
+    if magic != SEGMENT_MAGIC:
+        raise BadMagicError(
+            f"{source}: not an ivfpq segment — expected magic {SEGMENT_MAGIC!r}, got {magic!r}",
+            path=source, offset=0, expected=SEGMENT_MAGIC, actual=magic)
+    major, minor = struct.unpack_from("<HH", buf, 8)
+    if major != SEGMENT_VERSION[0]:
+        raise UnsupportedVersionError(
+            f"{source}: segment format version {major}.{minor} is not readable by this reader "
+            f"({SEGMENT_VERSION[0]}.x); upgrade ivfpq-store",
+            path=source, offset=8, expected=SEGMENT_VERSION, actual=(major, minor))
+    (stored,) = struct.unpack_from("<I", buf, SEGMENT_PRELUDE_SIZE - 4)
+    check_crc(buf[: SEGMENT_PRELUDE_SIZE - 4], stored, what="segment prelude", path=source,
+              offset=0)
+    _, _, _, list_no, generation, code_size, record_size, raw_uuid = _PRELUDE.unpack_from(buf)
+    if record_size != 8 + code_size or code_size == 0:
+        raise FormatError(
+            f"{source}: record_size {record_size} — expected 8 + code_size ({8 + code_size})",
+            path=source, offset=22, expected=8 + code_size, actual=record_size)
+    return SegmentPrelude(list_no=list_no, generation=generation, code_size=code_size,
+                          store_uuid=uuid.UUID(bytes=bytes(raw_uuid)), version=(major, minor))

@@ -1,0 +1,112 @@
+"""Validated, immutable parameter objects: the shape of an index and of a search."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidParamsError
+from .types import Metric
+
+__all__ = ["MAX_DIM", "MAX_K", "MAX_NLIST", "IndexParams", "SearchParams", "check_int", "parse_metric"]
+
+#: Sanity caps; the header format could hold more, but nothing sensible needs it.
+MAX_DIM = 1 << 16
+MAX_NLIST = 1 << 24
+MAX_K = 1 << 20
+
+
+def parse_metric(metric: str | Metric) -> Metric:
+    """Turn ``"l2"``, ``"ip"``, ``"cosine"`` (any case) or a :class:`Metric` into a Metric."""
+    if isinstance(metric, Metric):
+        return metric
+    if isinstance(metric, str):
+        try:
+            return Metric[metric.strip().upper()]
+        except KeyError:
+            pass
+    choices = ", ".join(repr(m.label) for m in Metric)
+    raise InvalidParamsError(f"metric: expected one of {choices}, got {metric!r}")
+
+
+def check_int(name: str, value: object, lo: int, hi: int) -> int:
+    """Return ``value`` as an int if it is an integer (Python or numpy) in ``lo..hi``."""
+    if isinstance(value, bool | np.bool_):
+        raise InvalidParamsError(f"{name}: expected an int, got bool {value!r}")
+    try:
+        ivalue = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidParamsError(
+            f"{name}: expected an int, got {type(value).__name__} {value!r}"
+        ) from None
+    if not lo <= ivalue <= hi:
+        raise InvalidParamsError(f"{name}: expected {lo}..{hi}, got {ivalue}")
+    return ivalue
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IndexParams:
+    """Immutable shape of an index; written to the header at creation.
+
+    Parameters
+    ----------
+    dim : int
+        Vector dimension, divisible by ``m``.
+    nlist : int
+        Number of coarse cells (inverted lists).
+    m : int
+        Number of PQ sub-quantizers; each code is ``m`` bytes.
+    nbits : int
+        Bits per sub-quantizer index, 1..8 (``ksub = 2**nbits`` sub-centroids).
+    metric : Metric
+        Similarity metric.
+    """
+
+    dim: int
+    nlist: int
+    m: int
+    nbits: int = 8
+    metric: Metric = Metric.L2
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("dim", 1, MAX_DIM), ("nlist", 1, MAX_NLIST), ("nbits", 1, 8)):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), lo, hi))
+        object.__setattr__(self, "m", check_int("m", self.m, 1, self.dim))
+        if self.dim % self.m:
+            raise InvalidParamsError(
+                f"m: dim={self.dim} must be divisible by m, got m={self.m}"
+                f" (divisors of {self.dim} up to 64: "
+                f"{[d for d in range(1, min(self.dim, 64) + 1) if self.dim % d == 0]})"
+            )
+        if not isinstance(self.metric, Metric):
+            object.__setattr__(self, "metric", parse_metric(self.metric))
+
+    @property
+    def dsub(self) -> int:
+        """Width of one sub-vector, ``dim // m``."""
+        return self.dim // self.m
+
+    @property
+    def ksub(self) -> int:
+        """Sub-centroids per sub-quantizer, ``2**nbits``."""
+        return 1 << self.nbits
+
+    @property
+    def code_size(self) -> int:
+        """Bytes per PQ code: one byte per sub-quantizer, whatever ``nbits`` is."""
+        return self.m
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SearchParams:
+    """Per-call search settings, validated against the index they apply to."""
+
+    k: int
+    nprobe: int
+
+    @classmethod
+    def checked(cls, k: object, nprobe: object, nlist: int) -> SearchParams:
+        """Validate ``k >= 1`` and ``1 <= nprobe <= nlist`` and build the value."""
+        return cls(k=check_int("k", k, 1, MAX_K), nprobe=check_int("nprobe", nprobe, 1, nlist))

@@ -1,0 +1,187 @@
+"""IVF-PQ search: coarse probe, ADC lookup tables, per-list scan, top-k merge.
+
+The scan loops in Python once per *distinct probed list* of a batch, never per query or per
+candidate: all queries probing a list are scored against it together, so each list is read
+once per batch. Memory is bounded by processing queries and list rows in blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from .format.records import ListRecord
+from .params import SearchParams
+from .training.pq import ProductQuantizer
+from .types import F32Array, I64Array, Metric
+
+__all__ = ["RecordFetcher", "SearchResult", "Searcher"]
+
+#: Called with (list_no, record) and returns that list's committed records (fields id, code).
+RecordFetcher = Callable[[int, ListRecord], np.ndarray]
+
+#: Floats of per-pair lookup tables kept at once (64 MiB).
+_TABLE_BUDGET = 16 << 20
+#: Floats of gathered table entries per scan block (32 MiB).
+_SCAN_BUDGET = 8 << 20
+
+
+class SearchResult(NamedTuple):
+    """Result of a search: both arrays have shape (nq, k), best first.
+
+    Missing results (fewer than k vectors in the probed lists) are id -1 with distance +inf
+    for l2 and -inf for ip/cosine.
+    """
+
+    distances: F32Array
+    ids: I64Array
+
+
+@dataclass(frozen=True, eq=False)
+class Searcher:
+    """Stateless search over one index's centroids and product quantizer."""
+
+    centroids: F32Array  # (nlist, dim)
+    pq: ProductQuantizer
+    metric: Metric
+
+    def __post_init__(self) -> None:
+        norms = np.einsum("ij,ij->i", self.centroids, self.centroids)
+        object.__setattr__(self, "_centroid_norms", norms)
+
+    def probe(self, queries: F32Array, nprobe: int) -> tuple[F32Array, I64Array]:
+        """The ``nprobe`` best lists per query, best first, and their coarse costs.
+
+        Costs are "smaller is better": squared L2 distance to the centroid, or the negated
+        inner product with it.
+        """
+        scores = queries @ self.centroids.T
+        if self.metric is Metric.L2:
+            scores *= -2.0
+            scores += self._centroid_norms  # type: ignore[attr-defined]
+            scores += np.einsum("ij,ij->i", queries, queries)[:, None]
+        else:
+            np.negative(scores, out=scores)
+        if nprobe < scores.shape[1]:
+            part = np.argpartition(scores, nprobe - 1, axis=1)[:, :nprobe]
+        else:
+            part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+        part_scores = np.take_along_axis(scores, part, axis=1)
+        order = np.argsort(part_scores, axis=1, kind="stable")
+        return (np.take_along_axis(part_scores, order, axis=1),
+                np.take_along_axis(part, order, axis=1).astype(np.int64))
+
+    def search(self, queries: F32Array, params: SearchParams, lists: Mapping[int, ListRecord],
+               fetch: RecordFetcher) -> SearchResult:
+        """Search ``queries`` (nq, dim) float32, already validated and (for cosine) normalised.
+
+        ``lists`` holds the committed record of every non-empty list; ``fetch`` maps them.
+        """
+        nq = queries.shape[0]
+        nprobe = params.nprobe
+        # Candidate buffers: for query q and probe rank p, the best k of that list. No list
+        # yields more than its size, so the buffer is never wider than the largest list.
+        k = max(1, min(params.k, max((r.count for r in lists.values()), default=1)))
+        cand_cost = np.full((nq, nprobe, k), np.inf, dtype=np.float32)
+        cand_ids = np.full((nq, nprobe, k), -1, dtype=np.int64)
+        m, ksub = self.pq.m, self.pq.ksub
+        per_query_tables = self.metric is not Metric.L2
+        qblock = nq if per_query_tables else max(1, _TABLE_BUDGET // (nprobe * m * ksub))
+        for q0 in range(0, nq, qblock):
+            q1 = min(nq, q0 + qblock)
+            coarse, probed = self.probe(queries[q0:q1], nprobe)
+            tables, table_of_pair, bias = self._tables(queries[q0:q1], coarse, probed)
+            self._scan(probed, tables, table_of_pair, bias, lists, fetch,
+                       cand_cost[q0:q1], cand_ids[q0:q1])
+        return self._merge(cand_cost.reshape(nq, nprobe * k), cand_ids.reshape(nq, nprobe * k),
+                           params.k)
+
+    def _tables(self, queries: F32Array, coarse: F32Array,
+                probed: I64Array) -> tuple[F32Array, I64Array, F32Array]:
+        """ADC tables flattened to (ntables, m*ksub), the table of each (query, probe) pair, and
+        a per-pair constant added to every candidate's table sum.
+
+        l2: one table per pair from the query's residual r = q - c: |r_j - C_jk|^2; bias 0.
+        ip/cosine: one table per query, -q_j.C_jk; bias is the negated <q, c>.
+        """
+        pq = self.pq
+        nq, nprobe = probed.shape
+        if self.metric is Metric.L2:
+            residuals = queries[:, None, :] - self.centroids[probed]  # (nq, nprobe, dim)
+            r = residuals.reshape(nq * nprobe, pq.m, pq.dsub).transpose(1, 0, 2)  # (m, P, dsub)
+            t = np.matmul(r, pq.codebooks.transpose(0, 2, 1))  # (m, P, ksub)
+            t *= -2.0
+            t += pq.norms[:, None, :]
+            t += np.einsum("jpd,jpd->jp", r, r)[:, :, None]
+            np.maximum(t, 0.0, out=t)  # rounding can make a tiny square negative
+            tables = np.ascontiguousarray(t.transpose(1, 0, 2)).reshape(nq * nprobe, -1)
+            return tables, np.arange(nq * nprobe), np.zeros(nq * nprobe, np.float32)
+        q = queries.reshape(nq, pq.m, pq.dsub).transpose(1, 0, 2)  # (m, nq, dsub)
+        t = np.matmul(q, pq.codebooks.transpose(0, 2, 1))  # (m, nq, ksub)
+        np.negative(t, out=t)
+        tables = np.ascontiguousarray(t.transpose(1, 0, 2)).reshape(nq, -1)
+        return tables, np.repeat(np.arange(nq), nprobe), coarse.reshape(-1)
+
+    def _scan(self, probed: I64Array, tables: F32Array, table_of_pair: I64Array,
+              bias: F32Array, lists: Mapping[int, ListRecord], fetch: RecordFetcher,
+              cand_cost: F32Array, cand_ids: I64Array) -> None:
+        """Score every probed list once against all the (query, probe) pairs that chose it."""
+        nprobe = probed.shape[1]
+        k = cand_cost.shape[2]
+        flat = probed.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        list_nos, starts = np.unique(flat[order], return_index=True)
+        ends = np.append(starts[1:], len(order))
+        offsets = (np.arange(self.pq.m) * self.pq.ksub).astype(np.intp)
+        for list_no, s, e in zip(list_nos.tolist(), starts.tolist(), ends.tolist(), strict=True):
+            record = lists.get(list_no)
+            if record is None or record.count == 0:
+                continue
+            pairs = order[s:e]
+            recs = fetch(list_no, record)
+            flat_codes = (recs["code"].astype(np.intp) + offsets).reshape(-1)  # (n*m,)
+            cost = self._score(tables[table_of_pair[pairs]], bias[pairs], flat_codes)
+            kk = min(k, cost.shape[1])
+            if kk < cost.shape[1]:
+                top = np.argpartition(cost, kk - 1, axis=1)[:, :kk]
+                top_cost = np.take_along_axis(cost, top, axis=1)
+            else:
+                top = np.broadcast_to(np.arange(kk), cost.shape)
+                top_cost = cost
+            qi, pi = np.divmod(pairs, nprobe)
+            cand_cost[qi, pi, :kk] = top_cost
+            cand_ids[qi, pi, :kk] = np.asarray(recs["id"])[top]
+
+    def _score(self, pair_tables: F32Array, pair_bias: F32Array, flat_codes: np.ndarray) -> F32Array:
+        """Cost (npairs, n) of n encoded vectors for each pair: bias + sum_j table[j, code_j]."""
+        m = self.pq.m
+        npairs = pair_tables.shape[0]
+        n = flat_codes.shape[0] // m
+        out = np.empty((npairs, n), dtype=np.float32)
+        rows = max(1, _SCAN_BUDGET // max(1, npairs * m))
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            gathered = pair_tables[:, flat_codes[r0 * m: r1 * m]]  # (npairs, rows*m)
+            out[:, r0:r1] = gathered.reshape(npairs, r1 - r0, m).sum(axis=2, dtype=np.float32)
+        out += pair_bias[:, None]
+        return out
+
+    def _merge(self, cost: F32Array, ids: I64Array, k: int) -> SearchResult:
+        """Best k of the candidates of each query, sorted; converts costs back to scores."""
+        if k < cost.shape[1]:
+            part = np.argpartition(cost, k - 1, axis=1)[:, :k]
+            cost = np.take_along_axis(cost, part, axis=1)
+            ids = np.take_along_axis(ids, part, axis=1)
+        elif k > cost.shape[1]:  # pad: fewer candidates than k in all the probed lists
+            pad = k - cost.shape[1]
+            cost = np.pad(cost, ((0, 0), (0, pad)), constant_values=np.inf)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        order = np.argsort(cost, axis=1, kind="stable")
+        cost = np.take_along_axis(cost, order, axis=1)
+        ids = np.take_along_axis(ids, order, axis=1)
+        distances = cost if self.metric is Metric.L2 else -cost
+        return SearchResult(np.ascontiguousarray(distances, dtype=np.float32),
+                            np.ascontiguousarray(ids, dtype=np.int64))

@@ -1,0 +1,11 @@
+"""File and LMDB I/O for a store: layout, atomic writes, header, segments, catalog."""
+
+from __future__ import annotations
+
+from .catalog import DEFAULT_MAP_SIZE, Catalog, CatalogSnapshot
+from .header_io import read_header, write_header
+from .layout import StoreLayout
+from .segments import MapCache, SegmentReader, append_records, committed_size
+
+__all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "MapCache", "SegmentReader",
+           "StoreLayout", "append_records", "committed_size", "read_header", "write_header"]

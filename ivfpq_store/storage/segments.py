@@ -1,0 +1,172 @@
+"""Segment file I/O: append-and-fsync for the writer, bounded memory maps for readers.
+
+Invariant (docs/format.md §7): readers only ever look at the first ``count`` records,
+where ``count`` is the committed count in the catalog. The writer appends with an
+ordinary file handle, never through a map, and fsyncs before the catalog commit.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CorruptStoreError
+from ..format._checksum import crc32
+from ..format.segment import (
+    SEGMENT_PRELUDE_SIZE,
+    SegmentPrelude,
+    decode_segment_prelude,
+    encode_segment_prelude,
+    record_dtype,
+)
+
+__all__ = ["MapCache", "SegmentReader", "append_records", "committed_size"]
+
+
+def committed_size(count: int, code_size: int) -> int:
+    """Bytes a segment must have to hold ``count`` committed records."""
+    return SEGMENT_PRELUDE_SIZE + count * record_dtype(code_size).itemsize
+
+
+def append_records(
+    path: Path, prelude: SegmentPrelude, committed: int, records: np.ndarray, *,
+    crc_start: int = 0, sync: bool = True,
+) -> int:
+    """Append ``records`` after the first ``committed`` records of a segment and fsync it.
+
+    A new segment (``committed == 0``) is (re)created from scratch with its prelude: a file
+    of that name can only be the leftover of a crashed, never-committed write. An existing
+    segment is first cut back to its committed size, discarding any uncommitted tail.
+
+    Returns the CRC-32 of all committed-plus-appended record bytes, continued from
+    ``crc_start`` (the CRC of the already committed records).
+
+    Raises
+    ------
+    CorruptStoreError
+        When an existing segment is shorter than its committed size.
+    """
+    data = records.tobytes()
+    want = committed_size(committed, prelude.code_size)
+    if committed == 0:
+        with open(path, "wb") as fh:
+            fh.write(encode_segment_prelude(prelude))
+            fh.write(data)
+            fh.flush()
+            if sync:
+                os.fdatasync(fh.fileno())
+        return crc32(data, crc_start)
+    with open(path, "r+b") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < want:
+            raise CorruptStoreError(
+                f"{path}: segment is {size} bytes — expected at least {want} for "
+                f"{committed} committed records; run verify"
+            )
+        if size > want:
+            fh.truncate(want)  # §7: an uncommitted tail left by a crash
+        fh.seek(want)
+        fh.write(data)
+        fh.flush()
+        if sync:
+            os.fdatasync(fh.fileno())
+    return crc32(data, crc_start)
+
+
+class SegmentReader:
+    """A read-only memory map of one segment file, validated against what the catalog expects."""
+
+    def __init__(self, path: Path, expected: SegmentPrelude) -> None:
+        self.path = path
+        self.expected = expected
+        self.dtype = record_dtype(expected.code_size)
+        self._map: np.ndarray | None = None
+        self._capacity = 0
+        self._lock = threading.Lock()
+
+    def _remap(self, count: int) -> None:
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            raise CorruptStoreError(
+                f"{self.path}: segment file is missing but the catalog lists {count} committed "
+                "records; run verify"
+            ) from None
+        need = SEGMENT_PRELUDE_SIZE + count * self.dtype.itemsize
+        if size < need:
+            raise CorruptStoreError(
+                f"{self.path}: segment is {size} bytes — expected at least {need} for {count} "
+                "committed records; the file was truncated, run verify"
+            )
+        with open(self.path, "rb") as fh:
+            prelude = decode_segment_prelude(fh.read(SEGMENT_PRELUDE_SIZE), source=str(self.path))
+        if (prelude.list_no, prelude.generation, prelude.code_size, prelude.store_uuid) != (
+            self.expected.list_no, self.expected.generation, self.expected.code_size,
+            self.expected.store_uuid,
+        ):
+            raise CorruptStoreError(
+                f"{self.path}: segment prelude says list {prelude.list_no} generation "
+                f"{prelude.generation} of store {prelude.store_uuid} — expected list "
+                f"{self.expected.list_no} generation {self.expected.generation} of store "
+                f"{self.expected.store_uuid}"
+            )
+        capacity = (size - SEGMENT_PRELUDE_SIZE) // self.dtype.itemsize
+        # np.memmap keeps its own dup of the descriptor; it is released with the last view.
+        self._map = np.memmap(self.path, dtype=self.dtype, mode="r",
+                              offset=SEGMENT_PRELUDE_SIZE, shape=(capacity,))
+        self._capacity = capacity
+
+    def records(self, count: int) -> np.ndarray:
+        """The first ``count`` records as a read-only structured view (fields ``id``, ``code``)."""
+        if count == 0:
+            return np.empty(0, dtype=self.dtype)
+        with self._lock:
+            if self._map is None or self._capacity < count:
+                self._remap(count)
+            assert self._map is not None
+            return self._map[:count]
+
+
+class MapCache:
+    """A bounded, thread-safe LRU of :class:`SegmentReader` objects keyed by segment file name.
+
+    Bounds open maps (and the descriptors they hold) to ``max_open``. Evicting a reader only
+    drops the cache's reference: arrays already handed out keep their map alive.
+    """
+
+    def __init__(self, directory: Path, store_uuid: uuid.UUID, code_size: int,
+                 max_open: int = 256) -> None:
+        self.directory = directory
+        self.store_uuid = store_uuid
+        self.code_size = code_size
+        self.max_open = max(1, max_open)
+        self._readers: OrderedDict[str, SegmentReader] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def records(self, name: str, list_no: int, generation: int, count: int) -> np.ndarray:
+        """Committed records of segment ``name`` (mapped on first use)."""
+        with self._lock:
+            reader = self._readers.get(name)
+            if reader is None:
+                expected = SegmentPrelude(list_no=list_no, generation=generation,
+                                          code_size=self.code_size, store_uuid=self.store_uuid)
+                reader = SegmentReader(self.directory / name, expected)
+                self._readers[name] = reader
+                while len(self._readers) > self.max_open:
+                    self._readers.popitem(last=False)
+            else:
+                self._readers.move_to_end(name)
+        return reader.records(count)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+    def clear(self) -> None:
+        """Drop every cached map."""
+        with self._lock:
+            self._readers.clear()

@@ -1,0 +1,141 @@
+"""Seeded k-means in numpy with BLAS assignment in blocks and empty-cluster repair. No I/O."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import IvfpqWarning, TrainingError
+from ..types import F32Array, I64Array, ProgressFn
+
+__all__ = ["MIN_POINTS_PER_CENTROID", "KMeansResult", "kmeans", "nearest"]
+
+logger = logging.getLogger(__name__)
+
+#: faiss's Clustering warns below the same bound (faiss/Clustering.h).
+MIN_POINTS_PER_CENTROID = 39
+_SPLIT_EPS = 1.0 / 1024.0
+#: Rows of ``x`` per assignment block; with k=1024 a block's distance matrix is 32 MiB.
+ASSIGN_BLOCK = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class KMeansResult:
+    """Outcome of :func:`kmeans`."""
+
+    centroids: F32Array  # (k, d)
+    objective: tuple[float, ...]  # sum of squared distances to the nearest centroid, per iteration
+    n_splits: int  # empty clusters repaired over the whole run
+    n_train: int  # points actually clustered (after subsampling)
+    seconds: float
+
+
+def nearest(x: F32Array, centroids: F32Array, *, centroid_norms: F32Array | None = None,
+            block: int = ASSIGN_BLOCK) -> tuple[I64Array, F32Array]:
+    """Index and squared L2 distance of the nearest centroid of each row of ``x``.
+
+    Uses ``|x|^2 - 2 x.c + |c|^2`` with one BLAS product per block of rows, so memory stays
+    at ``block * k`` floats whatever ``n`` is.
+    """
+    n = x.shape[0]
+    labels = np.empty(n, dtype=np.int64)
+    dist = np.empty(n, dtype=np.float32)
+    if centroid_norms is None:
+        centroid_norms = np.einsum("ij,ij->i", centroids, centroids)
+    for start in range(0, n, block):
+        xb = x[start: start + block]
+        d = xb @ centroids.T
+        d *= -2.0
+        d += centroid_norms
+        idx = np.argmin(d, axis=1)
+        labels[start: start + len(xb)] = idx
+        best = d[np.arange(len(xb)), idx] + np.einsum("ij,ij->i", xb, xb)
+        dist[start: start + len(xb)] = np.maximum(best, 0.0)
+    return labels, dist
+
+
+def kmeans(
+    x: F32Array,
+    k: int,
+    *,
+    niter: int = 25,
+    seed: int | np.random.Generator | None = 0,
+    max_points_per_centroid: int = 256,
+    progress: ProgressFn | None = None,
+    name: str = "k-means",
+) -> KMeansResult:
+    """Cluster ``x`` (n, d) float32 into ``k`` centroids.
+
+    Subsamples to ``max_points_per_centroid * k`` points, initialises from ``k`` distinct
+    random points, and repairs empty clusters by splitting a large one (faiss's rule).
+
+    Raises
+    ------
+    TrainingError
+        When ``n < k``.
+
+    Warns
+    -----
+    IvfpqWarning
+        When ``n < 39 * k``: the centroids will be poor.
+    """
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    n, d = x.shape
+    if n < k:
+        raise TrainingError(f"{name}: {n} training points — expected at least k={k}")
+    if n < MIN_POINTS_PER_CENTROID * k:
+        warnings.warn(
+            f"{name}: {n} training points for {k} centroids — fewer than the "
+            f"{MIN_POINTS_PER_CENTROID} per centroid that give good centroids",
+            IvfpqWarning, stacklevel=3,
+        )
+    if n > max_points_per_centroid * k:
+        keep = np.sort(rng.choice(n, size=max_points_per_centroid * k, replace=False))
+        x = x[keep]
+        n = len(x)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    centroids = x[rng.choice(n, size=k, replace=False)].copy()
+    objective: list[float] = []
+    n_splits = 0
+    for it in range(niter):
+        labels, dist = nearest(x, centroids)
+        objective.append(float(dist.sum(dtype=np.float64)))
+        centroids, splits = _update(x, labels, centroids, rng)
+        n_splits += splits
+        if progress is not None:
+            progress(1)
+        logger.debug("%s iteration %d: objective %.6g, splits %d", name, it, objective[-1], splits)
+    seconds = time.perf_counter() - t0
+    logger.info("%s: %d centroids from %d points in %.2f s", name, k, n, seconds)
+    return KMeansResult(centroids=centroids, objective=tuple(objective), n_splits=n_splits,
+                        n_train=n, seconds=seconds)
+
+
+def _update(x: F32Array, labels: I64Array, old: F32Array,
+            rng: np.random.Generator) -> tuple[F32Array, int]:
+    """New centroids as cluster means; empty clusters split off a large one."""
+    k = old.shape[0]
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=k)
+    nonempty = np.flatnonzero(counts)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))[nonempty]
+    sums = np.add.reduceat(x[order], starts, axis=0, dtype=np.float64)
+    centroids = old.copy()
+    centroids[nonempty] = (sums / counts[nonempty, None]).astype(np.float32)
+    splits = 0
+    sign = np.where(np.arange(x.shape[1]) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    for ci in np.flatnonzero(counts == 0):
+        weights = np.maximum(counts - 1, 0).astype(np.float64)
+        cj = int(rng.choice(k, p=weights / weights.sum()))
+        base = centroids[cj].copy()
+        centroids[ci] = base * (1 + sign * _SPLIT_EPS)
+        centroids[cj] = base * (1 - sign * _SPLIT_EPS)
+        counts[ci] = counts[cj] // 2
+        counts[cj] -= counts[ci]
+        splits += 1
+    return centroids, splits

@@ -1,0 +1,35 @@
+"""Array type aliases, the Metric enum and the progress-callback type. No logic."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["F32Array", "I64Array", "Metric", "ProgressFn", "U8Array"]
+
+F32Array: TypeAlias = npt.NDArray[np.float32]
+U8Array: TypeAlias = npt.NDArray[np.uint8]
+I64Array: TypeAlias = npt.NDArray[np.int64]
+ProgressFn: TypeAlias = Callable[[int], None]
+
+
+class Metric(enum.IntEnum):
+    """Similarity metric; the integer value is what the header stores (docs/format.md)."""
+
+    L2 = 0  #: squared Euclidean distance, smaller is better
+    IP = 1  #: inner product, larger is better
+    COSINE = 2  #: inner product of L2-normalised vectors, larger is better
+
+    @property
+    def label(self) -> str:
+        """The lower-case name used by the API and the CLI (``"l2"``, ``"ip"``, ``"cosine"``)."""
+        return self.name.lower()
+
+    @property
+    def higher_is_better(self) -> bool:
+        """True for similarity scores (ip, cosine), False for distances (l2)."""
+        return self is not Metric.L2
