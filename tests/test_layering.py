@@ -1,0 +1,83 @@
+"""Layers only point down (STYLE.md 2.3): checked by parsing every module's imports."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "ivfpq_store"
+
+# Which package-internal modules (by top-level part) each layer may import.
+ALLOWED = {
+    "errors": set(),
+    "types": set(),
+    "params": {"errors", "types"},
+    "format": {"format", "errors", "params", "types"},
+    "training": {"training", "errors", "params", "types"},
+    "storage": {"storage", "format", "errors", "params", "types"},
+    "io": {"errors"},
+    "datasets": {"io"},
+    "_validate": {"errors", "types"},
+    "evaluation": set(),
+    "search": {"format", "params", "training", "types"},
+    "store": {"_validate", "errors", "format", "params", "search", "storage", "training",
+              "types"},
+    "demo": {"store", "datasets", "evaluation"},
+    "cli": {"ivfpq_store", "demo", "errors", "io"},
+    "__init__": {"errors", "params", "search", "store", "types"},
+    "__main__": {"cli"},
+}
+THIRD_PARTY = {"lmdb": {"storage"}, "click": {"cli"}, "msgpack": {"format"}}
+
+
+def layer_of(path: Path) -> str:
+    rel = path.relative_to(PKG)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def imports_of(path: Path) -> set[str]:
+    """Internal top-level parts and third-party roots imported by a module."""
+    tree = ast.parse(path.read_text())
+    depth_of_pkg = len(path.relative_to(PKG).parts) - 1
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                root = alias.name.split(".")[0]
+                found.add(alias.name.split(".")[1] if root == "ivfpq_store" and "." in alias.name
+                          else root)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                parts = (node.module or "").split(".")
+                found.add(parts[1] if parts[0] == "ivfpq_store" and len(parts) > 1 else parts[0])
+            elif node.level > depth_of_pkg:  # reaches the package root
+                if node.module:
+                    found.add(node.module.split(".")[0])
+                else:
+                    found.update(alias.name for alias in node.names)
+            else:  # inside its own sub-package
+                found.add(layer_of(path))
+    return found
+
+
+MODULES = sorted(PKG.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PKG)))
+def test_module_imports_only_lower_layers(path):
+    layer = layer_of(path)
+    assert layer in ALLOWED, f"new layer {layer!r}: add it to ALLOWED in this test"
+    internal = set(ALLOWED) | {"ivfpq_store"}
+    used = imports_of(path)
+    bad = {m for m in used & internal if m != layer and m not in ALLOWED[layer]}
+    assert not bad, f"{path.name} ({layer}) imports {sorted(bad)}"
+    for lib, owners in THIRD_PARTY.items():
+        assert lib not in used or layer in owners, f"{path.name} imports {lib}"
+
+
+def test_no_pickle_anywhere():
+    for path in MODULES:
+        text = path.read_text()
+        assert "import pickle" not in text and "allow_pickle=True" not in text, path
