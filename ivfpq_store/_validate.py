@@ -13,9 +13,13 @@ import numpy as np
 from .errors import DimensionMismatchError, DuplicateIdError, InvalidInputError
 from .types import F32Array, I64Array
 
-__all__ = ["as_ids", "as_vectors", "normalize_rows"]
+__all__ = ["MAX_SQUARED_NORM", "as_ids", "as_matrix", "as_vectors", "normalize_rows"]
 
 _MAX_SHOWN = 5
+_INT64_MAX = int(np.iinfo(np.int64).max)
+#: Rows whose squared norm exceeds this would overflow float32 distance arithmetic
+#: (|x - y|^2 <= 4 max(|x|^2, |y|^2) must stay below float32's 3.4e38).
+MAX_SQUARED_NORM = 1e36
 
 
 def _as_array(x: Any, name: str) -> np.ndarray:
@@ -23,6 +27,15 @@ def _as_array(x: Any, name: str) -> np.ndarray:
         arr = np.asarray(x)
     except (TypeError, ValueError) as err:  # ragged lists and the like
         raise DimensionMismatchError(f"{name}: cannot be read as an array: {err}") from None
+    return arr
+
+
+def as_matrix(x: Any, name: str) -> np.ndarray:
+    """Return ``x`` as a 2-D array (any dtype, not converted); for inputs that define ``dim``."""
+    arr = _as_array(x, name)
+    if arr.ndim != 2:
+        raise DimensionMismatchError(
+            f"{name}: expected a 2-D (n, dim) array, got shape {arr.shape}")
     return arr
 
 
@@ -55,11 +68,27 @@ def as_vectors(x: Any, dim: int, name: str = "vectors") -> tuple[F32Array, bool]
         raise InvalidInputError(
             f"{name}: {len(rows)} row(s) contain NaN or inf (or values beyond float32 range), "
             f"first at row(s) {rows[:_MAX_SHOWN].tolist()} — expected finite values")
+    with np.errstate(over="ignore"):
+        sq = np.einsum("ij,ij->i", out, out)
+    big = np.flatnonzero(~(sq <= MAX_SQUARED_NORM))
+    if len(big):
+        raise InvalidInputError(
+            f"{name}: {len(big)} row(s) have a squared norm above {MAX_SQUARED_NORM:g}, first "
+            f"at row(s) {big[:_MAX_SHOWN].tolist()} — expected squared norms <= "
+            f"{MAX_SQUARED_NORM:g} so that distances fit in float32; scale the vectors down")
     return out, single
 
 
 def as_ids(ids: Any, n: int, name: str = "ids") -> I64Array:
     """Return ``ids`` as a contiguous int64 (n,) array of distinct non-negative ids."""
+    if isinstance(ids, list | tuple) and ids and all(
+        isinstance(v, int | np.integer) and not isinstance(v, bool) for v in ids
+    ):
+        # A list of Python ints: numpy would turn [1, 2**63] into float64 and lose the story.
+        if max(ids) > _INT64_MAX:
+            raise InvalidInputError(
+                f"{name}: ids above 2**63-1 — expected non-negative int64 ids")
+        ids = np.array(ids, dtype=np.int64)
     arr = _as_array(ids, name)
     if arr.ndim == 0:
         arr = arr.reshape(1)
@@ -93,4 +122,5 @@ def normalize_rows(x: F32Array, name: str = "vectors") -> F32Array:
         raise InvalidInputError(
             f"{name}: {len(zero)} zero vector(s), first at row(s) {zero[:_MAX_SHOWN].tolist()}"
             " — the cosine metric needs non-zero vectors")
-    return (x / norms[:, None]).astype(np.float32)
+    out: F32Array = (x / norms[:, None]).astype(np.float32)
+    return out

@@ -72,14 +72,14 @@ def demo(directory: Path | None, nprobe: int, as_json: bool) -> None:
         f"index:   nlist={r.nlist} m={r.m} nbits={r.nbits}; search k={r.k} nprobe={r.nprobe}",
         f"train:   {r.train_seconds:8.2f} s",
         f"add:     {r.add_seconds:8.2f} s  ({r.add_vectors_per_second:,.0f} vectors/s)",
-        f"search:  {r.batch_search_seconds * 1e3:8.1f} ms for the batch "
-        f"({r.batch_queries_per_second:,.0f} queries/s)",
+        (f"search:  {r.batch_search_seconds * 1e3:8.1f} ms for the batch "
+         f"({r.batch_queries_per_second:,.0f} queries/s)"),
         f"single:  p50 {r.single_query_ms_p50:.2f} ms, p99 {r.single_query_ms_p99:.2f} ms",
-        f"recall:  1@1 {r.recall_1_at_1:.3f}   1@10 {r.recall_1_at_10:.3f}   "
-        f"10@10 {r.recall_10_at_10:.3f}",
+        (f"recall:  1@1 {r.recall_1_at_1:.3f}   1@10 {r.recall_1_at_10:.3f}   "
+         f"10@10 {r.recall_10_at_10:.3f}"),
         f"reopen:  {'identical results' if r.reopened_results_identical else 'RESULTS DIFFER'}",
-        f"disk:    {b['total']:,} bytes (header {b['header']:,}, catalog {b['catalog']:,}, "
-        f"segments {b['segments']:,})",
+        (f"disk:    {b['total']:,} bytes (header {b['header']:,}, catalog {b['catalog']:,}, "
+         f"segments {b['segments']:,})"),
         f"store:   {r.store_path}" + ("" if r.kept else " (temporary, removed)"),
     ])
 
@@ -103,6 +103,6 @@ def info(store: Path, as_json: bool) -> None:
         f"index:    dim={i.dim} nlist={i.nlist} m={i.m} nbits={i.nbits} metric={i.metric}",
         f"vectors:  {i.ntotal:,} in {i.n_segments} non-empty lists",
         f"lists:    min {sizes[0]}, median {sizes[len(sizes) // 2]}, max {sizes[-1]}",
-        f"disk:     {b['total']:,} bytes (header {b['header']:,}, catalog {b['catalog']:,}, "
-        f"segments {b['segments']:,})",
+        (f"disk:     {b['total']:,} bytes (header {b['header']:,}, catalog {b['catalog']:,}, "
+         f"segments {b['segments']:,})"),
     ])

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import InvalidInputError
 
-__all__ = ["VectorFileError", "read_vectors", "read_vecs"]
+__all__ = ["VectorFileError", "read_vecs", "read_vectors"]
 
-# extension -> (component dtype, little-endian); each record is <i4 dim + dim components
-_VECS = {".fvecs": np.dtype("<f4"), ".ivecs": np.dtype("<i4"), ".bvecs": np.dtype("u1")}
+# extension -> component dtype; each record is a <i4 dim, then dim components
+_VECS: dict[str, np.dtype[Any]] = {
+    ".fvecs": np.dtype("<f4"),
+    ".ivecs": np.dtype("<i4"),
+    ".bvecs": np.dtype("u1"),
+}
 
 
 class VectorFileError(InvalidInputError):
@@ -77,7 +82,7 @@ def read_vectors(path: str | os.PathLike[str]) -> np.ndarray:
     if p.suffix.lower() != ".npy":
         return read_vecs(p)
     try:
-        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        arr: np.ndarray = np.load(p, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise VectorFileError(f"{p}: not a readable .npy file: {err}") from err
     if arr.ndim != 2 or 0 in arr.shape:

@@ -10,12 +10,17 @@ import numpy as np
 from .errors import InvalidParamsError
 from .types import Metric
 
-__all__ = ["MAX_DIM", "MAX_K", "MAX_NLIST", "IndexParams", "SearchParams", "check_int", "parse_metric"]
+__all__ = ["MAX_DIM", "MAX_K", "MAX_M", "MAX_NLIST", "IndexParams", "SearchParams", "check_int",
+           "parse_metric"]
 
 #: Sanity caps; the header format could hold more, but nothing sensible needs it.
 MAX_DIM = 1 << 16
 MAX_NLIST = 1 << 24
 MAX_K = 1 << 20
+#: m is a u16 in the header and 8 + m a u16 in segments (docs/format.md); 4096 is plenty.
+MAX_M = 1 << 12
+#: Centroids must fit the 4 GiB header cap (storage/header_io.py).
+MAX_CENTROID_FLOATS = (1 << 30) - (1 << 24)
 
 
 def parse_metric(metric: str | Metric) -> Metric:
@@ -73,7 +78,11 @@ class IndexParams:
     def __post_init__(self) -> None:
         for name, lo, hi in (("dim", 1, MAX_DIM), ("nlist", 1, MAX_NLIST), ("nbits", 1, 8)):
             object.__setattr__(self, name, check_int(name, getattr(self, name), lo, hi))
-        object.__setattr__(self, "m", check_int("m", self.m, 1, self.dim))
+        object.__setattr__(self, "m", check_int("m", self.m, 1, min(self.dim, MAX_M)))
+        if self.nlist * self.dim > MAX_CENTROID_FLOATS:
+            raise InvalidParamsError(
+                f"nlist: nlist * dim = {self.nlist * self.dim} centroid floats — expected at most "
+                f"{MAX_CENTROID_FLOATS} so the header stays under 4 GiB")
         if self.dim % self.m:
             raise InvalidParamsError(
                 f"m: dim={self.dim} must be divisible by m, got m={self.m}"

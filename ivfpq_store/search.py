@@ -155,7 +155,8 @@ class Searcher:
             cand_cost[qi, pi, :kk] = top_cost
             cand_ids[qi, pi, :kk] = np.asarray(recs["id"])[top]
 
-    def _score(self, pair_tables: F32Array, pair_bias: F32Array, flat_codes: np.ndarray) -> F32Array:
+    def _score(self, pair_tables: F32Array, pair_bias: F32Array,
+               flat_codes: np.ndarray) -> F32Array:
         """Cost (npairs, n) of n encoded vectors for each pair: bias + sum_j table[j, code_j]."""
         m = self.pq.m
         npairs = pair_tables.shape[0]

@@ -19,23 +19,25 @@ from typing import Any, Self
 
 import numpy as np
 
-from ._validate import as_ids, as_vectors, normalize_rows
+from ._validate import as_ids, as_matrix, as_vectors, normalize_rows
 from .errors import (
     CorruptStoreError,
-    DimensionMismatchError,
     DuplicateIdError,
     InvalidInputError,
+    InvalidParamsError,
     ReadOnlyStoreError,
     StoreClosedError,
     StoreExistsError,
+    StoreLockedError,
     StoreNotFoundError,
+    UnsupportedVersionError,
     WrongProcessError,
 )
 from .format import FORMAT_VERSION, Header, SegmentPrelude, record_dtype, segment_file_name
 from .format.keys import id_keys
 from .format.records import ListRecord, StateRecord, StoreMeta, encode_id_entries
-from .params import IndexParams, SearchParams, parse_metric
-from .search import SearchResult, Searcher
+from .params import IndexParams, SearchParams, check_int, parse_metric
+from .search import Searcher, SearchResult
 from .storage import (
     DEFAULT_MAP_SIZE,
     Catalog,
@@ -226,6 +228,7 @@ class Store:
 
     def assign(self, vectors: Any) -> tuple[I64Array, U8Array]:
         """The list number (n,) and PQ code (n, m) that ``add`` would give ``vectors``."""
+        self._live_catalog()
         x, _ = as_vectors(vectors, self.params.dim)
         if self.params.metric is Metric.COSINE:
             x = normalize_rows(x)
@@ -270,8 +273,15 @@ class Store:
             raise ReadOnlyStoreError(
                 f"{self._layout.root}: store was opened with readonly=True; open it with "
                 "readonly=False to write")
-        with self._thread_lock, writer_lock(self._layout.lock, self._lock_timeout):
-            yield catalog
+        if not self._thread_lock.acquire(timeout=self._lock_timeout):
+            raise StoreLockedError(
+                f"{self._layout.root}: another thread of this process is writing; gave up after "
+                f"{self._lock_timeout:g} s (raise lock_timeout=)")
+        try:
+            with writer_lock(self._layout.lock, self._lock_timeout):
+                yield catalog
+        finally:
+            self._thread_lock.release()
 
     def add(self, vectors: Any, ids: Any = None, *, progress: ProgressFn | None = None) -> I64Array:
         """Append vectors; durable when this returns (docs/operations.md).
@@ -373,7 +383,7 @@ def _reject_live(live: np.ndarray, ids: I64Array) -> None:
         dup = ids[live]
         raise DuplicateIdError(
             f"ids: {len(dup)} id(s) are already in the store, first {dup[:5].tolist()}; "
-            "nothing was added (delete them first, or use upsert)")
+            "nothing was added")
 
 
 # -- entry points ---------------------------------------------------------------------------
@@ -419,12 +429,16 @@ def create(
     StoreExistsError, InvalidParamsError, DimensionMismatchError, InvalidInputError,
     TrainingError
     """
-    root = Path(path)
-    if root.exists() or root.is_symlink():
-        raise StoreExistsError(f"{root}: already exists; choose a new path or open() it")
-    params = IndexParams(dim=_dim_of(training_vectors), nlist=nlist, m=m, nbits=nbits,
+    root = _new_store_path(path)
+    niter = check_int("niter", niter, 1, 1_000_000)
+    max_points_per_centroid = check_int("max_points_per_centroid", max_points_per_centroid, 1,
+                                        1 << 30)
+    seed = check_int("seed", seed, 0, (1 << 63) - 1)
+    _check_open_args(map_size=map_size)
+    arr = as_matrix(training_vectors, "training_vectors")
+    params = IndexParams(dim=arr.shape[1], nlist=nlist, m=m, nbits=nbits,
                          metric=parse_metric(metric))
-    x, _ = as_vectors(training_vectors, params.dim, "training_vectors")
+    x, _ = as_vectors(arr, params.dim, "training_vectors")
     if params.metric is Metric.COSINE:
         x = normalize_rows(x, "training_vectors")
     header = _train(x, params, seed=seed, niter=niter,
@@ -444,12 +458,31 @@ def create(
     return open(root, map_size=map_size)
 
 
-def _dim_of(x: Any) -> int:
-    shape = np.shape(x)
-    if len(shape) != 2:
-        raise DimensionMismatchError(
-            f"training_vectors: expected a 2-D (n, dim) array, got shape {shape}")
-    return int(shape[1])
+def _new_store_path(path: str | os.PathLike[str]) -> Path:
+    """Check, before any training, that a store can be created at ``path``."""
+    root = Path(path)
+    if "\0" in str(root):
+        raise InvalidParamsError(f"path: {str(root)!r} contains a NUL byte")
+    if root.exists() or root.is_symlink():
+        raise StoreExistsError(f"{root}: already exists; choose a new path or open() it")
+    ancestor = root.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InvalidParamsError(f"path: {ancestor} is not a directory, so {root} cannot be "
+                                 "created")
+    return root
+
+
+def _check_open_args(*, map_size: int, max_open_segments: int = 1,
+                     lock_timeout: float = 0.0) -> None:
+    check_int("map_size", map_size, 1 << 20, 1 << 50)
+    check_int("max_open_segments", max_open_segments, 1, 1 << 20)
+    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, int | float) or not (
+        0 <= lock_timeout < float("inf")
+    ):
+        raise InvalidParamsError(
+            f"lock_timeout: expected a finite number of seconds >= 0, got {lock_timeout!r}")
 
 
 def _train(x: F32Array, params: IndexParams, *, seed: int, niter: int,
@@ -493,10 +526,11 @@ def _build(layout: StoreLayout, header: Header, map_size: int) -> None:
                      nlist=p.nlist, m=p.m, nbits=p.nbits, metric=p.metric.label)
     Catalog.create(layout.catalog, meta, StateRecord(commit=0, ntotal=0, next_id=0),
                    map_size=map_size).close()
+    fsync_dir(layout.catalog)
     fsync_dir(layout.root)
 
 
-def open(  # noqa: A001 - the public name is fixed by the API
+def open(
     path: str | os.PathLike[str],
     *,
     readonly: bool = False,
@@ -529,6 +563,8 @@ def open(  # noqa: A001 - the public name is fixed by the API
     CorruptStoreError
         The header and the catalog belong to different stores or disagree.
     """
+    _check_open_args(map_size=map_size, max_open_segments=max_open_segments,
+                     lock_timeout=lock_timeout)
     layout = StoreLayout(Path(path))
     if not layout.root.is_dir():
         raise StoreNotFoundError(f"{layout.root}: no such store directory")
@@ -539,6 +575,11 @@ def open(  # noqa: A001 - the public name is fixed by the API
     catalog = Catalog.open(layout.catalog, map_size=map_size)
     try:
         meta = catalog.store_meta()
+        if list(meta.format)[:1] != [FORMAT_VERSION[0]]:
+            raise UnsupportedVersionError(
+                f"{layout.catalog}: store format {meta.format} is not readable by this reader "
+                f"({FORMAT_VERSION[0]}.x); upgrade ivfpq-store", path=str(layout.catalog),
+                expected=FORMAT_VERSION, actual=meta.format)
         p = header.params
         expected = (header.store_uuid, p.dim, p.nlist, p.m, p.nbits, p.metric.label)
         found = (meta.store_uuid, meta.dim, meta.nlist, meta.m, meta.nbits, meta.metric)

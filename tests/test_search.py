@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import numpy as np
@@ -63,7 +64,8 @@ def test_search_equals_exhaustive_adc(tmp_path, small_data, metric, nprobe):
     with make_store(tmp_path / "s", small_data, metric=metric) as store:
         distances, ids = store.search(small_data["queries"], k=10, nprobe=nprobe)
         reference = adc_reference(store, small_data["queries"], nprobe, metric)
-    assert distances.dtype == np.float32 and ids.dtype == np.int64
+    assert distances.dtype == np.float32
+    assert ids.dtype == np.int64
     assert distances.shape == ids.shape == (len(small_data["queries"]), 10)
     assert_valid_topk(distances, ids, reference, higher=metric != "l2")
 
@@ -102,7 +104,7 @@ def test_recall_does_not_fall_as_nprobe_rises(shared_store_path, small_data):
         for nprobe in range(1, NLIST + 1):
             _, ids = store.search(queries, k=10, nprobe=nprobe)
             recalls.append(np.mean([len(set(a) & set(b)) for a, b in zip(ids, truth, strict=True)]))
-    assert all(b >= a for a, b in zip(recalls, recalls[1:], strict=False)), recalls
+    assert all(b >= a for a, b in itertools.pairwise(recalls)), recalls
     assert recalls[-1] > recalls[0]
 
 
@@ -119,11 +121,13 @@ def test_single_vector_query_has_batch_shape(shared_store_path, small_data):
 def test_results_are_padded_when_fewer_than_k(tmp_path, small_data, metric, pad):
     with make_store(tmp_path / "s", small_data, metric=metric, add=False) as store:
         distances, ids = store.search(small_data["queries"][:3], k=4, nprobe=NLIST)
-        assert (ids == -1).all() and (distances == pad).all()  # empty store
+        assert (ids == -1).all()
+        assert (distances == pad).all()
         store.add(small_data["base"][:3], ids=[7, 8, 9])
         distances, ids = store.search(small_data["queries"][:3], k=5, nprobe=NLIST)
     assert sorted(ids[0, :3].tolist()) == [7, 8, 9]
-    assert (ids[:, 3:] == -1).all() and (distances[:, 3:] == pad).all()
+    assert (ids[:, 3:] == -1).all()
+    assert (distances[:, 3:] == pad).all()
     assert np.isfinite(distances[:, :3]).all()
 
 
@@ -132,7 +136,8 @@ def test_huge_k_is_bounded_by_the_store_not_allocated(shared_store_path, small_d
         distances, ids = store.search(small_data["queries"][:2], k=100_000, nprobe=NLIST)
         n = len(store)
     assert ids.shape == (2, 100_000)
-    assert (ids[:, :n] >= 0).all() and (ids[:, n:] == -1).all()
+    assert (ids[:, :n] >= 0).all()
+    assert (ids[:, n:] == -1).all()
     assert np.all(np.diff(distances[:, :n], axis=1) >= 0)
 
 
@@ -141,7 +146,12 @@ def test_lists_are_read_once_per_batch(shared_store_path, small_data, monkeypatc
     with ivfpq_store.open(shared_store_path, readonly=True) as store:
         calls: list[int] = []
         original = store._fetch
-        monkeypatch.setattr(store, "_fetch", lambda l_no, rec: (calls.append(l_no), original(l_no, rec))[1])
+
+        def counting_fetch(l_no, rec):
+            calls.append(l_no)
+            return original(l_no, rec)
+
+        monkeypatch.setattr(store, "_fetch", counting_fetch)
         store.search(small_data["queries"], k=10, nprobe=NLIST)
     assert sorted(calls) == sorted(set(calls))
     assert len(calls) <= NLIST

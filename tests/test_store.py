@@ -117,7 +117,8 @@ def test_empty_lists_have_no_segment_file(tmp_path, small_data):
         info = store.info()
     files = list((tmp_path / "s" / "segments").iterdir())
     assert info.n_segments == 1 == len(files)
-    assert sum(info.list_sizes) == 1 and info.ntotal == 1
+    assert sum(info.list_sizes) == 1
+    assert info.ntotal == 1
 
 
 def test_open_maps_are_bounded(shared_store_path, small_data):
@@ -161,7 +162,8 @@ def test_uncommitted_tail_is_ignored_then_trimmed(tmp_path, small_data):
         store.add(target, ids=[99_999])  # lands in list_no, which must cut the tail first
         assert store.assign(target)[0][0] == list_no
         ids, _ = store.list_contents(list_no)
-    assert ids[-1] == 99_999 and 99_999 not in ids[:-1]
+    assert ids[-1] == 99_999
+    assert 99_999 not in ids[:-1]
     assert segment_files(path)[victim] == sizes[victim] + 8 + store.params.m
 
 
@@ -196,7 +198,8 @@ def test_crash_between_segment_append_and_commit_loses_the_whole_batch(tmp_path,
         assert len(store) == len(small_data["base"])
     final = segment_files(path)
     record = 8 + store.params.m
-    assert sum(final.values()) == len(final) * SEGMENT_PRELUDE_SIZE + len(small_data["base"]) * record
+    expected = len(final) * SEGMENT_PRELUDE_SIZE + len(small_data["base"]) * record
+    assert sum(final.values()) == expected
 
 
 def test_close_is_idempotent_and_use_after_close_fails(shared_store_path):
@@ -240,3 +243,35 @@ def test_same_seed_same_index_different_seed_different_index(tmp_path, small_dat
 
     assert build("a", 1) == build("b", 1)
     assert build("c", 1) != build("d", 2)
+
+
+LOCK_HOLDER = """
+    import fcntl, os, sys, time
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_second_writer_times_out_naming_the_lock_and_a_killed_holder_frees_it(tmp_path,
+                                                                             small_data):
+    path = tmp_path / "s"
+    make_store(path, small_data, add=False).close()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with subprocess.Popen([sys.executable, "-c", textwrap.dedent(LOCK_HOLDER),
+                           str(path / "LOCK"), "60"], env=env, stdout=subprocess.PIPE,
+                          text=True) as holder:
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "locked"
+            with ivfpq_store.open(path, lock_timeout=0.3) as store:
+                with pytest.raises(ivfpq_store.StoreLockedError, match=r"LOCK.*0\.3 s"):
+                    store.add(small_data["base"][:5])
+                assert len(store) == 0
+                holder.kill()  # SIGKILL: the kernel drops the flock with the process
+                holder.wait()
+                store.add(small_data["base"][:5])
+                assert len(store) == 5
+        finally:
+            holder.kill()

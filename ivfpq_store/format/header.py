@@ -130,10 +130,11 @@ def decode_header(buf: bytes | memoryview, *, source: str = "<bytes>") -> Header
         raise _fail(TruncatedFileError, source,
                     f"header is {len(buf)} bytes — expected at least {PRELUDE_SIZE}", 0,
                     expected=PRELUDE_SIZE, actual=len(buf))
-    if bytes(buf[:8]) != HEADER_MAGIC:
+    magic = bytes(buf[:8])
+    if magic != HEADER_MAGIC:
         raise _fail(BadMagicError, source,
-                    f"not an ivfpq header — expected magic {HEADER_MAGIC!r}, got {bytes(buf[:8])!r}",
-                    0, expected=HEADER_MAGIC, actual=bytes(buf[:8]))
+                    f"not an ivfpq header — expected magic {HEADER_MAGIC!r}, got {magic!r}",
+                    0, expected=HEADER_MAGIC, actual=magic)
     major, minor = struct.unpack_from("<HH", buf, 8)
     # Version before checksum: a future major may lay the prelude out differently.
     if major != HEADER_VERSION[0]:
@@ -158,7 +159,11 @@ def decode_header(buf: bytes | memoryview, *, source: str = "<bytes>") -> Header
                     f"section count {n_sections} — expected 1..{MAX_SECTIONS}", 28,
                     expected=(1, MAX_SECTIONS), actual=n_sections)
     table_end = table_offset + n_sections * _SECTION.size
-    if table_offset < PRELUDE_SIZE or table_end > len(buf):
+    if table_offset < PRELUDE_SIZE or table_offset % 64:
+        raise _fail(FormatError, source,
+                    f"section table offset {table_offset} — expected a multiple of 64, >= "
+                    f"{PRELUDE_SIZE}", 32, expected=PRELUDE_SIZE, actual=table_offset)
+    if table_end > len(buf):
         raise _fail(TruncatedFileError, source,
                     f"section table [{table_offset}, {table_end}) lies outside the "
                     f"{len(buf)}-byte file", 32, expected=table_end, actual=len(buf))
@@ -168,11 +173,16 @@ def decode_header(buf: bytes | memoryview, *, source: str = "<bytes>") -> Header
     for i in range(n_sections):
         entry_at = table_offset + i * _SECTION.size
         kind, sec_crc, off, nbytes, _ = _SECTION.unpack_from(buf, entry_at)
-        if off % 64 or off < table_end or off + nbytes > len(buf):
+        if off % 64 or off < table_end:
+            raise _fail(FormatError, source,
+                        f"section {i} (kind {kind}) starts at byte {off} — expected a multiple of"
+                        f" 64 after the section table (>= {table_end})", entry_at,
+                        expected=table_end, actual=off)
+        if off + nbytes > len(buf):
             raise _fail(TruncatedFileError, source,
-                        f"section {i} (kind {kind}) spans [{off}, {off + nbytes}) — expected a "
-                        f"64-aligned range inside the {len(buf)}-byte file", entry_at,
-                        expected=len(buf), actual=off + nbytes)
+                        f"section {i} (kind {kind}) spans [{off}, {off + nbytes}) — expected it "
+                        f"inside the {len(buf)}-byte file", entry_at,
+                        expected=off + nbytes, actual=len(buf))
         data = buf[off: off + nbytes]
         check_crc(data, sec_crc, what=f"section {i} (kind {kind})", path=source, offset=off)
         if kind in sections:

@@ -7,6 +7,7 @@ The hot, fixed-size id entry is a ``struct``, not msgpack.
 
 from __future__ import annotations
 
+import re
 import struct
 import uuid
 from dataclasses import dataclass, fields
@@ -19,6 +20,9 @@ from ..errors import FormatError, UnsupportedVersionError
 
 __all__ = ["ID_ENTRY", "IdEntry", "ListRecord", "StateRecord", "StoreMeta",
            "decode_id_entries", "encode_id_entries", "pack", "unpack"]
+
+
+_SEGMENT_NAME = re.compile(r"[0-9]{6,}-[0-9]{6,}\.seg")
 
 
 def pack(obj: dict[str, Any]) -> bytes:
@@ -44,7 +48,7 @@ class _Record:
     VERSION = 1
 
     def to_msgpack(self) -> bytes:
-        obj = {"v": self.VERSION}
+        obj: dict[str, Any] = {"v": self.VERSION}
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             obj[f.name] = value.bytes if isinstance(value, uuid.UUID) else value
@@ -64,7 +68,12 @@ class _Record:
                 raise FormatError(f"catalog {what}: required field {f.name!r} is missing",
                                   path="catalog")
             value = obj[f.name]
-            kwargs[f.name] = uuid.UUID(bytes=value) if f.type == "uuid.UUID" else value
+            if f.type == "uuid.UUID":
+                if not isinstance(value, bytes) or len(value) != 16:
+                    raise FormatError(f"catalog {what}: field {f.name!r} — expected 16 bytes, "
+                                      f"got {type(value).__name__} {value!r:.40}", path="catalog")
+                value = uuid.UUID(bytes=value)
+            kwargs[f.name] = value
         return cls(**kwargs)
 
 
@@ -99,6 +108,12 @@ class ListRecord(_Record):
     generation: int
     count: int  # committed records; bytes after them are ignored
     crc32: int  # CRC-32 of the committed record bytes (count * record_size bytes after the prelude)
+
+    def __post_init__(self) -> None:
+        # The name is joined to segments/: never let the catalog point outside it (§6.3).
+        if not isinstance(self.file, str) or not _SEGMENT_NAME.fullmatch(self.file):
+            raise FormatError(f"catalog ListRecord: file {self.file!r} — expected a segment "
+                              "name like '000017-000000.seg'", path="catalog")
 
 
 # §6.3 id entry: list_no u32, generation u32, row u64 (little-endian)
@@ -137,7 +152,8 @@ def encode_id_entries(list_nos: np.ndarray, generations: np.ndarray,
 
 def decode_id_entries(values: list[bytes]) -> np.ndarray:
     """Decode many id entries into a structured array (fields list_no, generation, row)."""
-    raw = b"".join(values)
-    if len(raw) != ID_ENTRY.size * len(values):
-        raise FormatError("catalog id entry: wrong size", path="catalog")
-    return np.frombuffer(raw, dtype=_ID_ENTRY_DTYPE)
+    bad = [len(v) for v in values if len(v) != ID_ENTRY.size]
+    if bad:
+        raise FormatError(f"catalog id entry: {bad[0]} bytes — expected {ID_ENTRY.size}",
+                          path="catalog", expected=ID_ENTRY.size, actual=bad[0])
+    return np.frombuffer(b"".join(values), dtype=_ID_ENTRY_DTYPE)

@@ -102,7 +102,10 @@ def decode_segment_prelude(buf: bytes | memoryview, *, source: str = "<bytes>") 
     check_crc(buf[: SEGMENT_PRELUDE_SIZE - 4], stored, what="segment prelude", path=source,
               offset=0)
     _, _, _, list_no, generation, code_size, record_size, raw_uuid = _PRELUDE.unpack_from(buf)
-    if record_size != 8 + code_size or code_size == 0:
+    if code_size == 0:
+        raise FormatError(f"{source}: code_size 0 — expected at least 1 byte per code",
+                          path=source, offset=20, expected=">= 1", actual=0)
+    if record_size != 8 + code_size:
         raise FormatError(
             f"{source}: record_size {record_size} — expected 8 + code_size ({8 + code_size})",
             path=source, offset=22, expected=8 + code_size, actual=record_size)

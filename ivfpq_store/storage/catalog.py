@@ -65,13 +65,29 @@ _REGISTRY: dict[tuple[int, str], _SharedEnv] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
+#: An LMDB data file starts with two meta pages; anything shorter is not an environment.
+_MIN_DATA_BYTES = 2 * 4096
+
+
+def _check_existing(path: Path) -> None:
+    """Refuse, without letting LMDB write anything, a catalog that cannot be an environment."""
+    data = path / "data.mdb"
+    if not data.is_file():
+        raise StoreNotFoundError(f"{path}: no LMDB catalog (data.mdb) here")
+    size = data.stat().st_size
+    if size < _MIN_DATA_BYTES:
+        raise CorruptStoreError(
+            f"{data}: {size} bytes — expected at least {_MIN_DATA_BYTES} for an LMDB "
+            "environment; the catalog is damaged")
+
+
 def _acquire_env(path: Path, *, create: bool, map_size: int) -> _SharedEnv:
     key = (os.getpid(), os.path.realpath(path))
     with _REGISTRY_LOCK:
         shared = _REGISTRY.get(key)
         if shared is None:
-            if not create and not (path / "data.mdb").is_file():
-                raise StoreNotFoundError(f"{path}: no LMDB catalog (data.mdb) here")
+            if not create:
+                _check_existing(path)
             writable = create or os.access(path, os.W_OK)
             with _lmdb_errors(path, "open the catalog"):
                 env = lmdb.open(
@@ -214,7 +230,10 @@ class Catalog:
         """
         with self._write("commit") as txn:
             meta, lists_db, ids_db = (self._dbs[n] for n in _DBS)
-            current = StateRecord.from_msgpack(txn.get(META_STATE, db=meta))
+            raw = txn.get(META_STATE, db=meta)
+            if raw is None:
+                raise CorruptStoreError(f"{self.path}: catalog has no 'state' record in 'meta'")
+            current = StateRecord.from_msgpack(raw)
             if state.commit != current.commit + 1:
                 raise CorruptStoreError(
                     f"{self.path}: commit counter moved under the writer lock — expected "

@@ -66,7 +66,7 @@ def append_records(
         if size < want:
             raise CorruptStoreError(
                 f"{path}: segment is {size} bytes — expected at least {want} for "
-                f"{committed} committed records; run verify"
+                f"{committed} committed records; the store is damaged"
             )
         if size > want:
             fh.truncate(want)  # §7: an uncommitted tail left by a crash
@@ -95,13 +95,13 @@ class SegmentReader:
         except FileNotFoundError:
             raise CorruptStoreError(
                 f"{self.path}: segment file is missing but the catalog lists {count} committed "
-                "records; run verify"
+                "records; the store is damaged"
             ) from None
         need = SEGMENT_PRELUDE_SIZE + count * self.dtype.itemsize
         if size < need:
             raise CorruptStoreError(
                 f"{self.path}: segment is {size} bytes — expected at least {need} for {count} "
-                "committed records; the file was truncated, run verify"
+                "committed records; the file was truncated and the store is damaged"
             )
         with open(self.path, "rb") as fh:
             prelude = decode_segment_prelude(fh.read(SEGMENT_PRELUDE_SIZE), source=str(self.path))

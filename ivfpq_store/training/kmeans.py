@@ -85,7 +85,7 @@ def kmeans(
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    n, d = x.shape
+    n = x.shape[0]
     if n < k:
         raise TrainingError(f"{name}: {n} training points — expected at least k={k}")
     if n < MIN_POINTS_PER_CENTROID * k:

@@ -1,0 +1,722 @@
+"""Adversarial input validation: every bad input raises a specific IvfpqError subclass whose
+message names what was expected and what was found, leaks no lmdb/numpy internals, and leaves
+the store (or whatever sits at the path) byte-for-byte unchanged.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+import pytest
+from conftest import DIM, NLIST, make_store
+from helpers import synthetic, tree_fingerprint
+
+import ivfpq_store
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+V3 = synthetic(3, DIM, seed=99)  # three valid vectors
+V1 = V3[0]  # one valid 1-D vector
+
+
+def _assert_clean(err: BaseException, exc: type[BaseException]) -> None:
+    """Exact class, under IvfpqError, and no lmdb.Error anywhere in the cause/context chain."""
+    assert type(err) is exc, f"expected exactly {exc.__name__}, got {type(err).__name__}: {err}"
+    assert isinstance(err, ivfpq_store.IvfpqError)
+    assert type(err).__module__.startswith("ivfpq_store")
+    stack: list[BaseException] = [err]
+    seen: set[int] = set()
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        assert not isinstance(e, lmdb.Error), f"lmdb error leaked in the chain: {e!r}"
+        stack.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+
+
+def _all_paths(root: Path) -> list[str]:
+    """Every entry under root, lock.mdb included (fingerprints skip its contents, not its name)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _snapshot(root: Path) -> tuple[dict[str, str], list[str]]:
+    return tree_fingerprint(root), _all_paths(root)
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mstore(tmp_path_factory: pytest.TempPathFactory,
+           small_data: dict[str, np.ndarray]) -> Iterator[ivfpq_store.Store]:
+    """A writable store (ids 0..1499) shared by the table cases, which must not mutate it."""
+    s = make_store(tmp_path_factory.mktemp("bad_input") / "s.ivfpq", small_data)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def cosine_store(tmp_path_factory: pytest.TempPathFactory,
+                 small_data: dict[str, np.ndarray]) -> Iterator[ivfpq_store.Store]:
+    s = make_store(tmp_path_factory.mktemp("bad_input_cos") / "c.ivfpq", small_data,
+                   metric="cosine")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def store_copy(tmp_path: Path, shared_store_path: Path) -> Path:
+    """A closed private copy of the session store, free to damage."""
+    dst = tmp_path / "copy.ivfpq"
+    shutil.copytree(shared_store_path, dst)
+    return dst
+
+
+# --------------------------------------------------------------------------------------------
+# 1. add / search bad inputs (table)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bad:
+    id: str
+    call: Callable[[ivfpq_store.Store], Any]
+    exc: type[ivfpq_store.IvfpqError]
+    match: str
+    marks: tuple[Any, ...] = field(default=())
+
+
+def _with(value: float, row: int = 1, col: int = 3) -> np.ndarray:
+    x = V3.astype(np.float64)
+    x[row, col] = value
+    return x
+
+
+DME = ivfpq_store.DimensionMismatchError
+IIE = ivfpq_store.InvalidInputError
+IPE = ivfpq_store.InvalidParamsError
+DUP = ivfpq_store.DuplicateIdError
+
+def _vector_cases(op: str) -> list[Bad]:
+    """Bad vector arguments, shared by add (name 'vectors') and search (name 'queries')."""
+    name = "vectors" if op == "add" else "queries"
+
+    def call(x: Any) -> Callable[[ivfpq_store.Store], Any]:
+        if op == "add":
+            return lambda s: s.add(x)
+        return lambda s: s.search(x, k=5, nprobe=2)
+
+    return [
+        Bad(f"{op}-dim-minus-1", call(V3[:, :-1]), DME,
+            rf"{name}: expected dimension {DIM}, got {DIM - 1} \(shape \(3, {DIM - 1}\)\)"),
+        Bad(f"{op}-dim-plus-1", call(np.hstack([V3, V3[:, :1]])), DME,
+            rf"{name}: expected dimension {DIM}, got {DIM + 1}"),
+        Bad(f"{op}-1d-wrong-length", call(V1[:5]), DME,
+            rf"{name}: expected dimension {DIM}, got 5"),
+        Bad(f"{op}-0d-scalar", call(np.float32(1.0)), DME,
+            rf"{name}: expected a 1-D vector or a 2-D \(n, {DIM}\) batch, got 0-D"),
+        Bad(f"{op}-3d", call(V3[None]), DME,
+            rf"{name}: expected a 1-D vector or a 2-D \(n, {DIM}\) batch, got 3-D array of "
+            rf"shape \(1, 3, {DIM}\)"),
+        Bad(f"{op}-ragged-list", call([list(V1), list(V1[:-1])]), DME,
+            rf"{name}: cannot be read as an array"),
+        Bad(f"{op}-nan", call(_with(np.nan)), IIE,
+            rf"{name}: 1 row\(s\) contain NaN or inf .*first at row\(s\) \[1\] — expected finite"),
+        Bad(f"{op}-posinf", call(_with(np.inf, row=2)), IIE,
+            rf"{name}: 1 row\(s\) contain NaN or inf .*\[2\] — expected finite"),
+        Bad(f"{op}-neginf", call(_with(-np.inf, row=0)), IIE,
+            rf"{name}: 1 row\(s\) contain NaN or inf .*\[0\] — expected finite"),
+        Bad(f"{op}-float64-beyond-float32", call(_with(1e39)), IIE,
+            rf"{name}: 1 row\(s\) contain NaN or inf \(or values beyond float32 range\)"),
+        Bad(f"{op}-float32-near-max", call(np.full((2, DIM), 3e38, np.float32)), IIE,
+            rf"{name}: 2 row\(s\) have a squared norm above 1e\+36, first at row\(s\) \[0, 1\]"
+            r" — expected squared norms"),
+        Bad(f"{op}-empty-batch", call(np.empty((0, DIM), np.float32)), IIE,
+            rf"{name}: empty batch — expected at least one vector"),
+        Bad(f"{op}-empty-list", call([]), DME, rf"{name}: expected dimension {DIM}, got 0"),
+        Bad(f"{op}-strings", call(np.full((2, DIM), "1.0")), DME,
+            rf"{name}: expected a real numeric array .*got dtype <U3"),
+        Bad(f"{op}-bytes", call(b"x" * DIM), DME,
+            rf"{name}: expected a real numeric array .*got dtype \|S{DIM}"),
+        Bad(f"{op}-object", call(V3.astype(object)), DME,
+            rf"{name}: expected a real numeric array .*got dtype object"),
+        Bad(f"{op}-bool", call(V3 > 0), DME,
+            rf"{name}: expected a real numeric array .*got dtype bool"),
+        Bad(f"{op}-complex", call(V3.astype(np.complex128)), DME,
+            rf"{name}: expected a real numeric array .*got dtype complex128"),
+    ]
+
+
+def _add_ids(ids: Any, x: Any = V3) -> Callable[[ivfpq_store.Store], Any]:
+    return lambda s: s.add(x, ids)
+
+
+def _search(**kw: Any) -> Callable[[ivfpq_store.Store], Any]:
+    return lambda s: s.search(V3, **kw)
+
+
+_MAXK = r"1\.\.1048576"
+CASES: list[Bad] = [
+    *_vector_cases("add"),
+    *_vector_cases("search"),
+    # k and nprobe
+    Bad("k-0", _search(k=0), IPE, rf"k: expected {_MAXK}, got 0"),
+    Bad("k-minus-1", _search(k=-1), IPE, rf"k: expected {_MAXK}, got -1"),
+    Bad("k-too-large", _search(k=(1 << 20) + 1), IPE, rf"k: expected {_MAXK}, got 1048577"),
+    Bad("k-1.5", _search(k=1.5), IPE, r"k: expected an int, got float 1\.5"),
+    Bad("k-str", _search(k="3"), IPE, r"k: expected an int, got str '3'"),
+    Bad("k-bool", _search(k=True), IPE, r"k: expected an int, got bool True"),
+    Bad("k-none", _search(k=None), IPE, r"k: expected an int, got NoneType None"),
+    Bad("nprobe-0", _search(nprobe=0), IPE, rf"nprobe: expected 1\.\.{NLIST}, got 0"),
+    Bad("nprobe-nlist+1", _search(nprobe=NLIST + 1), IPE,
+        rf"nprobe: expected 1\.\.{NLIST}, got {NLIST + 1}"),
+    Bad("nprobe-negative", _search(nprobe=-3), IPE, rf"nprobe: expected 1\.\.{NLIST}, got -3"),
+    Bad("nprobe-none", _search(nprobe=None), IPE, r"nprobe: expected an int, got NoneType None"),
+    Bad("nprobe-float", _search(nprobe=2.0), IPE, r"nprobe: expected an int, got float 2\.0"),
+    # ids
+    Bad("ids-negative", _add_ids([5000, -1, 5001]), IIE,
+        r"ids: expected non-negative ids, got 1 negative, first \[-1\]"),
+    Bad("ids-int64-min", _add_ids(np.array([5000, 5001, np.iinfo(np.int64).min])), IIE,
+        r"ids: expected non-negative ids, got 1 negative, first \[-9223372036854775808\]"),
+    Bad("ids-too-short", _add_ids([5000, 5001]), DME,
+        r"ids: expected shape \(3,\) to match the vectors, got \(2,\)"),
+    Bad("ids-too-long", _add_ids([5000, 5001, 5002, 5003]), DME,
+        r"ids: expected shape \(3,\) to match the vectors, got \(4,\)"),
+    Bad("ids-scalar-for-batch", _add_ids(5000), DME,
+        r"ids: expected shape \(3,\) to match the vectors, got \(1,\)"),
+    Bad("ids-empty", _add_ids([]), DME, r"ids: expected an integer array, got dtype float64"),
+    Bad("ids-float", _add_ids(np.array([5000.0, 5001.0, 5002.0])), DME,
+        r"ids: expected an integer array, got dtype float64"),
+    Bad("ids-2d", _add_ids(np.array([[5000], [5001], [5002]])), DME,
+        r"ids: expected shape \(3,\) to match the vectors, got \(3, 1\)"),
+    Bad("ids-strings", _add_ids(["5000", "5001", "5002"]), DME,
+        r"ids: expected an integer array, got dtype <U4"),
+    Bad("ids-bool", _add_ids(np.array([True, False, True])), DME,
+        r"ids: expected an integer array, got dtype bool"),
+    Bad("ids-object", _add_ids(np.array([5000, 5001, 5002], dtype=object)), DME,
+        r"ids: expected an integer array, got dtype object"),
+    Bad("ids-python-int-2**64", _add_ids([5000, 5001, 2**64]), IIE,
+        r"ids: ids above 2\*\*63-1 — expected non-negative int64 ids"),
+    Bad("ids-duplicate-in-batch", _add_ids([5007, 5008, 5007]), DUP,
+        r"ids: 1 id\(s\) appear more than once in the batch, first \[5007\]; nothing was added"),
+    Bad("ids-already-live", _add_ids([5000, 0, 5001]), DUP,
+        r"ids: 1 id\(s\) are already in the store, first \[0\]; nothing was added"),
+    Bad("ids-all-live", _add_ids([3, 2, 1]), DUP,
+        r"ids: 3 id\(s\) are already in the store, first \[3, 2, 1\]"),
+    Bad("ids-uint64-above-int64", _add_ids(np.array([5000, 2**63, 5001], dtype=np.uint64)), IIE,
+        r"ids: ids above 2\*\*63-1 — expected non-negative int64 ids"),
+    Bad("ids-uint64-max", _add_ids(np.array([5000, 5001, 2**64 - 1], dtype=np.uint64)), IIE,
+        r"ids: ids above 2\*\*63-1"),
+    Bad("ids-python-int-2**63-single", _add_ids([2**63], V1), IIE, r"ids: ids above 2\*\*63-1"),
+    Bad("ids-python-int-2**63-mixed", _add_ids([5000, 5001, 2**63]), IIE,
+        r"ids: ids above 2\*\*63-1"),
+    # bad vectors win over good ids; nothing is added either way
+    Bad("ids-ok-vectors-nan", _add_ids([5000, 5001, 5002], _with(np.nan)), IIE,
+        r"vectors: 1 row\(s\) contain NaN or inf"),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_add_search_bad_input(mstore: ivfpq_store.Store, case: Bad) -> None:
+    before, n_before = _snapshot(mstore.path), len(mstore)
+    with pytest.raises(case.exc, match=case.match) as excinfo:
+        case.call(mstore)
+    _assert_clean(excinfo.value, case.exc)
+    assert _snapshot(mstore.path) == before
+    assert len(mstore) == n_before
+
+
+def test_value_errors_are_also_value_errors(mstore: ivfpq_store.Store) -> None:
+    with pytest.raises(ValueError, match=r"expected dimension"):
+        mstore.search(V3[:, :2])
+    with pytest.raises(KeyError, match=r"already in the store"):
+        mstore.add(V3[:1], [0])
+
+
+def test_add_live_duplicate_adds_nothing_of_the_batch(store: ivfpq_store.Store) -> None:
+    before, n_before = _snapshot(store.path), len(store)
+    with pytest.raises(ivfpq_store.DuplicateIdError, match=r"already in the store, first \[7\]"):
+        store.add(V3, [9000, 7, 9001])
+    assert len(store) == n_before
+    assert _snapshot(store.path) == before
+    # 9000 and 9001 were not added: adding them now is not a duplicate.
+    assert store.add(V3[[0, 2]], [9000, 9001]).tolist() == [9000, 9001]
+    assert len(store) == n_before + 2
+
+
+def test_automatic_ids_past_int64_max_rejected(store: ivfpq_store.Store) -> None:
+    top = np.iinfo(np.int64).max
+    assert store.add(V1, [top]).tolist() == [top]  # the largest legal id is fine
+    before, n_before = _snapshot(store.path), len(store)
+    with pytest.raises(ivfpq_store.InvalidInputError,
+                       match=r"automatic ids would pass 2\*\*63-1 .*pass explicit ids") as ei:
+        store.add(V3)
+    _assert_clean(ei.value, ivfpq_store.InvalidInputError)
+    assert len(store) == n_before
+    assert _snapshot(store.path) == before
+
+
+# --------------------------------------------------------------------------------------------
+# 2. paths
+# --------------------------------------------------------------------------------------------
+
+
+def _copy_parts(src: Path, dst: Path, parts: tuple[str, ...]) -> None:
+    dst.mkdir()
+    for part in parts:
+        s = src / part
+        if s.is_dir():
+            shutil.copytree(s, dst / part)
+        else:
+            shutil.copy2(s, dst / part)
+
+
+@dataclass(frozen=True)
+class PathCase:
+    id: str
+    make: Callable[[Path, Path], Path]  # (tmp_path, source store) -> path to open
+    match: str
+
+
+def _missing(tmp: Path, src: Path) -> Path:
+    return tmp / "nope.ivfpq"
+
+
+def _missing_parent(tmp: Path, src: Path) -> Path:
+    return tmp / "no" / "such" / "dir.ivfpq"
+
+
+def _empty_dir(tmp: Path, src: Path) -> Path:
+    (tmp / "empty").mkdir()
+    return tmp / "empty"
+
+
+def _regular_file(tmp: Path, src: Path) -> Path:
+    (tmp / "file.ivfpq").write_bytes(b"not a store\n")
+    return tmp / "file.ivfpq"
+
+
+def _header_file_itself(tmp: Path, src: Path) -> Path:
+    shutil.copy2(src / "header.ivfh", tmp / "header.ivfh")
+    return tmp / "header.ivfh"
+
+
+def _parts(*parts: str) -> Callable[[Path, Path], Path]:
+    def make(tmp: Path, src: Path) -> Path:
+        _copy_parts(src, tmp / "partial", parts)
+        return tmp / "partial"
+    return make
+
+
+def _header_and_empty_catalog(tmp: Path, src: Path) -> Path:
+    _copy_parts(src, tmp / "partial", ("header.ivfh", "segments", "LOCK"))
+    (tmp / "partial" / "catalog").mkdir()
+    return tmp / "partial"
+
+
+def _header_is_a_dir(tmp: Path, src: Path) -> Path:
+    _copy_parts(src, tmp / "partial", ("catalog", "segments", "LOCK"))
+    (tmp / "partial" / "header.ivfh").mkdir()
+    return tmp / "partial"
+
+
+def _catalog_is_a_file(tmp: Path, src: Path) -> Path:
+    _copy_parts(src, tmp / "partial", ("header.ivfh", "segments", "LOCK"))
+    (tmp / "partial" / "catalog").write_bytes(b"")
+    return tmp / "partial"
+
+
+_NOT_A_STORE = r"not an ivfpq store — expected header\.ivfh and catalog/ inside"
+PATH_CASES = [
+    PathCase("missing", _missing, r"no such store directory"),
+    PathCase("missing-parent", _missing_parent, r"no such store directory"),
+    PathCase("empty-dir", _empty_dir, _NOT_A_STORE),
+    PathCase("regular-file", _regular_file, r"no such store directory"),
+    PathCase("the-header-file", _header_file_itself, r"no such store directory"),
+    PathCase("only-header", _parts("header.ivfh"), _NOT_A_STORE),
+    PathCase("only-catalog", _parts("catalog"), _NOT_A_STORE),
+    PathCase("only-segments-and-lock", _parts("segments", "LOCK"), _NOT_A_STORE),
+    PathCase("no-catalog", _parts("header.ivfh", "segments", "LOCK"), _NOT_A_STORE),
+    PathCase("no-header", _parts("catalog", "segments", "LOCK"), _NOT_A_STORE),
+    PathCase("header-and-empty-catalog-dir", _header_and_empty_catalog,
+             r"no LMDB catalog \(data\.mdb\)"),
+    PathCase("header-is-a-dir", _header_is_a_dir, _NOT_A_STORE),
+    PathCase("catalog-is-a-file", _catalog_is_a_file, _NOT_A_STORE),
+]
+
+
+@pytest.mark.parametrize("readonly", [False, True], ids=["rw", "ro"])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in PATH_CASES])
+def test_open_not_a_store(tmp_path: Path, shared_store_path: Path, case: PathCase,
+                          readonly: bool) -> None:
+    path = case.make(tmp_path, shared_store_path)
+    before = _snapshot(tmp_path)
+    with pytest.raises(ivfpq_store.StoreNotFoundError, match=case.match) as excinfo:
+        ivfpq_store.open(path, readonly=readonly)
+    _assert_clean(excinfo.value, ivfpq_store.StoreNotFoundError)
+    assert isinstance(excinfo.value, FileNotFoundError)
+    assert _snapshot(tmp_path) == before  # nothing created, nothing changed
+
+
+def test_open_empty_catalog_file_does_not_write(tmp_path: Path, shared_store_path: Path) -> None:
+    path = tmp_path / "partial"
+    _copy_parts(shared_store_path, path, ("header.ivfh", "segments", "LOCK"))
+    (path / "catalog").mkdir()
+    (path / "catalog" / "data.mdb").write_bytes(b"")
+    before = _snapshot(tmp_path)
+    with pytest.raises(ivfpq_store.IvfpqError):
+        ivfpq_store.open(path)
+    assert _snapshot(tmp_path) == before
+
+
+def _existing_store(tmp: Path, src: Path) -> Path:
+    shutil.copytree(src, tmp / "existing.ivfpq")
+    return tmp / "existing.ivfpq"
+
+
+def _dangling_symlink(tmp: Path, src: Path) -> Path:
+    (tmp / "link.ivfpq").symlink_to(tmp / "nowhere")
+    return tmp / "link.ivfpq"
+
+
+CREATE_EXISTING = [
+    pytest.param(_existing_store, id="existing-store"),
+    pytest.param(_empty_dir, id="empty-dir"),
+    pytest.param(_regular_file, id="regular-file"),
+    pytest.param(_dangling_symlink, id="dangling-symlink"),
+]
+
+
+@pytest.mark.parametrize("make", CREATE_EXISTING)
+def test_create_on_existing_path(tmp_path: Path, shared_store_path: Path,
+                                 small_data: dict[str, np.ndarray],
+                                 make: Callable[[Path, Path], Path]) -> None:
+    path = make(tmp_path, shared_store_path)
+    before = _snapshot(tmp_path)
+    link_before = path.readlink() if path.is_symlink() else None
+    with pytest.raises(ivfpq_store.StoreExistsError,
+                       match=r"already exists; choose a new path or open\(\) it") as excinfo:
+        ivfpq_store.create(path, small_data["train"][:500], nlist=2, m=4, nbits=2)
+    _assert_clean(excinfo.value, ivfpq_store.StoreExistsError)
+    assert isinstance(excinfo.value, FileExistsError)
+    assert _snapshot(tmp_path) == before  # no temp sibling left, the existing thing unchanged
+    if link_before is not None:
+        assert path.readlink() == link_before
+
+
+# --------------------------------------------------------------------------------------------
+# 3. damaged headers
+# --------------------------------------------------------------------------------------------
+
+_SECTION = struct.Struct("<IIQQQ")
+
+
+def _section(buf: bytes | bytearray, i: int) -> tuple[int, int]:
+    """(offset, nbytes) of section-table entry i (the table follows the 64-byte prelude)."""
+    _, _, off, nbytes, _ = _SECTION.unpack_from(buf, 64 + i * _SECTION.size)
+    return off, nbytes
+
+
+def _set_prelude_crc(buf: bytearray) -> None:
+    struct.pack_into("<I", buf, 60, zlib.crc32(bytes(buf[:60])) & 0xFFFFFFFF)
+
+
+def _bad_magic(buf: bytearray) -> str:
+    buf[:8] = b"NOTIVFPQ"
+    return r"not an ivfpq header — expected magic .*, got b'NOTIVFPQ'"
+
+
+def _png_magic(buf: bytearray) -> str:
+    buf[:8] = b"\x89PNG\r\n\x1a\n"
+    return r"not an ivfpq header — expected magic"
+
+
+def _version(major: int, minor: int = 0, *, fix_crc: bool = True) -> Callable[[bytearray], str]:
+    def damage(buf: bytearray) -> str:
+        struct.pack_into("<HH", buf, 8, major, minor)
+        if fix_crc:
+            _set_prelude_crc(buf)
+        return rf"format version {major}\.{minor} is not readable by this reader \(1\.x\); upgrade"
+    return damage
+
+
+def _flip(where: str, section: int | None = None, delta: int = 17) -> Callable[[bytearray], str]:
+    def damage(buf: bytearray) -> str:
+        at = delta if section is None else _section(buf, section)[0] + delta
+        buf[at] ^= 0xFF
+        return rf"checksum mismatch in {where}"
+    return damage
+
+
+def _cut(size: Callable[[bytes | bytearray], int], msg: str) -> Callable[[bytearray], str]:
+    def damage(buf: bytearray) -> str:
+        del buf[size(buf):]
+        return msg
+    return damage
+
+
+@dataclass(frozen=True)
+class HeaderCase:
+    id: str
+    damage: Callable[[bytearray], str]  # edits the header in place, returns the message regex
+    exc: type[ivfpq_store.FormatError]
+
+
+HEADER_CASES = [
+    HeaderCase("bad-magic", _bad_magic, ivfpq_store.BadMagicError),
+    HeaderCase("png-magic", _png_magic, ivfpq_store.BadMagicError),
+    HeaderCase("major-2", _version(2), ivfpq_store.UnsupportedVersionError),
+    HeaderCase("major-2-minor-7", _version(2, 7), ivfpq_store.UnsupportedVersionError),
+    HeaderCase("major-65535", _version(65535), ivfpq_store.UnsupportedVersionError),
+    HeaderCase("major-0", _version(0), ivfpq_store.UnsupportedVersionError),
+    HeaderCase("major-2-stale-crc", _version(2, fix_crc=False),
+               ivfpq_store.UnsupportedVersionError),
+    HeaderCase("flip-prelude", _flip(r"prelude at byte 0", None, 20), ivfpq_store.ChecksumError),
+    HeaderCase("flip-section-table", _flip(r"section table at byte 64", None, 64 + 12),
+               ivfpq_store.ChecksumError),
+    HeaderCase("flip-centroids", _flip(r"section 0 \(kind 1\)", 0), ivfpq_store.ChecksumError),
+    HeaderCase("flip-codebooks", _flip(r"section 1 \(kind 2\)", 1), ivfpq_store.ChecksumError),
+    HeaderCase("flip-metadata", _flip(r"section 2 \(kind 3\)", 2, 3), ivfpq_store.ChecksumError),
+    HeaderCase("empty", _cut(lambda b: 0, r"header is 0 bytes — expected at least 64"),
+               ivfpq_store.TruncatedFileError),
+    HeaderCase("cut-30", _cut(lambda b: 30, r"header is 30 bytes — expected at least 64"),
+               ivfpq_store.TruncatedFileError),
+    HeaderCase("cut-63", _cut(lambda b: 63, r"header is 63 bytes — expected at least 64"),
+               ivfpq_store.TruncatedFileError),
+    HeaderCase("cut-after-prelude",
+               _cut(lambda b: 64, r"section table \[64, 160\) lies outside the 64-byte file"),
+               ivfpq_store.TruncatedFileError),
+    HeaderCase("cut-in-section-table",
+               _cut(lambda b: 100, r"section table \[64, 160\) lies outside the 100-byte file"),
+               ivfpq_store.TruncatedFileError),
+    HeaderCase("cut-in-centroids",
+               _cut(lambda b: _section(b, 0)[0] + 8,
+                    r"section 0 \(kind 1\) spans .* — expected it inside the"),
+               ivfpq_store.TruncatedFileError),
+    HeaderCase("cut-last-byte",
+               _cut(lambda b: len(b) - 1,
+                    r"section 2 \(kind 3\) spans .* — expected it inside the"),
+               ivfpq_store.TruncatedFileError),
+]
+
+
+@pytest.mark.parametrize("readonly", [False, True], ids=["rw", "ro"])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in HEADER_CASES])
+def test_open_damaged_header(store_copy: Path, case: HeaderCase, readonly: bool) -> None:
+    header = store_copy / "header.ivfh"
+    buf = bytearray(header.read_bytes())
+    pattern = case.damage(buf)
+    header.write_bytes(bytes(buf))
+    before = _snapshot(store_copy)
+    with pytest.raises(case.exc, match=pattern) as excinfo:
+        ivfpq_store.open(store_copy, readonly=readonly)
+    err = excinfo.value
+    _assert_clean(err, case.exc)
+    assert isinstance(err, ivfpq_store.FormatError)
+    assert err.path == str(header)
+    assert str(header) in str(err)
+    assert _snapshot(store_copy) == before
+    assert header.read_bytes() == bytes(buf)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. create() with bad parameters or training data
+# --------------------------------------------------------------------------------------------
+
+TRAIN = synthetic(400, DIM, seed=5)
+
+
+def _nan_train() -> np.ndarray:
+    x = TRAIN.copy()
+    x[10, 2] = np.nan
+    return x
+
+
+def _inf_train() -> np.ndarray:
+    x = TRAIN.copy()
+    x[399, 0] = -np.inf
+    return x
+
+
+def _zero_row_train() -> np.ndarray:
+    x = TRAIN.copy()
+    x[7] = 0
+    return x
+
+
+@dataclass(frozen=True)
+class CreateCase:
+    id: str
+    data: Callable[[], Any]
+    kwargs: dict[str, Any]
+    exc: type[ivfpq_store.IvfpqError]
+    match: str
+    marks: tuple[Any, ...] = field(default=())
+
+
+_OK = {"nlist": 4, "m": 4, "nbits": 2}
+TRE = ivfpq_store.TrainingError
+
+
+def _xfail(reason: str) -> tuple[Any, ...]:
+    return (pytest.mark.xfail(strict=True, reason=reason),)
+
+
+CREATE_CASES = [
+    CreateCase("m-not-divisor", lambda: TRAIN, {**_OK, "m": 5}, IPE,
+               r"m: dim=16 must be divisible by m, got m=5"),
+    CreateCase("m-0", lambda: TRAIN, {**_OK, "m": 0}, IPE, r"m: expected 1\.\.16, got 0"),
+    CreateCase("m-above-dim", lambda: TRAIN, {**_OK, "m": 32}, IPE, r"m: expected 1\.\.16, got 32"),
+    CreateCase("nbits-0", lambda: TRAIN, {**_OK, "nbits": 0}, IPE,
+               r"nbits: expected 1\.\.8, got 0"),
+    CreateCase("nbits-9", lambda: TRAIN, {**_OK, "nbits": 9}, IPE,
+               r"nbits: expected 1\.\.8, got 9"),
+    CreateCase("nlist-0", lambda: TRAIN, {**_OK, "nlist": 0}, IPE,
+               r"nlist: expected 1\.\.16777216, got 0"),
+    CreateCase("nlist-float", lambda: TRAIN, {**_OK, "nlist": 4.0}, IPE,
+               r"nlist: expected an int, got float 4\.0"),
+    CreateCase("metric-hamming", lambda: TRAIN, {**_OK, "metric": "hamming"}, IPE,
+               r"metric: expected one of 'l2', 'ip', 'cosine', got 'hamming'"),
+    CreateCase("metric-none", lambda: TRAIN, {**_OK, "metric": None}, IPE,
+               r"metric: expected one of .*, got None"),
+    CreateCase("fewer-points-than-nlist", lambda: TRAIN[:5], {**_OK, "nlist": 8}, TRE,
+               r"5 training points — expected at least k=8"),
+    CreateCase("fewer-points-than-ksub", lambda: TRAIN[:40], {"nlist": 1, "m": 4, "nbits": 6},
+               TRE, r"PQ: 40 training points — expected at least 2\*\*nbits=64"),
+    CreateCase("train-nan", _nan_train, _OK, IIE,
+               r"training_vectors: 1 row\(s\) contain NaN or inf .*\[10\] — expected finite"),
+    CreateCase("train-inf", _inf_train, _OK, IIE,
+               r"training_vectors: 1 row\(s\) contain NaN or inf .*\[399\]"),
+    CreateCase("train-1d", lambda: TRAIN[0], _OK, DME,
+               r"training_vectors: expected a 2-D \(n, dim\) array, got shape \(16,\)"),
+    CreateCase("train-3d", lambda: TRAIN[None], _OK, DME,
+               r"training_vectors: expected a 2-D \(n, dim\) array, got shape \(1, 400, 16\)"),
+    CreateCase("train-scalar", lambda: 1.0, _OK, DME,
+               r"training_vectors: expected a 2-D \(n, dim\) array, got shape \(\)"),
+    CreateCase("train-empty", lambda: TRAIN[:0], _OK, IIE,
+               r"training_vectors: empty batch — expected at least one vector"),
+    CreateCase("train-zero-width", lambda: np.empty((400, 0), np.float32), _OK, IPE,
+               r"dim: expected 1\.\.65536, got 0"),
+    CreateCase("train-strings", lambda: TRAIN.astype(str), _OK, DME,
+               r"training_vectors: expected a real numeric array .*got dtype <U"),
+    CreateCase("train-complex", lambda: TRAIN.astype(np.complex64), _OK, DME,
+               r"training_vectors: expected a real numeric array .*got dtype complex64"),
+    CreateCase("cosine-zero-row", _zero_row_train, {**_OK, "metric": "cosine"}, IIE,
+               r"training_vectors: 1 zero vector\(s\), first at row\(s\) \[7\]"),
+    CreateCase("train-ragged-list", lambda: [list(TRAIN[0]), list(TRAIN[1][:-1])], _OK, DME,
+               r"training_vectors: .*(array|shape)"),
+    CreateCase("max-points-per-centroid-0", lambda: TRAIN, {**_OK, "max_points_per_centroid": 0},
+               IPE, r"max_points_per_centroid"),
+    CreateCase("seed-negative", lambda: TRAIN, {**_OK, "seed": -1}, IPE, r"seed"),
+    CreateCase("niter-negative", lambda: TRAIN, {**_OK, "niter": -1}, IPE, r"niter"),
+    CreateCase("map-size-negative", lambda: TRAIN, {**_OK, "map_size": -1}, IPE, r"map_size"),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CREATE_CASES])
+def test_create_bad_params(tmp_path: Path, case: CreateCase) -> None:
+    path = tmp_path / "new.ivfpq"
+    with pytest.raises(case.exc, match=case.match) as excinfo:
+        ivfpq_store.create(path, case.data(), **case.kwargs)
+    _assert_clean(excinfo.value, case.exc)
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []  # no temp sibling, no parent, nothing
+
+
+def test_create_too_few_points_per_centroid_only_warns(tmp_path: Path) -> None:
+    path = tmp_path / "new.ivfpq"
+    # 300 < 39 * 8 for the coarse quantizer; 300 >= 39 * 4 for each PQ sub-quantizer.
+    with pytest.warns(ivfpq_store.IvfpqWarning,
+                      match=r"coarse quantizer: 300 training points for 8 centroids — fewer "
+                            r"than the 39 per centroid"):
+        s = ivfpq_store.create(path, TRAIN[:300], nlist=8, m=4, nbits=2)
+    with s:
+        assert len(s) == 0
+        assert s.params.nlist == 8
+    assert (path / "header.ivfh").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# 5. readonly and closed stores
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param((V3,), id="valid-batch"),
+    pytest.param((V3, [9000, 9001, 9002]), id="valid-with-ids"),
+    pytest.param((V3[:, :3],), id="bad-dim-still-readonly-error"),
+])
+def test_readonly_add_refused(shared_store_path: Path, args: tuple[Any, ...]) -> None:
+    before = _snapshot(shared_store_path)
+    with ivfpq_store.open(shared_store_path, readonly=True) as s:
+        n_before = len(s)
+        with pytest.raises(ivfpq_store.ReadOnlyStoreError,
+                           match=r"opened with readonly=True; open it with readonly=False") as ei:
+            s.add(*args)
+        _assert_clean(ei.value, ivfpq_store.ReadOnlyStoreError)
+        assert len(s) == n_before
+    assert _snapshot(shared_store_path) == before
+
+
+@pytest.mark.parametrize("use", [
+    pytest.param(lambda s: s.search(V3, k=3), id="search"),
+    pytest.param(lambda s: s.add(V3), id="add"),
+    pytest.param(len, id="len"),
+    pytest.param(lambda s: s.info(), id="info"),
+    pytest.param(lambda s: s.list_contents(0), id="list_contents"),
+])
+def test_closed_store_refuses_use(shared_store_path: Path,
+                                  use: Callable[[ivfpq_store.Store], Any]) -> None:
+    s = ivfpq_store.open(shared_store_path, readonly=True)
+    s.close()
+    s.close()  # idempotent
+    with pytest.raises(ivfpq_store.StoreClosedError, match=r"the store is closed") as ei:
+        use(s)
+    _assert_clean(ei.value, ivfpq_store.StoreClosedError)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. cosine metric: zero vectors
+# --------------------------------------------------------------------------------------------
+
+
+def _zero_rows(rows: list[int]) -> np.ndarray:
+    x = V3.copy()
+    x[rows] = 0
+    return x
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    pytest.param(lambda s: s.add(np.zeros(DIM, np.float32)),
+                 r"vectors: 1 zero vector\(s\), first at row\(s\) \[0\]", id="add-single"),
+    pytest.param(lambda s: s.add(_zero_rows([1]), [9000, 9001, 9002]),
+                 r"vectors: 1 zero vector\(s\), first at row\(s\) \[1\]", id="add-batch"),
+    pytest.param(lambda s: s.add(np.zeros((2, DIM), np.int32)),
+                 r"vectors: 2 zero vector\(s\), first at row\(s\) \[0, 1\]", id="add-int-zeros"),
+    pytest.param(lambda s: s.search(np.zeros(DIM), k=3),
+                 r"queries: 1 zero vector\(s\), first at row\(s\) \[0\]", id="search-single"),
+    pytest.param(lambda s: s.search(_zero_rows([0, 2]), k=3),
+                 r"queries: 2 zero vector\(s\), first at row\(s\) \[0, 2\] — the cosine metric "
+                 r"needs non-zero vectors", id="search-batch"),
+])
+def test_cosine_zero_vector(cosine_store: ivfpq_store.Store,
+                            call: Callable[[ivfpq_store.Store], Any], match: str) -> None:
+    before, n_before = _snapshot(cosine_store.path), len(cosine_store)
+    with pytest.raises(ivfpq_store.InvalidInputError, match=match) as ei:
+        call(cosine_store)
+    _assert_clean(ei.value, ivfpq_store.InvalidInputError)
+    assert _snapshot(cosine_store.path) == before
+    assert len(cosine_store) == n_before

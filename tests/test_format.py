@@ -1,0 +1,921 @@
+"""Pure byte codecs of ``ivfpq_store.format``: round trips, golden files, corruption tables.
+
+Nothing here touches a store: every test encodes or decodes bytes in memory (the golden
+files in ``tests/data/`` are only read). Struct layouts below are written out again on
+purpose, so a layout change in the codec shows up as a failure here.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from ivfpq_store import (
+    BadMagicError,
+    ChecksumError,
+    FormatError,
+    IndexParams,
+    Metric,
+    TruncatedFileError,
+    UnsupportedVersionError,
+)
+from ivfpq_store.format import (
+    HEADER_VERSION,
+    SEGMENT_PRELUDE_SIZE,
+    SEGMENT_VERSION,
+    Header,
+    SectionKind,
+    SegmentPrelude,
+    decode_header,
+    decode_segment_prelude,
+    encode_header,
+    encode_segment_prelude,
+    record_dtype,
+    segment_file_name,
+)
+from ivfpq_store.format.keys import decode_id_key, decode_list_key, id_key, id_keys, list_key
+from ivfpq_store.format.records import (
+    IdEntry,
+    ListRecord,
+    StateRecord,
+    StoreMeta,
+    decode_id_entries,
+    encode_id_entries,
+)
+
+DATA = Path(__file__).parent / "data"
+GOLDEN_HEADER = DATA / "header-v1.0.ivfh"
+GOLDEN_SEGMENT = DATA / "segment-v1.0.seg"
+
+U32_MAX = 2**32 - 1
+I64_MAX = 2**63 - 1
+U64_MAX = 2**64 - 1
+
+# -- layouts (docs/format.md §4, §5), restated independently of the codec ---------------------
+HEADER_MAGIC = b"\x89IVFPQ\r\n"
+SEGMENT_MAGIC = b"\x89IVFSG\r\n"
+# magic, major, minor, flags, dim, nlist, m, nbits, metric, n_sections, table_offset,
+# store_uuid, section_table_crc32; then the prelude's own crc32 at byte 60
+PRELUDE = struct.Struct("<8sHHIIIHBBIQ16sI")
+# kind, crc32, offset, nbytes, reserved
+SECTION = struct.Struct("<IIQQQ")
+# magic, major, minor, list_no, generation, code_size, record_size, store_uuid; reserved
+# bytes 40..59; crc32 at 60
+SEG_PRELUDE = struct.Struct("<8sHHIIHH16s")
+OFF_N_SECTIONS, OFF_TABLE_OFFSET, OFF_TABLE_CRC, OFF_PRELUDE_CRC = 28, 32, 56, 60
+
+
+def crc(data: bytes | bytearray) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def reseal_header(buf: bytes | bytearray) -> bytes:
+    """Recompute every CRC of a header (sections, table, prelude) that lies inside ``buf``.
+
+    Used to build corrupt-but-consistent headers, so the test checks the decoder's
+    structural logic rather than its checksum.
+    """
+    b = bytearray(buf)
+    n_sections, table_offset = struct.unpack_from("<IQ", b, OFF_N_SECTIONS)
+    table_end = table_offset + n_sections * SECTION.size
+    if table_offset >= 64 and table_end <= len(b):
+        for i in range(n_sections):
+            at = table_offset + i * SECTION.size
+            _, _, off, nbytes, _ = SECTION.unpack_from(b, at)
+            if off + nbytes <= len(b):
+                struct.pack_into("<I", b, at + 4, crc(b[off: off + nbytes]))
+        struct.pack_into("<I", b, OFF_TABLE_CRC, crc(b[table_offset:table_end]))
+    struct.pack_into("<I", b, OFF_PRELUDE_CRC, crc(b[:OFF_PRELUDE_CRC]))
+    return bytes(b)
+
+
+def reseal_segment(buf: bytes | bytearray) -> bytes:
+    b = bytearray(buf)
+    struct.pack_into("<I", b, 60, crc(b[:60]))
+    return bytes(b)
+
+
+def patch(buf: bytes, fmt: str, offset: int, *values: object) -> bytearray:
+    b = bytearray(buf)
+    struct.pack_into(fmt, b, offset, *values)
+    return b
+
+
+def flip(buf: bytes, offset: int, mask: int = 0xFF) -> bytes:
+    b = bytearray(buf)
+    b[offset] ^= mask
+    return bytes(b)
+
+
+def build_header(sections: list[tuple[int, bytes]], *, params: IndexParams,
+                 store_uuid: uuid.UUID, version: tuple[int, int] = (1, 0),
+                 flags: int = 0) -> bytes:
+    """Hand-built header writer (table at 64, sections 64-aligned, no trailing padding)."""
+    table_offset = 64
+    offset = -(-(table_offset + SECTION.size * len(sections)) // 64) * 64
+    offsets = []
+    for _, data in sections:
+        offsets.append(offset)
+        offset = -(-(offset + len(data)) // 64) * 64
+    out = bytearray(offsets[-1] + len(sections[-1][1]))
+    table = b"".join(SECTION.pack(kind, crc(data), off, len(data), 0)
+                     for (kind, data), off in zip(sections, offsets, strict=True))
+    out[table_offset: table_offset + len(table)] = table
+    for (_, data), off in zip(sections, offsets, strict=True):
+        out[off: off + len(data)] = data
+    prelude = PRELUDE.pack(HEADER_MAGIC, *version, flags, params.dim, params.nlist, params.m,
+                           params.nbits, int(params.metric), len(sections), table_offset,
+                           store_uuid.bytes, crc(table))
+    out[:60] = prelude
+    struct.pack_into("<I", out, 60, crc(prelude))
+    return bytes(out)
+
+
+def golden_header() -> Header:
+    """The values tools/make_golden.py writes to tests/data/header-v1.0.ivfh."""
+    return Header(
+        params=IndexParams(dim=8, nlist=2, m=2, nbits=2),
+        store_uuid=uuid.UUID(int=1),
+        centroids=np.arange(16, dtype=np.float32).reshape(2, 8),
+        codebooks=np.arange(32, dtype=np.float32).reshape(2, 4, 4) / 8,
+        metadata={"seed": 0},
+    )
+
+
+def golden_sections(h: Header) -> list[tuple[int, bytes]]:
+    return [
+        (SectionKind.CENTROIDS, h.centroids.astype("<f4").tobytes()),
+        (SectionKind.CODEBOOKS, h.codebooks.astype("<f4").tobytes()),
+        (SectionKind.METADATA, msgpack.packb(h.metadata, use_bin_type=True)),
+    ]
+
+
+GOLDEN_PRELUDE = SegmentPrelude(list_no=1, generation=0, code_size=2, store_uuid=uuid.UUID(int=1))
+GOLDEN_IDS = [10, 11, 12]
+GOLDEN_CODES = [[0, 1], [2, 3], [3, 0]]
+
+# The base buffer of the corruption tables; its section table drives the cases.
+BASE = encode_header(golden_header())
+TABLE_OFFSET = struct.unpack_from("<Q", BASE, OFF_TABLE_OFFSET)[0]
+N_SECTIONS = struct.unpack_from("<I", BASE, OFF_N_SECTIONS)[0]
+TABLE_END = TABLE_OFFSET + N_SECTIONS * SECTION.size
+ENTRIES = [SECTION.unpack_from(BASE, TABLE_OFFSET + i * SECTION.size) for i in range(N_SECTIONS)]
+SEG_BASE = encode_segment_prelude(GOLDEN_PRELUDE)
+
+
+def entry_at(i: int) -> int:
+    return TABLE_OFFSET + i * SECTION.size
+
+
+def assert_headers_equal(got: Header, want: Header) -> None:
+    assert got.params == want.params
+    assert got.store_uuid == want.store_uuid
+    for name in ("centroids", "codebooks"):
+        g, w = getattr(got, name), getattr(want, name)
+        assert g.dtype == np.float32
+        assert g.shape == w.shape
+        assert np.array_equal(g, w), name
+        assert g.tobytes() == w.astype(np.float32).tobytes(), f"{name} not bit-exact"
+    assert got.metadata == want.metadata
+    assert got.version == want.version
+
+
+# -- strategies ---------------------------------------------------------------------------------
+finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+msgpack_scalars = (st.none() | st.booleans() | st.integers(-(2**63), U64_MAX)
+                   | st.floats(allow_nan=False) | st.text(max_size=8) | st.binary(max_size=8))
+metadata_maps = st.dictionaries(
+    st.text(max_size=8),
+    st.recursive(msgpack_scalars,
+                 lambda inner: st.lists(inner, max_size=3)
+                 | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                 max_leaves=8),
+    max_size=4,
+)
+
+
+@st.composite
+def index_params(draw: st.DrawFn) -> IndexParams:
+    m = draw(st.integers(1, 32))
+    dsub = draw(st.integers(1, 32 // m))
+    return IndexParams(dim=m * dsub, nlist=draw(st.integers(1, 8)), m=m,
+                       nbits=draw(st.integers(1, 8)), metric=draw(st.sampled_from(Metric)))
+
+
+@st.composite
+def headers(draw: st.DrawFn) -> Header:
+    p = draw(index_params())
+    return Header(
+        params=p,
+        store_uuid=draw(st.uuids()),
+        centroids=draw(hnp.arrays(np.float32, (p.nlist, p.dim), elements=finite_f32)),
+        codebooks=draw(hnp.arrays(np.float32, (p.m, p.ksub, p.dsub), elements=finite_f32)),
+        metadata=draw(metadata_maps),
+    )
+
+
+segment_preludes = st.builds(
+    SegmentPrelude, list_no=st.integers(0, U32_MAX), generation=st.integers(0, U32_MAX),
+    code_size=st.integers(1, 0xFFFF - 8), store_uuid=st.uuids())
+
+u32s, u64s, ids63 = st.integers(0, U32_MAX), st.integers(0, U64_MAX), st.integers(0, I64_MAX)
+RECORD_STRATEGIES = {
+    StoreMeta: st.builds(
+        StoreMeta, store_uuid=st.uuids(),
+        format=st.lists(st.integers(0, 0xFFFF), min_size=2, max_size=2),
+        created=st.floats(allow_nan=False), dim=st.integers(1, 2**16),
+        nlist=st.integers(1, 2**24), m=st.integers(1, 2**16), nbits=st.integers(1, 8),
+        metric=st.sampled_from([m.label for m in Metric])),
+    StateRecord: st.builds(StateRecord, commit=u64s, ntotal=u64s, next_id=ids63),
+    ListRecord: st.builds(ListRecord, file=st.builds(segment_file_name, u32s, u32s),
+                          generation=u32s, count=u64s, crc32=u32s),
+}
+SAMPLE_RECORDS = {
+    StoreMeta: StoreMeta(store_uuid=uuid.UUID(int=1), format=[1, 0], created=1.5e9, dim=8,
+                         nlist=2, m=2, nbits=2, metric="l2"),
+    StateRecord: StateRecord(commit=3, ntotal=10, next_id=12),
+    ListRecord: ListRecord(file="000001-000000.seg", generation=0, count=3, crc32=0xDEADBEEF),
+}
+RECORD_CLASSES = list(SAMPLE_RECORDS)
+
+
+def record_ids(cls: type) -> str:
+    return cls.__name__
+
+
+# =============================================================================================
+# 1. Round trips
+# =============================================================================================
+@given(headers())
+def test_header_round_trip(h: Header) -> None:
+    buf = encode_header(h)
+    got = decode_header(buf)
+    assert_headers_equal(got, h)
+    assert got.version == HEADER_VERSION
+    assert encode_header(got) == buf
+
+
+@given(headers())
+def test_header_layout_matches_hand_built_writer(h: Header) -> None:
+    assert encode_header(h) == build_header(golden_sections(h), params=h.params,
+                                            store_uuid=h.store_uuid)
+
+
+@given(segment_preludes)
+def test_segment_prelude_round_trip(p: SegmentPrelude) -> None:
+    buf = encode_segment_prelude(p)
+    assert len(buf) == SEGMENT_PRELUDE_SIZE
+    got = decode_segment_prelude(buf)
+    assert got == p
+    assert got.version == SEGMENT_VERSION
+    assert got.record_size == 8 + p.code_size
+    # Trailing record bytes after the prelude are not the prelude's business.
+    assert decode_segment_prelude(buf + bytes(3 * p.record_size)) == p
+
+
+@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
+@given(data=st.data())
+def test_record_round_trip(cls: type, data: st.DataObject) -> None:
+    rec = data.draw(RECORD_STRATEGIES[cls])
+    assert cls.from_msgpack(rec.to_msgpack()) == rec
+
+
+@given(list_no=u32s, generation=u32s, row=u64s)
+def test_id_entry_round_trip(list_no: int, generation: int, row: int) -> None:
+    entry = IdEntry(list_no=list_no, generation=generation, row=row)
+    raw = entry.encode()
+    assert raw == struct.pack("<IIQ", list_no, generation, row)
+    assert IdEntry.decode(raw) == entry
+
+
+@given(st.lists(st.tuples(u32s, u32s, u64s), max_size=20))
+def test_id_entries_round_trip(entries: list[tuple[int, int, int]]) -> None:
+    list_nos = np.array([e[0] for e in entries], dtype=np.uint32)
+    generations = np.array([e[1] for e in entries], dtype=np.uint32)
+    rows = np.array([e[2] for e in entries], dtype=np.uint64)
+    values = encode_id_entries(list_nos, generations, rows)
+    assert values == [IdEntry(*e).encode() for e in entries]
+    arr = decode_id_entries(values)
+    assert arr.shape == (len(entries),)
+    assert np.array_equal(arr["list_no"], list_nos)
+    assert np.array_equal(arr["generation"], generations)
+    assert np.array_equal(arr["row"], rows)
+
+
+@given(u32s)
+def test_list_key_round_trip(n: int) -> None:
+    key = list_key(n)
+    assert key == n.to_bytes(4, "big")
+    assert decode_list_key(key) == n
+
+
+@given(ids63)
+def test_id_key_round_trip(n: int) -> None:
+    key = id_key(n)
+    assert key == n.to_bytes(8, "big")
+    assert decode_id_key(key) == n
+
+
+@given(hnp.arrays(np.int64, st.integers(0, 20), elements=ids63))
+def test_id_keys_matches_id_key(ids: np.ndarray) -> None:
+    keys = id_keys(ids)
+    assert keys == [id_key(int(i)) for i in ids]
+    assert [decode_id_key(k) for k in keys] == ids.tolist()
+
+
+@given(st.lists(u32s))
+def test_list_key_byte_order_is_numeric_order(ns: list[int]) -> None:
+    assert sorted(list_key(n) for n in ns) == [list_key(n) for n in sorted(ns)]
+
+
+@given(st.lists(ids63))
+def test_id_key_byte_order_is_numeric_order(ns: list[int]) -> None:
+    assert sorted(id_keys(np.array(ns, dtype=np.int64))) == [id_key(n) for n in sorted(ns)]
+
+
+@pytest.mark.parametrize(("encode", "n", "key"), [
+    pytest.param(list_key, 0, b"\0\0\0\0", id="list-0"),
+    pytest.param(list_key, 1, b"\0\0\0\x01", id="list-1"),
+    pytest.param(list_key, 256, b"\0\0\x01\0", id="list-256"),
+    pytest.param(list_key, U32_MAX, b"\xff" * 4, id="list-max"),
+    pytest.param(id_key, 1, b"\0" * 7 + b"\x01", id="id-1"),
+    pytest.param(id_key, I64_MAX, b"\x7f" + b"\xff" * 7, id="id-max"),
+])
+def test_key_encoding_is_fixed_width_big_endian(encode: Callable[[int], bytes], n: int,
+                                               key: bytes) -> None:
+    assert encode(n) == key
+
+
+def test_record_dtype_layout() -> None:
+    dt = record_dtype(5)
+    assert dt.itemsize == 13
+    assert dt.fields["id"][1] == 0
+    assert dt.fields["code"][1] == 8
+    assert dt.fields["id"][0] == np.dtype("<i8")
+    assert dt.fields["code"][0] == np.dtype(("u1", (5,)))
+
+
+def test_segment_file_name() -> None:
+    assert segment_file_name(1, 23) == "000001-000023.seg"
+
+
+def test_record_msgpack_schema_is_stable() -> None:
+    """Field names and the uuid-as-16-bytes encoding are part of the format (§6.3)."""
+    assert msgpack.unpackb(SAMPLE_RECORDS[StateRecord].to_msgpack()) == {
+        "v": 1, "commit": 3, "ntotal": 10, "next_id": 12}
+    meta = msgpack.unpackb(SAMPLE_RECORDS[StoreMeta].to_msgpack())
+    assert meta["store_uuid"] == uuid.UUID(int=1).bytes
+    assert meta["v"] == 1
+
+
+# =============================================================================================
+# 2. Golden files
+# =============================================================================================
+def test_golden_header_decodes_to_known_values() -> None:
+    got = decode_header(GOLDEN_HEADER.read_bytes(), source=str(GOLDEN_HEADER))
+    assert_headers_equal(got, golden_header())
+    assert got.params == IndexParams(dim=8, nlist=2, m=2, nbits=2, metric=Metric.L2)
+    assert got.store_uuid == uuid.UUID(int=1)
+    assert got.metadata == {"seed": 0}
+    assert got.version == (1, 0)
+
+
+def test_golden_header_reencodes_byte_for_byte() -> None:
+    raw = GOLDEN_HEADER.read_bytes()
+    assert encode_header(golden_header()) == raw
+    assert encode_header(decode_header(raw)) == raw
+
+
+GOLDEN_SECTION_CRCS = [crc(data) for _, data in golden_sections(golden_header())]
+
+
+@pytest.mark.parametrize(("fmt", "offset", "value"), [
+    pytest.param("8s", 0, HEADER_MAGIC, id="magic"),
+    pytest.param("<HH", 8, (1, 0), id="version"),
+    pytest.param("<I", 12, 0, id="flags"),
+    pytest.param("<IIHBB", 16, (8, 2, 2, 2, 0), id="dim-nlist-m-nbits-metric"),
+    pytest.param("<IQ", 28, (3, 64), id="n_sections-table_offset"),
+    pytest.param("16s", 40, uuid.UUID(int=1).bytes, id="store_uuid"),
+    pytest.param("<IIQQQ", 64, (1, GOLDEN_SECTION_CRCS[0], 192, 64, 0), id="entry0-centroids"),
+    pytest.param("<IIQQQ", 96, (2, GOLDEN_SECTION_CRCS[1], 256, 128, 0), id="entry1-codebooks"),
+    pytest.param("<IIQQQ", 128, (3, GOLDEN_SECTION_CRCS[2], 384, 7, 0), id="entry2-metadata"),
+    pytest.param("7s", 384, b"\x81\xa4seed\x00", id="metadata-bytes"),
+])
+def test_golden_header_field_layout(fmt: str, offset: int, value: object) -> None:
+    got = struct.unpack_from(fmt, GOLDEN_HEADER.read_bytes(), offset)
+    assert (got[0] if len(got) == 1 else got) == value
+
+
+def test_golden_header_crcs_and_size() -> None:
+    raw = GOLDEN_HEADER.read_bytes()
+    assert len(raw) == 391  # ends at the metadata's last byte: no trailing padding
+    assert raw[160:192] == bytes(32)  # padding between the table and the first section
+    assert struct.unpack_from("<I", raw, OFF_TABLE_CRC)[0] == crc(raw[64:160])
+    assert struct.unpack_from("<I", raw, OFF_PRELUDE_CRC)[0] == crc(raw[:60])
+
+
+def test_golden_segment_decodes_to_known_values() -> None:
+    raw = GOLDEN_SEGMENT.read_bytes()
+    prelude = decode_segment_prelude(raw, source=str(GOLDEN_SEGMENT))
+    assert prelude == GOLDEN_PRELUDE
+    assert prelude.version == (1, 0)
+    assert prelude.record_size == 10
+    assert len(raw) == SEGMENT_PRELUDE_SIZE + len(GOLDEN_IDS) * prelude.record_size
+    records = np.frombuffer(raw, dtype=record_dtype(2), offset=SEGMENT_PRELUDE_SIZE)
+    assert records["id"].tolist() == GOLDEN_IDS
+    assert records["code"].tolist() == GOLDEN_CODES
+
+
+def test_golden_segment_reencodes_byte_for_byte() -> None:
+    raw = GOLDEN_SEGMENT.read_bytes()
+    assert encode_segment_prelude(GOLDEN_PRELUDE) == raw[:SEGMENT_PRELUDE_SIZE]
+    assert encode_segment_prelude(decode_segment_prelude(raw)) == raw[:SEGMENT_PRELUDE_SIZE]
+    fields_ = SEG_PRELUDE.unpack_from(raw)
+    assert fields_ == (SEGMENT_MAGIC, 1, 0, 1, 0, 2, 10, uuid.UUID(int=1).bytes)
+    assert raw[40:60] == bytes(20)
+    assert struct.unpack_from("<I", raw, 60)[0] == crc(raw[:60])
+
+
+# =============================================================================================
+# 3. Corruption tables
+# =============================================================================================
+@dataclass(frozen=True)
+class Bad:
+    """A corrupt input built from a good one, and the error it must raise."""
+
+    id: str
+    mutate: Callable[[bytes], bytes]
+    error: type[FormatError]
+    match: str
+
+
+def case_id(case: Bad) -> str:
+    return case.id
+
+
+def sealed(fmt: str, offset: int, *values: object) -> Callable[[bytes], bytes]:
+    """Patch a header field, then recompute every CRC."""
+    return lambda b: reseal_header(patch(b, fmt, offset, *values))
+
+
+def sealed_segment(fmt: str, offset: int, *values: object) -> Callable[[bytes], bytes]:
+    return lambda b: reseal_segment(patch(b, fmt, offset, *values))
+
+
+def truncation_offsets() -> list[tuple[str, int]]:
+    """(id, length): fixed offsets, every section boundary, and points inside each section."""
+    points = {"empty": 0, "10": 10, "63": 63, "prelude-only": 64,
+              "inside-table": TABLE_OFFSET + SECTION.size + 5, "table-end": TABLE_END}
+    for i, (_, _, off, nbytes, _) in enumerate(ENTRIES):
+        points[f"section{i}-start"] = off
+        points[f"inside-section{i}"] = off + nbytes // 2
+        if off + nbytes < len(BASE):
+            points[f"section{i}-end"] = off + nbytes
+    points["len-1"] = len(BASE) - 1
+    return list(points.items())
+
+
+def truncation_match(n: int) -> str:
+    if n < 64:
+        return f"header is {n} bytes — expected at least 64"
+    if n < TABLE_END:
+        return rf"section table \[64, {TABLE_END}\) lies outside the {n}-byte file"
+    i = next(i for i, (_, _, off, nbytes, _) in enumerate(ENTRIES) if off + nbytes > n)
+    return rf"section {i} \(kind {ENTRIES[i][0]}\) spans .* inside the {n}-byte file"
+
+
+@pytest.mark.parametrize(("length", "match"),
+                         [pytest.param(n, truncation_match(n), id=name)
+                          for name, n in truncation_offsets()])
+def test_truncated_header(length: int, match: str) -> None:
+    with pytest.raises(TruncatedFileError, match=match) as exc:
+        decode_header(BASE[:length])
+    if length < 64:
+        assert (exc.value.offset, exc.value.expected, exc.value.actual) == (0, 64, length)
+    elif length < TABLE_END:
+        assert (exc.value.offset, exc.value.expected, exc.value.actual) == (32, TABLE_END, length)
+
+
+def test_truncated_section_attributes_match_other_truncations() -> None:
+    _, _, off, nbytes, _ = ENTRIES[-1]
+    with pytest.raises(TruncatedFileError, match="section 2") as exc:
+        decode_header(BASE[:-1])
+    assert (exc.value.offset, exc.value.expected, exc.value.actual) == (
+        entry_at(2), off + nbytes, len(BASE) - 1)
+
+
+def checksum_cases() -> list[tuple[str, int, str, int, bytes]]:
+    """(id, flipped byte, region name, region offset, region bytes) for each CRC region."""
+    regions = [("prelude", 0, 60, "prelude"), ("table", TABLE_OFFSET, TABLE_END, "section table")]
+    regions += [(f"section{i}", off, off + nbytes, rf"section {i} \(kind {kind}\)")
+                for i, (kind, _, off, nbytes, _) in enumerate(ENTRIES)]
+    out = []
+    for name, start, end, what in regions:
+        # first and last byte of each region; the prelude starts with magic and version,
+        # so its first checksum-only byte is the minor version at 10
+        first = 10 if name == "prelude" else start
+        for label, at in ((f"{name}-first", first), (f"{name}-last", end - 1)):
+            out.append((label, at, what, start, end))
+    out += [("prelude-flags", 12, "prelude", 0, 60), ("prelude-dim", 16, "prelude", 0, 60),
+            ("prelude-uuid", 40, "prelude", 0, 60), ("prelude-table-crc", 56, "prelude", 0, 60),
+            ("prelude-own-crc", 61, "prelude", 0, 60),
+            ("entry1-offset", entry_at(1) + 8, "section table", TABLE_OFFSET, TABLE_END),
+            ("entry2-reserved", entry_at(2) + 24, "section table", TABLE_OFFSET, TABLE_END)]
+    return out
+
+
+@pytest.mark.parametrize(("at", "what", "start", "end"),
+                         [pytest.param(*c[1:], id=c[0]) for c in checksum_cases()])
+def test_flipped_byte_in_checksummed_region(at: int, what: str, start: int, end: int) -> None:
+    bad = flip(BASE, at)
+    with pytest.raises(ChecksumError, match=rf"^x\.ivfh: checksum mismatch in {what} at byte "
+                                            rf"{start} — expected 0x[0-9a-f]{{8}}") as exc:
+        decode_header(bad, source="x.ivfh")
+    err = exc.value
+    assert err.path == "x.ivfh"
+    assert err.offset == start
+    assert err.actual == crc(bad[start:end])
+    assert err.expected != err.actual
+
+
+def test_every_single_byte_flip_of_header_is_detected() -> None:
+    """Exhaustive: each byte is either covered by magic/version/CRC checks or is padding."""
+    padding = set(range(TABLE_END, ENTRIES[0][2]))
+    for _, _, off, nbytes, _ in ENTRIES[:-1]:
+        padding |= set(range(off + nbytes, -(-(off + nbytes) // 64) * 64))
+    expected_kind: dict[int, type[Exception] | None] = {}
+    for at in range(len(BASE)):
+        if at < 8:
+            expected_kind[at] = BadMagicError
+        elif at < 10:
+            expected_kind[at] = UnsupportedVersionError
+        elif at in padding:
+            expected_kind[at] = None
+        else:
+            expected_kind[at] = ChecksumError
+    wrong = []
+    for at, want in expected_kind.items():
+        try:
+            got = decode_header(flip(BASE, at, 0x01))
+        except FormatError as err:
+            if type(err) is not want:
+                wrong.append((at, type(err).__name__, want))
+        else:
+            if want is not None:
+                wrong.append((at, "decoded", want))
+            else:
+                assert_headers_equal(got, golden_header())
+    assert wrong == []
+
+
+@pytest.mark.parametrize("at", [pytest.param(i, id=f"byte{i}") for i in range(8)])
+def test_header_bad_magic_attributes(at: int) -> None:
+    bad = flip(BASE, at)
+    with pytest.raises(BadMagicError,
+                       match=r"^h\.ivfh: not an ivfpq header — expected magic") as exc:
+        decode_header(bad, source="h.ivfh")
+    assert (exc.value.path, exc.value.offset) == ("h.ivfh", 0)
+    assert (exc.value.expected, exc.value.actual) == (HEADER_MAGIC, bad[:8])
+
+
+@pytest.mark.parametrize(("at", "major"), [pytest.param(8, 0xFE, id="major-low-byte"),
+                                           pytest.param(9, 0xFF01, id="major-high-byte")])
+def test_flipped_major_version_byte(at: int, major: int) -> None:
+    with pytest.raises(UnsupportedVersionError,
+                       match=rf"format version {major}\.0 is not readable") as exc:
+        decode_header(flip(BASE, at))
+    assert (exc.value.offset, exc.value.expected, exc.value.actual) == (8, (1, 0), (major, 0))
+
+
+HEADER_BAD = [
+    Bad("wrong-magic", lambda b: b"GIF89a\0\0" + b[8:], BadMagicError,
+        r"not an ivfpq header — expected magic b'\\x89IVFPQ\\r\\n', got b'GIF89a"),
+    Bad("segment-magic", lambda b: SEGMENT_MAGIC + b[8:], BadMagicError, "not an ivfpq header"),
+    Bad("text-mode-crlf", lambda b: b.replace(b"\r\n", b"\n", 1), BadMagicError,
+        "expected magic"),
+    Bad("future-major-2.0", sealed("<HH", 8, 2, 0), UnsupportedVersionError,
+        r"format version 2\.0 is not readable by this reader \(1\.x\); upgrade"),
+    Bad("major-0", sealed("<HH", 8, 0, 9), UnsupportedVersionError, r"format version 0\.9"),
+    Bad("flags-1", sealed("<I", 12, 1), UnsupportedVersionError,
+        "unknown header flags 0x00000001 — expected 0"),
+    Bad("flags-high-bit", sealed("<I", 12, 1 << 31), UnsupportedVersionError,
+        "unknown header flags 0x80000000"),
+    Bad("dim-not-divisible-by-m", sealed("<H", 24, 3), FormatError,
+        "invalid parameters in prelude: m: dim=8 must be divisible by m, got m=3"),
+    Bad("dim-0", sealed("<I", 16, 0), FormatError, "invalid parameters in prelude: dim"),
+    Bad("nlist-0", sealed("<I", 20, 0), FormatError, "invalid parameters in prelude: nlist"),
+    Bad("nbits-9", sealed("<B", 26, 9), FormatError, "invalid parameters in prelude: nbits"),
+    Bad("unknown-metric", sealed("<B", 27, 9), FormatError, "invalid parameters in prelude"),
+    Bad("n-sections-0", sealed("<I", OFF_N_SECTIONS, 0), FormatError,
+        "section count 0 — expected 1..64"),
+    Bad("n-sections-65", sealed("<I", OFF_N_SECTIONS, 65), FormatError, "section count 65"),
+    Bad("n-sections-huge", sealed("<I", OFF_N_SECTIONS, U32_MAX), FormatError,
+        f"section count {U32_MAX}"),
+    Bad("table-offset-huge", sealed("<Q", OFF_TABLE_OFFSET, 1 << 40), TruncatedFileError,
+        rf"section table \[{1 << 40}, .*\) lies outside the {len(BASE)}-byte file"),
+    Bad("table-offset-in-prelude", sealed("<Q", OFF_TABLE_OFFSET, 0), FormatError,
+        r"section table offset 0 — expected a multiple of 64, >= 64"),
+    Bad("table-offset-misaligned", sealed("<Q", OFF_TABLE_OFFSET, 65), FormatError,
+        r"section table offset 65 — expected a multiple of 64"),
+    Bad("section-offset-beyond-file", sealed("<Q", entry_at(2) + 8, 1 << 20), TruncatedFileError,
+        rf"section 2 \(kind 3\) spans \[{1 << 20}, {(1 << 20) + 7}\)"),
+    Bad("section-nbytes-beyond-file", sealed("<Q", entry_at(0) + 16, 1 << 40),
+        TruncatedFileError, r"section 0 \(kind 1\) spans \[192, "),
+    Bad("section-end-one-past-file", sealed("<Q", entry_at(2) + 16, 8), TruncatedFileError,
+        r"section 2 \(kind 3\) spans \[384, 392\) — expected it inside the 391-byte file"),
+    Bad("section-offset-misaligned", sealed("<Q", entry_at(1) + 8, 257), FormatError,
+        r"section 1 \(kind 2\) starts at byte 257 — expected a multiple of 64"),
+    Bad("section-overlaps-table", sealed("<Q", entry_at(0) + 8, 64), FormatError,
+        r"section 0 \(kind 1\) starts at byte 64 — expected .* after the section table"),
+    Bad("centroids-too-short", sealed("<Q", entry_at(0) + 16, 60), FormatError,
+        r"section CENTROIDS is 60 bytes — expected 64 for float32 \(2, 8\)"),
+    Bad("codebooks-too-long", sealed("<Q", entry_at(1) + 16, 132), FormatError,
+        r"section CODEBOOKS is 132 bytes — expected 128 for float32 \(2, 4, 4\)"),
+    Bad("duplicate-kind", sealed("<I", entry_at(1), 1), FormatError,
+        "section kind 1 appears twice"),
+    Bad("missing-centroids", sealed("<I", entry_at(0), 99), FormatError,
+        "required section CENTROIDS is missing"),
+    Bad("missing-codebooks", sealed("<I", entry_at(1), 99), FormatError,
+        "required section CODEBOOKS is missing"),
+    Bad("metadata-not-msgpack", lambda b: reseal_header(b[:384] + b"\xc1" * 7), FormatError,
+        "METADATA section is not valid msgpack"),
+    Bad("metadata-int-key", lambda b: reseal_header(b[:384] + b"\x81\x01\x02" + bytes(4)),
+        FormatError, "METADATA section is not valid msgpack"),
+    Bad("metadata-not-a-map",
+        lambda b: reseal_header(patch(b[:384] + b"\x07", "<Q", entry_at(2) + 16, 1)),
+        FormatError, "METADATA section is not a msgpack map"),
+]
+
+
+@pytest.mark.parametrize("case", HEADER_BAD, ids=case_id)
+def test_corrupt_header(case: Bad) -> None:
+    bad = case.mutate(BASE)
+    with pytest.raises(case.error, match=case.match) as exc:
+        decode_header(bad, source="c.ivfh")
+    assert type(exc.value) is case.error  # not a subclass: the specific kind matters
+    assert exc.value.path == "c.ivfh"
+    assert str(exc.value).startswith("c.ivfh: ")
+
+
+def test_future_major_is_refused_before_the_crc() -> None:
+    """A 2.x prelude may be laid out differently: the version wins over a broken CRC."""
+    bad = patch(BASE, "<HH", 8, 2, 0)  # prelude crc NOT recomputed
+    with pytest.raises(UnsupportedVersionError, match=r"format version 2\.0") as exc:
+        decode_header(bytes(bad))
+    assert (exc.value.expected, exc.value.actual) == ((1, 0), (2, 0))
+
+
+def test_header_checksum_error_attributes() -> None:
+    bad = reseal_header(BASE)[:60] + b"\0\0\0\0" + BASE[64:]
+    with pytest.raises(ChecksumError, match="checksum mismatch in prelude at byte 0") as exc:
+        decode_header(bad, source="p.ivfh")
+    err = exc.value
+    assert (err.path, err.offset, err.expected, err.actual) == ("p.ivfh", 0, 0, crc(BASE[:60]))
+
+
+@pytest.mark.parametrize("minor", [pytest.param(1, id="1.1"), pytest.param(7, id="1.7"),
+                                   pytest.param(0xFFFF, id="1.65535")])
+def test_newer_minor_version_still_decodes(minor: int) -> None:
+    got = decode_header(reseal_header(patch(BASE, "<H", 10, minor)))
+    want = golden_header()
+    assert_headers_equal(got, Header(want.params, want.store_uuid, want.centroids,
+                                     want.codebooks, want.metadata, version=(1, minor)))
+
+
+@pytest.mark.parametrize("position", [pytest.param(0, id="first"), pytest.param(1, id="middle"),
+                                      pytest.param(3, id="last")])
+def test_unknown_section_kind_is_ignored(position: int) -> None:
+    h = golden_header()
+    sections = golden_sections(h)
+    sections.insert(position, (0xBEEF, b"a future section\x00" * 5))
+    raw = build_header(sections, params=h.params, store_uuid=h.store_uuid)
+    assert_headers_equal(decode_header(raw), h)
+
+
+def test_unknown_section_kind_is_still_checksummed() -> None:
+    h = golden_header()
+    raw = build_header([(0xBEEF, b"future"), *golden_sections(h)], params=h.params,
+                       store_uuid=h.store_uuid)
+    unknown_off = SECTION.unpack_from(raw, 64)[2]
+    with pytest.raises(ChecksumError, match=r"in section 0 \(kind 48879\)"):
+        decode_header(flip(raw, unknown_off))
+
+
+def test_metadata_section_is_optional() -> None:
+    h = golden_header()
+    raw = build_header(golden_sections(h)[:2], params=h.params, store_uuid=h.store_uuid)
+    got = decode_header(raw)
+    assert got.metadata == {}
+    assert np.array_equal(got.codebooks, h.codebooks)
+
+
+def test_segment_is_not_a_header() -> None:
+    with pytest.raises(BadMagicError, match=r"not an ivfpq header .* got b'\\x89IVFSG"):
+        decode_header(GOLDEN_SEGMENT.read_bytes())
+
+
+# -- segment prelude --------------------------------------------------------------------------
+SEGMENT_BAD = [
+    Bad("empty", lambda b: b"", TruncatedFileError, "segment is 0 bytes — expected at least 64"),
+    Bad("truncated-10", lambda b: b[:10], TruncatedFileError, "segment is 10 bytes"),
+    Bad("truncated-63", lambda b: b[:63], TruncatedFileError, "segment is 63 bytes"),
+    Bad("bad-magic", lambda b: b"\0" * 8 + b[8:], BadMagicError,
+        r"not an ivfpq segment — expected magic b'\\x89IVFSG\\r\\n', got b'\\x00"),
+    Bad("header-magic", lambda b: HEADER_MAGIC + b[8:], BadMagicError, "not an ivfpq segment"),
+    Bad("future-major-2.0", sealed_segment("<HH", 8, 2, 0), UnsupportedVersionError,
+        r"segment format version 2\.0 is not readable by this reader \(1\.x\)"),
+    Bad("future-major-no-crc", lambda b: bytes(patch(b, "<H", 8, 2)), UnsupportedVersionError,
+        r"segment format version 2\.0"),
+    Bad("record-size-too-small", sealed_segment("<H", 22, 9), FormatError,
+        r"record_size 9 — expected 8 \+ code_size \(10\)"),
+    Bad("record-size-too-large", sealed_segment("<H", 22, 0xFFFF), FormatError,
+        r"record_size 65535 — expected 8 \+ code_size \(10\)"),
+    Bad("code-size-changed", sealed_segment("<H", 20, 3), FormatError,
+        r"record_size 10 — expected 8 \+ code_size \(11\)"),
+    Bad("code-size-0", sealed_segment("<HH", 20, 0, 8), FormatError,
+        "code_size 0 — expected at least 1"),
+    *(Bad(f"flip-{name}", lambda b, at=at: flip(b, at), ChecksumError,
+          "checksum mismatch in segment prelude at byte 0")
+      for name, at in [("minor", 10), ("list_no", 12), ("generation", 16), ("code_size", 20),
+                       ("record_size", 22), ("uuid", 24), ("reserved", 40), ("crc", 63)]),
+]
+
+
+@pytest.mark.parametrize("case", SEGMENT_BAD, ids=case_id)
+def test_corrupt_segment_prelude(case: Bad) -> None:
+    bad = case.mutate(SEG_BASE)
+    with pytest.raises(case.error, match=case.match) as exc:
+        decode_segment_prelude(bad, source="s.seg")
+    assert type(exc.value) is case.error
+    assert exc.value.path == "s.seg"
+    assert str(exc.value).startswith("s.seg: ")
+
+
+def test_segment_checksum_and_magic_attributes() -> None:
+    bad = flip(SEG_BASE, 12)
+    with pytest.raises(ChecksumError, match="segment prelude") as exc:
+        decode_segment_prelude(bad, source="s.seg")
+    stored = struct.unpack_from("<I", SEG_BASE, 60)[0]
+    assert (exc.value.offset, exc.value.expected, exc.value.actual) == (0, stored, crc(bad[:60]))
+
+    with pytest.raises(BadMagicError, match="not an ivfpq segment") as exc2:
+        decode_segment_prelude(b"NOTMAGIC" + SEG_BASE[8:], source="s.seg")
+    assert (exc2.value.path, exc2.value.offset) == ("s.seg", 0)
+    assert (exc2.value.expected, exc2.value.actual) == (SEGMENT_MAGIC, b"NOTMAGIC")
+
+
+def test_every_single_byte_flip_of_segment_prelude_is_detected() -> None:
+    for at in range(SEGMENT_PRELUDE_SIZE):
+        want = BadMagicError if at < 8 else UnsupportedVersionError if at < 10 else ChecksumError
+        with pytest.raises(want):
+            decode_segment_prelude(flip(SEG_BASE, at, 0x01))
+
+
+def test_segment_newer_minor_version_decodes() -> None:
+    got = decode_segment_prelude(reseal_segment(patch(SEG_BASE, "<H", 10, 3)))
+    assert got.version == (1, 3)
+    assert (got.list_no, got.generation, got.code_size) == (1, 0, 2)
+
+
+def test_segment_code_size_0_message_names_the_problem() -> None:
+    bad = reseal_segment(patch(SEG_BASE, "<HH", 20, 0, 8))
+    with pytest.raises(FormatError, match=r"code_size\W+0\b"):
+        decode_segment_prelude(bad)
+
+
+# -- msgpack records ----------------------------------------------------------------------------
+def record_map(cls: type) -> dict[str, object]:
+    return msgpack.unpackb(SAMPLE_RECORDS[cls].to_msgpack(), raw=False)
+
+
+def packed(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
+@pytest.mark.parametrize(("v", "shown"), [pytest.param(2, "2", id="v2"),
+                                          pytest.param(0, "0", id="v0"),
+                                          pytest.param("1", "'1'", id="v-str"),
+                                          pytest.param(None, "None", id="v-nil")])
+def test_record_unknown_schema_version(cls: type, v: object, shown: str) -> None:
+    obj = record_map(cls)
+    obj["v"] = v
+    with pytest.raises(UnsupportedVersionError,
+                       match=rf"catalog {cls.__name__}: schema version {shown} — expected 1;"
+                             " upgrade") as exc:
+        cls.from_msgpack(packed(obj))
+    assert (exc.value.path, exc.value.expected, exc.value.actual) == ("catalog", 1, v)
+
+
+@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
+def test_record_without_version_is_unsupported(cls: type) -> None:
+    obj = record_map(cls)
+    del obj["v"]
+    with pytest.raises(UnsupportedVersionError, match="schema version None"):
+        cls.from_msgpack(packed(obj))
+
+
+@pytest.mark.parametrize(("cls", "name"), [
+    pytest.param(cls, f.name, id=f"{cls.__name__}-{f.name}")
+    for cls in RECORD_CLASSES for f in fields(cls)])
+def test_record_missing_field(cls: type, name: str) -> None:
+    obj = record_map(cls)
+    del obj[name]
+    with pytest.raises(FormatError, match=rf"catalog {cls.__name__}: required field '{name}' "
+                                          "is missing") as exc:
+        cls.from_msgpack(packed(obj))
+    assert type(exc.value) is FormatError
+    assert exc.value.path == "catalog"
+
+
+@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
+@pytest.mark.parametrize(("raw", "match"), [
+    pytest.param(b"", "not valid msgpack", id="empty"),
+    pytest.param(b"\xc1", "not valid msgpack", id="reserved-byte"),
+    pytest.param(b"\x92\x01", "not valid msgpack", id="truncated-array"),
+    pytest.param(b"\x81\x01\x02", "not valid msgpack", id="int-key"),
+    pytest.param(b"\x91" * 5000, "not valid msgpack", id="too-deep"),
+    pytest.param(b"\x80\x80", "not valid msgpack", id="extra-data"),
+    pytest.param(b"\x93\x01\x02\x03", "expected a msgpack map, got list", id="array"),
+    pytest.param(b"\x07", "expected a msgpack map, got int", id="int"),
+    pytest.param(b"\xa3abc", "expected a msgpack map, got str", id="str"),
+    pytest.param(b"\xd4\x05\x00", "expected a msgpack map, got ExtType", id="ext"),
+])
+def test_record_garbage_bytes(cls: type, raw: bytes, match: str) -> None:
+    with pytest.raises(FormatError, match=rf"catalog {cls.__name__}: {match}") as exc:
+        cls.from_msgpack(raw)
+    assert type(exc.value) is FormatError
+
+
+@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
+def test_record_truncated_bytes(cls: type) -> None:
+    raw = SAMPLE_RECORDS[cls].to_msgpack()
+    for n in range(len(raw)):
+        with pytest.raises(FormatError, match="not valid msgpack"):
+            cls.from_msgpack(raw[:n])
+
+
+@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
+def test_record_unknown_field_is_ignored(cls: type) -> None:
+    obj = record_map(cls)
+    obj["added_in_1_1"] = {"nested": [1, 2.5, b"\x00"]}
+    assert cls.from_msgpack(packed(obj)) == SAMPLE_RECORDS[cls]
+
+
+def test_store_meta_bad_uuid_is_format_error() -> None:
+    obj = record_map(StoreMeta)
+    obj["store_uuid"] = b"short"
+    with pytest.raises(FormatError, match="store_uuid"):
+        StoreMeta.from_msgpack(packed(obj))
+
+
+# -- id entries -------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [pytest.param(0, id="empty"), pytest.param(15, id="15"),
+                                  pytest.param(17, id="17"), pytest.param(32, id="two-entries")])
+def test_id_entry_wrong_size(size: int) -> None:
+    with pytest.raises(FormatError, match=rf"catalog id entry: {size} bytes — expected 16") as exc:
+        IdEntry.decode(bytes(size))
+    assert (exc.value.path, exc.value.expected, exc.value.actual) == ("catalog", 16, size)
+
+
+@pytest.mark.parametrize("values", [
+    pytest.param([bytes(15)], id="one-short"),
+    pytest.param([bytes(16), bytes(17)], id="one-long"),
+    pytest.param([b""], id="one-empty"),
+])
+def test_id_entries_wrong_total_size(values: list[bytes]) -> None:
+    with pytest.raises(FormatError, match=r"catalog id entry: \d+ bytes — expected 16"):
+        decode_id_entries(values)
+
+
+def test_id_entries_size_checked_per_value() -> None:
+    good = IdEntry(1, 2, 3).encode()
+    with pytest.raises(FormatError, match="catalog id entry: 15 bytes — expected 16"):
+        decode_id_entries([good[:15], good + b"\x00"])
+
+
+@pytest.mark.parametrize("name", ["", "../x.seg", "/etc/passwd", "000001-000000.seg/..",
+                                  "1-0.seg", "000001-000000.seg\n"])
+def test_list_record_refuses_names_outside_segments(name: str) -> None:
+    with pytest.raises(FormatError, match="expected a segment name"):
+        ListRecord(file=name, generation=0, count=0, crc32=0)
+    raw = packed({"v": 1, "file": name, "generation": 0, "count": 0, "crc32": 0})
+    with pytest.raises(FormatError, match="expected a segment name"):
+        ListRecord.from_msgpack(raw)
+
+
+def test_decode_id_entries_empty() -> None:
+    arr = decode_id_entries([])
+    assert arr.shape == (0,)
+    assert arr.dtype.names == ("list_no", "generation", "row")

@@ -1,0 +1,85 @@
+"""Regenerate the golden format files in ``tests/data/``.
+
+The golden files freeze the on-disk format: ``tests/test_format.py`` decodes them and checks
+that re-encoding gives the same bytes. Changing them needs a format version bump and a
+changelog entry in docs/format.md; review the binary diff before committing.
+
+Usage::
+
+    python tools/make_golden.py                # writes header-v1.0.ivfh and segment-v1.0.seg
+    python tools/make_golden.py --out-dir DIR  # writes them somewhere else (e.g. to compare)
+    python tools/make_golden.py --check        # exit 1 if the files on disk differ
+
+Only the public codec functions of ``ivfpq_store.format`` are used; nothing is trained and
+no store is created, so the output is fully deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from ivfpq_store import IndexParams
+from ivfpq_store.format import (
+    Header,
+    SegmentPrelude,
+    encode_header,
+    encode_segment_prelude,
+    record_dtype,
+)
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tests" / "data"
+HEADER_NAME = "header-v1.0.ivfh"
+SEGMENT_NAME = "segment-v1.0.seg"
+
+
+def golden_header() -> bytes:
+    """The golden header: dim 8, nlist 2, m 2, nbits 2, L2, store_uuid UUID(int=1)."""
+    header = Header(
+        params=IndexParams(dim=8, nlist=2, m=2, nbits=2),
+        store_uuid=uuid.UUID(int=1),
+        centroids=np.arange(16, dtype=np.float32).reshape(2, 8),
+        codebooks=np.arange(32, dtype=np.float32).reshape(2, 4, 4) / 8,
+        metadata={"seed": 0},
+    )
+    return encode_header(header)
+
+
+def golden_segment() -> bytes:
+    """The golden segment: list 1, generation 0, code_size 2, then records 10, 11 and 12."""
+    prelude = SegmentPrelude(list_no=1, generation=0, code_size=2, store_uuid=uuid.UUID(int=1))
+    records = np.zeros(3, dtype=record_dtype(2))
+    records["id"] = [10, 11, 12]
+    records["code"] = [[0, 1], [2, 3], [3, 0]]
+    return encode_segment_prelude(prelude) + records.tobytes()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT,
+                        help=f"directory to write into (default: {DEFAULT_OUT})")
+    parser.add_argument("--check", action="store_true",
+                        help="do not write; exit 1 if the files in --out-dir differ")
+    args = parser.parse_args(argv)
+
+    files = {HEADER_NAME: golden_header(), SEGMENT_NAME: golden_segment()}
+    status = 0
+    for name, data in files.items():
+        path = args.out_dir / name
+        if args.check:
+            same = path.is_file() and path.read_bytes() == data
+            print(f"{path}: {'ok' if same else 'DIFFERS'}")
+            status |= not same
+        else:
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            print(f"wrote {path} ({len(data)} bytes)")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
