@@ -41,6 +41,11 @@ def emit(doc: dict[str, Any], *, as_json: bool, lines: list[str]) -> None:
         click.echo("\n".join(lines))
 
 
+def _bytes_line(b: dict[str, int]) -> str:
+    return (f"{b['total']:,} bytes (header {b['header']:,}, catalog {b['catalog']:,}, "
+            f"segments {b['segments']:,})")
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ivfpq-store")
 @click.option("-v", "--verbose", count=True, help="Log to stderr (-v info, -vv debug).")
@@ -66,7 +71,6 @@ def demo(directory: Path | None, nprobe: int, as_json: bool) -> None:
         ivfpq-store demo /tmp/sift.ivfpq --json
     """
     r = run_demo(directory, nprobe=nprobe)
-    b = r.bytes_on_disk
     emit(r.to_dict(), as_json=as_json, lines=[
         f"SIFT10K: {r.n_base} base vectors, {r.n_queries} queries, dim {r.dim}",
         f"index:   nlist={r.nlist} m={r.m} nbits={r.nbits}; search k={r.k} nprobe={r.nprobe}",
@@ -78,8 +82,7 @@ def demo(directory: Path | None, nprobe: int, as_json: bool) -> None:
         (f"recall:  1@1 {r.recall_1_at_1:.3f}   1@10 {r.recall_1_at_10:.3f}   "
          f"10@10 {r.recall_10_at_10:.3f}"),
         f"reopen:  {'identical results' if r.reopened_results_identical else 'RESULTS DIFFER'}",
-        (f"disk:    {b['total']:,} bytes (header {b['header']:,}, catalog {b['catalog']:,}, "
-         f"segments {b['segments']:,})"),
+        f"disk:    {_bytes_line(r.bytes_on_disk)}",
         f"store:   {r.store_path}" + ("" if r.kept else " (temporary, removed)"),
     ])
 
@@ -97,12 +100,10 @@ def info(store: Path, as_json: bool) -> None:
     with ivfpq_store.open(store, readonly=True) as s:
         i = s.info()
     sizes = sorted(i.list_sizes)
-    b = i.bytes_on_disk
     emit(i.to_dict(), as_json=as_json, lines=[
         f"store:    {i.path} (format {i.format_version})",
         f"index:    dim={i.dim} nlist={i.nlist} m={i.m} nbits={i.nbits} metric={i.metric}",
         f"vectors:  {i.ntotal:,} in {i.n_segments} non-empty lists",
         f"lists:    min {sizes[0]}, median {sizes[len(sizes) // 2]}, max {sizes[-1]}",
-        (f"disk:     {b['total']:,} bytes (header {b['header']:,}, catalog {b['catalog']:,}, "
-         f"segments {b['segments']:,})"),
+        f"disk:     {_bytes_line(i.bytes_on_disk)}",
     ])
