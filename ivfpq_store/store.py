@@ -234,7 +234,8 @@ class Store:
             x = normalize_rows(x)
         return self._encode(x)
 
-    def _encode(self, x: F32Array) -> tuple[I64Array, U8Array]:
+    def _encode(self, x: F32Array,
+                progress: ProgressFn | None = None) -> tuple[I64Array, U8Array]:
         n = x.shape[0]
         list_nos = np.empty(n, dtype=np.int64)
         codes = np.empty((n, self.params.code_size), dtype=np.uint8)
@@ -243,6 +244,8 @@ class Store:
             _, probed = self._searcher.probe(xb, 1)
             list_nos[s: s + len(xb)] = probed[:, 0]
             codes[s: s + len(xb)] = self._pq.encode(xb - self._header.centroids[probed[:, 0]])
+            if progress is not None:
+                progress(len(xb))
         return list_nos, codes
 
     def info(self) -> StoreInfo:
@@ -266,13 +269,17 @@ class Store:
         )
 
     # -- writing ----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[Catalog]:
+    def _check_writable(self) -> Catalog:
         catalog = self._live_catalog()
         if self._readonly:
             raise ReadOnlyStoreError(
                 f"{self._layout.root}: store was opened with readonly=True; open it with "
                 "readonly=False to write")
+        return catalog
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Catalog]:
+        catalog = self._check_writable()
         if not self._thread_lock.acquire(timeout=self._lock_timeout):
             raise StoreLockedError(
                 f"{self._layout.root}: another thread of this process is writing; gave up after "
@@ -309,19 +316,13 @@ class Store:
             An id is already live or repeats within the batch (nothing is added).
         ReadOnlyStoreError, StoreLockedError
         """
-        self._live_catalog()
-        if self._readonly:  # fail before the (possibly long) encoding
-            raise ReadOnlyStoreError(
-                f"{self._layout.root}: store was opened with readonly=True; open it with "
-                "readonly=False to write")
+        self._check_writable()  # fail before the (possibly long) encoding
         x, _ = as_vectors(vectors, self.params.dim)
         n = x.shape[0]
         given = None if ids is None else as_ids(ids, n)
         if self.params.metric is Metric.COSINE:
             x = normalize_rows(x)
-        list_nos, codes = self._encode(x)
-        if progress is not None:
-            progress(n)
+        list_nos, codes = self._encode(x, progress)
         with self._writing() as catalog:
             snap = catalog.snapshot()
             state = snap.state
