@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from .creation import create
 from .errors import (
     BadMagicError,
     CatalogError,
@@ -35,7 +36,7 @@ from .errors import (
 )
 from .params import IndexParams
 from .search import SearchResult
-from .store import Store, StoreInfo, create, open
+from .store import Store, StoreInfo, open
 from .types import Metric
 
 try:

@@ -13,7 +13,7 @@ import numpy as np
 from .errors import DimensionMismatchError, DuplicateIdError, InvalidInputError
 from .types import F32Array, I64Array
 
-__all__ = ["MAX_SQUARED_NORM", "as_ids", "as_matrix", "as_vectors", "normalize_rows"]
+__all__ = ["MAX_SQUARED_NORM", "as_id_list", "as_ids", "as_matrix", "as_vectors", "normalize_rows"]
 
 _MAX_SHOWN = 5
 _INT64_MAX = int(np.iinfo(np.int64).max)
@@ -112,6 +112,24 @@ def as_ids(ids: Any, n: int, name: str = "ids") -> I64Array:
             f"{name}: {len(dup)} id(s) appear more than once in the batch, first "
             f"{dup[:_MAX_SHOWN].tolist()}; nothing was added")
     return out
+
+
+def as_id_list(ids: Any, name: str = "ids") -> I64Array:
+    """Ids to look up (delete): any integer dtype, scalar or 1-D; returns the distinct
+    non-negative ones as sorted int64 (negative ids cannot exist, so they match nothing)."""
+    if isinstance(ids, list | tuple) and len(ids) == 0:
+        return np.empty(0, dtype=np.int64)
+    arr = _as_array(ids, name)
+    if arr.dtype.kind not in "iu":
+        raise DimensionMismatchError(f"{name}: expected integer ids, got dtype {arr.dtype}")
+    if arr.ndim > 1:
+        raise DimensionMismatchError(f"{name}: expected a scalar or a 1-D array, got shape "
+                                     f"{arr.shape}")
+    arr = arr.reshape(-1)
+    if arr.dtype.kind == "u":
+        arr = arr[arr <= _INT64_MAX]
+    out = np.unique(arr.astype(np.int64))
+    return out[out >= 0]
 
 
 def normalize_rows(x: F32Array, name: str = "vectors") -> F32Array:

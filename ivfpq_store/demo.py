@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from . import creation as _creation
 from . import store as _store
 from .datasets import load_siftsmall
 from .evaluation import recall_at
@@ -61,7 +62,7 @@ def run_demo(directory: str | os.PathLike[str] | None = None, *, nlist: int = 10
     with tempfile.TemporaryDirectory(prefix="ivfpq-demo-") as tmp:
         path = Path(directory) if directory is not None else Path(tmp) / "siftsmall.ivfpq"
         t0 = time.perf_counter()
-        store = _store.create(path, data.base, nlist=nlist, m=m, nbits=nbits, seed=seed)
+        store = _creation.create(path, data.base, nlist=nlist, m=m, nbits=nbits, seed=seed)
         t1 = time.perf_counter()
         with store:
             store.add(data.base)

@@ -11,6 +11,7 @@ from .errors import InvalidParamsError
 from .types import Metric
 
 __all__ = ["MAX_DIM", "MAX_K", "MAX_M", "MAX_NLIST", "IndexParams", "SearchParams", "check_int",
+           "check_ratio",
            "parse_metric"]
 
 #: Sanity caps; the header format could hold more, but nothing sensible needs it.
@@ -49,6 +50,16 @@ def check_int(name: str, value: object, lo: int, hi: int) -> int:
     if not lo <= ivalue <= hi:
         raise InvalidParamsError(f"{name}: expected {lo}..{hi}, got {ivalue}")
     return ivalue
+
+
+def check_ratio(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a real number in 0..1."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
+        raise InvalidParamsError(f"{name}: expected a number in 0..1, got {value!r}")
+    ratio = float(value)
+    if not 0.0 <= ratio <= 1.0:
+        raise InvalidParamsError(f"{name}: expected 0..1, got {ratio:g}")
+    return ratio
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

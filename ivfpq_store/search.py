@@ -79,10 +79,11 @@ class Searcher:
                 np.take_along_axis(part, order, axis=1).astype(np.int64))
 
     def search(self, queries: F32Array, params: SearchParams, lists: Mapping[int, ListRecord],
-               fetch: RecordFetcher) -> SearchResult:
+               deleted: Mapping[int, np.ndarray], fetch: RecordFetcher) -> SearchResult:
         """Search ``queries`` (nq, dim) float32, already validated and (for cosine) normalised.
 
-        ``lists`` holds the committed record of every non-empty list; ``fetch`` maps them.
+        ``lists`` holds the committed record of every non-empty list, ``deleted`` the tombstoned
+        rows of lists that have any, and ``fetch`` maps a list's records.
         """
         nq = queries.shape[0]
         nprobe = params.nprobe
@@ -98,7 +99,7 @@ class Searcher:
             q1 = min(nq, q0 + qblock)
             coarse, probed = self.probe(queries[q0:q1], nprobe)
             tables, table_of_pair, bias = self._tables(queries[q0:q1], coarse, probed)
-            self._scan(probed, tables, table_of_pair, bias, lists, fetch,
+            self._scan(probed, tables, table_of_pair, bias, lists, deleted, fetch,
                        cand_cost[q0:q1], cand_ids[q0:q1])
         return self._merge(cand_cost.reshape(nq, nprobe * k), cand_ids.reshape(nq, nprobe * k),
                            params.k)
@@ -131,7 +132,8 @@ class Searcher:
         return tables, np.repeat(np.arange(nq), nprobe), coarse.reshape(-1)
 
     def _scan(self, probed: I64Array, tables: F32Array, table_of_pair: I64Array,
-              bias: F32Array, lists: Mapping[int, ListRecord], fetch: RecordFetcher,
+              bias: F32Array, lists: Mapping[int, ListRecord],
+              deleted: Mapping[int, np.ndarray], fetch: RecordFetcher,
               cand_cost: F32Array, cand_ids: I64Array) -> None:
         """Score every probed list once against all the (query, probe) pairs that chose it."""
         nprobe = probed.shape[1]
@@ -149,6 +151,9 @@ class Searcher:
             recs = fetch(list_no, record)
             flat_codes = (recs["code"].astype(np.intp) + offsets).reshape(-1)  # (n*m,)
             cost = self._score(tables[table_of_pair[pairs]], bias[pairs], flat_codes)
+            dead = deleted.get(list_no)
+            if dead is not None:
+                cost[:, dead] = np.inf  # deleted rows lose to every live row
             kk = min(k, cost.shape[1])
             if kk < cost.shape[1]:
                 top = np.argpartition(cost, kk - 1, axis=1)[:, :kk]
@@ -158,7 +163,10 @@ class Searcher:
                 top_cost = cost
             qi, pi = np.divmod(pairs, nprobe)
             cand_cost[qi, pi, :kk] = top_cost
-            cand_ids[qi, pi, :kk] = np.asarray(recs["id"])[top]
+            top_ids = np.asarray(recs["id"])[top]
+            if dead is not None:
+                top_ids = np.where(np.isinf(top_cost), -1, top_ids)  # fewer than k live rows
+            cand_ids[qi, pi, :kk] = top_ids
 
     def _score(self, pair_tables: F32Array, pair_bias: F32Array,
                flat_codes: np.ndarray) -> F32Array:

@@ -1,25 +1,33 @@
-"""The Store facade: create, open, add, search, info. Orchestrates format, storage, training
-and search; the only module that knows the write order of docs/format.md §7."""
+"""The Store facade: open, add, upsert, delete, search, compact, verify, info.
+
+Orchestrates format, storage, training and search; the only module that knows the write
+order of docs/format.md §7. Creation lives in creation.py.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import shutil
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
-from importlib import metadata as _metadata
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import numpy as np
 
-from ._validate import as_ids, as_matrix, as_vectors, normalize_rows
+from ._validate import as_id_list, as_ids, as_vectors, normalize_rows
+from .compaction import (
+    CompactReport,
+    Rewrite,
+    choose_lists,
+    remove_files,
+    remove_orphans,
+    rewrite_lists,
+)
 from .errors import (
     CorruptStoreError,
     DuplicateIdError,
@@ -27,44 +35,45 @@ from .errors import (
     InvalidParamsError,
     ReadOnlyStoreError,
     StoreClosedError,
-    StoreExistsError,
     StoreLockedError,
     StoreNotFoundError,
     UnsupportedVersionError,
     WrongProcessError,
 )
-from .format import FORMAT_VERSION, Header, SegmentPrelude, record_dtype, segment_file_name
-from .format.keys import id_keys
-from .format.records import ListRecord, StateRecord, StoreMeta, encode_id_entries
-from .params import IndexParams, SearchParams, check_int, parse_metric
+from .format import (
+    FORMAT_VERSION,
+    SEGMENT_PRELUDE_SIZE,
+    Header,
+    SegmentPrelude,
+    record_dtype,
+    segment_file_name,
+)
+from .format.keys import id_keys, tombstone_keys
+from .format.records import ListRecord, StateRecord, encode_id_entries
+from .params import IndexParams, SearchParams, check_int, check_ratio
 from .search import Searcher, SearchResult
 from .storage import (
     DEFAULT_MAP_SIZE,
     Catalog,
+    CatalogSnapshot,
+    Changes,
     MapCache,
     StoreLayout,
     append_records,
     read_header,
-    write_header,
 )
 from .storage._atomic import fsync_dir, writer_lock
-from .training import kmeans, train_pq
 from .training.pq import ProductQuantizer
 from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
 
-__all__ = ["Store", "StoreInfo", "create", "open"]
+__all__ = ["Store", "StoreInfo", "check_open_args", "open"]
 
 logger = logging.getLogger(__name__)
 
 #: Vectors assigned and encoded per block in ``add`` (bounds the (n, nlist) score matrix).
 ENCODE_BLOCK = 16384
-
-
-def _package_version() -> str:
-    try:
-        return _metadata.version("ivfpq-store")
-    except _metadata.PackageNotFoundError:
-        return "unknown"
+#: A search whose snapshot is overtaken by compactions this many times in a row gives up.
+_SEARCH_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,15 +87,19 @@ class StoreInfo:
     m: int
     nbits: int
     metric: str
-    ntotal: int
-    list_sizes: tuple[int, ...]
+    ntotal: int  # live vectors
+    ndeleted: int  # deleted records still on disk (compaction reclaims them)
+    list_sizes: tuple[int, ...]  # live vectors per list
+    list_deleted: tuple[int, ...]  # deleted records per list
     n_segments: int
     bytes_on_disk: dict[str, int]  # header, catalog, segments, total
+    reclaimable_bytes: int  # segment bytes a full compaction would free
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with the same keys as the fields."""
         out = asdict(self)
         out["list_sizes"] = list(self.list_sizes)
+        out["list_deleted"] = list(self.list_deleted)
         return out
 
 
@@ -101,12 +114,15 @@ class Store:
     """
 
     def __init__(self, layout: StoreLayout, header: Header, catalog: Catalog, *, readonly: bool,
-                 max_open_segments: int, lock_timeout: float) -> None:
+                 max_open_segments: int, lock_timeout: float,
+                 auto_compact_ratio: float | None) -> None:
         self._layout = layout
         self._header = header
         self._catalog: Catalog | None = catalog
         self._readonly = readonly
         self._lock_timeout = lock_timeout
+        self._auto_compact_ratio = auto_compact_ratio
+        self._swept = False  # orphan segments are removed on this handle's first write
         self._pid = os.getpid()
         self._thread_lock = threading.Lock()
         self._pq = ProductQuantizer(header.codebooks)
@@ -209,22 +225,34 @@ class Store:
         q, _ = as_vectors(queries, self.params.dim, "queries")
         if self.params.metric is Metric.COSINE:
             q = normalize_rows(q, "queries")
-        snap = catalog.snapshot()
-        return self._searcher.search(q, params, snap.lists, self._fetch)
+        for attempt in range(_SEARCH_ATTEMPTS):
+            snap = catalog.snapshot()
+            try:
+                return self._searcher.search(q, params, snap.lists, snap.deleted, self._fetch)
+            except CorruptStoreError:
+                # A compaction may have replaced a segment of this (now old) snapshot and
+                # unlinked it before we mapped it: retry on the new state. Real damage stays.
+                if (attempt + 1 == _SEARCH_ATTEMPTS
+                        or catalog.snapshot().state.commit == snap.state.commit):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _fetch(self, list_no: int, record: ListRecord) -> np.ndarray:
         return self._maps.records(record.file, list_no, record.generation, record.count)
 
     def list_contents(self, list_no: int) -> tuple[I64Array, U8Array]:
-        """Committed ``(ids, codes)`` of one inverted list, as copies (for tools and checks)."""
+        """Live ``(ids, codes)`` of one inverted list in row order, as copies (for tools)."""
         catalog = self._live_catalog()
         if not 0 <= list_no < self.params.nlist:
             raise InvalidInputError(f"list_no: expected 0..{self.params.nlist - 1}, got {list_no}")
-        record = catalog.snapshot().lists.get(list_no)
-        if record is None:
+        snap = catalog.snapshot()
+        record = snap.lists.get(list_no)
+        if record is None or record.count == 0:
             return np.empty(0, np.int64), np.empty((0, self.params.code_size), np.uint8)
         recs = self._fetch(list_no, record)
-        return np.array(recs["id"], dtype=np.int64), np.array(recs["code"], dtype=np.uint8)
+        live = np.delete(np.arange(record.count), snap.deleted.get(list_no, []))
+        return (np.array(recs["id"][live], dtype=np.int64),
+                np.array(recs["code"][live], dtype=np.uint8))
 
     def assign(self, vectors: Any) -> tuple[I64Array, U8Array]:
         """The list number (n,) and PQ code (n, m) that ``add`` would give ``vectors``."""
@@ -252,8 +280,10 @@ class Store:
         """Parameters, vector count, per-list sizes and bytes on disk by kind."""
         snap = self._live_catalog().snapshot()
         sizes = [0] * self.params.nlist
+        deleted = [0] * self.params.nlist
         for list_no, record in snap.lists.items():
-            sizes[list_no] = record.count
+            sizes[list_no] = record.count - record.deleted
+            deleted[list_no] = record.deleted
         on_disk = {
             "header": self._layout.header.stat().st_size,
             "catalog": _dir_bytes(self._layout.catalog),
@@ -264,8 +294,11 @@ class Store:
         return StoreInfo(
             path=str(self._layout.root), format_version="{}.{}".format(*self._header.version),
             dim=p.dim, nlist=p.nlist, m=p.m, nbits=p.nbits, metric=p.metric.label,
-            ntotal=snap.state.ntotal, list_sizes=tuple(sizes), n_segments=len(snap.lists),
-            bytes_on_disk=on_disk,
+            ntotal=snap.state.ntotal, ndeleted=snap.state.ndeleted, list_sizes=tuple(sizes),
+            list_deleted=tuple(deleted),
+            n_segments=sum(1 for r in snap.lists.values() if r.count), bytes_on_disk=on_disk,
+            reclaimable_bytes=snap.state.ndeleted * self._dtype.itemsize + SEGMENT_PRELUDE_SIZE
+            * sum(1 for r in snap.lists.values() if r.count and r.count == r.deleted),
         )
 
     # -- writing ----------------------------------------------------------------------------
@@ -286,6 +319,9 @@ class Store:
                 f"{self._lock_timeout:g} s (raise lock_timeout=)")
         try:
             with writer_lock(self._layout.lock, self._lock_timeout):
+                if not self._swept:
+                    remove_orphans(self._layout, catalog.snapshot())
+                    self._swept = True
                 yield catalog
         finally:
             self._thread_lock.release()
@@ -298,7 +334,7 @@ class Store:
         vectors : array_like, shape (dim,) or (n, dim)
             Any real dtype; converted to float32. Finite values only.
         ids : array_like of int, shape (n,), optional
-            Distinct non-negative ids not yet in the store. When None, ids are assigned
+            Distinct non-negative ids not live in the store. When None, ids are assigned
             consecutively from one past the largest id ever added.
         progress : callable, optional
             Called with the number of vectors encoded after each block.
@@ -316,6 +352,37 @@ class Store:
             An id is already live or repeats within the batch (nothing is added).
         ReadOnlyStoreError, StoreLockedError
         """
+        return self._write_vectors(vectors, ids, replace_live=False, progress=progress)
+
+    def upsert(self, vectors: Any, ids: Any, *, progress: ProgressFn | None = None) -> I64Array:
+        """Add vectors, replacing the live vectors of ids that exist; one atomic step.
+
+        An id whose new vector falls in another cell moves to that list. After a crash the call
+        is applied entirely or not at all: an id never has two live copies, nor none.
+
+        Parameters
+        ----------
+        vectors : array_like, shape (dim,) or (n, dim)
+        ids : array_like of int, shape (n,)
+            Distinct non-negative ids; required.
+
+        Returns
+        -------
+        numpy.ndarray
+            The int64 ids, in input order.
+
+        Raises
+        ------
+        DimensionMismatchError, InvalidInputError, DuplicateIdError (an id repeats in the batch),
+        ReadOnlyStoreError, StoreLockedError
+        """
+        if ids is None:
+            raise InvalidInputError("ids: upsert needs explicit ids — expected an integer array, "
+                                    "got None")
+        return self._write_vectors(vectors, ids, replace_live=True, progress=progress)
+
+    def _write_vectors(self, vectors: Any, ids: Any, *, replace_live: bool,
+                       progress: ProgressFn | None) -> I64Array:
         self._check_writable()  # fail before the (possibly long) encoding
         x, _ = as_vectors(vectors, self.params.dim)
         n = x.shape[0]
@@ -326,21 +393,171 @@ class Store:
         with self._writing() as catalog:
             snap = catalog.snapshot()
             state = snap.state
+            changes = Changes()
+            replaced = 0
             if given is None:
                 if state.next_id + n > np.iinfo(np.int64).max:
                     raise InvalidInputError(f"ids: automatic ids would pass 2**63-1 (next id "
                                             f"{state.next_id}); pass explicit ids")
                 new_ids = np.arange(state.next_id, state.next_id + n, dtype=np.int64)
+                live = np.zeros(n, dtype=bool)
             else:
-                _reject_live(catalog.live_mask(given), given)
                 new_ids = given
+                live = catalog.live_mask(given)
+                if live.any() and not replace_live:
+                    dup = given[live]
+                    raise DuplicateIdError(
+                        f"ids: {len(dup)} id(s) are already in the store, first "
+                        f"{dup[:5].tolist()}; nothing was added (use upsert to replace them)")
+                if live.any():
+                    _, old = catalog.locate(given[live])
+                    replaced = self._tombstone(snap.lists, old, changes)
             records, generations, rows = self._append(snap.lists, list_nos, codes, new_ids)
+            for list_no, record in records.items():  # merge with tombstone counts above
+                prior = changes.lists.get(list_no)
+                changes.lists[list_no] = (record if prior is None
+                                          else replace(record, deleted=prior.deleted))
+            keys = id_keys(new_ids)
             entries = encode_id_entries(list_nos, generations, rows)
-            new_state = StateRecord(commit=state.commit + 1, ntotal=state.ntotal + n,
-                                    next_id=max(state.next_id, int(new_ids.max()) + 1))
-            catalog.commit(new_state, records, list(zip(id_keys(new_ids), entries, strict=True)))
-        logger.debug("added %d vectors to %d lists", n, len(records))
+            for key, entry, is_live in zip(keys, entries, live.tolist(), strict=True):
+                (changes.moved_ids if is_live else changes.new_ids).append((key, entry))
+            new_state = StateRecord(
+                commit=state.commit + 1, ntotal=state.ntotal + n - replaced,
+                next_id=max(state.next_id, int(new_ids.max()) + 1),
+                ndeleted=state.ndeleted + replaced)
+            catalog.apply(new_state, changes)
+        logger.debug("wrote %d vectors to %d lists (%d replaced)", n, len(records), replaced)
+        if replaced:
+            self._auto_compact(changes.lists)
         return new_ids
+
+    def delete(self, ids: Any) -> int:
+        """Delete vectors by id; durable when this returns. Unknown ids are ignored.
+
+        From the moment this returns, no search in any process returns these ids (each
+        search reads the latest committed state).
+
+        Parameters
+        ----------
+        ids : array_like of int
+            Ids to delete (any integer dtype; a scalar is one id).
+
+        Returns
+        -------
+        int
+            How many live ids were removed.
+
+        Raises
+        ------
+        DimensionMismatchError
+            ``ids`` is not an integer array (nothing is deleted).
+        ReadOnlyStoreError, StoreLockedError
+        """
+        self._check_writable()
+        wanted = as_id_list(ids)
+        with self._writing() as catalog:
+            snap = catalog.snapshot()
+            found, entries = catalog.locate(wanted)
+            if not found.any():
+                return 0
+            changes = Changes(removed_ids=id_keys(wanted[found]))
+            removed = self._tombstone(snap.lists, entries, changes)
+            state = snap.state
+            catalog.apply(StateRecord(commit=state.commit + 1, ntotal=state.ntotal - removed,
+                                      next_id=state.next_id,
+                                      ndeleted=state.ndeleted + removed), changes)
+        logger.debug("deleted %d of %d ids", removed, len(wanted))
+        self._auto_compact(changes.lists)
+        return removed
+
+    def _tombstone(self, lists: Mapping[int, ListRecord], entries: np.ndarray,
+                   changes: Changes) -> int:
+        """Add tombstones for id-map ``entries`` and bump their lists' deleted counts."""
+        changes.new_tombstones.extend(tombstone_keys(entries["list_no"], entries["generation"],
+                                                     entries["row"]))
+        touched, counts = np.unique(entries["list_no"], return_counts=True)
+        for list_no, count in zip(touched.tolist(), counts.tolist(), strict=True):
+            record = lists[list_no]
+            changes.lists[list_no] = replace(record, deleted=record.deleted + count)
+        return len(entries)
+
+    def compact(self, min_deleted_ratio: float = 0.0, *, dry_run: bool = False) -> CompactReport:
+        """Rewrite lists whose deleted fraction is at least ``min_deleted_ratio``.
+
+        Each chosen list's live records go to a new segment file; one transaction switches
+        to them; then the old files are removed. Searches running meanwhile stay correct.
+        Also removes orphan segment files left by crashes.
+
+        Parameters
+        ----------
+        min_deleted_ratio : float
+            0..1; 0 rewrites every list with at least one deleted record.
+        dry_run : bool
+            Report what would be rewritten without changing anything.
+
+        Returns
+        -------
+        CompactReport
+
+        Raises
+        ------
+        InvalidParamsError, ReadOnlyStoreError, StoreLockedError
+        """
+        ratio = check_ratio("min_deleted_ratio", min_deleted_ratio)
+        t0 = time.perf_counter()
+        with self._writing() as catalog:
+            snap = catalog.snapshot()
+            chosen = choose_lists(snap, ratio)
+            if dry_run:
+                orphans = 0
+                record_size = 8 + self.params.code_size
+                removed = sum(snap.lists[n].deleted for n in chosen)
+                before = sum(SEGMENT_PRELUDE_SIZE + snap.lists[n].count * record_size
+                             for n in chosen)
+                kept = sum(snap.lists[n].count for n in chosen) - removed
+                after = sum(SEGMENT_PRELUDE_SIZE + (snap.lists[n].count - snap.lists[n].deleted)
+                            * record_size for n in chosen
+                            if snap.lists[n].count > snap.lists[n].deleted)
+            else:
+                orphans = remove_orphans(self._layout, snap)
+                done = self._rewrite(catalog, snap, chosen)
+                removed, kept, before, after = (done.removed, done.kept, done.bytes_before,
+                                                done.bytes_after)
+        return CompactReport(dry_run=dry_run, lists=tuple(chosen), records_removed=removed,
+                             records_kept=kept, segment_bytes_before=before,
+                             segment_bytes_after=after, orphans_removed=orphans,
+                             seconds=time.perf_counter() - t0)
+
+    def _rewrite(self, catalog: Catalog, snap: CatalogSnapshot, chosen: list[int]) -> Rewrite:
+        """Compact ``chosen`` lists: new segments, one commit, then unlink the old files."""
+        done = rewrite_lists(self._layout, self._header.store_uuid, self.params.code_size, snap,
+                             chosen, self._fetch)
+        if chosen:
+            s = snap.state
+            catalog.apply(StateRecord(commit=s.commit + 1, ntotal=s.ntotal, next_id=s.next_id,
+                                      ndeleted=s.ndeleted - done.removed), done.changes)
+            remove_files(self._layout.segments, done.old_files)
+            logger.info("compacted %d lists: %d records removed", len(chosen), done.removed)
+        return done
+
+    def _auto_compact(self, touched: Mapping[int, ListRecord | None]) -> None:
+        """Compact the lists a delete or upsert touched once they pass auto_compact_ratio."""
+        if self._auto_compact_ratio is None:
+            return
+        with self._writing() as catalog:
+            snap = catalog.snapshot()
+            chosen = choose_lists(snap, self._auto_compact_ratio, among=touched)
+            if chosen:
+                self._rewrite(catalog, snap, chosen)
+
+    def refresh(self) -> None:
+        """Drop cached segment maps and catalog state; the next call reads everything afresh.
+
+        Not needed to see other writers' commits (every search checks the commit counter);
+        useful to release maps of files that compaction has replaced.
+        """
+        self._live_catalog().forget()
+        self._maps.clear()
 
     def _append(self, lists: Mapping[int, ListRecord], list_nos: I64Array, codes: U8Array,
                 ids: I64Array) -> tuple[dict[int, ListRecord], I64Array, I64Array]:
@@ -357,11 +574,9 @@ class Store:
         created = False
         for list_no, s, e in zip(touched.tolist(), starts.tolist(), ends.tolist(), strict=True):
             idx = order[s:e]
-            old = lists.get(list_no)
-            if old is None:
-                old = ListRecord(file=segment_file_name(list_no, 0), generation=0, count=0,
-                                 crc32=0)
-                created = True
+            old = lists.get(list_no) or ListRecord(
+                file=segment_file_name(list_no, 0), generation=0, count=0, deleted=0, crc32=0)
+            created |= old.count == 0  # a count-0 record (emptied by compaction) has no file
             records = np.empty(e - s, dtype=self._dtype)
             records["id"] = ids[idx]
             records["code"] = codes[idx]
@@ -372,110 +587,14 @@ class Store:
                                  crc_start=old.crc32)
             rows[idx] = np.arange(old.count, old.count + (e - s))
             generations[idx] = old.generation
-            updated[list_no] = ListRecord(file=old.file, generation=old.generation,
-                                          count=old.count + (e - s), crc32=crc)
+            updated[list_no] = replace(old, count=old.count + (e - s), crc32=crc)
         if created:
             fsync_dir(self._layout.segments)  # new files' directory entries must be durable
         return updated, generations, rows
 
 
-def _reject_live(live: np.ndarray, ids: I64Array) -> None:
-    if live.any():
-        dup = ids[live]
-        raise DuplicateIdError(
-            f"ids: {len(dup)} id(s) are already in the store, first {dup[:5].tolist()}; "
-            "nothing was added")
-
-
-# -- entry points ---------------------------------------------------------------------------
-def create(
-    path: str | os.PathLike[str],
-    training_vectors: Any,
-    *,
-    nlist: int,
-    m: int,
-    nbits: int = 8,
-    metric: str | Metric = "l2",
-    seed: int = 0,
-    niter: int = 25,
-    max_points_per_centroid: int = 256,
-    map_size: int = DEFAULT_MAP_SIZE,
-    progress: ProgressFn | None = None,
-) -> Store:
-    """Train an index on ``training_vectors`` and create an empty store at ``path``.
-
-    The store is built in a temporary sibling directory and renamed into place, so ``path``
-    either does not exist or holds a complete store, whatever happens.
-
-    Parameters
-    ----------
-    path : path-like
-        Directory to create; it must not exist (parents are created).
-    training_vectors : array_like, shape (n, dim)
-        Sample to train the coarse quantizer and the PQ codebooks on.
-    nlist, m, nbits, metric
-        See :class:`IndexParams`. ``metric`` is ``"l2"``, ``"ip"`` or ``"cosine"``.
-    seed : int
-        Seed for every random choice: same seed and data, same centroids and codebooks.
-    niter, max_points_per_centroid
-        k-means iterations and subsampling bound (as in faiss).
-
-    Returns
-    -------
-    Store
-        The new store, open for writing.
-
-    Raises
-    ------
-    StoreExistsError, InvalidParamsError, DimensionMismatchError, InvalidInputError,
-    TrainingError
-    """
-    root = _new_store_path(path)
-    niter = check_int("niter", niter, 1, 1_000_000)
-    max_points_per_centroid = check_int("max_points_per_centroid", max_points_per_centroid, 1,
-                                        1 << 30)
-    seed = check_int("seed", seed, 0, (1 << 63) - 1)
-    _check_open_args(map_size=map_size)
-    arr = as_matrix(training_vectors, "training_vectors")
-    params = IndexParams(dim=arr.shape[1], nlist=nlist, m=m, nbits=nbits,
-                         metric=parse_metric(metric))
-    x, _ = as_vectors(arr, params.dim, "training_vectors")
-    if params.metric is Metric.COSINE:
-        x = normalize_rows(x, "training_vectors")
-    header = _train(x, params, seed=seed, niter=niter,
-                    max_points_per_centroid=max_points_per_centroid, progress=progress)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.creating-{uuid.uuid4().hex[:12]}"
-    try:
-        _build(StoreLayout(tmp), header, map_size)
-        try:
-            os.rename(tmp, root)
-        except OSError as err:
-            raise StoreExistsError(f"{root}: appeared while the store was being created") from err
-        fsync_dir(root.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return open(root, map_size=map_size)
-
-
-def _new_store_path(path: str | os.PathLike[str]) -> Path:
-    """Check, before any training, that a store can be created at ``path``."""
-    root = Path(path)
-    if "\0" in str(root):
-        raise InvalidParamsError(f"path: {str(root)!r} contains a NUL byte")
-    if root.exists() or root.is_symlink():
-        raise StoreExistsError(f"{root}: already exists; choose a new path or open() it")
-    ancestor = root.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise InvalidParamsError(f"path: {ancestor} is not a directory, so {root} cannot be "
-                                 "created")
-    return root
-
-
-def _check_open_args(*, map_size: int, max_open_segments: int = 1,
+# -- entry point ----------------------------------------------------------------------------
+def check_open_args(*, map_size: int, max_open_segments: int = 1,
                      lock_timeout: float = 0.0) -> None:
     check_int("map_size", map_size, 1 << 20, 1 << 50)
     check_int("max_open_segments", max_open_segments, 1, 1 << 20)
@@ -486,51 +605,6 @@ def _check_open_args(*, map_size: int, max_open_segments: int = 1,
             f"lock_timeout: expected a finite number of seconds >= 0, got {lock_timeout!r}")
 
 
-def _train(x: F32Array, params: IndexParams, *, seed: int, niter: int,
-           max_points_per_centroid: int, progress: ProgressFn | None) -> Header:
-    rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
-    coarse = kmeans(x, params.nlist, niter=niter, seed=rng,
-                    max_points_per_centroid=max_points_per_centroid, progress=progress,
-                    name="coarse quantizer")
-    probe = Searcher(coarse.centroids, ProductQuantizer(
-        np.zeros((params.m, params.ksub, params.dsub), np.float32)), params.metric)
-    assigned = np.concatenate([probe.probe(x[s: s + ENCODE_BLOCK], 1)[1][:, 0]
-                               for s in range(0, len(x), ENCODE_BLOCK)])
-    pq, results = train_pq(x - coarse.centroids[assigned], params.m, params.nbits, niter=niter,
-                           seed=rng, max_points_per_centroid=max_points_per_centroid,
-                           progress=progress)
-    metadata = {
-        "package_version": _package_version(),
-        "created": time.time(),
-        "seed": seed,
-        "niter": niter,
-        "max_points_per_centroid": max_points_per_centroid,
-        "n_training_vectors": len(x),
-        "coarse_objective": coarse.objective[-1] if coarse.objective else None,
-        "coarse_splits": coarse.n_splits,
-        "pq_splits": sum(r.n_splits for r in results),
-        "train_seconds": time.perf_counter() - t0,
-    }
-    return Header(params=params, store_uuid=uuid.uuid4(), centroids=coarse.centroids,
-                  codebooks=pq.codebooks, metadata=metadata)
-
-
-def _build(layout: StoreLayout, header: Header, map_size: int) -> None:
-    layout.root.mkdir()
-    layout.segments.mkdir()
-    layout.lock.touch()
-    write_header(layout.header, header)
-    p = header.params
-    meta = StoreMeta(store_uuid=header.store_uuid, format=list(FORMAT_VERSION),
-                     created=float(header.metadata.get("created", time.time())), dim=p.dim,
-                     nlist=p.nlist, m=p.m, nbits=p.nbits, metric=p.metric.label)
-    Catalog.create(layout.catalog, meta, StateRecord(commit=0, ntotal=0, next_id=0),
-                   map_size=map_size).close()
-    fsync_dir(layout.catalog)
-    fsync_dir(layout.root)
-
-
 def open(
     path: str | os.PathLike[str],
     *,
@@ -538,6 +612,7 @@ def open(
     map_size: int = DEFAULT_MAP_SIZE,
     max_open_segments: int = 256,
     lock_timeout: float = 30.0,
+    auto_compact_ratio: float | None = 0.5,
 ) -> Store:
     """Open an existing store.
 
@@ -554,6 +629,9 @@ def open(
         Segment files kept memory-mapped at once (least recently used are dropped).
     lock_timeout : float
         Seconds a write waits for another writer before StoreLockedError.
+    auto_compact_ratio : float or None
+        After a delete or upsert, compact the lists it touched whose deleted fraction reached
+        this ratio (0..1). None turns automatic compaction off.
 
     Raises
     ------
@@ -564,8 +642,10 @@ def open(
     CorruptStoreError
         The header and the catalog belong to different stores or disagree.
     """
-    _check_open_args(map_size=map_size, max_open_segments=max_open_segments,
-                     lock_timeout=lock_timeout)
+    check_open_args(map_size=map_size, max_open_segments=max_open_segments,
+                    lock_timeout=lock_timeout)
+    if auto_compact_ratio is not None:
+        auto_compact_ratio = check_ratio("auto_compact_ratio", auto_compact_ratio)
     layout = StoreLayout(Path(path))
     if not layout.root.is_dir():
         raise StoreNotFoundError(f"{layout.root}: no such store directory")
@@ -589,7 +669,8 @@ def open(
                 f"{layout.root}: header and catalog disagree — header has {expected}, catalog "
                 f"has {found}")
         return Store(layout, header, catalog, readonly=readonly,
-                     max_open_segments=max_open_segments, lock_timeout=lock_timeout)
+                     max_open_segments=max_open_segments, lock_timeout=lock_timeout,
+                     auto_compact_ratio=auto_compact_ratio)
     except BaseException:
         catalog.close()
         raise

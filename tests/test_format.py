@@ -237,15 +237,16 @@ RECORD_STRATEGIES = {
         created=st.floats(allow_nan=False), dim=st.integers(1, 2**16),
         nlist=st.integers(1, 2**24), m=st.integers(1, 2**16), nbits=st.integers(1, 8),
         metric=st.sampled_from([m.label for m in Metric])),
-    StateRecord: st.builds(StateRecord, commit=u64s, ntotal=u64s, next_id=ids63),
+    StateRecord: st.builds(StateRecord, commit=u64s, ntotal=u64s, next_id=ids63, ndeleted=u64s),
     ListRecord: st.builds(ListRecord, file=st.builds(segment_file_name, u32s, u32s),
-                          generation=u32s, count=u64s, crc32=u32s),
+                          generation=u32s, count=u64s, deleted=u64s, crc32=u32s),
 }
 SAMPLE_RECORDS = {
     StoreMeta: StoreMeta(store_uuid=uuid.UUID(int=1), format=[1, 0], created=1.5e9, dim=8,
                          nlist=2, m=2, nbits=2, metric="l2"),
-    StateRecord: StateRecord(commit=3, ntotal=10, next_id=12),
-    ListRecord: ListRecord(file="000001-000000.seg", generation=0, count=3, crc32=0xDEADBEEF),
+    StateRecord: StateRecord(commit=3, ntotal=10, next_id=12, ndeleted=2),
+    ListRecord: ListRecord(file="000001-000000.seg", generation=0, count=3, deleted=1,
+                           crc32=0xDEADBEEF),
 }
 RECORD_CLASSES = list(SAMPLE_RECORDS)
 
@@ -373,7 +374,7 @@ def test_segment_file_name() -> None:
 def test_record_msgpack_schema_is_stable() -> None:
     """Field names and the uuid-as-16-bytes encoding are part of the format (§6.3)."""
     assert msgpack.unpackb(SAMPLE_RECORDS[StateRecord].to_msgpack()) == {
-        "v": 1, "commit": 3, "ntotal": 10, "next_id": 12}
+        "v": 1, "commit": 3, "ntotal": 10, "next_id": 12, "ndeleted": 2}
     meta = msgpack.unpackb(SAMPLE_RECORDS[StoreMeta].to_msgpack())
     assert meta["store_uuid"] == uuid.UUID(int=1).bytes
     assert meta["v"] == 1
@@ -909,8 +910,8 @@ def test_id_entries_size_checked_per_value() -> None:
                                   "1-0.seg", "000001-000000.seg\n"])
 def test_list_record_refuses_names_outside_segments(name: str) -> None:
     with pytest.raises(FormatError, match="expected a segment name"):
-        ListRecord(file=name, generation=0, count=0, crc32=0)
-    raw = packed({"v": 1, "file": name, "generation": 0, "count": 0, "crc32": 0})
+        ListRecord(file=name, generation=0, count=0, deleted=0, crc32=0)
+    raw = packed({"v": 1, "file": name, "generation": 0, "count": 0, "deleted": 0, "crc32": 0})
     with pytest.raises(FormatError, match="expected a segment name"):
         ListRecord.from_msgpack(raw)
 

@@ -170,7 +170,7 @@ def test_uncommitted_tail_is_ignored_then_trimmed(tmp_path, small_data):
 CRASH_BETWEEN_STEPS = """
     import os, sys, numpy as np, ivfpq_store
     from ivfpq_store.storage import catalog
-    catalog.Catalog.commit = lambda *a, **k: os._exit(17)   # die after fsync, before commit
+    catalog.Catalog.apply = lambda *a, **k: os._exit(17)   # die after fsync, before commit
     with ivfpq_store.open(sys.argv[1]) as s:
         s.add(np.load(sys.argv[2]))
 """

@@ -9,14 +9,18 @@ import numpy as np
 
 from ..types import I64Array
 
-__all__ = ["META_STATE", "META_STORE", "decode_id_key", "decode_list_key", "id_key", "id_keys",
-           "list_key"]
+__all__ = ["META_STATE", "META_STORE", "decode_id_key", "decode_list_key",
+           "decode_tombstone_rows", "id_key", "id_keys", "list_key", "tombstone_keys",
+           "tombstone_prefix"]
 
 META_STORE = b"store"
 META_STATE = b"state"
 
 _LIST = struct.Struct(">I")
 _ID = struct.Struct(">Q")
+_TOMB_PREFIX = struct.Struct(">II")
+_TOMB_DTYPE = np.dtype([("list_no", ">u4"), ("generation", ">u4"), ("row", ">u8")])
+TOMBSTONE_KEY_SIZE = _TOMB_DTYPE.itemsize  # 16
 
 
 def list_key(list_no: int) -> bytes:
@@ -43,3 +47,27 @@ def id_keys(ids: I64Array) -> list[bytes]:
 def decode_id_key(key: bytes) -> int:
     """Inverse of :func:`id_key`."""
     return int(_ID.unpack(key)[0])
+
+
+def tombstone_prefix(list_no: int, generation: int) -> bytes:
+    """Common 8-byte prefix of the tombstone keys of one segment: ``>u4`` list, ``>u4`` gen."""
+    return _TOMB_PREFIX.pack(list_no, generation)
+
+
+def tombstone_keys(list_nos: np.ndarray, generations: np.ndarray, rows: np.ndarray) -> list[bytes]:
+    """Keys of the ``deleted`` DB: ``>u4`` list_no, ``>u4`` generation, ``>u8`` row (16 bytes).
+
+    Sorted keys group a segment's tombstones together in row order.
+    """
+    arr = np.empty(len(rows), dtype=_TOMB_DTYPE)
+    arr["list_no"], arr["generation"], arr["row"] = list_nos, generations, rows
+    raw = arr.tobytes()
+    return [raw[i: i + TOMBSTONE_KEY_SIZE] for i in range(0, len(raw), TOMBSTONE_KEY_SIZE)]
+
+
+def decode_tombstone_rows(keys: list[bytes]) -> np.ndarray:
+    """Rows (int64) of tombstone keys that share one prefix."""
+    if not keys:
+        return np.empty(0, dtype=np.int64)
+    arr = np.frombuffer(b"".join(keys), dtype=_TOMB_DTYPE)
+    return arr["row"].astype(np.int64)

@@ -98,6 +98,7 @@ class StateRecord(_Record):
     commit: int  # incremented by every write transaction; readers cache against it
     ntotal: int  # live vectors
     next_id: int  # smallest id that add(ids=None) may hand out
+    ndeleted: int  # tombstones (deleted records not yet compacted away), all lists
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,7 @@ class ListRecord(_Record):
     file: str  # name under segments/
     generation: int
     count: int  # committed records; bytes after them are ignored
+    deleted: int  # how many of the committed records are tombstoned
     crc32: int  # CRC-32 of the committed record bytes (count * record_size bytes after the prelude)
 
     def __post_init__(self) -> None:

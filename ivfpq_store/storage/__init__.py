@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .catalog import DEFAULT_MAP_SIZE, Catalog, CatalogSnapshot
+from .catalog import DEFAULT_MAP_SIZE, Catalog, CatalogSnapshot, Changes
 from .header_io import read_header, write_header
 from .layout import StoreLayout
 from .segments import MapCache, SegmentReader, append_records, committed_size
 
-__all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "MapCache", "SegmentReader",
+__all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes", "MapCache", "SegmentReader",
            "StoreLayout", "append_records", "committed_size", "read_header", "write_header"]

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +21,53 @@ import lmdb
 import numpy as np
 
 from ..errors import CatalogError, CatalogFullError, CorruptStoreError, StoreNotFoundError
-from ..format.keys import META_STATE, META_STORE, decode_list_key, id_keys, list_key
+from ..format.keys import (
+    META_STATE,
+    META_STORE,
+    decode_list_key,
+    decode_tombstone_rows,
+    id_keys,
+    list_key,
+    tombstone_prefix,
+)
 from ..format.records import ListRecord, StateRecord, StoreMeta, decode_id_entries
 from ..types import I64Array
 
-__all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot"]
+__all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes"]
 
 logger = logging.getLogger(__name__)
 
 #: Address space reserved for the catalog; sparse, so a large value costs nothing on 64-bit.
 DEFAULT_MAP_SIZE = 1 << 36  # 64 GiB
-_DBS = (b"meta", b"lists", b"ids")
+_DBS = (b"meta", b"lists", b"ids", b"deleted")
 
 
 @dataclass(frozen=True, slots=True)
 class CatalogSnapshot:
-    """One committed state of the catalog: counters plus the record of every non-empty list."""
+    """One committed state of the catalog, read in one transaction.
+
+    ``lists`` holds the record of every non-empty list; ``deleted`` the sorted tombstoned rows
+    (int64) of every list whose record has ``deleted > 0``.
+    """
 
     state: StateRecord
     lists: Mapping[int, ListRecord]
+    deleted: Mapping[int, np.ndarray]
+
+
+@dataclass(slots=True, kw_only=True)
+class Changes:
+    """Everything one write transaction changes besides the state record (§7.3).
+
+    Keys and values are already encoded by the format layer.
+    """
+
+    lists: dict[int, ListRecord | None] = field(default_factory=dict)  # None drops the record
+    new_ids: list[tuple[bytes, bytes]] = field(default_factory=list)  # must not exist yet
+    moved_ids: list[tuple[bytes, bytes]] = field(default_factory=list)  # must exist already
+    removed_ids: list[bytes] = field(default_factory=list)  # must exist
+    new_tombstones: list[bytes] = field(default_factory=list)
+    dropped_segments: list[tuple[int, int]] = field(default_factory=list)  # (list_no, gen)
 
 
 @contextlib.contextmanager
@@ -184,12 +212,14 @@ class Catalog:
         return StoreMeta.from_msgpack(raw)
 
     def snapshot(self) -> CatalogSnapshot:
-        """The latest committed state; list records are re-read only when a commit happened."""
+        """The latest committed state (§7.4).
+
+        List records are re-read only when the commit counter moved, and a list's tombstones
+        only when its (generation, deleted) pair changed; everything comes from one read
+        transaction, so the snapshot is never torn.
+        """
         with self._read("read the list table") as txn:
-            raw = txn.get(META_STATE, db=self._dbs[b"meta"])
-            if raw is None:
-                raise CorruptStoreError(f"{self.path}: catalog has no 'state' record in 'meta'")
-            state = StateRecord.from_msgpack(raw)
+            state = self._state(txn)
             cached = self._cache
             if cached is not None and cached.state.commit == state.commit:
                 return cached
@@ -197,11 +227,71 @@ class Catalog:
                 decode_list_key(k): ListRecord.from_msgpack(v)
                 for k, v in txn.cursor(db=self._dbs[b"lists"])
             }
-        snap = CatalogSnapshot(state=state, lists=lists)
+            deleted: dict[int, np.ndarray] = {}
+            for list_no, record in lists.items():
+                if record.deleted == 0:
+                    continue
+                old = cached.lists.get(list_no) if cached is not None else None
+                if (old is not None and (old.generation, old.deleted)
+                        == (record.generation, record.deleted)):
+                    deleted[list_no] = cached.deleted[list_no]  # type: ignore[union-attr]
+                else:
+                    deleted[list_no] = self._tombstones(txn, list_no, record.generation)
+        snap = CatalogSnapshot(state=state, lists=lists, deleted=deleted)
         with self._cache_lock:
             if self._cache is None or self._cache.state.commit < state.commit:
                 self._cache = snap
         return snap
+
+    def forget(self) -> None:
+        """Drop the cached snapshot; the next :meth:`snapshot` reads everything."""
+        with self._cache_lock:
+            self._cache = None
+
+    def _state(self, txn: Any) -> StateRecord:
+        raw = txn.get(META_STATE, db=self._dbs[b"meta"])
+        if raw is None:
+            raise CorruptStoreError(f"{self.path}: catalog has no 'state' record in 'meta'")
+        return StateRecord.from_msgpack(raw)
+
+    def _tombstones(self, txn: Any, list_no: int, generation: int) -> np.ndarray:
+        prefix = tombstone_prefix(list_no, generation)
+        cursor = txn.cursor(db=self._dbs[b"deleted"])
+        keys: list[bytes] = []
+        if cursor.set_range(prefix):
+            for key in cursor.iternext(keys=True, values=False):
+                if not key.startswith(prefix):
+                    break
+                keys.append(key)
+        return decode_tombstone_rows(keys)
+
+    def tombstones(self, list_no: int, generation: int) -> np.ndarray:
+        """Sorted tombstoned rows (int64) of one segment, read now."""
+        with self._read("read tombstones") as txn:
+            return self._tombstones(txn, list_no, generation)
+
+    def iter_ids(self, batch: int = 65536) -> Iterator[tuple[I64Array, np.ndarray]]:
+        """Every id-map entry, in id order, as (ids, entries) batches; one transaction each."""
+        start = b""
+        while True:
+            keys: list[bytes] = []
+            values: list[bytes] = []
+            with self._read("scan the id map") as txn:
+                cursor = txn.cursor(db=self._dbs[b"ids"])
+                if not cursor.set_range(start):
+                    return
+                for key, value in cursor:
+                    keys.append(key)
+                    values.append(value)
+                    if len(keys) == batch:
+                        break
+            if not keys:
+                return
+            ids = np.frombuffer(b"".join(keys), dtype=">u8").astype(np.int64)
+            yield ids, decode_id_entries(values)
+            if len(keys) < batch:
+                return
+            start = (int(ids[-1]) + 1).to_bytes(8, "big")
 
     def live_mask(self, ids: I64Array) -> np.ndarray:
         """Boolean array: which of ``ids`` (non-negative int64) have an entry in the id map."""
@@ -210,44 +300,60 @@ class Catalog:
             found = {k for k, _ in txn.cursor(db=self._dbs[b"ids"]).getmulti(keys)}
         return np.fromiter((k in found for k in keys), dtype=bool, count=len(keys))
 
-    def locate(self, ids: I64Array) -> np.ndarray:
-        """Id-map entries of ``ids`` as a structured array; raises KeyError-like CatalogError."""
+    def locate(self, ids: I64Array) -> tuple[np.ndarray, np.ndarray]:
+        """Where ``ids`` live: (found bool mask, entries of the found ids as a structured array)."""
         keys = id_keys(ids)
         with self._read("look up ids") as txn:
             values = [txn.get(k, db=self._dbs[b"ids"]) for k in keys]
-        missing = [int(i) for i, v in zip(ids, values, strict=True) if v is None]
-        if missing:
-            raise CatalogError(f"{self.path}: ids not in the catalog: {missing[:10]}")
-        return decode_id_entries(values)
+        found = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+        return found, decode_id_entries([v for v in values if v is not None])
 
     # -- writes -----------------------------------------------------------------------------
-    def commit(self, state: StateRecord, lists: Mapping[int, ListRecord],
-               id_items: list[tuple[bytes, bytes]]) -> None:
-        """Apply one write transaction: new counters, updated list records, new id entries.
+    def apply(self, state: StateRecord, changes: Changes) -> None:
+        """Apply one write transaction (§7.3): ``changes`` plus the new ``state``.
 
-        ``id_items`` must hold only ids that are not yet in the map (the caller checked under
-        the writer lock); a clash aborts the transaction with :class:`CorruptStoreError`.
+        The caller holds the writer lock and built ``changes`` from the snapshot whose commit is
+        ``state.commit - 1``; any disagreement aborts the transaction with
+        :class:`CorruptStoreError`, and nothing is committed.
         """
         with self._write("commit") as txn:
-            meta, lists_db, ids_db = (self._dbs[n] for n in _DBS)
-            raw = txn.get(META_STATE, db=meta)
-            if raw is None:
-                raise CorruptStoreError(f"{self.path}: catalog has no 'state' record in 'meta'")
-            current = StateRecord.from_msgpack(raw)
+            meta, lists_db, ids_db, deleted_db = (self._dbs[n] for n in _DBS)
+            current = self._state(txn)
             if state.commit != current.commit + 1:
                 raise CorruptStoreError(
                     f"{self.path}: commit counter moved under the writer lock — expected "
                     f"{current.commit + 1}, got {state.commit}"
                 )
-            for list_no, record in sorted(lists.items()):
-                txn.put(list_key(list_no), record.to_msgpack(), db=lists_db)
-            if id_items:
-                _, added = txn.cursor(db=ids_db).putmulti(sorted(id_items), overwrite=False)
-                if added != len(id_items):
+            for list_no, record in sorted(changes.lists.items()):
+                if record is None:
+                    txn.delete(list_key(list_no), db=lists_db)
+                else:
+                    txn.put(list_key(list_no), record.to_msgpack(), db=lists_db)
+            for key in changes.removed_ids:
+                if not txn.delete(key, db=ids_db):
+                    raise CorruptStoreError(f"{self.path}: id {int.from_bytes(key, 'big')} "
+                                            "vanished from the id map; nothing was committed")
+            for key, value in changes.moved_ids:
+                if txn.replace(key, value, db=ids_db) is None:
+                    raise CorruptStoreError(f"{self.path}: id {int.from_bytes(key, 'big')} "
+                                            "vanished from the id map; nothing was committed")
+            if changes.new_ids:
+                cursor = txn.cursor(db=ids_db)
+                _, added = cursor.putmulti(sorted(changes.new_ids), overwrite=False)
+                if added != len(changes.new_ids):
                     raise CorruptStoreError(
-                        f"{self.path}: {len(id_items) - added} of {len(id_items)} ids were "
-                        "already in the id map; nothing was committed"
-                    )
+                        f"{self.path}: {len(changes.new_ids) - added} of {len(changes.new_ids)}"
+                        " new ids were already in the id map; nothing was committed")
+            if changes.new_tombstones:
+                cursor = txn.cursor(db=deleted_db)
+                cursor.putmulti([(k, b"") for k in sorted(changes.new_tombstones)])
+            for list_no, generation in changes.dropped_segments:
+                prefix = tombstone_prefix(list_no, generation)
+                cursor = txn.cursor(db=deleted_db)
+                if cursor.set_range(prefix):
+                    while cursor.key().startswith(prefix):
+                        if not cursor.delete():
+                            break
             txn.put(META_STATE, state.to_msgpack(), db=meta)
 
     def stat(self) -> dict[str, int]:

@@ -1,0 +1,137 @@
+"""Compaction: rewrite segments without their tombstoned records (docs/design.md, Mutation).
+
+Pure planning plus the I/O of writing new segments; the caller holds the writer lock, applies
+the returned catalog changes in one transaction, and only then removes the old files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .format import SEGMENT_PRELUDE_SIZE, SegmentPrelude, record_dtype, segment_file_name
+from .format.keys import id_keys
+from .format.records import ListRecord, encode_id_entries
+from .storage import CatalogSnapshot, Changes, StoreLayout, append_records
+from .storage._atomic import fsync_dir
+
+__all__ = ["CompactReport", "Rewrite", "choose_lists", "remove_orphans", "rewrite_lists"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CompactReport:
+    """What :meth:`Store.compact` did (or, with ``dry_run``, would do)."""
+
+    dry_run: bool
+    lists: tuple[int, ...]  # list numbers rewritten (or to rewrite)
+    records_removed: int  # tombstoned records dropped
+    records_kept: int  # live records copied into new segments
+    segment_bytes_before: int  # of the rewritten lists' committed segments
+    segment_bytes_after: int
+    orphans_removed: int  # unreferenced segment files deleted (crash leftovers)
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with the same keys as the fields."""
+        out = asdict(self)
+        out["lists"] = list(self.lists)
+        return out
+
+
+def choose_lists(snapshot: CatalogSnapshot, min_deleted_ratio: float,
+                 among: Iterable[int] | None = None) -> list[int]:
+    """Lists with tombstones whose deleted fraction is at least ``min_deleted_ratio``."""
+    candidates = snapshot.lists if among is None else {
+        n: snapshot.lists[n] for n in among if n in snapshot.lists}
+    return sorted(n for n, r in candidates.items()
+                  if r.deleted > 0 and r.deleted >= min_deleted_ratio * r.count)
+
+
+@dataclass(slots=True)
+class Rewrite:
+    """New segments written for a compaction, and the catalog changes that switch to them."""
+
+    changes: Changes = field(default_factory=Changes)
+    old_files: list[str] = field(default_factory=list)
+    removed: int = 0
+    kept: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+
+def rewrite_lists(layout: StoreLayout, store_uuid: uuid.UUID, code_size: int,
+                  snapshot: CatalogSnapshot, list_nos: list[int],
+                  records_of: Any) -> Rewrite:
+    """Write each list's live records to a new segment (next generation) and fsync it.
+
+    ``records_of(list_no, record)`` returns the committed records of a list. Returns the
+    catalog changes that switch to the new segments; nothing is visible before they commit.
+    """
+    out = Rewrite()
+    record_size = record_dtype(code_size).itemsize
+    created = False
+    for list_no in list_nos:
+        old = snapshot.lists[list_no]
+        dead = snapshot.deleted.get(list_no, np.empty(0, np.int64))
+        live = np.delete(np.asarray(records_of(list_no, old)), dead)
+        gen = old.generation + 1
+        name = segment_file_name(list_no, gen)
+        crc = 0
+        if len(live):
+            prelude = SegmentPrelude(list_no=list_no, generation=gen, code_size=code_size,
+                                     store_uuid=store_uuid)
+            crc = append_records(layout.segment(name), prelude, 0, live)
+            created = True
+            rows = np.arange(len(live))
+            out.changes.moved_ids.extend(zip(
+                id_keys(live["id"]),
+                encode_id_entries(np.full(len(live), list_no), np.full(len(live), gen), rows),
+                strict=True))
+        # An emptied list keeps a count-0 record so its generations stay monotonic: a file
+        # name is never reused, even by a later add (docs/format.md §5.3).
+        out.changes.lists[list_no] = ListRecord(file=name, generation=gen, count=len(live),
+                                                deleted=0, crc32=crc)
+        out.changes.dropped_segments.append((list_no, old.generation))
+        out.old_files.append(old.file)
+        out.removed += len(dead)
+        out.kept += len(live)
+        out.bytes_before += SEGMENT_PRELUDE_SIZE + old.count * record_size
+        out.bytes_after += (SEGMENT_PRELUDE_SIZE + len(live) * record_size) if len(live) else 0
+    if created:
+        fsync_dir(layout.segments)
+    return out
+
+
+def remove_files(directory: Path, names: Iterable[str]) -> int:
+    """Unlink segment files (missing ones are fine) and fsync the directory."""
+    removed = 0
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / name)
+            removed += 1
+    if removed:
+        fsync_dir(directory)
+    return removed
+
+
+def remove_orphans(layout: StoreLayout, snapshot: CatalogSnapshot) -> int:
+    """Delete segment files no list record names: leftovers of crashed writes or compactions.
+
+    Only safe under the writer lock (no other writer can be creating files).
+    """
+    referenced = {r.file for r in snapshot.lists.values()}
+    orphans = [p.name for p in layout.segments.iterdir()
+               if p.name.endswith(".seg") and p.name not in referenced]
+    if orphans:
+        logger.info("removing %d orphan segment files", len(orphans))
+    return remove_files(layout.segments, orphans)

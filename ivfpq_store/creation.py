@@ -1,0 +1,167 @@
+"""Creating a store: validate, train the quantizers, build the directory, rename into place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from importlib import metadata as _metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._validate import as_matrix, as_vectors, normalize_rows
+from .errors import InvalidParamsError, StoreExistsError
+from .format import FORMAT_VERSION, Header
+from .format.records import StateRecord, StoreMeta
+from .params import IndexParams, check_int, parse_metric
+from .search import Searcher
+from .storage import DEFAULT_MAP_SIZE, Catalog, StoreLayout, write_header
+from .storage._atomic import fsync_dir
+from .store import ENCODE_BLOCK, Store, check_open_args, open
+from .training import kmeans, train_pq
+from .training.pq import ProductQuantizer
+from .types import F32Array, Metric, ProgressFn
+
+__all__ = ["create"]
+
+
+def _package_version() -> str:
+    try:
+        return _metadata.version("ivfpq-store")
+    except _metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def create(
+    path: str | os.PathLike[str],
+    training_vectors: Any,
+    *,
+    nlist: int,
+    m: int,
+    nbits: int = 8,
+    metric: str | Metric = "l2",
+    seed: int = 0,
+    niter: int = 25,
+    max_points_per_centroid: int = 256,
+    map_size: int = DEFAULT_MAP_SIZE,
+    progress: ProgressFn | None = None,
+) -> Store:
+    """Train an index on ``training_vectors`` and create an empty store at ``path``.
+
+    The store is built in a temporary sibling directory and renamed into place, so ``path``
+    either does not exist or holds a complete store, whatever happens.
+
+    Parameters
+    ----------
+    path : path-like
+        Directory to create; it must not exist (parents are created).
+    training_vectors : array_like, shape (n, dim)
+        Sample to train the coarse quantizer and the PQ codebooks on.
+    nlist, m, nbits, metric
+        See :class:`IndexParams`. ``metric`` is ``"l2"``, ``"ip"`` or ``"cosine"``.
+    seed : int
+        Seed for every random choice: same seed and data, same centroids and codebooks.
+    niter, max_points_per_centroid
+        k-means iterations and subsampling bound (as in faiss).
+
+    Returns
+    -------
+    Store
+        The new store, open for writing.
+
+    Raises
+    ------
+    StoreExistsError, InvalidParamsError, DimensionMismatchError, InvalidInputError,
+    TrainingError
+    """
+    root = _new_store_path(path)
+    niter = check_int("niter", niter, 1, 1_000_000)
+    max_points_per_centroid = check_int("max_points_per_centroid", max_points_per_centroid, 1,
+                                        1 << 30)
+    seed = check_int("seed", seed, 0, (1 << 63) - 1)
+    check_open_args(map_size=map_size)
+    arr = as_matrix(training_vectors, "training_vectors")
+    params = IndexParams(dim=arr.shape[1], nlist=nlist, m=m, nbits=nbits,
+                         metric=parse_metric(metric))
+    x, _ = as_vectors(arr, params.dim, "training_vectors")
+    if params.metric is Metric.COSINE:
+        x = normalize_rows(x, "training_vectors")
+    header = _train(x, params, seed=seed, niter=niter,
+                    max_points_per_centroid=max_points_per_centroid, progress=progress)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.creating-{uuid.uuid4().hex[:12]}"
+    try:
+        _build(StoreLayout(tmp), header, map_size)
+        try:
+            os.rename(tmp, root)
+        except OSError as err:
+            raise StoreExistsError(f"{root}: appeared while the store was being created") from err
+        fsync_dir(root.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return open(root, map_size=map_size)
+
+
+def _new_store_path(path: str | os.PathLike[str]) -> Path:
+    """Check, before any training, that a store can be created at ``path``."""
+    root = Path(path)
+    if "\0" in str(root):
+        raise InvalidParamsError(f"path: {str(root)!r} contains a NUL byte")
+    if root.exists() or root.is_symlink():
+        raise StoreExistsError(f"{root}: already exists; choose a new path or open() it")
+    ancestor = root.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InvalidParamsError(f"path: {ancestor} is not a directory, so {root} cannot be "
+                                 "created")
+    return root
+
+
+def _train(x: F32Array, params: IndexParams, *, seed: int, niter: int,
+           max_points_per_centroid: int, progress: ProgressFn | None) -> Header:
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    coarse = kmeans(x, params.nlist, niter=niter, seed=rng,
+                    max_points_per_centroid=max_points_per_centroid, progress=progress,
+                    name="coarse quantizer")
+    probe = Searcher(coarse.centroids, ProductQuantizer(
+        np.zeros((params.m, params.ksub, params.dsub), np.float32)), params.metric)
+    assigned = np.concatenate([probe.probe(x[s: s + ENCODE_BLOCK], 1)[1][:, 0]
+                               for s in range(0, len(x), ENCODE_BLOCK)])
+    pq, results = train_pq(x - coarse.centroids[assigned], params.m, params.nbits, niter=niter,
+                           seed=rng, max_points_per_centroid=max_points_per_centroid,
+                           progress=progress)
+    metadata = {
+        "package_version": _package_version(),
+        "created": time.time(),
+        "seed": seed,
+        "niter": niter,
+        "max_points_per_centroid": max_points_per_centroid,
+        "n_training_vectors": len(x),
+        "coarse_objective": coarse.objective[-1] if coarse.objective else None,
+        "coarse_splits": coarse.n_splits,
+        "pq_splits": sum(r.n_splits for r in results),
+        "train_seconds": time.perf_counter() - t0,
+    }
+    return Header(params=params, store_uuid=uuid.uuid4(), centroids=coarse.centroids,
+                  codebooks=pq.codebooks, metadata=metadata)
+
+
+def _build(layout: StoreLayout, header: Header, map_size: int) -> None:
+    layout.root.mkdir()
+    layout.segments.mkdir()
+    layout.lock.touch()
+    write_header(layout.header, header)
+    p = header.params
+    meta = StoreMeta(store_uuid=header.store_uuid, format=list(FORMAT_VERSION),
+                     created=float(header.metadata.get("created", time.time())), dim=p.dim,
+                     nlist=p.nlist, m=p.m, nbits=p.nbits, metric=p.metric.label)
+    Catalog.create(layout.catalog, meta, StateRecord(commit=0, ntotal=0, next_id=0, ndeleted=0),
+                   map_size=map_size).close()
+    fsync_dir(layout.catalog)
+    fsync_dir(layout.root)
