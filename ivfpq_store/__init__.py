@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from .compaction import CompactReport
 from .creation import create
 from .errors import (
     BadMagicError,
@@ -38,6 +39,7 @@ from .params import IndexParams
 from .search import SearchResult
 from .store import Store, StoreInfo, open
 from .types import Metric
+from .verify import Problem, VerifyReport
 
 try:
     __version__ = _metadata.version("ivfpq-store")
@@ -49,6 +51,7 @@ __all__ = [
     "CatalogError",
     "CatalogFullError",
     "ChecksumError",
+    "CompactReport",
     "CorruptStoreError",
     "DimensionMismatchError",
     "DuplicateIdError",
@@ -59,6 +62,7 @@ __all__ = [
     "IvfpqError",
     "IvfpqWarning",
     "Metric",
+    "Problem",
     "ReadOnlyStoreError",
     "SearchResult",
     "Store",
@@ -70,6 +74,7 @@ __all__ = [
     "TrainingError",
     "TruncatedFileError",
     "UnsupportedVersionError",
+    "VerifyReport",
     "WrongProcessError",
     "__version__",
     "create",

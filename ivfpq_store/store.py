@@ -65,6 +65,7 @@ from .storage import (
 from .storage._atomic import fsync_dir, writer_lock
 from .training.pq import ProductQuantizer
 from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
+from .verify import VerifyReport, verify_store
 
 __all__ = ["Store", "StoreInfo", "check_open_args", "open"]
 
@@ -311,7 +312,7 @@ class Store:
         return catalog
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[Catalog]:
+    def _writing(self, *, sweep: bool = True) -> Iterator[Catalog]:
         catalog = self._check_writable()
         if not self._thread_lock.acquire(timeout=self._lock_timeout):
             raise StoreLockedError(
@@ -319,7 +320,7 @@ class Store:
                 f"{self._lock_timeout:g} s (raise lock_timeout=)")
         try:
             with writer_lock(self._layout.lock, self._lock_timeout):
-                if not self._swept:
+                if sweep and not self._swept:
                     remove_orphans(self._layout, catalog.snapshot())
                     self._swept = True
                 yield catalog
@@ -549,6 +550,43 @@ class Store:
             chosen = choose_lists(snap, self._auto_compact_ratio, among=touched)
             if chosen:
                 self._rewrite(catalog, snap, chosen)
+
+    def verify(self, *, repair: bool = False) -> VerifyReport:
+        """Check every invariant of the store; report damage, never raise on it.
+
+        Checks the header (magic, version, checksums), that the catalog belongs to it, every
+        segment (prelude, size, checksum of its committed records), every id entry (it names a
+        live record holding that id), tombstones and counters, and finds crash leftovers.
+
+        Parameters
+        ----------
+        repair : bool
+            Also remove crash leftovers: cut uncommitted tails, delete orphan segment files,
+            clear a dead writer's pid from LOCK. Takes the writer lock. Damage is not repaired.
+
+        Returns
+        -------
+        VerifyReport
+            ``ok`` is False when damage was found; ``problems`` and ``leftovers`` list findings.
+
+        Raises
+        ------
+        ReadOnlyStoreError, StoreLockedError
+            Only with ``repair=True``.
+        """
+        if repair:
+            with self._writing(sweep=False) as catalog:
+                catalog.forget()
+                return verify_store(self._layout, catalog, repair=True)
+        catalog = self._live_catalog()
+        for _ in range(_SEARCH_ATTEMPTS):
+            before = catalog.snapshot().state.commit
+            report = verify_store(self._layout, catalog)
+            # Without the lock a compaction may unlink files mid-check: trust only a report
+            # whose state did not move, or a clean one.
+            if report.ok or catalog.snapshot().state.commit == before:
+                return report
+        return report
 
     def refresh(self) -> None:
         """Drop cached segment maps and catalog state; the next call reads everything afresh.

@@ -7,11 +7,12 @@ import fcntl
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import StoreLockedError
 
-__all__ = ["atomic_write", "fsync_dir", "writer_lock"]
+__all__ = ["LockState", "atomic_write", "fsync_dir", "probe_lock", "writer_lock"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -65,9 +66,50 @@ def writer_lock(path: Path, timeout: float) -> Iterator[None]:
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
+        # Name the holder for diagnostics (verify): a killed writer leaves its pid behind, but
+        # never the lock itself, which the kernel drops with the process.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:
             yield
         finally:
+            os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class LockState:
+    """What :func:`probe_lock` found."""
+
+    held: bool  # a live writer holds the lock now
+    recorded_pid: int | None  # pid written by the last holder that did not release cleanly
+
+    @property
+    def stale(self) -> bool:
+        """The file names a writer that died while holding the lock (harmless with flock)."""
+        return not self.held and self.recorded_pid is not None
+
+
+def probe_lock(path: Path, *, clear_stale: bool = False) -> LockState:
+    """Check the writer lock without waiting; optionally clear a dead holder's pid."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return LockState(held=False, recorded_pid=None)
+    try:
+        raw = os.pread(fd, 64, 0).strip()
+        pid = int(raw) if raw.isdigit() else None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return LockState(held=True, recorded_pid=pid)
+        try:
+            if clear_stale and pid is not None:
+                os.ftruncate(fd, 0)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return LockState(held=False, recorded_pid=pid)
     finally:
         os.close(fd)

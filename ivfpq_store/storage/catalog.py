@@ -265,33 +265,32 @@ class Catalog:
                 keys.append(key)
         return decode_tombstone_rows(keys)
 
+    def full_view(self) -> tuple[CatalogSnapshot, I64Array, np.ndarray, dict[tuple[int, int], int]]:
+        """Everything, from one read transaction (for verify): a fresh snapshot, all ids with
+        their entries, and the number of tombstones under each (list_no, generation) prefix."""
+        with self._read("read the whole catalog") as txn:
+            state = self._state(txn)
+            lists = {decode_list_key(k): ListRecord.from_msgpack(v)
+                     for k, v in txn.cursor(db=self._dbs[b"lists"])}
+            deleted = {n: self._tombstones(txn, n, r.generation)
+                       for n, r in lists.items() if r.deleted}
+            keys: list[bytes] = []
+            values: list[bytes] = []
+            for k, v in txn.cursor(db=self._dbs[b"ids"]):
+                keys.append(k)
+                values.append(v)
+            prefixes: dict[tuple[int, int], int] = {}
+            for k in txn.cursor(db=self._dbs[b"deleted"]).iternext(keys=True, values=False):
+                prefix = (int.from_bytes(k[:4], "big"), int.from_bytes(k[4:8], "big"))
+                prefixes[prefix] = prefixes.get(prefix, 0) + 1
+        ids = np.frombuffer(b"".join(keys), dtype=">u8").astype(np.int64)
+        snap = CatalogSnapshot(state=state, lists=lists, deleted=deleted)
+        return snap, ids, decode_id_entries(values), prefixes
+
     def tombstones(self, list_no: int, generation: int) -> np.ndarray:
         """Sorted tombstoned rows (int64) of one segment, read now."""
         with self._read("read tombstones") as txn:
             return self._tombstones(txn, list_no, generation)
-
-    def iter_ids(self, batch: int = 65536) -> Iterator[tuple[I64Array, np.ndarray]]:
-        """Every id-map entry, in id order, as (ids, entries) batches; one transaction each."""
-        start = b""
-        while True:
-            keys: list[bytes] = []
-            values: list[bytes] = []
-            with self._read("scan the id map") as txn:
-                cursor = txn.cursor(db=self._dbs[b"ids"])
-                if not cursor.set_range(start):
-                    return
-                for key, value in cursor:
-                    keys.append(key)
-                    values.append(value)
-                    if len(keys) == batch:
-                        break
-            if not keys:
-                return
-            ids = np.frombuffer(b"".join(keys), dtype=">u8").astype(np.int64)
-            yield ids, decode_id_entries(values)
-            if len(keys) < batch:
-                return
-            start = (int(ids[-1]) + 1).to_bytes(8, "big")
 
     def live_mask(self, ids: I64Array) -> np.ndarray:
         """Boolean array: which of ``ids`` (non-negative int64) have an entry in the id map."""

@@ -1,0 +1,277 @@
+"""Checking every invariant of a store (docs/format.md §5.4, §6.4) and repairing leftovers.
+
+Reports; never raises on damage it finds. Damage makes ``ok`` false. Crash leftovers
+(uncommitted tails, orphan segment files, a dead writer's pid in LOCK) are harmless and
+reported separately; ``repair`` removes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import IvfpqError
+from .format import SEGMENT_PRELUDE_SIZE, Header, decode_segment_prelude, segment_file_name
+from .format._checksum import crc32
+from .format.segment import record_dtype
+from .storage import Catalog, CatalogSnapshot, StoreLayout, read_header
+from .storage._atomic import probe_lock
+
+__all__ = ["Problem", "VerifyReport", "verify_store"]
+
+logger = logging.getLogger(__name__)
+_READ_CHUNK = 1 << 24
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One finding: ``kind`` names the area (header, catalog, segment, ids, tombstones,
+    counters, orphan, tail, lock), ``path`` the file when there is one."""
+
+    kind: str
+    message: str
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerifyReport:
+    """What :meth:`Store.verify` found."""
+
+    ok: bool  # no damage (leftovers do not count)
+    problems: tuple[Problem, ...]  # damage: the store is inconsistent or corrupt
+    leftovers: tuple[Problem, ...]  # harmless crash leftovers, found before any repair
+    repaired: tuple[str, ...]  # what repair=True removed or cut
+    writer_active: bool  # another process held the writer lock during the check
+    checked: dict[str, int]  # lists, segments, ids, tombstones, records read
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with the same keys as the fields."""
+        return asdict(self)
+
+
+@dataclass
+class _Findings:
+    problems: list[Problem] = field(default_factory=list)
+    leftovers: list[Problem] = field(default_factory=list)
+    checked: dict[str, int] = field(default_factory=dict)
+
+    def run(self, kind: str, path: str, check: Callable[[], None]) -> bool:
+        """Run one check; any error it raises becomes a problem instead of escaping."""
+        try:
+            check()
+        except (IvfpqError, OSError, ValueError) as err:
+            self.problems.append(Problem(kind, str(err), path))
+            return False
+        return True
+
+    def problem(self, kind: str, message: str, path: str = "") -> None:
+        self.problems.append(Problem(kind, message, path))
+
+
+def verify_store(layout: StoreLayout, catalog: Catalog, *, repair: bool = False) -> VerifyReport:
+    """Check the store at ``layout`` against its ``catalog``; see the module docstring.
+
+    With ``repair`` the caller must hold the writer lock.
+    """
+    found = _Findings()
+    header: list[Header] = []
+    found.run("header", str(layout.header), lambda: header.append(read_header(layout.header)))
+    try:
+        snap, ids, entries, prefixes = catalog.full_view()
+        meta = catalog.store_meta()
+    except (IvfpqError, OSError) as err:
+        found.problem("catalog", str(err), str(layout.catalog))
+        return _report(found, [], writer_active=False)
+    if header:
+        h = header[0]
+        p = h.params
+        want = (h.store_uuid, p.dim, p.nlist, p.m, p.nbits, p.metric.label)
+        got = (meta.store_uuid, meta.dim, meta.nlist, meta.m, meta.nbits, meta.metric)
+        if want != got:
+            found.problem("catalog", f"header and catalog disagree: header {want}, catalog "
+                                     f"{got}", str(layout.catalog))
+    records = {n: _check_segment(layout, snap, n, meta.m, meta.store_uuid, found)
+               for n in snap.lists}
+    _check_lists_and_tombstones(snap, meta.nlist, prefixes, found)
+    _check_ids(snap, ids, entries, records, found)
+    _find_orphans(layout, snap, found)
+    lock = probe_lock(layout.lock, clear_stale=repair)
+    if lock.stale:
+        found.leftovers.append(Problem(
+            "lock", f"LOCK names pid {lock.recorded_pid}, a writer that died holding it; the "
+                    "kernel released the lock, so nothing is blocked", str(layout.lock)))
+    repaired = _repair(layout, snap, meta.m, found.leftovers) if repair else []
+    return _report(found, repaired, writer_active=lock.held)
+
+
+def _report(found: _Findings, repaired: list[str], *, writer_active: bool) -> VerifyReport:
+    return VerifyReport(ok=not found.problems, problems=tuple(found.problems),
+                        leftovers=tuple(found.leftovers), repaired=tuple(repaired),
+                        writer_active=writer_active, checked=found.checked)
+
+
+def _bump(found: _Findings, key: str, n: int = 1) -> None:
+    found.checked[key] = found.checked.get(key, 0) + n
+
+
+def _check_segment(layout: StoreLayout, snap: CatalogSnapshot, list_no: int, code_size: int,
+                   store_uuid: Any, found: _Findings) -> np.ndarray | None:
+    """Validate one list's segment; return its committed records, or None when unreadable."""
+    record = snap.lists[list_no]
+    path = layout.segment(record.file)
+    where = str(path)
+    _bump(found, "lists")
+    if record.file != segment_file_name(list_no, record.generation):
+        found.problem("catalog", f"list {list_no} names file {record.file!r} — expected "
+                                 f"{segment_file_name(list_no, record.generation)!r}", where)
+    if record.count == 0:
+        if path.exists():
+            found.leftovers.append(Problem("tail", f"list {list_no} is empty but {path.name} "
+                                                   "exists (an interrupted add)", where))
+        return None
+    dtype = record_dtype(code_size)
+    need = SEGMENT_PRELUDE_SIZE + record.count * dtype.itemsize
+    if not path.exists():
+        found.problem("segment", f"segment file is missing; the catalog lists {record.count} "
+                                 f"committed records of list {list_no}", where)
+        return None
+    size = path.stat().st_size
+    if size < need:
+        found.problem("segment", f"segment is {size} bytes — expected at least {need} for "
+                                 f"{record.count} committed records (truncated)", where)
+        return None
+    if size > need:
+        found.leftovers.append(Problem("tail", f"{size - need} bytes after the committed "
+                                               "records (an interrupted write)", where))
+    _bump(found, "segments")
+    with open(path, "rb") as fh:
+        prelude_ok = found.run("segment", where, lambda: _check_prelude(
+            fh.read(SEGMENT_PRELUDE_SIZE), where, list_no, record.generation, code_size,
+            store_uuid))
+        body = fh.read(need - SEGMENT_PRELUDE_SIZE)
+    actual = crc32(body)
+    _bump(found, "records", record.count)
+    if actual != record.crc32:
+        found.problem("segment", f"checksum mismatch in the committed records — expected "
+                                 f"0x{record.crc32:08x}, got 0x{actual:08x}", where)
+        return None
+    return np.frombuffer(body, dtype=dtype) if prelude_ok else None
+
+
+def _check_prelude(raw: bytes, where: str, list_no: int, generation: int, code_size: int,
+                   store_uuid: Any) -> None:
+    prelude = decode_segment_prelude(raw, source=where)
+    got = (prelude.list_no, prelude.generation, prelude.code_size, prelude.store_uuid)
+    want = (list_no, generation, code_size, store_uuid)
+    if got != want:
+        raise ValueError(f"{where}: prelude says (list, generation, code_size, store) {got} — "
+                         f"expected {want}")
+
+
+def _check_lists_and_tombstones(snap: CatalogSnapshot, nlist: int,
+                                prefixes: dict[tuple[int, int], int], found: _Findings) -> None:
+    state = snap.state
+    live = sum(r.count - r.deleted for r in snap.lists.values())
+    dead = sum(r.deleted for r in snap.lists.values())
+    for n, r in snap.lists.items():
+        if not 0 <= n < nlist:
+            found.problem("catalog", f"list record {n} — expected list numbers 0..{nlist - 1}")
+        if not 0 <= r.deleted <= r.count:
+            found.problem("tombstones", f"list {n}: deleted {r.deleted} — expected 0..{r.count}")
+        rows = snap.deleted.get(n, np.empty(0, np.int64))
+        if len(rows) != r.deleted:
+            found.problem("tombstones", f"list {n}: {len(rows)} tombstones — expected "
+                                        f"{r.deleted} (its record's deleted count)")
+        if len(rows) and rows[-1] >= r.count:
+            found.problem("tombstones", f"list {n}: tombstone for row {int(rows[-1])} — "
+                                        f"expected rows < {r.count}")
+    current = {(n, r.generation) for n, r in snap.lists.items()}
+    stray = {p: c for p, c in prefixes.items() if p not in current}
+    if stray:
+        found.problem("tombstones", f"{sum(stray.values())} tombstones name segments that are "
+                                    f"not current, e.g. (list, generation) {next(iter(stray))}")
+    found.checked["tombstones"] = sum(prefixes.values())
+    if sum(prefixes.values()) != state.ndeleted or dead != state.ndeleted:
+        found.problem("counters", f"ndeleted is {state.ndeleted} — expected the "
+                                  f"{sum(prefixes.values())} tombstones and the {dead} deleted "
+                                  "of the list records to agree with it")
+    if live != state.ntotal:
+        found.problem("counters", f"ntotal is {state.ntotal} — expected {live}, the live "
+                                  "records of the list records")
+
+
+def _check_ids(snap: CatalogSnapshot, ids: np.ndarray, entries: np.ndarray,
+               records: dict[int, np.ndarray | None], found: _Findings) -> None:
+    """Every id entry names a live record holding that id, and every live record has one."""
+    found.checked["ids"] = len(ids)
+    if len(ids) != snap.state.ntotal:
+        found.problem("ids", f"{len(ids)} id entries — expected ntotal={snap.state.ntotal}")
+    if len(ids) and int(ids.max()) >= snap.state.next_id:
+        found.problem("counters", f"next_id is {snap.state.next_id} — expected more than the "
+                                  f"largest id {int(ids.max())}")
+    list_nos = entries["list_no"].astype(np.int64)
+    for n in np.unique(list_nos).tolist():
+        sel = np.flatnonzero(list_nos == n)
+        record = snap.lists.get(n)
+        if record is None:
+            found.problem("ids", f"{len(sel)} ids point at list {n}, which has no record, "
+                                 f"e.g. id {int(ids[sel[0]])}")
+            continue
+        gens = entries["generation"][sel]
+        rows = entries["row"][sel].astype(np.int64)
+        bad = (gens != record.generation) | (rows >= record.count)
+        bad |= np.isin(rows, snap.deleted.get(n, np.empty(0, np.int64)))
+        if bad.any():
+            found.problem("ids", f"{int(bad.sum())} ids of list {n} point at a wrong "
+                                 f"generation, past the committed records or at a deleted "
+                                 f"row, e.g. id {int(ids[sel][bad][0])}")
+            continue
+        if len(np.unique(rows)) != len(rows):
+            found.problem("ids", f"list {n}: two ids point at the same record")
+        recs = records.get(n)
+        if recs is not None:
+            wrong = recs["id"][rows] != ids[sel]
+            if wrong.any():
+                found.problem("ids", f"{int(wrong.sum())} ids of list {n} point at records "
+                                     f"holding other ids, e.g. id {int(ids[sel][wrong][0])}")
+
+
+def _find_orphans(layout: StoreLayout, snap: CatalogSnapshot, found: _Findings) -> None:
+    referenced = {r.file for r in snap.lists.values()}
+    if not layout.segments.is_dir():
+        found.problem("segment", "segments/ directory is missing", str(layout.segments))
+        return
+    for p in sorted(layout.segments.iterdir()):
+        if p.name.endswith(".seg") and p.name not in referenced:
+            found.leftovers.append(Problem("orphan", "segment file named by no list record "
+                                                     "(left by an interrupted write)", str(p)))
+
+
+def _repair(layout: StoreLayout, snap: CatalogSnapshot, code_size: int,
+            leftovers: list[Problem]) -> list[str]:
+    """Remove what the leftovers name: cut tails, delete orphans, clear a dead writer's pid."""
+    done = []
+    by_file = {r.file: r for r in snap.lists.values()}
+    record_size = record_dtype(code_size).itemsize
+    for item in leftovers:
+        path = layout.segments / os.path.basename(item.path) if item.path else None
+        if item.kind == "tail" and path is not None:
+            record = by_file[path.name]
+            if record.count == 0:
+                path.unlink(missing_ok=True)
+                done.append(f"removed {path.name} (empty list)")
+            else:
+                os.truncate(path, SEGMENT_PRELUDE_SIZE + record.count * record_size)
+                done.append(f"cut the uncommitted tail of {path.name}")
+        elif item.kind == "orphan" and path is not None:
+            path.unlink(missing_ok=True)
+            done.append(f"removed orphan {path.name}")
+        elif item.kind == "lock":
+            done.append("cleared the dead writer's pid from LOCK")
+    logger.info("repair: %s", "; ".join(done) or "nothing to do")
+    return done
