@@ -18,7 +18,7 @@ from .params import SearchParams
 from .training.pq import ProductQuantizer
 from .types import F32Array, I64Array, Metric
 
-__all__ = ["RecordFetcher", "SearchResult", "Searcher"]
+__all__ = ["RecordFetcher", "SearchResult", "Searcher", "smallest_k"]
 
 #: Called with (list_no, record) and returns that list's committed records (fields id, code).
 RecordFetcher = Callable[[int, ListRecord], np.ndarray]
@@ -27,6 +27,26 @@ RecordFetcher = Callable[[int, ListRecord], np.ndarray]
 _TABLE_BUDGET = 16 << 20
 #: Floats of gathered table entries per scan block (32 MiB).
 _SCAN_BUDGET = 8 << 20
+
+
+def smallest_k(cost: F32Array, k: int) -> np.ndarray:
+    """Column indices of the ``k`` smallest costs of each row, sorted by (cost, column).
+
+    Ties are broken by column, exactly, so results do not depend on how a list's records are
+    laid out around them: compaction keeps the order of live rows, so it cannot change which
+    of two equally distant vectors is returned. O(n) per row plus a sort of k.
+    """
+    n = cost.shape[1]
+    if k >= n:
+        return np.argsort(cost, axis=1, kind="stable")
+    kth = np.partition(cost, k - 1, axis=1)[:, k - 1: k]  # the k-th smallest value per row
+    below = cost < kth
+    ties = cost == kth
+    need = k - below.sum(axis=1, keepdims=True)  # how many ties each row still takes
+    take = below | (ties & (np.cumsum(ties, axis=1) <= need))
+    cols = np.nonzero(take)[1].reshape(cost.shape[0], k)  # row-major: ascending columns
+    order = np.argsort(np.take_along_axis(cost, cols, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(cols, order, axis=1)
 
 
 class SearchResult(NamedTuple):
@@ -154,13 +174,9 @@ class Searcher:
             dead = deleted.get(list_no)
             if dead is not None:
                 cost[:, dead] = np.inf  # deleted rows lose to every live row
-            kk = min(k, cost.shape[1])
-            if kk < cost.shape[1]:
-                top = np.argpartition(cost, kk - 1, axis=1)[:, :kk]
-                top_cost = np.take_along_axis(cost, top, axis=1)
-            else:
-                top = np.broadcast_to(np.arange(kk), cost.shape)
-                top_cost = cost
+            top = smallest_k(cost, min(k, cost.shape[1]))
+            kk = top.shape[1]
+            top_cost = np.take_along_axis(cost, top, axis=1)
             qi, pi = np.divmod(pairs, nprobe)
             cand_cost[qi, pi, :kk] = top_cost
             top_ids = np.asarray(recs["id"])[top]
@@ -185,17 +201,15 @@ class Searcher:
 
     def _merge(self, cost: F32Array, ids: I64Array, k: int) -> SearchResult:
         """Best k of the candidates of each query, sorted; converts costs back to scores."""
-        if k < cost.shape[1]:
-            part = np.argpartition(cost, k - 1, axis=1)[:, :k]
-            cost = np.take_along_axis(cost, part, axis=1)
-            ids = np.take_along_axis(ids, part, axis=1)
-        elif k > cost.shape[1]:  # pad: fewer candidates than k in all the probed lists
+        # Candidates are laid out by probe rank, then by (cost, row) within a list, so the
+        # column tie-break of smallest_k prefers the better-ranked list, then the earlier row.
+        best = smallest_k(cost, min(k, cost.shape[1]))
+        cost = np.take_along_axis(cost, best, axis=1)
+        ids = np.take_along_axis(ids, best, axis=1)
+        if k > cost.shape[1]:  # pad: fewer candidates than k in all the probed lists
             pad = k - cost.shape[1]
             cost = np.pad(cost, ((0, 0), (0, pad)), constant_values=np.inf)
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-        order = np.argsort(cost, axis=1, kind="stable")
-        cost = np.take_along_axis(cost, order, axis=1)
-        ids = np.take_along_axis(ids, order, axis=1)
         distances = cost if self.metric is Metric.L2 else -cost
         return SearchResult(np.ascontiguousarray(distances, dtype=np.float32),
                             np.ascontiguousarray(ids, dtype=np.int64))
