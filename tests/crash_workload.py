@@ -1,0 +1,59 @@
+"""A deterministic mixed workload for crash and concurrency tests (not a test module).
+
+``op(i)`` is a pure function of ``i``, so a parent process can replay what a killed child
+was doing. Add ops use ids ``i * 1000 + j`` (j < 120), so no two ops ever add the same id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+DIM = 16
+_CENTERS = np.random.default_rng(0).normal(0, 4, size=(20, DIM))
+
+
+def vectors(rng: np.random.Generator, n: int) -> np.ndarray:
+    labels = rng.integers(0, len(_CENTERS), size=n)
+    return (_CENTERS[labels] + rng.normal(0, 1, size=(n, DIM))).astype(np.float32)
+
+
+def op(i: int) -> tuple[str, Any, Any]:
+    """Operation ``i``: ("add", ids, vectors), ("delete", ids, None), ("upsert", ids,
+    vectors) or ("compact", ratio, None)."""
+    rng = np.random.default_rng([i, 4242])
+    kind = "add" if i < 3 else str(rng.choice(["add", "delete", "upsert", "compact"],
+                                              p=[0.4, 0.25, 0.25, 0.1]))
+    if kind == "add":
+        n = int(rng.integers(5, 120))
+        return kind, i * 1000 + np.arange(n), vectors(rng, n)
+    if kind == "compact":
+        return kind, float(rng.choice([0.0, 0.3])), None
+    earlier = rng.integers(0, i, size=int(rng.integers(1, 60))) * 1000 + rng.integers(
+        0, 120, size=1)
+    if kind == "delete":
+        return kind, earlier, None
+    ids = np.unique(np.concatenate([earlier, i * 1000 + 500 + np.arange(rng.integers(0, 5))]))
+    return kind, ids, vectors(rng, len(ids))
+
+
+def apply_to_store(store: Any, operation: tuple[str, Any, Any]) -> None:
+    kind, a, b = operation
+    if kind == "add":
+        store.add(b, ids=a)
+    elif kind == "delete":
+        store.delete(a)
+    elif kind == "upsert":
+        store.upsert(b, ids=a)
+    else:
+        store.compact(min_deleted_ratio=a)
+
+
+def apply_to_model(model: dict[int, np.ndarray], operation: tuple[str, Any, Any]) -> None:
+    kind, a, b = operation
+    if kind in ("add", "upsert"):
+        model.update(zip(a.tolist(), b, strict=True))
+    elif kind == "delete":
+        for i in a.tolist():
+            model.pop(i, None)
