@@ -61,7 +61,8 @@ def run_crash_rounds(path: Path, rounds: int, seed: int) -> dict[str, int]:
     for _ in range(rounds):
         with subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(next_op)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
-            assert child.stdout is not None and child.stderr is not None
+            assert child.stdout is not None
+            assert child.stderr is not None
             ready = child.stdout.readline().strip()
             assert ready == "ready", child.stderr.read()
             time.sleep(float(rng.uniform(0.0, 0.25)))
