@@ -70,3 +70,13 @@ def test_readme_links_resolve():
     for target in re.findall(r"\]\(([^)#]+)\)", readme):
         if not target.startswith("http"):
             assert (root / target).exists(), target
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/api.md"])
+def test_python_examples_run(doc, tmp_path, monkeypatch):
+    text = (DOCS.parent / doc).read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, f"{doc} has no python example"
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, doc, "exec"), {"__name__": "__doc_example__"})
