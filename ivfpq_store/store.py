@@ -62,7 +62,7 @@ from .storage import (
     append_records,
     read_header,
 )
-from .storage._atomic import fsync_dir, writer_lock
+from .storage._atomic import fsync_dir, probe_lock, writer_lock
 from .training.pq import ProductQuantizer
 from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
 from .verify import VerifyReport, verify_store
@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 #: Vectors assigned and encoded per block in ``add`` (bounds the (n, nlist) score matrix).
 ENCODE_BLOCK = 16384
 #: A search whose snapshot is overtaken by compactions this many times in a row gives up.
-_SEARCH_ATTEMPTS = 5
+_SEARCH_ATTEMPTS = 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -575,9 +575,11 @@ class Store:
             Only with ``repair=True``.
         """
         if repair:
+            # Look at LOCK before taking it: taking it overwrites a dead writer's pid.
+            lock = probe_lock(self._layout.lock)
             with self._writing(sweep=False) as catalog:
                 catalog.forget()
-                return verify_store(self._layout, catalog, repair=True)
+                return verify_store(self._layout, catalog, repair=True, lock=lock)
         catalog = self._live_catalog()
         for _ in range(_SEARCH_ATTEMPTS):
             before = catalog.snapshot().state.commit

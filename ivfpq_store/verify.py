@@ -20,7 +20,7 @@ from .format import SEGMENT_PRELUDE_SIZE, Header, decode_segment_prelude, segmen
 from .format._checksum import crc32
 from .format.segment import record_dtype
 from .storage import Catalog, CatalogSnapshot, StoreLayout, read_header
-from .storage._atomic import probe_lock
+from .storage._atomic import LockState, probe_lock
 
 __all__ = ["Problem", "VerifyReport", "verify_store"]
 
@@ -73,10 +73,12 @@ class _Findings:
         self.problems.append(Problem(kind, message, path))
 
 
-def verify_store(layout: StoreLayout, catalog: Catalog, *, repair: bool = False) -> VerifyReport:
+def verify_store(layout: StoreLayout, catalog: Catalog, *, repair: bool = False,
+                 lock: LockState | None = None) -> VerifyReport:
     """Check the store at ``layout`` against its ``catalog``; see the module docstring.
 
-    With ``repair`` the caller must hold the writer lock.
+    With ``repair`` the caller must hold the writer lock, and pass ``lock``: the state of the
+    lock file probed before taking it (holding it hides a dead writer's pid).
     """
     found = _Findings()
     header: list[Header] = []
@@ -95,12 +97,18 @@ def verify_store(layout: StoreLayout, catalog: Catalog, *, repair: bool = False)
         if want != got:
             found.problem("catalog", f"header and catalog disagree: header {want}, catalog "
                                      f"{got}", str(layout.catalog))
-    records = {n: _check_segment(layout, snap, n, meta.m, meta.store_uuid, found)
-               for n in snap.lists}
+    records: dict[int, np.ndarray | None] = {}
+    for n in snap.lists:
+        try:
+            records[n] = _check_segment(layout, snap, n, meta.m, meta.store_uuid, found)
+        except (IvfpqError, OSError, ValueError) as err:  # e.g. unreadable: report, go on
+            found.problem("segment", str(err), str(layout.segment(snap.lists[n].file)))
+            records[n] = None
     _check_lists_and_tombstones(snap, meta.nlist, prefixes, found)
     _check_ids(snap, ids, entries, records, found)
     _find_orphans(layout, snap, found)
-    lock = probe_lock(layout.lock, clear_stale=repair)
+    if lock is None:
+        lock = probe_lock(layout.lock)
     if lock.stale:
         found.leftovers.append(Problem(
             "lock", f"LOCK names pid {lock.recorded_pid}, a writer that died holding it; the "
@@ -271,7 +279,7 @@ def _repair(layout: StoreLayout, snap: CatalogSnapshot, code_size: int,
         elif item.kind == "orphan" and path is not None:
             path.unlink(missing_ok=True)
             done.append(f"removed orphan {path.name}")
-        elif item.kind == "lock":
+        elif item.kind == "lock":  # the caller's writer lock has already overwritten it
             done.append("cleared the dead writer's pid from LOCK")
     logger.info("repair: %s", "; ".join(done) or "nothing to do")
     return done

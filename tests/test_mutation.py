@@ -205,3 +205,23 @@ def test_segment_bytes_formula(tmp_path, small_data):
         info = store.info()
     assert segment_bytes(tmp_path / "s") == (info.n_segments * SEGMENT_PRELUDE_SIZE
                                              + info.ntotal * (8 + DIM // 4))
+
+
+def test_search_on_a_snapshot_overtaken_by_compaction_retries(tmp_path, small_data, monkeypatch):
+    """A reader whose snapshot names segments that a compaction has since unlinked (and that it
+    never mapped) retries on the new state instead of failing or returning stale data."""
+    path = tmp_path / "s"
+    make_store(path, small_data).close()
+    with ivfpq_store.open(path, auto_compact_ratio=None) as writer, \
+            ivfpq_store.open(path, readonly=True) as reader:
+        catalog = reader._catalog
+        stale = catalog.snapshot()  # taken before anything is mapped
+        writer.delete(np.arange(0, 1500, 3))
+        writer.compact()
+        expected = writer.search(small_data["queries"], k=10, nprobe=NLIST)
+        real = catalog.snapshot
+        calls = iter([stale])
+        monkeypatch.setattr(catalog, "snapshot", lambda: next(calls, None) or real())
+        got = reader.search(small_data["queries"], k=10, nprobe=NLIST)
+    np.testing.assert_array_equal(got.ids, expected.ids)
+    np.testing.assert_array_equal(got.distances, expected.distances)

@@ -92,8 +92,8 @@ class LockState:
         return not self.held and self.recorded_pid is not None
 
 
-def probe_lock(path: Path, *, clear_stale: bool = False) -> LockState:
-    """Check the writer lock without waiting; optionally clear a dead holder's pid."""
+def probe_lock(path: Path) -> LockState:
+    """Check the writer lock without waiting; never changes the file."""
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
@@ -105,11 +105,7 @@ def probe_lock(path: Path, *, clear_stale: bool = False) -> LockState:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return LockState(held=True, recorded_pid=pid)
-        try:
-            if clear_stale and pid is not None:
-                os.ftruncate(fd, 0)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.flock(fd, fcntl.LOCK_UN)
         return LockState(held=False, recorded_pid=pid)
     finally:
         os.close(fd)

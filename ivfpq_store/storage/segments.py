@@ -97,14 +97,20 @@ class SegmentReader:
                 f"{self.path}: segment file is missing but the catalog lists {count} committed "
                 "records; the store is damaged"
             ) from None
+        except OSError as err:
+            raise CorruptStoreError(f"{self.path}: segment cannot be read: {err}") from err
         need = SEGMENT_PRELUDE_SIZE + count * self.dtype.itemsize
         if size < need:
             raise CorruptStoreError(
                 f"{self.path}: segment is {size} bytes — expected at least {need} for {count} "
                 "committed records; the file was truncated and the store is damaged"
             )
-        with open(self.path, "rb") as fh:
-            prelude = decode_segment_prelude(fh.read(SEGMENT_PRELUDE_SIZE), source=str(self.path))
+        try:
+            with open(self.path, "rb") as fh:
+                head = fh.read(SEGMENT_PRELUDE_SIZE)
+        except OSError as err:
+            raise CorruptStoreError(f"{self.path}: segment cannot be read: {err}") from err
+        prelude = decode_segment_prelude(head, source=str(self.path))
         if (prelude.list_no, prelude.generation, prelude.code_size, prelude.store_uuid) != (
             self.expected.list_no, self.expected.generation, self.expected.code_size,
             self.expected.store_uuid,
@@ -117,8 +123,11 @@ class SegmentReader:
             )
         capacity = (size - SEGMENT_PRELUDE_SIZE) // self.dtype.itemsize
         # np.memmap keeps its own dup of the descriptor; it is released with the last view.
-        self._map = np.memmap(self.path, dtype=self.dtype, mode="r",
-                              offset=SEGMENT_PRELUDE_SIZE, shape=(capacity,))
+        try:
+            self._map = np.memmap(self.path, dtype=self.dtype, mode="r",
+                                  offset=SEGMENT_PRELUDE_SIZE, shape=(capacity,))
+        except (OSError, ValueError) as err:
+            raise CorruptStoreError(f"{self.path}: segment cannot be mapped: {err}") from err
         self._capacity = capacity
 
     def records(self, count: int) -> np.ndarray:
