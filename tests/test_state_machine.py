@@ -1,0 +1,343 @@
+"""Model-based test: random add / upsert / delete / compact / reopen sequences against a dict.
+
+The model maps each live id to its latest vector. After every step the store must agree with
+it exactly: its length and per-list counts, the live contents of every inverted list (each id
+once, with the list and code that ``assign`` gives its vector), an exhaustive search
+(``nprobe == nlist``) whose ids are the model's ids and whose distances are the ADC distances
+recomputed here from the store's centroids and codebooks, and a clean ``verify()``.
+
+Training happens once per session: every example copies an empty trained store template.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import synthetic
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+)
+
+import ivfpq_store
+
+DIM = 16
+NLIST = 8
+M = 4
+NBITS = 6
+
+#: Small id range, so that deletes and upserts often hit live ids.
+MAX_EXPLICIT_ID = 60
+#: Vectors are rows of this pool (plus an optional offset), so that cells and codes collide.
+POOL = synthetic(24, DIM, seed=2)
+OFFSETS = (0.0, 0.0, 0.25, -0.5, 2.0)
+#: Fixed queries for the exhaustive comparison: cluster samples and one pool vector itself.
+QUERIES = np.vstack([synthetic(3, DIM, seed=3), POOL[:1]]).astype(np.float32)
+PADDING = 3
+RTOL, ATOL = 1e-4, 1e-3
+
+
+@functools.lru_cache(maxsize=1)
+def _template() -> Path:
+    """An empty trained store (dim 16, nlist 8, m 4, nbits 6), created once per session."""
+    root = Path(tempfile.mkdtemp(prefix="ivfpq-sm-template-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    path = root / "template.ivfpq"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+        store = ivfpq_store.create(path, synthetic(3000, DIM, seed=1), nlist=NLIST, m=M,
+                                   nbits=NBITS, seed=7)
+    store.close()
+    return path
+
+
+vector_st = st.tuples(st.integers(0, len(POOL) - 1), st.sampled_from(OFFSETS))
+batch_st = st.lists(vector_st, min_size=1, max_size=8)
+explicit_id_st = st.integers(0, MAX_EXPLICIT_ID)
+
+
+def _vectors(batch: list[tuple[int, float]]) -> np.ndarray:
+    return np.stack([POOL[i] + np.float32(off) for i, off in batch]).astype(np.float32)
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """A store opened on a fresh copy of the template, and the dict it must agree with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="ivfpq-sm-"))
+        self.path = self.tmp / "s.ivfpq"
+        shutil.copytree(_template(), self.path)
+        self.store: ivfpq_store.Store | None = None
+        self.ratio: float | None = None
+        self.max_open = 256
+        self.model: dict[int, np.ndarray] = {}
+        self.next_id = 0  # one past the largest id ever added (auto ids start here)
+
+    def teardown(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _open(self) -> None:
+        self.store = ivfpq_store.open(self.path, auto_compact_ratio=self.ratio,
+                                      max_open_segments=self.max_open)
+
+    @initialize(ratio=st.sampled_from([None, 0.0, 0.3, 0.75]),
+                max_open=st.sampled_from([256, 2, 1]))
+    def open_store(self, ratio: float | None, max_open: int) -> None:
+        self.ratio = ratio  # automatic compaction after deletes and upserts, or None
+        self.max_open = max_open  # small values make searches evict and remap segments
+        self._open()
+
+    # -- rules ------------------------------------------------------------------------------
+    @rule(batch=batch_st, data=st.data())
+    def add(self, batch: list[tuple[int, float]], data: st.DataObject) -> None:
+        assert self.store is not None
+        x = _vectors(batch)
+        auto = data.draw(st.booleans(), label="auto ids")
+        before = len(self.store)
+        if auto:
+            ids = self.store.add(x)
+            expected = np.arange(self.next_id, self.next_id + len(x))
+            assert ids.dtype == np.int64
+            np.testing.assert_array_equal(ids, expected)
+        else:
+            collide = bool(self.model) and data.draw(st.booleans(), label="may collide")
+            if collide:
+                pool = st.one_of(explicit_id_st, st.sampled_from(sorted(self.model)))
+            else:  # ids not live: free small ones, or ones never used yet (>= next_id)
+                free = [i for i in range(MAX_EXPLICIT_ID + 1) if i not in self.model]
+                start = max(self.next_id, MAX_EXPLICIT_ID + 1)
+                pool = st.sampled_from(free + list(range(start, start + 8)))
+            ids = np.array(data.draw(st.lists(pool, min_size=len(x), max_size=len(x),
+                                              unique=True), label="ids"), dtype=np.int64)
+            if any(int(i) in self.model for i in ids):
+                with pytest.raises(ivfpq_store.DuplicateIdError):
+                    self.store.add(x, ids)
+                assert len(self.store) == before
+                return
+            out = self.store.add(x, ids)
+            np.testing.assert_array_equal(out, ids)
+        for i, v in zip(ids.tolist(), x, strict=True):
+            self.model[i] = v
+        self.next_id = max(self.next_id, int(ids.max()) + 1)
+
+    @rule(batch=batch_st, data=st.data())
+    def upsert(self, batch: list[tuple[int, float]], data: st.DataObject) -> None:
+        assert self.store is not None
+        x = _vectors(batch)
+        pool = st.one_of(explicit_id_st, st.sampled_from(sorted(self.model))) \
+            if self.model else explicit_id_st
+        ids = np.array(data.draw(st.lists(pool, min_size=len(x), max_size=len(x), unique=True),
+                                 label="ids"), dtype=np.int64)
+        out = self.store.upsert(x, ids)
+        np.testing.assert_array_equal(out, ids)
+        for i, v in zip(ids.tolist(), x, strict=True):
+            self.model[i] = v
+        self.next_id = max(self.next_id, int(ids.max()) + 1)
+
+    @rule(batch=batch_st, upsert=st.booleans(), data=st.data())
+    def write_with_repeated_id(self, batch: list[tuple[int, float]], upsert: bool,
+                               data: st.DataObject) -> None:
+        """An id repeated within one batch is refused and nothing is written."""
+        assert self.store is not None
+        x = _vectors(batch + batch[:1])
+        ids = data.draw(st.lists(explicit_id_st, min_size=len(x) - 1, max_size=len(x) - 1,
+                                 unique=True), label="ids")
+        ids.append(ids[data.draw(st.integers(0, len(ids) - 1), label="repeated")])
+        before = len(self.store)
+        write = self.store.upsert if upsert else self.store.add
+        with pytest.raises(ivfpq_store.DuplicateIdError):
+            write(x, ids)
+        assert len(self.store) == before
+
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        assert self.store is not None
+        pool = st.one_of(explicit_id_st, st.sampled_from(sorted(self.model))) \
+            if self.model else explicit_id_st
+        ids = data.draw(st.lists(pool, max_size=8), label="ids")  # duplicates allowed
+        as_array = data.draw(st.booleans(), label="as numpy array")
+        arg = np.array(ids, dtype=np.int64) if as_array else ids
+        removed = self.store.delete(arg)
+        live = {i for i in ids if i in self.model}
+        assert removed == len(live), (removed, sorted(live))
+        for i in live:
+            del self.model[i]
+
+    @rule(ratio=st.sampled_from([0.0, 0.5, 1.0]), dry_run=st.booleans())
+    def compact(self, ratio: float, dry_run: bool) -> None:
+        assert self.store is not None
+        info = self.store.info()
+        counts = [s + d for s, d in zip(info.list_sizes, info.list_deleted, strict=True)]
+        chosen = [n for n in range(NLIST)
+                  if info.list_deleted[n] > 0 and info.list_deleted[n] >= ratio * counts[n]]
+        report = self.store.compact(min_deleted_ratio=ratio, dry_run=dry_run)
+        assert report.dry_run is dry_run
+        assert list(report.lists) == chosen
+        assert report.records_removed >= 0
+        assert report.records_removed == sum(info.list_deleted[n] for n in chosen)
+        assert report.records_kept == sum(info.list_sizes[n] for n in chosen)
+        assert report.orphans_removed == 0
+        assert report.segment_bytes_after <= report.segment_bytes_before
+        after = self.store.info()
+        if dry_run:
+            assert after.list_deleted == info.list_deleted
+            assert after.ndeleted == info.ndeleted
+        else:
+            assert all(after.list_deleted[n] == 0 for n in chosen)
+            assert after.ndeleted == info.ndeleted - report.records_removed
+        assert after.list_sizes == info.list_sizes
+
+    @rule()
+    def reopen(self) -> None:
+        assert self.store is not None
+        self.store.close()
+        self.store = None
+        self._open()
+
+    @rule()
+    def second_readonly_handle_agrees(self) -> None:
+        assert self.store is not None
+        with ivfpq_store.open(self.path, readonly=True) as other:
+            assert len(other) == len(self.store)
+            k = len(self.model) + PADDING
+            mine = self.store.search(QUERIES, k=k, nprobe=NLIST)
+            theirs = other.search(QUERIES, k=k, nprobe=NLIST)
+            np.testing.assert_array_equal(theirs.distances, mine.distances)
+            # Equal distances may come out in either order: compare each query's ids as sets.
+            for q in range(len(QUERIES)):
+                assert sorted(theirs.ids[q].tolist()) == sorted(mine.ids[q].tolist())
+
+    @rule(data=st.data())
+    def search_top_k(self, data: st.DataObject) -> None:
+        """With k below the live count, the k best ADC distances come back, best first."""
+        assert self.store is not None
+        n = len(self.model)
+        k = data.draw(st.integers(1, n + 1), label="k")
+        result = self.store.search(QUERIES, k=k, nprobe=NLIST)
+        adc = self._adc_distances()
+        for q in range(len(QUERIES)):
+            found = min(k, n)
+            got_ids, got_d = result.ids[q], result.distances[q]
+            assert (got_ids[found:] == -1).all(), got_ids.tolist()
+            assert len(set(got_ids[:found].tolist())) == found, got_ids.tolist()
+            assert (got_d[:-1] <= got_d[1:]).all(), got_d.tolist()
+            if found:
+                best = np.sort(np.array(list(adc[q].values())))[:found]
+                np.testing.assert_allclose(got_d[:found], best, rtol=RTOL, atol=ATOL)
+                mine = np.array([adc[q][i] for i in got_ids[:found].tolist()])
+                np.testing.assert_allclose(got_d[:found], mine, rtol=RTOL, atol=ATOL)
+
+    # -- invariants -------------------------------------------------------------------------
+    def _adc_distances(self) -> list[dict[int, float]]:
+        """Per query, each model id's squared L2 distance to its reconstruction
+        (centroid of its list + its PQ code's sub-centroids), computed in float64."""
+        assert self.store is not None
+        ids, lists, codes = self._expected_placement()
+        if not len(ids):
+            return [{} for _ in QUERIES]
+        centroids = self.store.centroids.astype(np.float64)
+        codebooks = self.store.codebooks.astype(np.float64)  # (m, ksub, dsub)
+        recon = np.array([centroids[lst] + np.concatenate([codebooks[j][code[j]]
+                                                           for j in range(M)])
+                          for lst, code in zip(lists.tolist(), codes, strict=True)])
+        d = ((QUERIES.astype(np.float64)[:, None, :] - recon[None, :, :]) ** 2).sum(axis=2)
+        return [dict(zip(ids.tolist(), row.tolist(), strict=True)) for row in d]
+
+    def _expected_placement(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Model ids (sorted) and the list and code ``assign`` gives each one's vector."""
+        assert self.store is not None
+        ids = np.array(sorted(self.model), dtype=np.int64)
+        if not len(ids):
+            return ids, np.empty(0, np.int64), np.empty((0, M), np.uint8)
+        lists, codes = self.store.assign(np.stack([self.model[i] for i in ids.tolist()]))
+        return ids, lists, codes
+
+    @invariant()
+    def counts_match(self) -> None:
+        assert self.store is not None
+        assert len(self.store) == len(self.model)
+        info = self.store.info()
+        assert info.ntotal == len(self.model)
+        assert info.ndeleted == sum(info.list_deleted)
+        _, lists, _ = self._expected_placement()
+        expected_sizes = np.bincount(lists, minlength=NLIST).tolist()
+        assert list(info.list_sizes) == expected_sizes
+        if self.ratio is not None:  # every delete/upsert compacts the lists it pushed over
+            for n in range(NLIST):
+                count = info.list_sizes[n] + info.list_deleted[n]
+                assert info.list_deleted[n] == 0 or info.list_deleted[n] < self.ratio * count, (
+                    n, info.list_deleted[n], count, self.ratio)
+
+    @invariant()
+    def list_contents_exact(self) -> None:
+        assert self.store is not None
+        ids, lists, codes = self._expected_placement()
+        where = {i: (int(lst), code) for i, lst, code in
+                 zip(ids.tolist(), lists, codes, strict=True)}
+        seen: set[int] = set()
+        for list_no in range(NLIST):
+            got_ids, got_codes = self.store.list_contents(list_no)
+            assert got_codes.shape == (len(got_ids), M)
+            for i, code in zip(got_ids.tolist(), got_codes, strict=True):
+                assert i not in seen, f"id {i} listed twice"
+                seen.add(i)
+                assert i in where, f"id {i} in list {list_no} is not live in the model"
+                assert where[i][0] == list_no, (i, list_no, where[i][0])
+                np.testing.assert_array_equal(code, where[i][1])
+        assert seen == set(self.model)
+
+    @invariant()
+    def exhaustive_search_matches_model(self) -> None:
+        assert self.store is not None
+        adc = self._adc_distances()
+        n = len(self.model)
+        k = n + PADDING
+        result = self.store.search(QUERIES, k=k, nprobe=NLIST)
+        assert result.ids.shape == result.distances.shape == (len(QUERIES), k)
+        for q in range(len(QUERIES)):
+            got_ids = result.ids[q]
+            got_d = result.distances[q]
+            assert set(got_ids[:n].tolist()) == set(self.model), (q, got_ids.tolist())
+            assert len(set(got_ids[:n].tolist())) == n, got_ids.tolist()
+            assert (got_ids[n:] == -1).all(), got_ids.tolist()
+            assert np.isposinf(got_d[n:]).all(), got_d.tolist()
+            assert np.isfinite(got_d[:n]).all(), got_d.tolist()
+            assert (got_d[:-1] <= got_d[1:]).all(), got_d.tolist()
+            if n:
+                expected = np.array([adc[q][i] for i in got_ids[:n].tolist()])
+                np.testing.assert_allclose(got_d[:n], expected, rtol=RTOL, atol=ATOL)
+
+    @invariant()
+    def verify_clean(self) -> None:
+        assert self.store is not None
+        report = self.store.verify()
+        assert report.ok, report.problems
+        assert report.problems == ()
+        assert report.leftovers == (), report.leftovers
+
+
+TestStoreModel = StoreMachine.TestCase
+TestStoreModel.settings = settings(max_examples=50, stateful_step_count=20, deadline=None)
+
+
+class SlowStoreMachine(StoreMachine):
+    """The same machine, run longer (pytest -m slow)."""
+
+
+TestStoreModelSlow = pytest.mark.slow(SlowStoreMachine.TestCase)
+TestStoreModelSlow.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
