@@ -105,5 +105,7 @@ def info(store: Path, as_json: bool) -> None:
         f"index:    dim={i.dim} nlist={i.nlist} m={i.m} nbits={i.nbits} metric={i.metric}",
         f"vectors:  {i.ntotal:,} in {i.n_segments} non-empty lists",
         f"lists:    min {sizes[0]}, median {sizes[len(sizes) // 2]}, max {sizes[-1]}",
+        (f"deleted:  {i.ndeleted:,} records awaiting compaction "
+         f"({i.reclaimable_bytes:,} bytes reclaimable)"),
         f"disk:     {_bytes_line(i.bytes_on_disk)}",
     ])

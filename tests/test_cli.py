@@ -25,6 +25,7 @@ def test_info_human_and_json(runner, shared_store_path):
     result = runner.invoke(cli, ["info", str(shared_store_path)])
     assert result.exit_code == 0, result.output
     assert "vectors:  1,500 in" in result.stdout
+    assert "deleted:  0 records awaiting compaction" in result.stdout
     result = runner.invoke(cli, ["info", str(shared_store_path), "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
