@@ -7,18 +7,17 @@ import shutil
 import time
 import uuid
 from importlib import metadata as _metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ._validate import as_matrix, as_vectors, normalize_rows
-from .errors import InvalidParamsError, StoreExistsError
+from .errors import StoreExistsError
 from .format import FORMAT_VERSION, Header
 from .format.records import StateRecord, StoreMeta
 from .params import IndexParams, check_int, parse_metric
 from .search import Searcher
-from .storage import DEFAULT_MAP_SIZE, Catalog, StoreLayout, write_header
+from .storage import DEFAULT_MAP_SIZE, Catalog, StoreLayout, check_new_store_path, write_header
 from .storage._atomic import fsync_dir
 from .store import ENCODE_BLOCK, Store, check_open_args, open
 from .training import kmeans, train_pq
@@ -77,7 +76,7 @@ def create(
     StoreExistsError, InvalidParamsError, DimensionMismatchError, InvalidInputError,
     TrainingError
     """
-    root = _new_store_path(path)
+    root = check_new_store_path(path)
     niter = check_int("niter", niter, 1, 1_000_000)
     max_points_per_centroid = check_int("max_points_per_centroid", max_points_per_centroid, 1,
                                         1 << 30)
@@ -104,22 +103,6 @@ def create(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return open(root, map_size=map_size)
-
-
-def _new_store_path(path: str | os.PathLike[str]) -> Path:
-    """Check, before any training, that a store can be created at ``path``."""
-    root = Path(path)
-    if "\0" in str(root):
-        raise InvalidParamsError(f"path: {str(root)!r} contains a NUL byte")
-    if root.exists() or root.is_symlink():
-        raise StoreExistsError(f"{root}: already exists; choose a new path or open() it")
-    ancestor = root.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise InvalidParamsError(f"path: {ancestor} is not a directory, so {root} cannot be "
-                                 "created")
-    return root
 
 
 def _train(x: F32Array, params: IndexParams, *, seed: int, niter: int,

@@ -1,12 +1,17 @@
-"""Readers for vector files: TEXMEX ``.fvecs`` / ``.ivecs`` / ``.bvecs`` and numpy ``.npy``.
+"""Readers for vector files: TEXMEX ``.fvecs`` / ``.ivecs`` / ``.bvecs``, numpy ``.npy``, and id
+lists (``.npy``, ``.ivecs`` with dim 1, or text with one id per line).
 
-All readers memory-map the file and return a (n, d) view, so callers can stream rows in
-batches without loading the file. Malformed files raise :class:`VectorFileError`.
+:func:`open_vectors` validates a file and describes it without reading its body;
+:meth:`VectorFile.batches` then streams it in bounded batches with ordinary file reads (no
+memory map), so reading a file of any size needs memory for one batch only. Malformed files
+raise :class:`VectorFileError`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +19,8 @@ import numpy as np
 
 from .errors import InvalidInputError
 
-__all__ = ["VectorFileError", "read_vecs", "read_vectors"]
+__all__ = ["VectorFile", "VectorFileError", "open_vectors", "read_ids", "read_vecs",
+           "read_vectors"]
 
 # extension -> component dtype; each record is a <i4 dim, then dim components
 _VECS: dict[str, np.dtype[Any]] = {
@@ -22,69 +28,178 @@ _VECS: dict[str, np.dtype[Any]] = {
     ".ivecs": np.dtype("<i4"),
     ".bvecs": np.dtype("u1"),
 }
+#: Records read per chunk when checking that every record of a TEXMEX file has the same dim.
+_CHECK_CHUNK = 1 << 16
 
 
 class VectorFileError(InvalidInputError):
     """A vector file is malformed: wrong record sizes, inconsistent dims, empty, unknown type."""
 
 
-def read_vecs(path: str | os.PathLike[str]) -> np.ndarray:
-    """Memory-map a TEXMEX ``.fvecs`` (float32), ``.ivecs`` (int32) or ``.bvecs`` (uint8) file.
+@dataclass(frozen=True, slots=True)
+class VectorFile:
+    """A validated vector file: ``n`` rows of ``dim`` components of ``dtype`` (not yet read)."""
 
-    Returns
-    -------
-    numpy.ndarray
-        A read-only (n, d) view of the components (strided: each row skips its 4-byte header).
+    path: Path
+    n: int
+    dim: int
+    dtype: np.dtype[Any]  # component dtype as stored
+    offset: int  # byte offset of the first record (or of the array for .npy)
+    record_bytes: int  # bytes per row on disk, including a TEXMEX row's 4-byte header
+    texmex: bool
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` as a new (rows, dim) array of the stored dtype."""
+        stop = self.n if stop is None else min(stop, self.n)
+        count = max(0, stop - start)
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset + start * self.record_bytes)
+            raw = fh.read(count * self.record_bytes)
+        if len(raw) != count * self.record_bytes:
+            raise VectorFileError(f"{self.path}: file shrank while being read")
+        if not self.texmex:
+            return np.frombuffer(raw, dtype=self.dtype).reshape(count, self.dim).copy()
+        recs = np.frombuffer(raw, dtype=[("dim", "<i4"), ("v", self.dtype, (self.dim,))])
+        bad = np.flatnonzero(recs["dim"] != self.dim)
+        if len(bad):
+            raise VectorFileError(
+                f"{self.path}: record {start + int(bad[0])} declares dimension "
+                f"{int(recs['dim'][bad[0]])} — expected {self.dim} like the first record")
+        return recs["v"].copy()
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Consecutive batches of at most ``batch_size`` rows."""
+        for start in range(0, self.n, max(1, batch_size)):
+            yield self.read(start, start + batch_size)
+
+
+def open_vectors(path: str | os.PathLike[str]) -> VectorFile:
+    """Validate the layout of a ``.npy``, ``.fvecs``, ``.ivecs`` or ``.bvecs`` file.
 
     Raises
     ------
     VectorFileError
-        Empty file, a size that is not a whole number of records, or records of different dims.
+        Unknown extension, empty file, a size that is not a whole number of records, records
+        of different dims (checked in chunks over the whole file), or a ``.npy`` that is not a
+        non-empty 2-D numeric array in C order.
     """
     p = Path(path)
-    comp = _VECS.get(p.suffix.lower())
+    suffix = p.suffix.lower()
+    if suffix == ".npy":
+        return _open_npy(p)
+    comp = _VECS.get(suffix)
     if comp is None:
-        raise VectorFileError(f"{p}: unknown vector file type {p.suffix!r} — expected one of "
-                              f"{sorted(_VECS)} or .npy")
-    size = p.stat().st_size
+        raise VectorFileError(f"{p}: unknown vector file type {p.suffix!r} — expected .npy, "
+                              f"{', '.join(sorted(_VECS))}")
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+    except OSError as err:
+        raise VectorFileError(f"{p}: cannot read: {err.strerror or err}") from err
     if size < 4:
         raise VectorFileError(f"{p}: file is {size} bytes — expected at least one record")
-    with open(p, "rb") as fh:
-        dim = int(np.frombuffer(fh.read(4), dtype="<i4")[0])
-    if dim <= 0:
-        raise VectorFileError(f"{p}: first record declares dimension {dim} — expected > 0")
+    dim = int(np.frombuffer(head, dtype="<i4")[0])
+    if not 0 < dim <= 1 << 20:
+        raise VectorFileError(f"{p}: first record declares dimension {dim} — expected 1..2**20")
     record = 4 + dim * comp.itemsize
     if size % record:
         raise VectorFileError(
             f"{p}: {size} bytes is not a whole number of {record}-byte records (dimension {dim}"
-            f" from the first record); the file is truncated or has inconsistent dimensions")
-    n = size // record
-    rec_dtype = np.dtype([("dim", "<i4"), ("v", comp, (dim,))])
-    recs = np.memmap(p, dtype=rec_dtype, mode="r", shape=(n,))
-    dims = recs["dim"]
-    bad = np.flatnonzero(dims != dim)
-    if len(bad):
-        raise VectorFileError(
-            f"{p}: record {int(bad[0])} declares dimension {int(dims[bad[0]])} — expected {dim}"
-            " like the first record")
-    return recs["v"]
+            " from the first record); the file is truncated or has inconsistent dimensions")
+    vf = VectorFile(path=p, n=size // record, dim=dim, dtype=comp, offset=0,
+                    record_bytes=record, texmex=True)
+    _check_dims(vf)
+    return vf
+
+
+def _check_dims(vf: VectorFile) -> None:
+    """Every record header must repeat the first dim (read in chunks: bounded memory)."""
+    headers = np.memmap(vf.path, dtype="<i4", mode="r")[:: vf.record_bytes // 4]
+    for start in range(0, vf.n, _CHECK_CHUNK):
+        chunk = np.asarray(headers[start: start + _CHECK_CHUNK])
+        bad = np.flatnonzero(chunk != vf.dim)
+        if len(bad):
+            raise VectorFileError(
+                f"{vf.path}: record {start + int(bad[0])} declares dimension "
+                f"{int(chunk[bad[0]])} — expected {vf.dim} like the first record")
+    del headers
+
+
+def _open_npy(p: Path) -> VectorFile:
+    try:
+        with open(p, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(fh, max_header_size=10_000)
+            offset = fh.tell()
+    except (ValueError, OSError, EOFError) as err:
+        raise VectorFileError(f"{p}: not a readable .npy file: {err}") from err
+    if dtype.kind not in "fiu" or dtype.hasobject:
+        raise VectorFileError(f"{p}: .npy dtype {dtype} — expected a real numeric dtype")
+    if len(shape) != 2 or 0 in shape:
+        raise VectorFileError(f"{p}: expected a non-empty 2-D array, got shape {shape}")
+    if fortran and shape[1] > 1:
+        raise VectorFileError(f"{p}: Fortran-ordered .npy — expected C order (np.save does that)")
+    need = offset + shape[0] * shape[1] * dtype.itemsize
+    if p.stat().st_size < need:
+        raise VectorFileError(f"{p}: file is {p.stat().st_size} bytes — expected {need} for "
+                              f"{dtype} {shape}; it is truncated")
+    return VectorFile(path=p, n=shape[0], dim=shape[1], dtype=dtype, offset=offset,
+                      record_bytes=shape[1] * dtype.itemsize, texmex=False)
+
+
+def read_vecs(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a whole TEXMEX file (or any vector file) into memory as (n, d)."""
+    return open_vectors(path).read()
 
 
 def read_vectors(path: str | os.PathLike[str]) -> np.ndarray:
-    """Memory-map vectors from ``.npy`` or a TEXMEX file, chosen by the extension.
+    """Read a whole ``.npy`` or TEXMEX vector file into memory as (n, d)."""
+    return open_vectors(path).read()
+
+
+def read_ids(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read ids: a 1-D (or (n, 1)) integer ``.npy``, an ``.ivecs`` of dim 1, or a text file with
+    one integer per line (blank lines and ``#`` comments ignored).
 
     Raises
     ------
     VectorFileError
-        The file is malformed or not 2-D.
+        The file is malformed or holds something other than integers.
     """
     p = Path(path)
-    if p.suffix.lower() != ".npy":
-        return read_vecs(p)
+    suffix = p.suffix.lower()
+    if suffix == ".npy":
+        try:
+            arr: np.ndarray = np.load(p, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise VectorFileError(f"{p}: not a readable .npy file: {err}") from err
+        if arr.ndim == 2 and arr.shape[1] == 1:
+            arr = arr[:, 0]
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise VectorFileError(f"{p}: expected a 1-D integer array of ids, got {arr.dtype} "
+                                  f"{arr.shape}")
+        return arr
+    if suffix in _VECS:
+        vf = open_vectors(p)
+        if vf.dim != 1 or vf.dtype.kind not in "iu":
+            raise VectorFileError(f"{p}: expected an .ivecs of dimension 1 (one id per record), "
+                                  f"got dimension {vf.dim} {vf.dtype}")
+        ids: np.ndarray = vf.read()[:, 0]
+        return ids
     try:
-        arr: np.ndarray = np.load(p, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise VectorFileError(f"{p}: not a readable .npy file: {err}") from err
-    if arr.ndim != 2 or 0 in arr.shape:
-        raise VectorFileError(f"{p}: expected a non-empty 2-D array, got shape {arr.shape}")
-    return arr
+        lines = p.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise VectorFileError(f"{p}: cannot read ids as text: {err}") from err
+    values = []
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            values.append(int(text))
+        except ValueError:
+            raise VectorFileError(f"{p}:{number}: {text!r} is not an integer id") from None
+    return np.array(values, dtype=np.int64)

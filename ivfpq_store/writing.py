@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,22 +29,51 @@ from .compaction import (
     remove_orphans,
     rewrite_lists,
 )
-from .errors import DuplicateIdError, InvalidInputError, ReadOnlyStoreError, StoreLockedError
+from .errors import (
+    CorruptStoreError,
+    DuplicateIdError,
+    InvalidInputError,
+    ReadOnlyStoreError,
+    StoreExistsError,
+    StoreLockedError,
+)
 from .format import SEGMENT_PRELUDE_SIZE, Header, SegmentPrelude, segment_file_name
 from .format.keys import id_keys, tombstone_keys
 from .format.records import ListRecord, StateRecord, encode_id_entries
 from .params import IndexParams, check_ratio
-from .storage import Catalog, CatalogSnapshot, Changes, StoreLayout, append_records
+from .storage import (
+    Catalog,
+    CatalogSnapshot,
+    Changes,
+    StoreLayout,
+    append_records,
+    check_new_store_path,
+)
 from .storage._atomic import fsync_dir, probe_lock, writer_lock
 from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
 from .verify import VerifyReport, verify_store
 
-__all__ = ["WriteMixin"]
+__all__ = ["CopyReport", "WriteMixin"]
 
 logger = logging.getLogger(__name__)
 
 #: A search or verify whose snapshot is overtaken by compactions this many times gives up.
 SNAPSHOT_ATTEMPTS = 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CopyReport:
+    """What :meth:`Store.copy` wrote."""
+
+    dest: str
+    vectors: int  # live vectors in the copy
+    segments: int  # segment files copied
+    bytes: int  # bytes written, all files
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with the same keys as the fields."""
+        return asdict(self)
 
 
 class WriteMixin:
@@ -353,6 +385,55 @@ class WriteMixin:
         return report
 
 
+    def copy(self, dest: str | os.PathLike[str]) -> CopyReport:
+        """Write a consistent backup of the store to the new directory ``dest``.
+
+        Readers keep searching and writers simply wait (the copy holds the writer lock), so it
+        is safe on a live store. Only committed bytes are copied: no crash leftovers, and the
+        catalog is copied compacted (its free pages left out). The copy is built in a hidden
+        sibling directory and renamed into place, like :func:`create`.
+
+        Raises
+        ------
+        StoreExistsError, InvalidParamsError
+            ``dest`` exists or cannot be created.
+        StoreLockedError
+        """
+        root = check_new_store_path(dest)
+        t0 = time.perf_counter()
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = root.parent / f".{root.name}.copying-{os.getpid()}-{int(t0 * 1e6) % 10**9}"
+        layout = StoreLayout(tmp)
+        try:
+            with self._writing(sweep=False) as catalog:
+                snap = catalog.snapshot()
+                layout.root.mkdir()
+                layout.segments.mkdir()
+                layout.lock.touch()
+                shutil.copyfile(self._layout.header, layout.header)
+                _fsync_file(layout.header)
+                copied = 0
+                for record in snap.lists.values():
+                    if record.count:
+                        _copy_prefix(self._layout.segment(record.file),
+                                     layout.segment(record.file),
+                                     SEGMENT_PRELUDE_SIZE + record.count * self._dtype.itemsize)
+                        copied += 1
+                catalog.copy_to(layout.catalog)
+                for directory in (layout.segments, layout.catalog, layout.root):
+                    fsync_dir(directory)
+            try:
+                os.rename(tmp, root)
+            except OSError as err:
+                raise StoreExistsError(f"{root}: appeared while the copy was being made") from err
+            fsync_dir(root.parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        return CopyReport(dest=str(root), vectors=snap.state.ntotal, segments=copied, bytes=size,
+                          seconds=time.perf_counter() - t0)
+
     def _append(self, lists: Mapping[int, ListRecord], list_nos: I64Array, codes: U8Array,
                 ids: I64Array) -> tuple[dict[int, ListRecord], I64Array, I64Array]:
         """§7 steps 1-2: append each list's new records to its segment and fsync it.
@@ -385,3 +466,25 @@ class WriteMixin:
         if created:
             fsync_dir(self._layout.segments)  # new files' directory entries must be durable
         return updated, generations, rows
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_prefix(src: Path, dst: Path, nbytes: int) -> None:
+    """Copy the first ``nbytes`` of ``src`` (a segment's committed part) to a new file, synced."""
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        remaining = nbytes
+        while remaining:
+            chunk = fin.read(min(remaining, 1 << 22))
+            if not chunk:
+                raise CorruptStoreError(f"{src}: shorter than its {nbytes} committed bytes")
+            fout.write(chunk)
+            remaining -= len(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())

@@ -355,6 +355,13 @@ class Catalog:
                             break
             txn.put(META_STATE, state.to_msgpack(), db=meta)
 
+    def copy_to(self, dest: Path) -> None:
+        """Write a compacted, consistent copy of the environment into the new directory
+        ``dest`` (LMDB's mdb_env_copy2 with MDB_CP_COMPACT: free pages are left out)."""
+        dest.mkdir()
+        with _lmdb_errors(self.path, f"copy the catalog to {dest}"):
+            self._env.copy(str(dest), compact=True)
+
     def stat(self) -> dict[str, int]:
         """Entry counts of each named database and the environment's size on disk."""
         out: dict[str, int] = {}

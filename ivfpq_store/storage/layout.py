@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["StoreLayout"]
+from ..errors import InvalidParamsError, StoreExistsError
+
+__all__ = ["StoreLayout", "check_new_store_path"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,3 +40,19 @@ class StoreLayout:
     def looks_like_store(self) -> bool:
         """True when the header file and the catalog folder are both present."""
         return self.header.is_file() and self.catalog.is_dir()
+
+
+def check_new_store_path(path: str | os.PathLike[str]) -> Path:
+    """Check, before any work, that a new store can be created at ``path``; return it."""
+    root = Path(path)
+    if "\0" in str(root):
+        raise InvalidParamsError(f"path: {str(root)!r} contains a NUL byte")
+    if root.exists() or root.is_symlink():
+        raise StoreExistsError(f"{root}: already exists; choose a new path or open() it")
+    ancestor = root.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InvalidParamsError(f"path: {ancestor} is not a directory, so {root} cannot be "
+                                 "created")
+    return root
