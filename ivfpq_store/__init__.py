@@ -37,9 +37,10 @@ from .errors import (
 )
 from .params import IndexParams
 from .search import SearchResult
-from .store import Store, StoreInfo, open
+from .store import ListInfo, Store, StoreInfo, open
 from .types import Metric
 from .verify import Problem, VerifyReport
+from .writing import CopyReport
 
 try:
     __version__ = _metadata.version("ivfpq-store")
@@ -52,6 +53,7 @@ __all__ = [
     "CatalogFullError",
     "ChecksumError",
     "CompactReport",
+    "CopyReport",
     "CorruptStoreError",
     "DimensionMismatchError",
     "DuplicateIdError",
@@ -61,6 +63,7 @@ __all__ = [
     "InvalidParamsError",
     "IvfpqError",
     "IvfpqWarning",
+    "ListInfo",
     "Metric",
     "Problem",
     "ReadOnlyStoreError",

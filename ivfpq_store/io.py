@@ -30,6 +30,8 @@ _VECS: dict[str, np.dtype[Any]] = {
 }
 #: Records read per chunk when checking that every record of a TEXMEX file has the same dim.
 _CHECK_CHUNK = 1 << 16
+#: Rows read per chunk by VectorFile.sample.
+_SAMPLE_BATCH = 1 << 15
 
 
 class VectorFileError(InvalidInputError):
@@ -66,6 +68,21 @@ class VectorFile:
                 f"{self.path}: record {start + int(bad[0])} declares dimension "
                 f"{int(recs['dim'][bad[0]])} — expected {self.dim} like the first record")
         return recs["v"].copy()
+
+    def sample(self, k: int, seed: int = 0) -> np.ndarray:
+        """``k`` distinct rows chosen with ``seed`` (all rows when ``k >= n``), in file order,
+        read batch by batch so memory stays bounded by the sample."""
+        if k >= self.n:
+            return self.read()
+        rows = np.sort(np.random.default_rng(seed).choice(self.n, size=k, replace=False))
+        out = np.empty((k, self.dim), dtype=self.dtype)
+        done = 0
+        for start in range(0, self.n, _SAMPLE_BATCH):
+            sel = rows[(rows >= start) & (rows < start + _SAMPLE_BATCH)]
+            if len(sel):
+                out[done: done + len(sel)] = self.read(start, start + _SAMPLE_BATCH)[sel - start]
+                done += len(sel)
+        return out
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Consecutive batches of at most ``batch_size`` rows."""

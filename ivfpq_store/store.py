@@ -46,7 +46,7 @@ from .training.pq import ProductQuantizer
 from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
 from .writing import SNAPSHOT_ATTEMPTS, WriteMixin
 
-__all__ = ["Store", "StoreInfo", "check_open_args", "open"]
+__all__ = ["ListInfo", "Store", "StoreInfo", "check_open_args", "open"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,22 @@ class StoreInfo:
         out["list_sizes"] = list(self.list_sizes)
         out["list_deleted"] = list(self.list_deleted)
         return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListInfo:
+    """One inverted list, as :meth:`Store.lists` reports it."""
+
+    list_no: int
+    live: int
+    deleted: int
+    file: str | None  # segment file under segments/, None for a list that never had one
+    generation: int
+    segment_bytes: int  # committed bytes of the segment (prelude + records)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with the same keys as the fields."""
+        return asdict(self)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -253,6 +269,22 @@ class Store(WriteMixin):
             if progress is not None:
                 progress(len(xb))
         return list_nos, codes
+
+    def lists(self) -> list[ListInfo]:
+        """Every inverted list: live and deleted counts, segment file and its committed bytes."""
+        snap = self._live_catalog().snapshot()
+        out = []
+        for list_no in range(self.params.nlist):
+            r = snap.lists.get(list_no)
+            if r is None:
+                out.append(ListInfo(list_no=list_no, live=0, deleted=0, file=None, generation=0,
+                                    segment_bytes=0))
+                continue
+            size = SEGMENT_PRELUDE_SIZE + r.count * self._dtype.itemsize if r.count else 0
+            out.append(ListInfo(list_no=list_no, live=r.count - r.deleted, deleted=r.deleted,
+                                file=r.file if r.count else None, generation=r.generation,
+                                segment_bytes=size))
+        return out
 
     def info(self) -> StoreInfo:
         """Parameters, vector count, per-list sizes and bytes on disk by kind."""

@@ -4,6 +4,7 @@ and section kind, and its worked example matches the golden files byte for byte.
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from pathlib import Path
 
@@ -80,3 +81,50 @@ def test_python_examples_run(doc, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, doc, "exec"), {"__name__": "__doc_example__"})
+
+
+def walkthrough() -> list[tuple[str, int, list[str]]]:
+    """(command, expected exit code, expected output lines) from docs/cli.md's Walkthrough."""
+    text = (DOCS / "cli.md").read_text().split("## Walkthrough", 1)[1]
+    block = re.search(r"```console\n(.*?)```", text, flags=re.S)
+    assert block is not None
+    steps: list[tuple[str, int, list[str]]] = []
+    for line in block.group(1).splitlines():
+        if line.startswith("$ "):
+            command, _, code = line[2:].partition("  # exit ")
+            steps.append((command.strip(), int(code or 0), []))
+        else:
+            steps[-1][2].append(line)
+    return steps
+
+
+def test_cli_walkthrough_runs_as_documented(tmp_path, monkeypatch):
+    import shlex
+    import shutil
+
+    from click.testing import CliRunner
+
+    for src, dst in (("siftsmall_base.fvecs", "base.fvecs"),
+                     ("siftsmall_query.fvecs", "queries.fvecs"),
+                     ("siftsmall_groundtruth.ivecs", "groundtruth.ivecs")):
+        shutil.copy(DATA / "siftsmall" / src, tmp_path / dst)
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    steps = walkthrough()
+    assert len(steps) >= 8
+    for command, code, expected in steps:
+        args = shlex.split(command)
+        assert args[0] == "ivfpq-store"
+        result = runner.invoke(cli, args[1:])
+        assert result.exit_code == code, (command, result.output)
+        got = (result.stdout + result.stderr).splitlines()
+        for i, want in enumerate(expected):
+            if want == "...":
+                break
+            assert i < len(got), (command, got)
+            if "..." in want:
+                assert got[i].startswith(want.split("...")[0].rstrip()), (command, got[i], want)
+            else:
+                assert got[i] == want, (command, got[i], want)
+        if "--json" in args and code == 0:
+            json.loads(result.stdout)

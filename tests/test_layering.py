@@ -35,7 +35,7 @@ ALLOWED = {
     "demo": {"creation", "store", "datasets", "evaluation"},
     "cli": {"ivfpq_store", "demo", "errors", "io"},
     "__init__": {"compaction", "creation", "errors", "params", "search", "store", "types",
-                 "verify"},
+                 "verify", "writing"},
     "__main__": {"cli"},
 }
 THIRD_PARTY = {"lmdb": {"storage"}, "click": {"cli"}, "msgpack": {"format"}}
