@@ -24,7 +24,13 @@ import numpy as np
 import ivfpq_store
 
 from .demo import run_demo
-from .errors import CatalogError, CorruptStoreError, FormatError, IvfpqError
+from .errors import (
+    CatalogError,
+    CorruptStoreError,
+    DimensionMismatchError,
+    FormatError,
+    IvfpqError,
+)
 from .io import open_vectors, read_ids
 
 __all__ = ["cli", "main"]
@@ -146,20 +152,24 @@ def _write_batches(store: Path, vectors: Path, ids_file: Path | None, batch_size
     vf = open_vectors(vectors)
     ids = read_ids(ids_file) if ids_file is not None else None
     if ids is not None and len(ids) != vf.n:
-        raise click.BadParameter(f"{ids_file} has {len(ids)} ids but {vectors} has {vf.n} "
-                                 "vectors", param_hint="--ids")
+        raise DimensionMismatchError(f"{ids_file} has {len(ids)} ids but {vectors} has {vf.n} "
+                                     "vectors — expected one id per vector")
     done = 0
-    with ivfpq_store.open(store) as s, progress(vf.n, label, quiet) as advance:
-        for batch in vf.batches(batch_size):
-            chunk = None if ids is None else ids[done: done + len(batch)]
-            try:
-                write(s, batch, chunk)
-            except IvfpqError as err:
-                raise click.ClickException(
-                    f"{err} (in rows {done}..{done + len(batch) - 1} of {vectors}; the "
-                    f"{done} rows before them were written)") from err
-            done += len(batch)
-            advance(len(batch))
+    with ivfpq_store.open(store) as s:
+        if vf.dim != s.params.dim:
+            raise DimensionMismatchError(f"{vectors}: vectors of dimension {vf.dim} — expected "
+                                         f"{s.params.dim}, the dimension of {store}")
+        with progress(vf.n, label, quiet) as advance:
+            for batch in vf.batches(batch_size):
+                chunk = None if ids is None else ids[done: done + len(batch)]
+                try:
+                    write(s, batch, chunk)
+                except IvfpqError as err:
+                    raise click.ClickException(
+                        f"{err} (in rows {done}..{done + len(batch) - 1} of {vectors}; the "
+                        f"{done} rows before them were written)") from err
+                done += len(batch)
+                advance(len(batch))
         return {"written": done, "ntotal": len(s), "batches": math.ceil(vf.n / batch_size)}
 
 
