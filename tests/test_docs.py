@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import textwrap
 from pathlib import Path
 
 import click
@@ -79,8 +80,9 @@ def test_python_examples_run(doc, tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks, f"{doc} has no python example"
     monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__doc_example__"}  # blocks run in order, like one session
     for block in blocks:
-        exec(compile(block, doc, "exec"), {"__name__": "__doc_example__"})
+        exec(compile(textwrap.dedent(block), doc, "exec"), namespace)
 
 
 def walkthrough() -> list[tuple[str, int, list[str]]]:
