@@ -132,7 +132,9 @@ def open_vectors(path: str | os.PathLike[str]) -> VectorFile:
 
 def _check_dims(vf: VectorFile) -> None:
     """Every record header must repeat the first dim (read in chunks: bounded memory)."""
-    headers = np.memmap(vf.path, dtype="<i4", mode="r")[:: vf.record_bytes // 4]
+    records = np.memmap(vf.path, mode="r", shape=(vf.n,),
+                        dtype=[("dim", "<i4"), ("rest", "u1", (vf.record_bytes - 4,))])
+    headers = records["dim"]
     for start in range(0, vf.n, _CHECK_CHUNK):
         chunk = np.asarray(headers[start: start + _CHECK_CHUNK])
         bad = np.flatnonzero(chunk != vf.dim)
@@ -140,7 +142,7 @@ def _check_dims(vf: VectorFile) -> None:
             raise VectorFileError(
                 f"{vf.path}: record {start + int(bad[0])} declares dimension "
                 f"{int(chunk[bad[0]])} — expected {vf.dim} like the first record")
-    del headers
+    del headers, records
 
 
 def _open_npy(p: Path) -> VectorFile:
