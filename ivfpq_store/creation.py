@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import uuid
 from importlib import metadata as _metadata
@@ -12,13 +11,12 @@ from typing import Any
 import numpy as np
 
 from ._validate import as_matrix, as_vectors, normalize_rows
-from .errors import StoreExistsError
 from .format import FORMAT_VERSION, Header
 from .format.records import StateRecord, StoreMeta
 from .params import IndexParams, check_int, parse_metric
 from .search import Searcher
 from .storage import DEFAULT_MAP_SIZE, Catalog, StoreLayout, check_new_store_path, write_header
-from .storage._atomic import fsync_dir
+from .storage._atomic import build_directory, fsync_dir
 from .store import ENCODE_BLOCK, Store, check_open_args, open
 from .training import kmeans, train_pq
 from .training.pq import ProductQuantizer
@@ -90,18 +88,8 @@ def create(
         x = normalize_rows(x, "training_vectors")
     header = _train(x, params, seed=seed, niter=niter,
                     max_points_per_centroid=max_points_per_centroid, progress=progress)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.creating-{uuid.uuid4().hex[:12]}"
-    try:
+    with build_directory(root, "creating") as tmp:
         _build(StoreLayout(tmp), header, map_size)
-        try:
-            os.rename(tmp, root)
-        except OSError as err:
-            raise StoreExistsError(f"{root}: appeared while the store was being created") from err
-        fsync_dir(root.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return open(root, map_size=map_size)
 
 

@@ -34,7 +34,6 @@ from .errors import (
     DuplicateIdError,
     InvalidInputError,
     ReadOnlyStoreError,
-    StoreExistsError,
     StoreLockedError,
 )
 from .format import SEGMENT_PRELUDE_SIZE, Header, SegmentPrelude, segment_file_name
@@ -49,7 +48,7 @@ from .storage import (
     append_records,
     check_new_store_path,
 )
-from .storage._atomic import fsync_dir, probe_lock, writer_lock
+from .storage._atomic import build_directory, fsync_dir, probe_lock, writer_lock
 from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
 from .verify import VerifyReport, verify_store
 
@@ -401,35 +400,23 @@ class WriteMixin:
         """
         root = check_new_store_path(dest)
         t0 = time.perf_counter()
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = root.parent / f".{root.name}.copying-{os.getpid()}-{int(t0 * 1e6) % 10**9}"
-        layout = StoreLayout(tmp)
-        try:
-            with self._writing(sweep=False) as catalog:
-                snap = catalog.snapshot()
-                layout.root.mkdir()
-                layout.segments.mkdir()
-                layout.lock.touch()
-                shutil.copyfile(self._layout.header, layout.header)
-                _fsync_file(layout.header)
-                copied = 0
-                for record in snap.lists.values():
-                    if record.count:
-                        _copy_prefix(self._layout.segment(record.file),
-                                     layout.segment(record.file),
-                                     SEGMENT_PRELUDE_SIZE + record.count * self._dtype.itemsize)
-                        copied += 1
-                catalog.copy_to(layout.catalog)
-                for directory in (layout.segments, layout.catalog, layout.root):
-                    fsync_dir(directory)
-            try:
-                os.rename(tmp, root)
-            except OSError as err:
-                raise StoreExistsError(f"{root}: appeared while the copy was being made") from err
-            fsync_dir(root.parent)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        with build_directory(root, "copying") as tmp, self._writing(sweep=False) as catalog:
+            layout = StoreLayout(tmp)
+            snap = catalog.snapshot()
+            layout.root.mkdir()
+            layout.segments.mkdir()
+            layout.lock.touch()
+            shutil.copyfile(self._layout.header, layout.header)
+            _fsync_file(layout.header)
+            copied = 0
+            for record in snap.lists.values():
+                if record.count:
+                    _copy_prefix(self._layout.segment(record.file), layout.segment(record.file),
+                                 SEGMENT_PRELUDE_SIZE + record.count * self._dtype.itemsize)
+                    copied += 1
+            catalog.copy_to(layout.catalog)
+            for directory in (layout.segments, layout.catalog, layout.root):
+                fsync_dir(directory)
         size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
         return CopyReport(dest=str(root), vectors=snap.state.ntotal, segments=copied, bytes=size,
                           seconds=time.perf_counter() - t0)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import StoreLockedError
+from ..errors import StoreExistsError, StoreLockedError
 
-__all__ = ["LockState", "atomic_write", "fsync_dir", "probe_lock", "writer_lock"]
+__all__ = ["LockState", "atomic_write", "build_directory", "fsync_dir", "probe_lock",
+           "writer_lock"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -41,6 +44,32 @@ def atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def build_directory(dest: Path, purpose: str) -> Iterator[Path]:
+    """Build a new directory all-or-nothing: yield a hidden temporary sibling of ``dest``
+    (``.NAME.<purpose>-<12 hex>``) to fill; when the block succeeds, rename it to ``dest`` and
+    fsync the parent. Whatever happens, no half-built ``dest`` exists and the temporary is
+    removed (if the process survives).
+
+    Raises
+    ------
+    StoreExistsError
+        ``dest`` appeared while the directory was being built.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{purpose}-{uuid.uuid4().hex[:12]}"
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, dest)
+        except OSError as err:
+            raise StoreExistsError(f"{dest}: appeared while it was being built") from err
+        fsync_dir(dest.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
