@@ -25,6 +25,8 @@ RecordFetcher = Callable[[int, ListRecord], np.ndarray]
 
 #: Floats of per-pair lookup tables kept at once (64 MiB).
 _TABLE_BUDGET = 16 << 20
+#: Queries whose coarse scores (nq, nlist) are computed at once.
+_PROBE_BLOCK = 8192
 #: Floats of gathered table entries per scan block (32 MiB).
 _SCAN_BUDGET = 8 << 20
 
@@ -80,8 +82,12 @@ class Searcher:
         """The ``nprobe`` best lists per query, best first, and their coarse costs.
 
         Costs are "smaller is better": squared L2 distance to the centroid, or the negated
-        inner product with it.
+        inner product with it. Works in blocks of queries, so memory is bounded.
         """
+        if len(queries) > _PROBE_BLOCK:
+            parts = [self.probe(queries[s: s + _PROBE_BLOCK], nprobe)
+                     for s in range(0, len(queries), _PROBE_BLOCK)]
+            return (np.concatenate([c for c, _ in parts]), np.concatenate([p for _, p in parts]))
         scores = queries @ self.centroids.T
         if self.metric is Metric.L2:
             scores *= -2.0
@@ -103,7 +109,9 @@ class Searcher:
         """Search ``queries`` (nq, dim) float32, already validated and (for cosine) normalised.
 
         ``lists`` holds the committed record of every non-empty list, ``deleted`` the tombstoned
-        rows of lists that have any, and ``fetch`` maps a list's records.
+        rows of lists that have any, and ``fetch`` maps a list's records. Each probed list is
+        fetched once per call, however many queries probe it; the Python loop runs once per
+        distinct probed list (plus one step per ``_TABLE_BUDGET`` of lookup tables).
         """
         nq = queries.shape[0]
         nprobe = params.nprobe
@@ -112,77 +120,61 @@ class Searcher:
         k = max(1, min(params.k, max((r.count for r in lists.values()), default=1)))
         cand_cost = np.full((nq, nprobe, k), np.inf, dtype=np.float32)
         cand_ids = np.full((nq, nprobe, k), -1, dtype=np.int64)
-        m, ksub = self.pq.m, self.pq.ksub
-        per_query_tables = self.metric is not Metric.L2
-        qblock = nq if per_query_tables else max(1, _TABLE_BUDGET // (nprobe * m * ksub))
-        for q0 in range(0, nq, qblock):
-            q1 = min(nq, q0 + qblock)
-            coarse, probed = self.probe(queries[q0:q1], nprobe)
-            tables, table_of_pair, bias = self._tables(queries[q0:q1], coarse, probed)
-            self._scan(probed, tables, table_of_pair, bias, lists, deleted, fetch,
-                       cand_cost[q0:q1], cand_ids[q0:q1])
-        return self._merge(cand_cost.reshape(nq, nprobe * k), cand_ids.reshape(nq, nprobe * k),
-                           params.k)
-
-    def _tables(self, queries: F32Array, coarse: F32Array,
-                probed: I64Array) -> tuple[F32Array, I64Array, F32Array]:
-        """ADC tables flattened to (ntables, m*ksub), the table of each (query, probe) pair, and
-        a per-pair constant added to every candidate's table sum.
-
-        l2: one table per pair from the query's residual r = q - c: |r_j - C_jk|^2; bias 0.
-        ip/cosine: one table per query, -q_j.C_jk; bias is the negated <q, c>.
-        """
-        pq = self.pq
-        nq, nprobe = probed.shape
-        if self.metric is Metric.L2:
-            residuals = queries[:, None, :] - self.centroids[probed]  # (nq, nprobe, dim)
-            r = np.ascontiguousarray(  # (m, P, dsub)
-                residuals.reshape(nq * nprobe, pq.m, pq.dsub).transpose(1, 0, 2))
-            t = np.matmul(r, self._codebooks_t)  # type: ignore[attr-defined]  # (m, P, ksub)
-            t *= -2.0
-            t += pq.norms[:, None, :]
-            t += np.einsum("jpd,jpd->jp", r, r)[:, :, None]
-            np.maximum(t, 0.0, out=t)  # rounding can make a tiny square negative
-            tables = np.ascontiguousarray(t.transpose(1, 0, 2)).reshape(nq * nprobe, -1)
-            return tables, np.arange(nq * nprobe), np.zeros(nq * nprobe, np.float32)
-        q = np.ascontiguousarray(queries.reshape(nq, pq.m, pq.dsub).transpose(1, 0, 2))
-        t = np.matmul(q, self._codebooks_t)  # type: ignore[attr-defined]  # (m, nq, ksub)
-        np.negative(t, out=t)
-        tables = np.ascontiguousarray(t.transpose(1, 0, 2)).reshape(nq, -1)
-        return tables, np.repeat(np.arange(nq), nprobe), coarse.reshape(-1)
-
-    def _scan(self, probed: I64Array, tables: F32Array, table_of_pair: I64Array,
-              bias: F32Array, lists: Mapping[int, ListRecord],
-              deleted: Mapping[int, np.ndarray], fetch: RecordFetcher,
-              cand_cost: F32Array, cand_ids: I64Array) -> None:
-        """Score every probed list once against all the (query, probe) pairs that chose it."""
-        nprobe = probed.shape[1]
-        k = cand_cost.shape[2]
+        coarse, probed = self.probe(queries, nprobe)
         flat = probed.reshape(-1)
         order = np.argsort(flat, kind="stable")
         list_nos, starts = np.unique(flat[order], return_index=True)
         ends = np.append(starts[1:], len(order))
         offsets = (np.arange(self.pq.m) * self.pq.ksub).astype(np.intp)
+        chunk = max(1, _TABLE_BUDGET // (self.pq.m * self.pq.ksub))  # pairs per table block
         for list_no, s, e in zip(list_nos.tolist(), starts.tolist(), ends.tolist(), strict=True):
             record = lists.get(list_no)
             if record is None or record.count == 0:
                 continue
-            pairs = order[s:e]
             recs = fetch(list_no, record)
             flat_codes = (recs["code"].astype(np.intp) + offsets).reshape(-1)  # (n*m,)
-            cost = self._score(tables[table_of_pair[pairs]], bias[pairs], flat_codes)
+            list_ids = np.asarray(recs["id"])
             dead = deleted.get(list_no)
-            if dead is not None:
-                cost[:, dead] = np.inf  # deleted rows lose to every live row
-            top = smallest_k(cost, min(k, cost.shape[1]))
-            kk = top.shape[1]
-            top_cost = np.take_along_axis(cost, top, axis=1)
-            qi, pi = np.divmod(pairs, nprobe)
-            cand_cost[qi, pi, :kk] = top_cost
-            top_ids = np.asarray(recs["id"])[top]
-            if dead is not None:
-                top_ids = np.where(np.isinf(top_cost), -1, top_ids)  # fewer than k live rows
-            cand_ids[qi, pi, :kk] = top_ids
+            for c0 in range(s, e, chunk):
+                qi, pi = np.divmod(order[c0: min(e, c0 + chunk)], nprobe)
+                tables, bias = self._pair_tables(queries[qi], coarse[qi, pi], list_no)
+                cost = self._score(tables, bias, flat_codes)
+                if dead is not None:
+                    cost[:, dead] = np.inf  # deleted rows lose to every live row
+                top = smallest_k(cost, min(k, cost.shape[1]))
+                kk = top.shape[1]
+                top_cost = np.take_along_axis(cost, top, axis=1)
+                top_ids = list_ids[top]
+                if dead is not None:
+                    top_ids = np.where(np.isinf(top_cost), -1, top_ids)  # fewer than k live
+                cand_cost[qi, pi, :kk] = top_cost
+                cand_ids[qi, pi, :kk] = top_ids
+        return self._merge(cand_cost.reshape(nq, nprobe * k), cand_ids.reshape(nq, nprobe * k),
+                           params.k)
+
+    def _pair_tables(self, queries: F32Array, coarse: F32Array,
+                     list_no: int) -> tuple[F32Array, F32Array]:
+        """ADC tables (P, m*ksub) of the P queries that probe ``list_no``, and the constant
+        each adds to every candidate's table sum.
+
+        l2: from the query's residual r = q - c: |r_j - C_jk|^2; constant 0.
+        ip/cosine: -q_j.C_jk; the constant is the negated <q, c> (the coarse cost).
+        """
+        pq = self.pq
+        p = queries.shape[0]
+        x = queries - self.centroids[list_no] if self.metric is Metric.L2 else queries
+        r = np.ascontiguousarray(x.reshape(p, pq.m, pq.dsub).transpose(1, 0, 2))  # (m, P, dsub)
+        t = np.matmul(r, self._codebooks_t)  # type: ignore[attr-defined]  # (m, P, ksub)
+        if self.metric is Metric.L2:
+            t *= -2.0
+            t += pq.norms[:, None, :]
+            t += np.einsum("jpd,jpd->jp", r, r)[:, :, None]
+            np.maximum(t, 0.0, out=t)  # rounding can make a tiny square negative
+            bias = np.zeros(p, np.float32)
+        else:
+            np.negative(t, out=t)
+            bias = coarse
+        return np.ascontiguousarray(t.transpose(1, 0, 2)).reshape(p, -1), bias
 
     def _score(self, pair_tables: F32Array, pair_bias: F32Array,
                flat_codes: np.ndarray) -> F32Array:

@@ -163,3 +163,39 @@ def test_ip_scores_are_descending_and_l2_ascending(tmp_path, small_data):
                                                    metric=metric) as store:
             distances, _ = store.search(small_data["queries"], k=10, nprobe=4)
         assert np.all(np.diff(sign * distances, axis=1) >= 0)
+
+
+def test_python_work_per_search_is_bounded_by_probed_lists_not_queries(shared_store_path):
+    """Regression guard for speed that is not a timed test (issue 5): a search fetches each
+    probed list once and makes a number of Python-level calls that depends on the lists it
+    probes, not on how many queries or candidates there are."""
+    import sys
+
+    with ivfpq_store.open(shared_store_path, readonly=True) as store:
+        nonempty = sum(1 for size in store.info().list_sizes if size)
+        original = store._fetch
+        work = {}
+        for nq in (20, 20_000):
+            queries = synthetic(nq, store.params.dim, seed=nq)
+            fetched: list[int] = []
+            calls = [0]
+
+            def count_fetch(l_no, rec, fetched=fetched):
+                fetched.append(l_no)
+                return original(l_no, rec)
+
+            def profiler(frame, event, arg, calls=calls):
+                if event == "call":
+                    calls[0] += 1
+
+            store._fetch = count_fetch
+            sys.setprofile(profiler)
+            try:
+                store.search(queries, k=10, nprobe=NLIST)
+            finally:
+                sys.setprofile(None)
+            assert sorted(fetched) == sorted(set(fetched))  # each list once per batch
+            assert len(fetched) == nonempty
+            work[nq] = calls[0]
+    # 1000x the queries: a few more calls (blocked coarse probing), nothing proportional.
+    assert work[20_000] <= work[20] + 50, work
