@@ -1,0 +1,355 @@
+"""Side-by-side benchmark of ivfpq-store against faiss IndexIVFPQ (needs the ``bench`` extra).
+
+Builds our store and a faiss ``IndexIVFPQ`` with the same nlist, m, nbits and metric, trained on
+the same sample, on the same data, in one run, and reports both with ratios: train time, add
+throughput, bytes per vector, recall 1@1 and 10@10 with batch QPS per nprobe, single-query
+latency, cold-cache latency and bytes read per query, and anonymous memory of a searching
+process. Writes ``bench.json``, ``bench.md`` and ``recall_qps.png`` into ``--out``.
+
+Usage::
+
+    python tools/bench.py --dataset siftsmall --out bench-out/siftsmall
+    python tools/bench.py --dataset synthetic --n 1000000 --nlist 1024 --out bench-out/1m
+    python tools/bench.py --base b.fvecs --queries q.fvecs --groundtruth gt.ivecs --nlist 256
+
+Only the public API of ivfpq_store is used. Timings are single runs on a shared machine:
+compare the ratios, which both systems share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import ivfpq_store
+from ivfpq_store.datasets import load_siftsmall
+from ivfpq_store.evaluation import recall_at
+from ivfpq_store.io import read_vectors
+
+
+# -- data ----------------------------------------------------------------------------------------
+def synthetic(n: int, nq: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """SIFT-like data: a 256-component Gaussian mixture in a 24-d latent space, projected to
+    ``dim`` dimensions, plus small isotropic noise (isotropic data makes every ANN look broken).
+    Generated in blocks; deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    latent_dim, ncomp = 24, 256
+    centers = rng.normal(0, 1, size=(ncomp, latent_dim))
+    scales = rng.uniform(0.2, 0.6, size=ncomp)
+    proj = rng.normal(0, 1, size=(latent_dim, dim)) / np.sqrt(latent_dim)
+
+    def draw(k: int) -> np.ndarray:
+        out = np.empty((k, dim), dtype=np.float32)
+        for s in range(0, k, 100_000):
+            b = min(100_000, k - s)
+            comp = rng.integers(0, ncomp, size=b)
+            z = centers[comp] + scales[comp, None] * rng.normal(size=(b, latent_dim))
+            out[s: s + b] = z @ proj + 0.05 * rng.normal(size=(b, dim))
+        return out
+
+    return draw(n), draw(nq)
+
+
+def ground_truth(xb: np.ndarray, xq: np.ndarray, k: int, block: int = 65536) -> np.ndarray:
+    """Exact L2 k-NN ids (nq, k), computed in blocks of the base (faiss's contrib approach)."""
+    qn = (xq.astype(np.float64) ** 2).sum(1)
+    best_d = np.full((len(xq), k), np.inf)
+    best_i = np.full((len(xq), k), -1, dtype=np.int64)
+    for s in range(0, len(xb), block):
+        b = xb[s: s + block].astype(np.float32)
+        d = qn[:, None] - 2 * (xq @ b.T).astype(np.float64) + (b.astype(np.float64) ** 2).sum(1)
+        cat_d = np.concatenate([best_d, d], axis=1)
+        cat_i = np.concatenate([best_i, np.arange(s, s + len(b))[None, :].repeat(len(xq), 0)], 1)
+        part = np.argpartition(cat_d, k - 1, axis=1)[:, :k]
+        best_d = np.take_along_axis(cat_d, part, 1)
+        best_i = np.take_along_axis(cat_i, part, 1)
+    order = np.argsort(best_d, axis=1)
+    return np.take_along_axis(best_i, order, 1)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def latencies_ms(search: Any, xq: np.ndarray, count: int) -> dict[str, float]:
+    lat = []
+    for q in xq[:count]:
+        t0 = time.perf_counter()
+        search(q[None, :])
+        lat.append((time.perf_counter() - t0) * 1e3)
+    return {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+def read_bytes() -> int:
+    with open("/proc/self/io") as fh:
+        for line in fh:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop files from the page cache (they must not be mapped by this process)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+RSS_CHILD = """
+import sys, json, numpy as np, ivfpq_store
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+xq = np.load(sys.argv[2])
+before = anon()
+with ivfpq_store.open(sys.argv[1], readonly=True) as s:
+    for nprobe in (1, 4, 16, 64):
+        s.search(xq, k=10, nprobe=min(nprobe, s.params.nlist))
+    during = anon()
+print(json.dumps({"rss_anon_before": before, "rss_anon_after_searches": during}))
+"""
+
+
+# -- the benchmark -------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import faiss
+
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    if args.base:
+        xb = np.ascontiguousarray(read_vectors(args.base), dtype=np.float32)
+        xq = np.ascontiguousarray(read_vectors(args.queries), dtype=np.float32)[: args.nq]
+        gt = read_vectors(args.groundtruth)[: args.nq] if args.groundtruth else None
+        name = Path(args.base).stem
+    elif args.dataset == "siftsmall":
+        data = load_siftsmall()
+        xb, xq, gt, name = data.base, data.queries, data.groundtruth, "siftsmall"
+    else:
+        xb, xq = synthetic(args.n, args.nq, args.dim, args.seed)
+        gt, name = None, f"synthetic-{args.n}"
+    if gt is None:
+        gt, gt_s = timed(ground_truth, xb, xq, 10)
+        print(f"ground truth: {gt_s:.1f} s", file=sys.stderr)
+    n, dim = xb.shape
+    nlist = args.nlist or max(1, n // 1000)
+    rng = np.random.default_rng(args.seed)
+    ntrain = min(n, args.train_size or 256 * max(nlist, 1 << args.nbits))
+    xt = xb[np.sort(rng.choice(n, ntrain, replace=False))] if ntrain < n else xb
+    work = Path(tempfile.mkdtemp(prefix="ivfpq-bench-", dir=args.tmp))
+    path = work / "bench.ivfpq"
+    res: dict[str, Any] = {"dataset": name, "n": n, "dim": dim, "nq": len(xq), "nlist": nlist,
+                           "m": args.m, "nbits": args.nbits, "metric": "l2", "ntrain": ntrain,
+                           "niter": args.niter}
+    print(f"{name}: n={n} dim={dim} nlist={nlist} m={args.m} nbits={args.nbits}", file=sys.stderr)
+
+    # train
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+        store, ours_train = timed(ivfpq_store.create, path, xt, nlist=nlist, m=args.m,
+                                  nbits=args.nbits, seed=args.seed, niter=args.niter)
+    quantizer = faiss.IndexFlatL2(dim)
+    index = faiss.IndexIVFPQ(quantizer, dim, nlist, args.m, args.nbits)
+    index.cp.niter = args.niter
+    index.pq.cp.niter = args.niter
+    _, faiss_train = timed(index.train, xt)
+    res["train_s"] = {"ours": ours_train, "faiss": faiss_train}
+
+    # add, in batches of --add-batch
+    batch = args.add_batch
+    ours_add = faiss_add = 0.0
+    for s in range(0, n, batch):
+        _, t = timed(store.add, xb[s: s + batch], ids=np.arange(s, min(n, s + batch)))
+        ours_add += t
+        _, t = timed(index.add, xb[s: s + batch])
+        faiss_add += t
+    res["add_vectors_per_s"] = {"ours": n / ours_add, "faiss": n / faiss_add, "batch": batch}
+    info = store.info()
+    faiss_bytes = faiss.serialize_index(index).nbytes
+    res["bytes_per_vector"] = {"ours": {k: v / n for k, v in info.bytes_on_disk.items()},
+                               "faiss_serialized": faiss_bytes / n}
+    print(f"train {ours_train:.1f}/{faiss_train:.1f} s, add {ours_add:.1f}/{faiss_add:.1f} s",
+          file=sys.stderr)
+
+    # recall and batch QPS per nprobe
+    rows = []
+    for nprobe in [p for p in args.nprobe if p <= nlist]:
+        (_d_o, i_o), t_o = timed(store.search, xq, k=10, nprobe=nprobe)
+        index.nprobe = nprobe
+        (_d_f, i_f), t_f = timed(index.search, xq, 10)
+        rows.append({
+            "nprobe": nprobe,
+            "ours": {"qps": len(xq) / t_o, "recall_1_at_1": recall_at(i_o, gt, r=1, k=1),
+                     "recall_10_at_10": recall_at(i_o, gt, r=10, k=10)},
+            "faiss": {"qps": len(xq) / t_f, "recall_1_at_1": recall_at(i_f, gt, r=1, k=1),
+                      "recall_10_at_10": recall_at(i_f, gt, r=10, k=10)},
+        })
+        print(f"nprobe {nprobe}: QPS {rows[-1]['ours']['qps']:.0f}/{rows[-1]['faiss']['qps']:.0f}"
+              f" recall {rows[-1]['ours']['recall_10_at_10']:.3f}/"
+              f"{rows[-1]['faiss']['recall_10_at_10']:.3f}", file=sys.stderr)
+    res["search"] = rows
+
+    # single-query latency at nprobe=16
+    np16 = min(16, nlist)
+    index.nprobe = np16
+    res["single_query_nprobe16"] = {
+        "ours": latencies_ms(lambda q: store.search(q, k=10, nprobe=np16), xq, args.single),
+        "faiss": latencies_ms(lambda q: index.search(q, 10), xq, args.single)}
+
+    # cold cache: evict the store's files before each query, count bytes read
+    store.close()
+    files = [p for p in path.rglob("*") if p.is_file() and p.name != "lock.mdb"]
+    cold_lat, cold_read, probed_bytes = [], [], []
+    with ivfpq_store.open(path, readonly=True) as cold:
+        lists = {li.list_no: li.segment_bytes for li in cold.lists()}
+        centroids = np.asarray(cold.centroids)
+        for q in xq[: args.cold]:
+            cold.refresh()  # drop our maps so the pages can really be evicted
+            evict(files)
+            r0 = read_bytes()
+            t0 = time.perf_counter()
+            cold.search(q, k=10, nprobe=np16)
+            cold_lat.append((time.perf_counter() - t0) * 1e3)
+            cold_read.append(read_bytes() - r0)
+            near = np.argsort(((centroids - q) ** 2).sum(1))[:np16]
+            probed_bytes.append(sum(lists[int(c)] for c in near))
+    res["cold_query_nprobe16"] = {
+        "p50_ms": float(np.percentile(cold_lat, 50)),
+        "bytes_read_mean": float(np.mean(cold_read)),
+        "probed_list_bytes_mean": float(np.mean(probed_bytes)),
+        "read_over_probed": float(np.mean(cold_read) / max(1.0, np.mean(probed_bytes)))}
+
+    # anonymous memory of a process that opens the store and searches it
+    np.save(work / "q.npy", xq)
+    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path), str(work / "q.npy")],
+                         capture_output=True, text=True, check=True)
+    rss = json.loads(out.stdout)
+    res["rss_anon_growth_bytes"] = {"ours": rss["rss_anon_after_searches"] - rss["rss_anon_before"],
+                                    "faiss_index_in_ram": faiss_bytes}
+    res["environment"] = {"python": platform.python_version(), "numpy": np.__version__,
+                          "faiss": faiss.__version__, "ivfpq_store": ivfpq_store.__version__,
+                          "cpus": os.cpu_count(), "machine": platform.machine()}
+    shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def markdown(res: dict[str, Any]) -> str:
+    def ratio(o: float, f: float) -> str:
+        return f"{o / f:.2f}x" if f else "-"
+
+    lines = [(f"### {res['dataset']}: n={res['n']:,}, dim={res['dim']}, nlist={res['nlist']}, "
+             f"m={res['m']}, nbits={res['nbits']}, {res['nq']} queries, k=10"),
+             "", "| figure | ivfpq-store | faiss | ratio |", "| --- | --- | --- | --- |"]
+    t = res["train_s"]
+    lines.append(f"| train time (s), {res['ntrain']:,} vectors, {res['niter']} iterations | "
+                 f"{t['ours']:.2f} | {t['faiss']:.2f} | {ratio(t['ours'], t['faiss'])} |")
+    a = res["add_vectors_per_s"]
+    lines.append(f"| add throughput (vectors/s), batches of {a['batch']:,} | {a['ours']:,.0f} | "
+                 f"{a['faiss']:,.0f} | {ratio(a['ours'], a['faiss'])} |")
+    for row in res["search"]:
+        o, f = row["ours"], row["faiss"]
+        lines.append(f"| nprobe={row['nprobe']}: batch QPS | {o['qps']:,.0f} | {f['qps']:,.0f} | "
+                     f"{ratio(o['qps'], f['qps'])} |")
+        lines.append(f"| nprobe={row['nprobe']}: recall 1@1 / 10@10 | {o['recall_1_at_1']:.3f} / "
+                     f"{o['recall_10_at_10']:.3f} | {f['recall_1_at_1']:.3f} / "
+                     f"{f['recall_10_at_10']:.3f} | "
+                     f"{o['recall_10_at_10'] - f['recall_10_at_10']:+.3f} |")
+    s = res["single_query_nprobe16"]
+    lines.append(f"| single query p50 / p99 (ms), nprobe=16 | {s['ours']['p50_ms']:.2f} / "
+                 f"{s['ours']['p99_ms']:.2f} | {s['faiss']['p50_ms']:.2f} / "
+                 f"{s['faiss']['p99_ms']:.2f} | "
+                 f"{ratio(s['ours']['p50_ms'], s['faiss']['p50_ms'])} |")
+    c = res["cold_query_nprobe16"]
+    lines.append(f"| cold-cache query p50 (ms) / bytes read, nprobe=16 | {c['p50_ms']:.2f} / "
+                 f"{c['bytes_read_mean']:,.0f} | in RAM | "
+                 f"read/probed = {c['read_over_probed']:.2f} |")
+    b = res["bytes_per_vector"]
+    lines.append(f"| bytes per vector on disk (segments / catalog / total) | "
+                 f"{b['ours']['segments']:.1f} / {b['ours']['catalog']:.1f} / "
+                 f"{b['ours']['total']:.1f} | {b['faiss_serialized']:.1f} (serialized) | |")
+    r = res["rss_anon_growth_bytes"]
+    lines.append(f"| anonymous RSS growth of a searching process (MB) | {r['ours'] / 1e6:.1f} | "
+                 f"{r['faiss_index_in_ram'] / 1e6:.1f} (index in RAM) | |")
+    e = res["environment"]
+    lines += ["", (f"Python {e['python']}, numpy {e['numpy']}, faiss-cpu {e['faiss']}, "
+                  f"ivfpq-store {e['ivfpq_store']}, {e['cpus']} CPUs ({e['machine']}).")]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for system, style in (("ours", "o-"), ("faiss", "s--")):
+        xs = [row[system]["recall_10_at_10"] for row in res["search"]]
+        ys = [row[system]["qps"] for row in res["search"]]
+        ax.plot(xs, ys, style, label="ivfpq-store" if system == "ours" else "faiss IndexIVFPQ")
+        for row, x, y in zip(res["search"], xs, ys, strict=True):
+            ax.annotate(str(row["nprobe"]), (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("recall 10@10")
+    ax.set_ylabel("batch queries per second (log)")
+    ax.set_title(f"{res['dataset']}: nlist={res['nlist']}, m={res['m']} (labels: nprobe)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset", choices=["siftsmall", "synthetic"], default="siftsmall")
+    p.add_argument("--base", help="base vectors file (.fvecs/.bvecs/.npy); overrides --dataset")
+    p.add_argument("--queries", help="query vectors file (with --base)")
+    p.add_argument("--groundtruth", help="ground-truth ids (.ivecs/.npy); computed when absent")
+    p.add_argument("--n", type=int, default=1_000_000, help="synthetic base size")
+    p.add_argument("--nq", type=int, default=1000, help="queries (synthetic, or a cap)")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--nlist", type=int, default=0, help="default: n // 1000")
+    p.add_argument("--m", type=int, default=16)
+    p.add_argument("--nbits", type=int, default=8)
+    p.add_argument("--niter", type=int, default=25)
+    p.add_argument("--train-size", type=int, default=0,
+                   help="training sample; default 256 * max(nlist, 2**nbits)")
+    p.add_argument("--nprobe", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[1, 4, 16, 64])
+    p.add_argument("--add-batch", type=int, default=100_000)
+    p.add_argument("--single", type=int, default=200, help="queries timed one by one")
+    p.add_argument("--cold", type=int, default=20, help="cold-cache queries")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tmp", default=None, help="where the benchmark store is built")
+    p.add_argument("--out", default="bench-out", help="output directory")
+    args = p.parse_args()
+    res = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(res, indent=2))
+    (out / "bench.md").write_text(markdown(res))
+    plot(res, out / "recall_qps.png")
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
