@@ -86,6 +86,7 @@ class SegmentReader:
         self.expected = expected
         self.dtype = record_dtype(expected.code_size)
         self._map: np.ndarray | None = None
+        self._view: np.ndarray | None = None
         self._capacity = 0
         self._lock = threading.Lock()
 
@@ -129,6 +130,9 @@ class SegmentReader:
         except (OSError, ValueError) as err:
             raise CorruptStoreError(f"{self.path}: segment cannot be mapped: {err}") from err
         self._capacity = capacity
+        # A plain ndarray view: slicing an np.memmap builds a memmap object each time, which
+        # cost about a third of a millisecond per probed list (profiled).
+        self._view = self._map.view(np.ndarray)
 
     def records(self, count: int) -> np.ndarray:
         """The first ``count`` records as a read-only structured view (fields ``id``, ``code``)."""
@@ -137,8 +141,8 @@ class SegmentReader:
         with self._lock:
             if self._map is None or self._capacity < count:
                 self._remap(count)
-            assert self._map is not None
-            return self._map[:count]
+            assert self._view is not None
+            return self._view[:count]
 
 
 class MapCache:
