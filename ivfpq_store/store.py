@@ -206,6 +206,8 @@ class Store(WriteMixin):
             ``(distances, ids)``, float32 and int64 arrays of shape (nq, k), best first: squared
             L2 distances ascending for l2, inner products descending for ip/cosine. Padded with
             id -1 and +inf (l2) or -inf (ip/cosine) when the probed lists hold fewer than k.
+            Distances are to the PQ reconstructions; batches and single queries use different
+            (equivalent) formulas, so they may differ in the last float bits.
 
         Raises
         ------
