@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from .format import SEGMENT_PRELUDE_SIZE, SegmentPrelude, record_dtype, segment_file_name
+from .format import SegmentPrelude, segment_file_name
 from .format.keys import id_keys
 from .format.records import ListRecord, encode_id_entries
-from .storage import CatalogSnapshot, Changes, StoreLayout, append_records
+from .storage import CatalogSnapshot, Changes, StoreLayout, append_records, committed_size
 from .storage._atomic import fsync_dir
 
-__all__ = ["CompactReport", "Rewrite", "choose_lists", "remove_orphans", "rewrite_lists"]
+__all__ = ["CompactReport", "CompactionPlan", "Rewrite", "choose_lists", "plan_compaction",
+           "remove_orphans", "rewrite_lists"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +58,37 @@ def choose_lists(snapshot: CatalogSnapshot, min_deleted_ratio: float,
                   if r.deleted > 0 and r.deleted >= min_deleted_ratio * r.count)
 
 
+@dataclass(frozen=True, slots=True)
+class CompactionPlan:
+    """What compacting ``lists`` removes and keeps, derived from a snapshot alone."""
+
+    lists: tuple[int, ...]
+    removed: int  # tombstoned records dropped
+    kept: int  # live records copied
+    bytes_before: int  # committed segment bytes of those lists now
+    bytes_after: int  # and after the rewrite (no file for a list left empty)
+
+
+def plan_compaction(snapshot: CatalogSnapshot, list_nos: list[int],
+                    code_size: int) -> CompactionPlan:
+    """Sizes of compacting ``list_nos``; the dry run reports it, the real run commits it."""
+    records = [snapshot.lists[n] for n in list_nos]
+    return CompactionPlan(
+        lists=tuple(list_nos),
+        removed=sum(r.deleted for r in records),
+        kept=sum(r.count - r.deleted for r in records),
+        bytes_before=sum(committed_size(r.count, code_size) for r in records),
+        bytes_after=sum(committed_size(r.count - r.deleted, code_size)
+                        for r in records if r.count > r.deleted),
+    )
+
+
 @dataclass(slots=True)
 class Rewrite:
     """New segments written for a compaction, and the catalog changes that switch to them."""
 
     changes: Changes = field(default_factory=Changes)
     old_files: list[str] = field(default_factory=list)
-    removed: int = 0
-    kept: int = 0
-    bytes_before: int = 0
-    bytes_after: int = 0
 
 
 def rewrite_lists(layout: StoreLayout, store_uuid: uuid.UUID, code_size: int,
@@ -78,7 +100,6 @@ def rewrite_lists(layout: StoreLayout, store_uuid: uuid.UUID, code_size: int,
     catalog changes that switch to the new segments; nothing is visible before they commit.
     """
     out = Rewrite()
-    record_size = record_dtype(code_size).itemsize
     created = False
     for list_no in list_nos:
         old = snapshot.lists[list_no]
@@ -103,10 +124,6 @@ def rewrite_lists(layout: StoreLayout, store_uuid: uuid.UUID, code_size: int,
                                                 deleted=0, crc32=crc)
         out.changes.dropped_segments.append((list_no, old.generation))
         out.old_files.append(old.file)
-        out.removed += len(dead)
-        out.kept += len(live)
-        out.bytes_before += SEGMENT_PRELUDE_SIZE + old.count * record_size
-        out.bytes_after += (SEGMENT_PRELUDE_SIZE + len(live) * record_size) if len(live) else 0
     if created:
         fsync_dir(layout.segments)
     return out

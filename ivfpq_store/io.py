@@ -19,8 +19,7 @@ import numpy as np
 
 from .errors import InvalidInputError
 
-__all__ = ["VectorFile", "VectorFileError", "open_vectors", "read_ids", "read_vecs",
-           "read_vectors"]
+__all__ = ["VectorFile", "VectorFileError", "open_vectors", "read_ids", "read_vectors"]
 
 # extension -> component dtype; each record is a <i4 dim, then dim components
 _VECS: dict[str, np.dtype[Any]] = {
@@ -167,11 +166,6 @@ def _open_npy(p: Path) -> VectorFile:
                               f"{dtype} {shape}; it is truncated")
     return VectorFile(path=p, n=shape[0], dim=shape[1], dtype=dtype, offset=offset,
                       record_bytes=shape[1] * dtype.itemsize, texmex=False)
-
-
-def read_vecs(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read a whole TEXMEX file (or any vector file) into memory as (n, d)."""
-    return open_vectors(path).read()
 
 
 def read_vectors(path: str | os.PathLike[str]) -> np.ndarray:

@@ -84,6 +84,9 @@ class Searcher:
         # (m*ksub, dsub): row j*ksub + c is sub-centroid c of sub-quantizer j, for decoding.
         object.__setattr__(self, "_codebooks_flat",
                            np.ascontiguousarray(self.pq.codebooks.reshape(-1, self.pq.dsub)))
+        # code j of a record indexes row j*ksub + code of a flattened (m*ksub, ...) table.
+        object.__setattr__(self, "_offsets",
+                           (np.arange(self.pq.m) * self.pq.ksub).astype(np.intp))
 
     def probe(self, queries: F32Array, nprobe: int) -> tuple[F32Array, I64Array]:
         """The ``nprobe`` best lists per query, best first, and their coarse costs.
@@ -193,7 +196,6 @@ class Searcher:
             xnorm = np.einsum("ij,ij->i", x, x)
         else:
             tables, bias = self._pair_tables(queries, coarse, list_no)
-            offsets = (np.arange(self.pq.m) * self.pq.ksub).astype(np.intp)
         rows_per_block = max(k, _SCAN_BUDGET // max(1, p * (1 if use_gemm else self.pq.m)))
         best_cost = np.empty((p, 0), np.float32)
         best_rows = np.empty((p, 0), np.int64)
@@ -211,7 +213,7 @@ class Searcher:
                     np.negative(cost, out=cost)
                     cost += coarse[:, None]
             else:
-                flat_codes = (block.astype(np.intp) + offsets).reshape(-1)
+                flat_codes = (block.astype(np.intp) + self._offsets).reshape(-1)  # type: ignore[attr-defined]
                 cost = tables[:, flat_codes].reshape(p, len(block), self.pq.m).sum(
                     axis=2, dtype=np.float32)
                 cost += bias[:, None]
@@ -228,8 +230,7 @@ class Searcher:
 
     def _decode(self, codes: np.ndarray) -> F32Array:
         """Reconstructed residuals (n, dim) of PQ codes (n, m)."""
-        offsets = (np.arange(self.pq.m) * self.pq.ksub).astype(np.intp)
-        idx = codes.astype(np.intp) + offsets
+        idx = codes.astype(np.intp) + self._offsets  # type: ignore[attr-defined]
         decoded: F32Array = self._codebooks_flat[idx].reshape(len(codes), -1)  # type: ignore[attr-defined]
         return decoded
 

@@ -40,6 +40,7 @@ from .storage import (
     Catalog,
     MapCache,
     StoreLayout,
+    committed_size,
     read_header,
 )
 from .training.pq import ProductQuantizer
@@ -282,7 +283,7 @@ class Store(WriteMixin):
                 out.append(ListInfo(list_no=list_no, live=0, deleted=0, file=None, generation=0,
                                     segment_bytes=0))
                 continue
-            size = SEGMENT_PRELUDE_SIZE + r.count * self._dtype.itemsize if r.count else 0
+            size = committed_size(r.count, self.params.code_size) if r.count else 0
             out.append(ListInfo(list_no=list_no, live=r.count - r.deleted, deleted=r.deleted,
                                 file=r.file if r.count else None, generation=r.generation,
                                 segment_bytes=size))

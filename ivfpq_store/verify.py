@@ -19,7 +19,7 @@ from .errors import IvfpqError
 from .format import SEGMENT_PRELUDE_SIZE, Header, decode_segment_prelude, segment_file_name
 from .format._checksum import crc32
 from .format.segment import record_dtype
-from .storage import Catalog, CatalogSnapshot, StoreLayout, read_header
+from .storage import Catalog, CatalogSnapshot, StoreLayout, committed_size, read_header
 from .storage._atomic import LockState, probe_lock
 
 __all__ = ["Problem", "VerifyReport", "verify_store"]
@@ -142,8 +142,7 @@ def _check_segment(layout: StoreLayout, snap: CatalogSnapshot, list_no: int, cod
             found.leftovers.append(Problem("tail", f"list {list_no} is empty but {path.name} "
                                                    "exists (an interrupted add)", where))
         return None
-    dtype = record_dtype(code_size)
-    need = SEGMENT_PRELUDE_SIZE + record.count * dtype.itemsize
+    need = committed_size(record.count, code_size)
     if not path.exists():
         found.problem("segment", f"segment file is missing; the catalog lists {record.count} "
                                  f"committed records of list {list_no}", where)
@@ -168,7 +167,7 @@ def _check_segment(layout: StoreLayout, snap: CatalogSnapshot, list_no: int, cod
         found.problem("segment", f"checksum mismatch in the committed records — expected "
                                  f"0x{record.crc32:08x}, got 0x{actual:08x}", where)
         return None
-    return np.frombuffer(body, dtype=dtype) if prelude_ok else None
+    return np.frombuffer(body, dtype=record_dtype(code_size)) if prelude_ok else None
 
 
 def _check_prelude(raw: bytes, where: str, list_no: int, generation: int, code_size: int,
@@ -265,7 +264,6 @@ def _repair(layout: StoreLayout, snap: CatalogSnapshot, code_size: int,
     """Remove what the leftovers name: cut tails, delete orphans, clear a dead writer's pid."""
     done = []
     by_file = {r.file: r for r in snap.lists.values()}
-    record_size = record_dtype(code_size).itemsize
     for item in leftovers:
         path = layout.segments / os.path.basename(item.path) if item.path else None
         if item.kind == "tail" and path is not None:
@@ -274,7 +272,7 @@ def _repair(layout: StoreLayout, snap: CatalogSnapshot, code_size: int,
                 path.unlink(missing_ok=True)
                 done.append(f"removed {path.name} (empty list)")
             else:
-                os.truncate(path, SEGMENT_PRELUDE_SIZE + record.count * record_size)
+                os.truncate(path, committed_size(record.count, code_size))
                 done.append(f"cut the uncommitted tail of {path.name}")
         elif item.kind == "orphan" and path is not None:
             path.unlink(missing_ok=True)

@@ -22,9 +22,10 @@ import numpy as np
 
 from ._validate import as_id_list, as_ids, as_vectors, normalize_rows
 from .compaction import (
+    CompactionPlan,
     CompactReport,
-    Rewrite,
     choose_lists,
+    plan_compaction,
     remove_files,
     remove_orphans,
     rewrite_lists,
@@ -36,7 +37,7 @@ from .errors import (
     ReadOnlyStoreError,
     StoreLockedError,
 )
-from .format import SEGMENT_PRELUDE_SIZE, Header, SegmentPrelude, segment_file_name
+from .format import Header, SegmentPrelude, segment_file_name
 from .format.keys import id_keys, tombstone_keys
 from .format.records import ListRecord, StateRecord, encode_id_entries
 from .params import IndexParams, check_ratio
@@ -47,6 +48,7 @@ from .storage import (
     StoreLayout,
     append_records,
     check_new_store_path,
+    committed_size,
 )
 from .storage._atomic import build_directory, fsync_dir, probe_lock, writer_lock
 from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
@@ -301,38 +303,27 @@ class WriteMixin:
         t0 = time.perf_counter()
         with self._writing() as catalog:
             snap = catalog.snapshot()
-            chosen = choose_lists(snap, ratio)
-            if dry_run:
-                orphans = 0
-                record_size = 8 + self.params.code_size
-                removed = sum(snap.lists[n].deleted for n in chosen)
-                before = sum(SEGMENT_PRELUDE_SIZE + snap.lists[n].count * record_size
-                             for n in chosen)
-                kept = sum(snap.lists[n].count for n in chosen) - removed
-                after = sum(SEGMENT_PRELUDE_SIZE + (snap.lists[n].count - snap.lists[n].deleted)
-                            * record_size for n in chosen
-                            if snap.lists[n].count > snap.lists[n].deleted)
-            else:
+            plan = plan_compaction(snap, choose_lists(snap, ratio), self.params.code_size)
+            orphans = 0
+            if not dry_run:
                 orphans = remove_orphans(self._layout, snap)
-                done = self._rewrite(catalog, snap, chosen)
-                removed, kept, before, after = (done.removed, done.kept, done.bytes_before,
-                                                done.bytes_after)
-        return CompactReport(dry_run=dry_run, lists=tuple(chosen), records_removed=removed,
-                             records_kept=kept, segment_bytes_before=before,
-                             segment_bytes_after=after, orphans_removed=orphans,
+                self._rewrite(catalog, snap, plan)
+        return CompactReport(dry_run=dry_run, lists=plan.lists, records_removed=plan.removed,
+                             records_kept=plan.kept, segment_bytes_before=plan.bytes_before,
+                             segment_bytes_after=plan.bytes_after, orphans_removed=orphans,
                              seconds=time.perf_counter() - t0)
 
-    def _rewrite(self, catalog: Catalog, snap: CatalogSnapshot, chosen: list[int]) -> Rewrite:
-        """Compact ``chosen`` lists: new segments, one commit, then unlink the old files."""
+    def _rewrite(self, catalog: Catalog, snap: CatalogSnapshot, plan: CompactionPlan) -> None:
+        """Compact the planned lists: new segments, one commit, then unlink the old files."""
+        if not plan.lists:
+            return
         done = rewrite_lists(self._layout, self._header.store_uuid, self.params.code_size, snap,
-                             chosen, self._fetch)
-        if chosen:
-            s = snap.state
-            catalog.apply(StateRecord(commit=s.commit + 1, ntotal=s.ntotal, next_id=s.next_id,
-                                      ndeleted=s.ndeleted - done.removed), done.changes)
-            remove_files(self._layout.segments, done.old_files)
-            logger.info("compacted %d lists: %d records removed", len(chosen), done.removed)
-        return done
+                             list(plan.lists), self._fetch)
+        s = snap.state
+        catalog.apply(StateRecord(commit=s.commit + 1, ntotal=s.ntotal, next_id=s.next_id,
+                                  ndeleted=s.ndeleted - plan.removed), done.changes)
+        remove_files(self._layout.segments, done.old_files)
+        logger.info("compacted %d lists: %d records removed", len(plan.lists), plan.removed)
 
     def _auto_compact(self, touched: Mapping[int, ListRecord | None]) -> None:
         """Compact the lists a delete or upsert touched once they pass auto_compact_ratio."""
@@ -341,8 +332,7 @@ class WriteMixin:
         with self._writing() as catalog:
             snap = catalog.snapshot()
             chosen = choose_lists(snap, self._auto_compact_ratio, among=touched)
-            if chosen:
-                self._rewrite(catalog, snap, chosen)
+            self._rewrite(catalog, snap, plan_compaction(snap, chosen, self.params.code_size))
 
     def verify(self, *, repair: bool = False) -> VerifyReport:
         """Check every invariant of the store; report damage, never raise on it.
@@ -412,7 +402,7 @@ class WriteMixin:
             for record in snap.lists.values():
                 if record.count:
                     _copy_prefix(self._layout.segment(record.file), layout.segment(record.file),
-                                 SEGMENT_PRELUDE_SIZE + record.count * self._dtype.itemsize)
+                                 committed_size(record.count, self.params.code_size))
                     copied += 1
             catalog.copy_to(layout.catalog)
             for directory in (layout.segments, layout.catalog, layout.root):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import SIFTSMALL, read_fvecs
 
-from ivfpq_store.io import VectorFileError, open_vectors, read_ids, read_vecs
+from ivfpq_store.io import VectorFileError, open_vectors, read_ids, read_vectors
 
 
 def texmex(path, x: np.ndarray, dtype: str) -> None:
@@ -43,7 +43,7 @@ def test_npy_and_sift_files(tmp_path):
     vf = open_vectors(tmp_path / "x.npy")
     assert (vf.n, vf.dim, vf.dtype) == (12, 5, np.dtype("<f8"))
     np.testing.assert_array_equal(np.concatenate(list(vf.batches(5))), x)
-    np.testing.assert_array_equal(read_vecs(SIFTSMALL / "siftsmall_query.fvecs"),
+    np.testing.assert_array_equal(read_vectors(SIFTSMALL / "siftsmall_query.fvecs"),
                                   read_fvecs(SIFTSMALL / "siftsmall_query.fvecs"))
 
 

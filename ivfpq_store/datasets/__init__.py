@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import read_vecs
+from ..io import read_vectors
 
 __all__ = ["SIFTSMALL_DIR", "Dataset", "load_siftsmall"]
 
@@ -28,7 +28,7 @@ class Dataset:
 def load_siftsmall() -> Dataset:
     """SIFT10K: 10,000 base and 100 query SIFT descriptors (128-d, L2) with ground truth."""
     def vecs(name: str, dtype: type) -> np.ndarray:
-        return np.ascontiguousarray(read_vecs(SIFTSMALL_DIR / name), dtype=dtype)
+        return np.ascontiguousarray(read_vectors(SIFTSMALL_DIR / name), dtype=dtype)
 
     return Dataset(
         name="siftsmall",

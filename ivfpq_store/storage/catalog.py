@@ -287,11 +287,6 @@ class Catalog:
         snap = CatalogSnapshot(state=state, lists=lists, deleted=deleted)
         return snap, ids, decode_id_entries(values), prefixes
 
-    def tombstones(self, list_no: int, generation: int) -> np.ndarray:
-        """Sorted tombstoned rows (int64) of one segment, read now."""
-        with self._read("read tombstones") as txn:
-            return self._tombstones(txn, list_no, generation)
-
     def live_mask(self, ids: I64Array) -> np.ndarray:
         """Boolean array: which of ``ids`` (non-negative int64) have an entry in the id map."""
         keys = id_keys(ids)
@@ -361,12 +356,3 @@ class Catalog:
         dest.mkdir()
         with _lmdb_errors(self.path, f"copy the catalog to {dest}"):
             self._env.copy(str(dest), compact=True)
-
-    def stat(self) -> dict[str, int]:
-        """Entry counts of each named database and the environment's size on disk."""
-        out: dict[str, int] = {}
-        with self._read("stat the catalog") as txn:
-            for name in _DBS:
-                out[name.decode()] = int(txn.stat(self._dbs[name])["entries"])
-        out["bytes"] = sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
-        return out

@@ -100,7 +100,7 @@ class SegmentReader:
             ) from None
         except OSError as err:
             raise CorruptStoreError(f"{self.path}: segment cannot be read: {err}") from err
-        need = SEGMENT_PRELUDE_SIZE + count * self.dtype.itemsize
+        need = committed_size(count, self.expected.code_size)
         if size < need:
             raise CorruptStoreError(
                 f"{self.path}: segment is {size} bytes — expected at least {need} for {count} "
