@@ -109,7 +109,7 @@ class Store(WriteMixin):
     """
 
     def __init__(self, layout: StoreLayout, header: Header, catalog: Catalog, *, readonly: bool,
-                 max_open_segments: int, lock_timeout: float,
+                 max_open_segments: int | None, lock_timeout: float,
                  auto_compact_ratio: float | None) -> None:
         self._layout = layout
         self._header = header
@@ -324,10 +324,11 @@ class Store(WriteMixin):
         self._maps.clear()
 
 # -- entry point ----------------------------------------------------------------------------
-def check_open_args(*, map_size: int, max_open_segments: int = 1,
+def check_open_args(*, map_size: int, max_open_segments: int | None = None,
                      lock_timeout: float = 0.0) -> None:
     check_int("map_size", map_size, 1 << 20, 1 << 50)
-    check_int("max_open_segments", max_open_segments, 1, 1 << 20)
+    if max_open_segments is not None:
+        check_int("max_open_segments", max_open_segments, 1, 1 << 20)
     if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, int | float) or not (
         0 <= lock_timeout < float("inf")
     ):
@@ -340,7 +341,7 @@ def open(
     *,
     readonly: bool = False,
     map_size: int = DEFAULT_MAP_SIZE,
-    max_open_segments: int = 256,
+    max_open_segments: int | None = None,
     lock_timeout: float = 30.0,
     auto_compact_ratio: float | None = 0.5,
 ) -> Store:
@@ -355,8 +356,10 @@ def open(
         open at once; writes are serialised by the store's lock file.
     map_size : int
         Address space reserved for the LMDB catalog (sparse).
-    max_open_segments : int
-        Segment files kept memory-mapped at once (least recently used are dropped).
+    max_open_segments : int or None
+        Segment files kept memory-mapped at once (least recently used are dropped). Each map
+        holds a file descriptor. None: a quarter of the open-file limit (``RLIMIT_NOFILE``),
+        between 64 and 65,536.
     lock_timeout : float
         Seconds a write waits for another writer before StoreLockedError.
     auto_compact_ratio : float or None

@@ -201,19 +201,27 @@ def test_python_work_per_search_is_bounded_by_probed_lists_not_queries(shared_st
     assert work[20_000] <= work[20] + 50, work
 
 
-@pytest.mark.parametrize("path", ["gemm", "tables"])
+@pytest.mark.parametrize("path", ["batch", "single"])
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
 def test_both_scan_paths_equal_exhaustive_adc(tmp_path, small_data, monkeypatch, metric, path):
-    """The decoded-matrix-product path and the lookup-table path each match the reference,
-    including lists scanned in several row blocks."""
+    """The batch path (decode + matrix product per list) and the single-query path (lookup
+    tables over all probed lists at once) each match the reference, including lists scanned in
+    several row blocks, single-query blocks spanning several lists, and a candidate pool cut
+    back to k many times."""
     import ivfpq_store.search as search_mod
 
-    monkeypatch.setattr(search_mod, "_GEMM_MIN_QUERIES", 1 if path == "gemm" else 10**9)
     monkeypatch.setattr(search_mod, "_SCAN_BUDGET", 2000)  # force many row blocks per list
+    monkeypatch.setattr(search_mod, "_POOL_BUDGET", 50)  # force many cuts of the pool
     with make_store(tmp_path / "s", small_data, metric=metric) as store:
         store.delete(np.arange(0, 1500, 7))  # tombstones spread over the row blocks
-        distances, ids = store.search(small_data["queries"], k=10, nprobe=3)
-        reference = adc_reference(store, small_data["queries"], 3, metric)
+        queries = small_data["queries"]
+        if path == "batch":
+            distances, ids = store.search(queries, k=10, nprobe=3)
+        else:
+            parts = [store.search(q, k=10, nprobe=3) for q in queries]
+            distances = np.concatenate([d for d, _ in parts])
+            ids = np.concatenate([i for _, i in parts])
+        reference = adc_reference(store, queries, 3, metric)
     dead = set(range(0, 1500, 7))
     reference = [{i: v for i, v in ref.items() if i not in dead} for ref in reference]
     assert_valid_topk(distances, ids, reference, higher=metric != "l2")
