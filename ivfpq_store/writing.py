@@ -423,6 +423,9 @@ class WriteMixin:
         ends = np.append(starts[1:], len(order))
         rows = np.empty(len(ids), dtype=np.int64)
         generations = np.empty(len(ids), dtype=np.int64)
+        records = np.empty(len(ids), dtype=self._dtype)  # grouped by list
+        records["id"] = ids[order]
+        records["code"] = codes[order]
         updated: dict[int, ListRecord] = {}
         written: list[Path] = []
         created = False
@@ -431,14 +434,11 @@ class WriteMixin:
             old = lists.get(list_no) or ListRecord(
                 file=segment_file_name(list_no, 0), generation=0, count=0, deleted=0, crc32=0)
             created |= old.count == 0  # a count-0 record (emptied by compaction) has no file
-            records = np.empty(e - s, dtype=self._dtype)
-            records["id"] = ids[idx]
-            records["code"] = codes[idx]
             prelude = SegmentPrelude(list_no=list_no, generation=old.generation,
                                      code_size=self.params.code_size,
                                      store_uuid=self._header.store_uuid)
             path = self._layout.segment(old.file)
-            crc = append_records(path, prelude, old.count, records, crc_start=old.crc32,
+            crc = append_records(path, prelude, old.count, records[s:e], crc_start=old.crc32,
                                  sync=False)
             written.append(path)
             rows[idx] = np.arange(old.count, old.count + (e - s))

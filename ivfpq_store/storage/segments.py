@@ -104,29 +104,36 @@ def append_records(
     """
     data = records.tobytes()
     want = committed_size(committed, prelude.code_size)
+    flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
     if committed == 0:
-        with open(path, "wb") as fh:
-            fh.write(encode_segment_prelude(prelude))
-            fh.write(data)
-            fh.flush()
-            if sync:
-                os.fdatasync(fh.fileno())
-        return crc32(data, crc_start)
-    with open(path, "r+b") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size < want:
-            raise CorruptStoreError(
-                f"{path}: segment is {size} bytes — expected at least {want} for "
-                f"{committed} committed records; the store is damaged"
-            )
-        if size > want:
-            fh.truncate(want)  # §7: an uncommitted tail left by a crash
-        fh.seek(want)
-        fh.write(data)
-        fh.flush()
+        flags |= os.O_CREAT | os.O_TRUNC
+    fd = os.open(path, flags, 0o644)
+    try:
+        if committed == 0:
+            _pwrite_all(fd, encode_segment_prelude(prelude) + data, 0)
+        else:
+            size = os.fstat(fd).st_size
+            if size < want:
+                raise CorruptStoreError(
+                    f"{path}: segment is {size} bytes — expected at least {want} for "
+                    f"{committed} committed records; the store is damaged"
+                )
+            if size > want:
+                os.ftruncate(fd, want)  # §7: an uncommitted tail left by a crash
+            _pwrite_all(fd, data, want)
         if sync:
-            os.fdatasync(fh.fileno())
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
     return crc32(data, crc_start)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
 class SegmentReader:
