@@ -1,8 +1,9 @@
-"""IVF-PQ search: coarse probe, ADC lookup tables, per-list scan, top-k merge.
+"""IVF-PQ search: coarse probe, per-list scan, pruned exact top-k.
 
-The scan loops in Python once per *distinct probed list* of a batch, never per query or per
-candidate: all queries probing a list are scored against it together, so each list is read
-once per batch. Memory is bounded by processing queries and list rows in blocks.
+A batch loops in Python once per *distinct probed list*, never per query or per candidate:
+each list is decoded once and scored against all the queries probing it with one matrix
+product. A single query scores all its probed lists at once from lookup tables. Memory is
+bounded by scanning in row blocks and cutting the candidate pool back to k per query.
 """
 
 from __future__ import annotations
@@ -310,13 +311,14 @@ class _TopK:
     bound survive and the final selection is exact.
     """
 
-    def __init__(self, nq: int, k: int) -> None:
+    def __init__(self, nq: int, k: int, pool_budget: int | None = None) -> None:
         self.nq = nq
         self.k = k
         self.tau = np.full(nq, _FLT_MAX, np.float32)
         self._parts: list[tuple[np.ndarray, ...]] = []
         self._size = 0
-        self._budget = max(_POOL_BUDGET, 4 * nq * min(k, _POOL_BUDGET))
+        budget = _POOL_BUDGET if pool_budget is None else pool_budget
+        self._budget = max(budget, 4 * nq * min(k, budget))
 
     def select(self, cost: F32Array, qi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, columns) of the costs of a block (rows, P) for queries ``qi`` (P,) that may

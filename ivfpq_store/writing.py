@@ -46,10 +46,10 @@ from .storage import (
     CatalogSnapshot,
     Changes,
     StoreLayout,
+    SyncJob,
     append_records,
     check_new_store_path,
     committed_size,
-    sync_files,
 )
 from .storage._atomic import build_directory, fsync_dir, probe_lock, writer_lock
 from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
@@ -209,20 +209,26 @@ class WriteMixin:
                 if live.any():
                     _, old = catalog.locate(given[live])
                     replaced = self._tombstone(snap.lists, old, changes)
-            records, generations, rows = self._append(snap.lists, list_nos, codes, new_ids)
-            for list_no, record in records.items():  # merge with tombstone counts above
-                prior = changes.lists.get(list_no)
-                changes.lists[list_no] = (record if prior is None
-                                          else replace(record, deleted=prior.deleted))
-            keys = id_keys(new_ids)
-            entries = encode_id_entries(list_nos, generations, rows)
-            for key, entry, is_live in zip(keys, entries, live.tolist(), strict=True):
-                (changes.moved_ids if is_live else changes.new_ids).append((key, entry))
-            new_state = StateRecord(
-                commit=state.commit + 1, ntotal=state.ntotal + n - replaced,
-                next_id=max(state.next_id, int(new_ids.max()) + 1),
-                ndeleted=state.ndeleted + replaced)
-            catalog.apply(new_state, changes)
+            records, generations, rows, synced = self._append(snap.lists, list_nos, codes,
+                                                              new_ids)
+            try:
+                for list_no, record in records.items():  # merge with tombstone counts above
+                    prior = changes.lists.get(list_no)
+                    changes.lists[list_no] = (record if prior is None
+                                              else replace(record, deleted=prior.deleted))
+                keys = id_keys(new_ids)
+                entries = encode_id_entries(list_nos, generations, rows)
+                for key, entry, is_live in zip(keys, entries, live.tolist(), strict=True):
+                    (changes.moved_ids if is_live else changes.new_ids).append((key, entry))
+                new_state = StateRecord(
+                    commit=state.commit + 1, ntotal=state.ntotal + n - replaced,
+                    next_id=max(state.next_id, int(new_ids.max()) + 1),
+                    ndeleted=state.ndeleted + replaced)
+                # §7: the segments are durable before the commit; the work above and the
+                # catalog puts overlap the syncs.
+                catalog.apply(new_state, changes, before_commit=synced.wait)
+            finally:
+                synced.wait()  # no sync thread outlives a failed write
         logger.debug("wrote %d vectors to %d lists (%d replaced)", n, len(records), replaced)
         if replaced:
             self._auto_compact(changes.lists)
@@ -413,10 +419,12 @@ class WriteMixin:
                           seconds=time.perf_counter() - t0)
 
     def _append(self, lists: Mapping[int, ListRecord], list_nos: I64Array, codes: U8Array,
-                ids: I64Array) -> tuple[dict[int, ListRecord], I64Array, I64Array]:
-        """§7 steps 1-2: append each list's new records to its segment, then fsync them all.
+                ids: I64Array) -> tuple[dict[int, ListRecord], I64Array, I64Array, SyncJob]:
+        """§7 steps 1-2: append each list's new records to its segment, then start syncing
+        them all.
 
-        Returns the list records to commit, and each vector's segment generation and row.
+        Returns the list records to commit, each vector's segment generation and row, and the
+        running sync job: its ``wait()`` must return before the catalog commit.
         """
         order = np.argsort(list_nos, kind="stable")
         touched, starts = np.unique(list_nos[order], return_index=True)
@@ -444,10 +452,14 @@ class WriteMixin:
             rows[idx] = np.arange(old.count, old.count + (e - s))
             generations[idx] = old.generation
             updated[list_no] = replace(old, count=old.count + (e - s), crc32=crc)
-        sync_files(written)  # every append is durable before the catalog commit
+        synced = SyncJob(written)
         if created:
-            fsync_dir(self._layout.segments)  # new files' directory entries must be durable
-        return updated, generations, rows
+            try:
+                fsync_dir(self._layout.segments)  # new files' directory entries must be durable
+            except BaseException:
+                synced.wait()
+                raise
+        return updated, generations, rows, synced
 
 
 def _fsync_file(path: Path) -> None:

@@ -225,3 +225,24 @@ def test_both_scan_paths_equal_exhaustive_adc(tmp_path, small_data, monkeypatch,
     dead = set(range(0, 1500, 7))
     reference = [{i: v for i, v in ref.items() if i not in dead} for ref in reference]
     assert_valid_topk(distances, ids, reference, higher=metric != "l2")
+
+
+@pytest.mark.parametrize("budget", [40, None])
+@pytest.mark.parametrize("path", ["batch", "single"])
+def test_ties_go_to_the_earlier_row(tmp_path, small_data, monkeypatch, path, budget):
+    """300 identical vectors share one code, so their costs tie exactly. Whether they are
+    scanned 10 rows per block or all at once, the best k are the k earliest rows, for both
+    scan paths."""
+    import ivfpq_store.search as search_mod
+
+    if budget is not None:  # m=4: 10 rows per single-query block
+        monkeypatch.setattr(search_mod, "_SCAN_BUDGET", budget)
+    with make_store(tmp_path / "s", small_data, add=False) as store:
+        store.add(small_data["base"][:30], ids=np.arange(30))
+        store.add(np.repeat(small_data["base"][30:31], 300, axis=0), ids=np.arange(100, 400))
+        store.add(small_data["base"][31:60], ids=np.arange(31, 60))
+        query = small_data["base"][30:31] + 1e-3
+        queries = query if path == "single" else np.concatenate([query, query])
+        _, ids = store.search(queries, k=5, nprobe=1)
+    for row in ids:
+        assert row.tolist() == [100, 101, 102, 103, 104]

@@ -282,3 +282,16 @@ def test_add_reports_progress_per_encoded_block(store, monkeypatch):
     seen: list[int] = []
     store.add(np.ones((1000, DIM), np.float32), progress=seen.append)
     assert seen == [400, 400, 200]
+
+
+@pytest.mark.parametrize(("soft", "expected"), [(1024, 256), (20000, 5000), (100, 64),
+                                                (10**9, 65536)])
+def test_default_map_cache_is_a_quarter_of_the_fd_limit(monkeypatch, soft, expected):
+    import resource
+
+    from ivfpq_store.storage import segments
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (soft, soft))
+    assert segments.default_max_open() == expected
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (resource.RLIM_INFINITY,) * 2)
+    assert segments.default_max_open() == 65536

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,8 +291,10 @@ class Catalog:
         """Boolean array: which of ``ids`` (non-negative int64) have an entry in the id map."""
         keys = id_keys(ids)
         with self._read("look up ids") as txn:
-            found = {k for k, _ in txn.cursor(db=self._dbs[b"ids"]).getmulti(keys)}
-        return np.fromiter((k in found for k in keys), dtype=bool, count=len(keys))
+            found = [k for k, _ in txn.cursor(db=self._dbs[b"ids"]).getmulti(keys)]
+        if not found:
+            return np.zeros(len(keys), dtype=bool)
+        return np.isin(ids, np.frombuffer(b"".join(found), dtype=">u8").astype(np.int64))
 
     def locate(self, ids: I64Array) -> tuple[np.ndarray, np.ndarray]:
         """Where ``ids`` live: (found bool mask, entries of the found ids as a structured array)."""
@@ -303,12 +305,15 @@ class Catalog:
         return found, decode_id_entries([v for v in values if v is not None])
 
     # -- writes -----------------------------------------------------------------------------
-    def apply(self, state: StateRecord, changes: Changes) -> None:
+    def apply(self, state: StateRecord, changes: Changes, *,
+              before_commit: Callable[[], None] | None = None) -> None:
         """Apply one write transaction (§7.3): ``changes`` plus the new ``state``.
 
         The caller holds the writer lock and built ``changes`` from the snapshot whose commit is
         ``state.commit - 1``; any disagreement aborts the transaction with
-        :class:`CorruptStoreError`, and nothing is committed.
+        :class:`CorruptStoreError`, and nothing is committed. ``before_commit`` runs after
+        every put and before the commit; if it raises, nothing is committed (the writer waits
+        there for its segment syncs, so the puts overlap them).
         """
         with self._write("commit") as txn:
             meta, lists_db, ids_db, deleted_db = (self._dbs[n] for n in _DBS)
@@ -349,6 +354,8 @@ class Catalog:
                         if not cursor.delete():
                             break
             txn.put(META_STATE, state.to_msgpack(), db=meta)
+            if before_commit is not None:
+                before_commit()
 
     def copy_to(self, dest: Path) -> None:
         """Write a compacted, consistent copy of the environment into the new directory

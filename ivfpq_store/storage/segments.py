@@ -32,10 +32,10 @@ from ..format.segment import (
 __all__ = [
     "MapCache",
     "SegmentReader",
+    "SyncJob",
     "append_records",
     "committed_size",
     "default_max_open",
-    "sync_files",
 ]
 
 
@@ -64,19 +64,24 @@ def _fdatasync(path: Path) -> None:
         os.close(fd)
 
 
-def sync_files(paths: Sequence[Path], workers: int = SYNC_WORKERS) -> None:
-    """fdatasync every file of ``paths``, several at once; raise the first error.
+class SyncJob:
+    """fdatasync files on a few threads in the background.
 
-    Call it after writing them all: syncing each while the next ones are written was slower
-    (the writes and syncs compete; measured 0.85 against 0.70 s per 100k-vector add).
+    It starts at once; :meth:`wait` joins the threads and raises the first error. Waiting
+    after all the files are written is faster than syncing each while the next is written
+    (the writes and syncs compete: 0.85 against 0.70 s per 100k-vector add, measured).
     """
-    if len(paths) <= 1 or workers <= 1:
-        for path in paths:
-            _fdatasync(path)
-        return
-    with ThreadPoolExecutor(min(workers, len(paths)), thread_name_prefix="ivfpq-sync") as pool:
-        for _ in pool.map(_fdatasync, paths):
-            pass
+
+    def __init__(self, paths: Sequence[Path], workers: int = SYNC_WORKERS) -> None:
+        self._pool = ThreadPoolExecutor(max(1, min(workers, len(paths))),
+                                        thread_name_prefix="ivfpq-sync")
+        self._futures = [self._pool.submit(_fdatasync, path) for path in paths]
+
+    def wait(self) -> None:
+        """Block until every file is synced; raise the first error. Idempotent."""
+        self._pool.shutdown(wait=True)
+        for future in self._futures:
+            future.result()
 
 
 def committed_size(count: int, code_size: int) -> int:
