@@ -33,6 +33,8 @@ _SCAN_BUDGET = 4 << 20
 _POOL_BUDGET = 1 << 20
 #: Costs above this are never candidates: it keeps tombstoned rows (cost +inf) out.
 _FLT_MAX = np.float32(np.finfo(np.float32).max)
+#: Costs sampled by kth_bound for a single query's block.
+_SAMPLE = 2048
 
 
 class SearchResult(NamedTuple):
@@ -293,6 +295,12 @@ def kth_bound(cost: F32Array, k: int) -> F32Array:
     n = cost.shape[0]
     if n < k:
         return np.full(cost.shape[1:], np.inf, np.float32)
+    if cost.ndim == 1 and n > _SAMPLE >= k:
+        # One column: the k-th smallest of an interleaved sample is also a bound (it is the
+        # largest of k of the costs), and selecting it is 4x cheaper than the strided minima.
+        sample = cost[:: n // _SAMPLE]
+        kth: F32Array = np.partition(sample, k - 1)[k - 1: k].reshape(())
+        return kth
     w = n // k
     bound: F32Array = cost[: w * k].reshape(w, k, *cost.shape[1:]).min(axis=0).max(axis=0)
     return bound

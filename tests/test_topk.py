@@ -30,11 +30,26 @@ def test_kth_bound_is_an_upper_bound_on_each_columns_kth_smallest(cost, k):
         assert bound[col] in cost[:, col]
 
 
+@given(n=st.integers(2049, 30000), k=st.integers(1, 64), seed=st.integers(0, 2**32 - 1),
+       distinct=st.integers(1, 1000))
+def test_kth_bound_of_one_long_column_samples_and_still_bounds(n, k, seed, distinct):
+    """A single query's block (1-d, more rows than the sample) takes the k-th of a sample."""
+    rng = np.random.default_rng(seed)
+    cost = rng.integers(0, distinct, n).astype(np.float32)
+    cost[rng.random(n) < 0.05] = np.inf  # tombstoned rows
+    bound = kth_bound(cost, k)
+    assert bound.shape == ()
+    assert bound >= np.sort(cost)[k - 1]
+    assert bound in cost
+
+
 def test_kth_bound_of_a_single_query_spans_all_its_lists():
     """Interleaved subsets: a block whose first rows are far (one bad list) still gets a tight
     bound. Contiguous slices would give the far list's minimum."""
-    cost = np.concatenate([np.full(1000, 100.0), np.arange(1000.0)]).astype(np.float32)
-    assert kth_bound(cost, 10) <= 20.0
+    for far, tight in ((1000, 20.0), (10000, 10 * 10.0)):  # strided minima; a 1-in-9 sample
+        cost = np.concatenate([np.full(far, 100.0), np.arange(far, dtype=float)]).astype(
+            np.float32)
+        assert kth_bound(cost, 10) < tight
 
 
 def _reference(q, cost, rank, row, ids, nq, k):
