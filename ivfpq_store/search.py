@@ -205,7 +205,7 @@ class Searcher:
 
     def _scan_block(self, block: list[tuple[int, int, np.ndarray, int, int]], size: int,
                     tables: F32Array, offsets: np.ndarray, deleted: Mapping[int, np.ndarray],
-                    k: int, best: tuple[np.ndarray, ...] | None) -> tuple[np.ndarray, ...] | None:
+                    k: int, best: tuple[np.ndarray, ...] | None) -> tuple[np.ndarray, ...]:
         """Merge the table sums of the row ranges ``block`` (``size`` rows in all) of one
         query into ``best``: the k best (cost, rank, row, id) so far, in that order."""
         idx = np.empty((self.pq.m, size), np.intp)  # sub-quantizer-major: the sum is fast
@@ -234,10 +234,10 @@ class Searcher:
         rank = np.empty(len(sel), np.int64)
         row = np.empty(len(sel), np.int64)
         ids = np.empty(len(sel), np.int64)
-        for j, (i, at) in enumerate(zip(piece_of.tolist(), sel.tolist(), strict=True)):
+        for j, (i, pos) in enumerate(zip(piece_of.tolist(), sel.tolist(), strict=True)):
             p, _, recs, r0, _ = block[i]
             rank[j] = p
-            row[j] = at - starts[i] + r0
+            row[j] = pos - starts[i] + r0
             ids[j] = recs["id"][row[j]]
         found: tuple[np.ndarray, ...] = (cost[sel], rank, row, ids)
         if best is not None:  # an earlier block: merge, by (cost, rank, row)
