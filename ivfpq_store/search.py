@@ -16,6 +16,7 @@ import numpy as np
 
 from .format.records import ListRecord
 from .params import SearchParams
+from .training.kmeans import l2_score_matrix, with_ones
 from .training.pq import ProductQuantizer
 from .types import F32Array, I64Array, Metric
 
@@ -57,10 +58,11 @@ class Searcher:
     metric: Metric
 
     def __post_init__(self) -> None:
-        norms = np.einsum("ij,ij->i", self.centroids, self.centroids)
-        object.__setattr__(self, "_centroid_norms", norms)
-        scale = -2.0 if self.metric is Metric.L2 else -1.0
-        object.__setattr__(self, "_probe_matrix", np.ascontiguousarray(self.centroids.T * scale))
+        if self.metric is Metric.L2:  # [q, 1] @ it = -2<q, c> + |c|^2
+            probe_matrix = l2_score_matrix(self.centroids)
+        else:  # q @ it = -<q, c>
+            probe_matrix = np.ascontiguousarray(-self.centroids.T)
+        object.__setattr__(self, "_probe_matrix", probe_matrix)
         # (m, dsub, ksub), C-contiguous: numpy's stacked matmul only reaches BLAS when both
         # operands are contiguous; the transposed view was 13x slower (measured).
         object.__setattr__(self, "_codebooks_t",
@@ -84,12 +86,11 @@ class Searcher:
             parts = [self.probe(queries[s: s + _PROBE_BLOCK], nprobe)
                      for s in range(0, len(queries), _PROBE_BLOCK)]
             return (np.concatenate([c for c, _ in parts]), np.concatenate([p for _, p in parts]))
-        # Costs up to a per-query constant: l2 -2<q, c> + |c|^2 (|q|^2 is added to the chosen
-        # ones only); ip -<q, c>. The factors are folded into the centroids (exactly: they are
-        # powers of two), so the product is the only pass over the (nq, nlist) matrix.
-        scores = queries @ self._probe_matrix  # type: ignore[attr-defined]
-        if self.metric is Metric.L2:
-            scores += self._centroid_norms  # type: ignore[attr-defined]
+        # Costs up to a per-query constant, from one product and no other pass over the
+        # (nq, nlist) matrix: l2 -2<q, c> + |c|^2 (|q|^2 is added to the chosen ones only);
+        # ip -<q, c>.
+        left = with_ones(queries) if self.metric is Metric.L2 else queries
+        scores = left @ self._probe_matrix  # type: ignore[attr-defined]
         if nprobe == 1:  # assignment (add): the first best, no partition needed
             part = np.argmin(scores, axis=1)[:, None]
         elif nprobe < scores.shape[1]:

@@ -338,7 +338,11 @@ class Catalog:
                                             "vanished from the id map; nothing was committed")
             if changes.new_ids:
                 cursor = txn.cursor(db=ids_db)
-                _, added = cursor.putmulti(sorted(changes.new_ids), overwrite=False)
+                new_ids = sorted(changes.new_ids)
+                # All above the largest id so far (the usual case: automatic ids): LMDB can
+                # append to the B-tree's right edge instead of searching for each key.
+                append = not cursor.last() or cursor.key() < new_ids[0][0]
+                _, added = cursor.putmulti(new_ids, overwrite=False, append=append)
                 if added != len(changes.new_ids):
                     raise CorruptStoreError(
                         f"{self.path}: {len(changes.new_ids) - added} of {len(changes.new_ids)}"
