@@ -118,8 +118,11 @@ class Searcher:
         lists at once from lookup tables (one gather-and-sum), so it loops once per list only
         to collect their codes.
         """
+        queries = np.asarray(queries, dtype=np.float32)
         coarse, probed = self.probe(queries, params.nprobe)
-        if len(queries) == 1:
+        # One query's tables are m * nprobe * ksub floats; past the scan budget (a huge
+        # nprobe) the batch path, whose memory is bounded by row blocks, takes it.
+        if len(queries) == 1 and self.pq.m * params.nprobe * self.pq.ksub <= _SCAN_BUDGET:
             cost, ids = self._scan_one(queries[0], coarse[0], probed[0], lists, deleted, fetch,
                                        params.k)
         else:
@@ -156,7 +159,8 @@ class Searcher:
             # (dim, P): (rows, dim) @ (dim, P) is the fast layout; l2 folds in the -2.
             xt = np.ascontiguousarray(x.T * -2.0 if l2 else -x.T)
             dead = deleted.get(list_no)
-            rows_per_block = max(top.k, _SCAN_BUDGET // len(qi))
+            # Per row: P costs, dim decoded floats and the m-wide gather index (8 bytes).
+            rows_per_block = max(1, _SCAN_BUDGET // (len(qi) + self.pq.m * (self.pq.dsub + 2)))
             for r0 in range(0, record.count, rows_per_block):
                 r1 = min(record.count, r0 + rows_per_block)
                 decoded = self._decode(codes[r0:r1])  # (rows, dim)
@@ -179,7 +183,7 @@ class Searcher:
         """
         m = self.pq.m
         tables, offsets = self._tables(query, coarse, probed)
-        rows_per_block = max(k, _SCAN_BUDGET // m)
+        rows_per_block = max(1, _SCAN_BUDGET // m)
         best: tuple[np.ndarray, ...] | None = None  # (cost, rank, row, id), sorted, at most k
         block: list[tuple[int, int, np.ndarray, int, int]] = []  # (rank, list_no, recs, r0, r1)
         size = 0
@@ -232,14 +236,13 @@ class Searcher:
         # and its first k are exactly this block's best.
         sel = sel[np.argsort(cost[sel], kind="stable")[:k]]
         piece_of = np.searchsorted(starts, sel, side="right") - 1
-        rank = np.empty(len(sel), np.int64)
-        row = np.empty(len(sel), np.int64)
+        first_row = np.array([r0 for _, _, _, r0, _ in block], np.int64)
+        rank = np.array([p for p, _, _, _, _ in block], np.int64)[piece_of]
+        row = sel - starts[piece_of] + first_row[piece_of]
         ids = np.empty(len(sel), np.int64)
-        for j, (i, pos) in enumerate(zip(piece_of.tolist(), sel.tolist(), strict=True)):
-            p, _, recs, r0, _ = block[i]
-            rank[j] = p
-            row[j] = pos - starts[i] + r0
-            ids[j] = recs["id"][row[j]]
+        for i in np.unique(piece_of).tolist():  # at most one step per list of the block
+            hit = piece_of == i
+            ids[hit] = block[i][2]["id"][row[hit]]
         found: tuple[np.ndarray, ...] = (cost[sel], rank, row, ids)
         if best is not None:  # an earlier block: merge, by (cost, rank, row)
             found = tuple(np.concatenate(f) for f in zip(best, found, strict=True))

@@ -360,7 +360,7 @@ def open(
     max_open_segments : int or None
         Segment files kept memory-mapped at once (least recently used are dropped). Each map
         holds a file descriptor. None: a quarter of the open-file limit (``RLIMIT_NOFILE``),
-        between 64 and 65,536.
+        at most 65,536.
     lock_timeout : float
         Seconds a write waits for another writer before StoreLockedError.
     auto_compact_ratio : float or None

@@ -227,8 +227,9 @@ class WriteMixin:
                 # §7: the segments are durable before the commit; the work above and the
                 # catalog puts overlap the syncs.
                 catalog.apply(new_state, changes, before_commit=synced.wait)
-            finally:
-                synced.wait()  # no sync thread outlives a failed write
+            except BaseException:
+                synced.join()  # no sync thread outlives a failed write; its error stands
+                raise
         logger.debug("wrote %d vectors to %d lists (%d replaced)", n, len(records), replaced)
         if replaced:
             self._auto_compact(changes.lists)

@@ -84,3 +84,25 @@ def test_a_failed_sync_fails_the_add_and_commits_nothing(tmp_path, small_data, m
         assert len(store) == 1500
     with ivfpq_store.open(tmp_path / "s", readonly=True) as store:
         assert store.verify().ok
+
+
+def test_a_failing_commit_is_not_hidden_by_a_failing_sync(tmp_path, small_data, monkeypatch):
+    """When the catalog refuses the commit and a segment sync fails too, the caller sees
+    the catalog's error (the write failed for that reason); no sync thread is left."""
+    import threading
+
+    with make_store(tmp_path / "s", small_data, add=False) as store:
+        def failing_sync(path: Path) -> None:
+            raise OSError(errno.EIO, "injected I/O error", str(path))
+
+        def full(self, state, changes, *, before_commit=None):
+            raise ivfpq_store.CatalogFullError("injected: catalog full")
+
+        monkeypatch.setattr(segments, "_fdatasync", failing_sync)
+        monkeypatch.setattr(Catalog, "apply", full)
+        with pytest.raises(ivfpq_store.CatalogFullError, match="injected"):
+            store.add(small_data["base"][:300])
+        assert not [t for t in threading.enumerate() if t.name.startswith("ivfpq-sync")]
+        monkeypatch.undo()
+        assert len(store) == 0
+        assert store.verify().ok

@@ -246,3 +246,86 @@ def test_ties_go_to_the_earlier_row(tmp_path, small_data, monkeypatch, path, bud
         _, ids = store.search(queries, k=5, nprobe=1)
     for row in ids:
         assert row.tolist() == [100, 101, 102, 103, 104]
+
+
+def test_batch_scan_blocks_respect_the_memory_budget(tmp_path, small_data, monkeypatch):
+    """A block holds P costs, the decoded rows and their gather index per row: bounded by the
+    scan budget, not only its costs (a 2-query batch on one big list used to decode it whole)."""
+    import ivfpq_store.search as search_mod
+
+    monkeypatch.setattr(search_mod, "_SCAN_BUDGET", 3000)
+    rows_seen: list[int] = []
+    original = search_mod.Searcher._decode
+
+    def decode(self, codes):
+        rows_seen.append(len(codes))
+        return original(self, codes)
+
+    monkeypatch.setattr(search_mod.Searcher, "_decode", decode)
+    with make_store(tmp_path / "s", small_data) as store:
+        store.search(small_data["queries"][:2], k=10, nprobe=NLIST)
+        m, dsub = store.params.m, store.params.dim // store.params.m
+    per_row = 2 + m * (dsub + 2)
+    assert max(rows_seen) * per_row <= 3000
+    assert sum(rows_seen) > max(rows_seen)  # several blocks were needed
+
+
+def test_single_query_with_tables_past_the_budget_takes_the_batch_path(tmp_path, small_data,
+                                                                      monkeypatch):
+    """nprobe so large that one query's tables (m * nprobe * ksub floats) pass the scan
+    budget: the query goes through the bounded batch path and is still exact."""
+    import ivfpq_store.search as search_mod
+
+    with make_store(tmp_path / "s", small_data) as store:
+        tables = store.params.m * NLIST * (1 << store.params.nbits)
+        monkeypatch.setattr(search_mod, "_SCAN_BUDGET", tables - 1)
+        called = []
+        monkeypatch.setattr(search_mod.Searcher, "_scan_one",
+                            lambda *a, **k: called.append(1))  # must not be used
+        queries = small_data["queries"][:5]
+        parts = [store.search(q, k=10, nprobe=NLIST) for q in queries]
+        reference = adc_reference(store, queries, NLIST, "l2")
+    assert not called
+    assert_valid_topk(np.concatenate([d for d, _ in parts]),
+                      np.concatenate([i for _, i in parts]), reference, higher=False)
+
+
+def test_searcher_takes_float64_queries_as_float32(tmp_path, small_data):
+    """The bound kept per query is float32; float64 costs would be pruned against a bound
+    rounded down. The searcher works in float32 whatever it is given."""
+    from ivfpq_store.params import SearchParams
+
+    with make_store(tmp_path / "s", small_data) as store:
+        snap = store._catalog.snapshot()
+        params = SearchParams.checked(10, 3, NLIST)
+        q32 = small_data["queries"].astype(np.float32)
+        for q in (q32, q32[:1]):
+            a = store._searcher.search(q, params, snap.lists, snap.deleted, store._fetch)
+            b = store._searcher.search(q.astype(np.float64), params, snap.lists,
+                                       snap.deleted, store._fetch)
+            np.testing.assert_array_equal(a.ids, b.ids)
+            np.testing.assert_array_equal(a.distances, b.distances)
+
+
+def test_running_out_of_descriptors_is_not_reported_as_damage(tmp_path, small_data,
+                                                              monkeypatch):
+    """EMFILE while mapping a segment is a process limit: it surfaces as OSError, not as
+    CorruptStoreError ("the store is damaged")."""
+    import errno
+
+    from ivfpq_store.storage import segments
+
+    with make_store(tmp_path / "s", small_data) as store:
+        store.refresh()
+        real_open = segments.os.open
+
+        def no_fds(path, *args, **kwargs):
+            if str(path).endswith(".seg"):
+                raise OSError(errno.EMFILE, "Too many open files", str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(segments.os, "open", no_fds)
+        with pytest.raises(OSError, match="Too many open files") as info:
+            store.search(small_data["queries"][:3], k=5, nprobe=NLIST)
+        assert not isinstance(info.value, ivfpq_store.CorruptStoreError)
+        assert info.value.errno == errno.EMFILE

@@ -284,7 +284,7 @@ def test_add_reports_progress_per_encoded_block(store, monkeypatch):
     assert seen == [400, 400, 200]
 
 
-@pytest.mark.parametrize(("soft", "expected"), [(1024, 256), (20000, 5000), (100, 64),
+@pytest.mark.parametrize(("soft", "expected"), [(1024, 256), (20000, 5000), (100, 25), (2, 1),
                                                 (10**9, 65536)])
 def test_default_map_cache_is_a_quarter_of_the_fd_limit(monkeypatch, soft, expected):
     import resource

@@ -7,6 +7,7 @@ ordinary file handle, never through a map, and fsyncs before the catalog commit.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import resource
@@ -14,7 +15,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +42,18 @@ __all__ = [
 
 def default_max_open() -> int:
     """Segment maps to keep open by default: a quarter of the process's open-file limit
-    (each map holds one descriptor), between 64 and 65,536; 256 when the limit is unknown."""
+    (each map holds one descriptor), at most 65,536; 256 when the limit is unknown."""
     try:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     except (OSError, ValueError):  # pragma: no cover - every POSIX system has the limit
         return 256
     if soft == resource.RLIM_INFINITY:
         return 65536
-    return max(64, min(65536, soft // 4))
+    return max(1, min(65536, soft // 4))
 
+
+#: Errors of a process limit (descriptors, memory) rather than of the store's files.
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 #: Threads that fsync the segments of one write together: concurrent syncs share journal
 #: commits, so 1,024 segments sync in 0.08 s with 8 threads against 0.21 s one by one.
@@ -72,16 +76,27 @@ class SyncJob:
     (the writes and syncs compete: 0.85 against 0.70 s per 100k-vector add, measured).
     """
 
-    def __init__(self, paths: Sequence[Path], workers: int = SYNC_WORKERS) -> None:
+    def __init__(self, paths: Sequence[Path], workers: int | None = None) -> None:
+        workers = SYNC_WORKERS if workers is None else workers
         self._pool = ThreadPoolExecutor(max(1, min(workers, len(paths))),
                                         thread_name_prefix="ivfpq-sync")
-        self._futures = [self._pool.submit(_fdatasync, path) for path in paths]
+        self._futures: list[Future[None]] = []
+        try:
+            for path in paths:
+                self._futures.append(self._pool.submit(_fdatasync, path))
+        except BaseException:  # e.g. no thread could be started: leave nothing running
+            self._pool.shutdown(wait=True)
+            raise
 
     def wait(self) -> None:
         """Block until every file is synced; raise the first error. Idempotent."""
         self._pool.shutdown(wait=True)
         for future in self._futures:
             future.result()
+
+    def join(self) -> None:
+        """Block until no sync runs, ignoring their errors (for a write already failing)."""
+        self._pool.shutdown(wait=True)
 
 
 def committed_size(count: int, code_size: int) -> int:
@@ -137,6 +152,8 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, f"pwrite wrote nothing at offset {offset}")
         view = view[written:]
         offset += written
 
@@ -162,6 +179,8 @@ class SegmentReader:
                 "records; the store is damaged"
             ) from None
         except OSError as err:
+            if err.errno in _RESOURCE_ERRNOS:
+                raise  # a process limit, not damage: raise it as it is
             raise CorruptStoreError(f"{self.path}: segment cannot be read: {err}") from err
         try:
             self._map_fd(fd, count)
@@ -195,6 +214,8 @@ class SegmentReader:
         try:
             mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except (OSError, ValueError) as err:
+            if isinstance(err, OSError) and err.errno in _RESOURCE_ERRNOS:
+                raise  # out of descriptors or address space, not damage
             raise CorruptStoreError(f"{self.path}: segment cannot be mapped: {err}") from err
         # A plain read-only ndarray over the map (np.memmap costs about 0.15 ms more per map,
         # and slicing a memmap builds a memmap object each time). The map is unmapped when the
