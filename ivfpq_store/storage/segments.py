@@ -165,7 +165,6 @@ class SegmentReader:
         self.path = path
         self.expected = expected
         self.dtype = record_dtype(expected.code_size)
-        self._map: np.ndarray | None = None
         self._view: np.ndarray | None = None
         self._capacity = 0
         self._lock = threading.Lock()
@@ -222,7 +221,6 @@ class SegmentReader:
         # last array viewing it is gone.
         self._view = np.frombuffer(mapped, dtype=self.dtype, count=capacity,
                                    offset=SEGMENT_PRELUDE_SIZE)
-        self._map = self._view
         self._capacity = capacity
 
     def records(self, count: int) -> np.ndarray:
@@ -230,7 +228,7 @@ class SegmentReader:
         if count == 0:
             return np.empty(0, dtype=self.dtype)
         with self._lock:
-            if self._map is None or self._capacity < count:
+            if self._view is None or self._capacity < count:
                 self._remap(count)
             assert self._view is not None
             return self._view[:count]
