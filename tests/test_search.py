@@ -201,21 +201,23 @@ def test_python_work_per_search_is_bounded_by_probed_lists_not_queries(shared_st
     assert work[20_000] <= work[20] + 50, work
 
 
-@pytest.mark.parametrize("path", ["batch", "single"])
+@pytest.mark.parametrize("path", ["batch-product", "batch-tables", "single"])
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
-def test_both_scan_paths_equal_exhaustive_adc(tmp_path, small_data, monkeypatch, metric, path):
-    """The batch path (decode + matrix product per list) and the single-query path (lookup
-    tables over all probed lists at once) each match the reference, including lists scanned in
-    several row blocks, single-query blocks spanning several lists, and a candidate pool cut
-    back to k many times."""
+def test_every_scan_path_equals_exhaustive_adc(tmp_path, small_data, monkeypatch, metric, path):
+    """Each scan path matches the reference: a batch's lists decoded for a matrix product, a
+    batch's lists probed by few queries scored from per-pair lookup tables (forced here for
+    every list), and a single query's lookup tables. With lists scanned in several row
+    blocks, blocks spanning several lists or pairs, and a candidate pool cut back to k many
+    times."""
     import ivfpq_store.search as search_mod
 
     monkeypatch.setattr(search_mod, "_SCAN_BUDGET", 2000)  # force many row blocks per list
     monkeypatch.setattr(search_mod, "_POOL_BUDGET", 50)  # force many cuts of the pool
+    monkeypatch.setattr(search_mod, "_FEW_QUERIES", 10**9 if path == "batch-tables" else 1)
     with make_store(tmp_path / "s", small_data, metric=metric) as store:
         store.delete(np.arange(0, 1500, 7))  # tombstones spread over the row blocks
         queries = small_data["queries"]
-        if path == "batch":
+        if path.startswith("batch"):
             distances, ids = store.search(queries, k=10, nprobe=3)
         else:
             parts = [store.search(q, k=10, nprobe=3) for q in queries]
@@ -228,7 +230,7 @@ def test_both_scan_paths_equal_exhaustive_adc(tmp_path, small_data, monkeypatch,
 
 
 @pytest.mark.parametrize("budget", [40, None])
-@pytest.mark.parametrize("path", ["batch", "single"])
+@pytest.mark.parametrize("path", ["batch", "batch-tables", "single"])
 def test_ties_go_to_the_earlier_row(tmp_path, small_data, monkeypatch, path, budget):
     """300 identical vectors share one code, so their costs tie exactly. Whether they are
     scanned 10 rows per block or all at once, the best k are the k earliest rows, for both
@@ -237,6 +239,7 @@ def test_ties_go_to_the_earlier_row(tmp_path, small_data, monkeypatch, path, bud
 
     if budget is not None:  # m=4: 10 rows per single-query block
         monkeypatch.setattr(search_mod, "_SCAN_BUDGET", budget)
+    monkeypatch.setattr(search_mod, "_FEW_QUERIES", 10**9 if path == "batch-tables" else 1)
     with make_store(tmp_path / "s", small_data, add=False) as store:
         store.add(small_data["base"][:30], ids=np.arange(30))
         store.add(np.repeat(small_data["base"][30:31], 300, axis=0), ids=np.arange(100, 400))
@@ -254,6 +257,7 @@ def test_batch_scan_blocks_respect_the_memory_budget(tmp_path, small_data, monke
     import ivfpq_store.search as search_mod
 
     monkeypatch.setattr(search_mod, "_SCAN_BUDGET", 3000)
+    monkeypatch.setattr(search_mod, "_FEW_QUERIES", 1)  # every list through the product
     rows_seen: list[int] = []
     original = search_mod.Searcher._decode
 
