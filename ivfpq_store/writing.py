@@ -51,7 +51,7 @@ from .storage import (
     check_new_store_path,
     committed_size,
 )
-from .storage._atomic import build_directory, fsync_dir, probe_lock, writer_lock
+from .storage._atomic import build_directory, fsync_dir, probe_lock, sync_file, writer_lock
 from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
 from .verify import VerifyReport, verify_store
 
@@ -405,7 +405,7 @@ class WriteMixin:
             layout.segments.mkdir()
             layout.lock.touch()
             shutil.copyfile(self._layout.header, layout.header)
-            _fsync_file(layout.header)
+            sync_file(layout.header)
             copied = 0
             for record in snap.lists.values():
                 if record.count:
@@ -461,14 +461,6 @@ class WriteMixin:
                 synced.wait()
                 raise
         return updated, generations, rows, synced
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _copy_prefix(src: Path, dst: Path, nbytes: int) -> None:

@@ -15,7 +15,17 @@ from pathlib import Path
 from ..errors import StoreExistsError, StoreLockedError
 
 __all__ = ["LockState", "atomic_write", "build_directory", "fsync_dir", "probe_lock",
-           "writer_lock"]
+           "sync_file", "writer_lock"]
+
+
+def sync_file(path: Path) -> None:
+    """fdatasync a file by path: its data and the metadata needed to read it (its size) are
+    durable when this returns, whichever descriptor wrote them."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

@@ -29,6 +29,7 @@ from ..format.segment import (
     encode_segment_prelude,
     record_dtype,
 )
+from . import _atomic
 
 __all__ = [
     "MapCache",
@@ -60,14 +61,6 @@ _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 SYNC_WORKERS = 8
 
 
-def _fdatasync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        os.fdatasync(fd)  # flushes the file's data whichever descriptor wrote it
-    finally:
-        os.close(fd)
-
-
 class SyncJob:
     """fdatasync files on a few threads in the background.
 
@@ -83,7 +76,7 @@ class SyncJob:
         self._futures: list[Future[None]] = []
         try:
             for path in paths:
-                self._futures.append(self._pool.submit(_fdatasync, path))
+                self._futures.append(self._pool.submit(_atomic.sync_file, path))
         except BaseException:  # e.g. no thread could be started: leave nothing running
             self._pool.shutdown(wait=True)
             raise
