@@ -1,6 +1,11 @@
 """IVF-PQ search: coarse probe, per-list scan, pruned exact top-k.
 
-A batch loops in Python once per *distinct probed list*, never per query or per candidate:
+Where the C scan kernel is built (:mod:`ivfpq_store._kernel`), every (query, list) pair is
+scored there: Python groups the pairs by list and maps each probed list once, and one call
+builds each pair's lookup tables, sums them over the list's codes and keeps an exact top-k per
+query, on several threads. The numpy path below computes the same results without it.
+
+In numpy, a batch loops in Python once per *distinct probed list*, never per query or per candidate:
 each list is decoded once and scored against all the queries probing it with one matrix
 product. A single query scores all its probed lists at once from lookup tables. Memory is
 bounded by scanning in row blocks and cutting the candidate pool back to k per query.
@@ -8,12 +13,14 @@ bounded by scanning in row blocks and cutting the candidate pool back to k per q
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
+from . import _kernel
 from .format.records import ListRecord
 from .params import SearchParams
 from .training.kmeans import l2_score_matrix, with_ones
@@ -42,6 +49,31 @@ _SAMPLE = 2048
 _FEW_QUERIES = 3
 #: Floats of lookup tables gathered from at once by the few-queries path (1 MiB).
 _TABLE_CACHE = 1 << 18
+
+
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+#: Threads of the C scan kernel: one per CPU this process may run on, as faiss's OpenMP does.
+_THREADS = max(1, min(_cpus(), 64))
+#: Queries below which the kernel probes on one thread.
+_THREAD_MIN_QUERIES = 8
+#: Rows to scan (summed over the (query, list) pairs) below which the kernel uses one thread:
+#: starting a thread costs about as much as scanning a few thousand rows.
+_THREAD_MIN_ROWS = 1 << 16
+#: Bytes of query tables (16 KiB per query at m=16) and candidate heaps (24 bytes per
+#: candidate, k per query and thread) the kernel may hold; bigger batches are scanned in
+#: blocks of queries.
+_KERNEL_BUDGET = 32 << 20
+#: Bytes of l2 list terms (m * 256 floats per list) kept for the life of the searcher: up to
+#: 4,096 lists at m=16. Past it each scanned list's terms are recomputed by every search.
+_LIST_TERMS_BUDGET = 64 << 20
 
 
 class SearchResult(NamedTuple):
@@ -118,26 +150,104 @@ class Searcher:
         rows of lists that have any, and ``fetch`` maps a list's records. Each probed list is
         fetched once per call, however many queries probe it.
 
-        A batch loops in Python once per distinct probed list (plus one step per
-        ``_SCAN_BUDGET`` rows of a big list): the list is decoded once and scored against all
-        the queries probing it with one matrix product. A single query scores all its probed
-        lists at once from lookup tables (one gather-and-sum), so it loops once per list only
-        to collect their codes.
+        With the C kernel, one call probes all the queries and one more scores every (query,
+        list) pair. In numpy, a batch loops in Python once per distinct probed list (plus one
+        step per ``_SCAN_BUDGET`` rows of a big list): the list is decoded once and scored
+        against all the queries probing it with one matrix product. A single query scores
+        all its probed lists at once from lookup tables (one gather-and-sum), so it loops once
+        per list only to collect their codes.
         """
         queries = np.asarray(queries, dtype=np.float32)
-        coarse, probed = self.probe(queries, params.nprobe)
+        kernel = _kernel.KERNEL
+        if kernel is not None:
+            _, probed = kernel.probe(queries, self._probe_matrix,  # type: ignore[attr-defined]
+                                     l2=self.metric is Metric.L2, nprobe=params.nprobe,
+                                     nthreads=_THREADS if len(queries) >= _THREAD_MIN_QUERIES
+                                     else 1)
+            cost, ids = self._scan_kernel(kernel, queries, probed, lists, deleted, fetch,
+                                          params.k)
         # One query's tables are m * nprobe * ksub floats; past the scan budget (a huge
         # nprobe) the batch path, whose memory is bounded by row blocks, takes it.
-        if len(queries) == 1 and self.pq.m * params.nprobe * self.pq.ksub <= _SCAN_BUDGET:
+        elif len(queries) == 1 and self.pq.m * params.nprobe * self.pq.ksub <= _SCAN_BUDGET:
+            coarse, probed = self.probe(queries, params.nprobe)
             cost, ids = self._scan_one(queries[0], coarse[0], probed[0], lists, deleted, fetch,
                                        params.k)
         else:
+            coarse, probed = self.probe(queries, params.nprobe)
             top = _TopK(len(queries), params.k)
             self._scan_batch(queries, coarse, probed, lists, deleted, fetch, top)
             cost, ids = top.result()
         if self.metric is Metric.L2:  # rounding can make a tiny square distance negative
             return SearchResult(np.maximum(cost, 0.0, out=cost), ids)
         return SearchResult(np.negative(cost, out=cost), ids)
+
+    def _scan_kernel(self, kernel: _kernel.Kernel, queries: F32Array, probed: I64Array,
+                     lists: Mapping[int, ListRecord], deleted: Mapping[int, np.ndarray],
+                     fetch: RecordFetcher, k: int) -> tuple[F32Array, I64Array]:
+        """Best ``k`` (costs, ids), each (nq, k), of every (query, probed list) pair, scored by
+        the C kernel: Python only groups the pairs by list and maps each list once."""
+        nq, nprobe = probed.shape
+        if nq == 1:  # one query: its lists in probe order, each its own pair
+            list_nos, counts, order = probed[0], np.ones(nprobe, np.int64), np.arange(nprobe)
+        else:
+            order = np.argsort(probed.reshape(-1), kind="stable")  # by list, then by query
+            list_nos, counts = np.unique(probed.reshape(-1)[order], return_counts=True)
+        records: list[np.ndarray] = []
+        dead: list[np.ndarray | None] = []
+        kept = np.zeros(len(list_nos), bool)
+        for i, list_no in enumerate(list_nos.tolist()):
+            record = lists.get(list_no)
+            if record is not None and record.count > 0:
+                kept[i] = True
+                records.append(fetch(list_no, record))
+                dead.append(deleted.get(list_no))
+        if not records:
+            return np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
+        if kept.all():
+            pair_list = np.repeat(np.arange(len(list_nos)), counts)  # into records
+        else:  # drop the pairs of empty lists
+            pair_list = np.repeat(np.cumsum(kept) - 1, counts)
+            order = order[np.repeat(kept, counts)]
+            pair_list = pair_list[np.repeat(kept, counts)]
+            list_nos, counts = list_nos[kept], counts[kept]
+        pair_q, pair_rank = np.divmod(order, nprobe)
+        rows = np.array([len(r) for r in records], np.int64)
+        cap = int(min(k, rows.sum()))
+        nthreads = _THREADS if int(rows @ counts) >= _THREAD_MIN_ROWS else 1
+        # Per query: its terms (m tables of 256 floats) and a heap of cap per thread.
+        per_query = 4 * self.pq.m * _kernel.TSTRIDE + 24 * cap * nthreads
+        block = max(1, _KERNEL_BUDGET // per_query)  # queries per call
+        l2 = self.metric is Metric.L2
+        terms = self._list_terms(kernel) if l2 else None
+        parts = []
+        for q0 in range(0, nq, block):
+            q1 = min(nq, q0 + block)
+            if q1 - q0 == nq:
+                sel: slice | np.ndarray = slice(None)
+                starts = np.concatenate(([0], np.cumsum(counts)))
+            else:  # the pairs of this block's queries, still grouped by list
+                sel = np.flatnonzero((pair_q >= q0) & (pair_q < q1))
+                starts = np.concatenate(
+                    ([0], np.cumsum(np.bincount(pair_list[sel], minlength=len(records)))))
+            parts.append(kernel.scan(
+                queries=queries[q0:q1], centroids=self.centroids,
+                codebooks_t=self._codebooks_t,  # type: ignore[attr-defined]
+                norms=self.pq.norms, list_terms=terms, l2=l2, list_no=list_nos,
+                records=records, dead=dead, pair_start=starts, pair_q=pair_q[sel] - q0,
+                pair_rank=pair_rank[sel], k=k, cap=cap, nthreads=nthreads))
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([c for c, _ in parts]), np.concatenate([i for _, i in parts])
+
+    def _list_terms(self, kernel: _kernel.Kernel) -> F32Array | None:
+        """The l2 list terms of every list, computed on first use; None past the budget."""
+        terms: F32Array | None = getattr(self, "_terms", None)
+        if terms is None and (len(self.centroids) * self.pq.m * _kernel.TSTRIDE * 4
+                              <= _LIST_TERMS_BUDGET):
+            terms = kernel.list_terms(self.centroids, self._codebooks_t,  # type: ignore[attr-defined]
+                                      self.pq.norms)
+            object.__setattr__(self, "_terms", terms)  # a race only computes it twice
+        return terms
 
     def _scan_batch(self, queries: F32Array, coarse: F32Array, probed: I64Array,
                     lists: Mapping[int, ListRecord], deleted: Mapping[int, np.ndarray],

@@ -24,6 +24,33 @@ M = 4
 NBITS = 6
 
 
+#: CI builds the C scan kernel and sets this, so a failed build cannot pass unnoticed by
+#: silently testing only the numpy path.
+KERNEL_REQUIRED = os.environ.get("IVFPQ_STORE_REQUIRE_KERNEL") == "1"
+
+
+@pytest.fixture(params=["kernel", "numpy"])
+def scan_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once with the C scan kernel and once with the numpy path."""
+    from ivfpq_store import _kernel
+
+    if request.param == "numpy":
+        monkeypatch.setattr(_kernel, "KERNEL", None)
+    elif _kernel.KERNEL is None:
+        if KERNEL_REQUIRED:
+            pytest.fail(f"IVFPQ_STORE_REQUIRE_KERNEL=1 but {_kernel.kernel_status()}")
+        pytest.skip(_kernel.kernel_status())
+    return str(request.param)
+
+
+@pytest.fixture
+def numpy_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Search with the numpy path even where the C kernel is built (its own tests)."""
+    from ivfpq_store import _kernel
+
+    monkeypatch.setattr(_kernel, "KERNEL", None)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import NLIST, make_store
+from conftest import NLIST, M, make_store
 from helpers import brute_force_knn, synthetic
 
 import ivfpq_store
@@ -60,7 +60,7 @@ def assert_valid_topk(distances: np.ndarray, ids: np.ndarray, reference: list[di
 
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
 @pytest.mark.parametrize("nprobe", [1, 3, NLIST])
-def test_search_equals_exhaustive_adc(tmp_path, small_data, metric, nprobe):
+def test_search_equals_exhaustive_adc(tmp_path, small_data, metric, nprobe, scan_impl):
     with make_store(tmp_path / "s", small_data, metric=metric) as store:
         distances, ids = store.search(small_data["queries"], k=10, nprobe=nprobe)
         reference = adc_reference(store, small_data["queries"], nprobe, metric)
@@ -85,7 +85,8 @@ def exactly_encodable(store: ivfpq_store.Store, n: int, seed: int) -> np.ndarray
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_full_probe_on_exactly_encodable_data_equals_exact_knn(tmp_path, small_data, metric):
+def test_full_probe_on_exactly_encodable_data_equals_exact_knn(tmp_path, small_data, metric,
+                                                               scan_impl):
     with make_store(tmp_path / "s", small_data, metric=metric, add=False) as store:
         xb = exactly_encodable(store, 800, seed=5)
         ids = store.add(xb)
@@ -108,7 +109,7 @@ def test_recall_does_not_fall_as_nprobe_rises(shared_store_path, small_data):
     assert recalls[-1] > recalls[0]
 
 
-def test_single_vector_query_has_batch_shape(shared_store_path, small_data):
+def test_single_vector_query_has_batch_shape(shared_store_path, small_data, scan_impl):
     with ivfpq_store.open(shared_store_path, readonly=True) as store:
         d1, i1 = store.search(small_data["queries"][0], k=5, nprobe=2)
         d2, i2 = store.search(small_data["queries"][:1], k=5, nprobe=2)
@@ -118,7 +119,7 @@ def test_single_vector_query_has_batch_shape(shared_store_path, small_data):
 
 
 @pytest.mark.parametrize(("metric", "pad"), [("l2", np.inf), ("ip", -np.inf), ("cosine", -np.inf)])
-def test_results_are_padded_when_fewer_than_k(tmp_path, small_data, metric, pad):
+def test_results_are_padded_when_fewer_than_k(tmp_path, small_data, metric, pad, scan_impl):
     with make_store(tmp_path / "s", small_data, metric=metric, add=False) as store:
         distances, ids = store.search(small_data["queries"][:3], k=4, nprobe=NLIST)
         assert (ids == -1).all()
@@ -131,7 +132,7 @@ def test_results_are_padded_when_fewer_than_k(tmp_path, small_data, metric, pad)
     assert np.isfinite(distances[:, :3]).all()
 
 
-def test_huge_k_is_bounded_by_the_store_not_allocated(shared_store_path, small_data):
+def test_huge_k_is_bounded_by_the_store_not_allocated(shared_store_path, small_data, scan_impl):
     with ivfpq_store.open(shared_store_path, readonly=True) as store:
         distances, ids = store.search(small_data["queries"][:2], k=100_000, nprobe=NLIST)
         n = len(store)
@@ -141,7 +142,7 @@ def test_huge_k_is_bounded_by_the_store_not_allocated(shared_store_path, small_d
     assert np.all(np.diff(distances[:, :n], axis=1) >= 0)
 
 
-def test_lists_are_read_once_per_batch(shared_store_path, small_data, monkeypatch):
+def test_lists_are_read_once_per_batch(shared_store_path, small_data, monkeypatch, scan_impl):
     """Each probed list is fetched once per batch, however many queries probe it."""
     with ivfpq_store.open(shared_store_path, readonly=True) as store:
         calls: list[int] = []
@@ -165,7 +166,8 @@ def test_ip_scores_are_descending_and_l2_ascending(tmp_path, small_data):
         assert np.all(np.diff(sign * distances, axis=1) >= 0)
 
 
-def test_python_work_per_search_is_bounded_by_probed_lists_not_queries(shared_store_path):
+def test_python_work_per_search_is_bounded_by_probed_lists_not_queries(shared_store_path,
+                                                                      scan_impl):
     """Regression guard for speed that is not a timed test (issue 5): a search fetches each
     probed list once and makes a number of Python-level calls that depends on the lists it
     probes, not on how many queries or candidates there are."""
@@ -201,23 +203,37 @@ def test_python_work_per_search_is_bounded_by_probed_lists_not_queries(shared_st
     assert work[20_000] <= work[20] + 50, work
 
 
-@pytest.mark.parametrize("path", ["batch-product", "batch-tables", "single"])
+@pytest.mark.parametrize("path", ["batch-product", "batch-tables", "single", "kernel-batch",
+                                  "kernel-single"])
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
 def test_every_scan_path_equals_exhaustive_adc(tmp_path, small_data, monkeypatch, metric, path):
-    """Each scan path matches the reference: a batch's lists decoded for a matrix product, a
-    batch's lists probed by few queries scored from per-pair lookup tables (forced here for
-    every list), and a single query's lookup tables. With lists scanned in several row
-    blocks, blocks spanning several lists or pairs, and a candidate pool cut back to k many
-    times."""
+    """Each scan path matches the reference. numpy: a batch's lists decoded for a matrix
+    product, a batch's lists probed by few queries scored from per-pair lookup tables (forced
+    here for every list), and a single query's lookup tables; with lists scanned in several
+    row blocks, blocks spanning several lists or pairs, and a candidate pool cut back to k
+    many times. The C kernel: on three threads, in blocks of 7 queries, with each list's
+    terms computed as it is scanned instead of cached."""
     import ivfpq_store.search as search_mod
+    from ivfpq_store import _kernel
 
+    if path.startswith("kernel"):
+        if _kernel.KERNEL is None:
+            pytest.skip(_kernel.kernel_status())
+        monkeypatch.setattr(search_mod, "_THREADS", 3)
+        monkeypatch.setattr(search_mod, "_THREAD_MIN_ROWS", 0)
+        monkeypatch.setattr(search_mod, "_THREAD_MIN_QUERIES", 0)
+        monkeypatch.setattr(search_mod, "_LIST_TERMS_BUDGET", 0)
+        per_query = 4 * M * _kernel.TSTRIDE + 24 * 10 * 3
+        monkeypatch.setattr(search_mod, "_KERNEL_BUDGET", 7 * per_query)
+    else:
+        monkeypatch.setattr(_kernel, "KERNEL", None)
     monkeypatch.setattr(search_mod, "_SCAN_BUDGET", 2000)  # force many row blocks per list
     monkeypatch.setattr(search_mod, "_POOL_BUDGET", 50)  # force many cuts of the pool
     monkeypatch.setattr(search_mod, "_FEW_QUERIES", 10**9 if path == "batch-tables" else 1)
     with make_store(tmp_path / "s", small_data, metric=metric) as store:
         store.delete(np.arange(0, 1500, 7))  # tombstones spread over the row blocks
         queries = small_data["queries"]
-        if path.startswith("batch"):
+        if "batch" in path:
             distances, ids = store.search(queries, k=10, nprobe=3)
         else:
             parts = [store.search(q, k=10, nprobe=3) for q in queries]
@@ -230,12 +246,21 @@ def test_every_scan_path_equals_exhaustive_adc(tmp_path, small_data, monkeypatch
 
 
 @pytest.mark.parametrize("budget", [40, None])
-@pytest.mark.parametrize("path", ["batch", "batch-tables", "single"])
+@pytest.mark.parametrize("path", ["batch", "batch-tables", "single", "kernel"])
 def test_ties_go_to_the_earlier_row(tmp_path, small_data, monkeypatch, path, budget):
     """300 identical vectors share one code, so their costs tie exactly. Whether they are
-    scanned 10 rows per block or all at once, the best k are the k earliest rows, for both
-    scan paths."""
+    scanned 10 rows per block or all at once, the best k are the k earliest rows, for every
+    scan path; in the kernel, whichever of its heaps and threads they pass through."""
     import ivfpq_store.search as search_mod
+    from ivfpq_store import _kernel
+
+    if path == "kernel":
+        if _kernel.KERNEL is None:
+            pytest.skip(_kernel.kernel_status())
+        monkeypatch.setattr(search_mod, "_THREADS", 2)
+        monkeypatch.setattr(search_mod, "_THREAD_MIN_ROWS", 0)
+    else:
+        monkeypatch.setattr(_kernel, "KERNEL", None)
 
     if budget is not None:  # m=4: 10 rows per single-query block
         monkeypatch.setattr(search_mod, "_SCAN_BUDGET", budget)
@@ -245,13 +270,14 @@ def test_ties_go_to_the_earlier_row(tmp_path, small_data, monkeypatch, path, bud
         store.add(np.repeat(small_data["base"][30:31], 300, axis=0), ids=np.arange(100, 400))
         store.add(small_data["base"][31:60], ids=np.arange(31, 60))
         query = small_data["base"][30:31] + 1e-3
-        queries = query if path == "single" else np.concatenate([query, query])
+        queries = query if path == "single" else np.concatenate([query, query, query])
         _, ids = store.search(queries, k=5, nprobe=1)
     for row in ids:
         assert row.tolist() == [100, 101, 102, 103, 104]
 
 
-def test_batch_scan_blocks_respect_the_memory_budget(tmp_path, small_data, monkeypatch):
+def test_batch_scan_blocks_respect_the_memory_budget(tmp_path, small_data, monkeypatch,
+                                                     numpy_scan):
     """A block holds P costs, the decoded rows and their gather index per row: bounded by the
     scan budget, not only its costs (a 2-query batch on one big list used to decode it whole)."""
     import ivfpq_store.search as search_mod
@@ -275,7 +301,7 @@ def test_batch_scan_blocks_respect_the_memory_budget(tmp_path, small_data, monke
 
 
 def test_single_query_with_tables_past_the_budget_takes_the_batch_path(tmp_path, small_data,
-                                                                      monkeypatch):
+                                                                      monkeypatch, numpy_scan):
     """nprobe so large that one query's tables (m * nprobe * ksub floats) pass the scan
     budget: the query goes through the bounded batch path and is still exact."""
     import ivfpq_store.search as search_mod
@@ -294,7 +320,7 @@ def test_single_query_with_tables_past_the_budget_takes_the_batch_path(tmp_path,
                       np.concatenate([i for _, i in parts]), reference, higher=False)
 
 
-def test_searcher_takes_float64_queries_as_float32(tmp_path, small_data):
+def test_searcher_takes_float64_queries_as_float32(tmp_path, small_data, scan_impl):
     """The bound kept per query is float32; float64 costs would be pruned against a bound
     rounded down. The searcher works in float32 whatever it is given."""
     from ivfpq_store.params import SearchParams
@@ -312,7 +338,7 @@ def test_searcher_takes_float64_queries_as_float32(tmp_path, small_data):
 
 
 def test_running_out_of_descriptors_is_not_reported_as_damage(tmp_path, small_data,
-                                                              monkeypatch):
+                                                              monkeypatch, scan_impl):
     """EMFILE while mapping a segment is a process limit: it surfaces as OSError, not as
     CorruptStoreError ("the store is damaged")."""
     import errno

@@ -1,0 +1,217 @@
+"""The C scan kernel (ivfpq_store/_scan.c): built where CI requires it, deterministic across
+threads and query blocks, safe on impossible codes, strict about its arguments. Its results
+against the exhaustive ADC reference are checked in test_search.py, for every metric."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from conftest import KERNEL_REQUIRED, NLIST, make_store
+from helpers import synthetic
+
+import ivfpq_store.search as search_mod
+from ivfpq_store import _kernel
+from ivfpq_store.params import SearchParams
+
+needs_kernel = pytest.mark.skipif(_kernel.KERNEL is None and not KERNEL_REQUIRED,
+                                  reason=_kernel.kernel_status())
+
+
+def test_kernel_is_built_where_required():
+    """CI sets IVFPQ_STORE_REQUIRE_KERNEL=1: a broken build must fail there, not fall back."""
+    if KERNEL_REQUIRED:
+        assert _kernel.KERNEL is not None, _kernel.kernel_status()
+    assert _kernel.kernel_status().startswith("C kernel" if _kernel.KERNEL else "numpy")
+
+
+@needs_kernel
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_results_do_not_depend_on_threads_blocks_or_cached_terms(tmp_path, small_data,
+                                                                 monkeypatch, metric):
+    """One thread with cached list terms, and three threads in blocks of 5 queries computing
+    each list's terms as they go, give bit-identical results: each pair is scored the same
+    way wherever it runs, and the merge orders by (cost, rank, row)."""
+    with make_store(tmp_path / "s", small_data, metric=metric) as store:
+        store.delete(np.r_[0:40, 700:760, 1490:1500])  # runs of tombstones, at list ends too
+        queries = synthetic(60, store.params.dim, seed=11)
+        monkeypatch.setattr(search_mod, "_THREADS", 1)
+        one = store.search(queries, k=15, nprobe=5)
+        monkeypatch.setattr(search_mod, "_THREADS", 3)
+        monkeypatch.setattr(search_mod, "_THREAD_MIN_ROWS", 0)
+        monkeypatch.setattr(search_mod, "_THREAD_MIN_QUERIES", 0)
+        monkeypatch.setattr(search_mod, "_LIST_TERMS_BUDGET", 0)
+        per_query = 4 * store.params.m * _kernel.TSTRIDE + 24 * 15 * 3
+        monkeypatch.setattr(search_mod, "_KERNEL_BUDGET", 5 * per_query)
+        if metric == "l2":  # ip has no list terms
+            object.__delattr__(store._searcher, "_terms")
+        many = store.search(queries, k=15, nprobe=5)
+        assert not hasattr(store._searcher, "_terms")  # terms were not cached this time
+    np.testing.assert_array_equal(one.ids, many.ids)
+    np.testing.assert_array_equal(one.distances, many.distances)
+    assert not np.isin(one.ids, np.r_[0:40, 700:760, 1490:1500]).any()
+
+
+@needs_kernel
+def test_impossible_codes_are_never_results(tmp_path, small_data):
+    """nbits=6: code bytes 64..255 cannot come from the encoder, only from a damaged file. The
+    kernel's tables have 256 entries per sub-quantizer with +inf past ksub, so such rows are
+    never read out of bounds and never returned."""
+    with make_store(tmp_path / "s", small_data) as store:
+        searcher = store._searcher
+        snap = store._catalog.snapshot()
+        list_no = max(snap.lists, key=lambda n: snap.lists[n].count)
+        recs = np.array(store._fetch(list_no, snap.lists[list_no]))  # a writable copy
+    bad = np.arange(0, len(recs), 3)
+    recs["code"][bad, -1] = 255
+    recs["code"][bad[::2], 0] = 64
+    query = searcher.centroids[list_no][None, :]
+    kernel = _kernel.KERNEL
+    assert kernel is not None
+    for terms in (searcher._list_terms(kernel), None):
+        cost, ids = kernel.scan(
+            queries=query, centroids=searcher.centroids, codebooks_t=searcher._codebooks_t,
+            norms=searcher.pq.norms, list_terms=terms, l2=True,
+            list_no=np.array([list_no]), records=[recs], dead=[None],
+            pair_start=np.array([0, 1]), pair_q=np.array([0]), pair_rank=np.array([0]),
+            k=len(recs), cap=len(recs), nthreads=1)
+        found = ids[0][ids[0] >= 0]
+        assert len(found) == len(recs) - len(bad)
+        assert not np.isin(found, recs["id"][bad]).any()
+        assert np.isfinite(cost[0][: len(found)]).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_equal_costs_go_to_the_better_ranked_list(tmp_path, small_data, threads):
+    """A list's records given twice, the copy with other ids and the worse probe rank but
+    scanned first (and, on two threads, by another thread): every cost ties with its copy,
+    and the better-ranked list's row comes first each time."""
+    with make_store(tmp_path / "s", small_data) as store:
+        searcher = store._searcher
+        snap = store._catalog.snapshot()
+        list_no = max(snap.lists, key=lambda n: snap.lists[n].count)
+        recs = np.array(store._fetch(list_no, snap.lists[list_no]))
+    copy = recs.copy()
+    copy["id"] += 10_000
+    kernel = _kernel.KERNEL
+    assert kernel is not None
+    cost, ids = kernel.scan(
+        queries=small_data["queries"][:1], centroids=searcher.centroids,
+        codebooks_t=searcher._codebooks_t, norms=searcher.pq.norms,
+        list_terms=searcher._list_terms(kernel), l2=True, list_no=np.array([list_no, list_no]),
+        records=[copy, recs], dead=[None, None], pair_start=np.array([0, 1, 2]),
+        pair_q=np.array([0, 0]), pair_rank=np.array([1, 0]), k=20, cap=20, nthreads=threads)
+    rank = (ids[0] >= 10_000).astype(int)
+    row = np.searchsorted(recs["id"], ids[0] % 10_000)
+    assert (recs["id"][row] == ids[0] % 10_000).all()
+    keys = list(zip(cost[0].tolist(), rank.tolist(), row.tolist(), strict=True))
+    assert keys == sorted(keys)  # by (cost, rank, row)
+    assert len(set(keys)) == len(keys)
+    # every row found in the worse-ranked copy has its better-ranked original found too
+    assert set(ids[0][rank == 1] - 10_000) <= set(ids[0][rank == 0])
+
+
+@needs_kernel
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("nprobe", [1, 5, 70, 100])
+def test_probe_matches_the_blas_probe(metric, nprobe):
+    """The kernel's probe (its own products, no BLAS threads) picks the numpy probe's lists in
+    the same order, with the same coarse costs up to rounding; nprobe > 64 takes its sort."""
+    from ivfpq_store.training.pq import ProductQuantizer
+    from ivfpq_store.types import Metric
+
+    rng = np.random.default_rng(3)
+    centroids = rng.standard_normal((100, 16)).astype(np.float32)
+    pq = ProductQuantizer(rng.standard_normal((4, 16, 4)).astype(np.float32))
+    searcher = search_mod.Searcher(centroids, pq, Metric[metric.upper()])
+    queries = rng.standard_normal((50, 16)).astype(np.float32)
+    want_cost, want = searcher.probe(queries, nprobe)
+    kernel = _kernel.KERNEL
+    assert kernel is not None
+    for threads in (1, 2):
+        cost, got = kernel.probe(queries, searcher._probe_matrix, l2=metric == "l2",
+                                 nprobe=nprobe, nthreads=threads)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(cost, want_cost, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("nprobe", [3, 80])
+def test_probe_ties_go_to_the_lower_list(nprobe):
+    """Equal coarse costs (duplicate centroids) rank by list number, on both selection paths."""
+    from ivfpq_store.training.kmeans import l2_score_matrix
+
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((50, 8)).astype(np.float32)
+    centroids = np.concatenate([base, base])  # list i and i + 50 are the same point
+    queries = rng.standard_normal((10, 8)).astype(np.float32)
+    kernel = _kernel.KERNEL
+    assert kernel is not None
+    cost, lists = kernel.probe(queries, l2_score_matrix(centroids), l2=True, nprobe=nprobe,
+                               nthreads=1)
+    for row_cost, row in zip(cost, lists, strict=True):
+        assert np.all(np.diff(row_cost) >= 0)
+        # a list's twin of lower number ties with it, so it is never left out for it
+        assert set(row[row >= 50] - 50) <= set(row.tolist())
+        for a, b in itertools.pairwise(row.tolist()):
+            if centroids[a].tobytes() == centroids[b].tobytes():
+                assert a < b
+
+
+@needs_kernel
+def test_kernel_rejects_inconsistent_arguments(tmp_path, small_data):
+    """The C side trusts what it is given; the binding refuses what would make it read out
+    of bounds: a foreign record layout, pairs that do not add up, numbers out of range."""
+    with make_store(tmp_path / "s", small_data) as store:
+        searcher = store._searcher
+        snap = store._catalog.snapshot()
+        list_no = next(iter(snap.lists))
+        recs = store._fetch(list_no, snap.lists[list_no])
+        kernel = _kernel.KERNEL
+        assert kernel is not None
+        good = {"queries": small_data["queries"][:2], "centroids": searcher.centroids,
+                "codebooks_t": searcher._codebooks_t, "norms": searcher.pq.norms,
+                "list_terms": None, "l2": True, "list_no": np.array([list_no]),
+                "records": [recs], "dead": [None], "pair_start": np.array([0, 2]),
+                "pair_q": np.array([0, 1]), "pair_rank": np.array([0, 0]), "k": 5, "cap": 5,
+                "nthreads": 1}
+        kernel.scan(**good)  # the baseline call works
+        bad_cases = [
+            {"records": [recs[::2]]},  # not contiguous
+            {"records": [np.zeros(3, [("id", "<i8"), ("code", "u1", (8,))])]},  # wrong m
+            {"pair_start": np.array([0, 3])},  # more pairs than given
+            {"pair_q": np.array([0, 2])},  # a query that does not exist
+            {"list_no": np.array([NLIST])},  # a list that does not exist
+            {"cap": 6},  # heaps bigger than k
+            {"dead": [np.array([1, 2], np.int32)]},  # tombstones of the wrong type
+            {"list_terms": np.zeros((NLIST, 4, 255), np.float32)},  # wrong term layout
+        ]
+        for change in bad_cases:
+            with pytest.raises(ValueError, match="scan kernel"):
+                kernel.scan(**{**good, **change})
+        with pytest.raises(ValueError, match="scan kernel"):
+            kernel.probe(small_data["queries"], searcher._probe_matrix, l2=False, nprobe=2,
+                         nthreads=1)  # an l2 matrix read as ip
+
+
+@needs_kernel
+def test_search_probes_and_scans_in_the_kernel(shared_store_path, small_data, monkeypatch):
+    """With the kernel built, a search neither runs the BLAS probe (whose spinning threads
+    slowed the scan) nor any numpy scan path."""
+    import ivfpq_store
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("numpy path used")
+
+    for name in ("probe", "_scan_one", "_scan_batch"):
+        monkeypatch.setattr(search_mod.Searcher, name, forbidden)
+    with ivfpq_store.open(shared_store_path, readonly=True) as store:
+        for queries in (small_data["queries"], small_data["queries"][0]):
+            _, ids = store.search(queries, k=5, nprobe=3)
+            assert (ids >= 0).all()
+        snap = store._catalog.snapshot()
+        result = store._searcher.search(small_data["queries"], SearchParams.checked(5, 3, NLIST),
+                                        snap.lists, snap.deleted, store._fetch)
+    assert result.ids.shape == (len(small_data["queries"]), 5)
