@@ -18,10 +18,10 @@ import numpy as np
 
 from .types import F32Array, I64Array
 
-__all__ = ["KERNEL", "Kernel", "kernel_status"]
+__all__ = ["KERNEL", "THREADS", "Kernel", "kernel_status"]
 
 #: The version of the ``ivfpq_scan`` contract this module speaks (``IVFPQ_SCAN_ABI`` in C).
-ABI = 3
+ABI = 4
 #: Entries per sub-table in the kernel's tables (``TSTRIDE`` in C): 256 whatever ksub.
 TSTRIDE = 256
 
@@ -34,8 +34,22 @@ _SCAN_ARGS = [_I, _I, _I, _I, ctypes.c_int,  # nq, dim, m, ksub, l2
               _P, _P, _P,  # pair_start, pair_q, pair_rank
               _I, _I, ctypes.c_int, _P, _P]  # k, cap, nthreads, out_cost, out_id
 _TERMS_ARGS = [_I, _I, _I, _I, _P, _P, _P, _P]  # n, dim, m, ksub, centroids, cb_t, norms, out
+_ENCODE_ARGS = [_I, _I, _I, _I, _P, _P, _P, _P, _P,  # n, dim, m, ksub, x, lists, c, cb_t, norms
+                ctypes.c_int, _P]  # nthreads, out codes
 _PROBE_ARGS = [_I, _I, _I, ctypes.c_int, _P, _P,  # nq, dim, nlist, l2, queries, matrix
                _I, ctypes.c_int, _P, _P]  # nprobe, nthreads, out_cost, out_list
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+#: Threads the kernel runs on by default: one per CPU this process may run on, as faiss's
+#: OpenMP does. Each call starts and joins its own; none outlive it.
+THREADS = max(1, min(_cpus(), 64))
 
 
 def _addr(a: np.ndarray) -> int:
@@ -66,6 +80,29 @@ class Kernel:
         self._probe = lib.ivfpq_probe
         self._probe.restype = ctypes.c_int
         self._probe.argtypes = _PROBE_ARGS
+        self._encode = lib.ivfpq_encode
+        self._encode.restype = ctypes.c_int
+        self._encode.argtypes = _ENCODE_ARGS
+
+    def encode(self, x: F32Array, lists: I64Array, centroids: F32Array, codebooks_t: F32Array,
+               norms: F32Array, *, nthreads: int) -> np.ndarray:
+        """PQ codes (n, m) uint8 of the residuals ``x[i] - centroids[lists[i]]``, computed
+        without materialising them: per sub-quantizer the first sub-centroid minimising
+        |C|^2 - 2 r.C, the ranking :meth:`ProductQuantizer.encode` uses."""
+        x, centroids, codebooks_t, norms = (_f32(a) for a in (x, centroids, codebooks_t, norms))
+        lists = np.ascontiguousarray(lists, np.int64)
+        n, dim = x.shape
+        m, dsub, ksub = codebooks_t.shape
+        if (m * dsub != dim or centroids.shape[1] != dim or norms.shape != (m, ksub)
+                or lists.shape != (n,) or ksub > TSTRIDE):
+            raise ValueError("scan kernel: inconsistent encode arguments")
+        if n and (lists.min() < 0 or lists.max() >= len(centroids)):
+            raise ValueError("scan kernel: list number out of range")
+        codes = np.empty((n, m), np.uint8)
+        if self._encode(n, dim, m, ksub, _addr(x), _addr(lists), _addr(centroids),
+                        _addr(codebooks_t), _addr(norms), nthreads, _addr(codes)) != 0:
+            raise MemoryError("scan kernel: could not allocate the encoder's scratch")
+        return codes
 
     def probe(self, queries: F32Array, matrix: F32Array, *, l2: bool, nprobe: int,
               nthreads: int) -> tuple[F32Array, I64Array]:

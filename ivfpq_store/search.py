@@ -13,9 +13,8 @@ bounded by scanning in row blocks and cutting the candidate pool back to k per q
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -53,15 +52,8 @@ _TABLE_CACHE = 1 << 18
 
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
-
-
-#: Threads of the C scan kernel: one per CPU this process may run on, as faiss's OpenMP does.
-_THREADS = max(1, min(_cpus(), 64))
+#: Threads of the C kernel (one per CPU this process may run on; see _kernel.THREADS).
+_THREADS = _kernel.THREADS
 #: Queries below which the kernel probes on one thread.
 _THREAD_MIN_QUERIES = 8
 #: Rows to scan (summed over the (query, list) pairs) below which the kernel uses one thread:
@@ -94,16 +86,24 @@ class Searcher:
     centroids: F32Array  # (nlist, dim)
     pq: ProductQuantizer
     metric: Metric
+    #: (dim + 1, nlist) ``[-2 C^T; |c|^2]`` for l2, (dim, nlist) ``-C^T`` for ip/cosine.
+    probe_matrix: F32Array = field(init=False, repr=False)
+    #: (m, dsub, ksub) C-contiguous: the codebooks as the table products want them.
+    codebooks_t: F32Array = field(init=False, repr=False)
+    _codebook_items: np.ndarray = field(init=False, repr=False)
+    _offsets: np.ndarray = field(init=False, repr=False)
+    #: The kernel's l2 list terms of every list, computed on first use (see _list_terms).
+    _terms: F32Array | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         if self.metric is Metric.L2:  # [q, 1] @ it = -2<q, c> + |c|^2
             probe_matrix = l2_score_matrix(self.centroids)
         else:  # q @ it = -<q, c>
             probe_matrix = np.ascontiguousarray(-self.centroids.T)
-        object.__setattr__(self, "_probe_matrix", probe_matrix)
+        object.__setattr__(self, "probe_matrix", probe_matrix)
         # (m, dsub, ksub), C-contiguous: numpy's stacked matmul only reaches BLAS when both
         # operands are contiguous; the transposed view was 13x slower (measured).
-        object.__setattr__(self, "_codebooks_t",
+        object.__setattr__(self, "codebooks_t",
                            np.ascontiguousarray(self.pq.codebooks.transpose(0, 2, 1)))
         # (m*ksub,) opaque items of dsub float32 each: item j*ksub + c is sub-centroid c of
         # sub-quantizer j, for decoding.
@@ -128,7 +128,7 @@ class Searcher:
         # (nq, nlist) matrix: l2 -2<q, c> + |c|^2 (|q|^2 is added to the chosen ones only);
         # ip -<q, c>.
         left = with_ones(queries) if self.metric is Metric.L2 else queries
-        scores = left @ self._probe_matrix  # type: ignore[attr-defined]
+        scores = left @ self.probe_matrix
         if nprobe == 1:  # assignment (add): the first best, no partition needed
             part = np.argmin(scores, axis=1)[:, None]
         elif nprobe < scores.shape[1]:
@@ -160,7 +160,7 @@ class Searcher:
         queries = np.asarray(queries, dtype=np.float32)
         kernel = _kernel.KERNEL
         if kernel is not None:
-            _, probed = kernel.probe(queries, self._probe_matrix,  # type: ignore[attr-defined]
+            _, probed = kernel.probe(queries, self.probe_matrix,
                                      l2=self.metric is Metric.L2, nprobe=params.nprobe,
                                      nthreads=_THREADS if len(queries) >= _THREAD_MIN_QUERIES
                                      else 1)
@@ -231,7 +231,7 @@ class Searcher:
                     ([0], np.cumsum(np.bincount(pair_list[sel], minlength=len(records)))))
             parts.append(kernel.scan(
                 queries=queries[q0:q1], centroids=self.centroids,
-                codebooks_t=self._codebooks_t,  # type: ignore[attr-defined]
+                codebooks_t=self.codebooks_t,
                 norms=self.pq.norms, list_terms=terms, l2=l2, list_no=list_nos,
                 records=records, dead=dead, pair_start=starts, pair_q=pair_q[sel] - q0,
                 pair_rank=pair_rank[sel], k=k, cap=cap, nthreads=nthreads))
@@ -241,10 +241,10 @@ class Searcher:
 
     def _list_terms(self, kernel: _kernel.Kernel) -> F32Array | None:
         """The l2 list terms of every list, computed on first use; None past the budget."""
-        terms: F32Array | None = getattr(self, "_terms", None)
+        terms = self._terms
         if terms is None and (len(self.centroids) * self.pq.m * _kernel.TSTRIDE * 4
                               <= _LIST_TERMS_BUDGET):
-            terms = kernel.list_terms(self.centroids, self._codebooks_t,  # type: ignore[attr-defined]
+            terms = kernel.list_terms(self.centroids, self.codebooks_t,
                                       self.pq.norms)
             object.__setattr__(self, "_terms", terms)  # a race only computes it twice
         return terms
@@ -479,7 +479,7 @@ class Searcher:
         pq = self.pq
         p = x.shape[0]
         r = np.ascontiguousarray(x.reshape(p, pq.m, pq.dsub).transpose(1, 0, 2))  # (m, P, dsub)
-        t = np.matmul(r, self._codebooks_t)  # type: ignore[attr-defined]  # (m, P, ksub)
+        t = np.matmul(r, self.codebooks_t)  # (m, P, ksub)
         if self.metric is Metric.L2:
             t *= -2.0
             t += pq.norms[:, None, :]
@@ -491,11 +491,12 @@ class Searcher:
 
     def _decode(self, codes: np.ndarray) -> F32Array:
         """Reconstructed residuals (n, dim) of PQ codes (n, m)."""
-        idx = np.add(codes, self._offsets, dtype=np.intp)  # type: ignore[attr-defined]
+        idx = np.add(codes, self._offsets, dtype=np.intp)
         # Each sub-centroid is taken as one opaque dsub*4-byte item: 8x faster than fancy
         # indexing of float32 rows (measured 20 vs 160 us for 1,000 codes of m=16).
-        items = np.take(self._codebook_items, idx)  # type: ignore[attr-defined]
-        return items.view(np.float32).reshape(len(codes), -1)
+        items = np.take(self._codebook_items, idx)
+        decoded: F32Array = items.view(np.float32).reshape(len(codes), -1)
+        return decoded
 
 
 def kth_bound(cost: F32Array, k: int) -> F32Array:

@@ -44,10 +44,9 @@ def test_results_do_not_depend_on_threads_blocks_or_cached_terms(tmp_path, small
         monkeypatch.setattr(search_mod, "_LIST_TERMS_BUDGET", 0)
         per_query = 4 * store.params.m * _kernel.TSTRIDE + 24 * 15 * 3
         monkeypatch.setattr(search_mod, "_KERNEL_BUDGET", 5 * per_query)
-        if metric == "l2":  # ip has no list terms
-            object.__delattr__(store._searcher, "_terms")
+        object.__setattr__(store._searcher, "_terms", None)  # forget the cached terms
         many = store.search(queries, k=15, nprobe=5)
-        assert not hasattr(store._searcher, "_terms")  # terms were not cached this time
+        assert store._searcher._terms is None  # terms were not cached this time
     np.testing.assert_array_equal(one.ids, many.ids)
     np.testing.assert_array_equal(one.distances, many.distances)
     assert not np.isin(one.ids, np.r_[0:40, 700:760, 1490:1500]).any()
@@ -71,7 +70,7 @@ def test_impossible_codes_are_never_results(tmp_path, small_data):
     assert kernel is not None
     for terms in (searcher._list_terms(kernel), None):
         cost, ids = kernel.scan(
-            queries=query, centroids=searcher.centroids, codebooks_t=searcher._codebooks_t,
+            queries=query, centroids=searcher.centroids, codebooks_t=searcher.codebooks_t,
             norms=searcher.pq.norms, list_terms=terms, l2=True,
             list_no=np.array([list_no]), records=[recs], dead=[None],
             pair_start=np.array([0, 1]), pair_q=np.array([0]), pair_rank=np.array([0]),
@@ -99,7 +98,7 @@ def test_equal_costs_go_to_the_better_ranked_list(tmp_path, small_data, threads)
     assert kernel is not None
     cost, ids = kernel.scan(
         queries=small_data["queries"][:1], centroids=searcher.centroids,
-        codebooks_t=searcher._codebooks_t, norms=searcher.pq.norms,
+        codebooks_t=searcher.codebooks_t, norms=searcher.pq.norms,
         list_terms=searcher._list_terms(kernel), l2=True, list_no=np.array([list_no, list_no]),
         records=[copy, recs], dead=[None, None], pair_start=np.array([0, 1, 2]),
         pair_q=np.array([0, 0]), pair_rank=np.array([1, 0]), k=20, cap=20, nthreads=threads)
@@ -131,7 +130,7 @@ def test_probe_matches_the_blas_probe(metric, nprobe):
     kernel = _kernel.KERNEL
     assert kernel is not None
     for threads in (1, 2):
-        cost, got = kernel.probe(queries, searcher._probe_matrix, l2=metric == "l2",
+        cost, got = kernel.probe(queries, searcher.probe_matrix, l2=metric == "l2",
                                  nprobe=nprobe, nthreads=threads)
         np.testing.assert_array_equal(got, want)
         np.testing.assert_allclose(cost, want_cost, rtol=1e-5, atol=1e-4)
@@ -172,7 +171,7 @@ def test_kernel_rejects_inconsistent_arguments(tmp_path, small_data):
         kernel = _kernel.KERNEL
         assert kernel is not None
         good = {"queries": small_data["queries"][:2], "centroids": searcher.centroids,
-                "codebooks_t": searcher._codebooks_t, "norms": searcher.pq.norms,
+                "codebooks_t": searcher.codebooks_t, "norms": searcher.pq.norms,
                 "list_terms": None, "l2": True, "list_no": np.array([list_no]),
                 "records": [recs], "dead": [None], "pair_start": np.array([0, 2]),
                 "pair_q": np.array([0, 1]), "pair_rank": np.array([0, 0]), "k": 5, "cap": 5,
@@ -192,7 +191,7 @@ def test_kernel_rejects_inconsistent_arguments(tmp_path, small_data):
             with pytest.raises(ValueError, match="scan kernel"):
                 kernel.scan(**{**good, **change})
         with pytest.raises(ValueError, match="scan kernel"):
-            kernel.probe(small_data["queries"], searcher._probe_matrix, l2=False, nprobe=2,
+            kernel.probe(small_data["queries"], searcher.probe_matrix, l2=False, nprobe=2,
                          nthreads=1)  # an l2 matrix read as ip
 
 
@@ -215,3 +214,38 @@ def test_search_probes_and_scans_in_the_kernel(shared_store_path, small_data, mo
         result = store._searcher.search(small_data["queries"], SearchParams.checked(5, 3, NLIST),
                                         snap.lists, snap.deleted, store._fetch)
     assert result.ids.shape == (len(small_data["queries"]), 5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("nbits", [8, 6, 4])  # 8 and 6: the vector path; 4: the scalar one
+def test_encoder_matches_the_numpy_encoder(nbits):
+    """The fused encoder picks the numpy encoder's codes (up to float near-ties, which must
+    be real ties), and on exact ties the lower sub-centroid, in both of its paths."""
+    from ivfpq_store.training.pq import ProductQuantizer
+
+    rng = np.random.default_rng(nbits)
+    m, dsub, ksub = 4, 8, 1 << nbits
+    books = rng.standard_normal((m, ksub, dsub)).astype(np.float32)
+    books[:, 1::2] = books[:, 0::2]  # sub-centroid 2i+1 is a copy of 2i: exact ties
+    if ksub == 256:  # ties in other lanes and chunks of the vector path, and in the same lane
+        books[:, 64:128] = books[:, 0:64][:, ::-1]
+        books[:, 128:192] = books[:, 0:64]
+    pq = ProductQuantizer(books)
+    centroids = rng.standard_normal((5, m * dsub)).astype(np.float32)
+    x = rng.standard_normal((3000, m * dsub)).astype(np.float32)
+    lists = rng.integers(0, 5, len(x))
+    kernel = _kernel.KERNEL
+    assert kernel is not None
+    codebooks_t = np.ascontiguousarray(books.transpose(0, 2, 1))
+    got = kernel.encode(x, lists, centroids, codebooks_t, pq.norms, nthreads=3)
+    want = pq.encode(x - centroids[lists])
+    assert (got % 2 == 0).all()  # the lowest of equal sub-centroids
+    if ksub == 256:
+        assert not ((got >= 64) & (got < 192)).any()
+    differ = np.argwhere(got != want)
+    assert len(differ) <= 3
+    r = (x - centroids[lists]).reshape(len(x), m, dsub)
+    for i, j in differ:  # only where the two choices are equally near, to float precision
+        d_got = ((r[i, j] - books[j, got[i, j]]) ** 2).sum()
+        d_want = ((r[i, j] - books[j, want[i, j]]) ** 2).sum()
+        assert abs(d_got - d_want) <= 1e-5 * max(d_got, 1.0)

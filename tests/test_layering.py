@@ -29,7 +29,7 @@ ALLOWED = {
     "verify": {"errors", "format", "storage"},
     "writing": {"_validate", "compaction", "errors", "format", "params", "storage", "types",
                 "verify"},
-    "store": {"_validate", "errors", "format", "params", "search", "storage", "training",
+    "store": {"_kernel", "_validate", "errors", "format", "params", "search", "storage", "training",
               "types", "writing"},
     "creation": {"_validate", "errors", "format", "params", "search", "storage", "store",
                  "training", "types"},
