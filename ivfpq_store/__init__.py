@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from ._kernel import kernel_status as scan_backend
 from .compaction import CompactReport
 from .creation import create
 from .errors import (
@@ -82,4 +83,5 @@ __all__ = [
     "__version__",
     "create",
     "open",
+    "scan_backend",
 ]

@@ -227,5 +227,7 @@ KERNEL, _STATUS = _load()
 
 
 def kernel_status() -> str:
-    """Which scan implementation searches use, and why: for ``info`` and bug reports."""
+    """Which implementation searches and adds use in this process, and why: ``"C kernel"``,
+    or ``"numpy (...)"`` with the reason. Shown by ``ivfpq-store info``; put it in bug
+    reports. Exported as ``ivfpq_store.scan_backend()``."""
     return _STATUS

@@ -311,7 +311,8 @@ def info(store: Path, as_json: bool) -> None:
     with ivfpq_store.open(store, readonly=True) as s:
         i = s.info()
     sizes = sorted(i.list_sizes)
-    emit(i.to_dict(), as_json=as_json, lines=[
+    backend = ivfpq_store.scan_backend()
+    emit({**i.to_dict(), "scan_backend": backend}, as_json=as_json, lines=[
         f"store:    {i.path} (format {i.format_version})",
         f"index:    dim={i.dim} nlist={i.nlist} m={i.m} nbits={i.nbits} metric={i.metric}",
         f"vectors:  {i.ntotal:,} in {i.n_segments} non-empty lists",
@@ -319,6 +320,7 @@ def info(store: Path, as_json: bool) -> None:
         (f"deleted:  {i.ndeleted:,} records awaiting compaction "
          f"({i.reclaimable_bytes:,} bytes reclaimable)"),
         f"disk:     {_bytes_line(i.bytes_on_disk)}",
+        f"scan:     {backend}",
         "list sizes (live vectors per list):",
         *_histogram(list(i.list_sizes)),
     ])

@@ -117,8 +117,10 @@ def test_info_lists_compact_verify_copy(runner, files):
     info = json.loads(run(runner, "info", files["store"], "--json").stdout)
     assert info["ntotal"] == 900
     assert len(info["list_sizes"]) == NLIST
+    assert info["scan_backend"] == ivfpq_store.scan_backend()
     human = run(runner, "info", files["store"]).stdout
     assert "list sizes (live vectors per list):" in human
+    assert f"scan:     {ivfpq_store.scan_backend()}" in human
     assert "#" in human
     lists = json.loads(run(runner, "lists", files["store"], "--json").stdout)
     assert sum(r["live"] for r in lists["lists"]) == 900

@@ -35,8 +35,8 @@ ALLOWED = {
                  "training", "types"},
     "demo": {"creation", "store", "datasets", "evaluation"},
     "cli": {"ivfpq_store", "demo", "errors", "io"},
-    "__init__": {"compaction", "creation", "errors", "params", "search", "store", "types",
-                 "verify", "writing"},
+    "__init__": {"_kernel", "compaction", "creation", "errors", "params", "search", "store",
+                 "types", "verify", "writing"},
     "__main__": {"cli"},
 }
 THIRD_PARTY = {"lmdb": {"storage"}, "click": {"cli"}, "msgpack": {"format"}}
