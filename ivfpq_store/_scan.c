@@ -1,6 +1,6 @@
 /*
- * The IVF-PQ list scan kernel: ADC lookup tables, table sums over a list's codes and an exact
- * top-k, for many (query, list) pairs at once, on several threads.
+ * The IVF-PQ kernel: the coarse probe, ADC lookup tables, table sums over a list's codes and an
+ * exact top-k for many (query, list) pairs at once, and the PQ encoder of add, on threads.
  *
  * Plain C, no Python API in the hot path: it is called through ctypes (which releases the GIL)
  * by ivfpq_store/_kernel.py, and is compiled at install time as an optional extension. When it
@@ -20,9 +20,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the kernel reads little-endian record ids in place; this build falls back to numpy"
+#endif
+
 /* Hot loops are compiled for several x86-64 levels and the best one the CPU has is picked
  * when the library loads (gcc/clang function multiversioning): the install stays portable,
- * and AVX2/FMA machines get 8-wide products (measured: the probe 2.9x faster). */
+ * and AVX2 or AVX-512 machines get wide products (measured against the baseline build: the
+ * probe 2.2x faster, a 1,000-query scan 1.3x). */
 #if defined(__x86_64__) && defined(__has_attribute)
 #if __has_attribute(target_clones) && defined(__linux__)
 #define HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))

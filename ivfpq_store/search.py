@@ -1,14 +1,15 @@
 """IVF-PQ search: coarse probe, per-list scan, pruned exact top-k.
 
-Where the C scan kernel is built (:mod:`ivfpq_store._kernel`), every (query, list) pair is
-scored there: Python groups the pairs by list and maps each probed list once, and one call
-builds each pair's lookup tables, sums them over the list's codes and keeps an exact top-k per
-query, on several threads. The numpy path below computes the same results without it.
+Where the compiled kernel is built (:mod:`ivfpq_store._kernel`), one call probes all the
+queries, Python groups the (query, list) pairs by list and maps each probed list once, and one
+more call builds each pair's lookup tables, sums them over the list's codes and keeps an exact
+top-k per query, on several threads. The numpy path below computes the same results without
+it.
 
-In numpy, a batch loops in Python once per *distinct probed list*, never per query or per candidate:
-each list is decoded once and scored against all the queries probing it with one matrix
-product. A single query scores all its probed lists at once from lookup tables. Memory is
-bounded by scanning in row blocks and cutting the candidate pool back to k per query.
+In numpy, a batch loops in Python once per *distinct probed list*, never per query or per
+candidate: each list is decoded once and scored against all the queries probing it with one
+matrix product. A single query scores all its probed lists at once from lookup tables. Memory
+is bounded by scanning in row blocks and cutting the candidate pool back to k per query.
 """
 
 from __future__ import annotations
@@ -48,10 +49,6 @@ _SAMPLE = 2048
 _FEW_QUERIES = 3
 #: Floats of lookup tables gathered from at once by the few-queries path (1 MiB).
 _TABLE_CACHE = 1 << 18
-
-
-
-
 #: Threads of the C kernel (one per CPU this process may run on; see _kernel.THREADS).
 _THREADS = _kernel.THREADS
 #: Queries below which the kernel probes on one thread.
@@ -203,13 +200,9 @@ class Searcher:
                 dead.append(deleted.get(list_no))
         if not records:
             return np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
-        if kept.all():
-            pair_list = np.repeat(np.arange(len(list_nos)), counts)  # into records
-        else:  # drop the pairs of empty lists
-            pair_list = np.repeat(np.cumsum(kept) - 1, counts)
-            order = order[np.repeat(kept, counts)]
-            pair_list = pair_list[np.repeat(kept, counts)]
-            list_nos, counts = list_nos[kept], counts[kept]
+        keep = np.repeat(kept, counts)  # drop the pairs of empty lists
+        pair_list = np.repeat(np.cumsum(kept) - 1, counts)[keep]  # each pair's index in records
+        order, list_nos, counts = order[keep], list_nos[kept], counts[kept]
         pair_q, pair_rank = np.divmod(order, nprobe)
         rows = np.array([len(r) for r in records], np.int64)
         cap = int(min(k, rows.sum()))
@@ -222,13 +215,10 @@ class Searcher:
         parts = []
         for q0 in range(0, nq, block):
             q1 = min(nq, q0 + block)
-            if q1 - q0 == nq:
-                sel: slice | np.ndarray = slice(None)
-                starts = np.concatenate(([0], np.cumsum(counts)))
-            else:  # the pairs of this block's queries, still grouped by list
-                sel = np.flatnonzero((pair_q >= q0) & (pair_q < q1))
-                starts = np.concatenate(
-                    ([0], np.cumsum(np.bincount(pair_list[sel], minlength=len(records)))))
+            # the pairs of this block's queries, still grouped by list
+            sel = slice(None) if q1 - q0 == nq else np.flatnonzero((pair_q >= q0) & (pair_q < q1))
+            starts = np.concatenate(
+                ([0], np.cumsum(np.bincount(pair_list[sel], minlength=len(records)))))
             parts.append(kernel.scan(
                 queries=queries[q0:q1], centroids=self.centroids,
                 codebooks_t=self.codebooks_t,

@@ -249,3 +249,24 @@ def test_encoder_matches_the_numpy_encoder(nbits):
         d_got = ((r[i, j] - books[j, got[i, j]]) ** 2).sum()
         d_want = ((r[i, j] - books[j, want[i, j]]) ** 2).sum()
         assert abs(d_got - d_want) <= 1e-5 * max(d_got, 1.0)
+
+
+@needs_kernel
+def test_concurrent_searches_from_python_threads_agree_with_serial(tmp_path, small_data,
+                                                                   monkeypatch):
+    """ctypes releases the GIL, so searches from several Python threads really run at once in
+    the kernel (each with its own threads): results equal the serial ones, including the
+    first search of a fresh searcher, which builds the shared list-term cache."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(search_mod, "_THREAD_MIN_ROWS", 0)
+    monkeypatch.setattr(search_mod, "_THREAD_MIN_QUERIES", 0)
+    with make_store(tmp_path / "s", small_data) as store:
+        batches = [synthetic(25, store.params.dim, seed=s) for s in range(12)]
+        serial = [store.search(b, k=7, nprobe=4) for b in batches]
+        object.__setattr__(store._searcher, "_terms", None)
+        with ThreadPoolExecutor(6) as pool:
+            parallel = list(pool.map(lambda b: store.search(b, k=7, nprobe=4), batches))
+    for a, b in zip(serial, parallel, strict=True):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.distances, b.distances)

@@ -277,7 +277,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "faiss_index_in_ram": faiss_bytes}
     res["environment"] = {"python": platform.python_version(), "numpy": np.__version__,
                           "faiss": faiss.__version__, "ivfpq_store": ivfpq_store.__version__,
-                          "cpus": os.cpu_count(), "machine": platform.machine()}
+                          "cpus": os.cpu_count(), "machine": platform.machine(),
+                          "scan_backend": ivfpq_store.scan_backend()}
     shutil.rmtree(work, ignore_errors=True)
     return res
 
@@ -321,7 +322,8 @@ def markdown(res: dict[str, Any]) -> str:
                  f"{r['faiss_index_in_ram'] / 1e6:.1f} (index in RAM) | |")
     e = res["environment"]
     lines += ["", (f"Python {e['python']}, numpy {e['numpy']}, faiss-cpu {e['faiss']}, "
-                  f"ivfpq-store {e['ivfpq_store']}, {e['cpus']} CPUs ({e['machine']}).")]
+                  f"ivfpq-store {e['ivfpq_store']} ({e.get('scan_backend', 'numpy')}), "
+                  f"{e['cpus']} CPUs ({e['machine']}).")]
     return "\n".join(lines) + "\n"
 
 
