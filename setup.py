@@ -1,0 +1,16 @@
+"""The one build setting pyproject.toml cannot state stably yet: the optional C kernel.
+
+Everything else (metadata, dependencies, packages) is in pyproject.toml. ``optional=True``:
+without a working C compiler the install still succeeds, and ivfpq-store searches with numpy
+(docs/design.md, "Scan kernel").
+"""
+
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension(
+    "ivfpq_store._scan",
+    sources=["ivfpq_store/_scan.c"],
+    extra_compile_args=["-O3", "-std=c99", "-fno-strict-aliasing"],
+    extra_link_args=["-pthread"],
+    optional=True,
+)])
