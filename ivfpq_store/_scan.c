@@ -521,7 +521,7 @@ typedef struct {
     const float *x, *centroids, *codebooks_t, *norms;
     const int64_t *lists;
     uint8_t *codes;
-    float *scratch; /* (dim + ksub,) */
+    float *scratch; /* (ENCODE_BLOCK * dim + ksub,) */
 } encode_t;
 
 /* Sub-centroids scored together by the encoder: one vector register of floats at AVX-512
@@ -532,69 +532,76 @@ typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
 /* Chunks of LANES scored at once, so their multiply-add chains overlap. */
 #define GROUP 4
 
-/* The code of one residual r (dim,): per sub-quantizer, the first sub-centroid minimising
- * |C_jc|^2 - 2 r_j.C_jc (the squared distance less |r_j|^2, as the numpy encoder ranks).
- * Scores LANES sub-centroids at a time in registers, each lane keeping its own first best;
- * the lanes' best then reduce to the lowest index among the smallest scores. */
-HOT static void encode_one(const float *r, int64_t m, int64_t dsub, int64_t ksub,
-                           const float *codebooks_t, const float *norms, float *t,
-                           uint8_t *code) {
-    for (int64_t j = 0; j < m; j++) {
-        const float *rj = r + j * dsub, *cbj = codebooks_t + j * dsub * ksub;
-        const float *nj = norms + j * ksub;
-        int64_t best = 0;
-        if (ksub % (GROUP * LANES) == 0) {
-            vf bv, acc[GROUP];
-            vi bi, idx, step;
-            for (int l = 0; l < LANES; l++) {
-                bv[l] = INFINITY;
-                bi[l] = l;
-                idx[l] = l;
-                step[l] = LANES;
-            }
-            for (int64_t c0 = 0; c0 < ksub; c0 += GROUP * LANES) {
-                for (int g = 0; g < GROUP; g++) memcpy(&acc[g], nj + c0 + g * LANES, sizeof(vf));
-                for (int64_t d = 0; d < dsub; d++) {
-                    const float a = -2.0f * rj[d];
-                    for (int g = 0; g < GROUP; g++) {
-                        vf cb;
-                        memcpy(&cb, cbj + d * ksub + c0 + g * LANES, sizeof(vf));
-                        acc[g] += a * cb;
-                    }
-                }
-                for (int g = 0; g < GROUP; g++) { /* each lane keeps its first best: strict */
-                    const vi take = acc[g] < bv;
-                    bv = (vf)(((vi)bv & ~take) | ((vi)acc[g] & take));
-                    bi = (bi & ~take) | (idx & take);
-                    idx += step;
-                }
-            }
-            int l0 = 0;
-            for (int l = 1; l < LANES; l++)
-                if (bv[l] < bv[l0] || (bv[l] == bv[l0] && bi[l] < bi[l0])) l0 = l;
-            best = bi[l0];
-        } else {
-            memcpy(t, nj, (size_t)ksub * sizeof(float));
+/* The code of one sub-vector rj (dsub,) for sub-quantizer j (codebook cbj (dsub, ksub), norms
+ * nj): the first sub-centroid minimising |C_jc|^2 - 2 rj.C_jc (the squared distance less
+ * |rj|^2, as the numpy encoder ranks). Scores LANES sub-centroids per register, GROUP
+ * registers at a time, each lane keeping its own first best; the lanes' best then reduce to
+ * the lowest index among the smallest scores. */
+HOT static int64_t encode_sub(const float *rj, int64_t dsub, int64_t ksub, const float *cbj,
+                              const float *nj, float *t) {
+    int64_t best = 0;
+    if (ksub % (GROUP * LANES) == 0) {
+        vf bv, acc[GROUP];
+        vi bi, idx, step;
+        for (int l = 0; l < LANES; l++) {
+            bv[l] = INFINITY;
+            bi[l] = l;
+            idx[l] = l;
+            step[l] = LANES;
+        }
+        for (int64_t c0 = 0; c0 < ksub; c0 += GROUP * LANES) {
+            for (int g = 0; g < GROUP; g++) memcpy(&acc[g], nj + c0 + g * LANES, sizeof(vf));
             for (int64_t d = 0; d < dsub; d++) {
                 const float a = -2.0f * rj[d];
-                for (int64_t c = 0; c < ksub; c++) t[c] += a * cbj[d * ksub + c];
+                for (int g = 0; g < GROUP; g++) {
+                    vf cb;
+                    memcpy(&cb, cbj + d * ksub + c0 + g * LANES, sizeof(vf));
+                    acc[g] += a * cb;
+                }
             }
-            for (int64_t c = 1; c < ksub; c++)
-                if (t[c] < t[best]) best = c;
+            for (int g = 0; g < GROUP; g++) { /* each lane keeps its first best: strict */
+                const vi take = acc[g] < bv;
+                bv = (vf)(((vi)bv & ~take) | ((vi)acc[g] & take));
+                bi = (bi & ~take) | (idx & take);
+                idx += step;
+            }
         }
-        code[j] = (uint8_t)best;
+        int l0 = 0;
+        for (int l = 1; l < LANES; l++)
+            if (bv[l] < bv[l0] || (bv[l] == bv[l0] && bi[l] < bi[l0])) l0 = l;
+        best = bi[l0];
+    } else {
+        memcpy(t, nj, (size_t)ksub * sizeof(float));
+        for (int64_t d = 0; d < dsub; d++) {
+            const float a = -2.0f * rj[d];
+            for (int64_t c = 0; c < ksub; c++) t[c] += a * cbj[d * ksub + c];
+        }
+        for (int64_t c = 1; c < ksub; c++)
+            if (t[c] < t[best]) best = c;
     }
+    return best;
 }
+
+/* Vectors encoded together, sub-quantizer by sub-quantizer, so that each codebook (8 KiB at
+ * dsub=8, ksub=256) is read from L2 once per block rather than once per vector (measured on
+ * 100k vectors, one thread: 0.24 to 0.19 s). */
+#define ENCODE_BLOCK 16
 
 static void *encode_phase(void *arg) {
     encode_t *e = (encode_t *)arg;
-    const int64_t dim = e->dim;
-    float *r = e->scratch, *t = e->scratch + dim;
-    for (int64_t i = e->i0; i < e->i1; i++) {
-        const float *x = e->x + i * dim, *c = e->centroids + e->lists[i] * dim;
-        for (int64_t d = 0; d < dim; d++) r[d] = x[d] - c[d];
-        encode_one(r, e->m, dim / e->m, e->ksub, e->codebooks_t, e->norms, t,
-                   e->codes + i * e->m);
+    const int64_t dim = e->dim, m = e->m, dsub = dim / m, ksub = e->ksub;
+    float *r = e->scratch, *t = e->scratch + ENCODE_BLOCK * dim;
+    for (int64_t i0 = e->i0; i0 < e->i1; i0 += ENCODE_BLOCK) {
+        const int64_t nb = e->i1 - i0 < ENCODE_BLOCK ? e->i1 - i0 : ENCODE_BLOCK;
+        for (int64_t b = 0; b < nb; b++) {
+            const float *x = e->x + (i0 + b) * dim, *c = e->centroids + e->lists[i0 + b] * dim;
+            for (int64_t d = 0; d < dim; d++) r[b * dim + d] = x[d] - c[d];
+        }
+        for (int64_t j = 0; j < m; j++)
+            for (int64_t b = 0; b < nb; b++)
+                e->codes[(i0 + b) * m + j] = (uint8_t)encode_sub(
+                    r + b * dim + j * dsub, dsub, ksub, e->codebooks_t + j * dsub * ksub,
+                    e->norms + j * ksub, t);
     }
     return NULL;
 }
@@ -609,12 +616,13 @@ int ivfpq_encode(int64_t n, int64_t dim, int64_t m, int64_t ksub, const float *x
     int rc = -1;
     encode_t *es = calloc((size_t)nthreads, sizeof(encode_t));
     pthread_t *tids = calloc((size_t)nthreads, sizeof(pthread_t));
-    float *scratch = malloc((size_t)nthreads * (size_t)(dim + ksub) * sizeof(float));
+    const size_t per = (size_t)(ENCODE_BLOCK * dim + ksub);
+    float *scratch = malloc((size_t)nthreads * per * sizeof(float));
     if (!es || !tids || !scratch) goto done;
     for (int t = 0; t < nthreads; t++) {
         encode_t e = {n * t / nthreads, n * (t + 1) / nthreads, dim, m, ksub, x, centroids,
                       codebooks_t, norms, lists, codes,
-                      scratch + (size_t)t * (size_t)(dim + ksub)};
+                      scratch + (size_t)t * per};
         es[t] = e;
     }
     run_parallel(nthreads, es, sizeof(encode_t), tids, encode_phase);
