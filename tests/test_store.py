@@ -277,7 +277,7 @@ def test_second_writer_times_out_naming_the_lock_and_a_killed_holder_frees_it(tm
             holder.kill()
 
 
-def test_add_reports_progress_per_encoded_block(store, monkeypatch):
+def test_add_reports_progress_per_encoded_block(store, monkeypatch, scan_impl):
     monkeypatch.setattr("ivfpq_store.store.ENCODE_BLOCK", 400)
     seen: list[int] = []
     store.add(np.ones((1000, DIM), np.float32), progress=seen.append)
