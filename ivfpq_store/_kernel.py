@@ -1,21 +1,22 @@
-"""Bindings of the compiled scan kernel (``_scan.c``), or ``None`` where it is not built.
+"""Bindings of the compiled kernel (``_scan.c``: probe, scan, top-k, PQ encoder), or ``None``
+where it is not built.
 
 The kernel is an optional C extension compiled at install time; without a C compiler the
-install still succeeds and :mod:`ivfpq_store.search` runs the same search in numpy. Set
-``IVFPQ_STORE_KERNEL=0`` in the environment to use the numpy path even when the kernel is
-built. It is called through :mod:`ctypes`, which releases the GIL for the call, so other Python
-threads run while it scans (and it runs its own threads).
+install still succeeds and :mod:`ivfpq_store.search` and ``Store.add`` do the same work in
+numpy. Set ``IVFPQ_STORE_KERNEL=0`` in the environment to use the numpy path even when the
+kernel is built. It is called through :mod:`ctypes`, which releases the GIL for the call, so
+other Python threads run meanwhile (and it runs its own threads).
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 from typing import Any
 
 import numpy as np
 
+from .format.segment import record_dtype
 from .types import F32Array, I64Array
 
 __all__ = ["KERNEL", "THREADS", "Kernel", "kernel_status"]
@@ -54,12 +55,6 @@ THREADS = max(1, min(_cpus(), 64))
 
 def _addr(a: np.ndarray) -> int:
     return int(a.ctypes.data)
-
-
-@functools.cache
-def _record_dtype(m: int) -> np.dtype[np.void]:
-    """A segment record (docs/format.md): the id, 8 bytes little-endian, then m code bytes."""
-    return np.dtype([("id", "<i8"), ("code", "u1", (m,))])
 
 
 def _f32(a: np.ndarray) -> F32Array:
@@ -176,7 +171,9 @@ class Kernel:
             raise ValueError("scan kernel: list number out of range")
         if len(pair_q) and (pair_q.min() < 0 or pair_q.max() >= nq):
             raise ValueError("scan kernel: query number out of range")
-        expected = _record_dtype(m)
+        expected = record_dtype(m)
+        if expected.fields is None or expected.fields["code"][1] != 8:  # ID_BYTES in C
+            raise ValueError("scan kernel: records must hold the id at 0 and the code at 8")
         rec_addr = np.empty(nlists, np.uint64)
         rec_count = np.empty(nlists, np.int64)
         dead_addr = np.zeros(nlists, np.uint64)

@@ -23,7 +23,7 @@ ALLOWED = {
     "datasets": {"io"},
     "_validate": {"errors", "types"},
     "evaluation": set(),
-    "_kernel": {"types"},
+    "_kernel": {"format", "types"},
     "search": {"_kernel", "format", "params", "training", "types"},
     "compaction": {"format", "storage"},
     "verify": {"errors", "format", "storage"},
