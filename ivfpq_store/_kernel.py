@@ -19,7 +19,7 @@ import numpy as np
 from .format.segment import record_dtype
 from .types import F32Array, I64Array
 
-__all__ = ["KERNEL", "THREADS", "Kernel", "kernel_status"]
+__all__ = ["KERNEL", "THREADS", "Kernel", "ScanPlan", "kernel_status"]
 
 #: The version of the ``ivfpq_scan`` contract this module speaks (``IVFPQ_SCAN_ABI`` in C).
 ABI = 4
@@ -53,12 +53,28 @@ def _cpus() -> int:
 THREADS = max(1, min(_cpus(), 64))
 
 
-def _addr(a: np.ndarray) -> int:
-    return int(a.ctypes.data)
-
-
 def _f32(a: np.ndarray) -> F32Array:
-    return np.ascontiguousarray(a, np.float32)
+    """``a`` as a C-contiguous, aligned float32 array (a copy only when it is not already
+    one): C reads it in place."""
+    out: F32Array = np.ascontiguousarray(a, np.float32)
+    return out if out.flags.aligned else out.copy()
+
+
+def _i64(a: np.ndarray) -> I64Array:
+    """``a`` as a C-contiguous, aligned int64 array (a copy only when it is not already one)."""
+    out: I64Array = np.ascontiguousarray(a, np.int64)
+    return out if out.flags.aligned else out.copy()
+
+
+def _ptr(a: np.ndarray) -> int:
+    """The address of a plain (not structured) array's data."""
+    return int(a.__array_interface__["data"][0])
+
+
+def _check_shape(m: int, dsub: int, ksub: int, dim: int) -> None:
+    """The products divide dim by m and index tables of TSTRIDE entries."""
+    if not (m >= 1 and dsub >= 1 and m * dsub == dim and 1 <= ksub <= TSTRIDE):
+        raise ValueError(f"scan kernel: m={m}, dsub={dsub}, ksub={ksub} do not fit dim={dim}")
 
 
 class Kernel:
@@ -83,19 +99,21 @@ class Kernel:
                norms: F32Array, *, nthreads: int) -> np.ndarray:
         """PQ codes (n, m) uint8 of the residuals ``x[i] - centroids[lists[i]]``, computed
         without materialising them: per sub-quantizer the first sub-centroid minimising
-        |C|^2 - 2 r.C, the ranking :meth:`ProductQuantizer.encode` uses."""
+        |C|^2 - 2 r.C, the ranking :meth:`ProductQuantizer.encode` uses. The sums are
+        rounded differently, so a float near-tie may rarely go the other way (1 code in
+        320,000 random ones; none in 100k SIFT-like vectors)."""
         x, centroids, codebooks_t, norms = (_f32(a) for a in (x, centroids, codebooks_t, norms))
-        lists = np.ascontiguousarray(lists, np.int64)
+        lists = _i64(lists)
         n, dim = x.shape
         m, dsub, ksub = codebooks_t.shape
-        if (m * dsub != dim or centroids.shape[1] != dim or norms.shape != (m, ksub)
-                or lists.shape != (n,) or ksub > TSTRIDE):
+        _check_shape(m, dsub, ksub, dim)
+        if (centroids.shape[1] != dim or norms.shape != (m, ksub) or lists.shape != (n,)):
             raise ValueError("scan kernel: inconsistent encode arguments")
         if n and (lists.min() < 0 or lists.max() >= len(centroids)):
             raise ValueError("scan kernel: list number out of range")
         codes = np.empty((n, m), np.uint8)
-        if self._encode(n, dim, m, ksub, _addr(x), _addr(lists), _addr(centroids),
-                        _addr(codebooks_t), _addr(norms), nthreads, _addr(codes)) != 0:
+        if self._encode(n, dim, m, ksub, _ptr(x), _ptr(lists), _ptr(centroids),
+                        _ptr(codebooks_t), _ptr(norms), nthreads, _ptr(codes)) != 0:
             raise MemoryError("scan kernel: could not allocate the encoder's scratch")
         return codes
 
@@ -103,7 +121,8 @@ class Kernel:
               nthreads: int) -> tuple[F32Array, I64Array]:
         """The ``nprobe`` best lists (nq, nprobe) of each query, best first, and their coarse
         costs, from the searcher's probe ``matrix``: (dim + 1, nlist) ``[-2 C^T; |c|^2]`` for
-        l2, (dim, nlist) ``-C^T`` for ip. Ties go to the lower list number.
+        l2, (dim, nlist) ``-C^T`` for ip. Lists whose scores tie exactly (before |q|^2 is
+        added) go to the lower list number.
 
         Computed here rather than with a BLAS product: BLAS threads keep spinning for a while
         after a product and took a core from the scan that follows (measured: a 1,000-query
@@ -111,12 +130,12 @@ class Kernel:
         queries, matrix = _f32(queries), _f32(matrix)
         nq, dim = queries.shape
         nlist = matrix.shape[1]
-        if matrix.shape[0] != dim + int(l2) or not 1 <= nprobe <= nlist:
+        if dim < 1 or matrix.shape[0] != dim + int(l2) or not 1 <= nprobe <= nlist:
             raise ValueError("scan kernel: inconsistent probe arguments")
         cost = np.empty((nq, nprobe), np.float32)
         lists = np.empty((nq, nprobe), np.int64)
-        if self._probe(nq, dim, nlist, int(l2), _addr(queries), _addr(matrix), nprobe, nthreads,
-                       _addr(cost), _addr(lists)) != 0:
+        if self._probe(nq, dim, nlist, int(l2), _ptr(queries), _ptr(matrix), nprobe, nthreads,
+                       _ptr(cost), _ptr(lists)) != 0:
             raise MemoryError("scan kernel: could not allocate the probe's scores")
         return cost, lists
 
@@ -127,75 +146,120 @@ class Kernel:
         centroids, codebooks_t, norms = _f32(centroids), _f32(codebooks_t), _f32(norms)
         n, dim = centroids.shape
         m, dsub, ksub = codebooks_t.shape
-        if m * dsub != dim or norms.shape != (m, ksub) or ksub > TSTRIDE:
+        _check_shape(m, dsub, ksub, dim)
+        if norms.shape != (m, ksub):
             raise ValueError("scan kernel: inconsistent list-term arguments")
         out = np.empty((n, m, TSTRIDE), np.float32)
-        self._terms(n, dim, m, ksub, _addr(centroids), _addr(codebooks_t), _addr(norms),
-                    _addr(out))
+        self._terms(n, dim, m, ksub, _ptr(centroids), _ptr(codebooks_t), _ptr(norms), _ptr(out))
         return out
 
-    def scan(self, *, queries: F32Array, centroids: F32Array, codebooks_t: F32Array,
-             norms: F32Array, list_terms: F32Array | None, l2: bool, list_no: I64Array,
-             records: list[np.ndarray], dead: list[np.ndarray | None], pair_start: I64Array,
-             pair_q: I64Array, pair_rank: np.ndarray, k: int, cap: int,
-             nthreads: int) -> tuple[F32Array, I64Array]:
-        """Best ``k`` (costs, ids), each (nq, k), of (query, list) pairs grouped by list.
+    def plan(self, *, centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
+             list_terms: F32Array | None, l2: bool, records: list[np.ndarray],
+             dead: list[np.ndarray | None], list_no: I64Array) -> ScanPlan:
+        """What a scan of these lists reads, checked once for all the query blocks of a batch.
 
-        ``records[l]`` are list l's committed records (structured id/code, C-contiguous),
-        ``dead[l]`` its sorted tombstoned rows or None; the pairs of list l are
-        ``pair_start[l]:pair_start[l+1]`` of ``pair_q`` (query) and ``pair_rank`` (probe
-        rank). ``list_terms`` are :meth:`list_terms` of all the centroids, or None (l2: the
-        kernel then computes each scanned list's own). Costs are "smaller is better": the
-        squared l2 distance, or the negated inner product; missing results are +inf, -1.
+        ``records[l]`` are list ``list_no[l]``'s committed records (structured id/code,
+        C-contiguous) and ``dead[l]`` its tombstoned rows (strictly increasing int64) or None.
+        ``list_terms`` are :meth:`list_terms` of all the centroids, or None (l2: the kernel then
+        computes each scanned list's own).
         """
-        queries, centroids, codebooks_t, norms = (_f32(a) for a in
-                                                  (queries, centroids, codebooks_t, norms))
-        nq, dim = queries.shape
+        centroids, codebooks_t, norms = _f32(centroids), _f32(codebooks_t), _f32(norms)
+        list_no = _i64(list_no)
+        nlist, dim = centroids.shape
         m, dsub, ksub = codebooks_t.shape
-        nlists = len(records)
-        list_no = np.ascontiguousarray(list_no, np.int64)
-        pair_start = np.ascontiguousarray(pair_start, np.int64)
-        pair_q = np.ascontiguousarray(pair_q, np.int64)
-        pair_rank = np.ascontiguousarray(pair_rank, np.int32)
-        if (norms.shape != (m, ksub) or m * dsub != dim or centroids.shape[1] != dim
-                or list_no.shape != (nlists,) or len(dead) != nlists
-                or pair_start.shape != (nlists + 1,) or pair_q.shape != pair_rank.shape
-                or pair_start[0] != 0 or pair_start[-1] != len(pair_q)
-                or np.any(np.diff(pair_start) < 0) or not 1 <= cap <= k or ksub > TSTRIDE):
+        _check_shape(m, dsub, ksub, dim)
+        n = len(records)
+        if norms.shape != (m, ksub) or list_no.shape != (n,) or len(dead) != n:
             raise ValueError("scan kernel: inconsistent arguments")
         if list_terms is not None and (list_terms.dtype != np.float32
                                        or not list_terms.flags.c_contiguous
-                                       or list_terms.shape != (len(centroids), m, TSTRIDE)):
+                                       or not list_terms.flags.aligned
+                                       or list_terms.shape != (nlist, m, TSTRIDE)):
             raise ValueError("scan kernel: list terms must be (nlist, m, 256) float32")
-        if nlists and (list_no.min() < 0 or list_no.max() >= len(centroids)):
+        if n and (list_no.min() < 0 or list_no.max() >= nlist):
             raise ValueError("scan kernel: list number out of range")
-        if len(pair_q) and (pair_q.min() < 0 or pair_q.max() >= nq):
-            raise ValueError("scan kernel: query number out of range")
         expected = record_dtype(m)
         if expected.fields is None or expected.fields["code"][1] != 8:  # ID_BYTES in C
             raise ValueError("scan kernel: records must hold the id at 0 and the code at 8")
-        rec_addr = np.empty(nlists, np.uint64)
-        rec_count = np.empty(nlists, np.int64)
-        dead_addr = np.zeros(nlists, np.uint64)
-        dead_count = np.zeros(nlists, np.int64)
+        rec_addr = np.empty(n, np.uint64)
+        rec_count = np.empty(n, np.int64)
+        dead_addr = np.zeros(n, np.uint64)
+        dead_count = np.zeros(n, np.int64)
         for i, (recs, gone) in enumerate(zip(records, dead, strict=True)):
             if recs.dtype != expected or not recs.flags.c_contiguous or recs.ndim != 1:
                 raise ValueError("scan kernel: records must be a C-contiguous id/code array")
-            rec_addr[i] = _addr(recs)
+            rec_addr[i] = recs.ctypes.data  # structured: __array_interface__ is slower
             rec_count[i] = len(recs)
             if gone is not None and len(gone):
-                if gone.dtype != np.int64 or not gone.flags.c_contiguous:
-                    raise ValueError("scan kernel: tombstones must be contiguous int64")
-                dead_addr[i] = _addr(gone)
+                if (gone.dtype != np.int64 or gone.ndim != 1 or not gone.flags.c_contiguous
+                        or not gone.flags.aligned or np.any(np.diff(gone) <= 0)):
+                    raise ValueError("scan kernel: tombstones must be 1-D, contiguous, aligned,"
+                                     " strictly increasing int64 rows")
+                dead_addr[i] = _ptr(gone)
                 dead_count[i] = len(gone)
-        out_cost = np.full((nq, k), np.inf, np.float32)
-        out_id = np.full((nq, k), -1, np.int64)
-        rc = self._scan(nq, dim, m, ksub, int(l2), _addr(queries), _addr(centroids),
-                        _addr(codebooks_t), _addr(norms),
-                        None if list_terms is None else _addr(list_terms), nlists,
-                        _addr(list_no), _addr(rec_addr), _addr(rec_count), expected.itemsize,
-                        _addr(dead_addr), _addr(dead_count), _addr(pair_start), _addr(pair_q),
-                        _addr(pair_rank), k, cap, nthreads, _addr(out_cost), _addr(out_id))
+        keep = (centroids, codebooks_t, norms, list_terms, list_no, rec_addr, rec_count,
+                dead_addr, dead_count, records, dead)
+        fixed = (dim, m, ksub, int(l2), _ptr(centroids), _ptr(codebooks_t), _ptr(norms),
+                 None if list_terms is None else _ptr(list_terms), n, _ptr(list_no),
+                 _ptr(rec_addr), _ptr(rec_count), expected.itemsize, _ptr(dead_addr),
+                 _ptr(dead_count))
+        return ScanPlan(self._scan, n, fixed, keep)
+
+
+class ScanPlan:
+    """A checked scan of some lists (from :meth:`Kernel.plan`), run per block of queries.
+
+    It holds every array whose address it passes, so the memory stays valid while it lives.
+    """
+
+    def __init__(self, fn: Any, nlists: int, fixed: tuple[Any, ...],
+                 keep: tuple[object, ...]) -> None:
+        self._fn = fn
+        self._nlists = nlists
+        self._fixed = fixed
+        self._keep = keep
+
+    def scan(self, queries: F32Array, pair_start: I64Array, pair_q: I64Array,
+             pair_rank: np.ndarray, *, k: int, cap: int,
+             nthreads: int) -> tuple[F32Array, I64Array]:
+        """Best ``k`` (costs, ids), each (nq, k), of (query, list) pairs grouped by list.
+
+        The pairs of the plan's list l are ``pair_start[l]:pair_start[l+1]`` of ``pair_q``
+        (query) and ``pair_rank`` (probe rank). A query must not be paired with the same list
+        twice (its rows would be returned twice); the searcher's probe never does. Costs are
+        "smaller is better": the squared l2 distance, or the negated inner product; missing
+        results are +inf and -1.
+
+        Called once per block of queries, so it makes no Python-level call of its own: the
+        regression test on Python work per search counts them.
+        """
+        # np.ascontiguousarray and .copy() are C: no Python-level calls, as for the rest here.
+        queries = np.ascontiguousarray(queries, np.float32)
+        pair_start = np.ascontiguousarray(pair_start, np.int64)
+        pair_q = np.ascontiguousarray(pair_q, np.int64)
+        pair_rank = np.ascontiguousarray(pair_rank, np.int32)
+        if not (queries.flags.aligned and pair_start.flags.aligned and pair_q.flags.aligned
+                and pair_rank.flags.aligned):
+            queries, pair_start, pair_q, pair_rank = (
+                queries.copy(), pair_start.copy(), pair_q.copy(), pair_rank.copy())
+        nq = len(queries)
+        if (queries.ndim != 2 or queries.shape[1] != self._fixed[0]
+                or pair_start.shape != (self._nlists + 1,) or pair_q.shape != pair_rank.shape
+                or pair_q.ndim != 1 or pair_start[0] != 0 or pair_start[-1] != len(pair_q)
+                or (pair_start[1:] < pair_start[:-1]).any() or not 1 <= cap <= k):
+            raise ValueError("scan kernel: inconsistent arguments")
+        if len(pair_q) and (np.minimum.reduce(pair_q) < 0 or np.maximum.reduce(pair_q) >= nq):
+            raise ValueError("scan kernel: query number out of range")
+        out_cost = np.empty((nq, k), np.float32)
+        out_cost.fill(np.inf)
+        out_id = np.empty((nq, k), np.int64)
+        out_id.fill(-1)
+        rc = self._fn(nq, *self._fixed[:4], queries.__array_interface__["data"][0],
+                      *self._fixed[4:], pair_start.__array_interface__["data"][0],
+                      pair_q.__array_interface__["data"][0],
+                      pair_rank.__array_interface__["data"][0], k, cap, nthreads,
+                      out_cost.__array_interface__["data"][0],
+                      out_id.__array_interface__["data"][0])
         if rc != 0:
             raise MemoryError("scan kernel: could not allocate its tables and heaps")
         return out_cost, out_id

@@ -29,7 +29,7 @@
  * and AVX2 or AVX-512 machines get wide products (measured against the baseline build: the
  * probe 2.2x faster, a 1,000-query scan 1.3x). */
 #if defined(__x86_64__) && defined(__has_attribute)
-#if __has_attribute(target_clones) && defined(__linux__)
+#if __has_attribute(target_clones) && defined(__GLIBC__) /* ifunc: glibc, not musl */
 #define HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #endif
 #endif
@@ -319,6 +319,7 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
     job_t jb = {nq, dim, m, ksub, dim / m, stride, cap, l2, queries, centroids, codebooks_t,
                 norms, list_terms, list_no, rec_addr, rec_count, dead_addr, dead_count,
                 pair_start, pair_q, pair_rank, NULL};
+    if (nthreads > nlists) nthreads = (int)nlists; /* a thread without a list only costs heaps */
     if (nthreads < 1) nthreads = 1;
     const int64_t size = m * TSTRIDE;
     int rc = -1;
@@ -343,7 +344,7 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
         w->b0 = nq * t / nthreads;
         w->b1 = nq * (t + 1) / nthreads;
     }
-    run_parallel(nthreads, ws, sizeof(worker_t), tids, query_phase);
+    run_parallel(nthreads, ws, sizeof(worker_t), tids, query_phase); /* cannot fail */
 
     /* Work of a list: its pairs' table sums and row scans, plus its terms if computed here. */
     double total = 0.0;

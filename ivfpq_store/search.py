@@ -206,12 +206,16 @@ class Searcher:
         pair_q, pair_rank = np.divmod(order, nprobe)
         rows = np.array([len(r) for r in records], np.int64)
         cap = int(min(k, rows.sum()))
-        nthreads = _THREADS if int(rows @ counts) >= _THREAD_MIN_ROWS else 1
-        # Per query: its terms (m tables of 256 floats) and a heap of cap per thread.
+        nthreads = min(_THREADS, len(records)) if int(rows @ counts) >= _THREAD_MIN_ROWS else 1
+        # Per query: its terms (m tables of 256 floats) and a heap of cap per thread; per call,
+        # the merge's nthreads * cap candidates. At least one query per call, so a huge k
+        # (heaps of k candidates) can take more than the budget.
         per_query = 4 * self.pq.m * _kernel.TSTRIDE + 24 * cap * nthreads
-        block = max(1, _KERNEL_BUDGET // per_query)  # queries per call
+        block = max(1, (_KERNEL_BUDGET - 24 * cap * nthreads) // per_query)  # queries per call
         l2 = self.metric is Metric.L2
-        terms = self._list_terms(kernel) if l2 else None
+        plan = kernel.plan(centroids=self.centroids, codebooks_t=self.codebooks_t,
+                           norms=self.pq.norms, list_terms=self._list_terms(kernel) if l2 else None,
+                           l2=l2, records=records, dead=dead, list_no=list_nos)
         parts = []
         for q0 in range(0, nq, block):
             q1 = min(nq, q0 + block)
@@ -219,12 +223,8 @@ class Searcher:
             sel = slice(None) if q1 - q0 == nq else np.flatnonzero((pair_q >= q0) & (pair_q < q1))
             starts = np.concatenate(
                 ([0], np.cumsum(np.bincount(pair_list[sel], minlength=len(records)))))
-            parts.append(kernel.scan(
-                queries=queries[q0:q1], centroids=self.centroids,
-                codebooks_t=self.codebooks_t,
-                norms=self.pq.norms, list_terms=terms, l2=l2, list_no=list_nos,
-                records=records, dead=dead, pair_start=starts, pair_q=pair_q[sel] - q0,
-                pair_rank=pair_rank[sel], k=k, cap=cap, nthreads=nthreads))
+            parts.append(plan.scan(queries[q0:q1], starts, pair_q[sel] - q0, pair_rank[sel],
+                                   k=k, cap=cap, nthreads=nthreads))
         if len(parts) == 1:
             return parts[0]
         return np.concatenate([c for c, _ in parts]), np.concatenate([i for _, i in parts])

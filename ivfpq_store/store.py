@@ -279,8 +279,8 @@ class Store(WriteMixin):
         if kernel is not None:
             # After all the assignment products, whose BLAS threads spin for a while and would
             # compete with the kernel's (100k vectors: 0.35-0.42 s, against 0.39-0.44 s
-            # interleaved; measured). The residuals are never materialised; the codes are
-            # the numpy encoder's.
+            # interleaved; measured). The residuals are never materialised; the codes are the
+            # numpy encoder's but for rare float near-ties.
             for s in range(0, n, ENCODE_BLOCK):
                 e = min(n, s + ENCODE_BLOCK)
                 codes[s:e] = kernel.encode(x[s:e], list_nos[s:e], self._header.centroids,

@@ -19,6 +19,14 @@ needs_kernel = pytest.mark.skipif(_kernel.KERNEL is None and not KERNEL_REQUIRED
                                   reason=_kernel.kernel_status())
 
 
+def scan(kernel, *, queries, centroids, codebooks_t, norms, list_terms, l2, list_no, records,
+         dead, pair_start, pair_q, pair_rank, k, cap, nthreads):
+    """One kernel scan: its plan and one block of queries."""
+    plan = kernel.plan(centroids=centroids, codebooks_t=codebooks_t, norms=norms,
+                       list_terms=list_terms, l2=l2, records=records, dead=dead, list_no=list_no)
+    return plan.scan(queries, pair_start, pair_q, pair_rank, k=k, cap=cap, nthreads=nthreads)
+
+
 def test_kernel_is_built_where_required():
     """CI sets IVFPQ_STORE_REQUIRE_KERNEL=1: a broken build must fail there, not fall back."""
     if KERNEL_REQUIRED:
@@ -69,9 +77,9 @@ def test_impossible_codes_are_never_results(tmp_path, small_data):
     kernel = _kernel.KERNEL
     assert kernel is not None
     for terms in (searcher._list_terms(kernel), None):
-        cost, ids = kernel.scan(
-            queries=query, centroids=searcher.centroids, codebooks_t=searcher.codebooks_t,
-            norms=searcher.pq.norms, list_terms=terms, l2=True,
+        cost, ids = scan(
+            kernel, queries=query, centroids=searcher.centroids,
+            codebooks_t=searcher.codebooks_t, norms=searcher.pq.norms, list_terms=terms, l2=True,
             list_no=np.array([list_no]), records=[recs], dead=[None],
             pair_start=np.array([0, 1]), pair_q=np.array([0]), pair_rank=np.array([0]),
             k=len(recs), cap=len(recs), nthreads=1)
@@ -96,8 +104,8 @@ def test_equal_costs_go_to_the_better_ranked_list(tmp_path, small_data, threads)
     copy["id"] += 10_000
     kernel = _kernel.KERNEL
     assert kernel is not None
-    cost, ids = kernel.scan(
-        queries=small_data["queries"][:1], centroids=searcher.centroids,
+    cost, ids = scan(
+        kernel, queries=small_data["queries"][:1], centroids=searcher.centroids,
         codebooks_t=searcher.codebooks_t, norms=searcher.pq.norms,
         list_terms=searcher._list_terms(kernel), l2=True, list_no=np.array([list_no, list_no]),
         records=[copy, recs], dead=[None, None], pair_start=np.array([0, 1, 2]),
@@ -176,7 +184,7 @@ def test_kernel_rejects_inconsistent_arguments(tmp_path, small_data):
                 "records": [recs], "dead": [None], "pair_start": np.array([0, 2]),
                 "pair_q": np.array([0, 1]), "pair_rank": np.array([0, 0]), "k": 5, "cap": 5,
                 "nthreads": 1}
-        kernel.scan(**good)  # the baseline call works
+        scan(kernel, **good)  # the baseline call works
         bad_cases = [
             {"records": [recs[::2]]},  # not contiguous
             {"records": [np.zeros(3, [("id", "<i8"), ("code", "u1", (8,))])]},  # wrong m
@@ -186,13 +194,29 @@ def test_kernel_rejects_inconsistent_arguments(tmp_path, small_data):
             {"cap": 6},  # heaps bigger than k
             {"dead": [np.array([1, 2], np.int32)]},  # tombstones of the wrong type
             {"list_terms": np.zeros((NLIST, 4, 255), np.float32)},  # wrong term layout
+            {"dead": [np.zeros((2, 0), np.int64)]},  # not 1-D (it read past the end)
+            {"dead": [np.array([3, 1], np.int64)]},  # unsorted: row 3 came back
+            {"codebooks_t": np.zeros((0, 4, 64), np.float32)},  # m = 0 (SIGFPE)
         ]
         for change in bad_cases:
             with pytest.raises(ValueError, match="scan kernel"):
-                kernel.scan(**{**good, **change})
+                scan(kernel, **{**good, **change})
         with pytest.raises(ValueError, match="scan kernel"):
             kernel.probe(small_data["queries"], searcher.probe_matrix, l2=False, nprobe=2,
                          nthreads=1)  # an l2 matrix read as ip
+        with pytest.raises(ValueError, match="scan kernel"):
+            kernel.encode(np.zeros((3, 0), np.float32), np.zeros(3, np.int64),
+                          np.zeros((2, 0), np.float32), np.zeros((0, 1, 16), np.float32),
+                          np.zeros((0, 16), np.float32), nthreads=1)  # m = dim = 0
+        # Misaligned inputs are copied, not read in place (undefined behaviour in C).
+        raw = np.zeros(good["queries"].nbytes + 1, np.uint8)
+        misaligned = raw[1:].view(np.float32).reshape(good["queries"].shape)
+        misaligned[...] = good["queries"]
+        assert not misaligned.flags.aligned
+        want = scan(kernel, **good)
+        got = scan(kernel, **{**good, "queries": misaligned})
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
 
 
 @needs_kernel
