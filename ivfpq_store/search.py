@@ -163,17 +163,17 @@ class Searcher:
                                      else 1)
             cost, ids = self._scan_kernel(kernel, queries, probed, lists, deleted, fetch,
                                           params.k)
-        # One query's tables are m * nprobe * ksub floats; past the scan budget (a huge
-        # nprobe) the batch path, whose memory is bounded by row blocks, takes it.
-        elif len(queries) == 1 and self.pq.m * params.nprobe * self.pq.ksub <= _SCAN_BUDGET:
-            coarse, probed = self.probe(queries, params.nprobe)
-            cost, ids = self._scan_one(queries[0], coarse[0], probed[0], lists, deleted, fetch,
-                                       params.k)
         else:
             coarse, probed = self.probe(queries, params.nprobe)
-            top = _TopK(len(queries), params.k)
-            self._scan_batch(queries, coarse, probed, lists, deleted, fetch, top)
-            cost, ids = top.result()
+            # One query's tables are m * nprobe * ksub floats; past the scan budget (a huge
+            # nprobe) the batch path, whose memory is bounded by row blocks, takes it.
+            if len(queries) == 1 and self.pq.m * params.nprobe * self.pq.ksub <= _SCAN_BUDGET:
+                cost, ids = self._scan_one(queries[0], coarse[0], probed[0], lists, deleted,
+                                           fetch, params.k)
+            else:
+                top = _TopK(len(queries), params.k)
+                self._scan_batch(queries, coarse, probed, lists, deleted, fetch, top)
+                cost, ids = top.result()
         if self.metric is Metric.L2:  # rounding can make a tiny square distance negative
             return SearchResult(np.maximum(cost, 0.0, out=cost), ids)
         return SearchResult(np.negative(cost, out=cost), ids)
