@@ -8,10 +8,9 @@
 
 from __future__ import annotations
 
-from importlib import metadata as _metadata
-
 from ._kernel import kernel_status as scan_backend
 from .compaction import CompactReport
+from .copying import CopyReport
 from .creation import create
 from .errors import (
     BadMagicError,
@@ -27,6 +26,7 @@ from .errors import (
     IvfpqError,
     IvfpqWarning,
     ReadOnlyStoreError,
+    StaleSnapshotError,
     StoreClosedError,
     StoreExistsError,
     StoreLockedError,
@@ -41,12 +41,9 @@ from .search import SearchResult
 from .store import ListInfo, Store, StoreInfo, open
 from .types import Metric
 from .verify import Problem, VerifyReport
-from .writing import CopyReport
+from .version import package_version
 
-try:
-    __version__ = _metadata.version("ivfpq-store")
-except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+__version__ = package_version()
 
 __all__ = [
     "BadMagicError",
@@ -69,6 +66,7 @@ __all__ = [
     "Problem",
     "ReadOnlyStoreError",
     "SearchResult",
+    "StaleSnapshotError",
     "Store",
     "StoreClosedError",
     "StoreExistsError",

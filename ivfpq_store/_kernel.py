@@ -99,7 +99,7 @@ class Kernel:
                norms: F32Array, *, nthreads: int) -> np.ndarray:
         """PQ codes (n, m) uint8 of the residuals ``x[i] - centroids[lists[i]]``, computed
         without materialising them: per sub-quantizer the first sub-centroid minimising
-        |C|^2 - 2 r.C, the ranking :meth:`ProductQuantizer.encode` uses. The sums are
+        |C|^2 - 2 r.C, the ranking :meth:`Quantizer.encode_residuals` uses. The sums are
         rounded differently, so a float near-tie may rarely go the other way (1 code in
         320,000 random ones; none in 100k SIFT-like vectors)."""
         x, centroids, codebooks_t, norms = (_f32(a) for a in (x, centroids, codebooks_t, norms))

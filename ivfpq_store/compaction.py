@@ -20,8 +20,15 @@ import numpy as np
 from .format import SegmentPrelude, segment_file_name
 from .format.keys import id_keys
 from .format.records import ListRecord, encode_id_entries
-from .storage import CatalogSnapshot, Changes, StoreLayout, append_records, committed_size
-from .storage._atomic import fsync_dir
+from .storage import (
+    CatalogSnapshot,
+    Changes,
+    RecordFetcher,
+    StoreLayout,
+    append_records,
+    committed_size,
+    fsync_dir,
+)
 
 __all__ = ["CompactReport", "CompactionPlan", "Rewrite", "choose_lists", "plan_compaction",
            "remove_orphans", "rewrite_lists"]
@@ -93,7 +100,7 @@ class Rewrite:
 
 def rewrite_lists(layout: StoreLayout, store_uuid: uuid.UUID, code_size: int,
                   snapshot: CatalogSnapshot, list_nos: list[int],
-                  records_of: Any) -> Rewrite:
+                  records_of: RecordFetcher) -> Rewrite:
     """Write each list's live records to a new segment (next generation) and fsync it.
 
     ``records_of(list_no, record)`` returns the committed records of a list. Returns the
@@ -146,9 +153,7 @@ def remove_orphans(layout: StoreLayout, snapshot: CatalogSnapshot) -> int:
 
     Only safe under the writer lock (no other writer can be creating files).
     """
-    referenced = {r.file for r in snapshot.lists.values()}
-    orphans = [p.name for p in layout.segments.iterdir()
-               if p.name.endswith(".seg") and p.name not in referenced]
+    orphans = [p.name for p in layout.orphan_segments(snapshot.segment_files())]
     if orphans:
         logger.info("removing %d orphan segment files", len(orphans))
     return remove_files(layout.segments, orphans)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from importlib import metadata as _metadata
 from typing import Any
 
 import numpy as np
@@ -14,22 +13,22 @@ from ._validate import as_matrix, as_vectors, normalize_rows
 from .format import FORMAT_VERSION, Header
 from .format.records import StateRecord, StoreMeta
 from .params import IndexParams, check_int, parse_metric
-from .search import Searcher
-from .storage import DEFAULT_MAP_SIZE, Catalog, StoreLayout, check_new_store_path, write_header
-from .storage._atomic import build_directory, fsync_dir
-from .store import ENCODE_BLOCK, Store, check_open_args, open
+from .quantizer import CoarseQuantizer
+from .storage import (
+    DEFAULT_MAP_SIZE,
+    Catalog,
+    StoreLayout,
+    build_directory,
+    check_new_store_path,
+    fsync_dir,
+    write_header,
+)
+from .store import Store, check_open_args, open
 from .training import kmeans, train_pq
-from .training.pq import ProductQuantizer
 from .types import F32Array, Metric, ProgressFn
+from .version import package_version
 
 __all__ = ["create"]
-
-
-def _package_version() -> str:
-    try:
-        return _metadata.version("ivfpq-store")
-    except _metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def create(
@@ -100,15 +99,13 @@ def _train(x: F32Array, params: IndexParams, *, seed: int, niter: int,
     coarse = kmeans(x, params.nlist, niter=niter, seed=rng,
                     max_points_per_centroid=max_points_per_centroid, progress=progress,
                     name="coarse quantizer")
-    probe = Searcher(coarse.centroids, ProductQuantizer(
-        np.zeros((params.m, params.ksub, params.dsub), np.float32)), params.metric)
-    assigned = np.concatenate([probe.probe(x[s: s + ENCODE_BLOCK], 1)[1][:, 0]
-                               for s in range(0, len(x), ENCODE_BLOCK)])
-    pq, results = train_pq(x - coarse.centroids[assigned], params.m, params.nbits, niter=niter,
-                           seed=rng, max_points_per_centroid=max_points_per_centroid,
-                           progress=progress)
+    assigned = CoarseQuantizer(coarse.centroids, params.metric).assign(x)
+    codebooks, results = train_pq(x - coarse.centroids[assigned], params.m, params.nbits,
+                                  niter=niter, seed=rng,
+                                  max_points_per_centroid=max_points_per_centroid,
+                                  progress=progress)
     metadata = {
-        "package_version": _package_version(),
+        "package_version": package_version(),
         "created": time.time(),
         "seed": seed,
         "niter": niter,
@@ -120,13 +117,11 @@ def _train(x: F32Array, params: IndexParams, *, seed: int, niter: int,
         "train_seconds": time.perf_counter() - t0,
     }
     return Header(params=params, store_uuid=uuid.uuid4(), centroids=coarse.centroids,
-                  codebooks=pq.codebooks, metadata=metadata)
+                  codebooks=codebooks, metadata=metadata)
 
 
 def _build(layout: StoreLayout, header: Header, map_size: int) -> None:
-    layout.root.mkdir()
-    layout.segments.mkdir()
-    layout.lock.touch()
+    layout.make_skeleton()
     write_header(layout.header, header)
     p = header.params
     meta = StoreMeta(store_uuid=header.store_uuid, format=list(FORMAT_VERSION),

@@ -21,6 +21,7 @@ __all__ = [
     "IvfpqError",
     "IvfpqWarning",
     "ReadOnlyStoreError",
+    "StaleSnapshotError",
     "StoreClosedError",
     "StoreExistsError",
     "StoreLockedError",
@@ -139,6 +140,12 @@ class CatalogFullError(CatalogError):
 
 class CorruptStoreError(IvfpqError):
     """Files of one store disagree with each other (header vs catalog vs segments)."""
+
+
+class StaleSnapshotError(IvfpqError):
+    """A search's snapshot went stale: a compaction committed meanwhile and removed a segment
+    the search had not mapped yet. The search retries on the new state, so this escapes only
+    when that happens 20 times in a row (a writer compacting without pause)."""
 
 
 class IvfpqWarning(UserWarning):

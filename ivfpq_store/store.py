@@ -1,14 +1,15 @@
-"""The Store facade: open, add, upsert, delete, search, compact, verify, info.
+"""The Store facade: open, add, upsert, delete, search, compact, verify, copy, info.
 
-Orchestrates format, storage, training and search; the only module that knows the write
-order of docs/format.md §7. Creation lives in creation.py.
+A :class:`Store` owns one open store's header, catalog, segment maps, quantizer and searcher,
+serves the reads itself and hands each write to its :class:`~ivfpq_store.writing.Writer`
+(which states the write order), verification to :mod:`ivfpq_store.verify` and backups to
+:mod:`ivfpq_store.copying`. Creation lives in creation.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -16,45 +17,43 @@ from typing import Any, Self
 
 import numpy as np
 
-from . import _kernel
 from ._validate import as_vectors, normalize_rows
+from .compaction import CompactReport
+from .copying import CopyReport, copy_store
 from .errors import (
     CorruptStoreError,
     InvalidInputError,
     InvalidParamsError,
+    StaleSnapshotError,
     StoreClosedError,
     StoreNotFoundError,
-    UnsupportedVersionError,
     WrongProcessError,
 )
-from .format import (
-    FORMAT_VERSION,
-    SEGMENT_PRELUDE_SIZE,
-    Header,
-    record_dtype,
-)
-from .format.records import ListRecord
+from .format import SEGMENT_PRELUDE_SIZE, Header, record_dtype
+from .format.records import ListRecord, check_store_meta
 from .params import IndexParams, SearchParams, check_int, check_ratio
-from .search import Searcher, SearchResult
+from .quantizer import Quantizer
+from .search import RecordFetcher, Searcher, SearchResult
 from .storage import (
     DEFAULT_MAP_SIZE,
     Catalog,
+    CatalogSnapshot,
     MapCache,
     StoreLayout,
     committed_size,
+    probe_lock,
     read_header,
 )
-from .training.pq import ProductQuantizer
 from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
-from .writing import SNAPSHOT_ATTEMPTS, WriteMixin
+from .verify import VerifyReport, verify_store
+from .writing import Writer
 
 __all__ = ["ListInfo", "Store", "StoreInfo", "check_open_args", "open"]
 
 logger = logging.getLogger(__name__)
 
-#: Vectors assigned and encoded per block in ``add``. It bounds the (n, nlist) score matrix and
-#: keeps it in cache: 2,048 rows assign 100k vectors to 1,024 lists in 0.22 s, 8,192 in 0.41 s.
-ENCODE_BLOCK = 2048
+#: A search or verify whose snapshot is overtaken by compactions this many times gives up.
+SNAPSHOT_ATTEMPTS = 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,7 +103,7 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else 0
 
 
-class Store(WriteMixin):
+class Store:
     """An open IVF-PQ store. Get one from :func:`create` or :func:`open`; use as a context manager.
 
     Searches are thread-safe and may run concurrently; writes are serialised by a lock file.
@@ -117,16 +116,15 @@ class Store(WriteMixin):
         self._header = header
         self._catalog: Catalog | None = catalog
         self._readonly = readonly
-        self._lock_timeout = lock_timeout
-        self._auto_compact_ratio = auto_compact_ratio
-        self._swept = False  # orphan segments are removed on this handle's first write
         self._pid = os.getpid()
-        self._thread_lock = threading.Lock()
-        self._pq = ProductQuantizer(header.codebooks)
-        self._searcher = Searcher(header.centroids, self._pq, header.params.metric)
+        self._quantizer = Quantizer(header.centroids, header.codebooks, header.params.metric)
+        self._searcher = Searcher(self._quantizer)
         self._maps = MapCache(layout.segments, header.store_uuid, header.params.code_size,
                               max_open=max_open_segments)
         self._dtype = record_dtype(header.params.code_size)
+        self._writer = Writer(layout=layout, header=header, quantizer=self._quantizer,
+                              catalog=self._live_catalog, fetch=self._fetch, readonly=readonly,
+                              lock_timeout=lock_timeout, auto_compact_ratio=auto_compact_ratio)
 
     # -- life cycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -227,17 +225,32 @@ class Store(WriteMixin):
         for attempt in range(SNAPSHOT_ATTEMPTS):
             snap = catalog.snapshot()
             try:
-                return self._searcher.search(q, params, snap.lists, snap.deleted, self._fetch)
-            except CorruptStoreError:
-                # A compaction may have replaced a segment of this (now old) snapshot and
-                # unlinked it before we mapped it: retry on the new state. Real damage stays.
-                if (attempt + 1 == SNAPSHOT_ATTEMPTS
-                        or catalog.snapshot().state.commit == snap.state.commit):
+                return self._searcher.search(q, params, snap.lists, snap.deleted,
+                                             self._snapshot_fetcher(catalog, snap))
+            except StaleSnapshotError:
+                if attempt + 1 == SNAPSHOT_ATTEMPTS:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _fetch(self, list_no: int, record: ListRecord) -> np.ndarray:
+        """The committed records of a list (its segment, mapped on first use)."""
         return self._maps.records(record.file, list_no, record.generation, record.count)
+
+    def _snapshot_fetcher(self, catalog: Catalog, snap: CatalogSnapshot) -> RecordFetcher:
+        """:meth:`_fetch` for a search on ``snap``: a segment that cannot be read because a
+        compaction committed since ``snap`` was taken (and unlinked the file) raises
+        :class:`StaleSnapshotError`, so that the search retries on the new state. Damage
+        stays :class:`CorruptStoreError`."""
+        def fetch(list_no: int, record: ListRecord) -> np.ndarray:
+            try:
+                return self._fetch(list_no, record)
+            except CorruptStoreError as err:
+                if catalog.snapshot().state.commit == snap.state.commit:
+                    raise
+                raise StaleSnapshotError(
+                    f"{self._layout.root}: list {list_no} was rewritten by a compaction "
+                    f"during the search ({err})") from err
+        return fetch
 
     def list_contents(self, list_no: int) -> tuple[I64Array, U8Array]:
         """Live ``(ids, codes)`` of one inverted list in row order, as copies (for tools)."""
@@ -259,37 +272,171 @@ class Store(WriteMixin):
         x, _ = as_vectors(vectors, self.params.dim)
         if self.params.metric is Metric.COSINE:
             x = normalize_rows(x)
-        return self._encode(x)
+        return self._quantizer.assign_and_encode(x)
 
-    def _encode(self, x: F32Array,
-                progress: ProgressFn | None = None) -> tuple[I64Array, U8Array]:
-        n = x.shape[0]
-        list_nos = np.empty(n, dtype=np.int64)
-        codes = np.empty((n, self.params.code_size), dtype=np.uint8)
-        kernel = _kernel.KERNEL
-        for s in range(0, n, ENCODE_BLOCK):
-            xb = x[s: s + ENCODE_BLOCK]
-            _, probed = self._searcher.probe(xb, 1)
-            list_nos[s: s + len(xb)] = probed[:, 0]
-            if kernel is None:
-                codes[s: s + len(xb)] = self._pq.encode(
-                    xb - self._header.centroids[probed[:, 0]])
-                if progress is not None:
-                    progress(len(xb))
-        if kernel is not None:
-            # After all the assignment products, whose BLAS threads spin for a while and would
-            # compete with the kernel's (100k vectors: 0.35-0.42 s, against 0.39-0.44 s
-            # interleaved; measured). The residuals are never materialised; the codes are the
-            # numpy encoder's but for rare float near-ties.
-            for s in range(0, n, ENCODE_BLOCK):
-                e = min(n, s + ENCODE_BLOCK)
-                codes[s:e] = kernel.encode(x[s:e], list_nos[s:e], self._header.centroids,
-                                           self._searcher.codebooks_t, self._pq.norms,
-                                           nthreads=_kernel.THREADS)
-                if progress is not None:
-                    progress(e - s)
-        return list_nos, codes
+    # -- writing ----------------------------------------------------------------------------
+    def add(self, vectors: Any, ids: Any = None, *, progress: ProgressFn | None = None) -> I64Array:
+        """Append vectors; durable when this returns (docs/operations.md).
 
+        Parameters
+        ----------
+        vectors : array_like, shape (dim,) or (n, dim)
+            Any real dtype; converted to float32. Finite values only.
+        ids : array_like of int, shape (n,), optional
+            Distinct non-negative ids not live in the store. When None, ids are assigned
+            consecutively from one past the largest id ever added.
+        progress : callable, optional
+            Called with the number of vectors encoded after each block.
+
+        Returns
+        -------
+        numpy.ndarray
+            The int64 ids of the added vectors, in input order.
+
+        Raises
+        ------
+        DimensionMismatchError, InvalidInputError
+            Bad shapes, dtypes or values (nothing is written).
+        DuplicateIdError
+            An id is already live or repeats within the batch (nothing is added).
+        ReadOnlyStoreError, StoreLockedError
+        """
+        return self._writer.write_vectors(vectors, ids, replace_live=False, progress=progress)
+
+    def upsert(self, vectors: Any, ids: Any, *, progress: ProgressFn | None = None) -> I64Array:
+        """Add vectors, replacing the live vectors of ids that exist; one atomic step.
+
+        An id whose new vector falls in another cell moves to that list. After a crash the call
+        is applied entirely or not at all: an id never has two live copies, nor none.
+
+        Parameters
+        ----------
+        vectors : array_like, shape (dim,) or (n, dim)
+        ids : array_like of int, shape (n,)
+            Distinct non-negative ids; required.
+
+        Returns
+        -------
+        numpy.ndarray
+            The int64 ids, in input order.
+
+        Raises
+        ------
+        DimensionMismatchError, InvalidInputError, DuplicateIdError (an id repeats in the batch),
+        ReadOnlyStoreError, StoreLockedError
+        """
+        if ids is None:
+            raise InvalidInputError("ids: upsert needs explicit ids — expected an integer array, "
+                                    "got None")
+        return self._writer.write_vectors(vectors, ids, replace_live=True, progress=progress)
+
+    def delete(self, ids: Any) -> int:
+        """Delete vectors by id; durable when this returns. Unknown ids are ignored.
+
+        From the moment this returns, no search in any process returns these ids (each
+        search reads the latest committed state).
+
+        Parameters
+        ----------
+        ids : array_like of int
+            Ids to delete (any integer dtype; a scalar is one id).
+
+        Returns
+        -------
+        int
+            How many live ids were removed.
+
+        Raises
+        ------
+        DimensionMismatchError
+            ``ids`` is not an integer array (nothing is deleted).
+        ReadOnlyStoreError, StoreLockedError
+        """
+        return self._writer.delete(ids)
+
+    def compact(self, min_deleted_ratio: float = 0.0, *, dry_run: bool = False) -> CompactReport:
+        """Rewrite lists whose deleted fraction is at least ``min_deleted_ratio``.
+
+        Each chosen list's live records go to a new segment file; one transaction switches
+        to them; then the old files are removed. Searches running meanwhile stay correct.
+        Also removes orphan segment files left by crashes.
+
+        Parameters
+        ----------
+        min_deleted_ratio : float
+            0..1; 0 rewrites every list with at least one deleted record.
+        dry_run : bool
+            Report what would be rewritten without changing anything.
+
+        Returns
+        -------
+        CompactReport
+
+        Raises
+        ------
+        InvalidParamsError, ReadOnlyStoreError, StoreLockedError
+        """
+        ratio = check_ratio("min_deleted_ratio", min_deleted_ratio)
+        return self._writer.compact(ratio, dry_run=dry_run)
+
+    # -- checking and copying -------------------------------------------------------------
+    def verify(self, *, repair: bool = False) -> VerifyReport:
+        """Check every invariant of the store; report damage, never raise on it.
+
+        Checks the header (magic, version, checksums), that the catalog belongs to it, every
+        segment (prelude, size, checksum of its committed records), every id entry (it names a
+        live record holding that id), tombstones and counters, and finds crash leftovers.
+
+        Parameters
+        ----------
+        repair : bool
+            Also remove crash leftovers: cut uncommitted tails, delete orphan segment files,
+            clear a dead writer's pid from LOCK. Takes the writer lock. Damage is not repaired.
+
+        Returns
+        -------
+        VerifyReport
+            ``ok`` is False when damage was found; ``problems`` and ``leftovers`` list findings.
+
+        Raises
+        ------
+        ReadOnlyStoreError, StoreLockedError
+            Only with ``repair=True``.
+        """
+        if repair:
+            # Look at LOCK before taking it: taking it overwrites a dead writer's pid.
+            lock = probe_lock(self._layout.lock)
+            with self._writer.locked(sweep=False) as catalog:
+                catalog.forget()
+                return verify_store(self._layout, catalog, repair=True, lock=lock)
+        catalog = self._live_catalog()
+        for _ in range(SNAPSHOT_ATTEMPTS):
+            before = catalog.snapshot().state.commit
+            report = verify_store(self._layout, catalog)
+            # Without the lock a compaction may unlink files mid-check: trust only a report
+            # whose state did not move, or a clean one.
+            if report.ok or catalog.snapshot().state.commit == before:
+                return report
+        return report
+
+    def copy(self, dest: str | os.PathLike[str]) -> CopyReport:
+        """Write a consistent backup of the store to the new directory ``dest``.
+
+        Readers keep searching and writers simply wait (the copy holds the writer lock), so it
+        is safe on a live store. Only committed bytes are copied: no crash leftovers, and the
+        catalog is copied compacted (its free pages left out). The copy is built in a hidden
+        sibling directory and renamed into place, like :func:`create`.
+
+        Raises
+        ------
+        StoreExistsError, InvalidParamsError
+            ``dest`` exists or cannot be created.
+        StoreLockedError
+        """
+        return copy_store(self._layout, self.params.code_size, dest,
+                          lambda: self._writer.locked(sweep=False))
+
+    # -- inspecting -------------------------------------------------------------------------
     def lists(self) -> list[ListInfo]:
         """Every inverted list: live and deleted counts, segment file and its committed bytes."""
         snap = self._live_catalog().snapshot()
@@ -405,19 +552,7 @@ def open(
     header = read_header(layout.header)
     catalog = Catalog.open(layout.catalog, map_size=map_size)
     try:
-        meta = catalog.store_meta()
-        if list(meta.format)[:1] != [FORMAT_VERSION[0]]:
-            raise UnsupportedVersionError(
-                f"{layout.catalog}: store format {meta.format} is not readable by this reader "
-                f"({FORMAT_VERSION[0]}.x); upgrade ivfpq-store", path=str(layout.catalog),
-                expected=FORMAT_VERSION, actual=meta.format)
-        p = header.params
-        expected = (header.store_uuid, p.dim, p.nlist, p.m, p.nbits, p.metric.label)
-        found = (meta.store_uuid, meta.dim, meta.nlist, meta.m, meta.nbits, meta.metric)
-        if expected != found:
-            raise CorruptStoreError(
-                f"{layout.root}: header and catalog disagree — header has {expected}, catalog "
-                f"has {found}")
+        check_store_meta(catalog.store_meta(), header, str(layout.catalog))
         return Store(layout, header, catalog, readonly=readonly,
                      max_open_segments=max_open_segments, lock_timeout=lock_timeout,
                      auto_compact_ratio=auto_compact_ratio)

@@ -16,11 +16,25 @@ from typing import Any
 import numpy as np
 
 from .errors import IvfpqError
-from .format import SEGMENT_PRELUDE_SIZE, Header, decode_segment_prelude, segment_file_name
-from .format._checksum import crc32
-from .format.segment import record_dtype
-from .storage import Catalog, CatalogSnapshot, StoreLayout, committed_size, read_header
-from .storage._atomic import LockState, probe_lock
+from .format import (
+    SEGMENT_PRELUDE_SIZE,
+    Header,
+    SegmentPrelude,
+    crc32,
+    decode_segment_prelude,
+    record_dtype,
+    segment_file_name,
+)
+from .format.records import check_store_meta
+from .storage import (
+    Catalog,
+    CatalogSnapshot,
+    LockState,
+    StoreLayout,
+    committed_size,
+    probe_lock,
+    read_header,
+)
 
 __all__ = ["Problem", "VerifyReport", "verify_store"]
 
@@ -90,13 +104,8 @@ def verify_store(layout: StoreLayout, catalog: Catalog, *, repair: bool = False,
         found.problem("catalog", str(err), str(layout.catalog))
         return _report(found, [], writer_active=False)
     if header:
-        h = header[0]
-        p = h.params
-        want = (h.store_uuid, p.dim, p.nlist, p.m, p.nbits, p.metric.label)
-        got = (meta.store_uuid, meta.dim, meta.nlist, meta.m, meta.nbits, meta.metric)
-        if want != got:
-            found.problem("catalog", f"header and catalog disagree: header {want}, catalog "
-                                     f"{got}", str(layout.catalog))
+        found.run("catalog", str(layout.catalog),
+                  lambda: check_store_meta(meta, header[0], str(layout.catalog)))
     records: dict[int, np.ndarray | None] = {}
     for n in snap.lists:
         try:
@@ -156,10 +165,12 @@ def _check_segment(layout: StoreLayout, snap: CatalogSnapshot, list_no: int, cod
         found.leftovers.append(Problem("tail", f"{size - need} bytes after the committed "
                                                "records (an interrupted write)", where))
     _bump(found, "segments")
+    expected = SegmentPrelude(list_no=list_no, generation=record.generation,
+                              code_size=code_size, store_uuid=store_uuid)
     with open(path, "rb") as fh:
-        prelude_ok = found.run("segment", where, lambda: _check_prelude(
-            fh.read(SEGMENT_PRELUDE_SIZE), where, list_no, record.generation, code_size,
-            store_uuid))
+        head = fh.read(SEGMENT_PRELUDE_SIZE)
+        prelude_ok = found.run("segment", where, lambda: decode_segment_prelude(
+            head, source=where).check_is(expected, where))
         body = fh.read(need - SEGMENT_PRELUDE_SIZE)
     actual = crc32(body)
     _bump(found, "records", record.count)
@@ -168,16 +179,6 @@ def _check_segment(layout: StoreLayout, snap: CatalogSnapshot, list_no: int, cod
                                  f"0x{record.crc32:08x}, got 0x{actual:08x}", where)
         return None
     return np.frombuffer(body, dtype=record_dtype(code_size)) if prelude_ok else None
-
-
-def _check_prelude(raw: bytes, where: str, list_no: int, generation: int, code_size: int,
-                   store_uuid: Any) -> None:
-    prelude = decode_segment_prelude(raw, source=where)
-    got = (prelude.list_no, prelude.generation, prelude.code_size, prelude.store_uuid)
-    want = (list_no, generation, code_size, store_uuid)
-    if got != want:
-        raise ValueError(f"{where}: prelude says (list, generation, code_size, store) {got} — "
-                         f"expected {want}")
 
 
 def _check_lists_and_tombstones(snap: CatalogSnapshot, nlist: int,
@@ -249,14 +250,12 @@ def _check_ids(snap: CatalogSnapshot, ids: np.ndarray, entries: np.ndarray,
 
 
 def _find_orphans(layout: StoreLayout, snap: CatalogSnapshot, found: _Findings) -> None:
-    referenced = {r.file for r in snap.lists.values()}
     if not layout.segments.is_dir():
         found.problem("segment", "segments/ directory is missing", str(layout.segments))
         return
-    for p in sorted(layout.segments.iterdir()):
-        if p.name.endswith(".seg") and p.name not in referenced:
-            found.leftovers.append(Problem("orphan", "segment file named by no list record "
-                                                     "(left by an interrupted write)", str(p)))
+    for p in layout.orphan_segments(snap.segment_files()):
+        found.leftovers.append(Problem("orphan", "segment file named by no list record "
+                                                 "(left by an interrupted write)", str(p)))
 
 
 def _repair(layout: StoreLayout, snap: CatalogSnapshot, code_size: int,

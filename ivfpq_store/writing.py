@@ -1,22 +1,34 @@
-"""The write path of a Store: add, upsert, delete, compact, verify, and the writer lock.
+"""The write path of a store: add, upsert, delete, compaction, and the writer lock.
 
-A mixin of :class:`ivfpq_store.store.Store`, kept apart so that each module has one job: this
-one owns the commit order of docs/format.md §7.3 (append and sync segments, then one catalog
-transaction). It relies on the attributes and read helpers that Store defines.
+This is the one statement of the write order (docs/format.md §7.3 gives it byte by byte):
+
+1. Validate and encode the batch (:class:`~ivfpq_store.quantizer.Quantizer`) before touching
+   anything, outside the lock.
+2. Take the writer lock: an in-process mutex, then ``flock`` on ``LOCK``. The first write of
+   a handle removes orphan segment files.
+3. Check explicit ids against the catalog: a live id rejects the whole batch (upsert
+   tombstones it instead).
+4. For each touched list, cut any uncommitted tail and append its records; then
+   ``fdatasync`` every written segment on a small pool of threads, and ``fsync``
+   ``segments/`` when a segment file was created.
+5. Commit one LMDB transaction (list records, id entries, tombstones, the ``state`` record
+   with ``commit`` + 1), only once every sync of step 4 has returned.
+
+A delete is steps 2 and 5 alone. Compaction (:mod:`ivfpq_store.compaction`) writes each list's
+live records to a new segment file and syncs it (step 4), switches to the new files in one
+transaction (step 5), and only then unlinks the old files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -30,77 +42,55 @@ from .compaction import (
     remove_orphans,
     rewrite_lists,
 )
-from .errors import (
-    CorruptStoreError,
-    DuplicateIdError,
-    InvalidInputError,
-    ReadOnlyStoreError,
-    StoreLockedError,
-)
-from .format import Header, SegmentPrelude, segment_file_name
+from .errors import DuplicateIdError, InvalidInputError, ReadOnlyStoreError, StoreLockedError
+from .format import Header, SegmentPrelude, record_dtype, segment_file_name
 from .format.keys import id_keys, tombstone_keys
 from .format.records import ListRecord, StateRecord, encode_id_entries
-from .params import IndexParams, check_ratio
+from .quantizer import Quantizer
 from .storage import (
     Catalog,
     CatalogSnapshot,
     Changes,
+    RecordFetcher,
     StoreLayout,
     SyncJob,
     append_records,
-    check_new_store_path,
-    committed_size,
+    fsync_dir,
+    writer_lock,
 )
-from .storage._atomic import build_directory, fsync_dir, probe_lock, sync_file, writer_lock
-from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
-from .verify import VerifyReport, verify_store
+from .types import I64Array, Metric, ProgressFn, U8Array
 
-__all__ = ["CopyReport", "WriteMixin"]
+__all__ = ["Writer"]
 
 logger = logging.getLogger(__name__)
 
-#: A search or verify whose snapshot is overtaken by compactions this many times gives up.
-SNAPSHOT_ATTEMPTS = 20
+class Writer:
+    """The write side of one open store; :class:`~ivfpq_store.store.Store` holds one and
+    documents the public methods that call it.
 
+    ``catalog`` returns the store's live catalog (it raises once the store is closed or used
+    from a forked child); ``fetch`` maps a list's committed records, for compaction.
+    """
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CopyReport:
-    """What :meth:`Store.copy` wrote."""
+    def __init__(self, *, layout: StoreLayout, header: Header, quantizer: Quantizer,
+                 catalog: Callable[[], Catalog], fetch: RecordFetcher, readonly: bool,
+                 lock_timeout: float, auto_compact_ratio: float | None) -> None:
+        self._layout = layout
+        self._header = header
+        self._quantizer = quantizer
+        self._catalog = catalog
+        self._fetch = fetch
+        self._readonly = readonly
+        self._lock_timeout = lock_timeout
+        self._auto_compact_ratio = auto_compact_ratio
+        self._code_size = header.params.code_size
+        self._dtype = record_dtype(self._code_size)
+        self._swept = False  # orphan segments are removed on this handle's first write
+        self._thread_lock = threading.Lock()
 
-    dest: str
-    vectors: int  # live vectors in the copy
-    segments: int  # segment files copied
-    bytes: int  # bytes written, all files
-    seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict with the same keys as the fields."""
-        return asdict(self)
-
-
-class WriteMixin:
-    """Write methods of :class:`~ivfpq_store.store.Store` (see that class for the API)."""
-
-    # Set by Store.__init__.
-    _layout: StoreLayout
-    _header: Header
-    _readonly: bool
-    _lock_timeout: float
-    _auto_compact_ratio: float | None
-    _swept: bool
-    _thread_lock: threading.Lock
-    _dtype: np.dtype[Any]
-
-    if TYPE_CHECKING:  # read helpers provided by Store
-        @property
-        def params(self) -> IndexParams: ...
-        def _live_catalog(self) -> Catalog: ...
-        def _encode(self, x: F32Array,
-                    progress: ProgressFn | None = None) -> tuple[I64Array, U8Array]: ...
-        def _fetch(self, list_no: int, record: ListRecord) -> np.ndarray: ...
-
-    def _check_writable(self) -> Catalog:
-        catalog = self._live_catalog()
+    def check_writable(self) -> Catalog:
+        """The live catalog; ReadOnlyStoreError on a read-only handle."""
+        catalog = self._catalog()
         if self._readonly:
             raise ReadOnlyStoreError(
                 f"{self._layout.root}: store was opened with readonly=True; open it with "
@@ -108,8 +98,10 @@ class WriteMixin:
         return catalog
 
     @contextlib.contextmanager
-    def _writing(self, *, sweep: bool = True) -> Iterator[Catalog]:
-        catalog = self._check_writable()
+    def locked(self, *, sweep: bool = True) -> Iterator[Catalog]:
+        """Hold the writer lock (step 2) for the block; yield the live catalog. With
+        ``sweep``, the handle's first write removes orphan segment files first."""
+        catalog = self.check_writable()
         if not self._thread_lock.acquire(timeout=self._lock_timeout):
             raise StoreLockedError(
                 f"{self._layout.root}: another thread of this process is writing; gave up after "
@@ -123,71 +115,18 @@ class WriteMixin:
         finally:
             self._thread_lock.release()
 
-    def add(self, vectors: Any, ids: Any = None, *, progress: ProgressFn | None = None) -> I64Array:
-        """Append vectors; durable when this returns (docs/operations.md).
-
-        Parameters
-        ----------
-        vectors : array_like, shape (dim,) or (n, dim)
-            Any real dtype; converted to float32. Finite values only.
-        ids : array_like of int, shape (n,), optional
-            Distinct non-negative ids not live in the store. When None, ids are assigned
-            consecutively from one past the largest id ever added.
-        progress : callable, optional
-            Called with the number of vectors encoded after each block.
-
-        Returns
-        -------
-        numpy.ndarray
-            The int64 ids of the added vectors, in input order.
-
-        Raises
-        ------
-        DimensionMismatchError, InvalidInputError
-            Bad shapes, dtypes or values (nothing is written).
-        DuplicateIdError
-            An id is already live or repeats within the batch (nothing is added).
-        ReadOnlyStoreError, StoreLockedError
-        """
-        return self._write_vectors(vectors, ids, replace_live=False, progress=progress)
-
-    def upsert(self, vectors: Any, ids: Any, *, progress: ProgressFn | None = None) -> I64Array:
-        """Add vectors, replacing the live vectors of ids that exist; one atomic step.
-
-        An id whose new vector falls in another cell moves to that list. After a crash the call
-        is applied entirely or not at all: an id never has two live copies, nor none.
-
-        Parameters
-        ----------
-        vectors : array_like, shape (dim,) or (n, dim)
-        ids : array_like of int, shape (n,)
-            Distinct non-negative ids; required.
-
-        Returns
-        -------
-        numpy.ndarray
-            The int64 ids, in input order.
-
-        Raises
-        ------
-        DimensionMismatchError, InvalidInputError, DuplicateIdError (an id repeats in the batch),
-        ReadOnlyStoreError, StoreLockedError
-        """
-        if ids is None:
-            raise InvalidInputError("ids: upsert needs explicit ids — expected an integer array, "
-                                    "got None")
-        return self._write_vectors(vectors, ids, replace_live=True, progress=progress)
-
-    def _write_vectors(self, vectors: Any, ids: Any, *, replace_live: bool,
-                       progress: ProgressFn | None) -> I64Array:
-        self._check_writable()  # fail before the (possibly long) encoding
-        x, _ = as_vectors(vectors, self.params.dim)
+    def write_vectors(self, vectors: Any, ids: Any, *, replace_live: bool,
+                      progress: ProgressFn | None) -> I64Array:
+        """Add (or with ``replace_live``, upsert) a batch: steps 1-5; returns its ids."""
+        self.check_writable()  # fail before the (possibly long) encoding
+        params = self._header.params
+        x, _ = as_vectors(vectors, params.dim)
         n = x.shape[0]
         given = None if ids is None else as_ids(ids, n)
-        if self.params.metric is Metric.COSINE:
+        if params.metric is Metric.COSINE:
             x = normalize_rows(x)
-        list_nos, codes = self._encode(x, progress)
-        with self._writing() as catalog:
+        list_nos, codes = self._quantizer.assign_and_encode(x, progress)
+        with self.locked() as catalog:
             snap = catalog.snapshot()
             state = snap.state
             changes = Changes()
@@ -236,30 +175,10 @@ class WriteMixin:
         return new_ids
 
     def delete(self, ids: Any) -> int:
-        """Delete vectors by id; durable when this returns. Unknown ids are ignored.
-
-        From the moment this returns, no search in any process returns these ids (each
-        search reads the latest committed state).
-
-        Parameters
-        ----------
-        ids : array_like of int
-            Ids to delete (any integer dtype; a scalar is one id).
-
-        Returns
-        -------
-        int
-            How many live ids were removed.
-
-        Raises
-        ------
-        DimensionMismatchError
-            ``ids`` is not an integer array (nothing is deleted).
-        ReadOnlyStoreError, StoreLockedError
-        """
-        self._check_writable()
+        """Tombstone the live ids among ``ids`` in one transaction; how many there were."""
+        self.check_writable()
         wanted = as_id_list(ids)
-        with self._writing() as catalog:
+        with self.locked() as catalog:
             snap = catalog.snapshot()
             found, entries = catalog.locate(wanted)
             if not found.any():
@@ -285,33 +204,13 @@ class WriteMixin:
             changes.lists[list_no] = replace(record, deleted=record.deleted + count)
         return len(entries)
 
-    def compact(self, min_deleted_ratio: float = 0.0, *, dry_run: bool = False) -> CompactReport:
-        """Rewrite lists whose deleted fraction is at least ``min_deleted_ratio``.
-
-        Each chosen list's live records go to a new segment file; one transaction switches
-        to them; then the old files are removed. Searches running meanwhile stay correct.
-        Also removes orphan segment files left by crashes.
-
-        Parameters
-        ----------
-        min_deleted_ratio : float
-            0..1; 0 rewrites every list with at least one deleted record.
-        dry_run : bool
-            Report what would be rewritten without changing anything.
-
-        Returns
-        -------
-        CompactReport
-
-        Raises
-        ------
-        InvalidParamsError, ReadOnlyStoreError, StoreLockedError
-        """
-        ratio = check_ratio("min_deleted_ratio", min_deleted_ratio)
+    def compact(self, min_deleted_ratio: float, *, dry_run: bool) -> CompactReport:
+        """Rewrite the lists whose deleted fraction reaches ``min_deleted_ratio`` (checked by
+        the caller), and remove orphan segment files."""
         t0 = time.perf_counter()
-        with self._writing() as catalog:
+        with self.locked() as catalog:
             snap = catalog.snapshot()
-            plan = plan_compaction(snap, choose_lists(snap, ratio), self.params.code_size)
+            plan = plan_compaction(snap, choose_lists(snap, min_deleted_ratio), self._code_size)
             orphans = 0
             if not dry_run:
                 orphans = remove_orphans(self._layout, snap)
@@ -325,7 +224,7 @@ class WriteMixin:
         """Compact the planned lists: new segments, one commit, then unlink the old files."""
         if not plan.lists:
             return
-        done = rewrite_lists(self._layout, self._header.store_uuid, self.params.code_size, snap,
+        done = rewrite_lists(self._layout, self._header.store_uuid, self._code_size, snap,
                              list(plan.lists), self._fetch)
         s = snap.state
         catalog.apply(StateRecord(commit=s.commit + 1, ntotal=s.ntotal, next_id=s.next_id,
@@ -337,87 +236,10 @@ class WriteMixin:
         """Compact the lists a delete or upsert touched once they pass auto_compact_ratio."""
         if self._auto_compact_ratio is None:
             return
-        with self._writing() as catalog:
+        with self.locked() as catalog:
             snap = catalog.snapshot()
             chosen = choose_lists(snap, self._auto_compact_ratio, among=touched)
-            self._rewrite(catalog, snap, plan_compaction(snap, chosen, self.params.code_size))
-
-    def verify(self, *, repair: bool = False) -> VerifyReport:
-        """Check every invariant of the store; report damage, never raise on it.
-
-        Checks the header (magic, version, checksums), that the catalog belongs to it, every
-        segment (prelude, size, checksum of its committed records), every id entry (it names a
-        live record holding that id), tombstones and counters, and finds crash leftovers.
-
-        Parameters
-        ----------
-        repair : bool
-            Also remove crash leftovers: cut uncommitted tails, delete orphan segment files,
-            clear a dead writer's pid from LOCK. Takes the writer lock. Damage is not repaired.
-
-        Returns
-        -------
-        VerifyReport
-            ``ok`` is False when damage was found; ``problems`` and ``leftovers`` list findings.
-
-        Raises
-        ------
-        ReadOnlyStoreError, StoreLockedError
-            Only with ``repair=True``.
-        """
-        if repair:
-            # Look at LOCK before taking it: taking it overwrites a dead writer's pid.
-            lock = probe_lock(self._layout.lock)
-            with self._writing(sweep=False) as catalog:
-                catalog.forget()
-                return verify_store(self._layout, catalog, repair=True, lock=lock)
-        catalog = self._live_catalog()
-        for _ in range(SNAPSHOT_ATTEMPTS):
-            before = catalog.snapshot().state.commit
-            report = verify_store(self._layout, catalog)
-            # Without the lock a compaction may unlink files mid-check: trust only a report
-            # whose state did not move, or a clean one.
-            if report.ok or catalog.snapshot().state.commit == before:
-                return report
-        return report
-
-
-    def copy(self, dest: str | os.PathLike[str]) -> CopyReport:
-        """Write a consistent backup of the store to the new directory ``dest``.
-
-        Readers keep searching and writers simply wait (the copy holds the writer lock), so it
-        is safe on a live store. Only committed bytes are copied: no crash leftovers, and the
-        catalog is copied compacted (its free pages left out). The copy is built in a hidden
-        sibling directory and renamed into place, like :func:`create`.
-
-        Raises
-        ------
-        StoreExistsError, InvalidParamsError
-            ``dest`` exists or cannot be created.
-        StoreLockedError
-        """
-        root = check_new_store_path(dest)
-        t0 = time.perf_counter()
-        with build_directory(root, "copying") as tmp, self._writing(sweep=False) as catalog:
-            layout = StoreLayout(tmp)
-            snap = catalog.snapshot()
-            layout.root.mkdir()
-            layout.segments.mkdir()
-            layout.lock.touch()
-            shutil.copyfile(self._layout.header, layout.header)
-            sync_file(layout.header)
-            copied = 0
-            for record in snap.lists.values():
-                if record.count:
-                    _copy_prefix(self._layout.segment(record.file), layout.segment(record.file),
-                                 committed_size(record.count, self.params.code_size))
-                    copied += 1
-            catalog.copy_to(layout.catalog)
-            for directory in (layout.segments, layout.catalog, layout.root):
-                fsync_dir(directory)
-        size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-        return CopyReport(dest=str(root), vectors=snap.state.ntotal, segments=copied, bytes=size,
-                          seconds=time.perf_counter() - t0)
+            self._rewrite(catalog, snap, plan_compaction(snap, chosen, self._code_size))
 
     def _append(self, lists: Mapping[int, ListRecord], list_nos: I64Array, codes: U8Array,
                 ids: I64Array) -> tuple[dict[int, ListRecord], I64Array, I64Array, SyncJob]:
@@ -444,7 +266,7 @@ class WriteMixin:
                 file=segment_file_name(list_no, 0), generation=0, count=0, deleted=0, crc32=0)
             created |= old.count == 0  # a count-0 record (emptied by compaction) has no file
             prelude = SegmentPrelude(list_no=list_no, generation=old.generation,
-                                     code_size=self.params.code_size,
+                                     code_size=self._code_size,
                                      store_uuid=self._header.store_uuid)
             path = self._layout.segment(old.file)
             crc = append_records(path, prelude, old.count, records[s:e], crc_start=old.crc32,
@@ -461,17 +283,3 @@ class WriteMixin:
                 synced.wait()
                 raise
         return updated, generations, rows, synced
-
-
-def _copy_prefix(src: Path, dst: Path, nbytes: int) -> None:
-    """Copy the first ``nbytes`` of ``src`` (a segment's committed part) to a new file, synced."""
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
-        remaining = nbytes
-        while remaining:
-            chunk = fin.read(min(remaining, 1 << 22))
-            if not chunk:
-                raise CorruptStoreError(f"{src}: shorter than its {nbytes} committed bytes")
-            fout.write(chunk)
-            remaining -= len(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())

@@ -443,7 +443,7 @@ LOCK_CHILD = """
     import sys, time
     from pathlib import Path
     import ivfpq_store
-    from ivfpq_store.storage._atomic import writer_lock
+    from ivfpq_store.storage.atomic import writer_lock
     path = Path(sys.argv[1])
     store = ivfpq_store.open(path)  # a writer: open the store, take the lock as add would
     with writer_lock(path / "LOCK", 5):

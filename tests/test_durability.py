@@ -12,19 +12,19 @@ import pytest
 from conftest import NLIST, make_store
 
 import ivfpq_store
-from ivfpq_store.storage import _atomic
+from ivfpq_store.storage import atomic
 from ivfpq_store.storage.catalog import Catalog
 
 
 def _record_syncs(monkeypatch) -> list[str]:
     synced: list[str] = []
-    real = _atomic.sync_file
+    real = atomic.sync_file
 
     def fdatasync(path: Path) -> None:
         real(path)
         synced.append(Path(path).name)
 
-    monkeypatch.setattr(_atomic, "sync_file", fdatasync)
+    monkeypatch.setattr(atomic, "sync_file", fdatasync)
     return synced
 
 
@@ -62,7 +62,7 @@ def test_a_failed_sync_fails_the_add_and_commits_nothing(tmp_path, small_data, m
         store.add(small_data["base"][:500], ids=np.arange(500))
         before = store.search(small_data["queries"], k=5, nprobe=NLIST)
         calls = [0]
-        real = _atomic.sync_file
+        real = atomic.sync_file
 
         def failing(path: Path) -> None:
             calls[0] += 1
@@ -70,7 +70,7 @@ def test_a_failed_sync_fails_the_add_and_commits_nothing(tmp_path, small_data, m
                 raise OSError(errno.EIO, "injected I/O error", str(path))
             real(path)
 
-        monkeypatch.setattr(_atomic, "sync_file", failing)
+        monkeypatch.setattr(atomic, "sync_file", failing)
         with pytest.raises(OSError, match="injected"):
             store.add(small_data["base"][500:], ids=np.arange(500, 1500))
         monkeypatch.undo()
@@ -98,7 +98,7 @@ def test_a_failing_commit_is_not_hidden_by_a_failing_sync(tmp_path, small_data, 
         def full(self, state, changes, *, before_commit=None):
             raise ivfpq_store.CatalogFullError("injected: catalog full")
 
-        monkeypatch.setattr(_atomic, "sync_file", failing_sync)
+        monkeypatch.setattr(atomic, "sync_file", failing_sync)
         monkeypatch.setattr(Catalog, "apply", full)
         with pytest.raises(ivfpq_store.CatalogFullError, match="injected"):
             store.add(small_data["base"][:300])

@@ -11,9 +11,9 @@ import pytest
 from conftest import KERNEL_REQUIRED, NLIST, make_store
 from helpers import synthetic
 
-import ivfpq_store.search as search_mod
-from ivfpq_store import _kernel
+from ivfpq_store import _kernel, testing
 from ivfpq_store.params import SearchParams
+from ivfpq_store.quantizer import CoarseQuantizer, Quantizer
 
 needs_kernel = pytest.mark.skipif(_kernel.KERNEL is None and not KERNEL_REQUIRED,
                                   reason=_kernel.kernel_status())
@@ -36,25 +36,21 @@ def test_kernel_is_built_where_required():
 
 @needs_kernel
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_results_do_not_depend_on_threads_blocks_or_cached_terms(tmp_path, small_data,
-                                                                 monkeypatch, metric):
+def test_results_do_not_depend_on_threads_blocks_or_cached_terms(tmp_path, small_data, metric):
     """One thread with cached list terms, and three threads in blocks of 5 queries computing
     each list's terms as they go, give bit-identical results: each pair is scored the same
     way wherever it runs, and the merge orders by (cost, rank, row)."""
     with make_store(tmp_path / "s", small_data, metric=metric) as store:
         store.delete(np.r_[0:40, 700:760, 1490:1500])  # runs of tombstones, at list ends too
         queries = synthetic(60, store.params.dim, seed=11)
-        monkeypatch.setattr(search_mod, "_THREADS", 1)
-        one = store.search(queries, k=15, nprobe=5)
-        monkeypatch.setattr(search_mod, "_THREADS", 3)
-        monkeypatch.setattr(search_mod, "_THREAD_MIN_ROWS", 0)
-        monkeypatch.setattr(search_mod, "_THREAD_MIN_QUERIES", 0)
-        monkeypatch.setattr(search_mod, "_LIST_TERMS_BUDGET", 0)
+        with testing.search_config(store, threads=1):
+            one = store.search(queries, k=15, nprobe=5)
         per_query = 4 * store.params.m * _kernel.TSTRIDE + 24 * 15 * 3
-        monkeypatch.setattr(search_mod, "_KERNEL_BUDGET", 5 * per_query)
-        object.__setattr__(store._searcher, "_terms", None)  # forget the cached terms
-        many = store.search(queries, k=15, nprobe=5)
-        assert store._searcher._terms is None  # terms were not cached this time
+        testing.forget_list_terms(store)
+        with testing.search_config(store, threads=3, thread_min_rows=0, thread_min_queries=0,
+                                   list_terms_budget=0, kernel_budget=5 * per_query):
+            many = store.search(queries, k=15, nprobe=5)
+        assert testing.searcher(store)._terms is None  # terms were not cached this time
     np.testing.assert_array_equal(one.ids, many.ids)
     np.testing.assert_array_equal(one.distances, many.distances)
     assert not np.isin(one.ids, np.r_[0:40, 700:760, 1490:1500]).any()
@@ -66,20 +62,21 @@ def test_impossible_codes_are_never_results(tmp_path, small_data):
     kernel's tables have 256 entries per sub-quantizer with +inf past ksub, so such rows are
     never read out of bounds and never returned."""
     with make_store(tmp_path / "s", small_data) as store:
-        searcher = store._searcher
-        snap = store._catalog.snapshot()
+        searcher = testing.searcher(store)
+        qz = searcher.quantizer
+        snap = testing.snapshot(store)
         list_no = max(snap.lists, key=lambda n: snap.lists[n].count)
-        recs = np.array(store._fetch(list_no, snap.lists[list_no]))  # a writable copy
+        recs = np.array(testing.fetcher(store)(list_no, snap.lists[list_no]))  # a writable copy
     bad = np.arange(0, len(recs), 3)
     recs["code"][bad, -1] = 255
     recs["code"][bad[::2], 0] = 64
-    query = searcher.centroids[list_no][None, :]
+    query = qz.centroids[list_no][None, :]
     kernel = _kernel.KERNEL
     assert kernel is not None
     for terms in (searcher._list_terms(kernel), None):
         cost, ids = scan(
-            kernel, queries=query, centroids=searcher.centroids,
-            codebooks_t=searcher.codebooks_t, norms=searcher.pq.norms, list_terms=terms, l2=True,
+            kernel, queries=query, centroids=qz.centroids,
+            codebooks_t=qz.codebooks_t, norms=qz.norms, list_terms=terms, l2=True,
             list_no=np.array([list_no]), records=[recs], dead=[None],
             pair_start=np.array([0, 1]), pair_q=np.array([0]), pair_rank=np.array([0]),
             k=len(recs), cap=len(recs), nthreads=1)
@@ -96,17 +93,18 @@ def test_equal_costs_go_to_the_better_ranked_list(tmp_path, small_data, threads)
     scanned first (and, on two threads, by another thread): every cost ties with its copy,
     and the better-ranked list's row comes first each time."""
     with make_store(tmp_path / "s", small_data) as store:
-        searcher = store._searcher
-        snap = store._catalog.snapshot()
+        searcher = testing.searcher(store)
+        qz = searcher.quantizer
+        snap = testing.snapshot(store)
         list_no = max(snap.lists, key=lambda n: snap.lists[n].count)
-        recs = np.array(store._fetch(list_no, snap.lists[list_no]))
+        recs = np.array(testing.fetcher(store)(list_no, snap.lists[list_no]))
     copy = recs.copy()
     copy["id"] += 10_000
     kernel = _kernel.KERNEL
     assert kernel is not None
     cost, ids = scan(
-        kernel, queries=small_data["queries"][:1], centroids=searcher.centroids,
-        codebooks_t=searcher.codebooks_t, norms=searcher.pq.norms,
+        kernel, queries=small_data["queries"][:1], centroids=qz.centroids,
+        codebooks_t=qz.codebooks_t, norms=qz.norms,
         list_terms=searcher._list_terms(kernel), l2=True, list_no=np.array([list_no, list_no]),
         records=[copy, recs], dead=[None, None], pair_start=np.array([0, 1, 2]),
         pair_q=np.array([0, 0]), pair_rank=np.array([1, 0]), k=20, cap=20, nthreads=threads)
@@ -126,13 +124,11 @@ def test_equal_costs_go_to_the_better_ranked_list(tmp_path, small_data, threads)
 def test_probe_matches_the_blas_probe(metric, nprobe):
     """The kernel's probe (its own products, no BLAS threads) picks the numpy probe's lists in
     the same order, with the same coarse costs up to rounding; nprobe > 64 takes its sort."""
-    from ivfpq_store.training.pq import ProductQuantizer
     from ivfpq_store.types import Metric
 
     rng = np.random.default_rng(3)
     centroids = rng.standard_normal((100, 16)).astype(np.float32)
-    pq = ProductQuantizer(rng.standard_normal((4, 16, 4)).astype(np.float32))
-    searcher = search_mod.Searcher(centroids, pq, Metric[metric.upper()])
+    searcher = CoarseQuantizer(centroids, Metric[metric.upper()])
     queries = rng.standard_normal((50, 16)).astype(np.float32)
     want_cost, want = searcher.probe(queries, nprobe)
     kernel = _kernel.KERNEL
@@ -172,14 +168,14 @@ def test_kernel_rejects_inconsistent_arguments(tmp_path, small_data):
     """The C side trusts what it is given; the binding refuses what would make it read out
     of bounds: a foreign record layout, pairs that do not add up, numbers out of range."""
     with make_store(tmp_path / "s", small_data) as store:
-        searcher = store._searcher
-        snap = store._catalog.snapshot()
+        searcher = testing.searcher(store).quantizer
+        snap = testing.snapshot(store)
         list_no = next(iter(snap.lists))
-        recs = store._fetch(list_no, snap.lists[list_no])
+        recs = testing.fetcher(store)(list_no, snap.lists[list_no])
         kernel = _kernel.KERNEL
         assert kernel is not None
         good = {"queries": small_data["queries"][:2], "centroids": searcher.centroids,
-                "codebooks_t": searcher.codebooks_t, "norms": searcher.pq.norms,
+                "codebooks_t": searcher.codebooks_t, "norms": searcher.norms,
                 "list_terms": None, "l2": True, "list_no": np.array([list_no]),
                 "records": [recs], "dead": [None], "pair_start": np.array([0, 2]),
                 "pair_q": np.array([0, 1]), "pair_rank": np.array([0, 0]), "k": 5, "cap": 5,
@@ -224,19 +220,22 @@ def test_search_probes_and_scans_in_the_kernel(shared_store_path, small_data, mo
     """With the kernel built, a search neither runs the BLAS probe (whose spinning threads
     slowed the scan) nor any numpy scan path."""
     import ivfpq_store
+    from ivfpq_store.search import numpy_single, searcher
 
     def forbidden(*args, **kwargs):
         raise AssertionError("numpy path used")
 
-    for name in ("probe", "_scan_one", "_scan_batch"):
-        monkeypatch.setattr(search_mod.Searcher, name, forbidden)
+    monkeypatch.setattr(CoarseQuantizer, "probe", forbidden)
+    monkeypatch.setattr(numpy_single, "scan_one", forbidden)
+    monkeypatch.setattr(searcher, "scan_batch", forbidden)
     with ivfpq_store.open(shared_store_path, readonly=True) as store:
         for queries in (small_data["queries"], small_data["queries"][0]):
             _, ids = store.search(queries, k=5, nprobe=3)
             assert (ids >= 0).all()
-        snap = store._catalog.snapshot()
-        result = store._searcher.search(small_data["queries"], SearchParams.checked(5, 3, NLIST),
-                                        snap.lists, snap.deleted, store._fetch)
+        snap = testing.snapshot(store)
+        result = testing.searcher(store).search(
+            small_data["queries"], SearchParams.checked(5, 3, NLIST), snap.lists, snap.deleted,
+            testing.fetcher(store))
     assert result.ids.shape == (len(small_data["queries"]), 5)
 
 
@@ -245,7 +244,7 @@ def test_search_probes_and_scans_in_the_kernel(shared_store_path, small_data, mo
 def test_encoder_matches_the_numpy_encoder(nbits):
     """The fused encoder picks the numpy encoder's codes (up to float near-ties, which must
     be real ties), and on exact ties the lower sub-centroid, in both of its paths."""
-    from ivfpq_store.training.pq import ProductQuantizer
+    from ivfpq_store.types import Metric
 
     rng = np.random.default_rng(nbits)
     m, dsub, ksub = 4, 8, 1 << nbits
@@ -254,15 +253,15 @@ def test_encoder_matches_the_numpy_encoder(nbits):
     if ksub == 256:  # ties in other lanes and chunks of the vector path, and in the same lane
         books[:, 64:128] = books[:, 0:64][:, ::-1]
         books[:, 128:192] = books[:, 0:64]
-    pq = ProductQuantizer(books)
     centroids = rng.standard_normal((5, m * dsub)).astype(np.float32)
+    pq = Quantizer(centroids, books, Metric.L2)
     x = rng.standard_normal((3000, m * dsub)).astype(np.float32)
     lists = rng.integers(0, 5, len(x))
     kernel = _kernel.KERNEL
     assert kernel is not None
     codebooks_t = np.ascontiguousarray(books.transpose(0, 2, 1))
     got = kernel.encode(x, lists, centroids, codebooks_t, pq.norms, nthreads=3)
-    want = pq.encode(x - centroids[lists])
+    want = pq.encode_residuals(x - centroids[lists])
     assert (got % 2 == 0).all()  # the lowest of equal sub-centroids
     if ksub == 256:
         assert not ((got >= 64) & (got < 192)).any()
@@ -276,19 +275,17 @@ def test_encoder_matches_the_numpy_encoder(nbits):
 
 
 @needs_kernel
-def test_concurrent_searches_from_python_threads_agree_with_serial(tmp_path, small_data,
-                                                                   monkeypatch):
+def test_concurrent_searches_from_python_threads_agree_with_serial(tmp_path, small_data):
     """ctypes releases the GIL, so searches from several Python threads really run at once in
     the kernel (each with its own threads): results equal the serial ones, including the
     first search of a fresh searcher, which builds the shared list-term cache."""
     from concurrent.futures import ThreadPoolExecutor
 
-    monkeypatch.setattr(search_mod, "_THREAD_MIN_ROWS", 0)
-    monkeypatch.setattr(search_mod, "_THREAD_MIN_QUERIES", 0)
-    with make_store(tmp_path / "s", small_data) as store:
+    with (make_store(tmp_path / "s", small_data) as store,
+          testing.search_config(store, thread_min_rows=0, thread_min_queries=0)):
         batches = [synthetic(25, store.params.dim, seed=s) for s in range(12)]
         serial = [store.search(b, k=7, nprobe=4) for b in batches]
-        object.__setattr__(store._searcher, "_terms", None)
+        testing.forget_list_terms(store)
         with ThreadPoolExecutor(6) as pool:
             parallel = list(pool.map(lambda b: store.search(b, k=7, nprobe=4), batches))
     for a, b in zip(serial, parallel, strict=True):

@@ -7,6 +7,7 @@ import pytest
 from conftest import DIM, NLIST, make_store
 
 import ivfpq_store
+from ivfpq_store import testing
 from ivfpq_store.format import SEGMENT_PRELUDE_SIZE
 
 
@@ -214,7 +215,7 @@ def test_search_on_a_snapshot_overtaken_by_compaction_retries(tmp_path, small_da
     make_store(path, small_data).close()
     with ivfpq_store.open(path, auto_compact_ratio=None) as writer, \
             ivfpq_store.open(path, readonly=True) as reader:
-        catalog = reader._catalog
+        catalog = testing.catalog(reader)
         stale = catalog.snapshot()  # taken before anything is mapped
         writer.delete(np.arange(0, 1500, 3))
         writer.compact()
@@ -225,3 +226,38 @@ def test_search_on_a_snapshot_overtaken_by_compaction_retries(tmp_path, small_da
         got = reader.search(small_data["queries"], k=10, nprobe=NLIST)
     np.testing.assert_array_equal(got.ids, expected.ids)
     np.testing.assert_array_equal(got.distances, expected.distances)
+
+
+def test_a_snapshot_that_keeps_going_stale_gives_up_with_its_own_error(tmp_path, small_data,
+                                                                       monkeypatch):
+    """Snapshots overtaken by a compaction every time: after SNAPSHOT_ATTEMPTS tries the
+    search raises StaleSnapshotError, which is not damage; a missing segment whose list
+    record did not change is damage, and raises CorruptStoreError at once."""
+    import itertools
+
+    from ivfpq_store.store import SNAPSHOT_ATTEMPTS
+
+    path = tmp_path / "s"
+    make_store(path, small_data).close()
+    with ivfpq_store.open(path, auto_compact_ratio=None) as writer, \
+            ivfpq_store.open(path, readonly=True) as reader:
+        catalog = testing.catalog(reader)
+        stale = catalog.snapshot()
+        writer.delete(np.arange(0, 1500, 3))
+        writer.compact()
+        fresh = catalog.snapshot()
+        taken = [0]
+        states = itertools.cycle([stale, fresh])
+
+        def alternate():
+            taken[0] += 1
+            return next(states)
+
+        monkeypatch.setattr(catalog, "snapshot", alternate)
+        with pytest.raises(ivfpq_store.StaleSnapshotError) as info:
+            reader.search(small_data["queries"], k=10, nprobe=NLIST)
+        assert not isinstance(info.value, ivfpq_store.CorruptStoreError)
+        assert taken[0] == 2 * SNAPSHOT_ATTEMPTS
+        monkeypatch.setattr(catalog, "snapshot", lambda: stale)
+        with pytest.raises(ivfpq_store.CorruptStoreError, match="missing"):
+            reader.search(small_data["queries"], k=10, nprobe=NLIST)

@@ -1,4 +1,5 @@
-"""Search correctness against independent references (issue 2, must-show 1 and 2)."""
+"""Search correctness against independent references: brute force, an exhaustive ADC scan,
+every scan path and its tuning, ties, memory bounds."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from conftest import NLIST, M, make_store
 from helpers import brute_force_knn, synthetic
 
 import ivfpq_store
+from ivfpq_store import _kernel, testing
+from ivfpq_store.search import numpy_single
 
 
 def adc_reference(store: ivfpq_store.Store, queries: np.ndarray, nprobe: int,
@@ -144,15 +147,8 @@ def test_huge_k_is_bounded_by_the_store_not_allocated(shared_store_path, small_d
 
 def test_lists_are_read_once_per_batch(shared_store_path, small_data, monkeypatch, scan_impl):
     """Each probed list is fetched once per batch, however many queries probe it."""
-    with ivfpq_store.open(shared_store_path, readonly=True) as store:
-        calls: list[int] = []
-        original = store._fetch
-
-        def counting_fetch(l_no, rec):
-            calls.append(l_no)
-            return original(l_no, rec)
-
-        monkeypatch.setattr(store, "_fetch", counting_fetch)
+    with (ivfpq_store.open(shared_store_path, readonly=True) as store,
+          testing.counting_fetches(store) as calls):
         store.search(small_data["queries"], k=10, nprobe=NLIST)
     assert sorted(calls) == sorted(set(calls))
     assert len(calls) <= NLIST
@@ -166,41 +162,40 @@ def test_ip_scores_are_descending_and_l2_ascending(tmp_path, small_data):
         assert np.all(np.diff(sign * distances, axis=1) >= 0)
 
 
-def test_python_work_per_search_is_bounded_by_probed_lists_not_queries(shared_store_path,
-                                                                      scan_impl):
-    """Regression guard for speed that is not a timed test (issue 5): a search fetches each
-    probed list once and makes a number of Python-level calls that depends on the lists it
-    probes, not on how many queries or candidates there are."""
-    import sys
+def test_work_per_search_is_bounded_by_probed_lists_not_queries(shared_store_path,
+                                                               monkeypatch, scan_impl):
+    """Regression guard for speed that is not a timed test: a search fetches each probed
+    list once, and the scans' per-block steps (a kernel call; a numpy decode or gather) are
+    counted by the lists and row blocks they cover, not by the queries or candidates."""
+    from ivfpq_store.quantizer import Quantizer
+    from ivfpq_store.search import numpy_batch, tables
 
+    steps = [0]
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            steps[0] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(numpy_batch, "gather", counted(tables.gather))
+    monkeypatch.setattr(numpy_single, "gather", counted(tables.gather))
+    monkeypatch.setattr(Quantizer, "decode_residuals", counted(Quantizer.decode_residuals))
+    if _kernel.KERNEL is not None:
+        monkeypatch.setattr(_kernel.ScanPlan, "scan", counted(_kernel.ScanPlan.scan))
     with ivfpq_store.open(shared_store_path, readonly=True) as store:
         nonempty = sum(1 for size in store.info().list_sizes if size)
-        original = store._fetch
         work = {}
         for nq in (20, 20_000):
             queries = synthetic(nq, store.params.dim, seed=nq)
-            fetched: list[int] = []
-            calls = [0]
-
-            def count_fetch(l_no, rec, fetched=fetched):
-                fetched.append(l_no)
-                return original(l_no, rec)
-
-            def profiler(frame, event, arg, calls=calls):
-                if event == "call":
-                    calls[0] += 1
-
-            store._fetch = count_fetch
-            sys.setprofile(profiler)
-            try:
+            steps[0] = 0
+            with testing.counting_fetches(store) as fetched:
                 store.search(queries, k=10, nprobe=NLIST)
-            finally:
-                sys.setprofile(None)
             assert sorted(fetched) == sorted(set(fetched))  # each list once per batch
             assert len(fetched) == nonempty
-            work[nq] = calls[0]
-    # 1000x the queries: a few more calls (blocked coarse probing), nothing proportional.
-    assert work[20_000] <= work[20] + 50, work
+            work[nq] = steps[0]
+    # 1000x the queries: the same steps (the kernel's query blocks: a few more calls).
+    assert 0 < work[20_000] <= work[20] + 4, work
 
 
 @pytest.mark.parametrize("path", ["batch-product", "batch-tables", "single", "kernel-batch",
@@ -213,24 +208,21 @@ def test_every_scan_path_equals_exhaustive_adc(tmp_path, small_data, monkeypatch
     row blocks, blocks spanning several lists or pairs, and a candidate pool cut back to k
     many times. The C kernel: on three threads, in blocks of 7 queries, with each list's
     terms computed as it is scanned instead of cached."""
-    import ivfpq_store.search as search_mod
-    from ivfpq_store import _kernel
-
+    knobs = {
+        "scan_budget": 2000,  # many row blocks per list
+        "pool_budget": 50,  # many cuts of the pool
+        "few_queries": 10**9 if path == "batch-tables" else 1,
+    }
     if path.startswith("kernel"):
         if _kernel.KERNEL is None:
             pytest.skip(_kernel.kernel_status())
-        monkeypatch.setattr(search_mod, "_THREADS", 3)
-        monkeypatch.setattr(search_mod, "_THREAD_MIN_ROWS", 0)
-        monkeypatch.setattr(search_mod, "_THREAD_MIN_QUERIES", 0)
-        monkeypatch.setattr(search_mod, "_LIST_TERMS_BUDGET", 0)
         per_query = 4 * M * _kernel.TSTRIDE + 24 * 10 * 3
-        monkeypatch.setattr(search_mod, "_KERNEL_BUDGET", 7 * per_query)
+        knobs.update(threads=3, thread_min_rows=0, thread_min_queries=0, list_terms_budget=0,
+                     kernel_budget=7 * per_query)
     else:
         monkeypatch.setattr(_kernel, "KERNEL", None)
-    monkeypatch.setattr(search_mod, "_SCAN_BUDGET", 2000)  # force many row blocks per list
-    monkeypatch.setattr(search_mod, "_POOL_BUDGET", 50)  # force many cuts of the pool
-    monkeypatch.setattr(search_mod, "_FEW_QUERIES", 10**9 if path == "batch-tables" else 1)
-    with make_store(tmp_path / "s", small_data, metric=metric) as store:
+    with (make_store(tmp_path / "s", small_data, metric=metric) as store,
+          testing.search_config(store, **knobs)):
         store.delete(np.arange(0, 1500, 7))  # tombstones spread over the row blocks
         queries = small_data["queries"]
         if "batch" in path:
@@ -251,21 +243,17 @@ def test_ties_go_to_the_earlier_row(tmp_path, small_data, monkeypatch, path, bud
     """300 identical vectors share one code, so their costs tie exactly. Whether they are
     scanned 10 rows per block or all at once, the best k are the k earliest rows, for every
     scan path; in the kernel, whichever of its heaps and threads they pass through."""
-    import ivfpq_store.search as search_mod
-    from ivfpq_store import _kernel
-
+    knobs: dict[str, int] = {"few_queries": 10**9 if path == "batch-tables" else 1}
     if path == "kernel":
         if _kernel.KERNEL is None:
             pytest.skip(_kernel.kernel_status())
-        monkeypatch.setattr(search_mod, "_THREADS", 2)
-        monkeypatch.setattr(search_mod, "_THREAD_MIN_ROWS", 0)
+        knobs.update(threads=2, thread_min_rows=0)
     else:
         monkeypatch.setattr(_kernel, "KERNEL", None)
-
     if budget is not None:  # m=4: 10 rows per single-query block
-        monkeypatch.setattr(search_mod, "_SCAN_BUDGET", budget)
-    monkeypatch.setattr(search_mod, "_FEW_QUERIES", 10**9 if path == "batch-tables" else 1)
-    with make_store(tmp_path / "s", small_data, add=False) as store:
+        knobs["scan_budget"] = budget
+    with (make_store(tmp_path / "s", small_data, add=False) as store,
+          testing.search_config(store, **knobs)):
         store.add(small_data["base"][:30], ids=np.arange(30))
         store.add(np.repeat(small_data["base"][30:31], 300, axis=0), ids=np.arange(100, 400))
         store.add(small_data["base"][31:60], ids=np.arange(31, 60))
@@ -279,20 +267,20 @@ def test_ties_go_to_the_earlier_row(tmp_path, small_data, monkeypatch, path, bud
 def test_batch_scan_blocks_respect_the_memory_budget(tmp_path, small_data, monkeypatch,
                                                      numpy_scan):
     """A block holds P costs, the decoded rows and their gather index per row: bounded by the
-    scan budget, not only its costs (a 2-query batch on one big list used to decode it whole)."""
-    import ivfpq_store.search as search_mod
+    scan budget, not only its costs (a 2-query batch on one big list would otherwise be
+    decoded whole)."""
+    from ivfpq_store.quantizer import Quantizer
 
-    monkeypatch.setattr(search_mod, "_SCAN_BUDGET", 3000)
-    monkeypatch.setattr(search_mod, "_FEW_QUERIES", 1)  # every list through the product
     rows_seen: list[int] = []
-    original = search_mod.Searcher._decode
+    original = Quantizer.decode_residuals
 
     def decode(self, codes):
         rows_seen.append(len(codes))
         return original(self, codes)
 
-    monkeypatch.setattr(search_mod.Searcher, "_decode", decode)
-    with make_store(tmp_path / "s", small_data) as store:
+    monkeypatch.setattr(Quantizer, "decode_residuals", decode)
+    with (make_store(tmp_path / "s", small_data) as store,
+          testing.search_config(store, scan_budget=3000, few_queries=1)):
         store.search(small_data["queries"][:2], k=10, nprobe=NLIST)
         m, dsub = store.params.m, store.params.dim // store.params.m
     per_row = 2 + m * (dsub + 2)
@@ -304,16 +292,14 @@ def test_single_query_with_tables_past_the_budget_takes_the_batch_path(tmp_path,
                                                                       monkeypatch, numpy_scan):
     """nprobe so large that one query's tables (m * nprobe * ksub floats) pass the scan
     budget: the query goes through the bounded batch path and is still exact."""
-    import ivfpq_store.search as search_mod
-
     with make_store(tmp_path / "s", small_data) as store:
         tables = store.params.m * NLIST * (1 << store.params.nbits)
-        monkeypatch.setattr(search_mod, "_SCAN_BUDGET", tables - 1)
         called = []
-        monkeypatch.setattr(search_mod.Searcher, "_scan_one",
+        monkeypatch.setattr(numpy_single, "scan_one",
                             lambda *a, **k: called.append(1))  # must not be used
         queries = small_data["queries"][:5]
-        parts = [store.search(q, k=10, nprobe=NLIST) for q in queries]
+        with testing.search_config(store, scan_budget=tables - 1):
+            parts = [store.search(q, k=10, nprobe=NLIST) for q in queries]
         reference = adc_reference(store, queries, NLIST, "l2")
     assert not called
     assert_valid_topk(np.concatenate([d for d, _ in parts]),
@@ -326,13 +312,13 @@ def test_searcher_takes_float64_queries_as_float32(tmp_path, small_data, scan_im
     from ivfpq_store.params import SearchParams
 
     with make_store(tmp_path / "s", small_data) as store:
-        snap = store._catalog.snapshot()
+        snap, searcher, fetch = testing.snapshot(store), testing.searcher(store), \
+            testing.fetcher(store)
         params = SearchParams.checked(10, 3, NLIST)
         q32 = small_data["queries"].astype(np.float32)
         for q in (q32, q32[:1]):
-            a = store._searcher.search(q, params, snap.lists, snap.deleted, store._fetch)
-            b = store._searcher.search(q.astype(np.float64), params, snap.lists,
-                                       snap.deleted, store._fetch)
+            a = searcher.search(q, params, snap.lists, snap.deleted, fetch)
+            b = searcher.search(q.astype(np.float64), params, snap.lists, snap.deleted, fetch)
             np.testing.assert_array_equal(a.ids, b.ids)
             np.testing.assert_array_equal(a.distances, b.distances)
 

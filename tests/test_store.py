@@ -15,6 +15,7 @@ import pytest
 from conftest import DIM, NLIST, make_store
 
 import ivfpq_store
+from ivfpq_store import testing
 from ivfpq_store.format import SEGMENT_PRELUDE_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +125,7 @@ def test_empty_lists_have_no_segment_file(tmp_path, small_data):
 def test_open_maps_are_bounded(shared_store_path, small_data):
     with ivfpq_store.open(shared_store_path, readonly=True, max_open_segments=2) as store:
         full = store.search(small_data["queries"], k=10, nprobe=NLIST)
-        assert len(store._maps) <= 2
+        assert testing.open_segment_maps(store) <= 2
     with ivfpq_store.open(shared_store_path, readonly=True) as store:
         unbounded = store.search(small_data["queries"], k=10, nprobe=NLIST)
     np.testing.assert_array_equal(full.ids, unbounded.ids)
@@ -278,7 +279,7 @@ def test_second_writer_times_out_naming_the_lock_and_a_killed_holder_frees_it(tm
 
 
 def test_add_reports_progress_per_encoded_block(store, monkeypatch, scan_impl):
-    monkeypatch.setattr("ivfpq_store.store.ENCODE_BLOCK", 400)
+    monkeypatch.setattr("ivfpq_store.quantizer.ENCODE_BLOCK", 400)
     seen: list[int] = []
     store.add(np.ones((1000, DIM), np.float32), progress=seen.append)
     assert seen == [400, 400, 200]

@@ -1,4 +1,4 @@
-"""The pruned top-k selection of search (issue 5): bounds, exact ties, pool cuts."""
+"""The pruned top-k selection of the numpy scans: bounds, exact ties, pool cuts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from ivfpq_store.search import _TopK, kth_bound
+from ivfpq_store.search.topk import TopK, kth_bound
 
 # Few distinct values, so ties are everywhere, plus the +inf of tombstoned rows.
 _COSTS = st.sampled_from([0.0, 0.5, 1.0, 1.0, 2.0, 3.0, np.inf])
@@ -70,7 +70,7 @@ def _reference(q, cost, rank, row, ids, nq, k):
 def test_topk_equals_a_full_sort_with_ties(pool_budget, data, nq, nlists, k):
     """Blocks offered list by list (each list probed by some of the queries, at a rank) give
     exactly the (cost, rank, row) order of a full sort, with and without pool cuts."""
-    top = _TopK(nq, k, pool_budget=pool_budget)
+    top = TopK(nq, k, pool_budget=pool_budget)
     every: list[tuple[int, float, int, int, int]] = []
     next_id = 0
     for _ in range(nlists):

@@ -1,15 +1,13 @@
-"""k-means and product quantization numerics."""
+"""Training numerics: seeded k-means and the product quantizer's codebooks."""
 
 from __future__ import annotations
-
-import contextlib
 
 import numpy as np
 import pytest
 from helpers import synthetic
 
 from ivfpq_store import IvfpqWarning, TrainingError
-from ivfpq_store.training import ProductQuantizer, kmeans, nearest, train_pq
+from ivfpq_store.training import kmeans, nearest, train_pq
 
 
 def test_kmeans_is_deterministic_for_a_seed_and_objective_falls():
@@ -56,27 +54,6 @@ def test_nearest_matches_float64_brute_force():
     near_tie = np.abs(d64[np.arange(len(x)), labels] - d64.min(1)) <= 1e-4 * d64.min(1)
     assert (ok | near_tie).all()
     np.testing.assert_allclose(dist, d64.min(1), rtol=1e-4, atol=1e-3)
-
-
-def test_codes_built_from_codebook_entries_decode_exactly_and_reencode_identically():
-    rng = np.random.default_rng(5)
-    pq = ProductQuantizer(rng.normal(size=(4, 16, 3)).astype(np.float32))
-    codes = rng.integers(0, 16, size=(500, 4)).astype(np.uint8)
-    x = pq.decode(codes)
-    assert x.shape == (500, 12)
-    np.testing.assert_array_equal(pq.encode(x), codes)
-    np.testing.assert_array_equal(pq.decode(pq.encode(x)), x)
-
-
-def test_reconstruction_error_falls_as_nbits_rises():
-    x = synthetic(4000, 16, seed=6)
-    errors = []
-    for nbits in (2, 4, 6, 8):
-        with pytest.warns(IvfpqWarning) if nbits == 8 else contextlib.nullcontext():
-            pq, _ = train_pq(x, 4, nbits, niter=8, seed=0)
-        errors.append(float(((pq.decode(pq.encode(x)) - x) ** 2).sum(1).mean()))
-    assert errors == sorted(errors, reverse=True), errors
-    assert errors[-1] < errors[0] / 2
 
 
 def test_pq_needs_at_least_ksub_points():

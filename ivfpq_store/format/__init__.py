@@ -5,6 +5,7 @@ Nothing in this package opens files or touches LMDB; ``storage/`` does the I/O.
 
 from __future__ import annotations
 
+from .checksum import crc32
 from .header import HEADER_VERSION, Header, SectionKind, decode_header, encode_header
 from .segment import (
     SEGMENT_PRELUDE_SIZE,
@@ -27,6 +28,7 @@ __all__ = [
     "Header",
     "SectionKind",
     "SegmentPrelude",
+    "crc32",
     "decode_header",
     "decode_segment_prelude",
     "encode_header",

@@ -25,7 +25,7 @@ from ..errors import (
 )
 from ..params import IndexParams
 from ..types import F32Array, Metric
-from ._checksum import align_up, check_crc, crc32
+from .checksum import align_up, check_crc, crc32
 
 __all__ = [
     "HEADER_MAGIC",

@@ -16,10 +16,11 @@ from typing import Any, Self
 import msgpack
 import numpy as np
 
-from ..errors import FormatError, UnsupportedVersionError
+from ..errors import CorruptStoreError, FormatError, UnsupportedVersionError
+from .header import HEADER_VERSION, Header
 
 __all__ = ["ID_ENTRY", "IdEntry", "ListRecord", "StateRecord", "StoreMeta",
-           "decode_id_entries", "encode_id_entries", "pack", "unpack"]
+           "check_store_meta", "decode_id_entries", "encode_id_entries", "pack", "unpack"]
 
 
 _SEGMENT_NAME = re.compile(r"[0-9]{6,}-[0-9]{6,}\.seg")
@@ -89,6 +90,29 @@ class StoreMeta(_Record):
     m: int
     nbits: int
     metric: str
+
+
+def check_store_meta(meta: StoreMeta, header: Header, where: str) -> None:
+    """The catalog's ``meta/store`` must be readable here and belong to ``header``'s store.
+
+    Raises
+    ------
+    UnsupportedVersionError
+        The catalog's format major is not this reader's.
+    CorruptStoreError
+        The catalog names another store, or other index parameters, than the header.
+    """
+    if list(meta.format)[:1] != [HEADER_VERSION[0]]:
+        raise UnsupportedVersionError(
+            f"{where}: store format {meta.format} is not readable by this reader "
+            f"({HEADER_VERSION[0]}.x); upgrade ivfpq-store", path=where,
+            expected=HEADER_VERSION, actual=meta.format)
+    p = header.params
+    expected = (header.store_uuid, p.dim, p.nlist, p.m, p.nbits, p.metric.label)
+    found = (meta.store_uuid, meta.dim, meta.nlist, meta.m, meta.nbits, meta.metric)
+    if expected != found:
+        raise CorruptStoreError(f"{where}: header and catalog disagree — header has "
+                                f"{expected}, catalog has {found}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,14 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..errors import BadMagicError, FormatError, TruncatedFileError, UnsupportedVersionError
-from ._checksum import check_crc, crc32
+from ..errors import (
+    BadMagicError,
+    CorruptStoreError,
+    FormatError,
+    TruncatedFileError,
+    UnsupportedVersionError,
+)
+from .checksum import check_crc, crc32
 
 __all__ = [
     "SEGMENT_MAGIC",
@@ -63,6 +69,17 @@ class SegmentPrelude:
     def record_size(self) -> int:
         """Bytes per record: 8 (id) + code_size."""
         return 8 + self.code_size
+
+    def check_is(self, expected: SegmentPrelude, source: str) -> None:
+        """Raise :class:`CorruptStoreError` unless this prelude names the list, generation,
+        code size and store of ``expected`` (what the catalog says the file holds)."""
+        got = (self.list_no, self.generation, self.code_size, self.store_uuid)
+        want = (expected.list_no, expected.generation, expected.code_size, expected.store_uuid)
+        if got != want:
+            raise CorruptStoreError(
+                f"{source}: segment prelude says list {got[0]} generation {got[1]} code size "
+                f"{got[2]} of store {got[3]} — expected list {want[0]} generation {want[1]} "
+                f"code size {want[2]} of store {want[3]}")
 
 
 def encode_segment_prelude(prelude: SegmentPrelude) -> bytes:

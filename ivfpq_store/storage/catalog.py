@@ -54,6 +54,11 @@ class CatalogSnapshot:
     lists: Mapping[int, ListRecord]
     deleted: Mapping[int, np.ndarray]
 
+    def segment_files(self) -> set[str]:
+        """Names of the segment files this state refers to; any other ``*.seg`` file under
+        ``segments/`` is a crash leftover."""
+        return {r.file for r in self.lists.values()}
+
 
 @dataclass(slots=True, kw_only=True)
 class Changes:

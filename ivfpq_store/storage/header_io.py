@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import FormatError
 from ..format.header import Header, decode_header, encode_header
-from ._atomic import atomic_write
+from .atomic import atomic_write
 
 __all__ = ["MAX_HEADER_BYTES", "read_header", "write_header"]
 

@@ -37,6 +37,18 @@ class StoreLayout:
         """Path of a segment file given its catalog name."""
         return self.segments / name
 
+    def make_skeleton(self) -> None:
+        """Create the store directory with an empty ``segments/`` and ``LOCK`` (its parent
+        must exist; the header and the catalog are written next)."""
+        self.root.mkdir()
+        self.segments.mkdir()
+        self.lock.touch()
+
+    def orphan_segments(self, referenced: set[str]) -> list[Path]:
+        """Segment files under ``segments/`` whose names are not in ``referenced``, sorted."""
+        return sorted(p for p in self.segments.iterdir()
+                      if p.name.endswith(".seg") and p.name not in referenced)
+
     def looks_like_store(self) -> bool:
         """True when the header file and the catalog folder are both present."""
         return self.header.is_file() and self.catalog.is_dir()

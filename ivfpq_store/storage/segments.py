@@ -14,14 +14,15 @@ import resource
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CorruptStoreError
-from ..format._checksum import crc32
+from ..format.checksum import crc32
+from ..format.records import ListRecord
 from ..format.segment import (
     SEGMENT_PRELUDE_SIZE,
     SegmentPrelude,
@@ -29,10 +30,11 @@ from ..format.segment import (
     encode_segment_prelude,
     record_dtype,
 )
-from . import _atomic
+from . import atomic
 
 __all__ = [
     "MapCache",
+    "RecordFetcher",
     "SegmentReader",
     "SyncJob",
     "append_records",
@@ -52,6 +54,10 @@ def default_max_open() -> int:
         return 65536
     return max(1, min(65536, soft // 4))
 
+
+#: Called with (list_no, record) and returns that list's committed records (fields id, code):
+#: the one way searches and compaction read a list.
+RecordFetcher = Callable[[int, ListRecord], np.ndarray]
 
 #: Errors of a process limit (descriptors, memory) rather than of the store's files.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
@@ -76,7 +82,7 @@ class SyncJob:
         self._futures: list[Future[None]] = []
         try:
             for path in paths:
-                self._futures.append(self._pool.submit(_atomic.sync_file, path))
+                self._futures.append(self._pool.submit(atomic.sync_file, path))
         except BaseException:  # e.g. no thread could be started: leave nothing running
             self._pool.shutdown(wait=True)
             raise
@@ -191,17 +197,8 @@ class SegmentReader:
                 f"{self.path}: segment is {size} bytes — expected at least {need} for {count} "
                 "committed records; the file was truncated and the store is damaged"
             )
-        prelude = decode_segment_prelude(head, source=str(self.path))
-        if (prelude.list_no, prelude.generation, prelude.code_size, prelude.store_uuid) != (
-            self.expected.list_no, self.expected.generation, self.expected.code_size,
-            self.expected.store_uuid,
-        ):
-            raise CorruptStoreError(
-                f"{self.path}: segment prelude says list {prelude.list_no} generation "
-                f"{prelude.generation} of store {prelude.store_uuid} — expected list "
-                f"{self.expected.list_no} generation {self.expected.generation} of store "
-                f"{self.expected.store_uuid}"
-            )
+        decode_segment_prelude(head, source=str(self.path)).check_is(self.expected,
+                                                                     str(self.path))
         capacity = (size - SEGMENT_PRELUDE_SIZE) // self.dtype.itemsize
         try:
             mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)

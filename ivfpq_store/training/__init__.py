@@ -1,8 +1,8 @@
-"""Numerics for training and encoding: k-means and product quantization. numpy only, no I/O."""
+"""Training: seeded k-means and the product quantizer's codebooks. numpy only, no I/O."""
 
 from __future__ import annotations
 
 from .kmeans import KMeansResult, kmeans, nearest
-from .pq import ProductQuantizer, train_pq
+from .pq import train_pq
 
-__all__ = ["KMeansResult", "ProductQuantizer", "kmeans", "nearest", "train_pq"]
+__all__ = ["KMeansResult", "kmeans", "nearest", "train_pq"]

@@ -1,0 +1,54 @@
+"""The search's tuning knobs, in one frozen value: memory budgets, thresholds, threads.
+
+None of them changes a result: each moves work between strategies or between blocks, and
+tests use small values to drive every branch (see tests/test_search.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import _kernel
+from ..quantizer import PROBE_BLOCK
+
+__all__ = ["DEFAULT_CONFIG", "SearchConfig"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SearchConfig:
+    """How a :class:`~ivfpq_store.search.Searcher` splits its work. The defaults are measured
+    on this project's benchmarks (docs/benchmarks.md)."""
+
+    #: Queries whose coarse scores (nq, nlist) the numpy probe computes at once.
+    probe_block: int = PROBE_BLOCK
+    #: Floats of costs per numpy scan block (16 MiB): a list is scored in row blocks of at
+    #: most this many (row, query) costs, so memory is bounded whatever the list sizes.
+    scan_budget: int = 4 << 20
+    #: Candidates the numpy running top-k holds before it is cut back to the best k per query.
+    pool_budget: int = 1 << 20
+    #: Costs sampled by :func:`~ivfpq_store.search.topk.kth_bound` for a single query's block.
+    sample: int = 2048
+    #: A list probed by fewer queries of a numpy batch than this is scored from lookup
+    #: tables, with the pairs of many such lists gathered together, instead of being decoded
+    #: for a matrix product (per row: about 140 ns decoded for one query, about 35 ns from
+    #: tables; measured).
+    few_queries: int = 3
+    #: Floats of lookup tables gathered from at once by the few-queries path (1 MiB).
+    table_cache: int = 1 << 18
+    #: Threads of the C kernel (one per CPU this process may run on; see _kernel.THREADS).
+    threads: int = _kernel.THREADS
+    #: Queries below which the kernel probes on one thread.
+    thread_min_queries: int = 8
+    #: Rows to scan (summed over the (query, list) pairs) below which the kernel uses one
+    #: thread: starting a thread costs about as much as scanning a few thousand rows.
+    thread_min_rows: int = 1 << 16
+    #: Bytes of query tables (16 KiB per query at m=16) and candidate heaps (24 bytes per
+    #: candidate, k per query and thread) the kernel may hold; bigger batches are scanned in
+    #: blocks of queries.
+    kernel_budget: int = 32 << 20
+    #: Bytes of l2 list terms (m * 256 floats per list) kept for the life of the searcher: up
+    #: to 4,096 lists at m=16. Past it each scanned list's terms are recomputed by every search.
+    list_terms_budget: int = 64 << 20
+
+
+DEFAULT_CONFIG = SearchConfig()

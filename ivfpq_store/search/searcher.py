@@ -1,0 +1,97 @@
+"""The searcher: one search call, from validated queries to (distances, ids).
+
+It probes, picks a scan (the compiled kernel; or numpy's single-query or batch scan), and
+turns costs into distances. The scans never touch files: they read lists through the
+caller's :data:`~ivfpq_store.search.plan.RecordFetcher`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import _kernel
+from ..format.records import ListRecord
+from ..params import SearchParams
+from ..quantizer import Quantizer
+from ..types import F32Array, I64Array, Metric
+from . import numpy_single
+from .config import DEFAULT_CONFIG, SearchConfig
+from .kernel_scan import scan_kernel
+from .numpy_batch import scan_batch
+from .plan import RecordFetcher
+from .topk import TopK
+
+__all__ = ["SearchResult", "Searcher"]
+
+
+class SearchResult(NamedTuple):
+    """Result of a search: both arrays have shape (nq, k), best first.
+
+    Missing results (fewer than k vectors in the probed lists) are id -1 with distance +inf
+    for l2 and -inf for ip/cosine.
+    """
+
+    distances: F32Array
+    ids: I64Array
+
+
+class Searcher:
+    """Search over one store's quantizer, with the tuning of ``config``.
+
+    Its one piece of state is a cache: the kernel's l2 list terms of every list, computed on
+    first use when they fit ``config.list_terms_budget``. It is safe to share between threads
+    (two threads racing to fill the cache compute the same values).
+    """
+
+    def __init__(self, quantizer: Quantizer, config: SearchConfig = DEFAULT_CONFIG) -> None:
+        self.quantizer = quantizer
+        self.config = config
+        self._terms: F32Array | None = None
+        self._terms_lock = threading.Lock()
+
+    def search(self, queries: F32Array, params: SearchParams, lists: Mapping[int, ListRecord],
+               deleted: Mapping[int, np.ndarray], fetch: RecordFetcher) -> SearchResult:
+        """Search ``queries`` (nq, dim) float32, already validated and (for cosine) normalised.
+
+        ``lists`` holds the committed record of every non-empty list, ``deleted`` the
+        tombstoned rows of lists that have any, and ``fetch`` maps a list's records. Each
+        probed list is fetched once per call, however many queries probe it.
+        """
+        qz, config = self.quantizer, self.config
+        queries = np.asarray(queries, dtype=np.float32)
+        kernel = qz.kernel
+        if kernel is not None:
+            nthreads = config.threads if len(queries) >= config.thread_min_queries else 1
+            _, probed = kernel.probe(queries, qz.probe_matrix, l2=qz.metric is Metric.L2,
+                                     nprobe=params.nprobe, nthreads=nthreads)
+            terms = self._list_terms(kernel) if qz.metric is Metric.L2 else None
+            cost, ids = scan_kernel(qz, config, kernel, queries, probed, lists, deleted, fetch,
+                                    params.k, terms)
+        else:
+            coarse, probed = qz.probe(queries, params.nprobe, block=config.probe_block)
+            if len(queries) == 1 and numpy_single.fits(qz, params.nprobe, config):
+                cost, ids = numpy_single.scan_one(qz, config, queries[0], coarse[0], probed[0],
+                                                  lists, deleted, fetch, params.k)
+            else:
+                top = TopK(len(queries), params.k, config.pool_budget)
+                scan_batch(qz, config, queries, coarse, probed, lists, deleted, fetch, top)
+                cost, ids = top.result()
+        if qz.metric is Metric.L2:  # rounding can make a tiny square distance negative
+            return SearchResult(np.maximum(cost, 0.0, out=cost), ids)
+        return SearchResult(np.negative(cost, out=cost), ids)
+
+    def _list_terms(self, kernel: _kernel.Kernel) -> F32Array | None:
+        """The l2 list terms of every list, computed on first use; None past the budget."""
+        qz = self.quantizer
+        if qz.nlist * qz.m * _kernel.TSTRIDE * 4 > self.config.list_terms_budget:
+            return None
+        if self._terms is not None:
+            return self._terms
+        with self._terms_lock:
+            if self._terms is None:
+                self._terms = kernel.list_terms(qz.centroids, qz.codebooks_t, qz.norms)
+            return self._terms
