@@ -40,7 +40,11 @@ EXIT_DAMAGED = 3
 
 
 class _Group(click.Group):
-    """Translates library and OS errors into ``Error: <message>`` on stderr with exit code 1."""
+    """Translates library and OS errors into ``Error: <message>`` on stderr with exit code 1,
+    and lists the commands in the order they are defined here (a workflow's order)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -66,8 +70,10 @@ store_argument = click.argument("store", type=click.Path(path_type=Path))
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print exactly one JSON document on stdout.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="Do not show progress.")
-batch_option = click.option("--batch-size", default=10_000, show_default=True,
-                            type=click.IntRange(1), help="Vectors read and written per batch.")
+batch_option = click.option("--batch-size", default=10_000, show_default=True, metavar="N",
+                            type=click.IntRange(1),
+                            help="Vectors read and written per batch; memory is bounded by one "
+                                 "batch.")
 
 
 def emit(doc: dict[str, Any], *, as_json: bool, lines: list[str]) -> None:
@@ -115,22 +121,30 @@ def cli(verbose: int) -> None:
 @cli.command()
 @store_argument
 @click.option("--train", "train", required=True, type=existing_file,
-              help="Training vectors (.npy, .fvecs, .bvecs).")
-@click.option("--nlist", required=True, type=click.IntRange(1), help="Number of lists (cells).")
-@click.option("--m", "m", required=True, type=click.IntRange(1),
-              help="PQ sub-quantizers; divides the dimension; bytes per code.")
-@click.option("--nbits", default=8, show_default=True, type=click.IntRange(1, 8),
-              help="Bits per sub-quantizer index.")
+              help="Training vectors (.npy, .fvecs, .bvecs, .ivecs).")
+@click.option("--nlist", required=True, type=click.IntRange(1), metavar="N",
+              help="Number of lists (coarse cells). Needs at least N training vectors; fewer "
+                   "than 39 per list give a warning.")
+@click.option("--m", "m", required=True, type=click.IntRange(1), metavar="M",
+              help="PQ sub-quantizers, which is also the bytes per code; must divide the "
+                   "dimension.")
+@click.option("--nbits", default=8, show_default=True, type=click.IntRange(1, 8), metavar="B",
+              help="Bits per sub-quantizer index (2^B centroids per sub-quantizer).")
 @click.option("--metric", default="l2", show_default=True,
-              type=click.Choice(["l2", "ip", "cosine"]), help="Similarity metric.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0),
-              help="Seed of every random choice in training.")
-@click.option("--max-train", type=click.IntRange(1), default=None,
-              help="Train on at most this many vectors (a seeded sample); default all.")
+              type=click.Choice(["l2", "ip", "cosine"]),
+              help="l2: squared distances, smallest first; ip and cosine: scores, largest first.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), metavar="S",
+              help="Seed of every random choice in training: same seed and data, same index.")
+@click.option("--max-train", type=click.IntRange(1), default=None, metavar="N",
+              help="Train on a seeded random sample of at most N vectors (bounds memory); "
+                   "default all.")
 @json_option
 def create(store: Path, train: Path, nlist: int, m: int, nbits: int, metric: str, seed: int,
            max_train: int | None, as_json: bool) -> None:
-    """Train an index on the vectors in --train and create an empty STORE.
+    """Train an index on the vectors in --train and create the empty STORE.
+
+    Trains the coarse quantizer and the product quantizer, then creates STORE, a directory
+    that must not exist.
 
     \b
     Example:
@@ -177,15 +191,18 @@ def _write_batches(store: Path, vectors: Path, ids_file: Path | None, batch_size
 @store_argument
 @click.argument("vectors", type=existing_file)
 @click.option("--ids", "ids_file", type=existing_file,
-              help="Ids, one per vector (.npy, .ivecs of dim 1, or text); default automatic.")
+              help="Ids, one per vector (.npy, .ivecs of dim 1, or text); default: automatic ids, "
+                   "continuing after the largest id ever added.")
 @batch_option
 @quiet_option
 @json_option
 def add(store: Path, vectors: Path, ids_file: Path | None, batch_size: int, quiet: bool,
         as_json: bool) -> None:
-    """Add the vectors in VECTORS (.npy, .fvecs, .bvecs) to STORE, streaming in batches.
+    """Add the vectors in VECTORS to STORE, streaming the file in batches.
 
-    Each batch is one atomic, durable add; if a batch fails, the batches before it stay.
+    VECTORS is a vector file (.npy, .fvecs, .bvecs, .ivecs) of the store's dimension. Each
+    batch is one atomic, durable add. If a batch fails (say, an id is already in the store),
+    the batches before it stay, and the error says how many rows were written.
 
     \b
     Example:
@@ -209,7 +226,8 @@ def upsert(store: Path, vectors: Path, ids_file: Path, batch_size: int, quiet: b
            as_json: bool) -> None:
     """Add or replace the vectors in VECTORS under the ids in --ids.
 
-    Each batch is one atomic upsert.
+    An id already in STORE gets the new vector (and moves to another list when the new vector
+    falls in another cell); the other ids are added. Each batch is one atomic upsert.
 
     \b
     Example:
@@ -229,19 +247,22 @@ def _result_doc(i: int, ids: np.ndarray, distances: np.ndarray) -> dict[str, Any
 @cli.command()
 @store_argument
 @click.argument("queries", type=existing_file)
-@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1),
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), metavar="K",
               help="Results per query.")
-@click.option("--nprobe", default=8, show_default=True, type=click.IntRange(1),
-              help="Lists probed per query.")
+@click.option("--nprobe", default=8, show_default=True, type=click.IntRange(1), metavar="N",
+              help="Lists probed per query, at most the store's nlist.")
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1),
-              help="Queries searched per batch.")
+              metavar="N", help="Queries searched per batch.")
 @json_option
-@click.option("--jsonl", is_flag=True, help="Print one JSON line per query, as results come.")
+@click.option("--jsonl", is_flag=True,
+              help="Print one JSON line per query, as results come (not with --json).")
 def search(store: Path, queries: Path, k: int, nprobe: int, batch_size: int, as_json: bool,
            jsonl: bool) -> None:
     """Search STORE for the k nearest neighbours of each vector in QUERIES.
 
-    Missing results (fewer than k vectors probed) are left out of the output.
+    STORE is opened read-only. Results come best first: squared distances ascending for l2,
+    scores descending for ip and cosine. Results that do not exist (fewer than k vectors in
+    the probed lists) are left out of the output.
 
     \b
     Example:
@@ -280,7 +301,9 @@ def search(store: Path, queries: Path, k: int, nprobe: int, batch_size: int, as_
 def delete(store: Path, ids: tuple[int, ...], ids_file: Path | None, as_json: bool) -> None:
     """Delete the vectors with the given IDS (and those in --ids-file) from STORE.
 
-    Unknown ids are ignored; the count of removed vectors is printed.
+    IDS are non-negative integers. Unknown ids are ignored; the count of removed vectors is
+    printed. The delete is durable when the command returns, and no search that starts
+    afterwards, in any process, returns those ids.
 
     \b
     Example:
@@ -303,6 +326,11 @@ def delete(store: Path, ids: tuple[int, ...], ids_file: Path | None, as_json: bo
 @json_option
 def info(store: Path, as_json: bool) -> None:
     """Show parameters, counts, list-size distribution and bytes on disk of STORE.
+
+    Prints the index parameters, the live vector count, list sizes (min, median, max and a
+    text histogram), the deleted records awaiting compaction with the segment bytes a
+    compaction would reclaim, bytes on disk by kind, and the scan implementation this
+    installation uses (the C kernel, or numpy with the reason). STORE is opened read-only.
 
     \b
     Example:
@@ -332,6 +360,9 @@ def info(store: Path, as_json: bool) -> None:
 def lists_(store: Path, as_json: bool) -> None:
     """Show every list of STORE: live and deleted vectors, segment file and bytes.
 
+    One row per list, with its committed segment bytes; the last line gives the imbalance
+    (largest list over the mean). STORE is opened read-only.
+
     \b
     Example:
         ivfpq-store lists sift.ivfpq --json
@@ -351,13 +382,18 @@ def lists_(store: Path, as_json: bool) -> None:
 
 @cli.command()
 @store_argument
-@click.option("--min-deleted-ratio", default=0.0, show_default=True,
+@click.option("--min-deleted-ratio", default=0.0, show_default=True, metavar="R",
               type=click.FloatRange(0.0, 1.0),
-              help="Rewrite lists whose deleted fraction is at least this.")
+              help="Rewrite lists whose deleted fraction is at least R; 0 rewrites every list "
+                   "with a deleted record.")
 @click.option("--dry-run", is_flag=True, help="Report what would be rewritten; change nothing.")
 @json_option
 def compact(store: Path, min_deleted_ratio: float, dry_run: bool, as_json: bool) -> None:
     """Rewrite lists of STORE without their deleted records, reclaiming space.
+
+    Each chosen list is written to a new segment file; one commit switches to the new files,
+    then the old ones are deleted. Also deletes orphan segment files left by crashes (not with
+    --dry-run). Searches running meanwhile stay correct.
 
     \b
     Example:
@@ -376,10 +412,17 @@ def compact(store: Path, min_deleted_ratio: float, dry_run: bool, as_json: bool)
 @cli.command()
 @store_argument
 @click.option("--repair", is_flag=True,
-              help="Remove crash leftovers (uncommitted tails, orphan files, stale lock pid).")
+              help="Remove crash leftovers (uncommitted tails, orphan files, a dead writer's pid "
+                   "in LOCK). Damage is never repaired.")
 @json_option
 def verify(store: Path, repair: bool, as_json: bool) -> None:
     """Check every invariant of STORE. Exit code 3 when damage is found.
+
+    Checks the header's checksums and version, the catalog against the header, every
+    segment's prelude, size and checksum, every id entry, the tombstones and the counters. A
+    store too damaged to open is damage too. Crash leftovers (uncommitted tails, orphan
+    segment files, a dead writer's pid in LOCK) are listed but are not damage. STORE is
+    opened read-only unless --repair is given.
 
     \b
     Example:
@@ -412,7 +455,9 @@ def verify(store: Path, repair: bool, as_json: bool) -> None:
 def copy(store: Path, dest: Path, as_json: bool) -> None:
     """Write a consistent backup of STORE to the new directory DEST.
 
-    Safe while readers search and writers write (writers wait for the copy).
+    DEST must not exist. Safe while readers search and a writer writes (the writer waits for
+    the copy). Only committed data is copied, and the catalog is copied compacted, so a copy
+    is also the way to shrink a catalog after many deletes.
 
     \b
     Example:
@@ -427,13 +472,17 @@ def copy(store: Path, dest: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
-@click.option("--nprobe", default=10, show_default=True, type=click.IntRange(1),
-              help="Lists probed per query.")
+@click.option("--nprobe", default=10, show_default=True, type=click.IntRange(1), metavar="N",
+              help="Lists probed per query, at most 100.")
 @json_option
 def demo(directory: Path | None, nprobe: int, as_json: bool) -> None:
     """Build a store from the bundled SIFT10K set, search it and report recall and timings.
 
-    DIRECTORY is the store to create and keep; without it a temporary store is used.
+    Trains on the 10,000 base vectors with nlist=100, m=16, nbits=8, adds them, searches the
+    100 queries with k=10, reopens the store read-only to check that the results are
+    identical, and prints recall against the exact ground truth (1@1, 1@10, 10@10),
+    train/add/search timings and bytes on disk. DIRECTORY is the store to create and keep (it
+    must not exist); without it a temporary store is used and removed.
 
     \b
     Example:
