@@ -40,11 +40,7 @@ EXIT_DAMAGED = 3
 
 
 class _Group(click.Group):
-    """Translates library and OS errors into ``Error: <message>`` on stderr with exit code 1,
-    and lists the commands in the order they are defined here (a workflow's order)."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(self.commands)
+    """Translates library and OS errors into ``Error: <message>`` on stderr with exit code 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
