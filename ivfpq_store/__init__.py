@@ -36,9 +36,11 @@ from .errors import (
     UnsupportedVersionError,
     WrongProcessError,
 )
+from .opening import open
 from .params import IndexParams
+from .reports import ListInfo, StoreInfo
 from .search import SearchResult
-from .store import ListInfo, Store, StoreInfo, open
+from .store import Store
 from .types import Metric
 from .verify import Problem, VerifyReport
 from .version import package_version

@@ -12,6 +12,7 @@ import numpy as np
 from ._validate import as_matrix, as_vectors, normalize_rows
 from .format import FORMAT_VERSION, Header
 from .format.records import StateRecord, StoreMeta
+from .opening import check_open_args, open
 from .params import IndexParams, check_int, parse_metric
 from .quantizer import CoarseQuantizer
 from .storage import (
@@ -23,7 +24,7 @@ from .storage import (
     fsync_dir,
     write_header,
 )
-from .store import Store, check_open_args, open
+from .store import Store
 from .training import kmeans, train_pq
 from .types import F32Array, Metric, ProgressFn
 from .version import package_version

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import creation as _creation
-from . import store as _store
+from . import opening as _opening
 from .datasets import load_siftsmall
 from .evaluation import recall_at
 
@@ -75,7 +75,7 @@ def run_demo(directory: str | os.PathLike[str] | None = None, *, nlist: int = 10
                 store.search(q, k=k, nprobe=nprobe)
                 single.append((time.perf_counter() - s) * 1e3)
             bytes_on_disk = store.info().bytes_on_disk
-        with _store.open(path, readonly=True) as reopened:
+        with _opening.open(path, readonly=True) as reopened:
             d2, i2 = reopened.search(data.queries, k=k, nprobe=nprobe)
         identical = bool(np.array_equal(ids, i2) and np.array_equal(distances, d2))
         nb, nq = len(data.base), len(data.queries)

@@ -3,14 +3,13 @@
 A :class:`Store` owns one open store's header, catalog, segment maps, quantizer and searcher,
 serves the reads itself and hands each write to its :class:`~ivfpq_store.writing.Writer`
 (which states the write order), verification to :mod:`ivfpq_store.verify` and backups to
-:mod:`ivfpq_store.copying`. Creation lives in creation.py.
+:mod:`ivfpq_store.copying`. Creation lives in creation.py, opening in opening.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -23,84 +22,33 @@ from .copying import CopyReport, copy_store
 from .errors import (
     CorruptStoreError,
     InvalidInputError,
-    InvalidParamsError,
     StaleSnapshotError,
     StoreClosedError,
-    StoreNotFoundError,
     WrongProcessError,
 )
-from .format import SEGMENT_PRELUDE_SIZE, Header, record_dtype
-from .format.records import ListRecord, check_store_meta
-from .params import IndexParams, SearchParams, check_int, check_ratio
+from .format import Header, record_dtype
+from .format.records import ListRecord
+from .params import IndexParams, SearchParams, check_ratio
 from .quantizer import Quantizer
+from .reports import ListInfo, StoreInfo, list_infos, store_info
 from .search import RecordFetcher, Searcher, SearchResult
 from .storage import (
-    DEFAULT_MAP_SIZE,
     Catalog,
     CatalogSnapshot,
     MapCache,
     StoreLayout,
-    committed_size,
     probe_lock,
-    read_header,
 )
 from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
 from .verify import VerifyReport, verify_store
 from .writing import Writer
 
-__all__ = ["ListInfo", "Store", "StoreInfo", "check_open_args", "open"]
+__all__ = ["SNAPSHOT_ATTEMPTS", "Store"]
 
 logger = logging.getLogger(__name__)
 
 #: A search or verify whose snapshot is overtaken by compactions this many times gives up.
 SNAPSHOT_ATTEMPTS = 20
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StoreInfo:
-    """What :meth:`Store.info` reports."""
-
-    path: str
-    format_version: str
-    dim: int
-    nlist: int
-    m: int
-    nbits: int
-    metric: str
-    ntotal: int  # live vectors
-    ndeleted: int  # deleted records still on disk (compaction reclaims them)
-    list_sizes: tuple[int, ...]  # live vectors per list
-    list_deleted: tuple[int, ...]  # deleted records per list
-    n_segments: int
-    bytes_on_disk: dict[str, int]  # header, catalog, segments, total
-    reclaimable_bytes: int  # segment bytes a full compaction would free
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict with the same keys as the fields."""
-        out = asdict(self)
-        out["list_sizes"] = list(self.list_sizes)
-        out["list_deleted"] = list(self.list_deleted)
-        return out
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ListInfo:
-    """One inverted list, as :meth:`Store.lists` reports it."""
-
-    list_no: int
-    live: int
-    deleted: int
-    file: str | None  # segment file under segments/, None for a list that never had one
-    generation: int
-    segment_bytes: int  # committed bytes of the segment (prelude + records)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict with the same keys as the fields."""
-        return asdict(self)
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else 0
 
 
 class Store:
@@ -439,44 +387,11 @@ class Store:
     # -- inspecting -------------------------------------------------------------------------
     def lists(self) -> list[ListInfo]:
         """Every inverted list: live and deleted counts, segment file and its committed bytes."""
-        snap = self._live_catalog().snapshot()
-        out = []
-        for list_no in range(self.params.nlist):
-            r = snap.lists.get(list_no)
-            if r is None:
-                out.append(ListInfo(list_no=list_no, live=0, deleted=0, file=None, generation=0,
-                                    segment_bytes=0))
-                continue
-            size = committed_size(r.count, self.params.code_size) if r.count else 0
-            out.append(ListInfo(list_no=list_no, live=r.count - r.deleted, deleted=r.deleted,
-                                file=r.file if r.count else None, generation=r.generation,
-                                segment_bytes=size))
-        return out
+        return list_infos(self._live_catalog().snapshot(), self.params)
 
     def info(self) -> StoreInfo:
         """Parameters, vector count, per-list sizes and bytes on disk by kind."""
-        snap = self._live_catalog().snapshot()
-        sizes = [0] * self.params.nlist
-        deleted = [0] * self.params.nlist
-        for list_no, record in snap.lists.items():
-            sizes[list_no] = record.count - record.deleted
-            deleted[list_no] = record.deleted
-        on_disk = {
-            "header": self._layout.header.stat().st_size,
-            "catalog": _dir_bytes(self._layout.catalog),
-            "segments": _dir_bytes(self._layout.segments),
-        }
-        on_disk["total"] = sum(on_disk.values())
-        p = self.params
-        return StoreInfo(
-            path=str(self._layout.root), format_version="{}.{}".format(*self._header.version),
-            dim=p.dim, nlist=p.nlist, m=p.m, nbits=p.nbits, metric=p.metric.label,
-            ntotal=snap.state.ntotal, ndeleted=snap.state.ndeleted, list_sizes=tuple(sizes),
-            list_deleted=tuple(deleted),
-            n_segments=sum(1 for r in snap.lists.values() if r.count), bytes_on_disk=on_disk,
-            reclaimable_bytes=snap.state.ndeleted * self._dtype.itemsize + SEGMENT_PRELUDE_SIZE
-            * sum(1 for r in snap.lists.values() if r.count and r.count == r.deleted),
-        )
+        return store_info(self._layout, self._header, self._live_catalog().snapshot())
 
     def refresh(self) -> None:
         """Drop cached segment maps and catalog state; the next call reads everything afresh.
@@ -486,76 +401,3 @@ class Store:
         """
         self._live_catalog().forget()
         self._maps.clear()
-
-# -- entry point ----------------------------------------------------------------------------
-def check_open_args(*, map_size: int, max_open_segments: int | None = None,
-                     lock_timeout: float = 0.0) -> None:
-    check_int("map_size", map_size, 1 << 20, 1 << 50)
-    if max_open_segments is not None:
-        check_int("max_open_segments", max_open_segments, 1, 1 << 20)
-    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, int | float) or not (
-        0 <= lock_timeout < float("inf")
-    ):
-        raise InvalidParamsError(
-            f"lock_timeout: expected a finite number of seconds >= 0, got {lock_timeout!r}")
-
-
-def open(
-    path: str | os.PathLike[str],
-    *,
-    readonly: bool = False,
-    map_size: int = DEFAULT_MAP_SIZE,
-    max_open_segments: int | None = None,
-    lock_timeout: float = 30.0,
-    auto_compact_ratio: float | None = 0.5,
-) -> Store:
-    """Open an existing store.
-
-    Parameters
-    ----------
-    path : path-like
-        The store directory.
-    readonly : bool
-        Refuse writes. Any number of readonly and writable handles, in any processes, may be
-        open at once; writes are serialised by the store's lock file.
-    map_size : int
-        Address space reserved for the LMDB catalog (sparse).
-    max_open_segments : int or None
-        Segment files kept memory-mapped at once (least recently used are dropped). Each map
-        holds a file descriptor. None: a quarter of the open-file limit (``RLIMIT_NOFILE``),
-        at most 65,536.
-    lock_timeout : float
-        Seconds a write waits for another writer before StoreLockedError.
-    auto_compact_ratio : float or None
-        After a delete or upsert, compact the lists it touched whose deleted fraction reached
-        this ratio (0..1). None turns automatic compaction off.
-
-    Raises
-    ------
-    StoreNotFoundError
-        ``path`` does not exist or is not a store.
-    FormatError
-        The header is damaged (bad magic, newer version, checksum mismatch...).
-    CorruptStoreError
-        The header and the catalog belong to different stores or disagree.
-    """
-    check_open_args(map_size=map_size, max_open_segments=max_open_segments,
-                    lock_timeout=lock_timeout)
-    if auto_compact_ratio is not None:
-        auto_compact_ratio = check_ratio("auto_compact_ratio", auto_compact_ratio)
-    layout = StoreLayout(Path(path))
-    if not layout.root.is_dir():
-        raise StoreNotFoundError(f"{layout.root}: no such store directory")
-    if not layout.looks_like_store():
-        raise StoreNotFoundError(
-            f"{layout.root}: not an ivfpq store — expected header.ivfh and catalog/ inside")
-    header = read_header(layout.header)
-    catalog = Catalog.open(layout.catalog, map_size=map_size)
-    try:
-        check_store_meta(catalog.store_meta(), header, str(layout.catalog))
-        return Store(layout, header, catalog, readonly=readonly,
-                     max_open_segments=max_open_segments, lock_timeout=lock_timeout,
-                     auto_compact_ratio=auto_compact_ratio)
-    except BaseException:
-        catalog.close()
-        raise

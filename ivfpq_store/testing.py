@@ -18,8 +18,8 @@ from .search import SearchConfig, Searcher
 from .storage import Catalog, CatalogSnapshot, RecordFetcher
 from .store import Store
 
-__all__ = ["catalog", "counting_fetches", "fetcher", "forget_list_terms", "open_segment_maps",
-           "search_config", "searcher", "snapshot"]
+__all__ = ["catalog", "counting_fetches", "fetcher", "forget_list_terms", "list_terms_cached",
+           "open_segment_maps", "search_config", "searcher", "snapshot"]
 
 
 def searcher(store: Store) -> Searcher:
@@ -75,6 +75,11 @@ def counting_fetches(store: Store) -> Iterator[list[int]]:
         yield calls
     finally:
         del store._fetch
+
+
+def list_terms_cached(store: Store) -> bool:
+    """Whether the kernel's l2 list terms are cached (the last search used the cache)."""
+    return store._searcher._terms is not None
 
 
 def forget_list_terms(store: Store) -> None:

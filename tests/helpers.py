@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +34,51 @@ def brute_force_knn(xb: np.ndarray, xq: np.ndarray, k: int, metric: str = "l2",
         order = np.argsort(-d, axis=1, kind="stable")[:, :k]
     idmap = np.arange(len(xb)) if ids is None else ids
     return np.take_along_axis(d, order, axis=1), idmap[order]
+
+
+def adc_reference(store: Any, queries: np.ndarray, nprobe: int,
+                  metric: str) -> list[dict[int, float]]:
+    """Exhaustive ADC over the probed lists, in float64, from the store's own arrays.
+
+    Independent of ivfpq_store.search: probes by brute force over the centroids and scores every
+    candidate of every probed list as its distance (l2) or inner product (ip, cosine) to its
+    reconstruction ``centroid + decoded residual``. Returns {id: score} per query.
+    """
+    c = store.centroids.astype(np.float64)
+    cb = store.codebooks.astype(np.float64)
+    q = queries.astype(np.float64)
+    if metric == "cosine":
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    higher = metric != "l2"
+    coarse = q @ c.T if higher else ((q[:, None, :] - c[None]) ** 2).sum(-1)
+    contents = [store.list_contents(l_no) for l_no in range(store.params.nlist)]
+    out = []
+    for qi in range(len(q)):
+        probe = np.argsort(-coarse[qi] if higher else coarse[qi], kind="stable")[:nprobe]
+        scores: dict[int, float] = {}
+        for l_no in probe:
+            ids, codes = contents[l_no]
+            recon = c[l_no] + np.concatenate([cb[j][codes[:, j]] for j in range(cb.shape[0])], 1)
+            d = recon @ q[qi] if higher else ((recon - q[qi]) ** 2).sum(1)
+            scores.update(zip(ids.tolist(), d.tolist(), strict=True))
+        out.append(scores)
+    return out
+
+
+def assert_valid_topk(distances: np.ndarray, ids: np.ndarray, reference: list[dict[int, float]],
+                      higher: bool) -> None:
+    """Tie-aware equality with the reference: PQ codes repeat, so equal scores are common and
+    any order among them is correct. Checks that (1) the k scores equal the reference's k best,
+    (2) each returned id is a probed candidate whose reference score is the one returned, and
+    (3) no id repeats."""
+    k = ids.shape[1]
+    for row_d, row_i, ref in zip(distances, ids, reference, strict=True):
+        best = sorted(ref.values(), reverse=higher)[:k]
+        np.testing.assert_allclose(row_d[: len(best)], best, rtol=1e-4, atol=1e-3)
+        assert len(set(row_i[: len(best)].tolist())) == len(best)
+        np.testing.assert_allclose([ref[i] for i in row_i[: len(best)].tolist()],
+                                   row_d[: len(best)], rtol=1e-4, atol=1e-3)
+        assert (row_i[len(best):] == -1).all()
 
 
 def tree_fingerprint(root: Path) -> dict[str, str]:

@@ -1,0 +1,88 @@
+"""Opening an existing store: check the arguments and the files, then hand a
+:class:`~ivfpq_store.store.Store` its header and catalog."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import InvalidParamsError, StoreNotFoundError
+from .format.records import check_store_meta
+from .params import check_int, check_ratio
+from .storage import DEFAULT_MAP_SIZE, Catalog, StoreLayout, read_header
+from .store import Store
+
+__all__ = ["check_open_args", "open"]
+
+
+def check_open_args(*, map_size: int, max_open_segments: int | None = None,
+                     lock_timeout: float = 0.0) -> None:
+    check_int("map_size", map_size, 1 << 20, 1 << 50)
+    if max_open_segments is not None:
+        check_int("max_open_segments", max_open_segments, 1, 1 << 20)
+    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, int | float) or not (
+        0 <= lock_timeout < float("inf")
+    ):
+        raise InvalidParamsError(
+            f"lock_timeout: expected a finite number of seconds >= 0, got {lock_timeout!r}")
+
+
+def open(
+    path: str | os.PathLike[str],
+    *,
+    readonly: bool = False,
+    map_size: int = DEFAULT_MAP_SIZE,
+    max_open_segments: int | None = None,
+    lock_timeout: float = 30.0,
+    auto_compact_ratio: float | None = 0.5,
+) -> Store:
+    """Open an existing store.
+
+    Parameters
+    ----------
+    path : path-like
+        The store directory.
+    readonly : bool
+        Refuse writes. Any number of readonly and writable handles, in any processes, may be
+        open at once; writes are serialised by the store's lock file.
+    map_size : int
+        Address space reserved for the LMDB catalog (sparse).
+    max_open_segments : int or None
+        Segment files kept memory-mapped at once (least recently used are dropped). Each map
+        holds a file descriptor. None: a quarter of the open-file limit (``RLIMIT_NOFILE``),
+        at most 65,536.
+    lock_timeout : float
+        Seconds a write waits for another writer before StoreLockedError.
+    auto_compact_ratio : float or None
+        After a delete or upsert, compact the lists it touched whose deleted fraction reached
+        this ratio (0..1). None turns automatic compaction off.
+
+    Raises
+    ------
+    StoreNotFoundError
+        ``path`` does not exist or is not a store.
+    FormatError
+        The header is damaged (bad magic, newer version, checksum mismatch...).
+    CorruptStoreError
+        The header and the catalog belong to different stores or disagree.
+    """
+    check_open_args(map_size=map_size, max_open_segments=max_open_segments,
+                    lock_timeout=lock_timeout)
+    if auto_compact_ratio is not None:
+        auto_compact_ratio = check_ratio("auto_compact_ratio", auto_compact_ratio)
+    layout = StoreLayout(Path(path))
+    if not layout.root.is_dir():
+        raise StoreNotFoundError(f"{layout.root}: no such store directory")
+    if not layout.looks_like_store():
+        raise StoreNotFoundError(
+            f"{layout.root}: not an ivfpq store — expected header.ivfh and catalog/ inside")
+    header = read_header(layout.header)
+    catalog = Catalog.open(layout.catalog, map_size=map_size)
+    try:
+        check_store_meta(catalog.store_meta(), header, str(layout.catalog))
+        return Store(layout, header, catalog, readonly=readonly,
+                     max_open_segments=max_open_segments, lock_timeout=lock_timeout,
+                     auto_compact_ratio=auto_compact_ratio)
+    except BaseException:
+        catalog.close()
+        raise

@@ -1,0 +1,103 @@
+"""What :meth:`Store.info` and :meth:`Store.lists` report, computed from one catalog
+snapshot and the files on disk."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .format import SEGMENT_PRELUDE_SIZE, Header, record_dtype
+from .params import IndexParams
+from .storage import CatalogSnapshot, StoreLayout, committed_size
+
+__all__ = ["ListInfo", "StoreInfo", "list_infos", "store_info"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreInfo:
+    """What :meth:`Store.info` reports."""
+
+    path: str
+    format_version: str
+    dim: int
+    nlist: int
+    m: int
+    nbits: int
+    metric: str
+    ntotal: int  # live vectors
+    ndeleted: int  # deleted records still on disk (compaction reclaims them)
+    list_sizes: tuple[int, ...]  # live vectors per list
+    list_deleted: tuple[int, ...]  # deleted records per list
+    n_segments: int
+    bytes_on_disk: dict[str, int]  # header, catalog, segments, total
+    reclaimable_bytes: int  # segment bytes a full compaction would free
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with the same keys as the fields."""
+        out = asdict(self)
+        out["list_sizes"] = list(self.list_sizes)
+        out["list_deleted"] = list(self.list_deleted)
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListInfo:
+    """One inverted list, as :meth:`Store.lists` reports it."""
+
+    list_no: int
+    live: int
+    deleted: int
+    file: str | None  # segment file under segments/, None for a list that never had one
+    generation: int
+    segment_bytes: int  # committed bytes of the segment (prelude + records)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with the same keys as the fields."""
+        return asdict(self)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else 0
+
+
+def list_infos(snap: CatalogSnapshot, params: IndexParams) -> list[ListInfo]:
+    """One :class:`ListInfo` per list number, empty lists included."""
+    out = []
+    for list_no in range(params.nlist):
+        r = snap.lists.get(list_no)
+        if r is None:
+            out.append(ListInfo(list_no=list_no, live=0, deleted=0, file=None, generation=0,
+                                segment_bytes=0))
+            continue
+        size = committed_size(r.count, params.code_size) if r.count else 0
+        out.append(ListInfo(list_no=list_no, live=r.count - r.deleted, deleted=r.deleted,
+                            file=r.file if r.count else None, generation=r.generation,
+                            segment_bytes=size))
+    return out
+
+
+def store_info(layout: StoreLayout, header: Header, snap: CatalogSnapshot) -> StoreInfo:
+    """The :class:`StoreInfo` of the store at ``layout`` in the state ``snap``."""
+    p = header.params
+    sizes = [0] * p.nlist
+    deleted = [0] * p.nlist
+    for list_no, record in snap.lists.items():
+        sizes[list_no] = record.count - record.deleted
+        deleted[list_no] = record.deleted
+    on_disk = {
+        "header": layout.header.stat().st_size,
+        "catalog": _dir_bytes(layout.catalog),
+        "segments": _dir_bytes(layout.segments),
+    }
+    on_disk["total"] = sum(on_disk.values())
+    emptied = sum(1 for r in snap.lists.values() if r.count and r.count == r.deleted)
+    return StoreInfo(
+        path=str(layout.root), format_version="{}.{}".format(*header.version),
+        dim=p.dim, nlist=p.nlist, m=p.m, nbits=p.nbits, metric=p.metric.label,
+        ntotal=snap.state.ntotal, ndeleted=snap.state.ndeleted, list_sizes=tuple(sizes),
+        list_deleted=tuple(deleted),
+        n_segments=sum(1 for r in snap.lists.values() if r.count), bytes_on_disk=on_disk,
+        reclaimable_bytes=(snap.state.ndeleted * record_dtype(p.code_size).itemsize
+                           + SEGMENT_PRELUDE_SIZE * emptied),
+    )

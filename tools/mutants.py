@@ -1,0 +1,382 @@
+"""Curated mutation testing: apply hand-made bugs one at a time and check the tests catch them.
+
+Each mutant replaces one short snippet of ``ivfpq_store/`` (Python or the C kernel) with a
+buggy version. The snippet is found by searching every ``*.py`` and ``*.c`` file under
+``ivfpq_store/`` for exactly one occurrence, so a mutant survives code being moved between
+modules; zero or several matches is an error naming the files. Each mutant is applied to a
+temporary copy of the repository (never the real tree); a C mutant is rebuilt there with
+``python setup.py build_ext --inplace -q`` (or, where the installed setuptools is too old to
+read pyproject.toml, setup.py's extension alone with the same flags) and the copy's kernel is
+checked to load from the copy. Then
+``python -m pytest -x -q -p no:cacheprovider <args>`` runs in the copy (cwd and PYTHONPATH
+the copy). A mutant is *killed* when pytest reports failures, *survived* when it passes.
+
+Usage (from anywhere; the repository is this file's parent's parent)::
+
+    python tools/mutants.py                  # run every mutant, print the kill rate
+    python tools/mutants.py --list           # list the mutants and where each applies
+    python tools/mutants.py --only ID [--only ID ...]
+    python tools/mutants.py --no-baseline    # skip the unmutated run of the same tests
+
+Before the mutants, the union of their tests runs once on an unmutated copy (the baseline):
+a mutant "killed" by tests that fail anyway would prove nothing. Exit status: 0 when every
+mutant was killed, 1 when any survived or could not be run, 2 on a usage or setup error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = "ivfpq_store"
+#: Not copied: version control, environments, caches and build leftovers.
+IGNORE = shutil.ignore_patterns(".git", "venv", ".venv", "__pycache__", ".pytest_cache",
+                                ".mypy_cache", ".ruff_cache", ".hypothesis", "build", "dist",
+                                "*.egg-info", "bench-out", "*.ivfpq")
+#: Seconds one mutant's tests may run; longer counts as killed (a hang is a detected bug).
+TIMEOUT = 900
+
+SAFETY = "tests/test_safety_net.py"
+
+
+class Mutant(NamedTuple):
+    """One hand-made bug: ``original`` (unique in the package) becomes ``replacement``."""
+
+    id: str
+    description: str
+    original: str
+    replacement: str
+    tests: tuple[str, ...]  # pytest arguments: test files, node ids, -k expressions
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    # -- the seven that survived the whole default suite ------------------------------------
+    Mutant("add-no-dir-fsync",
+           "an add that creates segment files does not fsync the segments/ directory",
+           "fsync_dir(self._layout.segments)  # new files'",
+           "pass  # new files'",
+           (SAFETY, "-k", "fsyncs_their_directory")),
+    Mutant("compact-no-segment-sync",
+           "compaction never fdatasyncs the new segments before the catalog switch",
+           "crc = append_records(layout.segment(name), prelude, 0, live)",
+           "crc = append_records(layout.segment(name), prelude, 0, live, sync=False)",
+           (SAFETY, "-k", "compaction_syncs")),
+    Mutant("numpy-merge-row-before-rank",
+           "numpy single-query block merge orders ties by row before probe rank",
+           "np.lexsort((found[2], found[1], found[0]))",
+           "np.lexsort((found[1], found[2], found[0]))",
+           (SAFETY, "-k", "ties_across_lists")),
+    Mutant("numpy-probe-off-by-one",
+           "numpy probe takes every list when nprobe == nlist - 1",
+           "elif nprobe < scores.shape[1]:",
+           "elif nprobe < scores.shape[1] - 1:",
+           (SAFETY, "-k", "nlist_minus_one")),
+    Mutant("open-no-format-major-check",
+           "open accepts a catalog whose store format has another major version",
+           "if list(meta.format)[:1] != [HEADER_VERSION[0]]:",
+           "if False and list(meta.format)[:1] != [HEADER_VERSION[0]]:",
+           (SAFETY, "-k", "newer_format_major")),
+    Mutant("tombstone-cache-ignores-generation",
+           "a reader reuses a list's cached tombstones when only its deleted count matches",
+           "== (record.generation, record.deleted)",
+           "== (old.generation, record.deleted)",
+           (SAFETY, "-k", "rereads_tombstones")),
+    Mutant("kernel-unrolled-sum-any-m",
+           "the kernel's unrolled group-of-4 sum runs for any m >= 4, not only multiples of 4",
+           "if (M % 4 == 0) {",
+           "if (M >= 4) {",
+           (SAFETY, "-k", "kernel_at_any_m")),
+    # -- mutants killed only by one lucky test before ---------------------------------------
+    Mutant("numpy-product-tombstone-first-row",
+           "numpy batch (matrix product) scan misses a tombstone on a block's first row",
+           "cost[dead[(dead >= r0)",
+           "cost[dead[(dead > r0)",
+           (SAFETY, "-k", "first_row_of_a_block")),
+    Mutant("numpy-tables-tombstone-first-row",
+           "numpy table scans (_gather) miss a tombstone on a block's first row",
+           "at + dead[(dead >= r0)",
+           "at + dead[(dead > r0)",
+           (SAFETY, "-k", "first_row_of_a_block")),
+    Mutant("segment-truncation-unchecked",
+           "a segment shorter than its committed records is mapped without complaint",
+           "if size < need:\n            raise CorruptStoreError(\n"
+           "                f\"{self.path}: segment is {size} bytes",
+           "if False:\n            raise CorruptStoreError(\n"
+           "                f\"{self.path}: segment is {size} bytes",
+           (SAFETY, "-k", "truncated_segment")),
+    Mutant("segment-truncation-wrong-error",
+           "a truncated segment raises ValueError instead of CorruptStoreError",
+           "raise CorruptStoreError(\n                f\"{self.path}: segment is {size} bytes",
+           "raise ValueError(\n                f\"{self.path}: segment is {size} bytes",
+           (SAFETY, "-k", "truncated_segment")),
+    Mutant("delete-without-writer-lock",
+           "delete writes the catalog without taking the writer lock",
+           "wanted = as_id_list(ids)\n        with self.locked() as catalog:",
+           "wanted = as_id_list(ids)\n"
+           "        with contextlib.nullcontext(self._catalog()) as catalog:",
+           (SAFETY, "-k", "delete_waits_for_the_writer_lock")),
+    Mutant("kernel-list-terms-by-position",
+           "the kernel indexes the cached l2 list terms by the list's position, not its number",
+           "lterm = jb->list_terms + jb->list_no[l] * size;",
+           "lterm = jb->list_terms + l * size;",
+           (SAFETY, "-k", "cached_list_terms")),
+    # -- kernel mutants the existing suite kills ---------------------------------------------
+    Mutant("kernel-heap-row-before-rank",
+           "the kernel's candidate order compares row before probe rank",
+           "if (a->rank != b->rank) return a->rank > b->rank;\n    return a->row > b->row;",
+           "if (a->row != b->row) return a->row > b->row;\n    return a->rank > b->rank;",
+           ("tests/test_search.py", "tests/test_kernel.py", SAFETY)),
+    Mutant("kernel-no-tombstone-skip",
+           "the kernel scores tombstoned rows like live ones",
+           "if (di < nd && dead[di] == i) continue; /* tombstoned */",
+           "if (0) continue; /* tombstoned */",
+           ("tests/test_search.py", "tests/test_kernel.py", "tests/test_mutation.py")),
+    Mutant("kernel-list-terms-pad-zero",
+           "the kernel pads l2 list terms of impossible codes with 0 instead of +inf",
+           "sub_products(centroids + i * dim, 2.0f, norms, INFINITY,",
+           "sub_products(centroids + i * dim, 2.0f, norms, 0.0f,",
+           ("tests/test_kernel.py",)),
+    Mutant("kernel-probe-ties-to-later-list",
+           "the kernel probe's insertion lets a later list win a coarse tie (<=)",
+           "while (i > 0 && v < tmp[i - 1].cost) {",
+           "while (i > 0 && v <= tmp[i - 1].cost) {",
+           ("tests/test_kernel.py", "tests/test_search.py")),
+    # -- Python mutants the existing suite kills ---------------------------------------------
+    Mutant("add-commit-before-sync",
+           "add commits the catalog before its segments are synced",
+           "catalog.apply(new_state, changes, before_commit=synced.wait)",
+           "catalog.apply(new_state, changes)\n                synced.wait()",
+           ("tests/test_durability.py",)),
+    Mutant("delete-ndeleted-not-bumped",
+           "delete does not count its tombstones in the state's ndeleted",
+           "ndeleted=state.ndeleted + removed), changes)",
+           "ndeleted=state.ndeleted), changes)",
+           ("tests/test_mutation.py", "tests/test_damage.py")),
+    Mutant("stale-snapshot-hides-damage",
+           "a missing segment is retried as a stale snapshot even when nothing was committed",
+           "if catalog.snapshot().state.commit == snap.state.commit:\n                    raise",
+           "if False:\n                    raise",
+           ("tests/test_mutation.py", "-k", "stale")),
+    Mutant("prelude-identity-unchecked",
+           "a segment whose prelude names another list, generation or store is accepted",
+           "        if got != want:\n            raise CorruptStoreError(\n"
+           "                f\"{source}: segment prelude says",
+           "        if False:\n            raise CorruptStoreError(\n"
+           "                f\"{source}: segment prelude says",
+           ("tests/test_damage.py", "tests/test_format.py", SAFETY)),
+    Mutant("verify-crc-inverted",
+           "verify reports a checksum mismatch exactly when the checksums agree",
+           "if actual != record.crc32:",
+           "if actual == record.crc32:",
+           ("tests/test_damage.py",)),
+)
+
+
+class SnippetError(Exception):
+    """A mutant's snippet is missing from the package or is not unique."""
+
+
+def source_files(root: Path) -> list[Path]:
+    """Every Python and C source of the package under ``root``, sorted."""
+    pkg = root / PACKAGE
+    return sorted(p for p in pkg.rglob("*") if p.is_file() and p.suffix in (".py", ".c"))
+
+
+def locate(root: Path, mutant: Mutant) -> Path:
+    """The one package file holding ``mutant.original`` exactly once."""
+    hits = [(p, p.read_text(encoding="utf-8").count(mutant.original))
+            for p in source_files(root)]
+    hits = [(p, n) for p, n in hits if n]
+    total = sum(n for _, n in hits)
+    if total != 1:
+        where = ", ".join(f"{p.relative_to(root)} ({n}x)" for p, n in hits) or "no file"
+        raise SnippetError(f"{mutant.id}: the original snippet must occur exactly once in "
+                           f"{PACKAGE}/**/*.py|*.c; found {total} in {where}: "
+                           f"{mutant.original!r}")
+    return hits[0][0]
+
+
+def copy_repo(dest: Path) -> Path:
+    """A copy of the working tree (no .git, environments or caches) at ``dest/repo``."""
+    out = dest / "repo"
+    shutil.copytree(REPO, out, ignore=IGNORE, symlinks=True)
+    return out
+
+
+def _env(copy: Path) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+    env.pop("IVFPQ_STORE_KERNEL", None)  # the kernel must not be switched off by accident
+    return env
+
+
+def _probe(copy: Path) -> str:
+    """Where the copy's package is imported from, and its kernel status (one line each)."""
+    code = ("import ivfpq_store, ivfpq_store._kernel as k; print(ivfpq_store.__file__); "
+            "print(k.kernel_status()); print(k.KERNEL is not None)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=copy, env=_env(copy),
+                         capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+def _check_copy(copy: Path, *, need_kernel: bool) -> str | None:
+    """Why the copy cannot be tested (package imported from elsewhere, kernel missing)."""
+    try:
+        where, status, loaded = _probe(copy).splitlines()[:3]
+    except subprocess.CalledProcessError as err:
+        return f"the copy does not import: {err.stderr.strip()[-500:]}"
+    if not Path(where).resolve().is_relative_to(copy.resolve()):
+        return f"ivfpq_store was imported from {where}, not from the copy"
+    if need_kernel and loaded != "True":
+        return f"the copy's C kernel did not load: {status}"
+    return None
+
+
+#: setup.py's extensions built without reading pyproject.toml: a setuptools older than the
+#: one pyproject.toml's [build-system] asks for (77, for the PEP 639 ``license``) refuses the
+#: file, but builds the extension alone with the same flags.
+_BUILD_EXTENSIONS_ONLY = """
+import sys, setuptools
+captured = {}
+setuptools.setup = lambda **kw: captured.update(kw)
+exec(compile(open("setup.py").read(), "setup.py", "exec"), {"__name__": "__main__"})
+dist = setuptools.Distribution({"ext_modules": captured["ext_modules"],
+                                "script_name": "setup.py",
+                                "script_args": ["build_ext", "--inplace", "-q"]})
+dist.parse_command_line()
+dist.run_commands()
+"""
+
+
+def _build(copy: Path) -> str | None:
+    """Rebuild the copy's C kernel in place; why it failed, or None.
+
+    Runs ``python setup.py build_ext --inplace -q``; where the installed setuptools cannot
+    read pyproject.toml, builds setup.py's extensions alone (see _BUILD_EXTENSIONS_ONLY).
+    """
+    for so in (copy / PACKAGE).glob("_scan*.so"):
+        so.unlink()  # the rebuilt library must be the one loaded
+    errors = []
+    for cmd in ([sys.executable, "setup.py", "build_ext", "--inplace", "-q"],
+                [sys.executable, "-c", _BUILD_EXTENSIONS_ONLY]):
+        done = subprocess.run(cmd, cwd=copy, env=_env(copy), capture_output=True, text=True)
+        if done.returncode == 0:
+            break
+        errors.append((done.stderr or done.stdout).strip()[-400:])
+    else:
+        return "build failed: " + " | then: ".join(errors)
+    if not list((copy / PACKAGE).glob("_scan*.so")):
+        return "build produced no _scan library (the optional extension was skipped)"
+    return None
+
+
+def _pytest(copy: Path, args: tuple[str, ...]) -> tuple[int | None, str]:
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args]
+    try:
+        done = subprocess.run(cmd, cwd=copy, env=_env(copy), capture_output=True, text=True,
+                              timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {TIMEOUT} s"
+    lines = [ln for ln in done.stdout.splitlines() if ln.strip()]
+    failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+    return done.returncode, (failed[0] if failed else (lines[-1] if lines else ""))
+
+
+class Outcome(NamedTuple):
+    mutant: Mutant
+    status: str  # killed, survived, error
+    detail: str
+    seconds: float
+
+
+def run_mutant(mutant: Mutant) -> Outcome:
+    """Apply ``mutant`` to a fresh copy of the repository and run its tests there."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.id}-") as tmp:
+        copy = copy_repo(Path(tmp))
+        target = locate(copy, mutant)
+        text = target.read_text(encoding="utf-8")
+        target.write_text(text.replace(mutant.original, mutant.replacement), encoding="utf-8")
+        is_c = target.suffix == ".c"
+        problem = _build(copy) if is_c else None
+        problem = problem or _check_copy(copy, need_kernel=is_c)
+        if problem:
+            return Outcome(mutant, "error", problem, time.perf_counter() - t0)
+        rc, detail = _pytest(copy, mutant.tests)
+    seconds = time.perf_counter() - t0
+    if rc is None or rc == 1:  # failures, or a hang
+        return Outcome(mutant, "killed", detail, seconds)
+    if rc == 0:
+        return Outcome(mutant, "survived", detail, seconds)
+    return Outcome(mutant, "error", f"pytest exit status {rc}: {detail}", seconds)
+
+
+def baseline(mutants: list[Mutant]) -> str | None:
+    """Run the union of the mutants' tests on an unmutated copy; why it failed, or None."""
+    files = sorted({a for m in mutants for a in m.tests if a.startswith("tests/")})
+    with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
+        copy = copy_repo(Path(tmp))
+        problem = _check_copy(copy, need_kernel=False)
+        if problem:
+            return problem
+        rc, detail = _pytest(copy, tuple(files))
+    return None if rc == 0 else f"pytest exit status {rc}: {detail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", metavar="ID",
+                        help="run only this mutant (repeatable)")
+    parser.add_argument("--list", action="store_true",
+                        help="list the mutants and the file each applies to, then exit")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the unmutated run of the mutants' tests")
+    args = parser.parse_args(argv)
+
+    known = {m.id: m for m in MUTANTS}
+    if len(known) != len(MUTANTS):
+        parser.error("duplicate mutant ids")
+    unknown = [i for i in args.only or [] if i not in known]
+    if unknown:
+        parser.error(f"unknown mutant id(s) {', '.join(unknown)}; see --list")
+    chosen = [known[i] for i in args.only] if args.only else list(MUTANTS)
+    try:
+        targets = {m.id: locate(REPO, m) for m in chosen}  # fail early, before any copy
+    except SnippetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.list:
+        for m in chosen:
+            print(f"{m.id:38} {targets[m.id].relative_to(REPO)}\n    {m.description}\n"
+                  f"    tests: {' '.join(m.tests)}")
+        return 0
+    if not args.no_baseline:
+        print("baseline: running the mutants' tests on an unmutated copy...", flush=True)
+        problem = baseline(chosen)
+        if problem:
+            print(f"error: the unmutated tests fail: {problem}", file=sys.stderr)
+            return 2
+    outcomes = []
+    for m in chosen:
+        outcome = run_mutant(m)
+        outcomes.append(outcome)
+        print(f"{outcome.status.upper():9} {m.id:38} {outcome.seconds:6.1f} s  "
+              f"{outcome.detail[:110]}", flush=True)
+    killed = sum(o.status == "killed" for o in outcomes)
+    print(f"\nkill rate: {killed}/{len(outcomes)} ({100 * killed / len(outcomes):.0f}%)")
+    for o in outcomes:
+        if o.status != "killed":
+            print(f"  {o.status}: {o.mutant.id}: {o.mutant.description}")
+    return 0 if killed == len(outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
