@@ -1,0 +1,99 @@
+"""The ``ivfpq-store`` group, its console entry point, and what every command shares:
+options, JSON or text output, progress bars, byte and histogram formatting."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from ..errors import IvfpqError
+
+__all__ = ["EXIT_DAMAGED", "batch_option", "bytes_line", "cli", "emit", "existing_file",
+           "histogram", "json_option", "main", "progress", "quiet_option", "store_argument"]
+
+#: Exit code of ``verify`` when the store is damaged.
+EXIT_DAMAGED = 3
+
+
+class _Group(click.Group):
+    """Translates library and OS errors into ``Error: <message>`` on stderr with exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except IvfpqError as err:
+            raise click.ClickException(str(err)) from err
+        except OSError as err:
+            where = f"{err.filename}: " if err.filename else ""
+            raise click.ClickException(f"{where}{err.strerror or err}") from err
+
+
+def main() -> None:
+    """Console entry point: ``cli`` with the default SIGPIPE action, so that
+    ``ivfpq-store search ... | head`` ends quietly like other Unix tools."""
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    cli(prog_name="ivfpq-store")
+
+
+# -- shared options -------------------------------------------------------------------------
+existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
+store_argument = click.argument("store", type=click.Path(path_type=Path))
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print exactly one JSON document on stdout.")
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="Do not show progress.")
+batch_option = click.option("--batch-size", default=10_000, show_default=True, metavar="N",
+                            type=click.IntRange(1),
+                            help="Vectors read and written per batch; memory is bounded by one "
+                                 "batch.")
+
+
+def emit(doc: dict[str, Any], *, as_json: bool, lines: list[str]) -> None:
+    """Print ``doc`` as one JSON document, or the human-readable ``lines``."""
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        click.echo("\n".join(lines))
+
+
+@contextlib.contextmanager
+def progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr (click prints only the label when stderr is not a terminal)."""
+    if quiet:
+        yield lambda n: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar.update
+
+
+def bytes_line(b: dict[str, int]) -> str:
+    return (f"{b['total']:,} bytes (header {b['header']:,}, catalog {b['catalog']:,}, "
+            f"segments {b['segments']:,})")
+
+
+def histogram(sizes: list[int], bins: int = 8, width: int = 40) -> list[str]:
+    """A text histogram of list sizes."""
+    counts, edges = np.histogram(sizes, bins=min(bins, max(1, len(set(sizes)))))
+    top = max(int(counts.max()), 1)
+    return [f"  {int(lo):>8,}–{int(hi):<8,} {'#' * max(1, round(width * c / top)) if c else ''}"
+            f" {c}" for lo, hi, c in zip(edges[:-1], edges[1:], counts.tolist(), strict=True)]
+
+
+# -- the group --------------------------------------------------------------------------------
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ivfpq-store")
+@click.option("-v", "--verbose", count=True, help="Log to stderr (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Create, fill, search, inspect and maintain persistent IVF-PQ vector stores."""
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -1,0 +1,215 @@
+"""Commands that read a store: search, info, lists, verify, and the demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+import ivfpq_store
+
+from ..demo import run_demo
+from ..errors import CatalogError, CorruptStoreError, FormatError
+from ..io import open_vectors
+from .base import (
+    EXIT_DAMAGED,
+    bytes_line,
+    cli,
+    emit,
+    existing_file,
+    histogram,
+    json_option,
+    store_argument,
+)
+
+__all__ = ["demo", "info", "lists_", "search", "verify"]
+
+
+def _result_doc(i: int, ids: np.ndarray, distances: np.ndarray) -> dict[str, Any]:
+    keep = ids >= 0  # padding (-1 / ±inf) is left out: JSON has no infinity
+    return {"query": i, "ids": ids[keep].tolist(), "distances": distances[keep].tolist()}
+
+
+@cli.command()
+@store_argument
+@click.argument("queries", type=existing_file)
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), metavar="K",
+              help="Results per query.")
+@click.option("--nprobe", default=8, show_default=True, type=click.IntRange(1), metavar="N",
+              help="Lists probed per query, at most the store's nlist.")
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1),
+              metavar="N", help="Queries searched per batch.")
+@json_option
+@click.option("--jsonl", is_flag=True,
+              help="Print one JSON line per query, as results come (not with --json).")
+def search(store: Path, queries: Path, k: int, nprobe: int, batch_size: int, as_json: bool,
+           jsonl: bool) -> None:
+    """Search STORE for the k nearest neighbours of each vector in QUERIES.
+
+    STORE is opened read-only. Results come best first: squared distances ascending for l2,
+    scores descending for ip and cosine. Results that do not exist (fewer than k vectors in
+    the probed lists) are left out of the output.
+
+    \b
+    Example:
+        ivfpq-store search sift.ivfpq queries.fvecs -k 10 --nprobe 16 --json
+    """
+    if as_json and jsonl:
+        raise click.UsageError("--json and --jsonl are mutually exclusive")
+    vf = open_vectors(queries)
+    results = []
+    with ivfpq_store.open(store, readonly=True) as s:
+        start = 0
+        for batch in vf.batches(batch_size):
+            distances, ids = s.search(batch, k=k, nprobe=nprobe)
+            for row in range(len(batch)):
+                doc = _result_doc(start + row, ids[row], distances[row])
+                if jsonl:
+                    click.echo(json.dumps(doc))
+                elif as_json:
+                    results.append(doc)
+                else:
+                    pairs = ", ".join(f"{i} ({d:.6g})" for i, d in
+                                      zip(doc["ids"], doc["distances"], strict=True))
+                    click.echo(f"query {start + row}: {pairs}")
+            start += len(batch)
+    if as_json:
+        emit({"k": k, "nprobe": nprobe, "queries": start, "results": results}, as_json=True,
+             lines=[])
+
+
+@cli.command()
+@store_argument
+@json_option
+def info(store: Path, as_json: bool) -> None:
+    """Show parameters, counts, list-size distribution and bytes on disk of STORE.
+
+    Prints the index parameters, the live vector count, list sizes (min, median, max and a
+    text histogram), the deleted records awaiting compaction with the segment bytes a
+    compaction would reclaim, bytes on disk by kind, and the scan implementation this
+    installation uses (the C kernel, or numpy with the reason). STORE is opened read-only.
+
+    \b
+    Example:
+        ivfpq-store info sift.ivfpq --json
+    """
+    with ivfpq_store.open(store, readonly=True) as s:
+        i = s.info()
+    sizes = sorted(i.list_sizes)
+    backend = ivfpq_store.scan_backend()
+    emit({**i.to_dict(), "scan_backend": backend}, as_json=as_json, lines=[
+        f"store:    {i.path} (format {i.format_version})",
+        f"index:    dim={i.dim} nlist={i.nlist} m={i.m} nbits={i.nbits} metric={i.metric}",
+        f"vectors:  {i.ntotal:,} in {i.n_segments} non-empty lists",
+        f"lists:    min {sizes[0]}, median {sizes[len(sizes) // 2]}, max {sizes[-1]}",
+        (f"deleted:  {i.ndeleted:,} records awaiting compaction "
+         f"({i.reclaimable_bytes:,} bytes reclaimable)"),
+        f"disk:     {bytes_line(i.bytes_on_disk)}",
+        f"scan:     {backend}",
+        "list sizes (live vectors per list):",
+        *histogram(list(i.list_sizes)),
+    ])
+
+
+@cli.command("lists")
+@store_argument
+@json_option
+def lists_(store: Path, as_json: bool) -> None:
+    """Show every list of STORE: live and deleted vectors, segment file and bytes.
+
+    One row per list, with its committed segment bytes; the last line gives the imbalance
+    (largest list over the mean). STORE is opened read-only.
+
+    \b
+    Example:
+        ivfpq-store lists sift.ivfpq --json
+    """
+    with ivfpq_store.open(store, readonly=True) as s:
+        rows = s.lists()
+    live = [r.live for r in rows]
+    mean = sum(live) / len(live)
+    imbalance = max(live) / mean if mean else 0.0
+    lines = [f"{'list':>6} {'live':>8} {'deleted':>8} {'bytes':>10}  file"]
+    lines += [f"{r.list_no:>6} {r.live:>8,} {r.deleted:>8,} {r.segment_bytes:>10,}  "
+              f"{r.file or '-'}" for r in rows]
+    lines.append(f"imbalance (largest list / mean): {imbalance:.2f}")
+    emit({"lists": [r.to_dict() for r in rows], "imbalance": imbalance}, as_json=as_json,
+         lines=lines)
+
+
+@cli.command()
+@store_argument
+@click.option("--repair", is_flag=True,
+              help="Remove crash leftovers (uncommitted tails, orphan files, a dead writer's pid "
+                   "in LOCK). Damage is never repaired.")
+@json_option
+def verify(store: Path, repair: bool, as_json: bool) -> None:
+    """Check every invariant of STORE. Exit code 3 when damage is found.
+
+    Checks the header's checksums and version, the catalog against the header, every
+    segment's prelude, size and checksum, every id entry, the tombstones and the counters. A
+    store too damaged to open is damage too. Crash leftovers (uncommitted tails, orphan
+    segment files, a dead writer's pid in LOCK) are listed but are not damage. STORE is
+    opened read-only unless --repair is given.
+
+    \b
+    Example:
+        ivfpq-store verify sift.ivfpq --json
+    """
+    try:
+        s = ivfpq_store.open(store, readonly=not repair)
+    except (FormatError, CorruptStoreError, CatalogError) as err:  # too damaged to open
+        doc: dict[str, Any] = {"ok": False, "problems": [
+            {"kind": "open", "message": str(err), "path": getattr(err, "path", str(store))}],
+            "leftovers": [], "repaired": [], "writer_active": False, "checked": {}}
+    else:
+        with s:
+            doc = s.verify(repair=repair).to_dict()
+    lines = [f"{'ok' if doc['ok'] else 'DAMAGED'}: {store}"]
+    lines += [f"  problem ({p['kind']}): {p['message']}" for p in doc["problems"]]
+    lines += [f"  leftover ({p['kind']}): {p['message']} {p['path']}" for p in doc["leftovers"]]
+    lines += [f"  repaired: {r}" for r in doc["repaired"]]
+    if doc["checked"]:
+        lines.append("  checked: " + ", ".join(f"{v:,} {k}" for k, v in doc["checked"].items()))
+    emit(doc, as_json=as_json, lines=lines)
+    if not doc["ok"]:
+        raise click.exceptions.Exit(EXIT_DAMAGED)
+
+
+@cli.command()
+@click.argument("directory", required=False, type=click.Path(path_type=Path))
+@click.option("--nprobe", default=10, show_default=True, type=click.IntRange(1), metavar="N",
+              help="Lists probed per query, at most 100.")
+@json_option
+def demo(directory: Path | None, nprobe: int, as_json: bool) -> None:
+    """Build a store from the bundled SIFT10K set, search it and report recall and timings.
+
+    Trains on the 10,000 base vectors with nlist=100, m=16, nbits=8, adds them, searches the
+    100 queries with k=10, reopens the store read-only to check that the results are
+    identical, and prints recall against the exact ground truth (1@1, 1@10, 10@10),
+    train/add/search timings and bytes on disk. DIRECTORY is the store to create and keep (it
+    must not exist); without it a temporary store is used and removed.
+
+    \b
+    Example:
+        ivfpq-store demo
+        ivfpq-store demo /tmp/sift.ivfpq --json
+    """
+    r = run_demo(directory, nprobe=nprobe)
+    emit(r.to_dict(), as_json=as_json, lines=[
+        f"SIFT10K: {r.n_base} base vectors, {r.n_queries} queries, dim {r.dim}",
+        f"index:   nlist={r.nlist} m={r.m} nbits={r.nbits}; search k={r.k} nprobe={r.nprobe}",
+        f"train:   {r.train_seconds:8.2f} s",
+        f"add:     {r.add_seconds:8.2f} s  ({r.add_vectors_per_second:,.0f} vectors/s)",
+        (f"search:  {r.batch_search_seconds * 1e3:8.1f} ms for the batch "
+         f"({r.batch_queries_per_second:,.0f} queries/s)"),
+        f"single:  p50 {r.single_query_ms_p50:.2f} ms, p99 {r.single_query_ms_p99:.2f} ms",
+        (f"recall:  1@1 {r.recall_1_at_1:.3f}   1@10 {r.recall_1_at_10:.3f}   "
+         f"10@10 {r.recall_10_at_10:.3f}"),
+        f"reopen:  {'identical results' if r.reopened_results_identical else 'RESULTS DIFFER'}",
+        f"disk:    {bytes_line(r.bytes_on_disk)}",
+        f"store:   {r.store_path}" + ("" if r.kept else " (temporary, removed)"),
+    ])

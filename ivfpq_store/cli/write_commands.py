@@ -1,0 +1,229 @@
+"""Commands that change a store: create, add, upsert, delete, compact, copy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+import ivfpq_store
+
+from ..errors import DimensionMismatchError, IvfpqError
+from ..io import open_vectors, read_ids
+from .base import (
+    batch_option,
+    cli,
+    emit,
+    existing_file,
+    json_option,
+    progress,
+    quiet_option,
+    store_argument,
+)
+
+__all__ = ["add", "compact", "copy", "create", "delete", "upsert"]
+
+
+@cli.command()
+@store_argument
+@click.option("--train", "train", required=True, type=existing_file,
+              help="Training vectors (.npy, .fvecs, .bvecs, .ivecs).")
+@click.option("--nlist", required=True, type=click.IntRange(1), metavar="N",
+              help="Number of lists (coarse cells). Needs at least N training vectors; fewer "
+                   "than 39 per list give a warning.")
+@click.option("--m", "m", required=True, type=click.IntRange(1), metavar="M",
+              help="PQ sub-quantizers, which is also the bytes per code; must divide the "
+                   "dimension.")
+@click.option("--nbits", default=8, show_default=True, type=click.IntRange(1, 8), metavar="B",
+              help="Bits per sub-quantizer index (2^B centroids per sub-quantizer).")
+@click.option("--metric", default="l2", show_default=True,
+              type=click.Choice(["l2", "ip", "cosine"]),
+              help="l2: squared distances, smallest first; ip and cosine: scores, largest first.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), metavar="S",
+              help="Seed of every random choice in training: same seed and data, same index.")
+@click.option("--max-train", type=click.IntRange(1), default=None, metavar="N",
+              help="Train on a seeded random sample of at most N vectors (bounds memory); "
+                   "default all.")
+@json_option
+def create(store: Path, train: Path, nlist: int, m: int, nbits: int, metric: str, seed: int,
+           max_train: int | None, as_json: bool) -> None:
+    """Train an index on the vectors in --train and create the empty STORE.
+
+    Trains the coarse quantizer and the product quantizer, then creates STORE, a directory
+    that must not exist.
+
+    \b
+    Example:
+        ivfpq-store create sift.ivfpq --train base.fvecs --nlist 100 --m 16
+    """
+    vf = open_vectors(train)
+    x = vf.sample(max_train, seed) if max_train else vf.read()
+    with ivfpq_store.create(store, x, nlist=nlist, m=m, nbits=nbits, metric=metric,
+                            seed=seed) as s:
+        info = s.info()
+    emit(info.to_dict() | {"n_training_vectors": len(x)}, as_json=as_json, lines=[
+        (f"created {info.path}: dim={info.dim} nlist={info.nlist} m={info.m} nbits={info.nbits} "
+        f"metric={info.metric}, trained on {len(x):,} vectors")])
+
+
+def _write_batches(store: Path, vectors: Path, ids_file: Path | None, batch_size: int,
+                   quiet: bool, write: Callable[[ivfpq_store.Store, Any, Any], Any],
+                   label: str) -> dict[str, Any]:
+    vf = open_vectors(vectors)
+    ids = read_ids(ids_file) if ids_file is not None else None
+    if ids is not None and len(ids) != vf.n:
+        raise DimensionMismatchError(f"{ids_file} has {len(ids)} ids but {vectors} has {vf.n} "
+                                     "vectors — expected one id per vector")
+    done = 0
+    with ivfpq_store.open(store) as s:
+        if vf.dim != s.params.dim:
+            raise DimensionMismatchError(f"{vectors}: vectors of dimension {vf.dim} — expected "
+                                         f"{s.params.dim}, the dimension of {store}")
+        with progress(vf.n, label, quiet) as advance:
+            for batch in vf.batches(batch_size):
+                chunk = None if ids is None else ids[done: done + len(batch)]
+                try:
+                    write(s, batch, chunk)
+                except IvfpqError as err:
+                    raise click.ClickException(
+                        f"{err} (in rows {done}..{done + len(batch) - 1} of {vectors}; the "
+                        f"{done} rows before them were written)") from err
+                done += len(batch)
+                advance(len(batch))
+        return {"written": done, "ntotal": len(s), "batches": math.ceil(vf.n / batch_size)}
+
+
+@cli.command()
+@store_argument
+@click.argument("vectors", type=existing_file)
+@click.option("--ids", "ids_file", type=existing_file,
+              help="Ids, one per vector (.npy, .ivecs of dim 1, or text); default: automatic ids, "
+                   "continuing after the largest id ever added.")
+@batch_option
+@quiet_option
+@json_option
+def add(store: Path, vectors: Path, ids_file: Path | None, batch_size: int, quiet: bool,
+        as_json: bool) -> None:
+    """Add the vectors in VECTORS to STORE, streaming the file in batches.
+
+    VECTORS is a vector file (.npy, .fvecs, .bvecs, .ivecs) of the store's dimension. Each
+    batch is one atomic, durable add. If a batch fails (say, an id is already in the store),
+    the batches before it stay, and the error says how many rows were written.
+
+    \b
+    Example:
+        ivfpq-store add sift.ivfpq base.fvecs --batch-size 50000
+    """
+    doc = _write_batches(store, vectors, ids_file, batch_size, quiet,
+                         lambda s, x, ids: s.add(x, ids=ids), "adding")
+    emit(doc, as_json=as_json, lines=[(f"added {doc['written']:,} vectors; the store holds "
+                                      f"{doc['ntotal']:,}")])
+
+
+@cli.command()
+@store_argument
+@click.argument("vectors", type=existing_file)
+@click.option("--ids", "ids_file", required=True, type=existing_file,
+              help="Ids, one per vector (.npy, .ivecs of dim 1, or text).")
+@batch_option
+@quiet_option
+@json_option
+def upsert(store: Path, vectors: Path, ids_file: Path, batch_size: int, quiet: bool,
+           as_json: bool) -> None:
+    """Add or replace the vectors in VECTORS under the ids in --ids.
+
+    An id already in STORE gets the new vector (and moves to another list when the new vector
+    falls in another cell); the other ids are added. Each batch is one atomic upsert.
+
+    \b
+    Example:
+        ivfpq-store upsert sift.ivfpq fixes.npy --ids fixes-ids.txt
+    """
+    doc = _write_batches(store, vectors, ids_file, batch_size, quiet,
+                         lambda s, x, ids: s.upsert(x, ids=ids), "upserting")
+    emit(doc, as_json=as_json, lines=[(f"upserted {doc['written']:,} vectors; the store holds "
+                                      f"{doc['ntotal']:,}")])
+
+
+@cli.command()
+@store_argument
+@click.argument("ids", nargs=-1, type=click.IntRange(0))
+@click.option("--ids-file", type=existing_file,
+              help="More ids to delete (.npy, .ivecs of dim 1, or text).")
+@json_option
+def delete(store: Path, ids: tuple[int, ...], ids_file: Path | None, as_json: bool) -> None:
+    """Delete the vectors with the given IDS (and those in --ids-file) from STORE.
+
+    IDS are non-negative integers. Unknown ids are ignored; the count of removed vectors is
+    printed. The delete is durable when the command returns, and no search that starts
+    afterwards, in any process, returns those ids.
+
+    \b
+    Example:
+        ivfpq-store delete sift.ivfpq 17 42 --ids-file stale.txt
+    """
+    if not ids and ids_file is None:
+        raise click.UsageError("give ids as arguments or with --ids-file")
+    wanted = np.array(ids, dtype=np.int64)
+    if ids_file is not None:
+        wanted = np.concatenate([wanted, read_ids(ids_file).astype(np.int64)])
+    with ivfpq_store.open(store) as s:
+        removed = s.delete(wanted)
+        doc = {"requested": len(wanted), "removed": removed, "ntotal": len(s)}
+    emit(doc, as_json=as_json, lines=[(f"deleted {removed:,} of {len(wanted):,} ids; the store "
+                                      f"holds {doc['ntotal']:,}")])
+
+
+@cli.command()
+@store_argument
+@click.option("--min-deleted-ratio", default=0.0, show_default=True, metavar="R",
+              type=click.FloatRange(0.0, 1.0),
+              help="Rewrite lists whose deleted fraction is at least R; 0 rewrites every list "
+                   "with a deleted record.")
+@click.option("--dry-run", is_flag=True, help="Report what would be rewritten; change nothing.")
+@json_option
+def compact(store: Path, min_deleted_ratio: float, dry_run: bool, as_json: bool) -> None:
+    """Rewrite lists of STORE without their deleted records, reclaiming space.
+
+    Each chosen list is written to a new segment file; one commit switches to the new files,
+    then the old ones are deleted. Also deletes orphan segment files left by crashes (not with
+    --dry-run). Searches running meanwhile stay correct.
+
+    \b
+    Example:
+        ivfpq-store compact sift.ivfpq --min-deleted-ratio 0.2 --dry-run
+    """
+    with ivfpq_store.open(store) as s:
+        r = s.compact(min_deleted_ratio, dry_run=dry_run)
+    verb = "would rewrite" if r.dry_run else "rewrote"
+    emit(r.to_dict(), as_json=as_json, lines=[
+        f"{verb} {len(r.lists)} lists: {r.records_removed:,} deleted records dropped, "
+        f"{r.records_kept:,} kept; segment bytes {r.segment_bytes_before:,} -> "
+        f"{r.segment_bytes_after:,}" + (f"; {r.orphans_removed} orphan files removed"
+                                         if r.orphans_removed else "")])
+
+
+@cli.command()
+@store_argument
+@click.argument("dest", type=click.Path(path_type=Path))
+@json_option
+def copy(store: Path, dest: Path, as_json: bool) -> None:
+    """Write a consistent backup of STORE to the new directory DEST.
+
+    DEST must not exist. Safe while readers search and a writer writes (the writer waits for
+    the copy). Only committed data is copied, and the catalog is copied compacted, so a copy
+    is also the way to shrink a catalog after many deletes.
+
+    \b
+    Example:
+        ivfpq-store copy sift.ivfpq backups/sift-2026-11-21.ivfpq
+    """
+    with ivfpq_store.open(store) as s:
+        r = s.copy(dest)
+    emit(r.to_dict(), as_json=as_json, lines=[
+        (f"copied {r.vectors:,} vectors ({r.segments} segments, {r.bytes:,} bytes) to {r.dest} "
+        f"in {r.seconds:.2f} s")])
