@@ -126,6 +126,34 @@ def decode_header(buf: bytes | memoryview, *, source: str = "<bytes>") -> Header
         When ``buf`` violates docs/format.md §4; ``source`` names it in the message.
     """
     buf = memoryview(buf).cast("B")
+    prelude = _decode_prelude(buf, source)
+    sections = _decode_sections(buf, source, prelude)
+    params = prelude.params
+    centroids = _section_array(sections, SectionKind.CENTROIDS, (params.nlist, params.dim),
+                               source, prelude.table_offset)
+    codebooks = _section_array(sections, SectionKind.CODEBOOKS,
+                               (params.m, params.ksub, params.dsub), source,
+                               prelude.table_offset)
+    return Header(params=params, store_uuid=prelude.store_uuid, centroids=centroids,
+                  codebooks=codebooks,
+                  metadata=_section_metadata(sections, source, prelude.table_offset),
+                  version=prelude.version)
+
+
+@dataclass(frozen=True, slots=True)
+class _Prelude:
+    """The validated fields of a header prelude (§4.1)."""
+
+    version: tuple[int, int]
+    params: IndexParams
+    store_uuid: uuid.UUID
+    n_sections: int
+    table_offset: int
+    table_crc: int
+
+
+def _decode_prelude(buf: memoryview, source: str) -> _Prelude:
+    """Magic, version, checksum, flags, parameters and section-table place of §4.1."""
     if len(buf) < PRELUDE_SIZE:
         raise _fail(TruncatedFileError, source,
                     f"header is {len(buf)} bytes — expected at least {PRELUDE_SIZE}", 0,
@@ -158,7 +186,16 @@ def decode_header(buf: bytes | memoryview, *, source: str = "<bytes>") -> Header
         raise _fail(FormatError, source,
                     f"section count {n_sections} — expected 1..{MAX_SECTIONS}", 28,
                     expected=(1, MAX_SECTIONS), actual=n_sections)
-    table_end = table_offset + n_sections * _SECTION.size
+    return _Prelude(version=(major, minor), params=params,
+                    store_uuid=uuid.UUID(bytes=bytes(raw_uuid)), n_sections=n_sections,
+                    table_offset=table_offset, table_crc=table_crc)
+
+
+def _decode_sections(buf: memoryview, source: str, prelude: _Prelude) -> dict[int, memoryview]:
+    """The section table and every section's bytes, each checked against its CRC (§4.2-4.3);
+    unknown kinds are checked too, and kept."""
+    table_offset = prelude.table_offset
+    table_end = table_offset + prelude.n_sections * _SECTION.size
     if table_offset < PRELUDE_SIZE or table_offset % 64:
         raise _fail(FormatError, source,
                     f"section table offset {table_offset} — expected a multiple of 64, >= "
@@ -167,10 +204,10 @@ def decode_header(buf: bytes | memoryview, *, source: str = "<bytes>") -> Header
         raise _fail(TruncatedFileError, source,
                     f"section table [{table_offset}, {table_end}) lies outside the "
                     f"{len(buf)}-byte file", 32, expected=table_end, actual=len(buf))
-    check_crc(buf[table_offset:table_end], table_crc, what="section table", path=source,
-              offset=table_offset)
+    check_crc(buf[table_offset:table_end], prelude.table_crc, what="section table",
+              path=source, offset=table_offset)
     sections: dict[int, memoryview] = {}
-    for i in range(n_sections):
+    for i in range(prelude.n_sections):
         entry_at = table_offset + i * _SECTION.size
         kind, sec_crc, off, nbytes, _ = _SECTION.unpack_from(buf, entry_at)
         if off % 64 or off < table_end:
@@ -188,32 +225,35 @@ def decode_header(buf: bytes | memoryview, *, source: str = "<bytes>") -> Header
         if kind in sections:
             raise _fail(FormatError, source, f"section kind {kind} appears twice", entry_at)
         sections[kind] = data  # unknown kinds are checked, then ignored (§4.3)
+    return sections
 
-    def array(kind: SectionKind, shape: tuple[int, ...]) -> F32Array:
-        if kind not in sections:
-            raise _fail(FormatError, source, f"required section {kind.name} is missing",
-                        table_offset)
-        data = sections[kind]
-        want = int(np.prod(shape)) * 4
-        if len(data) != want:
-            raise _fail(FormatError, source,
-                        f"section {kind.name} is {len(data)} bytes — expected {want} for "
-                        f"float32 {shape}", table_offset, expected=want, actual=len(data))
-        return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32, copy=True)
 
-    centroids = array(SectionKind.CENTROIDS, (params.nlist, params.dim))
-    codebooks = array(SectionKind.CODEBOOKS, (params.m, params.ksub, params.dsub))
-    metadata: dict[str, Any] = {}
-    if SectionKind.METADATA in sections:
-        try:
-            metadata = msgpack.unpackb(bytes(sections[SectionKind.METADATA]), raw=False,
-                                       strict_map_key=True)
-        except (ValueError, msgpack.UnpackException) as err:
-            raise _fail(FormatError, source, f"METADATA section is not valid msgpack: {err}",
-                        table_offset) from err
-        if not isinstance(metadata, dict):
-            raise _fail(FormatError, source, "METADATA section is not a msgpack map",
-                        table_offset)
-    return Header(params=params, store_uuid=uuid.UUID(bytes=bytes(raw_uuid)),
-                  centroids=centroids, codebooks=codebooks, metadata=metadata,
-                  version=(major, minor))
+def _section_array(sections: dict[int, memoryview], kind: SectionKind, shape: tuple[int, ...],
+                   source: str, table_offset: int) -> F32Array:
+    """A required float32 section of exactly ``shape``, as a fresh native array."""
+    if kind not in sections:
+        raise _fail(FormatError, source, f"required section {kind.name} is missing",
+                    table_offset)
+    data = sections[kind]
+    want = int(np.prod(shape)) * 4
+    if len(data) != want:
+        raise _fail(FormatError, source,
+                    f"section {kind.name} is {len(data)} bytes — expected {want} for "
+                    f"float32 {shape}", table_offset, expected=want, actual=len(data))
+    return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32, copy=True)
+
+
+def _section_metadata(sections: dict[int, memoryview], source: str,
+                      table_offset: int) -> dict[str, Any]:
+    """The optional METADATA section: a msgpack map, or {} when absent."""
+    if SectionKind.METADATA not in sections:
+        return {}
+    try:
+        metadata = msgpack.unpackb(bytes(sections[SectionKind.METADATA]), raw=False,
+                                   strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as err:
+        raise _fail(FormatError, source, f"METADATA section is not valid msgpack: {err}",
+                    table_offset) from err
+    if not isinstance(metadata, dict):
+        raise _fail(FormatError, source, "METADATA section is not a msgpack map", table_offset)
+    return metadata
