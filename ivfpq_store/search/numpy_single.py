@@ -4,6 +4,7 @@ product, the codes of several lists gathered and summed together, a sorted runni
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,8 +18,13 @@ from .topk import FLT_MAX, kth_bound
 
 __all__ = ["fits", "scan_one"]
 
-#: The best k so far of one query: (cost, rank, row, id) arrays, sorted by (cost, rank, row).
-Best = tuple[np.ndarray, ...]
+class Best(NamedTuple):
+    """The best k candidates so far of one query, sorted by (cost, rank, row)."""
+
+    cost: F32Array
+    rank: I64Array  # probe rank of the candidate's list
+    row: I64Array  # row in that list
+    ids: I64Array
 
 
 def fits(qz: Quantizer, nprobe: int, config: SearchConfig) -> bool:
@@ -60,8 +66,8 @@ def scan_one(qz: Quantizer, config: SearchConfig, query: F32Array, coarse: F32Ar
     out_cost = np.full((1, k), np.inf, np.float32)
     out_ids = np.full((1, k), -1, np.int64)
     if best is not None:
-        out_cost[0, : len(best[0])] = best[0]
-        out_ids[0, : len(best[3])] = best[3]
+        out_cost[0, : len(best.cost)] = best.cost
+        out_ids[0, : len(best.ids)] = best.ids
     return out_cost, out_ids
 
 
@@ -71,7 +77,7 @@ def _scan_block(m: int, config: SearchConfig, block: list[RowRange], size: int,
     """Merge the table sums of the row ranges ``block`` (``size`` rows in all) of one query
     into ``best``: the k best (cost, rank, row, id) so far, in that order."""
     cost, starts = gather(m, block, size, table_data, offsets, deleted)
-    tau = FLT_MAX if best is None or len(best[0]) < k else best[0][-1]
+    tau = FLT_MAX if best is None or len(best.cost) < k else best.cost[-1]
     sel = np.flatnonzero(cost <= min(tau, kth_bound(cost, k, config.sample)))
     # Positions follow (rank, row), so a stable sort by cost orders by (cost, rank, row) and
     # its first k are exactly this block's best.
@@ -84,9 +90,11 @@ def _scan_block(m: int, config: SearchConfig, block: list[RowRange], size: int,
     for i in np.unique(piece_of).tolist():  # at most one step per list of the block
         hit = piece_of == i
         ids[hit] = block[i].records["id"][row[hit]]
-    found: Best = (cost[sel], rank, row, ids)
+    found = Best(cost[sel], rank, row, ids)
     if best is not None:  # an earlier block: merge, by (cost, rank, row)
-        found = tuple(np.concatenate(f) for f in zip(best, found, strict=True))
-        order = np.lexsort((found[2], found[1], found[0]))[:k]
-        found = tuple(f[order] for f in found)
+        both = Best(np.concatenate((best.cost, found.cost)),
+                    np.concatenate((best.rank, found.rank)),
+                    np.concatenate((best.row, found.row)), np.concatenate((best.ids, found.ids)))
+        order = np.lexsort((both.row, both.rank, both.cost))[:k]
+        found = Best(both.cost[order], both.rank[order], both.row[order], both.ids[order])
     return found

@@ -6,15 +6,27 @@ included, and do not depend on how the work was split into blocks.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ..types import F32Array, I64Array
 from .config import DEFAULT_CONFIG
 
-__all__ = ["FLT_MAX", "TopK", "kth_bound"]
+__all__ = ["FLT_MAX", "Candidates", "TopK", "kth_bound"]
 
 #: Costs above this are never candidates: it keeps tombstoned rows (cost +inf) out.
 FLT_MAX = np.float32(np.finfo(np.float32).max)
+
+
+class Candidates(NamedTuple):
+    """Candidates of several queries, one per element of each array."""
+
+    query: I64Array
+    cost: F32Array
+    rank: I64Array  # probe rank of the candidate's list for its query
+    row: I64Array  # row in that list
+    ids: I64Array
 
 
 def kth_bound(cost: F32Array, k: int, sample: int = DEFAULT_CONFIG.sample) -> F32Array:
@@ -57,7 +69,7 @@ class TopK:
         self.nq = nq
         self.k = k
         self.tau = np.full(nq, FLT_MAX, np.float32)
-        self._parts: list[tuple[np.ndarray, ...]] = []
+        self._parts: list[Candidates] = []
         self._size = 0
         self._budget = max(pool_budget, 4 * nq * min(k, pool_budget))
 
@@ -84,16 +96,16 @@ class TopK:
     def add(self, q: np.ndarray, cost: F32Array, rank: np.ndarray, row: np.ndarray,
             ids: np.ndarray) -> None:
         """Add candidates (query, cost, probe rank, row in list, id), one per element."""
-        self._parts.append((q, cost, rank, row, ids))
+        self._parts.append(Candidates(q, cost, rank, row, ids))
         self._size += len(q)
         if self._size > self._budget:
             self._reduce()
 
-    def _reduce(self) -> tuple[np.ndarray, ...]:
+    def _reduce(self) -> Candidates:
         """Cut the pool to the best k per query, sorted by (query, cost, rank, row)."""
         if not self._parts:
             empty = np.empty(0, np.int64)
-            return empty, np.empty(0, np.float32), empty, empty, empty
+            return Candidates(empty, np.empty(0, np.float32), empty, empty, empty)
         q, cost, rank, row, ids = (np.concatenate(f) for f in zip(*self._parts, strict=True))
         keep = cost <= self.tau[q]
         q, cost, rank, row, ids = q[keep], cost[keep], rank[keep], row[keep], ids[keep]
@@ -107,9 +119,9 @@ class TopK:
         last = np.searchsorted(q, np.arange(self.nq), side="right") - 1
         full = np.nonzero(np.bincount(q, minlength=self.nq) == self.k)[0]
         np.minimum.at(self.tau, full, cost[last[full]])
-        self._parts = [(q, cost, rank, row, ids)]
+        self._parts = [Candidates(q, cost, rank, row, ids)]
         self._size = len(q)
-        return q, cost, rank, row, ids
+        return self._parts[0]
 
     def result(self) -> tuple[F32Array, I64Array]:
         """Costs and ids (nq, k), best first; missing results are cost +inf and id -1."""
