@@ -1,14 +1,33 @@
-"""Test helpers: synthetic data, reference searches, store fingerprints. Imported by tests."""
+"""Test helpers: synthetic data, reference searches, store fingerprints, format bytes, I/O
+recorders and child processes. Imported by tests; imports no test module."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import numpy as np
+import pytest
 
-SIFTSMALL = Path(__file__).parent / "data" / "siftsmall"
+import ivfpq_store
+from ivfpq_store.storage import atomic
+from ivfpq_store.storage.catalog import Catalog
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+SIFTSMALL = DATA / "siftsmall"
+GOLDEN_HEADER = DATA / "header-v1.0.ivfh"
+GOLDEN_SEGMENT = DATA / "segment-v1.0.seg"
 
 
 def synthetic(n: int, dim: int, *, seed: int, nclusters: int = 20) -> np.ndarray:
@@ -93,6 +112,32 @@ def tree_fingerprint(root: Path) -> dict[str, str]:
     return out
 
 
+def assert_clean_error(err: BaseException, exc: type[BaseException]) -> None:
+    """Exact class, under IvfpqError, and no lmdb.Error anywhere in the cause/context chain."""
+    assert type(err) is exc, f"expected exactly {exc.__name__}, got {type(err).__name__}: {err}"
+    assert isinstance(err, ivfpq_store.IvfpqError)
+    assert type(err).__module__.startswith("ivfpq_store")
+    stack: list[BaseException] = [err]
+    seen: set[int] = set()
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        assert not isinstance(e, lmdb.Error), f"lmdb error leaked in the chain: {e!r}"
+        stack.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+
+
+def all_paths(root: Path) -> list[str]:
+    """Every entry under root, lock.mdb included (fingerprints skip its contents, not its name)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def tree_snapshot(root: Path) -> tuple[dict[str, str], list[str]]:
+    """Every file's digest and every entry's name under ``root``."""
+    return tree_fingerprint(root), all_paths(root)
+
+
 def read_fvecs(path: Path) -> np.ndarray:
     """Independent TEXMEX reader (does not use ivfpq_store.io)."""
     raw = np.fromfile(path, dtype="<i4")
@@ -105,3 +150,124 @@ def read_ivecs(path: Path) -> np.ndarray:
     raw = np.fromfile(path, dtype="<i4")
     dim = int(raw[0])
     return raw.reshape(-1, dim + 1)[:, 1:].astype(np.int64)
+
+
+# -- format bytes (docs/format.md §4, §5), restated independently of the codec -----------------
+HEADER_MAGIC = b"\x89IVFPQ\r\n"
+SEGMENT_MAGIC = b"\x89IVFSG\r\n"
+
+
+def crc(data: bytes | bytearray) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def patch(buf: bytes, fmt: str, offset: int, *values: object) -> bytearray:
+    b = bytearray(buf)
+    struct.pack_into(fmt, b, offset, *values)
+    return b
+
+
+def flip(buf: bytes, offset: int, mask: int = 0xFF) -> bytes:
+    b = bytearray(buf)
+    b[offset] ^= mask
+    return bytes(b)
+
+
+# -- a store's files ----------------------------------------------------------------------------
+def segment_files(path: Path) -> dict[str, int]:
+    """Size of every segment file of the store at ``path``, by name."""
+    return {p.name: p.stat().st_size for p in (path / "segments").iterdir()}
+
+
+# -- recording syncs, unlinks and commits -----------------------------------------------------
+def _fd_path(fd: int) -> str:
+    return os.path.realpath(f"/proc/self/fd/{fd}")
+
+
+def record_io(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record, in order, every way a file or directory can be made durable (``os.fsync``,
+    ``os.fdatasync`` with the descriptor resolved to its path, ``atomic.sync_file``), every
+    ``os.unlink`` and every catalog commit, as (event, real path) pairs; a commit is
+    ("commit", "") and is recorded just before LMDB commits."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("resolving descriptors to paths needs /proc/self/fd")
+    events: list[tuple[str, str]] = []
+    real_fsync, real_fdatasync, real_unlink = os.fsync, os.fdatasync, os.unlink
+    real_sync_file, real_apply = atomic.sync_file, Catalog.apply
+
+    def fsync(fd):
+        real_fsync(fd)
+        events.append(("sync", _fd_path(fd)))
+
+    def fdatasync(fd):
+        real_fdatasync(fd)
+        events.append(("sync", _fd_path(fd)))
+
+    def sync_file(path):
+        real_sync_file(path)
+        events.append(("sync", os.path.realpath(path)))
+
+    def unlink(path, *args, **kwargs):
+        real_unlink(path, *args, **kwargs)
+        events.append(("unlink", os.path.realpath(path)))
+
+    def apply(self, state, changes, *, before_commit=None):
+        def at_the_commit():
+            if before_commit is not None:
+                before_commit()
+            events.append(("commit", ""))
+
+        return real_apply(self, state, changes, before_commit=at_the_commit)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(atomic, "sync_file", sync_file)
+    monkeypatch.setattr(Catalog, "apply", apply)
+    return events
+
+
+def first_event(events: list[tuple[str, str]], event: str, path: str = "") -> int:
+    """Index of the first (event, path) in ``events``."""
+    return next(i for i, e in enumerate(events) if e == (event, path))
+
+
+def synced_before(events: list[tuple[str, str]], path: str, at: int) -> bool:
+    """Whether ``path`` was made durable before event number ``at``."""
+    return ("sync", path) in events[:at]
+
+
+# -- child processes ----------------------------------------------------------------------------
+def run_child(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` (dedented) in a fresh interpreter that imports this checkout's package."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+LOCK_CHILD = """
+    import sys, time
+    from pathlib import Path
+    import ivfpq_store
+    from ivfpq_store.storage.atomic import writer_lock
+    path = Path(sys.argv[1])
+    store = ivfpq_store.open(path)  # a writer: open the store, take the lock as add would
+    with writer_lock(path / "LOCK", 5):
+        print("locked", flush=True)
+        time.sleep(60)
+"""
+
+
+@contextlib.contextmanager
+def lock_holder(path: Path) -> Iterator[subprocess.Popen[str]]:
+    """A child process that holds the writer lock of the store at ``path`` until killed."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with subprocess.Popen([sys.executable, "-c", textwrap.dedent(LOCK_CHILD), str(path)],
+                          env=env, stdout=subprocess.PIPE, text=True) as child:
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "locked"
+            yield child
+        finally:
+            child.kill()
+            child.wait()

@@ -1,4 +1,4 @@
-"""The ivfpq-store command line: output, --json, errors and exit codes (issue 4)."""
+"""The ivfpq-store command line: output, --json, errors and exit codes."""
 
 from __future__ import annotations
 

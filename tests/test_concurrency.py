@@ -1,21 +1,30 @@
-"""Readers in other processes search while a writer adds, deletes, upserts and compacts."""
+"""Readers and writers at once: other processes and threads searching while a writer adds,
+deletes, upserts and compacts; a second writer waiting for the writer lock."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
+from conftest import DIM, make_store
 from crash_workload import vectors
+from helpers import lock_holder, run_child, synthetic, tree_fingerprint
 
 import ivfpq_store
 
 TESTS = Path(__file__).resolve().parent
 NLIST = 8
+V3 = synthetic(3, DIM, seed=99)
 READERS = 4
 WRITE_SECONDS = 4.0
 
@@ -123,3 +132,97 @@ def test_readers_never_see_deleted_or_torn_state(tmp_path):
         assert int(out) >= 5, "a reader barely searched"
     assert min(ops.values()) > 0, ops
     print(f"writer ops {ops}; reader searches {[int(out) for out, _ in outputs]}")
+
+
+def test_second_process_reads_while_first_has_store_open(tmp_path, small_data):
+    path = tmp_path / "s"
+    queries = tmp_path / "q.npy"
+    np.save(queries, small_data["queries"])
+    with make_store(path, small_data) as store:
+        mine = store.search(small_data["queries"], k=10, nprobe=4)
+        child = run_child("""
+            import sys, json, numpy as np, ivfpq_store
+            with ivfpq_store.open(sys.argv[1], readonly=True) as s:
+                d, i = s.search(np.load(sys.argv[2]), k=10, nprobe=4)
+                print(json.dumps({"ids": i.tolist(), "d": d.tolist(), "n": len(s)}))
+        """, str(path), str(queries))
+        assert child.returncode == 0, child.stderr
+        # The first process keeps writing while the child's handle was open and closed.
+        store.add(small_data["queries"][:5])
+    theirs = json.loads(child.stdout)
+    assert theirs["n"] == len(small_data["base"])
+    np.testing.assert_array_equal(np.array(theirs["ids"]), mine.ids)
+    np.testing.assert_array_equal(np.array(theirs["d"], dtype=np.float32), mine.distances)
+
+
+def test_reader_sees_later_commits_on_next_search(tmp_path, small_data):
+    path = tmp_path / "s"
+    with make_store(path, small_data, add=False) as writer, \
+            ivfpq_store.open(path, readonly=True) as reader:
+        assert (reader.search(small_data["queries"][:1], k=1, nprobe=NLIST).ids == -1).all()
+        writer.add(small_data["base"][:10], ids=np.arange(100, 110))
+        _, ids = reader.search(small_data["base"][:10], k=1, nprobe=NLIST)
+        assert len(reader) == 10
+        assert set(ids.ravel().tolist()) <= set(range(100, 110))
+
+
+def test_concurrent_searches_with_different_nprobe_do_not_interfere(shared_store_path, small_data):
+    queries = small_data["queries"]
+    with ivfpq_store.open(shared_store_path, readonly=True) as store:
+        expected = {p: store.search(queries, k=10, nprobe=p) for p in range(1, NLIST + 1)}
+        errors: list[BaseException] = []
+
+        def worker(nprobe: int) -> None:
+            try:
+                for _ in range(20):
+                    got = store.search(queries, k=10, nprobe=nprobe)
+                    np.testing.assert_array_equal(got.ids, expected[nprobe].ids)
+                    np.testing.assert_array_equal(got.distances, expected[nprobe].distances)
+            except BaseException as err:  # reported in the main thread
+                errors.append(err)
+
+        threads = [threading.Thread(target=worker, args=(p,)) for p in range(1, NLIST + 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+
+
+WRITES: list[tuple[str, Callable[[ivfpq_store.Store], object]]] = [
+    ("add", lambda s: s.add(V3)),
+    ("upsert", lambda s: s.upsert(V3, [0, 1, 2])),
+    ("delete", lambda s: s.delete([0, 1])),
+    ("compact", lambda s: s.compact()),
+    ("verify-repair", lambda s: s.verify(repair=True)),
+]
+
+
+def test_a_live_lock_holder_blocks_every_write_until_it_is_killed(tmp_path, small_data):
+    """Another process holds the writer lock: verify reports it as active (not a leftover),
+    every write waits lock_timeout, then raises StoreLockedError naming LOCK and changes
+    nothing; reads never wait. Once the holder is killed, the kernel drops its lock and
+    writes go through."""
+    path = tmp_path / "s"
+    make_store(path, small_data).close()
+    with lock_holder(path) as child, ivfpq_store.open(path, lock_timeout=0.2) as store:
+        before = tree_fingerprint(path)
+        report = store.verify()
+        assert report.ok
+        assert report.writer_active is True
+        assert report.leftovers == ()  # a live holder's pid is not a leftover
+        for name, write in WRITES:
+            with pytest.raises(ivfpq_store.StoreLockedError,
+                               match=re.escape(str(path / "LOCK")) + r".*0\.2 s"):
+                write(store)
+            assert tree_fingerprint(path) == before, name
+        assert len(store) == len(small_data["base"])
+        assert (path / "LOCK").read_text().strip() == str(child.pid)
+        # Reads never wait for the writer lock.
+        _, ids = store.search(small_data["base"][:3], k=1, nprobe=NLIST)
+        assert ids[:, 0].tolist() == [0, 1, 2]
+        child.kill()  # SIGKILL: the kernel drops the lock with the process
+        child.wait()
+        assert store.delete([0, 1, 2]) == 3  # once the lock is free
+        store.add(small_data["base"][:5])
+        assert len(store) == len(small_data["base"]) + 2

@@ -43,7 +43,7 @@ def test_cli_reference_is_generated_from_the_click_commands():
     done = run_tool("tools/gen_cli_docs.py", "--check")
     assert done.returncode == 0, (
         "docs/cli.md's command reference does not match the click commands in "
-        "ivfpq_store/cli.py; run `python tools/gen_cli_docs.py` to regenerate it\n"
+        "ivfpq_store/cli/; run `python tools/gen_cli_docs.py` to regenerate it\n"
         f"{done.stdout}{done.stderr}")
 
 

@@ -1,16 +1,20 @@
 """The C scan kernel (ivfpq_store/_scan.c): built where CI requires it, deterministic across
-threads and query blocks, safe on impossible codes, strict about its arguments. Its results
-against the exhaustive ADC reference are checked in test_search.py, for every metric."""
+threads and query blocks, safe on impossible codes, strict about its arguments, exact at any m
+and with its cached l2 list terms. Its results against the exhaustive ADC reference on every
+scan path are checked in test_search.py, for every metric."""
 
 from __future__ import annotations
 
 import itertools
+import warnings
+from typing import Any
 
 import numpy as np
 import pytest
 from conftest import KERNEL_REQUIRED, NLIST, make_store
-from helpers import synthetic
+from helpers import adc_reference, assert_valid_topk, synthetic
 
+import ivfpq_store
 from ivfpq_store import _kernel, testing
 from ivfpq_store.params import SearchParams
 from ivfpq_store.quantizer import CoarseQuantizer, Quantizer
@@ -50,7 +54,7 @@ def test_results_do_not_depend_on_threads_blocks_or_cached_terms(tmp_path, small
         with testing.search_config(store, threads=3, thread_min_rows=0, thread_min_queries=0,
                                    list_terms_budget=0, kernel_budget=5 * per_query):
             many = store.search(queries, k=15, nprobe=5)
-        assert testing.searcher(store)._terms is None  # terms were not cached this time
+        assert not testing.list_terms_cached(store)  # terms were not cached this time
     np.testing.assert_array_equal(one.ids, many.ids)
     np.testing.assert_array_equal(one.distances, many.distances)
     assert not np.isin(one.ids, np.r_[0:40, 700:760, 1490:1500]).any()
@@ -73,7 +77,7 @@ def test_impossible_codes_are_never_results(tmp_path, small_data):
     query = qz.centroids[list_no][None, :]
     kernel = _kernel.KERNEL
     assert kernel is not None
-    for terms in (searcher._list_terms(kernel), None):
+    for terms in (kernel.list_terms(qz.centroids, qz.codebooks_t, qz.norms), None):
         cost, ids = scan(
             kernel, queries=query, centroids=qz.centroids,
             codebooks_t=qz.codebooks_t, norms=qz.norms, list_terms=terms, l2=True,
@@ -105,7 +109,8 @@ def test_equal_costs_go_to_the_better_ranked_list(tmp_path, small_data, threads)
     cost, ids = scan(
         kernel, queries=small_data["queries"][:1], centroids=qz.centroids,
         codebooks_t=qz.codebooks_t, norms=qz.norms,
-        list_terms=searcher._list_terms(kernel), l2=True, list_no=np.array([list_no, list_no]),
+        list_terms=kernel.list_terms(qz.centroids, qz.codebooks_t, qz.norms), l2=True,
+        list_no=np.array([list_no, list_no]),
         records=[copy, recs], dead=[None, None], pair_start=np.array([0, 1, 2]),
         pair_q=np.array([0, 0]), pair_rank=np.array([1, 0]), k=20, cap=20, nthreads=threads)
     rank = (ids[0] >= 10_000).astype(int)
@@ -181,7 +186,7 @@ def test_kernel_rejects_inconsistent_arguments(tmp_path, small_data):
                 "pair_q": np.array([0, 1]), "pair_rank": np.array([0, 0]), "k": 5, "cap": 5,
                 "nthreads": 1}
         scan(kernel, **good)  # the baseline call works
-        bad_cases = [
+        bad_cases: list[dict[str, Any]] = [
             {"records": [recs[::2]]},  # not contiguous
             {"records": [np.zeros(3, [("id", "<i8"), ("code", "u1", (8,))])]},  # wrong m
             {"pair_start": np.array([0, 3])},  # more pairs than given
@@ -291,3 +296,50 @@ def test_concurrent_searches_from_python_threads_agree_with_serial(tmp_path, sma
     for a, b in zip(serial, parallel, strict=True):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_array_equal(a.distances, b.distances)
+
+
+@needs_kernel
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("m", [3, 5, 6, 7, 12])
+def test_kernel_at_any_m_equals_exhaustive_adc(tmp_path, metric, m):
+    """The kernel has unrolled scans for m in {4, 8, 16, 32, 64}; every other m takes the
+    generic sum, which must match the reference too."""
+    dim = 2 * m
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+        store = ivfpq_store.create(tmp_path / "s", synthetic(1500, dim, seed=1), nlist=NLIST,
+                                   m=m, nbits=5, metric=metric, seed=7)
+    with store:
+        store.add(synthetic(800, dim, seed=2))
+        store.delete(np.arange(0, 800, 9))
+        queries = synthetic(12, dim, seed=3)
+        batch = store.search(queries, k=10, nprobe=3)
+        single = store.search(queries[0], k=10, nprobe=3)
+        reference = adc_reference(store, queries, 3, metric)
+    reference = [{i: v for i, v in ref.items() if i % 9} for ref in reference]
+    assert_valid_topk(batch.distances, batch.ids, reference, higher=metric != "l2")
+    assert_valid_topk(single.distances, single.ids, reference[:1], higher=metric != "l2")
+
+
+@needs_kernel
+def test_kernel_cached_list_terms_are_those_of_the_probed_lists(tmp_path, small_data):
+    """With nprobe < nlist the kernel's lists are a subset, in an order (probe order for one
+    query, list order for a batch) where a list's position is not its number; each must
+    still be scored with its own cached l2 terms."""
+    nprobe = 3
+    with make_store(tmp_path / "s", small_data, metric="l2") as store:
+        testing.forget_list_terms(store)
+        far = int(np.argmax(((store.centroids - store.centroids[0]) ** 2).sum(1)))
+        rng = np.random.default_rng(4)
+        queries = (store.centroids[far] + rng.normal(0, 0.5, (6, store.params.dim))
+                   ).astype(np.float32)  # all near one centroid: a few lists, not 0, 1, 2
+        _, probed = testing.searcher(store).quantizer.probe(queries, nprobe)
+        assert set(probed.ravel().tolist()) != set(range(nprobe))
+        assert probed[0].tolist() != list(range(nprobe))
+        batch = store.search(queries, k=10, nprobe=nprobe)
+        assert testing.list_terms_cached(store)  # the cached terms were used
+        single = [store.search(q, k=10, nprobe=nprobe) for q in queries]
+        reference = adc_reference(store, queries, nprobe, "l2")
+    assert_valid_topk(batch.distances, batch.ids, reference, higher=False)
+    assert_valid_topk(np.concatenate([s.distances for s in single]),
+                      np.concatenate([s.ids for s in single]), reference, higher=False)

@@ -121,3 +121,16 @@ def test_implicit_string_concatenation_keeps_its_space(path):
     for line, end, start in string_seams(path):
         ok = end in " (\n/" or start in " ,.;:)—-'\"" or (end + start).strip() == ""
         assert ok, f"{path.name}:{line}: seam {end!r}|{start!r} lacks a space"
+
+
+def test_every_test_module_is_type_checked_as_a_test():
+    """pyproject.toml lists the test modules for mypy's relaxed override by name (mypy patterns
+    cannot say test_*): a module missing from the list would be checked as strictly as the
+    package."""
+    import tomllib
+
+    config = tomllib.loads((PKG.parent / "pyproject.toml").read_text())["tool"]["mypy"]
+    relaxed = next(set(o["module"]) for o in config["overrides"]
+                   if o.get("check_untyped_defs") and not o.get("disallow_untyped_defs", True))
+    modules = {p.stem for p in (PKG.parent / "tests").glob("*.py")}
+    assert modules - relaxed == set(), "add these to the tests' override in pyproject.toml"

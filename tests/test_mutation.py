@@ -1,21 +1,26 @@
-"""Deletes, upserts, compaction and refresh (issue 3)."""
+"""Deletes, upsert semantics, compaction (its plan, its sync order, automatic runs), and
+searches retried when a compaction overtakes their snapshot."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
-from conftest import DIM, NLIST, make_store
+from conftest import NLIST, make_store
+from helpers import first_event, record_io, synced_before, tree_fingerprint
 
 import ivfpq_store
 from ivfpq_store import testing
-from ivfpq_store.format import SEGMENT_PRELUDE_SIZE
 
 
 def segment_bytes(path) -> int:
     return sum(p.stat().st_size for p in (path / "segments").iterdir())
 
 
-def test_delete_counts_live_ids_and_hides_them_from_every_handle(tmp_path, small_data):
+def test_delete_counts_each_live_id_once_and_hides_them_from_every_handle(tmp_path, small_data):
+    """Repeated, unknown, negative and other-dtype ids count nothing; every handle stops
+    returning the deleted ids at once, and the store still verifies."""
     path = tmp_path / "s"
     with make_store(path, small_data) as writer, ivfpq_store.open(path, readonly=True) as reader:
         _, before = reader.search(small_data["queries"], k=5, nprobe=NLIST)
@@ -24,8 +29,18 @@ def test_delete_counts_live_ids_and_hides_them_from_every_handle(tmp_path, small
         assert writer.delete(victims) == 0
         assert len(writer) == len(reader) == len(small_data["base"]) - len(victims)
         _, after = reader.search(small_data["queries"], k=5, nprobe=NLIST)  # no refresh needed
-    assert not set(after.ravel().tolist()) & set(victims.tolist())
-    assert (after >= 0).all()  # k live results: deleted rows never crowd out live ones
+        assert not set(after.ravel().tolist()) & set(victims.tolist())
+        assert (after >= 0).all()  # k live results: deleted rows never crowd out live ones
+        live = [i for i in range(10) if i not in victims.tolist()][:2]
+        n = len(writer)
+        a, b = live
+        assert writer.delete([a, a, a, b, b, -1, 10**9, a]) == 2
+        assert len(writer) == n - 2
+        assert writer.delete(np.array([a, b, b], dtype=np.uint16)) == 0
+        _, found = reader.search(small_data["base"][[a, b]], k=10, nprobe=NLIST)
+        assert not np.isin([a, b], found).any()
+        report = writer.verify()
+        assert report.ok, report.problems
 
 
 def test_deleted_rows_do_not_crowd_out_live_ones(tmp_path, small_data):
@@ -64,18 +79,6 @@ def test_upsert_replaces_in_place_or_moves_list_and_adds_new_ids(tmp_path, small
         assert store.verify().ok
 
 
-def test_upsert_requires_ids_of_matching_length(store, small_data):
-    with pytest.raises(ivfpq_store.DimensionMismatchError, match=r"expected shape \(2,\)"):
-        store.upsert(small_data["base"][:2], ids=[1, 2, 3])
-    with pytest.raises(ivfpq_store.InvalidInputError, match="upsert needs explicit ids"):
-        store.upsert(small_data["base"][:2], ids=None)
-
-
-def test_add_of_a_live_id_points_to_upsert(store, small_data):
-    with pytest.raises(ivfpq_store.DuplicateIdError, match="use upsert"):
-        store.add(small_data["base"][:1], ids=[0])
-
-
 def test_compaction_keeps_results_and_reclaims_the_deleted_half(tmp_path, small_data):
     path = tmp_path / "s"
     queries = small_data["queries"]
@@ -104,8 +107,6 @@ def test_compaction_keeps_results_and_reclaims_the_deleted_half(tmp_path, small_
 
 
 def test_compact_dry_run_reports_without_changing_anything(tmp_path, small_data):
-    from helpers import tree_fingerprint
-
     path = tmp_path / "s"
     with make_store(path, small_data) as store:
         store.delete(np.arange(0, 300))
@@ -119,6 +120,26 @@ def test_compact_dry_run_reports_without_changing_anything(tmp_path, small_data)
     assert (plan.lists, plan.records_removed, plan.segment_bytes_before,
             plan.segment_bytes_after) == (done.lists, done.records_removed,
                                           done.segment_bytes_before, done.segment_bytes_after)
+
+
+def test_compaction_syncs_every_new_segment_before_the_switch_and_the_unlinks(
+        tmp_path, small_data, monkeypatch):
+    path = tmp_path / "s"
+    with make_store(path, small_data) as store:
+        store.delete(np.arange(0, 1500, 11))  # a few rows of every list: no auto-compaction
+        before = {p.name for p in (path / "segments").iterdir()}
+        events = record_io(monkeypatch)
+        report = store.compact()
+    after = {p.name for p in (path / "segments").iterdir()}
+    new, old = sorted(after - before), sorted(before - after)
+    assert len(report.lists) == len(new) == len(old) >= 3
+    commit = first_event(events, "commit")
+    first_unlink = min(first_event(events, "unlink", os.path.realpath(path / "segments" / name))
+                       for name in old)
+    assert commit < first_unlink  # the old files go only once nothing names them
+    for name in new:
+        assert synced_before(events, os.path.realpath(path / "segments" / name), commit), name
+    assert synced_before(events, os.path.realpath(path / "segments"), commit)
 
 
 def test_min_deleted_ratio_selects_lists(tmp_path, small_data):
@@ -190,22 +211,6 @@ def test_info_counts_deleted_and_reclaimable(tmp_path, small_data):
     assert sum(info.list_sizes) == 1400
     assert info.reclaimable_bytes == 100 * (8 + info.m)
     assert info.to_dict()["list_deleted"] == list(info.list_deleted)
-
-
-def test_readonly_store_refuses_every_write(shared_store_path, small_data):
-    with ivfpq_store.open(shared_store_path, readonly=True) as store:
-        for call in (lambda: store.delete([1]), lambda: store.compact(),
-                     lambda: store.upsert(small_data["base"][:1], ids=[1]),
-                     lambda: store.verify(repair=True)):
-            with pytest.raises(ivfpq_store.ReadOnlyStoreError):
-                call()
-
-
-def test_segment_bytes_formula(tmp_path, small_data):
-    with make_store(tmp_path / "s", small_data) as store:
-        info = store.info()
-    assert segment_bytes(tmp_path / "s") == (info.n_segments * SEGMENT_PRELUDE_SIZE
-                                             + info.ntotal * (8 + DIM // 4))
 
 
 def test_search_on_a_snapshot_overtaken_by_compaction_retries(tmp_path, small_data, monkeypatch):

@@ -1,10 +1,12 @@
 """Search correctness against independent references: brute force, an exhaustive ADC scan,
-every scan path and its tuning, ties, memory bounds."""
+every scan path and its tuning, ties, tombstones, memory bounds, the probe."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from helpers import adc_reference, assert_valid_topk, brute_force_knn, synthetic
 import ivfpq_store
 from ivfpq_store import _kernel, testing
 from ivfpq_store.search import numpy_single
+from ivfpq_store.search import searcher as searcher_module
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
@@ -283,20 +286,94 @@ def test_running_out_of_descriptors_is_not_reported_as_damage(tmp_path, small_da
     """EMFILE while mapping a segment is a process limit: it surfaces as OSError, not as
     CorruptStoreError ("the store is damaged")."""
     import errno
-
-    from ivfpq_store.storage import segments
+    import os
 
     with make_store(tmp_path / "s", small_data) as store:
         store.refresh()
-        real_open = segments.os.open
+        real_open = os.open  # what storage/segments.py opens segments with
 
         def no_fds(path, *args, **kwargs):
             if str(path).endswith(".seg"):
                 raise OSError(errno.EMFILE, "Too many open files", str(path))
             return real_open(path, *args, **kwargs)
 
-        monkeypatch.setattr(segments.os, "open", no_fds)
+        monkeypatch.setattr(os, "open", no_fds)
         with pytest.raises(OSError, match="Too many open files") as info:
             store.search(small_data["queries"][:3], k=5, nprobe=NLIST)
         assert not isinstance(info.value, ivfpq_store.CorruptStoreError)
         assert info.value.errno == errno.EMFILE
+
+
+# -- numpy scans: ties across row blocks, probing nlist - 1 lists, tombstones on a block's first row
+def tune(monkeypatch: pytest.MonkeyPatch, store: ivfpq_store.Store, **knobs: Any) -> None:
+    """Search ``store`` with these :class:`SearchConfig` knobs for the rest of the test."""
+    searcher = testing.searcher(store)
+    monkeypatch.setattr(searcher, "config", dataclasses.replace(searcher.config, **knobs))
+
+
+def test_single_query_ties_across_lists_go_to_the_better_ranked_list_in_every_block(
+        tmp_path, small_data, monkeypatch, numpy_scan):
+    """Under ip a zero query scores every candidate 0, so all candidates tie exactly and the
+    order is (probe rank, row) alone. The single-query scan, in blocks of 128 rows merged
+    one after another, returns the first k rows of its rank-0 list, not the early rows of
+    the rank-1 list that arrive in the second block."""
+    nprobe, k = 2, 20
+    with make_store(tmp_path / "s", small_data, metric="ip", add=False) as store:
+        for _ in range(3):  # every list longer than a block
+            store.add(small_data["base"])
+        m, ksub = store.params.m, store.params.ksub
+        tune(monkeypatch, store, scan_budget=m * nprobe * ksub)  # 128-row blocks
+        contents = [store.list_contents(n)[0] for n in range(NLIST)]
+        assert min(len(c) for c in contents) > 128  # each list spans two blocks
+        distances, ids = store.search(np.zeros(store.params.dim, np.float32), k=k,
+                                      nprobe=nprobe)
+    assert (distances == 0).all()
+    owner = [n for n, c in enumerate(contents) if ids[0, 0] in c]
+    assert len(owner) == 1
+    assert ids[0].tolist() == contents[owner[0]][:k].tolist()
+
+
+def test_numpy_probe_of_nlist_minus_one_lists_takes_exactly_the_nearest_ones(
+        tmp_path, small_data, numpy_scan):
+    nprobe = NLIST - 1
+    queries = small_data["queries"][:10]
+    with make_store(tmp_path / "s", small_data) as store:
+        coarse = ((queries[:, None, :].astype(np.float64) - store.centroids[None]) ** 2).sum(-1)
+        nearest = np.argsort(coarse, axis=1, kind="stable")[:, :nprobe]
+        _, probed = testing.searcher(store).quantizer.probe(queries, nprobe)
+        assert probed.shape == (len(queries), nprobe)
+        np.testing.assert_array_equal(probed, nearest)
+        contents = [set(store.list_contents(n)[0].tolist()) for n in range(NLIST)]
+        _, ids = store.search(queries, k=len(store), nprobe=nprobe)
+    for row, lists in zip(ids, nearest, strict=True):
+        want = set().union(*(contents[n] for n in lists))
+        got = row[row >= 0].tolist()
+        assert len(got) == len(set(got))
+        assert set(got) == want  # every candidate of the probed lists, none of the other one
+
+
+@pytest.mark.parametrize("path", ["batch-product", "batch-tables", "single"])
+def test_a_tombstone_on_the_first_row_of_a_block_is_never_a_result(tmp_path, small_data,
+                                                                   monkeypatch, numpy_scan,
+                                                                   path):
+    """Rows 0, 14, 28, ... and 100, 200, ... of every list are deleted: the first row of every
+    block of the batch product scan (14 rows per block for 3 queries) and of the table scans
+    (100 rows), and row 0 of each list's first piece of a single query's 512-row blocks. A
+    search that asks for every vector of every list returns exactly the live ones."""
+    with make_store(tmp_path / "s", small_data, metric="l2") as store:
+        m, ksub = store.params.m, store.params.ksub
+        single_budget = m * NLIST * ksub  # the most one query's tables may take: 512 rows
+        tune(monkeypatch, store, scan_budget=single_budget if path == "single" else 400,
+             few_queries=10**9 if path == "batch-tables" else 1)
+        if path == "single":  # the table path, not the batch fallback, scans one query
+            monkeypatch.setattr(searcher_module, "scan_batch", None)
+        rows = [store.list_contents(n)[0] for n in range(NLIST)]
+        dead = np.unique(np.concatenate([r[::14] for r in rows] + [r[::100] for r in rows]))
+        assert store.delete(dead) == len(dead)
+        queries = small_data["queries"][:1 if path == "single" else 3]
+        _, ids = store.search(queries, k=len(small_data["base"]), nprobe=NLIST)
+        live = len(store)
+    for row in ids:
+        got = row[row >= 0]
+        assert not np.isin(got, dead).any()
+        assert len(np.unique(got)) == len(got) == live

@@ -1,4 +1,4 @@
-"""Real-data checks on the bundled SIFT10K set: recall, and a faiss cross-check (must-show 3, 4)."""
+"""Real-data checks on the bundled SIFT10K set: recall, and a faiss cross-check."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Regenerate the golden format files in ``tests/data/``.
 
-The golden files freeze the on-disk format: ``tests/test_format.py`` decodes them and checks
-that re-encoding gives the same bytes. Changing them needs a format version bump and a
-changelog entry in docs/format.md; review the binary diff before committing.
+The golden files freeze the on-disk format: ``tests/test_format_header.py`` and
+``tests/test_format_segment.py`` decode them and check that re-encoding gives the same bytes.
+Changing them needs a format version bump and a changelog entry in docs/format.md; review the
+binary diff before committing.
 
 Usage::
 

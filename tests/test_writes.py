@@ -1,21 +1,69 @@
-"""Write ordering of add (issue 5 changed how segments are synced): every appended segment is
-fdatasync'ed before the catalog commit that makes its records visible, and a failed sync
-leaves the store as it was."""
+"""The write path of add and upsert: ids, progress, the write order (every appended segment,
+and the segments/ directory when files are new, synced before the catalog commit), failed
+syncs and commits, and uncommitted tails."""
 
 from __future__ import annotations
 
 import errno
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import NLIST, make_store
+from conftest import DIM, NLIST, make_store
+from helpers import first_event, record_io, segment_files, synced_before, tree_fingerprint
 
 import ivfpq_store
 from ivfpq_store.storage import atomic
 from ivfpq_store.storage.catalog import Catalog
 
 
+# -- ids and progress ---------------------------------------------------------------------------
+def test_auto_ids_continue_after_explicit_ids(store):
+    n0 = len(store)
+    explicit = store.add(np.ones((2, DIM), np.float32), ids=[5000, 7000])
+    auto = store.add(np.ones((3, DIM), np.float32))
+    assert explicit.tolist() == [5000, 7000]
+    assert auto.tolist() == [7001, 7002, 7003]
+    assert len(store) == n0 + 5
+
+
+def test_a_live_id_rejects_the_whole_add_and_points_to_upsert(store, small_data):
+    n0 = len(store)
+    before = tree_fingerprint(store.path)
+    with pytest.raises(ivfpq_store.DuplicateIdError,
+                       match=r"already in the store, first \[3\]; nothing was added "
+                             r"\(use upsert to replace them\)"):
+        store.add(small_data["queries"][:3], ids=[100_000, 3, 100_001])
+    assert len(store) == n0
+    assert tree_fingerprint(store.path) == before
+    _, ids = store.search(small_data["queries"][:3], k=5, nprobe=NLIST)
+    assert not {100_000, 100_001} & set(ids.ravel().tolist())
+    # 100000 and 100001 were not added: adding them afterwards is not a duplicate.
+    assert store.add(small_data["queries"][[0, 2]], ids=[100_000, 100_001]).tolist() == [
+        100_000, 100_001]
+    assert len(store) == n0 + 2
+
+
+def test_add_reports_progress_per_encoded_block(store, monkeypatch, scan_impl):
+    monkeypatch.setattr("ivfpq_store.quantizer.ENCODE_BLOCK", 400)
+    seen: list[int] = []
+    store.add(np.ones((1000, DIM), np.float32), progress=seen.append)
+    assert seen == [400, 400, 200]
+
+
+def test_empty_lists_have_no_segment_file(tmp_path, small_data):
+    with make_store(tmp_path / "s", small_data, add=False) as store:
+        store.add(small_data["base"][:1])
+        info = store.info()
+    files = list((tmp_path / "s" / "segments").iterdir())
+    assert info.n_segments == 1 == len(files)
+    assert sum(info.list_sizes) == 1
+    assert info.ntotal == 1
+
+
+# -- the write order ----------------------------------------------------------------------------
 def _record_syncs(monkeypatch) -> list[str]:
     synced: list[str] = []
     real = atomic.sync_file
@@ -55,6 +103,18 @@ def test_every_appended_segment_is_synced_before_the_commit(tmp_path, small_data
     assert len(synced) == len(first) + len(changed)  # once per touched segment per add
 
 
+def test_an_add_that_creates_segment_files_fsyncs_their_directory_before_the_commit(
+        tmp_path, small_data, monkeypatch):
+    with make_store(tmp_path / "s", small_data, add=False) as store:
+        events = record_io(monkeypatch)
+        store.add(small_data["base"][:400])
+    segments = os.path.realpath(tmp_path / "s" / "segments")
+    commit = first_event(events, "commit")
+    assert synced_before(events, segments, commit), events
+    for seg in sorted((tmp_path / "s" / "segments").iterdir()):  # and each new file's data
+        assert synced_before(events, os.path.realpath(seg), commit), seg.name
+
+
 @pytest.mark.parametrize("fail_at", [0, 3])
 def test_a_failed_sync_fails_the_add_and_commits_nothing(tmp_path, small_data, monkeypatch,
                                                          fail_at):
@@ -89,8 +149,6 @@ def test_a_failed_sync_fails_the_add_and_commits_nothing(tmp_path, small_data, m
 def test_a_failing_commit_is_not_hidden_by_a_failing_sync(tmp_path, small_data, monkeypatch):
     """When the catalog refuses the commit and a segment sync fails too, the caller sees
     the catalog's error (the write failed for that reason); no sync thread is left."""
-    import threading
-
     with make_store(tmp_path / "s", small_data, add=False) as store:
         def failing_sync(path: Path) -> None:
             raise OSError(errno.EIO, "injected I/O error", str(path))
@@ -106,3 +164,25 @@ def test_a_failing_commit_is_not_hidden_by_a_failing_sync(tmp_path, small_data, 
         monkeypatch.undo()
         assert len(store) == 0
         assert store.verify().ok
+
+
+# -- uncommitted tails ----------------------------------------------------------------------------
+def test_uncommitted_tail_is_ignored_then_trimmed(tmp_path, small_data):
+    path = tmp_path / "s"
+    with make_store(path, small_data) as store:
+        before = store.search(small_data["queries"], k=10, nprobe=NLIST)
+        sizes = segment_files(path)
+    victim = sorted(sizes)[0]
+    with open(path / "segments" / victim, "ab") as fh:  # what a crash after step 1 leaves
+        fh.write(b"\xff" * 1000)
+    with ivfpq_store.open(path) as store:
+        after = store.search(small_data["queries"], k=10, nprobe=NLIST)
+        np.testing.assert_array_equal(before.ids, after.ids)
+        list_no = int(victim.split("-")[0])
+        target = store.centroids[list_no][None, :]
+        store.add(target, ids=[99_999])  # lands in list_no, which must cut the tail first
+        assert store.assign(target)[0][0] == list_no
+        ids, _ = store.list_contents(list_no)
+    assert ids[-1] == 99_999
+    assert 99_999 not in ids[:-1]
+    assert segment_files(path)[victim] == sizes[victim] + 8 + store.params.m

@@ -1,22 +1,22 @@
-"""Pure byte codecs of ``ivfpq_store.format``: round trips, golden files, corruption tables.
+"""The header file's pure codec (``ivfpq_store.format.header``): round trips, the golden
+header, corruption tables.
 
-Nothing here touches a store: every test encodes or decodes bytes in memory (the golden
-files in ``tests/data/`` are only read). Struct layouts below are written out again on
-purpose, so a layout change in the codec shows up as a failure here.
+Nothing here touches a store: every test encodes or decodes bytes in memory (the golden files
+in ``tests/data/`` are only read). Struct layouts below are written out again on purpose, so a
+layout change in the codec shows up as a failure here.
 """
 
 from __future__ import annotations
 
 import struct
 import uuid
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import msgpack
 import numpy as np
 import pytest
+from helpers import GOLDEN_HEADER, GOLDEN_SEGMENT, HEADER_MAGIC, SEGMENT_MAGIC, crc, flip, patch
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -30,54 +30,18 @@ from ivfpq_store import (
     TruncatedFileError,
     UnsupportedVersionError,
 )
-from ivfpq_store.format import (
-    HEADER_VERSION,
-    SEGMENT_PRELUDE_SIZE,
-    SEGMENT_VERSION,
-    Header,
-    SectionKind,
-    SegmentPrelude,
-    decode_header,
-    decode_segment_prelude,
-    encode_header,
-    encode_segment_prelude,
-    record_dtype,
-    segment_file_name,
-)
-from ivfpq_store.format.keys import decode_id_key, decode_list_key, id_key, id_keys, list_key
-from ivfpq_store.format.records import (
-    IdEntry,
-    ListRecord,
-    StateRecord,
-    StoreMeta,
-    decode_id_entries,
-    encode_id_entries,
-)
-
-DATA = Path(__file__).parent / "data"
-GOLDEN_HEADER = DATA / "header-v1.0.ivfh"
-GOLDEN_SEGMENT = DATA / "segment-v1.0.seg"
+from ivfpq_store.format import HEADER_VERSION, Header, SectionKind, decode_header, encode_header
 
 U32_MAX = 2**32 - 1
-I64_MAX = 2**63 - 1
 U64_MAX = 2**64 - 1
 
-# -- layouts (docs/format.md §4, §5), restated independently of the codec ---------------------
-HEADER_MAGIC = b"\x89IVFPQ\r\n"
-SEGMENT_MAGIC = b"\x89IVFSG\r\n"
+# -- layout (docs/format.md §4), restated independently of the codec ---------------------------
 # magic, major, minor, flags, dim, nlist, m, nbits, metric, n_sections, table_offset,
 # store_uuid, section_table_crc32; then the prelude's own crc32 at byte 60
 PRELUDE = struct.Struct("<8sHHIIIHBBIQ16sI")
 # kind, crc32, offset, nbytes, reserved
 SECTION = struct.Struct("<IIQQQ")
-# magic, major, minor, list_no, generation, code_size, record_size, store_uuid; reserved
-# bytes 40..59; crc32 at 60
-SEG_PRELUDE = struct.Struct("<8sHHIIHH16s")
 OFF_N_SECTIONS, OFF_TABLE_OFFSET, OFF_TABLE_CRC, OFF_PRELUDE_CRC = 28, 32, 56, 60
-
-
-def crc(data: bytes | bytearray) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
 
 
 def reseal_header(buf: bytes | bytearray) -> bytes:
@@ -97,24 +61,6 @@ def reseal_header(buf: bytes | bytearray) -> bytes:
                 struct.pack_into("<I", b, at + 4, crc(b[off: off + nbytes]))
         struct.pack_into("<I", b, OFF_TABLE_CRC, crc(b[table_offset:table_end]))
     struct.pack_into("<I", b, OFF_PRELUDE_CRC, crc(b[:OFF_PRELUDE_CRC]))
-    return bytes(b)
-
-
-def reseal_segment(buf: bytes | bytearray) -> bytes:
-    b = bytearray(buf)
-    struct.pack_into("<I", b, 60, crc(b[:60]))
-    return bytes(b)
-
-
-def patch(buf: bytes, fmt: str, offset: int, *values: object) -> bytearray:
-    b = bytearray(buf)
-    struct.pack_into(fmt, b, offset, *values)
-    return b
-
-
-def flip(buf: bytes, offset: int, mask: int = 0xFF) -> bytes:
-    b = bytearray(buf)
-    b[offset] ^= mask
     return bytes(b)
 
 
@@ -148,7 +94,7 @@ def golden_header() -> Header:
         params=IndexParams(dim=8, nlist=2, m=2, nbits=2),
         store_uuid=uuid.UUID(int=1),
         centroids=np.arange(16, dtype=np.float32).reshape(2, 8),
-        codebooks=np.arange(32, dtype=np.float32).reshape(2, 4, 4) / 8,
+        codebooks=(np.arange(32, dtype=np.float32).reshape(2, 4, 4) / 8).astype(np.float32),
         metadata={"seed": 0},
     )
 
@@ -161,17 +107,13 @@ def golden_sections(h: Header) -> list[tuple[int, bytes]]:
     ]
 
 
-GOLDEN_PRELUDE = SegmentPrelude(list_no=1, generation=0, code_size=2, store_uuid=uuid.UUID(int=1))
-GOLDEN_IDS = [10, 11, 12]
-GOLDEN_CODES = [[0, 1], [2, 3], [3, 0]]
-
+# The base buffer of the corruption tables; its section table drives the cases.
 # The base buffer of the corruption tables; its section table drives the cases.
 BASE = encode_header(golden_header())
 TABLE_OFFSET = struct.unpack_from("<Q", BASE, OFF_TABLE_OFFSET)[0]
 N_SECTIONS = struct.unpack_from("<I", BASE, OFF_N_SECTIONS)[0]
 TABLE_END = TABLE_OFFSET + N_SECTIONS * SECTION.size
 ENTRIES = [SECTION.unpack_from(BASE, TABLE_OFFSET + i * SECTION.size) for i in range(N_SECTIONS)]
-SEG_BASE = encode_segment_prelude(GOLDEN_PRELUDE)
 
 
 def entry_at(i: int) -> int:
@@ -225,36 +167,6 @@ def headers(draw: st.DrawFn) -> Header:
     )
 
 
-segment_preludes = st.builds(
-    SegmentPrelude, list_no=st.integers(0, U32_MAX), generation=st.integers(0, U32_MAX),
-    code_size=st.integers(1, 0xFFFF - 8), store_uuid=st.uuids())
-
-u32s, u64s, ids63 = st.integers(0, U32_MAX), st.integers(0, U64_MAX), st.integers(0, I64_MAX)
-RECORD_STRATEGIES = {
-    StoreMeta: st.builds(
-        StoreMeta, store_uuid=st.uuids(),
-        format=st.lists(st.integers(0, 0xFFFF), min_size=2, max_size=2),
-        created=st.floats(allow_nan=False), dim=st.integers(1, 2**16),
-        nlist=st.integers(1, 2**24), m=st.integers(1, 2**16), nbits=st.integers(1, 8),
-        metric=st.sampled_from([m.label for m in Metric])),
-    StateRecord: st.builds(StateRecord, commit=u64s, ntotal=u64s, next_id=ids63, ndeleted=u64s),
-    ListRecord: st.builds(ListRecord, file=st.builds(segment_file_name, u32s, u32s),
-                          generation=u32s, count=u64s, deleted=u64s, crc32=u32s),
-}
-SAMPLE_RECORDS = {
-    StoreMeta: StoreMeta(store_uuid=uuid.UUID(int=1), format=[1, 0], created=1.5e9, dim=8,
-                         nlist=2, m=2, nbits=2, metric="l2"),
-    StateRecord: StateRecord(commit=3, ntotal=10, next_id=12, ndeleted=2),
-    ListRecord: ListRecord(file="000001-000000.seg", generation=0, count=3, deleted=1,
-                           crc32=0xDEADBEEF),
-}
-RECORD_CLASSES = list(SAMPLE_RECORDS)
-
-
-def record_ids(cls: type) -> str:
-    return cls.__name__
-
-
 # =============================================================================================
 # 1. Round trips
 # =============================================================================================
@@ -273,115 +185,8 @@ def test_header_layout_matches_hand_built_writer(h: Header) -> None:
                                             store_uuid=h.store_uuid)
 
 
-@given(segment_preludes)
-def test_segment_prelude_round_trip(p: SegmentPrelude) -> None:
-    buf = encode_segment_prelude(p)
-    assert len(buf) == SEGMENT_PRELUDE_SIZE
-    got = decode_segment_prelude(buf)
-    assert got == p
-    assert got.version == SEGMENT_VERSION
-    assert got.record_size == 8 + p.code_size
-    # Trailing record bytes after the prelude are not the prelude's business.
-    assert decode_segment_prelude(buf + bytes(3 * p.record_size)) == p
-
-
-@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
-@given(data=st.data())
-def test_record_round_trip(cls: type, data: st.DataObject) -> None:
-    rec = data.draw(RECORD_STRATEGIES[cls])
-    assert cls.from_msgpack(rec.to_msgpack()) == rec
-
-
-@given(list_no=u32s, generation=u32s, row=u64s)
-def test_id_entry_round_trip(list_no: int, generation: int, row: int) -> None:
-    entry = IdEntry(list_no=list_no, generation=generation, row=row)
-    raw = entry.encode()
-    assert raw == struct.pack("<IIQ", list_no, generation, row)
-    assert IdEntry.decode(raw) == entry
-
-
-@given(st.lists(st.tuples(u32s, u32s, u64s), max_size=20))
-def test_id_entries_round_trip(entries: list[tuple[int, int, int]]) -> None:
-    list_nos = np.array([e[0] for e in entries], dtype=np.uint32)
-    generations = np.array([e[1] for e in entries], dtype=np.uint32)
-    rows = np.array([e[2] for e in entries], dtype=np.uint64)
-    values = encode_id_entries(list_nos, generations, rows)
-    assert values == [IdEntry(*e).encode() for e in entries]
-    arr = decode_id_entries(values)
-    assert arr.shape == (len(entries),)
-    assert np.array_equal(arr["list_no"], list_nos)
-    assert np.array_equal(arr["generation"], generations)
-    assert np.array_equal(arr["row"], rows)
-
-
-@given(u32s)
-def test_list_key_round_trip(n: int) -> None:
-    key = list_key(n)
-    assert key == n.to_bytes(4, "big")
-    assert decode_list_key(key) == n
-
-
-@given(ids63)
-def test_id_key_round_trip(n: int) -> None:
-    key = id_key(n)
-    assert key == n.to_bytes(8, "big")
-    assert decode_id_key(key) == n
-
-
-@given(hnp.arrays(np.int64, st.integers(0, 20), elements=ids63))
-def test_id_keys_matches_id_key(ids: np.ndarray) -> None:
-    keys = id_keys(ids)
-    assert keys == [id_key(int(i)) for i in ids]
-    assert [decode_id_key(k) for k in keys] == ids.tolist()
-
-
-@given(st.lists(u32s))
-def test_list_key_byte_order_is_numeric_order(ns: list[int]) -> None:
-    assert sorted(list_key(n) for n in ns) == [list_key(n) for n in sorted(ns)]
-
-
-@given(st.lists(ids63))
-def test_id_key_byte_order_is_numeric_order(ns: list[int]) -> None:
-    assert sorted(id_keys(np.array(ns, dtype=np.int64))) == [id_key(n) for n in sorted(ns)]
-
-
-@pytest.mark.parametrize(("encode", "n", "key"), [
-    pytest.param(list_key, 0, b"\0\0\0\0", id="list-0"),
-    pytest.param(list_key, 1, b"\0\0\0\x01", id="list-1"),
-    pytest.param(list_key, 256, b"\0\0\x01\0", id="list-256"),
-    pytest.param(list_key, U32_MAX, b"\xff" * 4, id="list-max"),
-    pytest.param(id_key, 1, b"\0" * 7 + b"\x01", id="id-1"),
-    pytest.param(id_key, I64_MAX, b"\x7f" + b"\xff" * 7, id="id-max"),
-])
-def test_key_encoding_is_fixed_width_big_endian(encode: Callable[[int], bytes], n: int,
-                                               key: bytes) -> None:
-    assert encode(n) == key
-
-
-def test_record_dtype_layout() -> None:
-    dt = record_dtype(5)
-    assert dt.itemsize == 13
-    assert dt.fields["id"][1] == 0
-    assert dt.fields["code"][1] == 8
-    assert dt.fields["id"][0] == np.dtype("<i8")
-    assert dt.fields["code"][0] == np.dtype(("u1", (5,)))
-
-
-def test_segment_file_name() -> None:
-    assert segment_file_name(1, 23) == "000001-000023.seg"
-
-
-def test_record_msgpack_schema_is_stable() -> None:
-    """Field names and the uuid-as-16-bytes encoding are part of the format (§6.3)."""
-    assert msgpack.unpackb(SAMPLE_RECORDS[StateRecord].to_msgpack()) == {
-        "v": 1, "commit": 3, "ntotal": 10, "next_id": 12, "ndeleted": 2}
-    meta = msgpack.unpackb(SAMPLE_RECORDS[StoreMeta].to_msgpack())
-    assert meta["store_uuid"] == uuid.UUID(int=1).bytes
-    assert meta["v"] == 1
-
-
 # =============================================================================================
-# 2. Golden files
+# 2. The golden header
 # =============================================================================================
 def test_golden_header_decodes_to_known_values() -> None:
     got = decode_header(GOLDEN_HEADER.read_bytes(), source=str(GOLDEN_HEADER))
@@ -426,28 +231,6 @@ def test_golden_header_crcs_and_size() -> None:
     assert struct.unpack_from("<I", raw, OFF_PRELUDE_CRC)[0] == crc(raw[:60])
 
 
-def test_golden_segment_decodes_to_known_values() -> None:
-    raw = GOLDEN_SEGMENT.read_bytes()
-    prelude = decode_segment_prelude(raw, source=str(GOLDEN_SEGMENT))
-    assert prelude == GOLDEN_PRELUDE
-    assert prelude.version == (1, 0)
-    assert prelude.record_size == 10
-    assert len(raw) == SEGMENT_PRELUDE_SIZE + len(GOLDEN_IDS) * prelude.record_size
-    records = np.frombuffer(raw, dtype=record_dtype(2), offset=SEGMENT_PRELUDE_SIZE)
-    assert records["id"].tolist() == GOLDEN_IDS
-    assert records["code"].tolist() == GOLDEN_CODES
-
-
-def test_golden_segment_reencodes_byte_for_byte() -> None:
-    raw = GOLDEN_SEGMENT.read_bytes()
-    assert encode_segment_prelude(GOLDEN_PRELUDE) == raw[:SEGMENT_PRELUDE_SIZE]
-    assert encode_segment_prelude(decode_segment_prelude(raw)) == raw[:SEGMENT_PRELUDE_SIZE]
-    fields_ = SEG_PRELUDE.unpack_from(raw)
-    assert fields_ == (SEGMENT_MAGIC, 1, 0, 1, 0, 2, 10, uuid.UUID(int=1).bytes)
-    assert raw[40:60] == bytes(20)
-    assert struct.unpack_from("<I", raw, 60)[0] == crc(raw[:60])
-
-
 # =============================================================================================
 # 3. Corruption tables
 # =============================================================================================
@@ -468,10 +251,6 @@ def case_id(case: Bad) -> str:
 def sealed(fmt: str, offset: int, *values: object) -> Callable[[bytes], bytes]:
     """Patch a header field, then recompute every CRC."""
     return lambda b: reseal_header(patch(b, fmt, offset, *values))
-
-
-def sealed_segment(fmt: str, offset: int, *values: object) -> Callable[[bytes], bytes]:
-    return lambda b: reseal_segment(patch(b, fmt, offset, *values))
 
 
 def truncation_offsets() -> list[tuple[str, int]]:
@@ -724,199 +503,3 @@ def test_metadata_section_is_optional() -> None:
 def test_segment_is_not_a_header() -> None:
     with pytest.raises(BadMagicError, match=r"not an ivfpq header .* got b'\\x89IVFSG"):
         decode_header(GOLDEN_SEGMENT.read_bytes())
-
-
-# -- segment prelude --------------------------------------------------------------------------
-SEGMENT_BAD = [
-    Bad("empty", lambda b: b"", TruncatedFileError, "segment is 0 bytes — expected at least 64"),
-    Bad("truncated-10", lambda b: b[:10], TruncatedFileError, "segment is 10 bytes"),
-    Bad("truncated-63", lambda b: b[:63], TruncatedFileError, "segment is 63 bytes"),
-    Bad("bad-magic", lambda b: b"\0" * 8 + b[8:], BadMagicError,
-        r"not an ivfpq segment — expected magic b'\\x89IVFSG\\r\\n', got b'\\x00"),
-    Bad("header-magic", lambda b: HEADER_MAGIC + b[8:], BadMagicError, "not an ivfpq segment"),
-    Bad("future-major-2.0", sealed_segment("<HH", 8, 2, 0), UnsupportedVersionError,
-        r"segment format version 2\.0 is not readable by this reader \(1\.x\)"),
-    Bad("future-major-no-crc", lambda b: bytes(patch(b, "<H", 8, 2)), UnsupportedVersionError,
-        r"segment format version 2\.0"),
-    Bad("record-size-too-small", sealed_segment("<H", 22, 9), FormatError,
-        r"record_size 9 — expected 8 \+ code_size \(10\)"),
-    Bad("record-size-too-large", sealed_segment("<H", 22, 0xFFFF), FormatError,
-        r"record_size 65535 — expected 8 \+ code_size \(10\)"),
-    Bad("code-size-changed", sealed_segment("<H", 20, 3), FormatError,
-        r"record_size 10 — expected 8 \+ code_size \(11\)"),
-    Bad("code-size-0", sealed_segment("<HH", 20, 0, 8), FormatError,
-        "code_size 0 — expected at least 1"),
-    *(Bad(f"flip-{name}", lambda b, at=at: flip(b, at), ChecksumError,
-          "checksum mismatch in segment prelude at byte 0")
-      for name, at in [("minor", 10), ("list_no", 12), ("generation", 16), ("code_size", 20),
-                       ("record_size", 22), ("uuid", 24), ("reserved", 40), ("crc", 63)]),
-]
-
-
-@pytest.mark.parametrize("case", SEGMENT_BAD, ids=case_id)
-def test_corrupt_segment_prelude(case: Bad) -> None:
-    bad = case.mutate(SEG_BASE)
-    with pytest.raises(case.error, match=case.match) as exc:
-        decode_segment_prelude(bad, source="s.seg")
-    assert type(exc.value) is case.error
-    assert exc.value.path == "s.seg"
-    assert str(exc.value).startswith("s.seg: ")
-
-
-def test_segment_checksum_and_magic_attributes() -> None:
-    bad = flip(SEG_BASE, 12)
-    with pytest.raises(ChecksumError, match="segment prelude") as exc:
-        decode_segment_prelude(bad, source="s.seg")
-    stored = struct.unpack_from("<I", SEG_BASE, 60)[0]
-    assert (exc.value.offset, exc.value.expected, exc.value.actual) == (0, stored, crc(bad[:60]))
-
-    with pytest.raises(BadMagicError, match="not an ivfpq segment") as exc2:
-        decode_segment_prelude(b"NOTMAGIC" + SEG_BASE[8:], source="s.seg")
-    assert (exc2.value.path, exc2.value.offset) == ("s.seg", 0)
-    assert (exc2.value.expected, exc2.value.actual) == (SEGMENT_MAGIC, b"NOTMAGIC")
-
-
-def test_every_single_byte_flip_of_segment_prelude_is_detected() -> None:
-    for at in range(SEGMENT_PRELUDE_SIZE):
-        want = BadMagicError if at < 8 else UnsupportedVersionError if at < 10 else ChecksumError
-        with pytest.raises(want):
-            decode_segment_prelude(flip(SEG_BASE, at, 0x01))
-
-
-def test_segment_newer_minor_version_decodes() -> None:
-    got = decode_segment_prelude(reseal_segment(patch(SEG_BASE, "<H", 10, 3)))
-    assert got.version == (1, 3)
-    assert (got.list_no, got.generation, got.code_size) == (1, 0, 2)
-
-
-def test_segment_code_size_0_message_names_the_problem() -> None:
-    bad = reseal_segment(patch(SEG_BASE, "<HH", 20, 0, 8))
-    with pytest.raises(FormatError, match=r"code_size\W+0\b"):
-        decode_segment_prelude(bad)
-
-
-# -- msgpack records ----------------------------------------------------------------------------
-def record_map(cls: type) -> dict[str, object]:
-    return msgpack.unpackb(SAMPLE_RECORDS[cls].to_msgpack(), raw=False)
-
-
-def packed(obj: object) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
-@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
-@pytest.mark.parametrize(("v", "shown"), [pytest.param(2, "2", id="v2"),
-                                          pytest.param(0, "0", id="v0"),
-                                          pytest.param("1", "'1'", id="v-str"),
-                                          pytest.param(None, "None", id="v-nil")])
-def test_record_unknown_schema_version(cls: type, v: object, shown: str) -> None:
-    obj = record_map(cls)
-    obj["v"] = v
-    with pytest.raises(UnsupportedVersionError,
-                       match=rf"catalog {cls.__name__}: schema version {shown} — expected 1;"
-                             " upgrade") as exc:
-        cls.from_msgpack(packed(obj))
-    assert (exc.value.path, exc.value.expected, exc.value.actual) == ("catalog", 1, v)
-
-
-@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
-def test_record_without_version_is_unsupported(cls: type) -> None:
-    obj = record_map(cls)
-    del obj["v"]
-    with pytest.raises(UnsupportedVersionError, match="schema version None"):
-        cls.from_msgpack(packed(obj))
-
-
-@pytest.mark.parametrize(("cls", "name"), [
-    pytest.param(cls, f.name, id=f"{cls.__name__}-{f.name}")
-    for cls in RECORD_CLASSES for f in fields(cls)])
-def test_record_missing_field(cls: type, name: str) -> None:
-    obj = record_map(cls)
-    del obj[name]
-    with pytest.raises(FormatError, match=rf"catalog {cls.__name__}: required field '{name}' "
-                                          "is missing") as exc:
-        cls.from_msgpack(packed(obj))
-    assert type(exc.value) is FormatError
-    assert exc.value.path == "catalog"
-
-
-@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
-@pytest.mark.parametrize(("raw", "match"), [
-    pytest.param(b"", "not valid msgpack", id="empty"),
-    pytest.param(b"\xc1", "not valid msgpack", id="reserved-byte"),
-    pytest.param(b"\x92\x01", "not valid msgpack", id="truncated-array"),
-    pytest.param(b"\x81\x01\x02", "not valid msgpack", id="int-key"),
-    pytest.param(b"\x91" * 5000, "not valid msgpack", id="too-deep"),
-    pytest.param(b"\x80\x80", "not valid msgpack", id="extra-data"),
-    pytest.param(b"\x93\x01\x02\x03", "expected a msgpack map, got list", id="array"),
-    pytest.param(b"\x07", "expected a msgpack map, got int", id="int"),
-    pytest.param(b"\xa3abc", "expected a msgpack map, got str", id="str"),
-    pytest.param(b"\xd4\x05\x00", "expected a msgpack map, got ExtType", id="ext"),
-])
-def test_record_garbage_bytes(cls: type, raw: bytes, match: str) -> None:
-    with pytest.raises(FormatError, match=rf"catalog {cls.__name__}: {match}") as exc:
-        cls.from_msgpack(raw)
-    assert type(exc.value) is FormatError
-
-
-@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
-def test_record_truncated_bytes(cls: type) -> None:
-    raw = SAMPLE_RECORDS[cls].to_msgpack()
-    for n in range(len(raw)):
-        with pytest.raises(FormatError, match="not valid msgpack"):
-            cls.from_msgpack(raw[:n])
-
-
-@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
-def test_record_unknown_field_is_ignored(cls: type) -> None:
-    obj = record_map(cls)
-    obj["added_in_1_1"] = {"nested": [1, 2.5, b"\x00"]}
-    assert cls.from_msgpack(packed(obj)) == SAMPLE_RECORDS[cls]
-
-
-def test_store_meta_bad_uuid_is_format_error() -> None:
-    obj = record_map(StoreMeta)
-    obj["store_uuid"] = b"short"
-    with pytest.raises(FormatError, match="store_uuid"):
-        StoreMeta.from_msgpack(packed(obj))
-
-
-# -- id entries -------------------------------------------------------------------------------
-@pytest.mark.parametrize("size", [pytest.param(0, id="empty"), pytest.param(15, id="15"),
-                                  pytest.param(17, id="17"), pytest.param(32, id="two-entries")])
-def test_id_entry_wrong_size(size: int) -> None:
-    with pytest.raises(FormatError, match=rf"catalog id entry: {size} bytes — expected 16") as exc:
-        IdEntry.decode(bytes(size))
-    assert (exc.value.path, exc.value.expected, exc.value.actual) == ("catalog", 16, size)
-
-
-@pytest.mark.parametrize("values", [
-    pytest.param([bytes(15)], id="one-short"),
-    pytest.param([bytes(16), bytes(17)], id="one-long"),
-    pytest.param([b""], id="one-empty"),
-])
-def test_id_entries_wrong_total_size(values: list[bytes]) -> None:
-    with pytest.raises(FormatError, match=r"catalog id entry: \d+ bytes — expected 16"):
-        decode_id_entries(values)
-
-
-def test_id_entries_size_checked_per_value() -> None:
-    good = IdEntry(1, 2, 3).encode()
-    with pytest.raises(FormatError, match="catalog id entry: 15 bytes — expected 16"):
-        decode_id_entries([good[:15], good + b"\x00"])
-
-
-@pytest.mark.parametrize("name", ["", "../x.seg", "/etc/passwd", "000001-000000.seg/..",
-                                  "1-0.seg", "000001-000000.seg\n"])
-def test_list_record_refuses_names_outside_segments(name: str) -> None:
-    with pytest.raises(FormatError, match="expected a segment name"):
-        ListRecord(file=name, generation=0, count=0, deleted=0, crc32=0)
-    raw = packed({"v": 1, "file": name, "generation": 0, "count": 0, "deleted": 0, "crc32": 0})
-    with pytest.raises(FormatError, match="expected a segment name"):
-        ListRecord.from_msgpack(raw)
-
-
-def test_decode_id_entries_empty() -> None:
-    arr = decode_id_entries([])
-    assert arr.shape == (0,)
-    assert arr.dtype.names == ("list_no", "generation", "row")

@@ -1,0 +1,334 @@
+"""The catalog: its pure codecs (msgpack records, id entries, LMDB keys) and the behaviour of
+``storage/catalog.py`` on a store (the format-major check, tombstones cached per snapshot).
+
+The codec tests encode and decode bytes in memory; the record schema and key layouts are part
+of the format (docs/format.md §6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import uuid
+from collections.abc import Callable
+from dataclasses import fields
+
+import lmdb
+import msgpack
+import numpy as np
+import pytest
+from conftest import NLIST, make_store
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import ivfpq_store
+from ivfpq_store import FormatError, Metric, UnsupportedVersionError
+from ivfpq_store.format import segment_file_name
+from ivfpq_store.format.keys import (
+    META_STORE,
+    decode_id_key,
+    decode_list_key,
+    id_key,
+    id_keys,
+    list_key,
+)
+from ivfpq_store.format.records import (
+    IdEntry,
+    ListRecord,
+    StateRecord,
+    StoreMeta,
+    decode_id_entries,
+    encode_id_entries,
+)
+
+U32_MAX = 2**32 - 1
+I64_MAX = 2**63 - 1
+U64_MAX = 2**64 - 1
+
+# -- strategies and samples ---------------------------------------------------------------------
+u32s, u64s, ids63 = st.integers(0, U32_MAX), st.integers(0, U64_MAX), st.integers(0, I64_MAX)
+RECORD_STRATEGIES = {
+    StoreMeta: st.builds(
+        StoreMeta, store_uuid=st.uuids(),
+        format=st.lists(st.integers(0, 0xFFFF), min_size=2, max_size=2),
+        created=st.floats(allow_nan=False), dim=st.integers(1, 2**16),
+        nlist=st.integers(1, 2**24), m=st.integers(1, 2**16), nbits=st.integers(1, 8),
+        metric=st.sampled_from([m.label for m in Metric])),
+    StateRecord: st.builds(StateRecord, commit=u64s, ntotal=u64s, next_id=ids63, ndeleted=u64s),
+    ListRecord: st.builds(ListRecord, file=st.builds(segment_file_name, u32s, u32s),
+                          generation=u32s, count=u64s, deleted=u64s, crc32=u32s),
+}
+SAMPLE_RECORDS = {
+    StoreMeta: StoreMeta(store_uuid=uuid.UUID(int=1), format=[1, 0], created=1.5e9, dim=8,
+                         nlist=2, m=2, nbits=2, metric="l2"),
+    StateRecord: StateRecord(commit=3, ntotal=10, next_id=12, ndeleted=2),
+    ListRecord: ListRecord(file="000001-000000.seg", generation=0, count=3, deleted=1,
+                           crc32=0xDEADBEEF),
+}
+RecordClass = type[StoreMeta] | type[StateRecord] | type[ListRecord]
+RECORD_CLASSES: list[RecordClass] = list(SAMPLE_RECORDS)
+
+
+def record_ids(cls: type) -> str:
+    return cls.__name__
+
+
+# =============================================================================================
+# 1. Round trips and key layout
+# =============================================================================================
+@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
+@given(data=st.data())
+def test_record_round_trip(cls: RecordClass, data: st.DataObject) -> None:
+    rec = data.draw(RECORD_STRATEGIES[cls])
+    assert cls.from_msgpack(rec.to_msgpack()) == rec
+
+
+@given(list_no=u32s, generation=u32s, row=u64s)
+def test_id_entry_round_trip(list_no: int, generation: int, row: int) -> None:
+    entry = IdEntry(list_no=list_no, generation=generation, row=row)
+    raw = entry.encode()
+    assert raw == struct.pack("<IIQ", list_no, generation, row)
+    assert IdEntry.decode(raw) == entry
+
+
+@given(st.lists(st.tuples(u32s, u32s, u64s), max_size=20))
+def test_id_entries_round_trip(entries: list[tuple[int, int, int]]) -> None:
+    list_nos = np.array([e[0] for e in entries], dtype=np.uint32)
+    generations = np.array([e[1] for e in entries], dtype=np.uint32)
+    rows = np.array([e[2] for e in entries], dtype=np.uint64)
+    values = encode_id_entries(list_nos, generations, rows)
+    assert values == [IdEntry(*e).encode() for e in entries]
+    arr = decode_id_entries(values)
+    assert arr.shape == (len(entries),)
+    assert np.array_equal(arr["list_no"], list_nos)
+    assert np.array_equal(arr["generation"], generations)
+    assert np.array_equal(arr["row"], rows)
+
+
+@given(u32s)
+def test_list_key_round_trip(n: int) -> None:
+    key = list_key(n)
+    assert key == n.to_bytes(4, "big")
+    assert decode_list_key(key) == n
+
+
+@given(ids63)
+def test_id_key_round_trip(n: int) -> None:
+    key = id_key(n)
+    assert key == n.to_bytes(8, "big")
+    assert decode_id_key(key) == n
+
+
+@given(hnp.arrays(np.int64, st.integers(0, 20), elements=ids63))
+def test_id_keys_matches_id_key(ids: np.ndarray) -> None:
+    keys = id_keys(ids)
+    assert keys == [id_key(int(i)) for i in ids]
+    assert [decode_id_key(k) for k in keys] == ids.tolist()
+
+
+@given(st.lists(u32s))
+def test_list_key_byte_order_is_numeric_order(ns: list[int]) -> None:
+    assert sorted(list_key(n) for n in ns) == [list_key(n) for n in sorted(ns)]
+
+
+@given(st.lists(ids63))
+def test_id_key_byte_order_is_numeric_order(ns: list[int]) -> None:
+    assert sorted(id_keys(np.array(ns, dtype=np.int64))) == [id_key(n) for n in sorted(ns)]
+
+
+@pytest.mark.parametrize(("encode", "n", "key"), [
+    pytest.param(list_key, 0, b"\0\0\0\0", id="list-0"),
+    pytest.param(list_key, 1, b"\0\0\0\x01", id="list-1"),
+    pytest.param(list_key, 256, b"\0\0\x01\0", id="list-256"),
+    pytest.param(list_key, U32_MAX, b"\xff" * 4, id="list-max"),
+    pytest.param(id_key, 1, b"\0" * 7 + b"\x01", id="id-1"),
+    pytest.param(id_key, I64_MAX, b"\x7f" + b"\xff" * 7, id="id-max"),
+])
+def test_key_encoding_is_fixed_width_big_endian(encode: Callable[[int], bytes], n: int,
+                                               key: bytes) -> None:
+    assert encode(n) == key
+
+
+def test_record_msgpack_schema_is_stable() -> None:
+    """Field names and the uuid-as-16-bytes encoding are part of the format (§6.3)."""
+    assert msgpack.unpackb(SAMPLE_RECORDS[StateRecord].to_msgpack()) == {
+        "v": 1, "commit": 3, "ntotal": 10, "next_id": 12, "ndeleted": 2}
+    meta = msgpack.unpackb(SAMPLE_RECORDS[StoreMeta].to_msgpack())
+    assert meta["store_uuid"] == uuid.UUID(int=1).bytes
+    assert meta["v"] == 1
+
+
+# =============================================================================================
+# 2. Bad records
+# =============================================================================================
+def record_map(cls: type) -> dict[str, object]:
+    return msgpack.unpackb(SAMPLE_RECORDS[cls].to_msgpack(), raw=False)
+
+
+def packed(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
+@pytest.mark.parametrize(("v", "shown"), [pytest.param(2, "2", id="v2"),
+                                          pytest.param(0, "0", id="v0"),
+                                          pytest.param("1", "'1'", id="v-str"),
+                                          pytest.param(None, "None", id="v-nil")])
+def test_record_unknown_schema_version(cls: RecordClass, v: object, shown: str) -> None:
+    obj = record_map(cls)
+    obj["v"] = v
+    with pytest.raises(UnsupportedVersionError,
+                       match=rf"catalog {cls.__name__}: schema version {shown} — expected 1;"
+                             " upgrade") as exc:
+        cls.from_msgpack(packed(obj))
+    assert (exc.value.path, exc.value.expected, exc.value.actual) == ("catalog", 1, v)
+
+
+@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
+def test_record_without_version_is_unsupported(cls: RecordClass) -> None:
+    obj = record_map(cls)
+    del obj["v"]
+    with pytest.raises(UnsupportedVersionError, match="schema version None"):
+        cls.from_msgpack(packed(obj))
+
+
+@pytest.mark.parametrize(("cls", "name"), [
+    pytest.param(cls, f.name, id=f"{cls.__name__}-{f.name}")
+    for cls in RECORD_CLASSES for f in fields(cls)])
+def test_record_missing_field(cls: RecordClass, name: str) -> None:
+    obj = record_map(cls)
+    del obj[name]
+    with pytest.raises(FormatError, match=rf"catalog {cls.__name__}: required field '{name}' "
+                                          "is missing") as exc:
+        cls.from_msgpack(packed(obj))
+    assert type(exc.value) is FormatError
+    assert exc.value.path == "catalog"
+
+
+@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
+@pytest.mark.parametrize(("raw", "match"), [
+    pytest.param(b"", "not valid msgpack", id="empty"),
+    pytest.param(b"\xc1", "not valid msgpack", id="reserved-byte"),
+    pytest.param(b"\x92\x01", "not valid msgpack", id="truncated-array"),
+    pytest.param(b"\x81\x01\x02", "not valid msgpack", id="int-key"),
+    pytest.param(b"\x91" * 5000, "not valid msgpack", id="too-deep"),
+    pytest.param(b"\x80\x80", "not valid msgpack", id="extra-data"),
+    pytest.param(b"\x93\x01\x02\x03", "expected a msgpack map, got list", id="array"),
+    pytest.param(b"\x07", "expected a msgpack map, got int", id="int"),
+    pytest.param(b"\xa3abc", "expected a msgpack map, got str", id="str"),
+    pytest.param(b"\xd4\x05\x00", "expected a msgpack map, got ExtType", id="ext"),
+])
+def test_record_garbage_bytes(cls: RecordClass, raw: bytes, match: str) -> None:
+    with pytest.raises(FormatError, match=rf"catalog {cls.__name__}: {match}") as exc:
+        cls.from_msgpack(raw)
+    assert type(exc.value) is FormatError
+
+
+@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
+def test_record_truncated_bytes(cls: RecordClass) -> None:
+    raw = SAMPLE_RECORDS[cls].to_msgpack()
+    for n in range(len(raw)):
+        with pytest.raises(FormatError, match="not valid msgpack"):
+            cls.from_msgpack(raw[:n])
+
+
+@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
+def test_record_unknown_field_is_ignored(cls: RecordClass) -> None:
+    obj = record_map(cls)
+    obj["added_in_1_1"] = {"nested": [1, 2.5, b"\x00"]}
+    assert cls.from_msgpack(packed(obj)) == SAMPLE_RECORDS[cls]
+
+
+def test_store_meta_bad_uuid_is_format_error() -> None:
+    obj = record_map(StoreMeta)
+    obj["store_uuid"] = b"short"
+    with pytest.raises(FormatError, match="store_uuid"):
+        StoreMeta.from_msgpack(packed(obj))
+
+
+# -- id entries and list records ----------------------------------------------------------------
+@pytest.mark.parametrize("size", [pytest.param(0, id="empty"), pytest.param(15, id="15"),
+                                  pytest.param(17, id="17"), pytest.param(32, id="two-entries")])
+def test_id_entry_wrong_size(size: int) -> None:
+    with pytest.raises(FormatError, match=rf"catalog id entry: {size} bytes — expected 16") as exc:
+        IdEntry.decode(bytes(size))
+    assert (exc.value.path, exc.value.expected, exc.value.actual) == ("catalog", 16, size)
+
+
+@pytest.mark.parametrize("values", [
+    pytest.param([bytes(15)], id="one-short"),
+    pytest.param([bytes(16), bytes(17)], id="one-long"),
+    pytest.param([b""], id="one-empty"),
+])
+def test_id_entries_wrong_total_size(values: list[bytes]) -> None:
+    with pytest.raises(FormatError, match=r"catalog id entry: \d+ bytes — expected 16"):
+        decode_id_entries(values)
+
+
+def test_id_entries_size_checked_per_value() -> None:
+    good = IdEntry(1, 2, 3).encode()
+    with pytest.raises(FormatError, match="catalog id entry: 15 bytes — expected 16"):
+        decode_id_entries([good[:15], good + b"\x00"])
+
+
+@pytest.mark.parametrize("name", ["", "../x.seg", "/etc/passwd", "000001-000000.seg/..",
+                                  "1-0.seg", "000001-000000.seg\n"])
+def test_list_record_refuses_names_outside_segments(name: str) -> None:
+    with pytest.raises(FormatError, match="expected a segment name"):
+        ListRecord(file=name, generation=0, count=0, deleted=0, crc32=0)
+    raw = packed({"v": 1, "file": name, "generation": 0, "count": 0, "deleted": 0, "crc32": 0})
+    with pytest.raises(FormatError, match="expected a segment name"):
+        ListRecord.from_msgpack(raw)
+
+
+def test_decode_id_entries_empty() -> None:
+    arr = decode_id_entries([])
+    assert arr.shape == (0,)
+    assert arr.dtype.names == ("list_no", "generation", "row")
+
+
+# =============================================================================================
+# 3. The catalog of a store
+# =============================================================================================
+def test_a_catalog_of_a_newer_format_major_is_refused(tmp_path, small_data):
+    path = tmp_path / "s"
+    make_store(path, small_data, add=False).close()
+    env = lmdb.open(str(path / "catalog"), subdir=True, max_dbs=4)
+    try:
+        meta_db = env.open_db(b"meta")
+        with env.begin(write=True) as txn:
+            raw = txn.get(META_STORE, db=meta_db)
+            assert raw is not None
+            meta = StoreMeta.from_msgpack(raw)
+            newer = dataclasses.replace(meta, format=[2, 0])
+            txn.put(META_STORE, newer.to_msgpack(), db=meta_db)
+    finally:
+        env.close()
+    with pytest.raises(ivfpq_store.UnsupportedVersionError, match=r"\[2, 0\]"):
+        ivfpq_store.open(path)
+
+
+def test_a_reader_rereads_tombstones_when_a_list_is_rewritten_with_as_many_deleted(
+        tmp_path, small_data):
+    """A reader's cached snapshot has list L with one tombstone (generation g). The writer
+    compacts L (generation g + 1) and deletes another of its rows: L again has one tombstone,
+    at another row of another file. The reader returns neither deleted id and every live one."""
+    path = tmp_path / "s"
+    queries = small_data["queries"][:4]
+    with make_store(path, small_data) as writer, \
+            ivfpq_store.open(path, readonly=True) as reader:
+        list_no = max(range(NLIST), key=lambda n: len(writer.list_contents(n)[0]))
+        ids = writer.list_contents(list_no)[0]
+        first, second = int(ids[0]), int(ids[2])
+        writer.delete([first])
+        reader.search(queries, k=10, nprobe=NLIST)  # caches (generation g, deleted 1)
+        assert writer.compact().lists == (list_no,)
+        writer.delete([second])  # (generation g + 1, deleted 1)
+        _, found = reader.search(queries, k=len(small_data["base"]), nprobe=NLIST)
+        live = set(range(len(small_data["base"]))) - {first, second}
+    for row in found:
+        got = set(row[row >= 0].tolist())
+        assert first not in got
+        assert second not in got
+        assert got == live
