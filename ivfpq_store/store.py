@@ -181,8 +181,10 @@ class Store:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _fetch(self, list_no: int, record: ListRecord) -> np.ndarray:
-        """The committed records of a list (its segment, mapped on first use)."""
-        return self._maps.records(record.file, list_no, record.generation, record.count)
+        """The committed records of a list (its segment, mapped on first use, each record
+        checked once against the catalog's CRC)."""
+        return self._maps.records(record.file, list_no, record.generation, record.count,
+                                  record.crc32)
 
     def _snapshot_fetcher(self, catalog: Catalog, snap: CatalogSnapshot) -> RecordFetcher:
         """:meth:`_fetch` for a search on ``snap``: a segment that cannot be read because a

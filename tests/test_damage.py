@@ -24,6 +24,7 @@ from conftest import NLIST, make_store
 from helpers import assert_clean_error, lock_holder, tree_fingerprint, tree_snapshot
 
 import ivfpq_store
+from ivfpq_store import testing
 from ivfpq_store.format import SEGMENT_PRELUDE_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,6 +152,47 @@ def test_flipped_byte_in_committed_records_fails_the_checksum(path, small_data, 
     assert len(found) == 1
     assert "checksum mismatch" in found[0].message
     assert _kinds(report.problems) == ["segment"]  # the rest of the store checks out
+
+
+@pytest.mark.parametrize("damage", ["zeroed-page", "impossible-code"])
+def test_damaged_records_make_search_raise_instead_of_answer(path, small_data, scan_impl,
+                                                             damage):
+    """Records that differ from what was committed never reach a scan. A zeroed page (ids 0,
+    codes 0: the same id many times) would be scored like any record; a code byte past ksub
+    (nbits=6) would index past the numpy decoder's codebooks. Both raise CorruptStoreError,
+    on both scan paths, and verify names the segment."""
+    seg = path / "segments" / SEG
+    data = bytearray(seg.read_bytes())
+    if damage == "zeroed-page":
+        data[SEGMENT_PRELUDE_SIZE: min(len(data), 4096)] = bytes(
+            min(len(data), 4096) - SEGMENT_PRELUDE_SIZE)
+    else:
+        data[SEGMENT_PRELUDE_SIZE + 8 + 3] = 255  # record 0's last code byte (m=4)
+    seg.write_bytes(bytes(data))
+    with ivfpq_store.open(path) as store:
+        for queries in (small_data["queries"], small_data["queries"][0]):
+            with pytest.raises(ivfpq_store.CorruptStoreError, match="checksum mismatch"):
+                store.search(queries, k=10, nprobe=NLIST)
+        report = store.verify()
+    assert [p.path for p in report.problems] == [str(seg)]
+
+
+def test_records_appended_after_a_reader_checked_its_list_are_checked_too(path, small_data):
+    """A reader checks a list's records once, then only what is committed after: a clean
+    appended batch answers as the writer does; damage in the next one is found."""
+    queries = small_data["queries"]
+    with ivfpq_store.open(path, readonly=True) as reader, ivfpq_store.open(path) as writer:
+        reader.search(queries, k=10, nprobe=NLIST)  # maps and checks every list
+        writer.add(small_data["base"][:40] + 0.01)
+        assert np.array_equal(reader.search(queries, k=10, nprobe=NLIST).ids,
+                              writer.search(queries, k=10, nprobe=NLIST).ids)
+        new = small_data["base"][40:80] + 0.01
+        writer.add(new)
+        list_no = int(writer.assign(new[:1])[0][0])
+        seg = path / "segments" / testing.snapshot(writer).lists[list_no].file
+        _flip(seg, seg.stat().st_size - 1)  # the last committed record: one of that batch
+        with pytest.raises(ivfpq_store.CorruptStoreError, match="checksum mismatch"):
+            reader.search(queries, k=10, nprobe=NLIST)
 
 
 @pytest.mark.parametrize(("offset", "exc"), [

@@ -169,6 +169,18 @@ MUTANTS: tuple[Mutant, ...] = (
            "        if False:\n            raise CorruptStoreError(\n"
            "                f\"{source}: segment prelude says",
            ("tests/test_damage.py", "tests/test_format_segment.py")),
+    Mutant("search-unchecked-records",
+           "a search scores a list's records without checking them against the catalog's CRC",
+           "        if actual != crc:\n            raise CorruptStoreError(\n"
+           "                f\"{self.path}: checksum mismatch in committed records",
+           "        if False:\n            raise CorruptStoreError(\n"
+           "                f\"{self.path}: checksum mismatch in committed records",
+           ("tests/test_damage.py", "-k", "damaged_records or appended_after")),
+    Mutant("search-checks-each-record-only-on-first-map",
+           "records appended after a reader's first check of a list are never checked",
+           "if crc is not None and count > self._checked:",
+           "if crc is not None and self._checked == 0:",
+           ("tests/test_damage.py", "-k", "damaged_records or appended_after")),
     Mutant("verify-crc-inverted",
            "verify reports a checksum mismatch exactly when the checksums agree",
            "if actual != record.crc32:",

@@ -158,7 +158,13 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 
 class SegmentReader:
-    """A read-only memory map of one segment file, validated against what the catalog expects."""
+    """A read-only memory map of one segment file, validated against what the catalog expects.
+
+    The committed records are checked against the catalog's CRC-32 before they are first
+    handed out: records that differ from what was committed raise :class:`CorruptStoreError`
+    instead of reaching a search. Committed bytes never change, so each record is checked
+    once per map: a list that grows is checked from where the last check ended.
+    """
 
     def __init__(self, path: Path, expected: SegmentPrelude) -> None:
         self.path = path
@@ -166,6 +172,8 @@ class SegmentReader:
         self.dtype = record_dtype(expected.code_size)
         self._view: np.ndarray | None = None
         self._capacity = 0
+        self._checked = 0  # records whose CRC matched the catalog's
+        self._checked_crc = 0  # CRC-32 of those records
         self._lock = threading.Lock()
 
     def _remap(self, count: int) -> None:
@@ -213,15 +221,34 @@ class SegmentReader:
                                    offset=SEGMENT_PRELUDE_SIZE)
         self._capacity = capacity
 
-    def records(self, count: int) -> np.ndarray:
-        """The first ``count`` records as a read-only structured view (fields ``id``, ``code``)."""
+    def records(self, count: int, crc: int | None = None) -> np.ndarray:
+        """The first ``count`` records as a read-only structured view (fields ``id``, ``code``).
+
+        ``crc`` is the catalog's CRC-32 of those records; records not checked yet are checked
+        against it first. ``None`` skips the check (for callers that check every byte
+        themselves).
+        """
         if count == 0:
             return np.empty(0, dtype=self.dtype)
         with self._lock:
             if self._view is None or self._capacity < count:
                 self._remap(count)
             assert self._view is not None
+            if crc is not None and count > self._checked:
+                self._check(count, crc)
             return self._view[:count]
+
+    def _check(self, count: int, crc: int) -> None:
+        """Extend the checked prefix to ``count`` records, whose CRC-32 must be ``crc``."""
+        assert self._view is not None
+        new = self._view[self._checked:count].view(np.uint8).data
+        actual = crc32(new, self._checked_crc)
+        if actual != crc:
+            raise CorruptStoreError(
+                f"{self.path}: checksum mismatch in committed records "
+                f"{self._checked}..{count - 1} — expected 0x{crc:08x} (the catalog's), got "
+                f"0x{actual:08x}; the segment is damaged")
+        self._checked, self._checked_crc = count, actual
 
 
 class MapCache:
@@ -241,8 +268,10 @@ class MapCache:
         self._readers: OrderedDict[str, SegmentReader] = OrderedDict()
         self._lock = threading.Lock()
 
-    def records(self, name: str, list_no: int, generation: int, count: int) -> np.ndarray:
-        """Committed records of segment ``name`` (mapped on first use)."""
+    def records(self, name: str, list_no: int, generation: int, count: int,
+                crc: int | None = None) -> np.ndarray:
+        """Committed records of segment ``name`` (mapped on first use), checked against the
+        catalog's CRC-32 ``crc`` of them (see :meth:`SegmentReader.records`)."""
         with self._lock:
             reader = self._readers.get(name)
             if reader is None:
@@ -254,7 +283,7 @@ class MapCache:
                     self._readers.popitem(last=False)
             else:
                 self._readers.move_to_end(name)
-        return reader.records(count)
+        return reader.records(count, crc)
 
     def __len__(self) -> int:
         return len(self._readers)
