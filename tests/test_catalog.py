@@ -8,6 +8,7 @@ of the format (docs/format.md §6).
 from __future__ import annotations
 
 import dataclasses
+import re
 import struct
 import uuid
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import msgpack
 import numpy as np
 import pytest
 from conftest import NLIST, make_store
+from helpers import raw_catalog, tombstone_keys_of
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -332,3 +334,54 @@ def test_a_reader_rereads_tombstones_when_a_list_is_rewritten_with_as_many_delet
         assert first not in got
         assert second not in got
         assert got == live
+
+
+def _store_with_two_deletions(path, small_data) -> tuple[int, list[int]]:
+    """A closed store at ``path`` where one list has its first two records deleted; returns
+    that list and the two ids."""
+    with make_store(path, small_data) as store:
+        list_no = 2
+        gone = [int(i) for i in store.list_contents(list_no)[0][:2]]
+        assert store.delete(gone) == 2
+    return list_no, gone
+
+
+@pytest.mark.parametrize(("byte", "mask", "match"), [
+    pytest.param(9, 0xFF, r"tombstone for row \d+ — expected rows < \d+", id="huge-row"),
+    pytest.param(8, 0x80, r"tombstone for row \d+ — expected rows < \d+", id="top-bit"),
+])
+def test_a_tombstone_key_naming_a_row_past_the_list_is_refused(tmp_path, small_data, scan_impl,
+                                                                byte, mask, match):
+    """A damaged tombstone key (written through LMDB, so it sorts) no longer tombstones its
+    row: that deleted id must not come back. Both scans raise, verify reports."""
+    path = tmp_path / "s"
+    list_no, gone = _store_with_two_deletions(path, small_data)
+    first = tombstone_keys_of(path)[0]
+    damaged = bytearray(first)
+    damaged[byte] ^= mask
+    with raw_catalog(path) as (txn, dbs):
+        assert txn.delete(first, db=dbs["deleted"])
+        assert txn.put(bytes(damaged), b"", db=dbs["deleted"])
+    with ivfpq_store.open(path, readonly=True) as store:
+        report = store.verify()
+        with pytest.raises(ivfpq_store.CorruptStoreError, match=rf"list {list_no}: {match}"):
+            store.search(small_data["base"][gone], k=10, nprobe=NLIST)
+    assert not report.ok
+    assert [p.kind for p in report.problems] == ["tombstones"]
+    assert re.search(rf"list {list_no}: {match}", report.problems[0].message)
+
+
+def test_a_missing_tombstone_is_refused(tmp_path, small_data, scan_impl):
+    """One tombstone fewer than the list record's deleted count: refused, not half-applied."""
+    path = tmp_path / "s"
+    list_no, gone = _store_with_two_deletions(path, small_data)
+    first = tombstone_keys_of(path)[0]
+    with raw_catalog(path) as (txn, dbs):
+        assert txn.delete(first, db=dbs["deleted"])
+    with ivfpq_store.open(path, readonly=True) as store:
+        with pytest.raises(ivfpq_store.CorruptStoreError,
+                           match=rf"list {list_no}: 1 tombstones — expected 2"):
+            store.search(small_data["base"][gone], k=10, nprobe=NLIST)
+        report = store.verify()
+    assert not report.ok
+    assert "tombstones" in [p.kind for p in report.problems]
