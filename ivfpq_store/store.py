@@ -56,6 +56,7 @@ def _commit_or_none(catalog: Catalog) -> int | None:
     """The latest commit counter, or None when the catalog cannot be read (damage that
     :func:`verify_store` reports)."""
     try:
+        catalog.check_file()  # a truncated data.mdb must not be mapped past its end
         return int(catalog.snapshot().state.commit)
     except IvfpqError:
         return None

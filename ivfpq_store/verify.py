@@ -98,6 +98,7 @@ def verify_store(layout: StoreLayout, catalog: Catalog, *, repair: bool = False,
     header: list[Header] = []
     found.run("header", str(layout.header), lambda: header.append(read_header(layout.header)))
     try:
+        catalog.check_file()  # before LMDB reads a page that the file no longer holds
         snap, ids, entries, prefixes, damaged = catalog.full_view()
         meta = catalog.store_meta()
     except (IvfpqError, OSError) as err:  # CatalogError (LMDB's own), FormatError of a key...

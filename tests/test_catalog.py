@@ -8,6 +8,7 @@ of the format (docs/format.md §6).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import struct
 import uuid
@@ -43,6 +44,7 @@ from ivfpq_store.format.records import (
     decode_id_entries,
     encode_id_entries,
 )
+from ivfpq_store.storage.lmdb_file import check_data_file
 
 U32_MAX = 2**32 - 1
 I64_MAX = 2**63 - 1
@@ -385,3 +387,38 @@ def test_a_missing_tombstone_is_refused(tmp_path, small_data, scan_impl):
         report = store.verify()
     assert not report.ok
     assert "tombstones" in [p.kind for p in report.problems]
+
+
+def _newest_meta_last_page(data) -> int:
+    """mm_last_pg of the meta page with the larger txnid (LMDB 0.9, 64-bit, 4096-byte pages)."""
+    raw = data.read_bytes()[:8192]
+    metas = [struct.unpack_from("<QQ", raw, page + 16 + 120) for page in (0, 4096)]
+    return max(metas, key=lambda m: m[1])[0]
+
+
+def test_a_sound_data_mdb_that_ends_before_its_last_page_is_accepted(tmp_path):
+    """LMDB does not write pages that a transaction allocated and freed again, so a sound
+    data file may end before its meta's last page: the pages past its end are free pages,
+    which LMDB never reads. The structural check must accept it."""
+    env = lmdb.open(str(tmp_path), max_dbs=2, map_size=1 << 28)
+    try:
+        a, b = env.open_db(b"a"), env.open_db(b"b")
+        with env.begin(write=True) as txn:
+            for i in range(1000):
+                txn.put(i.to_bytes(8, "big"), b"x" * 100, db=a)
+        with env.begin(write=True) as txn:  # free pages for the next transaction to reuse
+            for i in range(200):
+                txn.delete(i.to_bytes(8, "big"), db=a)
+        with env.begin(write=True) as txn:  # allocate at the end, free most of it again
+            for i in range(200):
+                txn.put(i.to_bytes(8, "big"), b"y" * 100, db=b)
+            for i in reversed(range(50, 200)):
+                txn.delete(i.to_bytes(8, "big"), db=b)
+    finally:
+        env.close()
+    data = tmp_path / "data.mdb"
+    assert data.stat().st_size < (_newest_meta_last_page(data) + 1) * 4096
+    check_data_file(data)
+    os.truncate(data, data.stat().st_size - 4096)  # now a page in use is missing
+    with pytest.raises(ivfpq_store.CorruptStoreError, match="truncated"):
+        check_data_file(data)

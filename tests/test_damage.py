@@ -13,6 +13,8 @@ import re
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from helpers import (
     assert_clean_error,
     lock_holder,
     raw_catalog,
+    run_child,
     tombstone_keys_of,
     tree_fingerprint,
     tree_snapshot,
@@ -708,3 +711,73 @@ def test_lmdb_corruption_under_an_open_store_is_a_verify_problem(path, small_dat
         assert [p.kind for p in report.problems] == ["catalog"]
         with pytest.raises(ivfpq_store.CatalogError):
             store.search(small_data["queries"], nprobe=NLIST)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. a truncated data.mdb: refused before LMDB maps it (a read past its end is a SIGBUS)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def large_catalog(tmp_path_factory: pytest.TempPathFactory,
+                  small_data: dict[str, np.ndarray]) -> Path:
+    """A closed store whose data.mdb has a few hundred pages (20,000 ids, some deleted)."""
+    path = tmp_path_factory.mktemp("large") / "s.ivfpq"
+    with make_store(path, small_data, add=False) as store:
+        store.add(np.tile(small_data["base"], (14, 1))[:20000])
+        store.delete(np.arange(0, 20000, 7))
+    assert (path / "catalog" / "data.mdb").stat().st_size > 100 * 4096
+    return path
+
+
+OPEN_CHILD = """
+    import sys
+    import ivfpq_store
+    try:
+        ivfpq_store.open(sys.argv[1], readonly=True).close()
+    except ivfpq_store.CorruptStoreError as err:
+        print("CorruptStoreError:", err)
+    else:
+        print("opened")
+"""
+
+# Opens the sound store, then truncates data.mdb under it: verify must report, not crash.
+VERIFY_CHILD = """
+    import os, sys
+    import ivfpq_store
+    store = ivfpq_store.open(sys.argv[1], readonly=True)
+    os.truncate(os.path.join(sys.argv[1], "catalog", "data.mdb"), int(sys.argv[2]))
+    report = store.verify()
+    print("ok" if report.ok else "problems:", *[p.kind + " " + p.message for p in report.problems])
+"""
+
+
+@pytest.mark.parametrize("cut", [
+    pytest.param(lambda size: 300000, id="300000-bytes"),
+    pytest.param(lambda size: 300000 // 4096 * 4096, id="294912-bytes-page-aligned"),
+    pytest.param(lambda size: size - 4096, id="without-the-last-page"),
+    pytest.param(lambda size: size - 1, id="one-byte-short"),
+    pytest.param(lambda size: 3 * 4096, id="three-pages"),
+])
+def test_a_truncated_data_mdb_is_refused_not_a_crash(tmp_path, large_catalog, cut):
+    path = tmp_path / "s.ivfpq"
+    shutil.copytree(large_catalog, path)
+    data = path / "catalog" / "data.mdb"
+    size = cut(data.stat().st_size)
+
+    child = run_child(VERIFY_CHILD, str(path), str(size))
+    assert child.returncode == 0, (child.returncode, child.stderr)  # < 0: killed by a signal
+    assert child.stdout.startswith("problems: catalog "), child.stdout
+    assert f"{size} bytes" in child.stdout
+    assert data.stat().st_size == size
+
+    child = run_child(OPEN_CHILD, str(path))
+    assert child.returncode == 0, (child.returncode, child.stderr)
+    assert child.stdout.startswith(f"CorruptStoreError: {data}: {size} bytes"), child.stdout
+
+    cli = subprocess.run([sys.executable, "-m", "ivfpq_store", "verify", str(path)],
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert cli.returncode == 3, (cli.returncode, cli.stdout, cli.stderr)
+    assert "Traceback" not in cli.stderr
+    assert "DAMAGED" in cli.stdout
+    assert f"{size} bytes" in cli.stdout

@@ -35,6 +35,7 @@ from ..format.keys import (
 )
 from ..format.records import ListRecord, StateRecord, StoreMeta, decode_id_entries
 from ..types import I64Array
+from .lmdb_file import check_data_file
 
 __all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes"]
 
@@ -115,6 +116,10 @@ def _check_existing(path: Path) -> None:
         raise CorruptStoreError(
             f"{data}: {size} bytes — expected at least {_MIN_DATA_BYTES} for an LMDB "
             "environment; the catalog is damaged")
+    try:
+        check_data_file(data)  # a truncated file would be a SIGBUS inside LMDB, not an error
+    except OSError as err:
+        raise CatalogError(f"{data}: cannot be read: {err}") from err
 
 
 def _acquire_env(path: Path, *, create: bool, map_size: int) -> _SharedEnv:
@@ -209,6 +214,14 @@ class Catalog:
     def _write(self, action: str) -> Iterator[Any]:
         with _lmdb_errors(self.path, action), self._env.begin(write=True) as txn:
             yield txn
+
+    def check_file(self) -> None:
+        """Check ``data.mdb`` as :meth:`open` does (:func:`check_data_file`), without LMDB:
+        it may have been damaged since. Raises :class:`CorruptStoreError`."""
+        try:
+            check_data_file(self.path / "data.mdb")
+        except OSError as err:
+            raise CorruptStoreError(f"{self.path / 'data.mdb'}: cannot be read: {err}") from err
 
     # -- reads ------------------------------------------------------------------------------
     def store_meta(self) -> StoreMeta:
