@@ -22,6 +22,7 @@ from .copying import CopyReport, copy_store
 from .errors import (
     CorruptStoreError,
     InvalidInputError,
+    IvfpqError,
     StaleSnapshotError,
     StoreClosedError,
     WrongProcessError,
@@ -49,6 +50,16 @@ logger = logging.getLogger(__name__)
 
 #: A search or verify whose snapshot is overtaken by compactions this many times gives up.
 SNAPSHOT_ATTEMPTS = 20
+
+
+def _commit_or_none(catalog: Catalog) -> int | None:
+    """The latest commit counter, or None when the catalog cannot be read (damage that
+    :func:`verify_store` reports)."""
+    try:
+        catalog.check_file()  # a truncated data.mdb must not be mapped past its end
+        return int(catalog.snapshot().state.commit)
+    except IvfpqError:
+        return None
 
 
 class Store:
@@ -361,11 +372,12 @@ class Store:
                 return verify_store(self._layout, catalog, repair=True, lock=lock)
         catalog = self._live_catalog()
         for _ in range(SNAPSHOT_ATTEMPTS):
-            before = catalog.snapshot().state.commit
+            before = _commit_or_none(catalog)
             report = verify_store(self._layout, catalog)
             # Without the lock a compaction may unlink files mid-check: trust only a report
-            # whose state did not move, or a clean one.
-            if report.ok or catalog.snapshot().state.commit == before:
+            # whose state did not move, or a clean one. An unreadable catalog is reported by
+            # verify_store itself (it reads everything the snapshot reads).
+            if report.ok or before is None or _commit_or_none(catalog) == before:
                 return report
         return report
 

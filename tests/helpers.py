@@ -179,6 +179,25 @@ def segment_files(path: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in (path / "segments").iterdir()}
 
 
+@contextlib.contextmanager
+def raw_catalog(path: Path) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """One LMDB write transaction on the catalog of the closed store at ``path``, and its four
+    named databases by name, bypassing ivfpq_store: for writing damaged keys and values."""
+    env = lmdb.open(str(path / "catalog"), subdir=True, max_dbs=4)
+    try:
+        dbs = {name: env.open_db(name.encode()) for name in ("meta", "lists", "ids", "deleted")}
+        with env.begin(write=True) as txn:
+            yield txn, dbs
+    finally:
+        env.close()
+
+
+def tombstone_keys_of(path: Path) -> list[bytes]:
+    """Every key of the ``deleted`` database of the closed store at ``path``, in key order."""
+    with raw_catalog(path) as (txn, dbs):
+        return [bytes(k) for k, _ in txn.cursor(db=dbs["deleted"])]
+
+
 # -- recording syncs, unlinks and commits -----------------------------------------------------
 def _fd_path(fd: int) -> str:
     return os.path.realpath(f"/proc/self/fd/{fd}")

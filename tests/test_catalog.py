@@ -8,6 +8,8 @@ of the format (docs/format.md §6).
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import struct
 import uuid
 from collections.abc import Callable
@@ -18,6 +20,7 @@ import msgpack
 import numpy as np
 import pytest
 from conftest import NLIST, make_store
+from helpers import raw_catalog, tombstone_keys_of
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -41,6 +44,7 @@ from ivfpq_store.format.records import (
     decode_id_entries,
     encode_id_entries,
 )
+from ivfpq_store.storage.lmdb_file import check_data_file
 
 U32_MAX = 2**32 - 1
 I64_MAX = 2**63 - 1
@@ -332,3 +336,89 @@ def test_a_reader_rereads_tombstones_when_a_list_is_rewritten_with_as_many_delet
         assert first not in got
         assert second not in got
         assert got == live
+
+
+def _store_with_two_deletions(path, small_data) -> tuple[int, list[int]]:
+    """A closed store at ``path`` where one list has its first two records deleted; returns
+    that list and the two ids."""
+    with make_store(path, small_data) as store:
+        list_no = 2
+        gone = [int(i) for i in store.list_contents(list_no)[0][:2]]
+        assert store.delete(gone) == 2
+    return list_no, gone
+
+
+@pytest.mark.parametrize(("byte", "mask", "match"), [
+    pytest.param(9, 0xFF, r"tombstone for row \d+ — expected rows < \d+", id="huge-row"),
+    pytest.param(8, 0x80, r"tombstone for row \d+ — expected rows < \d+", id="top-bit"),
+])
+def test_a_tombstone_key_naming_a_row_past_the_list_is_refused(tmp_path, small_data, scan_impl,
+                                                                byte, mask, match):
+    """A damaged tombstone key (written through LMDB, so it sorts) no longer tombstones its
+    row: that deleted id must not come back. Both scans raise, verify reports."""
+    path = tmp_path / "s"
+    list_no, gone = _store_with_two_deletions(path, small_data)
+    first = tombstone_keys_of(path)[0]
+    damaged = bytearray(first)
+    damaged[byte] ^= mask
+    with raw_catalog(path) as (txn, dbs):
+        assert txn.delete(first, db=dbs["deleted"])
+        assert txn.put(bytes(damaged), b"", db=dbs["deleted"])
+    with ivfpq_store.open(path, readonly=True) as store:
+        report = store.verify()
+        with pytest.raises(ivfpq_store.CorruptStoreError, match=rf"list {list_no}: {match}"):
+            store.search(small_data["base"][gone], k=10, nprobe=NLIST)
+    assert not report.ok
+    assert [p.kind for p in report.problems] == ["tombstones"]
+    assert re.search(rf"list {list_no}: {match}", report.problems[0].message)
+
+
+def test_a_missing_tombstone_is_refused(tmp_path, small_data, scan_impl):
+    """One tombstone fewer than the list record's deleted count: refused, not half-applied."""
+    path = tmp_path / "s"
+    list_no, gone = _store_with_two_deletions(path, small_data)
+    first = tombstone_keys_of(path)[0]
+    with raw_catalog(path) as (txn, dbs):
+        assert txn.delete(first, db=dbs["deleted"])
+    with ivfpq_store.open(path, readonly=True) as store:
+        with pytest.raises(ivfpq_store.CorruptStoreError,
+                           match=rf"list {list_no}: 1 tombstones — expected 2"):
+            store.search(small_data["base"][gone], k=10, nprobe=NLIST)
+        report = store.verify()
+    assert not report.ok
+    assert "tombstones" in [p.kind for p in report.problems]
+
+
+def _newest_meta_last_page(data) -> int:
+    """mm_last_pg of the meta page with the larger txnid (LMDB 0.9, 64-bit, 4096-byte pages)."""
+    raw = data.read_bytes()[:8192]
+    metas = [struct.unpack_from("<QQ", raw, page + 16 + 120) for page in (0, 4096)]
+    return max(metas, key=lambda m: m[1])[0]
+
+
+def test_a_sound_data_mdb_that_ends_before_its_last_page_is_accepted(tmp_path):
+    """LMDB does not write pages that a transaction allocated and freed again, so a sound
+    data file may end before its meta's last page: the pages past its end are free pages,
+    which LMDB never reads. The structural check must accept it."""
+    env = lmdb.open(str(tmp_path), max_dbs=2, map_size=1 << 28)
+    try:
+        a, b = env.open_db(b"a"), env.open_db(b"b")
+        with env.begin(write=True) as txn:
+            for i in range(1000):
+                txn.put(i.to_bytes(8, "big"), b"x" * 100, db=a)
+        with env.begin(write=True) as txn:  # free pages for the next transaction to reuse
+            for i in range(200):
+                txn.delete(i.to_bytes(8, "big"), db=a)
+        with env.begin(write=True) as txn:  # allocate at the end, free most of it again
+            for i in range(200):
+                txn.put(i.to_bytes(8, "big"), b"y" * 100, db=b)
+            for i in reversed(range(50, 200)):
+                txn.delete(i.to_bytes(8, "big"), db=b)
+    finally:
+        env.close()
+    data = tmp_path / "data.mdb"
+    assert data.stat().st_size < (_newest_meta_last_page(data) + 1) * 4096
+    check_data_file(data)
+    os.truncate(data, data.stat().st_size - 4096)  # now a page in use is missing
+    with pytest.raises(ivfpq_store.CorruptStoreError, match="truncated"):
+        check_data_file(data)

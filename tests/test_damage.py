@@ -13,15 +13,27 @@ import re
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 from conftest import NLIST, make_store
-from helpers import assert_clean_error, lock_holder, tree_fingerprint, tree_snapshot
+from helpers import (
+    assert_clean_error,
+    lock_holder,
+    raw_catalog,
+    run_child,
+    tombstone_keys_of,
+    tree_fingerprint,
+    tree_snapshot,
+)
 
 import ivfpq_store
 from ivfpq_store import testing
@@ -577,3 +589,237 @@ def test_search_with_segments_dir_replaced_by_a_file_raises_a_typed_error(path, 
         assert not store.verify().ok
         with pytest.raises(ivfpq_store.CorruptStoreError, match="segment"):
             store.search(small_data["queries"], nprobe=NLIST)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. damage to the catalog: typed errors and verify problems, never another exception
+# --------------------------------------------------------------------------------------------
+
+DELETED_LIST = 2
+
+
+@pytest.fixture(scope="module")
+def pristine_with_deletions(tmp_path_factory: pytest.TempPathFactory,
+                            small_data: dict[str, np.ndarray]) -> tuple[Path, list[int]]:
+    """A closed small store whose list 2 has its first two records deleted; built once."""
+    path = tmp_path_factory.mktemp("deletions") / "s.ivfpq"
+    with make_store(path, small_data) as store:
+        gone = [int(i) for i in store.list_contents(DELETED_LIST)[0][:2]]
+        assert store.delete(gone) == 2
+    return path, gone
+
+
+@pytest.fixture
+def deletions(tmp_path: Path, pristine_with_deletions: tuple[Path, list[int]]
+              ) -> tuple[Path, list[int]]:
+    """A private copy of that store, and the two deleted ids."""
+    src, gone = pristine_with_deletions
+    dest = tmp_path / "s.ivfpq"
+    shutil.copytree(src, dest)
+    return dest, gone
+
+
+def _flip_everywhere(path: Path, needle: bytes, byte: int, mask: int) -> int:
+    """Flip byte ``byte`` of every copy of ``needle`` in the file; how many copies there were."""
+    data = bytearray(path.read_bytes())
+    at = [m.start() for m in re.finditer(re.escape(needle), data)]
+    for i in at:
+        data[i + byte] ^= mask
+    path.write_bytes(bytes(data))
+    return len(at)
+
+
+@pytest.mark.parametrize(("byte", "mask", "match"), [
+    pytest.param(9, 0xFF, r"tombstone for row \d+ — expected rows < \d+", id="huge-row"),
+    pytest.param(15, 0x04, r"tombstone rows out of order — row 1 follows row 4", id="row-4"),
+])
+def test_a_flipped_tombstone_key_in_data_mdb_is_refused(deletions, small_data, scan_impl,
+                                                        byte, mask, match):
+    """A bit flipped in data.mdb itself leaves the damaged key where it was in its page, out
+    of key order: the reader sees rows [damaged, 1]. Neither scan may return the deleted id
+    of row 0, and verify must not call the store sound."""
+    path, gone = deletions
+    first = tombstone_keys_of(path)[0]
+    assert first[:4] == DELETED_LIST.to_bytes(4, "big")
+    assert _flip_everywhere(path / "catalog" / "data.mdb", first, byte, mask) >= 1
+    with ivfpq_store.open(path, readonly=True) as store:
+        report = store.verify()
+        with pytest.raises(ivfpq_store.CorruptStoreError, match=rf"list {DELETED_LIST}: {match}"):
+            store.search(small_data["base"][gone], k=10, nprobe=NLIST)
+    assert not report.ok
+    assert any(p.kind == "tombstones" and re.search(match, p.message) for p in report.problems)
+
+
+def _put(db: str, key: bytes, value: bytes) -> Callable[[Any, dict[str, Any]], None]:
+    def damage(txn: Any, dbs: dict[str, Any]) -> None:
+        txn.put(key, value, db=dbs[db])
+    return damage
+
+
+def _rekey(db: str, key: bytes, new_key: bytes) -> Callable[[Any, dict[str, Any]], None]:
+    """Move the value of ``key`` to the malformed ``new_key``."""
+    def damage(txn: Any, dbs: dict[str, Any]) -> None:
+        value = txn.get(key, db=dbs[db])
+        assert value is not None
+        assert txn.delete(key, db=dbs[db])
+        txn.put(new_key, value, db=dbs[db])
+    return damage
+
+
+def _edit(db: str, key: bytes, change: Callable[[dict[str, Any]], None]
+          ) -> Callable[[Any, dict[str, Any]], None]:
+    """Rewrite the msgpack map under ``key`` with ``change`` applied."""
+    def damage(txn: Any, dbs: dict[str, Any]) -> None:
+        obj = msgpack.unpackb(txn.get(key, db=dbs[db]), raw=False)
+        change(obj)
+        txn.put(key, msgpack.packb(obj, use_bin_type=True), db=dbs[db])
+    return damage
+
+
+LIST_KEY = DELETED_LIST.to_bytes(4, "big")
+ID_KEY = (5).to_bytes(8, "big")  # id 5 is live in every list layout of make_store
+TOMB_PREFIX = LIST_KEY + bytes(4)
+
+CATALOG_DAMAGES = [
+    pytest.param(_put("meta", b"state", b"\xc1"), id="meta-state-not-msgpack"),
+    pytest.param(_edit("meta", b"state", lambda o: o.update(commit="7")), id="meta-state-str"),
+    pytest.param(_edit("meta", b"state", lambda o: o.update(next_id=-1)), id="meta-state-neg"),
+    pytest.param(_rekey("meta", b"state", b"stat"), id="meta-state-key-cut"),
+    pytest.param(_rekey("lists", LIST_KEY, LIST_KEY[:3]), id="lists-key-3-bytes"),
+    pytest.param(_rekey("lists", LIST_KEY, LIST_KEY + b"\x00"), id="lists-key-5-bytes"),
+    pytest.param(_put("lists", LIST_KEY, b"\x93\x01\x02\x03"), id="lists-value-array"),
+    pytest.param(_edit("lists", LIST_KEY, lambda o: o.update(count=-1)), id="lists-count-neg"),
+    pytest.param(_edit("lists", LIST_KEY, lambda o: o.update(deleted=1.5)),
+                 id="lists-deleted-float"),
+    pytest.param(_edit("lists", LIST_KEY, lambda o: o.update(generation=2**32)),
+                 id="lists-generation-u33"),
+    pytest.param(_edit("lists", LIST_KEY, lambda o: o.update(deleted=3)), id="lists-deleted-3"),
+    pytest.param(_rekey("ids", ID_KEY, ID_KEY[1:]), id="ids-key-7-bytes"),
+    pytest.param(_rekey("ids", ID_KEY, ID_KEY * 2), id="ids-key-16-bytes"),
+    pytest.param(_rekey("ids", ID_KEY, b"\xff" * 8), id="ids-key-negative-id"),
+    pytest.param(_put("ids", ID_KEY, bytes(15)), id="ids-value-15-bytes"),
+    pytest.param(_put("ids", ID_KEY, struct.pack("<IIQ", NLIST + 3, 0, 0)),
+                 id="ids-value-unknown-list"),
+    pytest.param(_put("ids", ID_KEY, struct.pack("<IIQ", 0, 0, 2**63 + 5)),
+                 id="ids-value-huge-row"),
+    pytest.param(_put("deleted", TOMB_PREFIX + bytes(6), b""), id="deleted-key-14-bytes"),
+    pytest.param(_put("deleted", TOMB_PREFIX + bytes(9), b""), id="deleted-key-17-bytes"),
+    pytest.param(_put("deleted", TOMB_PREFIX[:4], b""), id="deleted-key-4-bytes"),
+    pytest.param(_put("deleted", TOMB_PREFIX + (7).to_bytes(8, "big"), b""),
+                 id="deleted-key-extra-row"),
+]
+
+
+@pytest.mark.parametrize("damage", CATALOG_DAMAGES)
+def test_a_malformed_catalog_key_or_value_is_a_verify_problem_and_a_typed_error(
+        deletions, small_data, damage):
+    """Whatever LMDB hands back is checked before use: verify reports it and never raises,
+    and search either answers as before or raises an IvfpqError (nothing else)."""
+    path, _ = deletions
+    queries = small_data["queries"]
+    with ivfpq_store.open(path, readonly=True) as store:
+        baseline = _search_all(store, queries)
+    with raw_catalog(path) as (txn, dbs):
+        damage(txn, dbs)
+    try:
+        store = ivfpq_store.open(path, readonly=True)
+    except ivfpq_store.IvfpqError:
+        return  # refused at open: typed, and the CLI's verify reports it as damage
+    with store:
+        report = store.verify()
+        assert isinstance(report, ivfpq_store.VerifyReport)
+        assert not report.ok
+        assert all(p.message for p in report.problems)
+        try:
+            got = _search_all(store, queries)
+        except ivfpq_store.IvfpqError:
+            pass
+        else:
+            np.testing.assert_array_equal(got[0], baseline[0])
+            np.testing.assert_array_equal(got[1], baseline[1])
+
+
+def test_lmdb_corruption_under_an_open_store_is_a_verify_problem(path, small_data):
+    """Pages LMDB finds corrupt (MDB_CORRUPTED) are a catalog problem for verify, a
+    CatalogError for search; nothing else escapes."""
+    with ivfpq_store.open(path, readonly=True) as store:
+        data = path / "catalog" / "data.mdb"
+        raw = bytearray(data.read_bytes())
+        page = 4096
+        raw[2 * page:] = bytes(len(raw) - 2 * page)  # every page but the two metas
+        data.write_bytes(bytes(raw))
+        report = store.verify()
+        assert not report.ok
+        assert [p.kind for p in report.problems] == ["catalog"]
+        with pytest.raises(ivfpq_store.CatalogError):
+            store.search(small_data["queries"], nprobe=NLIST)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. a truncated data.mdb: refused before LMDB maps it (a read past its end is a SIGBUS)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def large_catalog(tmp_path_factory: pytest.TempPathFactory,
+                  small_data: dict[str, np.ndarray]) -> Path:
+    """A closed store whose data.mdb has a few hundred pages (20,000 ids, some deleted)."""
+    path = tmp_path_factory.mktemp("large") / "s.ivfpq"
+    with make_store(path, small_data, add=False) as store:
+        store.add(np.tile(small_data["base"], (14, 1))[:20000])
+        store.delete(np.arange(0, 20000, 7))
+    assert (path / "catalog" / "data.mdb").stat().st_size > 100 * 4096
+    return path
+
+
+OPEN_CHILD = """
+    import sys
+    import ivfpq_store
+    try:
+        ivfpq_store.open(sys.argv[1], readonly=True).close()
+    except ivfpq_store.CorruptStoreError as err:
+        print("CorruptStoreError:", err)
+    else:
+        print("opened")
+"""
+
+# Opens the sound store, then truncates data.mdb under it: verify must report, not crash.
+VERIFY_CHILD = """
+    import os, sys
+    import ivfpq_store
+    store = ivfpq_store.open(sys.argv[1], readonly=True)
+    os.truncate(os.path.join(sys.argv[1], "catalog", "data.mdb"), int(sys.argv[2]))
+    report = store.verify()
+    print("ok" if report.ok else "problems:", *[p.kind + " " + p.message for p in report.problems])
+"""
+
+
+@pytest.mark.parametrize("cut", [
+    pytest.param(lambda size: 300000, id="300000-bytes"),
+    pytest.param(lambda size: 300000 // 4096 * 4096, id="294912-bytes-page-aligned"),
+    pytest.param(lambda size: size - 4096, id="without-the-last-page"),
+    pytest.param(lambda size: size - 1, id="one-byte-short"),
+    pytest.param(lambda size: 3 * 4096, id="three-pages"),
+])
+def test_a_truncated_data_mdb_is_refused_not_a_crash(tmp_path, large_catalog, cut):
+    path = tmp_path / "s.ivfpq"
+    shutil.copytree(large_catalog, path)
+    data = path / "catalog" / "data.mdb"
+    size = cut(data.stat().st_size)
+
+    child = run_child(VERIFY_CHILD, str(path), str(size))
+    assert child.returncode == 0, (child.returncode, child.stderr)  # < 0: killed by a signal
+    assert child.stdout.startswith("problems: catalog "), child.stdout
+    assert f"{size} bytes" in child.stdout
+    assert data.stat().st_size == size
+
+    child = run_child(OPEN_CHILD, str(path))
+    assert child.returncode == 0, (child.returncode, child.stderr)
+    assert child.stdout.startswith(f"CorruptStoreError: {data}: {size} bytes"), child.stdout
+
+    cli = subprocess.run([sys.executable, "-m", "ivfpq_store", "verify", str(path)],
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert cli.returncode == 3, (cli.returncode, cli.stdout, cli.stderr)
+    assert "Traceback" not in cli.stderr
+    assert "DAMAGED" in cli.stdout
+    assert f"{size} bytes" in cli.stdout

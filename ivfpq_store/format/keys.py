@@ -1,5 +1,6 @@
 """LMDB key encodings (docs/format.md §6.2). Fixed-width big-endian so byte order equals
-numeric order and cursor range scans work. No I/O."""
+numeric order and cursor range scans work. Decoders check every key they are given (§6.5).
+No I/O."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import struct
 
 import numpy as np
 
+from ..errors import CorruptStoreError, FormatError
 from ..types import I64Array
 
-__all__ = ["META_STATE", "META_STORE", "decode_id_key", "decode_list_key",
-           "decode_tombstone_rows", "id_key", "id_keys", "list_key", "tombstone_keys",
-           "tombstone_prefix"]
+__all__ = ["META_STATE", "META_STORE", "TOMBSTONE_KEY_SIZE", "check_key_sizes", "decode_id_key",
+           "decode_id_keys", "decode_list_key", "decode_tombstone_rows", "id_key", "id_keys",
+           "list_key", "tombstone_keys", "tombstone_prefix"]
 
 META_STORE = b"store"
 META_STATE = b"state"
@@ -28,8 +30,17 @@ def list_key(list_no: int) -> bytes:
     return _LIST.pack(list_no)
 
 
+def check_key_sizes(keys: list[bytes], size: int, db: str) -> None:
+    """Every key of database ``db`` is ``size`` bytes, else :class:`FormatError`."""
+    bad = next((k for k in keys if len(k) != size), None)
+    if bad is not None:
+        raise FormatError(f"catalog '{db}' key {bytes(bad)[:24].hex()}: {len(bad)} bytes — "
+                          f"expected {size}", path="catalog", expected=size, actual=len(bad))
+
+
 def decode_list_key(key: bytes) -> int:
     """Inverse of :func:`list_key`."""
+    check_key_sizes([key], _LIST.size, "lists")
     return int(_LIST.unpack(key)[0])
 
 
@@ -46,7 +57,17 @@ def id_keys(ids: I64Array) -> list[bytes]:
 
 def decode_id_key(key: bytes) -> int:
     """Inverse of :func:`id_key`."""
-    return int(_ID.unpack(key)[0])
+    return int(decode_id_keys([key])[0])
+
+
+def decode_id_keys(keys: list[bytes]) -> I64Array:
+    """Vectorised :func:`decode_id_key`: each key is 8 bytes and holds an id ``<= 2**63 - 1``."""
+    check_key_sizes(keys, _ID.size, "ids")
+    raw = np.frombuffer(b"".join(keys), dtype=">u8")
+    if len(raw) and int(raw.max()) > np.iinfo(np.int64).max:
+        raise FormatError(f"catalog 'ids' key {int(raw.max())}: expected an id <= 2**63 - 1",
+                          path="catalog")
+    return raw.astype(np.int64)
 
 
 def tombstone_prefix(list_no: int, generation: int) -> bytes:
@@ -65,9 +86,30 @@ def tombstone_keys(list_nos: np.ndarray, generations: np.ndarray, rows: np.ndarr
     return [raw[i: i + TOMBSTONE_KEY_SIZE] for i in range(0, len(raw), TOMBSTONE_KEY_SIZE)]
 
 
-def decode_tombstone_rows(keys: list[bytes]) -> np.ndarray:
-    """Rows (int64) of tombstone keys that share one prefix."""
-    if not keys:
-        return np.empty(0, dtype=np.int64)
-    arr = np.frombuffer(b"".join(keys), dtype=_TOMB_DTYPE)
-    return arr["row"].astype(np.int64)
+def decode_tombstone_rows(keys: list[bytes], *, list_no: int, count: int,
+                          deleted: int) -> np.ndarray:
+    """Rows (int64) of the tombstone keys under one segment's prefix, checked against that
+    list's record (``count`` committed records, ``deleted`` of them tombstoned).
+
+    Raises
+    ------
+    FormatError
+        A key is not 16 bytes.
+    CorruptStoreError
+        The rows are not strictly increasing, not all below ``count``, or not ``deleted`` many
+        (a damaged key would otherwise hide a deletion or tombstone a live record).
+    """
+    check_key_sizes(keys, TOMBSTONE_KEY_SIZE, "deleted")
+    rows = np.frombuffer(b"".join(keys), dtype=_TOMB_DTYPE)["row"]
+    where = f"catalog list {list_no}"
+    if len(rows) != deleted:
+        raise CorruptStoreError(f"{where}: {len(rows)} tombstones — expected {deleted} (its "
+                                "record's deleted count)")
+    if len(rows) and int(rows.max()) >= count:
+        raise CorruptStoreError(f"{where}: tombstone for row {int(rows.max())} — expected rows "
+                                f"< {count} (its committed records)")
+    if len(rows) > 1 and not bool((rows[1:] > rows[:-1]).all()):
+        at = int(np.flatnonzero(rows[1:] <= rows[:-1])[0])
+        raise CorruptStoreError(f"{where}: tombstone rows out of order — row {int(rows[at + 1])} "
+                                f"follows row {int(rows[at])}; expected strictly increasing")
+    return rows.astype(np.int64)

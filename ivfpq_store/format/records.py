@@ -11,7 +11,7 @@ import re
 import struct
 import uuid
 from dataclasses import dataclass, fields
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import msgpack
 import numpy as np
@@ -24,6 +24,28 @@ __all__ = ["ID_ENTRY", "IdEntry", "ListRecord", "StateRecord", "StoreMeta",
 
 
 _SEGMENT_NAME = re.compile(r"[0-9]{6,}-[0-9]{6,}\.seg")
+_U32_MAX = 2**32 - 1
+_U64_MAX = 2**64 - 1
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field_problem(kind: str, value: object, limit: int) -> str | None:
+    """Why ``value`` does not fit a field declared as ``kind``, or None when it does."""
+    if kind == "int":
+        if not _is_int(value):
+            return "expected an int"
+        return None if 0 <= value <= limit else f"expected 0..{limit}"  # type: ignore[operator]
+    if kind == "float":
+        return None if _is_int(value) or isinstance(value, float) else "expected a number"
+    if kind == "str":
+        return None if isinstance(value, str) else "expected a str"
+    if kind == "list[int]":
+        ok = isinstance(value, list) and all(_is_int(v) and 0 <= v <= limit for v in value)
+        return None if ok else "expected an array of non-negative ints"
+    return None
 
 
 def pack(obj: dict[str, Any]) -> bytes:
@@ -47,6 +69,8 @@ class _Record:
     """Shared msgpack round trip for the dataclass records below."""
 
     VERSION = 1
+    #: Upper bounds of int fields that are narrower than u64 (their keys or checksums are u32).
+    LIMITS: ClassVar[dict[str, int]] = {}
 
     def to_msgpack(self) -> bytes:
         obj: dict[str, Any] = {"v": self.VERSION}
@@ -74,6 +98,13 @@ class _Record:
                     raise FormatError(f"catalog {what}: field {f.name!r} — expected 16 bytes, "
                                       f"got {type(value).__name__} {value!r:.40}", path="catalog")
                 value = uuid.UUID(bytes=value)
+            else:
+                # §6.3: a damaged value must not reach the code as a str, a float or a
+                # negative count; every field has the msgpack type its table gives.
+                problem = _field_problem(str(f.type), value, cls.LIMITS.get(f.name, _U64_MAX))
+                if problem is not None:
+                    raise FormatError(f"catalog {what}: field {f.name!r} — {problem}, got "
+                                      f"{type(value).__name__} {value!r:.40}", path="catalog")
             kwargs[f.name] = value
         return cls(**kwargs)
 
@@ -134,6 +165,8 @@ class ListRecord(_Record):
     count: int  # committed records; bytes after them are ignored
     deleted: int  # how many of the committed records are tombstoned
     crc32: int  # CRC-32 of the committed record bytes (count * record_size bytes after the prelude)
+
+    LIMITS: ClassVar[dict[str, int]] = {"generation": _U32_MAX, "crc32": _U32_MAX}
 
     def __post_init__(self) -> None:
         # The name is joined to segments/: never let the catalog point outside it (§6.3).

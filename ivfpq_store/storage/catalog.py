@@ -24,6 +24,9 @@ from ..errors import CatalogError, CatalogFullError, CorruptStoreError, StoreNot
 from ..format.keys import (
     META_STATE,
     META_STORE,
+    TOMBSTONE_KEY_SIZE,
+    check_key_sizes,
+    decode_id_keys,
     decode_list_key,
     decode_tombstone_rows,
     id_keys,
@@ -32,6 +35,7 @@ from ..format.keys import (
 )
 from ..format.records import ListRecord, StateRecord, StoreMeta, decode_id_entries
 from ..types import I64Array
+from .lmdb_file import check_data_file
 
 __all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes"]
 
@@ -112,6 +116,10 @@ def _check_existing(path: Path) -> None:
         raise CorruptStoreError(
             f"{data}: {size} bytes — expected at least {_MIN_DATA_BYTES} for an LMDB "
             "environment; the catalog is damaged")
+    try:
+        check_data_file(data)  # a truncated file would be a SIGBUS inside LMDB, not an error
+    except OSError as err:
+        raise CatalogError(f"{data}: cannot be read: {err}") from err
 
 
 def _acquire_env(path: Path, *, create: bool, map_size: int) -> _SharedEnv:
@@ -207,6 +215,14 @@ class Catalog:
         with _lmdb_errors(self.path, action), self._env.begin(write=True) as txn:
             yield txn
 
+    def check_file(self) -> None:
+        """Check ``data.mdb`` as :meth:`open` does (:func:`check_data_file`), without LMDB:
+        it may have been damaged since. Raises :class:`CorruptStoreError`."""
+        try:
+            check_data_file(self.path / "data.mdb")
+        except OSError as err:
+            raise CorruptStoreError(f"{self.path / 'data.mdb'}: cannot be read: {err}") from err
+
     # -- reads ------------------------------------------------------------------------------
     def store_meta(self) -> StoreMeta:
         """The record written at creation."""
@@ -228,10 +244,7 @@ class Catalog:
             cached = self._cache
             if cached is not None and cached.state.commit == state.commit:
                 return cached
-            lists = {
-                decode_list_key(k): ListRecord.from_msgpack(v)
-                for k, v in txn.cursor(db=self._dbs[b"lists"])
-            }
+            lists = self._lists(txn)
             deleted: dict[int, np.ndarray] = {}
             for list_no, record in lists.items():
                 if record.deleted == 0:
@@ -241,7 +254,7 @@ class Catalog:
                         == (record.generation, record.deleted)):
                     deleted[list_no] = cached.deleted[list_no]  # type: ignore[union-attr]
                 else:
-                    deleted[list_no] = self._tombstones(txn, list_no, record.generation)
+                    deleted[list_no] = self._tombstones(txn, list_no, record)
         snap = CatalogSnapshot(state=state, lists=lists, deleted=deleted)
         with self._cache_lock:
             if self._cache is None or self._cache.state.commit < state.commit:
@@ -259,8 +272,15 @@ class Catalog:
             raise CorruptStoreError(f"{self.path}: catalog has no 'state' record in 'meta'")
         return StateRecord.from_msgpack(raw)
 
-    def _tombstones(self, txn: Any, list_no: int, generation: int) -> np.ndarray:
-        prefix = tombstone_prefix(list_no, generation)
+    def _lists(self, txn: Any) -> dict[int, ListRecord]:
+        """Every list record; keys and values are checked by their decoders (§6.5)."""
+        return {decode_list_key(k): ListRecord.from_msgpack(v)
+                for k, v in txn.cursor(db=self._dbs[b"lists"])}
+
+    def _tombstones(self, txn: Any, list_no: int, record: ListRecord) -> np.ndarray:
+        """The tombstoned rows of ``record``'s segment, checked against it (§6.5): a damaged
+        key raises instead of hiding a deletion or tombstoning a live record."""
+        prefix = tombstone_prefix(list_no, record.generation)
         cursor = txn.cursor(db=self._dbs[b"deleted"])
         keys: list[bytes] = []
         if cursor.set_range(prefix):
@@ -268,29 +288,43 @@ class Catalog:
                 if not key.startswith(prefix):
                     break
                 keys.append(key)
-        return decode_tombstone_rows(keys)
+        try:
+            return decode_tombstone_rows(keys, list_no=list_no, count=record.count,
+                                         deleted=record.deleted)
+        except CorruptStoreError as err:
+            raise CorruptStoreError(f"{self.path}: {err}") from err
 
-    def full_view(self) -> tuple[CatalogSnapshot, I64Array, np.ndarray, dict[tuple[int, int], int]]:
+    def full_view(self) -> tuple[CatalogSnapshot, I64Array, np.ndarray,
+                                 dict[tuple[int, int], int], dict[int, str]]:
         """Everything, from one read transaction (for verify): a fresh snapshot, all ids with
-        their entries, and the number of tombstones under each (list_no, generation) prefix."""
+        their entries, the number of tombstones under each (list_no, generation) prefix, and
+        why the tombstones of a list are damaged, by list (such lists have no ``deleted``
+        entry in the snapshot)."""
         with self._read("read the whole catalog") as txn:
             state = self._state(txn)
-            lists = {decode_list_key(k): ListRecord.from_msgpack(v)
-                     for k, v in txn.cursor(db=self._dbs[b"lists"])}
-            deleted = {n: self._tombstones(txn, n, r.generation)
-                       for n, r in lists.items() if r.deleted}
+            lists = self._lists(txn)
+            deleted: dict[int, np.ndarray] = {}
+            damaged: dict[int, str] = {}
+            for n, r in lists.items():
+                if r.deleted:
+                    try:
+                        deleted[n] = self._tombstones(txn, n, r)
+                    except CorruptStoreError as err:
+                        damaged[n] = str(err)
             keys: list[bytes] = []
             values: list[bytes] = []
             for k, v in txn.cursor(db=self._dbs[b"ids"]):
                 keys.append(k)
                 values.append(v)
             prefixes: dict[tuple[int, int], int] = {}
-            for k in txn.cursor(db=self._dbs[b"deleted"]).iternext(keys=True, values=False):
-                prefix = (int.from_bytes(k[:4], "big"), int.from_bytes(k[4:8], "big"))
-                prefixes[prefix] = prefixes.get(prefix, 0) + 1
-        ids = np.frombuffer(b"".join(keys), dtype=">u8").astype(np.int64)
+            tombstones = list(txn.cursor(db=self._dbs[b"deleted"]).iternext(keys=True,
+                                                                             values=False))
+        check_key_sizes(tombstones, TOMBSTONE_KEY_SIZE, "deleted")
+        for k in tombstones:
+            prefix = (int.from_bytes(k[:4], "big"), int.from_bytes(k[4:8], "big"))
+            prefixes[prefix] = prefixes.get(prefix, 0) + 1
         snap = CatalogSnapshot(state=state, lists=lists, deleted=deleted)
-        return snap, ids, decode_id_entries(values), prefixes
+        return snap, decode_id_keys(keys), decode_id_entries(values), prefixes, damaged
 
     def live_mask(self, ids: I64Array) -> np.ndarray:
         """Boolean array: which of ``ids`` (non-negative int64) have an entry in the id map."""
@@ -299,7 +333,7 @@ class Catalog:
             found = [k for k, _ in txn.cursor(db=self._dbs[b"ids"]).getmulti(keys)]
         if not found:
             return np.zeros(len(keys), dtype=bool)
-        return np.isin(ids, np.frombuffer(b"".join(found), dtype=">u8").astype(np.int64))
+        return np.isin(ids, decode_id_keys(found))
 
     def locate(self, ids: I64Array) -> tuple[np.ndarray, np.ndarray]:
         """Where ``ids`` live: (found bool mask, entries of the found ids as a structured array)."""
