@@ -13,9 +13,10 @@ from .segments import (
     SyncJob,
     append_records,
     committed_size,
+    discard_appended,
 )
 
 __all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes", "LockState",
            "MapCache", "RecordFetcher", "SegmentReader", "StoreLayout", "SyncJob", "append_records",
-           "build_directory", "check_new_store_path", "committed_size", "fsync_dir",
-           "probe_lock", "read_header", "sync_file", "write_header", "writer_lock"]
+           "build_directory", "check_new_store_path", "committed_size", "discard_appended",
+           "fsync_dir", "probe_lock", "read_header", "sync_file", "write_header", "writer_lock"]
