@@ -185,6 +185,30 @@ def test_errors_are_one_line_on_stderr_with_exit_1(runner, files, args, message)
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("big", ["99999999999999999999999", str(2**63)], ids=["huge", "2**63"])
+def test_delete_of_an_id_beyond_int64_is_a_usage_error(runner, files, big):
+    store = created(runner, files)
+    result = run(runner, "delete", store, "5", big, code=2)
+    assert "Traceback" not in result.output
+    assert f"{big} is not in the range 0<=x<=9223372036854775807" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["add", "upsert", "delete"])
+def test_an_id_file_beyond_int64_names_the_file_and_line(runner, files, command):
+    store = created(runner, files)
+    np.save(files["dir"] / "two.npy", np.load(files["base"])[:2])
+    ids = files["dir"] / "f.txt"
+    ids.write_text("# ids\n7\n9223372036854775808\n")
+    args = (["delete", store, "--ids-file", ids] if command == "delete"
+            else [command, store, files["dir"] / "two.npy", "--ids", ids])
+    result = run(runner, *args, code=1)
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith(f"Error: {ids}:3: id 9223372036854775808 is beyond int64")
+    assert "Traceback" not in result.output
+    with ivfpq_store.open(store, readonly=True) as s:
+        assert len(s) == 0
+
+
 def test_locked_writer_is_an_error_not_a_traceback(runner, files, monkeypatch):
     store = created(runner, files)
 
