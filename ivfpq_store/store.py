@@ -28,7 +28,7 @@ from .errors import (
 )
 from .format import Header, record_dtype
 from .format.records import ListRecord
-from .params import IndexParams, SearchParams, check_ratio
+from .params import IndexParams, SearchParams, check_int, check_ratio
 from .quantizer import Quantizer
 from .reports import ListInfo, StoreInfo, list_infos, store_info
 from .search import RecordFetcher, Searcher, SearchResult
@@ -201,10 +201,15 @@ class Store:
         return fetch
 
     def list_contents(self, list_no: int) -> tuple[I64Array, U8Array]:
-        """Live ``(ids, codes)`` of one inverted list in row order, as copies (for tools)."""
+        """Live ``(ids, codes)`` of one inverted list in row order, as copies (for tools).
+
+        Raises
+        ------
+        InvalidParamsError
+            ``list_no`` is not an integer (Python or numpy; not a bool) in ``0..nlist-1``.
+        """
         catalog = self._live_catalog()
-        if not 0 <= list_no < self.params.nlist:
-            raise InvalidInputError(f"list_no: expected 0..{self.params.nlist - 1}, got {list_no}")
+        list_no = check_int("list_no", list_no, 0, self.params.nlist - 1)
         snap = catalog.snapshot()
         record = snap.lists.get(list_no)
         if record is None or record.count == 0:

@@ -220,6 +220,35 @@ def test_add_search_bad_input(mstore: ivfpq_store.Store, case: Bad) -> None:
     assert len(mstore) == n_before
 
 
+@pytest.mark.parametrize(("list_no", "match"), [
+    (1.5, r"list_no: expected an int, got float 1\.5"),
+    (1.0, r"list_no: expected an int, got float 1\.0"),
+    (np.float64(2.0), r"list_no: expected an int, got float64 .*2\.0"),
+    (True, r"list_no: expected an int, got bool True"),
+    (np.bool_(False), r"list_no: expected an int, got bool .*False"),
+    ("1", r"list_no: expected an int, got str '1'"),
+    (None, r"list_no: expected an int, got NoneType None"),
+    (-1, rf"list_no: expected 0\.\.{NLIST - 1}, got -1"),
+    (NLIST, rf"list_no: expected 0\.\.{NLIST - 1}, got {NLIST}"),
+    (2**70, rf"list_no: expected 0\.\.{NLIST - 1}, got {2**70}"),
+], ids=["float", "integral-float", "numpy-float", "bool", "numpy-bool", "str", "none",
+        "negative", "nlist", "huge"])
+def test_list_contents_needs_an_integer_list_number(mstore: ivfpq_store.Store, list_no: Any,
+                                                    match: str) -> None:
+    with pytest.raises(IPE, match=match) as excinfo:
+        mstore.list_contents(list_no)
+    assert_clean_error(excinfo.value, IPE)
+
+
+def test_list_contents_takes_numpy_integers(mstore: ivfpq_store.Store) -> None:
+    ids, codes = mstore.list_contents(2)
+    assert len(ids) > 0
+    for list_no in (np.int64(2), np.uint8(2), np.int32(2)):
+        got_ids, got_codes = mstore.list_contents(list_no)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(got_ids, ids)
+        np.testing.assert_array_equal(got_codes, codes)
+
+
 def test_value_errors_are_also_value_errors(mstore: ivfpq_store.Store) -> None:
     with pytest.raises(ValueError, match=r"expected dimension"):
         mstore.search(V3[:, :2])
