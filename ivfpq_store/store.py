@@ -37,9 +37,10 @@ from .storage import (
     CatalogSnapshot,
     MapCache,
     StoreLayout,
+    as_path,
     probe_lock,
 )
-from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
+from .types import F32Array, I64Array, Metric, PathArg, ProgressFn, U8Array
 from .verify import VerifyReport, verify_store
 from .writing import Writer
 
@@ -372,8 +373,9 @@ class Store:
                 return report
         return report
 
-    def copy(self, dest: str | os.PathLike[str]) -> CopyReport:
-        """Write a consistent backup of the store to the new directory ``dest``.
+    def copy(self, dest: PathArg) -> CopyReport:
+        """Write a consistent backup of the store to the new directory ``dest`` (a str, bytes
+        or os.PathLike; bytes are decoded with ``os.fsdecode``).
 
         Readers keep searching and writers simply wait (the copy holds the writer lock), so it
         is safe on a live store. Only committed bytes are copied: no crash leftovers, and the
@@ -383,10 +385,10 @@ class Store:
         Raises
         ------
         StoreExistsError, InvalidParamsError
-            ``dest`` exists or cannot be created.
+            ``dest`` exists or cannot be created, or is not a path.
         StoreLockedError
         """
-        return copy_store(self._layout, self.params.code_size, dest,
+        return copy_store(self._layout, self.params.code_size, as_path(dest, "dest"),
                           lambda: self._writer.locked(sweep=False))
 
     # -- inspecting -------------------------------------------------------------------------

@@ -34,7 +34,7 @@ ALLOWED = {
     "reports": {"format", "params", "storage"},
     "store": {"_validate", "compaction", "copying", "errors", "format", "params", "quantizer",
               "reports", "search", "storage", "types", "verify", "writing"},
-    "opening": {"errors", "format", "params", "storage", "store"},
+    "opening": {"errors", "format", "params", "storage", "store", "types"},
     "creation": {"_validate", "errors", "format", "opening", "params", "quantizer", "storage",
                  "store", "training", "types", "version"},
     "demo": {"creation", "opening", "datasets", "evaluation"},
