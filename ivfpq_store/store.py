@@ -356,6 +356,10 @@ class Store:
         ------
         ReadOnlyStoreError, StoreLockedError
             Only with ``repair=True``.
+        OSError, MemoryError, CatalogError, DiskFullError
+            The store could not be checked, which says nothing about damage: permission
+            denied, out of memory or address space, an I/O error, a full disk on repair
+            (:func:`ivfpq_store.verify.cannot_check` tells these apart from damage).
         """
         if repair:
             # Look at LOCK before taking it: taking it overwrites a dead writer's pid.

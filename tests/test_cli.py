@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -158,6 +162,92 @@ def test_verify_exits_3_on_damage_and_repairs_leftovers(runner, files):
     (store / "header.ivfh").write_bytes(b"junk")
     doc = json.loads(run(runner, "verify", store, "--json", code=3).stdout)
     assert doc["problems"][0]["kind"] == "open"
+
+
+def _deny_segments(monkeypatch):
+    """verify's reads of segment files fail as for a user without read permission."""
+    import builtins
+
+    from ivfpq_store import verify as verify_module
+
+    def denied(path, *args, **kwargs):
+        if str(path).endswith(".seg"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(verify_module, "open", denied, raising=False)
+
+
+def _catalog_out_of_address_space(monkeypatch):
+    """LMDB cannot map the catalog, as under a small RLIMIT_AS."""
+    import lmdb
+
+    def no_memory(path, **kwargs):
+        err = lmdb.MemoryError(f"{path}: Cannot allocate memory")
+        err.code = errno.ENOMEM  # type: ignore[misc]  # what the C extension sets
+        raise err
+
+    monkeypatch.setattr(lmdb, "open", no_memory)
+
+
+def _locked(monkeypatch):
+    from ivfpq_store import writing
+
+    @contextlib.contextmanager
+    def held(path, timeout):
+        raise ivfpq_store.StoreLockedError(f"{path}: another writer holds the store's writer "
+                                           "lock; gave up after 30 s")
+        yield
+
+    monkeypatch.setattr(writing, "writer_lock", held)
+
+
+def _verify_out_of_memory(monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(ivfpq_store.Store, "verify", no_memory)
+
+
+@pytest.mark.parametrize(("cause", "args", "reason"), [
+    (_deny_segments, [], r"\.seg: Permission denied"),
+    (_catalog_out_of_address_space, [], r"LMDB failed to open the catalog: .*Cannot allocate"),
+    (_locked, ["--repair"], r"LOCK: another writer holds the store's writer lock"),
+    (_verify_out_of_memory, ["--json"], r"out of memory"),
+], ids=["permission-denied", "address-space", "locked", "memory-error"])
+def test_verify_exits_4_when_the_store_cannot_be_checked(runner, files, monkeypatch, cause, args,
+                                                         reason):
+    """Not being able to read the store is not damage: exit 4, not 3, and the reason."""
+    store = created(runner, files)
+    run(runner, "add", store, files["base"], "-q")
+    cause(monkeypatch)
+    result = run(runner, "verify", store, *args, code=4)
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"Error: could not check {store} (this is not damage): ")
+    assert re.search(reason, result.stderr), result.stderr
+    assert "DAMAGED" not in result.output
+    monkeypatch.undo()
+    assert json.loads(run(runner, "verify", store, "--json").stdout)["ok"] is True
+
+
+def test_verify_under_an_address_space_limit_exits_4(tmp_path, small_data):
+    """The real thing: a process whose RLIMIT_AS cannot hold the catalog's 64 GiB map."""
+    path = tmp_path / "s.ivfpq"
+    with ivfpq_store.create(path, small_data["train"], nlist=NLIST, m=4, nbits=6):
+        pass
+    limit = 8 << 30
+
+    def small_address_space():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-m", "ivfpq_store", "verify", str(path)], env=env,
+                         capture_output=True, text=True, check=False, timeout=120,
+                         preexec_fn=small_address_space)
+    assert out.returncode == 4, out.stderr
+    assert "Cannot allocate memory" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -17,15 +17,20 @@ import numpy as np
 
 from ..errors import IvfpqError
 
-__all__ = ["EXIT_DAMAGED", "batch_option", "bytes_line", "cli", "emit", "existing_file",
-           "histogram", "json_option", "main", "progress", "quiet_option", "store_argument"]
+__all__ = ["EXIT_DAMAGED", "EXIT_UNCHECKED", "batch_option", "bytes_line", "cli", "emit",
+           "existing_file", "histogram", "json_option", "main", "progress", "quiet_option",
+           "store_argument"]
 
 #: Exit code of ``verify`` when the store is damaged.
 EXIT_DAMAGED = 3
+#: Exit code of ``verify`` when the store could not be checked (permission denied, out of
+#: memory, the writer lock held...): nothing is known about damage.
+EXIT_UNCHECKED = 4
 
 
 class _Group(click.Group):
-    """Translates library and OS errors into ``Error: <message>`` on stderr with exit code 1."""
+    """Translates library, OS and memory errors into ``Error: <message>`` on stderr with exit
+    code 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -35,6 +40,8 @@ class _Group(click.Group):
         except OSError as err:
             where = f"{err.filename}: " if err.filename else ""
             raise click.ClickException(f"{where}{err.strerror or err}") from err
+        except MemoryError as err:
+            raise click.ClickException(f"out of memory{f': {err}' if str(err) else ''}") from err
 
 
 def main() -> None:
