@@ -17,8 +17,8 @@ import numpy as np
 
 from ..errors import IvfpqError
 
-__all__ = ["EXIT_DAMAGED", "EXIT_UNCHECKED", "batch_option", "bytes_line", "cli", "emit",
-           "existing_file", "histogram", "json_option", "main", "progress", "quiet_option",
+__all__ = ["EXIT_DAMAGED", "EXIT_UNCHECKED", "PathType", "batch_option", "bytes_line", "cli",
+           "emit", "existing_file", "histogram", "json_option", "main", "progress", "quiet_option",
            "store_argument"]
 
 #: Exit code of ``verify`` when the store is damaged.
@@ -53,8 +53,19 @@ def main() -> None:
 
 
 # -- shared options -------------------------------------------------------------------------
-existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
-store_argument = click.argument("store", type=click.Path(path_type=Path))
+class PathType(click.Path):
+    """click.Path that refuses a NUL byte as a usage error (click would stat the path and
+    raise ValueError: no file system accepts one)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if "\0" in (value if isinstance(value, str) else str(value)):
+            self.fail(f"{value!r} contains a NUL byte", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+existing_file = PathType(exists=True, dir_okay=False, path_type=Path)
+store_argument = click.argument("store", type=PathType(path_type=Path))
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print exactly one JSON document on stdout.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="Do not show progress.")

@@ -18,6 +18,7 @@ from ..verify import cannot_check
 from .base import (
     EXIT_DAMAGED,
     EXIT_UNCHECKED,
+    PathType,
     bytes_line,
     cli,
     emit,
@@ -202,7 +203,7 @@ def _reason(err: BaseException) -> str:
 
 
 @cli.command()
-@click.argument("directory", required=False, type=click.Path(path_type=Path))
+@click.argument("directory", required=False, type=PathType(path_type=Path))
 @click.option("--nprobe", default=10, show_default=True, type=click.IntRange(1), metavar="N",
               help="Lists probed per query, at most 100.")
 @json_option

@@ -15,6 +15,7 @@ import ivfpq_store
 from ..errors import DimensionMismatchError, IvfpqError
 from ..io import open_vectors, read_ids
 from .base import (
+    PathType,
     batch_option,
     cli,
     emit,
@@ -211,7 +212,7 @@ def compact(store: Path, min_deleted_ratio: float, dry_run: bool, as_json: bool)
 
 @cli.command()
 @store_argument
-@click.argument("dest", type=click.Path(path_type=Path))
+@click.argument("dest", type=PathType(path_type=Path))
 @json_option
 def copy(store: Path, dest: Path, as_json: bool) -> None:
     """Write a consistent backup of STORE to the new directory DEST.
