@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from typing import Any
@@ -26,14 +25,14 @@ from .storage import (
 )
 from .store import Store
 from .training import kmeans, train_pq
-from .types import F32Array, Metric, ProgressFn
+from .types import F32Array, Metric, PathArg, ProgressFn
 from .version import package_version
 
 __all__ = ["create"]
 
 
 def create(
-    path: str | os.PathLike[str],
+    path: PathArg,
     training_vectors: Any,
     *,
     nlist: int,
@@ -53,8 +52,9 @@ def create(
 
     Parameters
     ----------
-    path : path-like
-        Directory to create; it must not exist (parents are created).
+    path : str, bytes or os.PathLike
+        Directory to create; it must not exist (parents are created). Bytes are decoded with
+        ``os.fsdecode``.
     training_vectors : array_like, shape (n, dim)
         Sample to train the coarse quantizer and the PQ codebooks on.
     nlist, m, nbits, metric

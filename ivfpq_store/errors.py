@@ -14,6 +14,7 @@ __all__ = [
     "ChecksumError",
     "CorruptStoreError",
     "DimensionMismatchError",
+    "DiskFullError",
     "DuplicateIdError",
     "FormatError",
     "InvalidInputError",
@@ -131,11 +132,42 @@ class ChecksumError(FormatError):
 
 
 class CatalogError(IvfpqError):
-    """The LMDB catalog failed or holds something unexpected (wraps ``lmdb.Error``)."""
+    """The LMDB catalog failed or holds something unexpected (wraps ``lmdb.Error``).
+
+    Attributes
+    ----------
+    errno : int or None
+        The operating-system error number when LMDB failed on a system call (``EACCES``,
+        ``ENOMEM``, ``EIO``...); None when LMDB itself refused (a corrupt page, a full map...).
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class CatalogFullError(CatalogError):
     """The LMDB catalog reached its map size; reopen with a larger ``map_size``."""
+
+
+class DiskFullError(IvfpqError, OSError):
+    """A write ran out of space: no space left on the device (``ENOSPC``), the disk quota
+    (``EDQUOT``) or the file-size limit (``EFBIG``). Nothing was committed: the store is as it
+    was before the write, which can be retried once space is freed.
+
+    Attributes
+    ----------
+    errno : int or None
+        ``errno.ENOSPC``, ``errno.EDQUOT`` or ``errno.EFBIG``.
+    path : str
+        The file whose write failed.
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None, path: str = "") -> None:
+        super().__init__(message)
+        # OSError's own errno slot; str() stays the message (no filename is set).
+        self.errno = errno
+        self.path = path
 
 
 class CorruptStoreError(IvfpqError):

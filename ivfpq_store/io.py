@@ -31,6 +31,7 @@ _VECS: dict[str, np.dtype[Any]] = {
 _CHECK_CHUNK = 1 << 16
 #: Rows read per chunk by VectorFile.sample.
 _SAMPLE_BATCH = 1 << 15
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 
 
 class VectorFileError(InvalidInputError):
@@ -212,7 +213,11 @@ def read_ids(path: str | os.PathLike[str]) -> np.ndarray:
         if not text:
             continue
         try:
-            values.append(int(text))
+            value = int(text)
         except ValueError:
             raise VectorFileError(f"{p}:{number}: {text!r} is not an integer id") from None
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise VectorFileError(f"{p}:{number}: id {text} is beyond int64 — expected ids in "
+                                  f"0..{_INT64_MAX} (2**63-1)")
+        values.append(value)
     return np.array(values, dtype=np.int64)

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from .errors import InvalidParamsError, StoreNotFoundError
 from .format.records import check_store_meta
 from .params import check_int, check_ratio
-from .storage import DEFAULT_MAP_SIZE, Catalog, StoreLayout, read_header
+from .storage import DEFAULT_MAP_SIZE, Catalog, StoreLayout, as_path, read_header
 from .store import Store
+from .types import PathArg
 
 __all__ = ["check_open_args", "open"]
 
@@ -28,7 +26,7 @@ def check_open_args(*, map_size: int, max_open_segments: int | None = None,
 
 
 def open(
-    path: str | os.PathLike[str],
+    path: PathArg,
     *,
     readonly: bool = False,
     map_size: int = DEFAULT_MAP_SIZE,
@@ -40,8 +38,8 @@ def open(
 
     Parameters
     ----------
-    path : path-like
-        The store directory.
+    path : str, bytes or os.PathLike
+        The store directory (bytes are decoded with ``os.fsdecode``).
     readonly : bool
         Refuse writes. Any number of readonly and writable handles, in any processes, may be
         open at once; writes are serialised by the store's lock file.
@@ -59,6 +57,9 @@ def open(
 
     Raises
     ------
+    InvalidParamsError
+        ``path`` is not a str, bytes or os.PathLike, or holds a NUL byte; or another argument
+        is out of range.
     StoreNotFoundError
         ``path`` does not exist or is not a store.
     FormatError
@@ -70,7 +71,7 @@ def open(
                     lock_timeout=lock_timeout)
     if auto_compact_ratio is not None:
         auto_compact_ratio = check_ratio("auto_compact_ratio", auto_compact_ratio)
-    layout = StoreLayout(Path(path))
+    layout = StoreLayout(as_path(path))
     if not layout.root.is_dir():
         raise StoreNotFoundError(f"{layout.root}: no such store directory")
     if not layout.looks_like_store():

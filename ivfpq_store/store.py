@@ -29,7 +29,7 @@ from .errors import (
 )
 from .format import Header, record_dtype
 from .format.records import ListRecord
-from .params import IndexParams, SearchParams, check_ratio
+from .params import IndexParams, SearchParams, check_int, check_ratio
 from .quantizer import Quantizer
 from .reports import ListInfo, StoreInfo, list_infos, store_info
 from .search import RecordFetcher, Searcher, SearchResult
@@ -38,9 +38,10 @@ from .storage import (
     CatalogSnapshot,
     MapCache,
     StoreLayout,
+    as_path,
     probe_lock,
 )
-from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
+from .types import F32Array, I64Array, Metric, PathArg, ProgressFn, U8Array
 from .verify import VerifyReport, verify_store
 from .writing import Writer
 
@@ -214,10 +215,15 @@ class Store:
         return fetch
 
     def list_contents(self, list_no: int) -> tuple[I64Array, U8Array]:
-        """Live ``(ids, codes)`` of one inverted list in row order, as copies (for tools)."""
+        """Live ``(ids, codes)`` of one inverted list in row order, as copies (for tools).
+
+        Raises
+        ------
+        InvalidParamsError
+            ``list_no`` is not an integer (Python or numpy; not a bool) in ``0..nlist-1``.
+        """
         catalog = self._live_catalog()
-        if not 0 <= list_no < self.params.nlist:
-            raise InvalidInputError(f"list_no: expected 0..{self.params.nlist - 1}, got {list_no}")
+        list_no = check_int("list_no", list_no, 0, self.params.nlist - 1)
         snap = catalog.snapshot()
         record = snap.lists.get(list_no)
         if record is None or record.count == 0:
@@ -363,6 +369,10 @@ class Store:
         ------
         ReadOnlyStoreError, StoreLockedError
             Only with ``repair=True``.
+        OSError, MemoryError, CatalogError, DiskFullError
+            The store could not be checked, which says nothing about damage: permission
+            denied, out of memory or address space, an I/O error, a full disk on repair
+            (:func:`ivfpq_store.verify.cannot_check` tells these apart from damage).
         """
         if repair:
             # Look at LOCK before taking it: taking it overwrites a dead writer's pid.
@@ -381,8 +391,9 @@ class Store:
                 return report
         return report
 
-    def copy(self, dest: str | os.PathLike[str]) -> CopyReport:
-        """Write a consistent backup of the store to the new directory ``dest``.
+    def copy(self, dest: PathArg) -> CopyReport:
+        """Write a consistent backup of the store to the new directory ``dest`` (a str, bytes
+        or os.PathLike; bytes are decoded with ``os.fsdecode``).
 
         Readers keep searching and writers simply wait (the copy holds the writer lock), so it
         is safe on a live store. Only committed bytes are copied: no crash leftovers, and the
@@ -392,10 +403,10 @@ class Store:
         Raises
         ------
         StoreExistsError, InvalidParamsError
-            ``dest`` exists or cannot be created.
+            ``dest`` exists or cannot be created, or is not a path.
         StoreLockedError
         """
-        return copy_store(self._layout, self.params.code_size, dest,
+        return copy_store(self._layout, self.params.code_size, as_path(dest, "dest"),
                           lambda: self._writer.locked(sweep=False))
 
     # -- inspecting -------------------------------------------------------------------------

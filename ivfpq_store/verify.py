@@ -2,11 +2,13 @@
 
 Reports; never raises on damage it finds. Damage makes ``ok`` false. Crash leftovers
 (uncommitted tails, orphan segment files, a dead writer's pid in LOCK) are harmless and
-reported separately; ``repair`` removes them.
+reported separately; ``repair`` removes them. What says the store could not be checked rather
+than that it is damaged (:func:`cannot_check`: permission denied, out of memory...) is raised.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import IvfpqError
+from .errors import CatalogError, DiskFullError, IvfpqError, StoreLockedError
 from .format import (
     SEGMENT_PRELUDE_SIZE,
     Header,
@@ -36,10 +38,27 @@ from .storage import (
     read_header,
 )
 
-__all__ = ["Problem", "VerifyReport", "verify_store"]
+__all__ = ["Problem", "VerifyReport", "cannot_check", "verify_store"]
 
 logger = logging.getLogger(__name__)
 _READ_CHUNK = 1 << 24
+
+#: errno values of a file that is missing or of the wrong kind: damage to the store's tree.
+_STRUCTURAL_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP})
+
+
+def cannot_check(err: BaseException) -> bool:
+    """Whether ``err`` means that the store could not be checked, which says nothing about
+    damage: permission denied, out of memory or address space, too many open files, an I/O
+    error, the writer lock held by another process, a full disk (on repair). A file that is
+    missing or of the wrong kind, or whose bytes are wrong, is damage instead."""
+    if isinstance(err, MemoryError | StoreLockedError | DiskFullError):
+        return True
+    if isinstance(err, CatalogError):  # LMDB failed on a system call, or refused the data
+        return err.errno is not None and err.errno not in _STRUCTURAL_ERRNOS
+    if isinstance(err, IvfpqError):
+        return False
+    return isinstance(err, OSError) and err.errno not in _STRUCTURAL_ERRNOS
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +94,13 @@ class _Findings:
     checked: dict[str, int] = field(default_factory=dict)
 
     def run(self, kind: str, path: str, check: Callable[[], None]) -> bool:
-        """Run one check; any error it raises becomes a problem instead of escaping."""
+        """Run one check; an error it raises becomes a problem instead of escaping, unless it
+        means that the check could not be made (:func:`cannot_check`)."""
         try:
             check()
         except (IvfpqError, OSError, ValueError) as err:
+            if cannot_check(err):
+                raise
             self.problems.append(Problem(kind, str(err), path))
             return False
         return True
@@ -102,6 +124,8 @@ def verify_store(layout: StoreLayout, catalog: Catalog, *, repair: bool = False,
         snap, ids, entries, prefixes, damaged = catalog.full_view()
         meta = catalog.store_meta()
     except (IvfpqError, OSError) as err:  # CatalogError (LMDB's own), FormatError of a key...
+        if cannot_check(err):
+            raise
         found.problem("catalog", str(err), str(layout.catalog))
         return _report(found, [], writer_active=False)
     for message in damaged.values():
@@ -113,7 +137,9 @@ def verify_store(layout: StoreLayout, catalog: Catalog, *, repair: bool = False,
     for n in snap.lists:
         try:
             records[n] = _check_segment(layout, snap, n, meta.m, meta.store_uuid, found)
-        except (IvfpqError, OSError, ValueError) as err:  # e.g. unreadable: report, go on
+        except (IvfpqError, OSError, ValueError) as err:  # e.g. truncated: report, go on
+            if cannot_check(err):
+                raise
             found.problem("segment", str(err), str(layout.segment(snap.lists[n].file)))
             records[n] = None
     _check_lists_and_tombstones(snap, meta.nlist, prefixes, set(damaged), found)

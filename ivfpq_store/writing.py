@@ -55,6 +55,7 @@ from .storage import (
     StoreLayout,
     SyncJob,
     append_records,
+    discard_appended,
     fsync_dir,
     writer_lock,
 )
@@ -168,6 +169,7 @@ class Writer:
                 catalog.apply(new_state, changes, before_commit=synced.wait)
             except BaseException:
                 synced.join()  # no sync thread outlives a failed write; its error stands
+                self._undo_appends(catalog, state.commit, snap.lists, records)
                 raise
         logger.debug("wrote %d vectors to %d lists (%d replaced)", n, len(records), replaced)
         if replaced:
@@ -260,26 +262,55 @@ class Writer:
         updated: dict[int, ListRecord] = {}
         written: list[Path] = []
         created = False
-        for list_no, s, e in zip(touched.tolist(), starts.tolist(), ends.tolist(), strict=True):
-            idx = order[s:e]
-            old = lists.get(list_no) or ListRecord(
-                file=segment_file_name(list_no, 0), generation=0, count=0, deleted=0, crc32=0)
-            created |= old.count == 0  # a count-0 record (emptied by compaction) has no file
-            prelude = SegmentPrelude(list_no=list_no, generation=old.generation,
-                                     code_size=self._code_size,
-                                     store_uuid=self._header.store_uuid)
-            path = self._layout.segment(old.file)
-            crc = append_records(path, prelude, old.count, records[s:e], crc_start=old.crc32,
-                                 sync=False)
-            written.append(path)
-            rows[idx] = np.arange(old.count, old.count + (e - s))
-            generations[idx] = old.generation
-            updated[list_no] = replace(old, count=old.count + (e - s), crc32=crc)
+        try:
+            for list_no, s, e in zip(touched.tolist(), starts.tolist(), ends.tolist(),
+                                     strict=True):
+                idx = order[s:e]
+                old = lists.get(list_no) or ListRecord(
+                    file=segment_file_name(list_no, 0), generation=0, count=0, deleted=0,
+                    crc32=0)
+                created |= old.count == 0  # a count-0 record (emptied by compaction): no file
+                prelude = SegmentPrelude(list_no=list_no, generation=old.generation,
+                                         code_size=self._code_size,
+                                         store_uuid=self._header.store_uuid)
+                path = self._layout.segment(old.file)
+                crc = append_records(path, prelude, old.count, records[s:e],
+                                     crc_start=old.crc32, sync=False)
+                written.append(path)
+                rows[idx] = np.arange(old.count, old.count + (e - s))
+                generations[idx] = old.generation
+                updated[list_no] = replace(old, count=old.count + (e - s), crc32=crc)
+        except BaseException:
+            self._discard(lists, updated)  # the failing list undid its own append
+            raise
         synced = SyncJob(written)
         if created:
             try:
                 fsync_dir(self._layout.segments)  # new files' directory entries must be durable
             except BaseException:
-                synced.wait()
+                synced.join()
+                self._discard(lists, updated)
                 raise
         return updated, generations, rows, synced
+
+    def _undo_appends(self, catalog: Catalog, commit: int, lists: Mapping[int, ListRecord],
+                      appended: Mapping[int, ListRecord]) -> None:
+        """After a failed write: cut the appended records back off, but only when the catalog
+        shows that the commit did not happen (it is still at ``commit``), so that a full disk
+        keeps no uncommitted bytes and the files are as they were."""
+        try:
+            catalog.forget()
+            if catalog.snapshot().state.commit != commit:
+                return
+        except Exception:  # cannot tell: keep the tails, which readers ignore anyway
+            logger.debug("write failed; its appended records are left as uncommitted tails")
+            return
+        self._discard(lists, appended)
+
+    def _discard(self, lists: Mapping[int, ListRecord],
+                 appended: Mapping[int, ListRecord]) -> None:
+        """Cut each list in ``appended`` back to its committed count in ``lists``."""
+        for list_no, record in appended.items():
+            old = lists.get(list_no)
+            discard_appended(self._layout.segment(record.file), old.count if old else 0,
+                             self._code_size)

@@ -7,6 +7,7 @@ readonly store, and any use of a closed one.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -220,6 +221,35 @@ def test_add_search_bad_input(mstore: ivfpq_store.Store, case: Bad) -> None:
     assert len(mstore) == n_before
 
 
+@pytest.mark.parametrize(("list_no", "match"), [
+    (1.5, r"list_no: expected an int, got float 1\.5"),
+    (1.0, r"list_no: expected an int, got float 1\.0"),
+    (np.float64(2.0), r"list_no: expected an int, got float64 .*2\.0"),
+    (True, r"list_no: expected an int, got bool True"),
+    (np.bool_(False), r"list_no: expected an int, got bool .*False"),
+    ("1", r"list_no: expected an int, got str '1'"),
+    (None, r"list_no: expected an int, got NoneType None"),
+    (-1, rf"list_no: expected 0\.\.{NLIST - 1}, got -1"),
+    (NLIST, rf"list_no: expected 0\.\.{NLIST - 1}, got {NLIST}"),
+    (2**70, rf"list_no: expected 0\.\.{NLIST - 1}, got {2**70}"),
+], ids=["float", "integral-float", "numpy-float", "bool", "numpy-bool", "str", "none",
+        "negative", "nlist", "huge"])
+def test_list_contents_needs_an_integer_list_number(mstore: ivfpq_store.Store, list_no: Any,
+                                                    match: str) -> None:
+    with pytest.raises(IPE, match=match) as excinfo:
+        mstore.list_contents(list_no)
+    assert_clean_error(excinfo.value, IPE)
+
+
+def test_list_contents_takes_numpy_integers(mstore: ivfpq_store.Store) -> None:
+    ids, codes = mstore.list_contents(2)
+    assert len(ids) > 0
+    for list_no in (np.int64(2), np.uint8(2), np.int32(2)):
+        got_ids, got_codes = mstore.list_contents(list_no)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(got_ids, ids)
+        np.testing.assert_array_equal(got_codes, codes)
+
+
 def test_value_errors_are_also_value_errors(mstore: ivfpq_store.Store) -> None:
     with pytest.raises(ValueError, match=r"expected dimension"):
         mstore.search(V3[:, :2])
@@ -368,6 +398,69 @@ CREATE_EXISTING = [
     pytest.param(_regular_file, id="regular-file"),
     pytest.param(_dangling_symlink, id="dangling-symlink"),
 ]
+
+
+class _BytesPath:
+    """An os.PathLike whose __fspath__ returns bytes."""
+
+    def __init__(self, path: Path) -> None:
+        self._raw = os.fsencode(path)
+
+    def __fspath__(self) -> bytes:
+        return self._raw
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bytes-pathlike"])
+def test_paths_may_be_bytes(tmp_path: Path, shared_store_path: Path, kind: str) -> None:
+    """Like the standard library, create, open and copy take bytes paths (os.fsdecode)."""
+    def as_arg(p: Path) -> Any:
+        return os.fsencode(p) if kind == "bytes" else _BytesPath(p)
+
+    with ivfpq_store.open(as_arg(shared_store_path), readonly=True) as s:
+        assert s.path == shared_store_path
+        n = len(s)
+    shutil.copytree(shared_store_path, tmp_path / "src")
+    with ivfpq_store.open(tmp_path / "src") as s:
+        report = s.copy(as_arg(tmp_path / "copy"))
+    assert report.dest == str(tmp_path / "copy")
+    with ivfpq_store.open(tmp_path / "copy", readonly=True) as s:
+        assert len(s) == n
+    with ivfpq_store.create(as_arg(tmp_path / "new"), TRAIN, **_OK) as s:  # type: ignore[arg-type]
+        assert s.path == tmp_path / "new"
+    assert (tmp_path / "new" / "header.ivfh").is_file()
+
+
+_NOT_PATHS = [3, 2.5, None, ["a"], object()]
+
+
+@pytest.mark.parametrize("bad", _NOT_PATHS, ids=["int", "float", "none", "list", "object"])
+def test_a_path_of_another_type_is_invalid_params(tmp_path: Path, shared_store_path: Path,
+                                                  bad: Any) -> None:
+    name = type(bad).__name__
+    with pytest.raises(IPE, match=rf"path: expected a path \(str, bytes or os\.PathLike\), "
+                                  rf"got {name} ") as excinfo:
+        ivfpq_store.open(bad)
+    assert_clean_error(excinfo.value, IPE)
+    with pytest.raises(IPE, match=rf"path: expected a path .*got {name} "):
+        ivfpq_store.create(bad, TRAIN, nlist=4, m=4, nbits=2)
+    shutil.copytree(shared_store_path, tmp_path / "src")
+    with ivfpq_store.open(tmp_path / "src") as s, pytest.raises(
+            IPE, match=rf"dest: expected a path .*got {name} "):
+        s.copy(bad)
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+@pytest.mark.parametrize("nul", ["s\0x", b"s\0x"], ids=["str", "bytes"])
+def test_a_path_with_a_nul_byte_is_invalid_params(tmp_path: Path, shared_store_path: Path,
+                                                  nul: str | bytes) -> None:
+    with pytest.raises(IPE, match=r"path: .* contains a NUL byte"):
+        ivfpq_store.open(nul)
+    with pytest.raises(IPE, match=r"path: .* contains a NUL byte"):
+        ivfpq_store.create(nul, TRAIN, nlist=4, m=4, nbits=2)
+    shutil.copytree(shared_store_path, tmp_path / "src")
+    with ivfpq_store.open(tmp_path / "src") as s, pytest.raises(
+            IPE, match=r"dest: .* contains a NUL byte"):
+        s.copy(nul)
 
 
 @pytest.mark.parametrize("make", CREATE_EXISTING)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
+import resource
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +165,92 @@ def test_verify_exits_3_on_damage_and_repairs_leftovers(runner, files):
     assert doc["problems"][0]["kind"] == "open"
 
 
+def _deny_segments(monkeypatch):
+    """verify's reads of segment files fail as for a user without read permission."""
+    import builtins
+
+    from ivfpq_store import verify as verify_module
+
+    def denied(path, *args, **kwargs):
+        if str(path).endswith(".seg"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(verify_module, "open", denied, raising=False)
+
+
+def _catalog_out_of_address_space(monkeypatch):
+    """LMDB cannot map the catalog, as under a small RLIMIT_AS."""
+    import lmdb
+
+    def no_memory(path, **kwargs):
+        err = lmdb.MemoryError(f"{path}: Cannot allocate memory")
+        err.code = errno.ENOMEM  # type: ignore[misc]  # what the C extension sets
+        raise err
+
+    monkeypatch.setattr(lmdb, "open", no_memory)
+
+
+def _locked(monkeypatch):
+    from ivfpq_store import writing
+
+    @contextlib.contextmanager
+    def held(path, timeout):
+        raise ivfpq_store.StoreLockedError(f"{path}: another writer holds the store's writer "
+                                           "lock; gave up after 30 s")
+        yield
+
+    monkeypatch.setattr(writing, "writer_lock", held)
+
+
+def _verify_out_of_memory(monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(ivfpq_store.Store, "verify", no_memory)
+
+
+@pytest.mark.parametrize(("cause", "args", "reason"), [
+    (_deny_segments, [], r"\.seg: Permission denied"),
+    (_catalog_out_of_address_space, [], r"LMDB failed to open the catalog: .*Cannot allocate"),
+    (_locked, ["--repair"], r"LOCK: another writer holds the store's writer lock"),
+    (_verify_out_of_memory, ["--json"], r"out of memory"),
+], ids=["permission-denied", "address-space", "locked", "memory-error"])
+def test_verify_exits_4_when_the_store_cannot_be_checked(runner, files, monkeypatch, cause, args,
+                                                         reason):
+    """Not being able to read the store is not damage: exit 4, not 3, and the reason."""
+    store = created(runner, files)
+    run(runner, "add", store, files["base"], "-q")
+    cause(monkeypatch)
+    result = run(runner, "verify", store, *args, code=4)
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"Error: could not check {store} (this is not damage): ")
+    assert re.search(reason, result.stderr), result.stderr
+    assert "DAMAGED" not in result.output
+    monkeypatch.undo()
+    assert json.loads(run(runner, "verify", store, "--json").stdout)["ok"] is True
+
+
+def test_verify_under_an_address_space_limit_exits_4(tmp_path, small_data):
+    """The real thing: a process whose RLIMIT_AS cannot hold the catalog's 64 GiB map."""
+    path = tmp_path / "s.ivfpq"
+    with ivfpq_store.create(path, small_data["train"], nlist=NLIST, m=4, nbits=6):
+        pass
+    limit = 8 << 30
+
+    def small_address_space():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-m", "ivfpq_store", "verify", str(path)], env=env,
+                         capture_output=True, text=True, check=False, timeout=120,
+                         preexec_fn=small_address_space)
+    assert out.returncode == 4, out.stderr
+    assert "Cannot allocate memory" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["info", "{d}/missing"], "no such store directory"),
     (["info", "{d}"], "not an ivfpq store"),
@@ -185,6 +276,30 @@ def test_errors_are_one_line_on_stderr_with_exit_1(runner, files, args, message)
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("big", ["99999999999999999999999", str(2**63)], ids=["huge", "2**63"])
+def test_delete_of_an_id_beyond_int64_is_a_usage_error(runner, files, big):
+    store = created(runner, files)
+    result = run(runner, "delete", store, "5", big, code=2)
+    assert "Traceback" not in result.output
+    assert f"{big} is not in the range 0<=x<=9223372036854775807" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["add", "upsert", "delete"])
+def test_an_id_file_beyond_int64_names_the_file_and_line(runner, files, command):
+    store = created(runner, files)
+    np.save(files["dir"] / "two.npy", np.load(files["base"])[:2])
+    ids = files["dir"] / "f.txt"
+    ids.write_text("# ids\n7\n9223372036854775808\n")
+    args = (["delete", store, "--ids-file", ids] if command == "delete"
+            else [command, store, files["dir"] / "two.npy", "--ids", ids])
+    result = run(runner, *args, code=1)
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith(f"Error: {ids}:3: id 9223372036854775808 is beyond int64")
+    assert "Traceback" not in result.output
+    with ivfpq_store.open(store, readonly=True) as s:
+        assert len(s) == 0
+
+
 def test_locked_writer_is_an_error_not_a_traceback(runner, files, monkeypatch):
     store = created(runner, files)
 
@@ -204,8 +319,11 @@ def test_locked_writer_is_an_error_not_a_traceback(runner, files, monkeypatch):
     ["delete", "{d}/s.ivfpq"],
     ["create", "{d}/x", "--train", "{d}/train.npy", "--nlist", "4"],
     ["compact", "{d}/s.ivfpq", "--min-deleted-ratio", "2"],
+    ["info", "{d}/s.ivfpq\0"],
+    ["search", "{d}/s.ivfpq", "{d}/queries.fvecs\0x"],
+    ["copy", "{d}/s.ivfpq", "{d}/\0"],
 ], ids=["command", "option-type", "json-and-jsonl", "missing-file", "no-ids", "missing-m",
-        "ratio-range"])
+        "ratio-range", "nul-in-store", "nul-in-file", "nul-in-dest"])
 def test_usage_errors_exit_2(runner, files, args):
     created(runner, files)
     result = run(runner, *[a.format(d=files["dir"]) for a in args], code=2)
@@ -308,3 +426,148 @@ def test_adding_a_large_file_keeps_memory_bounded(tmp_path, small_data):
     # Observed: no growth of the peak at all for this 68 MB file; reading it whole instead
     # (a non-streaming add) raised the peak by 286 MB.
     assert int(growth) < size / 2, (int(growth), size)
+
+
+# -- fuzzing: no input gives a traceback --------------------------------------------------------
+FUZZ_COMMANDS = ["create", "add", "upsert", "delete", "search", "info", "lists", "verify",
+                 "compact", "copy", "demo", "no-such-command", ""]
+FUZZ_OPTIONS = ["--train", "--nlist", "--m", "--nbits", "--metric", "--seed", "--max-train",
+                "--json", "--jsonl", "--ids", "--ids-file", "--batch-size", "-q", "--quiet",
+                "-k", "--nprobe", "--repair", "--min-deleted-ratio", "--dry-run", "-h",
+                "--help", "--version", "-v", "--", "-"]
+FUZZ_NUMBERS = ["0", "1", "2", "4", "8", "16", "-1", "-0", "1.5", "nan", "inf", "1e400",
+                "0x10", str(2**63 - 1), str(2**63), str(2**64), "9" * 30, "-" + "9" * 30]
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory, small_data) -> Path:
+    """A store and files of every kind the grammar below refers to (names, not paths)."""
+    d = tmp_path_factory.mktemp("fuzz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+        with ivfpq_store.create(d / "store", small_data["train"][:400], nlist=4, m=4,
+                                nbits=4) as s:
+            s.add(small_data["base"][:200])
+    np.save(d / "train.npy", small_data["train"][:300])
+    np.save(d / "vec.npy", small_data["queries"][:5])
+    write_fvecs(d / "vec.fvecs", small_data["queries"][:5])
+    np.save(d / "wide.npy", np.ones((3, 17), np.float32))
+    np.save(d / "ids.npy", np.arange(9000, 9005))
+    np.save(d / "uids.npy", np.array([2**64 - 1, 2**63, 1, 2, 3], dtype=np.uint64))
+    np.save(d / "fids.npy", np.ones(5))
+    (d / "ids.txt").write_text("9100\n9101\n9102\n9103\n9104\n")
+    (d / "big-ids.txt").write_text("1\n" + "9" * 30 + "\n")
+    (d / "neg-ids.txt").write_text("-1\n-2\n-3\n-4\n-5\n")
+    rng = np.random.default_rng(0)
+    for name in ("junk.npy", "junk.fvecs", "junk.bvecs", "junk.ivecs", "junk.txt", "junk"):
+        (d / name).write_bytes(rng.bytes(int(rng.integers(0, 200))))
+    (d / "empty.npy").write_bytes(b"")
+    (d / "empty.txt").write_bytes(b"")
+    (d / "not-a-store").mkdir()
+    (d / "cwd").mkdir()
+    (d / "half-store").mkdir()
+    shutil.copy(d / "store" / "header.ivfh", d / "half-store" / "header.ivfh")
+    (d / "half-store" / "catalog").mkdir()
+    return d
+
+
+FUZZ_FILES = ["store", "train.npy", "vec.npy", "vec.fvecs", "wide.npy", "ids.npy", "uids.npy",
+              "fids.npy", "ids.txt", "big-ids.txt", "neg-ids.txt", "junk.npy", "junk.fvecs",
+              "junk.bvecs", "junk.ivecs", "junk.txt", "junk", "empty.npy", "empty.txt",
+              "not-a-store", "half-store", "missing", "missing/deeper", "store/header.ivfh",
+              "store/segments", "store/catalog", "store/LOCK"]
+
+
+#: Per command: positional slots, options with a value (and its kind), flags.
+FUZZ_GRAMMAR: dict[str, tuple[list[str], dict[str, str], list[str]]] = {
+    "create": (["new"], {"--train": "file", "--nlist": "num", "--m": "num", "--nbits": "num",
+                         "--metric": "metric", "--seed": "num", "--max-train": "num"},
+               ["--json"]),
+    "add": (["store", "file"], {"--ids": "file", "--batch-size": "num"}, ["-q", "--json"]),
+    "upsert": (["store", "file"], {"--ids": "file", "--batch-size": "num"}, ["-q", "--json"]),
+    "delete": (["store", "num", "num"], {"--ids-file": "file"}, ["--json"]),
+    "search": (["store", "file"], {"-k": "num", "--nprobe": "num", "--batch-size": "num"},
+               ["--json", "--jsonl"]),
+    "info": (["store"], {}, ["--json"]),
+    "lists": (["store"], {}, ["--json"]),
+    "verify": (["store"], {}, ["--repair", "--json"]),
+    "compact": (["store"], {"--min-deleted-ratio": "num"}, ["--dry-run", "--json"]),
+    "copy": (["store", "new"], {}, ["--json"]),
+    "demo": ([], {"--nprobe": "num"}, ["--json", "--help"]),
+}
+
+
+def _fuzz_args(d: Path):
+    """Argument lists: mostly well-formed commands with hostile values, some random tokens."""
+    from hypothesis import strategies as st
+
+    path = st.sampled_from(FUZZ_FILES).map(lambda name: str(d / name))
+    new_path = st.integers(0, 10**6).map(lambda i: str(d / "new" / f"n{i}"))
+    hostile = st.one_of(
+        st.sampled_from(FUZZ_NUMBERS), st.integers(-(2**70), 2**70).map(str),
+        st.sampled_from(["", " ", "\0", "a\0b", str(d / "store") + "\0", "=", "-kk"]),
+        st.text(max_size=12))
+    small = st.sampled_from(["1", "2", "4", "8", "16", "0.5", "0", "1.0"])
+    values = {
+        "store": st.one_of(st.just(str(d / "store")), st.just(str(d / "store")), path, hostile),
+        "file": st.one_of(path, path, hostile),
+        "new": st.one_of(new_path, new_path, path, hostile),
+        "num": st.one_of(small, small, hostile),
+        "metric": st.one_of(st.sampled_from(["l2", "ip", "cosine", "L2", "hamming"]), hostile),
+    }
+    token = st.one_of(path, new_path, st.sampled_from(FUZZ_OPTIONS), hostile)
+
+    @st.composite
+    def well_formed(draw):
+        command = draw(st.sampled_from(sorted(FUZZ_GRAMMAR)))
+        slots, options, flags = FUZZ_GRAMMAR[command]
+        args = [command] + [draw(values[kind]) for kind in slots
+                            if draw(st.integers(0, 9)) > 0]  # now and then one is missing
+        for option, kind in options.items():
+            if draw(st.integers(0, 2)) > 0 or option in ("--train", "--nlist", "--m"):
+                args += [option, draw(values[kind])]
+        args += [flag for flag in flags if draw(st.booleans())]
+        if draw(st.integers(0, 4)) == 0:
+            args.insert(draw(st.integers(0, len(args))), draw(token))
+        return args
+
+    random_tokens = st.tuples(st.sampled_from(FUZZ_COMMANDS), st.lists(token, max_size=8)).map(
+        lambda t: ([t[0]] if t[0] else []) + t[1])
+    return st.one_of(well_formed(), well_formed(), well_formed(), random_tokens)
+
+
+def _check_no_traceback(args: list[str]) -> None:
+    if args and args[0] == "demo" and not {"-h", "--help"} & set(args):
+        args = [*args, "--help"]  # a demo run trains SIFT10K: seconds; its parsing is enough
+    result = CliRunner().invoke(cli, args, catch_exceptions=True)
+    assert result.exit_code in (0, 1, 2, 3, 4), (args, result.exit_code, result.output)
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        args, repr(result.exception), result.output)
+    assert "Traceback" not in result.output, (args, result.output)
+
+
+def _fuzz(d: Path, max_examples: int) -> None:
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=max_examples, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(_fuzz_args(d))
+    def check(args: list[str]) -> None:
+        # Relative paths among the tokens (create and copy make them) land in the fuzz dir.
+        with warnings.catch_warnings(), contextlib.chdir(d / "cwd"):
+            warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+            _check_no_traceback(args)
+
+    check()
+
+
+def test_fuzz_no_cli_input_gives_a_traceback(fuzz_dir):
+    """Random argument lists from the real commands and options plus hostile tokens (huge and
+    negative numbers, empty strings, NUL bytes, missing paths, non-store directories, files
+    of random bytes): every result is an exit code of the table, never an exception."""
+    _fuzz(fuzz_dir, 100)
+
+
+@pytest.mark.slow
+def test_fuzz_no_cli_input_gives_a_traceback_long(fuzz_dir):
+    _fuzz(fuzz_dir, 2000)

@@ -112,7 +112,11 @@ def test_read_ids_formats(tmp_path):
     ("f.npy", np.ones(3, np.float32), "expected a 1-D integer array of ids"),
     ("wide.ivecs", _dims(2).replace(bytes(8), bytes(8)), "expected an .ivecs of dimension 1"),
     ("bad.txt", b"1\n2\nthree\n", r"bad.txt:3: 'three' is not an integer id"),
-], ids=["float-npy", "wide-ivecs", "text-not-int"])
+    ("big.txt", b"1\n9223372036854775808\n",
+     r"big\.txt:2: id 9223372036854775808 is beyond int64 — expected ids in 0\.\.\d+"),
+    ("small.txt", b"# c\n-9223372036854775809\n",
+     r"small\.txt:2: id -9223372036854775809 is beyond int64"),
+], ids=["float-npy", "wide-ivecs", "text-not-int", "text-above-int64", "text-below-int64"])
 def test_malformed_id_files(tmp_path, name, content, message):
     path = _bad(tmp_path, name, content)
     with pytest.raises(VectorFileError, match=message):

@@ -96,7 +96,7 @@ def _type_text(param: click.Parameter) -> str:
     """What an argument accepts, from its click type's info dict."""
     info = param.type.to_info_dict()
     kind = info["param_type"]
-    if kind == "Path":
+    if kind in ("Path", "PathType"):  # PathType: the CLI's click.Path refusing NUL bytes
         what = ("file" if not info["dir_okay"] else
                 "directory" if not info["file_okay"] else "path")
         return f"{what}, must exist" if info["exists"] else what

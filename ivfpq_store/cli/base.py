@@ -17,15 +17,20 @@ import numpy as np
 
 from ..errors import IvfpqError
 
-__all__ = ["EXIT_DAMAGED", "batch_option", "bytes_line", "cli", "emit", "existing_file",
-           "histogram", "json_option", "main", "progress", "quiet_option", "store_argument"]
+__all__ = ["EXIT_DAMAGED", "EXIT_UNCHECKED", "PathType", "batch_option", "bytes_line", "cli",
+           "emit", "existing_file", "histogram", "json_option", "main", "progress", "quiet_option",
+           "store_argument"]
 
 #: Exit code of ``verify`` when the store is damaged.
 EXIT_DAMAGED = 3
+#: Exit code of ``verify`` when the store could not be checked (permission denied, out of
+#: memory, the writer lock held...): nothing is known about damage.
+EXIT_UNCHECKED = 4
 
 
 class _Group(click.Group):
-    """Translates library and OS errors into ``Error: <message>`` on stderr with exit code 1."""
+    """Translates library, OS and memory errors into ``Error: <message>`` on stderr with exit
+    code 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -35,6 +40,8 @@ class _Group(click.Group):
         except OSError as err:
             where = f"{err.filename}: " if err.filename else ""
             raise click.ClickException(f"{where}{err.strerror or err}") from err
+        except MemoryError as err:
+            raise click.ClickException(f"out of memory{f': {err}' if str(err) else ''}") from err
 
 
 def main() -> None:
@@ -46,8 +53,19 @@ def main() -> None:
 
 
 # -- shared options -------------------------------------------------------------------------
-existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
-store_argument = click.argument("store", type=click.Path(path_type=Path))
+class PathType(click.Path):
+    """click.Path that refuses a NUL byte as a usage error (click would stat the path and
+    raise ValueError: no file system accepts one)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if "\0" in (value if isinstance(value, str) else str(value)):
+            self.fail(f"{value!r} contains a NUL byte", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+existing_file = PathType(exists=True, dir_okay=False, path_type=Path)
+store_argument = click.argument("store", type=PathType(path_type=Path))
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print exactly one JSON document on stdout.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="Do not show progress.")

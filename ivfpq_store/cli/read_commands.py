@@ -12,10 +12,13 @@ import numpy as np
 import ivfpq_store
 
 from ..demo import run_demo
-from ..errors import CatalogError, CorruptStoreError, FormatError
+from ..errors import CatalogError, CorruptStoreError, FormatError, IvfpqError, StoreNotFoundError
 from ..io import open_vectors
+from ..verify import cannot_check
 from .base import (
     EXIT_DAMAGED,
+    EXIT_UNCHECKED,
+    PathType,
     bytes_line,
     cli,
     emit,
@@ -147,7 +150,8 @@ def lists_(store: Path, as_json: bool) -> None:
                    "in LOCK). Damage is never repaired.")
 @json_option
 def verify(store: Path, repair: bool, as_json: bool) -> None:
-    """Check every invariant of STORE. Exit code 3 when damage is found.
+    """Check every invariant of STORE. Exit code 3 when damage is found, 4 when STORE could
+    not be checked.
 
     Checks the header's checksums and version, the catalog against the header, every
     segment's prelude, size and checksum, every id entry, the tombstones and the counters. A
@@ -155,19 +159,29 @@ def verify(store: Path, repair: bool, as_json: bool) -> None:
     segment files, a dead writer's pid in LOCK) are listed but are not damage. STORE is
     opened read-only unless --repair is given.
 
+    Exit code 4 says nothing about damage: a file could not be read (permission denied, an
+    I/O error), memory or address space ran out, another writer held the lock (--repair), or
+    the disk was full (--repair). The reason is printed on stderr.
+
     \b
     Example:
         ivfpq-store verify sift.ivfpq --json
     """
     try:
-        s = ivfpq_store.open(store, readonly=not repair)
-    except (FormatError, CorruptStoreError, CatalogError) as err:  # too damaged to open
-        doc: dict[str, Any] = {"ok": False, "problems": [
+        with ivfpq_store.open(store, readonly=not repair) as s:
+            doc: dict[str, Any] = s.verify(repair=repair).to_dict()
+    except (IvfpqError, OSError, MemoryError) as err:
+        if isinstance(err, StoreNotFoundError):
+            raise  # exit 1: no store here to check
+        if cannot_check(err):
+            click.echo(f"Error: could not check {store} (this is not damage): {_reason(err)}",
+                       err=True)
+            raise click.exceptions.Exit(EXIT_UNCHECKED) from err
+        if not isinstance(err, FormatError | CorruptStoreError | CatalogError):
+            raise
+        doc = {"ok": False, "problems": [  # too damaged to open
             {"kind": "open", "message": str(err), "path": getattr(err, "path", str(store))}],
             "leftovers": [], "repaired": [], "writer_active": False, "checked": {}}
-    else:
-        with s:
-            doc = s.verify(repair=repair).to_dict()
     lines = [f"{'ok' if doc['ok'] else 'DAMAGED'}: {store}"]
     lines += [f"  problem ({p['kind']}): {p['message']}" for p in doc["problems"]]
     lines += [f"  leftover ({p['kind']}): {p['message']} {p['path']}" for p in doc["leftovers"]]
@@ -179,8 +193,17 @@ def verify(store: Path, repair: bool, as_json: bool) -> None:
         raise click.exceptions.Exit(EXIT_DAMAGED)
 
 
+def _reason(err: BaseException) -> str:
+    """Why a check could not be made, in words (an OSError's file and strerror)."""
+    if isinstance(err, MemoryError):
+        return f"out of memory{f': {err}' if str(err) else ''}"
+    if isinstance(err, OSError) and not isinstance(err, IvfpqError) and err.strerror:
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return str(err)
+
+
 @cli.command()
-@click.argument("directory", required=False, type=click.Path(path_type=Path))
+@click.argument("directory", required=False, type=PathType(path_type=Path))
 @click.option("--nprobe", default=10, show_default=True, type=click.IntRange(1), metavar="N",
               help="Lists probed per query, at most 100.")
 @json_option

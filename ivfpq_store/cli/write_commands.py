@@ -15,6 +15,7 @@ import ivfpq_store
 from ..errors import DimensionMismatchError, IvfpqError
 from ..io import open_vectors, read_ids
 from .base import (
+    PathType,
     batch_option,
     cli,
     emit,
@@ -26,6 +27,8 @@ from .base import (
 )
 
 __all__ = ["add", "compact", "copy", "create", "delete", "upsert"]
+
+_INT64_MAX = int(np.iinfo(np.int64).max)
 
 
 @cli.command()
@@ -151,14 +154,14 @@ def upsert(store: Path, vectors: Path, ids_file: Path, batch_size: int, quiet: b
 
 @cli.command()
 @store_argument
-@click.argument("ids", nargs=-1, type=click.IntRange(0))
+@click.argument("ids", nargs=-1, type=click.IntRange(0, _INT64_MAX))
 @click.option("--ids-file", type=existing_file,
               help="More ids to delete (.npy, .ivecs of dim 1, or text).")
 @json_option
 def delete(store: Path, ids: tuple[int, ...], ids_file: Path | None, as_json: bool) -> None:
     """Delete the vectors with the given IDS (and those in --ids-file) from STORE.
 
-    IDS are non-negative integers. Unknown ids are ignored; the count of removed vectors is
+    IDS are integers in 0..2**63-1. Unknown ids are ignored; the count of removed vectors is
     printed. The delete is durable when the command returns, and no search that starts
     afterwards, in any process, returns those ids.
 
@@ -209,7 +212,7 @@ def compact(store: Path, min_deleted_ratio: float, dry_run: bool, as_json: bool)
 
 @cli.command()
 @store_argument
-@click.argument("dest", type=click.Path(path_type=Path))
+@click.argument("dest", type=PathType(path_type=Path))
 @json_option
 def copy(store: Path, dest: Path, as_json: bool) -> None:
     """Write a consistent backup of STORE to the new directory DEST.

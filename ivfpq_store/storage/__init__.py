@@ -5,7 +5,7 @@ from __future__ import annotations
 from .atomic import LockState, build_directory, fsync_dir, probe_lock, sync_file, writer_lock
 from .catalog import DEFAULT_MAP_SIZE, Catalog, CatalogSnapshot, Changes
 from .header_io import read_header, write_header
-from .layout import StoreLayout, check_new_store_path
+from .layout import StoreLayout, as_path, check_new_store_path
 from .segments import (
     MapCache,
     RecordFetcher,
@@ -13,9 +13,11 @@ from .segments import (
     SyncJob,
     append_records,
     committed_size,
+    discard_appended,
 )
 
 __all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes", "LockState",
            "MapCache", "RecordFetcher", "SegmentReader", "StoreLayout", "SyncJob", "append_records",
-           "build_directory", "check_new_store_path", "committed_size", "fsync_dir",
-           "probe_lock", "read_header", "sync_file", "write_header", "writer_lock"]
+           "as_path", "build_directory", "check_new_store_path", "committed_size",
+           "discard_appended", "fsync_dir", "probe_lock", "read_header", "sync_file",
+           "write_header", "writer_lock"]

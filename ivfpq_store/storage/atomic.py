@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import logging
 import os
 import shutil
 import time
@@ -12,20 +14,46 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import StoreExistsError, StoreLockedError
+from ..errors import DiskFullError, StoreExistsError, StoreLockedError
 
-__all__ = ["LockState", "atomic_write", "build_directory", "fsync_dir", "probe_lock",
-           "sync_file", "writer_lock"]
+__all__ = ["DISK_FULL_ERRNOS", "LockState", "atomic_write", "build_directory", "disk_full_errors",
+           "fsync_dir", "probe_lock", "sync_file", "writer_lock"]
+
+logger = logging.getLogger(__name__)
+
+#: errno values of a write that ran out of space: the device, the quota, the file-size limit.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+@contextlib.contextmanager
+def disk_full_errors(path: Path, action: str) -> Iterator[None]:
+    """Turn an OSError that reports a lack of space into :class:`DiskFullError` naming
+    ``path``. Callers use it only around writes that commit nothing when they fail."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as err:
+        if err.errno not in DISK_FULL_ERRNOS:
+            raise
+        raise DiskFullError(
+            f"{path}: {os.strerror(err.errno)} ({errno.errorcode[err.errno]}) while trying to "
+            f"{action}; nothing was committed — free space and retry",
+            errno=err.errno, path=str(path)) from err
 
 
 def sync_file(path: Path) -> None:
     """fdatasync a file by path: its data and the metadata needed to read it (its size) are
-    durable when this returns, whichever descriptor wrote them."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
+    durable when this returns, whichever descriptor wrote them.
+
+    Raises DiskFullError when the file system finds no space for the data (delayed
+    allocation, network file systems)."""
+    with disk_full_errors(path, "sync it"):
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
@@ -41,19 +69,21 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file.
 
     Writes a temporary sibling, fsyncs it, renames it over ``path`` and fsyncs the directory.
+    A full disk raises DiskFullError and leaves ``path`` as it was, without the temporary.
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
+    with disk_full_errors(path, f"write {len(data):,} bytes"):
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
@@ -106,13 +136,21 @@ def writer_lock(path: Path, timeout: float) -> Iterator[None]:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
         # Name the holder for diagnostics (verify): a killed writer leaves its pid behind, but
-        # never the lock itself, which the kernel drops with the process.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # never the lock itself, which the kernel drops with the process. Best effort: on a
+        # full disk the pid cannot be written, and a delete (which LMDB may still commit in
+        # its free pages) must not fail for that.
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as err:
+            logger.debug("%s: could not write the writer's pid: %s", path, err)
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)
+            try:
+                os.ftruncate(fd, 0)
+            except OSError as err:  # pragma: no cover - shrinking a file needs no space
+                logger.debug("%s: could not clear the writer's pid: %s", path, err)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

@@ -9,6 +9,7 @@ per-process, reference-counted registry.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -20,7 +21,13 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from ..errors import CatalogError, CatalogFullError, CorruptStoreError, StoreNotFoundError
+from ..errors import (
+    CatalogError,
+    CatalogFullError,
+    CorruptStoreError,
+    DiskFullError,
+    StoreNotFoundError,
+)
 from ..format.keys import (
     META_STATE,
     META_STORE,
@@ -35,6 +42,7 @@ from ..format.keys import (
 )
 from ..format.records import ListRecord, StateRecord, StoreMeta, decode_id_entries
 from ..types import I64Array
+from .atomic import DISK_FULL_ERRNOS
 from .lmdb_file import check_data_file
 
 __all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes"]
@@ -89,7 +97,17 @@ def _lmdb_errors(path: Path, action: str) -> Iterator[None]:
             "map_size="
         ) from err
     except lmdb.Error as err:
-        raise CatalogError(f"{path}: LMDB failed to {action}: {err}") from err
+        # LMDB reports a failed system call by its errno (lmdb.DiskError for ENOSPC); its own
+        # errors (corrupt pages, full map...) have negative codes.
+        code = getattr(err, "code", 0)
+        if isinstance(err, lmdb.DiskError) or code in DISK_FULL_ERRNOS:
+            code = code if code in DISK_FULL_ERRNOS else errno.ENOSPC
+            raise DiskFullError(
+                f"{path}: {os.strerror(code)} ({errno.errorcode[code]}) while trying to "
+                f"{action}; nothing was committed — free space and retry",
+                errno=code, path=str(path)) from err
+        raise CatalogError(f"{path}: LMDB failed to {action}: {err}",
+                           errno=code if isinstance(code, int) and code > 0 else None) from err
 
 
 class _SharedEnv:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import InvalidParamsError, StoreExistsError
 
-__all__ = ["StoreLayout", "check_new_store_path"]
+__all__ = ["StoreLayout", "as_path", "check_new_store_path"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +54,25 @@ class StoreLayout:
         return self.header.is_file() and self.catalog.is_dir()
 
 
-def check_new_store_path(path: str | os.PathLike[str]) -> Path:
-    """Check, before any work, that a new store can be created at ``path``; return it."""
-    root = Path(path)
-    if "\0" in str(root):
-        raise InvalidParamsError(f"path: {str(root)!r} contains a NUL byte")
+def as_path(path: object, name: str = "path") -> Path:
+    """``path`` as a Path: a str, bytes, or os.PathLike of either (bytes decoded with
+    os.fsdecode, as the standard library does). InvalidParamsError naming ``name`` for any
+    other type and for a path with a NUL byte (no file system accepts one)."""
+    try:
+        raw = os.fspath(path)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidParamsError(f"{name}: expected a path (str, bytes or os.PathLike), got "
+                                 f"{type(path).__name__} {path!r}") from None
+    text = os.fsdecode(raw)
+    if "\0" in text:
+        raise InvalidParamsError(f"{name}: {text!r} contains a NUL byte")
+    return Path(text)
+
+
+def check_new_store_path(path: object, name: str = "path") -> Path:
+    """Check, before any work, that a new store can be created at ``path`` (see
+    :func:`as_path`); return it."""
+    root = as_path(path, name)
     if root.exists() or root.is_symlink():
         raise StoreExistsError(f"{root}: already exists; choose a new path or open() it")
     ancestor = root.parent

@@ -8,6 +8,7 @@ ordinary file handle, never through a map, and fsyncs before the catalog commit.
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import resource
@@ -40,7 +41,10 @@ __all__ = [
     "append_records",
     "committed_size",
     "default_max_open",
+    "discard_appended",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def default_max_open() -> int:
@@ -111,7 +115,8 @@ def append_records(
 
     A new segment (``committed == 0``) is (re)created from scratch with its prelude: a file
     of that name can only be the leftover of a crashed, never-committed write. An existing
-    segment is first cut back to its committed size, discarding any uncommitted tail.
+    segment is first cut back to its committed size, discarding any uncommitted tail. A
+    failed append is undone (:func:`discard_appended`), so the file is as it was committed.
 
     Returns the CRC-32 of all committed-plus-appended record bytes, continued from
     ``crc_start`` (the CRC of the already committed records).
@@ -120,31 +125,53 @@ def append_records(
     ------
     CorruptStoreError
         When an existing segment is shorter than its committed size.
+    DiskFullError
+        No space for the records (or the file-size limit or the quota was reached).
     """
     data = records.tobytes()
     want = committed_size(committed, prelude.code_size)
     flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
     if committed == 0:
         flags |= os.O_CREAT | os.O_TRUNC
-    fd = os.open(path, flags, 0o644)
+    with atomic.disk_full_errors(path, f"append {len(records):,} records"):
+        fd = os.open(path, flags, 0o644)
+        try:
+            if committed != 0:
+                size = os.fstat(fd).st_size
+                if size < want:
+                    raise CorruptStoreError(
+                        f"{path}: segment is {size} bytes — expected at least {want} for "
+                        f"{committed} committed records; the store is damaged"
+                    )
+            try:
+                if committed == 0:
+                    _pwrite_all(fd, encode_segment_prelude(prelude) + data, 0)
+                else:
+                    if size > want:
+                        os.ftruncate(fd, want)  # §7: an uncommitted tail left by a crash
+                    _pwrite_all(fd, data, want)
+                if sync:
+                    os.fdatasync(fd)
+            except BaseException:
+                discard_appended(path, committed, prelude.code_size)
+                raise
+        finally:
+            os.close(fd)
+    return crc32(data, crc_start)
+
+
+def discard_appended(path: Path, committed: int, code_size: int) -> None:
+    """Undo an uncommitted append: cut the segment back to its ``committed`` records, or
+    remove it when none are committed. Best effort (a failure leaves an uncommitted tail or
+    an orphan file, which readers ignore and the next write removes). Only for a writer
+    holding the lock, after a write whose commit did not happen."""
     try:
         if committed == 0:
-            _pwrite_all(fd, encode_segment_prelude(prelude) + data, 0)
+            path.unlink(missing_ok=True)
         else:
-            size = os.fstat(fd).st_size
-            if size < want:
-                raise CorruptStoreError(
-                    f"{path}: segment is {size} bytes — expected at least {want} for "
-                    f"{committed} committed records; the store is damaged"
-                )
-            if size > want:
-                os.ftruncate(fd, want)  # §7: an uncommitted tail left by a crash
-            _pwrite_all(fd, data, want)
-        if sync:
-            os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    return crc32(data, crc_start)
+            os.truncate(path, committed_size(committed, code_size))
+    except OSError as err:
+        logger.debug("%s: could not undo an uncommitted append: %s", path, err)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
