@@ -14,6 +14,10 @@ This is the one statement of the write order (docs/format.md §7.3 gives it byte
 5. Commit one LMDB transaction (list records, id entries, tombstones, the ``state`` record
    with ``commit`` + 1), only once every sync of step 4 has returned.
 
+A write that fails after step 4 (a full disk, a failed sync) cuts its appended records back
+off once the catalog shows that step 5 did not happen, so the files are as they were; a crash
+leaves them as uncommitted tails, which readers ignore and the next append cuts.
+
 A delete is steps 2 and 5 alone. Compaction (:mod:`ivfpq_store.compaction`) writes each list's
 live records to a new segment file and syncs it (step 4), switches to the new files in one
 transaction (step 5), and only then unlinks the old files.
