@@ -47,7 +47,9 @@ def copy_store(source: StoreLayout, code_size: int, dest: str | os.PathLike[str]
 
     ``locked()`` holds the source's writer lock and yields its catalog: writers wait, readers
     go on. Only committed bytes are copied (segment prefixes, the catalog compacted), into a
-    hidden sibling of ``dest`` that is synced and renamed into place.
+    hidden sibling of ``dest``. Every file there is synced, then every directory, and only
+    then is it renamed to ``dest`` and the parent directory synced: once this returns, a
+    power cut leaves ``dest`` complete.
     """
     root = check_new_store_path(dest)
     t0 = time.perf_counter()
@@ -64,6 +66,12 @@ def copy_store(source: StoreLayout, code_size: int, dest: str | os.PathLike[str]
                              committed_size(record.count, code_size))
                 copied += 1
         catalog.copy_to(layout.catalog)
+        # LMDB writes the copy (with O_DIRECT on some systems) and closes it without a sync:
+        # sync its files by path (and the empty LOCK, so that every file is), then every
+        # directory, all before the rename into place.
+        for path in (layout.lock, *sorted(layout.catalog.iterdir())):
+            if path.is_file():
+                sync_file(path)
         for directory in (layout.segments, layout.catalog, layout.root):
             fsync_dir(directory)
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

@@ -3,9 +3,12 @@ deletes, upserts and compacts; a second writer waiting for the writer lock."""
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
 import os
 import re
+import select
 import subprocess
 import sys
 import threading
@@ -13,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -226,3 +230,188 @@ def test_a_live_lock_holder_blocks_every_write_until_it_is_killed(tmp_path, smal
         assert store.delete([0, 1, 2]) == 3  # once the lock is free
         store.add(small_data["base"][:5])
         assert len(store) == len(small_data["base"]) + 2
+
+
+# -- fork: a child re-opens the store the parent holds open -------------------------------------
+FORK_BATCH = 10  # vectors child number w adds, with ids 100_000 * (w + 1) + j
+V_EXTRA = synthetic(4 * FORK_BATCH + 3, DIM, seed=123)
+_MP_PARENT: ivfpq_store.Store | None = None  # the parent's handle, inherited by fork children
+
+
+def child_work(path: str, worker: int, queries: np.ndarray,
+               parent: ivfpq_store.Store | None = None,
+               before_writing: Callable[[], None] | None = None) -> dict[str, object]:
+    """What a forked or spawned child does: try the parent's handle, open its own, search,
+    add batch ``worker`` of V_EXTRA; returns what it saw."""
+    out: dict[str, object] = {"package": ivfpq_store.__file__}
+    if parent is not None:
+        try:
+            parent.search(queries[:1], k=1, nprobe=1)
+            out["parent_handle"] = "no error"
+        except ivfpq_store.WrongProcessError:
+            out["parent_handle"] = "WrongProcessError"
+    with ivfpq_store.open(path) as store:
+        res = store.search(queries, k=10, nprobe=4)
+        if before_writing is not None:
+            before_writing()
+        ids = np.arange(FORK_BATCH, dtype=np.int64) + 100_000 * (worker + 1)
+        store.add(V_EXTRA[worker * FORK_BATCH:(worker + 1) * FORK_BATCH], ids=ids)
+        out.update(ids=res.ids.tolist(), distances=res.distances.tolist(), ntotal=len(store))
+    return out
+
+
+def in_forked_child(work: Callable[[], dict[str, object]]) -> tuple[int, int]:
+    """Fork; the child runs ``work``, sends its result (or its error) back as JSON through a
+    pipe and leaves with os._exit. Returns (child pid, read end of the pipe)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            try:
+                reply = json.dumps(work()).encode()
+            except BaseException as err:
+                reply = json.dumps({"error": f"{type(err).__name__}: {err}"}).encode()
+            with os.fdopen(w, "wb") as fh:
+                fh.write(reply)
+        finally:
+            os._exit(0)
+    os.close(w)
+    return pid, r
+
+
+def collect(pid: int, r: int) -> dict[str, object]:
+    """The result of a child started by :func:`in_forked_child`, which must have exited 0."""
+    with os.fdopen(r, "rb") as fh:
+        reply = fh.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    got: dict[str, object] = json.loads(reply)
+    assert "error" not in got, got["error"]
+    return got
+
+
+def check_child(got: dict[str, object], expected: ivfpq_store.SearchResult, *,
+                inherited: bool) -> None:
+    """The child used this checkout, refused the inherited handle, and found what the parent
+    found."""
+    assert got["package"] == ivfpq_store.__file__
+    assert got.get("parent_handle") == ("WrongProcessError" if inherited else None)
+    np.testing.assert_array_equal(np.array(got["ids"]), expected.ids)
+    np.testing.assert_array_equal(np.array(got["distances"], dtype=np.float32),
+                                  expected.distances)
+
+
+def check_children_writes(store: ivfpq_store.Store, n0: int, workers: int) -> None:
+    """The parent's handle sees every batch its children added, and the store is sound."""
+    n = n0 + workers * FORK_BATCH
+    assert len(store) == n
+    every = store.search(V_EXTRA[:1], k=n + 1, nprobe=NLIST).ids[0]
+    added = np.sort(every[every >= 100_000])
+    np.testing.assert_array_equal(added, np.concatenate(
+        [np.arange(FORK_BATCH) + 100_000 * (w + 1) for w in range(workers)]))
+    assert store.verify().ok
+
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+
+
+@needs_fork
+@pytest.mark.parametrize("readonly", [True, False], ids=["readonly", "writable"])
+def test_forked_child_reopens_the_store_the_parent_holds_open(tmp_path, small_data, readonly):
+    """A bare os.fork() child of a process with the store open: the inherited handle raises
+    WrongProcessError, a fresh open works and finds what the parent finds, and its writes are
+    visible to the parent's handle, which keeps working."""
+    path = tmp_path / "s"
+    make_store(path, small_data).close()
+    queries = small_data["queries"]
+    with ivfpq_store.open(path, readonly=readonly) as store:
+        expected = store.search(queries, k=10, nprobe=4)
+        n0 = len(store)
+        pid, r = in_forked_child(lambda: child_work(str(path), 0, queries, store))
+        check_child(collect(pid, r), expected, inherited=True)
+        check_children_writes(store, n0, 1)
+        if not readonly:  # the parent's own writes still go through
+            store.add(V_EXTRA[-3:])
+            assert len(store) == n0 + FORK_BATCH + 3
+
+
+def mp_worker(path: str, worker: int, barrier: Any, results: Any) -> None:
+    """A multiprocessing worker: :func:`child_work`, writing only once both have searched."""
+    try:
+        got = child_work(path, worker, synthetic(40, DIM, seed=3), _MP_PARENT,
+                         lambda: barrier.wait())
+    except BaseException as err:
+        barrier.abort()
+        got = {"error": f"{type(err).__name__}: {err}"}
+    results.put(got)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_multiprocessing_workers_reopen_the_store(tmp_path, small_data, method, monkeypatch):
+    """multiprocessing workers open the store while the parent holds it open, with each start
+    method; under "fork" they inherit the parent's handle, which refuses to work there."""
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} start method here")
+    path = tmp_path / "s"
+    make_store(path, small_data).close()
+    queries = small_data["queries"]
+    np.testing.assert_array_equal(queries, synthetic(40, DIM, seed=3))  # what mp_worker uses
+    ctx = multiprocessing.get_context(method)
+    with ivfpq_store.open(path) as store:
+        monkeypatch.setattr(sys.modules[__name__], "_MP_PARENT", store)
+        expected = store.search(queries, k=10, nprobe=4)
+        n0 = len(store)
+        barrier, results = ctx.Barrier(2, timeout=30), ctx.Queue()
+        procs = [ctx.Process(target=mp_worker, args=(str(path), w, barrier, results))
+                 for w in range(2)]
+        for p in procs:
+            p.start()
+        replies = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+            assert p.exitcode == 0
+        for got in replies:
+            assert "error" not in got, got["error"]
+            check_child(got, expected, inherited=method == "fork")
+        check_children_writes(store, n0, 2)
+
+
+@needs_fork
+def test_prefork_server_workers_each_open_their_own_handle(tmp_path, small_data):
+    """The pre-fork server pattern (gunicorn --preload): the parent opens the store and
+    searches, then forks 3 workers; each opens its own handle and searches, and once all have
+    searched they write at the same time. The parent's handle works throughout and afterwards
+    sees all their writes."""
+    path = tmp_path / "s"
+    make_store(path, small_data).close()
+    queries = small_data["queries"]
+    workers = 3
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def searched_then_wait() -> None:
+        os.write(ready_w, b"s")
+        assert os.read(go_r, 1) == b"g"
+
+    with ivfpq_store.open(path) as store:
+        expected = store.search(queries, k=10, nprobe=4)
+        n0 = len(store)
+        children = [in_forked_child(functools.partial(child_work, str(path), w, queries,
+                                                      store, searched_then_wait))
+                    for w in range(workers)]
+        ready, deadline = b"", time.monotonic() + 30
+        while len(ready) < workers and time.monotonic() < deadline:
+            # Every worker has searched and none has written (or one failed: collect says).
+            if select.select([ready_r], [], [], 0.1)[0]:
+                ready += os.read(ready_r, workers)
+        during = store.search(queries, k=10, nprobe=4)
+        np.testing.assert_array_equal(during.ids, expected.ids)
+        os.write(go_w, b"g" * workers)
+        for pid, r in children:
+            check_child(collect(pid, r), expected, inherited=True)
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)
+        check_children_writes(store, n0, workers)
+        _, ids = store.search(small_data["base"][:3], k=1, nprobe=NLIST)
+        assert ids[:, 0].tolist() == [0, 1, 2]

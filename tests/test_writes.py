@@ -1,6 +1,6 @@
 """The write path of add and upsert: ids, progress, the write order (every appended segment,
 and the segments/ directory when files are new, synced before the catalog commit), failed
-syncs and commits, and uncommitted tails."""
+syncs and commits, and uncommitted tails; the sync order of copy."""
 
 from __future__ import annotations
 
@@ -186,3 +186,65 @@ def test_uncommitted_tail_is_ignored_then_trimmed(tmp_path, small_data):
     assert ids[-1] == 99_999
     assert 99_999 not in ids[:-1]
     assert segment_files(path)[victim] == sizes[victim] + 8 + store.params.m
+
+
+def test_copy_syncs_every_file_and_directory_before_renaming_it_into_place(
+        tmp_path, small_data, monkeypatch):
+    """Store.copy: every regular file of the copy (header, segments, the catalog LMDB wrote
+    in C, bypassing Python's writes) is synced at its final size, after the catalog copy for
+    the catalog's files; every directory is synced; all before the temporary directory is
+    renamed to DEST, and the parent directory after."""
+    dest = tmp_path / "backup" / "copy.ivfpq"
+    with make_store(tmp_path / "s", small_data) as store:
+        events = record_io(monkeypatch)
+        sizes: dict[int, int] = {}  # event number of a sync -> size of the file then
+        recorded_fsync, recorded_fdatasync = os.fsync, os.fdatasync
+        real_rename, real_copy_to = os.rename, Catalog.copy_to
+
+        def with_size(sync):
+            def wrapper(fd):
+                sync(fd)
+                sizes[len(events) - 1] = os.fstat(fd).st_size
+            return wrapper
+
+        def rename(src, dst, *args, **kwargs):
+            real_rename(src, dst, *args, **kwargs)
+            events.append(("rename", os.path.realpath(src)))
+
+        def copy_to(self, to):
+            real_copy_to(self, to)
+            events.append(("catalog copied", ""))
+
+        monkeypatch.setattr(os, "fsync", with_size(recorded_fsync))
+        monkeypatch.setattr(os, "fdatasync", with_size(recorded_fdatasync))
+        monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(Catalog, "copy_to", copy_to)
+        store.copy(dest)
+    renames = [i for i, (event, _) in enumerate(events) if event == "rename"]
+    assert len(renames) == 1, events
+    renamed = renames[0]
+    tmp = Path(events[renamed][1])
+    assert tmp.parent == Path(os.path.realpath(dest.parent))
+    assert not tmp.exists()
+    copied = first_event(events, "catalog copied")
+
+    def syncs(path: Path) -> list[int]:
+        return [i for i, e in enumerate(events) if e == ("sync", str(path))]
+
+    files = sorted(p for p in dest.rglob("*") if p.is_file())
+    names = {str(p.relative_to(dest)) for p in files}
+    assert {"catalog/data.mdb", "header.ivfh"} <= names, names
+    assert any(n.startswith("segments/") for n in names), names
+    for f in files:
+        at_final_size = [i for i in syncs(tmp / f.relative_to(dest))
+                         if i < renamed and sizes.get(i) == f.stat().st_size]
+        assert at_final_size, f"{f.relative_to(dest)} not synced at its final size: {events}"
+        if f.parent.name == "catalog":
+            assert max(at_final_size) > copied, f"{f.name} synced before LMDB wrote it"
+    directories = [dest, *(p for p in dest.rglob("*") if p.is_dir())]
+    for d in directories:
+        assert any(i < renamed for i in syncs(tmp / d.relative_to(dest))), d
+    assert any(i > renamed for i in syncs(Path(os.path.realpath(dest.parent)))), events
+    with ivfpq_store.open(dest, readonly=True) as copy:
+        assert copy.verify().ok
+        assert len(copy) == len(small_data["base"])

@@ -3,13 +3,16 @@
 This is the only module that imports ``lmdb``; every ``lmdb.Error`` is converted here into a
 :class:`CatalogError`. Transactions never escape: each public method opens and closes its own.
 LMDB forbids opening one environment twice in a process, so environments are shared through a
-per-process, reference-counted registry.
+per-process, reference-counted registry; environments inherited across ``fork()`` are set
+aside in the child, never used or closed there (docs/operations.md, "fork()").
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import importlib
 import logging
 import os
 import threading
@@ -27,6 +30,7 @@ from ..errors import (
     CorruptStoreError,
     DiskFullError,
     StoreNotFoundError,
+    WrongProcessError,
 )
 from ..format.keys import (
     META_STATE,
@@ -114,10 +118,63 @@ class _SharedEnv:
     def __init__(self, env: Any) -> None:
         self.env = env
         self.refs = 0
+        self.pid = os.getpid()  # the only process that may use or close ``env``
 
 
-_REGISTRY: dict[tuple[int, str], _SharedEnv] = {}
+_REGISTRY: dict[str, _SharedEnv] = {}  # by real path of the catalog directory
 _REGISTRY_LOCK = threading.Lock()
+#: Real paths of the environments this process inherited across fork(); see _after_fork.
+_INHERITED: set[str] = set()
+
+
+def _after_fork() -> None:
+    """In a forked child: set the parent's environments aside, unused and never closed.
+
+    LMDB handles must not be used across fork(), and closing one in the child
+    (mdb_env_close, or py-lmdb's close on deallocation) would abort transactions whose reader
+    slots the parent still owns, and can wait forever for operations of threads that do not
+    exist in the child. So each inherited environment gets one reference that is never
+    released, and the child opens its own environment on the same files when asked.
+    """
+    global _REGISTRY_LOCK
+    _REGISTRY_LOCK = threading.Lock()  # another thread may have held it at the fork
+    for path, shared in _REGISTRY.items():
+        _INHERITED.add(path)
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(shared.env))
+    _REGISTRY.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+@contextlib.contextmanager
+def _past_inherited_guard(real: str) -> Iterator[None]:
+    """Let py-lmdb open the files of an environment inherited across fork().
+
+    py-lmdb refuses to open files that an Environment object of this process holds open
+    (``lmdb._envid.env_keys`` names them), and an inherited object counts although it is
+    never used again. Within the block, the files of ``real`` are left out of that check; this
+    registry still opens each environment once per process.
+    """
+    envid: Any = None
+    if real in _INHERITED:
+        with contextlib.suppress(ImportError):
+            envid = importlib.import_module("lmdb._envid")
+    if envid is None:
+        yield
+        return
+    env_keys = envid.env_keys
+    inherited = set(env_keys(real, True))
+
+    def keys_but_inherited(path: Any, subdir: Any) -> tuple[Any, ...]:
+        return tuple(k for k in env_keys(path, subdir) if k not in inherited)
+
+    envid.env_keys = keys_but_inherited
+    try:
+        yield
+    finally:
+        envid.env_keys = env_keys
 
 
 #: An LMDB data file starts with two meta pages; anything shorter is not an environment.
@@ -141,14 +198,14 @@ def _check_existing(path: Path) -> None:
 
 
 def _acquire_env(path: Path, *, create: bool, map_size: int) -> _SharedEnv:
-    key = (os.getpid(), os.path.realpath(path))
+    key = os.path.realpath(path)
     with _REGISTRY_LOCK:
         shared = _REGISTRY.get(key)
         if shared is None:
             if not create:
                 _check_existing(path)
             writable = create or os.access(path, os.W_OK)
-            with _lmdb_errors(path, "open the catalog"):
+            with _lmdb_errors(path, "open the catalog"), _past_inherited_guard(key):
                 env = lmdb.open(
                     str(path), subdir=True, create=create, readonly=not writable,
                     lock=True, max_dbs=len(_DBS), map_size=map_size, max_readers=1024,
@@ -161,7 +218,9 @@ def _acquire_env(path: Path, *, create: bool, map_size: int) -> _SharedEnv:
 
 
 def _release_env(path: Path, shared: _SharedEnv) -> None:
-    key = (os.getpid(), os.path.realpath(path))
+    if shared.pid != os.getpid():
+        return  # inherited across fork(): the parent's to close, never the child's
+    key = os.path.realpath(path)
     with _REGISTRY_LOCK:
         shared.refs -= 1
         if shared.refs == 0:
@@ -221,6 +280,10 @@ class Catalog:
     def _env(self) -> Any:
         if self._shared is None:
             raise CatalogError(f"{self.path}: catalog is closed")
+        if self._shared.pid != os.getpid():
+            raise WrongProcessError(
+                f"{self.path}: catalog was opened in process {self._shared.pid} and used in "
+                f"forked process {os.getpid()}; open it again in the child")
         return self._shared.env
 
     @contextlib.contextmanager
