@@ -11,7 +11,8 @@ import subprocess
 import sys
 import textwrap
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 import ivfpq_store
+from ivfpq_store.errors import FormatError
 from ivfpq_store.storage import atomic
 from ivfpq_store.storage.catalog import Catalog
 
@@ -290,3 +292,18 @@ def lock_holder(path: Path) -> Iterator[subprocess.Popen[str]]:
         finally:
             child.kill()
             child.wait()
+
+
+# -- corrupt-input cases ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Bad:
+    """A corrupt input built from a good one, and the error it must raise."""
+
+    id: str
+    mutate: Callable[[bytes], bytes]
+    error: type[FormatError]
+    match: str
+
+
+def case_id(case: Bad) -> str:
+    return case.id

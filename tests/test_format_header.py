@@ -11,12 +11,21 @@ from __future__ import annotations
 import struct
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import msgpack
 import numpy as np
 import pytest
-from helpers import GOLDEN_HEADER, GOLDEN_SEGMENT, HEADER_MAGIC, SEGMENT_MAGIC, crc, flip, patch
+from helpers import (
+    GOLDEN_HEADER,
+    GOLDEN_SEGMENT,
+    HEADER_MAGIC,
+    SEGMENT_MAGIC,
+    Bad,
+    case_id,
+    crc,
+    flip,
+    patch,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -234,20 +243,6 @@ def test_golden_header_crcs_and_size() -> None:
 # =============================================================================================
 # 3. Corruption tables
 # =============================================================================================
-@dataclass(frozen=True)
-class Bad:
-    """A corrupt input built from a good one, and the error it must raise."""
-
-    id: str
-    mutate: Callable[[bytes], bytes]
-    error: type[FormatError]
-    match: str
-
-
-def case_id(case: Bad) -> str:
-    return case.id
-
-
 def sealed(fmt: str, offset: int, *values: object) -> Callable[[bytes], bytes]:
     """Patch a header field, then recompute every CRC."""
     return lambda b: reseal_header(patch(b, fmt, offset, *values))

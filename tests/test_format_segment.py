@@ -10,11 +10,10 @@ from __future__ import annotations
 import struct
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from helpers import GOLDEN_SEGMENT, HEADER_MAGIC, SEGMENT_MAGIC, crc, flip, patch
+from helpers import GOLDEN_SEGMENT, HEADER_MAGIC, SEGMENT_MAGIC, Bad, case_id, crc, flip, patch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -117,20 +116,6 @@ def test_golden_segment_reencodes_byte_for_byte() -> None:
 # =============================================================================================
 # 3. Corruption table
 # =============================================================================================
-@dataclass(frozen=True)
-class Bad:
-    """A corrupt input built from a good one, and the error it must raise."""
-
-    id: str
-    mutate: Callable[[bytes], bytes]
-    error: type[FormatError]
-    match: str
-
-
-def case_id(case: Bad) -> str:
-    return case.id
-
-
 def sealed_segment(fmt: str, offset: int, *values: object) -> Callable[[bytes], bytes]:
     return lambda b: reseal_segment(patch(b, fmt, offset, *values))
 

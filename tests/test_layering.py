@@ -134,3 +134,8 @@ def test_every_test_module_is_type_checked_as_a_test():
                    if o.get("check_untyped_defs") and not o.get("disallow_untyped_defs", True))
     modules = {p.stem for p in (PKG.parent / "tests").glob("*.py")}
     assert modules - relaxed == set(), "add these to the tests' override in pyproject.toml"
+
+
+def test_lmdb_is_imported_by_one_module():
+    users = {str(p.relative_to(PKG)) for p in MODULES if "lmdb" in imports_of(p)}
+    assert users == {"storage/lmdb_env.py"}

@@ -1,18 +1,14 @@
 """The LMDB catalog (docs/format.md §6): store metadata, list records, the id map, counters.
 
-This is the only module that imports ``lmdb``; every ``lmdb.Error`` is converted here into a
-:class:`CatalogError`. Transactions never escape: each public method opens and closes its own.
-LMDB forbids opening one environment twice in a process, so environments are shared through a
-per-process, reference-counted registry; environments inherited across ``fork()`` are set
-aside in the child, never used or closed there (docs/operations.md, "fork()").
+Transactions never escape: each public method opens and closes its own, and every
+``lmdb.Error`` becomes a :class:`CatalogError` (:func:`~.lmdb_env.lmdb_errors`). The LMDB
+environments themselves, shared per process and set aside across ``fork()``, are
+:mod:`.lmdb_env`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
-import importlib
 import logging
 import os
 import threading
@@ -21,15 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lmdb
 import numpy as np
 
 from ..errors import (
     CatalogError,
-    CatalogFullError,
     CorruptStoreError,
-    DiskFullError,
-    StoreNotFoundError,
     WrongProcessError,
 )
 from ..format.keys import (
@@ -46,7 +38,7 @@ from ..format.keys import (
 )
 from ..format.records import ListRecord, StateRecord, StoreMeta, decode_id_entries
 from ..types import I64Array
-from .atomic import DISK_FULL_ERRNOS
+from .lmdb_env import DBS, SharedEnv, acquire_env, lmdb_errors, release_env
 from .lmdb_file import check_data_file
 
 __all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes"]
@@ -55,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 #: Address space reserved for the catalog; sparse, so a large value costs nothing on 64-bit.
 DEFAULT_MAP_SIZE = 1 << 36  # 64 GiB
-_DBS = (b"meta", b"lists", b"ids", b"deleted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,160 +82,22 @@ class Changes:
     dropped_segments: list[tuple[int, int]] = field(default_factory=list)  # (list_no, gen)
 
 
-@contextlib.contextmanager
-def _lmdb_errors(path: Path, action: str) -> Iterator[None]:
-    try:
-        yield
-    except lmdb.MapFullError as err:
-        raise CatalogFullError(
-            f"{path}: catalog is full while trying to {action}; reopen the store with a larger "
-            "map_size="
-        ) from err
-    except lmdb.Error as err:
-        # LMDB reports a failed system call by its errno (lmdb.DiskError for ENOSPC); its own
-        # errors (corrupt pages, full map...) have negative codes.
-        code = getattr(err, "code", 0)
-        if isinstance(err, lmdb.DiskError) or code in DISK_FULL_ERRNOS:
-            code = code if code in DISK_FULL_ERRNOS else errno.ENOSPC
-            raise DiskFullError(
-                f"{path}: {os.strerror(code)} ({errno.errorcode[code]}) while trying to "
-                f"{action}; nothing was committed — free space and retry",
-                errno=code, path=str(path)) from err
-        raise CatalogError(f"{path}: LMDB failed to {action}: {err}",
-                           errno=code if isinstance(code, int) and code > 0 else None) from err
-
-
-class _SharedEnv:
-    def __init__(self, env: Any) -> None:
-        self.env = env
-        self.refs = 0
-        self.pid = os.getpid()  # the only process that may use or close ``env``
-
-
-_REGISTRY: dict[str, _SharedEnv] = {}  # by real path of the catalog directory
-_REGISTRY_LOCK = threading.Lock()
-#: Real paths of the environments this process inherited across fork(); see _after_fork.
-_INHERITED: set[str] = set()
-
-
-def _after_fork() -> None:
-    """In a forked child: set the parent's environments aside, unused and never closed.
-
-    LMDB handles must not be used across fork(), and closing one in the child
-    (mdb_env_close, or py-lmdb's close on deallocation) would abort transactions whose reader
-    slots the parent still owns, and can wait forever for operations of threads that do not
-    exist in the child. So each inherited environment gets one reference that is never
-    released, and the child opens its own environment on the same files when asked.
-    """
-    global _REGISTRY_LOCK
-    _REGISTRY_LOCK = threading.Lock()  # another thread may have held it at the fork
-    for path, shared in _REGISTRY.items():
-        _INHERITED.add(path)
-        ctypes.pythonapi.Py_IncRef(ctypes.py_object(shared.env))
-    _REGISTRY.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork)
-
-
-@contextlib.contextmanager
-def _past_inherited_guard(real: str) -> Iterator[None]:
-    """Let py-lmdb open the files of an environment inherited across fork().
-
-    py-lmdb refuses to open files that an Environment object of this process holds open
-    (``lmdb._envid.env_keys`` names them), and an inherited object counts although it is
-    never used again. Within the block, the files of ``real`` are left out of that check; this
-    registry still opens each environment once per process.
-    """
-    envid: Any = None
-    if real in _INHERITED:
-        with contextlib.suppress(ImportError):
-            envid = importlib.import_module("lmdb._envid")
-    if envid is None:
-        yield
-        return
-    env_keys = envid.env_keys
-    inherited = set(env_keys(real, True))
-
-    def keys_but_inherited(path: Any, subdir: Any) -> tuple[Any, ...]:
-        return tuple(k for k in env_keys(path, subdir) if k not in inherited)
-
-    envid.env_keys = keys_but_inherited
-    try:
-        yield
-    finally:
-        envid.env_keys = env_keys
-
-
-#: An LMDB data file starts with two meta pages; anything shorter is not an environment.
-_MIN_DATA_BYTES = 2 * 4096
-
-
-def _check_existing(path: Path) -> None:
-    """Refuse, without letting LMDB write anything, a catalog that cannot be an environment."""
-    data = path / "data.mdb"
-    if not data.is_file():
-        raise StoreNotFoundError(f"{path}: no LMDB catalog (data.mdb) here")
-    size = data.stat().st_size
-    if size < _MIN_DATA_BYTES:
-        raise CorruptStoreError(
-            f"{data}: {size} bytes — expected at least {_MIN_DATA_BYTES} for an LMDB "
-            "environment; the catalog is damaged")
-    try:
-        check_data_file(data)  # a truncated file would be a SIGBUS inside LMDB, not an error
-    except OSError as err:
-        raise CatalogError(f"{data}: cannot be read: {err}") from err
-
-
-def _acquire_env(path: Path, *, create: bool, map_size: int) -> _SharedEnv:
-    key = os.path.realpath(path)
-    with _REGISTRY_LOCK:
-        shared = _REGISTRY.get(key)
-        if shared is None:
-            if not create:
-                _check_existing(path)
-            writable = create or os.access(path, os.W_OK)
-            with _lmdb_errors(path, "open the catalog"), _past_inherited_guard(key):
-                env = lmdb.open(
-                    str(path), subdir=True, create=create, readonly=not writable,
-                    lock=True, max_dbs=len(_DBS), map_size=map_size, max_readers=1024,
-                    readahead=False, meminit=False,
-                )
-            shared = _SharedEnv(env)
-            _REGISTRY[key] = shared
-        shared.refs += 1
-        return shared
-
-
-def _release_env(path: Path, shared: _SharedEnv) -> None:
-    if shared.pid != os.getpid():
-        return  # inherited across fork(): the parent's to close, never the child's
-    key = os.path.realpath(path)
-    with _REGISTRY_LOCK:
-        shared.refs -= 1
-        if shared.refs == 0:
-            if _REGISTRY.get(key) is shared:
-                del _REGISTRY[key]
-            shared.env.close()
-
-
 class Catalog:
     """Typed access to a store's LMDB environment.
 
     Use :meth:`create` or :meth:`open`; close with :meth:`close`.
     """
 
-    def __init__(self, path: Path, shared: _SharedEnv) -> None:
+    def __init__(self, path: Path, shared: SharedEnv) -> None:
         self.path = path
-        self._shared: _SharedEnv | None = shared
+        self._shared: SharedEnv | None = shared
         env = shared.env
-        with _lmdb_errors(path, "open the named databases"):
+        with lmdb_errors(path, "open the named databases"):
             if env.flags()["readonly"]:
                 with env.begin() as txn:
-                    self._dbs = {name: env.open_db(name, txn=txn, create=False) for name in _DBS}
+                    self._dbs = {name: env.open_db(name, txn=txn, create=False) for name in DBS}
             else:
-                self._dbs = {name: env.open_db(name) for name in _DBS}
+                self._dbs = {name: env.open_db(name) for name in DBS}
         self._cache: CatalogSnapshot | None = None
         self._cache_lock = threading.Lock()
 
@@ -254,7 +107,7 @@ class Catalog:
                map_size: int = DEFAULT_MAP_SIZE) -> Catalog:
         """Create a new catalog at ``path`` holding ``meta`` and the initial ``state``."""
         path.mkdir(parents=True, exist_ok=False)
-        catalog = cls(path, _acquire_env(path, create=True, map_size=map_size))
+        catalog = cls(path, acquire_env(path, create=True, map_size=map_size))
         with catalog._write("initialise the catalog") as txn:
             txn.put(META_STORE, meta.to_msgpack(), db=catalog._dbs[b"meta"])
             txn.put(META_STATE, state.to_msgpack(), db=catalog._dbs[b"meta"])
@@ -263,17 +116,17 @@ class Catalog:
     @classmethod
     def open(cls, path: Path, map_size: int = DEFAULT_MAP_SIZE) -> Catalog:
         """Open an existing catalog."""
-        shared = _acquire_env(path, create=False, map_size=map_size)
+        shared = acquire_env(path, create=False, map_size=map_size)
         try:
             return cls(path, shared)
         except BaseException:
-            _release_env(path, shared)
+            release_env(path, shared)
             raise
 
     def close(self) -> None:
         """Release this handle's share of the environment (idempotent)."""
         if self._shared is not None:
-            _release_env(self.path, self._shared)
+            release_env(self.path, self._shared)
             self._shared = None
 
     @property
@@ -288,12 +141,12 @@ class Catalog:
 
     @contextlib.contextmanager
     def _read(self, action: str) -> Iterator[Any]:
-        with _lmdb_errors(self.path, action), self._env.begin(buffers=False) as txn:
+        with lmdb_errors(self.path, action), self._env.begin(buffers=False) as txn:
             yield txn
 
     @contextlib.contextmanager
     def _write(self, action: str) -> Iterator[Any]:
-        with _lmdb_errors(self.path, action), self._env.begin(write=True) as txn:
+        with lmdb_errors(self.path, action), self._env.begin(write=True) as txn:
             yield txn
 
     def check_file(self) -> None:
@@ -436,7 +289,7 @@ class Catalog:
         there for its segment syncs, so the puts overlap them).
         """
         with self._write("commit") as txn:
-            meta, lists_db, ids_db, deleted_db = (self._dbs[n] for n in _DBS)
+            meta, lists_db, ids_db, deleted_db = (self._dbs[n] for n in DBS)
             current = self._state(txn)
             if state.commit != current.commit + 1:
                 raise CorruptStoreError(
@@ -485,5 +338,5 @@ class Catalog:
         """Write a compacted, consistent copy of the environment into the new directory
         ``dest`` (LMDB's mdb_env_copy2 with MDB_CP_COMPACT: free pages are left out)."""
         dest.mkdir()
-        with _lmdb_errors(self.path, f"copy the catalog to {dest}"):
+        with lmdb_errors(self.path, f"copy the catalog to {dest}"):
             self._env.copy(str(dest), compact=True)
