@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .errors import InvalidParamsError, StoreNotFoundError
 from .format.records import check_store_meta
-from .params import check_int, check_ratio
+from .params import check_bool, check_int, check_ratio
 from .storage import DEFAULT_MAP_SIZE, Catalog, StoreLayout, as_path, read_header
 from .store import Store
 from .types import PathArg
@@ -69,6 +69,7 @@ def open(
     """
     check_open_args(map_size=map_size, max_open_segments=max_open_segments,
                     lock_timeout=lock_timeout)
+    readonly = check_bool("readonly", readonly)
     if auto_compact_ratio is not None:
         auto_compact_ratio = check_ratio("auto_compact_ratio", auto_compact_ratio)
     layout = StoreLayout(as_path(path))

@@ -52,6 +52,15 @@ def check_int(name: str, value: object, lo: int, hi: int) -> int:
     return ivalue
 
 
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is a bool (Python or numpy): a flag given "no", 1 or None is a
+    mistake, not a truth value."""
+    if not isinstance(value, bool | np.bool_):
+        raise InvalidParamsError(
+            f"{name}: expected True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def check_ratio(name: str, value: object) -> float:
     """Return ``value`` as a float if it is a real number in 0..1."""
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):

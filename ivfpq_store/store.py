@@ -29,7 +29,7 @@ from .errors import (
 )
 from .format import Header, record_dtype
 from .format.records import ListRecord
-from .params import IndexParams, SearchParams, check_int, check_ratio
+from .params import IndexParams, SearchParams, check_bool, check_int, check_ratio
 from .quantizer import Quantizer
 from .reports import ListInfo, StoreInfo, list_infos, store_info
 from .search import RecordFetcher, Searcher, SearchResult
@@ -344,7 +344,7 @@ class Store:
         InvalidParamsError, ReadOnlyStoreError, StoreLockedError
         """
         ratio = check_ratio("min_deleted_ratio", min_deleted_ratio)
-        return self._writer.compact(ratio, dry_run=dry_run)
+        return self._writer.compact(ratio, dry_run=check_bool("dry_run", dry_run))
 
     # -- checking and copying -------------------------------------------------------------
     def verify(self, *, repair: bool = False) -> VerifyReport:
@@ -374,7 +374,7 @@ class Store:
             denied, out of memory or address space, an I/O error, a full disk on repair
             (:func:`ivfpq_store.verify.cannot_check` tells these apart from damage).
         """
-        if repair:
+        if check_bool("repair", repair):
             # Look at LOCK before taking it: taking it overwrites a dead writer's pid.
             lock = probe_lock(self._layout.lock)
             with self._writer.locked(sweep=False) as catalog:

@@ -790,3 +790,30 @@ def test_cosine_zero_vector(cosine_store: ivfpq_store.Store,
     assert_clean_error(ei.value, ivfpq_store.InvalidInputError)
     assert tree_snapshot(cosine_store.path) == before
     assert len(cosine_store) == n_before
+
+
+@pytest.mark.parametrize("value", ["no", "False", 0, 1, None, 0.0, []],
+                         ids=["no", "False-str", "0", "1", "None", "0.0", "empty-list"])
+@pytest.mark.parametrize("flag", ["readonly", "dry_run", "repair"])
+def test_flags_take_only_booleans(store: ivfpq_store.Store, flag: str, value: Any) -> None:
+    """A flag given "no", 1 or None is a mistake, not a truth value: readonly="no" would open
+    read-only, dry_run=0 would compact for real. Each raises InvalidParamsError naming the
+    flag, and nothing changes."""
+    store.delete(np.arange(0, 1500, 2))  # something for a compaction to rewrite
+    before = tree_fingerprint(store.path)
+    calls: dict[str, Callable[[], object]] = {
+        "readonly": lambda: ivfpq_store.open(store.path, readonly=value),
+        "dry_run": lambda: store.compact(dry_run=value),
+        "repair": lambda: store.verify(repair=value),
+    }
+    with pytest.raises(ivfpq_store.InvalidParamsError, match=flag):
+        calls[flag]()
+    assert tree_fingerprint(store.path) == before
+
+
+def test_flags_take_numpy_booleans(store: ivfpq_store.Store) -> None:
+    """A flag computed by numpy (a numpy bool, outside the annotated ``bool``) works."""
+    with ivfpq_store.open(store.path, readonly=np.True_) as reader:  # type: ignore[arg-type]
+        assert reader.readonly
+    assert store.compact(dry_run=np.True_).dry_run  # type: ignore[arg-type]
+    assert store.verify(repair=np.False_).ok  # type: ignore[arg-type]
