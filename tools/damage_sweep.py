@@ -43,9 +43,14 @@ class that applies winning:
                          problem, and no search returned wrong results
     harmless             every search matched the reference and verify() said ok
 
-A table of counts per file kind and event type is printed; ``--out`` writes every event (its
-damage, both children's findings, and for a crash the last stage reached and the end of the
-child's stderr, where faulthandler prints the Python stack) and the summary as JSON.
+A child that dies inside verify() never reaches the searches, so that scan path runs once
+more with verify() skipped, to tell a crash of verify() alone from one a search meets too.
+
+A table of counts per file kind and event type is printed, then one line per kind of crash
+(event type, scan path, signal and stage, and what the run without verify() did). ``--out``
+writes every event (its damage, both children's findings, for a crash the last stage reached
+and the end of the child's stderr, where faulthandler prints the Python stack, and the runs
+without verify()) and the summary as JSON.
 
 Only the public API of ivfpq_store is used; the child imports this checkout's package.
 """
@@ -126,11 +131,13 @@ def _run_searches(store: ivfpq_store.Store, queries: np.ndarray,
     return found, arrays
 
 
-def child_main(store_path: str, reference: str, write_reference: bool) -> None:
+def child_main(store_path: str, reference: str, write_reference: bool,
+               skip_verify: bool = False) -> None:
     """Open ``store_path`` readonly, verify it, search it; print one ``result`` JSON line.
 
     With ``write_reference`` the store is undamaged: the search results are saved into
-    ``reference`` (beside the queries already there) instead of compared with it.
+    ``reference`` (beside the queries already there) instead of compared with it. With
+    ``skip_verify`` the searches run without verify() first.
     """
     faulthandler.enable()  # a fatal signal prints the Python stack to stderr, then kills us
     with np.load(reference) as npz:
@@ -146,11 +153,12 @@ def child_main(store_path: str, reference: str, write_reference: bool) -> None:
         out["open"] = _describe(err)
     else:
         with store:
-            _stage("verify")
             try:
-                report = store.verify()
-                out["verify"] = {"ok": report.ok, "problems": [
-                    f"{p.kind}: {p.message}"[:200] for p in report.problems[:3]]}
+                if not skip_verify:
+                    _stage("verify")
+                    report = store.verify()
+                    out["verify"] = {"ok": report.ok, "problems": [
+                        f"{p.kind}: {p.message}"[:200] for p in report.problems[:3]]}
             except Exception as err:
                 out["verify_raised"] = _describe(err)
             out["searches"], arrays = _run_searches(store, ref["queries"],
@@ -276,13 +284,15 @@ def apply_damage(store: Path, event: Event) -> None:
 # --------------------------------------------------------------------------------------------
 
 def run_child(store: Path, reference: Path, scan_path: str, timeout: float,
-              write_reference: bool = False) -> dict[str, Any]:
+              write_reference: bool = False, skip_verify: bool = False) -> dict[str, Any]:
     """Run the child on ``store``; what it found, or how it died."""
     env = dict(os.environ, IVFPQ_STORE_KERNEL=PATHS[scan_path], PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(store),
            "--reference", str(reference)]
     if write_reference:
         cmd.append("--write-reference")
+    if skip_verify:
+        cmd.append("--skip-verify")
     t0 = time.monotonic()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
@@ -328,19 +338,42 @@ def classify(children: dict[str, dict[str, Any]]) -> str:
     return "harmless"
 
 
+def _damaged_run(event: Event, refs: dict[str, Reference], work: Path, scan_path: str,
+                 timeout: float, skip_verify: bool = False) -> dict[str, Any]:
+    """One child on a fresh damaged copy (opening may rewrite lock.mdb: copies are not
+    shared)."""
+    copy = work / f"{event.kind}-{event.index}-{scan_path}"
+    shutil.copytree(refs[event.variant].path, copy)
+    try:
+        apply_damage(copy, event)
+        return run_child(copy, work / f"{event.variant}-{scan_path}.npz", scan_path, timeout,
+                         skip_verify=skip_verify)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
 def run_event(event: Event, refs: dict[str, Reference], work: Path,
               timeout: float) -> dict[str, Any]:
-    children: dict[str, dict[str, Any]] = {}
-    for scan_path in PATHS:  # a fresh damaged copy each: opening may rewrite lock.mdb
-        copy = work / f"{event.kind}-{event.index}-{scan_path}"
-        shutil.copytree(refs[event.variant].path, copy)
-        try:
-            apply_damage(copy, event)
-            children[scan_path] = run_child(copy, work / f"{event.variant}-{scan_path}.npz",
-                                            scan_path, timeout)
-        finally:
-            shutil.rmtree(copy, ignore_errors=True)
-    return {**asdict(event), "class": classify(children), "children": children}
+    """Run ``event`` on both scan paths and classify it. A child that died inside verify()
+    never reached the searches, so that path runs once more without verify() (recorded as
+    ``without_verify``; the class stays crash): does a search alone crash too?"""
+    children = {p: _damaged_run(event, refs, work, p, timeout) for p in PATHS}
+    without_verify = {p: _damaged_run(event, refs, work, p, timeout, skip_verify=True)
+                      for p, found in children.items() if found.get("stage") == "verify"}
+    return {**asdict(event), "class": classify(children), "children": children,
+            "without_verify": without_verify}
+
+
+def _outcome(found: dict[str, Any]) -> str:
+    """One child's result in a few words."""
+    if "died" in found:
+        return f"{found['died']} in {found['stage']}"
+    if found["open"]:
+        return f"open raised {found['open']['type']}"
+    raised = {s["raised"]["type"] for s in found["searches"] if "raised" in s}
+    if raised:
+        return f"search raised {', '.join(sorted(raised))}"
+    return "wrong results" if any(not s["same"] for s in found["searches"]) else "same results"
 
 
 def make_references(work: Path, seed: int, timeout: float) -> dict[str, Reference]:
@@ -367,6 +400,14 @@ def summarize(events: list[dict[str, Any]], kinds: list[str]) -> dict[str, Any]:
         rows = {t: Counter(e["class"] for e in of_kind if e["type"] == t) for t in EVENT_TYPES}
         rows["total"] = Counter(e["class"] for e in of_kind)
         summary[kind] = {row: {c: counts[c] for c in CLASSES} for row, counts in rows.items()}
+        crashes: Counter[str] = Counter()
+        for e in of_kind:
+            for scan_path, found in e["children"].items():
+                if "died" in found:
+                    alone = e["without_verify"].get(scan_path)
+                    then = f"; without verify: {_outcome(alone)}" if alone else ""
+                    crashes[f"{e['type']}, {scan_path}: {_outcome(found)}{then}"] += 1
+        summary[kind]["crashes"] = dict(sorted(crashes.items()))
     return summary
 
 
@@ -376,9 +417,12 @@ def print_table(summary: dict[str, Any]) -> None:
     heads = [short.get(c, c) for c in CLASSES]
     print(f"{'file kind':<16} {'event':<12}" + "".join(f"{h:>13}" for h in heads))
     for kind, rows in summary.items():
-        for row, counts in rows.items():
-            label = kind if row == "bit-flip" else ""
-            print(f"{label:<16} {row:<12}" + "".join(f"{counts[c]:>13}" for c in CLASSES))
+        for row in (*EVENT_TYPES, "total"):
+            label = kind if row == EVENT_TYPES[0] else ""
+            print(f"{label:<16} {row:<12}" + "".join(f"{rows[row][c]:>13}" for c in CLASSES))
+    for kind, rows in summary.items():
+        for what, n in rows["crashes"].items():
+            print(f"crash ({kind}, {n} children) {what}")
 
 
 def _events(kinds: list[str], n: int, seed: int, refs: dict[str, Reference]) -> Iterator[Event]:
@@ -401,9 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", metavar="STORE", help=argparse.SUPPRESS)
     parser.add_argument("--reference", help=argparse.SUPPRESS)
     parser.add_argument("--write-reference", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-verify", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child_main(args.child, args.reference, args.write_reference)
+        child_main(args.child, args.reference, args.write_reference, args.skip_verify)
         return 0
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if unknown := set(kinds) - set(KINDS):
