@@ -251,6 +251,34 @@ def test_verify_under_an_address_space_limit_exits_4(tmp_path, small_data):
     assert "Traceback" not in out.stderr
 
 
+def test_map_size_lets_commands_run_under_an_address_space_limit(tmp_path, small_data):
+    """Under an RLIMIT_AS that cannot hold the default 64 GiB catalog map, --map-size makes
+    verify, add, search and info work (and create a store there)."""
+    limit = 8 << 30
+    np.save(tmp_path / "train.npy", small_data["train"])
+    np.save(tmp_path / "base.npy", small_data["base"][:300])
+
+    def small_address_space():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    path = str(tmp_path / "s.ivfpq")
+    outputs = {}
+    for args in (["create", path, "--train", str(tmp_path / "train.npy"), "--nlist", "8",
+                  "--m", "4", "--nbits", "6"],
+                 ["add", path, str(tmp_path / "base.npy"), "-q"],
+                 ["search", path, str(tmp_path / "base.npy"), "-k", "1", "--json"],
+                 ["info", path], ["verify", path]):
+        out = subprocess.run([sys.executable, "-m", "ivfpq_store", "--map-size", str(1 << 30),
+                              *args], env=env, capture_output=True, text=True, check=False,
+                             timeout=120, preexec_fn=small_address_space)
+        assert out.returncode == 0, (args, out.stderr)
+        assert "Traceback" not in out.stderr
+        outputs[args[0]] = out.stdout
+    assert len(json.loads(outputs["search"])["results"]) == 300
+    assert outputs["verify"].startswith("ok:")
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["info", "{d}/missing"], "no such store directory"),
     (["info", "{d}"], "not an ivfpq store"),

@@ -19,7 +19,7 @@ from ..errors import IvfpqError
 
 __all__ = ["EXIT_DAMAGED", "EXIT_UNCHECKED", "PathType", "batch_option", "bytes_line", "cli",
            "emit", "existing_file", "histogram", "json_option", "main", "progress", "quiet_option",
-           "store_argument"]
+           "store_argument", "store_options"]
 
 #: Exit code of ``verify`` when the store is damaged.
 EXIT_DAMAGED = 3
@@ -93,6 +93,12 @@ def progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[int], No
         yield bar.update
 
 
+def store_options() -> dict[str, Any]:
+    """The group's options every ``ivfpq_store.open`` and ``create`` of a command takes."""
+    obj = click.get_current_context().find_root().obj
+    return dict(obj) if obj else {}
+
+
 def bytes_line(b: dict[str, int]) -> str:
     return (f"{b['total']:,} bytes (header {b['header']:,}, catalog {b['catalog']:,}, "
             f"segments {b['segments']:,})")
@@ -110,8 +116,14 @@ def histogram(sizes: list[int], bins: int = 8, width: int = 40) -> list[str]:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ivfpq-store")
 @click.option("-v", "--verbose", count=True, help="Log to stderr (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option("--map-size", type=click.IntRange(1 << 20, 1 << 50), default=None, metavar="BYTES",
+              help="Address space to reserve for the catalog (default 64 GiB, sparse). Lower it "
+                   "where the address space is limited (ulimit -v); at least the size of "
+                   "catalog/data.mdb.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, map_size: int | None) -> None:
     """Create, fill, search, inspect and maintain persistent IVF-PQ vector stores."""
+    ctx.obj = {} if map_size is None else {"map_size": map_size}
     if verbose:
         logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO,
                             format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -26,6 +26,7 @@ from .base import (
     histogram,
     json_option,
     store_argument,
+    store_options,
 )
 
 __all__ = ["demo", "info", "lists_", "search", "verify"]
@@ -64,7 +65,7 @@ def search(store: Path, queries: Path, k: int, nprobe: int, batch_size: int, as_
         raise click.UsageError("--json and --jsonl are mutually exclusive")
     vf = open_vectors(queries)
     results = []
-    with ivfpq_store.open(store, readonly=True) as s:
+    with ivfpq_store.open(store, readonly=True, **store_options()) as s:
         start = 0
         for batch in vf.batches(batch_size):
             distances, ids = s.search(batch, k=k, nprobe=nprobe)
@@ -99,7 +100,7 @@ def info(store: Path, as_json: bool) -> None:
     Example:
         ivfpq-store info sift.ivfpq --json
     """
-    with ivfpq_store.open(store, readonly=True) as s:
+    with ivfpq_store.open(store, readonly=True, **store_options()) as s:
         i = s.info()
     sizes = sorted(i.list_sizes)
     backend = ivfpq_store.scan_backend()
@@ -130,7 +131,7 @@ def lists_(store: Path, as_json: bool) -> None:
     Example:
         ivfpq-store lists sift.ivfpq --json
     """
-    with ivfpq_store.open(store, readonly=True) as s:
+    with ivfpq_store.open(store, readonly=True, **store_options()) as s:
         rows = s.lists()
     live = [r.live for r in rows]
     mean = sum(live) / len(live)
@@ -168,7 +169,7 @@ def verify(store: Path, repair: bool, as_json: bool) -> None:
         ivfpq-store verify sift.ivfpq --json
     """
     try:
-        with ivfpq_store.open(store, readonly=not repair) as s:
+        with ivfpq_store.open(store, readonly=not repair, **store_options()) as s:
             doc: dict[str, Any] = s.verify(repair=repair).to_dict()
     except (IvfpqError, OSError, MemoryError) as err:
         if isinstance(err, StoreNotFoundError):

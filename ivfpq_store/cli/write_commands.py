@@ -24,6 +24,7 @@ from .base import (
     progress,
     quiet_option,
     store_argument,
+    store_options,
 )
 
 __all__ = ["add", "compact", "copy", "create", "delete", "upsert"]
@@ -66,7 +67,7 @@ def create(store: Path, train: Path, nlist: int, m: int, nbits: int, metric: str
     vf = open_vectors(train)
     x = vf.sample(max_train, seed) if max_train else vf.read()
     with ivfpq_store.create(store, x, nlist=nlist, m=m, nbits=nbits, metric=metric,
-                            seed=seed) as s:
+                            seed=seed, **store_options()) as s:
         info = s.info()
     emit(info.to_dict() | {"n_training_vectors": len(x)}, as_json=as_json, lines=[
         (f"created {info.path}: dim={info.dim} nlist={info.nlist} m={info.m} nbits={info.nbits} "
@@ -82,7 +83,7 @@ def _write_batches(store: Path, vectors: Path, ids_file: Path | None, batch_size
         raise DimensionMismatchError(f"{ids_file} has {len(ids)} ids but {vectors} has {vf.n} "
                                      "vectors — expected one id per vector")
     done = 0
-    with ivfpq_store.open(store) as s:
+    with ivfpq_store.open(store, **store_options()) as s:
         if vf.dim != s.params.dim:
             raise DimensionMismatchError(f"{vectors}: vectors of dimension {vf.dim} — expected "
                                          f"{s.params.dim}, the dimension of {store}")
@@ -174,7 +175,7 @@ def delete(store: Path, ids: tuple[int, ...], ids_file: Path | None, as_json: bo
     wanted = np.array(ids, dtype=np.int64)
     if ids_file is not None:
         wanted = np.concatenate([wanted, read_ids(ids_file).astype(np.int64)])
-    with ivfpq_store.open(store) as s:
+    with ivfpq_store.open(store, **store_options()) as s:
         removed = s.delete(wanted)
         doc = {"requested": len(wanted), "removed": removed, "ntotal": len(s)}
     emit(doc, as_json=as_json, lines=[(f"deleted {removed:,} of {len(wanted):,} ids; the store "
@@ -200,7 +201,7 @@ def compact(store: Path, min_deleted_ratio: float, dry_run: bool, as_json: bool)
     Example:
         ivfpq-store compact sift.ivfpq --min-deleted-ratio 0.2 --dry-run
     """
-    with ivfpq_store.open(store) as s:
+    with ivfpq_store.open(store, **store_options()) as s:
         r = s.compact(min_deleted_ratio, dry_run=dry_run)
     verb = "would rewrite" if r.dry_run else "rewrote"
     emit(r.to_dict(), as_json=as_json, lines=[
@@ -225,7 +226,7 @@ def copy(store: Path, dest: Path, as_json: bool) -> None:
     Example:
         ivfpq-store copy sift.ivfpq backups/sift-2026-11-21.ivfpq
     """
-    with ivfpq_store.open(store) as s:
+    with ivfpq_store.open(store, **store_options()) as s:
         r = s.copy(dest)
     emit(r.to_dict(), as_json=as_json, lines=[
         (f"copied {r.vectors:,} vectors ({r.segments} segments, {r.bytes:,} bytes) to {r.dest} "
