@@ -179,6 +179,16 @@ def _deny_segments(monkeypatch):
     monkeypatch.setattr(verify_module, "open", denied, raising=False)
 
 
+def _deny_data_mdb(monkeypatch):
+    """The check of data.mdb before LMDB maps it cannot read the file (permission denied)."""
+    from ivfpq_store.storage import lmdb_env
+
+    def denied(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(lmdb_env, "check_data_file", denied)
+
+
 def _catalog_out_of_address_space(monkeypatch):
     """LMDB cannot map the catalog, as under a small RLIMIT_AS."""
     import lmdb
@@ -212,10 +222,11 @@ def _verify_out_of_memory(monkeypatch):
 
 @pytest.mark.parametrize(("cause", "args", "reason"), [
     (_deny_segments, [], r"\.seg: Permission denied"),
+    (_deny_data_mdb, [], r"data\.mdb: cannot be read: .*Permission denied"),
     (_catalog_out_of_address_space, [], r"LMDB failed to open the catalog: .*Cannot allocate"),
     (_locked, ["--repair"], r"LOCK: another writer holds the store's writer lock"),
     (_verify_out_of_memory, ["--json"], r"out of memory"),
-], ids=["permission-denied", "address-space", "locked", "memory-error"])
+], ids=["permission-denied", "data-mdb-denied", "address-space", "locked", "memory-error"])
 def test_verify_exits_4_when_the_store_cannot_be_checked(runner, files, monkeypatch, cause, args,
                                                          reason):
     """Not being able to read the store is not damage: exit 4, not 3, and the reason."""

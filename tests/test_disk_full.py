@@ -82,26 +82,14 @@ def _retry_succeeds(store: ivfpq_store.Store, small_data: dict[str, np.ndarray])
 
 
 @pytest.mark.parametrize("code", FULL_ERRNOS, ids=_NAMES)
-@pytest.mark.parametrize("after", [0, 3], ids=["first-segment", "fourth-segment"])
-def test_a_segment_append_on_a_full_disk(filled, small_data, monkeypatch, code, after):
-    """pwrite fails on the first or the fourth segment an add writes: the segments written
-    before it are cut back too, so no uncommitted byte is left on the full disk."""
+@pytest.mark.parametrize(("call", "after"), [("pwrite", 0), ("pwrite", 3), ("fdatasync", 2)],
+                         ids=["append-first-segment", "append-fourth-segment", "sync"])
+def test_a_segment_write_on_a_full_disk(filled, small_data, monkeypatch, code, call, after):
+    """pwrite fails on the first or the fourth segment an add writes, or fdatasync reports the
+    lack of space (delayed allocation, NFS): every segment written is cut back, so no
+    uncommitted byte is left on the full disk."""
     before, n0 = tree_snapshot(filled.path), len(filled)
-    _fail_on(monkeypatch, "pwrite", code, _segment, after)
-    with pytest.raises(ivfpq_store.DiskFullError) as excinfo:
-        filled.add(small_data["base"][500:], ids=np.arange(500, 1500))
-    monkeypatch.undo()
-    _check_full(excinfo, code, str(filled.path / "segments"))
-    assert len(filled) == n0
-    assert tree_snapshot(filled.path) == before
-    _retry_succeeds(filled, small_data)
-
-
-@pytest.mark.parametrize("code", FULL_ERRNOS, ids=_NAMES)
-def test_a_segment_sync_on_a_full_disk(filled, small_data, monkeypatch, code):
-    """fdatasync reports the lack of space (delayed allocation, NFS): the appends are undone."""
-    before, n0 = tree_snapshot(filled.path), len(filled)
-    _fail_on(monkeypatch, "fdatasync", code, _segment, after=2)
+    _fail_on(monkeypatch, call, code, _segment, after)
     with pytest.raises(ivfpq_store.DiskFullError) as excinfo:
         filled.add(small_data["base"][500:], ids=np.arange(500, 1500))
     monkeypatch.undo()

@@ -38,8 +38,7 @@ from ..format.keys import (
 )
 from ..format.records import ListRecord, StateRecord, StoreMeta, decode_id_entries
 from ..types import I64Array
-from .lmdb_env import DBS, SharedEnv, acquire_env, lmdb_errors, release_env
-from .lmdb_file import check_data_file
+from .lmdb_env import DBS, SharedEnv, acquire_env, check_existing, lmdb_errors, release_env
 
 __all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes"]
 
@@ -150,12 +149,9 @@ class Catalog:
             yield txn
 
     def check_file(self) -> None:
-        """Check ``data.mdb`` as :meth:`open` does (:func:`check_data_file`), without LMDB:
-        it may have been damaged since. Raises :class:`CorruptStoreError`."""
-        try:
-            check_data_file(self.path / "data.mdb")
-        except OSError as err:
-            raise CorruptStoreError(f"{self.path / 'data.mdb'}: cannot be read: {err}") from err
+        """Check ``data.mdb`` again as :meth:`open` did (:func:`~.lmdb_env.check_existing`),
+        without LMDB: it may have been damaged since."""
+        check_existing(self.path)
 
     # -- reads ------------------------------------------------------------------------------
     def store_meta(self) -> StoreMeta:

@@ -144,8 +144,8 @@ def check_existing(path: Path) -> None:
             "environment; the catalog is damaged")
     try:
         check_data_file(data)  # a truncated file would be a SIGBUS inside LMDB, not an error
-    except OSError as err:
-        raise CatalogError(f"{data}: cannot be read: {err}") from err
+    except OSError as err:  # the errno says whether it is a permission, memory or I/O error
+        raise CatalogError(f"{data}: cannot be read: {err}", errno=err.errno) from err
 
 
 def acquire_env(path: Path, *, create: bool, map_size: int) -> SharedEnv:
