@@ -120,7 +120,8 @@ def verify_store(layout: StoreLayout, catalog: Catalog, *, repair: bool = False,
     header: list[Header] = []
     found.run("header", str(layout.header), lambda: header.append(read_header(layout.header)))
     try:
-        catalog.check_file()  # before LMDB reads a page that the file no longer holds
+        # Before LMDB reads a page that the file no longer holds, or one it would abort on
+        found.checked["catalog_pages"] = catalog.check_file(full=True)
         snap, ids, entries, prefixes, damaged = catalog.full_view()
         meta = catalog.store_meta()
     except (IvfpqError, OSError) as err:  # CatalogError (LMDB's own), FormatError of a key...

@@ -14,6 +14,7 @@ import struct
 import uuid
 from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 
 import lmdb
 import msgpack
@@ -44,7 +45,7 @@ from ivfpq_store.format.records import (
     decode_id_entries,
     encode_id_entries,
 )
-from ivfpq_store.storage.lmdb_file import check_data_file
+from ivfpq_store.storage.lmdb_file import ALL_TREES, check_data_file
 
 U32_MAX = 2**32 - 1
 I64_MAX = 2**63 - 1
@@ -422,3 +423,110 @@ def test_a_sound_data_mdb_that_ends_before_its_last_page_is_accepted(tmp_path):
     os.truncate(data, data.stat().st_size - 4096)  # now a page in use is missing
     with pytest.raises(ivfpq_store.CorruptStoreError, match="truncated"):
         check_data_file(data)
+
+
+@pytest.fixture(scope="module")
+def varied_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """A compacted LMDB environment (no free pages) with a three-level tree, an empty
+    database and values on overflow pages; and how many pages its trees use, by LMDB's own
+    count (``stat``: branch, leaf and overflow pages of the main and every named database)."""
+    src, dest = tmp_path_factory.mktemp("varied"), tmp_path_factory.mktemp("varied-copy")
+    env = lmdb.open(str(src), max_dbs=3, map_size=1 << 28)
+    try:
+        deep, big = env.open_db(b"deep"), env.open_db(b"big")
+        env.open_db(b"empty")
+        with env.begin(write=True) as txn:
+            txn.cursor(db=deep).putmulti([(i.to_bytes(8, "big"), bytes(24))
+                                          for i in range(25000)])
+            for i in range(20):
+                txn.put(i.to_bytes(8, "big"), bytes([i]) * (3000 + 997 * i), db=big)
+        env.copy(str(dest), compact=True)
+    finally:
+        env.close()
+    env = lmdb.open(str(dest), max_dbs=3, readonly=True)
+    try:
+        with env.begin() as txn:
+            stats = [env.stat()] + [txn.stat(env.open_db(n, txn=txn, create=False))
+                                    for n in (b"deep", b"big", b"empty")]
+    finally:
+        env.close()
+    assert stats[1]["depth"] == 3
+    assert stats[2]["overflow_pages"] > 20
+    return dest / "data.mdb", sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
+                                  for s in stats)
+
+
+def test_the_tree_walk_checks_every_page_lmdb_counts(varied_env, tmp_path):
+    """The walk visits exactly the pages LMDB's statistics count, and a zeroed copy of any
+    one of them is refused (a compacted file has no free pages, so every page but the two
+    meta pages is one of them), except the pages that continue a run of overflow pages: they
+    hold a value's bytes and no header, and LMDB reads nothing from them but the value."""
+    data, pages = varied_env
+    assert check_data_file(data, trees={b"deep", b"big", b"empty"}) == pages
+    assert data.stat().st_size // 4096 == pages + 2
+    raw = data.read_bytes()
+    continued: set[int] = set()
+    for pgno in range(2, pages + 2):
+        number, _, flags, count = struct.unpack_from("<QHHI", raw, pgno * 4096)
+        if number == pgno and flags == 4 and pgno not in continued:
+            continued.update(range(pgno + 1, pgno + count))
+    assert len(continued) > 20
+    damaged = tmp_path / "data.mdb"
+    damaged.write_bytes(raw)
+    with open(damaged, "r+b") as fh:
+        for pgno in sorted(set(range(2, pages + 2)) - continued):
+            fh.seek(pgno * 4096)
+            fh.write(bytes(4096))
+            fh.flush()
+            with pytest.raises(ivfpq_store.CorruptStoreError, match=rf"page {pgno}\b|database"):
+                check_data_file(damaged, trees=ALL_TREES)
+            fh.seek(pgno * 4096)
+            fh.write(raw[pgno * 4096: (pgno + 1) * 4096])
+
+
+def test_the_tree_walk_reads_only_the_trees_asked_for(varied_env, tmp_path):
+    """Damage in a tree that was not asked for is not read; every tree is read with
+    ALL_TREES."""
+    data, _ = varied_env
+    raw = bytearray(data.read_bytes())
+    leaves = [p for p in range(2, len(raw) // 4096)
+              if struct.unpack_from("<QHH", raw, p * 4096)[2] == 2]
+    raw[leaves[-1] * 4096: (leaves[-1] + 1) * 4096] = raw[leaves[0] * 4096: (leaves[0] + 1) * 4096]
+    damaged = tmp_path / "data.mdb"
+    damaged.write_bytes(bytes(raw))
+    check_data_file(damaged)  # the meta pages and the size only
+    with pytest.raises(ivfpq_store.CorruptStoreError,
+                       match=rf"page {leaves[-1]} holds page number {leaves[0]} "):
+        check_data_file(damaged, trees=ALL_TREES)
+
+
+def test_a_page_both_in_use_and_free_is_refused(tmp_path):
+    """LMDB would hand a page on its free list to the next write transaction: if a tree
+    still uses it, that write would overwrite live data. The full walk refuses it."""
+    env = lmdb.open(str(tmp_path), max_dbs=1, map_size=1 << 28)
+    try:
+        db = env.open_db(b"a")
+        with env.begin(write=True) as txn:
+            txn.cursor(db=db).putmulti([(i.to_bytes(8, "big"), bytes(100)) for i in range(2000)])
+        with env.begin(write=True) as txn:  # frees the pages the first transaction wrote
+            txn.put(b"x", b"y", db=db)
+    finally:
+        env.close()
+    data = tmp_path / "data.mdb"
+    raw = bytearray(data.read_bytes())
+    check_data_file(data, trees=ALL_TREES)
+    # The newer meta page (§6.5: txnid at byte 144, the free database's root at byte 80)
+    meta = max((0, 4096), key=lambda at: struct.unpack_from("<Q", raw, at + 144)[0])
+    (free_root,) = struct.unpack_from("<Q", raw, meta + 80)
+    (main_root,) = struct.unpack_from("<Q", raw, meta + 128)
+    page = free_root * 4096
+    assert struct.unpack_from("<QHH", raw, page)[2] == 2  # a leaf: (txnid, page list) nodes
+    (node,) = struct.unpack_from("<H", raw, page + 16)
+    (ksize,) = struct.unpack_from("<H", raw, page + node + 6)
+    ids = page + node + 8 + ksize  # the page list: its length, then page numbers
+    assert struct.unpack_from("<Q", raw, ids)[0] >= 1
+    struct.pack_into("<Q", raw, ids + 8, main_root)
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ivfpq_store.CorruptStoreError,
+                       match=rf"page {main_root} is in use and on the free list"):
+        check_data_file(data, trees=ALL_TREES)

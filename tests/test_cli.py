@@ -183,7 +183,7 @@ def _deny_data_mdb(monkeypatch):
     """The check of data.mdb before LMDB maps it cannot read the file (permission denied)."""
     from ivfpq_store.storage import lmdb_env
 
-    def denied(path):
+    def denied(path, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
     monkeypatch.setattr(lmdb_env, "check_data_file", denied)

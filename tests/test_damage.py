@@ -823,3 +823,105 @@ def test_a_truncated_data_mdb_is_refused_not_a_crash(tmp_path, large_catalog, cu
     assert "Traceback" not in cli.stderr
     assert "DAMAGED" in cli.stdout
     assert f"{size} bytes" in cli.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# 7. a damaged page inside data.mdb: refused before LMDB reads it (LMDB aborts on some)
+# --------------------------------------------------------------------------------------------
+
+PAGE = 4096
+
+
+def _pages(data: bytes, *, flags: int, ksize: int | None = None) -> list[int]:
+    """Page numbers of the pages of ``data`` with page flags ``flags`` (1 branch, 2 leaf)
+    whose keys are ``ksize`` bytes long, judged by the last node (a branch page's first key
+    is empty) in LMDB 0.9's layout (docs/format.md §6.5)."""
+    found = []
+    for pgno in range(2, len(data) // PAGE):
+        number, _, page_flags, lower, _ = struct.unpack_from("<QHHHH", data, pgno * PAGE)
+        if number != pgno or page_flags != flags or lower <= 18:
+            continue
+        (at,) = struct.unpack_from("<H", data, pgno * PAGE + lower - 2)
+        if ksize is None or struct.unpack_from("<H", data, pgno * PAGE + at + 6)[0] == ksize:
+            found.append(pgno)
+    return found
+
+
+@pytest.fixture
+def compact_catalog(tmp_path: Path, large_catalog: Path) -> Path:
+    """A copy of ``large_catalog`` made by ``copy``, whose data.mdb has no free pages: every
+    page past the two meta pages is in use."""
+    with ivfpq_store.open(large_catalog) as store:
+        store.copy(tmp_path / "s.ivfpq")
+    return tmp_path / "s.ivfpq"
+
+
+def _overwrite_page(path: Path, pgno: int, content: bytes) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(pgno * PAGE)
+        fh.write(content)
+
+
+SEARCH_CHILD = """
+    import sys
+    import numpy as np
+    import ivfpq_store
+    try:
+        with ivfpq_store.open(sys.argv[1], readonly=True) as store:
+            store.search(np.zeros((1, store.params.dim), np.float32), nprobe=store.params.nlist)
+    except ivfpq_store.CorruptStoreError as err:
+        print("CorruptStoreError:", err)
+    else:
+        print("searched")
+"""
+
+
+@pytest.mark.parametrize("content", [
+    pytest.param(lambda raw, pgno: bytes(PAGE), id="zeroed"),
+    pytest.param(lambda raw, pgno: raw[(pgno + 1) * PAGE: (pgno + 2) * PAGE], id="next-page"),
+])
+def test_a_damaged_tombstone_page_is_refused_at_open_not_an_abort(compact_catalog, content):
+    """A leaf page of tombstones that is zeroed, or holds a copy of another page, fails an
+    assertion inside LMDB when a search's cursor reaches it, which aborts the process. Open
+    walks the B-trees a search reads and refuses the page first."""
+    path = compact_catalog
+    data = path / "catalog" / "data.mdb"
+    raw = data.read_bytes()
+    # Tombstone keys are 16 bytes (§6.3); a leaf past the first is reached by a cursor step
+    # from its sibling, where LMDB asserts instead of returning MDB_CORRUPTED.
+    pgno = _pages(raw, flags=2, ksize=16)[-1]
+    _overwrite_page(data, pgno, content(raw, pgno))
+    child = run_child(SEARCH_CHILD, str(path))
+    assert child.returncode == 0, (child.returncode, child.stderr)  # < 0: killed by a signal
+    assert child.stdout.startswith(f"CorruptStoreError: {data}: LMDB 'deleted' database: "
+                                   f"page {pgno} "), child.stdout
+
+
+@pytest.mark.parametrize("what", ["zeroed-leaf", "zeroed-branch", "branch-cycle"])
+def test_a_damaged_page_of_the_id_map_is_a_verify_problem_not_an_abort(compact_catalog, what):
+    """verify walks every B-tree of data.mdb page by page before LMDB reads it: a zeroed leaf
+    or branch page of the id map, or a branch page whose child is itself (a cycle), is a
+    catalog problem (CLI exit 3), not an abort or a hang. A search, which never reads the id
+    map, still answers."""
+    path = compact_catalog
+    data = path / "catalog" / "data.mdb"
+    raw = data.read_bytes()
+    if what == "zeroed-leaf":
+        pgno = _pages(raw, flags=2, ksize=8)[-1]  # id keys are 8 bytes (§6.3)
+        _overwrite_page(data, pgno, bytes(PAGE))
+    else:
+        pgno = _pages(raw, flags=1, ksize=8)[0]
+        page = bytearray(raw[pgno * PAGE: (pgno + 1) * PAGE])
+        if what == "branch-cycle":  # the first child pointer (node lo, hi) names the page
+            (at,) = struct.unpack_from("<H", page, 16)
+            struct.pack_into("<HH", page, at, pgno & 0xFFFF, pgno >> 16)
+        _overwrite_page(data, pgno, bytes(page) if what == "branch-cycle" else bytes(PAGE))
+    cli = subprocess.run([sys.executable, "-m", "ivfpq_store", "verify", str(path)],
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert cli.returncode == 3, (cli.returncode, cli.stdout, cli.stderr)
+    assert "Traceback" not in cli.stderr
+    assert "LMDB 'ids' database: " in cli.stdout
+    assert ("reached twice" if what == "branch-cycle" else f"page {pgno} ") in cli.stdout
+    child = run_child(SEARCH_CHILD, str(path))
+    assert (child.returncode, child.stdout) == (0, "searched\n"), child.stderr

@@ -188,7 +188,8 @@ def verify(store: Path, repair: bool, as_json: bool) -> None:
     lines += [f"  leftover ({p['kind']}): {p['message']} {p['path']}" for p in doc["leftovers"]]
     lines += [f"  repaired: {r}" for r in doc["repaired"]]
     if doc["checked"]:
-        lines.append("  checked: " + ", ".join(f"{v:,} {k}" for k, v in doc["checked"].items()))
+        lines.append("  checked: " + ", ".join(f"{v:,} {k.replace('_', ' ')}"
+                                               for k, v in doc["checked"].items()))
     emit(doc, as_json=as_json, lines=lines)
     if not doc["ok"]:
         raise click.exceptions.Exit(EXIT_DAMAGED)

@@ -148,10 +148,11 @@ class Catalog:
         with lmdb_errors(self.path, action), self._env.begin(write=True) as txn:
             yield txn
 
-    def check_file(self) -> None:
+    def check_file(self, *, full: bool = False) -> int:
         """Check ``data.mdb`` again as :meth:`open` did (:func:`~.lmdb_env.check_existing`),
-        without LMDB: it may have been damaged since."""
-        check_existing(self.path)
+        without LMDB: it may have been damaged since. ``full`` walks every B-tree, not only
+        those a search reads. Returns the number of pages walked."""
+        return check_existing(self.path, full=full)
 
     # -- reads ------------------------------------------------------------------------------
     def store_meta(self) -> StoreMeta:

@@ -29,12 +29,14 @@ from ..errors import (
     StoreNotFoundError,
 )
 from .atomic import DISK_FULL_ERRNOS
-from .lmdb_file import check_data_file
+from .lmdb_file import ALL_TREES, check_data_file
 
 __all__ = ["DBS", "SharedEnv", "acquire_env", "check_existing", "lmdb_errors", "release_env"]
 
 #: The named databases of a catalog (docs/format.md §6.1).
 DBS = (b"meta", b"lists", b"ids", b"deleted")
+#: The databases a search reads; opening a catalog walks their B-trees (check_existing).
+SEARCHED_DBS = (b"meta", b"lists", b"deleted")
 
 
 @contextlib.contextmanager
@@ -132,8 +134,11 @@ def _past_inherited_guard(real: str) -> Iterator[None]:
 _MIN_DATA_BYTES = 2 * 4096
 
 
-def check_existing(path: Path) -> None:
-    """Refuse, without letting LMDB write anything, a catalog that cannot be an environment."""
+def check_existing(path: Path, *, full: bool = False) -> int:
+    """Refuse, without letting LMDB read or write anything, a catalog that cannot be an
+    environment or whose B-trees LMDB could not read safely: those a search reads
+    (:data:`SEARCHED_DBS`), or with ``full`` every one (:func:`check_data_file`). Returns the
+    number of pages walked."""
     data = path / "data.mdb"
     if not data.is_file():
         raise StoreNotFoundError(f"{path}: no LMDB catalog (data.mdb) here")
@@ -143,7 +148,8 @@ def check_existing(path: Path) -> None:
             f"{data}: {size} bytes — expected at least {_MIN_DATA_BYTES} for an LMDB "
             "environment; the catalog is damaged")
     try:
-        check_data_file(data)  # a truncated file would be a SIGBUS inside LMDB, not an error
+        # A truncated file would be a SIGBUS inside LMDB, a zeroed page an abort
+        return check_data_file(data, trees=ALL_TREES if full else SEARCHED_DBS)
     except OSError as err:  # the errno says whether it is a permission, memory or I/O error
         raise CatalogError(f"{data}: cannot be read: {err}", errno=err.errno) from err
 
