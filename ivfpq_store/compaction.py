@@ -128,7 +128,7 @@ def rewrite_lists(layout: StoreLayout, store_uuid: uuid.UUID, code_size: int,
         # An emptied list keeps a count-0 record so its generations stay monotonic: a file
         # name is never reused, even by a later add (docs/format.md §5.3).
         out.changes.lists[list_no] = ListRecord(file=name, generation=gen, count=len(live),
-                                                deleted=0, crc32=crc)
+                                                deleted=0, crc32=crc, tsum=0)
         out.changes.dropped_segments.append((list_no, old.generation))
         out.old_files.append(old.file)
     if created:

@@ -46,9 +46,15 @@ from .compaction import (
     remove_orphans,
     rewrite_lists,
 )
-from .errors import DuplicateIdError, InvalidInputError, ReadOnlyStoreError, StoreLockedError
+from .errors import (
+    CorruptStoreError,
+    DuplicateIdError,
+    InvalidInputError,
+    ReadOnlyStoreError,
+    StoreLockedError,
+)
 from .format import Header, SegmentPrelude, record_dtype, segment_file_name
-from .format.keys import id_keys, tombstone_keys
+from .format.keys import id_keys, tombstone_keys, tombstone_sum
 from .format.records import ListRecord, StateRecord, encode_id_entries
 from .quantizer import Quantizer
 from .storage import (
@@ -152,14 +158,14 @@ class Writer:
                         f"{dup[:5].tolist()}; nothing was added (use upsert to replace them)")
                 if live.any():
                     _, old = catalog.locate(given[live])
-                    replaced = self._tombstone(snap.lists, old, changes)
+                    replaced = self._tombstone(snap, given[live], old, changes)
             records, generations, rows, synced = self._append(snap.lists, list_nos, codes,
                                                               new_ids)
             try:
                 for list_no, record in records.items():  # merge with tombstone counts above
                     prior = changes.lists.get(list_no)
-                    changes.lists[list_no] = (record if prior is None
-                                              else replace(record, deleted=prior.deleted))
+                    changes.lists[list_no] = (record if prior is None else replace(
+                        record, deleted=prior.deleted, tsum=prior.tsum))
                 keys = id_keys(new_ids)
                 entries = encode_id_entries(list_nos, generations, rows)
                 for key, entry, is_live in zip(keys, entries, live.tolist(), strict=True):
@@ -190,7 +196,7 @@ class Writer:
             if not found.any():
                 return 0
             changes = Changes(removed_ids=id_keys(wanted[found]))
-            removed = self._tombstone(snap.lists, entries, changes)
+            removed = self._tombstone(snap, wanted[found], entries, changes)
             state = snap.state
             catalog.apply(StateRecord(commit=state.commit + 1, ntotal=state.ntotal - removed,
                                       next_id=state.next_id,
@@ -199,16 +205,58 @@ class Writer:
         self._auto_compact(changes.lists)
         return removed
 
-    def _tombstone(self, lists: Mapping[int, ListRecord], entries: np.ndarray,
+    def _tombstone(self, snap: CatalogSnapshot, ids: I64Array, entries: np.ndarray,
                    changes: Changes) -> int:
-        """Add tombstones for id-map ``entries`` and bump their lists' deleted counts."""
-        changes.new_tombstones.extend(tombstone_keys(entries["list_no"], entries["generation"],
-                                                     entries["row"]))
-        touched, counts = np.unique(entries["list_no"], return_counts=True)
-        for list_no, count in zip(touched.tolist(), counts.tolist(), strict=True):
-            record = lists[list_no]
-            changes.lists[list_no] = replace(record, deleted=record.deleted + count)
+        """Add tombstones for the records that the id map's ``entries`` name for ``ids``, and
+        update their lists' deleted counts and tombstone sums.
+
+        Each entry is checked first against the snapshot and the record it names (which must
+        be committed, live, and hold that id), so a damaged id map raises CorruptStoreError
+        instead of tombstoning another vector.
+        """
+        list_nos = entries["list_no"].astype(np.int64)
+        rows = entries["row"]
+        for list_no in np.unique(list_nos).tolist():
+            sel = np.flatnonzero(list_nos == list_no)
+            record = snap.lists.get(list_no)
+            self._check_entries(list_no, record, ids[sel], entries[sel],
+                                snap.deleted.get(list_no))
+            assert record is not None  # checked above
+            known = record.tsum
+            if known is None:  # written before format 1.1: sum the rows tombstoned so far
+                known = tombstone_sum(snap.deleted.get(list_no, np.empty(0, np.int64)))
+            changes.lists[list_no] = replace(
+                record, deleted=record.deleted + len(sel),
+                tsum=(known + tombstone_sum(rows[sel])) % 2**64)
+        changes.new_tombstones.extend(tombstone_keys(list_nos, entries["generation"], rows))
         return len(entries)
+
+    def _check_entries(self, list_no: int, record: ListRecord | None, ids: I64Array,
+                       entries: np.ndarray, deleted: np.ndarray | None) -> None:
+        """Raise CorruptStoreError unless every entry of list ``list_no`` names a distinct,
+        committed, live record of its current segment that holds its id."""
+        rows = entries["row"]
+        why = ""
+        if record is None:
+            why = "the list has no record"
+        elif (entries["generation"] != record.generation).any():
+            why = f"the list's segment is generation {record.generation}"
+        elif int(rows.max()) >= record.count:
+            why = f"the list has {record.count} committed records"
+        elif len(np.unique(rows)) != len(rows):
+            why = "another id is at the same row"
+        elif deleted is not None and np.isin(rows, deleted).any():
+            why = "that row is tombstoned"
+        else:
+            held = self._fetch(list_no, record)["id"][rows.astype(np.int64)]
+            if (held != ids).any():
+                why = "that record holds another id"
+        if why:
+            raise CorruptStoreError(
+                f"{self._layout.root}: the id map puts {len(ids)} id(s) in list {list_no}, "
+                f"e.g. id {int(ids[0])} at generation {int(entries['generation'][0])} row "
+                f"{int(rows[0])}, but {why}; the catalog is damaged and nothing was changed "
+                "(run verify)")
 
     def compact(self, min_deleted_ratio: float, *, dry_run: bool) -> CompactReport:
         """Rewrite the lists whose deleted fraction reaches ``min_deleted_ratio`` (checked by
@@ -272,7 +320,7 @@ class Writer:
                 idx = order[s:e]
                 old = lists.get(list_no) or ListRecord(
                     file=segment_file_name(list_no, 0), generation=0, count=0, deleted=0,
-                    crc32=0)
+                    crc32=0, tsum=0)
                 created |= old.count == 0  # a count-0 record (emptied by compaction): no file
                 prelude = SegmentPrelude(list_no=list_no, generation=old.generation,
                                          code_size=self._code_size,

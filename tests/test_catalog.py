@@ -12,6 +12,7 @@ import os
 import re
 import struct
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -27,7 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import ivfpq_store
-from ivfpq_store import FormatError, Metric, UnsupportedVersionError
+from ivfpq_store import ChecksumError, FormatError, Metric, UnsupportedVersionError
 from ivfpq_store.format import segment_file_name
 from ivfpq_store.format.keys import (
     META_STORE,
@@ -36,6 +37,7 @@ from ivfpq_store.format.keys import (
     id_key,
     id_keys,
     list_key,
+    tombstone_sum,
 )
 from ivfpq_store.format.records import (
     IdEntry,
@@ -62,14 +64,15 @@ RECORD_STRATEGIES = {
         metric=st.sampled_from([m.label for m in Metric])),
     StateRecord: st.builds(StateRecord, commit=u64s, ntotal=u64s, next_id=ids63, ndeleted=u64s),
     ListRecord: st.builds(ListRecord, file=st.builds(segment_file_name, u32s, u32s),
-                          generation=u32s, count=u64s, deleted=u64s, crc32=u32s),
+                          generation=u32s, count=u64s, deleted=u64s, crc32=u32s,
+                          tsum=st.none() | u64s),
 }
 SAMPLE_RECORDS = {
     StoreMeta: StoreMeta(store_uuid=uuid.UUID(int=1), format=[1, 0], created=1.5e9, dim=8,
                          nlist=2, m=2, nbits=2, metric="l2"),
     StateRecord: StateRecord(commit=3, ntotal=10, next_id=12, ndeleted=2),
     ListRecord: ListRecord(file="000001-000000.seg", generation=0, count=3, deleted=1,
-                           crc32=0xDEADBEEF),
+                           crc32=0xDEADBEEF, tsum=2**63 + 5),
 }
 RecordClass = type[StoreMeta] | type[StateRecord] | type[ListRecord]
 RECORD_CLASSES: list[RecordClass] = list(SAMPLE_RECORDS)
@@ -156,19 +159,80 @@ def test_key_encoding_is_fixed_width_big_endian(encode: Callable[[int], bytes], 
 
 
 def test_record_msgpack_schema_is_stable() -> None:
-    """Field names and the uuid-as-16-bytes encoding are part of the format (§6.3)."""
-    assert msgpack.unpackb(SAMPLE_RECORDS[StateRecord].to_msgpack()) == {
-        "v": 1, "commit": 3, "ntotal": 10, "next_id": 12, "ndeleted": 2}
+    """Field names, the uuid-as-16-bytes encoding and the closing "crc" entry are part of
+    the format (§6.3)."""
+    raw = SAMPLE_RECORDS[StateRecord].to_msgpack()
+    assert msgpack.unpackb(raw) == {"v": 1, "commit": 3, "ntotal": 10, "next_id": 12,
+                                    "ndeleted": 2, "crc": zlib.crc32(raw[:-9])}
+    assert raw[-9:-4] == b"\xa3crc\xce"
     meta = msgpack.unpackb(SAMPLE_RECORDS[StoreMeta].to_msgpack())
     assert meta["store_uuid"] == uuid.UUID(int=1).bytes
     assert meta["v"] == 1
+
+
+def test_a_record_written_before_format_1_1_decodes_without_checks() -> None:
+    """A 1.0 record has no "crc" entry and a ListRecord no "tsum": both still decode, the
+    missing sum as None (its tombstones are then read unchecked)."""
+    raw = packed({"v": 1, "file": "000001-000000.seg", "generation": 0, "count": 3,
+                  "deleted": 1, "crc32": 0xDEADBEEF})
+    assert ListRecord.from_msgpack(raw) == ListRecord(
+        file="000001-000000.seg", generation=0, count=3, deleted=1, crc32=0xDEADBEEF, tsum=None)
+    assert ListRecord.from_msgpack(raw).to_msgpack() != raw  # rewritten with a "crc"
+
+
+@pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
+def test_every_damaged_byte_of_a_record_is_refused_or_harmless(cls: RecordClass) -> None:
+    """Flipping any bit of any byte of a record: decoding raises a FormatError (bad msgpack,
+    a bad field, or ChecksumError), or gives back the same record (the flip hit the "crc"
+    key itself, which then reads as an unknown field of a record with no checksum)."""
+    raw = SAMPLE_RECORDS[cls].to_msgpack()
+    for at in range(len(raw)):
+        for bit in range(8):
+            damaged = bytearray(raw)
+            damaged[at] ^= 1 << bit
+            try:
+                got = cls.from_msgpack(bytes(damaged))
+            except FormatError:
+                continue
+            assert got == SAMPLE_RECORDS[cls], (at, bit)
+            assert raw.rindex(b"crc") <= at < raw.rindex(b"crc") + 3, (at, bit)
+
+
+@pytest.mark.parametrize(("damage", "match"), [
+    pytest.param(lambda raw: raw[:-9] + b"\xa3crc\xcd" + raw[-2:], "not the last entry",
+                 id="crc-as-uint16"),
+    pytest.param(lambda raw: raw[:-4] + (int.from_bytes(raw[-4:], "big") ^ 1).to_bytes(4, "big"),
+                 "checksum mismatch", id="crc-changed"),
+])
+def test_a_damaged_crc_entry_is_a_checksum_error(damage: Callable[[bytes], bytes],
+                                                 match: str) -> None:
+    with pytest.raises(ChecksumError, match=match):
+        StateRecord.from_msgpack(damage(SAMPLE_RECORDS[StateRecord].to_msgpack()))
+
+
+@given(hnp.arrays(np.int64, st.integers(0, 50), elements=st.integers(0, 2**40), unique=True),
+       st.integers(0, 63))
+def test_tombstone_sum_adds_up_and_sees_a_changed_bit(rows: np.ndarray, bit: int) -> None:
+    """The sum of a set is the sum of its parts' sums (a delete extends it), and changing one
+    bit of one row changes it."""
+    half = len(rows) // 2
+    assert tombstone_sum(rows) == (tombstone_sum(rows[:half])
+                                   + tombstone_sum(rows[half:])) % 2**64
+    if len(rows):
+        changed = rows.copy()
+        changed[0] ^= 1 << bit
+        assert tombstone_sum(changed) != tombstone_sum(rows)
 
 
 # =============================================================================================
 # 2. Bad records
 # =============================================================================================
 def record_map(cls: type) -> dict[str, object]:
-    return msgpack.unpackb(SAMPLE_RECORDS[cls].to_msgpack(), raw=False)
+    """The sample record as a map without its "crc" entry, as a 1.0 writer wrote it: a
+    test that changes a field then meets the field's check, not the checksum's."""
+    obj = msgpack.unpackb(SAMPLE_RECORDS[cls].to_msgpack(), raw=False)
+    del obj["crc"]
+    return obj
 
 
 def packed(obj: object) -> bytes:
@@ -200,7 +264,7 @@ def test_record_without_version_is_unsupported(cls: RecordClass) -> None:
 
 @pytest.mark.parametrize(("cls", "name"), [
     pytest.param(cls, f.name, id=f"{cls.__name__}-{f.name}")
-    for cls in RECORD_CLASSES for f in fields(cls)])
+    for cls in RECORD_CLASSES for f in fields(cls) if f.name not in cls.OPTIONAL])
 def test_record_missing_field(cls: RecordClass, name: str) -> None:
     obj = record_map(cls)
     del obj[name]

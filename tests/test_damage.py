@@ -629,19 +629,22 @@ def _flip_everywhere(path: Path, needle: bytes, byte: int, mask: int) -> int:
     return len(at)
 
 
-@pytest.mark.parametrize(("byte", "mask", "match"), [
-    pytest.param(9, 0xFF, r"tombstone for row \d+ — expected rows < \d+", id="huge-row"),
-    pytest.param(15, 0x04, r"tombstone rows out of order — row 1 follows row 4", id="row-4"),
+@pytest.mark.parametrize(("key", "byte", "mask", "match"), [
+    pytest.param(0, 9, 0xFF, r"tombstone for row \d+ — expected rows < \d+", id="huge-row"),
+    pytest.param(0, 15, 0x04, r"tombstone rows out of order — row 1 follows row 4", id="row-4"),
+    pytest.param(1, 15, 0x02, r"its 2 tombstone rows do not add up to its record's tsum",
+                 id="row-3-in-order"),
 ])
 def test_a_flipped_tombstone_key_in_data_mdb_is_refused(deletions, small_data, scan_impl,
-                                                        byte, mask, match):
-    """A bit flipped in data.mdb itself leaves the damaged key where it was in its page, out
-    of key order: the reader sees rows [damaged, 1]. Neither scan may return the deleted id
-    of row 0, and verify must not call the store sound."""
+                                                        key, byte, mask, match):
+    """A bit flipped in data.mdb itself leaves the damaged key where it was in its page: the
+    reader sees rows 0 and 1 as [damaged, 1] (out of order or out of range) or as [0, 3] (in
+    order and in range, which only the record's tombstone sum tells from the truth). Neither
+    scan may return a deleted id, and verify must not call the store sound."""
     path, gone = deletions
-    first = tombstone_keys_of(path)[0]
-    assert first[:4] == DELETED_LIST.to_bytes(4, "big")
-    assert _flip_everywhere(path / "catalog" / "data.mdb", first, byte, mask) >= 1
+    tombstone = tombstone_keys_of(path)[key]
+    assert tombstone[:4] == DELETED_LIST.to_bytes(4, "big")
+    assert _flip_everywhere(path / "catalog" / "data.mdb", tombstone, byte, mask) >= 1
     with ivfpq_store.open(path, readonly=True) as store:
         report = store.verify()
         with pytest.raises(ivfpq_store.CorruptStoreError, match=rf"list {DELETED_LIST}: {match}"):
@@ -925,3 +928,43 @@ def test_a_damaged_page_of_the_id_map_is_a_verify_problem_not_an_abort(compact_c
     assert ("reached twice" if what == "branch-cycle" else f"page {pgno} ") in cli.stdout
     child = run_child(SEARCH_CHILD, str(path))
     assert (child.returncode, child.stdout) == (0, "searched\n"), child.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# 8. a wrong but well-formed id entry: a write refuses it instead of tombstoning another record
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("wrong", ["another-record", "a-deleted-row", "past-the-records",
+                                   "old-generation"])
+@pytest.mark.parametrize("write", ["delete", "upsert"])
+def test_a_write_refuses_an_id_entry_that_names_the_wrong_record(deletions, small_data, wrong,
+                                                                 write):
+    """The id map says where an id's record is; a delete or upsert tombstones that record.
+    An entry damaged into another well-formed entry (another live record, a tombstoned row, a
+    row past the committed records, a former generation) would make the write delete the
+    wrong vector: the write checks the entry against the list record and the segment first,
+    raises CorruptStoreError naming the id, and changes nothing."""
+    path, _ = deletions
+    with ivfpq_store.open(path, readonly=True) as store:
+        ids, _ = store.list_contents(DELETED_LIST)
+    victim, other = int(ids[0]), int(ids[1])  # two live ids of the list; rows 0, 1 are deleted
+    with raw_catalog(path) as (txn, dbs):
+        entry = np.frombuffer(txn.get(other.to_bytes(8, "big"), db=dbs["ids"]),
+                              dtype=[("list_no", "<u4"), ("generation", "<u4"), ("row", "<u8")])
+        list_no, generation, row = (int(entry[0][f]) for f in ("list_no", "generation", "row"))
+        row, generation = {"another-record": (row, generation),
+                           "a-deleted-row": (0, generation),
+                           "past-the-records": (10**6, generation),
+                           "old-generation": (row, generation + 1)}[wrong]
+        txn.put(victim.to_bytes(8, "big"), struct.pack("<IIQ", list_no, generation, row),
+                db=dbs["ids"])
+    before = tree_fingerprint(path)
+    with ivfpq_store.open(path) as store:
+        call = ((lambda: store.delete([victim])) if write == "delete"
+                else (lambda: store.upsert(small_data["base"][:1], ids=[victim])))
+        with pytest.raises(ivfpq_store.CorruptStoreError,
+                           match=rf"id map puts 1 id\(s\) in list {DELETED_LIST}, e.g\. id "
+                                 rf"{victim} at generation {generation} row {row}, but "):
+            call()
+        assert not store.verify().ok
+    assert tree_fingerprint(path) == before

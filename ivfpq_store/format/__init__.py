@@ -17,8 +17,10 @@ from .segment import (
     segment_file_name,
 )
 
-#: Version of the store as a whole (header, segments and catalog schemas move together).
-FORMAT_VERSION = HEADER_VERSION
+#: Version of the store format as a whole, recorded in ``meta/store`` at creation (§2.4). The
+#: header and each segment carry the version of their own layout, unchanged since 1.0; 1.1
+#: added the catalog records' checksums.
+FORMAT_VERSION = (1, 1)
 
 __all__ = [
     "FORMAT_VERSION",

@@ -13,7 +13,7 @@ from ..types import I64Array
 
 __all__ = ["META_STATE", "META_STORE", "TOMBSTONE_KEY_SIZE", "check_key_sizes", "decode_id_key",
            "decode_id_keys", "decode_list_key", "decode_tombstone_rows", "id_key", "id_keys",
-           "list_key", "tombstone_keys", "tombstone_prefix"]
+           "list_key", "tombstone_keys", "tombstone_prefix", "tombstone_sum"]
 
 META_STORE = b"store"
 META_STATE = b"state"
@@ -86,10 +86,27 @@ def tombstone_keys(list_nos: np.ndarray, generations: np.ndarray, rows: np.ndarr
     return [raw[i: i + TOMBSTONE_KEY_SIZE] for i in range(0, len(raw), TOMBSTONE_KEY_SIZE)]
 
 
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9),
+        np.uint64(0x94D049BB133111EB))
+
+
+def tombstone_sum(rows: np.ndarray) -> int:
+    """The ListRecord ``tsum`` of tombstoned ``rows`` (§6.3): the sum, modulo 2⁶⁴, of each
+    row's splitmix64 hash. A sum, so a delete adds the hashes of its new rows to the old
+    value; a hash, so a changed bit of any row changes the sum."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(rows).astype(np.uint64) + _MIX[0]
+        z = (z ^ (z >> np.uint64(30))) * _MIX[1]
+        z = (z ^ (z >> np.uint64(27))) * _MIX[2]
+        z ^= z >> np.uint64(31)
+        return int(z.sum(dtype=np.uint64))
+
+
 def decode_tombstone_rows(keys: list[bytes], *, list_no: int, count: int,
-                          deleted: int) -> np.ndarray:
+                          deleted: int, tsum: int | None = None) -> np.ndarray:
     """Rows (int64) of the tombstone keys under one segment's prefix, checked against that
-    list's record (``count`` committed records, ``deleted`` of them tombstoned).
+    list's record (``count`` committed records, ``deleted`` of them tombstoned, and the
+    record's ``tsum`` unless it is None).
 
     Raises
     ------
@@ -97,7 +114,8 @@ def decode_tombstone_rows(keys: list[bytes], *, list_no: int, count: int,
         A key is not 16 bytes.
     CorruptStoreError
         The rows are not strictly increasing, not all below ``count``, or not ``deleted`` many
-        (a damaged key would otherwise hide a deletion or tombstone a live record).
+        (a damaged key would otherwise hide a deletion or tombstone a live record), or their
+        hashes do not add up to ``tsum``.
     """
     check_key_sizes(keys, TOMBSTONE_KEY_SIZE, "deleted")
     rows = np.frombuffer(b"".join(keys), dtype=_TOMB_DTYPE)["row"]
@@ -112,4 +130,7 @@ def decode_tombstone_rows(keys: list[bytes], *, list_no: int, count: int,
         at = int(np.flatnonzero(rows[1:] <= rows[:-1])[0])
         raise CorruptStoreError(f"{where}: tombstone rows out of order — row {int(rows[at + 1])} "
                                 f"follows row {int(rows[at])}; expected strictly increasing")
+    if tsum is not None and tombstone_sum(rows) != tsum:
+        raise CorruptStoreError(f"{where}: its {len(rows)} tombstone rows do not add up to its "
+                                f"record's tsum 0x{tsum:016x}; a tombstone key is damaged")
     return rows.astype(np.int64)

@@ -1,8 +1,10 @@
 """Value schemas of catalog records (docs/format.md §6.3). Pure codecs, no I/O.
 
 Extensible records are msgpack maps with string keys and a ``"v"`` schema
-version; decoders accept the versions they know and ignore unknown fields.
-The hot, fixed-size id entry is a ``struct``, not msgpack.
+version; decoders accept the versions they know and ignore unknown fields. Each record
+written since format 1.1 ends with a ``"crc"`` entry, the CRC-32 of the bytes before it,
+which decoders check when it is there. The hot, fixed-size id entry is a ``struct``, not
+msgpack.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any, ClassVar, Self
 import msgpack
 import numpy as np
 
-from ..errors import CorruptStoreError, FormatError, UnsupportedVersionError
+from ..errors import ChecksumError, CorruptStoreError, FormatError, UnsupportedVersionError
+from .checksum import crc32
 from .header import HEADER_VERSION, Header
 
 __all__ = ["ID_ENTRY", "IdEntry", "ListRecord", "StateRecord", "StoreMeta",
@@ -26,6 +29,10 @@ __all__ = ["ID_ENTRY", "IdEntry", "ListRecord", "StateRecord", "StoreMeta",
 _SEGMENT_NAME = re.compile(r"[0-9]{6,}-[0-9]{6,}\.seg")
 _U32_MAX = 2**32 - 1
 _U64_MAX = 2**64 - 1
+#: The start of a record's last entry (§6.3): the key "crc" as a fixstr, then a uint 32 tag;
+#: the CRC's 4 bytes (big-endian) follow.
+_CRC_ENTRY = b"\xa3crc\xce"
+_CRC_ENTRY_SIZE = len(_CRC_ENTRY) + 4
 
 
 def _is_int(value: object) -> bool:
@@ -34,7 +41,7 @@ def _is_int(value: object) -> bool:
 
 def _field_problem(kind: str, value: object, limit: int) -> str | None:
     """Why ``value`` does not fit a field declared as ``kind``, or None when it does."""
-    if kind == "int":
+    if kind in ("int", "int | None"):
         if not _is_int(value):
             return "expected an int"
         return None if 0 <= value <= limit else f"expected 0..{limit}"  # type: ignore[operator]
@@ -71,13 +78,24 @@ class _Record:
     VERSION = 1
     #: Upper bounds of int fields that are narrower than u64 (their keys or checksums are u32).
     LIMITS: ClassVar[dict[str, int]] = {}
+    #: Fields added by a later format minor: absent in older records, decoded as None.
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset()
 
     def to_msgpack(self) -> bytes:
+        """The record as a msgpack map: ``"v"``, the fields in order (an optional field that
+        is None left out), then the ``"crc"`` entry (§6.3)."""
         obj: dict[str, Any] = {"v": self.VERSION}
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
+            if value is None and f.name in self.OPTIONAL:
+                continue
             obj[f.name] = value.bytes if isinstance(value, uuid.UUID) else value
-        return pack(obj)
+        body = bytearray(pack(obj))
+        if not 0x80 <= body[0] < 0x8F:  # a fixmap with room for one more entry
+            raise AssertionError(f"{type(self).__name__}: {len(obj)} fields")
+        body[0] += 1
+        body += _CRC_ENTRY
+        return bytes(body) + crc32(body[:-len(_CRC_ENTRY)]).to_bytes(4, "big")
 
     @classmethod
     def from_msgpack(cls, buf: bytes) -> Self:
@@ -87,9 +105,14 @@ class _Record:
             raise UnsupportedVersionError(
                 f"catalog {what}: schema version {obj.get('v')!r} — expected {cls.VERSION};"
                 " upgrade ivfpq-store", path="catalog", expected=cls.VERSION, actual=obj.get("v"))
-        kwargs = {}
+        if "crc" in obj:  # written since format 1.1; a 1.0 record has none
+            _check_record_crc(bytes(buf), obj["crc"], what)
+        kwargs: dict[str, Any] = {}
         for f in fields(cls):  # type: ignore[arg-type]
             if f.name not in obj:
+                if f.name in cls.OPTIONAL:
+                    kwargs[f.name] = None
+                    continue
                 raise FormatError(f"catalog {what}: required field {f.name!r} is missing",
                                   path="catalog")
             value = obj[f.name]
@@ -107,6 +130,20 @@ class _Record:
                                       f"{type(value).__name__} {value!r:.40}", path="catalog")
             kwargs[f.name] = value
         return cls(**kwargs)
+
+
+def _check_record_crc(buf: bytes, crc: object, what: str) -> None:
+    """The ``"crc"`` entry must be the record's last, a uint 32 in its 5-byte form, and the
+    CRC-32 of every byte before it (§6.3)."""
+    tail = buf[-_CRC_ENTRY_SIZE:]
+    if not tail.startswith(_CRC_ENTRY) or int.from_bytes(tail[-4:], "big") != crc:
+        raise ChecksumError(f"catalog {what}: its 'crc' entry is not the last entry as a "
+                            "5-byte uint 32; the record is damaged", path="catalog")
+    actual = crc32(buf[:-_CRC_ENTRY_SIZE])
+    if actual != crc:
+        raise ChecksumError(f"catalog {what}: checksum mismatch — expected 0x{crc:08x}, got "
+                            f"0x{actual:08x}; the record is damaged", path="catalog",
+                            expected=crc, actual=actual)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +202,12 @@ class ListRecord(_Record):
     count: int  # committed records; bytes after them are ignored
     deleted: int  # how many of the committed records are tombstoned
     crc32: int  # CRC-32 of the committed record bytes (count * record_size bytes after the prelude)
+    #: The sum of the tombstoned rows' hashes (format.keys.tombstone_sum); None in a record
+    #: written before format 1.1, whose tombstones are then read unchecked.
+    tsum: int | None = None
 
     LIMITS: ClassVar[dict[str, int]] = {"generation": _U32_MAX, "crc32": _U32_MAX}
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"tsum"})
 
     def __post_init__(self) -> None:
         # The name is joined to segments/: never let the catalog point outside it (§6.3).

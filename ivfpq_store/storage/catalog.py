@@ -221,7 +221,7 @@ class Catalog:
                 keys.append(key)
         try:
             return decode_tombstone_rows(keys, list_no=list_no, count=record.count,
-                                         deleted=record.deleted)
+                                         deleted=record.deleted, tsum=record.tsum)
         except CorruptStoreError as err:
             raise CorruptStoreError(f"{self.path}: {err}") from err
 
