@@ -77,8 +77,10 @@ def list_infos(snap: CatalogSnapshot, params: IndexParams) -> list[ListInfo]:
     return out
 
 
-def store_info(layout: StoreLayout, header: Header, snap: CatalogSnapshot) -> StoreInfo:
-    """The :class:`StoreInfo` of the store at ``layout`` in the state ``snap``."""
+def store_info(layout: StoreLayout, header: Header, snap: CatalogSnapshot,
+               store_format: list[int]) -> StoreInfo:
+    """The :class:`StoreInfo` of the store at ``layout`` in the state ``snap``;
+    ``store_format`` is the format version its catalog records (``meta/store.format``)."""
     p = header.params
     sizes = [0] * p.nlist
     deleted = [0] * p.nlist
@@ -93,7 +95,7 @@ def store_info(layout: StoreLayout, header: Header, snap: CatalogSnapshot) -> St
     on_disk["total"] = sum(on_disk.values())
     emptied = sum(1 for r in snap.lists.values() if r.count and r.count == r.deleted)
     return StoreInfo(
-        path=str(layout.root), format_version="{}.{}".format(*header.version),
+        path=str(layout.root), format_version="{}.{}".format(*store_format),
         dim=p.dim, nlist=p.nlist, m=p.m, nbits=p.nbits, metric=p.metric.label,
         ntotal=snap.state.ntotal, ndeleted=snap.state.ndeleted, list_sizes=tuple(sizes),
         list_deleted=tuple(deleted),

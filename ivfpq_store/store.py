@@ -416,7 +416,9 @@ class Store:
 
     def info(self) -> StoreInfo:
         """Parameters, vector count, per-list sizes and bytes on disk by kind."""
-        return store_info(self._layout, self._header, self._live_catalog().snapshot())
+        catalog = self._live_catalog()
+        return store_info(self._layout, self._header, catalog.snapshot(),
+                          catalog.store_meta().format)
 
     def refresh(self) -> None:
         """Drop cached segment maps and catalog state; the next call reads everything afresh.

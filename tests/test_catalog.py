@@ -360,6 +360,66 @@ def test_decode_id_entries_empty() -> None:
 # =============================================================================================
 # 3. The catalog of a store
 # =============================================================================================
+def _as_format_1_0(path: Path) -> int:
+    """Rewrite the catalog of the closed store at ``path`` as a format 1.0 writer left it:
+    every msgpack record without its "crc" entry, list records without "tsum", and
+    ``meta/store.format`` [1, 0]. Returns how many records were rewritten."""
+    rewritten = 0
+    with raw_catalog(path) as (txn, dbs):
+        for name in ("meta", "lists"):
+            for key, value in list(txn.cursor(db=dbs[name])):
+                obj = msgpack.unpackb(value, raw=False)
+                assert "crc" in obj
+                obj.pop("crc")
+                obj.pop("tsum", None)
+                if key == META_STORE:
+                    obj["format"] = [1, 0]
+                txn.put(key, msgpack.packb(obj, use_bin_type=True), db=dbs[name])
+                rewritten += 1
+    return rewritten
+
+
+def test_a_format_1_0_store_opens_searches_and_gains_checks_as_it_is_written(tmp_path,
+                                                                            small_data):
+    """A store written before format 1.1 (no record checksums, no tombstone sums) opens and
+    answers as before; a delete in a list with earlier tombstones computes the list's tsum
+    from them, and the rewritten records carry checksums that later reads check."""
+    path = tmp_path / "s.ivfpq"
+    queries = small_data["queries"]
+    with make_store(path, small_data) as store:
+        ids, _ = store.list_contents(2)
+        store.delete(ids[:3])
+        expected = store.search(queries, k=10, nprobe=NLIST)
+    assert _as_format_1_0(path) >= 3
+    with ivfpq_store.open(path) as store:
+        got = store.search(queries, k=10, nprobe=NLIST)
+        np.testing.assert_array_equal(got.ids, expected.ids)
+        np.testing.assert_array_equal(got.distances, expected.distances)
+        assert store.verify().ok
+        store.delete(ids[3:5])  # list 2 again: its tsum now covers all five rows
+        expected = store.search(queries, k=10, nprobe=NLIST)
+    with raw_catalog(path) as (txn, dbs):
+        record = ListRecord.from_msgpack(txn.get(list_key(2), db=dbs["lists"]))
+        assert msgpack.unpackb(txn.get(list_key(2), db=dbs["lists"]))["crc"] > 0
+        meta = msgpack.unpackb(txn.get(META_STORE, db=dbs["meta"]), raw=False)
+    rows = [int.from_bytes(k[8:], "big") for k in tombstone_keys_of(path)
+            if k[:4] == list_key(2)]
+    assert len(rows) == 5
+    assert record.tsum == tombstone_sum(np.array(rows))
+    assert meta["format"] == [1, 0]
+    assert "crc" not in meta  # meta/store is never rewritten
+    with ivfpq_store.open(path, readonly=True) as store:
+        assert store.verify().ok
+        assert store.info().format_version == "1.0"  # the format it was created with
+        np.testing.assert_array_equal(store.search(queries, k=10, nprobe=NLIST).ids,
+                                      expected.ids)
+
+
+def test_a_new_store_says_format_1_1(tmp_path, small_data):
+    with make_store(tmp_path / "s.ivfpq", small_data, add=False) as store:
+        assert store.info().format_version == "1.1"
+
+
 def test_a_catalog_of_a_newer_format_major_is_refused(tmp_path, small_data):
     path = tmp_path / "s"
     make_store(path, small_data, add=False).close()
