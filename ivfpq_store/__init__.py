@@ -14,6 +14,7 @@ from .copying import CopyReport
 from .creation import create
 from .errors import (
     BadMagicError,
+    CatalogBusyError,
     CatalogError,
     CatalogFullError,
     ChecksumError,
@@ -50,6 +51,7 @@ __version__ = package_version()
 
 __all__ = [
     "BadMagicError",
+    "CatalogBusyError",
     "CatalogError",
     "CatalogFullError",
     "ChecksumError",

@@ -43,6 +43,7 @@ def create(
     niter: int = 25,
     max_points_per_centroid: int = 256,
     map_size: int = DEFAULT_MAP_SIZE,
+    max_map_size: int | None = None,
     progress: ProgressFn | None = None,
 ) -> Store:
     """Train an index on ``training_vectors`` and create an empty store at ``path``.
@@ -63,6 +64,9 @@ def create(
         Seed for every random choice: same seed and data, same centroids and codebooks.
     niter, max_points_per_centroid
         k-means iterations and subsampling bound (as in faiss).
+    map_size, max_map_size
+        The catalog's first address-space reservation and the most it may grow to, as in
+        :func:`open`.
 
     Returns
     -------
@@ -79,7 +83,7 @@ def create(
     max_points_per_centroid = check_int("max_points_per_centroid", max_points_per_centroid, 1,
                                         1 << 30)
     seed = check_int("seed", seed, 0, (1 << 63) - 1)
-    check_open_args(map_size=map_size)
+    check_open_args(map_size=map_size, max_map_size=max_map_size)
     arr = as_matrix(training_vectors, "training_vectors")
     params = IndexParams(dim=arr.shape[1], nlist=nlist, m=m, nbits=nbits,
                          metric=parse_metric(metric))
@@ -89,8 +93,8 @@ def create(
     header = _train(x, params, seed=seed, niter=niter,
                     max_points_per_centroid=max_points_per_centroid, progress=progress)
     with build_directory(root, "creating") as tmp:
-        _build(StoreLayout(tmp), header, map_size)
-    return open(root, map_size=map_size)
+        _build(StoreLayout(tmp), header, map_size, max_map_size)
+    return open(root, map_size=map_size, max_map_size=max_map_size)
 
 
 def _train(x: F32Array, params: IndexParams, *, seed: int, niter: int,
@@ -121,7 +125,8 @@ def _train(x: F32Array, params: IndexParams, *, seed: int, niter: int,
                   codebooks=codebooks, metadata=metadata)
 
 
-def _build(layout: StoreLayout, header: Header, map_size: int) -> None:
+def _build(layout: StoreLayout, header: Header, map_size: int,
+           max_map_size: int | None) -> None:
     layout.make_skeleton()
     write_header(layout.header, header)
     p = header.params
@@ -129,6 +134,6 @@ def _build(layout: StoreLayout, header: Header, map_size: int) -> None:
                      created=float(header.metadata.get("created", time.time())), dim=p.dim,
                      nlist=p.nlist, m=p.m, nbits=p.nbits, metric=p.metric.label)
     Catalog.create(layout.catalog, meta, StateRecord(commit=0, ntotal=0, next_id=0, ndeleted=0),
-                   map_size=map_size).close()
+                   map_size=map_size, max_map_size=max_map_size).close()
     fsync_dir(layout.catalog)
     fsync_dir(layout.root)

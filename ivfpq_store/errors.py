@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "BadMagicError",
+    "CatalogBusyError",
     "CatalogError",
     "CatalogFullError",
     "ChecksumError",
@@ -63,7 +64,8 @@ class StoreExistsError(IvfpqError, FileExistsError):
 
 
 class ReadOnlyStoreError(IvfpqError):
-    """A write was attempted on a store opened with ``readonly=True``."""
+    """A write was attempted on a store opened with ``readonly=True``, or a store this process
+    may not write (file permissions, a read-only file system) was opened without it."""
 
 
 class StoreClosedError(IvfpqError):
@@ -147,7 +149,13 @@ class CatalogError(IvfpqError):
 
 
 class CatalogFullError(CatalogError):
-    """The LMDB catalog reached its map size; reopen with a larger ``map_size``."""
+    """The LMDB catalog's map is full and cannot grow: it reached ``max_map_size``, or the
+    address space for a larger map could not be reserved (``errno`` is then ``ENOMEM``)."""
+
+
+class CatalogBusyError(CatalogError):
+    """A handle reading without LMDB's lock file (a store it may not write) could not read
+    one consistent catalog state: writers committed during each of its attempts."""
 
 
 class DiskFullError(IvfpqError, OSError):

@@ -6,16 +6,29 @@ from __future__ import annotations
 from .errors import InvalidParamsError, StoreNotFoundError
 from .format.records import check_store_meta
 from .params import check_bool, check_int, check_ratio
-from .storage import DEFAULT_MAP_SIZE, Catalog, StoreLayout, as_path, read_header
+from .storage import (
+    DEFAULT_MAP_SIZE,
+    MAX_MAP_SIZE,
+    Catalog,
+    StoreLayout,
+    as_path,
+    read_header,
+)
 from .store import Store
 from .types import PathArg
 
 __all__ = ["check_open_args", "open"]
 
 
-def check_open_args(*, map_size: int, max_open_segments: int | None = None,
-                     lock_timeout: float = 0.0) -> None:
-    check_int("map_size", map_size, 1 << 20, 1 << 50)
+def check_open_args(*, map_size: int, max_map_size: int | None = None,
+                    max_open_segments: int | None = None, lock_timeout: float = 0.0) -> None:
+    check_int("map_size", map_size, 1 << 20, MAX_MAP_SIZE)
+    if max_map_size is not None:
+        check_int("max_map_size", max_map_size, 1 << 20, MAX_MAP_SIZE)
+        if max_map_size < map_size:
+            raise InvalidParamsError(
+                f"max_map_size={max_map_size} is smaller than map_size={map_size}; raise "
+                "max_map_size or lower map_size")
     if max_open_segments is not None:
         check_int("max_open_segments", max_open_segments, 1, 1 << 20)
     if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, int | float) or not (
@@ -30,6 +43,7 @@ def open(
     *,
     readonly: bool = False,
     map_size: int = DEFAULT_MAP_SIZE,
+    max_map_size: int | None = None,
     max_open_segments: int | None = None,
     lock_timeout: float = 30.0,
     auto_compact_ratio: float | None = 0.5,
@@ -42,9 +56,16 @@ def open(
         The store directory (bytes are decoded with ``os.fsdecode``).
     readonly : bool
         Refuse writes. Any number of readonly and writable handles, in any processes, may be
-        open at once; writes are serialised by the store's lock file.
+        open at once; writes are serialised by the store's lock file. A readonly handle also
+        opens a store whose files this user may not write, or on a read-only file system
+        (docs/operations.md, "Read-only stores").
     map_size : int
-        Address space reserved for the LMDB catalog (sparse).
+        Address space first reserved for the LMDB catalog, at least 1 MiB (default 64 MiB;
+        at least twice the catalog file, rounded up to a power of two). The map doubles
+        whenever a write needs more, and follows growth by other processes.
+    max_map_size : int or None
+        The map never grows past this; a write that would need more raises
+        CatalogFullError. None: no limit but the address space.
     max_open_segments : int or None
         Segment files kept memory-mapped at once (least recently used are dropped). Each map
         holds a file descriptor. None: a quarter of the open-file limit (``RLIMIT_NOFILE``),
@@ -62,13 +83,16 @@ def open(
         is out of range.
     StoreNotFoundError
         ``path`` does not exist or is not a store.
+    ReadOnlyStoreError
+        ``readonly`` is False and the catalog cannot be opened for writing (file permissions,
+        a read-only file system).
     FormatError
         The header is damaged (bad magic, newer version, checksum mismatch...).
     CorruptStoreError
         The header and the catalog belong to different stores or disagree.
     """
-    check_open_args(map_size=map_size, max_open_segments=max_open_segments,
-                    lock_timeout=lock_timeout)
+    check_open_args(map_size=map_size, max_map_size=max_map_size,
+                    max_open_segments=max_open_segments, lock_timeout=lock_timeout)
     readonly = check_bool("readonly", readonly)
     if auto_compact_ratio is not None:
         auto_compact_ratio = check_ratio("auto_compact_ratio", auto_compact_ratio)
@@ -79,7 +103,8 @@ def open(
         raise StoreNotFoundError(
             f"{layout.root}: not an ivfpq store — expected header.ivfh and catalog/ inside")
     header = read_header(layout.header)
-    catalog = Catalog.open(layout.catalog, map_size=map_size)
+    catalog = Catalog.open(layout.catalog, readonly=readonly, map_size=map_size,
+                           max_map_size=max_map_size)
     try:
         check_store_meta(catalog.store_meta(), header, str(layout.catalog))
         return Store(layout, header, catalog, readonly=readonly,

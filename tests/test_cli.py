@@ -244,7 +244,8 @@ def test_verify_exits_4_when_the_store_cannot_be_checked(runner, files, monkeypa
 
 
 def test_verify_under_an_address_space_limit_exits_4(tmp_path, small_data):
-    """The real thing: a process whose RLIMIT_AS cannot hold the catalog's 64 GiB map."""
+    """The real thing: a process whose RLIMIT_AS cannot hold the catalog map it is asked for
+    (--map-size 64 GiB under an 8 GiB limit)."""
     path = tmp_path / "s.ivfpq"
     with ivfpq_store.create(path, small_data["train"], nlist=NLIST, m=4, nbits=6):
         pass
@@ -254,20 +255,22 @@ def test_verify_under_an_address_space_limit_exits_4(tmp_path, small_data):
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-m", "ivfpq_store", "verify", str(path)], env=env,
-                         capture_output=True, text=True, check=False, timeout=120,
-                         preexec_fn=small_address_space)
+    out = subprocess.run([sys.executable, "-m", "ivfpq_store", "--map-size", str(64 << 30),
+                          "verify", str(path)], env=env, capture_output=True, text=True,
+                         check=False, timeout=120, preexec_fn=small_address_space)
     assert out.returncode == 4, out.stderr
     assert "Cannot allocate memory" in out.stderr
     assert "Traceback" not in out.stderr
 
 
-def test_map_size_lets_commands_run_under_an_address_space_limit(tmp_path, small_data):
-    """Under an RLIMIT_AS that cannot hold the default 64 GiB catalog map, --map-size makes
-    verify, add, search and info work (and create a store there)."""
+def test_commands_run_under_an_address_space_limit_without_map_size(tmp_path, small_data):
+    """Under an 8 GiB RLIMIT_AS, create, add, search, info and verify work with the default
+    map (it starts at 64 MiB and grows on demand); one add grows it (--map-size 1 MiB
+    there, the least, and more ids than fit)."""
     limit = 8 << 30
     np.save(tmp_path / "train.npy", small_data["train"])
     np.save(tmp_path / "base.npy", small_data["base"][:300])
+    np.save(tmp_path / "many.npy", np.tile(small_data["base"], (20, 1)))  # 30,000 vectors
 
     def small_address_space():
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -275,19 +278,24 @@ def test_map_size_lets_commands_run_under_an_address_space_limit(tmp_path, small
     env = dict(os.environ, PYTHONPATH=str(REPO))
     path = str(tmp_path / "s.ivfpq")
     outputs = {}
-    for args in (["create", path, "--train", str(tmp_path / "train.npy"), "--nlist", "8",
-                  "--m", "4", "--nbits", "6"],
-                 ["add", path, str(tmp_path / "base.npy"), "-q"],
-                 ["search", path, str(tmp_path / "base.npy"), "-k", "1", "--json"],
-                 ["info", path], ["verify", path]):
-        out = subprocess.run([sys.executable, "-m", "ivfpq_store", "--map-size", str(1 << 30),
-                              *args], env=env, capture_output=True, text=True, check=False,
-                             timeout=120, preexec_fn=small_address_space)
+    for name, args in (("create", ["create", path, "--train", str(tmp_path / "train.npy"),
+                                   "--nlist", "8", "--m", "4", "--nbits", "6"]),
+                       ("add", ["add", path, str(tmp_path / "base.npy"), "-q"]),
+                       ("grow", ["--map-size", str(1 << 20), "-v", "add", path,
+                                 str(tmp_path / "many.npy"), "-q"]),
+                       ("search", ["search", path, str(tmp_path / "base.npy"), "-k", "1",
+                                   "--json"]),
+                       ("info", ["info", path]), ("verify", ["verify", path])):
+        out = subprocess.run([sys.executable, "-m", "ivfpq_store", *args], env=env,
+                             capture_output=True, text=True, check=False, timeout=120,
+                             preexec_fn=small_address_space)
         assert out.returncode == 0, (args, out.stderr)
         assert "Traceback" not in out.stderr
-        outputs[args[0]] = out.stdout
-    assert len(json.loads(outputs["search"])["results"]) == 300
-    assert outputs["verify"].startswith("ok:")
+        outputs[name] = out
+    assert len(json.loads(outputs["search"].stdout)["results"]) == 300
+    assert "catalog map grown from 1048576 to 2097152 bytes" in outputs["grow"].stderr
+    assert "30,300" in outputs["info"].stdout
+    assert outputs["verify"].stdout.startswith("ok:")
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -44,8 +44,12 @@ def batch_size(b):
 
 path, log_path = sys.argv[1], sys.argv[2]
 rng = np.random.default_rng(int(sys.argv[3]))
+if sys.argv[4] == "lockfree":  # read as on a read-only file system: without LMDB's lock file
+    from ivfpq_store.storage import lmdb_env
+    lmdb_env._on_read_only_fs = lambda p: True
 deleted, stop, offset, searches = set(), False, 0, 0
 with ivfpq_store.open(path, readonly=True) as store:
+    assert store._live_catalog().lockfree == (sys.argv[4] == "lockfree")
     deadline = time.monotonic() + 120
     while not stop and time.monotonic() < deadline:
         with open(log_path) as fh:                # deletes that returned before this search
@@ -81,7 +85,10 @@ def batch_size(b: int) -> int:
     return 20 + (b * 37) % 60
 
 
-def test_readers_never_see_deleted_or_torn_state(tmp_path):
+@pytest.mark.parametrize("readers", ["locked", "lockfree"])
+def test_readers_never_see_deleted_or_torn_state(tmp_path, readers):
+    """Also with readers that are not in LMDB's reader table (docs/operations.md, "Read-only
+    stores"): the writer may reuse catalog pages under them, and their reads must notice."""
     path = tmp_path / "c.ivfpq"
     log = tmp_path / "log"
     log.write_text("")
@@ -90,9 +97,9 @@ def test_readers_never_see_deleted_or_torn_state(tmp_path):
         ivfpq_store.create(path, vectors(np.random.default_rng(0), 3000), nlist=NLIST, m=4,
                            nbits=6).close()
     env = dict(os.environ, PYTHONPATH=str(TESTS.parent))
-    readers = [subprocess.Popen([sys.executable, "-c", READER, str(path), str(log), str(seed)],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True) for seed in range(READERS)]
+    children = [subprocess.Popen([sys.executable, "-c", READER, str(path), str(log), str(seed),
+                                  readers], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for seed in range(READERS)]
     rng = np.random.default_rng(7)
     ops = {"add": 0, "delete": 0, "upsert": 0, "compact": 0}
     try:
@@ -126,12 +133,12 @@ def test_readers_never_see_deleted_or_torn_state(tmp_path):
             fh.write("STOP\n")
             fh.flush()
             assert store.verify().ok
-        outputs = [r.communicate(timeout=120) for r in readers]
+        outputs = [r.communicate(timeout=120) for r in children]
     finally:
-        for r in readers:
+        for r in children:
             r.kill()
             r.wait()
-    for r, (out, err) in zip(readers, outputs, strict=True):
+    for r, (out, err) in zip(children, outputs, strict=True):
         assert r.returncode == 0, err
         assert int(out) >= 5, "a reader barely searched"
     assert min(ops.values()) > 0, ops

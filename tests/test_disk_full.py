@@ -5,7 +5,6 @@ write succeeds once space is freed (the injected failure removed)."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ from helpers import tree_snapshot
 
 import ivfpq_store
 from ivfpq_store.storage import header_io, read_header
-from ivfpq_store.storage.catalog import Catalog
+from ivfpq_store.storage.lmdb_env import SharedEnv
 
 FULL_ERRNOS = [errno.ENOSPC, errno.EDQUOT, errno.EFBIG]
 _NAMES = [errno.errorcode[e] for e in FULL_ERRNOS]
@@ -122,14 +121,12 @@ def _lmdb_full(code: int) -> lmdb.Error:
 
 
 def _fail_catalog_writes(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
-    real = Catalog._write
+    real = SharedEnv.write
 
-    @contextlib.contextmanager
-    def full(self: Catalog, action: str) -> Iterator[Any]:
-        with real(self, action) as txn:
-            yield _FullTxn(txn, _lmdb_full(code))
+    def full(self: SharedEnv, action: str, body: Callable[[Any], Any]) -> Any:
+        return real(self, action, lambda txn: body(_FullTxn(txn, _lmdb_full(code))))
 
-    monkeypatch.setattr(Catalog, "_write", full)
+    monkeypatch.setattr(SharedEnv, "write", full)
 
 
 @pytest.mark.parametrize("code", FULL_ERRNOS, ids=_NAMES)

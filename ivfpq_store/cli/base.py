@@ -117,13 +117,22 @@ def histogram(sizes: list[int], bins: int = 8, width: int = 40) -> list[str]:
 @click.version_option(package_name="ivfpq-store")
 @click.option("-v", "--verbose", count=True, help="Log to stderr (-v info, -vv debug).")
 @click.option("--map-size", type=click.IntRange(1 << 20, 1 << 50), default=None, metavar="BYTES",
-              help="Address space to reserve for the catalog (default 64 GiB, sparse). Lower it "
-                   "where the address space is limited (ulimit -v); at least the size of "
-                   "catalog/data.mdb.")
+              help="Address space first reserved for the catalog (default 64 MiB, or twice "
+                   "catalog/data.mdb when larger). The map doubles whenever a write needs more, "
+                   "so this is rarely needed.")
+@click.option("--max-map-size", type=click.IntRange(1 << 20, 1 << 50), default=None,
+              metavar="BYTES",
+              help="Never grow the catalog's map past this; a write that needs more fails with "
+                   "'catalog map is full' (default: no limit but the address space).")
 @click.pass_context
-def cli(ctx: click.Context, verbose: int, map_size: int | None) -> None:
+def cli(ctx: click.Context, verbose: int, map_size: int | None,
+        max_map_size: int | None) -> None:
     """Create, fill, search, inspect and maintain persistent IVF-PQ vector stores."""
-    ctx.obj = {} if map_size is None else {"map_size": map_size}
+    if map_size is not None and max_map_size is not None and max_map_size < map_size:
+        raise click.BadParameter(f"{max_map_size} is smaller than --map-size {map_size}",
+                                 param_hint="--max-map-size")
+    ctx.obj = {k: v for k, v in (("map_size", map_size), ("max_map_size", max_map_size))
+               if v is not None}
     if verbose:
         logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO,
                             format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -6,6 +6,7 @@ from .atomic import LockState, build_directory, fsync_dir, probe_lock, sync_file
 from .catalog import DEFAULT_MAP_SIZE, Catalog, CatalogSnapshot, Changes
 from .header_io import read_header, write_header
 from .layout import StoreLayout, as_path, check_new_store_path
+from .lmdb_env import MAX_MAP_SIZE
 from .segments import (
     MapCache,
     RecordFetcher,
@@ -16,8 +17,8 @@ from .segments import (
     discard_appended,
 )
 
-__all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes", "LockState",
-           "MapCache", "RecordFetcher", "SegmentReader", "StoreLayout", "SyncJob", "append_records",
-           "as_path", "build_directory", "check_new_store_path", "committed_size",
-           "discard_appended", "fsync_dir", "probe_lock", "read_header", "sync_file",
-           "write_header", "writer_lock"]
+__all__ = ["DEFAULT_MAP_SIZE", "MAX_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes",
+           "LockState", "MapCache", "RecordFetcher", "SegmentReader", "StoreLayout", "SyncJob",
+           "append_records", "as_path", "build_directory", "check_new_store_path",
+           "committed_size", "discard_appended", "fsync_dir", "probe_lock", "read_header",
+           "sync_file", "write_header", "writer_lock"]

@@ -170,9 +170,10 @@ class LockState:
 
 
 def probe_lock(path: Path) -> LockState:
-    """Check the writer lock without waiting; never changes the file."""
+    """Check the writer lock without waiting; never changes the file (which may be read-only:
+    ``flock`` needs no write access)."""
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return LockState(held=False, recorded_pid=None)
     try:

@@ -1,21 +1,21 @@
 """The LMDB catalog (docs/format.md §6): store metadata, list records, the id map, counters.
 
-Transactions never escape: each public method opens and closes its own, and every
-``lmdb.Error`` becomes a :class:`CatalogError` (:func:`~.lmdb_env.lmdb_errors`). The LMDB
-environments themselves, shared per process and set aside across ``fork()``, are
-:mod:`.lmdb_env`'s.
+Transactions never escape: each public method hands its reads or writes to the environment
+as one function, and every ``lmdb.Error`` becomes a :class:`CatalogError`
+(:func:`~.lmdb_env.lmdb_errors`). The LMDB environments themselves (shared per process, set
+aside across ``fork()``, their map grown on demand, read without LMDB's lock file where the
+store is not writable) are :mod:`.lmdb_env`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -38,14 +38,20 @@ from ..format.keys import (
 )
 from ..format.records import ListRecord, StateRecord, StoreMeta, decode_id_entries
 from ..types import I64Array
-from .lmdb_env import DBS, SharedEnv, acquire_env, check_existing, lmdb_errors, release_env
+from .lmdb_env import (
+    DBS,
+    DEFAULT_MAP_SIZE,
+    SharedEnv,
+    acquire_env,
+    check_existing,
+    release_env,
+)
 
 __all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes"]
 
 logger = logging.getLogger(__name__)
 
-#: Address space reserved for the catalog; sparse, so a large value costs nothing on 64-bit.
-DEFAULT_MAP_SIZE = 1 << 36  # 64 GiB
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,37 +96,36 @@ class Catalog:
     def __init__(self, path: Path, shared: SharedEnv) -> None:
         self.path = path
         self._shared: SharedEnv | None = shared
-        env = shared.env
-        with lmdb_errors(path, "open the named databases"):
-            if env.flags()["readonly"]:
-                with env.begin() as txn:
-                    self._dbs = {name: env.open_db(name, txn=txn, create=False) for name in DBS}
-            else:
-                self._dbs = {name: env.open_db(name) for name in DBS}
         self._cache: CatalogSnapshot | None = None
         self._cache_lock = threading.Lock()
 
     # -- life cycle -------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: Path, meta: StoreMeta, state: StateRecord,
-               map_size: int = DEFAULT_MAP_SIZE) -> Catalog:
+    def create(cls, path: Path, meta: StoreMeta, state: StateRecord, *,
+               map_size: int = DEFAULT_MAP_SIZE, max_map_size: int | None = None) -> Catalog:
         """Create a new catalog at ``path`` holding ``meta`` and the initial ``state``."""
         path.mkdir(parents=True, exist_ok=False)
-        catalog = cls(path, acquire_env(path, create=True, map_size=map_size))
-        with catalog._write("initialise the catalog") as txn:
+        catalog = cls(path, acquire_env(path, create=True, map_size=map_size,
+                                        max_map_size=max_map_size))
+
+        def initialise(txn: Any) -> None:
             txn.put(META_STORE, meta.to_msgpack(), db=catalog._dbs[b"meta"])
             txn.put(META_STATE, state.to_msgpack(), db=catalog._dbs[b"meta"])
+
+        try:
+            catalog._live().write("initialise the catalog", initialise)
+        except BaseException:
+            catalog.close()
+            raise
         return catalog
 
     @classmethod
-    def open(cls, path: Path, map_size: int = DEFAULT_MAP_SIZE) -> Catalog:
-        """Open an existing catalog."""
-        shared = acquire_env(path, create=False, map_size=map_size)
-        try:
-            return cls(path, shared)
-        except BaseException:
-            release_env(path, shared)
-            raise
+    def open(cls, path: Path, *, readonly: bool = False, map_size: int = DEFAULT_MAP_SIZE,
+             max_map_size: int | None = None) -> Catalog:
+        """Open an existing catalog; ``readonly`` accepts one this process may not write
+        (docs/operations.md, "Read-only stores")."""
+        return cls(path, acquire_env(path, create=False, readonly=readonly, map_size=map_size,
+                                     max_map_size=max_map_size))
 
     def close(self) -> None:
         """Release this handle's share of the environment (idempotent)."""
@@ -128,25 +133,31 @@ class Catalog:
             release_env(self.path, self._shared)
             self._shared = None
 
-    @property
-    def _env(self) -> Any:
+    def _live(self) -> SharedEnv:
         if self._shared is None:
             raise CatalogError(f"{self.path}: catalog is closed")
         if self._shared.pid != os.getpid():
             raise WrongProcessError(
                 f"{self.path}: catalog was opened in process {self._shared.pid} and used in "
                 f"forked process {os.getpid()}; open it again in the child")
-        return self._shared.env
+        return self._shared
 
-    @contextlib.contextmanager
-    def _read(self, action: str) -> Iterator[Any]:
-        with lmdb_errors(self.path, action), self._env.begin(buffers=False) as txn:
-            yield txn
+    @property
+    def _dbs(self) -> dict[bytes, Any]:
+        return self._live().dbs
 
-    @contextlib.contextmanager
-    def _write(self, action: str) -> Iterator[Any]:
-        with lmdb_errors(self.path, action), self._env.begin(write=True) as txn:
-            yield txn
+    @property
+    def lockfree(self) -> bool:
+        """Whether this process reads the catalog without LMDB's lock file (the store is not
+        writable here; docs/operations.md, "Read-only stores")."""
+        return self._live().lockfree
+
+    def map_size(self) -> int:
+        """The bytes of address space the catalog's map holds in this process now."""
+        return self._live().map_size()
+
+    def _read(self, action: str, body: Callable[[Any], T]) -> T:
+        return self._live().read(action, body)
 
     def check_file(self, *, full: bool = False) -> int:
         """Check ``data.mdb`` again as :meth:`open` did (:func:`~.lmdb_env.check_existing`),
@@ -157,8 +168,8 @@ class Catalog:
     # -- reads ------------------------------------------------------------------------------
     def store_meta(self) -> StoreMeta:
         """The record written at creation."""
-        with self._read("read store metadata") as txn:
-            raw = txn.get(META_STORE, db=self._dbs[b"meta"])
+        raw = self._read("read store metadata",
+                         lambda txn: txn.get(META_STORE, db=self._dbs[b"meta"]))
         if raw is None:
             raise CorruptStoreError(f"{self.path}: catalog has no 'store' record in 'meta'")
         return StoreMeta.from_msgpack(raw)
@@ -170,7 +181,7 @@ class Catalog:
         only when its (generation, deleted) pair changed; everything comes from one read
         transaction, so the snapshot is never torn.
         """
-        with self._read("read the list table") as txn:
+        def read(txn: Any) -> CatalogSnapshot:
             state = self._state(txn)
             cached = self._cache
             if cached is not None and cached.state.commit == state.commit:
@@ -186,9 +197,13 @@ class Catalog:
                     deleted[list_no] = cached.deleted[list_no]  # type: ignore[union-attr]
                 else:
                     deleted[list_no] = self._tombstones(txn, list_no, record)
-        snap = CatalogSnapshot(state=state, lists=lists, deleted=deleted)
+            return CatalogSnapshot(state=state, lists=lists, deleted=deleted)
+
+        snap = self._read("read the list table", read)
+        if snap is self._cache:
+            return snap
         with self._cache_lock:
-            if self._cache is None or self._cache.state.commit < state.commit:
+            if self._cache is None or self._cache.state.commit < snap.state.commit:
                 self._cache = snap
         return snap
 
@@ -231,7 +246,8 @@ class Catalog:
         their entries, the number of tombstones under each (list_no, generation) prefix, and
         why the tombstones of a list are damaged, by list (such lists have no ``deleted``
         entry in the snapshot)."""
-        with self._read("read the whole catalog") as txn:
+        def read(txn: Any) -> tuple[CatalogSnapshot, list[bytes], list[bytes], list[bytes],
+                                    dict[int, str]]:
             state = self._state(txn)
             lists = self._lists(txn)
             deleted: dict[int, np.ndarray] = {}
@@ -247,21 +263,24 @@ class Catalog:
             for k, v in txn.cursor(db=self._dbs[b"ids"]):
                 keys.append(k)
                 values.append(v)
-            prefixes: dict[tuple[int, int], int] = {}
             tombstones = list(txn.cursor(db=self._dbs[b"deleted"]).iternext(keys=True,
                                                                              values=False))
+            return (CatalogSnapshot(state=state, lists=lists, deleted=deleted), keys, values,
+                    tombstones, damaged)
+
+        snap, keys, values, tombstones, damaged = self._read("read the whole catalog", read)
+        prefixes: dict[tuple[int, int], int] = {}
         check_key_sizes(tombstones, TOMBSTONE_KEY_SIZE, "deleted")
         for k in tombstones:
             prefix = (int.from_bytes(k[:4], "big"), int.from_bytes(k[4:8], "big"))
             prefixes[prefix] = prefixes.get(prefix, 0) + 1
-        snap = CatalogSnapshot(state=state, lists=lists, deleted=deleted)
         return snap, decode_id_keys(keys), decode_id_entries(values), prefixes, damaged
 
     def live_mask(self, ids: I64Array) -> np.ndarray:
         """Boolean array: which of ``ids`` (non-negative int64) have an entry in the id map."""
         keys = id_keys(ids)
-        with self._read("look up ids") as txn:
-            found = [k for k, _ in txn.cursor(db=self._dbs[b"ids"]).getmulti(keys)]
+        found = self._read("look up ids", lambda txn: [
+            k for k, _ in txn.cursor(db=self._dbs[b"ids"]).getmulti(keys)])
         if not found:
             return np.zeros(len(keys), dtype=bool)
         return np.isin(ids, decode_id_keys(found))
@@ -269,8 +288,8 @@ class Catalog:
     def locate(self, ids: I64Array) -> tuple[np.ndarray, np.ndarray]:
         """Where ``ids`` live: (found bool mask, entries of the found ids as a structured array)."""
         keys = id_keys(ids)
-        with self._read("look up ids") as txn:
-            values = [txn.get(k, db=self._dbs[b"ids"]) for k in keys]
+        values = self._read("look up ids", lambda txn: [
+            txn.get(k, db=self._dbs[b"ids"]) for k in keys])
         found = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
         return found, decode_id_entries([v for v in values if v is not None])
 
@@ -283,9 +302,15 @@ class Catalog:
         ``state.commit - 1``; any disagreement aborts the transaction with
         :class:`CorruptStoreError`, and nothing is committed. ``before_commit`` runs after
         every put and before the commit; if it raises, nothing is committed (the writer waits
-        there for its segment syncs, so the puts overlap them).
+        there for its segment syncs, so the puts overlap them). When the catalog's map fills
+        up, the transaction is aborted, the map grown and the whole transaction run again from
+        ``changes`` (:meth:`SharedEnv.write <.lmdb_env.SharedEnv.write>`); ``before_commit``
+        runs once, in the first attempt that reaches it.
         """
-        with self._write("commit") as txn:
+        before_done = before_commit is None
+
+        def write(txn: Any) -> None:
+            nonlocal before_done
             meta, lists_db, ids_db, deleted_db = (self._dbs[n] for n in DBS)
             current = self._state(txn)
             if state.commit != current.commit + 1:
@@ -328,12 +353,14 @@ class Catalog:
                         if not cursor.delete():
                             break
             txn.put(META_STATE, state.to_msgpack(), db=meta)
-            if before_commit is not None:
-                before_commit()
+            if not before_done:
+                before_commit()  # type: ignore[misc]
+                before_done = True
+
+        self._live().write("commit", write)
 
     def copy_to(self, dest: Path) -> None:
         """Write a compacted, consistent copy of the environment into the new directory
         ``dest`` (LMDB's mdb_env_copy2 with MDB_CP_COMPACT: free pages are left out)."""
         dest.mkdir()
-        with lmdb_errors(self.path, f"copy the catalog to {dest}"):
-            self._env.copy(str(dest), compact=True)
+        self._live().copy(f"copy the catalog to {dest}", dest)
