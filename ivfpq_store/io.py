@@ -10,6 +10,7 @@ raise :class:`VectorFileError`.
 from __future__ import annotations
 
 import os
+import tokenize
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,12 @@ def _check_dims(vf: VectorFile) -> None:
     del headers, records
 
 
+#: What numpy raises for a damaged .npy: its header is a Python literal, parsed with
+#: ``tokenize`` and ``ast.literal_eval``, so a damaged one raises their errors too.
+_NPY_ERRORS = (ValueError, OSError, EOFError, SyntaxError, TypeError, OverflowError,
+               tokenize.TokenError)
+
+
 def _open_npy(p: Path) -> VectorFile:
     try:
         with open(p, "rb") as fh:
@@ -153,8 +160,8 @@ def _open_npy(p: Path) -> VectorFile:
                            else np.lib.format.read_array_header_2_0)
             shape, fortran, dtype = read_header(fh, max_header_size=10_000)
             offset = fh.tell()
-    except (ValueError, OSError, EOFError) as err:
-        raise VectorFileError(f"{p}: not a readable .npy file: {err}") from err
+    except _NPY_ERRORS as err:
+        raise VectorFileError(f"{p}: not a readable .npy file: {err!r}") from err
     if dtype.kind not in "fiu" or dtype.hasobject:
         raise VectorFileError(f"{p}: .npy dtype {dtype} — expected a real numeric dtype")
     if len(shape) != 2 or 0 in shape:
@@ -188,8 +195,8 @@ def read_ids(path: str | os.PathLike[str]) -> np.ndarray:
     if suffix == ".npy":
         try:
             arr: np.ndarray = np.load(p, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise VectorFileError(f"{p}: not a readable .npy file: {err}") from err
+        except _NPY_ERRORS as err:
+            raise VectorFileError(f"{p}: not a readable .npy file: {err!r}") from err
         if arr.ndim == 2 and arr.shape[1] == 1:
             arr = arr[:, 0]
         if arr.ndim != 1 or arr.dtype.kind not in "iu":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import re
@@ -618,3 +619,97 @@ def test_fuzz_no_cli_input_gives_a_traceback(fuzz_dir):
 @pytest.mark.slow
 def test_fuzz_no_cli_input_gives_a_traceback_long(fuzz_dir):
     _fuzz(fuzz_dir, 2000)
+
+
+def _fuzz_file_contents():
+    """Contents for a command's input file: arrays of every dtype and shape saved as .npy
+    (object arrays pickled, which the loader must refuse), TEXMEX records with any dimension
+    word, id lists as text, each maybe cut short or with bytes changed."""
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+
+    dtypes = st.one_of(hnp.floating_dtypes(), hnp.integer_dtypes(), hnp.unsigned_integer_dtypes(),
+                       hnp.boolean_dtypes(), hnp.complex_number_dtypes(),
+                       st.just(np.dtype([("a", "<f4"), ("b", "<i8")])))
+    shapes = st.one_of(st.just(()), hnp.array_shapes(min_dims=1, max_dims=3, max_side=20),
+                       st.tuples(st.integers(0, 6), st.sampled_from([DIM, DIM - 1, DIM + 1, 1])))
+
+    def npy(array: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=True)
+        return buf.getvalue()
+
+    vectors = hnp.arrays(st.sampled_from([np.float32, np.float64, np.float16]),
+                         st.tuples(st.integers(1, 6), st.sampled_from([DIM, DIM, DIM, 1])))
+    arrays = st.one_of(
+        vectors.map(npy), vectors.map(npy), hnp.arrays(dtypes, shapes).map(npy),
+        st.lists(st.one_of(st.integers(), st.text(max_size=3)), max_size=4).map(
+            lambda items: npy(np.array([*items, None], dtype=object))))
+    texmex = st.tuples(st.integers(-5, 2**31 - 1) | st.sampled_from([DIM, DIM, 0, -1]),
+                       st.binary(max_size=300)).map(
+        lambda t: t[0].to_bytes(4, "little", signed=True) + t[1])
+    number = st.one_of(st.integers(0, 10**6), st.integers(0, 10**6),
+                       st.integers(-(2**70), 2**70)).map(str)
+    ids_text = st.one_of(
+        st.lists(number, min_size=5, max_size=5),
+        st.lists(st.one_of(number, st.text(max_size=6),
+                           st.sampled_from(["", " 7 ", "1e3", "0x10", "٣"])), max_size=8),
+    ).map(lambda lines: "\n".join(lines).encode("utf-8", "surrogatepass"))
+
+    @st.composite
+    def damaged(draw, contents):
+        raw = bytearray(draw(contents))
+        for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2, 3]))):
+            if raw:
+                raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
+        if raw and draw(st.integers(0, 4)) == 0:
+            del raw[draw(st.integers(0, len(raw))):]
+        return bytes(raw)
+
+    return st.one_of(
+        st.tuples(st.just(".npy"), damaged(arrays)),
+        st.tuples(st.sampled_from([".fvecs", ".bvecs", ".ivecs"]), damaged(texmex)),
+        st.tuples(st.sampled_from([".txt", ""]), damaged(ids_text)))
+
+
+def _fuzz_contents(d: Path, max_examples: int) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    store, work = str(d / "store"), d / "contents"
+    work.mkdir(exist_ok=True)
+    commands = [
+        lambda f: ["add", store, f], lambda f: ["add", store, str(d / "vec.npy"), "--ids", f],
+        lambda f: ["upsert", store, f, "--ids", str(d / "ids.npy")],
+        lambda f: ["upsert", store, str(d / "vec.npy"), "--ids", f],
+        lambda f: ["search", store, f, "-k", "3", "--nprobe", "2"],
+        lambda f: ["search", store, f, "--nprobe", "4", "--json"],
+        lambda f: ["delete", store, "--ids-file", f],
+        lambda f: ["create", str(work / "new"), "--train", f, "--nlist", "2", "--m", "4"],
+    ]
+
+    @settings(max_examples=max_examples, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(_fuzz_file_contents(), st.sampled_from(range(len(commands))))
+    def check(content: tuple[str, bytes], command: int) -> None:
+        suffix, raw = content
+        path = work / f"input{suffix}"
+        path.write_bytes(raw)
+        shutil.rmtree(work / "new", ignore_errors=True)
+        with warnings.catch_warnings(), contextlib.chdir(d / "cwd"):
+            warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+            _check_no_traceback(commands[command](str(path)))
+
+    check()
+
+
+def test_fuzz_no_file_content_gives_a_traceback(fuzz_dir):
+    """Hypothesis writes the file a command reads (vectors as .npy of any dtype and shape,
+    pickled object arrays, TEXMEX files with any dimension word, id lists with any text,
+    each maybe damaged or cut short): every result is an exit code of the table."""
+    _fuzz_contents(fuzz_dir, 150)
+
+
+@pytest.mark.slow
+def test_fuzz_no_file_content_gives_a_traceback_long(fuzz_dir):
+    _fuzz_contents(fuzz_dir, 3000)

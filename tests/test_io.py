@@ -121,3 +121,22 @@ def test_malformed_id_files(tmp_path, name, content, message):
     path = _bad(tmp_path, name, content)
     with pytest.raises(VectorFileError, match=message):
         read_ids(path)
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda h: h.replace(b"{", b"\0", 1), id="brace-gone"),
+    pytest.param(lambda h: h.replace(b"'shape'", b"'shape", 1), id="open-string"),
+    pytest.param(lambda h: h.replace(b"(", b"[", 1), id="bracket-for-paren"),
+    pytest.param(lambda h: h.replace(b"False", b"Fals(", 1), id="open-paren"),
+])
+@pytest.mark.parametrize("reader", [read_vectors, read_ids])
+def test_a_damaged_npy_header_is_a_vector_file_error(tmp_path, damage, reader):
+    """numpy parses a .npy header as a Python literal with ``tokenize`` and ``ast``; a damaged
+    one raises their errors (TokenError, SyntaxError), which must become VectorFileError."""
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((2, 4) if reader is read_vectors else 2, np.float32
+                           if reader is read_vectors else np.int64))
+    raw = path.read_bytes()
+    path.write_bytes(raw[:10] + damage(raw[10:128]) + raw[128:])
+    with pytest.raises(VectorFileError, match=r"not a readable \.npy file"):
+        reader(path)
