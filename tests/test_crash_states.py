@@ -65,6 +65,8 @@ class Case:
 
 CASES = {
     "create": Case("create", None, "train", sides=("store:absent", "store:after")),
+    "create_in_new_dir": Case("create", None, "train", store="new/store",
+                              sides=("new/store:absent", "new/store:after")),
     "add": Case("add", "base", "add"),  # to an existing list and to a new one
     "add_after_crash": Case("add", "crashed", "add"),  # cuts a tail, removes an orphan
     "add_to_emptied_list": Case("add", "emptied", "refill"),  # a list compaction emptied
@@ -74,6 +76,9 @@ CASES = {
     "auto_compact": Case("delete", "base", "auto_compact"),
     "copy": Case("copy", "tombstoned", dest="dest",
                  sides=("dest:absent store:unchanged", "dest:after store:unchanged")),
+    "copy_to_new_dir": Case("copy", "tombstoned", dest="backups/dest",
+                            sides=("backups/dest:absent store:unchanged",
+                                   "backups/dest:after store:unchanged")),
 }
 #: Bigger batches, explored in the slow run only: commits of many LMDB pages, appends and
 #: compactions of many lists.
