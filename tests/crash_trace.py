@@ -50,11 +50,10 @@ class TraceError(Exception):
 
 def strace_unavailable() -> str | None:
     """Why strace cannot record here (missing, or ptrace refused), or None."""
-    exe = shutil.which("strace")
-    if exe is None:
+    if shutil.which("strace") is None:
         return "strace is not installed (.ci/run installs it)"
-    try:
-        run = subprocess.run([exe, "-f", "-o", os.devnull, "true"], capture_output=True,
+    try:  # the command line the recorder uses (an old strace may lack an option)
+        run = subprocess.run(strace_command(Path(os.devnull), ["true"]), capture_output=True,
                              text=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"strace cannot run: {err}"
