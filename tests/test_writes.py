@@ -193,7 +193,8 @@ def test_copy_syncs_every_file_and_directory_before_renaming_it_into_place(
     """Store.copy: every regular file of the copy (header, segments, the catalog LMDB wrote
     in C, bypassing Python's writes) is synced at its final size, after the catalog copy for
     the catalog's files; every directory is synced; all before the temporary directory is
-    renamed to DEST, and the parent directory after."""
+    renamed to DEST, and the parent directory after. DEST's parent did not exist: the
+    directory holding it is synced once it is made."""
     dest = tmp_path / "backup" / "copy.ivfpq"
     with make_store(tmp_path / "s", small_data) as store:
         events = record_io(monkeypatch)
@@ -245,6 +246,7 @@ def test_copy_syncs_every_file_and_directory_before_renaming_it_into_place(
     for d in directories:
         assert any(i < renamed for i in syncs(tmp / d.relative_to(dest))), d
     assert any(i > renamed for i in syncs(Path(os.path.realpath(dest.parent)))), events
+    assert any(i < renamed for i in syncs(Path(os.path.realpath(tmp_path)))), events
     with ivfpq_store.open(dest, readonly=True) as copy:
         assert copy.verify().ok
         assert len(copy) == len(small_data["base"])

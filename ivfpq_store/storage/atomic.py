@@ -86,19 +86,34 @@ def atomic_write(path: Path, data: bytes) -> None:
         fsync_dir(path.parent)
 
 
+def _make_parents(path: Path) -> None:
+    """Create the missing ancestors of ``path``, top down, and fsync the directory holding
+    each new one: fsyncing a directory makes its entries durable, not its own name."""
+    missing = []
+    ancestor = path.parent
+    while not ancestor.exists():
+        missing.append(ancestor)
+        ancestor = ancestor.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            directory.mkdir()
+        fsync_dir(directory.parent)
+
+
 @contextlib.contextmanager
 def build_directory(dest: Path, purpose: str) -> Iterator[Path]:
     """Build a new directory all-or-nothing: yield a hidden temporary sibling of ``dest``
     (``.NAME.<purpose>-<12 hex>``) to fill; when the block succeeds, rename it to ``dest`` and
     fsync the parent. Whatever happens, no half-built ``dest`` exists and the temporary is
-    removed (if the process survives).
+    removed (if the process survives). Missing parents are created first, each synced into
+    its own parent, so that once this returns a power cut cannot lose ``dest`` with them.
 
     Raises
     ------
     StoreExistsError
         ``dest`` appeared while the directory was being built.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    _make_parents(dest)
     tmp = dest.parent / f".{dest.name}.{purpose}-{uuid.uuid4().hex[:12]}"
     try:
         yield tmp
