@@ -38,6 +38,7 @@ from .errors import (
     UnsupportedVersionError,
     WrongProcessError,
 )
+from .filters import Filter
 from .opening import open
 from .params import IndexParams
 from .reports import ListInfo, StoreInfo
@@ -61,6 +62,7 @@ __all__ = [
     "DimensionMismatchError",
     "DiskFullError",
     "DuplicateIdError",
+    "Filter",
     "FormatError",
     "IndexParams",
     "InvalidInputError",

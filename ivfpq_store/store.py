@@ -27,12 +27,14 @@ from .errors import (
     StoreClosedError,
     WrongProcessError,
 )
+from .filters import Filter, check_filter
 from .format import Header, record_dtype
 from .format.records import ListRecord
 from .params import IndexParams, SearchParams, check_bool, check_int, check_ratio
 from .quantizer import Quantizer
 from .reports import ListInfo, StoreInfo, list_infos, store_info
 from .search import RecordFetcher, Searcher, SearchResult
+from .search.filtered import FilteredRows, Located, direct_is_cheaper
 from .storage import (
     Catalog,
     CatalogSnapshot,
@@ -148,7 +150,8 @@ class Store:
         return int(self._live_catalog().snapshot().state.ntotal)
 
     # -- reading ----------------------------------------------------------------------------
-    def search(self, queries: Any, k: int = 10, nprobe: int = 8) -> SearchResult:
+    def search(self, queries: Any, k: int = 10, nprobe: int = 8, *,
+               filter: Filter | None = None) -> SearchResult:
         """Find the ``k`` nearest stored vectors of each query.
 
         Parameters
@@ -160,6 +163,12 @@ class Store:
         nprobe : int
             Lists probed per query, ``1..nlist``. Per call: concurrent searches with different
             ``nprobe`` do not interfere.
+        filter : Filter, optional
+            Only ids the filter admits are returned (:class:`~ivfpq_store.Filter`). Results
+            are the exact best k among the admitted vectors of the probed lists, never fewer
+            than k when the probed lists hold k of them. When the filter names fewer ids than
+            the probed lists hold on average, they are looked up in the id map and scored
+            directly, wherever they are: the best k of every admitted vector.
 
         Returns
         -------
@@ -173,24 +182,75 @@ class Store:
         Raises
         ------
         InvalidParamsError
-            ``k < 1`` or ``nprobe`` outside ``1..nlist``.
+            ``k < 1``, ``nprobe`` outside ``1..nlist``, or ``filter`` not a Filter.
         DimensionMismatchError, InvalidInputError
             Wrong shape or dtype, NaN/inf, an empty batch, a zero query under cosine.
         """
         catalog = self._live_catalog()
         params = SearchParams.checked(k, nprobe, self.params.nlist)
+        flt = check_filter(filter)
         q, _ = as_vectors(queries, self.params.dim, "queries")
         if self.params.metric is Metric.COSINE:
             q = normalize_rows(q, "queries")
         for attempt in range(SNAPSHOT_ATTEMPTS):
             snap = catalog.snapshot()
+            fetch = self._snapshot_fetcher(catalog, snap)
             try:
-                return self._searcher.search(q, params, snap.lists, snap.deleted,
-                                             self._snapshot_fetcher(catalog, snap))
+                if flt is None:
+                    return self._searcher.search(q, params, snap.lists, snap.deleted, fetch)
+                located = self._locate_admitted(catalog, snap, flt, params, fetch)
+                if located is not None:
+                    return self._searcher.search_direct(q, params, located, snap.lists, fetch)
+                skipped = FilteredRows(flt, snap.lists, snap.deleted, fetch)
+                return self._searcher.search(q, params, snap.lists, skipped, fetch)
             except StaleSnapshotError:
                 if attempt + 1 == SNAPSHOT_ATTEMPTS:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _locate_admitted(self, catalog: Catalog, snap: CatalogSnapshot, flt: Filter,
+                         params: SearchParams, fetch: RecordFetcher) -> Located | None:
+        """The live vectors ``flt`` admits, found through the id map in the state ``snap``,
+        when the filter bounds them to fewer than the probed lists hold on average (then a
+        direct search is cheaper than a scan); None otherwise.
+
+        Raises StaleSnapshotError when the catalog moved past ``snap`` (the caller retries),
+        and CorruptStoreError when the id map names a record that is not there.
+        """
+        bound = flt.bound()
+        p = self.params
+        if bound is None or (bound.ids is not None and not direct_is_cheaper(
+                len(bound.ids), params.nprobe, p.nlist, snap.state.ntotal)):
+            return None
+        limit = int(params.nprobe * snap.state.ntotal / max(p.nlist, 1))
+        found = catalog.locate_at(snap.state.commit, bound.ids, lo=bound.lo, hi=bound.hi,
+                                  limit=limit)
+        if found is None:
+            raise StaleSnapshotError(f"{self._layout.root}: the catalog moved on during the "
+                                     "search")
+        ids, entries, truncated = found
+        if truncated:
+            return None
+        keep = flt.matches(ids)
+        ids, entries = ids[keep], entries[keep]
+        list_nos = entries["list_no"].astype(np.int64)
+        rows = entries["row"].astype(np.int64)
+        order = np.lexsort((rows, list_nos))
+        ids, list_nos, rows = ids[order], list_nos[order], rows[order]
+        for list_no in np.unique(list_nos).tolist():
+            sel = list_nos == list_no
+            record = snap.lists.get(list_no)
+            held = None
+            if (record is not None and (entries["generation"][order][sel]
+                                        == record.generation).all()
+                    and int(rows[sel].max()) < record.count
+                    and not np.isin(rows[sel], snap.deleted.get(list_no, [])).any()):
+                held = fetch(list_no, record)["id"][rows[sel]]
+            if held is None or (held != ids[sel]).any():
+                raise CorruptStoreError(
+                    f"{self._layout.root}: the id map places ids of list {list_no} at records "
+                    "that do not hold them; the catalog is damaged (run verify)")
+        return Located(ids, list_nos, rows)
 
     def _fetch(self, list_no: int, record: ListRecord) -> np.ndarray:
         """The committed records of a list (its segment, mapped on first use, each record

@@ -20,6 +20,7 @@ from ..quantizer import Quantizer
 from ..types import F32Array, I64Array, Metric
 from . import numpy_single
 from .config import DEFAULT_CONFIG, SearchConfig
+from .filtered import Located, search_direct
 from .kernel_scan import scan_kernel
 from .numpy_batch import scan_batch
 from .plan import RecordFetcher
@@ -80,7 +81,21 @@ class Searcher:
                 top = TopK(len(queries), params.k, config.pool_budget)
                 scan_batch(qz, config, queries, coarse, probed, lists, deleted, fetch, top)
                 cost, ids = top.result()
-        if qz.metric is Metric.L2:  # rounding can make a tiny square distance negative
+        return self._result(cost, ids)
+
+    def search_direct(self, queries: F32Array, params: SearchParams, located: Located,
+                      lists: Mapping[int, ListRecord], fetch: RecordFetcher) -> SearchResult:
+        """The best ``params.k`` of the ``located`` vectors (a filter's admitted live vectors,
+        found through the id map) for each query, scored without scanning lists
+        (:func:`~.filtered.search_direct`)."""
+        cost, ids = search_direct(self.quantizer, self.config,
+                                  np.asarray(queries, dtype=np.float32), params.k, located,
+                                  lists, fetch)
+        return self._result(cost, ids)
+
+    def _result(self, cost: F32Array, ids: I64Array) -> SearchResult:
+        """Costs (ascending; negated scores for ip/cosine) as distances."""
+        if self.quantizer.metric is Metric.L2:  # rounding can make a tiny square distance < 0
             return SearchResult(np.maximum(cost, 0.0, out=cost), ids)
         return SearchResult(np.negative(cost, out=cost), ids)
 

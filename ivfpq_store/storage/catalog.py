@@ -51,6 +51,8 @@ __all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes"]
 
 logger = logging.getLogger(__name__)
 
+_I64_MAX = 2**63 - 1
+
 T = TypeVar("T")
 
 
@@ -292,6 +294,47 @@ class Catalog:
             txn.get(k, db=self._dbs[b"ids"]) for k in keys])
         found = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
         return found, decode_id_entries([v for v in values if v is not None])
+
+    def locate_at(self, commit: int, ids: I64Array | None = None, *, lo: int = 0,
+                  hi: int = 0, limit: int | None = None
+                  ) -> tuple[I64Array, np.ndarray, bool] | None:
+        """In the state of commit ``commit``, in one read transaction: the ids of ``ids``
+        (sorted, non-negative int64) that have an entry in the id map, or with ``ids`` None
+        those with ``lo <= id < hi`` (at most ``limit``); their entries; and whether the
+        range held more than ``limit``. None when the catalog has moved past ``commit`` (take
+        a new snapshot)."""
+        ids_db = self._dbs[b"ids"]
+
+        def body(txn: Any) -> tuple[list[bytes], list[bytes], bool] | None:
+            if self._state(txn).commit != commit:
+                return None
+            keys: list[bytes] = []
+            values: list[bytes] = []
+            if ids is not None:
+                for key in id_keys(ids):
+                    value = txn.get(key, db=ids_db)
+                    if value is not None:
+                        keys.append(key)
+                        values.append(value)
+                return keys, values, False
+            cursor = txn.cursor(db=ids_db)
+            end = id_keys(np.array([hi], np.int64))[0] if hi <= _I64_MAX else None
+            if lo < hi and cursor.set_range(id_keys(np.array([lo], np.int64))[0]):
+                for key, value in cursor:
+                    if end is not None and key >= end:
+                        break
+                    if limit is not None and len(keys) == limit:
+                        return keys, values, True
+                    keys.append(key)
+                    values.append(value)
+            return keys, values, False
+
+        found = self._read("look up ids", body)
+        if found is None:
+            return None
+        keys, values, truncated = found
+        check_key_sizes(keys, 8, "ids")
+        return decode_id_keys(keys), decode_id_entries(values), truncated
 
     # -- writes -----------------------------------------------------------------------------
     def apply(self, state: StateRecord, changes: Changes, *,

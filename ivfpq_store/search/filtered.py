@@ -1,0 +1,132 @@
+"""Filtered search: the two plans a :class:`~ivfpq_store.filters.Filter` can run with.
+
+- **scan**: the probed lists are scanned as without a filter, each list's filtered-out rows
+  skipped like its tombstones (:class:`FilteredRows`). Results are the exact best k among the
+  admitted vectors of the probed lists, so never fewer than k when the probed lists hold k.
+- **direct**: when the filter names few ids (its :meth:`~ivfpq_store.filters.Filter.bound`,
+  looked up in the id map), their records are read through the id map and scored by the
+  distance to their reconstructions, the distance a scan computes, whatever list they are in
+  (:func:`search_direct`). Results are the exact best k of every admitted vector.
+
+:func:`direct_is_cheaper` chooses between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import NamedTuple
+
+import numpy as np
+
+from ..filters import Filter
+from ..format.records import ListRecord
+from ..quantizer import Quantizer
+from ..types import F32Array, I64Array, Metric
+from .config import SearchConfig
+from .plan import RecordFetcher
+
+__all__ = ["FilteredRows", "Located", "direct_is_cheaper", "search_direct"]
+
+
+class FilteredRows(Mapping[int, np.ndarray]):
+    """The rows a scan skips in each list: its tombstones and the rows whose ids ``flt``
+    does not admit, computed on first use of each list (one per search call)."""
+
+    def __init__(self, flt: Filter, lists: Mapping[int, ListRecord],
+                 deleted: Mapping[int, np.ndarray], fetch: RecordFetcher) -> None:
+        self._filter, self._lists, self._deleted, self._fetch = flt, lists, deleted, fetch
+        self._rows: dict[int, np.ndarray | None] = {}
+
+    def get(self, list_no: int, default: object = None) -> np.ndarray | None:  # type: ignore[override]
+        if list_no not in self._rows:
+            self._rows[list_no] = self._skipped(list_no)
+        rows = self._rows[list_no]
+        return rows if rows is not None else default  # type: ignore[return-value]
+
+    def _skipped(self, list_no: int) -> np.ndarray | None:
+        record = self._lists.get(list_no)
+        dead = self._deleted.get(list_no)
+        if record is None or record.count == 0:
+            return dead
+        ids = self._fetch(list_no, record)["id"]
+        out = np.flatnonzero(~self._filter.matches(ids))
+        if dead is not None:
+            out = np.union1d(out, dead)
+        return out.astype(np.int64) if len(out) else None
+
+    def __getitem__(self, list_no: int) -> np.ndarray:
+        rows = self.get(list_no)
+        if rows is None:
+            raise KeyError(list_no)
+        return rows
+
+    def __iter__(self) -> Iterator[int]:
+        return (n for n in self._lists if self.get(n) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class Located(NamedTuple):
+    """Live admitted vectors found through the id map, sorted by (list, row)."""
+
+    ids: I64Array
+    list_nos: I64Array
+    rows: I64Array
+
+
+def direct_is_cheaper(candidates: int, nprobe: int, nlist: int, ntotal: int) -> bool:
+    """Whether scoring ``candidates`` vectors directly costs less than scanning ``nprobe``
+    lists: true when they are fewer than the probed lists hold on average."""
+    return candidates <= nprobe * ntotal / max(nlist, 1)
+
+
+def search_direct(qz: Quantizer, config: SearchConfig, queries: F32Array, k: int,
+                  located: Located, lists: Mapping[int, ListRecord],
+                  fetch: RecordFetcher) -> tuple[F32Array, I64Array]:
+    """The best ``k`` of the ``located`` vectors for each query: (costs, ids) as the scans
+    return them (costs ascending; for ip/cosine the negated score), padded with +inf and -1.
+
+    Each vector is scored by its distance to its reconstruction (centroid plus decoded
+    residual), which equals the ADC distance a scan computes up to float rounding. Ties are
+    broken by (list, row). Memory: at most ``config.pool_budget`` costs per query block.
+    """
+    nq, n = len(queries), len(located.ids)
+    cost_out = np.full((nq, k), np.inf, dtype=np.float32)
+    ids_out = np.full((nq, k), -1, dtype=np.int64)
+    if n == 0:
+        return cost_out, ids_out
+    codes = np.empty((n, qz.m), dtype=np.uint8)
+    bounds = np.flatnonzero(np.diff(located.list_nos)) + 1
+    for s, e in zip(np.r_[0, bounds].tolist(), np.r_[bounds, n].tolist(), strict=True):
+        list_no = int(located.list_nos[s])
+        codes[s:e] = fetch(list_no, lists[list_no])["code"][located.rows[s:e]]
+    recon = qz.decode(located.list_nos, codes)
+    l2 = qz.metric is Metric.L2
+    norms = np.einsum("ij,ij->i", recon, recon) if l2 else None
+    take = min(k, n)
+    block = max(1, min(nq, config.pool_budget // n))
+    for q0 in range(0, nq, block):
+        q = queries[q0: q0 + block]
+        cost = q @ recon.T  # (block, n)
+        if l2:
+            assert norms is not None
+            cost *= -2
+            cost += norms
+            cost += np.einsum("ij,ij->i", q, q)[:, None]
+        else:
+            np.negative(cost, out=cost)
+        # The exact best ``take`` of each row, ties at the cut taken by (list, row): every
+        # cost below the take-th smallest, then the first of those equal to it.
+        kth = np.partition(cost, take - 1, axis=1)[:, take - 1: take]
+        below = cost < kth
+        equal = cost == kth
+        room = take - below.sum(axis=1, keepdims=True)
+        keep = below | (equal & (np.cumsum(equal, axis=1) <= room))
+        part = np.nonzero(keep)[1].reshape(len(q), take)  # ascending (list, row) per query
+        picked = np.take_along_axis(cost, part, axis=1)
+        order = np.argsort(picked, axis=1, kind="stable")
+        best = np.take_along_axis(part, order, axis=1)
+        cost_out[q0: q0 + block, :take] = np.take_along_axis(picked, order, axis=1)
+        ids_out[q0: q0 + block, :take] = located.ids[best]
+    return cost_out, ids_out
