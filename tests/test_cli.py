@@ -86,6 +86,28 @@ def test_create_add_search_human_and_json(runner, files):
     assert human.splitlines()[0].startswith(f"query 0: {i[0, 0]} (")
 
 
+def test_search_with_allow_and_deny_id_files(runner, files):
+    """--allow-ids and --deny-ids give the results of search(filter=allow & ~deny)."""
+    created(runner, files)
+    run(runner, "add", files["store"], files["base"], "-q")
+    allow = _ids_file(files, range(0, 1500, 2), "allow.txt")
+    np.save(files["dir"] / "deny.npy", np.arange(0, 1500, 6))
+    doc = json.loads(run(runner, "search", files["store"], files["queries"], "-k", 5,
+                         "--allow-ids", allow, "--deny-ids", files["dir"] / "deny.npy",
+                         "--json").stdout)
+    flt = ivfpq_store.Filter.allow(np.arange(0, 1500, 2)) & ~ivfpq_store.Filter.allow(
+        np.arange(0, 1500, 6))
+    with ivfpq_store.open(files["store"], readonly=True) as s:
+        _, i = s.search(read_fvecs(files["queries"]), k=5, nprobe=8, filter=flt)
+    assert [r["ids"] for r in doc["results"]] == i.tolist()
+    assert all(x % 2 == 0 and x % 6 != 0 for r in doc["results"] for x in r["ids"])
+    bad = _ids_file(files, ["7", "x"], "bad.txt")
+    result = runner.invoke(cli, ["search", str(files["store"]), str(files["queries"]),
+                                 "--allow-ids", str(bad)])
+    assert result.exit_code == 1
+    assert "bad.txt" in result.output
+
+
 def test_progress_never_pollutes_json_stdout(runner, files):
     created(runner, files)
     res = run(runner, "add", files["store"], files["base"], "--batch-size", 100, "--json")
@@ -534,7 +556,8 @@ FUZZ_GRAMMAR: dict[str, tuple[list[str], dict[str, str], list[str]]] = {
     "add": (["store", "file"], {"--ids": "file", "--batch-size": "num"}, ["-q", "--json"]),
     "upsert": (["store", "file"], {"--ids": "file", "--batch-size": "num"}, ["-q", "--json"]),
     "delete": (["store", "num", "num"], {"--ids-file": "file"}, ["--json"]),
-    "search": (["store", "file"], {"-k": "num", "--nprobe": "num", "--batch-size": "num"},
+    "search": (["store", "file"], {"-k": "num", "--nprobe": "num", "--batch-size": "num",
+                                   "--allow-ids": "file", "--deny-ids": "file"},
                ["--json", "--jsonl"]),
     "info": (["store"], {}, ["--json"]),
     "lists": (["store"], {}, ["--json"]),
@@ -685,6 +708,8 @@ def _fuzz_contents(d: Path, max_examples: int) -> None:
         lambda f: ["search", store, f, "-k", "3", "--nprobe", "2"],
         lambda f: ["search", store, f, "--nprobe", "4", "--json"],
         lambda f: ["delete", store, "--ids-file", f],
+        lambda f: ["search", store, str(d / "vec.npy"), "--nprobe", "2", "--allow-ids", f],
+        lambda f: ["search", store, str(d / "vec.npy"), "--nprobe", "2", "--deny-ids", f],
         lambda f: ["create", str(work / "new"), "--train", f, "--nlist", "2", "--m", "4"],
     ]
 

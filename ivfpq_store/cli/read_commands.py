@@ -13,7 +13,7 @@ import ivfpq_store
 
 from ..demo import run_demo
 from ..errors import CatalogError, CorruptStoreError, FormatError, IvfpqError, StoreNotFoundError
-from ..io import open_vectors
+from ..io import open_vectors, read_ids
 from ..verify import cannot_check
 from .base import (
     EXIT_DAMAGED,
@@ -46,29 +46,41 @@ def _result_doc(i: int, ids: np.ndarray, distances: np.ndarray) -> dict[str, Any
               help="Lists probed per query, at most the store's nlist.")
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1),
               metavar="N", help="Queries searched per batch.")
+@click.option("--allow-ids", type=existing_file,
+              help="Return only these ids (.npy, .ivecs of dimension 1, or text, one per line).")
+@click.option("--deny-ids", type=existing_file,
+              help="Never return these ids (same formats).")
 @json_option
 @click.option("--jsonl", is_flag=True,
               help="Print one JSON line per query, as results come (not with --json).")
-def search(store: Path, queries: Path, k: int, nprobe: int, batch_size: int, as_json: bool,
-           jsonl: bool) -> None:
+def search(store: Path, queries: Path, k: int, nprobe: int, batch_size: int,
+           allow_ids: Path | None, deny_ids: Path | None, as_json: bool, jsonl: bool) -> None:
     """Search STORE for the k nearest neighbours of each vector in QUERIES.
 
     STORE is opened read-only. Results come best first: squared distances ascending for l2,
     scores descending for ip and cosine. Results that do not exist (fewer than k vectors in
-    the probed lists) are left out of the output.
+    the probed lists) are left out of the output. With --allow-ids or --deny-ids, results
+    are the best k among the ids allowed and not denied.
 
     \b
-    Example:
+    Examples:
         ivfpq-store search sift.ivfpq queries.fvecs -k 10 --nprobe 16 --json
+        ivfpq-store search sift.ivfpq queries.fvecs --allow-ids tenant-7.txt
     """
     if as_json and jsonl:
         raise click.UsageError("--json and --jsonl are mutually exclusive")
     vf = open_vectors(queries)
+    flt = None
+    if allow_ids is not None:
+        flt = ivfpq_store.Filter.allow(read_ids(allow_ids))
+    if deny_ids is not None:
+        denied = ivfpq_store.Filter.deny(read_ids(deny_ids))
+        flt = denied if flt is None else flt & denied
     results = []
     with ivfpq_store.open(store, readonly=True, **store_options()) as s:
         start = 0
         for batch in vf.batches(batch_size):
-            distances, ids = s.search(batch, k=k, nprobe=nprobe)
+            distances, ids = s.search(batch, k=k, nprobe=nprobe, filter=flt)
             for row in range(len(batch)):
                 doc = _result_doc(start + row, ids[row], distances[row])
                 if jsonl:
