@@ -6,20 +6,36 @@ throughput, bytes per vector, recall 1@1 and 10@10 with batch QPS per nprobe, si
 latency, cold-cache latency and bytes read per query, and anonymous memory of a searching
 process. Writes ``bench.json``, ``bench.md`` and ``recall_qps.png`` into ``--out``.
 
+With ``--filters 0.5,0.1,0.01,0.001`` it then measures filtered search at ``--filter-nprobe``:
+for each fraction, an allow-list of ids drawn at random (ours ``Filter.allow``, faiss
+``IDSelectorBatch``) and a contiguous id range (``Filter.id_range``, ``IDSelectorRange``), each
+against the exact filtered ground truth: recall 10@10, batch time next to an unfiltered batch
+of the same system, how often fewer than k came back, single-query p50, and the plan ours ran.
+With ``--crossover 4000,8000,...`` it times our two filtered plans against each other for
+random allow-lists of those sizes (batch and single queries), to place ``direct_is_cheaper``.
+
 Usage::
 
     python tools/bench.py --dataset siftsmall --out bench-out/siftsmall
     python tools/bench.py --dataset synthetic --n 1000000 --nlist 1024 --out bench-out/1m
     python tools/bench.py --base b.fvecs --queries q.fvecs --groundtruth gt.ivecs --nlist 256
+    python tools/bench.py --dataset synthetic --n 1000000 --nlist 1024 \
+        --filters 0.5,0.1,0.01,0.001 --crossover 4000,8000,16000,32000 --out bench-out/1m-f
 
-Only the public API of ivfpq_store is used. Batch searches are timed after a warm-up, best of
-``--repeat``, with a pause before each timing (see ``SETTLE_S``); the machine is shared, so
+Only the public API of ivfpq_store is used, except by the filtered part. It names the plan
+ours runs with the library's own rule (``ivfpq_store.search.filtered.direct_is_cheaper``),
+checks it by counting the searcher's ``search_direct`` calls in one untimed search (through
+``ivfpq_store.testing.searcher``), and, for ``--crossover`` only, replaces that rule in
+``ivfpq_store.store`` to force the direct plan. Batch searches are timed after a warm-up, best
+of ``--repeat``, with a pause before each timing (see ``SETTLE_S``); the machine is shared, so
 compare the ratios, which both systems share.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -29,6 +45,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +167,198 @@ with ivfpq_store.open(sys.argv[1], readonly=True) as s:
     during = anon()
 print(json.dumps({"rss_anon_before": before, "rss_anon_after_searches": during}))
 """
+
+
+# -- filtered search -----------------------------------------------------------------------------
+#: An id range no store holds: ``flt | Filter.id_range(*FAR)`` admits what ``flt`` admits but has
+#: no bound (a union with a range has none), so Store.search always runs the scan plan for it.
+FAR = (2**62, 2**62 + 1)
+
+
+def ours_plan(flt: ivfpq_store.Filter, nprobe: int, nlist: int, ids: np.ndarray) -> str:
+    """The plan Store.search runs for ``flt`` on a store holding exactly ``ids`` (sorted), by
+    its own rule (store.py ``_locate_admitted``): direct when the filter's bound names no more
+    ids than ``direct_is_cheaper`` allows (for a range: no more stored ids than
+    ``int(nprobe * ntotal / nlist)``, past which the id-map walk stops), else scan."""
+    from ivfpq_store.search.filtered import direct_is_cheaper
+
+    bound = flt.bound()
+    if bound is None:
+        return "scan"
+    if bound.ids is not None:
+        return "direct" if direct_is_cheaper(len(bound.ids), nprobe, nlist, len(ids)) else "scan"
+    held = int(np.searchsorted(ids, bound.hi) - np.searchsorted(ids, bound.lo))
+    return "direct" if held <= int(nprobe * len(ids) / max(nlist, 1)) else "scan"
+
+
+@contextlib.contextmanager
+def counting_direct(store: Any) -> Iterator[list[int]]:
+    """Count the calls of ``store``'s ``Searcher.search_direct`` (the direct plan)."""
+    from ivfpq_store import testing
+
+    searcher = testing.searcher(store)
+    original = searcher.search_direct
+    calls = [0]
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    searcher.search_direct = counted  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        del searcher.search_direct  # the class's method again
+
+
+@contextlib.contextmanager
+def forced_direct() -> Iterator[None]:
+    """Make Store.search take the direct plan for every allow-list, whatever its size."""
+    from ivfpq_store import store as store_module
+
+    original = store_module.direct_is_cheaper  # type: ignore[attr-defined]
+    store_module.direct_is_cheaper = lambda *_: True  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        store_module.direct_is_cheaper = original  # type: ignore[attr-defined]
+
+
+def plan_ran(store: Any, query: np.ndarray, nprobe: int, flt: ivfpq_store.Filter) -> str:
+    """The plan one untimed search with ``flt`` ran, by counting direct calls."""
+    with counting_direct(store) as calls:
+        store.search(query, k=10, nprobe=nprobe, filter=flt)
+    return "direct" if calls[0] else "scan"
+
+
+def filtered_outcome(ids: np.ndarray, gt: np.ndarray, admitted: np.ndarray, batch_s: float,
+                     base_ids: np.ndarray, base_gt: np.ndarray, base_s: float,
+                     single: dict[str, float], base_single: dict[str, float]) -> dict[str, Any]:
+    """One system's figures for one filter, next to its unfiltered run at the same nprobe."""
+    got = ids >= 0
+    return {"recall_10_at_10": recall_at(ids, gt, r=10, k=10),
+            "unfiltered_recall_10_at_10": recall_at(base_ids, base_gt, r=10, k=10),
+            "batch_s": batch_s, "unfiltered_batch_s": base_s, "batch_ratio": batch_s / base_s,
+            "fewer_than_k": float((~got).any(axis=1).mean()),
+            "mean_results": float(got.sum(axis=1).mean()),
+            "not_admitted": int(np.count_nonzero(got & ~np.isin(ids, admitted))),
+            "single": single, "unfiltered_single": base_single,
+            "single_ratio": single["p50_ms"] / base_single["p50_ms"]}
+
+
+def measure_filters(args: argparse.Namespace, store: Any, index: Any, xb: np.ndarray,
+                    xq: np.ndarray, gt: np.ndarray) -> dict[str, Any]:
+    """Filtered search, ours and faiss, for each fraction in ``--filters`` and each kind."""
+    import faiss
+
+    n, k = len(xb), 10
+    nlist = store.params.nlist
+    nprobe = min(args.filter_nprobe, nlist)
+    ids_held = np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(args.seed + 1)
+    rows = []
+    for fraction in args.filters:
+        count = round(fraction * n)
+        if count < k:
+            print(f"filter {fraction}: {count} ids < k={k}, skipped", file=sys.stderr)
+            continue
+        random_ids = np.sort(rng.choice(n, count, replace=False)).astype(np.int64)
+        lo = int(rng.integers(0, n - count + 1))
+        for kind, admitted, flt, sel in (
+                ("random", random_ids, ivfpq_store.Filter.allow(random_ids),
+                 faiss.IDSelectorBatch(random_ids)),
+                ("range", np.arange(lo, lo + count, dtype=np.int64),
+                 ivfpq_store.Filter.id_range(lo, lo + count),
+                 faiss.IDSelectorRange(lo, lo + count))):
+            t0 = time.perf_counter()
+            fgt = admitted[ground_truth(xb[admitted], xq, k)]
+            gt_s = time.perf_counter() - t0
+            fparams = faiss.SearchParametersIVF()
+            # The params hold a raw pointer to the selector; ``sel`` keeps it alive for this
+            # loop body, which is as long as ``fparams`` is used.
+            fparams.sel, fparams.nprobe = sel, nprobe
+            plan = ours_plan(flt, nprobe, nlist, ids_held)
+            ran = plan_ran(store, xq[:1], nprobe, flt)
+            if ran != plan:
+                print(f"warning: {kind} {fraction}: the rule says {plan}, the search ran {ran}",
+                      file=sys.stderr)
+            search_o = functools.partial(store.search, k=k, nprobe=nprobe)
+            filtered_o = functools.partial(store.search, k=k, nprobe=nprobe, filter=flt)
+            (_, base_o), base_o_s = best_of(args.repeat, search_o, xq)
+            (_, ids_o), ours_s = best_of(args.repeat, filtered_o, xq)
+            single_o = latencies_ms(filtered_o, xq, args.single)
+            base_single_o = latencies_ms(search_o, xq, args.single)
+            index.nprobe = nprobe
+            search_f = functools.partial(index.search, k=k)
+            filtered_f = functools.partial(index.search, k=k, params=fparams)
+            (_, base_f), base_f_s = best_of(args.repeat, search_f, xq)
+            (_, ids_f), faiss_s = best_of(args.repeat, filtered_f, xq)
+            single_f = latencies_ms(filtered_f, xq, args.single)
+            base_single_f = latencies_ms(search_f, xq, args.single)
+            row: dict[str, Any] = {
+                "kind": kind, "fraction": fraction, "admitted": count, "nprobe": nprobe,
+                "ground_truth_s": gt_s, "ours_plan": plan, "ours_plan_counted": ran,
+                "ours": filtered_outcome(ids_o, fgt, admitted, ours_s, base_o, gt, base_o_s,
+                                         single_o, base_single_o),
+                "faiss": filtered_outcome(ids_f, fgt, admitted, faiss_s, base_f, gt, base_f_s,
+                                          single_f, base_single_f)}
+            if kind == "range" and plan == "scan":
+                # A range past the limit walks ``limit`` id-map entries before it falls back to
+                # the scan; the same range without a bound scans straight away.
+                unbounded = functools.partial(store.search, k=k, nprobe=nprobe,
+                                              filter=flt | ivfpq_store.Filter.id_range(*FAR))
+                _, row["ours_scan_without_lookup_batch_s"] = best_of(args.repeat, unbounded, xq)
+                row["ours_scan_without_lookup_single"] = latencies_ms(unbounded, xq, args.single)
+            rows.append(row)
+            o, f = row["ours"], row["faiss"]
+            print(f"{kind} {fraction}: plan {plan}; recall {o['recall_10_at_10']:.3f}/"
+                  f"{f['recall_10_at_10']:.3f}; batch x{o['batch_ratio']:.2f}/"
+                  f"x{f['batch_ratio']:.2f} of unfiltered; <k {o['fewer_than_k']:.3f}/"
+                  f"{f['fewer_than_k']:.3f}", file=sys.stderr)
+    return {"nprobe": nprobe, "direct_limit": int(nprobe * n / max(nlist, 1)), "rows": rows}
+
+
+def measure_crossover(args: argparse.Namespace, store: Any, xb: np.ndarray,
+                      xq: np.ndarray) -> dict[str, Any]:
+    """Our two filtered plans on the same random allow-lists of each ``--crossover`` size: the
+    direct plan (forced past its threshold) and the scan (the same ids with no bound)."""
+    n, k = len(xb), 10
+    nlist = store.params.nlist
+    nprobe = min(args.filter_nprobe, nlist)
+    ids_held = np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(args.seed + 2)
+    search = functools.partial(store.search, k=k, nprobe=nprobe)
+    rows = []
+    for size in args.crossover:
+        ids = np.sort(rng.choice(n, min(size, n), replace=False)).astype(np.int64)
+        direct = ivfpq_store.Filter.allow(ids)
+        scan = direct | ivfpq_store.Filter.id_range(*FAR)
+        if scan.bound() is not None:
+            raise RuntimeError("the scan filter has a bound; it would not force a scan")
+        fgt = ids[ground_truth(xb[ids], xq, k)]
+        _, base_s = best_of(args.repeat, search, xq)
+        row: dict[str, Any] = {"size": len(ids), "default_plan": ours_plan(direct, nprobe, nlist,
+                                                                            ids_held),
+                               "unfiltered_batch_s": base_s}
+        with forced_direct():
+            if plan_ran(store, xq[:1], nprobe, direct) != "direct":
+                raise RuntimeError("could not force the direct plan")
+            for label, flt in (("direct", direct), ("scan", scan)):
+                if label == "scan" and plan_ran(store, xq[:1], nprobe, flt) != "scan":
+                    raise RuntimeError("could not force the scan plan")
+                run_flt = functools.partial(store.search, k=k, nprobe=nprobe, filter=flt)
+                (_, got), batch_s = best_of(args.repeat, run_flt, xq)
+                single = latencies_ms(run_flt, xq, args.crossover_single)
+                row[label] = {"batch_s": batch_s, "single_p50_ms": single["p50_ms"],
+                              "recall_10_at_10": recall_at(got, fgt, r=10, k=10),
+                              "fewer_than_k": float((got < 0).any(axis=1).mean())}
+        rows.append(row)
+        d, c = row["direct"], row["scan"]
+        print(f"crossover {len(ids)}: batch direct/scan {d['batch_s'] * 1e3:.0f}/"
+              f"{c['batch_s'] * 1e3:.0f} ms, single {d['single_p50_ms']:.2f}/"
+              f"{c['single_p50_ms']:.2f} ms", file=sys.stderr)
+    return {"nprobe": nprobe, "nq": len(xq), "threshold": nprobe * n / max(nlist, 1),
+            "rows": rows}
 
 
 # -- the benchmark -------------------------------------------------------------------------------
@@ -275,11 +484,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rss = json.loads(out.stdout)
     res["rss_anon_growth_bytes"] = {"ours": rss["rss_anon_after_searches"] - rss["rss_anon_before"],
                                     "faiss_index_in_ram": faiss_bytes}
+
+    if args.filters or args.crossover:
+        with ivfpq_store.open(path, readonly=True) as warm:
+            if args.filters:
+                res["filtered"] = measure_filters(args, warm, index, xb, xq, gt)
+            if args.crossover:
+                res["crossover"] = measure_crossover(args, warm, xb, xq)
     res["environment"] = {"python": platform.python_version(), "numpy": np.__version__,
                           "faiss": faiss.__version__, "ivfpq_store": ivfpq_store.__version__,
                           "cpus": os.cpu_count(), "machine": platform.machine(),
                           "scan_backend": ivfpq_store.scan_backend()}
-    shutil.rmtree(work, ignore_errors=True)
+    if args.keep:
+        print(f"kept the store: {path}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return res
 
 
@@ -320,11 +539,66 @@ def markdown(res: dict[str, Any]) -> str:
     r = res["rss_anon_growth_bytes"]
     lines.append(f"| anonymous RSS growth of a searching process (MB) | {r['ours'] / 1e6:.1f} | "
                  f"{r['faiss_index_in_ram'] / 1e6:.1f} (index in RAM) | |")
+    if "filtered" in res:
+        lines += ["", *markdown_filtered(res["filtered"])]
+    if "crossover" in res:
+        lines += ["", *markdown_crossover(res["crossover"])]
     e = res["environment"]
     lines += ["", (f"Python {e['python']}, numpy {e['numpy']}, faiss-cpu {e['faiss']}, "
                   f"ivfpq-store {e['ivfpq_store']} ({e.get('scan_backend', 'numpy')}), "
                   f"{e['cpus']} CPUs ({e['machine']}).")]
     return "\n".join(lines) + "\n"
+
+
+def markdown_filtered(flt: dict[str, Any]) -> list[str]:
+    lines = [(f"Filtered search, nprobe={flt['nprobe']}, k=10 (each figure ours / faiss; "
+              "\"x unfiltered\": the filtered batch time over an unfiltered batch of the same "
+              "system timed just before it; recall against the exact filtered ground truth; "
+              f"ours runs the direct plan up to {flt['direct_limit']:,} admitted ids)"),
+             "", ("| filter | plan (ours) | recall 10@10 | unfiltered recall | batch ms | "
+                  "x unfiltered | ours / faiss batch | queries with < k | single p50 ms |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in flt["rows"]:
+        o, f = row["ours"], row["faiss"]
+        lines.append(
+            f"| {row['kind']} {row['fraction']:g} ({row['admitted']:,} ids) | "
+            f"{row['ours_plan']} | {o['recall_10_at_10']:.3f} / {f['recall_10_at_10']:.3f} | "
+            f"{o['unfiltered_recall_10_at_10']:.3f} / {f['unfiltered_recall_10_at_10']:.3f} | "
+            f"{o['batch_s'] * 1e3:.1f} / {f['batch_s'] * 1e3:.1f} | "
+            f"{o['batch_ratio']:.2f}x / {f['batch_ratio']:.2f}x | "
+            f"{o['batch_s'] / f['batch_s']:.2f}x | "
+            f"{o['fewer_than_k']:.1%} / {f['fewer_than_k']:.1%} | "
+            f"{o['single']['p50_ms']:.2f} / {f['single']['p50_ms']:.2f} |")
+    extra = [row for row in flt["rows"] if "ours_scan_without_lookup_batch_s" in row]
+    if extra:
+        lines += ["", ("Ranges past the direct limit, ours: as run (the id-map walk stops at "
+                       "the limit, then the scan) against the same range with no bound (scan at "
+                       "once)"),
+                  "", ("| filter | batch ms, as run / scan at once | "
+                       "single p50 ms, as run / scan at once |"), "| --- | --- | --- |"]
+        lines.extend(f"| {row['kind']} {row['fraction']:g} | {row['ours']['batch_s'] * 1e3:.1f}"
+                     f" / {row['ours_scan_without_lookup_batch_s'] * 1e3:.1f} | "
+                     f"{row['ours']['single']['p50_ms']:.2f} / "
+                     f"{row['ours_scan_without_lookup_single']['p50_ms']:.2f} |" for row in extra)
+    return lines
+
+
+def markdown_crossover(cross: dict[str, Any]) -> list[str]:
+    lines = [(f"Our filtered plans on random allow-lists, nprobe={cross['nprobe']}, "
+              f"{cross['nq']} queries (the rule's threshold: {cross['threshold']:,.0f} ids)"), "",
+             ("| ids | x threshold | default plan | batch ms, direct / scan (unfiltered) | "
+              "direct / scan batch | single p50 ms, direct / scan | direct / scan single | "
+              "recall 10@10, direct / scan |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in cross["rows"]:
+        d, c = row["direct"], row["scan"]
+        lines.append(f"| {row['size']:,} | {row['size'] / cross['threshold']:.2f} | "
+                     f"{row['default_plan']} | {d['batch_s'] * 1e3:.1f} / "
+                     f"{c['batch_s'] * 1e3:.1f} ({row['unfiltered_batch_s'] * 1e3:.1f}) | "
+                     f"{d['batch_s'] / c['batch_s']:.2f}x | {d['single_p50_ms']:.2f} / "
+                     f"{c['single_p50_ms']:.2f} | {d['single_p50_ms'] / c['single_p50_ms']:.2f}x"
+                     f" | {d['recall_10_at_10']:.3f} / {c['recall_10_at_10']:.3f} |")
+    return lines
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
@@ -373,8 +647,16 @@ def main() -> None:
                    help="timed batch searches per nprobe (after a warm-up); the best counts")
     p.add_argument("--single", type=int, default=200, help="queries timed one by one")
     p.add_argument("--cold", type=int, default=20, help="cold-cache queries")
+    p.add_argument("--filters", type=lambda s: [float(x) for x in s.split(",")], default=[],
+                   help="fractions of ids admitted by filtered searches, e.g. 0.5,0.1,0.01")
+    p.add_argument("--filter-nprobe", type=int, default=16, help="nprobe of filtered searches")
+    p.add_argument("--crossover", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                   help="sizes of random allow-lists to time both filtered plans on")
+    p.add_argument("--crossover-single", type=int, default=100,
+                   help="queries timed one by one per plan and size in --crossover")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tmp", default=None, help="where the benchmark store is built")
+    p.add_argument("--keep", action="store_true", help="keep the store (its path goes to stderr)")
     p.add_argument("--out", default="bench-out", help="output directory")
     args = p.parse_args()
     res = run(args)
