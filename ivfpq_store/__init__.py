@@ -42,7 +42,7 @@ from .filters import Filter
 from .opening import open
 from .params import IndexParams
 from .reports import ListInfo, StoreInfo
-from .search import SearchResult
+from .search import SearchPlan, SearchResult
 from .store import Store
 from .types import Metric
 from .verify import Problem, VerifyReport
@@ -73,6 +73,7 @@ __all__ = [
     "Metric",
     "Problem",
     "ReadOnlyStoreError",
+    "SearchPlan",
     "SearchResult",
     "StaleSnapshotError",
     "Store",

@@ -34,7 +34,7 @@ from .params import IndexParams, SearchParams, check_bool, check_int, check_rati
 from .quantizer import Quantizer
 from .reports import ListInfo, StoreInfo, list_infos, store_info
 from .search import RecordFetcher, Searcher, SearchResult
-from .search.filtered import FilteredRows, Located, direct_is_cheaper
+from .search.filtered import FilteredRows, Located, SearchPlan, direct_is_cheaper
 from .storage import (
     Catalog,
     CatalogSnapshot,
@@ -206,6 +206,33 @@ class Store:
             except StaleSnapshotError:
                 if attempt + 1 == SNAPSHOT_ATTEMPTS:
                     raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def search_plan(self, nprobe: int = 8, *, filter: Filter | None = None) -> SearchPlan:
+        """How :meth:`search` with this ``nprobe`` and ``filter`` would run now: ``"scan"``
+        (the probed lists, skipping rejected rows) or ``"direct"`` (the admitted ids scored
+        through the id map), and for a direct plan how many live vectors it scores.
+
+        Raises
+        ------
+        InvalidParamsError
+            ``nprobe`` outside ``1..nlist``, or ``filter`` not a Filter.
+        """
+        catalog = self._live_catalog()
+        params = SearchParams.checked(1, nprobe, self.params.nlist)
+        flt = check_filter(filter)
+        for attempt in range(SNAPSHOT_ATTEMPTS):
+            snap = catalog.snapshot()
+            try:
+                located = None if flt is None else self._locate_admitted(
+                    catalog, snap, flt, params, self._snapshot_fetcher(catalog, snap))
+            except StaleSnapshotError:
+                if attempt + 1 == SNAPSHOT_ATTEMPTS:
+                    raise
+                continue
+            if located is None:
+                return SearchPlan("scan", None)
+            return SearchPlan("direct", len(located.ids))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _locate_admitted(self, catalog: Catalog, snap: CatalogSnapshot, flt: Filter,

@@ -162,6 +162,14 @@ def test_the_plan_is_direct_for_few_ids_and_a_scan_otherwise(churned, small_data
     churned.search(q, nprobe=2, filter=Filter.id_range(0, 1000))  # more than 325 in range
     churned.search(q, nprobe=2, filter=~Filter.allow(np.arange(50)))  # unbounded
     assert calls == ["direct", "direct", "scan", "scan", "scan"]
+    plans = [churned.search_plan(2, filter=f) for f in (
+        Filter.allow(np.arange(50)), Filter.id_range(0, 300), Filter.allow(np.arange(1000)),
+        Filter.id_range(0, 1000), ~Filter.allow(np.arange(50)))]
+    assert [p.plan for p in plans] == ["direct", "direct", "scan", "scan", "scan"]
+    live = set(range(1500)) - set(range(0, 1500, 7)) | set(range(100, 150))
+    assert plans[0].candidates == len(live & set(range(50)))
+    assert plans[1].candidates == len(live & set(range(300)))
+    assert churned.search_plan(8).plan == "scan"
 
 
 def test_a_selective_filter_still_fills_k_from_the_probed_lists(churned, small_data):

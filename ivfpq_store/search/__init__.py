@@ -2,6 +2,8 @@
 
 - :mod:`.searcher`: one search call, and the choice of scan;
 - :mod:`.plan`: the pairs grouped by list, and the record-fetch seam;
+- :mod:`.filtered`: the two plans of a filtered search (a scan that skips rejected rows, or
+  the admitted vectors scored directly);
 - :mod:`.kernel_scan`: the compiled scan (:mod:`ivfpq_store._kernel`);
 - :mod:`.numpy_batch`, :mod:`.numpy_single`: the numpy scans, with :mod:`.tables` (ADC
   lookup tables) and :mod:`.topk` (the pruned running top-k);
@@ -11,7 +13,9 @@
 from __future__ import annotations
 
 from .config import DEFAULT_CONFIG, SearchConfig
+from .filtered import SearchPlan
 from .plan import RecordFetcher
 from .searcher import Searcher, SearchResult
 
-__all__ = ["DEFAULT_CONFIG", "RecordFetcher", "SearchConfig", "SearchResult", "Searcher"]
+__all__ = ["DEFAULT_CONFIG", "RecordFetcher", "SearchConfig", "SearchPlan", "SearchResult",
+           "Searcher"]

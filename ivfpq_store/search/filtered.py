@@ -25,7 +25,7 @@ from ..types import F32Array, I64Array, Metric
 from .config import SearchConfig
 from .plan import RecordFetcher
 
-__all__ = ["FilteredRows", "Located", "direct_is_cheaper", "search_direct"]
+__all__ = ["FilteredRows", "Located", "SearchPlan", "direct_is_cheaper", "search_direct"]
 
 
 class FilteredRows(Mapping[int, np.ndarray]):
@@ -65,6 +65,14 @@ class FilteredRows(Mapping[int, np.ndarray]):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
+
+
+class SearchPlan(NamedTuple):
+    """How a search runs: ``plan`` is ``"scan"`` or ``"direct"``; ``candidates`` the live
+    vectors a direct plan scores (None for a scan)."""
+
+    plan: str
+    candidates: int | None
 
 
 class Located(NamedTuple):
