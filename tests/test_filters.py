@@ -231,3 +231,16 @@ def test_the_direct_plan_refuses_a_damaged_id_map(tmp_path, small_data):
     with ivfpq_store.open(path, readonly=True) as store, \
             pytest.raises(ivfpq_store.CorruptStoreError, match="id map places ids of list 2"):
         store.search(small_data["queries"][:2], filter=Filter.allow([victim]))
+
+
+@pytest.mark.parametrize("allowed", [
+    pytest.param([5, 2**40, 2**62, 2**63 - 1], id="sparse: binary search"),
+    pytest.param(list(range(0, 3000, 3)), id="dense: bitmap"),
+])
+def test_allow_matches_exactly_whatever_the_lookup(allowed: list[int]) -> None:
+    """Dense allow sets are looked up in a bitmap, sparse ones by binary search: both admit
+    exactly the set, ids past either end and negative ids included."""
+    flt = Filter.allow(np.array(allowed[::-1], dtype=np.int64))
+    probe = np.array(sorted({-1, 0, 4, 5, 6, 2999, 3000, 3001, 2**40 - 1, 2**40, 2**62,
+                             2**63 - 2, 2**63 - 1} | set(allowed[:50])), dtype=np.int64)
+    assert flt.matches(probe).tolist() == [i in set(allowed) for i in probe.tolist()]

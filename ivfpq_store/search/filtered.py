@@ -49,10 +49,11 @@ class FilteredRows(Mapping[int, np.ndarray]):
         if record is None or record.count == 0:
             return dead
         ids = self._fetch(list_no, record)["id"]
-        out = np.flatnonzero(~self._filter.matches(ids))
+        rejected = ~self._filter.matches(ids)
         if dead is not None:
-            out = np.union1d(out, dead)
-        return out.astype(np.int64) if len(out) else None
+            rejected[dead] = True
+        out = np.flatnonzero(rejected)
+        return out if len(out) else None
 
     def __getitem__(self, list_no: int) -> np.ndarray:
         rows = self.get(list_no)
