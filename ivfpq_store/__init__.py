@@ -41,7 +41,7 @@ from .errors import (
 from .opening import open
 from .params import IndexParams
 from .reports import ListInfo, StoreInfo
-from .search import SearchResult
+from .search import RangeResult, SearchResult
 from .store import Store
 from .types import Metric
 from .verify import Problem, VerifyReport
@@ -70,6 +70,7 @@ __all__ = [
     "ListInfo",
     "Metric",
     "Problem",
+    "RangeResult",
     "ReadOnlyStoreError",
     "SearchResult",
     "StaleSnapshotError",

@@ -1,4 +1,5 @@
-"""The Store facade: open, add, upsert, delete, search, compact, verify, copy, info.
+"""The Store facade: open, add, upsert, delete, search, range search, compact, verify, copy,
+info.
 
 A :class:`Store` owns one open store's header, catalog, segment maps, quantizer and searcher,
 serves the reads itself and hands each write to its :class:`~ivfpq_store.writing.Writer`
@@ -29,10 +30,10 @@ from .errors import (
 )
 from .format import Header, record_dtype
 from .format.records import ListRecord
-from .params import IndexParams, SearchParams, check_bool, check_int, check_ratio
+from .params import IndexParams, RangeParams, SearchParams, check_bool, check_int, check_ratio
 from .quantizer import Quantizer
 from .reports import ListInfo, StoreInfo, list_infos, store_info
-from .search import RecordFetcher, Searcher, SearchResult
+from .search import RangeResult, RecordFetcher, Searcher, SearchResult
 from .storage import (
     Catalog,
     CatalogSnapshot,
@@ -187,6 +188,60 @@ class Store:
             try:
                 return self._searcher.search(q, params, snap.lists, snap.deleted,
                                              self._snapshot_fetcher(catalog, snap))
+            except StaleSnapshotError:
+                if attempt + 1 == SNAPSHOT_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def range_search(self, queries: Any, radius: float, nprobe: int = 8) -> RangeResult:
+        """Find every stored vector within ``radius`` of each query, in its probed lists.
+
+        Parameters
+        ----------
+        queries : array_like, shape (dim,) or (nq, dim)
+            One query or a batch; any real dtype, converted to float32.
+        radius : float
+            For l2, a squared distance >= 0: results have distance < radius. For ip and
+            cosine, a score: results have score > radius. Any real number (not a bool) that
+            float32 holds; it is compared in float32, as the distances are.
+        nprobe : int
+            Lists probed per query, ``1..nlist``, as for :meth:`search`.
+
+        Returns
+        -------
+        RangeResult
+            ``(lims, distances, ids)`` in faiss's layout: int64 ``lims`` (nq + 1,), float32
+            ``distances`` and int64 ``ids`` (lims[nq],). Query i's results are
+            ``lims[i]:lims[i + 1]``, best first (l2 ascending, ip/cosine descending); equal
+            distances come in storage order (the better-ranked list, then the earlier row),
+            as in :meth:`search`. Distances are to the PQ reconstructions, as :meth:`search`
+            gives them up to float rounding in the last bits. Every live vector of the
+            probed lists is scored, so a radius that all of them pass returns
+            ``nq * nprobe * (vectors per list)`` results (12 bytes each).
+
+        Raises
+        ------
+        InvalidParamsError
+            ``radius`` NaN, infinite, beyond float32, not a real number, or negative under
+            l2; ``nprobe`` outside ``1..nlist``.
+        DimensionMismatchError, InvalidInputError
+            Wrong shape or dtype, NaN/inf, an empty batch, a zero query under cosine.
+
+        Examples
+        --------
+        >>> lims, distances, ids = store.range_search(xq, radius=0.5, nprobe=16)  # doctest: +SKIP
+        >>> ids[lims[0]:lims[1]]  # query 0's results, nearest first  # doctest: +SKIP
+        """
+        catalog = self._live_catalog()
+        params = RangeParams.checked(radius, nprobe, self.params.nlist, self.params.metric)
+        q, _ = as_vectors(queries, self.params.dim, "queries")
+        if self.params.metric is Metric.COSINE:
+            q = normalize_rows(q, "queries")
+        for attempt in range(SNAPSHOT_ATTEMPTS):
+            snap = catalog.snapshot()
+            try:
+                return self._searcher.range_search(q, params, snap.lists, snap.deleted,
+                                                   self._snapshot_fetcher(catalog, snap))
             except StaleSnapshotError:
                 if attempt + 1 == SNAPSHOT_ATTEMPTS:
                     raise
