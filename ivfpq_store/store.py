@@ -1,4 +1,5 @@
-"""The Store facade: open, add, upsert, delete, search, compact, verify, copy, info.
+"""The Store facade: open, add, upsert, delete, search, range search, compact, verify, copy,
+info.
 
 A :class:`Store` owns one open store's header, catalog, segment maps, quantizer and searcher,
 serves the reads itself and hands each write to its :class:`~ivfpq_store.writing.Writer`
@@ -30,10 +31,10 @@ from .errors import (
 from .filters import Filter, check_filter
 from .format import Header, record_dtype
 from .format.records import ListRecord
-from .params import IndexParams, SearchParams, check_bool, check_int, check_ratio
+from .params import IndexParams, RangeParams, SearchParams, check_bool, check_int, check_ratio
 from .quantizer import Quantizer
 from .reports import ListInfo, StoreInfo, list_infos, store_info
-from .search import RecordFetcher, Searcher, SearchResult
+from .search import RangeResult, RecordFetcher, Searcher, SearchResult
 from .search.filtered import FilteredRows, Located, SearchPlan, direct_is_cheaper
 from .storage import (
     Catalog,
@@ -278,6 +279,67 @@ class Store:
                     f"{self._layout.root}: the id map places ids of list {list_no} at records "
                     "that do not hold them; the catalog is damaged (run verify)")
         return Located(ids, list_nos, rows)
+
+    def range_search(self, queries: Any, radius: float, nprobe: int = 8, *,
+                     filter: Filter | None = None) -> RangeResult:
+        """Find every stored vector within ``radius`` of each query, in its probed lists.
+
+        Parameters
+        ----------
+        queries : array_like, shape (dim,) or (nq, dim)
+            One query or a batch; any real dtype, converted to float32.
+        radius : float
+            For l2, a squared distance >= 0: results have distance < radius. For ip and
+            cosine, a score: results have score > radius. Any real number (not a bool) that
+            float32 holds; it is compared in float32, as the distances are.
+        nprobe : int
+            Lists probed per query, ``1..nlist``, as for :meth:`search`.
+        filter : Filter, optional
+            Only ids the filter admits are returned (the probed lists are scanned, the
+            rejected rows skipped, as by :meth:`search`'s scan plan).
+
+        Returns
+        -------
+        RangeResult
+            ``(lims, distances, ids)`` in faiss's layout: int64 ``lims`` (nq + 1,), float32
+            ``distances`` and int64 ``ids`` (lims[nq],). Query i's results are
+            ``lims[i]:lims[i + 1]``, best first (l2 ascending, ip/cosine descending); equal
+            distances come in storage order (the better-ranked list, then the earlier row),
+            as in :meth:`search`. Distances are to the PQ reconstructions, as :meth:`search`
+            gives them up to float rounding in the last bits. Every live vector of the
+            probed lists is scored, so a radius that all of them pass returns
+            ``nq * nprobe * (vectors per list)`` results (12 bytes each).
+
+        Raises
+        ------
+        InvalidParamsError
+            ``radius`` NaN, infinite, beyond float32, not a real number, or negative under
+            l2; ``nprobe`` outside ``1..nlist``; ``filter`` not a Filter.
+        DimensionMismatchError, InvalidInputError
+            Wrong shape or dtype, NaN/inf, an empty batch, a zero query under cosine.
+
+        Examples
+        --------
+        >>> lims, distances, ids = store.range_search(xq, radius=0.5, nprobe=16)  # doctest: +SKIP
+        >>> ids[lims[0]:lims[1]]  # query 0's results, nearest first  # doctest: +SKIP
+        """
+        catalog = self._live_catalog()
+        params = RangeParams.checked(radius, nprobe, self.params.nlist, self.params.metric)
+        flt = check_filter(filter)
+        q, _ = as_vectors(queries, self.params.dim, "queries")
+        if self.params.metric is Metric.COSINE:
+            q = normalize_rows(q, "queries")
+        for attempt in range(SNAPSHOT_ATTEMPTS):
+            snap = catalog.snapshot()
+            fetch = self._snapshot_fetcher(catalog, snap)
+            skipped = (snap.deleted if flt is None
+                       else FilteredRows(flt, snap.lists, snap.deleted, fetch))
+            try:
+                return self._searcher.range_search(q, params, snap.lists, skipped, fetch)
+            except StaleSnapshotError:
+                if attempt + 1 == SNAPSHOT_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _fetch(self, list_no: int, record: ListRecord) -> np.ndarray:
         """The committed records of a list (its segment, mapped on first use, each record

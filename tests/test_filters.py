@@ -244,3 +244,24 @@ def test_allow_matches_exactly_whatever_the_lookup(allowed: list[int]) -> None:
     probe = np.array(sorted({-1, 0, 4, 5, 6, 2999, 3000, 3001, 2**40 - 1, 2**40, 2**62,
                              2**63 - 2, 2**63 - 1} | set(allowed[:50])), dtype=np.int64)
     assert flt.matches(probe).tolist() == [i in set(allowed) for i in probe.tolist()]
+
+
+@pytest.mark.parametrize("name", ["allow-half", "deny-half", "combined", "allow-few"])
+def test_filtered_range_search_is_the_unfiltered_one_restricted(churned, small_data, name):
+    """range_search(filter=) returns exactly the unfiltered results whose ids the filter
+    admits, in the same order with the same distances (a range search always scans the
+    probed lists)."""
+    store = churned
+    flt = FILTERS[name]()
+    queries = small_data["queries"][:8]
+    full = store.search(queries, k=30, nprobe=3)
+    radius = float(np.median(full.distances[:, 20]))
+    plain = store.range_search(queries, radius, nprobe=3)
+    got = store.range_search(queries, radius, nprobe=3, filter=flt)
+    assert got.lims[-1] > 0
+    for q in range(len(queries)):
+        ids = plain.ids[plain.lims[q]: plain.lims[q + 1]]
+        keep = flt.matches(ids)
+        np.testing.assert_array_equal(got.ids[got.lims[q]: got.lims[q + 1]], ids[keep])
+        np.testing.assert_array_equal(got.distances[got.lims[q]: got.lims[q + 1]],
+                                      plain.distances[plain.lims[q]: plain.lims[q + 1]][keep])

@@ -35,6 +35,11 @@ class SearchConfig:
     few_queries: int = 3
     #: Floats of lookup tables gathered from at once by the few-queries path (1 MiB).
     table_cache: int = 1 << 18
+    #: Records a range search scores per block of queries (summed over the lists each query
+    #: probes; at least one query per block): the block's candidates (about 60 bytes each at
+    #: the peak, 120 MiB at most here) are held until they are sorted; only the results (12
+    #: bytes each) are kept across blocks.
+    range_budget: int = 1 << 21
     #: Threads of the C kernel (one per CPU this process may run on; see _kernel.THREADS).
     threads: int = _kernel.THREADS
     #: Queries below which the kernel probes on one thread.
