@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import numpy as np
 
@@ -49,6 +50,8 @@ from .verify import VerifyReport, verify_store
 from .writing import Writer
 
 __all__ = ["SNAPSHOT_ATTEMPTS", "Store"]
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -193,17 +196,26 @@ class Store:
         q, _ = as_vectors(queries, self.params.dim, "queries")
         if self.params.metric is Metric.COSINE:
             q = normalize_rows(q, "queries")
+        def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> SearchResult:
+            if flt is None:
+                return self._searcher.search(q, params, snap.lists, snap.deleted, fetch)
+            located = self._locate_admitted(catalog, snap, flt, params, fetch)
+            if located is not None:
+                return self._searcher.search_direct(q, params, located, snap.lists, fetch)
+            skipped = FilteredRows(flt, snap.lists, snap.deleted, fetch)
+            return self._searcher.search(q, params, snap.lists, skipped, fetch)
+
+        return self._on_snapshot(catalog, run)
+
+    def _on_snapshot(self, catalog: Catalog,
+                     read: Callable[[CatalogSnapshot, RecordFetcher], T]) -> T:
+        """``read(snapshot, fetcher)`` on the latest snapshot, taken again (up to
+        :data:`SNAPSHOT_ATTEMPTS` times) when a compaction overtakes it
+        (:class:`StaleSnapshotError`)."""
         for attempt in range(SNAPSHOT_ATTEMPTS):
             snap = catalog.snapshot()
-            fetch = self._snapshot_fetcher(catalog, snap)
             try:
-                if flt is None:
-                    return self._searcher.search(q, params, snap.lists, snap.deleted, fetch)
-                located = self._locate_admitted(catalog, snap, flt, params, fetch)
-                if located is not None:
-                    return self._searcher.search_direct(q, params, located, snap.lists, fetch)
-                skipped = FilteredRows(flt, snap.lists, snap.deleted, fetch)
-                return self._searcher.search(q, params, snap.lists, skipped, fetch)
+                return read(snap, self._snapshot_fetcher(catalog, snap))
             except StaleSnapshotError:
                 if attempt + 1 == SNAPSHOT_ATTEMPTS:
                     raise
@@ -222,19 +234,13 @@ class Store:
         catalog = self._live_catalog()
         params = SearchParams.checked(1, nprobe, self.params.nlist)
         flt = check_filter(filter)
-        for attempt in range(SNAPSHOT_ATTEMPTS):
-            snap = catalog.snapshot()
-            try:
-                located = None if flt is None else self._locate_admitted(
-                    catalog, snap, flt, params, self._snapshot_fetcher(catalog, snap))
-            except StaleSnapshotError:
-                if attempt + 1 == SNAPSHOT_ATTEMPTS:
-                    raise
-                continue
-            if located is None:
-                return SearchPlan("scan", None)
-            return SearchPlan("direct", len(located.ids))
-        raise AssertionError("unreachable")  # pragma: no cover
+        def plan(snap: CatalogSnapshot, fetch: RecordFetcher) -> SearchPlan:
+            located = (None if flt is None
+                       else self._locate_admitted(catalog, snap, flt, params, fetch))
+            return (SearchPlan("scan", None) if located is None
+                    else SearchPlan("direct", len(located.ids)))
+
+        return self._on_snapshot(catalog, plan)
 
     def _locate_admitted(self, catalog: Catalog, snap: CatalogSnapshot, flt: Filter,
                          params: SearchParams, fetch: RecordFetcher) -> Located | None:
@@ -329,17 +335,12 @@ class Store:
         q, _ = as_vectors(queries, self.params.dim, "queries")
         if self.params.metric is Metric.COSINE:
             q = normalize_rows(q, "queries")
-        for attempt in range(SNAPSHOT_ATTEMPTS):
-            snap = catalog.snapshot()
-            fetch = self._snapshot_fetcher(catalog, snap)
+        def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> RangeResult:
             skipped = (snap.deleted if flt is None
                        else FilteredRows(flt, snap.lists, snap.deleted, fetch))
-            try:
-                return self._searcher.range_search(q, params, snap.lists, skipped, fetch)
-            except StaleSnapshotError:
-                if attempt + 1 == SNAPSHOT_ATTEMPTS:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+            return self._searcher.range_search(q, params, snap.lists, skipped, fetch)
+
+        return self._on_snapshot(catalog, run)
 
     def _fetch(self, list_no: int, record: ListRecord) -> np.ndarray:
         """The committed records of a list (its segment, mapped on first use, each record

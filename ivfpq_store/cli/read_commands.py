@@ -39,6 +39,20 @@ def _result_doc(i: int, ids: np.ndarray, distances: np.ndarray) -> dict[str, Any
     return {"query": i, "ids": ids[keep].tolist(), "distances": distances[keep].tolist()}
 
 
+def _put_result(doc: dict[str, Any], results: list[dict[str, Any]], *, as_json: bool,
+                jsonl: bool) -> None:
+    """One query's results: a JSON line now (--jsonl), kept for the final document
+    (--json), or a human line now."""
+    if jsonl:
+        click.echo(json.dumps(doc))
+    elif as_json:
+        results.append(doc)
+    else:
+        pairs = ", ".join(f"{i} ({d:.6g})" for i, d in
+                          zip(doc["ids"], doc["distances"], strict=True))
+        click.echo(f"query {doc['query']}: {pairs}")
+
+
 def filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--allow-ids and --deny-ids, for the commands that search."""
     command = click.option("--deny-ids", type=existing_file,
@@ -90,21 +104,14 @@ def search(store: Path, queries: Path, k: int, nprobe: int, batch_size: int,
         raise click.UsageError("--json and --jsonl are mutually exclusive")
     vf = open_vectors(queries)
     flt = _filter_from(allow_ids, deny_ids)
-    results = []
+    results: list[dict[str, Any]] = []
     with ivfpq_store.open(store, readonly=True, **store_options()) as s:
         start = 0
         for batch in vf.batches(batch_size):
             distances, ids = s.search(batch, k=k, nprobe=nprobe, filter=flt)
             for row in range(len(batch)):
-                doc = _result_doc(start + row, ids[row], distances[row])
-                if jsonl:
-                    click.echo(json.dumps(doc))
-                elif as_json:
-                    results.append(doc)
-                else:
-                    pairs = ", ".join(f"{i} ({d:.6g})" for i, d in
-                                      zip(doc["ids"], doc["distances"], strict=True))
-                    click.echo(f"query {start + row}: {pairs}")
+                _put_result(_result_doc(start + row, ids[row], distances[row]), results,
+                            as_json=as_json, jsonl=jsonl)
             start += len(batch)
     if as_json:
         emit({"k": k, "nprobe": nprobe, "queries": start, "results": results}, as_json=True,
@@ -151,16 +158,8 @@ def range_search(store: Path, queries: Path, radius: float, nprobe: int, batch_s
             lims, distances, ids = s.range_search(batch, radius, nprobe=nprobe, filter=flt)
             for row, (a, b) in enumerate(zip(lims[:-1].tolist(), lims[1:].tolist(),
                                              strict=True)):
-                doc = {"query": start + row, "ids": ids[a:b].tolist(),
-                       "distances": distances[a:b].tolist()}
-                if jsonl:
-                    click.echo(json.dumps(doc))
-                elif as_json:
-                    results.append(doc)
-                else:
-                    pairs = ", ".join(f"{i} ({d:.6g})" for i, d in
-                                      zip(doc["ids"], doc["distances"], strict=True))
-                    click.echo(f"query {start + row}: {pairs}")
+                _put_result(_result_doc(start + row, ids[a:b], distances[a:b]), results,
+                            as_json=as_json, jsonl=jsonl)
             start += len(batch)
     if as_json:
         emit({"radius": radius, "nprobe": nprobe, "queries": start, "results": results},
