@@ -36,7 +36,7 @@ from .params import IndexParams, RangeParams, SearchParams, check_bool, check_in
 from .quantizer import Quantizer
 from .reports import ListInfo, StoreInfo, list_infos, store_info
 from .search import RangeResult, RecordFetcher, Searcher, SearchResult
-from .search.filtered import FilteredRows, Located, SearchPlan, direct_is_cheaper
+from .search.filtered import FilteredRows, Located, SearchPlan, direct_limit
 from .storage import (
     Catalog,
     CatalogSnapshot,
@@ -170,9 +170,10 @@ class Store:
         filter : Filter, optional
             Only ids the filter admits are returned (:class:`~ivfpq_store.Filter`). Results
             are the exact best k among the admitted vectors of the probed lists, never fewer
-            than k when the probed lists hold k of them. When the filter names fewer ids than
-            the probed lists hold on average, they are looked up in the id map and scored
-            directly, wherever they are: the best k of every admitted vector.
+            than k when the probed lists hold k of them. When the filter names few enough ids
+            that scoring them costs less than the scan (fewer for one query than for a
+            batch), they are looked up in the id map and scored directly, wherever they are:
+            the best k of every admitted vector (:meth:`search_plan` says which plan runs).
 
         Returns
         -------
@@ -199,7 +200,7 @@ class Store:
         def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> SearchResult:
             if flt is None:
                 return self._searcher.search(q, params, snap.lists, snap.deleted, fetch)
-            located = self._locate_admitted(catalog, snap, flt, params, fetch)
+            located = self._locate_admitted(catalog, snap, flt, params, len(q), fetch)
             if located is not None:
                 return self._searcher.search_direct(q, params, located, snap.lists, fetch)
             skipped = FilteredRows(flt, snap.lists, snap.deleted, fetch)
@@ -221,42 +222,46 @@ class Store:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def search_plan(self, nprobe: int = 8, *, filter: Filter | None = None) -> SearchPlan:
-        """How :meth:`search` with this ``nprobe`` and ``filter`` would run now: ``"scan"``
-        (the probed lists, skipping rejected rows) or ``"direct"`` (the admitted ids scored
-        through the id map), and for a direct plan how many live vectors it scores.
+    def search_plan(self, nprobe: int = 8, *, filter: Filter | None = None,
+                    nq: int = 1) -> SearchPlan:
+        """How :meth:`search` of ``nq`` queries with this ``nprobe`` and ``filter`` would run
+        now: ``"scan"`` (the probed lists, skipping rejected rows) or ``"direct"`` (the
+        admitted ids scored through the id map), and for a direct plan how many live vectors
+        it scores.
 
         Raises
         ------
         InvalidParamsError
-            ``nprobe`` outside ``1..nlist``, or ``filter`` not a Filter.
+            ``nprobe`` outside ``1..nlist``, ``nq < 1``, or ``filter`` not a Filter.
         """
         catalog = self._live_catalog()
         params = SearchParams.checked(1, nprobe, self.params.nlist)
+        nq = check_int("nq", nq, 1, 2**62)
         flt = check_filter(filter)
         def plan(snap: CatalogSnapshot, fetch: RecordFetcher) -> SearchPlan:
             located = (None if flt is None
-                       else self._locate_admitted(catalog, snap, flt, params, fetch))
+                       else self._locate_admitted(catalog, snap, flt, params, nq, fetch))
             return (SearchPlan("scan", None) if located is None
                     else SearchPlan("direct", len(located.ids)))
 
         return self._on_snapshot(catalog, plan)
 
     def _locate_admitted(self, catalog: Catalog, snap: CatalogSnapshot, flt: Filter,
-                         params: SearchParams, fetch: RecordFetcher) -> Located | None:
+                         params: SearchParams, nq: int,
+                         fetch: RecordFetcher) -> Located | None:
         """The live vectors ``flt`` admits, found through the id map in the state ``snap``,
-        when the filter bounds them to fewer than the probed lists hold on average (then a
-        direct search is cheaper than a scan); None otherwise.
+        when the filter bounds them to few enough that scoring them directly is expected to
+        cost less than scanning for ``nq`` queries (:func:`~.search.filtered.direct_limit`);
+        None otherwise.
 
         Raises StaleSnapshotError when the catalog moved past ``snap`` (the caller retries),
         and CorruptStoreError when the id map names a record that is not there.
         """
         bound = flt.bound()
-        p = self.params
-        if bound is None or (bound.ids is not None and not direct_is_cheaper(
-                len(bound.ids), params.nprobe, p.nlist, snap.state.ntotal)):
+        limit = direct_limit(self._searcher.config, nq, params.nprobe, self.params.nlist,
+                             snap.state.ntotal)
+        if bound is None or (bound.ids is not None and len(bound.ids) > limit):
             return None
-        limit = int(params.nprobe * snap.state.ntotal / max(p.nlist, 1))
         found = catalog.locate_at(snap.state.commit, bound.ids, lo=bound.lo, hi=bound.hi,
                                   limit=limit)
         if found is None:

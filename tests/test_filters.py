@@ -17,8 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ivfpq_store
-from ivfpq_store import Filter
+from ivfpq_store import Filter, testing
 from ivfpq_store.search import Searcher
+
+#: A cost model under which a direct plan is chosen whenever the filter bounds the admitted
+#: ids to at most the rows the probed lists hold on average (nprobe * ntotal / nlist).
+ROWS_RULE = {"direct_per_candidate": 1.0, "direct_per_pair": 0.0, "scan_per_row_once": 1.0,
+             "scan_per_row": 0.0}
+#: A cost model under which every bounded filter runs the direct plan.
+ALWAYS_DIRECT = {"direct_per_candidate": 0.0, "direct_per_pair": 0.0}
 
 UNIVERSE = np.arange(-3, 60, dtype=np.int64)
 
@@ -131,13 +138,15 @@ def test_filtered_search_is_the_exact_best_k_of_the_admitted(churned, small_data
     queries = small_data["queries"][:12]
     direct = name.endswith("-few")
     ref = _reference(store, queries, NLIST if direct else nprobe, flt.matches)
-    res = store.search(queries, k=10, nprobe=nprobe, filter=flt)
+    with testing.search_config(store, **(ALWAYS_DIRECT if direct else {})):
+        assert store.search_plan(nprobe, filter=flt).plan == ("direct" if direct else "scan")
+        res = store.search(queries, k=10, nprobe=nprobe, filter=flt)
+        single = store.search(queries[0], k=10, nprobe=nprobe, filter=flt)
     assert_valid_topk(res.distances, res.ids, ref, higher=store.params.metric.label != "l2")
     returned = res.ids[res.ids >= 0]
     assert flt.matches(returned).all()
     assert not np.isin(returned, np.arange(0, 1500, 7)[~np.isin(np.arange(0, 1500, 7),
                                                                 np.arange(100, 150))]).any()
-    single = store.search(queries[0], k=10, nprobe=nprobe, filter=flt)
     assert_valid_topk(single.distances, single.ids, ref[:1],
                       higher=store.params.metric.label != "l2")
 
@@ -156,20 +165,25 @@ def test_the_plan_is_direct_for_few_ids_and_a_scan_otherwise(churned, small_data
     monkeypatch.setattr(Searcher, "search", counted("scan", scan))
     monkeypatch.setattr(Searcher, "search_direct", counted("direct", direct))
     q = small_data["queries"][:3]
-    churned.search(q, nprobe=2, filter=Filter.allow(np.arange(50)))  # 50 < 2 * 1300 / 8
-    churned.search(q, nprobe=2, filter=Filter.id_range(0, 300))  # 257 live <= 325
-    churned.search(q, nprobe=2, filter=Filter.allow(np.arange(1000)))  # 1000 > 325
-    churned.search(q, nprobe=2, filter=Filter.id_range(0, 1000))  # more than 325 in range
-    churned.search(q, nprobe=2, filter=~Filter.allow(np.arange(50)))  # unbounded
+    filters = (Filter.allow(np.arange(50)),  # 50 < 2 * 1300 / 8 = 325
+               Filter.id_range(0, 300),  # 257 live ids <= 325
+               Filter.allow(np.arange(1000)),  # 1000 > 325
+               Filter.id_range(0, 1000),  # more than 325 live ids in the range
+               ~Filter.allow(np.arange(50)))  # no bound
+    with testing.search_config(churned, **ROWS_RULE):
+        for flt in filters:
+            churned.search(q, nprobe=2, filter=flt)
+        plans = [churned.search_plan(2, filter=flt) for flt in filters]
     assert calls == ["direct", "direct", "scan", "scan", "scan"]
-    plans = [churned.search_plan(2, filter=f) for f in (
-        Filter.allow(np.arange(50)), Filter.id_range(0, 300), Filter.allow(np.arange(1000)),
-        Filter.id_range(0, 1000), ~Filter.allow(np.arange(50)))]
     assert [p.plan for p in plans] == ["direct", "direct", "scan", "scan", "scan"]
     live = set(range(1500)) - set(range(0, 1500, 7)) | set(range(100, 150))
     assert plans[0].candidates == len(live & set(range(50)))
     assert plans[1].candidates == len(live & set(range(300)))
     assert churned.search_plan(8).plan == "scan"
+    # The default cost model: a few hundred queries make a direct plan of 50 ids pay off, one
+    # query does not (its fixed cost per candidate outweighs one scan of 2 lists).
+    assert churned.search_plan(2, filter=filters[0], nq=1).plan == "scan"
+    assert churned.search_plan(2, filter=filters[0], nq=10_000).plan == "direct"
 
 
 def test_a_selective_filter_still_fills_k_from_the_probed_lists(churned, small_data):
@@ -229,6 +243,7 @@ def test_the_direct_plan_refuses_a_damaged_id_map(tmp_path, small_data):
         txn.put(victim.to_bytes(8, "big"), entry, db=dbs["ids"])
         assert struct.unpack("<IIQ", entry)[0] == 2
     with ivfpq_store.open(path, readonly=True) as store, \
+            testing.search_config(store, **ALWAYS_DIRECT), \
             pytest.raises(ivfpq_store.CorruptStoreError, match="id map places ids of list 2"):
         store.search(small_data["queries"][:2], filter=Filter.allow([victim]))
 

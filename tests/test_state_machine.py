@@ -32,6 +32,7 @@ from hypothesis.stateful import (
 )
 
 import ivfpq_store
+from ivfpq_store import testing
 
 DIM = 16
 NLIST = 8
@@ -264,7 +265,11 @@ class StoreMachine(RuleBasedStateMachine):
                 ~ivfpq_store.Filter.id_range(0, data.draw(st.integers(0, 30), label="hi"))
         admitted = [i for i in sorted(self.model) if flt.matches(np.array([i]))[0]]
         k = data.draw(st.integers(1, len(admitted) + 2), label="k")
-        result = self.store.search(QUERIES, k=k, nprobe=NLIST, filter=flt)
+        # A free cost model makes every bounded filter run the direct plan.
+        direct = data.draw(st.booleans(), label="direct plan when bounded")
+        knobs = {"direct_per_candidate": 0.0, "direct_per_pair": 0.0} if direct else {}
+        with testing.search_config(self.store, **knobs):
+            result = self.store.search(QUERIES, k=k, nprobe=NLIST, filter=flt)
         adc = self._adc_distances()
         found = min(k, len(admitted))
         for q in range(len(QUERIES)):

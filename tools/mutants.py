@@ -223,8 +223,9 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_filters.py", "-k", "set_algebra")),
     Mutant("direct-plan-for-every-bound",
            "any filter with a finite bound is searched directly, however many ids it names",
-           "return candidates <= nprobe * ntotal / max(nlist, 1)",
-           "return True",
+           "return int(scan / max(config.direct_per_candidate + config.direct_per_pair * nq, "
+           "1e-9))",
+           "return 2**62",
            ("tests/test_filters.py", "-k", "plan_is_direct")),
     Mutant("direct-plan-trusts-the-id-map",
            "the direct plan scores the records the id map names without checking they hold "
