@@ -36,7 +36,13 @@ from .params import IndexParams, RangeParams, SearchParams, check_bool, check_in
 from .quantizer import Quantizer
 from .reports import ListInfo, StoreInfo, list_infos, store_info
 from .search import RangeResult, RecordFetcher, Searcher, SearchResult
-from .search.filtered import FilteredRows, Located, SearchPlan, direct_limit
+from .search.filtered import (
+    FilteredRows,
+    Located,
+    SearchPlan,
+    direct_limit,
+    locate_admitted,
+)
 from .storage import (
     Catalog,
     CatalogSnapshot,
@@ -249,47 +255,11 @@ class Store:
     def _locate_admitted(self, catalog: Catalog, snap: CatalogSnapshot, flt: Filter,
                          params: SearchParams, nq: int,
                          fetch: RecordFetcher) -> Located | None:
-        """The live vectors ``flt`` admits, found through the id map in the state ``snap``,
-        when the filter bounds them to few enough that scoring them directly is expected to
-        cost less than scanning for ``nq`` queries (:func:`~.search.filtered.direct_limit`);
-        None otherwise.
-
-        Raises StaleSnapshotError when the catalog moved past ``snap`` (the caller retries),
-        and CorruptStoreError when the id map names a record that is not there.
-        """
-        bound = flt.bound()
+        """:func:`~.search.filtered.locate_admitted` for a search of ``nq`` queries with
+        ``params`` on ``snap``, by this store's cost model."""
         limit = direct_limit(self._searcher.config, nq, params.nprobe, self.params.nlist,
                              snap.state.ntotal)
-        if bound is None or (bound.ids is not None and len(bound.ids) > limit):
-            return None
-        found = catalog.locate_at(snap.state.commit, bound.ids, lo=bound.lo, hi=bound.hi,
-                                  limit=limit)
-        if found is None:
-            raise StaleSnapshotError(f"{self._layout.root}: the catalog moved on during the "
-                                     "search")
-        ids, entries, truncated = found
-        if truncated:
-            return None
-        keep = flt.matches(ids)
-        ids, entries = ids[keep], entries[keep]
-        list_nos = entries["list_no"].astype(np.int64)
-        rows = entries["row"].astype(np.int64)
-        order = np.lexsort((rows, list_nos))
-        ids, list_nos, rows = ids[order], list_nos[order], rows[order]
-        for list_no in np.unique(list_nos).tolist():
-            sel = list_nos == list_no
-            record = snap.lists.get(list_no)
-            held = None
-            if (record is not None and (entries["generation"][order][sel]
-                                        == record.generation).all()
-                    and int(rows[sel].max()) < record.count
-                    and not np.isin(rows[sel], snap.deleted.get(list_no, [])).any()):
-                held = fetch(list_no, record)["id"][rows[sel]]
-            if held is None or (held != ids[sel]).any():
-                raise CorruptStoreError(
-                    f"{self._layout.root}: the id map places ids of list {list_no} at records "
-                    "that do not hold them; the catalog is damaged (run verify)")
-        return Located(ids, list_nos, rows)
+        return locate_admitted(catalog, snap, flt, limit, fetch, self._layout.root)
 
     def range_search(self, queries: Any, radius: float, nprobe: int = 8, *,
                      filter: Filter | None = None) -> RangeResult:

@@ -15,18 +15,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import CorruptStoreError, StaleSnapshotError
 from ..filters import Filter
 from ..format.records import ListRecord
 from ..quantizer import Quantizer
+from ..storage import Catalog, CatalogSnapshot
 from ..types import F32Array, I64Array, Metric
 from .config import SearchConfig
 from .plan import RecordFetcher
 
-__all__ = ["FilteredRows", "Located", "SearchPlan", "direct_limit", "search_direct"]
+__all__ = ["FilteredRows", "Located", "SearchPlan", "direct_limit", "locate_admitted",
+           "search_direct"]
 
 
 class FilteredRows(Mapping[int, np.ndarray]):
@@ -93,6 +97,51 @@ def direct_limit(config: SearchConfig, nq: int, nprobe: int, nlist: int, ntotal:
     rows = nprobe * ntotal / max(nlist, 1)
     scan = rows * (config.scan_per_row_once + config.scan_per_row * nq)
     return int(scan / max(config.direct_per_candidate + config.direct_per_pair * nq, 1e-9))
+
+
+def locate_admitted(catalog: Catalog, snap: CatalogSnapshot, flt: Filter, limit: int,
+                    fetch: RecordFetcher, where: Path) -> Located | None:
+    """The live vectors ``flt`` admits, found through the id map in the state ``snap``, when
+    the filter bounds them to at most ``limit`` (:func:`direct_limit`); None otherwise. Each
+    entry is checked against the snapshot and the segment (its record must be committed,
+    live, and hold the id).
+
+    Raises
+    ------
+    StaleSnapshotError
+        The catalog moved past ``snap`` (the caller takes a new one).
+    CorruptStoreError
+        The id map names a record that does not hold the id (``where`` names the store).
+    """
+    bound = flt.bound()
+    if bound is None or (bound.ids is not None and len(bound.ids) > limit):
+        return None
+    found = catalog.locate_at(snap.state.commit, bound.ids, lo=bound.lo, hi=bound.hi,
+                              limit=limit)
+    if found is None:
+        raise StaleSnapshotError(f"{where}: the catalog moved on during the search")
+    ids, entries, truncated = found
+    if truncated:
+        return None
+    keep = flt.matches(ids)
+    ids, entries = ids[keep], entries[keep]
+    order = np.lexsort((entries["row"], entries["list_no"]))
+    ids, entries = ids[order], entries[order]
+    list_nos = entries["list_no"].astype(np.int64)
+    rows = entries["row"].astype(np.int64)
+    for list_no in np.unique(list_nos).tolist():
+        sel = list_nos == list_no
+        record = snap.lists.get(list_no)
+        held = None
+        if (record is not None and (entries["generation"][sel] == record.generation).all()
+                and int(rows[sel].max()) < record.count
+                and not np.isin(rows[sel], snap.deleted.get(list_no, [])).any()):
+            held = fetch(list_no, record)["id"][rows[sel]]
+        if held is None or (held != ids[sel]).any():
+            raise CorruptStoreError(
+                f"{where}: the id map places ids of list {list_no} at records that do not "
+                "hold them; the catalog is damaged (run verify)")
+    return Located(ids, list_nos, rows)
 
 
 def search_direct(qz: Quantizer, config: SearchConfig, queries: F32Array, k: int,
