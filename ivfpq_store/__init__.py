@@ -42,7 +42,7 @@ from .filters import Filter
 from .opening import open
 from .params import IndexParams
 from .reports import ListInfo, StoreInfo
-from .search import SearchResult
+from .search import RangeResult, SearchPlan, SearchResult
 from .store import Store
 from .types import Metric
 from .verify import Problem, VerifyReport
@@ -72,7 +72,9 @@ __all__ = [
     "ListInfo",
     "Metric",
     "Problem",
+    "RangeResult",
     "ReadOnlyStoreError",
+    "SearchPlan",
     "SearchResult",
     "StaleSnapshotError",
     "Store",

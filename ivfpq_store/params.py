@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -10,9 +11,8 @@ import numpy as np
 from .errors import InvalidParamsError
 from .types import Metric
 
-__all__ = ["MAX_DIM", "MAX_K", "MAX_M", "MAX_NLIST", "IndexParams", "SearchParams", "check_int",
-           "check_ratio",
-           "parse_metric"]
+__all__ = ["MAX_DIM", "MAX_K", "MAX_M", "MAX_NLIST", "IndexParams", "RangeParams", "SearchParams",
+           "check_int", "check_radius", "check_ratio", "parse_metric"]
 
 #: Sanity caps; the header format could hold more, but nothing sensible needs it.
 MAX_DIM = 1 << 16
@@ -22,6 +22,8 @@ MAX_K = 1 << 20
 MAX_M = 1 << 12
 #: Centroids must fit the 4 GiB header cap (storage/header_io.py).
 MAX_CENTROID_FLOATS = (1 << 30) - (1 << 24)
+#: The largest finite float32.
+_FLT_MAX = float(np.finfo(np.float32).max)
 
 
 def parse_metric(metric: str | Metric) -> Metric:
@@ -59,6 +61,30 @@ def check_bool(name: str, value: object) -> bool:
         raise InvalidParamsError(
             f"{name}: expected True or False, got {type(value).__name__} {value!r}")
     return bool(value)
+
+
+def check_radius(name: str, value: object, metric: Metric) -> float:
+    """Return ``value`` as a float if it is a real number (Python or numpy; not a bool) that
+    float32 holds as a finite value; under l2, a squared distance, it must also be >= 0."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.integer
+                                                            | np.floating):
+        raise InvalidParamsError(
+            f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    expected = (f"{name}: expected a finite number within float32 range "
+                f"(|{name}| <= {_FLT_MAX:.7g})")
+    try:
+        radius = float(value)
+    except OverflowError:
+        raise InvalidParamsError(f"{expected}, got an integer beyond float range") from None
+    # Compared in float32, as the costs are (and as faiss's float radius is): a value that
+    # float32 cannot hold would turn into infinity there.
+    if not (math.isfinite(radius) and abs(radius) <= _FLT_MAX):
+        raise InvalidParamsError(f"{expected}, got {value!r}")
+    if metric is Metric.L2 and radius < 0:
+        raise InvalidParamsError(
+            f"{name}: expected a squared l2 distance >= 0, got {radius!r}; under l2 a result "
+            "is a vector whose squared distance is below the radius")
+    return radius
 
 
 def check_ratio(name: str, value: object) -> float:
@@ -139,3 +165,21 @@ class SearchParams:
     def checked(cls, k: object, nprobe: object, nlist: int) -> SearchParams:
         """Validate ``k >= 1`` and ``1 <= nprobe <= nlist`` and build the value."""
         return cls(k=check_int("k", k, 1, MAX_K), nprobe=check_int("nprobe", nprobe, 1, nlist))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RangeParams:
+    """Per-call range search settings, validated against the index they apply to.
+
+    ``radius`` is a squared distance under l2 (results have distance < radius) and a score
+    under ip and cosine (results have score > radius).
+    """
+
+    radius: float
+    nprobe: int
+
+    @classmethod
+    def checked(cls, radius: object, nprobe: object, nlist: int, metric: Metric) -> RangeParams:
+        """Validate ``radius`` (:func:`check_radius`) and ``1 <= nprobe <= nlist``."""
+        return cls(radius=check_radius("radius", radius, metric),
+                   nprobe=check_int("nprobe", nprobe, 1, nlist))

@@ -1,4 +1,5 @@
-"""The Store facade: open, add, upsert, delete, search, compact, verify, copy, info.
+"""The Store facade: open, add, upsert, delete, search, range search, compact, verify, copy,
+info.
 
 A :class:`Store` owns one open store's header, catalog, segment maps, quantizer and searcher,
 serves the reads itself and hands each write to its :class:`~ivfpq_store.writing.Writer`
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import numpy as np
 
@@ -30,11 +32,17 @@ from .errors import (
 from .filters import Filter, check_filter
 from .format import Header, record_dtype
 from .format.records import ListRecord
-from .params import IndexParams, SearchParams, check_bool, check_int, check_ratio
+from .params import IndexParams, RangeParams, SearchParams, check_bool, check_int, check_ratio
 from .quantizer import Quantizer
 from .reports import ListInfo, StoreInfo, list_infos, store_info
-from .search import RecordFetcher, Searcher, SearchResult
-from .search.filtered import FilteredRows, Located, direct_is_cheaper
+from .search import RangeResult, RecordFetcher, Searcher, SearchResult
+from .search.filtered import (
+    FilteredRows,
+    Located,
+    SearchPlan,
+    direct_limit,
+    locate_admitted,
+)
 from .storage import (
     Catalog,
     CatalogSnapshot,
@@ -48,6 +56,8 @@ from .verify import VerifyReport, verify_store
 from .writing import Writer
 
 __all__ = ["SNAPSHOT_ATTEMPTS", "Store"]
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +176,10 @@ class Store:
         filter : Filter, optional
             Only ids the filter admits are returned (:class:`~ivfpq_store.Filter`). Results
             are the exact best k among the admitted vectors of the probed lists, never fewer
-            than k when the probed lists hold k of them. When the filter names fewer ids than
-            the probed lists hold on average, they are looked up in the id map and scored
-            directly, wherever they are: the best k of every admitted vector.
+            than k when the probed lists hold k of them. When the filter names few enough ids
+            that scoring them costs less than the scan (fewer for one query than for a
+            batch), they are looked up in the id map and scored directly, wherever they are:
+            the best k of every admitted vector (:meth:`search_plan` says which plan runs).
 
         Returns
         -------
@@ -192,65 +203,119 @@ class Store:
         q, _ = as_vectors(queries, self.params.dim, "queries")
         if self.params.metric is Metric.COSINE:
             q = normalize_rows(q, "queries")
+        def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> SearchResult:
+            if flt is None:
+                return self._searcher.search(q, params, snap.lists, snap.deleted, fetch)
+            located = self._locate_admitted(catalog, snap, flt, params, len(q), fetch)
+            if located is not None:
+                return self._searcher.search_direct(q, params, located, snap.lists, fetch)
+            skipped = FilteredRows(flt, snap.lists, snap.deleted, fetch)
+            return self._searcher.search(q, params, snap.lists, skipped, fetch)
+
+        return self._on_snapshot(catalog, run)
+
+    def _on_snapshot(self, catalog: Catalog,
+                     read: Callable[[CatalogSnapshot, RecordFetcher], T]) -> T:
+        """``read(snapshot, fetcher)`` on the latest snapshot, taken again (up to
+        :data:`SNAPSHOT_ATTEMPTS` times) when a compaction overtakes it
+        (:class:`StaleSnapshotError`)."""
         for attempt in range(SNAPSHOT_ATTEMPTS):
             snap = catalog.snapshot()
-            fetch = self._snapshot_fetcher(catalog, snap)
             try:
-                if flt is None:
-                    return self._searcher.search(q, params, snap.lists, snap.deleted, fetch)
-                located = self._locate_admitted(catalog, snap, flt, params, fetch)
-                if located is not None:
-                    return self._searcher.search_direct(q, params, located, snap.lists, fetch)
-                skipped = FilteredRows(flt, snap.lists, snap.deleted, fetch)
-                return self._searcher.search(q, params, snap.lists, skipped, fetch)
+                return read(snap, self._snapshot_fetcher(catalog, snap))
             except StaleSnapshotError:
                 if attempt + 1 == SNAPSHOT_ATTEMPTS:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _locate_admitted(self, catalog: Catalog, snap: CatalogSnapshot, flt: Filter,
-                         params: SearchParams, fetch: RecordFetcher) -> Located | None:
-        """The live vectors ``flt`` admits, found through the id map in the state ``snap``,
-        when the filter bounds them to fewer than the probed lists hold on average (then a
-        direct search is cheaper than a scan); None otherwise.
+    def search_plan(self, nprobe: int = 8, *, filter: Filter | None = None,
+                    nq: int = 1) -> SearchPlan:
+        """How :meth:`search` of ``nq`` queries with this ``nprobe`` and ``filter`` would run
+        now: ``"scan"`` (the probed lists, skipping rejected rows) or ``"direct"`` (the
+        admitted ids scored through the id map), and for a direct plan how many live vectors
+        it scores.
 
-        Raises StaleSnapshotError when the catalog moved past ``snap`` (the caller retries),
-        and CorruptStoreError when the id map names a record that is not there.
+        Raises
+        ------
+        InvalidParamsError
+            ``nprobe`` outside ``1..nlist``, ``nq < 1``, or ``filter`` not a Filter.
         """
-        bound = flt.bound()
-        p = self.params
-        if bound is None or (bound.ids is not None and not direct_is_cheaper(
-                len(bound.ids), params.nprobe, p.nlist, snap.state.ntotal)):
-            return None
-        limit = int(params.nprobe * snap.state.ntotal / max(p.nlist, 1))
-        found = catalog.locate_at(snap.state.commit, bound.ids, lo=bound.lo, hi=bound.hi,
-                                  limit=limit)
-        if found is None:
-            raise StaleSnapshotError(f"{self._layout.root}: the catalog moved on during the "
-                                     "search")
-        ids, entries, truncated = found
-        if truncated:
-            return None
-        keep = flt.matches(ids)
-        ids, entries = ids[keep], entries[keep]
-        list_nos = entries["list_no"].astype(np.int64)
-        rows = entries["row"].astype(np.int64)
-        order = np.lexsort((rows, list_nos))
-        ids, list_nos, rows = ids[order], list_nos[order], rows[order]
-        for list_no in np.unique(list_nos).tolist():
-            sel = list_nos == list_no
-            record = snap.lists.get(list_no)
-            held = None
-            if (record is not None and (entries["generation"][order][sel]
-                                        == record.generation).all()
-                    and int(rows[sel].max()) < record.count
-                    and not np.isin(rows[sel], snap.deleted.get(list_no, [])).any()):
-                held = fetch(list_no, record)["id"][rows[sel]]
-            if held is None or (held != ids[sel]).any():
-                raise CorruptStoreError(
-                    f"{self._layout.root}: the id map places ids of list {list_no} at records "
-                    "that do not hold them; the catalog is damaged (run verify)")
-        return Located(ids, list_nos, rows)
+        catalog = self._live_catalog()
+        params = SearchParams.checked(1, nprobe, self.params.nlist)
+        nq = check_int("nq", nq, 1, 2**62)
+        flt = check_filter(filter)
+        def plan(snap: CatalogSnapshot, fetch: RecordFetcher) -> SearchPlan:
+            located = (None if flt is None
+                       else self._locate_admitted(catalog, snap, flt, params, nq, fetch))
+            return (SearchPlan("scan", None) if located is None
+                    else SearchPlan("direct", len(located.ids)))
+
+        return self._on_snapshot(catalog, plan)
+
+    def _locate_admitted(self, catalog: Catalog, snap: CatalogSnapshot, flt: Filter,
+                         params: SearchParams, nq: int,
+                         fetch: RecordFetcher) -> Located | None:
+        """:func:`~.search.filtered.locate_admitted` for a search of ``nq`` queries with
+        ``params`` on ``snap``, by this store's cost model."""
+        limit = direct_limit(self._searcher.config, nq, params.nprobe, self.params.nlist,
+                             snap.state.ntotal)
+        return locate_admitted(catalog, snap, flt, limit, fetch, self._layout.root)
+
+    def range_search(self, queries: Any, radius: float, nprobe: int = 8, *,
+                     filter: Filter | None = None) -> RangeResult:
+        """Find every stored vector within ``radius`` of each query, in its probed lists.
+
+        Parameters
+        ----------
+        queries : array_like, shape (dim,) or (nq, dim)
+            One query or a batch; any real dtype, converted to float32.
+        radius : float
+            For l2, a squared distance >= 0: results have distance < radius. For ip and
+            cosine, a score: results have score > radius. Any real number (not a bool) that
+            float32 holds; it is compared in float32, as the distances are.
+        nprobe : int
+            Lists probed per query, ``1..nlist``, as for :meth:`search`.
+        filter : Filter, optional
+            Only ids the filter admits are returned (the probed lists are scanned, the
+            rejected rows skipped, as by :meth:`search`'s scan plan).
+
+        Returns
+        -------
+        RangeResult
+            ``(lims, distances, ids)`` in faiss's layout: int64 ``lims`` (nq + 1,), float32
+            ``distances`` and int64 ``ids`` (lims[nq],). Query i's results are
+            ``lims[i]:lims[i + 1]``, best first (l2 ascending, ip/cosine descending); equal
+            distances come in storage order (the better-ranked list, then the earlier row),
+            as in :meth:`search`. Distances are to the PQ reconstructions, as :meth:`search`
+            gives them up to float rounding in the last bits. Every live vector of the
+            probed lists is scored, so a radius that all of them pass returns
+            ``nq * nprobe * (vectors per list)`` results (12 bytes each).
+
+        Raises
+        ------
+        InvalidParamsError
+            ``radius`` NaN, infinite, beyond float32, not a real number, or negative under
+            l2; ``nprobe`` outside ``1..nlist``; ``filter`` not a Filter.
+        DimensionMismatchError, InvalidInputError
+            Wrong shape or dtype, NaN/inf, an empty batch, a zero query under cosine.
+
+        Examples
+        --------
+        >>> lims, distances, ids = store.range_search(xq, radius=0.5, nprobe=16)  # doctest: +SKIP
+        >>> ids[lims[0]:lims[1]]  # query 0's results, nearest first  # doctest: +SKIP
+        """
+        catalog = self._live_catalog()
+        params = RangeParams.checked(radius, nprobe, self.params.nlist, self.params.metric)
+        flt = check_filter(filter)
+        q, _ = as_vectors(queries, self.params.dim, "queries")
+        if self.params.metric is Metric.COSINE:
+            q = normalize_rows(q, "queries")
+        def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> RangeResult:
+            skipped = (snap.deleted if flt is None
+                       else FilteredRows(flt, snap.lists, snap.deleted, fetch))
+            return self._searcher.range_search(q, params, snap.lists, skipped, fetch)
+
+        return self._on_snapshot(catalog, run)
 
     def _fetch(self, list_no: int, record: ListRecord) -> np.ndarray:
         """The committed records of a list (its segment, mapped on first use, each record

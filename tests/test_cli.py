@@ -499,11 +499,12 @@ def test_adding_a_large_file_keeps_memory_bounded(tmp_path, small_data):
 
 
 # -- fuzzing: no input gives a traceback --------------------------------------------------------
-FUZZ_COMMANDS = ["create", "add", "upsert", "delete", "search", "info", "lists", "verify",
-                 "compact", "copy", "demo", "no-such-command", ""]
+FUZZ_COMMANDS = ["create", "add", "upsert", "delete", "search", "range-search", "info", "lists",
+                 "verify", "compact", "copy", "demo", "no-such-command", ""]
 FUZZ_OPTIONS = ["--train", "--nlist", "--m", "--nbits", "--metric", "--seed", "--max-train",
                 "--json", "--jsonl", "--ids", "--ids-file", "--batch-size", "-q", "--quiet",
-                "-k", "--nprobe", "--repair", "--min-deleted-ratio", "--dry-run", "-h",
+                "-k", "--nprobe", "--radius", "--repair", "--min-deleted-ratio", "--dry-run", "-h",
+                "--allow-ids", "--deny-ids",
                 "--help", "--version", "-v", "--", "-"]
 FUZZ_NUMBERS = ["0", "1", "2", "4", "8", "16", "-1", "-0", "1.5", "nan", "inf", "1e400",
                 "0x10", str(2**63 - 1), str(2**63), str(2**64), "9" * 30, "-" + "9" * 30]
@@ -559,6 +560,9 @@ FUZZ_GRAMMAR: dict[str, tuple[list[str], dict[str, str], list[str]]] = {
     "search": (["store", "file"], {"-k": "num", "--nprobe": "num", "--batch-size": "num",
                                    "--allow-ids": "file", "--deny-ids": "file"},
                ["--json", "--jsonl"]),
+    "range-search": (["store", "file"], {"--radius": "num", "--nprobe": "num",
+                                         "--batch-size": "num", "--allow-ids": "file",
+                                         "--deny-ids": "file"}, ["--json", "--jsonl"]),
     "info": (["store"], {}, ["--json"]),
     "lists": (["store"], {}, ["--json"]),
     "verify": (["store"], {}, ["--repair", "--json"]),
@@ -707,9 +711,12 @@ def _fuzz_contents(d: Path, max_examples: int) -> None:
         lambda f: ["upsert", store, str(d / "vec.npy"), "--ids", f],
         lambda f: ["search", store, f, "-k", "3", "--nprobe", "2"],
         lambda f: ["search", store, f, "--nprobe", "4", "--json"],
+        lambda f: ["range-search", store, f, "--radius", "50", "--nprobe", "2", "--json"],
         lambda f: ["delete", store, "--ids-file", f],
         lambda f: ["search", store, str(d / "vec.npy"), "--nprobe", "2", "--allow-ids", f],
         lambda f: ["search", store, str(d / "vec.npy"), "--nprobe", "2", "--deny-ids", f],
+        lambda f: ["range-search", store, str(d / "vec.npy"), "--radius", "50", "--nprobe", "2",
+                   "--allow-ids", f],
         lambda f: ["create", str(work / "new"), "--train", f, "--nlist", "2", "--m", "4"],
     ]
 

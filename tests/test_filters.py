@@ -17,8 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ivfpq_store
-from ivfpq_store import Filter
+from ivfpq_store import Filter, testing
 from ivfpq_store.search import Searcher
+
+#: A cost model under which a direct plan is chosen whenever the filter bounds the admitted
+#: ids to at most the rows the probed lists hold on average (nprobe * ntotal / nlist).
+ROWS_RULE = {"direct_per_candidate": 1.0, "direct_per_pair": 0.0, "scan_per_row_once": 1.0,
+             "scan_per_row": 0.0}
+#: A cost model under which every bounded filter runs the direct plan.
+ALWAYS_DIRECT = {"direct_per_candidate": 0.0, "direct_per_pair": 0.0}
 
 UNIVERSE = np.arange(-3, 60, dtype=np.int64)
 
@@ -131,13 +138,15 @@ def test_filtered_search_is_the_exact_best_k_of_the_admitted(churned, small_data
     queries = small_data["queries"][:12]
     direct = name.endswith("-few")
     ref = _reference(store, queries, NLIST if direct else nprobe, flt.matches)
-    res = store.search(queries, k=10, nprobe=nprobe, filter=flt)
+    with testing.search_config(store, **(ALWAYS_DIRECT if direct else {})):
+        assert store.search_plan(nprobe, filter=flt).plan == ("direct" if direct else "scan")
+        res = store.search(queries, k=10, nprobe=nprobe, filter=flt)
+        single = store.search(queries[0], k=10, nprobe=nprobe, filter=flt)
     assert_valid_topk(res.distances, res.ids, ref, higher=store.params.metric.label != "l2")
     returned = res.ids[res.ids >= 0]
     assert flt.matches(returned).all()
     assert not np.isin(returned, np.arange(0, 1500, 7)[~np.isin(np.arange(0, 1500, 7),
                                                                 np.arange(100, 150))]).any()
-    single = store.search(queries[0], k=10, nprobe=nprobe, filter=flt)
     assert_valid_topk(single.distances, single.ids, ref[:1],
                       higher=store.params.metric.label != "l2")
 
@@ -156,12 +165,25 @@ def test_the_plan_is_direct_for_few_ids_and_a_scan_otherwise(churned, small_data
     monkeypatch.setattr(Searcher, "search", counted("scan", scan))
     monkeypatch.setattr(Searcher, "search_direct", counted("direct", direct))
     q = small_data["queries"][:3]
-    churned.search(q, nprobe=2, filter=Filter.allow(np.arange(50)))  # 50 < 2 * 1300 / 8
-    churned.search(q, nprobe=2, filter=Filter.id_range(0, 300))  # 257 live <= 325
-    churned.search(q, nprobe=2, filter=Filter.allow(np.arange(1000)))  # 1000 > 325
-    churned.search(q, nprobe=2, filter=Filter.id_range(0, 1000))  # more than 325 in range
-    churned.search(q, nprobe=2, filter=~Filter.allow(np.arange(50)))  # unbounded
+    filters = (Filter.allow(np.arange(50)),  # 50 < 2 * 1300 / 8 = 325
+               Filter.id_range(0, 300),  # 257 live ids <= 325
+               Filter.allow(np.arange(1000)),  # 1000 > 325
+               Filter.id_range(0, 1000),  # more than 325 live ids in the range
+               ~Filter.allow(np.arange(50)))  # no bound
+    with testing.search_config(churned, **ROWS_RULE):
+        for flt in filters:
+            churned.search(q, nprobe=2, filter=flt)
+        plans = [churned.search_plan(2, filter=flt) for flt in filters]
     assert calls == ["direct", "direct", "scan", "scan", "scan"]
+    assert [p.plan for p in plans] == ["direct", "direct", "scan", "scan", "scan"]
+    live = set(range(1500)) - set(range(0, 1500, 7)) | set(range(100, 150))
+    assert plans[0].candidates == len(live & set(range(50)))
+    assert plans[1].candidates == len(live & set(range(300)))
+    assert churned.search_plan(8).plan == "scan"
+    # The default cost model: a few hundred queries make a direct plan of 50 ids pay off, one
+    # query does not (its fixed cost per candidate outweighs one scan of 2 lists).
+    assert churned.search_plan(2, filter=filters[0], nq=1).plan == "scan"
+    assert churned.search_plan(2, filter=filters[0], nq=10_000).plan == "direct"
 
 
 def test_a_selective_filter_still_fills_k_from_the_probed_lists(churned, small_data):
@@ -221,5 +243,40 @@ def test_the_direct_plan_refuses_a_damaged_id_map(tmp_path, small_data):
         txn.put(victim.to_bytes(8, "big"), entry, db=dbs["ids"])
         assert struct.unpack("<IIQ", entry)[0] == 2
     with ivfpq_store.open(path, readonly=True) as store, \
+            testing.search_config(store, **ALWAYS_DIRECT), \
             pytest.raises(ivfpq_store.CorruptStoreError, match="id map places ids of list 2"):
         store.search(small_data["queries"][:2], filter=Filter.allow([victim]))
+
+
+@pytest.mark.parametrize("allowed", [
+    pytest.param([5, 2**40, 2**62, 2**63 - 1], id="sparse: binary search"),
+    pytest.param(list(range(0, 3000, 3)), id="dense: bitmap"),
+])
+def test_allow_matches_exactly_whatever_the_lookup(allowed: list[int]) -> None:
+    """Dense allow sets are looked up in a bitmap, sparse ones by binary search: both admit
+    exactly the set, ids past either end and negative ids included."""
+    flt = Filter.allow(np.array(allowed[::-1], dtype=np.int64))
+    probe = np.array(sorted({-1, 0, 4, 5, 6, 2999, 3000, 3001, 2**40 - 1, 2**40, 2**62,
+                             2**63 - 2, 2**63 - 1} | set(allowed[:50])), dtype=np.int64)
+    assert flt.matches(probe).tolist() == [i in set(allowed) for i in probe.tolist()]
+
+
+@pytest.mark.parametrize("name", ["allow-half", "deny-half", "combined", "allow-few"])
+def test_filtered_range_search_is_the_unfiltered_one_restricted(churned, small_data, name):
+    """range_search(filter=) returns exactly the unfiltered results whose ids the filter
+    admits, in the same order with the same distances (a range search always scans the
+    probed lists)."""
+    store = churned
+    flt = FILTERS[name]()
+    queries = small_data["queries"][:8]
+    full = store.search(queries, k=30, nprobe=3)
+    radius = float(np.median(full.distances[:, 20]))
+    plain = store.range_search(queries, radius, nprobe=3)
+    got = store.range_search(queries, radius, nprobe=3, filter=flt)
+    assert got.lims[-1] > 0
+    for q in range(len(queries)):
+        ids = plain.ids[plain.lims[q]: plain.lims[q + 1]]
+        keep = flt.matches(ids)
+        np.testing.assert_array_equal(got.ids[got.lims[q]: got.lims[q + 1]], ids[keep])
+        np.testing.assert_array_equal(got.distances[got.lims[q]: got.lims[q + 1]],
+                                      plain.distances[plain.lims[q]: plain.lims[q + 1]][keep])

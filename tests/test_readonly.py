@@ -25,10 +25,10 @@ from ivfpq_store.storage import lmdb_env
 
 NOBODY = 65534
 
-# Runs as root until everything is imported (the interpreter may live where "nobody" cannot
-# read), then becomes "nobody" and reads the store through the library and the CLI.
+# Reads the store once as root, so that every module the reads need is imported (the
+# interpreter and its packages may live where "nobody" cannot read: numpy imports some of its
+# own lazily), then becomes "nobody" and reads it again through the library and the CLI.
 AS_NOBODY = """
-import difflib  # click's parser imports it on its way to short options such as -k
 import json, os, sys
 import numpy as np
 from click.testing import CliRunner
@@ -38,25 +38,33 @@ from ivfpq_store.cli import cli
 path, queries_file = sys.argv[1], sys.argv[2]
 queries = np.load(queries_file)
 runner = CliRunner()
+COMMANDS = (["info", path, "--json"], ["lists", path, "--json"], ["verify", path],
+            ["search", path, queries_file, "-k", "5", "--nprobe", "4", "--json"])
+
+
+def read_all():
+    out = {"can_write_lock": os.access(path + "/catalog/lock.mdb", os.W_OK),
+           "can_write_dir": os.access(path + "/catalog", os.W_OK)}
+    with ivfpq_store.open(path, readonly=True) as store:
+        out["lockfree"] = store._live_catalog().lockfree
+        out["ids"] = store.search(queries, k=5, nprobe=4).ids.tolist()
+        out["len"] = len(store)
+        out["verify_ok"] = store.verify().ok
+    try:
+        ivfpq_store.open(path).close()
+    except ivfpq_store.ReadOnlyStoreError as err:
+        out["writable_open"] = str(err)
+    for args in COMMANDS:
+        result = runner.invoke(cli, args)
+        out[args[0]] = [result.exit_code, result.stdout, result.stderr + repr(result.exception)]
+    return out
+
+
+read_all()  # as root: imports everything the reads use
 os.setgroups([])
 os.setgid(NOBODY)
 os.setuid(NOBODY)
-out = {"can_write_lock": os.access(path + "/catalog/lock.mdb", os.W_OK),
-       "can_write_dir": os.access(path + "/catalog", os.W_OK)}
-with ivfpq_store.open(path, readonly=True) as store:
-    out["lockfree"] = store._live_catalog().lockfree
-    out["ids"] = store.search(queries, k=5, nprobe=4).ids.tolist()
-    out["len"] = len(store)
-    out["verify_ok"] = store.verify().ok
-try:
-    ivfpq_store.open(path)
-except ivfpq_store.ReadOnlyStoreError as err:
-    out["writable_open"] = str(err)
-for args in (["info", path, "--json"], ["lists", path, "--json"], ["verify", path],
-             ["search", path, queries_file, "-k", "5", "--nprobe", "4", "--json"]):
-    result = runner.invoke(cli, args)
-    out[args[0]] = [result.exit_code, result.stdout, result.stderr + repr(result.exception)]
-print(json.dumps(out))
+print(json.dumps(read_all()))
 """.replace("NOBODY", str(NOBODY))
 
 

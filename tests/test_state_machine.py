@@ -4,7 +4,8 @@ The model maps each live id to its latest vector. After every step the store mus
 it exactly: its length and per-list counts, the live contents of every inverted list (each id
 once, with the list and code that ``assign`` gives its vector), an exhaustive search
 (``nprobe == nlist``) whose ids are the model's ids and whose distances are the ADC distances
-recomputed here from the store's centroids and codebooks, and a clean ``verify()``.
+recomputed here from the store's centroids and codebooks, and a clean ``verify()``. Filtered
+searches are checked against the model's admitted ids.
 
 Training happens once per session: every example copies an empty trained store template.
 """
@@ -31,6 +32,7 @@ from hypothesis.stateful import (
 )
 
 import ivfpq_store
+from ivfpq_store import testing
 
 DIM = 16
 NLIST = 8
@@ -238,6 +240,45 @@ class StoreMachine(RuleBasedStateMachine):
             assert (got_d[:-1] <= got_d[1:]).all(), got_d.tolist()
             if found:
                 best = np.sort(np.array(list(adc[q].values())))[:found]
+                np.testing.assert_allclose(got_d[:found], best, rtol=RTOL, atol=ATOL)
+                mine = np.array([adc[q][i] for i in got_ids[:found].tolist()])
+                np.testing.assert_allclose(got_d[:found], mine, rtol=RTOL, atol=ATOL)
+
+    @rule(data=st.data())
+    def filtered_search(self, data: st.DataObject) -> None:
+        """A filtered search (scan or direct plan, whichever the filter and nprobe give) is the
+        exact best k of the model's admitted ids (nprobe = nlist, so every list is probed),
+        and returns only admitted, live ids."""
+        assert self.store is not None
+        ids_st = st.lists(st.integers(0, MAX_EXPLICIT_ID + 20), max_size=12)
+        kind = data.draw(st.sampled_from(["allow", "deny", "range", "allow-and-not"]),
+                         label="filter")
+        if kind == "allow":
+            flt = ivfpq_store.Filter.allow(data.draw(ids_st, label="allowed"))
+        elif kind == "deny":
+            flt = ivfpq_store.Filter.deny(data.draw(ids_st, label="denied"))
+        elif kind == "range":
+            lo = data.draw(st.integers(0, MAX_EXPLICIT_ID), label="lo")
+            flt = ivfpq_store.Filter.id_range(lo, lo + data.draw(st.integers(0, 30), label="w"))
+        else:
+            flt = ivfpq_store.Filter.allow(data.draw(ids_st, label="allowed")) & \
+                ~ivfpq_store.Filter.id_range(0, data.draw(st.integers(0, 30), label="hi"))
+        admitted = [i for i in sorted(self.model) if flt.matches(np.array([i]))[0]]
+        k = data.draw(st.integers(1, len(admitted) + 2), label="k")
+        # A free cost model makes every bounded filter run the direct plan.
+        direct = data.draw(st.booleans(), label="direct plan when bounded")
+        knobs = {"direct_per_candidate": 0.0, "direct_per_pair": 0.0} if direct else {}
+        with testing.search_config(self.store, **knobs):
+            result = self.store.search(QUERIES, k=k, nprobe=NLIST, filter=flt)
+        adc = self._adc_distances()
+        found = min(k, len(admitted))
+        for q in range(len(QUERIES)):
+            got_ids, got_d = result.ids[q], result.distances[q]
+            assert (got_ids[found:] == -1).all(), got_ids.tolist()
+            assert set(got_ids[:found].tolist()) <= set(admitted), got_ids.tolist()
+            assert len(set(got_ids[:found].tolist())) == found, got_ids.tolist()
+            if found:
+                best = np.sort(np.array([adc[q][i] for i in admitted]))[:found]
                 np.testing.assert_allclose(got_d[:found], best, rtol=RTOL, atol=ATOL)
                 mine = np.array([adc[q][i] for i in got_ids[:found].tolist()])
                 np.testing.assert_allclose(got_d[:found], mine, rtol=RTOL, atol=ATOL)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -17,9 +18,9 @@ import numpy as np
 
 from ..errors import IvfpqError
 
-__all__ = ["EXIT_DAMAGED", "EXIT_UNCHECKED", "PathType", "batch_option", "bytes_line", "cli",
-           "emit", "existing_file", "histogram", "json_option", "main", "progress", "quiet_option",
-           "store_argument", "store_options"]
+__all__ = ["EXIT_DAMAGED", "EXIT_UNCHECKED", "FiniteFloat", "PathType", "batch_option",
+           "bytes_line", "cli", "emit", "existing_file", "histogram", "json_option", "main",
+           "progress", "quiet_option", "store_argument", "store_options"]
 
 #: Exit code of ``verify`` when the store is damaged.
 EXIT_DAMAGED = 3
@@ -62,6 +63,18 @@ class PathType(click.Path):
         if "\0" in (value if isinstance(value, str) else str(value)):
             self.fail(f"{value!r} contains a NUL byte", param, ctx)
         return super().convert(value, param, ctx)
+
+
+class FiniteFloat(click.types.FloatParamType):
+    """A float option that refuses NaN and infinities as a usage error (click's FLOAT takes
+    them, and FloatRange lets NaN through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 existing_file = PathType(exists=True, dir_okay=False, path_type=Path)

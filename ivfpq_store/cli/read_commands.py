@@ -1,8 +1,9 @@
-"""Commands that read a store: search, info, lists, verify, and the demo."""
+"""Commands that read a store: search, range-search, info, lists, verify, and the demo."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from ..verify import cannot_check
 from .base import (
     EXIT_DAMAGED,
     EXIT_UNCHECKED,
+    FiniteFloat,
     PathType,
     bytes_line,
     cli,
@@ -29,12 +31,46 @@ from .base import (
     store_options,
 )
 
-__all__ = ["demo", "info", "lists_", "search", "verify"]
+__all__ = ["demo", "info", "lists_", "range_search", "search", "verify"]
 
 
 def _result_doc(i: int, ids: np.ndarray, distances: np.ndarray) -> dict[str, Any]:
     keep = ids >= 0  # padding (-1 / ±inf) is left out: JSON has no infinity
     return {"query": i, "ids": ids[keep].tolist(), "distances": distances[keep].tolist()}
+
+
+def _put_result(doc: dict[str, Any], results: list[dict[str, Any]], *, as_json: bool,
+                jsonl: bool) -> None:
+    """One query's results: a JSON line now (--jsonl), kept for the final document
+    (--json), or a human line now."""
+    if jsonl:
+        click.echo(json.dumps(doc))
+    elif as_json:
+        results.append(doc)
+    else:
+        pairs = ", ".join(f"{i} ({d:.6g})" for i, d in
+                          zip(doc["ids"], doc["distances"], strict=True))
+        click.echo(f"query {doc['query']}: {pairs}")
+
+
+def filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--allow-ids and --deny-ids, for the commands that search."""
+    command = click.option("--deny-ids", type=existing_file,
+                           help="Never return these ids (same formats).")(command)
+    return click.option("--allow-ids", type=existing_file,
+                        help="Return only these ids (.npy, .ivecs of dimension 1, or text, one "
+                             "per line).")(command)
+
+
+def _filter_from(allow_ids: Path | None, deny_ids: Path | None) -> ivfpq_store.Filter | None:
+    """The filter --allow-ids and --deny-ids ask for: allowed and not denied."""
+    flt = None
+    if allow_ids is not None:
+        flt = ivfpq_store.Filter.allow(read_ids(allow_ids))
+    if deny_ids is not None:
+        denied = ivfpq_store.Filter.deny(read_ids(deny_ids))
+        flt = denied if flt is None else flt & denied
+    return flt
 
 
 @cli.command()
@@ -46,10 +82,7 @@ def _result_doc(i: int, ids: np.ndarray, distances: np.ndarray) -> dict[str, Any
               help="Lists probed per query, at most the store's nlist.")
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1),
               metavar="N", help="Queries searched per batch.")
-@click.option("--allow-ids", type=existing_file,
-              help="Return only these ids (.npy, .ivecs of dimension 1, or text, one per line).")
-@click.option("--deny-ids", type=existing_file,
-              help="Never return these ids (same formats).")
+@filter_options
 @json_option
 @click.option("--jsonl", is_flag=True,
               help="Print one JSON line per query, as results come (not with --json).")
@@ -70,31 +103,67 @@ def search(store: Path, queries: Path, k: int, nprobe: int, batch_size: int,
     if as_json and jsonl:
         raise click.UsageError("--json and --jsonl are mutually exclusive")
     vf = open_vectors(queries)
-    flt = None
-    if allow_ids is not None:
-        flt = ivfpq_store.Filter.allow(read_ids(allow_ids))
-    if deny_ids is not None:
-        denied = ivfpq_store.Filter.deny(read_ids(deny_ids))
-        flt = denied if flt is None else flt & denied
-    results = []
+    flt = _filter_from(allow_ids, deny_ids)
+    results: list[dict[str, Any]] = []
     with ivfpq_store.open(store, readonly=True, **store_options()) as s:
         start = 0
         for batch in vf.batches(batch_size):
             distances, ids = s.search(batch, k=k, nprobe=nprobe, filter=flt)
             for row in range(len(batch)):
-                doc = _result_doc(start + row, ids[row], distances[row])
-                if jsonl:
-                    click.echo(json.dumps(doc))
-                elif as_json:
-                    results.append(doc)
-                else:
-                    pairs = ", ".join(f"{i} ({d:.6g})" for i, d in
-                                      zip(doc["ids"], doc["distances"], strict=True))
-                    click.echo(f"query {start + row}: {pairs}")
+                _put_result(_result_doc(start + row, ids[row], distances[row]), results,
+                            as_json=as_json, jsonl=jsonl)
             start += len(batch)
     if as_json:
         emit({"k": k, "nprobe": nprobe, "queries": start, "results": results}, as_json=True,
              lines=[])
+
+
+@cli.command("range-search")
+@store_argument
+@click.argument("queries", type=existing_file)
+@click.option("--radius", required=True, type=FiniteFloat(), metavar="R",
+              help="Squared distance for l2 (results below it), score for ip and cosine "
+                   "(results above it).")
+@click.option("--nprobe", default=8, show_default=True, type=click.IntRange(1), metavar="N",
+              help="Lists probed per query, at most the store's nlist.")
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1),
+              metavar="N", help="Queries searched per batch.")
+@filter_options
+@json_option
+@click.option("--jsonl", is_flag=True,
+              help="Print one JSON line per query, as results come (not with --json).")
+def range_search(store: Path, queries: Path, radius: float, nprobe: int, batch_size: int,
+                 allow_ids: Path | None, deny_ids: Path | None, as_json: bool,
+                 jsonl: bool) -> None:
+    """Search STORE for every vector within --radius of each vector in QUERIES.
+
+    Only the probed lists are scanned. STORE is opened read-only. Results come best first:
+    squared distances ascending for l2 (those below R), scores descending for ip and cosine
+    (those above R); a query with no result still gets its line. A radius every vector passes
+    prints every vector of the probed lists for each query. --allow-ids and --deny-ids
+    restrict the results as for search.
+
+    \b
+    Example:
+        ivfpq-store range-search sift.ivfpq queries.fvecs --radius 80000 --nprobe 16 --jsonl
+    """
+    if as_json and jsonl:
+        raise click.UsageError("--json and --jsonl are mutually exclusive")
+    vf = open_vectors(queries)
+    flt = _filter_from(allow_ids, deny_ids)
+    results: list[dict[str, Any]] = []
+    with ivfpq_store.open(store, readonly=True, **store_options()) as s:
+        start = 0
+        for batch in vf.batches(batch_size):
+            lims, distances, ids = s.range_search(batch, radius, nprobe=nprobe, filter=flt)
+            for row, (a, b) in enumerate(zip(lims[:-1].tolist(), lims[1:].tolist(),
+                                             strict=True)):
+                _put_result(_result_doc(start + row, ids[a:b], distances[a:b]), results,
+                            as_json=as_json, jsonl=jsonl)
+            start += len(batch)
+    if as_json:
+        emit({"radius": radius, "nprobe": nprobe, "queries": start, "results": results},
+             as_json=True, lines=[])
 
 
 @cli.command()

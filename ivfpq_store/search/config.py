@@ -1,7 +1,9 @@
 """The search's tuning knobs, in one frozen value: memory budgets, thresholds, threads.
 
-None of them changes a result: each moves work between strategies or between blocks, and
-tests use small values to drive every branch (see tests/test_search.py).
+None of them changes a result but the filtered-search cost model, which chooses between two
+plans whose results are documented (a scan of the probed lists, or every admitted vector):
+each moves work between strategies or between blocks, and tests use small values to drive
+every branch (see tests/test_search.py, tests/test_filters.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ class SearchConfig:
     few_queries: int = 3
     #: Floats of lookup tables gathered from at once by the few-queries path (1 MiB).
     table_cache: int = 1 << 18
+    #: Records a range search scores per block of queries (summed over the lists each query
+    #: probes; at least one query per block): the block's candidates (about 60 bytes each at
+    #: the peak, 120 MiB at most here) are held until they are sorted; only the results (12
+    #: bytes each) are kept across blocks.
+    range_budget: int = 1 << 21
     #: Threads of the C kernel (one per CPU this process may run on; see _kernel.THREADS).
     threads: int = _kernel.THREADS
     #: Queries below which the kernel probes on one thread.
@@ -49,6 +56,16 @@ class SearchConfig:
     #: Bytes of l2 list terms (m * 256 floats per list) kept for the life of the searcher: up
     #: to 4,096 lists at m=16. Past it each scanned list's terms are recomputed by every search.
     list_terms_budget: int = 64 << 20
+    #: The cost model that chooses a filtered search's plan (search/filtered.py,
+    #: ``direct_limit``), in nanoseconds, fitted to `python tools/bench.py --dataset synthetic
+    #: --n 1000000 --nlist 1024 --nprobe 16 --filters 0.5,0.1,0.01,0.001` (2 cores, C kernel):
+    #: a direct plan costs about 18 us per candidate once per call (its id-map lookup, the
+    #: segment maps of the lists it touches, decoding) plus 40 ns per candidate and query; a
+    #: scan 13 ns per probed row and query plus 115 ns per probed row once.
+    direct_per_candidate: float = 18_000.0
+    direct_per_pair: float = 40.0
+    scan_per_row_once: float = 115.0
+    scan_per_row: float = 13.0
 
 
 DEFAULT_CONFIG = SearchConfig()

@@ -3,29 +3,34 @@
 - **scan**: the probed lists are scanned as without a filter, each list's filtered-out rows
   skipped like its tombstones (:class:`FilteredRows`). Results are the exact best k among the
   admitted vectors of the probed lists, so never fewer than k when the probed lists hold k.
-- **direct**: when the filter names few ids (its :meth:`~ivfpq_store.filters.Filter.bound`,
-  looked up in the id map), their records are read through the id map and scored by the
+- **direct**: when the filter names few enough ids (its
+  :meth:`~ivfpq_store.filters.Filter.bound`, looked up in the id map; how few depends on the
+  number of queries, :func:`direct_limit`), their records are read and scored by the
   distance to their reconstructions, the distance a scan computes, whatever list they are in
   (:func:`search_direct`). Results are the exact best k of every admitted vector.
 
-:func:`direct_is_cheaper` chooses between them.
+:func:`direct_limit` chooses between them, by a cost model of :class:`.config.SearchConfig`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import CorruptStoreError, StaleSnapshotError
 from ..filters import Filter
 from ..format.records import ListRecord
 from ..quantizer import Quantizer
+from ..storage import Catalog, CatalogSnapshot
 from ..types import F32Array, I64Array, Metric
 from .config import SearchConfig
 from .plan import RecordFetcher
 
-__all__ = ["FilteredRows", "Located", "direct_is_cheaper", "search_direct"]
+__all__ = ["FilteredRows", "Located", "SearchPlan", "direct_limit", "locate_admitted",
+           "search_direct"]
 
 
 class FilteredRows(Mapping[int, np.ndarray]):
@@ -49,10 +54,11 @@ class FilteredRows(Mapping[int, np.ndarray]):
         if record is None or record.count == 0:
             return dead
         ids = self._fetch(list_no, record)["id"]
-        out = np.flatnonzero(~self._filter.matches(ids))
+        rejected = ~self._filter.matches(ids)
         if dead is not None:
-            out = np.union1d(out, dead)
-        return out.astype(np.int64) if len(out) else None
+            rejected[dead] = True
+        out = np.flatnonzero(rejected)
+        return out if len(out) else None
 
     def __getitem__(self, list_no: int) -> np.ndarray:
         rows = self.get(list_no)
@@ -67,6 +73,14 @@ class FilteredRows(Mapping[int, np.ndarray]):
         return sum(1 for _ in self)
 
 
+class SearchPlan(NamedTuple):
+    """How a search runs: ``plan`` is ``"scan"`` or ``"direct"``; ``candidates`` the live
+    vectors a direct plan scores (None for a scan)."""
+
+    plan: str
+    candidates: int | None
+
+
 class Located(NamedTuple):
     """Live admitted vectors found through the id map, sorted by (list, row)."""
 
@@ -75,10 +89,59 @@ class Located(NamedTuple):
     rows: I64Array
 
 
-def direct_is_cheaper(candidates: int, nprobe: int, nlist: int, ntotal: int) -> bool:
-    """Whether scoring ``candidates`` vectors directly costs less than scanning ``nprobe``
-    lists: true when they are fewer than the probed lists hold on average."""
-    return candidates <= nprobe * ntotal / max(nlist, 1)
+def direct_limit(config: SearchConfig, nq: int, nprobe: int, nlist: int, ntotal: int) -> int:
+    """The most candidates for which a direct plan is expected to cost less than a scan of
+    ``nq`` queries over ``nprobe`` of ``nlist`` lists holding ``ntotal`` vectors, by the cost
+    model of ``config``: with the defaults, about 0.7 % of the probed rows for one query and
+    23 % for a batch of 1,000."""
+    rows = nprobe * ntotal / max(nlist, 1)
+    scan = rows * (config.scan_per_row_once + config.scan_per_row * nq)
+    return int(scan / max(config.direct_per_candidate + config.direct_per_pair * nq, 1e-9))
+
+
+def locate_admitted(catalog: Catalog, snap: CatalogSnapshot, flt: Filter, limit: int,
+                    fetch: RecordFetcher, where: Path) -> Located | None:
+    """The live vectors ``flt`` admits, found through the id map in the state ``snap``, when
+    the filter bounds them to at most ``limit`` (:func:`direct_limit`); None otherwise. Each
+    entry is checked against the snapshot and the segment (its record must be committed,
+    live, and hold the id).
+
+    Raises
+    ------
+    StaleSnapshotError
+        The catalog moved past ``snap`` (the caller takes a new one).
+    CorruptStoreError
+        The id map names a record that does not hold the id (``where`` names the store).
+    """
+    bound = flt.bound()
+    if bound is None or (bound.ids is not None and len(bound.ids) > limit):
+        return None
+    found = catalog.locate_at(snap.state.commit, bound.ids, lo=bound.lo, hi=bound.hi,
+                              limit=limit)
+    if found is None:
+        raise StaleSnapshotError(f"{where}: the catalog moved on during the search")
+    ids, entries, truncated = found
+    if truncated:
+        return None
+    keep = flt.matches(ids)
+    ids, entries = ids[keep], entries[keep]
+    order = np.lexsort((entries["row"], entries["list_no"]))
+    ids, entries = ids[order], entries[order]
+    list_nos = entries["list_no"].astype(np.int64)
+    rows = entries["row"].astype(np.int64)
+    for list_no in np.unique(list_nos).tolist():
+        sel = list_nos == list_no
+        record = snap.lists.get(list_no)
+        held = None
+        if (record is not None and (entries["generation"][sel] == record.generation).all()
+                and int(rows[sel].max()) < record.count
+                and not np.isin(rows[sel], snap.deleted.get(list_no, [])).any()):
+            held = fetch(list_no, record)["id"][rows[sel]]
+        if held is None or (held != ids[sel]).any():
+            raise CorruptStoreError(
+                f"{where}: the id map places ids of list {list_no} at records that do not "
+                "hold them; the catalog is damaged (run verify)")
+    return Located(ids, list_nos, rows)
 
 
 def search_direct(qz: Quantizer, config: SearchConfig, queries: F32Array, k: int,

@@ -1,7 +1,9 @@
-"""The searcher: one search call, from validated queries to (distances, ids).
+"""The searcher: one search call, from validated queries to (distances, ids); and one range
+search call, to every result within a radius.
 
-It probes, picks a scan (the compiled kernel; or numpy's single-query or batch scan), and
-turns costs into distances. The scans never touch files: they read lists through the
+A search probes, picks a scan (the compiled kernel; or numpy's single-query or batch scan),
+and turns costs into distances. A range search probes and runs the numpy range scan
+(:mod:`.range`). The scans never touch files: they read lists through the
 caller's :data:`~ivfpq_store.search.plan.RecordFetcher`.
 """
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from .. import _kernel
 from ..format.records import ListRecord
-from ..params import SearchParams
+from ..params import RangeParams, SearchParams
 from ..quantizer import Quantizer
 from ..types import F32Array, I64Array, Metric
 from . import numpy_single
@@ -24,9 +26,10 @@ from .filtered import Located, search_direct
 from .kernel_scan import scan_kernel
 from .numpy_batch import scan_batch
 from .plan import RecordFetcher
+from .range import scan_range
 from .topk import TopK
 
-__all__ = ["SearchResult", "Searcher"]
+__all__ = ["RangeResult", "SearchResult", "Searcher"]
 
 
 class SearchResult(NamedTuple):
@@ -36,6 +39,21 @@ class SearchResult(NamedTuple):
     for l2 and -inf for ip/cosine.
     """
 
+    distances: F32Array
+    ids: I64Array
+
+
+class RangeResult(NamedTuple):
+    """Result of a range search, in faiss's layout: the results of query i are
+    ``distances[lims[i]:lims[i + 1]]`` and ``ids[lims[i]:lims[i + 1]]``, best first.
+
+    ``lims`` is int64 (nq + 1,) from 0 to the total; ``distances`` float32 and ``ids`` int64
+    have that total length. Best first is squared l2 distance ascending, ip/cosine score
+    descending; equal distances come in storage order (the query's better-ranked list, then
+    the earlier row), as in :class:`SearchResult`.
+    """
+
+    lims: I64Array
     distances: F32Array
     ids: I64Array
 
@@ -98,6 +116,27 @@ class Searcher:
         if self.quantizer.metric is Metric.L2:  # rounding can make a tiny square distance < 0
             return SearchResult(np.maximum(cost, 0.0, out=cost), ids)
         return SearchResult(np.negative(cost, out=cost), ids)
+
+    def range_search(self, queries: F32Array, params: RangeParams,
+                     lists: Mapping[int, ListRecord], deleted: Mapping[int, np.ndarray],
+                     fetch: RecordFetcher) -> RangeResult:
+        """Every record of each query's ``params.nprobe`` probed lists within
+        ``params.radius``: l2 distance < radius, ip/cosine score > radius.
+
+        ``queries`` (nq, dim) float32, already validated and (for cosine) normalised;
+        ``lists``, ``deleted`` and ``fetch`` as for :meth:`search`. Every row ``deleted``
+        names (list_no -> sorted int64 rows) is skipped, so a caller may hide more rows than
+        the tombstones by passing a mapping that merges them in.
+        """
+        qz, config = self.quantizer, self.config
+        queries = np.asarray(queries, dtype=np.float32)
+        # Always numpy's probe and scan: the kernel keeps a top-k, not every hit.
+        coarse, probed = qz.probe(queries, params.nprobe, block=config.probe_block)
+        lims, cost, ids = scan_range(qz, config, queries, coarse, probed, params.radius, lists,
+                                     deleted, fetch)
+        if qz.metric is not Metric.L2:  # l2 costs are distances, already floored at 0
+            np.negative(cost, out=cost)
+        return RangeResult(lims, cost, ids)
 
     def _list_terms(self, kernel: _kernel.Kernel) -> F32Array | None:
         """The l2 list terms of every list, computed on first use; None past the budget."""
