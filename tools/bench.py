@@ -12,7 +12,8 @@ for each fraction, an allow-list of ids drawn at random (ours ``Filter.allow``, 
 against the exact filtered ground truth: recall 10@10, batch time next to an unfiltered batch
 of the same system, how often fewer than k came back, single-query p50, and the plan ours ran.
 With ``--crossover 4000,8000,...`` it times our two filtered plans against each other for
-random allow-lists of those sizes (batch and single queries), to place ``direct_is_cheaper``.
+random allow-lists of those sizes (batch and single queries), to fit the cost model that
+chooses between them (``SearchConfig``'s ``direct_per_*`` and ``scan_per_*`` knobs).
 
 Usage::
 
@@ -23,10 +24,10 @@ Usage::
         --filters 0.5,0.1,0.01,0.001 --crossover 4000,8000,16000,32000 --out bench-out/1m-f
 
 Only the public API of ivfpq_store is used, except by the filtered part. It names the plan
-ours runs with the library's own rule (``ivfpq_store.search.filtered.direct_is_cheaper``),
-checks it by counting the searcher's ``search_direct`` calls in one untimed search (through
-``ivfpq_store.testing.searcher``), and, for ``--crossover`` only, replaces that rule in
-``ivfpq_store.store`` to force the direct plan. Batch searches are timed after a warm-up, best
+ours runs by ``Store.search_plan``, checks it by counting the searcher's ``search_direct``
+calls in one untimed search (through ``ivfpq_store.testing.searcher``), and, for
+``--crossover`` only, makes the direct plan free in the cost model
+(``ivfpq_store.testing.search_config``) to force it. Batch searches are timed after a warm-up, best
 of ``--repeat``, with a pause before each timing (see ``SETTLE_S``); the machine is shared, so
 compare the ratios, which both systems share.
 """
@@ -175,20 +176,10 @@ print(json.dumps({"rss_anon_before": before, "rss_anon_after_searches": during})
 FAR = (2**62, 2**62 + 1)
 
 
-def ours_plan(flt: ivfpq_store.Filter, nprobe: int, nlist: int, ids: np.ndarray) -> str:
-    """The plan Store.search runs for ``flt`` on a store holding exactly ``ids`` (sorted), by
-    its own rule (store.py ``_locate_admitted``): direct when the filter's bound names no more
-    ids than ``direct_is_cheaper`` allows (for a range: no more stored ids than
-    ``int(nprobe * ntotal / nlist)``, past which the id-map walk stops), else scan."""
-    from ivfpq_store.search.filtered import direct_is_cheaper
-
-    bound = flt.bound()
-    if bound is None:
-        return "scan"
-    if bound.ids is not None:
-        return "direct" if direct_is_cheaper(len(bound.ids), nprobe, nlist, len(ids)) else "scan"
-    held = int(np.searchsorted(ids, bound.hi) - np.searchsorted(ids, bound.lo))
-    return "direct" if held <= int(nprobe * len(ids) / max(nlist, 1)) else "scan"
+def ours_plan(store: Any, flt: ivfpq_store.Filter, nprobe: int, nq: int) -> str:
+    """The plan Store.search runs for ``flt`` and ``nq`` queries, by its own cost model
+    (``Store.search_plan``)."""
+    return str(store.search_plan(nprobe, filter=flt, nq=nq).plan)
 
 
 @contextlib.contextmanager
@@ -212,16 +203,13 @@ def counting_direct(store: Any) -> Iterator[list[int]]:
 
 
 @contextlib.contextmanager
-def forced_direct() -> Iterator[None]:
-    """Make Store.search take the direct plan for every allow-list, whatever its size."""
-    from ivfpq_store import store as store_module
+def forced_direct(store: Any) -> Iterator[None]:
+    """Make ``store``'s searches take the direct plan for every bounded filter, whatever its
+    size (a free direct plan in the cost model, ``SearchConfig``)."""
+    from ivfpq_store import testing
 
-    original = store_module.direct_is_cheaper  # type: ignore[attr-defined]
-    store_module.direct_is_cheaper = lambda *_: True  # type: ignore[attr-defined]
-    try:
+    with testing.search_config(store, direct_per_candidate=0.0, direct_per_pair=0.0):
         yield
-    finally:
-        store_module.direct_is_cheaper = original  # type: ignore[attr-defined]
 
 
 def plan_ran(store: Any, query: np.ndarray, nprobe: int, flt: ivfpq_store.Filter) -> str:
@@ -254,7 +242,6 @@ def measure_filters(args: argparse.Namespace, store: Any, index: Any, xb: np.nda
     n, k = len(xb), 10
     nlist = store.params.nlist
     nprobe = min(args.filter_nprobe, nlist)
-    ids_held = np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(args.seed + 1)
     rows = []
     for fraction in args.filters:
@@ -277,8 +264,8 @@ def measure_filters(args: argparse.Namespace, store: Any, index: Any, xb: np.nda
             # The params hold a raw pointer to the selector; ``sel`` keeps it alive for this
             # loop body, which is as long as ``fparams`` is used.
             fparams.sel, fparams.nprobe = sel, nprobe
-            plan = ours_plan(flt, nprobe, nlist, ids_held)
-            ran = plan_ran(store, xq[:1], nprobe, flt)
+            plan = ours_plan(store, flt, nprobe, len(xq))
+            ran = plan_ran(store, xq, nprobe, flt)
             if ran != plan:
                 print(f"warning: {kind} {fraction}: the rule says {plan}, the search ran {ran}",
                       file=sys.stderr)
@@ -315,7 +302,11 @@ def measure_filters(args: argparse.Namespace, store: Any, index: Any, xb: np.nda
                   f"{f['recall_10_at_10']:.3f}; batch x{o['batch_ratio']:.2f}/"
                   f"x{f['batch_ratio']:.2f} of unfiltered; <k {o['fewer_than_k']:.3f}/"
                   f"{f['fewer_than_k']:.3f}", file=sys.stderr)
-    return {"nprobe": nprobe, "direct_limit": int(nprobe * n / max(nlist, 1)), "rows": rows}
+    from ivfpq_store import testing
+    from ivfpq_store.search.filtered import direct_limit
+
+    limit = direct_limit(testing.searcher(store).config, len(xq), nprobe, nlist, n)
+    return {"nprobe": nprobe, "direct_limit": limit, "rows": rows}
 
 
 def measure_crossover(args: argparse.Namespace, store: Any, xb: np.ndarray,
@@ -325,7 +316,6 @@ def measure_crossover(args: argparse.Namespace, store: Any, xb: np.ndarray,
     n, k = len(xb), 10
     nlist = store.params.nlist
     nprobe = min(args.filter_nprobe, nlist)
-    ids_held = np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(args.seed + 2)
     search = functools.partial(store.search, k=k, nprobe=nprobe)
     rows = []
@@ -337,10 +327,11 @@ def measure_crossover(args: argparse.Namespace, store: Any, xb: np.ndarray,
             raise RuntimeError("the scan filter has a bound; it would not force a scan")
         fgt = ids[ground_truth(xb[ids], xq, k)]
         _, base_s = best_of(args.repeat, search, xq)
-        row: dict[str, Any] = {"size": len(ids), "default_plan": ours_plan(direct, nprobe, nlist,
-                                                                            ids_held),
+        row: dict[str, Any] = {"size": len(ids),
+                               "default_plan": ours_plan(store, direct, nprobe, len(xq)),
+                               "default_plan_single": ours_plan(store, direct, nprobe, 1),
                                "unfiltered_batch_s": base_s}
-        with forced_direct():
+        with forced_direct(store):
             if plan_ran(store, xq[:1], nprobe, direct) != "direct":
                 raise RuntimeError("could not force the direct plan")
             for label, flt in (("direct", direct), ("scan", scan)):
@@ -554,7 +545,8 @@ def markdown_filtered(flt: dict[str, Any]) -> list[str]:
     lines = [(f"Filtered search, nprobe={flt['nprobe']}, k=10 (each figure ours / faiss; "
               "\"x unfiltered\": the filtered batch time over an unfiltered batch of the same "
               "system timed just before it; recall against the exact filtered ground truth; "
-              f"ours runs the direct plan up to {flt['direct_limit']:,} admitted ids)"),
+              f"by its cost model ours runs the direct plan for this batch up to "
+              f"{flt['direct_limit']:,} admitted ids)"),
              "", ("| filter | plan (ours) | recall 10@10 | unfiltered recall | batch ms | "
                   "x unfiltered | ours / faiss batch | queries with < k | single p50 ms |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -585,15 +577,17 @@ def markdown_filtered(flt: dict[str, Any]) -> list[str]:
 
 def markdown_crossover(cross: dict[str, Any]) -> list[str]:
     lines = [(f"Our filtered plans on random allow-lists, nprobe={cross['nprobe']}, "
-              f"{cross['nq']} queries (the rule's threshold: {cross['threshold']:,.0f} ids)"), "",
-             ("| ids | x threshold | default plan | batch ms, direct / scan (unfiltered) | "
+              f"{cross['nq']} queries (rows probed per query: {cross['threshold']:,.0f})"), "",
+             ("| ids | x probed rows | default plan, batch / single | "
+              "batch ms, direct / scan (unfiltered) | "
               "direct / scan batch | single p50 ms, direct / scan | direct / scan single | "
               "recall 10@10, direct / scan |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in cross["rows"]:
         d, c = row["direct"], row["scan"]
         lines.append(f"| {row['size']:,} | {row['size'] / cross['threshold']:.2f} | "
-                     f"{row['default_plan']} | {d['batch_s'] * 1e3:.1f} / "
+                     f"{row['default_plan']} / {row.get('default_plan_single', '-')} | "
+                     f"{d['batch_s'] * 1e3:.1f} / "
                      f"{c['batch_s'] * 1e3:.1f} ({row['unfiltered_batch_s'] * 1e3:.1f}) | "
                      f"{d['batch_s'] / c['batch_s']:.2f}x | {d['single_p50_ms']:.2f} / "
                      f"{c['single_p50_ms']:.2f} | {d['single_p50_ms'] / c['single_p50_ms']:.2f}x"
