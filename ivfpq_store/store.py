@@ -208,7 +208,7 @@ class Store:
                 return self._searcher.search(q, params, snap.lists, snap.deleted, fetch)
             located = self._locate_admitted(catalog, snap, flt, params, len(q), fetch)
             if located is not None:
-                return self._searcher.search_direct(q, params, located, snap.lists, fetch)
+                return self._searcher.search_direct(q, params, located)
             skipped = FilteredRows(flt, snap.lists, snap.deleted, fetch)
             return self._searcher.search(q, params, snap.lists, skipped, fetch)
 

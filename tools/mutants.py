@@ -230,8 +230,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("direct-plan-trusts-the-id-map",
            "the direct plan scores the records the id map names without checking they hold "
            "the ids",
-           "if held is None or (held != ids[sel]).any():",
-           "if held is None:",
+           'if recs is None or (recs["id"] != ids[s:e]).any():',
+           "if recs is None:",
            ("tests/test_filters.py", "-k", "damaged_id_map")),
     Mutant("range-radius-inclusive",
            "range search's product path keeps vectors at the radius itself",

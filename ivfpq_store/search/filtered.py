@@ -82,11 +82,13 @@ class SearchPlan(NamedTuple):
 
 
 class Located(NamedTuple):
-    """Live admitted vectors found through the id map, sorted by (list, row)."""
+    """Live admitted vectors found through the id map, sorted by (list, row), with their PQ
+    codes read from the segments."""
 
     ids: I64Array
     list_nos: I64Array
     rows: I64Array
+    codes: np.ndarray  # (n, m) uint8
 
 
 def direct_limit(config: SearchConfig, nq: int, nprobe: int, nlist: int, ntotal: int) -> int:
@@ -129,24 +131,29 @@ def locate_admitted(catalog: Catalog, snap: CatalogSnapshot, flt: Filter, limit:
     ids, entries = ids[order], entries[order]
     list_nos = entries["list_no"].astype(np.int64)
     rows = entries["row"].astype(np.int64)
-    for list_no in np.unique(list_nos).tolist():
-        sel = list_nos == list_no
+    if not len(ids):
+        return Located(ids, list_nos, rows, np.empty((0, 0), np.uint8))
+    codes: list[np.ndarray] = []
+    # Sorted by list: each list's entries are one run, checked and read in one step.
+    _, starts = np.unique(list_nos, return_index=True)
+    for s, e in zip(starts.tolist(), np.append(starts[1:], len(ids)).tolist(), strict=True):
+        list_no = int(list_nos[s])
         record = snap.lists.get(list_no)
-        held = None
-        if (record is not None and (entries["generation"][sel] == record.generation).all()
-                and int(rows[sel].max()) < record.count
-                and not np.isin(rows[sel], snap.deleted.get(list_no, [])).any()):
-            held = fetch(list_no, record)["id"][rows[sel]]
-        if held is None or (held != ids[sel]).any():
+        recs = None
+        if (record is not None and (entries["generation"][s:e] == record.generation).all()
+                and int(rows[e - 1]) < record.count
+                and not np.isin(rows[s:e], snap.deleted.get(list_no, [])).any()):
+            recs = fetch(list_no, record)[rows[s:e]]
+        if recs is None or (recs["id"] != ids[s:e]).any():
             raise CorruptStoreError(
                 f"{where}: the id map places ids of list {list_no} at records that do not "
                 "hold them; the catalog is damaged (run verify)")
-    return Located(ids, list_nos, rows)
+        codes.append(recs["code"])
+    return Located(ids, list_nos, rows, np.concatenate(codes))
 
 
 def search_direct(qz: Quantizer, config: SearchConfig, queries: F32Array, k: int,
-                  located: Located, lists: Mapping[int, ListRecord],
-                  fetch: RecordFetcher) -> tuple[F32Array, I64Array]:
+                  located: Located) -> tuple[F32Array, I64Array]:
     """The best ``k`` of the ``located`` vectors for each query: (costs, ids) as the scans
     return them (costs ascending; for ip/cosine the negated score), padded with +inf and -1.
 
@@ -159,12 +166,7 @@ def search_direct(qz: Quantizer, config: SearchConfig, queries: F32Array, k: int
     ids_out = np.full((nq, k), -1, dtype=np.int64)
     if n == 0:
         return cost_out, ids_out
-    codes = np.empty((n, qz.m), dtype=np.uint8)
-    bounds = np.flatnonzero(np.diff(located.list_nos)) + 1
-    for s, e in zip(np.r_[0, bounds].tolist(), np.r_[bounds, n].tolist(), strict=True):
-        list_no = int(located.list_nos[s])
-        codes[s:e] = fetch(list_no, lists[list_no])["code"][located.rows[s:e]]
-    recon = qz.decode(located.list_nos, codes)
+    recon = qz.decode(located.list_nos, located.codes)
     l2 = qz.metric is Metric.L2
     norms = np.einsum("ij,ij->i", recon, recon) if l2 else None
     take = min(k, n)

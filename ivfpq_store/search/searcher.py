@@ -101,14 +101,13 @@ class Searcher:
                 cost, ids = top.result()
         return self._result(cost, ids)
 
-    def search_direct(self, queries: F32Array, params: SearchParams, located: Located,
-                      lists: Mapping[int, ListRecord], fetch: RecordFetcher) -> SearchResult:
+    def search_direct(self, queries: F32Array, params: SearchParams,
+                      located: Located) -> SearchResult:
         """The best ``params.k`` of the ``located`` vectors (a filter's admitted live vectors,
         found through the id map) for each query, scored without scanning lists
         (:func:`~.filtered.search_direct`)."""
         cost, ids = search_direct(self.quantizer, self.config,
-                                  np.asarray(queries, dtype=np.float32), params.k, located,
-                                  lists, fetch)
+                                  np.asarray(queries, dtype=np.float32), params.k, located)
         return self._result(cost, ids)
 
     def _result(self, cost: F32Array, ids: I64Array) -> SearchResult:
