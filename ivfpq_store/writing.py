@@ -216,8 +216,11 @@ class Writer:
         """
         list_nos = entries["list_no"].astype(np.int64)
         rows = entries["row"]
-        for list_no in np.unique(list_nos).tolist():
-            sel = np.flatnonzero(list_nos == list_no)
+        order = np.argsort(list_nos, kind="stable")  # each list's entries: one run of order
+        touched, starts = np.unique(list_nos[order], return_index=True)
+        for list_no, s, e in zip(touched.tolist(), starts.tolist(),
+                                 np.append(starts[1:], len(order)).tolist(), strict=True):
+            sel = order[s:e]
             record = snap.lists.get(list_no)
             self._check_entries(list_no, record, ids[sel], entries[sel],
                                 snap.deleted.get(list_no))

@@ -61,7 +61,9 @@ class SearchConfig:
     #: --n 1000000 --nlist 1024 --nprobe 16 --filters 0.5,0.1,0.01,0.001` (2 cores, C kernel):
     #: a direct plan costs about 18 us per candidate once per call (its id-map lookup, the
     #: segment maps of the lists it touches, decoding) plus 40 ns per candidate and query; a
-    #: scan 13 ns per probed row and query plus 115 ns per probed row once.
+    #: scan 13 ns per probed row and query plus 115 ns per probed row once. The direct plan
+    #: has become about twice as cheap per call since that fit (one pass per list), so the
+    #: model chooses it conservatively.
     direct_per_candidate: float = 18_000.0
     direct_per_pair: float = 40.0
     scan_per_row_once: float = 115.0
