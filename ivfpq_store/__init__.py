@@ -35,6 +35,7 @@ from .errors import (
     StoreNotFoundError,
     TrainingError,
     TruncatedFileError,
+    UnknownIdError,
     UnsupportedVersionError,
     WrongProcessError,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "StoreNotFoundError",
     "TrainingError",
     "TruncatedFileError",
+    "UnknownIdError",
     "UnsupportedVersionError",
     "VerifyReport",
     "WrongProcessError",

@@ -22,7 +22,7 @@ from .types import F32Array, I64Array
 __all__ = ["KERNEL", "THREADS", "Kernel", "ScanPlan", "kernel_status"]
 
 #: The version of the ``ivfpq_scan`` contract this module speaks (``IVFPQ_SCAN_ABI`` in C).
-ABI = 4
+ABI = 5
 #: Entries per sub-table in the kernel's tables (``TSTRIDE`` in C): 256 whatever ksub.
 TSTRIDE = 256
 
@@ -33,7 +33,8 @@ _SCAN_ARGS = [_I, _I, _I, _I, ctypes.c_int,  # nq, dim, m, ksub, l2
               _I, _P, _P, _P, _I,  # nlists, list_no, rec_addr, rec_count, stride
               _P, _P,  # dead_addr, dead_count
               _P, _P, _P,  # pair_start, pair_q, pair_rank
-              _I, _I, ctypes.c_int, _P, _P]  # k, cap, nthreads, out_cost, out_id
+              _I, _I, ctypes.c_int, _P, _P,  # k, cap, nthreads, out_cost, out_id
+              _P, _P]  # out_rank, out_row
 _TERMS_ARGS = [_I, _I, _I, _I, _P, _P, _P, _P]  # n, dim, m, ksub, centroids, cb_t, norms, out
 _ENCODE_ARGS = [_I, _I, _I, _I, _P, _P, _P, _P, _P,  # n, dim, m, ksub, x, lists, c, cb_t, norms
                 ctypes.c_int, _P]  # nthreads, out codes
@@ -221,14 +222,16 @@ class ScanPlan:
 
     def scan(self, queries: F32Array, pair_start: I64Array, pair_q: I64Array,
              pair_rank: np.ndarray, *, k: int, cap: int,
-             nthreads: int) -> tuple[F32Array, I64Array]:
-        """Best ``k`` (costs, ids), each (nq, k), of (query, list) pairs grouped by list.
+             nthreads: int) -> tuple[F32Array, I64Array, np.ndarray, I64Array]:
+        """Best ``k`` (costs, ids, probe ranks, rows), each (nq, k), of (query, list) pairs
+        grouped by list: a result is row ``rows[q, i]`` of query q's list of probe rank
+        ``ranks[q, i]`` (int32).
 
         The pairs of the plan's list l are ``pair_start[l]:pair_start[l+1]`` of ``pair_q``
         (query) and ``pair_rank`` (probe rank). A query must not be paired with the same list
         twice (its rows would be returned twice); the searcher's probe never does. Costs are
         "smaller is better": the squared l2 distance, or the negated inner product; missing
-        results are +inf and -1.
+        results are +inf and -1 (id, rank and row).
 
         Called once per block of queries, so it makes no Python-level call of its own: the
         regression test on Python work per search counts them.
@@ -254,15 +257,21 @@ class ScanPlan:
         out_cost.fill(np.inf)
         out_id = np.empty((nq, k), np.int64)
         out_id.fill(-1)
+        out_rank = np.empty((nq, k), np.int32)
+        out_rank.fill(-1)
+        out_row = np.empty((nq, k), np.int64)
+        out_row.fill(-1)
         rc = self._fn(nq, *self._fixed[:4], queries.__array_interface__["data"][0],
                       *self._fixed[4:], pair_start.__array_interface__["data"][0],
                       pair_q.__array_interface__["data"][0],
                       pair_rank.__array_interface__["data"][0], k, cap, nthreads,
                       out_cost.__array_interface__["data"][0],
-                      out_id.__array_interface__["data"][0])
+                      out_id.__array_interface__["data"][0],
+                      out_rank.__array_interface__["data"][0],
+                      out_row.__array_interface__["data"][0])
         if rc != 0:
             raise MemoryError("scan kernel: could not allocate its tables and heaps")
-        return out_cost, out_id
+        return out_cost, out_id, out_rank, out_row
 
 
 def _load() -> tuple[Kernel | None, str]:

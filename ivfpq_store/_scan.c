@@ -38,7 +38,7 @@
 #endif
 
 /* Version of the ivfpq_scan contract; _kernel.py refuses a library of another version. */
-#define IVFPQ_SCAN_ABI 4
+#define IVFPQ_SCAN_ABI 5
 /* Every sub-table has 256 entries, whatever ksub: a code byte can never index out of the
  * tables, and entries >= ksub (impossible codes of a damaged file) are +inf, never results. */
 #define TSTRIDE 256
@@ -303,8 +303,9 @@ static int cmp_cand(const void *a, const void *b) {
 
 /*
  * Scan L lists for the (query, list) pairs grouped by list, and write each query's best k
- * (cost, id) to out_cost, out_id (nq, k), best first; they must come filled with +inf and -1,
- * which stay where a query has fewer than k candidates. Each heap holds at most cap <= k
+ * (cost, id) to out_cost, out_id (nq, k), best first, and where each is: the probe rank of its
+ * list for the query to out_rank and its row in the list to out_row (nq, k). They must come
+ * filled with +inf, -1, -1 and -1, which stay where a query has fewer than k candidates. Each heap holds at most cap <= k
  * candidates. list_terms (l2 only) may be NULL: each list's terms are then computed when it
  * is scanned. Lists are split into nthreads contiguous runs of about equal work.
  * Returns 0, or -1 when memory could not be had (nothing is written then).
@@ -315,7 +316,8 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
                const int64_t *list_no, const uint64_t *rec_addr, const int64_t *rec_count,
                int64_t stride, const uint64_t *dead_addr, const int64_t *dead_count,
                const int64_t *pair_start, const int64_t *pair_q, const int32_t *pair_rank,
-               int64_t k, int64_t cap, int nthreads, float *out_cost, int64_t *out_id) {
+               int64_t k, int64_t cap, int nthreads, float *out_cost, int64_t *out_id,
+               int32_t *out_rank, int64_t *out_row) {
     job_t jb = {nq, dim, m, ksub, dim / m, stride, cap, l2, queries, centroids, codebooks_t,
                 norms, list_terms, list_no, rec_addr, rec_count, dead_addr, dead_count,
                 pair_start, pair_q, pair_rank, NULL};
@@ -375,6 +377,8 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
         for (int64_t i = 0; i < n; i++) {
             out_cost[q * k + i] = merge[i].cost;
             out_id[q * k + i] = merge[i].id;
+            out_rank[q * k + i] = merge[i].rank;
+            out_row[q * k + i] = merge[i].row;
         }
     }
     rc = 0;

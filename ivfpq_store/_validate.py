@@ -13,7 +13,11 @@ import numpy as np
 from .errors import DimensionMismatchError, DuplicateIdError, InvalidInputError
 from .types import F32Array, I64Array
 
-__all__ = ["MAX_SQUARED_NORM", "as_id_list", "as_ids", "as_matrix", "as_vectors", "normalize_rows"]
+__all__ = ["FLOAT16_MAX", "MAX_SQUARED_NORM", "as_id_list", "as_id_sequence", "as_ids",
+           "as_matrix", "as_vectors", "check_float16", "normalize_rows"]
+
+#: The largest finite float16: a store keeping float16 vectors refuses larger values.
+FLOAT16_MAX = 65504.0
 
 _MAX_SHOWN = 5
 _INT64_MAX = int(np.iinfo(np.int64).max)
@@ -117,6 +121,24 @@ def as_ids(ids: Any, n: int, name: str = "ids") -> I64Array:
 def as_id_list(ids: Any, name: str = "ids") -> I64Array:
     """Ids to look up (delete): any integer dtype, scalar or 1-D; returns the distinct
     non-negative ones as sorted int64 (negative ids cannot exist, so they match nothing)."""
+    arr = _id_array(ids, name)
+    if arr.dtype.kind == "u":
+        arr = arr[arr <= _INT64_MAX]
+    out = np.unique(arr.astype(np.int64))
+    return out[out >= 0]
+
+
+def as_id_sequence(ids: Any, name: str = "ids") -> I64Array:
+    """Ids to read, in order (get_vectors): any integer dtype, scalar or 1-D, repeats kept;
+    int64 (n,). An id beyond int64 becomes -1: like a negative id, it names no vector."""
+    arr = _id_array(ids, name)
+    if arr.dtype.kind == "u":
+        arr = np.where(arr <= _INT64_MAX, arr, 0).astype(np.int64) - (arr > _INT64_MAX)
+    return arr.astype(np.int64)
+
+
+def _id_array(ids: Any, name: str) -> np.ndarray:
+    """``ids`` as a 1-D integer array (a scalar is one id, an empty list none)."""
     if isinstance(ids, list | tuple) and len(ids) == 0:
         return np.empty(0, dtype=np.int64)
     arr = _as_array(ids, name)
@@ -125,11 +147,7 @@ def as_id_list(ids: Any, name: str = "ids") -> I64Array:
     if arr.ndim > 1:
         raise DimensionMismatchError(f"{name}: expected a scalar or a 1-D array, got shape "
                                      f"{arr.shape}")
-    arr = arr.reshape(-1)
-    if arr.dtype.kind == "u":
-        arr = arr[arr <= _INT64_MAX]
-    out = np.unique(arr.astype(np.int64))
-    return out[out >= 0]
+    return arr.reshape(-1)
 
 
 def normalize_rows(x: F32Array, name: str = "vectors") -> F32Array:
@@ -142,3 +160,14 @@ def normalize_rows(x: F32Array, name: str = "vectors") -> F32Array:
             " — the cosine metric needs non-zero vectors")
     out: F32Array = (x / norms[:, None]).astype(np.float32)
     return out
+
+
+def check_float16(x: F32Array, name: str = "vectors") -> None:
+    """InvalidInputError unless every value of ``x`` fits a float16 (|v| <= 65504), as the
+    vectors of a store that keeps them as float16 must."""
+    big = np.flatnonzero(np.abs(x).max(axis=1) > FLOAT16_MAX)
+    if len(big):
+        raise InvalidInputError(
+            f"{name}: {len(big)} row(s) hold values beyond float16 range (|v| > 65504), first "
+            f"at row(s) {big[:_MAX_SHOWN].tolist()} — this store keeps its vectors as "
+            "float16; scale the vectors down, or use a store with store_vectors='float32'")

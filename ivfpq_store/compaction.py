@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,16 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from .format import SegmentPrelude, segment_file_name
+from .errors import CorruptStoreError
+from .format import segment_file_name
 from .format.keys import id_keys
 from .format.records import ListRecord, encode_id_entries
+from .format.vectors import bad_rows
 from .storage import (
     CatalogSnapshot,
     Changes,
     RecordFetcher,
+    RowFiles,
     StoreLayout,
     append_records,
-    committed_size,
     fsync_dir,
 )
 
@@ -72,21 +73,20 @@ class CompactionPlan:
     lists: tuple[int, ...]
     removed: int  # tombstoned records dropped
     kept: int  # live records copied
-    bytes_before: int  # committed segment bytes of those lists now
+    bytes_before: int  # committed bytes of those lists' files now (segments, vector files)
     bytes_after: int  # and after the rewrite (no file for a list left empty)
 
 
 def plan_compaction(snapshot: CatalogSnapshot, list_nos: list[int],
-                    code_size: int) -> CompactionPlan:
+                    files: RowFiles) -> CompactionPlan:
     """Sizes of compacting ``list_nos``; the dry run reports it, the real run commits it."""
     records = [snapshot.lists[n] for n in list_nos]
     return CompactionPlan(
         lists=tuple(list_nos),
         removed=sum(r.deleted for r in records),
         kept=sum(r.count - r.deleted for r in records),
-        bytes_before=sum(committed_size(r.count, code_size) for r in records),
-        bytes_after=sum(committed_size(r.count - r.deleted, code_size)
-                        for r in records if r.count > r.deleted),
+        bytes_before=sum(files.committed_bytes(r.count) for r in records),
+        bytes_after=sum(files.committed_bytes(r.count - r.deleted) for r in records),
     )
 
 
@@ -98,13 +98,16 @@ class Rewrite:
     old_files: list[str] = field(default_factory=list)
 
 
-def rewrite_lists(layout: StoreLayout, store_uuid: uuid.UUID, code_size: int,
-                  snapshot: CatalogSnapshot, list_nos: list[int],
-                  records_of: RecordFetcher) -> Rewrite:
-    """Write each list's live records to a new segment (next generation) and fsync it.
+def rewrite_lists(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapshot,
+                  list_nos: list[int], records_of: RecordFetcher,
+                  vectors_of: RecordFetcher) -> Rewrite:
+    """Write each list's live records to a new segment (next generation), and its live
+    vector rows to a new vector file when the store keeps them, and fsync them.
 
-    ``records_of(list_no, record)`` returns the committed records of a list. Returns the
-    catalog changes that switch to the new segments; nothing is visible before they commit.
+    ``records_of(list_no, record)`` returns the committed records of a list, and
+    ``vectors_of`` its committed vector rows; each row copied is checked against its record
+    (CorruptStoreError: damage is not carried into the new generation). Returns the catalog
+    changes that switch to the new files; nothing is visible before they commit.
     """
     out = Rewrite()
     created = False
@@ -112,13 +115,24 @@ def rewrite_lists(layout: StoreLayout, store_uuid: uuid.UUID, code_size: int,
         old = snapshot.lists[list_no]
         dead = snapshot.deleted.get(list_no, np.empty(0, np.int64))
         live = np.delete(np.asarray(records_of(list_no, old)), dead)
+        data_of = [live]
+        if files.vectors is not None:
+            vrows = np.delete(np.asarray(vectors_of(list_no, old)), dead)
+            bad = bad_rows(vrows, live["id"])
+            if len(bad):
+                raise CorruptStoreError(
+                    f"{layout.segment(old.file)}: {len(bad)} vector row(s) of list {list_no} "
+                    f"do not match their records, e.g. that of id {int(live['id'][bad[0]])}; "
+                    "the vector file is damaged and nothing was compacted (run verify)")
+            data_of.append(vrows)
         gen = old.generation + 1
         name = segment_file_name(list_no, gen)
         crc = 0
         if len(live):
-            prelude = SegmentPrelude(list_no=list_no, generation=gen, code_size=code_size,
-                                     store_uuid=store_uuid)
-            crc = append_records(layout.segment(name), prelude, 0, live)
+            for (file, _), prelude, data in zip(files.names(name), files.preludes(list_no, gen),
+                                                data_of, strict=True):
+                got = append_records(layout.segment(file), prelude, 0, data)
+                crc = got if data is live else crc
             created = True
             rows = np.arange(len(live))
             out.changes.moved_ids.extend(zip(
@@ -130,7 +144,7 @@ def rewrite_lists(layout: StoreLayout, store_uuid: uuid.UUID, code_size: int,
         out.changes.lists[list_no] = ListRecord(file=name, generation=gen, count=len(live),
                                                 deleted=0, crc32=crc, tsum=0)
         out.changes.dropped_segments.append((list_no, old.generation))
-        out.old_files.append(old.file)
+        out.old_files.extend(file for file, _ in files.names(old.file))
     if created:
         fsync_dir(layout.segments)
     return out
@@ -148,12 +162,14 @@ def remove_files(directory: Path, names: Iterable[str]) -> int:
     return removed
 
 
-def remove_orphans(layout: StoreLayout, snapshot: CatalogSnapshot) -> int:
-    """Delete segment files no list record names: leftovers of crashed writes or compactions.
+def remove_orphans(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapshot) -> int:
+    """Delete segment and vector files no list record commits rows of: leftovers of crashed
+    writes or compactions.
 
     Only safe under the writer lock (no other writer can be creating files).
     """
-    orphans = [p.name for p in layout.orphan_segments(snapshot.segment_files())]
+    orphans = [p.name for p in
+               layout.orphan_segments(files.referenced(snapshot.segment_files()))]
     if orphans:
         logger.info("removing %d orphan segment files", len(orphans))
     return remove_files(layout.segments, orphans)

@@ -15,10 +15,11 @@ from typing import Any
 from .errors import CorruptStoreError
 from .storage import (
     Catalog,
+    RowFiles,
     StoreLayout,
     build_directory,
     check_new_store_path,
-    committed_size,
+    file_size,
     fsync_dir,
     sync_file,
 )
@@ -32,7 +33,7 @@ class CopyReport:
 
     dest: str
     vectors: int  # live vectors in the copy
-    segments: int  # segment files copied
+    segments: int  # segment files copied (vector files not counted)
     bytes: int  # bytes written, all files
     seconds: float
 
@@ -41,12 +42,13 @@ class CopyReport:
         return asdict(self)
 
 
-def copy_store(source: StoreLayout, code_size: int, dest: str | os.PathLike[str],
+def copy_store(source: StoreLayout, files: RowFiles, dest: str | os.PathLike[str],
                locked: Callable[[], AbstractContextManager[Catalog]]) -> CopyReport:
     """Copy the store at ``source`` to the new directory ``dest``.
 
     ``locked()`` holds the source's writer lock and yields its catalog: writers wait, readers
-    go on. Only committed bytes are copied (segment prefixes, the catalog compacted), into a
+    go on. Only committed bytes are copied (segment and vector file prefixes, the catalog
+    compacted), into a
     hidden sibling of ``dest``. Every file there is synced, then every directory, and only
     then is it renamed to ``dest`` and the parent directory synced: once this returns, a
     power cut leaves ``dest`` complete.
@@ -62,8 +64,9 @@ def copy_store(source: StoreLayout, code_size: int, dest: str | os.PathLike[str]
         copied = 0
         for record in snap.lists.values():
             if record.count:
-                _copy_prefix(source.segment(record.file), layout.segment(record.file),
-                             committed_size(record.count, code_size))
+                for name, row_size in files.names(record.file):
+                    _copy_prefix(source.segment(name), layout.segment(name),
+                                 file_size(record.count, row_size))
                 copied += 1
         catalog.copy_to(layout.catalog)
         # LMDB writes the copy (with O_DIRECT on some systems) and closes it without a sync:

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 
 from ._validate import as_matrix, as_vectors, normalize_rows
-from .format import FORMAT_VERSION, Header
+from .format import FORMAT_VERSION, FORMAT_VERSION_VECTORS, Header
 from .format.records import StateRecord, StoreMeta
 from .opening import check_open_args, open
-from .params import IndexParams, check_int, parse_metric
+from .params import IndexParams, check_int, check_store_vectors, parse_metric
 from .quantizer import CoarseQuantizer
 from .storage import (
     DEFAULT_MAP_SIZE,
@@ -42,6 +42,7 @@ def create(
     seed: int = 0,
     niter: int = 25,
     max_points_per_centroid: int = 256,
+    store_vectors: str | None = None,
     map_size: int = DEFAULT_MAP_SIZE,
     max_map_size: int | None = None,
     progress: ProgressFn | None = None,
@@ -64,6 +65,11 @@ def create(
         Seed for every random choice: same seed and data, same centroids and codebooks.
     niter, max_points_per_centroid
         k-means iterations and subsampling bound (as in faiss).
+    store_vectors : {None, "float32", "float16"}
+        Keep each added vector (after cosine normalisation) on disk beside its code, in this
+        element type, for :meth:`Store.search` with ``refine`` and for
+        :meth:`Store.get_vectors`. ``"float16"`` takes half the bytes (2 per dimension)
+        and rounds each value to 11 significant bits. None (the default) keeps codes only.
     map_size, max_map_size
         The catalog's first address-space reservation and the most it may grow to, as in
         :func:`open`.
@@ -83,6 +89,7 @@ def create(
     max_points_per_centroid = check_int("max_points_per_centroid", max_points_per_centroid, 1,
                                         1 << 30)
     seed = check_int("seed", seed, 0, (1 << 63) - 1)
+    vectors = check_store_vectors(store_vectors)
     check_open_args(map_size=map_size, max_map_size=max_map_size)
     arr = as_matrix(training_vectors, "training_vectors")
     params = IndexParams(dim=arr.shape[1], nlist=nlist, m=m, nbits=nbits,
@@ -91,14 +98,16 @@ def create(
     if params.metric is Metric.COSINE:
         x = normalize_rows(x, "training_vectors")
     header = _train(x, params, seed=seed, niter=niter,
-                    max_points_per_centroid=max_points_per_centroid, progress=progress)
+                    max_points_per_centroid=max_points_per_centroid, progress=progress,
+                    vectors=vectors)
     with build_directory(root, "creating") as tmp:
         _build(StoreLayout(tmp), header, map_size, max_map_size)
     return open(root, map_size=map_size, max_map_size=max_map_size)
 
 
 def _train(x: F32Array, params: IndexParams, *, seed: int, niter: int,
-           max_points_per_centroid: int, progress: ProgressFn | None) -> Header:
+           max_points_per_centroid: int, progress: ProgressFn | None,
+           vectors: str | None) -> Header:
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     coarse = kmeans(x, params.nlist, niter=niter, seed=rng,
@@ -122,7 +131,7 @@ def _train(x: F32Array, params: IndexParams, *, seed: int, niter: int,
         "train_seconds": time.perf_counter() - t0,
     }
     return Header(params=params, store_uuid=uuid.uuid4(), centroids=coarse.centroids,
-                  codebooks=codebooks, metadata=metadata)
+                  codebooks=codebooks, metadata=metadata, vectors=vectors)
 
 
 def _build(layout: StoreLayout, header: Header, map_size: int,
@@ -130,7 +139,8 @@ def _build(layout: StoreLayout, header: Header, map_size: int,
     layout.make_skeleton()
     write_header(layout.header, header)
     p = header.params
-    meta = StoreMeta(store_uuid=header.store_uuid, format=list(FORMAT_VERSION),
+    version = FORMAT_VERSION if header.vectors is None else FORMAT_VERSION_VECTORS
+    meta = StoreMeta(store_uuid=header.store_uuid, format=list(version),
                      created=float(header.metadata.get("created", time.time())), dim=p.dim,
                      nlist=p.nlist, m=p.m, nbits=p.nbits, metric=p.metric.label)
     Catalog.create(layout.catalog, meta, StateRecord(commit=0, ntotal=0, next_id=0, ndeleted=0),

@@ -30,6 +30,7 @@ __all__ = [
     "StoreNotFoundError",
     "TrainingError",
     "TruncatedFileError",
+    "UnknownIdError",
     "UnsupportedVersionError",
     "WrongProcessError",
 ]
@@ -85,6 +86,18 @@ class DuplicateIdError(IvfpqError, KeyError):
 
     def __str__(self) -> str:
         # KeyError.__str__ would repr() the message and wrap it in quotes.
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownIdError(IvfpqError, KeyError):
+    """An id that must be live in the store is not (never added, or deleted). ``ids`` holds
+    every such id of the call (int64, sorted)."""
+
+    def __init__(self, message: str, *, ids: object = None) -> None:
+        super().__init__(message)
+        self.ids = ids
+
+    def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 
 

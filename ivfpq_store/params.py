@@ -11,8 +11,20 @@ import numpy as np
 from .errors import InvalidParamsError
 from .types import Metric
 
-__all__ = ["MAX_DIM", "MAX_K", "MAX_M", "MAX_NLIST", "IndexParams", "RangeParams", "SearchParams",
-           "check_int", "check_radius", "check_ratio", "parse_metric"]
+__all__ = [
+    "MAX_DIM",
+    "MAX_K",
+    "MAX_M",
+    "MAX_NLIST",
+    "IndexParams",
+    "RangeParams",
+    "SearchParams",
+    "check_int",
+    "check_radius",
+    "check_ratio",
+    "check_store_vectors",
+    "parse_metric",
+]
 
 #: Sanity caps; the header format could hold more, but nothing sensible needs it.
 MAX_DIM = 1 << 16
@@ -85,6 +97,15 @@ def check_radius(name: str, value: object, metric: Metric) -> float:
             f"{name}: expected a squared l2 distance >= 0, got {radius!r}; under l2 a result "
             "is a vector whose squared distance is below the radius")
     return radius
+
+
+def check_store_vectors(value: object) -> str | None:
+    """``store_vectors`` of :func:`~ivfpq_store.create`: None, ``"float32"`` or
+    ``"float16"``."""
+    if value is None or (isinstance(value, str) and value in ("float32", "float16")):
+        return value
+    raise InvalidParamsError(f"store_vectors: expected None, 'float32' or 'float16', got "
+                             f"{value!r}")
 
 
 def check_ratio(name: str, value: object) -> float:
@@ -160,11 +181,28 @@ class SearchParams:
 
     k: int
     nprobe: int
+    #: 0, or R >= 1: the scans keep the best R * k by PQ distance, re-ranked exactly.
+    refine: int = 0
+
+    @property
+    def scan_k(self) -> int:
+        """Candidates the scans keep per query: ``k``, or ``refine * k``."""
+        return self.k * max(self.refine, 1)
 
     @classmethod
-    def checked(cls, k: object, nprobe: object, nlist: int) -> SearchParams:
-        """Validate ``k >= 1`` and ``1 <= nprobe <= nlist`` and build the value."""
-        return cls(k=check_int("k", k, 1, MAX_K), nprobe=check_int("nprobe", nprobe, 1, nlist))
+    def checked(cls, k: object, nprobe: object, nlist: int, refine: object = 0, *,
+                vectors: bool = False) -> SearchParams:
+        """Validate ``k >= 1``, ``1 <= nprobe <= nlist`` and ``refine >= 0`` (``refine * k``
+        at most the largest ``k``; ``refine >= 1`` only on a store that keeps vectors) and
+        build the value."""
+        k = check_int("k", k, 1, MAX_K)
+        nprobe = check_int("nprobe", nprobe, 1, nlist)
+        refine = check_int("refine", refine, 0, MAX_K // k)
+        if refine and not vectors:
+            raise InvalidParamsError(
+                f"refine: {refine} needs stored vectors, and this store keeps none; create "
+                "the store with store_vectors='float32' or 'float16' to re-rank")
+        return cls(k=k, nprobe=nprobe, refine=refine)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .format import SEGMENT_PRELUDE_SIZE, Header, record_dtype
+from .format.vectors import vector_row_dtype
 from .params import IndexParams
 from .storage import CatalogSnapshot, StoreLayout, committed_size
 
@@ -25,13 +26,14 @@ class StoreInfo:
     m: int
     nbits: int
     metric: str
+    store_vectors: str | None  # element type of the stored vectors, None: codes only
     ntotal: int  # live vectors
     ndeleted: int  # deleted records still on disk (compaction reclaims them)
     list_sizes: tuple[int, ...]  # live vectors per list
     list_deleted: tuple[int, ...]  # deleted records per list
     n_segments: int
-    bytes_on_disk: dict[str, int]  # header, catalog, segments, total
-    reclaimable_bytes: int  # segment bytes a full compaction would free
+    bytes_on_disk: dict[str, int]  # header, catalog, segments, vectors, total
+    reclaimable_bytes: int  # segment and vector file bytes a full compaction would free
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with the same keys as the fields."""
@@ -57,8 +59,11 @@ class ListInfo:
         return asdict(self)
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else 0
+def _dir_bytes(path: Path, suffix: str = "") -> int:
+    if not path.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and
+               p.name.endswith(suffix))
 
 
 def list_infos(snap: CatalogSnapshot, params: IndexParams) -> list[ListInfo]:
@@ -90,16 +95,21 @@ def store_info(layout: StoreLayout, header: Header, snap: CatalogSnapshot,
     on_disk = {
         "header": layout.header.stat().st_size,
         "catalog": _dir_bytes(layout.catalog),
-        "segments": _dir_bytes(layout.segments),
+        "segments": _dir_bytes(layout.segments, ".seg"),
+        "vectors": _dir_bytes(layout.segments, ".vec"),
     }
     on_disk["total"] = sum(on_disk.values())
     emptied = sum(1 for r in snap.lists.values() if r.count and r.count == r.deleted)
+    row_bytes = record_dtype(p.code_size).itemsize
+    if header.vectors is not None:
+        row_bytes += vector_row_dtype(p.dim, header.vectors).itemsize
+        emptied *= 2  # each emptied list frees two preludes
     return StoreInfo(
         path=str(layout.root), format_version="{}.{}".format(*store_format),
         dim=p.dim, nlist=p.nlist, m=p.m, nbits=p.nbits, metric=p.metric.label,
-        ntotal=snap.state.ntotal, ndeleted=snap.state.ndeleted, list_sizes=tuple(sizes),
-        list_deleted=tuple(deleted),
+        store_vectors=header.vectors, ntotal=snap.state.ntotal, ndeleted=snap.state.ndeleted,
+        list_sizes=tuple(sizes), list_deleted=tuple(deleted),
         n_segments=sum(1 for r in snap.lists.values() if r.count), bytes_on_disk=on_disk,
-        reclaimable_bytes=(snap.state.ndeleted * record_dtype(p.code_size).itemsize
+        reclaimable_bytes=(snap.state.ndeleted * row_bytes
                            + SEGMENT_PRELUDE_SIZE * emptied),
     )

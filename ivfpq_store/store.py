@@ -18,15 +18,17 @@ from typing import Any, Self, TypeVar
 
 import numpy as np
 
-from ._validate import as_vectors, normalize_rows
+from ._validate import as_id_sequence, as_vectors, normalize_rows
 from .compaction import CompactReport
 from .copying import CopyReport, copy_store
 from .errors import (
     CorruptStoreError,
     InvalidInputError,
+    InvalidParamsError,
     IvfpqError,
     StaleSnapshotError,
     StoreClosedError,
+    UnknownIdError,
     WrongProcessError,
 )
 from .filters import Filter, check_filter
@@ -35,7 +37,7 @@ from .format.records import ListRecord
 from .params import IndexParams, RangeParams, SearchParams, check_bool, check_int, check_ratio
 from .quantizer import Quantizer
 from .reports import ListInfo, StoreInfo, list_infos, store_info
-from .search import RangeResult, RecordFetcher, Searcher, SearchResult
+from .search import RangeResult, RecordFetcher, Refiner, Searcher, SearchResult
 from .search.filtered import (
     FilteredRows,
     Located,
@@ -43,10 +45,12 @@ from .search.filtered import (
     direct_limit,
     locate_admitted,
 )
+from .search.refine import gather_vectors
 from .storage import (
     Catalog,
     CatalogSnapshot,
     MapCache,
+    RowFiles,
     StoreLayout,
     as_path,
     probe_lock,
@@ -91,11 +95,14 @@ class Store:
         self._pid = os.getpid()
         self._quantizer = Quantizer(header.centroids, header.codebooks, header.params.metric)
         self._searcher = Searcher(self._quantizer)
-        self._maps = MapCache(layout.segments, header.store_uuid, header.params.code_size,
-                              max_open=max_open_segments)
+        self._files = RowFiles(header.store_uuid, header.params.code_size,
+                               None if header.vectors is None
+                               else (header.vectors, header.params.dim))
+        self._maps = MapCache(layout.segments, self._files, max_open=max_open_segments)
         self._dtype = record_dtype(header.params.code_size)
         self._writer = Writer(layout=layout, header=header, quantizer=self._quantizer,
-                              catalog=self._live_catalog, fetch=self._fetch, readonly=readonly,
+                              files=self._files, catalog=self._live_catalog, fetch=self._fetch,
+                              fetch_vectors=self._fetch_vectors, readonly=readonly,
                               lock_timeout=lock_timeout, auto_compact_ratio=auto_compact_ratio)
 
     # -- life cycle -------------------------------------------------------------------------
@@ -156,11 +163,17 @@ class Store:
         view.flags.writeable = False
         return view
 
+    @property
+    def store_vectors(self) -> str | None:
+        """The element type of the stored vectors (``"float32"`` or ``"float16"``), or None
+        for a store that keeps PQ codes only (fixed at creation)."""
+        return self._header.vectors
+
     def __len__(self) -> int:
         return int(self._live_catalog().snapshot().state.ntotal)
 
     # -- reading ----------------------------------------------------------------------------
-    def search(self, queries: Any, k: int = 10, nprobe: int = 8, *,
+    def search(self, queries: Any, k: int = 10, nprobe: int = 8, *, refine: int = 0,
                filter: Filter | None = None) -> SearchResult:
         """Find the ``k`` nearest stored vectors of each query.
 
@@ -173,6 +186,11 @@ class Store:
         nprobe : int
             Lists probed per query, ``1..nlist``. Per call: concurrent searches with different
             ``nprobe`` do not interfere.
+        refine : int
+            0 (the default): rank by PQ distance. R >= 1: keep the best ``R * k`` by PQ
+            distance, re-score them with exact distances to their stored vectors, and return
+            the best k of those, with exact distances. Needs a store created with
+            ``store_vectors``. Each candidate costs one vector read (one page when cold).
         filter : Filter, optional
             Only ids the filter admits are returned (:class:`~ivfpq_store.Filter`). Results
             are the exact best k among the admitted vectors of the probed lists, never fewer
@@ -187,32 +205,94 @@ class Store:
             ``(distances, ids)``, float32 and int64 arrays of shape (nq, k), best first: squared
             L2 distances ascending for l2, inner products descending for ip/cosine. Padded with
             id -1 and +inf (l2) or -inf (ip/cosine) when the probed lists hold fewer than k.
-            Distances are to the PQ reconstructions; batches and single queries use different
-            (equivalent) formulas, so they may differ in the last float bits.
+            Distances are to the PQ reconstructions (to the stored vectors with ``refine``,
+            which are rounded to float16 in a float16 store); batches and single queries use
+            different (equivalent) formulas, so they may differ in the last float bits.
 
         Raises
         ------
         InvalidParamsError
-            ``k < 1``, ``nprobe`` outside ``1..nlist``, or ``filter`` not a Filter.
+            ``k < 1``, ``nprobe`` outside ``1..nlist``, ``refine < 0`` (or ``refine >= 1``
+            on a store without stored vectors, naming ``store_vectors``), or ``filter`` not
+            a Filter.
+        CorruptStoreError
+            A stored vector read for ``refine`` does not match its checksum.
         DimensionMismatchError, InvalidInputError
             Wrong shape or dtype, NaN/inf, an empty batch, a zero query under cosine.
         """
         catalog = self._live_catalog()
-        params = SearchParams.checked(k, nprobe, self.params.nlist)
+        params = SearchParams.checked(k, nprobe, self.params.nlist, refine,
+                                      vectors=self._header.vectors is not None)
         flt = check_filter(filter)
         q, _ = as_vectors(queries, self.params.dim, "queries")
         if self.params.metric is Metric.COSINE:
             q = normalize_rows(q, "queries")
         def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> SearchResult:
+            refiner = (Refiner(snap.lists, self._snapshot_fetcher(catalog, snap, vectors=True),
+                               self._layout.root) if params.refine else None)
             if flt is None:
-                return self._searcher.search(q, params, snap.lists, snap.deleted, fetch)
+                return self._searcher.search(q, params, snap.lists, snap.deleted, fetch,
+                                             refiner)
             located = self._locate_admitted(catalog, snap, flt, params, len(q), fetch)
             if located is not None:
-                return self._searcher.search_direct(q, params, located)
+                return self._searcher.search_direct(q, params, located, refiner)
             skipped = FilteredRows(flt, snap.lists, snap.deleted, fetch)
-            return self._searcher.search(q, params, snap.lists, skipped, fetch)
+            return self._searcher.search(q, params, snap.lists, skipped, fetch, refiner)
 
         return self._on_snapshot(catalog, run)
+
+    def get_vectors(self, ids: Any) -> F32Array:
+        """The stored vectors of ``ids``, float32 (n, dim), in the order of ``ids``.
+
+        They are the vectors as added (after cosine normalisation), rounded to float16 and
+        back in a store created with ``store_vectors="float16"``. After :meth:`upsert`, an
+        id's new vector.
+
+        Raises
+        ------
+        InvalidParamsError
+            The store keeps no vectors (it was created without ``store_vectors``).
+        DimensionMismatchError
+            ``ids`` is not an integer array.
+        UnknownIdError
+            Some ids are not live in the store (unknown or deleted); the message names them,
+            its ``ids`` holds them all. A KeyError.
+        CorruptStoreError
+            A stored vector does not match its checksum.
+        """
+        catalog = self._live_catalog()
+        if self._header.vectors is None:
+            raise InvalidParamsError(
+                f"{self._layout.root}: this store keeps no vectors (store_vectors=None at "
+                "creation), so it has none to return")
+        wanted = as_id_sequence(ids)
+        unique = np.unique(wanted)
+        def read(snap: CatalogSnapshot, fetch: RecordFetcher) -> F32Array:
+            found = catalog.locate_at(snap.state.commit, unique[unique >= 0])
+            if found is None:
+                raise StaleSnapshotError(f"{self._layout.root}: the catalog moved on")
+            got, entries, _ = found
+            missing = np.setdiff1d(unique, got)
+            if len(missing):
+                raise UnknownIdError(
+                    f"ids: {len(missing)} id(s) are not in the store (never added, or "
+                    f"deleted), first {missing[:5].tolist()}", ids=missing)
+            list_nos = entries["list_no"].astype(np.int64)
+            rows = entries["row"].astype(np.int64)
+            for n in np.unique(list_nos).tolist():
+                record = snap.lists.get(n)
+                sel = list_nos == n
+                if (record is None or (entries["generation"][sel] != record.generation).any()
+                        or int(rows[sel].max()) >= record.count):
+                    raise CorruptStoreError(
+                        f"{self._layout.root}: the id map places ids in list {n} at rows its "
+                        "segment does not commit; the catalog is damaged (run verify)")
+            vectors = gather_vectors(got, list_nos, rows, snap.lists,
+                                     self._snapshot_fetcher(catalog, snap, vectors=True),
+                                     self.params.dim, self._layout.root)
+            return vectors[np.searchsorted(got, wanted)]
+
+        return self._on_snapshot(catalog, read)
 
     def _on_snapshot(self, catalog: Catalog,
                      read: Callable[[CatalogSnapshot, RecordFetcher], T]) -> T:
@@ -323,14 +403,21 @@ class Store:
         return self._maps.records(record.file, list_no, record.generation, record.count,
                                   record.crc32)
 
-    def _snapshot_fetcher(self, catalog: Catalog, snap: CatalogSnapshot) -> RecordFetcher:
-        """:meth:`_fetch` for a search on ``snap``: a segment that cannot be read because a
-        compaction committed since ``snap`` was taken (and unlinked the file) raises
-        :class:`StaleSnapshotError`, so that the search retries on the new state. Damage
-        stays :class:`CorruptStoreError`."""
+    def _fetch_vectors(self, list_no: int, record: ListRecord) -> np.ndarray:
+        """The committed vector rows of a list (its vector file, mapped on first use; each
+        reader checks the rows it reads)."""
+        return self._maps.vectors_of(record.file, list_no, record.generation, record.count)
+
+    def _snapshot_fetcher(self, catalog: Catalog, snap: CatalogSnapshot, *,
+                          vectors: bool = False) -> RecordFetcher:
+        """:meth:`_fetch` (or, with ``vectors``, :meth:`_fetch_vectors`) for a search on
+        ``snap``: a file that cannot be read because a compaction committed since ``snap``
+        was taken (and unlinked the file) raises :class:`StaleSnapshotError`, so that the
+        search retries on the new state. Damage stays :class:`CorruptStoreError`."""
+        read = self._fetch_vectors if vectors else self._fetch
         def fetch(list_no: int, record: ListRecord) -> np.ndarray:
             try:
-                return self._fetch(list_no, record)
+                return read(list_no, record)
             except CorruptStoreError as err:
                 if catalog.snapshot().state.commit == snap.state.commit:
                     raise
@@ -504,11 +591,12 @@ class Store:
             lock = probe_lock(self._layout.lock)
             with self._writer.locked(sweep=False) as catalog:
                 catalog.forget()
-                return verify_store(self._layout, catalog, repair=True, lock=lock)
+                return verify_store(self._layout, self._files, catalog, repair=True,
+                                    lock=lock)
         catalog = self._live_catalog()
         for _ in range(SNAPSHOT_ATTEMPTS):
             before = _commit_or_none(catalog)
-            report = verify_store(self._layout, catalog)
+            report = verify_store(self._layout, self._files, catalog)
             # Without the lock a compaction may unlink files mid-check: trust only a report
             # whose state did not move, or a clean one. An unreadable catalog is reported by
             # verify_store itself (it reads everything the snapshot reads).
@@ -531,7 +619,7 @@ class Store:
             ``dest`` exists or cannot be created, or is not a path.
         StoreLockedError
         """
-        return copy_store(self._layout, self.params.code_size, as_path(dest, "dest"),
+        return copy_store(self._layout, self._files, as_path(dest, "dest"),
                           lambda: self._writer.locked(sweep=False))
 
     # -- inspecting -------------------------------------------------------------------------

@@ -28,12 +28,21 @@ from .format import (
     segment_file_name,
 )
 from .format.records import check_store_meta
+from .format.vectors import (
+    VECTOR_PRELUDE_SIZE,
+    bad_rows,
+    decode_vector_prelude,
+    vector_file_name,
+    vector_row_dtype,
+)
 from .storage import (
     Catalog,
     CatalogSnapshot,
     LockState,
+    RowFiles,
     StoreLayout,
     committed_size,
+    file_size,
     probe_lock,
     read_header,
 )
@@ -63,8 +72,8 @@ def cannot_check(err: BaseException) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """One finding: ``kind`` names the area (header, catalog, segment, ids, tombstones,
-    counters, orphan, tail, lock), ``path`` the file when there is one."""
+    """One finding: ``kind`` names the area (header, catalog, segment, vectors, ids,
+    tombstones, counters, orphan, tail, lock), ``path`` the file when there is one."""
 
     kind: str
     message: str
@@ -80,7 +89,7 @@ class VerifyReport:
     leftovers: tuple[Problem, ...]  # harmless crash leftovers, found before any repair
     repaired: tuple[str, ...]  # what repair=True removed or cut
     writer_active: bool  # another process held the writer lock during the check
-    checked: dict[str, int]  # lists, segments, ids, tombstones, records read
+    checked: dict[str, int]  # lists, segments, ids, tombstones, records read, vector rows
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with the same keys as the fields."""
@@ -109,9 +118,10 @@ class _Findings:
         self.problems.append(Problem(kind, message, path))
 
 
-def verify_store(layout: StoreLayout, catalog: Catalog, *, repair: bool = False,
-                 lock: LockState | None = None) -> VerifyReport:
+def verify_store(layout: StoreLayout, files: RowFiles, catalog: Catalog, *,
+                 repair: bool = False, lock: LockState | None = None) -> VerifyReport:
     """Check the store at ``layout`` against its ``catalog``; see the module docstring.
+    ``files`` says which files each list has (the open store's header says it).
 
     With ``repair`` the caller must hold the writer lock, and pass ``lock``: the state of the
     lock file probed before taking it (holding it hides a dead writer's pid).
@@ -143,16 +153,24 @@ def verify_store(layout: StoreLayout, catalog: Catalog, *, repair: bool = False,
                 raise
             found.problem("segment", str(err), str(layout.segment(snap.lists[n].file)))
             records[n] = None
+        if files.vectors is not None:
+            try:
+                _check_vectors(layout, files, snap, n, records[n], found)
+            except (IvfpqError, OSError, ValueError) as err:
+                if cannot_check(err):
+                    raise
+                found.problem("vectors", str(err),
+                              str(layout.segment(vector_file_name(snap.lists[n].file))))
     _check_lists_and_tombstones(snap, meta.nlist, prefixes, set(damaged), found)
     _check_ids(snap, ids, entries, records, found)
-    _find_orphans(layout, snap, found)
+    _find_orphans(layout, files, snap, found)
     if lock is None:
         lock = probe_lock(layout.lock)
     if lock.stale:
         found.leftovers.append(Problem(
             "lock", f"LOCK names pid {lock.recorded_pid}, a writer that died holding it; the "
                     "kernel released the lock, so nothing is blocked", str(layout.lock)))
-    repaired = _repair(layout, snap, meta.m, found.leftovers) if repair else []
+    repaired = _repair(layout, files, snap, found.leftovers) if repair else []
     return _report(found, repaired, writer_active=lock.held)
 
 
@@ -209,6 +227,51 @@ def _check_segment(layout: StoreLayout, snap: CatalogSnapshot, list_no: int, cod
                                  f"0x{record.crc32:08x}, got 0x{actual:08x}", where)
         return None
     return np.frombuffer(body, dtype=record_dtype(code_size)) if prelude_ok else None
+
+
+def _check_vectors(layout: StoreLayout, files: RowFiles, snap: CatalogSnapshot, list_no: int,
+                   records: np.ndarray | None, found: _Findings) -> None:
+    """Validate one list's vector file: present, long enough, its prelude, and each committed
+    row's checksum against the id of its segment record (when the segment could be read)."""
+    assert files.vectors is not None
+    dtype, dim = files.vectors
+    record = snap.lists[list_no]
+    path = layout.segment(vector_file_name(record.file))
+    where = str(path)
+    if record.count == 0:
+        if path.exists():
+            found.leftovers.append(Problem("tail", f"list {list_no} is empty but {path.name} "
+                                                   "exists (an interrupted add)", where))
+        return
+    row = vector_row_dtype(dim, dtype)
+    need = file_size(record.count, row.itemsize)
+    if not path.exists():
+        found.problem("vectors", f"vector file is missing; the catalog lists {record.count} "
+                                 f"committed rows of list {list_no}", where)
+        return
+    size = path.stat().st_size
+    if size < need:
+        found.problem("vectors", f"vector file is {size} bytes — expected at least {need} "
+                                 f"for {record.count} committed rows (truncated)", where)
+        return
+    if size > need:
+        found.leftovers.append(Problem("tail", f"{size - need} bytes after the committed "
+                                               "rows (an interrupted write)", where))
+    _bump(found, "vector_files")
+    expected = files.preludes(list_no, record.generation)[1]
+    with open(path, "rb") as fh:
+        head = fh.read(VECTOR_PRELUDE_SIZE)
+        found.run("vectors", where, lambda: decode_vector_prelude(
+            head, source=where).check_is(expected, where))  # type: ignore[arg-type]
+        body = fh.read(need - VECTOR_PRELUDE_SIZE)
+    if records is None:  # no ids to check the rows against: the segment's problem says why
+        return
+    bad = bad_rows(np.frombuffer(body, dtype=row), records["id"])
+    _bump(found, "vector_rows", record.count)
+    if len(bad):
+        found.problem("vectors", f"{len(bad)} committed row(s) do not match their records' "
+                                 f"checksums, first at row {int(bad[0])} (id "
+                                 f"{int(records['id'][bad[0]])})", where)
 
 
 def _check_lists_and_tombstones(snap: CatalogSnapshot, nlist: int,
@@ -275,29 +338,32 @@ def _check_ids(snap: CatalogSnapshot, ids: np.ndarray, entries: np.ndarray,
                                      f"holding other ids, e.g. id {int(ids[sel][wrong][0])}")
 
 
-def _find_orphans(layout: StoreLayout, snap: CatalogSnapshot, found: _Findings) -> None:
+def _find_orphans(layout: StoreLayout, files: RowFiles, snap: CatalogSnapshot,
+                  found: _Findings) -> None:
     if not layout.segments.is_dir():
         found.problem("segment", "segments/ directory is missing", str(layout.segments))
         return
-    for p in layout.orphan_segments(snap.segment_files()):
-        found.leftovers.append(Problem("orphan", "segment file named by no list record "
-                                                 "(left by an interrupted write)", str(p)))
+    for p in layout.orphan_segments(files.referenced(snap.segment_files())):
+        found.leftovers.append(Problem("orphan", "segment or vector file named by no list "
+                                                 "record (left by an interrupted write)",
+                                       str(p)))
 
 
-def _repair(layout: StoreLayout, snap: CatalogSnapshot, code_size: int,
+def _repair(layout: StoreLayout, files: RowFiles, snap: CatalogSnapshot,
             leftovers: list[Problem]) -> list[str]:
     """Remove what the leftovers name: cut tails, delete orphans, clear a dead writer's pid."""
     done = []
-    by_file = {r.file: r for r in snap.lists.values()}
+    by_file = {name: (r.count, row_size) for r in snap.lists.values()
+               for name, row_size in files.names(r.file)}
     for item in leftovers:
         path = layout.segments / os.path.basename(item.path) if item.path else None
         if item.kind == "tail" and path is not None:
-            record = by_file[path.name]
-            if record.count == 0:
+            count, row_size = by_file[path.name]
+            if count == 0:
                 path.unlink(missing_ok=True)
                 done.append(f"removed {path.name} (empty list)")
             else:
-                os.truncate(path, committed_size(record.count, code_size))
+                os.truncate(path, file_size(count, row_size))
                 done.append(f"cut the uncommitted tail of {path.name}")
         elif item.kind == "orphan" and path is not None:
             path.unlink(missing_ok=True)

@@ -8,9 +8,9 @@ This is the one statement of the write order (docs/format.md §7.3 gives it byte
    a handle removes orphan segment files.
 3. Check explicit ids against the catalog: a live id rejects the whole batch (upsert
    tombstones it instead).
-4. For each touched list, cut any uncommitted tail and append its records; then
-   ``fdatasync`` every written segment on a small pool of threads, and ``fsync``
-   ``segments/`` when a segment file was created.
+4. For each touched list, cut any uncommitted tail and append its records (and, in a store
+   that keeps vectors, the same rows of its vector file); then ``fdatasync`` every written
+   file on a small pool of threads, and ``fsync`` ``segments/`` when a file was created.
 5. Commit one LMDB transaction (list records, id entries, tombstones, the ``state`` record
    with ``commit`` + 1), only once every sync of step 4 has returned.
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import as_id_list, as_ids, as_vectors, normalize_rows
+from ._validate import as_id_list, as_ids, as_vectors, check_float16, normalize_rows
 from .compaction import (
     CompactionPlan,
     CompactReport,
@@ -53,15 +53,17 @@ from .errors import (
     ReadOnlyStoreError,
     StoreLockedError,
 )
-from .format import Header, SegmentPrelude, record_dtype, segment_file_name
+from .format import Header, record_dtype, segment_file_name
 from .format.keys import id_keys, tombstone_keys, tombstone_sum
 from .format.records import ListRecord, StateRecord, encode_id_entries
+from .format.vectors import row_checksums, vector_row_dtype
 from .quantizer import Quantizer
 from .storage import (
     Catalog,
     CatalogSnapshot,
     Changes,
     RecordFetcher,
+    RowFiles,
     StoreLayout,
     SyncJob,
     append_records,
@@ -80,17 +82,21 @@ class Writer:
     documents the public methods that call it.
 
     ``catalog`` returns the store's live catalog (it raises once the store is closed or used
-    from a forked child); ``fetch`` maps a list's committed records, for compaction.
+    from a forked child); ``fetch`` maps a list's committed records, and ``fetch_vectors``
+    its committed vector rows (a store that keeps vectors), for compaction.
     """
 
     def __init__(self, *, layout: StoreLayout, header: Header, quantizer: Quantizer,
-                 catalog: Callable[[], Catalog], fetch: RecordFetcher, readonly: bool,
-                 lock_timeout: float, auto_compact_ratio: float | None) -> None:
+                 files: RowFiles, catalog: Callable[[], Catalog], fetch: RecordFetcher,
+                 fetch_vectors: RecordFetcher, readonly: bool, lock_timeout: float,
+                 auto_compact_ratio: float | None) -> None:
         self._layout = layout
         self._header = header
         self._quantizer = quantizer
+        self._files = files
         self._catalog = catalog
         self._fetch = fetch
+        self._fetch_vectors = fetch_vectors
         self._readonly = readonly
         self._lock_timeout = lock_timeout
         self._auto_compact_ratio = auto_compact_ratio
@@ -120,7 +126,7 @@ class Writer:
         try:
             with writer_lock(self._layout.lock, self._lock_timeout):
                 if sweep and not self._swept:
-                    remove_orphans(self._layout, catalog.snapshot())
+                    remove_orphans(self._layout, self._files, catalog.snapshot())
                     self._swept = True
                 yield catalog
         finally:
@@ -136,6 +142,8 @@ class Writer:
         given = None if ids is None else as_ids(ids, n)
         if params.metric is Metric.COSINE:
             x = normalize_rows(x)
+        if self._files.vectors is not None and self._files.vectors[0] == "float16":
+            check_float16(x)
         list_nos, codes = self._quantizer.assign_and_encode(x, progress)
         with self.locked() as catalog:
             snap = catalog.snapshot()
@@ -160,7 +168,7 @@ class Writer:
                     _, old = catalog.locate(given[live])
                     replaced = self._tombstone(snap, given[live], old, changes)
             records, generations, rows, synced = self._append(snap.lists, list_nos, codes,
-                                                              new_ids)
+                                                              new_ids, x)
             try:
                 for list_no, record in records.items():  # merge with tombstone counts above
                     prior = changes.lists.get(list_no)
@@ -267,10 +275,10 @@ class Writer:
         t0 = time.perf_counter()
         with self.locked() as catalog:
             snap = catalog.snapshot()
-            plan = plan_compaction(snap, choose_lists(snap, min_deleted_ratio), self._code_size)
+            plan = plan_compaction(snap, choose_lists(snap, min_deleted_ratio), self._files)
             orphans = 0
             if not dry_run:
-                orphans = remove_orphans(self._layout, snap)
+                orphans = remove_orphans(self._layout, self._files, snap)
                 self._rewrite(catalog, snap, plan)
         return CompactReport(dry_run=dry_run, lists=plan.lists, records_removed=plan.removed,
                              records_kept=plan.kept, segment_bytes_before=plan.bytes_before,
@@ -281,8 +289,8 @@ class Writer:
         """Compact the planned lists: new segments, one commit, then unlink the old files."""
         if not plan.lists:
             return
-        done = rewrite_lists(self._layout, self._header.store_uuid, self._code_size, snap,
-                             list(plan.lists), self._fetch)
+        done = rewrite_lists(self._layout, self._files, snap, list(plan.lists), self._fetch,
+                             self._fetch_vectors)
         s = snap.state
         catalog.apply(StateRecord(commit=s.commit + 1, ntotal=s.ntotal, next_id=s.next_id,
                                   ndeleted=s.ndeleted - plan.removed), done.changes)
@@ -296,12 +304,13 @@ class Writer:
         with self.locked() as catalog:
             snap = catalog.snapshot()
             chosen = choose_lists(snap, self._auto_compact_ratio, among=touched)
-            self._rewrite(catalog, snap, plan_compaction(snap, chosen, self._code_size))
+            self._rewrite(catalog, snap, plan_compaction(snap, chosen, self._files))
 
     def _append(self, lists: Mapping[int, ListRecord], list_nos: I64Array, codes: U8Array,
-                ids: I64Array) -> tuple[dict[int, ListRecord], I64Array, I64Array, SyncJob]:
-        """§7 steps 1-2: append each list's new records to its segment, then start syncing
-        them all.
+                ids: I64Array, vectors: np.ndarray
+                ) -> tuple[dict[int, ListRecord], I64Array, I64Array, SyncJob]:
+        """§7 steps 1-2: append each list's new records to its segment (and ``vectors`` to
+        its vector file, in a store that keeps them), then start syncing them all.
 
         Returns the list records to commit, each vector's segment generation and row, and the
         running sync job: its ``wait()`` must return before the catalog commit.
@@ -314,6 +323,13 @@ class Writer:
         records = np.empty(len(ids), dtype=self._dtype)  # grouped by list
         records["id"] = ids[order]
         records["code"] = codes[order]
+        rows_of = [records]
+        if self._files.vectors is not None:
+            dtype, dim = self._files.vectors
+            vrows = np.empty(len(ids), dtype=vector_row_dtype(dim, dtype))
+            vrows["v"] = vectors[order]
+            vrows["crc"] = row_checksums(records["id"], vrows["v"])
+            rows_of.append(vrows)
         updated: dict[int, ListRecord] = {}
         written: list[Path] = []
         created = False
@@ -325,13 +341,20 @@ class Writer:
                     file=segment_file_name(list_no, 0), generation=0, count=0, deleted=0,
                     crc32=0, tsum=0)
                 created |= old.count == 0  # a count-0 record (emptied by compaction): no file
-                prelude = SegmentPrelude(list_no=list_no, generation=old.generation,
-                                         code_size=self._code_size,
-                                         store_uuid=self._header.store_uuid)
-                path = self._layout.segment(old.file)
-                crc = append_records(path, prelude, old.count, records[s:e],
-                                     crc_start=old.crc32, sync=False)
-                written.append(path)
+                crc = old.crc32
+                files = zip(self._files.names(old.file),
+                            self._files.preludes(list_no, old.generation), rows_of, strict=True)
+                for i, ((name, _), prelude, data) in enumerate(files):
+                    path = self._layout.segment(name)
+                    try:
+                        got = append_records(path, prelude, old.count, data[s:e],
+                                             crc_start=old.crc32, sync=False)
+                    except BaseException:
+                        if i:  # the segment's append of this list is not in `updated` yet
+                            self._discard(lists, {list_no: old})
+                        raise
+                    crc = got if i == 0 else crc
+                    written.append(path)
                 rows[idx] = np.arange(old.count, old.count + (e - s))
                 generations[idx] = old.generation
                 updated[list_no] = replace(old, count=old.count + (e - s), crc32=crc)
@@ -367,5 +390,5 @@ class Writer:
         """Cut each list in ``appended`` back to its committed count in ``lists``."""
         for list_no, record in appended.items():
             old = lists.get(list_no)
-            discard_appended(self._layout.segment(record.file), old.count if old else 0,
-                             self._code_size)
+            for name, row_size in self._files.names(record.file):
+                discard_appended(self._layout.segment(name), old.count if old else 0, row_size)

@@ -67,12 +67,12 @@ def small_data() -> dict[str, np.ndarray]:
 
 
 def make_store(path: Path, data: dict[str, np.ndarray], *, metric: str = "l2",
-               add: bool = True) -> ivfpq_store.Store:
+               add: bool = True, store_vectors: str | None = None) -> ivfpq_store.Store:
     """A small trained store (dim 16, nlist 8, m 4, nbits 6) at ``path``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
         store = ivfpq_store.create(path, data["train"], nlist=NLIST, m=M, nbits=NBITS,
-                                   metric=metric, seed=7)
+                                   metric=metric, seed=7, store_vectors=store_vectors)
     if add:
         store.add(data["base"])
     return store

@@ -78,7 +78,7 @@ def test_impossible_codes_are_never_results(tmp_path, small_data):
     kernel = _kernel.KERNEL
     assert kernel is not None
     for terms in (kernel.list_terms(qz.centroids, qz.codebooks_t, qz.norms), None):
-        cost, ids = scan(
+        cost, ids, _, _ = scan(
             kernel, queries=query, centroids=qz.centroids,
             codebooks_t=qz.codebooks_t, norms=qz.norms, list_terms=terms, l2=True,
             list_no=np.array([list_no]), records=[recs], dead=[None],
@@ -106,7 +106,7 @@ def test_equal_costs_go_to_the_better_ranked_list(tmp_path, small_data, threads)
     copy["id"] += 10_000
     kernel = _kernel.KERNEL
     assert kernel is not None
-    cost, ids = scan(
+    cost, ids, ranks, rows = scan(
         kernel, queries=small_data["queries"][:1], centroids=qz.centroids,
         codebooks_t=qz.codebooks_t, norms=qz.norms,
         list_terms=kernel.list_terms(qz.centroids, qz.codebooks_t, qz.norms), l2=True,
@@ -116,6 +116,9 @@ def test_equal_costs_go_to_the_better_ranked_list(tmp_path, small_data, threads)
     rank = (ids[0] >= 10_000).astype(int)
     row = np.searchsorted(recs["id"], ids[0] % 10_000)
     assert (recs["id"][row] == ids[0] % 10_000).all()
+    # the kernel says where each result is: the probe rank of its list and its row there
+    np.testing.assert_array_equal(ranks[0], rank)
+    np.testing.assert_array_equal(rows[0], row)
     keys = list(zip(cost[0].tolist(), rank.tolist(), row.tolist(), strict=True))
     assert keys == sorted(keys)  # by (cost, rank, row)
     assert len(set(keys)) == len(keys)
@@ -216,8 +219,8 @@ def test_kernel_rejects_inconsistent_arguments(tmp_path, small_data):
         assert not misaligned.flags.aligned
         want = scan(kernel, **good)
         got = scan(kernel, **{**good, "queries": misaligned})
-        np.testing.assert_array_equal(got[1], want[1])
-        np.testing.assert_array_equal(got[0], want[0])
+        for got_part, want_part in zip(got, want, strict=True):
+            np.testing.assert_array_equal(got_part, want_part)
 
 
 @needs_kernel
@@ -270,8 +273,11 @@ def test_encoder_matches_the_numpy_encoder(nbits):
     assert (got % 2 == 0).all()  # the lowest of equal sub-centroids
     if ksub == 256:
         assert not ((got >= 64) & (got < 192)).any()
+    # Where the two differ, both choices are equally near to float precision. How often
+    # depends on numpy's BLAS: the copies of a sub-centroid tie exactly in the kernel, but a
+    # BLAS product may round them differently by column (3 codes of 12,000 differ with
+    # OpenBLAS's default kernel, 191 with OPENBLAS_CORETYPE=Haswell).
     differ = np.argwhere(got != want)
-    assert len(differ) <= 3
     r = (x - centroids[lists]).reshape(len(x), m, dsub)
     for i, j in differ:  # only where the two choices are equally near, to float precision
         d_got = ((r[i, j] - books[j, got[i, j]]) ** 2).sum()

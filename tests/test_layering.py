@@ -29,7 +29,7 @@ ALLOWED = {
     "quantizer": {"_kernel", "training", "types"},
     "search": {"search", "_kernel", "errors", "filters", "format", "params", "quantizer",
                "storage", "types"},
-    "compaction": {"format", "storage"},
+    "compaction": {"errors", "format", "storage"},
     "verify": {"errors", "format", "storage"},
     "copying": {"errors", "storage"},
     "writing": {"_validate", "compaction", "errors", "format", "quantizer", "storage", "types"},

@@ -73,13 +73,16 @@ def test_probe_returns_exactly_the_nprobe_best_lists_in_order(metric, nprobe):
 
 
 def test_probe_in_blocks_equals_one_block():
+    """The same lists, and the same costs up to BLAS rounding: OpenBLAS may run another
+    kernel for a block of 10 rows than for 101 (OPENBLAS_CORETYPE=Haswell does), so the
+    products can differ in their last bit."""
     rng = np.random.default_rng(1)
     qz = CoarseQuantizer(rng.normal(size=(20, DIM)).astype(np.float32), Metric.L2)
     queries = rng.normal(size=(101, DIM)).astype(np.float32)
     whole = qz.probe(queries, 5)
     blocked = qz.probe(queries, 5, block=10)
     np.testing.assert_array_equal(whole[1], blocked[1])
-    np.testing.assert_array_equal(whole[0], blocked[0])
+    np.testing.assert_allclose(whole[0], blocked[0], rtol=1e-6)
 
 
 def test_probe_ties_go_to_the_lower_list():

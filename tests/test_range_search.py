@@ -263,7 +263,12 @@ def test_single_queries_equal_the_batch(shared_store_path, small_data):
         singles = [store.range_search(q, radius, nprobe=3) for q in queries]
     for single, (ids, distances) in zip(singles, per_query(batch), strict=True):
         assert single.lims.tolist() == [0, len(ids)]
-        np.testing.assert_array_equal(single.ids, ids)
+        # The two scans round differently in the last bits (a BLAS product may too, by
+        # block shape), so nearly equal distances may swap places: compare id by id.
+        assert sorted(single.ids.tolist()) == sorted(ids.tolist())
+        by_id = dict(zip(ids.tolist(), distances.tolist(), strict=True))
+        np.testing.assert_allclose(single.distances, [by_id[i] for i in single.ids.tolist()],
+                                   rtol=1e-6, atol=1e-4)
         np.testing.assert_allclose(single.distances, distances, rtol=1e-6, atol=1e-4)
 
 
@@ -301,10 +306,17 @@ def test_ties_come_in_storage_order(tmp_path, small_data, path):
         query = small_data["base"][30:31] + 1e-3
         result = store.range_search(np.repeat(query, 9, axis=0), FLT_MAX, nprobe=1)
         _, top = store.search(query, k=300, nprobe=1)
+    assert top[0].tolist() == list(range(100, 400))  # the kernel's tables: exact ties
     for ids, distances in per_query(result):
-        assert ids[:300].tolist() == list(range(100, 400))
-        assert (distances[:300] == distances[0]).all()
-        assert top[0].tolist() == ids[:300].tolist()
+        assert sorted(ids[:300].tolist()) == list(range(100, 400))
+        # Equal distances come in row order. A BLAS product may round one code's distance
+        # differently by its place in the block (OpenBLAS's Haswell kernel does), so on the
+        # product path the 300 may not tie exactly; where they do, they are in row order.
+        equal = distances[1:300] == distances[:299]
+        assert (ids[1:300][equal] > ids[:299][equal]).all()
+        if path != "product":
+            assert ids[:300].tolist() == list(range(100, 400))
+            assert (distances[:300] == distances[0]).all()
 
 
 @pytest.mark.parametrize("path", ["product", "tables", "tables-blocks"])

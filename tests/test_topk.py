@@ -53,16 +53,19 @@ def test_kth_bound_of_a_single_query_spans_all_its_lists():
 
 
 def _reference(q, cost, rank, row, ids, nq, k):
-    """Best k per query by (cost, rank, row), finite costs only, padded with (inf, -1)."""
+    """Best k per query by (cost, rank, row), finite costs only, padded with (inf, -1, -1,
+    -1): costs, ids, ranks and rows."""
     out_cost = np.full((nq, k), np.inf, np.float32)
-    out_ids = np.full((nq, k), -1, np.int64)
+    out_ids, out_rank, out_row = (np.full((nq, k), -1, np.int64) for _ in range(3))
     for query in range(nq):
         hits = sorted((c, r, w, i) for qq, c, r, w, i in zip(q, cost, rank, row, ids, strict=True)
                       if qq == query and np.isfinite(c))[:k]
-        for col, (c, _, _, i) in enumerate(hits):
+        for col, (c, r, w, i) in enumerate(hits):
             out_cost[query, col] = c
             out_ids[query, col] = i
-    return out_cost, out_ids
+            out_rank[query, col] = r
+            out_row[query, col] = w
+    return out_cost, out_ids, out_rank, out_row
 
 
 @pytest.mark.parametrize("pool_budget", [1 << 20, 3])
@@ -91,8 +94,10 @@ def test_topk_equals_a_full_sort_with_ties(pool_budget, data, nq, nlists, k):
         for col, (query, rank) in enumerate(zip(queries, ranks, strict=True)):
             every += [(query, float(cost[r, col]), rank, r0 + r, int(ids[r]))
                       for r in range(nrows)]
-    got_cost, got_ids = top.result()
+    got_cost, got_ids, got_rank, got_row = top.result()
     q, c, rank, row, ids = (np.array(v) for v in zip(*every, strict=True))
-    want_cost, want_ids = _reference(q, c, rank, row, ids, nq, k)
+    want_cost, want_ids, want_rank, want_row = _reference(q, c, rank, row, ids, nq, k)
     np.testing.assert_array_equal(got_cost, want_cost)
     np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_array_equal(got_rank, want_rank)
+    np.testing.assert_array_equal(got_row, want_row)

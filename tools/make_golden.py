@@ -1,13 +1,14 @@
 """Regenerate the golden format files in ``tests/data/``.
 
-The golden files freeze the on-disk format: ``tests/test_format_header.py`` and
-``tests/test_format_segment.py`` decode them and check that re-encoding gives the same bytes.
+The golden files freeze the on-disk format: ``tests/test_format_header.py``,
+``tests/test_format_segment.py`` and ``tests/test_format_vectors.py`` decode them and check
+that re-encoding gives the same bytes.
 Changing them needs a format version bump and a changelog entry in docs/format.md; review the
 binary diff before committing.
 
 Usage::
 
-    python tools/make_golden.py                # writes header-v1.0.ivfh and segment-v1.0.seg
+    python tools/make_golden.py                # writes the four files below into tests/data
     python tools/make_golden.py --out-dir DIR  # writes them somewhere else (e.g. to compare)
     python tools/make_golden.py --check        # exit 1 if the files on disk differ
 
@@ -32,22 +33,43 @@ from ivfpq_store.format import (
     encode_segment_prelude,
     record_dtype,
 )
+from ivfpq_store.format.vectors import (
+    VectorPrelude,
+    encode_vector_prelude,
+    row_checksums,
+    vector_row_dtype,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tests" / "data"
 HEADER_NAME = "header-v1.0.ivfh"
 SEGMENT_NAME = "segment-v1.0.seg"
+VECTORS_HEADER_NAME = "header-v1.1-vectors.ivfh"
+VECTORS_NAME = "vectors-v1.0.vec"
 
 
-def golden_header() -> bytes:
-    """The golden header: dim 8, nlist 2, m 2, nbits 2, L2, store_uuid UUID(int=1)."""
+def golden_header(vectors: str | None = None) -> bytes:
+    """The golden header: dim 8, nlist 2, m 2, nbits 2, L2, store_uuid UUID(int=1); with
+    ``vectors``, the same store keeping its vectors in that element type (format 1.2)."""
     header = Header(
         params=IndexParams(dim=8, nlist=2, m=2, nbits=2),
         store_uuid=uuid.UUID(int=1),
         centroids=np.arange(16, dtype=np.float32).reshape(2, 8),
         codebooks=np.arange(32, dtype=np.float32).reshape(2, 4, 4) / 8,
         metadata={"seed": 0},
+        vectors=vectors,
     )
     return encode_header(header)
+
+
+def golden_vectors() -> bytes:
+    """The golden vector file beside the golden segment: float16, dim 8, the vectors of
+    records 10, 11 and 12 (row i is i/4 + j/8 in dimension j)."""
+    prelude = VectorPrelude(list_no=1, generation=0, dtype="float16", dim=8,
+                            store_uuid=uuid.UUID(int=1))
+    rows = np.zeros(3, dtype=vector_row_dtype(8, "float16"))
+    rows["v"] = np.arange(3)[:, None] / 4 + np.arange(8)[None, :] / 8
+    rows["crc"] = row_checksums(np.array([10, 11, 12]), rows["v"])
+    return encode_vector_prelude(prelude) + rows.tobytes()
 
 
 def golden_segment() -> bytes:
@@ -67,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not write; exit 1 if the files in --out-dir differ")
     args = parser.parse_args(argv)
 
-    files = {HEADER_NAME: golden_header(), SEGMENT_NAME: golden_segment()}
+    files = {HEADER_NAME: golden_header(), SEGMENT_NAME: golden_segment(),
+             VECTORS_HEADER_NAME: golden_header("float16"), VECTORS_NAME: golden_vectors()}
     status = 0
     for name, data in files.items():
         path = args.out_dir / name

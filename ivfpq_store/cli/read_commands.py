@@ -31,7 +31,9 @@ from .base import (
     store_options,
 )
 
-__all__ = ["demo", "info", "lists_", "range_search", "search", "verify"]
+__all__ = ["demo", "get", "info", "lists_", "range_search", "search", "verify"]
+
+_INT64_MAX = int(np.iinfo(np.int64).max)
 
 
 def _result_doc(i: int, ids: np.ndarray, distances: np.ndarray) -> dict[str, Any]:
@@ -80,24 +82,29 @@ def _filter_from(allow_ids: Path | None, deny_ids: Path | None) -> ivfpq_store.F
               help="Results per query.")
 @click.option("--nprobe", default=8, show_default=True, type=click.IntRange(1), metavar="N",
               help="Lists probed per query, at most the store's nlist.")
+@click.option("--refine", default=0, show_default=True, type=click.IntRange(0), metavar="R",
+              help="Re-rank the best R*k by exact distance to the stored vectors (a store "
+                   "created with --store-vectors); 0: PQ distances only.")
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1),
               metavar="N", help="Queries searched per batch.")
 @filter_options
 @json_option
 @click.option("--jsonl", is_flag=True,
               help="Print one JSON line per query, as results come (not with --json).")
-def search(store: Path, queries: Path, k: int, nprobe: int, batch_size: int,
+def search(store: Path, queries: Path, k: int, nprobe: int, refine: int, batch_size: int,
            allow_ids: Path | None, deny_ids: Path | None, as_json: bool, jsonl: bool) -> None:
     """Search STORE for the k nearest neighbours of each vector in QUERIES.
 
     STORE is opened read-only. Results come best first: squared distances ascending for l2,
     scores descending for ip and cosine. Results that do not exist (fewer than k vectors in
     the probed lists) are left out of the output. With --allow-ids or --deny-ids, results
-    are the best k among the ids allowed and not denied.
+    are the best k among the ids allowed and not denied. With --refine R, the best R*k by
+    PQ distance are re-ranked by exact distance, which the output then shows.
 
     \b
     Examples:
         ivfpq-store search sift.ivfpq queries.fvecs -k 10 --nprobe 16 --json
+        ivfpq-store search sift.ivfpq queries.fvecs --refine 4
         ivfpq-store search sift.ivfpq queries.fvecs --allow-ids tenant-7.txt
     """
     if as_json and jsonl:
@@ -108,14 +115,14 @@ def search(store: Path, queries: Path, k: int, nprobe: int, batch_size: int,
     with ivfpq_store.open(store, readonly=True, **store_options()) as s:
         start = 0
         for batch in vf.batches(batch_size):
-            distances, ids = s.search(batch, k=k, nprobe=nprobe, filter=flt)
+            distances, ids = s.search(batch, k=k, nprobe=nprobe, refine=refine, filter=flt)
             for row in range(len(batch)):
                 _put_result(_result_doc(start + row, ids[row], distances[row]), results,
                             as_json=as_json, jsonl=jsonl)
             start += len(batch)
     if as_json:
-        emit({"k": k, "nprobe": nprobe, "queries": start, "results": results}, as_json=True,
-             lines=[])
+        emit({"k": k, "nprobe": nprobe, "refine": refine, "queries": start, "results": results},
+             as_json=True, lines=[])
 
 
 @cli.command("range-search")
@@ -168,6 +175,48 @@ def range_search(store: Path, queries: Path, radius: float, nprobe: int, batch_s
 
 @cli.command()
 @store_argument
+@click.argument("ids", nargs=-1, type=click.IntRange(0, _INT64_MAX))
+@click.option("--ids-file", type=existing_file,
+              help="More ids to read (.npy, .ivecs of dim 1, or text).")
+@click.option("-o", "--output", type=PathType(path_type=Path), default=None, metavar="FILE",
+              help="Write the vectors to FILE (.npy, float32, one row per id) instead of "
+                   "printing them.")
+@json_option
+def get(store: Path, ids: tuple[int, ...], ids_file: Path | None, output: Path | None,
+        as_json: bool) -> None:
+    """Print the stored vectors of IDS (and those in --ids-file) from STORE.
+
+    STORE must keep its vectors (created with --store-vectors); they are printed as they
+    were added (after cosine normalisation), one line per id: the id, a tab, the values.
+    An id that is not in the store is an error, and nothing is printed. STORE is opened
+    read-only.
+
+    \b
+    Examples:
+        ivfpq-store get sift.ivfpq 17 42
+        ivfpq-store get sift.ivfpq --ids-file hits.txt -o hits.npy
+    """
+    if not ids and ids_file is None:
+        raise click.UsageError("give ids as arguments or with --ids-file")
+    if output is not None and output.suffix != ".npy":
+        raise click.BadParameter(f"{output}: expected a .npy file name", param_hint="--output")
+    wanted = np.array(ids, dtype=np.int64)
+    if ids_file is not None:
+        wanted = np.concatenate([wanted, read_ids(ids_file).astype(np.int64)])
+    with ivfpq_store.open(store, readonly=True, **store_options()) as s:
+        vectors = s.get_vectors(wanted)
+    if output is not None:
+        np.save(output, vectors)
+        emit({"ids": len(wanted), "dim": vectors.shape[1], "output": str(output)},
+             as_json=as_json, lines=[f"wrote {len(wanted):,} vectors to {output}"])
+        return
+    emit({"ids": wanted.tolist(), "vectors": vectors.tolist()}, as_json=as_json,
+         lines=[f"{i}\t{' '.join(f'{v:.9g}' for v in row)}"
+                for i, row in zip(wanted.tolist(), vectors.tolist(), strict=True)])
+
+
+@cli.command()
+@store_argument
 @json_option
 def info(store: Path, as_json: bool) -> None:
     """Show parameters, counts, list-size distribution and bytes on disk of STORE.
@@ -188,7 +237,8 @@ def info(store: Path, as_json: bool) -> None:
     emit({**i.to_dict(), "scan_backend": backend}, as_json=as_json, lines=[
         f"store:    {i.path} (format {i.format_version})",
         f"index:    dim={i.dim} nlist={i.nlist} m={i.m} nbits={i.nbits} metric={i.metric}",
-        f"vectors:  {i.ntotal:,} in {i.n_segments} non-empty lists",
+        f"vectors:  {i.ntotal:,} in {i.n_segments} non-empty lists"
+        + (f", stored as {i.store_vectors}" if i.store_vectors else ", codes only"),
         f"lists:    min {sizes[0]}, median {sizes[len(sizes) // 2]}, max {sizes[-1]}",
         (f"deleted:  {i.ndeleted:,} records awaiting compaction "
          f"({i.reclaimable_bytes:,} bytes reclaimable)"),

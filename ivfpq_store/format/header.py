@@ -26,8 +26,10 @@ from ..errors import (
 from ..params import IndexParams
 from ..types import F32Array, Metric
 from .checksum import align_up, check_crc, crc32
+from .vectors import VECTOR_DTYPES
 
 __all__ = [
+    "FLAG_VECTORS",
     "HEADER_MAGIC",
     "HEADER_VERSION",
     "MAX_SECTIONS",
@@ -39,6 +41,15 @@ __all__ = [
 
 HEADER_MAGIC = b"\x89IVFPQ\r\n"
 HEADER_VERSION = (1, 0)
+#: The layout version of a header with stored vectors (§4.1 flags, §4.3 VECTORS); a header
+#: without them is written exactly as in 1.0.
+HEADER_VERSION_VECTORS = (1, 1)
+#: §4.1 flags bit 0: the store keeps its vectors (VECTORS section, vector files). A reader
+#: that does not know it must refuse the store: its writes would leave the vectors behind.
+FLAG_VECTORS = 0x1
+_KNOWN_FLAGS = FLAG_VECTORS
+# §4.3 VECTORS section: element type code (format.vectors.VECTOR_DTYPES), reserved, reserved
+_VECTORS = struct.Struct("<HHI")
 MAX_SECTIONS = 64
 
 # §4.1 prelude: magic, major, minor, flags, dim, nlist, m, nbits, metric,
@@ -56,6 +67,7 @@ class SectionKind(enum.IntEnum):
     CENTROIDS = 1  #: (nlist, dim) little-endian float32, C order
     CODEBOOKS = 2  #: (m, ksub, dsub) little-endian float32, C order
     METADATA = 3  #: msgpack map with string keys (training provenance); informative only
+    VECTORS = 4  #: the stored vectors' element type; present exactly when flags bit 0 is set
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,6 +80,8 @@ class Header:
     codebooks: F32Array  # (m, ksub, dsub)
     metadata: dict[str, Any] = field(default_factory=dict)
     version: tuple[int, int] = HEADER_VERSION
+    #: The element type of stored vectors ("float32" or "float16"), or None: no vectors.
+    vectors: str | None = None
 
     def __post_init__(self) -> None:
         p = self.params
@@ -79,6 +93,9 @@ class Header:
                 raise InvalidParamsError(
                     f"header {name}: expected float32 {shape}, got {arr.dtype} {arr.shape}"
                 )
+        if self.vectors is not None and self.vectors not in VECTOR_DTYPES:
+            raise InvalidParamsError(f"header vectors: expected one of "
+                                     f"{sorted(VECTOR_DTYPES)} or None, got {self.vectors!r}")
 
 
 def encode_header(header: Header) -> bytes:
@@ -89,6 +106,11 @@ def encode_header(header: Header) -> bytes:
         (SectionKind.CODEBOOKS, np.ascontiguousarray(header.codebooks, dtype="<f4").tobytes()),
         (SectionKind.METADATA, msgpack.packb(header.metadata, use_bin_type=True)),
     ]
+    flags, version = 0, HEADER_VERSION
+    if header.vectors is not None:
+        flags, version = FLAG_VECTORS, HEADER_VERSION_VECTORS
+        payloads.append((SectionKind.VECTORS,
+                         _VECTORS.pack(VECTOR_DTYPES[header.vectors][0], 0, 0)))
     table_offset = PRELUDE_SIZE
     offsets: list[int] = []
     offset = align_up(table_offset + _SECTION.size * len(payloads))
@@ -105,7 +127,7 @@ def encode_header(header: Header) -> bytes:
     for (_, data), off in zip(payloads, offsets, strict=True):
         out[off: off + len(data)] = data
     prelude = _PRELUDE.pack(
-        HEADER_MAGIC, *HEADER_VERSION, 0, p.dim, p.nlist, p.m, p.nbits, int(p.metric),
+        HEADER_MAGIC, *version, flags, p.dim, p.nlist, p.m, p.nbits, int(p.metric),
         len(payloads), table_offset, header.store_uuid.bytes, crc32(table),
     )
     out[: PRELUDE_SIZE - 4] = prelude
@@ -137,7 +159,8 @@ def decode_header(buf: bytes | memoryview, *, source: str = "<bytes>") -> Header
     return Header(params=params, store_uuid=prelude.store_uuid, centroids=centroids,
                   codebooks=codebooks,
                   metadata=_section_metadata(sections, source, prelude.table_offset),
-                  version=prelude.version)
+                  version=prelude.version,
+                  vectors=_section_vectors(sections, source, prelude))
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +173,7 @@ class _Prelude:
     n_sections: int
     table_offset: int
     table_crc: int
+    flags: int
 
 
 def _decode_prelude(buf: memoryview, source: str) -> _Prelude:
@@ -174,10 +198,11 @@ def _decode_prelude(buf: memoryview, source: str) -> _Prelude:
     check_crc(buf[: PRELUDE_SIZE - 4], stored_crc, what="prelude", path=source, offset=0)
     (_, _, _, flags, dim, nlist, m, nbits, metric, n_sections, table_offset, raw_uuid,
      table_crc) = _PRELUDE.unpack_from(buf, 0)
-    if flags:
+    if flags & ~_KNOWN_FLAGS:
         raise _fail(UnsupportedVersionError, source,
-                    f"unknown header flags 0x{flags:08x} — expected 0; upgrade ivfpq-store", 12,
-                    expected=0, actual=flags)
+                    f"unknown header flags 0x{flags:08x} — expected bits of "
+                    f"0x{_KNOWN_FLAGS:08x}; upgrade ivfpq-store", 12,
+                    expected=_KNOWN_FLAGS, actual=flags)
     try:
         params = IndexParams(dim=dim, nlist=nlist, m=m, nbits=nbits, metric=Metric(metric))
     except (InvalidParamsError, ValueError) as err:
@@ -188,7 +213,7 @@ def _decode_prelude(buf: memoryview, source: str) -> _Prelude:
                     expected=(1, MAX_SECTIONS), actual=n_sections)
     return _Prelude(version=(major, minor), params=params,
                     store_uuid=uuid.UUID(bytes=bytes(raw_uuid)), n_sections=n_sections,
-                    table_offset=table_offset, table_crc=table_crc)
+                    table_offset=table_offset, table_crc=table_crc, flags=flags)
 
 
 def _decode_sections(buf: memoryview, source: str, prelude: _Prelude) -> dict[int, memoryview]:
@@ -257,3 +282,29 @@ def _section_metadata(sections: dict[int, memoryview], source: str,
     if not isinstance(metadata, dict):
         raise _fail(FormatError, source, "METADATA section is not a msgpack map", table_offset)
     return metadata
+
+
+def _section_vectors(sections: dict[int, memoryview], source: str,
+                     prelude: _Prelude) -> str | None:
+    """The stored vectors' element type: the VECTORS section, which must be present exactly
+    when flags bit 0 is set (§4.3); None for a store without vectors."""
+    has_flag = bool(prelude.flags & FLAG_VECTORS)
+    if (SectionKind.VECTORS in sections) != has_flag:
+        raise _fail(FormatError, source,
+                    f"flags bit 0 is {int(has_flag)} but the VECTORS section is "
+                    f"{'missing' if has_flag else 'present'} — expected both or neither",
+                    prelude.table_offset)
+    if not has_flag:
+        return None
+    data = sections[SectionKind.VECTORS]
+    by_code = {code: name for name, (code, _) in VECTOR_DTYPES.items()}
+    if len(data) != _VECTORS.size:
+        raise _fail(FormatError, source, f"section VECTORS is {len(data)} bytes — expected "
+                    f"{_VECTORS.size}", prelude.table_offset, expected=_VECTORS.size,
+                    actual=len(data))
+    code, _, _ = _VECTORS.unpack(data)
+    if code not in by_code:
+        raise _fail(FormatError, source, f"section VECTORS: element type code {code} — "
+                    f"expected one of {sorted(by_code)}", prelude.table_offset,
+                    expected=sorted(by_code), actual=code)
+    return by_code[code]

@@ -70,6 +70,15 @@ class SegmentPrelude:
         """Bytes per record: 8 (id) + code_size."""
         return 8 + self.code_size
 
+    @property
+    def row_size(self) -> int:
+        """Bytes per row of the file: :attr:`record_size`."""
+        return 8 + self.code_size
+
+    def to_bytes(self) -> bytes:
+        """The 64-byte prelude (:func:`encode_segment_prelude`)."""
+        return encode_segment_prelude(self)
+
     def check_is(self, expected: SegmentPrelude, source: str) -> None:
         """Raise :class:`CorruptStoreError` unless this prelude names the list, generation,
         code size and store of ``expected`` (what the catalog says the file holds)."""

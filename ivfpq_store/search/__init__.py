@@ -8,6 +8,7 @@ range search, every record within the radius).
 - :mod:`.kernel_scan`: the compiled scan (:mod:`ivfpq_store._kernel`);
 - :mod:`.numpy_batch`, :mod:`.numpy_single`: the numpy scans, with :mod:`.tables` (ADC
   lookup tables) and :mod:`.topk` (the pruned running top-k);
+- :mod:`.refine`: exact re-ranking of the scans' candidates with the stored vectors;
 - :mod:`.range`: the range scan (every record within a radius, numpy only);
 - :mod:`.config`: the tuning knobs, one frozen :class:`SearchConfig`.
 """
@@ -17,8 +18,7 @@ from __future__ import annotations
 from .config import DEFAULT_CONFIG, SearchConfig
 from .filtered import SearchPlan
 from .plan import RecordFetcher
-from .searcher import RangeResult, Searcher, SearchResult
+from .searcher import RangeResult, Refiner, Searcher, SearchResult
 
-__all__ = ["DEFAULT_CONFIG", "RangeResult", "RecordFetcher", "SearchConfig", "SearchPlan",
-           "SearchResult",
-           "Searcher"]
+__all__ = ["DEFAULT_CONFIG", "RangeResult", "RecordFetcher", "Refiner", "SearchConfig",
+           "SearchPlan", "SearchResult", "Searcher"]

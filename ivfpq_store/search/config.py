@@ -42,6 +42,9 @@ class SearchConfig:
     #: the peak, 120 MiB at most here) are held until they are sorted; only the results (12
     #: bytes each) are kept across blocks.
     range_budget: int = 1 << 21
+    #: Floats of stored vectors a refined search gathers per block of queries (refine * k
+    #: candidates of dim floats each; 16 MiB here; at least one query per block).
+    refine_budget: int = 4 << 20
     #: Threads of the C kernel (one per CPU this process may run on; see _kernel.THREADS).
     threads: int = _kernel.THREADS
     #: Queries below which the kernel probes on one thread.

@@ -154,8 +154,9 @@ def locate_admitted(catalog: Catalog, snap: CatalogSnapshot, flt: Filter, limit:
 
 def search_direct(qz: Quantizer, config: SearchConfig, queries: F32Array, k: int,
                   located: Located) -> tuple[F32Array, I64Array]:
-    """The best ``k`` of the ``located`` vectors for each query: (costs, ids) as the scans
-    return them (costs ascending; for ip/cosine the negated score), padded with +inf and -1.
+    """The best ``k`` of the ``located`` vectors for each query: (costs, picks), costs as the
+    scans return them (ascending; for ip/cosine the negated score) and picks the indices of
+    the vectors in ``located``, padded with +inf and -1.
 
     Each vector is scored by its distance to its reconstruction (centroid plus decoded
     residual), which equals the ADC distance a scan computes up to float rounding. Ties are
@@ -193,5 +194,5 @@ def search_direct(qz: Quantizer, config: SearchConfig, queries: F32Array, k: int
         order = np.argsort(picked, axis=1, kind="stable")
         best = np.take_along_axis(part, order, axis=1)
         cost_out[q0: q0 + block, :take] = np.take_along_axis(picked, order, axis=1)
-        ids_out[q0: q0 + block, :take] = located.ids[best]
+        ids_out[q0: q0 + block, :take] = best
     return cost_out, ids_out

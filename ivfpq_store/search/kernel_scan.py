@@ -14,6 +14,7 @@ from ..quantizer import Quantizer
 from ..types import F32Array, I64Array, Metric
 from .config import SearchConfig
 from .plan import RecordFetcher, pairs_by_list
+from .topk import Hits
 
 __all__ = ["scan_kernel"]
 
@@ -21,8 +22,8 @@ __all__ = ["scan_kernel"]
 def scan_kernel(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel,
                 queries: F32Array, probed: I64Array, lists: Mapping[int, ListRecord],
                 deleted: Mapping[int, np.ndarray], fetch: RecordFetcher, k: int,
-                list_terms: F32Array | None) -> tuple[F32Array, I64Array]:
-    """Best ``k`` (costs, ids), each (nq, k), of every (query, probed list) pair.
+                list_terms: F32Array | None) -> Hits:
+    """Best ``k`` (:class:`Hits`, each (nq, k)) of every (query, probed list) pair.
 
     ``list_terms`` are the l2 list terms of every list (:meth:`Kernel.list_terms`); None for
     ip, or to have the kernel compute those of each scanned list.
@@ -42,7 +43,7 @@ def scan_kernel(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel,
             records.append(fetch(list_no, record))
             dead.append(deleted.get(list_no))
     if not records:
-        return np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
+        return Hits.empty(nq, k)
     keep = np.repeat(kept, counts)  # drop the pairs of empty lists
     pair_list = np.repeat(np.cumsum(kept) - 1, counts)[keep]  # each pair's index in records
     order, list_nos, counts = order[keep], list_nos[kept], counts[kept]
@@ -70,5 +71,5 @@ def scan_kernel(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel,
         parts.append(plan.scan(queries[q0:q1], starts, pair_q[sel] - q0, pair_rank[sel],
                                k=k, cap=cap, nthreads=nthreads))
     if len(parts) == 1:
-        return parts[0]
-    return np.concatenate([c for c, _ in parts]), np.concatenate([i for _, i in parts])
+        return Hits(*parts[0])
+    return Hits(*(np.concatenate(field) for field in zip(*parts, strict=True)))

@@ -14,7 +14,7 @@ from ..types import F32Array, I64Array
 from .config import SearchConfig
 from .plan import RecordFetcher
 from .tables import RowRange, gather, pair_terms, tables
-from .topk import FLT_MAX, kth_bound
+from .topk import FLT_MAX, Hits, kth_bound
 
 __all__ = ["fits", "scan_one"]
 
@@ -36,8 +36,8 @@ def fits(qz: Quantizer, nprobe: int, config: SearchConfig) -> bool:
 def scan_one(qz: Quantizer, config: SearchConfig, query: F32Array, coarse: F32Array,
              probed: I64Array, lists: Mapping[int, ListRecord],
              deleted: Mapping[int, np.ndarray], fetch: RecordFetcher,
-             k: int) -> tuple[F32Array, I64Array]:
-    """Best ``k`` (costs, ids), shapes (1, k), of one query, from ADC lookup tables.
+             k: int) -> Hits:
+    """Best ``k`` (:class:`Hits`, shapes (1, k)) of one query, from ADC lookup tables.
 
     The tables of all probed lists are built together (one stacked matrix product), and the
     codes of several lists are gathered from them and summed together, in blocks of at most
@@ -63,12 +63,12 @@ def scan_one(qz: Quantizer, config: SearchConfig, query: F32Array, coarse: F32Ar
             size += r1 - r0
     if block:
         best = _scan_block(qz.m, config, block, size, table_data, offsets, deleted, k, best)
-    out_cost = np.full((1, k), np.inf, np.float32)
-    out_ids = np.full((1, k), -1, np.int64)
+    out = Hits.empty(1, k)
     if best is not None:
-        out_cost[0, : len(best.cost)] = best.cost
-        out_ids[0, : len(best.ids)] = best.ids
-    return out_cost, out_ids
+        n = len(best.cost)
+        out.cost[0, :n], out.ids[0, :n] = best.cost, best.ids
+        out.rank[0, :n], out.row[0, :n] = best.rank, best.row
+    return out
 
 
 def _scan_block(m: int, config: SearchConfig, block: list[RowRange], size: int,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -27,9 +28,10 @@ from .kernel_scan import scan_kernel
 from .numpy_batch import scan_batch
 from .plan import RecordFetcher
 from .range import scan_range
+from .refine import refine
 from .topk import TopK
 
-__all__ = ["RangeResult", "SearchResult", "Searcher"]
+__all__ = ["RangeResult", "Refiner", "SearchResult", "Searcher"]
 
 
 class SearchResult(NamedTuple):
@@ -58,6 +60,15 @@ class RangeResult(NamedTuple):
     ids: I64Array
 
 
+class Refiner(NamedTuple):
+    """What a refined search reads the stored vectors with: the snapshot's ``lists``, a
+    fetcher of a list's committed vector rows, and the store's path for error messages."""
+
+    lists: Mapping[int, ListRecord]
+    fetch_vectors: RecordFetcher
+    where: Path
+
+
 class Searcher:
     """Search over one store's quantizer, with the tuning of ``config``.
 
@@ -73,42 +84,70 @@ class Searcher:
         self._terms_lock = threading.Lock()
 
     def search(self, queries: F32Array, params: SearchParams, lists: Mapping[int, ListRecord],
-               deleted: Mapping[int, np.ndarray], fetch: RecordFetcher) -> SearchResult:
+               deleted: Mapping[int, np.ndarray], fetch: RecordFetcher,
+               refiner: Refiner | None = None) -> SearchResult:
         """Search ``queries`` (nq, dim) float32, already validated and (for cosine) normalised.
 
         ``lists`` holds the committed record of every non-empty list, ``deleted`` the
         tombstoned rows of lists that have any, and ``fetch`` maps a list's records. Each
-        probed list is fetched once per call, however many queries probe it.
+        probed list is fetched once per call, however many queries probe it. With
+        ``params.refine``, the scans keep ``params.scan_k`` candidates, re-ranked exactly
+        with the stored vectors that ``refiner`` reads.
         """
         qz, config = self.quantizer, self.config
         queries = np.asarray(queries, dtype=np.float32)
+        k = params.scan_k
         kernel = qz.kernel
         if kernel is not None:
             nthreads = config.threads if len(queries) >= config.thread_min_queries else 1
             _, probed = kernel.probe(queries, qz.probe_matrix, l2=qz.metric is Metric.L2,
                                      nprobe=params.nprobe, nthreads=nthreads)
             terms = self._list_terms(kernel) if qz.metric is Metric.L2 else None
-            cost, ids = scan_kernel(qz, config, kernel, queries, probed, lists, deleted, fetch,
-                                    params.k, terms)
+            hits = scan_kernel(qz, config, kernel, queries, probed, lists, deleted, fetch, k,
+                               terms)
         else:
             coarse, probed = qz.probe(queries, params.nprobe, block=config.probe_block)
             if len(queries) == 1 and numpy_single.fits(qz, params.nprobe, config):
-                cost, ids = numpy_single.scan_one(qz, config, queries[0], coarse[0], probed[0],
-                                                  lists, deleted, fetch, params.k)
+                hits = numpy_single.scan_one(qz, config, queries[0], coarse[0], probed[0],
+                                             lists, deleted, fetch, k)
             else:
-                top = TopK(len(queries), params.k, config.pool_budget)
+                top = TopK(len(queries), k, config.pool_budget)
                 scan_batch(qz, config, queries, coarse, probed, lists, deleted, fetch, top)
-                cost, ids = top.result()
-        return self._result(cost, ids)
+                hits = top.result()
+        if not params.refine:
+            return self._result(hits.cost, hits.ids)
+        assert refiner is not None, "refine needs the stored vectors"
+        found = hits.rank >= 0
+        list_nos = np.where(found, probed[np.arange(len(probed))[:, None],
+                                          np.where(found, hits.rank, 0)], -1)
+        return self._refined(queries, params, hits.ids, list_nos, hits.row, lists, refiner)
 
-    def search_direct(self, queries: F32Array, params: SearchParams,
-                      located: Located) -> SearchResult:
+    def search_direct(self, queries: F32Array, params: SearchParams, located: Located,
+                      refiner: Refiner | None = None) -> SearchResult:
         """The best ``params.k`` of the ``located`` vectors (a filter's admitted live vectors,
         found through the id map) for each query, scored without scanning lists
-        (:func:`~.filtered.search_direct`)."""
-        cost, ids = search_direct(self.quantizer, self.config,
-                                  np.asarray(queries, dtype=np.float32), params.k, located)
-        return self._result(cost, ids)
+        (:func:`~.filtered.search_direct`); with ``params.refine``, the best
+        ``params.scan_k`` of them re-ranked exactly."""
+        queries = np.asarray(queries, dtype=np.float32)
+        cost, picks = search_direct(self.quantizer, self.config, queries, params.scan_k,
+                                    located)
+        found = picks >= 0
+        at = np.where(found, picks, 0)  # any index, for the missing results (none if empty)
+        def pick(values: I64Array) -> I64Array:
+            return np.where(found, values[at], -1) if len(values) else np.full_like(picks, -1)
+        ids = pick(located.ids)
+        if not params.refine:
+            return self._result(cost, ids)
+        assert refiner is not None, "refine needs the stored vectors"
+        return self._refined(queries, params, ids, pick(located.list_nos), pick(located.rows),
+                             refiner.lists, refiner)
+
+    def _refined(self, queries: F32Array, params: SearchParams, ids: I64Array,
+                 list_nos: I64Array, rows: I64Array, lists: Mapping[int, ListRecord],
+                 refiner: Refiner) -> SearchResult:
+        cost, best = refine(self.quantizer.metric, self.config, queries, params.k, ids,
+                            list_nos, rows, lists, refiner.fetch_vectors, refiner.where)
+        return self._result(cost, best)
 
     def _result(self, cost: F32Array, ids: I64Array) -> SearchResult:
         """Costs (ascending; negated scores for ip/cosine) as distances."""

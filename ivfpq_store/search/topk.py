@@ -13,7 +13,7 @@ import numpy as np
 from ..types import F32Array, I64Array
 from .config import DEFAULT_CONFIG
 
-__all__ = ["FLT_MAX", "Candidates", "TopK", "kth_bound"]
+__all__ = ["FLT_MAX", "Candidates", "Hits", "TopK", "kth_bound"]
 
 #: Costs above this are never candidates: it keeps tombstoned rows (cost +inf) out.
 FLT_MAX = np.float32(np.finfo(np.float32).max)
@@ -27,6 +27,23 @@ class Candidates(NamedTuple):
     rank: I64Array  # probe rank of the candidate's list for its query
     row: I64Array  # row in that list
     ids: I64Array
+
+
+class Hits(NamedTuple):
+    """The best k of each query, and where each is: arrays (nq, k), best first. A result is
+    row ``row`` of the list the query probed at rank ``rank``; missing results are cost
+    +inf, id -1, rank -1 and row -1."""
+
+    cost: F32Array
+    ids: I64Array
+    rank: np.ndarray  # integer probe ranks
+    row: I64Array
+
+    @classmethod
+    def empty(cls, nq: int, k: int) -> Hits:
+        """``nq`` queries without results."""
+        return cls(np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64),
+                   np.full((nq, k), -1, np.int64), np.full((nq, k), -1, np.int64))
 
 
 def kth_bound(cost: F32Array, k: int, sample: int = DEFAULT_CONFIG.sample) -> F32Array:
@@ -123,12 +140,13 @@ class TopK:
         self._size = len(q)
         return self._parts[0]
 
-    def result(self) -> tuple[F32Array, I64Array]:
-        """Costs and ids (nq, k), best first; missing results are cost +inf and id -1."""
-        q, cost, _, _, ids = self._reduce()
-        out_cost = np.full((self.nq, self.k), np.inf, np.float32)
-        out_ids = np.full((self.nq, self.k), -1, np.int64)
+    def result(self) -> Hits:
+        """The best k of each query (:class:`Hits`)."""
+        q, cost, rank, row, ids = self._reduce()
+        out = Hits.empty(self.nq, self.k)
         col = np.arange(len(q)) - np.searchsorted(q, q, side="left")
-        out_cost[q, col] = cost
-        out_ids[q, col] = ids
-        return out_cost, out_ids
+        out.cost[q, col] = cost
+        out.ids[q, col] = ids
+        out.rank[q, col] = rank
+        out.row[q, col] = row
+        return out

@@ -10,15 +10,17 @@ from .lmdb_env import MAX_MAP_SIZE
 from .segments import (
     MapCache,
     RecordFetcher,
+    RowFiles,
     SegmentReader,
     SyncJob,
     append_records,
     committed_size,
     discard_appended,
+    file_size,
 )
 
 __all__ = ["DEFAULT_MAP_SIZE", "MAX_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes",
-           "LockState", "MapCache", "RecordFetcher", "SegmentReader", "StoreLayout", "SyncJob",
-           "append_records", "as_path", "build_directory", "check_new_store_path",
-           "committed_size", "discard_appended", "fsync_dir", "probe_lock", "read_header",
-           "sync_file", "write_header", "writer_lock"]
+           "LockState", "MapCache", "RecordFetcher", "RowFiles", "SegmentReader", "StoreLayout",
+           "SyncJob", "append_records", "as_path", "build_directory", "check_new_store_path",
+           "committed_size", "discard_appended", "file_size", "fsync_dir", "probe_lock",
+           "read_header", "sync_file", "write_header", "writer_lock"]

@@ -17,6 +17,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,21 +29,34 @@ from ..format.segment import (
     SEGMENT_PRELUDE_SIZE,
     SegmentPrelude,
     decode_segment_prelude,
-    encode_segment_prelude,
     record_dtype,
+)
+from ..format.vectors import (
+    VECTOR_PRELUDE_SIZE,
+    VectorPrelude,
+    decode_vector_prelude,
+    vector_file_name,
+    vector_row_dtype,
 )
 from . import atomic
 
 __all__ = [
     "MapCache",
     "RecordFetcher",
+    "RowFiles",
     "SegmentReader",
     "SyncJob",
     "append_records",
     "committed_size",
     "default_max_open",
     "discard_appended",
+    "file_size",
 ]
+
+assert SEGMENT_PRELUDE_SIZE == VECTOR_PRELUDE_SIZE  # both kinds: rows from byte 64 on
+
+#: The prelude of a file of fixed-size rows: a segment's or a vector file's.
+Prelude = SegmentPrelude | VectorPrelude
 
 logger = logging.getLogger(__name__)
 
@@ -102,16 +116,63 @@ class SyncJob:
         self._pool.shutdown(wait=True)
 
 
+@dataclass(frozen=True, slots=True)
+class RowFiles:
+    """The files of fixed-size rows a store keeps for each list generation: its segment and,
+    when the store keeps vectors (``vectors`` = (element type, dim)), the vector file beside
+    it, whose row r belongs to the segment's record r (docs/format.md §5.5)."""
+
+    store_uuid: uuid.UUID
+    code_size: int
+    vectors: tuple[str, int] | None = None
+
+    def preludes(self, list_no: int, generation: int) -> list[Prelude]:
+        """The preludes of the generation's files: the segment's, then the vector file's."""
+        out: list[Prelude] = [SegmentPrelude(list_no=list_no, generation=generation,
+                                             code_size=self.code_size,
+                                             store_uuid=self.store_uuid)]
+        if self.vectors is not None:
+            out.append(VectorPrelude(list_no=list_no, generation=generation,
+                                     dtype=self.vectors[0], dim=self.vectors[1],
+                                     store_uuid=self.store_uuid))
+        return out
+
+    def names(self, segment_file: str) -> list[tuple[str, int]]:
+        """(file name, row size) of each file of the generation whose segment is
+        ``segment_file``, the segment first."""
+        out = [(segment_file, record_dtype(self.code_size).itemsize)]
+        if self.vectors is not None:
+            out.append((vector_file_name(segment_file),
+                        vector_row_dtype(self.vectors[1], self.vectors[0]).itemsize))
+        return out
+
+    def referenced(self, segment_files: set[str]) -> set[str]:
+        """Every file name the catalog's segments ``segment_files`` commit rows of."""
+        return {name for f in segment_files for name, _ in self.names(f)}
+
+    def committed_bytes(self, count: int) -> int:
+        """Bytes of a generation's files that hold ``count`` committed rows (0 when none)."""
+        if not count:
+            return 0
+        return sum(file_size(count, size) for _, size in self.names("0-0.seg"))
+
+
+def file_size(count: int, row_size: int) -> int:
+    """Bytes a segment or vector file must have to hold ``count`` committed rows."""
+    return SEGMENT_PRELUDE_SIZE + count * row_size
+
+
 def committed_size(count: int, code_size: int) -> int:
     """Bytes a segment must have to hold ``count`` committed records."""
-    return SEGMENT_PRELUDE_SIZE + count * record_dtype(code_size).itemsize
+    return file_size(count, record_dtype(code_size).itemsize)
 
 
 def append_records(
-    path: Path, prelude: SegmentPrelude, committed: int, records: np.ndarray, *,
+    path: Path, prelude: Prelude, committed: int, records: np.ndarray, *,
     crc_start: int = 0, sync: bool = True,
 ) -> int:
-    """Append ``records`` after the first ``committed`` records of a segment and fsync it.
+    """Append ``records`` after the first ``committed`` records of a segment (or rows of a
+    vector file, by the kind of ``prelude``) and fsync it.
 
     A new segment (``committed == 0``) is (re)created from scratch with its prelude: a file
     of that name can only be the leftover of a crashed, never-committed write. An existing
@@ -129,7 +190,8 @@ def append_records(
         No space for the records (or the file-size limit or the quota was reached).
     """
     data = records.tobytes()
-    want = committed_size(committed, prelude.code_size)
+    assert records.dtype.itemsize == prelude.row_size
+    want = file_size(committed, prelude.row_size)
     flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
     if committed == 0:
         flags |= os.O_CREAT | os.O_TRUNC
@@ -145,7 +207,7 @@ def append_records(
                     )
             try:
                 if committed == 0:
-                    _pwrite_all(fd, encode_segment_prelude(prelude) + data, 0)
+                    _pwrite_all(fd, prelude.to_bytes() + data, 0)
                 else:
                     if size > want:
                         os.ftruncate(fd, want)  # §7: an uncommitted tail left by a crash
@@ -153,15 +215,15 @@ def append_records(
                 if sync:
                     os.fdatasync(fd)
             except BaseException:
-                discard_appended(path, committed, prelude.code_size)
+                discard_appended(path, committed, prelude.row_size)
                 raise
         finally:
             os.close(fd)
     return crc32(data, crc_start)
 
 
-def discard_appended(path: Path, committed: int, code_size: int) -> None:
-    """Undo an uncommitted append: cut the segment back to its ``committed`` records, or
+def discard_appended(path: Path, committed: int, row_size: int) -> None:
+    """Undo an uncommitted append: cut the file back to its ``committed`` rows, or
     remove it when none are committed. Best effort (a failure leaves an uncommitted tail or
     an orphan file, which readers ignore and the next write removes). Only for a writer
     holding the lock, after a write whose commit did not happen."""
@@ -169,7 +231,7 @@ def discard_appended(path: Path, committed: int, code_size: int) -> None:
         if committed == 0:
             path.unlink(missing_ok=True)
         else:
-            os.truncate(path, committed_size(committed, code_size))
+            os.truncate(path, file_size(committed, row_size))
     except OSError as err:
         logger.debug("%s: could not undo an uncommitted append: %s", path, err)
 
@@ -185,18 +247,28 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 
 class SegmentReader:
-    """A read-only memory map of one segment file, validated against what the catalog expects.
+    """A read-only memory map of one segment file (or vector file, by the kind of
+    ``expected``), validated against what the catalog expects.
 
-    The committed records are checked against the catalog's CRC-32 before they are first
-    handed out: records that differ from what was committed raise :class:`CorruptStoreError`
-    instead of reaching a search. Committed bytes never change, so each record is checked
-    once per map: a list that grows is checked from where the last check ended.
+    A segment's committed records are checked against the catalog's CRC-32 before they are
+    first handed out: records that differ from what was committed raise
+    :class:`CorruptStoreError` instead of reaching a search. Committed bytes never change, so
+    each record is checked once per map: a list that grows is checked from where the last
+    check ended. A vector file's rows carry their own checksums, which the reader of a row
+    checks (:func:`~ivfpq_store.search.refine.check_rows`): a refined search reads a few rows
+    of a list, not all of them.
     """
 
-    def __init__(self, path: Path, expected: SegmentPrelude) -> None:
+    def __init__(self, path: Path, expected: Prelude) -> None:
         self.path = path
         self.expected = expected
-        self.dtype = record_dtype(expected.code_size)
+        self._decode: Callable[..., Prelude]
+        if isinstance(expected, SegmentPrelude):
+            self.dtype = record_dtype(expected.code_size)
+            self._decode = decode_segment_prelude
+        else:
+            self.dtype = vector_row_dtype(expected.dim, expected.dtype)
+            self._decode = decode_vector_prelude
         self._view: np.ndarray | None = None
         self._capacity = 0
         self._checked = 0  # records whose CRC matched the catalog's
@@ -226,14 +298,14 @@ class SegmentReader:
             head = os.pread(fd, SEGMENT_PRELUDE_SIZE, 0)
         except OSError as err:
             raise CorruptStoreError(f"{self.path}: segment cannot be read: {err}") from err
-        need = committed_size(count, self.expected.code_size)
+        need = file_size(count, self.dtype.itemsize)
         if size < need:
             raise CorruptStoreError(
-                f"{self.path}: segment is {size} bytes — expected at least {need} for {count} "
-                "committed records; the file was truncated and the store is damaged"
+                f"{self.path}: file is {size} bytes — expected at least {need} for {count} "
+                "committed rows; the file was truncated and the store is damaged"
             )
-        decode_segment_prelude(head, source=str(self.path)).check_is(self.expected,
-                                                                     str(self.path))
+        self._decode(head, source=str(self.path)).check_is(
+            self.expected, str(self.path))  # type: ignore[arg-type]
         capacity = (size - SEGMENT_PRELUDE_SIZE) // self.dtype.itemsize
         try:
             mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
@@ -286,11 +358,9 @@ class MapCache:
     drops the cache's reference: arrays already handed out keep their map alive.
     """
 
-    def __init__(self, directory: Path, store_uuid: uuid.UUID, code_size: int,
-                 max_open: int | None = None) -> None:
+    def __init__(self, directory: Path, files: RowFiles, max_open: int | None = None) -> None:
         self.directory = directory
-        self.store_uuid = store_uuid
-        self.code_size = code_size
+        self.files = files
         self.max_open = default_max_open() if max_open is None else max(1, max_open)
         self._readers: OrderedDict[str, SegmentReader] = OrderedDict()
         self._lock = threading.Lock()
@@ -299,18 +369,28 @@ class MapCache:
                 crc: int | None = None) -> np.ndarray:
         """Committed records of segment ``name`` (mapped on first use), checked against the
         catalog's CRC-32 ``crc`` of them (see :meth:`SegmentReader.records`)."""
+        return self._reader(name, list_no, generation, 0).records(count, crc)
+
+    def vectors_of(self, name: str, list_no: int, generation: int, count: int) -> np.ndarray:
+        """Committed rows (fields ``v``, ``crc``) of the vector file beside segment ``name``
+        (mapped on first use), unchecked: each reader of a row checks its ``crc``."""
+        assert self.files.vectors is not None, "the store keeps no vectors"
+        return self._reader(vector_file_name(name), list_no, generation, 1).records(count)
+
+    def _reader(self, name: str, list_no: int, generation: int, kind: int) -> SegmentReader:
+        """The cached reader of file ``name``, made on first use: the generation's file
+        number ``kind`` of :meth:`RowFiles.preludes`."""
         with self._lock:
             reader = self._readers.get(name)
             if reader is None:
-                expected = SegmentPrelude(list_no=list_no, generation=generation,
-                                          code_size=self.code_size, store_uuid=self.store_uuid)
+                expected = self.files.preludes(list_no, generation)[kind]
                 reader = SegmentReader(self.directory / name, expected)
                 self._readers[name] = reader
                 while len(self._readers) > self.max_open:
                     self._readers.popitem(last=False)
             else:
                 self._readers.move_to_end(name)
-        return reader.records(count, crc)
+        return reader
 
     def __len__(self) -> int:
         return len(self._readers)

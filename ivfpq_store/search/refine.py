@@ -1,0 +1,92 @@
+"""Exact re-ranking: a scan's best ``refine * k`` candidates of each query, re-scored with
+their stored vectors, of which the best ``k`` are kept.
+
+The scans say where each candidate is (its list and row), so its vector is read from the
+list's vector file without a lookup in the id map: one row, usually one page, per candidate.
+Each row read is checked against its checksum, which covers the record's id, so a damaged or
+misplaced row raises instead of being scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CorruptStoreError
+from ..format.records import ListRecord
+from ..format.vectors import bad_rows
+from ..types import F32Array, I64Array, Metric
+from .config import SearchConfig
+from .plan import RecordFetcher
+
+__all__ = ["gather_vectors", "refine"]
+
+
+def gather_vectors(ids: I64Array, list_nos: I64Array, rows: I64Array,
+                   lists: Mapping[int, ListRecord], fetch_vectors: RecordFetcher,
+                   dim: int, where: Path) -> F32Array:
+    """The stored vectors (n, dim) float32 of records ``ids`` at (``list_nos``, ``rows``),
+    each checked against its row checksum.
+
+    Raises
+    ------
+    CorruptStoreError
+        A row's checksum does not match its values and id (``where`` names the store).
+    """
+    out = np.empty((len(ids), dim), np.float32)
+    if not len(ids):
+        return out
+    order = np.argsort(list_nos, kind="stable")
+    touched, starts = np.unique(list_nos[order], return_index=True)
+    for list_no, s, e in zip(touched.tolist(), starts.tolist(),
+                             np.append(starts[1:], len(order)).tolist(), strict=True):
+        sel = order[s:e]
+        record = lists[list_no]
+        got = fetch_vectors(list_no, record)[rows[sel]]
+        bad = bad_rows(got, ids[sel])
+        if len(bad):
+            raise CorruptStoreError(
+                f"{where}: the stored vector of id {int(ids[sel][bad[0]])} (list {list_no}, "
+                f"row {int(rows[sel][bad[0]])}) does not match its checksum; the vector file "
+                f"is damaged ({len(bad)} bad row(s) read; run verify)")
+        out[sel] = got["v"]
+    return out
+
+
+def refine(metric: Metric, config: SearchConfig, queries: F32Array, k: int, ids: I64Array,
+           list_nos: I64Array, rows: I64Array, lists: Mapping[int, ListRecord],
+           fetch_vectors: RecordFetcher, where: Path) -> tuple[F32Array, I64Array]:
+    """The best ``k`` (costs, ids) of each query's candidates ``ids`` (nq, c), at
+    (``list_nos``, ``rows``), by exact cost: the squared l2 distance, or the negated inner
+    product, to the stored vector. Missing candidates (id -1) and missing results are +inf and
+    -1. Equal costs keep the candidates' order (the scan's, best first).
+
+    Works in blocks of queries whose gathered vectors fit ``config.refine_budget`` floats.
+    """
+    nq, c = ids.shape
+    dim = queries.shape[1]
+    cost_out = np.full((nq, k), np.inf, np.float32)
+    ids_out = np.full((nq, k), -1, np.int64)
+    block = max(1, config.refine_budget // max(c * dim, 1))
+    for q0 in range(0, nq, block):
+        q1 = min(nq, q0 + block)
+        bids = ids[q0:q1]
+        valid = bids >= 0
+        vecs = np.zeros((q1 - q0, c, dim), np.float32)
+        vecs[valid] = gather_vectors(bids[valid], list_nos[q0:q1][valid],
+                                     rows[q0:q1][valid], lists, fetch_vectors, dim, where)
+        q = queries[q0:q1, None, :]
+        if metric is Metric.L2:
+            vecs -= q
+            cost = np.einsum("qcd,qcd->qc", vecs, vecs)
+        else:
+            cost = -np.einsum("qcd,qcd->qc", vecs, np.broadcast_to(q, vecs.shape))
+        cost[~valid] = np.inf
+        order = np.argsort(cost, axis=1, kind="stable")[:, :k]
+        at = (np.arange(q1 - q0)[:, None], order)
+        cost_out[q0:q1, :order.shape[1]] = cost[at]
+        ids_out[q0:q1, :order.shape[1]] = bids[at]
+    ids_out[~np.isfinite(cost_out)] = -1
+    return cost_out, ids_out

@@ -1,0 +1,400 @@
+"""Stored vectors: refine (exact re-ranking), get_vectors, and the vector files' life with
+adds, upserts, deletes, compaction, copy and verify."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import NLIST, make_store
+from helpers import brute_force_knn, tree_fingerprint
+
+import ivfpq_store
+from ivfpq_store import Filter, testing
+from ivfpq_store.cli import cli
+from ivfpq_store.errors import (
+    CorruptStoreError,
+    FormatError,
+    InvalidInputError,
+    InvalidParamsError,
+    UnknownIdError,
+)
+
+ALWAYS_DIRECT = {"direct_per_candidate": 0.0, "direct_per_pair": 0.0}
+NEVER_DIRECT = {"direct_per_candidate": 1e30}
+
+
+def exact_costs(vectors: np.ndarray, query: np.ndarray, metric: str) -> np.ndarray:
+    """Smaller-is-better exact costs of ``vectors`` for ``query``, in float64."""
+    v, q = vectors.astype(np.float64), query.astype(np.float64)
+    if metric == "l2":
+        return ((v - q) ** 2).sum(axis=1)
+    if metric == "cosine":
+        q = q / np.linalg.norm(q)
+    return -(v @ q)
+
+
+def reranked(store, queries, k, nprobe, refine, metric, flt=None):
+    """The numpy reference of a refined search: the PQ search's best refine * k, re-ranked
+    by exact cost with the stored vectors (ties kept in PQ order), best k."""
+    _, cand = store.search(queries, k=refine * k, nprobe=nprobe, filter=flt)
+    out = []
+    for q, row in zip(queries, cand, strict=True):
+        row = row[row >= 0]
+        cost = exact_costs(store.get_vectors(row), q, metric) if len(row) else np.empty(0)
+        out.append((row[np.argsort(cost, kind="stable")[:k]], np.sort(cost)[:k]))
+    return out
+
+
+def assert_matches_reference(got, reference, metric):
+    distances, ids = got
+    for d_row, id_row, (want_ids, want_cost) in zip(distances, ids, reference, strict=True):
+        n = len(want_ids)
+        assert (id_row[n:] == -1).all()
+        # the same ids, up to the order of costs equal to float32 precision
+        assert sorted(id_row[:n].tolist()) == sorted(want_ids.tolist())
+        want = want_cost if metric == "l2" else -want_cost
+        np.testing.assert_allclose(d_row[:n], want, rtol=2e-5, atol=1e-3)
+
+
+@pytest.fixture(params=["float32", "float16"])
+def dtype(request) -> str:
+    return request.param
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+def test_refine_equals_the_numpy_reference(tmp_path, small_data, metric, dtype, scan_impl):
+    queries = small_data["queries"][:12]
+    with make_store(tmp_path / "s", small_data, metric=metric, store_vectors=dtype) as store:
+        for refine in (1, 3):
+            got = store.search(queries, k=5, nprobe=3, refine=refine)
+            assert_matches_reference(got, reranked(store, queries, 5, 3, refine, metric),
+                                     metric)
+            singles = [store.search(q, k=5, nprobe=3, refine=refine) for q in queries]
+            np.testing.assert_array_equal(np.vstack([s.ids for s in singles]), got.ids)
+
+
+def test_refine_over_everything_is_brute_force(tmp_path, small_data):
+    """With every list probed and refine * k covering every vector, the refined search is
+    the exact nearest neighbour search over the stored float32 vectors."""
+    base, queries = small_data["base"], small_data["queries"]
+    with make_store(tmp_path / "s", small_data, store_vectors="float32") as store:
+        distances, ids = store.search(queries, k=10, nprobe=NLIST, refine=len(base) // 10 + 1)
+        plain = store.search(queries, k=10, nprobe=NLIST)
+    want_d, want_ids = brute_force_knn(base, queries, 10)
+    np.testing.assert_allclose(distances, want_d, rtol=1e-5, atol=1e-2)
+    assert (ids == want_ids).mean() > 0.99  # the rest are float ties
+    assert (plain.ids == want_ids).mean() < 0.9  # PQ alone is not exact
+
+
+def test_refine_zero_is_the_plain_search(tmp_path, small_data):
+    with make_store(tmp_path / "s", small_data, store_vectors="float16") as store:
+        a = store.search(small_data["queries"], k=7, nprobe=3)
+        b = store.search(small_data["queries"], k=7, nprobe=3, refine=0)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.distances, b.distances)
+
+
+def test_refine_pads_when_the_probed_lists_hold_fewer(tmp_path, small_data):
+    with make_store(tmp_path / "s", small_data, add=False, store_vectors="float32") as store:
+        store.add(small_data["base"][:3], ids=[5, 6, 7])
+        distances, ids = store.search(small_data["base"][:1], k=10, nprobe=NLIST, refine=4)
+    assert sorted(ids[0][:3].tolist()) == [5, 6, 7]
+    assert (ids[0][3:] == -1).all()
+    assert np.isinf(distances[0][3:]).all()
+    assert ids[0][0] == 5
+    assert distances[0][0] == 0.0
+
+
+@pytest.mark.parametrize("plan", ["scan", "direct"])
+def test_refine_with_a_filter(tmp_path, small_data, plan, scan_impl):
+    """Filters apply before refine: results stay inside the filter, and equal the reference
+    re-ranking of the filtered PQ search on either plan."""
+    queries = small_data["queries"][:8]
+    allowed = np.arange(0, 1500, 7)
+    flt = Filter.allow(allowed)
+    with (make_store(tmp_path / "s", small_data, store_vectors="float32") as store,
+          testing.search_config(store, **(ALWAYS_DIRECT if plan == "direct" else NEVER_DIRECT))):
+        assert store.search_plan(3, filter=flt, nq=len(queries)).plan == plan
+        store.delete(allowed[::5])
+        got = store.search(queries, k=5, nprobe=3, refine=2, filter=flt)
+        assert np.isin(got.ids[got.ids >= 0], np.setdiff1d(allowed, allowed[::5])).all()
+        assert_matches_reference(got, reranked(store, queries, 5, 3, 2, "l2", flt), "l2")
+
+
+def test_get_vectors_returns_what_was_added(tmp_path, small_data, dtype):
+    base = small_data["base"]
+    with make_store(tmp_path / "s", small_data, store_vectors=dtype) as store:
+        ids = np.array([7, 3, 7, 1499, 0])
+        got = store.get_vectors(ids)
+        assert got.dtype == np.float32
+        assert got.shape == (5, base.shape[1])
+        np.testing.assert_array_equal(got, base[ids].astype(dtype).astype(np.float32))
+        assert store.get_vectors([]).shape == (0, base.shape[1])
+        assert store.store_vectors == dtype
+
+
+def test_get_vectors_of_a_cosine_store_are_normalised(tmp_path, small_data):
+    base = small_data["base"]
+    with make_store(tmp_path / "s", small_data, metric="cosine",
+                    store_vectors="float32") as store:
+        got = store.get_vectors(np.arange(10))
+    want = base[:10] / np.linalg.norm(base[:10], axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_get_vectors_of_unknown_or_deleted_ids_raises_and_changes_nothing(tmp_path,
+                                                                          small_data):
+    with make_store(tmp_path / "s", small_data, store_vectors="float16") as store:
+        store.delete([4, 5])
+        before = tree_fingerprint(store.path)
+        with pytest.raises(UnknownIdError, match=r"3 id\(s\) are not in the store") as err:
+            store.get_vectors([1, 4, 5, 9999, 2])
+        np.testing.assert_array_equal(err.value.ids, [4, 5, 9999])
+        with pytest.raises(KeyError):  # UnknownIdError is a KeyError
+            store.get_vectors(-1)
+        with pytest.raises(InvalidInputError, match="integer ids"):
+            store.get_vectors([1.5])
+        assert tree_fingerprint(store.path) == before
+
+
+def test_upsert_replaces_the_stored_vector(tmp_path, small_data):
+    base = small_data["base"]
+    with make_store(tmp_path / "s", small_data, store_vectors="float32") as store:
+        store.upsert(base[:2] * 2, ids=[10, 11])
+        np.testing.assert_array_equal(store.get_vectors([10, 11, 12]),
+                                      np.vstack([base[:2] * 2, base[12:13]]))
+        _, ids = store.search(base[:1] * 2, k=1, nprobe=NLIST, refine=5)
+        assert ids[0, 0] == 10
+        assert store.verify().ok
+
+
+def test_compaction_keeps_vectors_with_their_codes(tmp_path, small_data):
+    base, queries = small_data["base"], small_data["queries"]
+    with make_store(tmp_path / "s", small_data, store_vectors="float16") as store:
+        store.delete(np.arange(0, 1500, 3))
+        before = store.search(queries, k=10, nprobe=3, refine=3)
+        store.compact()  # with the deletes' own automatic compactions: every list
+        assert store.info().ndeleted == 0
+        after = store.search(queries, k=10, nprobe=3, refine=3)
+        np.testing.assert_array_equal(after.ids, before.ids)
+        np.testing.assert_array_equal(after.distances, before.distances)
+        live = np.setdiff1d(np.arange(1500), np.arange(0, 1500, 3))
+        np.testing.assert_array_equal(store.get_vectors(live),
+                                      base[live].astype(np.float16).astype(np.float32))
+        names = sorted(os.listdir(store.path / "segments"))
+        assert [n[:-4] for n in names if n.endswith(".vec")] == \
+            [n[:-4] for n in names if n.endswith(".seg")]
+        assert sum("-000001." in n for n in names) >= 10  # rewritten lists: both files
+        assert store.verify().ok
+
+
+def test_refine_needs_stored_vectors_and_a_valid_count(tmp_path, small_data):
+    q = small_data["queries"][:2]
+    with make_store(tmp_path / "s", small_data) as store:
+        with pytest.raises(InvalidParamsError, match="store_vectors"):
+            store.search(q, k=5, refine=2)
+        with pytest.raises(InvalidParamsError, match="store_vectors"):
+            store.get_vectors([1])
+        assert store.store_vectors is None
+    with make_store(tmp_path / "v", small_data, store_vectors="float32") as store:
+        for bad in (-1, 1.5, True, "2", None):
+            with pytest.raises(InvalidParamsError, match="refine"):
+                store.search(q, k=5, refine=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidParamsError, match="refine"):
+            store.search(q, k=1 << 19, refine=4)  # refine * k past the largest k
+
+
+@pytest.mark.parametrize("bad", ["float64", "f16", 16, True, ""])
+def test_create_refuses_an_unknown_store_vectors(tmp_path, small_data, bad):
+    with pytest.raises(InvalidParamsError, match="store_vectors"):
+        ivfpq_store.create(tmp_path / "s", small_data["train"], nlist=4, m=4,
+                           store_vectors=bad)
+    assert not (tmp_path / "s").exists()
+
+
+def test_float16_store_refuses_values_it_cannot_hold(tmp_path, small_data):
+    with make_store(tmp_path / "s", small_data, store_vectors="float16") as store:
+        before = tree_fingerprint(store.path)
+        big = small_data["base"][:3].copy()
+        big[1, 2] = 70000.0
+        with pytest.raises(InvalidInputError, match=r"float16 range .* row\(s\) \[1\]"):
+            store.add(big)
+        assert tree_fingerprint(store.path) == before
+        assert len(store) == 1500
+
+
+def test_info_and_format_version(tmp_path, small_data):
+    with make_store(tmp_path / "v", small_data, store_vectors="float16") as store:
+        info = store.info()
+        assert (info.store_vectors, info.format_version) == ("float16", "1.2")
+        # 1500 rows of 16 float16 values and a 4-byte CRC, plus a prelude per list
+        assert info.bytes_on_disk["vectors"] == 1500 * 36 + 64 * info.n_segments
+        store.delete([1, 2])
+        assert info.reclaimable_bytes == 0
+        assert store.info().reclaimable_bytes == 2 * (8 + 4 + 36)
+    with make_store(tmp_path / "p", small_data) as store:
+        info = store.info()
+        assert (info.store_vectors, info.format_version) == (None, "1.1")
+        assert info.bytes_on_disk["vectors"] == 0
+
+
+def test_copy_carries_the_vectors(tmp_path, small_data):
+    with make_store(tmp_path / "s", small_data, store_vectors="float32") as store:
+        store.delete([3])
+        report = store.copy(tmp_path / "c")
+        want = store.search(small_data["queries"], k=5, nprobe=3, refine=2)
+    with ivfpq_store.open(report.dest) as copy:
+        assert copy.verify().ok
+        got = copy.search(small_data["queries"], k=5, nprobe=3, refine=2)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_array_equal(copy.get_vectors([0, 4]),
+                                      small_data["base"][[0, 4]])
+
+
+# -- damage ----------------------------------------------------------------------------------
+def vector_file(store) -> Path:
+    snap = testing.snapshot(store)
+    list_no = max(snap.lists, key=lambda n: snap.lists[n].count)
+    return store.path / "segments" / snap.lists[list_no].file.replace(".seg", ".vec")
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("where", ["value", "crc", "prelude"])
+def test_a_damaged_vector_file_is_reported_and_never_scored(tmp_path, small_data, where):
+    with make_store(tmp_path / "s", small_data, store_vectors="float32") as store:
+        path = vector_file(store)
+        row = 16 * 4 + 4  # row_size: 16 float32 values, the CRC
+        offset = {"value": 64 + 5 * row + 8, "crc": 64 + 5 * row + 64, "prelude": 20}[where]
+        flip_byte(path, offset)
+        report = store.verify()
+        assert not report.ok
+        assert [p.kind for p in report.problems] == ["vectors"]
+        assert report.problems[0].path == str(path)
+    with ivfpq_store.open(tmp_path / "s") as store:  # no map of the file yet
+        with pytest.raises((CorruptStoreError, FormatError)):
+            # every vector of every list: the damaged row (or prelude) is read
+            store.get_vectors(np.arange(1500))
+        with pytest.raises((CorruptStoreError, FormatError)):
+            store.search(small_data["base"], k=10, nprobe=NLIST, refine=200)
+        store.search(small_data["queries"], k=5, nprobe=3)  # PQ search never reads them
+
+
+def test_rows_moved_to_other_records_fail_their_checksums(tmp_path, small_data):
+    """A row's CRC covers its record's id: two rows swapped are both refused."""
+    with make_store(tmp_path / "s", small_data, store_vectors="float32") as store:
+        path = vector_file(store)
+        row = 16 * 4 + 4
+        data = bytearray(path.read_bytes())
+        a, b = 64 + 2 * row, 64 + 3 * row
+        data[a:a + row], data[b:b + row] = data[b:b + row], data[a:a + row]
+        path.write_bytes(bytes(data))
+        problems = store.verify().problems
+        assert len(problems) == 1
+        assert "2 committed row(s)" in problems[0].message
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_missing_or_short_vector_file_is_damage(tmp_path, small_data, damage):
+    with make_store(tmp_path / "s", small_data, store_vectors="float16") as store:
+        path = vector_file(store)
+        if damage == "missing":
+            path.unlink()
+        else:
+            os.truncate(path, path.stat().st_size - 1)
+        report = store.verify()
+        assert [p.kind for p in report.problems] == ["vectors"]
+        assert ("missing" if damage == "missing" else "truncated") in report.problems[0].message
+        with pytest.raises(CorruptStoreError):
+            store.search(small_data["base"], k=10, nprobe=NLIST, refine=200)
+
+
+def test_vector_tails_and_orphans_are_leftovers_that_repair_removes(tmp_path, small_data):
+    with make_store(tmp_path / "s", small_data, store_vectors="float16") as store:
+        path = vector_file(store)
+        size = path.stat().st_size
+        with open(path, "ab") as fh:
+            fh.write(b"\0" * 50)
+        orphan = store.path / "segments" / "000003-000009.vec"
+        orphan.write_bytes(b"x" * 100)
+        report = store.verify()
+        assert report.ok
+        assert sorted(p.kind for p in report.leftovers) == ["orphan", "tail"]
+        repaired = store.verify(repair=True)
+        assert len(repaired.repaired) == 2
+        assert path.stat().st_size == size
+        assert not orphan.exists()
+        assert store.verify().leftovers == ()
+
+
+def test_compaction_refuses_to_copy_a_damaged_row(tmp_path, small_data):
+    make_store(tmp_path / "s", small_data, store_vectors="float32").close()
+    with ivfpq_store.open(tmp_path / "s", auto_compact_ratio=None) as store:
+        path = vector_file(store)
+        flip_byte(path, 64 + 8)  # a value of row 0
+        snap = testing.snapshot(store)
+        first = testing.fetcher(store)(*next((n, r) for n, r in snap.lists.items()
+                                            if r.file in path.name.replace(".vec", ".seg")))
+        store.delete(np.setdiff1d(np.arange(1500), first["id"][:1]))  # row 0 stays live
+        before = tree_fingerprint(store.path)
+        with pytest.raises(CorruptStoreError, match="vector row"):
+            store.compact()
+        after = tree_fingerprint(store.path)
+        # nothing committed: the old files stay (new files of a failed compaction are
+        # orphans, which the next write removes)
+        assert {k: v for k, v in after.items() if k in before} == before
+
+
+# -- the command line ----------------------------------------------------------------------
+def test_cli_create_search_refine_get_and_info(tmp_path, small_data):
+    np.save(tmp_path / "train.npy", small_data["train"])
+    np.save(tmp_path / "base.npy", small_data["base"])
+    np.save(tmp_path / "q.npy", small_data["queries"][:3])
+    store = str(tmp_path / "s")
+    runner = CliRunner()
+    out = runner.invoke(cli, ["create", store, "--train", str(tmp_path / "train.npy"),
+                              "--nlist", "8", "--m", "4", "--nbits", "6",
+                              "--store-vectors", "float16"])
+    assert out.exit_code == 0, out.output
+    assert "keeping vectors as float16" in out.output
+    assert runner.invoke(cli, ["add", store, str(tmp_path / "base.npy"), "-q"]).exit_code == 0
+    out = runner.invoke(cli, ["search", store, str(tmp_path / "q.npy"), "-k", "3",
+                              "--refine", "4", "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.stdout)
+    assert doc["refine"] == 4
+    assert len(doc["results"]) == 3
+    with ivfpq_store.open(store, readonly=True) as s:
+        want = s.search(small_data["queries"][:3], k=3, refine=4)
+    assert [r["ids"] for r in doc["results"]] == want.ids.tolist()
+
+    out = runner.invoke(cli, ["get", store, "4", "2"])
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["4", "2"]
+    printed = np.array(lines[0].split("\t")[1].split(), dtype=np.float32)
+    np.testing.assert_array_equal(printed, small_data["base"][4].astype(np.float16))
+    out = runner.invoke(cli, ["get", store, "4", "--json"])
+    assert json.loads(out.stdout)["ids"] == [4]
+    out = runner.invoke(cli, ["get", store, "1", "2", "-o", str(tmp_path / "v.npy")])
+    assert out.exit_code == 0, out.output
+    assert np.load(tmp_path / "v.npy").shape == (2, 16)
+    out = runner.invoke(cli, ["get", store, "99999"])
+    assert out.exit_code == 1
+    assert "99999" in out.stderr
+    out = runner.invoke(cli, ["info", store])
+    assert "stored as float16" in out.stdout
+    assert "format 1.2" in out.stdout
+    out = runner.invoke(cli, ["search", store, str(tmp_path / "q.npy"), "--refine", "-1"])
+    assert out.exit_code == 2
