@@ -16,13 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from .format import vectors
 from .format.segment import record_dtype
 from .types import F32Array, I64Array
 
-__all__ = ["KERNEL", "THREADS", "Kernel", "ScanPlan", "kernel_status"]
+__all__ = ["KERNEL", "THREADS", "Kernel", "ScanPlan", "bad_rows", "kernel_status",
+           "row_checksums"]
 
 #: The version of the ``ivfpq_scan`` contract this module speaks (``IVFPQ_SCAN_ABI`` in C).
-ABI = 5
+ABI = 6
 #: Entries per sub-table in the kernel's tables (``TSTRIDE`` in C): 256 whatever ksub.
 TSTRIDE = 256
 
@@ -95,6 +97,24 @@ class Kernel:
         self._encode = lib.ivfpq_encode
         self._encode.restype = ctypes.c_int
         self._encode.argtypes = _ENCODE_ARGS
+        self._row_crcs = lib.ivfpq_row_crcs
+        self._row_crcs.restype = None
+        self._row_crcs.argtypes = [_I, _P, _I, _I, _P, _P]  # n, rows, row_size, nbytes, ids, out
+
+    def row_checksums(self, ids: I64Array, rows: np.ndarray) -> np.ndarray:
+        """The checksums (n,) uint32 that stored-vector ``rows`` (structured ``v``, ``crc``)
+        must hold for records ``ids``: what :func:`format.vectors.row_checksums` computes."""
+        ids = _i64(ids)
+        rows = np.ascontiguousarray(rows)
+        fields = rows.dtype.fields
+        if (rows.ndim != 1 or rows.dtype.names != ("v", "crc") or ids.shape != rows.shape
+                or fields is None or fields["crc"][1] != rows.dtype.itemsize - 4):
+            raise ValueError("scan kernel: inconsistent row checksum arguments")
+        out = np.empty(len(rows), np.uint32)
+        if len(rows):
+            self._row_crcs(len(rows), rows.ctypes.data, rows.dtype.itemsize,
+                           rows.dtype.itemsize - 4, _ptr(ids), _ptr(out))
+        return out
 
     def encode(self, x: F32Array, lists: I64Array, centroids: F32Array, codebooks_t: F32Array,
                norms: F32Array, *, nthreads: int) -> np.ndarray:
@@ -301,3 +321,18 @@ def kernel_status() -> str:
     or ``"numpy (...)"`` with the reason. Shown by ``ivfpq-store info``; put it in bug
     reports. Exported as ``ivfpq_store.scan_backend()``."""
     return _STATUS
+
+
+def row_checksums(ids: I64Array, rows: np.ndarray) -> np.ndarray:
+    """The checksums (n,) uint32 that stored-vector ``rows`` (structured ``v``, ``crc``) must
+    hold for records ``ids``: by the kernel when it is loaded, else by the reference
+    (:func:`ivfpq_store.format.vectors.row_checksums`)."""
+    if KERNEL is not None:
+        return KERNEL.row_checksums(ids, rows)
+    return vectors.row_checksums(ids, rows["v"])
+
+
+def bad_rows(rows: np.ndarray, ids: I64Array) -> np.ndarray:
+    """Indices of the stored-vector ``rows`` whose ``crc`` is not that of their record
+    ``ids`` and values: damaged rows, or rows of another record."""
+    return np.flatnonzero(row_checksums(ids, rows) != rows["crc"])

@@ -38,7 +38,7 @@
 #endif
 
 /* Version of the ivfpq_scan contract; _kernel.py refuses a library of another version. */
-#define IVFPQ_SCAN_ABI 5
+#define IVFPQ_SCAN_ABI 6
 /* Every sub-table has 256 entries, whatever ksub: a code byte can never index out of the
  * tables, and entries >= ksub (impossible codes of a damaged file) are +inf, never results. */
 #define TSTRIDE 256
@@ -637,6 +637,51 @@ done:
     free(tids);
     free(scratch);
     return rc;
+}
+
+/* CRC-32 (zlib's: reflected polynomial 0xEDB88320, inverted in and out), eight bytes a step
+ * ("slicing by 8"): about 1 ns per byte, against 2 us a row for zlib.crc32 called per row. */
+static uint32_t crc_table[8][256];
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
+
+static void crc_init(void) {
+    for (uint32_t b = 0; b < 256; b++) {
+        uint32_t c = b;
+        for (int i = 0; i < 8; i++) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+        crc_table[0][b] = c;
+    }
+    for (int t = 1; t < 8; t++)
+        for (int b = 0; b < 256; b++)
+            crc_table[t][b] = (crc_table[t - 1][b] >> 8) ^ crc_table[0][crc_table[t - 1][b] & 0xFF];
+}
+
+static uint32_t crc_update(uint32_t crc, const uint8_t *p, int64_t n) {
+    crc = ~crc;
+    for (; n >= 8; n -= 8, p += 8) {
+        uint32_t lo, hi;
+        memcpy(&lo, p, 4);
+        memcpy(&hi, p + 4, 4);
+        lo ^= crc;
+        crc = crc_table[7][lo & 0xFF] ^ crc_table[6][(lo >> 8) & 0xFF] ^
+              crc_table[5][(lo >> 16) & 0xFF] ^ crc_table[4][lo >> 24] ^
+              crc_table[3][hi & 0xFF] ^ crc_table[2][(hi >> 8) & 0xFF] ^
+              crc_table[1][(hi >> 16) & 0xFF] ^ crc_table[0][hi >> 24];
+    }
+    while (n--) crc = (crc >> 8) ^ crc_table[0][(crc ^ *p++) & 0xFF];
+    return ~crc;
+}
+
+/* The checksum of each of n stored-vector rows (docs/format.md, vector files): the CRC-32 of
+ * the record's id (8 little-endian bytes) followed by the first nbytes bytes of its row
+ * (rows of row_size bytes from `rows`), to out[i]. */
+void ivfpq_row_crcs(int64_t n, const uint8_t *rows, int64_t row_size, int64_t nbytes,
+                    const int64_t *ids, uint32_t *out) {
+    pthread_once(&crc_once, crc_init);
+    for (int64_t i = 0; i < n; i++) {
+        uint8_t id[8];
+        memcpy(id, &ids[i], 8); /* little-endian: checked at the top of this file */
+        out[i] = crc_update(crc_update(0, id, 8), rows + i * row_size, nbytes);
+    }
 }
 
 int ivfpq_scan_abi(void) { return IVFPQ_SCAN_ABI; }

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from ._kernel import bad_rows
 from .errors import CorruptStoreError
 from .format import segment_file_name
 from .format.keys import id_keys
 from .format.records import ListRecord, encode_id_entries
-from .format.vectors import bad_rows
 from .storage import (
     CatalogSnapshot,
     Changes,

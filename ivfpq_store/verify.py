@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ._kernel import bad_rows
 from .errors import CatalogError, DiskFullError, IvfpqError, StoreLockedError
 from .format import (
     SEGMENT_PRELUDE_SIZE,
@@ -30,7 +31,6 @@ from .format import (
 from .format.records import check_store_meta
 from .format.vectors import (
     VECTOR_PRELUDE_SIZE,
-    bad_rows,
     decode_vector_prelude,
     vector_file_name,
     vector_row_dtype,

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ._kernel import row_checksums
 from ._validate import as_id_list, as_ids, as_vectors, check_float16, normalize_rows
 from .compaction import (
     CompactionPlan,
@@ -56,7 +57,7 @@ from .errors import (
 from .format import Header, record_dtype, segment_file_name
 from .format.keys import id_keys, tombstone_keys, tombstone_sum
 from .format.records import ListRecord, StateRecord, encode_id_entries
-from .format.vectors import row_checksums, vector_row_dtype
+from .format.vectors import vector_row_dtype
 from .quantizer import Quantizer
 from .storage import (
     Catalog,
@@ -328,7 +329,7 @@ class Writer:
             dtype, dim = self._files.vectors
             vrows = np.empty(len(ids), dtype=vector_row_dtype(dim, dtype))
             vrows["v"] = vectors[order]
-            vrows["crc"] = row_checksums(records["id"], vrows["v"])
+            vrows["crc"] = row_checksums(records["id"], vrows)
             rows_of.append(vrows)
         updated: dict[int, ListRecord] = {}
         written: list[Path] = []

@@ -16,6 +16,7 @@ from helpers import adc_reference, assert_valid_topk, synthetic
 
 import ivfpq_store
 from ivfpq_store import _kernel, testing
+from ivfpq_store.format.vectors import row_checksums, vector_row_dtype
 from ivfpq_store.params import SearchParams
 from ivfpq_store.quantizer import CoarseQuantizer, Quantizer
 
@@ -349,3 +350,25 @@ def test_kernel_cached_list_terms_are_those_of_the_probed_lists(tmp_path, small_
     assert_valid_topk(batch.distances, batch.ids, reference, higher=False)
     assert_valid_topk(np.concatenate([s.distances for s in single]),
                       np.concatenate([s.ids for s in single]), reference, higher=False)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("dim", "dtype"), [(1, "float16"), (3, "float32"), (7, "float16"),
+                                            (128, "float16"), (100, "float32")])
+def test_row_checksums_equal_the_reference(dim, dtype):
+    """The kernel's CRC-32 of (id, vector) rows is zlib's, for row widths that leave every
+    remainder of its 8-byte steps, and for ids with every byte set."""
+    rng = np.random.default_rng(dim)
+    rows = np.zeros(50, vector_row_dtype(dim, dtype))
+    rows["v"] = rng.normal(size=(50, dim))
+    ids = rng.integers(0, 2**63 - 1, size=50, dtype=np.int64)
+    ids[0], ids[1] = 0, 2**63 - 1
+    kernel = _kernel.KERNEL
+    assert kernel is not None
+    want = row_checksums(ids, rows["v"])
+    np.testing.assert_array_equal(kernel.row_checksums(ids, rows), want)
+    rows["crc"] = want
+    rows["crc"][7] ^= 1
+    np.testing.assert_array_equal(_kernel.bad_rows(rows, ids), [7])
+    with pytest.raises(ValueError, match="inconsistent"):
+        kernel.row_checksums(ids[:3], rows)

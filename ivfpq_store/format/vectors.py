@@ -34,7 +34,6 @@ __all__ = [
     "VECTOR_PRELUDE_SIZE",
     "VECTOR_VERSION",
     "VectorPrelude",
-    "bad_rows",
     "decode_vector_prelude",
     "encode_vector_prelude",
     "row_checksums",
@@ -69,7 +68,7 @@ def vector_file_name(segment_file: str) -> str:
 def row_checksums(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
     """The ``crc`` of rows holding ``values`` (n, dim) for records ``ids`` (n,): the CRC-32 of
     each id's 8 bytes followed by its row's value bytes (the reference; the compiled kernel
-    computes the same)."""
+    computes the same, ``_kernel.row_checksums``)."""
     ids = np.ascontiguousarray(ids, dtype="<i8")
     values = np.ascontiguousarray(values)
     out = np.empty(len(ids), np.uint32)
@@ -168,9 +167,3 @@ def decode_vector_prelude(buf: bytes | memoryview, *, source: str = "<bytes>") -
                           f"({prelude.row_size})", path=source, offset=28,
                           expected=prelude.row_size, actual=row_size)
     return prelude
-
-
-def bad_rows(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Indices of the ``rows`` (structured ``v``, ``crc``) whose ``crc`` is not that of their
-    record ``ids`` and values: damaged rows, or rows of another record."""
-    return np.flatnonzero(row_checksums(ids, rows["v"]) != rows["crc"])

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .._kernel import bad_rows
 from ..errors import CorruptStoreError
 from ..format.records import ListRecord
-from ..format.vectors import bad_rows
 from ..types import F32Array, I64Array, Metric
 from .config import SearchConfig
 from .plan import RecordFetcher
@@ -35,24 +35,26 @@ def gather_vectors(ids: I64Array, list_nos: I64Array, rows: I64Array,
     CorruptStoreError
         A row's checksum does not match its values and id (``where`` names the store).
     """
-    out = np.empty((len(ids), dim), np.float32)
     if not len(ids):
-        return out
+        return np.empty((0, dim), np.float32)
     order = np.argsort(list_nos, kind="stable")
     touched, starts = np.unique(list_nos[order], return_index=True)
+    got: np.ndarray | None = None
     for list_no, s, e in zip(touched.tolist(), starts.tolist(),
                              np.append(starts[1:], len(order)).tolist(), strict=True):
         sel = order[s:e]
-        record = lists[list_no]
-        got = fetch_vectors(list_no, record)[rows[sel]]
-        bad = bad_rows(got, ids[sel])
-        if len(bad):
-            raise CorruptStoreError(
-                f"{where}: the stored vector of id {int(ids[sel][bad[0]])} (list {list_no}, "
-                f"row {int(rows[sel][bad[0]])}) does not match its checksum; the vector file "
-                f"is damaged ({len(bad)} bad row(s) read; run verify)")
-        out[sel] = got["v"]
-    return out
+        part = fetch_vectors(list_no, lists[list_no])
+        if got is None:
+            got = np.empty(len(ids), part.dtype)
+        got[sel] = part[rows[sel]]
+    assert got is not None
+    bad = bad_rows(got, ids)  # one pass over every row read, whatever its list
+    if len(bad):
+        raise CorruptStoreError(
+            f"{where}: the stored vector of id {int(ids[bad[0]])} (list "
+            f"{int(list_nos[bad[0]])}, row {int(rows[bad[0]])}) does not match its "
+            f"checksum; the vector file is damaged ({len(bad)} bad row(s) read; run verify)")
+    return got["v"].astype(np.float32)
 
 
 def refine(metric: Metric, config: SearchConfig, queries: F32Array, k: int, ids: I64Array,
@@ -74,9 +76,13 @@ def refine(metric: Metric, config: SearchConfig, queries: F32Array, k: int, ids:
         q1 = min(nq, q0 + block)
         bids = ids[q0:q1]
         valid = bids >= 0
-        vecs = np.zeros((q1 - q0, c, dim), np.float32)
-        vecs[valid] = gather_vectors(bids[valid], list_nos[q0:q1][valid],
-                                     rows[q0:q1][valid], lists, fetch_vectors, dim, where)
+        gathered = gather_vectors(bids[valid], list_nos[q0:q1][valid], rows[q0:q1][valid],
+                                  lists, fetch_vectors, dim, where)
+        if len(gathered) == valid.size:  # every query has c candidates: no padding
+            vecs = gathered.reshape(q1 - q0, c, dim)
+        else:
+            vecs = np.zeros((q1 - q0, c, dim), np.float32)
+            vecs[valid] = gathered
         q = queries[q0:q1, None, :]
         if metric is Metric.L2:
             vecs -= q
