@@ -113,8 +113,9 @@ def store_options() -> dict[str, Any]:
 
 
 def bytes_line(b: dict[str, int]) -> str:
+    vectors = f", vectors {b['vectors']:,}" if b.get("vectors") else ""
     return (f"{b['total']:,} bytes (header {b['header']:,}, catalog {b['catalog']:,}, "
-            f"segments {b['segments']:,})")
+            f"segments {b['segments']:,}{vectors})")
 
 
 def histogram(sizes: list[int], bins: int = 8, width: int = 40) -> list[str]:
