@@ -39,7 +39,7 @@ from .quantizer import Quantizer
 from .reports import ListInfo, StoreInfo, list_infos, store_info
 from .search import RangeResult, RecordFetcher, Refiner, Searcher, SearchResult
 from .search.filtered import (
-    FilteredRows,
+    FilteredLists,
     Located,
     SearchPlan,
     direct_limit,
@@ -236,8 +236,10 @@ class Store:
             located = self._locate_admitted(catalog, snap, flt, params, len(q), fetch)
             if located is not None:
                 return self._searcher.search_direct(q, params, located, refiner)
-            skipped = FilteredRows(flt, snap.lists, snap.deleted, fetch)
-            return self._searcher.search(q, params, snap.lists, skipped, fetch, refiner)
+            seen = FilteredLists(flt, snap.lists, snap.deleted, fetch)
+            return self._searcher.search(
+                q, params, seen.lists, seen.skipped, seen.fetch,
+                None if refiner is None else refiner._replace(rows=seen.rows))
 
         return self._on_snapshot(catalog, run)
 
@@ -391,9 +393,10 @@ class Store:
         if self.params.metric is Metric.COSINE:
             q = normalize_rows(q, "queries")
         def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> RangeResult:
-            skipped = (snap.deleted if flt is None
-                       else FilteredRows(flt, snap.lists, snap.deleted, fetch))
-            return self._searcher.range_search(q, params, snap.lists, skipped, fetch)
+            if flt is None:
+                return self._searcher.range_search(q, params, snap.lists, snap.deleted, fetch)
+            seen = FilteredLists(flt, snap.lists, snap.deleted, fetch)
+            return self._searcher.range_search(q, params, seen.lists, seen.skipped, seen.fetch)
 
         return self._on_snapshot(catalog, run)
 

@@ -263,9 +263,10 @@ def test_allow_matches_exactly_whatever_the_lookup(allowed: list[int]) -> None:
 
 @pytest.mark.parametrize("name", ["allow-half", "deny-half", "combined", "allow-few"])
 def test_filtered_range_search_is_the_unfiltered_one_restricted(churned, small_data, name):
-    """range_search(filter=) returns exactly the unfiltered results whose ids the filter
-    admits, in the same order with the same distances (a range search always scans the
-    probed lists)."""
+    """range_search(filter=) returns the unfiltered results whose ids the filter admits,
+    with the same distances up to float rounding: a range search always scans the probed
+    lists, but a list of few admitted rows is scanned as a compact copy of them, whose
+    products BLAS may round differently in the last bit."""
     store = churned
     flt = FILTERS[name]()
     queries = small_data["queries"][:8]
@@ -277,6 +278,11 @@ def test_filtered_range_search_is_the_unfiltered_one_restricted(churned, small_d
     for q in range(len(queries)):
         ids = plain.ids[plain.lims[q]: plain.lims[q + 1]]
         keep = flt.matches(ids)
-        np.testing.assert_array_equal(got.ids[got.lims[q]: got.lims[q + 1]], ids[keep])
-        np.testing.assert_array_equal(got.distances[got.lims[q]: got.lims[q + 1]],
-                                      plain.distances[plain.lims[q]: plain.lims[q + 1]][keep])
+        got_ids = got.ids[got.lims[q]: got.lims[q + 1]]
+        got_d = got.distances[got.lims[q]: got.lims[q + 1]]
+        assert sorted(got_ids.tolist()) == sorted(ids[keep].tolist())
+        want = dict(zip(ids.tolist(), plain.distances[plain.lims[q]: plain.lims[q + 1]].tolist(),
+                        strict=True))
+        np.testing.assert_allclose(got_d, [want[i] for i in got_ids.tolist()], rtol=1e-6)
+        sign = 1 if store.params.metric.label == "l2" else -1
+        assert (np.diff(sign * got_d) >= 0).all()  # best first

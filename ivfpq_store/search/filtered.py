@@ -1,7 +1,8 @@
 """Filtered search: the two plans a :class:`~ivfpq_store.filters.Filter` can run with.
 
-- **scan**: the probed lists are scanned as without a filter, each list's filtered-out rows
-  skipped like its tombstones (:class:`FilteredRows`). Results are the exact best k among the
+- **scan**: the probed lists are scanned as without a filter, but only their admitted live
+  rows: a compact copy of them, or the list with the others skipped like its tombstones
+  (:class:`FilteredLists`). Results are the exact best k among the
   admitted vectors of the probed lists, so never fewer than k when the probed lists hold k.
 - **direct**: when the filter names few enough ids (its
   :meth:`~ivfpq_store.filters.Filter.bound`, looked up in the id map; how few depends on the
@@ -15,8 +16,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,45 +31,88 @@ from ..types import F32Array, I64Array, Metric
 from .config import SearchConfig
 from .plan import RecordFetcher
 
-__all__ = ["FilteredRows", "Located", "SearchPlan", "direct_limit", "locate_admitted",
+__all__ = ["FilteredLists", "Located", "SearchPlan", "direct_limit", "locate_admitted",
            "search_direct"]
 
 
-class FilteredRows(Mapping[int, np.ndarray]):
-    """The rows a scan skips in each list: its tombstones and the rows whose ids ``flt``
-    does not admit, computed on first use of each list (one per search call)."""
+class FilteredLists:
+    """What a scan under a filter reads of each list, worked out on the list's first use (one
+    per search call): the live rows ``flt`` admits.
+
+    A list whose admitted live rows are at most ``compact_ratio`` of its records is handed to
+    the scan as a compact copy of those records (:attr:`lists` gives it their count, and
+    :attr:`fetch` the copy), so the scan reads only them: at 1% admitted, a hundredth of the
+    rows. Any other list is handed over as it is, its rejected rows skipped like tombstones
+    (:attr:`skipped`): copying most of a list would cost more than skipping a few rows.
+    :meth:`rows` maps a row of what the scan read back to the row of the list.
+    """
 
     def __init__(self, flt: Filter, lists: Mapping[int, ListRecord],
-                 deleted: Mapping[int, np.ndarray], fetch: RecordFetcher) -> None:
-        self._filter, self._lists, self._deleted, self._fetch = flt, lists, deleted, fetch
-        self._rows: dict[int, np.ndarray | None] = {}
+                 deleted: Mapping[int, np.ndarray], fetch: RecordFetcher,
+                 compact_ratio: float = 0.5) -> None:
+        self._filter, self._lists, self._deleted = flt, lists, deleted
+        self._fetch, self._ratio = fetch, compact_ratio
+        # list_no -> (record the scan sees, compact copy or None, rows skipped, row map)
+        self._seen: dict[int, tuple[ListRecord | None, np.ndarray | None,
+                                    np.ndarray | None, I64Array | None]] = {}
+        self.lists: Mapping[int, ListRecord] = _View(self, 0)
+        self.skipped: Mapping[int, np.ndarray] = _View(self, 2)
 
-    def get(self, list_no: int, default: object = None) -> np.ndarray | None:  # type: ignore[override]
-        if list_no not in self._rows:
-            self._rows[list_no] = self._skipped(list_no)
-        rows = self._rows[list_no]
-        return rows if rows is not None else default  # type: ignore[return-value]
+    def entry(self, list_no: int) -> tuple[ListRecord | None, np.ndarray | None,
+                                           np.ndarray | None, I64Array | None]:
+        """(record as the scan sees it, compact copy or None, skipped rows or None, the list's
+        row of each row of the copy or None) of list ``list_no``."""
+        if list_no not in self._seen:
+            self._seen[list_no] = self._work_out(list_no)
+        return self._seen[list_no]
 
-    def _skipped(self, list_no: int) -> np.ndarray | None:
+    def _work_out(self, list_no: int) -> tuple[ListRecord | None, np.ndarray | None,
+                                               np.ndarray | None, I64Array | None]:
         record = self._lists.get(list_no)
         dead = self._deleted.get(list_no)
         if record is None or record.count == 0:
-            return dead
-        ids = self._fetch(list_no, record)["id"]
-        rejected = ~self._filter.matches(ids)
+            return record, None, dead, None
+        records = self._fetch(list_no, record)
+        admitted = self._filter.matches(records["id"])
         if dead is not None:
-            rejected[dead] = True
-        out = np.flatnonzero(rejected)
-        return out if len(out) else None
+            admitted[dead] = False
+        keep = np.flatnonzero(admitted)
+        if len(keep) <= self._ratio * record.count:
+            if not len(keep):
+                return None, None, None, None
+            return (replace(record, count=len(keep), deleted=0), records[keep], None, keep)
+        rejected = np.flatnonzero(~admitted)
+        return record, None, (rejected if len(rejected) else None), None
 
-    def __getitem__(self, list_no: int) -> np.ndarray:
-        rows = self.get(list_no)
-        if rows is None:
+    def fetch(self, list_no: int, record: ListRecord) -> np.ndarray:
+        """The records the scan reads of list ``list_no``: the compact copy, or the list's."""
+        copy = self.entry(list_no)[1]
+        return copy if copy is not None else self._fetch(list_no, record)
+
+    def rows(self, list_no: int, rows: I64Array) -> I64Array:
+        """The list's rows of ``rows`` of what the scan read of list ``list_no``."""
+        kept = self.entry(list_no)[3]
+        return rows if kept is None else kept[rows]
+
+
+class _View(Mapping[int, Any]):
+    """One field of :meth:`FilteredLists.entry` as a mapping over the lists that have it."""
+
+    def __init__(self, owner: FilteredLists, field: int) -> None:
+        self._owner, self._field = owner, field
+
+    def get(self, list_no: int, default: object = None) -> Any:
+        value = self._owner.entry(list_no)[self._field]
+        return value if value is not None else default
+
+    def __getitem__(self, list_no: int) -> Any:
+        value = self.get(list_no)
+        if value is None:
             raise KeyError(list_no)
-        return rows
+        return value
 
     def __iter__(self) -> Iterator[int]:
-        return (n for n in self._lists if self.get(n) is not None)
+        return (n for n in self._owner._lists if self.get(n) is not None)
 
     def __len__(self) -> int:
         return sum(1 for _ in self)

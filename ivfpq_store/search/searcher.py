@@ -10,7 +10,7 @@ caller's :data:`~ivfpq_store.search.plan.RecordFetcher`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -62,11 +62,14 @@ class RangeResult(NamedTuple):
 
 class Refiner(NamedTuple):
     """What a refined search reads the stored vectors with: the snapshot's ``lists``, a
-    fetcher of a list's committed vector rows, and the store's path for error messages."""
+    fetcher of a list's committed vector rows, the store's path for error messages, and for
+    a scan that read other rows than the list's own (a filter's compact copies), the map
+    ``rows(list_no, rows)`` back to the list's rows."""
 
     lists: Mapping[int, ListRecord]
     fetch_vectors: RecordFetcher
     where: Path
+    rows: Callable[[int, I64Array], I64Array] | None = None
 
 
 class Searcher:
@@ -120,7 +123,14 @@ class Searcher:
         found = hits.rank >= 0
         list_nos = np.where(found, probed[np.arange(len(probed))[:, None],
                                           np.where(found, hits.rank, 0)], -1)
-        return self._refined(queries, params, hits.ids, list_nos, hits.row, lists, refiner)
+        rows = hits.row
+        if refiner.rows is not None:  # rows of what the scan read, back to the lists' rows
+            rows = rows.copy()
+            for list_no in np.unique(list_nos[found]).tolist():
+                at = list_nos == list_no
+                rows[at] = refiner.rows(list_no, rows[at])
+        return self._refined(queries, params, hits.ids, list_nos, rows, refiner.lists,
+                             refiner)
 
     def search_direct(self, queries: F32Array, params: SearchParams, located: Located,
                       refiner: Refiner | None = None) -> SearchResult:
