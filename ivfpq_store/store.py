@@ -313,7 +313,7 @@ class Store:
     def search_plan(self, nprobe: int = 8, *, filter: Filter | None = None,
                     nq: int = 1) -> SearchPlan:
         """How :meth:`search` of ``nq`` queries with this ``nprobe`` and ``filter`` would run
-        now: ``"scan"`` (the probed lists, skipping rejected rows) or ``"direct"`` (the
+        now: ``"scan"`` (the admitted rows of the probed lists) or ``"direct"`` (the
         admitted ids scored through the id map), and for a direct plan how many live vectors
         it scores.
 
@@ -359,7 +359,7 @@ class Store:
             Lists probed per query, ``1..nlist``, as for :meth:`search`.
         filter : Filter, optional
             Only ids the filter admits are returned (the probed lists are scanned, the
-            rejected rows skipped, as by :meth:`search`'s scan plan).
+            admitted rows only, as by :meth:`search`'s scan plan).
 
         Returns
         -------

@@ -3,7 +3,7 @@ range search, every record within the radius).
 
 - :mod:`.searcher`: one search call, and the choice of scan;
 - :mod:`.plan`: the pairs grouped by list, and the record-fetch seam;
-- :mod:`.filtered`: the two plans of a filtered search (a scan that skips rejected rows, or
+- :mod:`.filtered`: the two plans of a filtered search (a scan of only the admitted rows, or
   the admitted vectors scored directly);
 - :mod:`.kernel_scan`: the compiled scan (:mod:`ivfpq_store._kernel`);
 - :mod:`.numpy_batch`, :mod:`.numpy_single`: the numpy scans, with :mod:`.tables` (ADC
