@@ -29,6 +29,7 @@ import contextlib
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -51,6 +52,8 @@ from .errors import (
     CorruptStoreError,
     DuplicateIdError,
     InvalidInputError,
+    IvfpqError,
+    IvfpqWarning,
     ReadOnlyStoreError,
     StoreLockedError,
 )
@@ -299,13 +302,23 @@ class Writer:
         logger.info("compacted %d lists: %d records removed", len(plan.lists), plan.removed)
 
     def _auto_compact(self, touched: Mapping[int, ListRecord | None]) -> None:
-        """Compact the lists a delete or upsert touched once they pass auto_compact_ratio."""
+        """Compact the lists a delete or upsert touched once they pass auto_compact_ratio.
+
+        The write that calls this has committed, so a compaction that fails (damage it
+        refuses to copy, a full disk, the lock held elsewhere) is an IvfpqWarning, not an
+        error: the caller's write stands, the lists stay as they are, and the next
+        compaction tries again."""
         if self._auto_compact_ratio is None:
             return
-        with self.locked() as catalog:
-            snap = catalog.snapshot()
-            chosen = choose_lists(snap, self._auto_compact_ratio, among=touched)
-            self._rewrite(catalog, snap, plan_compaction(snap, chosen, self._files))
+        try:
+            with self.locked() as catalog:
+                snap = catalog.snapshot()
+                chosen = choose_lists(snap, self._auto_compact_ratio, among=touched)
+                self._rewrite(catalog, snap, plan_compaction(snap, chosen, self._files))
+        except (IvfpqError, OSError) as err:
+            warnings.warn(IvfpqWarning(
+                f"{self._layout.root}: the write is committed, but compacting the lists it "
+                f"touched failed: {err}"), stacklevel=4)
 
     def _append(self, lists: Mapping[int, ListRecord], list_nos: I64Array, codes: U8Array,
                 ids: I64Array, vectors: np.ndarray

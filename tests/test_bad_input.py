@@ -168,6 +168,17 @@ CASES: list[Bad] = [
     Bad("nprobe-negative", _search(nprobe=-3), IPE, rf"nprobe: expected 1\.\.{NLIST}, got -3"),
     Bad("nprobe-none", _search(nprobe=None), IPE, r"nprobe: expected an int, got NoneType None"),
     Bad("nprobe-float", _search(nprobe=2.0), IPE, r"nprobe: expected an int, got float 2\.0"),
+    # refine
+    Bad("refine-negative", _search(refine=-1), IPE, r"refine: expected 0\.\.104857, got -1"),
+    Bad("refine-float", _search(refine=2.0), IPE, r"refine: expected an int, got float 2\.0"),
+    Bad("refine-bool", _search(refine=True), IPE, r"refine: expected an int, got bool True"),
+    Bad("refine-times-k-too-large", _search(k=1 << 10, refine=1 << 11), IPE,
+        r"refine: expected 0\.\.1024, got 2048"),
+    Bad("refine-without-stored-vectors", _search(refine=2), IPE,
+        r"refine: 2 needs stored vectors, and this store keeps none; create the store with "
+        r"store_vectors="),
+    Bad("get-vectors-without-stored-vectors", lambda s: s.get_vectors([1]), IPE,
+        r"this store keeps no vectors \(store_vectors=None at creation\)"),
     # ids
     Bad("ids-negative", _add_ids([5000, -1, 5001]), IIE,
         r"ids: expected non-negative ids, got 1 negative, first \[-1\]"),
@@ -567,6 +578,10 @@ CREATE_CASES = [
     CreateCase("seed-negative", lambda: TRAIN, {**_OK, "seed": -1}, IPE, r"seed"),
     CreateCase("niter-negative", lambda: TRAIN, {**_OK, "niter": -1}, IPE, r"niter"),
     CreateCase("map-size-negative", lambda: TRAIN, {**_OK, "map_size": -1}, IPE, r"map_size"),
+    CreateCase("store-vectors-float64", lambda: TRAIN, {**_OK, "store_vectors": "float64"}, IPE,
+               r"store_vectors: expected None, 'float32' or 'float16', got 'float64'"),
+    CreateCase("store-vectors-dtype", lambda: TRAIN, {**_OK, "store_vectors": np.float16}, IPE,
+               r"store_vectors: expected None, 'float32' or 'float16', got <class"),
 ]
 
 

@@ -398,3 +398,21 @@ def test_cli_create_search_refine_get_and_info(tmp_path, small_data):
     assert "format 1.2" in out.stdout
     out = runner.invoke(cli, ["search", store, str(tmp_path / "q.npy"), "--refine", "-1"])
     assert out.exit_code == 2
+
+
+def test_a_delete_whose_automatic_compaction_meets_damage_stands_and_warns(tmp_path,
+                                                                          small_data):
+    """The delete commits; the compaction it triggers refuses the damaged row, which is a
+    warning, not an error of the delete."""
+    with make_store(tmp_path / "s", small_data, store_vectors="float32") as store:
+        path = vector_file(store)
+        flip_byte(path, 64 + 8)  # a value of row 0 of the largest list
+        snap = testing.snapshot(store)
+        name = path.name.replace(".vec", ".seg")
+        list_no, record = next((n, r) for n, r in snap.lists.items() if r.file == name)
+        ids = testing.fetcher(store)(list_no, record)["id"]
+        with pytest.warns(ivfpq_store.IvfpqWarning, match="the write is committed"):
+            removed = store.delete(ids[1:])  # every row but the damaged one: past 0.5
+        assert removed == len(ids) - 1
+        assert len(store) == 1500 - removed
+        assert [p.kind for p in store.verify().problems] == ["vectors"]
