@@ -266,9 +266,11 @@ class SegmentReader:
         if isinstance(expected, SegmentPrelude):
             self.dtype = record_dtype(expected.code_size)
             self._decode = decode_segment_prelude
+            self.kind = "segment"
         else:
             self.dtype = vector_row_dtype(expected.dim, expected.dtype)
             self._decode = decode_vector_prelude
+            self.kind = "vector file"
         self._view: np.ndarray | None = None
         self._capacity = 0
         self._checked = 0  # records whose CRC matched the catalog's
@@ -280,13 +282,13 @@ class SegmentReader:
             fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise CorruptStoreError(
-                f"{self.path}: segment file is missing but the catalog lists {count} committed "
-                "records; the store is damaged"
+                f"{self.path}: {self.kind} is missing but the catalog lists {count} committed "
+                "rows; the store is damaged"
             ) from None
         except OSError as err:
             if err.errno in _RESOURCE_ERRNOS:
                 raise  # a process limit, not damage: raise it as it is
-            raise CorruptStoreError(f"{self.path}: segment cannot be read: {err}") from err
+            raise CorruptStoreError(f"{self.path}: {self.kind} cannot be read: {err}") from err
         try:
             self._map_fd(fd, count)
         finally:
@@ -297,7 +299,7 @@ class SegmentReader:
             size = os.fstat(fd).st_size
             head = os.pread(fd, SEGMENT_PRELUDE_SIZE, 0)
         except OSError as err:
-            raise CorruptStoreError(f"{self.path}: segment cannot be read: {err}") from err
+            raise CorruptStoreError(f"{self.path}: {self.kind} cannot be read: {err}") from err
         need = file_size(count, self.dtype.itemsize)
         if size < need:
             raise CorruptStoreError(
@@ -312,7 +314,7 @@ class SegmentReader:
         except (OSError, ValueError) as err:
             if isinstance(err, OSError) and err.errno in _RESOURCE_ERRNOS:
                 raise  # out of descriptors or address space, not damage
-            raise CorruptStoreError(f"{self.path}: segment cannot be mapped: {err}") from err
+            raise CorruptStoreError(f"{self.path}: {self.kind} cannot be mapped: {err}") from err
         # A plain read-only ndarray over the map (np.memmap costs about 0.15 ms more per map,
         # and slicing a memmap builds a memmap object each time). The map is unmapped when the
         # last array viewing it is gone.
