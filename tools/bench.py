@@ -15,6 +15,16 @@ With ``--crossover 4000,8000,...`` it times our two filtered plans against each 
 random allow-lists of those sizes (batch and single queries), to fit the cost model that
 chooses between them (``SearchConfig``'s ``direct_per_*`` and ``scan_per_*`` knobs).
 
+With ``--store-vectors float16,float32`` the store keeps its vectors (the first type; a store per
+further type is built the same way for the refine part), and ``--refine 4`` (or ``1,2,4``)
+measures exact re-ranking at ``--refine-nprobe``: ours ``search(refine=R)`` against faiss
+``IndexRefineFlat(IndexIVFPQ)`` with ``k_factor=R`` (the same IVFPQ index, its flat copy of the
+base vectors in RAM): recall, batch QPS and single-query latency, timed in turn (each round times
+every system once; the best round counts), bytes read by a refined query from a cold page cache
+against the bound "probed segments + R*k pages of 4 KiB", and the anonymous memory of a process
+searching with refine. With ``--filters`` too, each filter is also searched with every R
+(faiss: ``IndexRefineSearchParameters`` over the same selector).
+
 Usage::
 
     python tools/bench.py --dataset siftsmall --out bench-out/siftsmall
@@ -22,6 +32,8 @@ Usage::
     python tools/bench.py --base b.fvecs --queries q.fvecs --groundtruth gt.ivecs --nlist 256
     python tools/bench.py --dataset synthetic --n 1000000 --nlist 1024 \
         --filters 0.5,0.1,0.01,0.001 --crossover 4000,8000,16000,32000 --out bench-out/1m-f
+    python tools/bench.py --dataset siftsmall --nlist 100 --store-vectors float32,float16 \
+        --refine 4 --refine-nprobe 10 --out bench-out/sift-refine
 
 Only the public API of ivfpq_store is used, except by the filtered part. It names the plan
 ours runs by ``Store.search_plan``, checks it by counting the searcher's ``search_direct``
@@ -46,7 +58,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,14 +137,48 @@ def best_of(repeat: int, fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float
     return out, best
 
 
-def latencies_ms(search: Any, xq: np.ndarray, count: int) -> dict[str, float]:
+def latency_list(search: Any, queries: np.ndarray) -> list[float]:
+    """After the settling pause, the time (ms) of ``search`` of each query alone, in turn."""
     time.sleep(SETTLE_S)
     lat = []
-    for q in xq[:count]:
+    for q in queries:
         t0 = time.perf_counter()
         search(q[None, :])
         lat.append((time.perf_counter() - t0) * 1e3)
+    return lat
+
+
+def percentiles(lat: list[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+def latencies_ms(search: Any, xq: np.ndarray, count: int) -> dict[str, float]:
+    return percentiles(latency_list(search, xq[:count]))
+
+
+def interleaved_best(repeat: int, fns: dict[str, Callable[[], Any]]
+                     ) -> tuple[dict[str, Any], dict[str, float]]:
+    """Each system's output and best time over ``repeat`` rounds; a round times every system
+    once, in turn, as :func:`best_of` does (pause, warm-up, timed call), so that the machine's
+    drift falls on all of them alike."""
+    outs: dict[str, Any] = {}
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(max(1, repeat)):
+        for name, fn in fns.items():
+            outs[name], t = best_of(1, fn)
+            best[name] = min(best[name], t)
+    return outs, best
+
+
+def interleaved_latencies(fns: dict[str, Callable[[np.ndarray], Any]], queries: np.ndarray,
+                          rounds: int = 4) -> dict[str, dict[str, float]]:
+    """Single-query p50 and p99 (ms) of each system over ``queries``, split into ``rounds``
+    slices; each slice is timed for every system in turn."""
+    lat: dict[str, list[float]] = {name: [] for name in fns}
+    for part in np.array_split(queries, max(1, min(rounds, len(queries)))):
+        for name, fn in fns.items():
+            lat[name] += latency_list(fn, part)
+    return {name: percentiles(v) for name, v in lat.items()}
 
 
 def read_bytes() -> int:
@@ -154,6 +200,7 @@ def evict(paths: list[Path]) -> None:
             os.close(fd)
 
 
+#: A process that opens a store and searches it with each (nprobe, refine) of argv[3] (JSON).
 RSS_CHILD = """
 import sys, json, numpy as np, ivfpq_store
 def anon():
@@ -162,12 +209,25 @@ def anon():
             return int(line.split()[1]) * 1024
 xq = np.load(sys.argv[2])
 before = anon()
+peak = before
 with ivfpq_store.open(sys.argv[1], readonly=True) as s:
-    for nprobe in (1, 4, 16, 64):
-        s.search(xq, k=10, nprobe=min(nprobe, s.params.nlist))
+    for nprobe, refine in json.loads(sys.argv[3]):
+        s.search(xq, k=10, nprobe=min(nprobe, s.params.nlist), refine=refine)
+        peak = max(peak, anon())
     during = anon()
-print(json.dumps({"rss_anon_before": before, "rss_anon_after_searches": during}))
+print(json.dumps({"rss_anon_before": before, "rss_anon_after_searches": during,
+                  "rss_anon_peak_after_a_search": peak}))
 """
+UNREFINED_SEARCHES = [(1, 0), (4, 0), (16, 0), (64, 0)]
+
+
+def rss_growth(path: Path, queries: Path, searches: list[tuple[int, int]]) -> dict[str, int]:
+    """``RssAnon`` of a fresh process before and after it searched ``path`` with each
+    (nprobe, refine) of ``searches`` (all the queries of the file ``queries`` each time)."""
+    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path), str(queries),
+                          json.dumps(searches)], capture_output=True, text=True, check=True)
+    rss: dict[str, int] = json.loads(out.stdout)
+    return rss
 
 
 # -- filtered search -----------------------------------------------------------------------------
@@ -235,8 +295,10 @@ def filtered_outcome(ids: np.ndarray, gt: np.ndarray, admitted: np.ndarray, batc
 
 
 def measure_filters(args: argparse.Namespace, store: Any, index: Any, xb: np.ndarray,
-                    xq: np.ndarray, gt: np.ndarray) -> dict[str, Any]:
-    """Filtered search, ours and faiss, for each fraction in ``--filters`` and each kind."""
+                    xq: np.ndarray, gt: np.ndarray, refined: Any = None) -> dict[str, Any]:
+    """Filtered search, ours and faiss, for each fraction in ``--filters`` and each kind; with
+    ``--refine``, also refined (ours ``refine=R``, faiss ``refined``, an IndexRefineFlat over
+    ``index``, with ``k_factor=R``)."""
     import faiss
 
     n, k = len(xb), 10
@@ -296,6 +358,9 @@ def measure_filters(args: argparse.Namespace, store: Any, index: Any, xb: np.nda
                                               filter=flt | ivfpq_store.Filter.id_range(*FAR))
                 _, row["ours_scan_without_lookup_batch_s"] = best_of(args.repeat, unbounded, xq)
                 row["ours_scan_without_lookup_single"] = latencies_ms(unbounded, xq, args.single)
+            if args.refine and refined is not None:
+                row["refine"] = filtered_refined(args, store, refined, fparams, flt, xq, fgt,
+                                                 nprobe)
             rows.append(row)
             o, f = row["ours"], row["faiss"]
             print(f"{kind} {fraction}: plan {plan}; recall {o['recall_10_at_10']:.3f}/"
@@ -307,6 +372,36 @@ def measure_filters(args: argparse.Namespace, store: Any, index: Any, xb: np.nda
 
     limit = direct_limit(testing.searcher(store).config, len(xq), nprobe, nlist, n)
     return {"nprobe": nprobe, "direct_limit": limit, "rows": rows}
+
+
+def filtered_refined(args: argparse.Namespace, store: Any, refined: Any, fparams: Any,
+                     flt: ivfpq_store.Filter, xq: np.ndarray, fgt: np.ndarray,
+                     nprobe: int) -> list[dict[str, Any]]:
+    """One filter searched with each ``--refine`` R, ours and faiss (timed in turn)."""
+    import faiss
+
+    k, out = 10, []
+    for r in args.refine:
+        rparams = faiss.IndexRefineSearchParameters()
+        rparams.k_factor, rparams.base_index_params = float(r), fparams
+        fns: dict[str, Callable[[np.ndarray], Any]] = {
+            "ours": functools.partial(store.search, k=k, nprobe=nprobe, refine=r, filter=flt),
+            "faiss": functools.partial(refined.search, k=k, params=rparams)}
+        outs, best = interleaved_best(args.repeat, {n: functools.partial(f, xq)
+                                                    for n, f in fns.items()})
+        single = interleaved_latencies(fns, xq[: args.single])
+        entry: dict[str, Any] = {"refine": r}
+        for name in fns:
+            ids = outs[name][1]
+            entry[name] = {"recall_1_at_1": recall_at(ids, fgt, r=1, k=1),
+                           "recall_10_at_10": recall_at(ids, fgt, r=10, k=10),
+                           "batch_s": best[name], "single": single[name],
+                           "fewer_than_k": float((ids < 0).any(axis=1).mean())}
+        out.append(entry)
+        print(f"  refine {r}: recall {entry['ours']['recall_10_at_10']:.3f}/"
+              f"{entry['faiss']['recall_10_at_10']:.3f}, batch "
+              f"{best['ours'] * 1e3:.1f}/{best['faiss'] * 1e3:.1f} ms", file=sys.stderr)
+    return out
 
 
 def measure_crossover(args: argparse.Namespace, store: Any, xb: np.ndarray,
@@ -352,6 +447,124 @@ def measure_crossover(args: argparse.Namespace, store: Any, xb: np.ndarray,
             "rows": rows}
 
 
+# -- refine (stored vectors) --------------------------------------------------------------------
+#: The page a cold read of one stored vector costs at least (the refine bound's unit).
+PAGE = 4096
+
+
+def faiss_from_store(path: Path, xb: np.ndarray, batch: int) -> Any:
+    """A faiss ``IndexIVFPQ`` with our store's centroids and codebooks (not trained by faiss),
+    holding ``xb`` with ids 0..n-1: the same lists and codes as ours."""
+    import faiss
+
+    with ivfpq_store.open(path, readonly=True) as s:
+        centroids = np.ascontiguousarray(s.centroids)
+        codebooks = np.ascontiguousarray(s.codebooks)
+        p = s.params
+    quantizer = faiss.IndexFlatL2(p.dim)
+    quantizer.add(centroids)
+    index = faiss.IndexIVFPQ(quantizer, p.dim, p.nlist, p.m, p.nbits)
+    faiss.copy_array_to_vector(codebooks.ravel(), index.pq.centroids)
+    index.is_trained = True
+    index.precompute_table()
+    for s0 in range(0, len(xb), batch):
+        index.add(xb[s0: s0 + batch])
+    return index
+
+
+def measure_refine(args: argparse.Namespace, paths: dict[str, Path],
+                   faiss_systems: dict[str, tuple[Any, Any]], xq: np.ndarray,
+                   gt: np.ndarray) -> dict[str, Any]:
+    """Refined search at ``--refine-nprobe``: our store of each element type in ``paths``
+    against each faiss system (name -> (IndexIVFPQ, an IndexRefineFlat over it)), for R = 0
+    (no refine) and each ``--refine`` R: recall, batch time and single-query latency, every
+    system timed in turn; then cold-cache reads per refined query."""
+    k = 10
+    stores = {t: ivfpq_store.open(p, readonly=True) for t, p in paths.items()}
+    try:
+        nprobe = min(args.refine_nprobe, next(iter(stores.values())).params.nlist)
+        rows = []
+        for r in [0, *args.refine]:
+            fns: dict[str, Callable[[np.ndarray], Any]] = {
+                t: functools.partial(s.search, k=k, nprobe=nprobe, refine=r)
+                for t, s in stores.items()}
+            for name, (index, refined) in faiss_systems.items():
+                index.nprobe = nprobe
+                refined.k_factor = float(max(r, 1))
+                fns[name] = functools.partial(refined.search if r else index.search, k=k)
+            outs, best = interleaved_best(args.repeat, {n: functools.partial(f, xq)
+                                                        for n, f in fns.items()})
+            single = interleaved_latencies(fns, xq[: args.single])
+            row: dict[str, Any] = {"refine": r, "systems": {}}
+            for name in fns:
+                ids = outs[name][1]
+                row["systems"][name] = {
+                    "recall_1_at_1": recall_at(ids, gt, r=1, k=1),
+                    "recall_10_at_10": recall_at(ids, gt, r=10, k=10),
+                    "qps": len(xq) / best[name], "single": single[name]}
+            rows.append(row)
+            print(f"refine {r} at nprobe {nprobe}: " + "; ".join(
+                f"{n} recall {v['recall_10_at_10']:.3f} QPS {v['qps']:.0f} "
+                f"p50 {v['single']['p50_ms']:.2f} ms" for n, v in row["systems"].items()),
+                file=sys.stderr)
+    finally:
+        for s in stores.values():
+            s.close()
+    cold = {t: cold_refined(p, xq[: args.cold], nprobe, args.refine, k)
+            for t, p in paths.items()}
+    return {"nprobe": nprobe, "k": k, "rows": rows, "cold": cold}
+
+
+def cold_refined(path: Path, queries: np.ndarray, nprobe: int, refines: list[int],
+                 k: int) -> list[dict[str, Any]]:
+    """Bytes read from a cold page cache by one query at a time, unrefined and with each R,
+    against the bound: the probed lists' committed segment bytes plus ``R * k`` pages."""
+    files = [p for p in path.rglob("*") if p.is_file() and p.name != "lock.mdb"]
+    per: dict[int, dict[str, list[float]]] = {
+        r: {"read": [], "ms": []} for r in [0, *refines]}
+    probed_bytes = []
+    with ivfpq_store.open(path, readonly=True) as cold:
+        lists = {li.list_no: li.segment_bytes for li in cold.lists()}
+        centroids = np.asarray(cold.centroids)
+        for q in queries:
+            near = np.argsort(((centroids - q) ** 2).sum(1))[:nprobe]
+            probed_bytes.append(sum(lists[int(c)] for c in near))
+            for r, got in per.items():
+                cold.refresh()  # drop our maps so the pages can really be evicted
+                evict(files)
+                r0 = read_bytes()
+                t0 = time.perf_counter()
+                cold.search(q, k=k, nprobe=nprobe, refine=r)
+                got["ms"].append((time.perf_counter() - t0) * 1e3)
+                got["read"].append(read_bytes() - r0)
+    probed = float(np.mean(probed_bytes))
+    out = []
+    for r, got in per.items():
+        bound = probed + r * k * PAGE
+        read = float(np.mean(got["read"]))
+        out.append({"refine": r, "p50_ms": float(np.percentile(got["ms"], 50)),
+                    "bytes_read_mean": read, "bytes_read_max": float(np.max(got["read"])),
+                    "probed_segment_bytes_mean": probed, "bound_bytes": bound,
+                    "read_over_bound": read / bound})
+    return out
+
+
+def build_extra_store(path: Path, xt: np.ndarray, xb: np.ndarray, args: argparse.Namespace,
+                      nlist: int, store_vectors: str) -> float:
+    """A store like the benchmark's (same sample, seed and parameters) keeping
+    ``store_vectors``; returns the seconds its add took (in batches of ``--add-batch``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+        extra = ivfpq_store.create(path, xt, nlist=nlist, m=args.m, nbits=args.nbits,
+                                   seed=args.seed, niter=args.niter, store_vectors=store_vectors)
+    with extra:
+        t0 = time.perf_counter()
+        for s in range(0, len(xb), args.add_batch):
+            e = min(len(xb), s + args.add_batch)
+            extra.add(xb[s:e], ids=np.arange(s, e))
+        return time.perf_counter() - t0
+
+
 # -- the benchmark -------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import faiss
@@ -384,10 +597,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{name}: n={n} dim={dim} nlist={nlist} m={args.m} nbits={args.nbits}", file=sys.stderr)
 
     # train
+    kinds = args.store_vectors or (["float32"] if args.refine else [])
+    res["store_vectors"] = kinds[0] if kinds else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
         store, ours_train = timed(ivfpq_store.create, path, xt, nlist=nlist, m=args.m,
-                                  nbits=args.nbits, seed=args.seed, niter=args.niter)
+                                  nbits=args.nbits, seed=args.seed, niter=args.niter,
+                                  store_vectors=kinds[0] if kinds else None)
     quantizer = faiss.IndexFlatL2(dim)
     index = faiss.IndexIVFPQ(quantizer, dim, nlist, args.m, args.nbits)
     index.cp.niter = args.niter
@@ -466,26 +682,57 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "p50_ms": float(np.percentile(cold_lat, 50)),
         "bytes_read_mean": float(np.mean(cold_read)),
         "probed_list_bytes_mean": float(np.mean(probed_bytes)),
-        "read_over_probed": float(np.mean(cold_read) / max(1.0, np.mean(probed_bytes)))}
+        "read_over_probed": float(np.mean(cold_read)) / max(1.0, float(np.mean(probed_bytes)))}
 
     # anonymous memory of a process that opens the store and searches it
     np.save(work / "q.npy", xq)
-    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path), str(work / "q.npy")],
-                         capture_output=True, text=True, check=True)
-    rss = json.loads(out.stdout)
+    rss = rss_growth(path, work / "q.npy", UNREFINED_SEARCHES)
     res["rss_anon_growth_bytes"] = {"ours": rss["rss_anon_after_searches"] - rss["rss_anon_before"],
                                     "faiss_index_in_ram": faiss_bytes}
+
+    refined = None
+    if args.refine:
+        # faiss's refinement keeps its own float32 copy of the base (an IndexFlat) beside the
+        # IVFPQ index it wraps (which it does not own: ``index`` stays referenced here).
+        refined = faiss.IndexRefineFlat(index, faiss.swig_ptr(np.ascontiguousarray(xb)))
+        # The same, over an IVFPQ index with our quantizer instead of faiss's own training:
+        # its lists and codes are ours, so it separates the training from the refinement.
+        ourq = faiss_from_store(path, xb, args.add_batch)
+        faiss_systems = {"faiss": (index, refined),
+                         "faiss, our quantizer": (ourq, faiss.IndexRefineFlat(
+                             ourq, faiss.swig_ptr(np.ascontiguousarray(xb))))}
+        paths = {kinds[0]: path}
+        res["refine_extra_add_s"] = {}
+        for kind in kinds[1:]:
+            paths[kind] = work / f"bench-{kind}.ivfpq"
+            res["refine_extra_add_s"][kind] = build_extra_store(paths[kind], xt, xb, args,
+                                                                 nlist, kind)
+        res["refine"] = measure_refine(args, paths, faiss_systems, xq, gt)
+        del faiss_systems["faiss, our quantizer"]
+        np_r = res["refine"]["nprobe"]
+        res["refine"]["rss_anon_growth_bytes"] = {}
+        for kind, p in paths.items():
+            searches = [(np_r, r) for r in args.refine] + [(64, max(args.refine))]
+            got = rss_growth(p, work / "q.npy", searches)
+            res["refine"]["rss_anon_growth_bytes"][kind] = {
+                "searches": searches, "growth": got["rss_anon_after_searches"]
+                - got["rss_anon_before"], "peak_growth": got["rss_anon_peak_after_a_search"]
+                - got["rss_anon_before"]}
+        res["refine"]["faiss_refine_bytes_in_ram"] = int(xb.nbytes)
 
     if args.filters or args.crossover:
         with ivfpq_store.open(path, readonly=True) as warm:
             if args.filters:
-                res["filtered"] = measure_filters(args, warm, index, xb, xq, gt)
+                res["filtered"] = measure_filters(args, warm, index, xb, xq, gt, refined)
             if args.crossover:
                 res["crossover"] = measure_crossover(args, warm, xb, xq)
     res["environment"] = {"python": platform.python_version(), "numpy": np.__version__,
                           "faiss": faiss.__version__, "ivfpq_store": ivfpq_store.__version__,
                           "cpus": os.cpu_count(), "machine": platform.machine(),
-                          "scan_backend": ivfpq_store.scan_backend()}
+                          "scan_backend": ivfpq_store.scan_backend(),
+                          "openblas_env": {v: os.environ.get(v) for v in
+                                           ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                            "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}}
     if args.keep:
         print(f"kept the store: {path}", file=sys.stderr)
     else:
@@ -524,21 +771,78 @@ def markdown(res: dict[str, Any]) -> str:
                  f"{c['bytes_read_mean']:,.0f} | in RAM | "
                  f"read/probed = {c['read_over_probed']:.2f} |")
     b = res["bytes_per_vector"]
-    lines.append(f"| bytes per vector on disk (segments / catalog / total) | "
-                 f"{b['ours']['segments']:.1f} / {b['ours']['catalog']:.1f} / "
-                 f"{b['ours']['total']:.1f} | {b['faiss_serialized']:.1f} (serialized) | |")
+    if b["ours"].get("vectors"):
+        lines.append(f"| bytes per vector on disk (segments / vectors, "
+                     f"{res.get('store_vectors')} / catalog / total) | "
+                     f"{b['ours']['segments']:.1f} / {b['ours']['vectors']:.1f} / "
+                     f"{b['ours']['catalog']:.1f} / {b['ours']['total']:.1f} | "
+                     f"{b['faiss_serialized']:.1f} (serialized) | |")
+    else:
+        lines.append(f"| bytes per vector on disk (segments / catalog / total) | "
+                     f"{b['ours']['segments']:.1f} / {b['ours']['catalog']:.1f} / "
+                     f"{b['ours']['total']:.1f} | {b['faiss_serialized']:.1f} (serialized) | |")
     r = res["rss_anon_growth_bytes"]
     lines.append(f"| anonymous RSS growth of a searching process (MB) | {r['ours'] / 1e6:.1f} | "
                  f"{r['faiss_index_in_ram'] / 1e6:.1f} (index in RAM) | |")
+    if "refine" in res:
+        lines += ["", *markdown_refine(res["refine"])]
     if "filtered" in res:
         lines += ["", *markdown_filtered(res["filtered"])]
     if "crossover" in res:
         lines += ["", *markdown_crossover(res["crossover"])]
     e = res["environment"]
+    blas = ", ".join(f"{k}={v}" for k, v in e.get("openblas_env", {}).items() if v)
     lines += ["", (f"Python {e['python']}, numpy {e['numpy']}, faiss-cpu {e['faiss']}, "
                   f"ivfpq-store {e['ivfpq_store']} ({e.get('scan_backend', 'numpy')}), "
-                  f"{e['cpus']} CPUs ({e['machine']}).")]
+                  f"{e['cpus']} CPUs ({e['machine']}){'; ' + blas if blas else ''}.")]
     return "\n".join(lines) + "\n"
+
+
+def markdown_refine(ref: dict[str, Any]) -> list[str]:
+    k = ref["k"]
+    lines = [(f"Refine, nprobe={ref['nprobe']}, k={k}: ours `search(refine=R)` on a store "
+              "keeping float32 or float16 vectors; faiss `IndexRefineFlat(IndexIVFPQ)`, "
+              "k_factor=R (R=0: neither refines), trained by faiss as above, and the same "
+              "over an IndexIVFPQ given our centroids and codebooks (\"our quantizer\": our "
+              "lists and codes). Ratios are to the first faiss, timed in the same rounds."),
+             "", ("| R | system | recall 1@1 | recall 10@10 | 10@10 − faiss | batch QPS | "
+                  "QPS / faiss | single p50 / p99 (ms) | p50 / faiss |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in ref["rows"]:
+        f = row["systems"]["faiss"]
+        for name, v in row["systems"].items():
+            label = (name.replace("faiss", "faiss RFlat" if row["refine"] else "faiss")
+                     if name.startswith("faiss") else f"ours {name}")
+            lines.append(
+                f"| {row['refine']} | {label} | {v['recall_1_at_1']:.3f} | "
+                f"{v['recall_10_at_10']:.3f} | "
+                f"{v['recall_10_at_10'] - f['recall_10_at_10']:+.3f} | {v['qps']:,.0f} | "
+                f"{v['qps'] / f['qps']:.2f}x | {v['single']['p50_ms']:.2f} / "
+                f"{v['single']['p99_ms']:.2f} | "
+                f"{v['single']['p50_ms'] / f['single']['p50_ms']:.2f}x |")
+    lines += ["", (f"Cold page cache, one query at a time, nprobe={ref['nprobe']}: bytes read "
+                   f"per query (mean) against the bound, the probed lists' committed segment "
+                   f"bytes + R × k × {PAGE} B"), "",
+              ("| store | R | p50 ms | bytes read (mean / max) | bound | read / bound | "
+               "read − unrefined, per candidate |"),
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for kind, rows in ref["cold"].items():
+        base = rows[0]["bytes_read_mean"]
+        for c in rows:
+            extra = (f"{(c['bytes_read_mean'] - base) / (c['refine'] * k):,.0f}"
+                     if c["refine"] else "-")
+            lines.append(f"| {kind} | {c['refine']} | {c['p50_ms']:.2f} | "
+                         f"{c['bytes_read_mean']:,.0f} / {c['bytes_read_max']:,.0f} | "
+                         f"{c['bound_bytes']:,.0f} | {c['read_over_bound']:.2f} | {extra} |")
+    rss = ref.get("rss_anon_growth_bytes", {})
+    if rss:
+        lines += ["", ("| store | searches (nprobe, R), all queries each | RssAnon growth (MB) | "
+                       "largest after a search (MB) |"), "| --- | --- | --- | --- |"]
+        lines.extend(f"| {kind} | {v['searches']} | {v['growth'] / 1e6:.1f} | "
+                     f"{v['peak_growth'] / 1e6:.1f} |" for kind, v in rss.items())
+        lines.append(f"\nfaiss's refinement keeps the base in RAM: "
+                     f"{ref['faiss_refine_bytes_in_ram'] / 1e6:.1f} MB.")
+    return lines
 
 
 def markdown_filtered(flt: dict[str, Any]) -> list[str]:
@@ -572,6 +876,26 @@ def markdown_filtered(flt: dict[str, Any]) -> list[str]:
                      f" / {row['ours_scan_without_lookup_batch_s'] * 1e3:.1f} | "
                      f"{row['ours']['single']['p50_ms']:.2f} / "
                      f"{row['ours_scan_without_lookup_single']['p50_ms']:.2f} |" for row in extra)
+    refined = [row for row in flt["rows"] if row.get("refine")]
+    if refined:
+        lines += ["", ("Filtered and refined (each figure ours / faiss `IndexRefineFlat`, "
+                       "k_factor=R; recall against the exact filtered ground truth)"), "",
+                  ("| filter | R | recall 1@1 | recall 10@10 | unrefined 10@10 | batch ms | "
+                   "ours / faiss batch | single p50 ms | queries with < k |"),
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in refined:
+            for e in row["refine"]:
+                o, f = e["ours"], e["faiss"]
+                lines.append(
+                    f"| {row['kind']} {row['fraction']:g} ({row['admitted']:,} ids) | "
+                    f"{e['refine']} | {o['recall_1_at_1']:.3f} / {f['recall_1_at_1']:.3f} | "
+                    f"{o['recall_10_at_10']:.3f} / {f['recall_10_at_10']:.3f} | "
+                    f"{row['ours']['recall_10_at_10']:.3f} / "
+                    f"{row['faiss']['recall_10_at_10']:.3f} | "
+                    f"{o['batch_s'] * 1e3:.1f} / {f['batch_s'] * 1e3:.1f} | "
+                    f"{o['batch_s'] / f['batch_s']:.2f}x | {o['single']['p50_ms']:.2f} / "
+                    f"{f['single']['p50_ms']:.2f} | {o['fewer_than_k']:.1%} / "
+                    f"{f['fewer_than_k']:.1%} |")
     return lines
 
 
@@ -648,11 +972,22 @@ def main() -> None:
                    help="sizes of random allow-lists to time both filtered plans on")
     p.add_argument("--crossover-single", type=int, default=100,
                    help="queries timed one by one per plan and size in --crossover")
+    p.add_argument("--store-vectors", type=lambda s: s.split(","), default=[],
+                   help="float32 and/or float16: the store keeps its vectors in the first type; "
+                        "with --refine, a store per further type is built for the refine part "
+                        "(default with --refine: float32)")
+    p.add_argument("--refine", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                   help="R values (e.g. 4 or 1,2,4) for refined search against faiss "
+                        "IndexRefineFlat(k_factor=R); also applied to --filters")
+    p.add_argument("--refine-nprobe", type=int, default=16, help="nprobe of refined searches")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tmp", default=None, help="where the benchmark store is built")
     p.add_argument("--keep", action="store_true", help="keep the store (its path goes to stderr)")
     p.add_argument("--out", default="bench-out", help="output directory")
     args = p.parse_args()
+    bad = sorted(set(args.store_vectors) - {"float32", "float16"})
+    if bad or any(r < 1 for r in args.refine):
+        p.error(f"--store-vectors takes float32,float16 (got {bad}); --refine takes R >= 1")
     res = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
