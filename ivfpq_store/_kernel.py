@@ -24,7 +24,7 @@ __all__ = ["KERNEL", "THREADS", "Kernel", "ScanPlan", "bad_rows", "kernel_status
            "row_checksums"]
 
 #: The version of the ``ivfpq_scan`` contract this module speaks (``IVFPQ_SCAN_ABI`` in C).
-ABI = 6
+ABI = 7
 #: Entries per sub-table in the kernel's tables (``TSTRIDE`` in C): 256 whatever ksub.
 TSTRIDE = 256
 
@@ -97,9 +97,31 @@ class Kernel:
         self._encode = lib.ivfpq_encode
         self._encode.restype = ctypes.c_int
         self._encode.argtypes = _ENCODE_ARGS
+        self._refine = lib.ivfpq_refine_costs
+        self._refine.restype = ctypes.c_int64
+        # n, dim, half, l2, queries, qidx, addr, ids, out
+        self._refine.argtypes = [_I, _I, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P]
         self._row_crcs = lib.ivfpq_row_crcs
         self._row_crcs.restype = None
         self._row_crcs.argtypes = [_I, _P, _I, _I, _P, _P]  # n, rows, row_size, nbytes, ids, out
+
+    def refine_costs(self, queries: F32Array, qidx: I64Array, addr: np.ndarray,
+                     ids: I64Array, *, half: bool, l2: bool) -> tuple[F32Array, int]:
+        """Exact costs (n,) of refine candidates whose stored-vector rows are at addresses
+        ``addr`` (uint64, each a committed row of a mapped vector file: the caller keeps the
+        maps alive and the rows in range), for queries ``queries[qidx]``, each row checked
+        against its CRC-32 and record ``ids``: squared l2 distances or negated inner
+        products. Also the index of the first row that fails its check, or -1."""
+        queries, qidx, ids = _f32(queries), _i64(qidx), _i64(ids)
+        addr = np.ascontiguousarray(addr, np.uint64)
+        n = len(qidx)
+        if (queries.ndim != 2 or addr.shape != (n,) or ids.shape != (n,)
+                or (n and (qidx.min() < 0 or qidx.max() >= len(queries)))):
+            raise ValueError("scan kernel: inconsistent refine arguments")
+        out = np.empty(n, np.float32)
+        bad = self._refine(n, queries.shape[1], int(half), int(l2), _ptr(queries), _ptr(qidx),
+                           _ptr(addr), _ptr(ids), _ptr(out)) if n else 0
+        return out, int(bad) - 1
 
     def row_checksums(self, ids: I64Array, rows: np.ndarray) -> np.ndarray:
         """The checksums (n,) uint32 that stored-vector ``rows`` (structured ``v``, ``crc``)

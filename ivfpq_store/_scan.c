@@ -38,7 +38,7 @@
 #endif
 
 /* Version of the ivfpq_scan contract; _kernel.py refuses a library of another version. */
-#define IVFPQ_SCAN_ABI 6
+#define IVFPQ_SCAN_ABI 7
 /* Every sub-table has 256 entries, whatever ksub: a code byte can never index out of the
  * tables, and entries >= ksub (impossible codes of a damaged file) are +inf, never results. */
 #define TSTRIDE 256
@@ -682,6 +682,62 @@ void ivfpq_row_crcs(int64_t n, const uint8_t *rows, int64_t row_size, int64_t nb
         memcpy(id, &ids[i], 8); /* little-endian: checked at the top of this file */
         out[i] = crc_update(crc_update(0, id, 8), rows + i * row_size, nbytes);
     }
+}
+
+/* An IEEE 754 binary16 value as a float (exact: every half is a float). */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+    uint32_t bits;
+    float out;
+    if (exp == 0) { /* zero or subnormal: man * 2^-24 */
+        out = (float)man * (1.0f / 16777216.0f);
+        memcpy(&bits, &out, 4);
+        bits |= sign;
+    } else if (exp == 31) { /* inf or NaN */
+        bits = sign | 0x7F800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    }
+    memcpy(&out, &bits, 4);
+    return out;
+}
+
+/*
+ * Exact costs of n refine candidates (docs/format.md, vector files): candidate c's row is at
+ * address addr[c] (dim values, float32 when half is 0, float16 when 1, then its u32 CRC-32 of
+ * the record's id ids[c] and the values). Its cost against query qidx[c] of queries (nq, dim)
+ * goes to out_cost[c]: the squared l2 distance, or the negated inner product. Returns 0, or
+ * 1 + the first candidate whose row fails its CRC (its cost and the later ones are not
+ * written then).
+ */
+int64_t ivfpq_refine_costs(int64_t n, int64_t dim, int half, int l2, const float *queries,
+                           const int64_t *qidx, const uint64_t *addr, const int64_t *ids,
+                           float *out_cost) {
+    pthread_once(&crc_once, crc_init);
+    const int64_t nbytes = dim * (half ? 2 : 4);
+    for (int64_t c = 0; c < n; c++) {
+        const uint8_t *row = (const uint8_t *)(uintptr_t)addr[c];
+        uint8_t id[8];
+        uint32_t stored;
+        memcpy(id, &ids[c], 8);
+        memcpy(&stored, row + nbytes, 4);
+        if (crc_update(crc_update(0, id, 8), row, nbytes) != stored) return c + 1;
+        const float *q = queries + qidx[c] * dim;
+        float acc = 0.0f;
+        for (int64_t d = 0; d < dim; d++) {
+            float v;
+            if (half) {
+                uint16_t h;
+                memcpy(&h, row + 2 * d, 2);
+                v = half_to_float(h);
+            } else {
+                memcpy(&v, row + 4 * d, 4);
+            }
+            acc += l2 ? (v - q[d]) * (v - q[d]) : -(v * q[d]);
+        }
+        out_cost[c] = acc;
+    }
+    return 0;
 }
 
 int ivfpq_scan_abi(void) { return IVFPQ_SCAN_ABI; }

@@ -372,3 +372,36 @@ def test_row_checksums_equal_the_reference(dim, dtype):
     np.testing.assert_array_equal(_kernel.bad_rows(rows, ids), [7])
     with pytest.raises(ValueError, match="inconsistent"):
         kernel.row_checksums(ids[:3], rows)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("l2", [True, False])
+def test_refine_costs_equal_numpy_and_stop_at_a_bad_row(dtype, l2):
+    """The kernel's exact costs of rows read in place equal numpy's on the same values
+    (float16 subnormals, zeros and signs included), and a row whose CRC fails is named."""
+    rng = np.random.default_rng(3)
+    dim = 12
+    rows = np.zeros(30, vector_row_dtype(dim, dtype))
+    values = rng.normal(size=(30, dim))
+    values[0, :4] = [6e-8, -3e-6, 0.0, -0.0]  # float16 subnormals and zeros
+    rows["v"] = values
+    ids = rng.integers(0, 2**40, size=30)
+    rows["crc"] = row_checksums(ids, rows["v"])
+    queries = rng.normal(size=(3, dim)).astype(np.float32)
+    pick = np.array([0, 5, 5, 29, 1, 0])
+    qidx = np.array([0, 0, 1, 2, 2, 1])
+    addr = (rows.ctypes.data + pick * rows.dtype.itemsize).astype(np.uint64)
+    kernel = _kernel.KERNEL
+    assert kernel is not None
+    got, bad = kernel.refine_costs(queries, qidx, addr, ids[pick], half=dtype == "float16",
+                                   l2=l2)
+    v = rows["v"][pick].astype(np.float64)
+    q = queries[qidx].astype(np.float64)
+    want = ((v - q) ** 2).sum(axis=1) if l2 else -(v * q).sum(axis=1)
+    assert bad == -1
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    wrong = ids[pick].copy()
+    wrong[3] += 1  # row 29 read for another record
+    assert kernel.refine_costs(queries, qidx, addr, wrong, half=dtype == "float16",
+                               l2=l2)[1] == 3

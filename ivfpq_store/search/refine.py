@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import _kernel
 from .._kernel import bad_rows
 from ..errors import CorruptStoreError
 from ..format.records import ListRecord
@@ -65,19 +66,75 @@ def refine(metric: Metric, config: SearchConfig, queries: F32Array, k: int, ids:
     product, to the stored vector. Missing candidates (id -1) and missing results are +inf and
     -1. Equal costs keep the candidates' order (the scan's, best first).
 
-    Works in blocks of queries whose gathered vectors fit ``config.refine_budget`` floats.
+    The compiled kernel reads each candidate's row in place, checks it and scores it in one
+    pass; numpy gathers the rows in blocks of queries whose vectors fit
+    ``config.refine_budget`` floats.
     """
+    kernel = _kernel.KERNEL
+    if kernel is not None:
+        cost = _costs_in_place(kernel, metric, queries, ids, list_nos, rows, lists,
+                               fetch_vectors, where)
+    else:
+        cost = _costs_gathered(metric, config, queries, ids, list_nos, rows, lists,
+                               fetch_vectors, where)
+    order = np.argsort(cost, axis=1, kind="stable")[:, :k]
+    at = (np.arange(len(ids))[:, None], order)
+    cost_out = np.full((len(ids), k), np.inf, np.float32)
+    ids_out = np.full((len(ids), k), -1, np.int64)
+    cost_out[:, :order.shape[1]] = cost[at]
+    ids_out[:, :order.shape[1]] = ids[at]
+    ids_out[~np.isfinite(cost_out)] = -1
+    return cost_out, ids_out
+
+
+def _costs_in_place(kernel: _kernel.Kernel, metric: Metric, queries: F32Array, ids: I64Array,
+                    list_nos: I64Array, rows: I64Array, lists: Mapping[int, ListRecord],
+                    fetch_vectors: RecordFetcher, where: Path) -> F32Array:
+    """Exact costs (nq, c) of the candidates, +inf where there is none, by the kernel, which
+    reads each row where its list's vector file is mapped."""
+    nq, c = ids.shape
+    cost = np.full((nq, c), np.inf, np.float32)
+    flat = np.flatnonzero(ids.ravel() >= 0)
+    if not len(flat):
+        return cost
+    cand_ids, cand_lists = ids.ravel()[flat], list_nos.ravel()[flat]
+    cand_rows = rows.ravel()[flat]
+    each = cand_lists.tolist()  # a dict per list: cheaper than np.unique for a few dozen
+    parts = {n: fetch_vectors(n, lists[n]) for n in set(each)}  # held during the call
+    if (cand_rows >= np.array([len(parts[n]) for n in each])).any() or (cand_rows < 0).any():
+        raise CorruptStoreError(f"{where}: a refine candidate's row is past its list's "
+                                "committed rows; the catalog is damaged (run verify)")
+    row_dtype = next(iter(parts.values())).dtype
+    bases = {n: part.ctypes.data for n, part in parts.items()}
+    addr = (np.array([bases[n] for n in each], np.uint64)
+            + cand_rows.astype(np.uint64) * np.uint64(row_dtype.itemsize))
+    assert row_dtype.fields is not None
+    half = row_dtype.fields["v"][0].base == np.float16
+    got, bad = kernel.refine_costs(queries, flat // c, addr, cand_ids, half=half,
+                                   l2=metric is Metric.L2)
+    if bad >= 0:
+        raise CorruptStoreError(
+            f"{where}: the stored vector of id {int(cand_ids[bad])} (list "
+            f"{int(cand_lists[bad])}, row {int(cand_rows[bad])}) does not match its checksum;"
+            " the vector file is damaged (run verify)")
+    cost.ravel()[flat] = got
+    return cost
+
+
+def _costs_gathered(metric: Metric, config: SearchConfig, queries: F32Array, ids: I64Array,
+                    list_nos: I64Array, rows: I64Array, lists: Mapping[int, ListRecord],
+                    fetch_vectors: RecordFetcher, where: Path) -> F32Array:
+    """Exact costs (nq, c) of the candidates, +inf where there is none, in numpy: the rows
+    gathered (:func:`gather_vectors`) for blocks of queries."""
     nq, c = ids.shape
     dim = queries.shape[1]
-    cost_out = np.full((nq, k), np.inf, np.float32)
-    ids_out = np.full((nq, k), -1, np.int64)
+    cost = np.full((nq, c), np.inf, np.float32)
     block = max(1, config.refine_budget // max(c * dim, 1))
     for q0 in range(0, nq, block):
         q1 = min(nq, q0 + block)
-        bids = ids[q0:q1]
-        valid = bids >= 0
-        gathered = gather_vectors(bids[valid], list_nos[q0:q1][valid], rows[q0:q1][valid],
-                                  lists, fetch_vectors, dim, where)
+        valid = ids[q0:q1] >= 0
+        gathered = gather_vectors(ids[q0:q1][valid], list_nos[q0:q1][valid],
+                                  rows[q0:q1][valid], lists, fetch_vectors, dim, where)
         if len(gathered) == valid.size:  # every query has c candidates: no padding
             vecs = gathered.reshape(q1 - q0, c, dim)
         else:
@@ -86,13 +143,9 @@ def refine(metric: Metric, config: SearchConfig, queries: F32Array, k: int, ids:
         q = queries[q0:q1, None, :]
         if metric is Metric.L2:
             vecs -= q
-            cost = np.einsum("qcd,qcd->qc", vecs, vecs)
+            part = np.einsum("qcd,qcd->qc", vecs, vecs)
         else:
-            cost = -np.einsum("qcd,qcd->qc", vecs, np.broadcast_to(q, vecs.shape))
-        cost[~valid] = np.inf
-        order = np.argsort(cost, axis=1, kind="stable")[:, :k]
-        at = (np.arange(q1 - q0)[:, None], order)
-        cost_out[q0:q1, :order.shape[1]] = cost[at]
-        ids_out[q0:q1, :order.shape[1]] = bids[at]
-    ids_out[~np.isfinite(cost_out)] = -1
-    return cost_out, ids_out
+            part = -np.einsum("qcd,qcd->qc", vecs, np.broadcast_to(q, vecs.shape))
+        part[~valid] = np.inf
+        cost[q0:q1] = part
+    return cost
