@@ -109,8 +109,9 @@ def run_operation(spec_file: str) -> None:
     (an .npz with ``train``, ``vectors``, ``ids``), ``params`` (create's keywords),
     ``ratio`` (compact's), ``dest`` (copy's), ``auto_compact_ratio`` (open's), and
     ``mutant``: a durability step to remove, so that a test can show the checker catching
-    it (``segment-sync``: the segments' fdatasync before the commit; ``dir-sync``: the fsync
-    of ``segments/`` after a new file).
+    it (``segment-sync``: the fdatasync of segments and vector files before the commit;
+    ``vector-sync``: that of the vector files alone; ``dir-sync``: the fsync of ``segments/``
+    after a new file).
     """
     import ivfpq_store
     from ivfpq_store import writing
@@ -120,6 +121,9 @@ def run_operation(spec_file: str) -> None:
     inputs = dict(np.load(spec["inputs"])) if spec.get("inputs") else {}
     if spec.get("mutant") == "segment-sync":
         atomic.sync_file = lambda path: None
+    elif spec.get("mutant") == "vector-sync":
+        sync_file = atomic.sync_file
+        atomic.sync_file = lambda path: None if path.suffix == ".vec" else sync_file(path)
     elif spec.get("mutant") == "dir-sync":
         writing.fsync_dir = lambda path: None  # type: ignore[attr-defined]
     kind = spec["kind"]
@@ -403,9 +407,20 @@ def materialise(state: State, dest: Path) -> None:
 NEXT_ID = 10**9  # the id of the vector the next writer adds
 
 
+def vectors_digest(ids: Any, vectors: Any) -> str:
+    """A digest of ``ids`` (sorted) and their vectors, float32 (n, dim) in the same order."""
+    h = hashlib.sha256(np.asarray(ids, np.int64).tobytes())
+    h.update(np.ascontiguousarray(vectors, np.float32).tobytes())
+    return h.hexdigest()
+
+
 def summarize(path: Path) -> dict[str, Any]:
     """What a store at ``path`` holds, checked: open, verify, every list's live records, a
-    search of every list for all of them, then one more add (the next writer) and verify."""
+    search of every list for all of them, then one more add (the next writer) and verify.
+
+    In a store that keeps vectors, also the stored vectors of the live ids (``vectors``, a
+    :func:`vectors_digest`, which ``content`` covers too), and a refined search of every list
+    for all of them, whose distances must be the exact ones to those vectors."""
     import ivfpq_store
 
     if not path.exists():
@@ -424,14 +439,25 @@ def summarize(path: Path) -> dict[str, Any]:
                                                                               strict=True)]
             live.sort()
             out["n"], out["len"] = len(live), len(store)
-            out["content"] = hashlib.sha256(json.dumps(live).encode()).hexdigest()
+            content = json.dumps(live)
             out["header"] = hashlib.sha256((path / "header.ivfh").read_bytes()).hexdigest()
             query = np.ones((1, store.params.dim), np.float32)
+            live_ids = [i for i, _, _ in live]
+            out["search_ok"] = out["refine_ok"] = True
             if live:
                 found = store.search(query, k=len(live), nprobe=store.params.nlist).ids[0]
-                out["search_ok"] = sorted(found.tolist()) == [i for i, _, _ in live]
-            else:
-                out["search_ok"] = True
+                out["search_ok"] = sorted(found.tolist()) == live_ids
+            if store.store_vectors is not None:
+                stored = store.get_vectors(np.array(live_ids, np.int64))
+                out["vectors"] = vectors_digest(live_ids, stored)
+                content += out["vectors"]
+                if live:  # refine=1 with k = every live record: all of them re-scored
+                    got = store.search(query, k=len(live), nprobe=store.params.nlist, refine=1)
+                    exact = ((stored - query) ** 2).sum(axis=1)
+                    at = np.searchsorted(live_ids, got.ids[0])
+                    out["refine_ok"] = sorted(got.ids[0].tolist()) == live_ids and bool(
+                        np.allclose(got.distances[0], exact[at], rtol=1e-5, atol=1e-4))
+            out["content"] = hashlib.sha256(content.encode()).hexdigest()
             if report.ok:
                 store.add(query, ids=[NEXT_ID])
                 again = store.verify()
@@ -552,6 +578,8 @@ def judge_one(got: dict[str, Any], want: Expect, acked: bool) -> str:
     assert set(got["leftovers"]) <= want.leftovers, f"leftovers {got['leftovers']}"
     assert got["len"] == got["n"], f"len {got['len']} but {got['n']} live records"
     assert got["search_ok"], "a search of every list did not return exactly the live ids"
+    assert got["refine_ok"], ("a refined search of every list did not return exactly the live "
+                              "ids at their stored vectors' distances")
     assert got["next_write_ok"], "the next write failed or left the store damaged"
     matches = [label for label in ("after", "before") if getattr(want, label)["present"]
                and (got["content"], got["header"]) == (getattr(want, label)["content"],

@@ -4,9 +4,15 @@ generated (tests/crash_states.py has the model), and every one must open, verify
 exactly the store before or after the operation (after, once the call has returned), search
 correctly and take the next write.
 
+The same operations run on stores that keep float16 vectors (cases named ``…+float16``): there
+every state must also hold, for each live id, exactly the vector last written for it (rounded to
+float16), and a refined search must score exactly those vectors.
+
 The default run checks both extreme states of every crash point (all issued, durable only)
-and RANDOM_STATES random ones per operation; ``-m slow`` checks every state. Run with ``-s``
-to see the counts.
+and RANDOM_STATES random ones per operation, for every operation without stored vectors and
+for VECTOR_CASES with them; ``-m slow`` checks every state of every operation, both ways,
+except the large writes with stored vectors, of which it checks LARGE_RANDOM_STATES random
+states. Run with ``-s`` to see the counts.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,7 @@ from crash_states import (
     expectations,
     explore,
     record,
+    vectors_digest,
 )
 from crash_trace import (
     ACK,
@@ -43,6 +50,7 @@ from crash_trace import (
     parse_trace,
     strace_unavailable,
 )
+from crash_workload import apply_to_model
 
 import ivfpq_store
 
@@ -53,7 +61,8 @@ RANDOM_STATES = 200
 class Case:
     """One operation to explore: the store call (run_operation's ``kind``), the store it starts
     from (None: nothing), its inputs, where the store is and where a copy goes (under the
-    root), and the outcomes its states must include (both sides of its commit)."""
+    root), the outcomes its states must include (both sides of its commit), and the
+    ``store_vectors`` of its stores."""
 
     call: str
     start: str | None
@@ -61,6 +70,7 @@ class Case:
     store: str = "store"
     dest: str | None = None
     sides: tuple[str, ...] = ("store:before", "store:after")
+    vectors: str | None = None
 
 
 CASES = {
@@ -86,6 +96,19 @@ LARGE = {
     "add_large": Case("add", "base", "add_large"),
     "delete_large": Case("delete", "big", "delete_large"),  # several lists compacted
 }
+#: The operations on stores that keep float16 vectors: by default those that write vector
+#: files in each way (cut a tail, remove an orphan and append to an existing and a new file;
+#: compact into new files; copy), the others in the slow run.
+VECTOR_CASES = {f"{name}+float16": replace(CASES[name], vectors="float16")
+                for name in ("add_after_crash", "compact", "copy")}
+VECTOR_CASES_SLOW = {f"{name}+float16": replace(case, vectors="float16")
+                     for name, case in CASES.items() if f"{name}+float16" not in VECTOR_CASES}
+#: The large writes on stores with vectors touch twice as many files, each of which may
+#: persist in a few ways, so their states (the product over the files) are too many to list:
+#: the slow run samples LARGE_RANDOM_STATES of them.
+VECTOR_LARGE = {f"{name}+float16": replace(case, vectors="float16")
+                for name, case in LARGE.items()}
+LARGE_RANDOM_STATES = 3000
 
 
 @pytest.fixture(scope="module")
@@ -97,48 +120,70 @@ def strace() -> None:
 
 @dataclass(frozen=True)
 class Stores:
-    """Stores to start from, by name, and the inputs of the operations (.npz files)."""
+    """Stores to start from, by name (:func:`start_name`), the vectors each holds by id, and
+    the inputs of the operations (.npz files)."""
 
     start: dict[str, Path]
+    models: dict[str, dict[int, np.ndarray]]
     inputs: dict[str, Path]
+
+
+def start_name(name: str, vectors: str | None) -> str:
+    """The name of starting store ``name`` in the family that keeps ``vectors``."""
+    return name if vectors is None else f"{name}+{vectors}"
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory,
            small_data: dict[str, np.ndarray]) -> Stores:
-    """``base``: six lists of five vectors, two lists empty; ``tombstoned``: base with two
+    """Two families of stores, one without stored vectors and one with float16 ones:
+    ``base``: six lists of five vectors, two lists empty; ``tombstoned``: base with two
     vectors of one list and all five of another deleted; ``emptied``: tombstoned, compacted;
-    ``crashed``: base with an uncommitted tail, an orphan segment and a dead writer's pid;
-    ``big``: base with 300 more vectors."""
+    ``crashed``: base with an uncommitted tail (of a segment and, in the second family, of its
+    vector file), an orphan segment (and vector file) and a dead writer's pid; ``big``: base
+    with 300 more vectors. Every vector's id is its index in the pool."""
     tmp = tmp_path_factory.mktemp("crash-states")
     pool = small_data["base"]
-    start = {name: tmp / name / "store" for name in ("base", "tombstoned", "emptied",
-                                                      "crashed", "big")}
-    with make_store(start["base"], small_data, add=False) as store:
-        lists, _ = store.assign(pool)
-        by_list = [np.flatnonzero(lists == n) for n in range(NLIST)]
-        order = np.argsort([-len(b) for b in by_list], kind="stable")
-        full = [by_list[n] for n in order[:6]]  # pool indexes (and ids) of the six lists
-        fresh = by_list[order[6]]
-        assert len(full[5]) >= 8
-        assert len(fresh) >= 2
-        first = np.concatenate([b[:5] for b in full])
-        store.add(pool[first], ids=first)
-    unused = np.setdiff1d(np.arange(len(pool)), first)
-    for name in ("tombstoned", "crashed", "big"):
-        shutil.copytree(start["base"], start[name])
-    with ivfpq_store.open(start["tombstoned"], auto_compact_ratio=None) as store:
-        store.delete(np.concatenate([full[4][:2], full[5][:5]]))
-    shutil.copytree(start["tombstoned"], start["emptied"])
-    with ivfpq_store.open(start["emptied"]) as store:
-        store.compact()
-    with ivfpq_store.open(start["big"]) as store:
-        store.add(pool[unused[:300]], ids=unused[:300])
-    segments = start["crashed"] / "segments"
-    with (segments / f"{order[0]:06d}-000000.seg").open("ab") as fh:
-        fh.write(b"\xee" * 30)  # half a record past the committed ones
-    (segments / f"{order[1]:06d}-000001.seg").write_bytes(b"\xee" * 100)  # never committed
-    (start["crashed"] / "LOCK").write_text("999999\n")
+    start: dict[str, Path] = {}
+    models: dict[str, dict[int, np.ndarray]] = {}
+    for kept_as in (None, "float16"):
+        family = {name: tmp / start_name(name, kept_as) / "store"
+                  for name in ("base", "tombstoned", "emptied", "crashed", "big")}
+        with make_store(family["base"], small_data, add=False, store_vectors=kept_as) as store:
+            lists, _ = store.assign(pool)
+            by_list = [np.flatnonzero(lists == n) for n in range(NLIST)]
+            order = np.argsort([-len(b) for b in by_list], kind="stable")
+            full = [by_list[n] for n in order[:6]]  # pool indexes (and ids) of the six lists
+            fresh = by_list[order[6]]
+            assert len(full[5]) >= 8
+            assert len(fresh) >= 2
+            first = np.concatenate([b[:5] for b in full])
+            store.add(pool[first], ids=first)
+        unused = np.setdiff1d(np.arange(len(pool)), first)
+        for name in ("tombstoned", "crashed", "big"):
+            shutil.copytree(family["base"], family[name])
+        deleted = np.concatenate([full[4][:2], full[5][:5]])
+        with ivfpq_store.open(family["tombstoned"], auto_compact_ratio=None) as store:
+            store.delete(deleted)
+        shutil.copytree(family["tombstoned"], family["emptied"])
+        with ivfpq_store.open(family["emptied"]) as store:
+            store.compact()
+        with ivfpq_store.open(family["big"]) as store:
+            store.add(pool[unused[:300]], ids=unused[:300])
+        segments = family["crashed"] / "segments"
+        suffixes = (".seg", ".vec") if kept_as else (".seg",)
+        for suffix in suffixes:
+            with (segments / f"{order[0]:06d}-000000{suffix}").open("ab") as fh:
+                fh.write(b"\xee" * 30)  # half a row past the committed ones
+            (segments / f"{order[1]:06d}-000001{suffix}").write_bytes(b"\xee" * 100)  # orphan
+        (family["crashed"] / "LOCK").write_text("999999\n")
+        base = {i: pool[i] for i in first.tolist()}
+        kept = {i: v for i, v in base.items() if i not in set(deleted.tolist())}
+        family_models = {"base": base, "tombstoned": kept, "emptied": kept, "crashed": base,
+                         "big": base | {i: pool[i] for i in unused[:300].tolist()}}
+        for name, path in family.items():
+            start[start_name(name, kept_as)] = path
+            models[start_name(name, kept_as)] = family_models[name]
     inputs = {}
 
     def save(name: str, **arrays: Any) -> None:
@@ -157,7 +202,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory,
     save("upsert", vectors=pool[[full[4][5], full[0][7]]], ids=np.array([full[3][0], full[0][7]]))
     save("auto_compact", ids=full[1][:3])  # 3 of 5 deleted: that list is compacted
     save("delete_large", ids=unused[:200])  # most lists pass half deleted
-    return Stores(start=start, inputs=inputs)
+    return Stores(start=start, models=models, inputs=inputs)
 
 
 @pytest.fixture
@@ -175,17 +220,20 @@ def scratch(tmp_path: Path) -> Iterator[Path]:
 
 
 def explore_case(name: str, case: Case, stores: Stores, tmp_path: Path, scratch: Path, *,
-                 exhaustive: bool, mutant: str | None = None) -> Exploration:
+                 exhaustive: bool, mutant: str | None = None,
+                 random_states: int = RANDOM_STATES) -> Exploration:
     """Record ``case`` on a fresh copy of its starting store, then check its crash states:
-    all of them, or both extremes of every crash point and RANDOM_STATES random ones."""
+    all of them, or both extremes of every crash point and ``random_states`` random ones."""
     root, work = tmp_path / "root", tmp_path / "work"
     root.mkdir()
     work.mkdir()
-    if case.start is not None:
-        shutil.copytree(stores.start[case.start], root / case.store)
+    start = None if case.start is None else start_name(case.start, case.vectors)
+    if start is not None:
+        shutil.copytree(stores.start[start], root / case.store)
     spec = {"kind": case.call, "store": str(root / case.store),
             "inputs": str(stores.inputs[case.inputs]) if case.inputs else None,
-            "params": {"nlist": NLIST, "m": 4, "nbits": 6, "seed": 7, "niter": 5},
+            "params": {"nlist": NLIST, "m": 4, "nbits": 6, "seed": 7, "niter": 5,
+                       "store_vectors": case.vectors},
             "ratio": 0.0, "dest": str(root / (case.dest or "dest")), "mutant": mutant}
     rec, seconds = record(root, spec, work)
     states = CrashStates(rec)
@@ -193,14 +241,51 @@ def explore_case(name: str, case: Case, stores: Stores, tmp_path: Path, scratch:
     with Checker(scratch) as checker:
         expect = expectations(states, checker, names, scratch,
                               copies=frozenset({case.dest or ""}))
-        seed = sorted(CASES | LARGE).index(name)
+        if case.vectors is not None:
+            check_vector_models(case, stores, start, expect)
+        base_name = name.split("+")[0]
+        seed = sorted(CASES | LARGE).index(base_name) + (100 if case.vectors else 0)
         generated = (states.all() if exhaustive
-                     else states.sample(np.random.default_rng(seed), RANDOM_STATES))
+                     else states.sample(np.random.default_rng(seed), random_states))
         result = explore(name, rec, generated, expect, checker, scratch,
                          max_failures=1 if mutant else 5)
     result.trace_seconds = seconds
     print(result.line())
     return result
+
+
+def model_digest(model: dict[int, np.ndarray], store_vectors: str) -> str:
+    """The :func:`~crash_states.vectors_digest` a store keeping ``store_vectors`` that holds
+    ``model`` (id -> vector as written) must show."""
+    ids = sorted(model)
+    if not ids:
+        return vectors_digest(ids, np.empty((0, 0), np.float32))
+    x = np.stack([model[i] for i in ids]).astype(np.float32)
+    return vectors_digest(ids, x.astype(store_vectors).astype(np.float32))
+
+
+def check_vector_models(case: Case, stores: Stores, start: str | None,
+                        expect: dict[str, Any]) -> None:
+    """The stored vectors before and after the operation are those the model says were last
+    written for each live id: the starting store's, then with the operation's inputs
+    applied (a copy holds the source's); states are then matched against these two."""
+    assert case.vectors is not None
+    before = dict(stores.models[start]) if start is not None else {}
+    after = dict(before)
+    if case.call in ("add", "upsert", "delete"):
+        assert case.inputs is not None
+        with np.load(stores.inputs[case.inputs]) as npz:
+            apply_to_model(after, (case.call, npz["ids"], npz.get("vectors")))
+    models = {case.store: (before, after)}
+    if case.dest is not None:
+        models[case.dest] = ({}, before)
+    for name, (was, now) in models.items():
+        for label, model in (("before", was), ("after", now)):
+            got = getattr(expect[name], label)
+            if got["present"]:
+                assert got["vectors"] == model_digest(model, case.vectors), (
+                    f"{name} {label}: the stored vectors are not the model's ({got['n']} live, "
+                    f"model {len(model)})")
 
 
 def check_exploration(case: Case, result: Exploration) -> None:
@@ -214,19 +299,40 @@ def test_sampled_crash_states_recover(strace, stores, tmp_path, scratch, name):
                                                 exhaustive=False))
 
 
+@pytest.mark.parametrize("name", list(VECTOR_CASES))
+def test_sampled_crash_states_keep_stored_vectors(strace, stores, tmp_path, scratch, name):
+    check_exploration(VECTOR_CASES[name], explore_case(name, VECTOR_CASES[name], stores,
+                                                       tmp_path, scratch, exhaustive=False))
+
+
+ALL_CASES = CASES | LARGE | VECTOR_CASES | VECTOR_CASES_SLOW
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CASES | LARGE))
+@pytest.mark.parametrize("name", list(ALL_CASES))
 def test_every_crash_state_recovers(strace, stores, tmp_path, scratch, name):
-    case = (CASES | LARGE)[name]
+    case = ALL_CASES[name]
     check_exploration(case, explore_case(name, case, stores, tmp_path, scratch,
                                          exhaustive=True))
 
 
-@pytest.mark.parametrize("mutant", ["segment-sync", "dir-sync"])
-def test_the_checker_finds_a_missing_sync(strace, stores, tmp_path, scratch, mutant):
-    """Without the segments' fdatasync before the commit, or without the fsync of
-    ``segments/`` after a new file, some crash state loses committed records."""
-    result = explore_case("add", CASES["add"], stores, tmp_path, scratch, exhaustive=False,
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(VECTOR_LARGE))
+def test_many_crash_states_of_large_writes_keep_stored_vectors(strace, stores, tmp_path,
+                                                               scratch, name):
+    case = VECTOR_LARGE[name]
+    check_exploration(case, explore_case(name, case, stores, tmp_path, scratch,
+                                         exhaustive=False, random_states=LARGE_RANDOM_STATES))
+
+
+@pytest.mark.parametrize(("mutant", "name"), [("segment-sync", "add"), ("dir-sync", "add"),
+                                              ("vector-sync", "add+float16")])
+def test_the_checker_finds_a_missing_sync(strace, stores, tmp_path, scratch, mutant, name):
+    """Without the fdatasync of the segments before the commit, or of the vector files
+    alone, or without the fsync of ``segments/`` after a new file, some crash state loses
+    committed records or their vectors."""
+    case = (CASES | VECTOR_CASES_SLOW)[name]
+    result = explore_case(name, case, stores, tmp_path, scratch, exhaustive=False,
                           mutant=mutant)
     assert result.failures
     print(result.failures[0])

@@ -1,6 +1,7 @@
-"""tools/damage_sweep.py, run as a script: random damage to every kind of file of a small
-store never crashes the process, never escapes as an untyped exception, never makes verify()
-raise and never yields a wrong answer, silent or caught by verify() only afterwards."""
+"""tools/damage_sweep.py, run as a script: random damage to every kind of file of small stores,
+with and without stored vectors (their vector files included), never crashes the process, never
+escapes as an untyped exception, never makes verify() raise and never yields a wrong answer
+(a search, a refined search or get_vectors), silent or caught by verify() only afterwards."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-KINDS = ("header", "segment-prelude", "segment-records", "catalog-data", "catalog-lock")
+KINDS = ("header", "segment-prelude", "segment-records", "vector-prelude", "vector-rows",
+         "catalog-data", "catalog-lock")
 NEVER = ("crash", "raised-untyped", "verify-raised", "wrong-silent", "wrong-verify-caught")
 
 
@@ -25,12 +27,18 @@ def _sweep(tmp_path: Path, events: int, timeout: float) -> None:
          "--kinds", ",".join(KINDS), "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads(out.read_text())["summary"]
+    doc = json.loads(out.read_text())
+    summary = doc["summary"]
     assert sorted(summary) == sorted(KINDS)
     for kind in KINDS:
         total = summary[kind]["total"]
         assert sum(total.values()) == events, (kind, total)
         assert {c: total[c] for c in NEVER} == dict.fromkeys(NEVER, 0), (kind, proc.stdout)
+    # every child that opened a store with stored vectors read them back (get_vectors)
+    opened = [c for e in doc["events"] if e["variant"].endswith(("f16", "f32"))
+              for c in e["children"].values() if "died" not in c and not c["open"]]
+    assert opened
+    assert all(any(r["read"] == "get_vectors" for r in c["searches"]) for c in opened)
 
 
 def test_damaged_files_are_detected_or_harmless(tmp_path: Path) -> None:
@@ -39,5 +47,6 @@ def test_damaged_files_are_detected_or_harmless(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_damaged_files_are_detected_or_harmless_200_events_per_kind(tmp_path: Path) -> None:
-    """The target of docs/operations.md, "Damage, measured": 200 events per file kind."""
-    _sweep(tmp_path, events=200, timeout=3600)
+    """The target of docs/operations.md, "Damage, measured": 200 events per file kind (the
+    vector kinds on the two variants with stored vectors, the others on all four)."""
+    _sweep(tmp_path, events=200, timeout=7200)

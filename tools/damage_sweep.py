@@ -6,13 +6,17 @@ Usage::
     python tools/damage_sweep.py --events 200 --jobs 2 --out sweep.json
     python tools/damage_sweep.py --events 6 --kinds header,segment-prelude --seed 3
 
-Two small reference stores are built once (dim 16, nlist 8, m 4, nbits 6 and nbits 4, 2,000
-vectors, 10 % of them deleted so that tombstones exist; seeded by ``--seed``). For each file
-kind
+Four small reference stores are built once (dim 16, nlist 8, m 4, 2,000 vectors, 10 % of them
+deleted so that tombstones exist; seeded by ``--seed``), the variants: ``nbits6`` and
+``nbits4`` keep PQ codes only, ``nbits6-f16`` also keeps the vectors as float16 and
+``nbits4-f32`` as float32 (docs/format.md §5.5). For each file kind
 
     header            ``header.ivfh``, the whole file
     segment-prelude   the first 64 bytes of one ``segments/*.seg`` (docs/format.md §5.1)
     segment-records   that file's bytes after the prelude, up to its committed size
+    vector-prelude    the first 64 bytes of one ``segments/*.vec`` (§5.5; the variants with
+                      stored vectors only)
+    vector-rows       that file's bytes after the prelude, up to its committed size
     catalog-data      ``catalog/data.mdb``, the whole file
     catalog-lock      ``catalog/lock.mdb``, the whole file
 
@@ -21,27 +25,30 @@ a random offset of the region), ``truncate`` (the file cut to a random length in
 region), ``zero-page`` and ``random-page`` (a 4 KiB page, aligned in the file, of which the
 part inside the region is zeroed or overwritten with random bytes; a segment of the
 reference stores is smaller than a page, so a page event covers its whole region). The
-variants take turns too, and a segment event picks one of the variant's segments. Event ``i``
-of a kind depends on ``(--seed, kind, i)`` only: the same seed gives the same events whatever
-``--kinds`` and ``--jobs`` are.
+variants a kind applies to take turns too, shifted by one every round of event types so that
+every pairing of event type and variant comes up, and a segment or vector file event picks
+one of the variant's files. Event ``i`` of a kind depends on ``(--seed, kind, i)`` only: the
+same seed gives the same events whatever ``--kinds`` and ``--jobs`` are.
 
 Each event runs twice, each time in a child process (this script with ``--child``) on a fresh
 copy of the reference store with the damage applied: once with the C kernel, once with
 ``IVFPQ_STORE_KERNEL=0`` (numpy). The child opens the store readonly, runs ``verify()``, runs
-a fixed list of searches and compares their results with those of the undamaged store
-(computed once per variant and scan path by the same child code). A child that dies of a
-signal or outlives ``--timeout`` is observed, not fatal. Each event is classified, the first
-class that applies winning:
+a fixed list of reads and compares their results with those of the undamaged store: searches
+(computed once per variant and scan path by the same child code) and, in a store with stored
+vectors, refined searches (likewise) and ``get_vectors`` of every live id (compared with the
+vectors added, rounded to the stored type). A child that dies of a signal or outlives
+``--timeout`` is observed, not fatal. Each event is classified, the first class that applies
+winning:
 
     crash                a child died of a signal (or exited without a result) or timed out
-    raised-untyped       open or a search raised an exception that is not an IvfpqError
+    raised-untyped       open or a read raised an exception that is not an IvfpqError
     verify-raised        verify() raised (it must report damage, never raise on it)
-    wrong-silent         a search returned results that differ from the reference, and
+    wrong-silent         a read returned results that differ from the reference, and
                          verify() said ok: a silent wrong answer
-    wrong-verify-caught  a search returned differing results, but verify() reported a problem
-    detected             open or a search raised an IvfpqError, or verify() reported a
-                         problem, and no search returned wrong results
-    harmless             every search matched the reference and verify() said ok
+    wrong-verify-caught  a read returned differing results, but verify() reported a problem
+    detected             open or a read raised an IvfpqError, or verify() reported a
+                         problem, and no read returned wrong results
+    harmless             every read matched the reference and verify() said ok
 
 A child that dies inside verify() never reaches the searches, so that scan path runs once
 more with verify() skipped, to tell a crash of verify() alone from one a search meets too.
@@ -83,18 +90,23 @@ import numpy as np  # noqa: E402
 
 import ivfpq_store  # noqa: E402
 
-KINDS = ("header", "segment-prelude", "segment-records", "catalog-data", "catalog-lock")
+KINDS = ("header", "segment-prelude", "segment-records", "vector-prelude", "vector-rows",
+         "catalog-data", "catalog-lock")
 EVENT_TYPES = ("bit-flip", "truncate", "zero-page", "random-page")
 CLASSES = ("crash", "raised-untyped", "verify-raised", "wrong-silent", "wrong-verify-caught",
            "detected", "harmless")
-VARIANTS = {"nbits6": 6, "nbits4": 4}  # name -> nbits
+#: name -> (nbits, store_vectors)
+VARIANTS = {"nbits6": (6, None), "nbits4": (4, None), "nbits6-f16": (6, "float16"),
+            "nbits4-f32": (4, "float32")}
 PATHS = {"kernel": "1", "numpy": "0"}  # scan path -> IVFPQ_STORE_KERNEL
 PAGE = 4096
 PRELUDE_SIZE = 64  # docs/format.md §5.1
 DIM, NLIST, M, NVECTORS, NDELETED, NQUERIES = 16, 8, 4, 2000, 200, 32
-# The searches a child runs: (first query, last query + 1 or None for one query, k, nprobe).
-# nprobe = NLIST reads every list, so damage in any list's records is met by some search.
-SEARCHES = ((0, NQUERIES, 10, NLIST), (0, NQUERIES, 5, 3), (7, None, 10, NLIST))
+# The searches a child runs: (first query, last query + 1 or None for one query, k, nprobe,
+# refine). nprobe = NLIST reads every list, so damage in any list's records is met by some
+# search. Refined searches (refine > 0) run on the variants with stored vectors only.
+SEARCHES = ((0, NQUERIES, 10, NLIST, 0), (0, NQUERIES, 5, 3, 0), (7, None, 10, NLIST, 0),
+            (0, NQUERIES, 10, NLIST, 4), (7, None, 5, 2, 3))
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,34 +122,51 @@ def _stage(name: str) -> None:
     print(f"stage {name}", flush=True)
 
 
-def _run_searches(store: ivfpq_store.Store, queries: np.ndarray,
-                  ref: dict[str, np.ndarray] | None) -> tuple[list[dict[str, Any]],
-                                                            dict[str, np.ndarray]]:
+def _run_searches(store: ivfpq_store.Store, ref: dict[str, np.ndarray],
+                  compare: bool) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """The searches of ``ref["queries"]``, compared with the reference results in ``ref`` when
+    ``compare``, and on a store with stored vectors get_vectors of ``ref["live_ids"]``,
+    compared with ``ref["truth"]``; what each read found, and the search results by name."""
+    queries = ref["queries"]
     found: list[dict[str, Any]] = []
     arrays: dict[str, np.ndarray] = {}
-    for i, (first, last, k, nprobe) in enumerate(SEARCHES):
+    vectors = store.store_vectors is not None
+    for i, (first, last, k, nprobe, refine) in enumerate(SEARCHES):
+        if refine and not vectors:
+            continue
         _stage(f"search {i}")
         batch = queries[first] if last is None else queries[first:last]
         try:
-            result = store.search(batch, k=k, nprobe=nprobe)
+            result = store.search(batch, k=k, nprobe=nprobe, refine=refine)
         except Exception as err:
-            found.append({"raised": _describe(err)})
+            found.append({"read": f"search {i}", "raised": _describe(err)})
             continue
         arrays[f"ids{i}"], arrays[f"dist{i}"] = result.ids, result.distances
-        if ref is not None:
+        if compare:
             same = (np.array_equal(result.ids, ref[f"ids{i}"])
                     and np.array_equal(result.distances, ref[f"dist{i}"]))
-            found.append({"same": bool(same)})
+            found.append({"read": f"search {i}", "same": bool(same)})
+    if vectors:  # the truth: the vectors added, rounded as stored
+        _stage("get_vectors")
+        try:
+            got = store.get_vectors(ref["live_ids"])
+        except Exception as err:
+            found.append({"read": "get_vectors", "raised": _describe(err)})
+        else:
+            found.append({"read": "get_vectors", "same": bool(np.array_equal(got,
+                                                                              ref["truth"]))})
     return found, arrays
 
 
 def child_main(store_path: str, reference: str, write_reference: bool,
                skip_verify: bool = False) -> None:
-    """Open ``store_path`` readonly, verify it, search it; print one ``result`` JSON line.
+    """Open ``store_path`` readonly, verify it, read it (:func:`_run_searches`); print one
+    ``result`` JSON line.
 
     With ``write_reference`` the store is undamaged: the search results are saved into
-    ``reference`` (beside the queries already there) instead of compared with it. With
-    ``skip_verify`` the searches run without verify() first.
+    ``reference`` (beside the queries already there) instead of compared with it, and its
+    stored vectors must be the truth. With ``skip_verify`` the reads run without verify()
+    first.
     """
     faulthandler.enable()  # a fatal signal prints the Python stack to stderr, then kills us
     with np.load(reference) as npz:
@@ -161,10 +190,11 @@ def child_main(store_path: str, reference: str, write_reference: bool,
                         f"{p.kind}: {p.message}"[:200] for p in report.problems[:3]]}
             except Exception as err:
                 out["verify_raised"] = _describe(err)
-            out["searches"], arrays = _run_searches(store, ref["queries"],
-                                                    None if write_reference else ref)
+            out["searches"], arrays = _run_searches(store, ref, not write_reference)
         if write_reference:
-            if len(arrays) != 2 * len(SEARCHES) or not (out["verify"] or {}).get("ok"):
+            want = sum(2 for s in SEARCHES if store.store_vectors or not s[4])
+            sound = all(s.get("same") for s in out["searches"])  # only get_vectors compares
+            if len(arrays) != want or not sound or not (out["verify"] or {}).get("ok"):
                 raise SystemExit(f"the reference store is not sound: {out}")
             np.savez(reference, **{**ref, **arrays})
     _stage("done")
@@ -180,11 +210,14 @@ class Reference:
     name: str
     path: str
     segments: dict[str, int]  # file name under segments/ -> committed bytes
+    vector_files: dict[str, int]  # the same for the vector files (none without vectors)
     info: dict[str, Any]
 
 
-def build_reference(root: Path, name: str, nbits: int, seed: int) -> Reference:
-    """A small clustered store with some deletes, and its queries in ``<name>.npz``."""
+def build_reference(root: Path, name: str, nbits: int, store_vectors: str | None,
+                    seed: int) -> Reference:
+    """A small clustered store with some deletes, and in ``<name>.npz`` its queries and, with
+    stored vectors, its live ids and their vectors as added, rounded to the stored type."""
     rng = np.random.default_rng([seed, nbits])
     centers = rng.normal(scale=4.0, size=(NLIST, DIM))
     data = (centers[rng.integers(NLIST, size=NVECTORS)]
@@ -194,17 +227,30 @@ def build_reference(root: Path, name: str, nbits: int, seed: int) -> Reference:
     path = root / f"{name}.ivfpq"
     with warnings.catch_warnings():  # 2,000 points are few for 64 centroids, and warned about
         warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
-        store = ivfpq_store.create(path, data, nlist=NLIST, m=M, nbits=nbits, seed=seed)
+        store = ivfpq_store.create(path, data, nlist=NLIST, m=M, nbits=nbits, seed=seed,
+                                   store_vectors=store_vectors)
     with store:
         store.add(data[: NVECTORS // 2])
         store.add(data[NVECTORS // 2:])
-        store.delete(rng.choice(NVECTORS, size=NDELETED, replace=False))
-        segments = {i.file: i.segment_bytes for i in store.lists() if i.file and i.live}
+        deleted = rng.choice(NVECTORS, size=NDELETED, replace=False)
+        store.delete(deleted)
+        lists = [i for i in store.lists() if i.file and i.live]
+        segments = {i.file: i.segment_bytes for i in lists if i.file}
         info = store.info().to_dict()
+    arrays: dict[str, Any] = {"queries": queries}
+    vector_files: dict[str, int] = {}
+    if store_vectors is not None:
+        row = DIM * np.dtype(store_vectors).itemsize + 4  # docs/format.md §5.5
+        vector_files = {i.file[:-4] + ".vec": PRELUDE_SIZE + (i.live + i.deleted) * row
+                        for i in lists if i.file}
+        live = np.setdiff1d(np.arange(NVECTORS), deleted)
+        arrays |= {"live_ids": live,
+                   "truth": data[live].astype(store_vectors).astype(np.float32)}
     if info["ndeleted"] == 0 or not segments:
         raise SystemExit(f"reference store {name} has no tombstones or no segments: {info}")
-    np.savez(root / f"{name}.npz", queries=queries)
-    return Reference(name, str(path), dict(sorted(segments.items())), info)
+    np.savez(root / f"{name}.npz", **arrays)
+    return Reference(name, str(path), dict(sorted(segments.items())),
+                     dict(sorted(vector_files.items())), info)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,13 +276,14 @@ class Event:
 
 def _region(ref: Reference, kind: str, rng: np.random.Generator) -> tuple[str, int, int]:
     """The file and byte range ``[start, end)`` of the store that ``kind`` damages."""
-    if kind.startswith("segment-"):
-        names = list(ref.segments)
+    if kind.startswith(("segment-", "vector-")):
+        files = ref.segments if kind.startswith("segment-") else ref.vector_files
+        names = list(files)
         name = names[int(rng.integers(len(names)))]
         rel = f"segments/{name}"
-        if kind == "segment-prelude":
+        if kind.endswith("-prelude"):
             return rel, 0, PRELUDE_SIZE
-        return rel, PRELUDE_SIZE, ref.segments[name]
+        return rel, PRELUDE_SIZE, files[name]
     rel = {"header": "header.ivfh", "catalog-data": "catalog/data.mdb",
            "catalog-lock": "catalog/lock.mdb"}[kind]
     return rel, 0, (Path(ref.path) / rel).stat().st_size
@@ -246,7 +293,9 @@ def make_event(kind: str, index: int, seed: int, refs: dict[str, Reference]) -> 
     """Event ``index`` of ``kind``: a function of ``(seed, kind, index)`` and the references."""
     rng = np.random.default_rng([seed, KINDS.index(kind), index])
     etype = EVENT_TYPES[index % len(EVENT_TYPES)]
-    variant = list(VARIANTS)[(index // len(EVENT_TYPES)) % len(VARIANTS)]
+    variants = [v for v, (_, vectors) in VARIANTS.items()
+                if vectors is not None or not kind.startswith("vector-")]
+    variant = variants[(index + index // len(EVENT_TYPES)) % len(variants)]
     rel, start, end = _region(refs[variant], kind, rng)
     bit = fill_seed = 0
     if etype == "bit-flip":
@@ -325,7 +374,7 @@ def classify(children: dict[str, dict[str, Any]]) -> str:
     if any("died" in c for c in found):
         return "crash"
     raised = [c["open"] for c in found if c["open"]]
-    raised += [s["raised"] for c in found for s in c["searches"] if "raised" in s]
+    raised += [s["raised"] for c in found for s in c["searches"] if "raised" in s]  # any read
     if any(not r["typed"] for r in raised):
         return "raised-untyped"
     if any(c["verify_raised"] for c in found):
@@ -372,24 +421,30 @@ def _outcome(found: dict[str, Any]) -> str:
         return f"open raised {found['open']['type']}"
     raised = {s["raised"]["type"] for s in found["searches"] if "raised" in s}
     if raised:
-        return f"search raised {', '.join(sorted(raised))}"
+        return f"a read raised {', '.join(sorted(raised))}"
     return "wrong results" if any(not s["same"] for s in found["searches"]) else "same results"
 
 
-def make_references(work: Path, seed: int, timeout: float) -> dict[str, Reference]:
-    refs = {name: build_reference(work, name, nbits, seed) for name, nbits in VARIANTS.items()}
-    for name in refs:
-        for scan_path in PATHS:
-            npz = work / f"{name}-{scan_path}.npz"
-            shutil.copy(work / f"{name}.npz", npz)
-            found = run_child(Path(refs[name].path), npz, scan_path, timeout * 3,
-                              write_reference=True)
-            if "died" in found:
-                raise SystemExit(f"reference child {name}/{scan_path} failed: {found}")
-            want = "C kernel" if scan_path == "kernel" else "numpy"
-            if not found["backend"].startswith(want):
-                raise SystemExit(f"{name}/{scan_path}: the child searched with "
-                                 f"{found['backend']!r}, not {want}")
+def make_references(work: Path, seed: int, timeout: float, jobs: int) -> dict[str, Reference]:
+    """Build the reference stores and run the reference children, ``jobs`` at a time (they
+    open the undamaged stores readonly)."""
+    refs = {name: build_reference(work, name, nbits, vectors, seed)
+            for name, (nbits, vectors) in VARIANTS.items()}
+
+    def reference(name: str, scan_path: str) -> None:
+        npz = work / f"{name}-{scan_path}.npz"
+        shutil.copy(work / f"{name}.npz", npz)
+        found = run_child(Path(refs[name].path), npz, scan_path, timeout * 3,
+                          write_reference=True)
+        if "died" in found:
+            raise SystemExit(f"reference child {name}/{scan_path} failed: {found}")
+        want = "C kernel" if scan_path == "kernel" else "numpy"
+        if not found["backend"].startswith(want):
+            raise SystemExit(f"{name}/{scan_path}: the child searched with "
+                             f"{found['backend']!r}, not {want}")
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(lambda job: reference(*job), [(n, p) for n in refs for p in PATHS]))
     return refs
 
 
@@ -458,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="damage-sweep-") as tmp:
         work = Path(tmp)
-        refs = make_references(work, args.seed, args.timeout)
+        refs = make_references(work, args.seed, args.timeout, args.jobs)
         events = list(_events(kinds, args.events, args.seed, refs))
         with ThreadPoolExecutor(args.jobs) as pool:
             results = list(pool.map(lambda e: run_event(e, refs, work, args.timeout), events))
