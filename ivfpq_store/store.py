@@ -236,7 +236,7 @@ class Store:
             located = self._locate_admitted(catalog, snap, flt, params, len(q), fetch)
             if located is not None:
                 return self._searcher.search_direct(q, params, located, refiner)
-            seen = FilteredLists(flt, snap.lists, snap.deleted, fetch)
+            seen = FilteredLists(flt, snap.lists, snap.deleted, fetch, self._searcher.config)
             return self._searcher.search(
                 q, params, seen.lists, seen.skipped, seen.fetch,
                 None if refiner is None else refiner._replace(rows=seen.rows))
@@ -395,7 +395,7 @@ class Store:
         def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> RangeResult:
             if flt is None:
                 return self._searcher.range_search(q, params, snap.lists, snap.deleted, fetch)
-            seen = FilteredLists(flt, snap.lists, snap.deleted, fetch)
+            seen = FilteredLists(flt, snap.lists, snap.deleted, fetch, self._searcher.config)
             return self._searcher.range_search(q, params, seen.lists, seen.skipped, seen.fetch)
 
         return self._on_snapshot(catalog, run)

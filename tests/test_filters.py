@@ -26,6 +26,7 @@ ROWS_RULE = {"direct_per_candidate": 1.0, "direct_per_pair": 0.0, "scan_per_row_
              "scan_per_row": 0.0}
 #: A cost model under which every bounded filter runs the direct plan.
 ALWAYS_DIRECT = {"direct_per_candidate": 0.0, "direct_per_pair": 0.0}
+NEVER_DIRECT = {"direct_per_candidate": 1e30}
 
 UNIVERSE = np.arange(-3, 60, dtype=np.int64)
 
@@ -286,3 +287,18 @@ def test_filtered_range_search_is_the_unfiltered_one_restricted(churned, small_d
         np.testing.assert_allclose(got_d, [want[i] for i in got_ids.tolist()], rtol=1e-6)
         sign = 1 if store.params.metric.label == "l2" else -1
         assert (np.diff(sign * got_d) >= 0).all()  # best first
+
+
+@pytest.mark.parametrize("knobs", [{"filter_copy_budget": 0}, {"filter_copy_ratio": 0.0},
+                                   {"filter_copy_ratio": 1.0}])
+def test_copied_and_skipped_lists_give_the_same_results(churned, small_data, knobs):
+    """A filtered scan reads a list's admitted rows as a compact copy or skips the others in
+    place; which one (by the ratio, or the copies' budget) changes no result."""
+    store = churned
+    queries = small_data["queries"][:10]
+    flt = FILTERS["allow-half"]()
+    want = store.search(queries, k=10, nprobe=3, filter=flt)
+    with testing.search_config(store, **NEVER_DIRECT, **knobs):
+        got = store.search(queries, k=10, nprobe=3, filter=flt)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_allclose(got.distances, want.distances, rtol=1e-6)

@@ -39,19 +39,22 @@ class FilteredLists:
     """What a scan under a filter reads of each list, worked out on the list's first use (one
     per search call): the live rows ``flt`` admits.
 
-    A list whose admitted live rows are at most ``compact_ratio`` of its records is handed to
-    the scan as a compact copy of those records (:attr:`lists` gives it their count, and
-    :attr:`fetch` the copy), so the scan reads only them: at 1% admitted, a hundredth of the
-    rows. Any other list is handed over as it is, its rejected rows skipped like tombstones
-    (:attr:`skipped`): copying most of a list would cost more than skipping a few rows.
+    A list whose admitted live rows are at most ``config.filter_copy_ratio`` of its records is
+    handed to the scan as a compact copy of those records (:attr:`lists` gives it their count,
+    and :attr:`fetch` the copy), so the scan reads only them: at 1% admitted, a hundredth of
+    the rows. Any other list, and every list once the copies of a call hold
+    ``config.filter_copy_budget`` bytes, is handed over as it is, its rejected rows skipped
+    like tombstones (:attr:`skipped`): copying most of a list costs more than skipping a few
+    of its rows, and the copies' memory stays bounded.
     :meth:`rows` maps a row of what the scan read back to the row of the list.
     """
 
     def __init__(self, flt: Filter, lists: Mapping[int, ListRecord],
                  deleted: Mapping[int, np.ndarray], fetch: RecordFetcher,
-                 compact_ratio: float = 0.5) -> None:
+                 config: SearchConfig) -> None:
         self._filter, self._lists, self._deleted = flt, lists, deleted
-        self._fetch, self._ratio = fetch, compact_ratio
+        self._fetch, self._ratio = fetch, config.filter_copy_ratio
+        self._room = config.filter_copy_budget  # bytes the copies may still take
         # list_no -> (record the scan sees, compact copy or None, rows skipped, row map)
         self._seen: dict[int, tuple[ListRecord | None, np.ndarray | None,
                                     np.ndarray | None, I64Array | None]] = {}
@@ -77,9 +80,11 @@ class FilteredLists:
         if dead is not None:
             admitted[dead] = False
         keep = np.flatnonzero(admitted)
-        if len(keep) <= self._ratio * record.count:
-            if not len(keep):
-                return None, None, None, None
+        if not len(keep):
+            return None, None, None, None
+        size = len(keep) * records.dtype.itemsize
+        if len(keep) <= self._ratio * record.count and size <= self._room:
+            self._room -= size
             return (replace(record, count=len(keep), deleted=0), records[keep], None, keep)
         rejected = np.flatnonzero(~admitted)
         return record, None, (rejected if len(rejected) else None), None
