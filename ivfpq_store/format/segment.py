@@ -100,6 +100,39 @@ def encode_segment_prelude(prelude: SegmentPrelude) -> bytes:
     return head + struct.pack("<I", crc32(head))
 
 
+def check_prelude_head(buf: bytes | memoryview, magic: bytes, version: tuple[int, int],
+                       kind: str, source: str) -> memoryview:
+    """The checks every 64-byte prelude of a file of rows shares (§5.4 checks 3-6, §5.5):
+    its length, ``magic``, the major of ``version`` (before the CRC, as another major may
+    lay the prelude out differently) and the CRC-32 in its last 4 bytes. ``kind`` names the
+    file in messages. Returns ``buf`` as bytes.
+
+    Raises
+    ------
+    TruncatedFileError, BadMagicError, UnsupportedVersionError, ChecksumError
+    """
+    buf = memoryview(buf).cast("B")
+    size = SEGMENT_PRELUDE_SIZE
+    if len(buf) < size:
+        raise TruncatedFileError(
+            f"{source}: {kind} is {len(buf)} bytes — expected at least {size}",
+            path=source, offset=0, expected=size, actual=len(buf))
+    got = bytes(buf[:8])
+    if got != magic:
+        raise BadMagicError(
+            f"{source}: not an ivfpq {kind} — expected magic {magic!r}, got {got!r}",
+            path=source, offset=0, expected=magic, actual=got)
+    major, minor = struct.unpack_from("<HH", buf, 8)
+    if major != version[0]:
+        raise UnsupportedVersionError(
+            f"{source}: {kind} format version {major}.{minor} is not readable by this reader "
+            f"({version[0]}.x); upgrade ivfpq-store",
+            path=source, offset=8, expected=version, actual=(major, minor))
+    (stored,) = struct.unpack_from("<I", buf, size - 4)
+    check_crc(buf[: size - 4], stored, what=f"{kind} prelude", path=source, offset=0)
+    return buf
+
+
 def decode_segment_prelude(buf: bytes | memoryview, *, source: str = "<bytes>") -> SegmentPrelude:
     """Parse and validate a segment prelude (the first 64 bytes of a segment file).
 
@@ -108,25 +141,8 @@ def decode_segment_prelude(buf: bytes | memoryview, *, source: str = "<bytes>") 
     TruncatedFileError, BadMagicError, UnsupportedVersionError, ChecksumError, FormatError
         When ``buf`` violates docs/format.md §5.1.
     """
-    buf = memoryview(buf).cast("B")
-    if len(buf) < SEGMENT_PRELUDE_SIZE:
-        raise TruncatedFileError(
-            f"{source}: segment is {len(buf)} bytes — expected at least {SEGMENT_PRELUDE_SIZE}",
-            path=source, offset=0, expected=SEGMENT_PRELUDE_SIZE, actual=len(buf))
-    magic = bytes(buf[:8])
-    if magic != SEGMENT_MAGIC:
-        raise BadMagicError(
-            f"{source}: not an ivfpq segment — expected magic {SEGMENT_MAGIC!r}, got {magic!r}",
-            path=source, offset=0, expected=SEGMENT_MAGIC, actual=magic)
+    buf = check_prelude_head(buf, SEGMENT_MAGIC, SEGMENT_VERSION, "segment", source)
     major, minor = struct.unpack_from("<HH", buf, 8)
-    if major != SEGMENT_VERSION[0]:
-        raise UnsupportedVersionError(
-            f"{source}: segment format version {major}.{minor} is not readable by this reader "
-            f"({SEGMENT_VERSION[0]}.x); upgrade ivfpq-store",
-            path=source, offset=8, expected=SEGMENT_VERSION, actual=(major, minor))
-    (stored,) = struct.unpack_from("<I", buf, SEGMENT_PRELUDE_SIZE - 4)
-    check_crc(buf[: SEGMENT_PRELUDE_SIZE - 4], stored, what="segment prelude", path=source,
-              offset=0)
     _, _, _, list_no, generation, code_size, record_size, raw_uuid = _PRELUDE.unpack_from(buf)
     if code_size == 0:
         raise FormatError(f"{source}: code_size 0 — expected at least 1 byte per code",

@@ -19,14 +19,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..errors import (
-    BadMagicError,
-    CorruptStoreError,
-    FormatError,
-    TruncatedFileError,
-    UnsupportedVersionError,
-)
-from .checksum import check_crc, crc32
+from ..errors import CorruptStoreError, FormatError
+from .checksum import crc32
+from .segment import SEGMENT_PRELUDE_SIZE, check_prelude_head
 
 __all__ = [
     "VECTOR_DTYPES",
@@ -43,7 +38,7 @@ __all__ = [
 
 VECTOR_MAGIC = b"\x89IVFVC\r\n"
 VECTOR_VERSION = (1, 0)
-VECTOR_PRELUDE_SIZE = 64
+VECTOR_PRELUDE_SIZE = SEGMENT_PRELUDE_SIZE  # both kinds of row file: rows from byte 64 on
 #: The stored element types: name -> (code in the prelude and the header, numpy dtype).
 VECTOR_DTYPES: dict[str, tuple[int, str]] = {"float32": (1, "<f4"), "float16": (2, "<f2")}
 _BY_CODE = {code: name for name, (code, _) in VECTOR_DTYPES.items()}
@@ -130,26 +125,8 @@ def decode_vector_prelude(buf: bytes | memoryview, *, source: str = "<bytes>") -
     TruncatedFileError, BadMagicError, UnsupportedVersionError, ChecksumError, FormatError
         When ``buf`` violates docs/format.md §5.5.
     """
-    buf = memoryview(buf).cast("B")
-    if len(buf) < VECTOR_PRELUDE_SIZE:
-        raise TruncatedFileError(
-            f"{source}: vector file is {len(buf)} bytes — expected at least "
-            f"{VECTOR_PRELUDE_SIZE}", path=source, offset=0, expected=VECTOR_PRELUDE_SIZE,
-            actual=len(buf))
-    magic = bytes(buf[:8])
-    if magic != VECTOR_MAGIC:
-        raise BadMagicError(
-            f"{source}: not an ivfpq vector file — expected magic {VECTOR_MAGIC!r}, got "
-            f"{magic!r}", path=source, offset=0, expected=VECTOR_MAGIC, actual=magic)
-    major, minor = struct.unpack_from("<HH", buf, 8)
-    if major != VECTOR_VERSION[0]:
-        raise UnsupportedVersionError(
-            f"{source}: vector file format version {major}.{minor} is not readable by this "
-            f"reader ({VECTOR_VERSION[0]}.x); upgrade ivfpq-store",
-            path=source, offset=8, expected=VECTOR_VERSION, actual=(major, minor))
-    (stored,) = struct.unpack_from("<I", buf, VECTOR_PRELUDE_SIZE - 4)
-    check_crc(buf[: VECTOR_PRELUDE_SIZE - 4], stored, what="vector file prelude", path=source,
-              offset=0)
+    buf = check_prelude_head(buf, VECTOR_MAGIC, VECTOR_VERSION, "vector file", source)
+    _, minor = struct.unpack_from("<HH", buf, 8)
     (_, _, _, list_no, generation, code, _, dim, row_size,
      raw_uuid) = _PRELUDE.unpack_from(buf)
     if code not in _BY_CODE:
@@ -161,7 +138,7 @@ def decode_vector_prelude(buf: bytes | memoryview, *, source: str = "<bytes>") -
                           expected=">= 1", actual=dim)
     prelude = VectorPrelude(list_no=list_no, generation=generation, dtype=_BY_CODE[code],
                             dim=dim, store_uuid=uuid.UUID(bytes=bytes(raw_uuid)),
-                            version=(major, minor))
+                            version=(VECTOR_VERSION[0], minor))
     if row_size != prelude.row_size:
         raise FormatError(f"{source}: row_size {row_size} — expected dim x itemsize + 4 "
                           f"({prelude.row_size})", path=source, offset=28,
