@@ -7,16 +7,25 @@ once, with the list and code that ``assign`` gives its vector), an exhaustive se
 recomputed here from the store's centroids and codebooks, and a clean ``verify()``. Filtered
 searches are checked against the model's admitted ids.
 
-Training happens once per session: every example copies an empty trained store template.
+A store that keeps vectors (``store_vectors`` float32 or float16, :class:`VectorStoreMachine`)
+must also return each live id's latest vector from ``get_vectors`` (in request order; unknown
+and deleted ids raise, named exactly), and a refined search must equal a numpy reference: the
+PQ search's best ``refine * k`` candidates, re-ranked by exact float64 distance to the model's
+vectors (rounded as stored), best k, equal distances in PQ order.
+
+Training happens once per session and kind of store: every example copies an empty trained
+store template.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +37,12 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
+    precondition,
     rule,
 )
 
 import ivfpq_store
-from ivfpq_store import testing
+from ivfpq_store import _kernel, testing
 
 DIM = 16
 NLIST = 8
@@ -50,16 +60,17 @@ PADDING = 3
 RTOL, ATOL = 1e-4, 1e-3
 
 
-@functools.lru_cache(maxsize=1)
-def _template() -> Path:
-    """An empty trained store (dim 16, nlist 8, m 4, nbits 6), created once per session."""
+@functools.lru_cache(maxsize=3)
+def _template(store_vectors: str | None) -> Path:
+    """An empty trained store (dim 16, nlist 8, m 4, nbits 6) keeping ``store_vectors``,
+    created once per session (the same training, so the same quantizer, for every kind)."""
     root = Path(tempfile.mkdtemp(prefix="ivfpq-sm-template-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     path = root / "template.ivfpq"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
         store = ivfpq_store.create(path, synthetic(3000, DIM, seed=1), nlist=NLIST, m=M,
-                                   nbits=NBITS, seed=7)
+                                   nbits=NBITS, seed=7, store_vectors=store_vectors)
     store.close()
     return path
 
@@ -73,14 +84,102 @@ def _vectors(batch: list[tuple[int, float]]) -> np.ndarray:
     return np.stack([POOL[i] + np.float32(off) for i, off in batch]).astype(np.float32)
 
 
+@contextlib.contextmanager
+def _scan_impl(numpy_scan: bool) -> Iterator[None]:
+    """Search with the numpy scans inside the block when ``numpy_scan`` (else as built)."""
+    saved = _kernel.KERNEL
+    if numpy_scan:
+        _kernel.KERNEL = None
+    try:
+        yield
+    finally:
+        _kernel.KERNEL = saved
+
+
+def _check_refined(got_ids: np.ndarray, got_d: np.ndarray, candidates: np.ndarray,
+                   vectors: dict[int, np.ndarray], query: np.ndarray, k: int) -> None:
+    """One query's refined result against the numpy reference: ``candidates`` (the PQ
+    search's best refine * k ids, best first) re-ranked by exact float64 squared distance to
+    ``vectors`` (id -> the vector as stored), ties in candidate order, best k.
+
+    Distances must match the reference's; ids must be the reference's up to float ties at
+    the cut (every candidate clearly better than the k-th is in, none clearly worse is), and
+    candidates whose stored vectors are equal (equal costs) must keep their PQ order.
+    """
+    found = min(k, len(candidates))
+    assert (got_ids[found:] == -1).all(), (got_ids.tolist(), candidates.tolist())
+    assert np.isposinf(got_d[found:]).all(), got_d.tolist()
+    if not found:
+        return
+    exact = {i: float(((vectors[i].astype(np.float64) - query.astype(np.float64)) ** 2).sum())
+             for i in candidates.tolist()}
+    costs = np.array([exact[i] for i in candidates.tolist()])
+    ref = np.sort(costs, kind="stable")
+    got = got_ids[:found].tolist()
+    assert set(got) <= set(exact), (got, candidates.tolist())
+    assert len(set(got)) == found, got
+    np.testing.assert_allclose(got_d[:found], ref[:found], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(got_d[:found], [exact[i] for i in got], rtol=RTOL, atol=ATOL)
+    kth = ref[found - 1]
+    tol = ATOL + RTOL * abs(kth)
+    must = {i for i, c in exact.items() if c < kth - tol}
+    assert must <= set(got), (sorted(must - set(got)), got)
+    assert all(exact[i] <= kth + tol for i in got), (got, kth)
+    pq_rank = {i: r for r, i in enumerate(candidates.tolist())}
+    by_value: dict[bytes, list[int]] = {}
+    for i in got:
+        by_value.setdefault(vectors[i].tobytes(), []).append(pq_rank[i])
+    for ranks in by_value.values():
+        assert ranks == sorted(ranks), ("equal vectors out of PQ order", got,
+                                        candidates.tolist())
+
+
+def _draw_filter(data: st.DataObject, live: list[int]) -> ivfpq_store.Filter:
+    """An allow, deny, id-range or allow-and-not-range filter over small ids and the ``live``
+    ones (so that it often admits several live vectors)."""
+    id_st = st.integers(0, MAX_EXPLICIT_ID + 20)
+    if live:
+        id_st = st.one_of(id_st, st.sampled_from(live))
+    ids_st = st.lists(id_st, max_size=12)
+    kind = data.draw(st.sampled_from(["allow", "deny", "range", "allow-and-not"]),
+                     label="filter")
+    if kind == "allow":
+        return ivfpq_store.Filter.allow(data.draw(ids_st, label="allowed"))
+    if kind == "deny":
+        return ivfpq_store.Filter.deny(data.draw(ids_st, label="denied"))
+    if kind == "range":
+        lo = data.draw(st.integers(0, MAX_EXPLICIT_ID), label="lo")
+        return ivfpq_store.Filter.id_range(lo, lo + data.draw(st.integers(0, 30), label="w"))
+    return ivfpq_store.Filter.allow(data.draw(ids_st, label="allowed")) & \
+        ~ivfpq_store.Filter.id_range(0, data.draw(st.integers(0, 30), label="hi"))
+
+
+#: Search-config knobs that force a filtered search's plan: a free direct plan is chosen for
+#: every bounded filter (one that names its ids or an id range), a dear one never.
+PLANS: dict[str, dict[str, float]] = {
+    "scan": {"direct_per_candidate": 1e30},
+    "direct": {"direct_per_candidate": 0.0, "direct_per_pair": 0.0},
+}
+
+
+def _draw_plan(data: st.DataObject) -> dict[str, float]:
+    """Search-config knobs: the direct plan for every bounded filter, or the default cost
+    model (which on stores this small mostly runs the scan plan)."""
+    direct = data.draw(st.booleans(), label="direct plan when bounded")
+    return PLANS["direct"] if direct else {}
+
+
 class StoreMachine(RuleBasedStateMachine):
     """A store opened on a fresh copy of the template, and the dict it must agree with."""
+
+    #: The ``store_vectors`` of the stores this machine runs on, one drawn per example.
+    KINDS: tuple[str | None, ...] = (None,)
 
     def __init__(self) -> None:
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="ivfpq-sm-"))
         self.path = self.tmp / "s.ivfpq"
-        shutil.copytree(_template(), self.path)
+        self.kind: str | None = None
         self.store: ivfpq_store.Store | None = None
         self.ratio: float | None = None
         self.max_open = 256
@@ -98,8 +197,10 @@ class StoreMachine(RuleBasedStateMachine):
                                       max_open_segments=self.max_open)
 
     @initialize(ratio=st.sampled_from([None, 0.0, 0.3, 0.75]),
-                max_open=st.sampled_from([256, 2, 1]))
-    def open_store(self, ratio: float | None, max_open: int) -> None:
+                max_open=st.sampled_from([256, 2, 1]), data=st.data())
+    def open_store(self, ratio: float | None, max_open: int, data: st.DataObject) -> None:
+        self.kind = data.draw(st.sampled_from(self.KINDS), label="store_vectors")
+        shutil.copytree(_template(self.kind), self.path)
         self.ratio = ratio  # automatic compaction after deletes and upserts, or None
         self.max_open = max_open  # small values make searches evict and remap segments
         self._open()
@@ -250,25 +351,10 @@ class StoreMachine(RuleBasedStateMachine):
         exact best k of the model's admitted ids (nprobe = nlist, so every list is probed),
         and returns only admitted, live ids."""
         assert self.store is not None
-        ids_st = st.lists(st.integers(0, MAX_EXPLICIT_ID + 20), max_size=12)
-        kind = data.draw(st.sampled_from(["allow", "deny", "range", "allow-and-not"]),
-                         label="filter")
-        if kind == "allow":
-            flt = ivfpq_store.Filter.allow(data.draw(ids_st, label="allowed"))
-        elif kind == "deny":
-            flt = ivfpq_store.Filter.deny(data.draw(ids_st, label="denied"))
-        elif kind == "range":
-            lo = data.draw(st.integers(0, MAX_EXPLICIT_ID), label="lo")
-            flt = ivfpq_store.Filter.id_range(lo, lo + data.draw(st.integers(0, 30), label="w"))
-        else:
-            flt = ivfpq_store.Filter.allow(data.draw(ids_st, label="allowed")) & \
-                ~ivfpq_store.Filter.id_range(0, data.draw(st.integers(0, 30), label="hi"))
+        flt = _draw_filter(data, sorted(self.model))
         admitted = [i for i in sorted(self.model) if flt.matches(np.array([i]))[0]]
         k = data.draw(st.integers(1, len(admitted) + 2), label="k")
-        # A free cost model makes every bounded filter run the direct plan.
-        direct = data.draw(st.booleans(), label="direct plan when bounded")
-        knobs = {"direct_per_candidate": 0.0, "direct_per_pair": 0.0} if direct else {}
-        with testing.search_config(self.store, **knobs):
+        with testing.search_config(self.store, **_draw_plan(data)):
             result = self.store.search(QUERIES, k=k, nprobe=NLIST, filter=flt)
         adc = self._adc_distances()
         found = min(k, len(admitted))
@@ -373,7 +459,136 @@ class StoreMachine(RuleBasedStateMachine):
 
 
 TestStoreModel = StoreMachine.TestCase
-TestStoreModel.settings = settings(max_examples=50, stateful_step_count=20, deadline=None)
+TestStoreModel.settings = settings(max_examples=30, stateful_step_count=20, deadline=None)
+
+
+class VectorStoreMachine(StoreMachine):
+    """The same machine on stores that keep vectors (float32 or float16), with rules and
+    invariants for get_vectors and refined searches."""
+
+    KINDS = ("float32", "float16")
+
+    @precondition(lambda self: bool(self.model))  # the invariants cover an empty store
+    @rule(data=st.data())
+    def refined_search(self, data: st.DataObject) -> None:
+        """``refine=R`` is the numpy reference re-ranking of the PQ search's best R * k (the
+        same search with k = R * k), returns only live admitted ids, and never fewer than
+        min(k, the admitted live vectors of the probed lists): without a filter, and with one
+        on either plan; by the kernel or the numpy scans; for a batch or one query."""
+        assert self.store is not None
+        flt = _draw_filter(data, sorted(self.model))
+        k = data.draw(st.integers(1, len(self.model) + 2), label="k")
+        refine = data.draw(st.integers(1, 3), label="refine")
+        nprobe = data.draw(st.integers(1, NLIST), label="nprobe")
+        numpy_scan = data.draw(st.booleans(), label="numpy scans")
+        one = data.draw(st.one_of(st.none(), st.integers(0, len(QUERIES) - 1)), label="query")
+        queries = QUERIES if one is None else QUERIES[one:one + 1]
+        stored = self._stored_vectors()
+        ids, lists, _ = self._expected_placement()
+        where = dict(zip(ids.tolist(), lists.tolist(), strict=True))
+        probed = self._probed(queries, nprobe)
+        for f, knobs in ((None, {}), (flt, PLANS["scan"]), (flt, PLANS["direct"])):
+            with _scan_impl(numpy_scan), testing.search_config(self.store, **knobs):
+                pq = self.store.search(queries, k=refine * k, nprobe=nprobe, filter=f)
+                result = self.store.search(queries, k=k, nprobe=nprobe, refine=refine,
+                                           filter=f)
+            assert result.ids.shape == result.distances.shape == (len(queries), k)
+            admitted = [i for i in sorted(self.model)
+                        if f is None or f.matches(np.array([i]))[0]]
+            for q, lists_probed in enumerate(probed):
+                candidates = pq.ids[q][pq.ids[q] >= 0]
+                assert set(candidates.tolist()) <= set(admitted), candidates.tolist()
+                _check_refined(result.ids[q], result.distances[q], candidates, stored,
+                               queries[q], k)
+                if lists_probed is not None:  # no near tie at the probe's cut
+                    reachable = sum(where[i] in lists_probed for i in admitted)
+                    assert (result.ids[q] >= 0).sum() >= min(k, reachable), (
+                        result.ids[q].tolist(), reachable)
+
+    @rule(data=st.data())
+    def get_vectors(self, data: st.DataObject) -> None:
+        """Any ids in any order, repeats allowed: each one's latest vector in that order; or,
+        when some are not live (never added, deleted, negative), UnknownIdError naming
+        exactly those."""
+        assert self.store is not None
+        pool = st.integers(-2, MAX_EXPLICIT_ID + 10)
+        if self.model:
+            pool = st.one_of(pool, st.sampled_from(sorted(self.model)))
+        ids = data.draw(st.lists(pool, max_size=10), label="ids")
+        unknown = sorted({i for i in ids if i not in self.model})
+        if unknown:
+            with pytest.raises(ivfpq_store.UnknownIdError) as err:
+                self.store.get_vectors(ids)
+            np.testing.assert_array_equal(err.value.ids, unknown)
+            assert str(unknown[0]) in str(err.value)
+            return
+        got = self.store.get_vectors(np.array(ids, dtype=np.int64))
+        assert got.dtype == np.float32
+        assert got.shape == (len(ids), DIM)
+        stored = self._stored_vectors()
+        for row, i in zip(got, ids, strict=True):
+            np.testing.assert_array_equal(row, stored[i])
+
+    @invariant()
+    def stored_vectors_match_model(self) -> None:
+        """get_vectors of every live id, asked in descending order (not the store's sorted
+        order of reading), is each id's latest vector."""
+        assert self.store is not None
+        ids = sorted(self.model, reverse=True)
+        got = self.store.get_vectors(ids)
+        assert got.shape == (len(ids), DIM)
+        stored = self._stored_vectors()
+        for row, i in zip(got, ids, strict=True):
+            np.testing.assert_array_equal(row, stored[i], err_msg=f"id {i}")
+
+    @invariant()
+    def exhaustive_refine_is_brute_force(self) -> None:
+        """Every list probed and refine * k past the live count: the refined search is the
+        exact nearest-neighbour search over the model's vectors (as stored)."""
+        assert self.store is not None
+        n = len(self.model)
+        k = n + PADDING
+        result = self.store.search(QUERIES, k=k, nprobe=NLIST, refine=1)
+        stored = self._stored_vectors()
+        for q, query in enumerate(QUERIES.astype(np.float64)):
+            got_ids, got_d = result.ids[q], result.distances[q]
+            assert set(got_ids[:n].tolist()) == set(self.model), got_ids.tolist()
+            assert (got_ids[n:] == -1).all(), got_ids.tolist()
+            assert np.isposinf(got_d[n:]).all(), got_d.tolist()
+            assert (got_d[:-1] <= got_d[1:]).all(), got_d.tolist()
+            if n:
+                exact = {i: float(((v - query) ** 2).sum()) for i, v in stored.items()}
+                np.testing.assert_allclose(got_d[:n], sorted(exact.values()), rtol=RTOL,
+                                           atol=ATOL)
+                np.testing.assert_allclose(got_d[:n], [exact[i] for i in got_ids[:n].tolist()],
+                                           rtol=RTOL, atol=ATOL)
+
+    def _stored_vectors(self) -> dict[int, np.ndarray]:
+        """Each model id's vector as the store keeps it (rounded to float16 in a float16
+        store; l2, so not normalised), float32."""
+        dtype = np.float16 if self.kind == "float16" else np.float32
+        return {i: v.astype(dtype).astype(np.float32) for i, v in self.model.items()}
+
+    def _probed(self, queries: np.ndarray, nprobe: int) -> list[set[int] | None]:
+        """Per query, the lists of its ``nprobe`` nearest centroids (float64); None where
+        the cut falls on a near tie, which the store's float32 probe may break either way."""
+        assert self.store is not None
+        centroids = self.store.centroids.astype(np.float64)
+        coarse = ((queries.astype(np.float64)[:, None, :] - centroids[None]) ** 2).sum(axis=2)
+        out: list[set[int] | None] = []
+        for row in coarse:
+            order = np.argsort(row, kind="stable")
+            if nprobe < NLIST and row[order[nprobe]] - row[order[nprobe - 1]] <= \
+                    1e-4 * (1 + row[order[nprobe]]):
+                out.append(None)
+            else:
+                out.append(set(order[:nprobe].tolist()))
+        return out
+
+
+TestVectorStoreModel = VectorStoreMachine.TestCase
+TestVectorStoreModel.settings = settings(max_examples=30, stateful_step_count=20,
+                                         deadline=None)
 
 
 class SlowStoreMachine(StoreMachine):
@@ -382,3 +597,12 @@ class SlowStoreMachine(StoreMachine):
 
 TestStoreModelSlow = pytest.mark.slow(SlowStoreMachine.TestCase)
 TestStoreModelSlow.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+
+
+class SlowVectorStoreMachine(VectorStoreMachine):
+    """The machine of stores that keep vectors, run longer (pytest -m slow)."""
+
+
+TestVectorStoreModelSlow = pytest.mark.slow(SlowVectorStoreMachine.TestCase)
+TestVectorStoreModelSlow.settings = settings(max_examples=200, stateful_step_count=40,
+                                             deadline=None)

@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import uuid
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import NLIST, make_store
-from helpers import brute_force_knn, tree_fingerprint
+from helpers import (
+    DATA,
+    brute_force_knn,
+    first_event,
+    record_io,
+    synced_before,
+    tree_fingerprint,
+)
 
 import ivfpq_store
 from ivfpq_store import Filter, testing
@@ -22,6 +32,12 @@ from ivfpq_store.errors import (
     InvalidInputError,
     InvalidParamsError,
     UnknownIdError,
+)
+from ivfpq_store.format.vectors import (
+    VECTOR_PRELUDE_SIZE,
+    bad_rows,
+    decode_vector_prelude,
+    vector_row_dtype,
 )
 
 ALWAYS_DIRECT = {"direct_per_candidate": 0.0, "direct_per_pair": 0.0}
@@ -108,6 +124,23 @@ def test_refine_pads_when_the_probed_lists_hold_fewer(tmp_path, small_data):
     assert np.isinf(distances[0][3:]).all()
     assert ids[0][0] == 5
     assert distances[0][0] == 0.0
+
+
+@pytest.mark.parametrize("plan", ["unfiltered", "direct"])
+def test_refine_keeps_pq_order_among_equal_vectors(tmp_path, small_data, scan_impl, plan):
+    """Equal stored vectors have equal exact costs: they come out in the order of the PQ
+    search (probe rank, then row), here the order they were added in, not by id."""
+    base = small_data["base"]
+    twins = [150, 110, 140, 120, 130]
+    q = base[:1] + 0.5
+    with make_store(tmp_path / "s", small_data, add=False, store_vectors="float32") as store:
+        store.add(base[:100])
+        store.add(np.repeat(q, len(twins), axis=0), ids=twins)  # one list, rows in this order
+        flt = Filter.allow(twins + list(range(100))) if plan == "direct" else None
+        with testing.search_config(store, **(ALWAYS_DIRECT if plan == "direct" else {})):
+            distances, ids = store.search(q, k=5, nprobe=2, refine=4, filter=flt)
+    assert ids[0].tolist() == twins
+    assert (distances[0] == 0).all()
 
 
 @pytest.mark.parametrize("plan", ["scan", "direct"])
@@ -254,6 +287,51 @@ def test_copy_carries_the_vectors(tmp_path, small_data):
         np.testing.assert_array_equal(got.ids, want.ids)
         np.testing.assert_array_equal(copy.get_vectors([0, 4]),
                                       small_data["base"][[0, 4]])
+
+
+def test_vector_files_are_synced_before_each_commit(tmp_path, small_data, monkeypatch):
+    """§7: an add's vector rows, and a compaction's new vector files, are durable before the
+    catalog commit that makes them count."""
+    path = tmp_path / "s"
+    segments = path / "segments"
+    with make_store(path, small_data, add=False, store_vectors="float16") as store:
+        store.add(small_data["base"][:300])
+    with ivfpq_store.open(path, auto_compact_ratio=None) as store:
+        events = record_io(monkeypatch)
+        store.add(small_data["base"][300:])  # appends to (or creates) every list's files
+        commit = first_event(events, "commit")
+        vec_files = sorted(segments.glob("*.vec"))
+        assert len(vec_files) == NLIST
+        for p in vec_files:
+            assert synced_before(events, os.path.realpath(p), commit), p.name
+        store.delete(np.arange(0, 1500, 3))
+        events.clear()
+        rewritten = store.compact().lists
+        assert len(rewritten) >= NLIST - 2
+        commit = first_event(events, "commit")
+        new = sorted(segments.glob("*-000001.vec"))
+        assert [int(p.name[:6]) for p in new] == list(rewritten)
+        for p in new:
+            assert synced_before(events, os.path.realpath(p), commit), p.name
+
+
+def test_golden_vector_file_rows_are_checksummed_with_their_ids():
+    """The golden vector file (docs/format.md §8.5): its prelude, and each row's CRC-32 of
+    its record's id (8 bytes, <i8) followed by its values, so a row read for another id
+    fails."""
+    data = (DATA / "vectors-v1.0.vec").read_bytes()
+    prelude = decode_vector_prelude(data)
+    assert (prelude.list_no, prelude.generation, prelude.dtype, prelude.dim,
+            prelude.store_uuid) == (1, 0, "float16", 8, uuid.UUID(int=1))
+    rows = np.frombuffer(data, dtype=vector_row_dtype(8, "float16"),
+                         offset=VECTOR_PRELUDE_SIZE)
+    np.testing.assert_array_equal(rows["v"], np.arange(3)[:, None] / 4 + np.arange(8) / 8)
+    ids = [10, 11, 12]
+    want = [zlib.crc32(row["v"].tobytes(), zlib.crc32(struct.pack("<q", i)))
+            for row, i in zip(rows, ids, strict=True)]
+    assert rows["crc"].tolist() == want
+    assert bad_rows(rows, np.array(ids)).tolist() == []
+    assert bad_rows(rows, np.array([11, 10, 12])).tolist() == [0, 1]
 
 
 # -- damage ----------------------------------------------------------------------------------
