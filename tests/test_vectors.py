@@ -25,6 +25,7 @@ from helpers import (
 
 import ivfpq_store
 from ivfpq_store import Filter, testing
+from ivfpq_store._kernel import bad_rows
 from ivfpq_store.cli import cli
 from ivfpq_store.errors import (
     CorruptStoreError,
@@ -35,7 +36,6 @@ from ivfpq_store.errors import (
 )
 from ivfpq_store.format.vectors import (
     VECTOR_PRELUDE_SIZE,
-    bad_rows,
     decode_vector_prelude,
     vector_row_dtype,
 )
@@ -115,7 +115,7 @@ def test_refine_zero_is_the_plain_search(tmp_path, small_data):
     np.testing.assert_array_equal(a.distances, b.distances)
 
 
-def test_refine_pads_when_the_probed_lists_hold_fewer(tmp_path, small_data):
+def test_refine_pads_when_the_probed_lists_hold_fewer(tmp_path, small_data, scan_impl):
     with make_store(tmp_path / "s", small_data, add=False, store_vectors="float32") as store:
         store.add(small_data["base"][:3], ids=[5, 6, 7])
         distances, ids = store.search(small_data["base"][:1], k=10, nprobe=NLIST, refine=4)
