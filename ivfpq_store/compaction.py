@@ -129,10 +129,11 @@ def rewrite_lists(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapsho
         name = segment_file_name(list_no, gen)
         crc = 0
         if len(live):
-            for (file, _), prelude, data in zip(files.names(name), files.preludes(list_no, gen),
-                                                data_of, strict=True):
-                got = append_records(layout.segment(file), prelude, 0, data)
-                crc = got if data is live else crc
+            crcs = [append_records(layout.segment(file), prelude, 0, data)
+                    for (file, _), prelude, data in zip(files.names(name),
+                                                        files.preludes(list_no, gen), data_of,
+                                                        strict=True)]
+            crc = crcs[0]  # the segment's: a vector file's rows carry their own
             created = True
             rows = np.arange(len(live))
             out.changes.moved_ids.extend(zip(

@@ -270,29 +270,20 @@ class Store:
         wanted = as_id_sequence(ids)
         unique = np.unique(wanted)
         def read(snap: CatalogSnapshot, fetch: RecordFetcher) -> F32Array:
-            found = catalog.locate_at(snap.state.commit, unique[unique >= 0])
-            if found is None:
-                raise StaleSnapshotError(f"{self._layout.root}: the catalog moved on")
-            got, entries, _ = found
-            missing = np.setdiff1d(unique, got)
+            # The direct plan's lookup: each entry checked against the snapshot and segment.
+            found = locate_admitted(catalog, snap, Filter.allow(unique), len(unique), fetch,
+                                    self._layout.root)
+            assert found is not None  # the filter's bound is ``unique``, within the limit
+            missing = np.setdiff1d(unique, found.ids)
             if len(missing):
                 raise UnknownIdError(
                     f"ids: {len(missing)} id(s) are not in the store (never added, or "
                     f"deleted), first {missing[:5].tolist()}", ids=missing)
-            list_nos = entries["list_no"].astype(np.int64)
-            rows = entries["row"].astype(np.int64)
-            for n in np.unique(list_nos).tolist():
-                record = snap.lists.get(n)
-                sel = list_nos == n
-                if (record is None or (entries["generation"][sel] != record.generation).any()
-                        or int(rows[sel].max()) >= record.count):
-                    raise CorruptStoreError(
-                        f"{self._layout.root}: the id map places ids in list {n} at rows its "
-                        "segment does not commit; the catalog is damaged (run verify)")
-            vectors = gather_vectors(got, list_nos, rows, snap.lists,
+            vectors = gather_vectors(found.ids, found.list_nos, found.rows, snap.lists,
                                      self._snapshot_fetcher(catalog, snap, vectors=True),
                                      self.params.dim, self._layout.root)
-            return vectors[np.searchsorted(got, wanted)]
+            by_id = np.argsort(found.ids)  # found is in (list, row) order
+            return vectors[by_id[np.searchsorted(found.ids, wanted, sorter=by_id)]]
 
         return self._on_snapshot(catalog, read)
 

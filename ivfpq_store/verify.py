@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,6 @@ from .format import (
 )
 from .format.records import check_store_meta
 from .format.vectors import (
-    VECTOR_PRELUDE_SIZE,
     decode_vector_prelude,
     vector_file_name,
     vector_row_dtype,
@@ -41,7 +41,6 @@ from .storage import (
     LockState,
     RowFiles,
     StoreLayout,
-    committed_size,
     file_size,
     probe_lock,
     read_header,
@@ -189,42 +188,24 @@ def _check_segment(layout: StoreLayout, snap: CatalogSnapshot, list_no: int, cod
     """Validate one list's segment; return its committed records, or None when unreadable."""
     record = snap.lists[list_no]
     path = layout.segment(record.file)
-    where = str(path)
     _bump(found, "lists")
     if record.file != segment_file_name(list_no, record.generation):
         found.problem("catalog", f"list {list_no} names file {record.file!r} — expected "
-                                 f"{segment_file_name(list_no, record.generation)!r}", where)
-    if record.count == 0:
-        if path.exists():
-            found.leftovers.append(Problem("tail", f"list {list_no} is empty but {path.name} "
-                                                   "exists (an interrupted add)", where))
-        return None
-    need = committed_size(record.count, code_size)
-    if not path.exists():
-        found.problem("segment", f"segment file is missing; the catalog lists {record.count} "
-                                 f"committed records of list {list_no}", where)
-        return None
-    size = path.stat().st_size
-    if size < need:
-        found.problem("segment", f"segment is {size} bytes — expected at least {need} for "
-                                 f"{record.count} committed records (truncated)", where)
-        return None
-    if size > need:
-        found.leftovers.append(Problem("tail", f"{size - need} bytes after the committed "
-                                               "records (an interrupted write)", where))
-    _bump(found, "segments")
+                                 f"{segment_file_name(list_no, record.generation)!r}", str(path))
     expected = SegmentPrelude(list_no=list_no, generation=record.generation,
                               code_size=code_size, store_uuid=store_uuid)
-    with open(path, "rb") as fh:
-        head = fh.read(SEGMENT_PRELUDE_SIZE)
-        prelude_ok = found.run("segment", where, lambda: decode_segment_prelude(
-            head, source=where).check_is(expected, where))
-        body = fh.read(need - SEGMENT_PRELUDE_SIZE)
+    read = _read_committed(path, list_no, record.count, record_dtype(code_size).itemsize,
+                           "segment", lambda head: decode_segment_prelude(
+                               head, source=str(path)).check_is(expected, str(path)), found)
+    if read is None:
+        return None
+    body, prelude_ok = read
+    _bump(found, "segments")
     actual = crc32(body)
     _bump(found, "records", record.count)
     if actual != record.crc32:
         found.problem("segment", f"checksum mismatch in the committed records — expected "
-                                 f"0x{record.crc32:08x}, got 0x{actual:08x}", where)
+                                 f"0x{record.crc32:08x}, got 0x{actual:08x}", str(path))
         return None
     return np.frombuffer(body, dtype=record_dtype(code_size)) if prelude_ok else None
 
@@ -237,41 +218,57 @@ def _check_vectors(layout: StoreLayout, files: RowFiles, snap: CatalogSnapshot, 
     dtype, dim = files.vectors
     record = snap.lists[list_no]
     path = layout.segment(vector_file_name(record.file))
-    where = str(path)
-    if record.count == 0:
-        if path.exists():
-            found.leftovers.append(Problem("tail", f"list {list_no} is empty but {path.name} "
-                                                   "exists (an interrupted add)", where))
-        return
     row = vector_row_dtype(dim, dtype)
-    need = file_size(record.count, row.itemsize)
-    if not path.exists():
-        found.problem("vectors", f"vector file is missing; the catalog lists {record.count} "
-                                 f"committed rows of list {list_no}", where)
-        return
-    size = path.stat().st_size
-    if size < need:
-        found.problem("vectors", f"vector file is {size} bytes — expected at least {need} "
-                                 f"for {record.count} committed rows (truncated)", where)
-        return
-    if size > need:
-        found.leftovers.append(Problem("tail", f"{size - need} bytes after the committed "
-                                               "rows (an interrupted write)", where))
-    _bump(found, "vector_files")
     expected = files.preludes(list_no, record.generation)[1]
-    with open(path, "rb") as fh:
-        head = fh.read(VECTOR_PRELUDE_SIZE)
-        found.run("vectors", where, lambda: decode_vector_prelude(
-            head, source=where).check_is(expected, where))  # type: ignore[arg-type]
-        body = fh.read(need - VECTOR_PRELUDE_SIZE)
+    read = _read_committed(path, list_no, record.count, row.itemsize, "vector file",
+                           lambda head: decode_vector_prelude(head, source=str(path)).check_is(
+                               expected, str(path)), found)  # type: ignore[arg-type]
+    if read is None:
+        return
+    _bump(found, "vector_files")
     if records is None:  # no ids to check the rows against: the segment's problem says why
         return
-    bad = bad_rows(np.frombuffer(body, dtype=row), records["id"])
+    bad = bad_rows(np.frombuffer(read[0], dtype=row), records["id"])
     _bump(found, "vector_rows", record.count)
     if len(bad):
         found.problem("vectors", f"{len(bad)} committed row(s) do not match their records' "
                                  f"checksums, first at row {int(bad[0])} (id "
-                                 f"{int(records['id'][bad[0]])})", where)
+                                 f"{int(records['id'][bad[0]])})", str(path))
+
+
+def _read_committed(path: Path, list_no: int, count: int, row_size: int, kind: str,
+                    check_prelude: Callable[[bytes], None],
+                    found: _Findings) -> tuple[bytes, bool] | None:
+    """The committed rows of one list's ``kind`` of file (``"segment"`` or ``"vector
+    file"``), as bytes, and whether ``check_prelude`` passed on its prelude. None when there
+    is nothing to read: an empty list (a file there is a leftover), or a missing or truncated
+    file (a problem of the area ``segment`` or ``vectors``). Bytes past the committed rows
+    are a leftover."""
+    where = str(path)
+    area = "segment" if kind == "segment" else "vectors"
+    if count == 0:
+        if path.exists():
+            found.leftovers.append(Problem("tail", f"list {list_no} is empty but {path.name} "
+                                                   "exists (an interrupted add)", where))
+        return None
+    need = file_size(count, row_size)
+    if not path.exists():
+        found.problem(area, f"{kind} is missing; the catalog lists {count} committed rows of "
+                            f"list {list_no}", where)
+        return None
+    size = path.stat().st_size
+    if size < need:
+        found.problem(area, f"{kind} is {size} bytes — expected at least {need} for {count} "
+                            "committed rows (truncated)", where)
+        return None
+    if size > need:
+        found.leftovers.append(Problem("tail", f"{size - need} bytes after the committed "
+                                               "rows (an interrupted write)", where))
+    with open(path, "rb") as fh:
+        head = fh.read(SEGMENT_PRELUDE_SIZE)  # both kinds: a 64-byte prelude
+        prelude_ok = found.run(area, where, lambda: check_prelude(head))
+        body = fh.read(need - SEGMENT_PRELUDE_SIZE)
+    return body, prelude_ok
 
 
 def _check_lists_and_tombstones(snap: CatalogSnapshot, nlist: int,

@@ -104,8 +104,7 @@ class Writer:
         self._readonly = readonly
         self._lock_timeout = lock_timeout
         self._auto_compact_ratio = auto_compact_ratio
-        self._code_size = header.params.code_size
-        self._dtype = record_dtype(self._code_size)
+        self._dtype = record_dtype(header.params.code_size)
         self._swept = False  # orphan segments are removed on this handle's first write
         self._thread_lock = threading.Lock()
 
@@ -355,25 +354,21 @@ class Writer:
                     file=segment_file_name(list_no, 0), generation=0, count=0, deleted=0,
                     crc32=0, tsum=0)
                 created |= old.count == 0  # a count-0 record (emptied by compaction): no file
-                crc = old.crc32
-                files = zip(self._files.names(old.file),
-                            self._files.preludes(list_no, old.generation), rows_of, strict=True)
-                for i, ((name, _), prelude, data) in enumerate(files):
+                # Listed before its files are appended, so a failure cuts them all back.
+                updated[list_no] = replace(old, count=old.count + (e - s))
+                crcs = []  # the segment's first: the CRC the catalog keeps
+                for (name, _), prelude, data in zip(
+                        self._files.names(old.file), self._files.preludes(list_no, old.generation),
+                        rows_of, strict=True):
                     path = self._layout.segment(name)
-                    try:
-                        got = append_records(path, prelude, old.count, data[s:e],
-                                             crc_start=old.crc32, sync=False)
-                    except BaseException:
-                        if i:  # the segment's append of this list is not in `updated` yet
-                            self._discard(lists, {list_no: old})
-                        raise
-                    crc = got if i == 0 else crc
+                    crcs.append(append_records(path, prelude, old.count, data[s:e],
+                                               crc_start=old.crc32, sync=False))
                     written.append(path)
                 rows[idx] = np.arange(old.count, old.count + (e - s))
                 generations[idx] = old.generation
-                updated[list_no] = replace(old, count=old.count + (e - s), crc32=crc)
+                updated[list_no] = replace(updated[list_no], crc32=crcs[0])
         except BaseException:
-            self._discard(lists, updated)  # the failing list undid its own append
+            self._discard(lists, updated)  # cutting back a file not appended to is harmless
             raise
         synced = SyncJob(written)
         if created:

@@ -129,8 +129,7 @@ class Searcher:
             for list_no in np.unique(list_nos[found]).tolist():
                 at = list_nos == list_no
                 rows[at] = refiner.rows(list_no, rows[at])
-        return self._refined(queries, params, hits.ids, list_nos, rows, refiner.lists,
-                             refiner)
+        return self._refined(queries, params, hits.ids, list_nos, rows, refiner)
 
     def search_direct(self, queries: F32Array, params: SearchParams, located: Located,
                       refiner: Refiner | None = None) -> SearchResult:
@@ -150,13 +149,12 @@ class Searcher:
             return self._result(cost, ids)
         assert refiner is not None, "refine needs the stored vectors"
         return self._refined(queries, params, ids, pick(located.list_nos), pick(located.rows),
-                             refiner.lists, refiner)
+                             refiner)
 
     def _refined(self, queries: F32Array, params: SearchParams, ids: I64Array,
-                 list_nos: I64Array, rows: I64Array, lists: Mapping[int, ListRecord],
-                 refiner: Refiner) -> SearchResult:
+                 list_nos: I64Array, rows: I64Array, refiner: Refiner) -> SearchResult:
         cost, best = refine(self.quantizer.metric, self.config, queries, params.k, ids,
-                            list_nos, rows, lists, refiner.fetch_vectors, refiner.where)
+                            list_nos, rows, refiner.lists, refiner.fetch_vectors, refiner.where)
         return self._result(cost, best)
 
     def _result(self, cost: F32Array, ids: I64Array) -> SearchResult:
