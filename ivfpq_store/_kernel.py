@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -20,11 +21,11 @@ from .format import vectors
 from .format.segment import record_dtype
 from .types import F32Array, I64Array
 
-__all__ = ["KERNEL", "THREADS", "Kernel", "ScanPlan", "bad_rows", "kernel_status",
+__all__ = ["KERNEL", "THREADS", "Kernel", "ListTable", "ScanPlan", "bad_rows", "kernel_status",
            "row_checksums"]
 
 #: The version of the ``ivfpq_scan`` contract this module speaks (``IVFPQ_SCAN_ABI`` in C).
-ABI = 7
+ABI = 8
 #: Entries per sub-table in the kernel's tables (``TSTRIDE`` in C): 256 whatever ksub.
 TSTRIDE = 256
 
@@ -101,6 +102,17 @@ class Kernel:
         self._refine.restype = ctypes.c_int64
         # n, dim, half, l2, queries, qidx, addr, ids, out
         self._refine.argtypes = [_I, _I, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P]
+        self._search_one = lib.ivfpq_search_one
+        self._search_one.restype = ctypes.c_int
+        self._search_one.argtypes = [
+            _I, _I, _I, ctypes.c_int, _P, _P,  # dim, m, ksub, l2, query, matrix
+            _I, _I, _P, _P, _P, _P,  # nlist, nprobe, centroids, codebooks_t, norms, list_terms
+            _P, _P, _P, _I, _P, _P,  # known, rec_addr, rec_count, stride, dead_addr, dead_count
+            _I, ctypes.c_int, _I,  # k, nthreads, thread_min_rows
+            _P, _P, _P, _P, _P]  # out_list, out_cost, out_id, out_rank, out_row
+        self._sums = lib.ivfpq_cluster_sums
+        self._sums.restype = ctypes.c_int
+        self._sums.argtypes = [_I, _I, _I, _I, _P, _P, ctypes.c_int, _P, _P]
         self._row_crcs = lib.ivfpq_row_crcs
         self._row_crcs.restype = None
         self._row_crcs.argtypes = [_I, _P, _I, _I, _P, _P]  # n, rows, row_size, nbytes, ids, out
@@ -182,6 +194,26 @@ class Kernel:
             raise MemoryError("scan kernel: could not allocate the probe's scores")
         return cost, lists
 
+    def cluster_sums(self, x: F32Array, labels: I64Array, k: int, *,
+                     nthreads: int) -> tuple[np.ndarray, I64Array]:
+        """The k-means update's sums for the m sub-spaces of ``x`` (n, m * dsub): with
+        ``labels`` (n, m) in ``0..k-1``, the float64 sums (m, k, dsub) of each cluster's rows
+        and the counts (m, k). The same bits as numpy's weighted bincount per column (rows
+        added in index order), whatever ``nthreads``."""
+        x, labels = _f32(x), _i64(labels)
+        n, m = labels.shape
+        if x.ndim != 2 or x.shape[0] != n or m < 1 or x.shape[1] % m or k < 1:
+            raise ValueError("scan kernel: inconsistent cluster-sum arguments")
+        if n and (labels.min() < 0 or labels.max() >= k):
+            raise ValueError("scan kernel: cluster label out of range")
+        dsub = x.shape[1] // m
+        sums = np.empty((m, k, dsub), np.float64)
+        counts = np.empty((m, k), np.int64)
+        if self._sums(n, m, dsub, k, _ptr(x), _ptr(labels), nthreads, _ptr(sums),
+                      _ptr(counts)) != 0:
+            raise MemoryError("scan kernel: could not allocate the cluster sums' threads")
+        return sums, counts
+
     def list_terms(self, centroids: F32Array, codebooks_t: F32Array,
                    norms: F32Array) -> F32Array:
         """The l2 list terms (n, m, 256) of ``centroids`` (n, dim): entry [i, j, c] is
@@ -208,11 +240,106 @@ class Kernel:
         """
         centroids, codebooks_t, norms = _f32(centroids), _f32(codebooks_t), _f32(norms)
         list_no = _i64(list_no)
+        n = len(records)
+        if list_no.shape != (n,) or len(dead) != n or codebooks_t.ndim != 3:
+            raise ValueError("scan kernel: inconsistent arguments")
+        expected = _record_dtype(codebooks_t.shape[0])
+        rec_addr = np.empty(n, np.uint64)
+        rec_count = np.empty(n, np.int64)
+        dead_addr = np.zeros(n, np.uint64)
+        dead_count = np.zeros(n, np.int64)
+        for i, (recs, gone) in enumerate(zip(records, dead, strict=True)):
+            rec_addr[i], rec_count[i], dead_addr[i], dead_count[i] = _list_entry(
+                recs, gone, expected)
+        return self._plan(centroids, codebooks_t, norms, list_terms, l2, list_no, rec_addr,
+                          rec_count, dead_addr, dead_count, (records, dead))
+
+    def table_plan(self, *, centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
+                   list_terms: F32Array | None, l2: bool, table: ListTable,
+                   list_no: I64Array) -> ScanPlan:
+        """:meth:`plan` of lists ``list_no`` whose entries ``table`` holds (each checked as
+        :meth:`plan` checks it when it was put there), without a Python step per list. The
+        quantizer's arrays are checked once per table, for the first call that passes them."""
+        list_no = _i64(list_no)
+        given = (centroids, codebooks_t, norms, list_terms, l2)
+        fixed = table.fixed
+        if fixed is None or any(a is not b for a, b in zip(fixed[0], given, strict=True)):
+            empty = self._plan(_f32(centroids), _f32(codebooks_t), _f32(norms), list_terms, l2,
+                               np.empty(0, np.int64), np.empty(0, np.uint64),
+                               np.empty(0, np.int64), np.empty(0, np.uint64),
+                               np.empty(0, np.int64), None)
+            if table.nlist != len(centroids) or table.dtype != _record_dtype(len(codebooks_t)):
+                raise ValueError("scan kernel: the list table belongs to another quantizer")
+            fixed = table.fixed = (given, empty)
+        if list_no.ndim != 1 or (len(list_no) and (
+                list_no.min() < 0 or list_no.max() >= table.nlist
+                or not table.known[list_no].all())):
+            raise ValueError("scan kernel: a list is not in the list table")
+        return fixed[1].with_lists(list_no, table.rec_addr[list_no], table.rec_count[list_no],
+                                   table.dead_addr[list_no], table.dead_count[list_no], table)
+
+    def search_one(self, *, table: ListTable, query: F32Array, matrix: F32Array,
+                   centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
+                   list_terms: F32Array | None, l2: bool, nprobe: int, k: int, nthreads: int,
+                   thread_min_rows: int) -> tuple[I64Array, tuple[F32Array, I64Array,
+                                                               np.ndarray, I64Array] | None]:
+        """One query's search in one call: its ``nprobe`` best lists (:meth:`probe`'s, (1,
+        nprobe)) and, when ``table`` knows every one of them, the best ``k`` (costs, ids, probe
+        ranks, rows), each (1, k), of their records: what :meth:`probe` and a
+        :meth:`table_plan`'s scan of the non-empty probed lists in probe order return. None
+        instead of the results when some probed list is not in the table yet (put it there
+        and call again). ``query`` is (1, dim) float32; the scan runs on one thread below
+        ``thread_min_rows`` rows. The quantizer's arrays are checked once per table."""
+        query = _f32(query)
+        given = (centroids, codebooks_t, norms, list_terms, l2, matrix)
+        one = table.one
+        if one is None or any(a is not b for a, b in zip(one[0], given, strict=True)):
+            cts, cbt, nrm, mat = _f32(centroids), _f32(codebooks_t), _f32(norms), _f32(matrix)
+            none, nowhere = np.empty(0, np.int64), np.empty(0, np.uint64)
+            self._plan(cts, cbt, nrm, list_terms, l2, none, nowhere, none, nowhere, none,
+                       None)  # the checks of the quantizer's arrays
+            nlist, dim = cts.shape
+            m, _, ksub = cbt.shape
+            if (table.nlist != nlist or table.dtype != _record_dtype(m)
+                    or mat.shape != (dim + int(l2), nlist)):
+                raise ValueError("scan kernel: the list table belongs to another quantizer")
+            args = ((dim, m, ksub, int(l2)), (_ptr(mat), nlist),
+                    (_ptr(cts), _ptr(cbt), _ptr(nrm),
+                     None if list_terms is None else _ptr(list_terms), _ptr(table.known),
+                     _ptr(table.rec_addr), _ptr(table.rec_count), table.dtype.itemsize,
+                     _ptr(table.dead_addr), _ptr(table.dead_count)))
+            one = table.one = (given, args, (cts, cbt, nrm, mat))
+        head, probe, rest = one[1]
+        if query.shape != (1, head[0]) or not 1 <= nprobe <= probe[1] or k < 1:
+            raise ValueError("scan kernel: inconsistent search arguments")
+        # One buffer, every part aligned: lists, ids, rows (int64), costs, ranks (4 bytes).
+        out = np.empty(nprobe * 8 + k * 24, np.uint8)
+        at = [nprobe * 8 + k * o for o in (0, 8, 16, 20, 24)]  # ids, rows, costs, ranks, end
+        base = _ptr(out)
+        rc = self._search_one(*head, _ptr(query), *probe, nprobe, *rest, k, nthreads,
+                              thread_min_rows, base, base + at[2], base + at[0], base + at[3],
+                              base + at[1])
+        if rc < 0:
+            raise MemoryError("scan kernel: could not allocate a search's scratch")
+        lists = out[: at[0]].view(np.int64).reshape(1, nprobe)
+        if rc == 1:
+            return lists, None
+        return lists, (out[at[2]: at[3]].view(np.float32).reshape(1, k),
+                       out[at[0]: at[1]].view(np.int64).reshape(1, k),
+                       out[at[3]: at[4]].view(np.int32).reshape(1, k),
+                       out[at[1]: at[2]].view(np.int64).reshape(1, k))
+
+    def _plan(self, centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
+              list_terms: F32Array | None, l2: bool, list_no: I64Array, rec_addr: np.ndarray,
+              rec_count: I64Array, dead_addr: np.ndarray, dead_count: I64Array,
+              owner: object) -> ScanPlan:
+        """The plan of checked list entries; ``owner`` holds the arrays they point into."""
         nlist, dim = centroids.shape
         m, dsub, ksub = codebooks_t.shape
         _check_shape(m, dsub, ksub, dim)
-        n = len(records)
-        if norms.shape != (m, ksub) or list_no.shape != (n,) or len(dead) != n:
+        n = len(list_no)
+        if (norms.shape != (m, ksub) or rec_addr.shape != (n,) or rec_count.shape != (n,)
+                or dead_addr.shape != (n,) or dead_count.shape != (n,)):
             raise ValueError("scan kernel: inconsistent arguments")
         if list_terms is not None and (list_terms.dtype != np.float32
                                        or not list_terms.flags.c_contiguous
@@ -221,32 +348,80 @@ class Kernel:
             raise ValueError("scan kernel: list terms must be (nlist, m, 256) float32")
         if n and (list_no.min() < 0 or list_no.max() >= nlist):
             raise ValueError("scan kernel: list number out of range")
-        expected = record_dtype(m)
-        if expected.fields is None or expected.fields["code"][1] != 8:  # ID_BYTES in C
-            raise ValueError("scan kernel: records must hold the id at 0 and the code at 8")
-        rec_addr = np.empty(n, np.uint64)
-        rec_count = np.empty(n, np.int64)
-        dead_addr = np.zeros(n, np.uint64)
-        dead_count = np.zeros(n, np.int64)
-        for i, (recs, gone) in enumerate(zip(records, dead, strict=True)):
-            if recs.dtype != expected or not recs.flags.c_contiguous or recs.ndim != 1:
-                raise ValueError("scan kernel: records must be a C-contiguous id/code array")
-            rec_addr[i] = recs.ctypes.data  # structured: __array_interface__ is slower
-            rec_count[i] = len(recs)
-            if gone is not None and len(gone):
-                if (gone.dtype != np.int64 or gone.ndim != 1 or not gone.flags.c_contiguous
-                        or not gone.flags.aligned or np.any(np.diff(gone) <= 0)):
-                    raise ValueError("scan kernel: tombstones must be 1-D, contiguous, aligned,"
-                                     " strictly increasing int64 rows")
-                dead_addr[i] = _ptr(gone)
-                dead_count[i] = len(gone)
         keep = (centroids, codebooks_t, norms, list_terms, list_no, rec_addr, rec_count,
-                dead_addr, dead_count, records, dead)
+                dead_addr, dead_count, owner)
         fixed = (dim, m, ksub, int(l2), _ptr(centroids), _ptr(codebooks_t), _ptr(norms),
                  None if list_terms is None else _ptr(list_terms), n, _ptr(list_no),
-                 _ptr(rec_addr), _ptr(rec_count), expected.itemsize, _ptr(dead_addr),
+                 _ptr(rec_addr), _ptr(rec_count), _record_dtype(m).itemsize, _ptr(dead_addr),
                  _ptr(dead_count))
         return ScanPlan(self._scan, n, fixed, keep)
+
+
+def _record_dtype(m: int) -> np.dtype[Any]:
+    """The segment record of an m-byte code, checked to hold the id at 0 and the code at 8
+    (``ID_BYTES`` in C)."""
+    expected = record_dtype(m)
+    if expected.fields is None or expected.fields["code"][1] != 8:
+        raise ValueError("scan kernel: records must hold the id at 0 and the code at 8")
+    return expected
+
+
+def _list_entry(recs: np.ndarray, gone: np.ndarray | None,
+                expected: np.dtype[Any]) -> tuple[int, int, int, int]:
+    """A list's (records address, count, tombstones address, count), checked: ``recs`` its
+    committed records (structured id/code, C-contiguous), ``gone`` its tombstoned rows
+    (strictly increasing int64) or None."""
+    if recs.dtype != expected or not recs.flags.c_contiguous or recs.ndim != 1:
+        raise ValueError("scan kernel: records must be a C-contiguous id/code array")
+    addr = recs.ctypes.data  # structured: __array_interface__ is slower
+    if gone is None or not len(gone):
+        return addr, len(recs), 0, 0
+    if (gone.dtype != np.int64 or gone.ndim != 1 or not gone.flags.c_contiguous
+            or not gone.flags.aligned or np.any(np.diff(gone) <= 0)):
+        raise ValueError("scan kernel: tombstones must be 1-D, contiguous, aligned,"
+                         " strictly increasing int64 rows")
+    return addr, len(recs), _ptr(gone), len(gone)
+
+
+class ListTable:
+    """Where each list's committed records and tombstones are, for the scans of one catalog
+    snapshot: entries are put list by list on first use, each checked once, and the arrays
+    they point into are held here, so that a scan of any lists of the table (``table_plan``)
+    gathers its arguments in one step instead of one per list.
+
+    ``put`` is thread-safe; an entry, once known, never changes.
+    """
+
+    def __init__(self, nlist: int, m: int) -> None:
+        self.nlist = nlist
+        self.dtype = _record_dtype(m)
+        self.rec_addr = np.zeros(nlist, np.uint64)
+        self.rec_count = np.zeros(nlist, np.int64)
+        self.dead_addr = np.zeros(nlist, np.uint64)
+        self.dead_count = np.zeros(nlist, np.int64)
+        self.known = np.zeros(nlist, bool)
+        self._held: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._lock = threading.Lock()
+        #: The quantizer's arrays of the first table_plan, and an empty plan over them.
+        self.fixed: tuple[tuple[object, ...], ScanPlan] | None = None
+        #: The quantizer's arrays of the first search_one, its fixed arguments, the arrays
+        #: they point into.
+        self.one: tuple[tuple[object, ...], tuple[Any, ...], tuple[np.ndarray, ...]] | None = None
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def put(self, list_no: int, records: np.ndarray, dead: np.ndarray | None) -> None:
+        """Enter list ``list_no``: its committed ``records`` and tombstoned rows ``dead`` (as
+        :meth:`Kernel.plan` takes them)."""
+        entry = _list_entry(records, dead, self.dtype)
+        with self._lock:
+            if self.known[list_no]:
+                return
+            self._held[list_no] = (records, dead)
+            (self.rec_addr[list_no], self.rec_count[list_no], self.dead_addr[list_no],
+             self.dead_count[list_no]) = entry
+            self.known[list_no] = True
 
 
 class ScanPlan:
@@ -261,6 +436,19 @@ class ScanPlan:
         self._nlists = nlists
         self._fixed = fixed
         self._keep = keep
+
+    def with_lists(self, list_no: I64Array, rec_addr: np.ndarray, rec_count: I64Array,
+                   dead_addr: np.ndarray, dead_count: I64Array, owner: object) -> ScanPlan:
+        """This plan's quantizer over other lists: their checked entries (contiguous int64 and
+        uint64 arrays of one length), ``owner`` holding the arrays they point into."""
+        n = len(list_no)
+        arrays = (list_no, rec_addr, rec_count, dead_addr, dead_count)
+        if any(a.shape != (n,) or a.dtype.itemsize != 8 or not a.flags.c_contiguous
+               for a in arrays):
+            raise ValueError("scan kernel: inconsistent list entries")
+        fixed = (*self._fixed[:8], n, _ptr(list_no), _ptr(rec_addr), _ptr(rec_count),
+                 self._fixed[12], _ptr(dead_addr), _ptr(dead_count))
+        return ScanPlan(self._fn, n, fixed, (self._keep, arrays, owner))
 
     def scan(self, queries: F32Array, pair_start: I64Array, pair_q: I64Array,
              pair_rank: np.ndarray, *, k: int, cap: int,

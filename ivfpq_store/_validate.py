@@ -64,23 +64,23 @@ def as_vectors(x: Any, dim: int, name: str = "vectors") -> tuple[F32Array, bool]
             f"{name}: expected dimension {dim}, got {arr.shape[1]} (shape {arr.shape})")
     if arr.shape[0] == 0:
         raise InvalidInputError(f"{name}: empty batch — expected at least one vector")
-    with np.errstate(over="ignore"):
+    # One pass decides for valid input: a row with NaN or inf has a NaN or inf squared norm.
+    with np.errstate(over="ignore", invalid="ignore"):
         out = np.ascontiguousarray(arr, dtype=np.float32)
+        sq = np.einsum("ij,ij->i", out, out)
+    if (sq <= MAX_SQUARED_NORM).all():
+        return out, single
     bad = ~np.isfinite(out).all(axis=1)
     if bad.any():
         rows = np.flatnonzero(bad)
         raise InvalidInputError(
             f"{name}: {len(rows)} row(s) contain NaN or inf (or values beyond float32 range), "
             f"first at row(s) {rows[:_MAX_SHOWN].tolist()} — expected finite values")
-    with np.errstate(over="ignore"):
-        sq = np.einsum("ij,ij->i", out, out)
     big = np.flatnonzero(~(sq <= MAX_SQUARED_NORM))
-    if len(big):
-        raise InvalidInputError(
-            f"{name}: {len(big)} row(s) have a squared norm above {MAX_SQUARED_NORM:g}, first "
-            f"at row(s) {big[:_MAX_SHOWN].tolist()} — expected squared norms <= "
-            f"{MAX_SQUARED_NORM:g} so that distances fit in float32; scale the vectors down")
-    return out, single
+    raise InvalidInputError(
+        f"{name}: {len(big)} row(s) have a squared norm above {MAX_SQUARED_NORM:g}, first "
+        f"at row(s) {big[:_MAX_SHOWN].tolist()} — expected squared norms <= "
+        f"{MAX_SQUARED_NORM:g} so that distances fit in float32; scale the vectors down")
 
 
 def as_ids(ids: Any, n: int, name: str = "ids") -> I64Array:

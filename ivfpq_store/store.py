@@ -94,11 +94,11 @@ class Store:
         self._readonly = readonly
         self._pid = os.getpid()
         self._quantizer = Quantizer(header.centroids, header.codebooks, header.params.metric)
-        self._searcher = Searcher(self._quantizer)
         self._files = RowFiles(header.store_uuid, header.params.code_size,
                                None if header.vectors is None
                                else (header.vectors, header.params.dim))
         self._maps = MapCache(layout.segments, self._files, max_open=max_open_segments)
+        self._searcher = Searcher(self._quantizer, max_lists=self._maps.max_open)
         self._dtype = record_dtype(header.params.code_size)
         self._writer = Writer(layout=layout, header=header, quantizer=self._quantizer,
                               files=self._files, catalog=self._live_catalog, fetch=self._fetch,
@@ -112,6 +112,7 @@ class Store:
             self._catalog.close()
         self._catalog = None
         self._maps.clear()
+        self._searcher.forget()
 
     def __enter__(self) -> Self:
         return self
@@ -232,7 +233,7 @@ class Store:
                                self._layout.root) if params.refine else None)
             if flt is None:
                 return self._searcher.search(q, params, snap.lists, snap.deleted, fetch,
-                                             refiner)
+                                             refiner, snapshot=snap)
             located = self._locate_admitted(catalog, snap, flt, params, len(q), fetch)
             if located is not None:
                 return self._searcher.search_direct(q, params, located, refiner)
@@ -635,3 +636,4 @@ class Store:
         """
         self._live_catalog().forget()
         self._maps.clear()
+        self._searcher.forget()

@@ -249,7 +249,7 @@ def test_search_probes_and_scans_in_the_kernel(shared_store_path, small_data, mo
 
 
 @needs_kernel
-@pytest.mark.parametrize("nbits", [8, 6, 4])  # 8 and 6: the vector path; 4: the scalar one
+@pytest.mark.parametrize("nbits", [8, 6, 4, 3])  # 8, 6, 4: the vector paths; 3: the scalar one
 def test_encoder_matches_the_numpy_encoder(nbits):
     """The fused encoder picks the numpy encoder's codes (up to float near-ties, which must
     be real ties), and on exact ties the lower sub-centroid, in both of its paths."""
@@ -264,12 +264,17 @@ def test_encoder_matches_the_numpy_encoder(nbits):
         books[:, 128:192] = books[:, 0:64]
     centroids = rng.standard_normal((5, m * dsub)).astype(np.float32)
     pq = Quantizer(centroids, books, Metric.L2)
-    x = rng.standard_normal((3000, m * dsub)).astype(np.float32)
+    x = rng.standard_normal((3001, m * dsub)).astype(np.float32)  # 4-vector groups and a rest
     lists = rng.integers(0, 5, len(x))
     kernel = _kernel.KERNEL
     assert kernel is not None
     codebooks_t = np.ascontiguousarray(books.transpose(0, 2, 1))
     got = kernel.encode(x, lists, centroids, codebooks_t, pq.norms, nthreads=3)
+    # Vectors encoded four at a time get the codes they get alone (one vector: no group).
+    for i in range(0, len(x), 97):
+        alone = kernel.encode(x[i:i + 1], lists[i:i + 1], centroids, codebooks_t, pq.norms,
+                              nthreads=1)
+        np.testing.assert_array_equal(alone[0], got[i])
     want = pq.encode_residuals(x - centroids[lists])
     assert (got % 2 == 0).all()  # the lowest of equal sub-centroids
     if ksub == 256:
@@ -405,3 +410,67 @@ def test_refine_costs_equal_numpy_and_stop_at_a_bad_row(dtype, l2):
     wrong[3] += 1  # row 29 read for another record
     assert kernel.refine_costs(queries, qidx, addr, wrong, half=dtype == "float16",
                                l2=l2)[1] == 3
+
+
+@needs_kernel
+@pytest.mark.parametrize(("m", "dsub", "k"), [(1, 16, 7), (3, 8, 16), (16, 2, 256), (2, 5, 3)])
+def test_cluster_sums_equal_bincount_whatever_threads(m, dsub, k):
+    """The k-means update's sums in C are numpy's weighted bincount per column, bit for bit,
+    on any number of threads (threads split the columns, each sum keeps the row order)."""
+    from ivfpq_store.training.kmeans import cluster_sums
+
+    rng = np.random.default_rng(m * 100 + k)
+    x = (rng.standard_normal((2001, m * dsub)) * 1e3).astype(np.float32)
+    labels = rng.integers(0, k, (len(x), m))
+    kernel = _kernel.KERNEL
+    assert kernel is not None
+    want = [(np.stack([np.bincount(labels[:, j], weights=x[:, j * dsub + t], minlength=k)
+                       for t in range(dsub)], axis=1), np.bincount(labels[:, j], minlength=k))
+            for j in range(m)]
+    for threads in (1, 2, 5, m * dsub + 3):
+        sums, counts = kernel.cluster_sums(x, labels, k, nthreads=threads)
+        for j in range(m):
+            np.testing.assert_array_equal(sums[j], want[j][0])
+            np.testing.assert_array_equal(counts[j], want[j][1])
+    sums, counts = cluster_sums(x, labels, k)  # what training calls: the kernel's
+    np.testing.assert_array_equal(sums[m - 1], want[m - 1][0])
+    with pytest.raises(ValueError, match="label out of range"):
+        kernel.cluster_sums(x, np.where(labels == 0, k, labels), k, nthreads=1)
+    with pytest.raises(ValueError, match="inconsistent"):
+        kernel.cluster_sums(x[:-1], labels, k, nthreads=1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_one_call_search_equals_probe_and_scan(tmp_path, small_data, metric, monkeypatch):
+    """A single query searched in one kernel call (probe and scan over the snapshot's list
+    table) returns the bits of the probe followed by the general scan, with tombstones,
+    lists left empty, k beyond the probed records and every nprobe; on one thread or several."""
+    with make_store(tmp_path / "s", small_data, metric=metric) as store:
+        store.delete(np.r_[0:40, 700:760, 1490:1500])
+        _, ids = store.search(small_data["queries"][:1], k=5, nprobe=1)
+        first_list = store.assign(small_data["queries"][:1])[0][0]
+        live = store.list_contents(int(first_list))[0]
+        store.delete(live)  # the first query's nearest list is now all tombstones
+        snap = testing.snapshot(store)
+        searcher = testing.searcher(store)
+        fetch = testing.fetcher(store)
+        calls = []
+        search_one = _kernel.Kernel.search_one
+        def counted(self, **kwargs):
+            calls.append(1)
+            return search_one(self, **kwargs)
+        monkeypatch.setattr(_kernel.Kernel, "search_one", counted)
+        for q in small_data["queries"][:12]:
+            for k, nprobe in ((1, 1), (10, 3), (5000, NLIST)):
+                params = SearchParams.checked(k, nprobe, NLIST)
+                for knobs in ({"threads": 1}, {"threads": 3, "thread_min_rows": 0}):
+                    with testing.search_config(store, **knobs):
+                        one = searcher.search(q[None], params, snap.lists, snap.deleted, fetch,
+                                              snapshot=snap)
+                        general = searcher.search(q[None], params, snap.lists, snap.deleted,
+                                                  fetch)
+                    np.testing.assert_array_equal(one.ids, general.ids)
+                    np.testing.assert_array_equal(one.distances, general.distances)
+    assert ids.shape == (1, 5)
+    assert len(calls) >= 12 * 3 * 2  # one call each, two when the table lacked a list

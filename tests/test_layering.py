@@ -18,7 +18,7 @@ ALLOWED = {
     "version": set(),
     "params": {"errors", "types"},
     "format": {"format", "errors", "params", "types"},
-    "training": {"training", "errors", "params", "types"},
+    "training": {"training", "_kernel", "errors", "params", "types"},
     "storage": {"storage", "format", "errors", "params", "types"},
     "io": {"errors"},
     "datasets": {"io"},

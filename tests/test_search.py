@@ -147,6 +147,7 @@ def test_work_per_search_is_bounded_by_probed_lists_not_queries(shared_store_pat
         for nq in (20, 20_000):
             queries = synthetic(nq, store.params.dim, seed=nq)
             steps[0] = 0
+            store.refresh()  # the kernel fetches a list once per snapshot: start afresh
             with testing.counting_fetches(store) as fetched:
                 store.search(queries, k=10, nprobe=NLIST)
             assert sorted(fetched) == sorted(set(fetched))  # each list once per batch
@@ -377,3 +378,37 @@ def test_a_tombstone_on_the_first_row_of_a_block_is_never_a_result(tmp_path, sma
         got = row[row >= 0]
         assert not np.isin(got, dead).any()
         assert len(np.unique(got)) == len(got) == live
+
+
+def test_kernel_fetches_each_list_once_per_snapshot(tmp_path, small_data):
+    """The kernel's list table keeps the lists a snapshot's searches fetched: later searches
+    of the same snapshot fetch none, a commit starts a new table (a written list is fetched
+    again, with its new records), and a table holding its bound of lists starts afresh."""
+    if _kernel.KERNEL is None:
+        pytest.skip(_kernel.kernel_status())
+    with make_store(tmp_path / "s", small_data) as store:
+        queries = small_data["queries"][:20]
+        with testing.counting_fetches(store) as fetched:
+            for q in queries:
+                store.search(q, k=5, nprobe=NLIST)
+        assert sorted(fetched) == list(range(NLIST))  # once each, by the first query
+        with testing.counting_fetches(store) as fetched:
+            store.search(queries, k=5, nprobe=NLIST)
+            store.search(queries[0], k=5, nprobe=NLIST)
+        assert fetched == []
+        new = store.add(queries[:1])
+        with testing.counting_fetches(store) as fetched:
+            _, ids = store.search(queries[0], k=1, nprobe=NLIST)
+        assert sorted(fetched) == list(range(NLIST))
+        assert ids[0, 0] == new[0]  # the new snapshot's records
+        testing.searcher(store)._max_lists = 3
+        with testing.counting_fetches(store) as fetched:
+            for _ in range(2):
+                store.search(queries[0], k=5, nprobe=2)
+        assert len(fetched) == 2  # the table holds two lists, below its bound: kept
+        with testing.counting_fetches(store) as fetched:
+            for _ in range(2):
+                store.search(queries[0], k=5, nprobe=4)
+        # The first adds the two lists the table lacks, and then holds four, past its bound:
+        # the second starts a new table and fetches all four.
+        assert len(fetched) == 2 + 4

@@ -59,3 +59,82 @@ def test_nearest_matches_float64_brute_force():
 def test_pq_needs_at_least_ksub_points():
     with pytest.raises(TrainingError, match=r"expected at least 2\*\*nbits=256"):
         train_pq(synthetic(100, 8, seed=0), 2, 8)
+
+
+def _reconstruction_mse(x: np.ndarray, books: np.ndarray) -> float:
+    m, _, dsub = books.shape
+    err = 0.0
+    for j in range(m):
+        sub = x[:, j * dsub:(j + 1) * dsub]
+        d = ((sub[:, None, :] - books[j][None]) ** 2).sum(-1)
+        err += float(d.min(1).sum())
+    return err / len(x)
+
+
+def test_pq_training_with_and_without_the_kernel_is_equally_good(monkeypatch):
+    """The kernel assigns sub-vectors with the numpy ranking summed in another order, so the
+    two train codebooks that differ only where a float near-tie went the other way: their
+    quantization errors agree closely, and each run is deterministic for its seed."""
+    from ivfpq_store import _kernel
+
+    x = synthetic(6000, 16, seed=5)
+    with_kernel, results = train_pq(x, 4, 6, niter=12, seed=1)
+    again, _ = train_pq(x, 4, 6, niter=12, seed=1)
+    np.testing.assert_array_equal(with_kernel, again)
+    assert all(r.objective[-1] <= r.objective[0] for r in results)
+    monkeypatch.setattr(_kernel, "KERNEL", None)
+    numpy_books, numpy_results = train_pq(x, 4, 6, niter=12, seed=1)
+    a, b = _reconstruction_mse(x, with_kernel), _reconstruction_mse(x, numpy_books)
+    assert abs(a - b) <= 0.02 * b, (a, b)
+    # The objective the update's sums give is the assignment's squared error.
+    assert numpy_results[0].objective[-1] > 0
+
+
+def test_pq_training_does_the_same_work_whatever_m(monkeypatch):
+    """Regression guard for training speed that is not a timed test: an iteration assigns
+    every sub-quantizer's points in one step and sums them in one pass, so the Python-level
+    steps per iteration do not grow with m (they were m k-means runs of BLAS blocks)."""
+    from ivfpq_store.training import pq
+    from ivfpq_store.training.kmeans import cluster_sums
+
+    counts = {"assign": 0, "sums": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(pq, "_assign", counting("assign", pq._assign))
+    monkeypatch.setattr(pq, "cluster_sums", counting("sums", cluster_sums))
+    x = synthetic(3000, 32, seed=6)
+    for m in (2, 16):
+        counts.update(assign=0, sums=0)
+        train_pq(x, m, 4, niter=7, seed=0)
+        assert counts == {"assign": 7, "sums": 7}, (m, counts)
+
+
+def test_pq_training_gives_the_same_bits_on_any_number_of_threads(monkeypatch):
+    from ivfpq_store import _kernel
+
+    if _kernel.KERNEL is None:
+        pytest.skip(_kernel.kernel_status())
+    x = synthetic(5000, 24, seed=7)
+    monkeypatch.setattr(_kernel, "THREADS", 1)
+    one, _ = train_pq(x, 3, 5, niter=6, seed=2)
+    monkeypatch.setattr(_kernel, "THREADS", 3)
+    three, _ = train_pq(x, 3, 5, niter=6, seed=2)
+    np.testing.assert_array_equal(one, three)
+
+
+def test_kmeans_update_sums_are_the_same_bits_with_and_without_the_kernel(monkeypatch):
+    """The coarse k-means runs the same BLAS assignment on both paths and its update's sums
+    are bit-identical, so the whole run is."""
+    from ivfpq_store import _kernel
+
+    x = synthetic(4000, 16, seed=8)
+    a = kmeans(x, 20, niter=6, seed=3)
+    monkeypatch.setattr(_kernel, "KERNEL", None)
+    b = kmeans(x, 20, niter=6, seed=3)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    assert a.objective == b.objective

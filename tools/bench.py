@@ -34,14 +34,21 @@ Usage::
         --filters 0.5,0.1,0.01,0.001 --crossover 4000,8000,16000,32000 --out bench-out/1m-f
     python tools/bench.py --dataset siftsmall --nlist 100 --store-vectors float32,float16 \
         --refine 4 --refine-nprobe 10 --out bench-out/sift-refine
+    python tools/bench.py --dataset synthetic --n 200000 --nlist 256 --profile --out bench-out/p
 
-Only the public API of ivfpq_store is used, except by the filtered part. It names the plan
-ours runs by ``Store.search_plan``, checks it by counting the searcher's ``search_direct``
-calls in one untimed search (through ``ivfpq_store.testing.searcher``), and, for
-``--crossover`` only, makes the direct plan free in the cost model
-(``ivfpq_store.testing.search_config``) to force it. Batch searches are timed after a warm-up, best
-of ``--repeat``, with a pause before each timing (see ``SETTLE_S``); the machine is shared, so
-compare the ratios, which both systems share.
+With ``--profile`` it trains and adds once more under cProfile and reports where the time goes,
+by phase (``TRAIN_PHASES``, ``ADD_PHASES``: coarse k-means, PQ training and its assignment and
+update steps; validation, assignment, encoding, segment appends, the catalog commit and the
+wait for syncs), next to faiss's coarse clustering, PQ training and add timed alone on the same
+data.
+
+Only the public API of ivfpq_store is used, except by the filtered part and ``--profile``
+(which names the functions it times). The filtered part names the plan ours runs by
+``Store.search_plan``, checks it by counting the searcher's ``search_direct`` calls in one
+untimed search (through ``ivfpq_store.testing.searcher``), and, for ``--crossover`` only, makes
+the direct plan free in the cost model (``ivfpq_store.testing.search_config``) to force it.
+Batch searches are timed after a warm-up, best of ``--repeat``, with a pause before each
+timing (see ``SETTLE_S``); the machine is shared, so compare the ratios, which both systems share.
 """
 
 from __future__ import annotations
@@ -566,6 +573,102 @@ def build_extra_store(path: Path, xt: np.ndarray, xb: np.ndarray, args: argparse
 
 
 # -- the benchmark -------------------------------------------------------------------------------
+#: The phases ``--profile`` reports: (label, module path under ivfpq_store/, function name,
+#: and for a step inside another phase, that phase's function name). A phase's time is the
+#: cumulative time cProfile gives its function (called from that parent), over all its calls.
+TRAIN_PHASES = (
+    ("coarse k-means", "training/kmeans.py", "kmeans", None),
+    ("- its update sums", "training/kmeans.py", "cluster_sums", "kmeans"),
+    ("assign the training vectors", "quantizer.py", "assign", None),
+    ("PQ training", "training/pq.py", "train_pq", None),
+    ("- its assignment (all sub-quantizers at once)", "training/pq.py", "_assign", "train_pq"),
+    ("- its update sums", "training/kmeans.py", "cluster_sums", "train_pq"),
+    ("write the header and catalog", "creation.py", "_build", None),
+)
+ADD_PHASES = (
+    ("validate", "_validate.py", "as_vectors", None),
+    ("assign (coarse)", "quantizer.py", "assign", None),
+    ("encode (PQ)", "quantizer.py", "encode", None),
+    ("id map lookups", "storage/catalog.py", "live_mask", None),
+    ("append to segments", "writing.py", "_append", None),
+    ("catalog commit (with the wait for syncs)", "storage/catalog.py", "apply", None),
+    ("- the wait for syncs", "storage/segments.py", "wait", None),
+)
+
+
+def phase_times(fn: Callable[[], Any], phases: tuple[tuple[str, str, str, str | None], ...]
+                ) -> tuple[Any, list[tuple[str, float]]]:
+    """``fn()`` under cProfile: its result, and the seconds of ``total`` and of each phase
+    (0 when not called). cProfile slows Python-level code a little, not the BLAS and kernel
+    calls where the time goes, so compare phases with each other and with ``total``."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    try:
+        result = fn()
+    finally:
+        prof.disable()
+    total = time.perf_counter() - t0
+    stats: dict[Any, Any] = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    root = Path(ivfpq_store.__file__).parent
+    out = [("total", total)]
+    for label, module, func, parent in phases:
+        seconds = 0.0
+        for (file, _, name), (_, _, _, cum, callers) in stats.items():
+            if name != func or Path(file) != root / module:
+                continue
+            seconds += cum if parent is None else sum(
+                c[3] for (_, _, caller), c in callers.items() if caller == parent)
+        out.append((label, seconds))
+    return result, out
+
+
+def profile_phases(args: argparse.Namespace, work: Path, xt: np.ndarray, xb: np.ndarray,
+                   nlist: int) -> dict[str, Any]:
+    """``--profile``: train and add again under cProfile, split by phase, next to faiss's
+    coarse clustering, PQ training and add timed alone on the same data."""
+    import faiss
+
+    out: dict[str, Any] = {}
+    path = work / "profile.ivfpq"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+        store, out["train"] = phase_times(lambda: ivfpq_store.create(
+            path, xt, nlist=nlist, m=args.m, nbits=args.nbits, seed=args.seed,
+            niter=args.niter), TRAIN_PHASES)
+    dim = xt.shape[1]
+    clus = faiss.Clustering(dim, nlist)
+    clus.niter = args.niter
+    coarse = faiss.IndexFlatL2(dim)
+    _, f_coarse = timed(clus.train, xt, coarse)
+    _, assigned = coarse.search(xt, 1)
+    residuals = xt - faiss.vector_to_array(clus.centroids).reshape(nlist, dim)[assigned[:, 0]]
+    pq = faiss.ProductQuantizer(dim, args.m, args.nbits)
+    pq.cp.niter = args.niter
+    _, f_pq = timed(pq.train, np.ascontiguousarray(residuals, dtype=np.float32))
+    out["faiss_train"] = {"coarse k-means": f_coarse, "PQ training": f_pq}
+    index = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, nlist, args.m, args.nbits)
+    index.cp.niter = index.pq.cp.niter = args.niter
+    _, out["faiss_train"]["total"] = timed(index.train, xt)
+    n = min(len(xb), 200_000)
+    half = n // 2
+    adds: dict[str, Any] = {}
+    for label, lo, hi, batch in (("10000", 0, half, 10_000), ("100000", half, n, 100_000)):
+        def add_all(lo: int = lo, hi: int = hi, batch: int = batch) -> None:
+            for s in range(lo, hi, batch):
+                store.add(xb[s: min(hi, s + batch)], ids=np.arange(s, min(hi, s + batch)))
+        _, phases = phase_times(add_all, ADD_PHASES)
+        _, theirs = timed(lambda lo=lo, hi=hi, batch=batch: [
+            index.add(xb[s: min(hi, s + batch)]) for s in range(lo, hi, batch)])
+        adds[label] = {"vectors": hi - lo, "batch": batch, "phases": phases, "faiss": theirs}
+    out["add"] = adds
+    store.close()
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import faiss
 
@@ -726,6 +829,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 res["filtered"] = measure_filters(args, warm, index, xb, xq, gt, refined)
             if args.crossover:
                 res["crossover"] = measure_crossover(args, warm, xb, xq)
+    if args.profile:
+        res["profile"] = profile_phases(args, work, xt, xb, nlist)
     res["environment"] = {"python": platform.python_version(), "numpy": np.__version__,
                           "faiss": faiss.__version__, "ivfpq_store": ivfpq_store.__version__,
                           "cpus": os.cpu_count(), "machine": platform.machine(),
@@ -790,12 +895,35 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", *markdown_filtered(res["filtered"])]
     if "crossover" in res:
         lines += ["", *markdown_crossover(res["crossover"])]
+    if "profile" in res:
+        lines += ["", *markdown_profile(res["profile"])]
     e = res["environment"]
     blas = ", ".join(f"{k}={v}" for k, v in e.get("openblas_env", {}).items() if v)
     lines += ["", (f"Python {e['python']}, numpy {e['numpy']}, faiss-cpu {e['faiss']}, "
                   f"ivfpq-store {e['ivfpq_store']} ({e.get('scan_backend', 'numpy')}), "
                   f"{e['cpus']} CPUs ({e['machine']}){'; ' + blas if blas else ''}.")]
     return "\n".join(lines) + "\n"
+
+
+def markdown_profile(prof: dict[str, Any]) -> list[str]:
+    """The ``--profile`` tables: train and add time by phase, faiss's beside where it has
+    the same phase."""
+    f = prof["faiss_train"]
+    lines = ["Train time by phase (s; ours under cProfile, faiss's parts timed alone):", "",
+             "| phase | ivfpq-store | faiss | ratio |", "| --- | --- | --- | --- |"]
+    for label, value in prof["train"]:
+        theirs = f.get(label)
+        lines.append(f"| {label} | {value:.3f} | {'' if theirs is None else f'{theirs:.3f}'} | "
+                     f"{'' if not theirs else f'{value / theirs:.2f}x'} |")
+    for add in prof["add"].values():
+        title = (f"Add time by phase, {add['vectors']:,} vectors in batches of "
+                 f"{add['batch']:,} (s):")
+        lines += ["", title, "", "| phase | ivfpq-store | faiss |", "| --- | --- | --- |"]
+        for label, value in add["phases"]:
+            theirs = (f"{add['faiss']:.3f} ({value / add['faiss']:.2f}x)" if label == "total"
+                      else "")
+            lines.append(f"| {label} | {value:.3f} | {theirs} |")
+    return lines
 
 
 def markdown_refine(ref: dict[str, Any]) -> list[str]:
@@ -980,6 +1108,9 @@ def main() -> None:
                    help="R values (e.g. 4 or 1,2,4) for refined search against faiss "
                         "IndexRefineFlat(k_factor=R); also applied to --filters")
     p.add_argument("--refine-nprobe", type=int, default=16, help="nprobe of refined searches")
+    p.add_argument("--profile", action="store_true",
+                   help="train and add again under cProfile and report time by phase, next "
+                        "to faiss's coarse clustering, PQ training and add")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tmp", default=None, help="where the benchmark store is built")
     p.add_argument("--keep", action="store_true", help="keep the store (its path goes to stderr)")

@@ -24,7 +24,7 @@ from ..types import F32Array, I64Array, Metric
 from . import numpy_single
 from .config import DEFAULT_CONFIG, SearchConfig
 from .filtered import Located, search_direct
-from .kernel_scan import scan_kernel
+from .kernel_scan import scan_kernel, search_one
 from .numpy_batch import scan_batch
 from .plan import RecordFetcher
 from .range import scan_range
@@ -75,39 +75,52 @@ class Refiner(NamedTuple):
 class Searcher:
     """Search over one store's quantizer, with the tuning of ``config``.
 
-    Its one piece of state is a cache: the kernel's l2 list terms of every list, computed on
-    first use when they fit ``config.list_terms_budget``. It is safe to share between threads
-    (two threads racing to fill the cache compute the same values).
+    Its state is two caches: the kernel's l2 list terms of every list, computed on first use
+    when they fit ``config.list_terms_budget``; and the kernel's list table of the latest
+    snapshot searched (where each list's records and tombstones are), holding at most
+    ``max_lists`` lists (default nlist), whose maps it keeps open. It is safe to share between
+    threads (two threads racing to fill a cache compute the same values).
     """
 
-    def __init__(self, quantizer: Quantizer, config: SearchConfig = DEFAULT_CONFIG) -> None:
+    def __init__(self, quantizer: Quantizer, config: SearchConfig = DEFAULT_CONFIG, *,
+                 max_lists: int | None = None) -> None:
         self.quantizer = quantizer
         self.config = config
         self._terms: F32Array | None = None
         self._terms_lock = threading.Lock()
+        #: The kernel's list table of the latest snapshot searched, and that snapshot.
+        self._table: tuple[object, _kernel.ListTable] | None = None
+        self._max_lists = quantizer.nlist if max_lists is None else max(1, max_lists)
 
     def search(self, queries: F32Array, params: SearchParams, lists: Mapping[int, ListRecord],
                deleted: Mapping[int, np.ndarray], fetch: RecordFetcher,
-               refiner: Refiner | None = None) -> SearchResult:
+               refiner: Refiner | None = None, *, snapshot: object = None) -> SearchResult:
         """Search ``queries`` (nq, dim) float32, already validated and (for cosine) normalised.
 
         ``lists`` holds the committed record of every non-empty list, ``deleted`` the
         tombstoned rows of lists that have any, and ``fetch`` maps a list's records. Each
         probed list is fetched once per call, however many queries probe it. With
         ``params.refine``, the scans keep ``params.scan_k`` candidates, re-ranked exactly
-        with the stored vectors that ``refiner`` reads.
+        with the stored vectors that ``refiner`` reads. ``snapshot``, when given, is the
+        catalog snapshot that ``lists`` and ``deleted`` are of: the kernel's scans then fetch
+        each list once per snapshot, not once per call.
         """
         qz, config = self.quantizer, self.config
         queries = np.asarray(queries, dtype=np.float32)
         k = params.scan_k
         kernel = qz.kernel
         if kernel is not None:
-            nthreads = config.threads if len(queries) >= config.thread_min_queries else 1
-            _, probed = kernel.probe(queries, qz.probe_matrix, l2=qz.metric is Metric.L2,
-                                     nprobe=params.nprobe, nthreads=nthreads)
             terms = self._list_terms(kernel) if qz.metric is Metric.L2 else None
-            hits = scan_kernel(qz, config, kernel, queries, probed, lists, deleted, fetch, k,
-                               terms)
+            table = None if snapshot is None else self._list_table(snapshot)
+            if table is not None and len(queries) == 1:
+                probed, hits = search_one(qz, config, kernel, queries, params.nprobe, lists,
+                                          deleted, fetch, k, terms, table)
+            else:
+                nthreads = config.threads if len(queries) >= config.thread_min_queries else 1
+                _, probed = kernel.probe(queries, qz.probe_matrix, l2=qz.metric is Metric.L2,
+                                         nprobe=params.nprobe, nthreads=nthreads)
+                hits = scan_kernel(qz, config, kernel, queries, probed, lists, deleted, fetch,
+                                   k, terms, table)
         else:
             coarse, probed = qz.probe(queries, params.nprobe, block=config.probe_block)
             if len(queries) == 1 and numpy_single.fits(qz, params.nprobe, config):
@@ -183,6 +196,20 @@ class Searcher:
         if qz.metric is not Metric.L2:  # l2 costs are distances, already floored at 0
             np.negative(cost, out=cost)
         return RangeResult(lims, cost, ids)
+
+    def forget(self) -> None:
+        """Drop the list table, and with it the maps it holds open."""
+        self._table = None
+
+    def _list_table(self, snapshot: object) -> _kernel.ListTable:
+        """The kernel's list table of ``snapshot``: the cached one, or a new one when the
+        snapshot changed or the cached one holds ``max_lists`` lists."""
+        cached = self._table
+        if cached is not None and cached[0] is snapshot and len(cached[1]) < self._max_lists:
+            return cached[1]
+        table = _kernel.ListTable(self.quantizer.nlist, self.quantizer.m)
+        self._table = (snapshot, table)
+        return table
 
     def _list_terms(self, kernel: _kernel.Kernel) -> F32Array | None:
         """The l2 list terms of every list, computed on first use; None past the budget."""

@@ -100,6 +100,9 @@ class Catalog:
         self._shared: SharedEnv | None = shared
         self._cache: CatalogSnapshot | None = None
         self._cache_lock = threading.Lock()
+        self._last_state: tuple[bytes, StateRecord] | None = None
+        #: The list records last read: raw key -> (raw value, list number, decoded record).
+        self._last_lists: dict[bytes, tuple[bytes, int, ListRecord]] = {}
 
     # -- life cycle -------------------------------------------------------------------------
     @classmethod
@@ -215,15 +218,35 @@ class Catalog:
             self._cache = None
 
     def _state(self, txn: Any) -> StateRecord:
+        """The state record, decoded and checked again only when its bytes changed (a search
+        reads it on every call)."""
         raw = txn.get(META_STATE, db=self._dbs[b"meta"])
         if raw is None:
             raise CorruptStoreError(f"{self.path}: catalog has no 'state' record in 'meta'")
-        return StateRecord.from_msgpack(raw)
+        last = self._last_state
+        if last is not None and last[0] == raw:
+            return last[1]
+        state = StateRecord.from_msgpack(raw)
+        self._last_state = (raw, state)
+        return state
 
     def _lists(self, txn: Any) -> dict[int, ListRecord]:
-        """Every list record; keys and values are checked by their decoders (§6.5)."""
-        return {decode_list_key(k): ListRecord.from_msgpack(v)
-                for k, v in txn.cursor(db=self._dbs[b"lists"])}
+        """Every list record; keys and values are checked by their decoders (§6.5). A value
+        whose bytes equal those decoded for the same key last time is not decoded again (a
+        commit rewrites only the records of the lists it touched)."""
+        last = self._last_lists
+        out: dict[int, ListRecord] = {}
+        seen: dict[bytes, tuple[bytes, int, ListRecord]] = {}
+        for k, v in txn.cursor(db=self._dbs[b"lists"]):
+            known = last.get(k)
+            if known is not None and known[0] == v:
+                entry = known
+            else:
+                entry = (v, decode_list_key(k), ListRecord.from_msgpack(v))
+            seen[k] = entry
+            out[entry[1]] = entry[2]
+        self._last_lists = seen
+        return out
 
     def _tombstones(self, txn: Any, list_no: int, record: ListRecord) -> np.ndarray:
         """The tombstoned rows of ``record``'s segment, checked against it (§6.5): a damaged

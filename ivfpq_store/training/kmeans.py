@@ -1,4 +1,5 @@
-"""Seeded k-means in numpy with BLAS assignment in blocks and empty-cluster repair. No I/O."""
+"""Seeded k-means: BLAS assignment in blocks, the update's sums (by the kernel when it is built),
+empty-cluster repair. No I/O."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import _kernel
 from ..errors import IvfpqWarning, TrainingError
 from ..types import F32Array, I64Array, ProgressFn
 
-__all__ = ["MIN_POINTS_PER_CENTROID", "KMeansResult", "kmeans", "l2_score_matrix", "nearest",
-           "nearest_labels", "with_ones"]
+__all__ = ["MIN_POINTS_PER_CENTROID", "KMeansResult", "cluster_sums", "kmeans", "l2_score_matrix",
+           "nearest", "nearest_labels", "sample", "squared_norms", "sse", "update", "with_ones"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +117,9 @@ def kmeans(
     """Cluster ``x`` (n, d) float32 into ``k`` centroids.
 
     Subsamples to ``max_points_per_centroid * k`` points, initialises from ``k`` distinct
-    random points, and repairs empty clusters by splitting a large one (faiss's rule).
+    random points, and repairs empty clusters by splitting a large one (faiss's rule). Each
+    iteration is one BLAS product per block of points (see :func:`l2_score_matrix`), an
+    argmin, and the update's sums (:func:`cluster_sums`).
 
     Raises
     ------
@@ -129,28 +133,22 @@ def kmeans(
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    n = x.shape[0]
-    if n < k:
-        raise TrainingError(f"{name}: {n} training points — expected at least k={k}")
-    if n < MIN_POINTS_PER_CENTROID * k:
-        warnings.warn(
-            f"{name}: {n} training points for {k} centroids — fewer than the "
-            f"{MIN_POINTS_PER_CENTROID} per centroid that give good centroids",
-            IvfpqWarning, stacklevel=3,
-        )
-    if n > max_points_per_centroid * k:
-        keep = np.sort(rng.choice(n, size=max_points_per_centroid * k, replace=False))
-        x = x[keep]
-        n = len(x)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    xt = np.ascontiguousarray(x.T)  # per-dimension rows for the centroid sums
+    x = sample(x, k, max_points_per_centroid, rng, name)
+    n = len(x)
+    xo = with_ones(x)  # the products' left operand, built once for every iteration
     centroids = x[rng.choice(n, size=k, replace=False)].copy()
+    norms = squared_norms(x[:, None, :])
     objective: list[float] = []
     n_splits = 0
     for it in range(niter):
-        labels, dist = nearest(x, centroids)
-        objective.append(float(dist.sum(dtype=np.float64)))
-        centroids, splits = _update(xt, labels, centroids, rng)
+        labels = np.empty(n, dtype=np.int64)
+        scores = l2_score_matrix(centroids)
+        for start in range(0, n, ASSIGN_BLOCK):
+            labels[start: start + ASSIGN_BLOCK] = np.argmin(
+                xo[start: start + ASSIGN_BLOCK] @ scores, axis=1)
+        sums, counts = cluster_sums(x, labels[:, None], k)
+        objective.append(float(sse(norms, sums, counts, centroids[None])[0]))
+        centroids, splits = update(sums[0], counts[0], centroids, rng)
         n_splits += splits
         if progress is not None:
             progress(1)
@@ -161,21 +159,79 @@ def kmeans(
                         n_train=n, seconds=seconds)
 
 
-def _update(xt: F32Array, labels: I64Array, old: F32Array,
-            rng: np.random.Generator) -> tuple[F32Array, int]:
-    """New centroids as cluster means; empty clusters split off a large one.
+def sample(x: F32Array, k: int, max_points_per_centroid: int, rng: np.random.Generator,
+           name: str) -> F32Array:
+    """The points ``k`` centroids are trained on: ``x`` (n, d), or a random sorted subset of
+    ``max_points_per_centroid * k`` of its rows, as a C-contiguous float32 array.
 
-    ``xt`` is the data transposed (d, n). Sums are float64, in index order, one weighted
-    bincount per dimension: 3x faster than sorting and ``reduceat`` (measured), same result.
+    Raises TrainingError when ``n < k``; warns (IvfpqWarning) when ``n < 39 * k``.
     """
-    k = old.shape[0]
-    counts = np.bincount(labels, minlength=k)
+    n = x.shape[0]
+    if n < k:
+        raise TrainingError(f"{name}: {n} training points — expected at least k={k}")
+    if n < MIN_POINTS_PER_CENTROID * k:
+        warnings.warn(
+            f"{name}: {n} training points for {k} centroids — fewer than the "
+            f"{MIN_POINTS_PER_CENTROID} per centroid that give good centroids",
+            IvfpqWarning, stacklevel=4,
+        )
+    if n > max_points_per_centroid * k:
+        x = x[np.sort(rng.choice(n, size=max_points_per_centroid * k, replace=False))]
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def squared_norms(x: np.ndarray) -> np.ndarray:
+    """Sum over the points of their squared norms in each sub-space of ``x`` (n, m, dsub):
+    (m,) float64."""
+    out: np.ndarray = np.einsum("ijd,ijd->j", x, x, dtype=np.float64)
+    return out
+
+
+def cluster_sums(x: F32Array, labels: I64Array, k: int) -> tuple[np.ndarray, I64Array]:
+    """The update's sums for the m sub-spaces of ``x`` (n, m * dsub) whose clusters
+    ``labels`` (n, m) names: float64 sums (m, k, dsub) of each cluster's points, counts
+    (m, k). Rows are added in index order in float64, by the kernel when it is built (about
+    10x faster: ``python tools/bench.py --profile``) and by one weighted bincount per column
+    otherwise; both give the same bits."""
+    kernel = _kernel.KERNEL
+    if kernel is not None:
+        return kernel.cluster_sums(x, labels, k, nthreads=_kernel.THREADS)
+    m = labels.shape[1]
+    dsub = x.shape[1] // m
+    sums = np.empty((m, k, dsub), np.float64)
+    counts = np.empty((m, k), np.int64)
+    for j in range(m):
+        counts[j] = np.bincount(labels[:, j], minlength=k)
+        for t in range(dsub):
+            sums[j, :, t] = np.bincount(labels[:, j], weights=x[:, j * dsub + t], minlength=k)
+    return sums, counts
+
+
+def sse(norms: np.ndarray, sums: np.ndarray, counts: I64Array,
+        centroids: F32Array) -> np.ndarray:
+    """Each sub-space's sum of squared distances from its points to the centroids they were
+    assigned to, (m,) float64, from the update's sums alone: ``sum |x|^2 - 2 c.S_c + n_c
+    |c|^2`` over clusters c with point sum S_c and count n_c (``norms`` from
+    :func:`squared_norms`, ``centroids`` (m, k, dsub))."""
+    c = centroids.astype(np.float64)
+    cross = np.einsum("jkd,jkd->j", c, sums)
+    own = np.einsum("jk,jkd,jkd->j", counts.astype(np.float64), c, c)
+    out: np.ndarray = np.maximum(norms - 2.0 * cross + own, 0.0)
+    return out
+
+
+def update(sums: np.ndarray, counts: I64Array, old: F32Array,
+           rng: np.random.Generator) -> tuple[F32Array, int]:
+    """New centroids (k, d) as cluster means of the float64 ``sums`` (k, d) and ``counts``
+    (k,); each empty cluster splits off a large one (faiss's rule, drawing from ``rng``).
+    Returns them and the number of splits."""
+    k, d = old.shape
+    counts = counts.copy()
     nonempty = np.flatnonzero(counts)
-    sums = np.stack([np.bincount(labels, weights=row, minlength=k) for row in xt], axis=1)
     centroids = old.copy()
     centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
     splits = 0
-    sign = np.where(np.arange(xt.shape[0]) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    sign = np.where(np.arange(d) % 2 == 0, 1.0, -1.0).astype(np.float32)
     for ci in np.flatnonzero(counts == 0):
         weights = np.maximum(counts - 1, 0).astype(np.float64)
         cj = int(rng.choice(k, p=weights / weights.sum()))
