@@ -662,7 +662,8 @@ HOT static int64_t encode_sub(const float *rj, int64_t dsub, int64_t ksub, const
     return best;
 }
 
-/* Sub-vectors scored together by encode_four: each codebook load serves all of them. */
+/* Sub-vectors scored together by encode_four: each codebook load serves all of them. Eight
+ * were no faster than four (docs/benchmarks.md, "Performance II: tried and rejected"). */
 #define NV 4
 
 /* encode_sub for NV sub-vectors at once (r[v] at rj + v * rstride), when ksub is a multiple of

@@ -83,7 +83,9 @@ class CoarseQuantizer:
         out = np.empty(len(x), np.int64)
         for s in range(0, len(x), ENCODE_BLOCK):
             xb = x[s: s + ENCODE_BLOCK]
-            out[s: s + len(xb)] = self.probe(xb, 1)[1][:, 0]
+            # probe(xb, 1)'s product and argmin, without its costs (10% of the assignment).
+            left = with_ones(xb) if self.metric is Metric.L2 else xb
+            out[s: s + len(xb)] = np.argmin(left @ self.probe_matrix, axis=1)
         return out
 
 
