@@ -203,9 +203,10 @@ class Searcher:
 
     def _list_table(self, snapshot: object) -> _kernel.ListTable:
         """The kernel's list table of ``snapshot``: the cached one, or a new one when the
-        snapshot changed or the cached one holds ``max_lists`` lists."""
+        snapshot changed or the cached one holds more than ``max_lists`` lists (a call adds
+        every list it probes, so a table may pass the bound by one call's lists)."""
         cached = self._table
-        if cached is not None and cached[0] is snapshot and len(cached[1]) < self._max_lists:
+        if cached is not None and cached[0] is snapshot and len(cached[1]) <= self._max_lists:
             return cached[1]
         table = _kernel.ListTable(self.quantizer.nlist, self.quantizer.m)
         self._table = (snapshot, table)

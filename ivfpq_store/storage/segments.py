@@ -86,6 +86,18 @@ _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 SYNC_WORKERS = 8
 
 
+def _sync_all(paths: Sequence[Path]) -> None:
+    """fdatasync each of ``paths`` in turn; every one is tried, the first error raised."""
+    error: BaseException | None = None
+    for path in paths:
+        try:
+            atomic.sync_file(path)
+        except Exception as err:  # noqa: BLE001 - kept, raised after the others are synced
+            error = error or err
+    if error is not None:
+        raise error
+
+
 class SyncJob:
     """fdatasync files on a few threads in the background.
 
@@ -95,13 +107,14 @@ class SyncJob:
     """
 
     def __init__(self, paths: Sequence[Path], workers: int | None = None) -> None:
-        workers = SYNC_WORKERS if workers is None else workers
-        self._pool = ThreadPoolExecutor(max(1, min(workers, len(paths))),
-                                        thread_name_prefix="ivfpq-sync")
+        workers = max(1, min(SYNC_WORKERS if workers is None else workers, len(paths)))
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ivfpq-sync")
         self._futures: list[Future[None]] = []
         try:
-            for path in paths:
-                self._futures.append(self._pool.submit(atomic.sync_file, path))
+            # One task per thread, each syncing its share in turn: a task per file cost
+            # more to submit than to sync (256 files: 2.5 ms of submits).
+            for share in range(workers):
+                self._futures.append(self._pool.submit(_sync_all, paths[share::workers]))
         except BaseException:  # e.g. no thread could be started: leave nothing running
             self._pool.shutdown(wait=True)
             raise
