@@ -92,7 +92,7 @@ def _sync_all(paths: Sequence[Path]) -> None:
     for path in paths:
         try:
             atomic.sync_file(path)
-        except Exception as err:  # noqa: BLE001 - kept, raised after the others are synced
+        except Exception as err:  # kept, raised once the others are synced
             error = error or err
     if error is not None:
         raise error
