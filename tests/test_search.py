@@ -412,3 +412,30 @@ def test_kernel_fetches_each_list_once_per_snapshot(tmp_path, small_data):
         # The first adds the two lists the table lacks, and then holds four, past its bound:
         # the second starts a new table and fetches all four.
         assert len(fetched) == 2 + 4
+
+
+def test_a_single_query_is_one_kernel_call_on_a_known_snapshot(shared_store_path, small_data,
+                                                              monkeypatch):
+    """Regression guard for single-query latency that is not a timed test: once a snapshot's
+    lists are in the list table, a single query is one kernel call (probe and scan together),
+    with no fetch, no separate probe and no scan plan."""
+    if _kernel.KERNEL is None:
+        pytest.skip(_kernel.kernel_status())
+    calls: dict[str, int] = {}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in ("search_one", "probe", "plan", "table_plan"):
+        monkeypatch.setattr(_kernel.Kernel, name, counted(name, getattr(_kernel.Kernel, name)))
+    with ivfpq_store.open(shared_store_path, readonly=True) as store:
+        store.search(small_data["queries"][0], k=10, nprobe=NLIST)  # fills the table
+        calls.clear()
+        with testing.counting_fetches(store) as fetched:
+            for q in small_data["queries"][:25]:
+                store.search(q, k=10, nprobe=NLIST)
+    assert fetched == []
+    assert calls == {"search_one": 25}

@@ -250,3 +250,42 @@ def test_copy_syncs_every_file_and_directory_before_renaming_it_into_place(
     with ivfpq_store.open(dest, readonly=True) as copy:
         assert copy.verify().ok
         assert len(copy) == len(small_data["base"])
+
+
+def test_sync_job_syncs_every_file_once_in_a_task_per_thread(tmp_path, monkeypatch):
+    """Regression guard for small adds that is not a timed test: syncing an add's files
+    costs one task per sync thread, not one per file (an add of 10k vectors touches every
+    list), and each file is synced exactly once, even when one of them fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ivfpq_store.storage import segments
+
+    paths = []
+    for i in range(300):
+        paths.append(tmp_path / f"{i}.seg")
+        paths[-1].write_bytes(b"x")
+    synced: list[Path] = []
+    lock = threading.Lock()
+    real_sync = atomic.sync_file
+
+    def sync_file(path):
+        with lock:
+            synced.append(path)
+        if path.name == "7.seg":
+            raise OSError(errno.EIO, "injected")
+        real_sync(path)
+
+    submits = [0]
+    real_submit = ThreadPoolExecutor.submit
+
+    def submit(self, *args, **kwargs):
+        submits[0] += 1
+        return real_submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(atomic, "sync_file", sync_file)
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", submit)
+    job = segments.SyncJob(paths)
+    with pytest.raises(OSError, match="injected"):
+        job.wait()
+    assert sorted(synced) == sorted(paths)
+    assert submits[0] == segments.SYNC_WORKERS
