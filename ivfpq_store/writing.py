@@ -355,7 +355,7 @@ class Writer:
                     crc32=0, tsum=0)
                 created |= old.count == 0  # a count-0 record (emptied by compaction): no file
                 # Listed before its files are appended, so a failure cuts them all back.
-                updated[list_no] = replace(old, count=old.count + (e - s))
+                updated[list_no] = old
                 crcs = []  # the segment's first: the CRC the catalog keeps
                 for (name, _), prelude, data in zip(
                         self._files.names(old.file), self._files.preludes(list_no, old.generation),
@@ -366,7 +366,9 @@ class Writer:
                     written.append(path)
                 rows[idx] = np.arange(old.count, old.count + (e - s))
                 generations[idx] = old.generation
-                updated[list_no] = replace(updated[list_no], crc32=crcs[0])
+                updated[list_no] = ListRecord(
+                    file=old.file, generation=old.generation, count=old.count + (e - s),
+                    deleted=old.deleted, crc32=crcs[0], tsum=old.tsum)
         except BaseException:
             self._discard(lists, updated)  # cutting back a file not appended to is harmless
             raise
