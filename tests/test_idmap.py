@@ -325,8 +325,17 @@ def _flip(value: bytes, at: int, mask: int = 0x01) -> bytes:
     return bytes(out)
 
 
+def _sealed(body: bytes, key: bytes = bytes(8)) -> bytes:
+    """``body`` (bitmap and entries) with a valid CRC for bucket 0: a writer's bug, not
+    damage a checksum sees."""
+    return body + struct.pack("<I", zlib.crc32(key + body))
+
+
 DAMAGE = {
     "bitmap-bit": lambda v, other: _flip(v, 0, 0x80),  # id 7 of the bucket appears
+    "bitmap-bit-sealed": lambda v, other: _sealed(_flip(v, 7, 0x80)[:-4]),  # id 63 cleared
+    "entry-cut-sealed": lambda v, other: _sealed(v[:-12]),  # one entry fewer than bits
+    "empty-sealed": lambda v, other: _sealed(bytes(8)),
     "bitmap-cleared": lambda v, other: _flip(v, 1, 0x01),  # id 8 vanishes
     "entry-row": lambda v, other: _flip(v, 8 + 8 * 5 + 4, 0x01),  # id 5's row
     "entry-list": lambda v, other: _flip(v, 8 + 8 * 5, 0x02),  # id 5's list

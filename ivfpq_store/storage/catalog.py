@@ -450,19 +450,19 @@ class Catalog:
         if not len(placed):
             return
         lists = self._lists_at(txn, state)
-        for n in np.unique(placed.list_nos).tolist():
-            record = changes.lists[n] if n in changes.lists else lists.get(n)
-            mine = placed.list_nos == n
-            bad = (placed.generations[mine] != record.generation if record is not None
-                   else np.ones(int(mine.sum()), dtype=bool))
-            if bad.any():
-                at = np.flatnonzero(mine)[bad][0]
-                now = "has no record" if record is None else (
-                    f"is at generation {record.generation}")
-                raise CorruptStoreError(
-                    f"{self.path}: a write places id {int(placed.ids[at])} at generation "
-                    f"{int(placed.generations[at])} of list {n}, which {now} after it; "
-                    "nothing was committed")
+        unique, inverse = np.unique(placed.list_nos, return_inverse=True)
+        after = [changes.lists[n] if n in changes.lists else lists.get(n)
+                 for n in unique.tolist()]
+        want = np.array([-1 if r is None else r.generation for r in after], dtype=np.int64)
+        bad = np.flatnonzero(placed.generations != want[inverse.reshape(-1)])
+        if len(bad):
+            at = int(bad[0])
+            record = after[int(inverse.reshape(-1)[at])]
+            now = "has no record" if record is None else f"is at generation {record.generation}"
+            raise CorruptStoreError(
+                f"{self.path}: a write places id {int(placed.ids[at])} at generation "
+                f"{int(placed.generations[at])} of list {int(placed.list_nos[at])}, which "
+                f"{now} after it; nothing was committed")
 
     def upgrade_id_map(self) -> Upgrade:
         """Rewrite a per-id id map (formats 1.0-1.2) as packed buckets (format 1.3) in ONE
