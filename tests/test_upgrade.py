@@ -38,8 +38,8 @@ from ivfpq_store.cli import cli
 from ivfpq_store.storage import idmap
 
 GOLDEN = {"store-v1.1": None, "store-v1.2-vectors": "float16"}
-#: The last commit whose code writes format 1.2 (it made the golden stores).
-FORMAT_1_2_COMMIT = "6f10aee"
+#: The commit that added the golden stores: its package is the last to write format 1.2.
+FORMAT_1_2_COMMIT = "6f10aee9b637a068aa8368ec550371d6028658ba"
 
 
 @pytest.fixture(params=list(GOLDEN))
