@@ -27,6 +27,7 @@ from .errors import (
     InvalidParamsError,
     IvfpqError,
     IvfpqWarning,
+    ListFullError,
     ReadOnlyStoreError,
     StaleSnapshotError,
     StoreClosedError,
@@ -46,6 +47,7 @@ from .reports import ListInfo, StoreInfo
 from .search import RangeResult, SearchPlan, SearchResult
 from .store import Store
 from .types import Metric
+from .upgrading import UpgradeReport
 from .verify import Problem, VerifyReport
 from .version import package_version
 
@@ -70,6 +72,7 @@ __all__ = [
     "InvalidParamsError",
     "IvfpqError",
     "IvfpqWarning",
+    "ListFullError",
     "ListInfo",
     "Metric",
     "Problem",
@@ -88,6 +91,7 @@ __all__ = [
     "TruncatedFileError",
     "UnknownIdError",
     "UnsupportedVersionError",
+    "UpgradeReport",
     "VerifyReport",
     "WrongProcessError",
     "__version__",

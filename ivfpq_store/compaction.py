@@ -19,8 +19,8 @@ import numpy as np
 from ._kernel import bad_rows
 from .errors import CorruptStoreError
 from .format import segment_file_name
-from .format.keys import id_keys
-from .format.records import ListRecord, encode_id_entries
+from .format.idmap import IdPlaces
+from .format.records import ListRecord
 from .storage import (
     CatalogSnapshot,
     Changes,
@@ -110,6 +110,7 @@ def rewrite_lists(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapsho
     changes that switch to the new files; nothing is visible before they commit.
     """
     out = Rewrite()
+    moved: list[IdPlaces] = []
     created = False
     for list_no in list_nos:
         old = snapshot.lists[list_no]
@@ -135,17 +136,14 @@ def rewrite_lists(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapsho
                                                         strict=True)]
             crc = crcs[0]  # the segment's: a vector file's rows carry their own
             created = True
-            rows = np.arange(len(live))
-            out.changes.moved_ids.extend(zip(
-                id_keys(live["id"]),
-                encode_id_entries(np.full(len(live), list_no), np.full(len(live), gen), rows),
-                strict=True))
+            moved.append(IdPlaces.of(live["id"], list_no, gen, np.arange(len(live))))
         # An emptied list keeps a count-0 record so its generations stay monotonic: a file
         # name is never reused, even by a later add (docs/format.md §5.3).
         out.changes.lists[list_no] = ListRecord(file=name, generation=gen, count=len(live),
                                                 deleted=0, crc32=crc, tsum=0)
         out.changes.dropped_segments.append((list_no, old.generation))
         out.old_files.extend(file for file, _ in files.names(old.file))
+    out.changes.moved_ids = IdPlaces.concat(moved)
     if created:
         fsync_dir(layout.segments)
     return out

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from ._validate import as_matrix, as_vectors, normalize_rows
-from .format import FORMAT_VERSION, FORMAT_VERSION_VECTORS, Header
+from .format import FORMAT_VERSION, Header
+from .format.idmap import PACKED
 from .format.records import StateRecord, StoreMeta
 from .opening import check_open_args, open
 from .params import IndexParams, check_int, check_store_vectors, parse_metric
@@ -139,10 +140,9 @@ def _build(layout: StoreLayout, header: Header, map_size: int,
     layout.make_skeleton()
     write_header(layout.header, header)
     p = header.params
-    version = FORMAT_VERSION if header.vectors is None else FORMAT_VERSION_VECTORS
-    meta = StoreMeta(store_uuid=header.store_uuid, format=list(version),
+    meta = StoreMeta(store_uuid=header.store_uuid, format=list(FORMAT_VERSION),
                      created=float(header.metadata.get("created", time.time())), dim=p.dim,
-                     nlist=p.nlist, m=p.m, nbits=p.nbits, metric=p.metric.label)
+                     nlist=p.nlist, m=p.m, nbits=p.nbits, metric=p.metric.label, schema=PACKED)
     Catalog.create(layout.catalog, meta, StateRecord(commit=0, ntotal=0, next_id=0, ndeleted=0),
                    map_size=map_size, max_map_size=max_map_size).close()
     fsync_dir(layout.catalog)

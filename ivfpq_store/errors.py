@@ -22,6 +22,7 @@ __all__ = [
     "InvalidParamsError",
     "IvfpqError",
     "IvfpqWarning",
+    "ListFullError",
     "ReadOnlyStoreError",
     "StaleSnapshotError",
     "StoreClosedError",
@@ -189,6 +190,12 @@ class DiskFullError(IvfpqError, OSError):
         # OSError's own errno slot; str() stays the message (no filename is set).
         self.errno = errno
         self.path = path
+
+
+class ListFullError(IvfpqError):
+    """A write would give an inverted list more records than the catalog can address: a
+    list generation of a store with the packed id map (format 1.3) holds at most
+    2**32 - 1 records. Nothing was written."""
 
 
 class CorruptStoreError(IvfpqError):

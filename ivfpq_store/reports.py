@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .format import SEGMENT_PRELUDE_SIZE, Header, record_dtype
+from .format.idmap import PACKED
+from .format.records import StoreMeta
 from .format.vectors import vector_row_dtype
 from .params import IndexParams
 from .storage import CatalogSnapshot, StoreLayout, committed_size
@@ -20,7 +22,8 @@ class StoreInfo:
     """What :meth:`Store.info` reports."""
 
     path: str
-    format_version: str
+    format_version: str  # the format the store was created with
+    id_map: str  # "packed" (format 1.3) or "per-id" (formats 1.0-1.2; Store.upgrade packs it)
     dim: int
     nlist: int
     m: int
@@ -83,9 +86,9 @@ def list_infos(snap: CatalogSnapshot, params: IndexParams) -> list[ListInfo]:
 
 
 def store_info(layout: StoreLayout, header: Header, snap: CatalogSnapshot,
-               store_format: list[int]) -> StoreInfo:
-    """The :class:`StoreInfo` of the store at ``layout`` in the state ``snap``;
-    ``store_format`` is the format version its catalog records (``meta/store.format``)."""
+               meta: StoreMeta) -> StoreInfo:
+    """The :class:`StoreInfo` of the store at ``layout`` in the state ``snap``; ``meta`` is
+    its catalog's ``meta/store`` (the format it was created with, the id map's layout)."""
     p = header.params
     sizes = [0] * p.nlist
     deleted = [0] * p.nlist
@@ -105,7 +108,8 @@ def store_info(layout: StoreLayout, header: Header, snap: CatalogSnapshot,
         row_bytes += vector_row_dtype(p.dim, header.vectors).itemsize
         emptied *= 2  # each emptied list frees two preludes
     return StoreInfo(
-        path=str(layout.root), format_version="{}.{}".format(*store_format),
+        path=str(layout.root), format_version="{}.{}".format(*meta.format),
+        id_map="packed" if meta.schema == PACKED else "per-id",
         dim=p.dim, nlist=p.nlist, m=p.m, nbits=p.nbits, metric=p.metric.label,
         store_vectors=header.vectors, ntotal=snap.state.ntotal, ndeleted=snap.state.ndeleted,
         list_sizes=tuple(sizes), list_deleted=tuple(deleted),

@@ -56,6 +56,7 @@ from .storage import (
     probe_lock,
 )
 from .types import F32Array, I64Array, Metric, PathArg, ProgressFn, U8Array
+from .upgrading import UpgradeReport, upgrade_store
 from .verify import VerifyReport, verify_store
 from .writing import Writer
 
@@ -617,6 +618,27 @@ class Store:
         return copy_store(self._layout, self._files, as_path(dest, "dest"),
                           lambda: self._writer.locked(sweep=False))
 
+    def upgrade(self) -> UpgradeReport:
+        """Rewrite the catalog of a store of format 1.0-1.2 with the packed id map of format
+        1.3 (docs/operations.md, "Upgrading a store"): at most 12 bytes per vector instead of
+        about 35 when ids come in increasing runs. One transaction under the writer lock, so
+        a crash leaves the old catalog or the new one; searches go on meanwhile. A store that
+        has the packed id map already is left as it is (``upgraded`` False).
+
+        Once upgraded, a store can no longer be opened by ivfpq-store versions that predate
+        format 1.3 (they refuse it with UnsupportedVersionError).
+
+        Raises
+        ------
+        ReadOnlyStoreError, StoreLockedError
+        CorruptStoreError, FormatError
+            The id map is damaged or disagrees with the list records (nothing is written;
+            run :meth:`verify`).
+        ListFullError
+            A list holds 2**32 records or more, which the packed map cannot address.
+        """
+        return upgrade_store(lambda: self._writer.locked(sweep=False))
+
     # -- inspecting -------------------------------------------------------------------------
     def lists(self) -> list[ListInfo]:
         """Every inverted list: live and deleted counts, segment file and its committed bytes."""
@@ -626,7 +648,7 @@ class Store:
         """Parameters, vector count, per-list sizes and bytes on disk by kind."""
         catalog = self._live_catalog()
         return store_info(self._layout, self._header, catalog.snapshot(),
-                          catalog.store_meta().format)
+                          catalog.store_meta())
 
     def refresh(self) -> None:
         """Drop cached segment maps and catalog state; the next call reads everything afresh.

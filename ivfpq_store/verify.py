@@ -131,7 +131,7 @@ def verify_store(layout: StoreLayout, files: RowFiles, catalog: Catalog, *,
     try:
         # Before LMDB reads a page that the file no longer holds, or one it would abort on
         found.checked["catalog_pages"] = catalog.check_file(full=True)
-        snap, ids, entries, prefixes, damaged = catalog.full_view()
+        snap, ids, entries, prefixes, damaged, buckets = catalog.full_view()
         meta = catalog.store_meta()
     except (IvfpqError, OSError) as err:  # CatalogError (LMDB's own), FormatError of a key...
         if cannot_check(err):
@@ -140,6 +140,8 @@ def verify_store(layout: StoreLayout, files: RowFiles, catalog: Catalog, *,
         return _report(found, [], writer_active=False)
     for message in damaged.values():
         found.problem("tombstones", message, str(layout.catalog))
+    for message in buckets:  # damaged buckets of a packed id map; their ids are left out
+        found.problem("ids", message, str(layout.catalog))
     if header:
         found.run("catalog", str(layout.catalog),
                   lambda: check_store_meta(meta, header[0], str(layout.catalog)))

@@ -54,12 +54,14 @@ from .errors import (
     InvalidInputError,
     IvfpqError,
     IvfpqWarning,
+    ListFullError,
     ReadOnlyStoreError,
     StoreLockedError,
 )
 from .format import Header, record_dtype, segment_file_name
-from .format.keys import id_keys, tombstone_keys, tombstone_sum
-from .format.records import ListRecord, StateRecord, encode_id_entries
+from .format.idmap import IdPlaces
+from .format.keys import tombstone_keys, tombstone_sum
+from .format.records import ListRecord, StateRecord
 from .format.vectors import vector_row_dtype
 from .quantizer import Quantizer
 from .storage import (
@@ -170,6 +172,7 @@ class Writer:
                 if live.any():
                     _, old = catalog.locate(given[live])
                     replaced = self._tombstone(snap, given[live], old, changes)
+            self._check_room(catalog, snap.lists, list_nos)
             records, generations, rows, synced = self._append(snap.lists, list_nos, codes,
                                                               new_ids, x)
             try:
@@ -177,10 +180,8 @@ class Writer:
                     prior = changes.lists.get(list_no)
                     changes.lists[list_no] = (record if prior is None else replace(
                         record, deleted=prior.deleted, tsum=prior.tsum))
-                keys = id_keys(new_ids)
-                entries = encode_id_entries(list_nos, generations, rows)
-                for key, entry, is_live in zip(keys, entries, live.tolist(), strict=True):
-                    (changes.moved_ids if is_live else changes.new_ids).append((key, entry))
+                placed = IdPlaces.of(new_ids, list_nos, generations, rows)
+                changes.moved_ids, changes.new_ids = placed.take(live), placed.take(~live)
                 new_state = StateRecord(
                     commit=state.commit + 1, ntotal=state.ntotal + n - replaced,
                     next_id=max(state.next_id, int(new_ids.max()) + 1),
@@ -197,6 +198,25 @@ class Writer:
             self._auto_compact(changes.lists)
         return new_ids
 
+    def _check_room(self, catalog: Catalog, lists: Mapping[int, ListRecord],
+                    list_nos: I64Array) -> None:
+        """Raise ListFullError, before anything is written, when the batch would give a list
+        generation more records than the catalog's id map can address (docs/format.md §6.3:
+        2**32 - 1 in a packed one)."""
+        limit = catalog.max_count()
+        if limit is None:
+            return
+        touched, added = np.unique(list_nos, return_counts=True)
+        for list_no, n in zip(touched.tolist(), added.tolist(), strict=True):
+            record = lists.get(list_no)
+            count = record.count if record is not None else 0
+            if count + n > limit:
+                raise ListFullError(
+                    f"{self._layout.root}: list {list_no} holds {count} records and this write "
+                    f"adds {n} — a list of a store with the packed id map holds at most "
+                    f"{limit}; nothing was written (compact the list if it has deleted "
+                    "records, or spread the vectors over more lists: a larger nlist)")
+
     def delete(self, ids: Any) -> int:
         """Tombstone the live ids among ``ids`` in one transaction; how many there were."""
         self.check_writable()
@@ -206,7 +226,7 @@ class Writer:
             found, entries = catalog.locate(wanted)
             if not found.any():
                 return 0
-            changes = Changes(removed_ids=id_keys(wanted[found]))
+            changes = Changes(removed_ids=wanted[found])
             removed = self._tombstone(snap, wanted[found], entries, changes)
             state = snap.state
             catalog.apply(StateRecord(commit=state.commit + 1, ntotal=state.ntotal - removed,

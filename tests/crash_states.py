@@ -105,7 +105,8 @@ def run_operation(spec_file: str) -> None:
     """In the traced child: run one operation described by the JSON file ``spec_file``, then
     write :data:`ACK` to stderr.
 
-    Keys: ``kind`` (create, add, upsert, delete, compact, copy), ``store`` (path), ``inputs``
+    Keys: ``kind`` (create, add, upsert, delete, compact, copy, upgrade), ``store`` (path),
+    ``inputs``
     (an .npz with ``train``, ``vectors``, ``ids``), ``params`` (create's keywords),
     ``ratio`` (compact's), ``dest`` (copy's), ``auto_compact_ratio`` (open's), and
     ``mutant``: a durability step to remove, so that a test can show the checker catching
@@ -146,6 +147,8 @@ def run_operation(spec_file: str) -> None:
             store.compact(min_deleted_ratio=spec["ratio"])
         elif kind == "copy":
             store.copy(spec["dest"])
+        elif kind == "upgrade":
+            store.upgrade()
         else:
             raise ValueError(f"unknown operation {kind!r}")
         os.write(2, ACK)
@@ -439,7 +442,7 @@ def summarize(path: Path) -> dict[str, Any]:
                                                                               strict=True)]
             live.sort()
             out["n"], out["len"] = len(live), len(store)
-            content = json.dumps(live)
+            content = json.dumps(live) + store.info().id_map  # an upgrade changes only this
             out["header"] = hashlib.sha256((path / "header.ivfh").read_bytes()).hexdigest()
             query = np.ones((1, store.params.dim), np.float32)
             live_ids = [i for i, _, _ in live]

@@ -4,6 +4,7 @@ recorders and child processes. Imported by tests; imports no test module."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import struct
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+import msgpack
 import numpy as np
 import pytest
 
@@ -192,6 +194,98 @@ def raw_catalog(path: Path) -> Iterator[tuple[Any, dict[str, Any]]]:
             yield txn, dbs
     finally:
         env.close()
+
+
+def id_map_schema(path: Path) -> int:
+    """The ``meta/store`` schema version of the closed store at ``path``: 1 per-id entries,
+    2 the packed id map of format 1.3."""
+    with raw_catalog(path) as (txn, dbs):
+        return id_map_schema_in(txn, dbs)
+
+
+def downgrade_id_map(path: Path) -> int:
+    """Rewrite the packed id map of the closed store at ``path`` as the per-id entries of
+    formats 1.0-1.2, as a writer of format 1.2 left it (``meta/store`` ``"v": 1``, its
+    ``format`` [1, 2] with stored vectors, else [1, 1]); returns how many ids it holds. For
+    tests that need an old store with given contents, or the same contents in both layouts."""
+    from ivfpq_store.format.idmap import decode_buckets
+    from ivfpq_store.format.keys import id_keys
+    from ivfpq_store.format.records import ListRecord, StoreMeta, encode_id_entries
+
+    with raw_catalog(path) as (txn, dbs):
+        meta = StoreMeta.from_msgpack(txn.get(b"store", db=dbs["meta"]))
+        assert meta.schema == 2, "the store's id map is not packed"
+        items = list(txn.cursor(db=dbs["ids"]))
+        got = decode_buckets([k for k, _ in items], [v for _, v in items])
+        lists = {int.from_bytes(k, "big"): ListRecord.from_msgpack(v)
+                 for k, v in txn.cursor(db=dbs["lists"])}
+        gens = np.array([lists[n].generation for n in got.list_nos.tolist()], dtype=np.int64)
+        txn.drop(dbs["ids"], delete=False)
+        txn.cursor(db=dbs["ids"]).putmulti(list(zip(
+            id_keys(got.ids), encode_id_entries(got.list_nos, gens, got.rows), strict=True)))
+        vectors = (path / "header.ivfh").read_bytes()[12] & 1
+        old = dataclasses.replace(meta, schema=1, format=[1, 2] if vectors else [1, 1])
+        txn.put(b"store", old.to_msgpack(), db=dbs["meta"])
+        return len(got.ids)
+
+
+def id_entry(path: Path, vector_id: int) -> tuple[int, int, int] | None:
+    """(list_no, generation, row) of ``vector_id`` in the id map of the closed store at
+    ``path``, read with the package's codecs of its layout; None when it has no entry. A
+    packed map's generation is its list record's."""
+    from ivfpq_store.format.idmap import decode_buckets
+    from ivfpq_store.format.records import IdEntry, ListRecord
+
+    with raw_catalog(path) as (txn, dbs):
+        if id_map_schema_in(txn, dbs) == 1:
+            raw = txn.get(vector_id.to_bytes(8, "big"), db=dbs["ids"])
+            if raw is None:
+                return None
+            e = IdEntry.decode(raw)
+            return e.list_no, e.generation, e.row
+        key = (vector_id >> 6).to_bytes(8, "big")
+        raw = txn.get(key, db=dbs["ids"])
+        got = decode_buckets([key], [raw]) if raw is not None else None
+        if got is None or vector_id not in got.ids:
+            return None
+        at = int(np.flatnonzero(got.ids == vector_id)[0])
+        list_no = int(got.list_nos[at])
+        record = ListRecord.from_msgpack(txn.get(list_no.to_bytes(4, "big"), db=dbs["lists"]))
+        return list_no, record.generation, int(got.rows[at])
+
+
+def put_id_entry(path: Path, vector_id: int, list_no: int, generation: int, row: int) -> None:
+    """Write the well-formed entry (list_no, generation, row) for ``vector_id`` into the id
+    map of the closed store at ``path``, with the package's codecs of its layout: damage that
+    no checksum sees (in a packed map the bucket is encoded again with a valid CRC, and the
+    generation, which it does not store, must be the list's)."""
+    from ivfpq_store.format.idmap import decode_buckets, encode_buckets
+    from ivfpq_store.format.records import IdEntry
+
+    with raw_catalog(path) as (txn, dbs):
+        if id_map_schema_in(txn, dbs) == 1:
+            txn.put(vector_id.to_bytes(8, "big"), IdEntry(list_no, generation, row).encode(),
+                    db=dbs["ids"])
+            return
+        key = (vector_id >> 6).to_bytes(8, "big")
+        raw = txn.get(key, db=dbs["ids"])
+        got = decode_buckets([key], [raw]) if raw is not None else None
+        ids = [] if got is None else got.ids.tolist()
+        places = {} if got is None else dict(zip(ids, zip(got.list_nos.tolist(),
+                                                          got.rows.tolist(), strict=True),
+                                                 strict=True))
+        places[vector_id] = (list_no, row)
+        order = sorted(places)
+        _, keys, values = encode_buckets(np.array(order, np.int64),
+                                         np.array([places[i][0] for i in order]),
+                                         np.array([places[i][1] for i in order]))
+        assert keys == [key]
+        txn.put(key, values[0], db=dbs["ids"])
+
+
+def id_map_schema_in(txn: Any, dbs: dict[str, Any]) -> int:
+    """The ``meta/store`` schema version, read in ``txn`` (:func:`raw_catalog`)."""
+    return int(msgpack.unpackb(txn.get(b"store", db=dbs["meta"]), raw=False)["v"])
 
 
 def tombstone_keys_of(path: Path) -> list[bytes]:

@@ -22,7 +22,7 @@ import msgpack
 import numpy as np
 import pytest
 from conftest import NLIST, make_store
-from helpers import raw_catalog, tombstone_keys_of
+from helpers import downgrade_id_map, raw_catalog, tombstone_keys_of
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -61,7 +61,7 @@ RECORD_STRATEGIES = {
         format=st.lists(st.integers(0, 0xFFFF), min_size=2, max_size=2),
         created=st.floats(allow_nan=False), dim=st.integers(1, 2**16),
         nlist=st.integers(1, 2**24), m=st.integers(1, 2**16), nbits=st.integers(1, 8),
-        metric=st.sampled_from([m.label for m in Metric])),
+        metric=st.sampled_from([m.label for m in Metric]), schema=st.sampled_from([1, 2])),
     StateRecord: st.builds(StateRecord, commit=u64s, ntotal=u64s, next_id=ids63, ndeleted=u64s),
     ListRecord: st.builds(ListRecord, file=st.builds(segment_file_name, u32s, u32s),
                           generation=u32s, count=u64s, deleted=u64s, crc32=u32s,
@@ -165,9 +165,16 @@ def test_record_msgpack_schema_is_stable() -> None:
     assert msgpack.unpackb(raw) == {"v": 1, "commit": 3, "ntotal": 10, "next_id": 12,
                                     "ndeleted": 2, "crc": zlib.crc32(raw[:-9])}
     assert raw[-9:-4] == b"\xa3crc\xce"
-    meta = msgpack.unpackb(SAMPLE_RECORDS[StoreMeta].to_msgpack())
+    meta = msgpack.unpackb(SAMPLE_RECORDS[StoreMeta].to_msgpack(), raw=False)
     assert meta["store_uuid"] == uuid.UUID(int=1).bytes
-    assert meta["v"] == 1
+    assert meta["v"] == 2  # the packed id map (format 1.3); its schema is "v", not a field
+    assert "schema" not in meta
+    old = msgpack.unpackb(StoreMeta(store_uuid=uuid.UUID(int=1), format=[1, 0], created=1.5e9,
+                                    dim=8, nlist=2, m=2, nbits=2, metric="l2",
+                                    schema=1).to_msgpack())
+    assert old["v"] == 1
+    assert StoreMeta.from_msgpack(packed({k: v for k, v in old.items()
+                                          if k != "crc"})).schema == 1
 
 
 def test_a_record_written_before_format_1_1_decodes_without_checks() -> None:
@@ -241,17 +248,27 @@ def packed(obj: object) -> bytes:
 
 @pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
 @pytest.mark.parametrize(("v", "shown"), [pytest.param(2, "2", id="v2"),
+                                          pytest.param(3, "3", id="v3"),
                                           pytest.param(0, "0", id="v0"),
                                           pytest.param("1", "'1'", id="v-str"),
+                                          pytest.param(True, "True", id="v-bool"),
                                           pytest.param(None, "None", id="v-nil")])
 def test_record_unknown_schema_version(cls: RecordClass, v: object, shown: str) -> None:
+    """Every record says "v": 1, but StoreMeta, which says 1 or 2 (the id map's layout); a
+    reader refuses any other value. A reader older than format 1.3 knows only 1, so it
+    refuses a packed catalog with this same error."""
     obj = record_map(cls)
     obj["v"] = v
+    if v in cls.VERSIONS and type(v) is int:
+        assert cls.from_msgpack(packed(obj)) is not None
+        return
+    known = " or ".join(str(n) for n in cls.VERSIONS)
     with pytest.raises(UnsupportedVersionError,
-                       match=rf"catalog {cls.__name__}: schema version {shown} — expected 1;"
-                             " upgrade") as exc:
+                       match=rf"catalog {cls.__name__}: schema version {shown} — expected "
+                             rf"{known}; upgrade") as exc:
         cls.from_msgpack(packed(obj))
-    assert (exc.value.path, exc.value.expected, exc.value.actual) == ("catalog", 1, v)
+    expected = cls.VERSIONS if len(cls.VERSIONS) > 1 else 1
+    assert (exc.value.path, exc.value.expected, exc.value.actual) == ("catalog", expected, v)
 
 
 @pytest.mark.parametrize("cls", RECORD_CLASSES, ids=record_ids)
@@ -264,7 +281,8 @@ def test_record_without_version_is_unsupported(cls: RecordClass) -> None:
 
 @pytest.mark.parametrize(("cls", "name"), [
     pytest.param(cls, f.name, id=f"{cls.__name__}-{f.name}")
-    for cls in RECORD_CLASSES for f in fields(cls) if f.name not in cls.OPTIONAL])
+    for cls in RECORD_CLASSES for f in fields(cls)
+    if f.name not in cls.OPTIONAL and f.name != cls.SCHEMA_FIELD])
 def test_record_missing_field(cls: RecordClass, name: str) -> None:
     obj = record_map(cls)
     del obj[name]
@@ -362,9 +380,11 @@ def test_decode_id_entries_empty() -> None:
 # =============================================================================================
 def _as_format_1_0(path: Path) -> int:
     """Rewrite the catalog of the closed store at ``path`` as a format 1.0 writer left it:
-    every msgpack record without its "crc" entry, list records without "tsum", and
-    ``meta/store.format`` [1, 0]. Returns how many records were rewritten."""
+    one entry per id (:func:`~helpers.downgrade_id_map`), every msgpack record without its
+    "crc" entry, list records without "tsum", and ``meta/store.format`` [1, 0]. Returns how
+    many records were rewritten."""
     rewritten = 0
+    downgrade_id_map(path)
     with raw_catalog(path) as (txn, dbs):
         for name in ("meta", "lists"):
             for key, value in list(txn.cursor(db=dbs[name])):
@@ -411,13 +431,14 @@ def test_a_format_1_0_store_opens_searches_and_gains_checks_as_it_is_written(tmp
     with ivfpq_store.open(path, readonly=True) as store:
         assert store.verify().ok
         assert store.info().format_version == "1.0"  # the format it was created with
+        assert store.info().id_map == "per-id"
         np.testing.assert_array_equal(store.search(queries, k=10, nprobe=NLIST).ids,
                                       expected.ids)
 
 
-def test_a_new_store_says_format_1_1(tmp_path, small_data):
+def test_a_new_store_says_format_1_3_with_the_packed_id_map(tmp_path, small_data):
     with make_store(tmp_path / "s.ivfpq", small_data, add=False) as store:
-        assert store.info().format_version == "1.1"
+        assert (store.info().format_version, store.info().id_map) == ("1.3", "packed")
 
 
 def test_a_catalog_of_a_newer_format_major_is_refused(tmp_path, small_data):

@@ -289,11 +289,13 @@ def test_verify_under_an_address_space_limit_exits_4(tmp_path, small_data):
 def test_commands_run_under_an_address_space_limit_without_map_size(tmp_path, small_data):
     """Under an 8 GiB RLIMIT_AS, create, add, search, info and verify work with the default
     map (it starts at 64 MiB and grows on demand); one add grows it (--map-size 1 MiB
-    there, the least, and more ids than fit)."""
+    there, the least, and more ids than fit, each in a bucket of its own)."""
     limit = 8 << 30
     np.save(tmp_path / "train.npy", small_data["train"])
     np.save(tmp_path / "base.npy", small_data["base"][:300])
     np.save(tmp_path / "many.npy", np.tile(small_data["base"], (20, 1)))  # 30,000 vectors
+    # 64 apart, each id takes a bucket of its own in the packed id map: more than 1 MiB
+    np.save(tmp_path / "many_ids.npy", 10_000 + 64 * np.arange(30_000))
 
     def small_address_space():
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -305,7 +307,8 @@ def test_commands_run_under_an_address_space_limit_without_map_size(tmp_path, sm
                                    "--nlist", "8", "--m", "4", "--nbits", "6"]),
                        ("add", ["add", path, str(tmp_path / "base.npy"), "-q"]),
                        ("grow", ["--map-size", str(1 << 20), "-v", "add", path,
-                                 str(tmp_path / "many.npy"), "-q"]),
+                                 str(tmp_path / "many.npy"), "--ids",
+                                 str(tmp_path / "many_ids.npy"), "-q"]),
                        ("search", ["search", path, str(tmp_path / "base.npy"), "-k", "1",
                                    "--json"]),
                        ("info", ["info", path]), ("verify", ["verify", path])):

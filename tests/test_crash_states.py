@@ -51,6 +51,7 @@ from crash_trace import (
     strace_unavailable,
 )
 from crash_workload import apply_to_model
+from helpers import downgrade_id_map
 
 import ivfpq_store
 
@@ -89,6 +90,8 @@ CASES = {
     "copy_to_new_dir": Case("copy", "tombstoned", dest="backups/dest",
                             sides=("backups/dest:absent store:unchanged",
                                    "backups/dest:after store:unchanged")),
+    # a store of format 1.2 (per-id entries) upgraded to the packed id map
+    "upgrade": Case("upgrade", "legacy"),
 }
 #: Bigger batches, explored in the slow run only: commits of many LMDB pages, appends and
 #: compactions of many lists.
@@ -141,14 +144,16 @@ def stores(tmp_path_factory: pytest.TempPathFactory,
     vectors of one list and all five of another deleted; ``emptied``: tombstoned, compacted;
     ``crashed``: base with an uncommitted tail (of a segment and, in the second family, of its
     vector file), an orphan segment (and vector file) and a dead writer's pid; ``big``: base
-    with 300 more vectors. Every vector's id is its index in the pool."""
+    with 300 more vectors; ``legacy``: big with the tombstones of tombstoned, its id map
+    written as per-id entries (formats 1.0-1.2). Every vector's id is its index in the
+    pool."""
     tmp = tmp_path_factory.mktemp("crash-states")
     pool = small_data["base"]
     start: dict[str, Path] = {}
     models: dict[str, dict[int, np.ndarray]] = {}
     for kept_as in (None, "float16"):
         family = {name: tmp / start_name(name, kept_as) / "store"
-                  for name in ("base", "tombstoned", "emptied", "crashed", "big")}
+                  for name in ("base", "tombstoned", "emptied", "crashed", "big", "legacy")}
         with make_store(family["base"], small_data, add=False, store_vectors=kept_as) as store:
             lists, _ = store.assign(pool)
             by_list = [np.flatnonzero(lists == n) for n in range(NLIST)]
@@ -170,6 +175,10 @@ def stores(tmp_path_factory: pytest.TempPathFactory,
             store.compact()
         with ivfpq_store.open(family["big"]) as store:
             store.add(pool[unused[:300]], ids=unused[:300])
+        shutil.copytree(family["big"], family["legacy"])
+        with ivfpq_store.open(family["legacy"], auto_compact_ratio=None) as store:
+            store.delete(deleted)
+        downgrade_id_map(family["legacy"])
         segments = family["crashed"] / "segments"
         suffixes = (".seg", ".vec") if kept_as else (".seg",)
         for suffix in suffixes:
@@ -179,8 +188,10 @@ def stores(tmp_path_factory: pytest.TempPathFactory,
         (family["crashed"] / "LOCK").write_text("999999\n")
         base = {i: pool[i] for i in first.tolist()}
         kept = {i: v for i, v in base.items() if i not in set(deleted.tolist())}
+        big = base | {i: pool[i] for i in unused[:300].tolist()}
         family_models = {"base": base, "tombstoned": kept, "emptied": kept, "crashed": base,
-                         "big": base | {i: pool[i] for i in unused[:300].tolist()}}
+                         "big": big, "legacy": {i: v for i, v in big.items()
+                                                if i not in set(deleted.tolist())}}
         for name, path in family.items():
             start[start_name(name, kept_as)] = path
             models[start_name(name, kept_as)] = family_models[name]

@@ -27,7 +27,10 @@ import pytest
 from conftest import NLIST, make_store
 from helpers import (
     assert_clean_error,
+    downgrade_id_map,
+    id_entry,
     lock_holder,
+    put_id_entry,
     raw_catalog,
     run_child,
     tombstone_keys_of,
@@ -934,30 +937,35 @@ def test_a_damaged_page_of_the_id_map_is_a_verify_problem_not_an_abort(compact_c
 # 8. a wrong but well-formed id entry: a write refuses it instead of tombstoning another record
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("wrong", ["another-record", "a-deleted-row", "past-the-records",
-                                   "old-generation"])
+@pytest.mark.parametrize(("wrong", "layout"), [
+    pytest.param(wrong, layout, id=f"{wrong}-{layout}")
+    for layout in ("packed", "per-id")
+    for wrong in ("another-record", "a-deleted-row", "past-the-records", "old-generation")
+    if (wrong, layout) != ("old-generation", "packed")])
 @pytest.mark.parametrize("write", ["delete", "upsert"])
 def test_a_write_refuses_an_id_entry_that_names_the_wrong_record(deletions, small_data, wrong,
-                                                                 write):
+                                                                 write, layout):
     """The id map says where an id's record is; a delete or upsert tombstones that record.
     An entry damaged into another well-formed entry (another live record, a tombstoned row, a
     row past the committed records, a former generation) would make the write delete the
     wrong vector: the write checks the entry against the list record and the segment first,
-    raises CorruptStoreError naming the id, and changes nothing."""
+    raises CorruptStoreError naming the id, and changes nothing. A packed id map stores no
+    generation (its entries name the list's current one), so it has no former-generation
+    case; its damage here keeps the bucket's CRC valid, as a bug in a writer would."""
     path, _ = deletions
+    if layout == "per-id":
+        downgrade_id_map(path)
     with ivfpq_store.open(path, readonly=True) as store:
         ids, _ = store.list_contents(DELETED_LIST)
     victim, other = int(ids[0]), int(ids[1])  # two live ids of the list; rows 0, 1 are deleted
-    with raw_catalog(path) as (txn, dbs):
-        entry = np.frombuffer(txn.get(other.to_bytes(8, "big"), db=dbs["ids"]),
-                              dtype=[("list_no", "<u4"), ("generation", "<u4"), ("row", "<u8")])
-        list_no, generation, row = (int(entry[0][f]) for f in ("list_no", "generation", "row"))
-        row, generation = {"another-record": (row, generation),
-                           "a-deleted-row": (0, generation),
-                           "past-the-records": (10**6, generation),
-                           "old-generation": (row, generation + 1)}[wrong]
-        txn.put(victim.to_bytes(8, "big"), struct.pack("<IIQ", list_no, generation, row),
-                db=dbs["ids"])
+    found = id_entry(path, other)
+    assert found is not None
+    list_no, generation, row = found
+    row, generation = {"another-record": (row, generation),
+                       "a-deleted-row": (0, generation),
+                       "past-the-records": (10**6, generation),
+                       "old-generation": (row, generation + 1)}[wrong]
+    put_id_entry(path, victim, list_no, generation, row)
     before = tree_fingerprint(path)
     with ivfpq_store.open(path) as store:
         call = ((lambda: store.delete([victim])) if write == "delete"

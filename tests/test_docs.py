@@ -82,7 +82,8 @@ def hexdump(data: bytes) -> list[str]:
 @pytest.mark.parametrize(("section", "golden"), [("### 8.1", "header-v1.0.ivfh"),
                                                  ("### 8.2", "segment-v1.0.seg"),
                                                  ("### 8.4", "header-v1.1-vectors.ivfh"),
-                                                 ("### 8.5", "vectors-v1.0.vec")])
+                                                 ("### 8.5", "vectors-v1.0.vec"),
+                                                 ("### 8.6", "idmap-v1.3.bin")])
 def test_worked_example_dumps_match_golden_files(section, golden):
     text = (DOCS / "format.md").read_text().split(section, 1)[1].split("\n### ", 1)[0]
     blocks = re.findall(r"```\n(0{8}  .*?)```", text, flags=re.S)

@@ -228,21 +228,23 @@ def test_a_bad_filter_argument_is_refused_and_changes_nothing(churned, small_dat
     assert tree_fingerprint(tmp_path / "s.ivfpq") == before
 
 
-def test_the_direct_plan_refuses_a_damaged_id_map(tmp_path, small_data):
-    """An id entry damaged into another live record of the right list would make the
-    direct plan return the wrong vector under that id: it checks the record holds the id."""
-    import struct
-
-    from helpers import raw_catalog
+@pytest.mark.parametrize("layout", ["packed", "per-id"])
+def test_the_direct_plan_refuses_a_damaged_id_map(tmp_path, small_data, layout):
+    """An id entry damaged into another live record of the right list (a packed bucket
+    encoded again with a valid CRC) would make the direct plan return the wrong vector under
+    that id: it checks the record holds the id."""
+    from helpers import downgrade_id_map, id_entry, put_id_entry
 
     path = tmp_path / "s.ivfpq"
     with make_store(path, small_data) as store:
         ids, _ = store.list_contents(2)
+    if layout == "per-id":
+        downgrade_id_map(path)
     victim, other = int(ids[0]), int(ids[1])
-    with raw_catalog(path) as (txn, dbs):
-        entry = txn.get(other.to_bytes(8, "big"), db=dbs["ids"])
-        txn.put(victim.to_bytes(8, "big"), entry, db=dbs["ids"])
-        assert struct.unpack("<IIQ", entry)[0] == 2
+    entry = id_entry(path, other)
+    assert entry is not None
+    assert entry[0] == 2
+    put_id_entry(path, victim, *entry)
     with ivfpq_store.open(path, readonly=True) as store, \
             testing.search_config(store, **ALWAYS_DIRECT), \
             pytest.raises(ivfpq_store.CorruptStoreError, match="id map places ids of list 2"):

@@ -32,18 +32,21 @@ ALLOWED = {
     "compaction": {"_kernel", "errors", "format", "storage"},
     "verify": {"_kernel", "errors", "format", "storage"},
     "copying": {"errors", "storage"},
+    "upgrading": {"storage"},
     "writing": {"_kernel", "_validate", "compaction", "errors", "format", "quantizer", "storage",
                 "types"},
     "reports": {"format", "params", "storage"},
     "store": {"_validate", "compaction", "copying", "errors", "filters", "format", "params",
-              "quantizer", "reports", "search", "storage", "types", "verify", "writing"},
+              "quantizer", "reports", "search", "storage", "types", "upgrading", "verify",
+              "writing"},
     "opening": {"errors", "format", "params", "storage", "store", "types"},
     "creation": {"_validate", "errors", "format", "opening", "params", "quantizer", "storage",
                  "store", "training", "types", "version"},
     "demo": {"creation", "opening", "datasets", "evaluation"},
     "cli": {"ivfpq_store", "demo", "errors", "io", "verify"},  # verify: cannot_check()
     "__init__": {"_kernel", "compaction", "copying", "creation", "errors", "filters", "opening",
-                 "params", "reports", "search", "store", "types", "verify", "version"},
+                 "params", "reports", "search", "store", "types", "upgrading", "verify",
+                 "version"},
     "__main__": {"cli"},
     "testing": {"format", "search", "storage", "store"},  # imported by tests only
 }

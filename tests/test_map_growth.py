@@ -22,13 +22,22 @@ from conftest import DIM, make_store
 from helpers import REPO, synthetic
 
 import ivfpq_store
-from ivfpq_store.format.keys import id_keys
-from ivfpq_store.format.records import StateRecord, StoreMeta, encode_id_entries
+from ivfpq_store.format import segment_file_name
+from ivfpq_store.format.idmap import IdPlaces
+from ivfpq_store.format.records import ListRecord, StateRecord, StoreMeta
 from ivfpq_store.storage import Catalog, Changes
 from ivfpq_store.storage.gate import TransactionGate
 from ivfpq_store.storage.lmdb_env import initial_map_size
 
 MiB = 1 << 20
+#: Ids this far apart each take a bucket of their own in a packed id map (docs/format.md
+#: §6.3): about 38 bytes of B-tree each, so that adds fill a small map quickly.
+SPREAD = 64
+
+
+def spread_ids(start: int, n: int) -> np.ndarray:
+    """``n`` ids from ``start``, each alone in its bucket."""
+    return start + SPREAD * np.arange(n, dtype=np.int64)
 
 
 def _meta() -> StoreMeta:
@@ -37,10 +46,11 @@ def _meta() -> StoreMeta:
 
 
 def _new_ids(start: int, n: int) -> Changes:
-    ids = np.arange(start, start + n, dtype=np.int64)
-    zeros = np.zeros(n, dtype=np.int64)
-    return Changes(new_ids=list(zip(id_keys(ids), encode_id_entries(zeros, zeros, ids),
-                                    strict=True)))
+    """``n`` new ids in rows 0.. of list 0, and that list's record."""
+    record = ListRecord(file=segment_file_name(0, 0), generation=0, count=n, deleted=0,
+                        crc32=0, tsum=0)
+    return Changes(lists={0: record},
+                   new_ids=IdPlaces.of(spread_ids(start, n), 0, 0, np.arange(n)))
 
 
 def test_initial_map_size_is_the_request_or_twice_the_file_rounded_up():
@@ -81,21 +91,24 @@ def test_a_resize_waits_for_open_transactions_and_holds_back_new_ones():
 
 
 def test_a_transaction_that_fills_the_map_is_run_again_in_a_grown_map(tmp_path, caplog):
-    """100,000 new ids (about 3 MB of B-tree) in one transaction of a 1 MiB map: aborted at
-    the full map, the map doubled twice, the transaction run again; before_commit runs once."""
+    """100,000 new ids, each in a bucket of its own (about 4 MB of B-tree), in one
+    transaction of a 1 MiB map: aborted at the full map, the map doubled twice, the
+    transaction run again; before_commit runs once."""
     caplog.set_level(logging.INFO, logger="ivfpq_store.storage.lmdb_env")
     catalog = Catalog.create(tmp_path / "catalog", _meta(),
                              StateRecord(commit=0, ntotal=0, next_id=0, ndeleted=0), map_size=MiB)
     try:
         calls = []
-        catalog.apply(StateRecord(commit=1, ntotal=100_000, next_id=100_000, ndeleted=0),
+        catalog.apply(StateRecord(commit=1, ntotal=100_000, next_id=SPREAD * 100_000,
+                                  ndeleted=0),
                       _new_ids(0, 100_000), before_commit=lambda: calls.append(1))
         assert calls == [1]
         grown = [r.getMessage() for r in caplog.records if "grown" in r.getMessage()]
         assert grown[0].endswith("catalog map grown from 1048576 to 2097152 bytes")
         assert catalog.map_size() >= 4 * MiB
         assert catalog.snapshot().state.ntotal == 100_000
-        assert catalog.live_mask(np.array([0, 99_999, 100_000])).tolist() == [True, True, False]
+        assert catalog.live_mask(np.array([0, SPREAD * 99_999, 1])).tolist() == [True, True,
+                                                                                 False]
     finally:
         catalog.close()
 
@@ -138,8 +151,8 @@ def test_max_map_size_below_map_size_is_refused(tmp_path, small_data):
 
 def test_threads_search_while_another_thread_grows_the_map(tmp_path, small_data):
     """Growing the map unmaps it: no search of another thread may be inside a transaction
-    then (the per-environment gate). Four threads search while the writer's adds double the
-    map from 1 MiB several times."""
+    then (the per-environment gate). Four threads search while the writer's adds (of ids in
+    buckets of their own) double the map from 1 MiB several times."""
     path = tmp_path / "s.ivfpq"
     make_store(path, small_data).close()
     queries = small_data["queries"]
@@ -162,8 +175,9 @@ def test_threads_search_while_another_thread_grows_the_map(tmp_path, small_data)
             futures = [pool.submit(search) for _ in range(4)]
             rng = np.random.default_rng(1)
             try:
-                for _ in range(8):
-                    store.add(rng.normal(size=(10_000, DIM)))
+                for batch in range(8):
+                    store.add(rng.normal(size=(10_000, DIM)),
+                              ids=spread_ids(10_000 + batch * SPREAD * 10_000, 10_000))
             finally:
                 stop.set()
             searches = [f.result() for f in futures]
@@ -219,8 +233,9 @@ def test_a_reader_process_follows_the_map_another_process_grew(tmp_path, small_d
             assert reader.stdout.readline().strip() == "ready"
             rng = np.random.default_rng(2)
             with ivfpq_store.open(path, map_size=MiB) as store:
-                for _ in range(8):
-                    store.add(rng.normal(size=(10_000, DIM)))
+                for batch in range(8):
+                    store.add(rng.normal(size=(10_000, DIM)),
+                              ids=spread_ids(10_000 + batch * SPREAD * 10_000, 10_000))
                     time.sleep(0.05)
                 total = len(store)
                 writer_map = store._live_catalog().map_size()
@@ -317,7 +332,9 @@ def test_the_cli_passes_map_sizes_and_checks_them(tmp_path, small_data):
     assert result.exit_code == 2
     assert "--max-map-size" in result.stderr
     np.save(tmp_path / "many.npy", synthetic(60_000, DIM, seed=5))
+    np.save(tmp_path / "ids.npy", spread_ids(10_000, 60_000))
     result = runner.invoke(cli, ["--map-size", str(MiB), "--max-map-size", str(MiB), "add",
-                                 str(path), str(tmp_path / "many.npy"), "-q"])
+                                 str(path), str(tmp_path / "many.npy"), "--ids",
+                                 str(tmp_path / "ids.npy"), "-q"])
     assert result.exit_code == 1
     assert "max_map_size=1,048,576" in result.stderr

@@ -150,12 +150,17 @@ import sys
 import numpy as np
 import ivfpq_store
 # map_size 1 MiB: the writer's commits grow the catalog's map, and the reader must follow.
+# Ids 64 apart take a bucket each in the packed id map (docs/format.md §6.3), so that a few
+# commits fill that map.
 store = ivfpq_store.open(sys.argv[1], map_size=1 << 20, auto_compact_ratio=None)
+start = 1 << 20
 for line in sys.stdin:
     n, size = map(int, line.split())
     rng = np.random.default_rng(n * 1000 + size)
     for _ in range(n):  # one commit each
-        store.add(rng.normal(size=(size, DIM)).astype(np.float32))
+        ids = start + 64 * np.arange(size)
+        start += 64 * size
+        store.add(rng.normal(size=(size, DIM)).astype(np.float32), ids=ids)
     print(len(store), flush=True)
 """.replace("DIM", str(DIM))
 

@@ -1,4 +1,6 @@
-"""Model-based test: random add / upsert / delete / compact / reopen sequences against a dict.
+"""Model-based test: random add / upsert / delete / compact / reopen / upgrade sequences against
+a dict, on stores with the packed id map and on stores with per-id entries (formats 1.0-1.2)
+that a rule may upgrade.
 
 The model maps each live id to its latest vector. After every step the store must agree with
 it exactly: its length and per-list counts, the live contents of every inverted list (each id
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import synthetic
+from helpers import downgrade_id_map, synthetic
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -185,6 +187,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.max_open = 256
         self.model: dict[int, np.ndarray] = {}
         self.next_id = 0  # one past the largest id ever added (auto ids start here)
+        self.layout = "packed"  # the id map's: "per-id" until an upgrade on an old store
 
     def teardown(self) -> None:
         if self.store is not None:
@@ -201,6 +204,9 @@ class StoreMachine(RuleBasedStateMachine):
     def open_store(self, ratio: float | None, max_open: int, data: st.DataObject) -> None:
         self.kind = data.draw(st.sampled_from(self.KINDS), label="store_vectors")
         shutil.copytree(_template(self.kind), self.path)
+        self.layout = data.draw(st.sampled_from(["packed", "per-id"]), label="id map")
+        if self.layout == "per-id":  # a store of format 1.1 or 1.2, upgraded by a rule
+            downgrade_id_map(self.path)
         self.ratio = ratio  # automatic compaction after deletes and upserts, or None
         self.max_open = max_open  # small values make searches evict and remap segments
         self._open()
@@ -306,6 +312,16 @@ class StoreMachine(RuleBasedStateMachine):
         assert after.list_sizes == info.list_sizes
 
     @rule()
+    def upgrade(self) -> None:
+        """The per-id entries of an old store become the packed id map, once; everything
+        the invariants check stays the same."""
+        assert self.store is not None
+        report = self.store.upgrade()
+        assert report.upgraded is (self.layout == "per-id")
+        assert report.ids == (len(self.model) if report.upgraded else 0)
+        self.layout = "packed"
+
+    @rule()
     def reopen(self) -> None:
         assert self.store is not None
         self.store.close()
@@ -399,6 +415,7 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.store is not None
         assert len(self.store) == len(self.model)
         info = self.store.info()
+        assert info.id_map == self.layout
         assert info.ntotal == len(self.model)
         assert info.ndeleted == sum(info.list_deleted)
         _, lists, _ = self._expected_placement()

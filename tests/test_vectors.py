@@ -264,7 +264,8 @@ def test_float16_store_refuses_values_it_cannot_hold(tmp_path, small_data):
 def test_info_and_format_version(tmp_path, small_data):
     with make_store(tmp_path / "v", small_data, store_vectors="float16") as store:
         info = store.info()
-        assert (info.store_vectors, info.format_version) == ("float16", "1.2")
+        assert (info.store_vectors, info.format_version, info.id_map) == ("float16", "1.3",
+                                                                          "packed")
         # 1500 rows of 16 float16 values and a 4-byte CRC, plus a prelude per list
         assert info.bytes_on_disk["vectors"] == 1500 * 36 + 64 * info.n_segments
         store.delete([1, 2])
@@ -272,7 +273,8 @@ def test_info_and_format_version(tmp_path, small_data):
         assert store.info().reclaimable_bytes == 2 * (8 + 4 + 36)
     with make_store(tmp_path / "p", small_data) as store:
         info = store.info()
-        assert (info.store_vectors, info.format_version) == (None, "1.1")
+        assert (info.store_vectors, info.format_version, info.id_map) == (None, "1.3",
+                                                                          "packed")
         assert info.bytes_on_disk["vectors"] == 0
 
 
@@ -473,7 +475,7 @@ def test_cli_create_search_refine_get_and_info(tmp_path, small_data):
     assert "99999" in out.stderr
     out = runner.invoke(cli, ["info", store])
     assert "stored as float16" in out.stdout
-    assert "format 1.2" in out.stdout
+    assert "format 1.3, packed id map" in out.stdout
     out = runner.invoke(cli, ["search", store, str(tmp_path / "q.npy"), "--refine", "-1"])
     assert out.exit_code == 2
 

@@ -1,14 +1,15 @@
 """Regenerate the golden format files in ``tests/data/``.
 
 The golden files freeze the on-disk format: ``tests/test_format_header.py``,
-``tests/test_format_segment.py`` and ``tests/test_format_vectors.py`` decode them and check
-that re-encoding gives the same bytes.
+``tests/test_format_segment.py``, ``tests/test_format_vectors.py`` and
+``tests/test_idmap.py`` (the packed id map's buckets) decode them and check that re-encoding
+gives the same bytes.
 Changing them needs a format version bump and a changelog entry in docs/format.md; review the
 binary diff before committing.
 
 Usage::
 
-    python tools/make_golden.py                # writes the four files below into tests/data
+    python tools/make_golden.py                # writes the five files below into tests/data
     python tools/make_golden.py --out-dir DIR  # writes them somewhere else (e.g. to compare)
     python tools/make_golden.py --check        # exit 1 if the files on disk differ
 
@@ -33,6 +34,7 @@ from ivfpq_store.format import (
     encode_segment_prelude,
     record_dtype,
 )
+from ivfpq_store.format.idmap import encode_buckets
 from ivfpq_store.format.vectors import (
     VectorPrelude,
     encode_vector_prelude,
@@ -45,6 +47,7 @@ HEADER_NAME = "header-v1.0.ivfh"
 SEGMENT_NAME = "segment-v1.0.seg"
 VECTORS_HEADER_NAME = "header-v1.1-vectors.ivfh"
 VECTORS_NAME = "vectors-v1.0.vec"
+IDMAP_NAME = "idmap-v1.3.bin"
 
 
 def golden_header(vectors: str | None = None) -> bytes:
@@ -81,6 +84,19 @@ def golden_segment() -> bytes:
     return encode_segment_prelude(prelude) + records.tobytes()
 
 
+def golden_buckets() -> bytes:
+    """Golden buckets of a packed id map (format 1.3), each as its 8-byte key followed by its
+    value (whose length its bitmap gives), in key order: ids 10, 11 and 12 at rows 0, 1 and 2
+    of list 1 (the golden segment's records), ids 64, 65 and 127 at rows 7, 3 and 0 of list 0,
+    and ids 2**63 - 2 and 2**63 - 1 at rows 2**32 - 2 and 0 of list 3 (the largest bucket
+    and row)."""
+    ids = np.array([10, 11, 12, 64, 65, 127, 2**63 - 2, 2**63 - 1], dtype=np.int64)
+    list_nos = np.array([1, 1, 1, 0, 0, 0, 3, 3])
+    rows = np.array([0, 1, 2, 7, 3, 0, 2**32 - 2, 0])
+    _, keys, values = encode_buckets(ids, list_nos, rows)
+    return b"".join(key + value for key, value in zip(keys, values, strict=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT,
@@ -90,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     files = {HEADER_NAME: golden_header(), SEGMENT_NAME: golden_segment(),
-             VECTORS_HEADER_NAME: golden_header("float16"), VECTORS_NAME: golden_vectors()}
+             VECTORS_HEADER_NAME: golden_header("float16"), VECTORS_NAME: golden_vectors(),
+             IDMAP_NAME: golden_buckets()}
     status = 0
     for name, data in files.items():
         path = args.out_dir / name

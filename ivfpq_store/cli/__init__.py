@@ -7,7 +7,7 @@ usage errors exit 2, and ``verify`` exits 3 when it finds damage and 4 when it c
 the store.
 
 - :mod:`.base`: the group, the console entry point, shared options and output helpers;
-- :mod:`.write_commands`: create, add, upsert, delete, compact, copy;
+- :mod:`.write_commands`: create, add, upsert, delete, compact, copy, upgrade;
 - :mod:`.read_commands`: search, info, lists, verify, demo.
 """
 

@@ -19,15 +19,12 @@ from .segment import (
 
 #: Version of the store format as a whole, recorded in ``meta/store`` at creation (§2.4). The
 #: header and each segment carry the version of their own layout; 1.1 added the catalog
-#: records' checksums. A store without stored vectors is written as 1.1.
-FORMAT_VERSION = (1, 1)
-#: The format of a store created with stored vectors: 1.2 added them (a header flag and
-#: section, vector files beside the segments).
-FORMAT_VERSION_VECTORS = (1, 2)
+#: records' checksums, 1.2 stored vectors (a header flag and section, vector files beside the
+#: segments), 1.3 the packed id map (``meta/store`` schema version 2).
+FORMAT_VERSION = (1, 3)
 
 __all__ = [
     "FORMAT_VERSION",
-    "FORMAT_VERSION_VECTORS",
     "HEADER_VERSION",
     "SEGMENT_PRELUDE_SIZE",
     "SEGMENT_VERSION",

@@ -11,9 +11,10 @@ import numpy as np
 from ..errors import CorruptStoreError, FormatError
 from ..types import I64Array
 
-__all__ = ["META_STATE", "META_STORE", "TOMBSTONE_KEY_SIZE", "check_key_sizes", "decode_id_key",
-           "decode_id_keys", "decode_list_key", "decode_tombstone_rows", "id_key", "id_keys",
-           "list_key", "tombstone_keys", "tombstone_prefix", "tombstone_sum"]
+__all__ = ["BUCKET_BITS", "META_STATE", "META_STORE", "TOMBSTONE_KEY_SIZE", "bucket_keys",
+           "check_key_sizes", "decode_bucket_keys", "decode_id_key", "decode_id_keys",
+           "decode_list_key", "decode_tombstone_rows", "id_key", "id_keys", "list_key",
+           "tombstone_keys", "tombstone_prefix", "tombstone_sum"]
 
 META_STORE = b"store"
 META_STATE = b"state"
@@ -67,6 +68,28 @@ def decode_id_keys(keys: list[bytes]) -> I64Array:
     if len(raw) and int(raw.max()) > np.iinfo(np.int64).max:
         raise FormatError(f"catalog 'ids' key {int(raw.max())}: expected an id <= 2**63 - 1",
                           path="catalog")
+    return raw.astype(np.int64)
+
+
+#: A packed id map's bucket holds the 64 ids ``bucket * 64 .. bucket * 64 + 63`` (§6.2).
+BUCKET_BITS = 6
+_MAX_BUCKET = (2**63 - 1) >> BUCKET_BITS
+
+
+def bucket_keys(buckets: np.ndarray) -> list[bytes]:
+    """Keys of a packed id map's ``ids`` DB (format 1.3): ``>u8`` bucket numbers
+    (``id >> 6``), the same encoding as :func:`id_keys`."""
+    return id_keys(buckets)
+
+
+def decode_bucket_keys(keys: list[bytes]) -> I64Array:
+    """Inverse of :func:`bucket_keys`: each key is 8 bytes and holds a bucket number
+    ``<= (2**63 - 1) >> 6``, else :class:`FormatError`."""
+    check_key_sizes(keys, _ID.size, "ids")
+    raw = np.frombuffer(b"".join(keys), dtype=">u8")
+    if len(raw) and int(raw.max()) > _MAX_BUCKET:
+        raise FormatError(f"catalog 'ids' bucket key {int(raw.max())}: expected a bucket "
+                          f"<= {_MAX_BUCKET} (ids <= 2**63 - 1)", path="catalog")
     return raw.astype(np.int64)
 
 

@@ -22,7 +22,7 @@ from ..errors import ChecksumError, CorruptStoreError, FormatError, UnsupportedV
 from .checksum import crc32
 from .header import HEADER_VERSION, Header
 
-__all__ = ["ID_ENTRY", "IdEntry", "ListRecord", "StateRecord", "StoreMeta",
+__all__ = ["ID_ENTRY", "ID_ENTRY_DTYPE", "IdEntry", "ListRecord", "StateRecord", "StoreMeta",
            "check_store_meta", "decode_id_entries", "encode_id_entries", "pack", "unpack"]
 
 
@@ -76,6 +76,10 @@ class _Record:
     """Shared msgpack round trip for the dataclass records below."""
 
     VERSION = 1
+    #: The field that holds the schema version ``"v"`` of a record type that has more than
+    #: one (its allowed values are :attr:`VERSIONS`); None: every record says :attr:`VERSION`.
+    SCHEMA_FIELD: ClassVar[str | None] = None
+    VERSIONS: ClassVar[tuple[int, ...]] = (1,)
     #: Upper bounds of int fields that are narrower than u64 (their keys or checksums are u32).
     LIMITS: ClassVar[dict[str, int]] = {}
     #: Fields added by a later format minor: absent in older records, decoded as None.
@@ -84,8 +88,11 @@ class _Record:
     def to_msgpack(self) -> bytes:
         """The record as a msgpack map: ``"v"``, the fields in order (an optional field that
         is None left out), then the ``"crc"`` entry (§6.3)."""
-        obj: dict[str, Any] = {"v": self.VERSION}
+        schema = self.SCHEMA_FIELD
+        obj: dict[str, Any] = {"v": self.VERSION if schema is None else getattr(self, schema)}
         for f in fields(self):  # type: ignore[arg-type]
+            if f.name == schema:
+                continue
             value = getattr(self, f.name)
             if value is None and f.name in self.OPTIONAL:
                 continue
@@ -101,14 +108,20 @@ class _Record:
     def from_msgpack(cls, buf: bytes) -> Self:
         what = cls.__name__
         obj = unpack(buf, what=what)
-        if obj.get("v") != cls.VERSION:
+        version = obj.get("v")
+        if not _is_int(version) or version not in cls.VERSIONS:
+            known = " or ".join(str(v) for v in cls.VERSIONS)
+            expected = cls.VERSIONS[0] if len(cls.VERSIONS) == 1 else cls.VERSIONS
             raise UnsupportedVersionError(
-                f"catalog {what}: schema version {obj.get('v')!r} — expected {cls.VERSION};"
-                " upgrade ivfpq-store", path="catalog", expected=cls.VERSION, actual=obj.get("v"))
+                f"catalog {what}: schema version {version!r} — expected {known};"
+                " upgrade ivfpq-store", path="catalog", expected=expected, actual=version)
         if "crc" in obj:  # written since format 1.1; a 1.0 record has none
             _check_record_crc(bytes(buf), obj["crc"], what)
         kwargs: dict[str, Any] = {}
         for f in fields(cls):  # type: ignore[arg-type]
+            if f.name == cls.SCHEMA_FIELD:
+                kwargs[f.name] = version
+                continue
             if f.name not in obj:
                 if f.name in cls.OPTIONAL:
                     kwargs[f.name] = None
@@ -148,16 +161,28 @@ def _check_record_crc(buf: bytes, crc: object, what: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class StoreMeta(_Record):
-    """``meta/store``: written once at creation; ties the catalog to its header."""
+    """``meta/store``: written at creation, and again only by an upgrade of the id map; ties
+    the catalog to its header. Its schema version ``"v"`` (``schema``) says the layout of
+    the id map (:mod:`.idmap`): 1 one entry per id, 2 packed buckets (format 1.3)."""
 
     store_uuid: uuid.UUID
-    format: list[int]  # [major, minor] of the store format
+    format: list[int]  # [major, minor] of the store format the store was created with
     created: float  # unix time
     dim: int
     nlist: int
     m: int
     nbits: int
     metric: str
+    schema: int = 2  # "v": the id map's layout
+
+    SCHEMA_FIELD: ClassVar[str | None] = "schema"
+    VERSIONS: ClassVar[tuple[int, ...]] = (1, 2)
+
+    def __post_init__(self) -> None:
+        if self.schema not in self.VERSIONS:
+            raise UnsupportedVersionError(
+                f"catalog StoreMeta: schema version {self.schema!r} — expected 1 or 2",
+                path="catalog", expected=self.VERSIONS, actual=self.schema)
 
 
 def check_store_meta(meta: StoreMeta, header: Header, where: str) -> None:
@@ -218,7 +243,7 @@ class ListRecord(_Record):
 
 # §6.3 id entry: list_no u32, generation u32, row u64 (little-endian)
 ID_ENTRY = struct.Struct("<IIQ")
-_ID_ENTRY_DTYPE = np.dtype([("list_no", "<u4"), ("generation", "<u4"), ("row", "<u8")])
+ID_ENTRY_DTYPE = np.dtype([("list_no", "<u4"), ("generation", "<u4"), ("row", "<u8")])
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +268,7 @@ class IdEntry:
 def encode_id_entries(list_nos: np.ndarray, generations: np.ndarray,
                       rows: np.ndarray) -> list[bytes]:
     """Vectorised :meth:`IdEntry.encode`."""
-    arr = np.empty(len(rows), dtype=_ID_ENTRY_DTYPE)
+    arr = np.empty(len(rows), dtype=ID_ENTRY_DTYPE)
     arr["list_no"], arr["generation"], arr["row"] = list_nos, generations, rows
     raw = arr.tobytes()
     size = ID_ENTRY.size
@@ -256,4 +281,4 @@ def decode_id_entries(values: list[bytes]) -> np.ndarray:
     if bad:
         raise FormatError(f"catalog id entry: {bad[0]} bytes — expected {ID_ENTRY.size}",
                           path="catalog", expected=ID_ENTRY.size, actual=bad[0])
-    return np.frombuffer(b"".join(values), dtype=_ID_ENTRY_DTYPE)
+    return np.frombuffer(b"".join(values), dtype=ID_ENTRY_DTYPE)

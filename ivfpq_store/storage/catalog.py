@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,20 +24,20 @@ from ..errors import (
     CorruptStoreError,
     WrongProcessError,
 )
+from ..format.idmap import PACKED, IdPlaces
 from ..format.keys import (
     META_STATE,
     META_STORE,
     TOMBSTONE_KEY_SIZE,
     check_key_sizes,
-    decode_id_keys,
     decode_list_key,
     decode_tombstone_rows,
-    id_keys,
     list_key,
     tombstone_prefix,
 )
-from ..format.records import ListRecord, StateRecord, StoreMeta, decode_id_entries
+from ..format.records import ListRecord, StateRecord, StoreMeta
 from ..types import I64Array
+from .idmap import GenerationOf, IdMap, PackedIdMap, id_map_for
 from .lmdb_env import (
     DBS,
     DEFAULT_MAP_SIZE,
@@ -47,11 +47,9 @@ from .lmdb_env import (
     release_env,
 )
 
-__all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes"]
+__all__ = ["DEFAULT_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes", "Upgrade"]
 
 logger = logging.getLogger(__name__)
-
-_I64_MAX = 2**63 - 1
 
 T = TypeVar("T")
 
@@ -74,19 +72,48 @@ class CatalogSnapshot:
         return {r.file for r in self.lists.values()}
 
 
+def _no_ids() -> I64Array:
+    return np.empty(0, np.int64)
+
+
 @dataclass(slots=True, kw_only=True)
 class Changes:
     """Everything one write transaction changes besides the state record (§7.3).
 
-    Keys and values are already encoded by the format layer.
+    Ids come as arrays with the place of each (list, generation, row); the catalog encodes
+    them for the layout of its id map. Tombstone keys are already encoded.
     """
 
     lists: dict[int, ListRecord | None] = field(default_factory=dict)  # None drops the record
-    new_ids: list[tuple[bytes, bytes]] = field(default_factory=list)  # must not exist yet
-    moved_ids: list[tuple[bytes, bytes]] = field(default_factory=list)  # must exist already
-    removed_ids: list[bytes] = field(default_factory=list)  # must exist
+    new_ids: IdPlaces = field(default_factory=IdPlaces.empty)  # must not exist yet
+    moved_ids: IdPlaces = field(default_factory=IdPlaces.empty)  # must exist already
+    removed_ids: I64Array = field(default_factory=_no_ids)  # must exist
     new_tombstones: list[bytes] = field(default_factory=list)
     dropped_segments: list[tuple[int, int]] = field(default_factory=list)  # (list_no, gen)
+
+
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """What :meth:`Catalog.upgrade_id_map` did: whether it rewrote the id map, how many ids
+    it converted, and the bytes of the pages the catalog's trees used before and after
+    (:meth:`Catalog.tree_bytes`)."""
+
+    upgraded: bool
+    ids: int
+    bytes_before: int
+    bytes_after: int
+
+
+def _generations_in(lists: Mapping[int, ListRecord]) -> GenerationOf:
+    """List numbers -> the generations of their records in ``lists`` (0 for a list without
+    one, which every user of an id entry refuses)."""
+    def generation_of(list_nos: np.ndarray) -> np.ndarray:
+        unique, inverse = np.unique(np.asarray(list_nos, dtype=np.int64), return_inverse=True)
+        gens = np.array([lists[n].generation if n in lists else 0 for n in unique.tolist()],
+                        dtype=np.int64)
+        return gens[inverse].reshape(-1)
+
+    return generation_of
 
 
 class Catalog:
@@ -103,6 +130,9 @@ class Catalog:
         self._last_state: tuple[bytes, StateRecord] | None = None
         #: The list records last read: raw key -> (raw value, list number, decoded record).
         self._last_lists: dict[bytes, tuple[bytes, int, ListRecord]] = {}
+        # (raw meta/store, the id map it names): compared with meta/store in every
+        # transaction that uses ids, since an upgrade may change it in another process
+        self._layout: tuple[bytes, IdMap] | None = None
 
     # -- life cycle -------------------------------------------------------------------------
     @classmethod
@@ -265,14 +295,63 @@ class Catalog:
         except CorruptStoreError as err:
             raise CorruptStoreError(f"{self.path}: {err}") from err
 
+    def _id_map(self, txn: Any) -> IdMap:
+        """The layout of the id map in this transaction's state (meta/store's schema)."""
+        raw = txn.get(META_STORE, db=self._dbs[b"meta"])
+        if raw is None:
+            raise CorruptStoreError(f"{self.path}: catalog has no 'store' record in 'meta'")
+        cached = self._layout
+        if cached is not None and cached[0] == raw:
+            return cached[1]
+        id_map = id_map_for(StoreMeta.from_msgpack(raw).schema)
+        self._layout = (bytes(raw), id_map)
+        return id_map
+
+    def _lists_at(self, txn: Any, state: StateRecord) -> Mapping[int, ListRecord]:
+        """The list table of this transaction, whose state is ``state``: the cached one when
+        it was read at the same commit."""
+        cached = self._cache
+        if cached is not None and cached.state.commit == state.commit:
+            return cached.lists
+        return self._lists(txn)
+
+    def _generation_of(self, txn: Any, state: StateRecord) -> GenerationOf:
+        """:func:`_generations_in` the list table of this transaction: the cached one when
+        it was read at this commit (a writer or a search has just taken its snapshot), else
+        the records of the lists asked for, read in this transaction."""
+        cached = self._cache
+        if cached is not None and cached.state.commit == state.commit:
+            return _generations_in(cached.lists)
+
+        def generation_of(list_nos: np.ndarray) -> np.ndarray:
+            lists: dict[int, ListRecord] = {}
+            for n in np.unique(list_nos).tolist():
+                raw = txn.get(list_key(n), db=self._dbs[b"lists"]) if 0 <= n < 2**32 else None
+                if raw is not None:
+                    lists[n] = ListRecord.from_msgpack(raw)
+            return _generations_in(lists)(list_nos)
+
+        return generation_of
+
+    def id_map_schema(self) -> int:
+        """The layout of the id map: the ``meta/store`` schema version (1 per-id entries,
+        2 packed buckets, format 1.3)."""
+        return self._read("read store metadata", lambda txn: self._id_map(txn).schema)
+
+    def max_count(self) -> int | None:
+        """The most records a list generation may hold in this catalog's layout (None: no
+        limit but u64 rows)."""
+        return self._read("read store metadata", lambda txn: self._id_map(txn).max_count)
+
     def full_view(self) -> tuple[CatalogSnapshot, I64Array, np.ndarray,
-                                 dict[tuple[int, int], int], dict[int, str]]:
+                                 dict[tuple[int, int], int], dict[int, str], list[str]]:
         """Everything, from one read transaction (for verify): a fresh snapshot, all ids with
-        their entries, the number of tombstones under each (list_no, generation) prefix, and
-        why the tombstones of a list are damaged, by list (such lists have no ``deleted``
-        entry in the snapshot)."""
-        def read(txn: Any) -> tuple[CatalogSnapshot, list[bytes], list[bytes], list[bytes],
-                                    dict[int, str]]:
+        their entries, the number of tombstones under each (list_no, generation) prefix, why
+        the tombstones of a list are damaged, by list (such lists have no ``deleted`` entry
+        in the snapshot), and why each damaged bucket of a packed id map is (its ids are
+        left out)."""
+        def read(txn: Any) -> tuple[CatalogSnapshot, I64Array, np.ndarray, list[bytes],
+                                    dict[int, str], list[str]]:
             state = self._state(txn)
             lists = self._lists(txn)
             deleted: dict[int, np.ndarray] = {}
@@ -283,40 +362,36 @@ class Catalog:
                         deleted[n] = self._tombstones(txn, n, r)
                     except CorruptStoreError as err:
                         damaged[n] = str(err)
-            keys: list[bytes] = []
-            values: list[bytes] = []
-            for k, v in txn.cursor(db=self._dbs[b"ids"]):
-                keys.append(k)
-                values.append(v)
+            ids, entries, buckets = self._id_map(txn).read_all(txn, self._dbs[b"ids"],
+                                                               _generations_in(lists))
             tombstones = list(txn.cursor(db=self._dbs[b"deleted"]).iternext(keys=True,
                                                                              values=False))
-            return (CatalogSnapshot(state=state, lists=lists, deleted=deleted), keys, values,
-                    tombstones, damaged)
+            return (CatalogSnapshot(state=state, lists=lists, deleted=deleted), ids, entries,
+                    tombstones, damaged, buckets)
 
-        snap, keys, values, tombstones, damaged = self._read("read the whole catalog", read)
+        snap, ids, entries, tombstones, damaged, buckets = self._read("read the whole catalog",
+                                                                      read)
         prefixes: dict[tuple[int, int], int] = {}
         check_key_sizes(tombstones, TOMBSTONE_KEY_SIZE, "deleted")
         for k in tombstones:
             prefix = (int.from_bytes(k[:4], "big"), int.from_bytes(k[4:8], "big"))
             prefixes[prefix] = prefixes.get(prefix, 0) + 1
-        return snap, decode_id_keys(keys), decode_id_entries(values), prefixes, damaged
+        return snap, ids, entries, prefixes, damaged, buckets
 
     def live_mask(self, ids: I64Array) -> np.ndarray:
         """Boolean array: which of ``ids`` (non-negative int64) have an entry in the id map."""
-        keys = id_keys(ids)
-        found = self._read("look up ids", lambda txn: [
-            k for k, _ in txn.cursor(db=self._dbs[b"ids"]).getmulti(keys)])
-        if not found:
-            return np.zeros(len(keys), dtype=bool)
-        return np.isin(ids, decode_id_keys(found))
+        return self._read("look up ids", lambda txn: self._id_map(txn).present(
+            txn, self._dbs[b"ids"], ids))
 
     def locate(self, ids: I64Array) -> tuple[np.ndarray, np.ndarray]:
-        """Where ``ids`` live: (found bool mask, entries of the found ids as a structured array)."""
-        keys = id_keys(ids)
-        values = self._read("look up ids", lambda txn: [
-            txn.get(k, db=self._dbs[b"ids"]) for k in keys])
-        found = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
-        return found, decode_id_entries([v for v in values if v is not None])
+        """Where ``ids`` live: (found bool mask, entries of the found ids as a structured
+        array, in the order of ``ids``; a packed map's generations are those of the lists'
+        records in the same transaction)."""
+        def body(txn: Any) -> tuple[np.ndarray, np.ndarray]:
+            generation_of = self._generation_of(txn, self._state(txn))
+            return self._id_map(txn).lookup(txn, self._dbs[b"ids"], ids, generation_of)
+
+        return self._read("look up ids", body)
 
     def locate_at(self, commit: int, ids: I64Array | None = None, *, lo: int = 0,
                   hi: int = 0, limit: int | None = None
@@ -326,38 +401,18 @@ class Catalog:
         those with ``lo <= id < hi`` (at most ``limit``); their entries; and whether the
         range held more than ``limit``. None when the catalog has moved past ``commit`` (take
         a new snapshot)."""
-        ids_db = self._dbs[b"ids"]
-
-        def body(txn: Any) -> tuple[list[bytes], list[bytes], bool] | None:
-            if self._state(txn).commit != commit:
+        def body(txn: Any) -> tuple[I64Array, np.ndarray, bool] | None:
+            state = self._state(txn)
+            if state.commit != commit:
                 return None
-            keys: list[bytes] = []
-            values: list[bytes] = []
+            id_map = self._id_map(txn)
+            generation_of = self._generation_of(txn, state)
             if ids is not None:
-                for key in id_keys(ids):
-                    value = txn.get(key, db=ids_db)
-                    if value is not None:
-                        keys.append(key)
-                        values.append(value)
-                return keys, values, False
-            cursor = txn.cursor(db=ids_db)
-            end = id_keys(np.array([hi], np.int64))[0] if hi <= _I64_MAX else None
-            if lo < hi and cursor.set_range(id_keys(np.array([lo], np.int64))[0]):
-                for key, value in cursor:
-                    if end is not None and key >= end:
-                        break
-                    if limit is not None and len(keys) == limit:
-                        return keys, values, True
-                    keys.append(key)
-                    values.append(value)
-            return keys, values, False
+                found, entries = id_map.lookup(txn, self._dbs[b"ids"], ids, generation_of)
+                return ids[found], entries, False
+            return id_map.scan(txn, self._dbs[b"ids"], lo, hi, limit, generation_of)
 
-        found = self._read("look up ids", body)
-        if found is None:
-            return None
-        keys, values, truncated = found
-        check_key_sizes(keys, 8, "ids")
-        return decode_id_keys(keys), decode_id_entries(values), truncated
+        return self._read("look up ids", body)
 
     # -- writes -----------------------------------------------------------------------------
     def apply(self, state: StateRecord, changes: Changes, *,
@@ -389,25 +444,11 @@ class Catalog:
                     txn.delete(list_key(list_no), db=lists_db)
                 else:
                     txn.put(list_key(list_no), record.to_msgpack(), db=lists_db)
-            for key in changes.removed_ids:
-                if not txn.delete(key, db=ids_db):
-                    raise CorruptStoreError(f"{self.path}: id {int.from_bytes(key, 'big')} "
-                                            "vanished from the id map; nothing was committed")
-            for key, value in changes.moved_ids:
-                if txn.replace(key, value, db=ids_db) is None:
-                    raise CorruptStoreError(f"{self.path}: id {int.from_bytes(key, 'big')} "
-                                            "vanished from the id map; nothing was committed")
-            if changes.new_ids:
-                cursor = txn.cursor(db=ids_db)
-                new_ids = sorted(changes.new_ids)
-                # All above the largest id so far (the usual case: automatic ids): LMDB can
-                # append to the B-tree's right edge instead of searching for each key.
-                append = not cursor.last() or cursor.key() < new_ids[0][0]
-                _, added = cursor.putmulti(new_ids, overwrite=False, append=append)
-                if added != len(changes.new_ids):
-                    raise CorruptStoreError(
-                        f"{self.path}: {len(changes.new_ids) - added} of {len(changes.new_ids)}"
-                        " new ids were already in the id map; nothing was committed")
+            id_map = self._id_map(txn)
+            if id_map.schema == PACKED:
+                self._check_current(txn, current, changes)
+            id_map.apply(txn, ids_db, changes.new_ids, changes.moved_ids, changes.removed_ids,
+                         str(self.path))
             if changes.new_tombstones:
                 cursor = txn.cursor(db=deleted_db)
                 cursor.putmulti([(k, b"") for k in sorted(changes.new_tombstones)])
@@ -424,6 +465,76 @@ class Catalog:
                 before_done = True
 
         self._live().write("commit", write)
+
+    def _check_current(self, txn: Any, state: StateRecord, changes: Changes) -> None:
+        """A packed id map stores no generation (§6.3): every id placed by ``changes`` must
+        name its list's generation as this transaction leaves it, else CorruptStoreError."""
+        placed = IdPlaces.concat([changes.new_ids, changes.moved_ids])
+        if not len(placed):
+            return
+        lists = self._lists_at(txn, state)
+        unique, inverse = np.unique(placed.list_nos, return_inverse=True)
+        after = [changes.lists[n] if n in changes.lists else lists.get(n)
+                 for n in unique.tolist()]
+        want = np.array([-1 if r is None else r.generation for r in after], dtype=np.int64)
+        bad = np.flatnonzero(placed.generations != want[inverse.reshape(-1)])
+        if len(bad):
+            at = int(bad[0])
+            record = after[int(inverse.reshape(-1)[at])]
+            now = "has no record" if record is None else f"is at generation {record.generation}"
+            raise CorruptStoreError(
+                f"{self.path}: a write places id {int(placed.ids[at])} at generation "
+                f"{int(placed.generations[at])} of list {int(placed.list_nos[at])}, which "
+                f"{now} after it; nothing was committed")
+
+    def upgrade_id_map(self) -> Upgrade:
+        """Rewrite a per-id id map (formats 1.0-1.2) as packed buckets (format 1.3) in ONE
+        write transaction, which also replaces ``meta/store`` with schema version 2 (its
+        other fields unchanged) and stores the state with ``commit + 1``. The caller holds
+        the writer lock. A catalog that is packed already is left as it is.
+
+        Raises
+        ------
+        CorruptStoreError
+            The id map disagrees with the list records or the state (nothing is committed;
+            run verify).
+        FormatError, ListFullError
+            An id entry is damaged, or names a row past 2**32 - 1.
+        """
+        before = self.tree_bytes()
+
+        def write(txn: Any) -> int | None:
+            meta_db = self._dbs[b"meta"]
+            raw = txn.get(META_STORE, db=meta_db)
+            if raw is None:
+                raise CorruptStoreError(f"{self.path}: catalog has no 'store' record in 'meta'")
+            meta = StoreMeta.from_msgpack(raw)
+            if meta.schema == PACKED:
+                return None
+            state = self._state(txn)
+            where = str(self.path)
+            converted = PackedIdMap().convert(txn, self._dbs[b"ids"], self._lists(txn), where)
+            if converted != state.ntotal:
+                raise CorruptStoreError(
+                    f"{where}: the id map holds {converted} ids — expected ntotal "
+                    f"{state.ntotal}; the catalog was not upgraded (run verify)")
+            txn.put(META_STORE, replace(meta, schema=PACKED).to_msgpack(), db=meta_db)
+            txn.put(META_STATE, replace(state, commit=state.commit + 1).to_msgpack(),
+                    db=meta_db)
+            return converted
+
+        converted = self._live().write("upgrade the id map", write)
+        if converted is None:
+            return Upgrade(upgraded=False, ids=0, bytes_before=before, bytes_after=before)
+        self.forget()
+        return Upgrade(upgraded=True, ids=converted, bytes_before=before,
+                       bytes_after=self.tree_bytes())
+
+    def tree_bytes(self) -> int:
+        """Bytes of the pages the catalog's B-trees use (every database's branch, leaf and
+        overflow pages, and the two meta pages): what its records cost, and about the size
+        of a compacted copy. ``data.mdb`` is larger by the free pages it keeps for reuse."""
+        return self._live().tree_bytes()
 
     def copy_to(self, dest: Path) -> None:
         """Write a compacted, consistent copy of the environment into the new directory

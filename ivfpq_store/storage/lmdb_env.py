@@ -263,6 +263,17 @@ class SharedEnv:
             (dest / "data.mdb").unlink(missing_ok=True)
             self._adopt(action)
 
+    def tree_bytes(self) -> int:
+        """Bytes of the pages every B-tree of the environment uses (the main database's and
+        each named database's branch, leaf and overflow pages) and of its two meta pages."""
+        def count(txn: Any) -> int:
+            stats = [self.env.stat()] + [txn.stat(db) for db in self.dbs.values()]
+            pages = sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
+                        for s in stats)
+            return int((pages + 2) * stats[0]["psize"])
+
+        return self.read("measure the catalog", count)
+
     def map_size(self) -> int:
         """The bytes the map holds in this process now."""
         self._gate.enter()
