@@ -429,6 +429,10 @@ class Catalog:
         runs once, in the first attempt that reaches it.
         """
         before_done = before_commit is None
+        # The records as written, for the decode caches once the commit has happened.
+        records = {list_key(n): (None if r is None else (r.to_msgpack(), n, r))
+                   for n, r in sorted(changes.lists.items())}
+        raw_state = state.to_msgpack()
 
         def write(txn: Any) -> None:
             nonlocal before_done
@@ -439,11 +443,11 @@ class Catalog:
                     f"{self.path}: commit counter moved under the writer lock — expected "
                     f"{current.commit + 1}, got {state.commit}"
                 )
-            for list_no, record in sorted(changes.lists.items()):
-                if record is None:
-                    txn.delete(list_key(list_no), db=lists_db)
+            for key, entry in records.items():
+                if entry is None:
+                    txn.delete(key, db=lists_db)
                 else:
-                    txn.put(list_key(list_no), record.to_msgpack(), db=lists_db)
+                    txn.put(key, entry[0], db=lists_db)
             id_map = self._id_map(txn)
             if id_map.schema == PACKED:
                 self._check_current(txn, current, changes)
@@ -459,12 +463,21 @@ class Catalog:
                     while cursor.key().startswith(prefix):
                         if not cursor.delete():
                             break
-            txn.put(META_STATE, state.to_msgpack(), db=meta)
+            txn.put(META_STATE, raw_state, db=meta)
             if not before_done:
                 before_commit()  # type: ignore[misc]
                 before_done = True
 
         self._live().write("commit", write)
+        # Committed: the next snapshot finds these bytes and need not decode them again.
+        cached = dict(self._last_lists)
+        for key, entry in records.items():
+            if entry is None:
+                cached.pop(key, None)
+            else:
+                cached[key] = entry
+        self._last_lists = cached
+        self._last_state = (raw_state, state)
 
     def _check_current(self, txn: Any, state: StateRecord, changes: Changes) -> None:
         """A packed id map stores no generation (§6.3): every id placed by ``changes`` must
