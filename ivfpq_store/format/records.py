@@ -9,6 +9,7 @@ msgpack.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 import uuid
@@ -72,6 +73,13 @@ def unpack(buf: bytes, *, what: str) -> dict[str, Any]:
     return obj
 
 
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    """The field names of a record class, in order (``dataclasses.fields`` costs more than
+    the rest of an encode: a write encodes a record per list it touches)."""
+    return tuple(f.name for f in fields(cls))
+
+
 class _Record:
     """Shared msgpack round trip for the dataclass records below."""
 
@@ -90,13 +98,13 @@ class _Record:
         is None left out), then the ``"crc"`` entry (§6.3)."""
         schema = self.SCHEMA_FIELD
         obj: dict[str, Any] = {"v": self.VERSION if schema is None else getattr(self, schema)}
-        for f in fields(self):  # type: ignore[arg-type]
-            if f.name == schema:
+        for name in _field_names(type(self)):
+            if name == schema:
                 continue
-            value = getattr(self, f.name)
-            if value is None and f.name in self.OPTIONAL:
+            value = getattr(self, name)
+            if value is None and name in self.OPTIONAL:
                 continue
-            obj[f.name] = value.bytes if isinstance(value, uuid.UUID) else value
+            obj[name] = value.bytes if isinstance(value, uuid.UUID) else value
         body = bytearray(pack(obj))
         if not 0x80 <= body[0] < 0x8F:  # a fixmap with room for one more entry
             raise AssertionError(f"{type(self).__name__}: {len(obj)} fields")
