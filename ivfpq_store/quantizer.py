@@ -15,17 +15,22 @@ reconstructs. Nothing else needs to know about either.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import numpy as np
 
 from . import _kernel
 from .training.kmeans import l2_score_matrix, nearest_labels, with_ones
 from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
 
-__all__ = ["ENCODE_BLOCK", "PROBE_BLOCK", "CoarseQuantizer", "Quantizer"]
+__all__ = ["ENCODE_BLOCK", "PIPELINE_BLOCK", "PROBE_BLOCK", "CoarseQuantizer", "Quantizer"]
 
 #: Vectors assigned and encoded per block. It bounds the (n, nlist) score matrix and keeps it
 #: in cache: 2,048 rows assign 100k vectors to 1,024 lists in 0.22 s, 8,192 in 0.41 s.
 ENCODE_BLOCK = 2048
+#: Vectors per step of the kernel path's pipeline (assign a block while the previous one is
+#: encoded): 16,384 took 0.21-0.23 s per 100k vectors, 4,096 0.27-0.35 s.
+PIPELINE_BLOCK = 16384
 #: Queries whose coarse scores (nq, nlist) are computed at once by the numpy probe.
 PROBE_BLOCK = 8192
 
@@ -135,8 +140,9 @@ class Quantizer(CoarseQuantizer):
     def assign_and_encode(self, x: F32Array,
                           progress: ProgressFn | None = None) -> tuple[I64Array, U8Array]:
         """The list (n,) and PQ code (n, m) of each vector of ``x`` (n, dim), in blocks of
-        :data:`ENCODE_BLOCK`; ``progress`` is called with each block's size once it is
-        encoded."""
+        :data:`ENCODE_BLOCK` (numpy) or :data:`PIPELINE_BLOCK` (the kernel, which encodes a
+        block on a worker thread while the next is assigned); ``progress`` is called with
+        each block's size once it is encoded."""
         n = x.shape[0]
         kernel = self.kernel
         if kernel is None:
@@ -150,11 +156,32 @@ class Quantizer(CoarseQuantizer):
                 if progress is not None:
                     progress(len(xb))
             return list_nos, codes
-        # All the assignment products first: their BLAS threads spin for a while and would
-        # compete with the kernel's (100k vectors: 0.35-0.42 s, against 0.39-0.44 s
-        # interleaved; measured).
-        list_nos = self.assign(x)
-        return list_nos, self.encode(x, list_nos, progress)
+        # Pipelined: the kernel encodes a block on a worker thread while BLAS assigns the
+        # next one here. One after the other, the encoder ran beside the BLAS thread that
+        # keeps spinning after a product (100k vectors, nlist=256: 0.30-0.49 s, pipelined
+        # 0.21-0.23 s; docs/benchmarks.md, "Performance II"). The codes are the same.
+        list_nos = np.empty(n, dtype=np.int64)
+        codes = np.empty((n, self.m), dtype=np.uint8)
+
+        def encode(s: int, e: int) -> None:
+            codes[s:e] = kernel.encode(x[s:e], list_nos[s:e], self.centroids, self.codebooks_t,
+                                       self.norms, nthreads=_kernel.THREADS)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="ivfpq-encode") as pool:
+            pending: tuple[Future[None], int] | None = None
+            for s in range(0, n, PIPELINE_BLOCK):
+                e = min(n, s + PIPELINE_BLOCK)
+                list_nos[s:e] = self.assign(x[s:e])
+                if pending is not None:
+                    pending[0].result()
+                    if progress is not None:
+                        progress(pending[1])
+                pending = (pool.submit(encode, s, e), e - s)
+            if pending is not None:
+                pending[0].result()
+                if progress is not None:
+                    progress(pending[1])
+        return list_nos, codes
 
     def encode(self, x: F32Array, list_nos: I64Array,
                progress: ProgressFn | None = None) -> U8Array:

@@ -10,7 +10,7 @@ import pytest
 from conftest import DIM
 from helpers import synthetic
 
-from ivfpq_store import IvfpqWarning, _kernel
+from ivfpq_store import IvfpqWarning, _kernel, quantizer
 from ivfpq_store.quantizer import ENCODE_BLOCK, CoarseQuantizer, Quantizer
 from ivfpq_store.training import train_pq
 from ivfpq_store.types import Metric
@@ -108,11 +108,14 @@ def test_assign_is_the_nearest_centroid(scan_impl):
 
 def test_kernel_and_numpy_encode_agree(monkeypatch):
     """The kernel's codes are numpy's but for float near-ties, which random data has none of
-    here; both report progress per block of ENCODE_BLOCK vectors."""
+    here, also when its pipeline (assign a block while the previous one is encoded) runs
+    several blocks; progress comes per block: ENCODE_BLOCK vectors in numpy,
+    PIPELINE_BLOCK with the kernel."""
     if _kernel.KERNEL is None:
         pytest.skip(_kernel.kernel_status())
     rng = np.random.default_rng(3)
     qz = _quantizer(rng, ksub=64)
+    monkeypatch.setattr(quantizer, "PIPELINE_BLOCK", 1000)
     x = rng.normal(size=(2 * ENCODE_BLOCK + 5, 12)).astype(np.float32)
     seen_kernel: list[int] = []
     kernel = qz.assign_and_encode(x, seen_kernel.append)
@@ -121,7 +124,8 @@ def test_kernel_and_numpy_encode_agree(monkeypatch):
     numpy_path = qz.assign_and_encode(x, seen_numpy.append)
     np.testing.assert_array_equal(kernel[0], numpy_path[0])
     np.testing.assert_array_equal(kernel[1], numpy_path[1])
-    assert seen_kernel == seen_numpy == [ENCODE_BLOCK, ENCODE_BLOCK, 5]
+    assert seen_numpy == [ENCODE_BLOCK, ENCODE_BLOCK, 5]
+    assert seen_kernel == [1000, 1000, 1000, 1000, 101]
 
 
 def test_store_assign_is_its_quantizers(store, small_data):

@@ -47,7 +47,9 @@ def test_a_live_id_rejects_the_whole_add_and_points_to_upsert(store, small_data)
 
 
 def test_add_reports_progress_per_encoded_block(store, monkeypatch, scan_impl):
+    """numpy encodes in blocks of ENCODE_BLOCK, the kernel's pipeline in PIPELINE_BLOCK."""
     monkeypatch.setattr("ivfpq_store.quantizer.ENCODE_BLOCK", 400)
+    monkeypatch.setattr("ivfpq_store.quantizer.PIPELINE_BLOCK", 400)
     seen: list[int] = []
     store.add(np.ones((1000, DIM), np.float32), progress=seen.append)
     assert seen == [400, 400, 200]

@@ -9,7 +9,6 @@ msgpack.
 
 from __future__ import annotations
 
-import functools
 import re
 import struct
 import uuid
@@ -73,11 +72,17 @@ def unpack(buf: bytes, *, what: str) -> dict[str, Any]:
     return obj
 
 
-@functools.cache
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _field_names(cls: type) -> tuple[str, ...]:
-    """The field names of a record class, in order (``dataclasses.fields`` costs more than
-    the rest of an encode: a write encodes a record per list it touches)."""
-    return tuple(f.name for f in fields(cls))
+    """The field names of a record class, in order, computed once per class
+    (``dataclasses.fields`` costs more than the rest of an encode, and a write encodes a
+    record per list it touches)."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
 
 
 class _Record:
