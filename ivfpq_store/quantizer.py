@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from . import _kernel
-from .training.kmeans import l2_score_matrix, nearest_labels, with_ones
+from .training.kmeans import assign_block, l2_score_matrix, nearest_labels, with_ones
 from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
 
 __all__ = ["ENCODE_BLOCK", "PIPELINE_BLOCK", "PROBE_BLOCK", "CoarseQuantizer", "Quantizer"]
@@ -29,7 +29,7 @@ __all__ = ["ENCODE_BLOCK", "PIPELINE_BLOCK", "PROBE_BLOCK", "CoarseQuantizer", "
 #: in cache: 2,048 rows assign 100k vectors to 1,024 lists in 0.22 s, 8,192 in 0.41 s.
 ENCODE_BLOCK = 2048
 #: Vectors per step of the kernel path's pipeline (assign a block while the previous one is
-#: encoded): 16,384 took 0.21-0.23 s per 100k vectors, 4,096 0.27-0.35 s.
+#: encoded): 16,384 took 0.19-0.20 s per 100k vectors, 4,096 0.22-0.24 s (quiet machine).
 PIPELINE_BLOCK = 16384
 #: Queries whose coarse scores (nq, nlist) are computed at once by the numpy probe.
 PROBE_BLOCK = 8192
@@ -84,10 +84,12 @@ class CoarseQuantizer:
 
     def assign(self, x: F32Array) -> I64Array:
         """The list (n,) of each vector of ``x``: its best probe, in blocks of
-        :data:`ENCODE_BLOCK` vectors. Always BLAS: see :meth:`Quantizer.assign_and_encode`."""
+        :data:`ENCODE_BLOCK` vectors (fewer when nlist is large: :func:`assign_block`). Always
+        BLAS: see :meth:`Quantizer.assign_and_encode`."""
         out = np.empty(len(x), np.int64)
-        for s in range(0, len(x), ENCODE_BLOCK):
-            xb = x[s: s + ENCODE_BLOCK]
+        block = min(ENCODE_BLOCK, assign_block(self.nlist))
+        for s in range(0, len(x), block):
+            xb = x[s: s + block]
             # probe(xb, 1)'s product and argmin, without its costs (10% of the assignment).
             left = with_ones(xb) if self.metric is Metric.L2 else xb
             out[s: s + len(xb)] = np.argmin(left @ self.probe_matrix, axis=1)
@@ -157,9 +159,10 @@ class Quantizer(CoarseQuantizer):
                     progress(len(xb))
             return list_nos, codes
         # Pipelined: the kernel encodes a block on a worker thread while BLAS assigns the
-        # next one here. One after the other, the encoder ran beside the BLAS thread that
-        # keeps spinning after a product (100k vectors, nlist=256: 0.30-0.49 s, pipelined
-        # 0.21-0.23 s; docs/benchmarks.md, "Performance II"). The codes are the same.
+        # next one here, so the encoder never waits beside the BLAS thread that keeps
+        # spinning after a product. 100k vectors, nlist=256, with another process busy:
+        # 0.30-0.49 s one after the other, 0.21-0.23 s pipelined; on a quiet machine the
+        # same (0.18-0.20 s both; docs/benchmarks.md, "Performance II"). The same codes.
         list_nos = np.empty(n, dtype=np.int64)
         codes = np.empty((n, self.m), dtype=np.uint8)
 

@@ -203,11 +203,8 @@ class Catalog:
     # -- reads ------------------------------------------------------------------------------
     def store_meta(self) -> StoreMeta:
         """The record written at creation."""
-        raw = self._read("read store metadata",
-                         lambda txn: txn.get(META_STORE, db=self._dbs[b"meta"]))
-        if raw is None:
-            raise CorruptStoreError(f"{self.path}: catalog has no 'store' record in 'meta'")
-        return StoreMeta.from_msgpack(raw)
+        return StoreMeta.from_msgpack(self._read(
+            "read store metadata", lambda txn: self._meta_raw(txn, META_STORE)))
 
     def snapshot(self) -> CatalogSnapshot:
         """The latest committed state (§7.4).
@@ -250,9 +247,7 @@ class Catalog:
     def _state(self, txn: Any) -> StateRecord:
         """The state record, decoded and checked again only when its bytes changed (a search
         reads it on every call)."""
-        raw = txn.get(META_STATE, db=self._dbs[b"meta"])
-        if raw is None:
-            raise CorruptStoreError(f"{self.path}: catalog has no 'state' record in 'meta'")
+        raw = self._meta_raw(txn, META_STATE)
         last = self._last_state
         if last is not None and last[0] == raw:
             return last[1]
@@ -295,11 +290,18 @@ class Catalog:
         except CorruptStoreError as err:
             raise CorruptStoreError(f"{self.path}: {err}") from err
 
+    def _meta_raw(self, txn: Any, key: bytes) -> bytes:
+        """The bytes of record ``key`` of ``meta`` (``b"store"`` or ``b"state"``), which must
+        exist."""
+        raw = txn.get(key, db=self._dbs[b"meta"])
+        if raw is None:
+            raise CorruptStoreError(
+                f"{self.path}: catalog has no {key.decode()!r} record in 'meta'")
+        return bytes(raw)
+
     def _id_map(self, txn: Any) -> IdMap:
         """The layout of the id map in this transaction's state (meta/store's schema)."""
-        raw = txn.get(META_STORE, db=self._dbs[b"meta"])
-        if raw is None:
-            raise CorruptStoreError(f"{self.path}: catalog has no 'store' record in 'meta'")
+        raw = self._meta_raw(txn, META_STORE)
         cached = self._layout
         if cached is not None and cached[0] == raw:
             return cached[1]
@@ -518,10 +520,7 @@ class Catalog:
 
         def write(txn: Any) -> int | None:
             meta_db = self._dbs[b"meta"]
-            raw = txn.get(META_STORE, db=meta_db)
-            if raw is None:
-                raise CorruptStoreError(f"{self.path}: catalog has no 'store' record in 'meta'")
-            meta = StoreMeta.from_msgpack(raw)
+            meta = StoreMeta.from_msgpack(self._meta_raw(txn, META_STORE))
             if meta.schema == PACKED:
                 return None
             state = self._state(txn)

@@ -147,11 +147,7 @@ class PerIdMap(IdMap):
 
     def read_all(self, txn: Any, db: Any,
                  generation_of: GenerationOf) -> tuple[I64Array, np.ndarray, list[str]]:
-        keys: list[bytes] = []
-        values: list[bytes] = []
-        for k, v in txn.cursor(db=db):
-            keys.append(k)
-            values.append(v)
+        keys, values = _all_items(txn, db)
         return decode_id_keys(keys), decode_id_entries(values), []
 
     def apply(self, txn: Any, db: Any, new: IdPlaces, moved: IdPlaces, removed: I64Array,
@@ -232,11 +228,7 @@ class PackedIdMap(IdMap):
 
     def read_all(self, txn: Any, db: Any,
                  generation_of: GenerationOf) -> tuple[I64Array, np.ndarray, list[str]]:
-        keys: list[bytes] = []
-        values: list[bytes] = []
-        for k, v in txn.cursor(db=db):
-            keys.append(k)
-            values.append(v)
+        keys, values = _all_items(txn, db)
         got = decode_buckets(keys, values, lenient=True)
         return (got.ids, entries_of(got.list_nos, generation_of(got.list_nos), got.rows),
                 [str(err) for _, err in got.damaged])
@@ -375,3 +367,13 @@ def id_map_for(schema: int) -> IdMap:
     except KeyError:
         raise FormatError(f"catalog: no id map layout for schema version {schema}",
                           path="catalog") from None
+
+
+def _all_items(txn: Any, db: Any) -> tuple[list[bytes], list[bytes]]:
+    """Every key and value of ``db`` in this transaction, in key order."""
+    keys: list[bytes] = []
+    values: list[bytes] = []
+    for k, v in txn.cursor(db=db):
+        keys.append(k)
+        values.append(v)
+    return keys, values
