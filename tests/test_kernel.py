@@ -413,10 +413,12 @@ def test_refine_costs_equal_numpy_and_stop_at_a_bad_row(dtype, l2):
 
 
 @needs_kernel
-@pytest.mark.parametrize(("m", "dsub", "k"), [(1, 16, 7), (3, 8, 16), (16, 2, 256), (2, 5, 3)])
+@pytest.mark.parametrize(("m", "dsub", "k"), [(1, 16, 7), (3, 8, 16), (16, 2, 256), (2, 5, 3),
+                                              (1, 40, 7), (2, 33, 5), (1, 128, 300)])
 def test_cluster_sums_equal_bincount_whatever_threads(m, dsub, k):
     """The k-means update's sums in C are numpy's weighted bincount per column, bit for bit,
-    on any number of threads (threads split the columns, each sum keeps the row order)."""
+    on any number of threads (threads split the columns, each sum keeps the row order), for
+    narrow sub-spaces (rows streamed) and wide ones (summed cluster by cluster)."""
     from ivfpq_store.training.kmeans import cluster_sums
 
     rng = np.random.default_rng(m * 100 + k)
