@@ -418,7 +418,7 @@ def test_refine_costs_equal_numpy_and_stop_at_a_bad_row(dtype, l2):
 def test_cluster_sums_equal_bincount_whatever_threads(m, dsub, k):
     """The k-means update's sums in C are numpy's weighted bincount per column, bit for bit,
     on any number of threads (threads split the columns, each sum keeps the row order), for
-    narrow sub-spaces (rows streamed) and wide ones (summed cluster by cluster)."""
+    PQ's narrow sub-spaces and a coarse k-means's wide ones."""
     from ivfpq_store.training.kmeans import cluster_sums
 
     rng = np.random.default_rng(m * 100 + k)
