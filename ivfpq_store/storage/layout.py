@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidParamsError, StoreExistsError
@@ -16,6 +16,12 @@ class StoreLayout:
     """Names of the files and folders that make up a store rooted at ``root``."""
 
     root: Path
+    #: ``root / "segments"``, joined once: a write names a file in it for every list it
+    #: touches.
+    segments: Path = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "segments", self.root / "segments")
 
     @property
     def header(self) -> Path:
@@ -24,10 +30,6 @@ class StoreLayout:
     @property
     def catalog(self) -> Path:
         return self.root / "catalog"
-
-    @property
-    def segments(self) -> Path:
-        return self.root / "segments"
 
     @property
     def lock(self) -> Path:
