@@ -260,23 +260,14 @@ class Kernel:
         """:meth:`plan` of lists ``list_no`` whose entries ``table`` holds (each checked as
         :meth:`plan` checks it when it was put there), without a Python step per list. The
         quantizer's arrays are checked once per table, for the first call that passes them."""
+        empty = self._table_quantizer(table, centroids, codebooks_t, norms, list_terms, l2)
         list_no = _i64(list_no)
-        given = (centroids, codebooks_t, norms, list_terms, l2)
-        fixed = table.fixed
-        if fixed is None or any(a is not b for a, b in zip(fixed[0], given, strict=True)):
-            empty = self._plan(_f32(centroids), _f32(codebooks_t), _f32(norms), list_terms, l2,
-                               np.empty(0, np.int64), np.empty(0, np.uint64),
-                               np.empty(0, np.int64), np.empty(0, np.uint64),
-                               np.empty(0, np.int64), None)
-            if table.nlist != len(centroids) or table.dtype != _record_dtype(len(codebooks_t)):
-                raise ValueError("scan kernel: the list table belongs to another quantizer")
-            fixed = table.fixed = (given, empty)
         if list_no.ndim != 1 or (len(list_no) and (
                 list_no.min() < 0 or list_no.max() >= table.nlist
                 or not table.known[list_no].all())):
             raise ValueError("scan kernel: a list is not in the list table")
-        return fixed[1].with_lists(list_no, table.rec_addr[list_no], table.rec_count[list_no],
-                                   table.dead_addr[list_no], table.dead_count[list_no], table)
+        return empty.with_lists(list_no, table.rec_addr[list_no], table.rec_count[list_no],
+                                table.dead_addr[list_no], table.dead_count[list_no], table)
 
     def search_one(self, *, table: ListTable, query: F32Array, matrix: F32Array,
                    centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
@@ -289,36 +280,28 @@ class Kernel:
         :meth:`table_plan`'s scan of the non-empty probed lists in probe order return. None
         instead of the results when some probed list is not in the table yet (put it there
         and call again). ``query`` is (1, dim) float32; the scan runs on one thread below
-        ``thread_min_rows`` rows. The quantizer's arrays are checked once per table."""
+        ``thread_min_rows`` rows. The quantizer's arrays and the probe ``matrix`` are
+        checked once per table."""
+        dim, m, ksub, l2_flag, *quantizer = self._table_quantizer(
+            table, centroids, codebooks_t, norms, list_terms, l2).quantizer_args
+        probe = table.matrix
+        if probe is None or probe[0] is not matrix:
+            checked = _f32(matrix)
+            if checked.shape != (dim + l2_flag, table.nlist):
+                raise ValueError("scan kernel: the probe matrix belongs to another quantizer")
+            probe = table.matrix = (matrix, checked, _ptr(checked))
         query = _f32(query)
-        given = (centroids, codebooks_t, norms, list_terms, l2, matrix)
-        one = table.one
-        if one is None or any(a is not b for a, b in zip(one[0], given, strict=True)):
-            cts, cbt, nrm, mat = _f32(centroids), _f32(codebooks_t), _f32(norms), _f32(matrix)
-            none, nowhere = np.empty(0, np.int64), np.empty(0, np.uint64)
-            self._plan(cts, cbt, nrm, list_terms, l2, none, nowhere, none, nowhere, none,
-                       None)  # the checks of the quantizer's arrays
-            nlist, dim = cts.shape
-            m, _, ksub = cbt.shape
-            if (table.nlist != nlist or table.dtype != _record_dtype(m)
-                    or mat.shape != (dim + int(l2), nlist)):
-                raise ValueError("scan kernel: the list table belongs to another quantizer")
-            args = ((dim, m, ksub, int(l2)), (_ptr(mat), nlist),
-                    (_ptr(cts), _ptr(cbt), _ptr(nrm),
-                     None if list_terms is None else _ptr(list_terms), _ptr(table.known),
-                     _ptr(table.rec_addr), _ptr(table.rec_count), table.dtype.itemsize,
-                     _ptr(table.dead_addr), _ptr(table.dead_count)))
-            one = table.one = (given, args, (cts, cbt, nrm, mat))
-        head, probe, rest = one[1]
-        if query.shape != (1, head[0]) or not 1 <= nprobe <= probe[1] or k < 1:
+        if query.shape != (1, dim) or not 1 <= nprobe <= table.nlist or k < 1:
             raise ValueError("scan kernel: inconsistent search arguments")
         # One buffer, every part aligned: lists, ids, rows (int64), costs, ranks (4 bytes).
         out = np.empty(nprobe * 8 + k * 24, np.uint8)
         at = [nprobe * 8 + k * o for o in (0, 8, 16, 20, 24)]  # ids, rows, costs, ranks, end
         base = _ptr(out)
-        rc = self._search_one(*head, _ptr(query), *probe, nprobe, *rest, k, nthreads,
-                              thread_min_rows, base, base + at[2], base + at[0], base + at[3],
-                              base + at[1])
+        known, rec_addr, rec_count, dead_addr, dead_count = table.addresses
+        rc = self._search_one(dim, m, ksub, l2_flag, _ptr(query), probe[2], table.nlist, nprobe,
+                              *quantizer, known, rec_addr, rec_count, table.dtype.itemsize,
+                              dead_addr, dead_count, k, nthreads, thread_min_rows, base,
+                              base + at[2], base + at[0], base + at[3], base + at[1])
         if rc < 0:
             raise MemoryError("scan kernel: could not allocate a search's scratch")
         lists = out[: at[0]].view(np.int64).reshape(1, nprobe)
@@ -328,6 +311,21 @@ class Kernel:
                        out[at[0]: at[1]].view(np.int64).reshape(1, k),
                        out[at[3]: at[4]].view(np.int32).reshape(1, k),
                        out[at[1]: at[2]].view(np.int64).reshape(1, k))
+
+    def _table_quantizer(self, table: ListTable, centroids: F32Array, codebooks_t: F32Array,
+                         norms: F32Array, list_terms: F32Array | None, l2: bool) -> ScanPlan:
+        """A plan of no lists over the quantizer's arrays, checked (:meth:`_plan`) on the
+        first call with them and cached in ``table``."""
+        given = (centroids, codebooks_t, norms, list_terms, l2)
+        fixed = table.fixed
+        if fixed is None or any(a is not b for a, b in zip(fixed[0], given, strict=True)):
+            none, nowhere = np.empty(0, np.int64), np.empty(0, np.uint64)
+            empty = self._plan(_f32(centroids), _f32(codebooks_t), _f32(norms), list_terms, l2,
+                               none, nowhere, none, nowhere, none, None)
+            if table.nlist != len(centroids) or table.dtype != _record_dtype(len(codebooks_t)):
+                raise ValueError("scan kernel: the list table belongs to another quantizer")
+            fixed = table.fixed = (given, empty)
+        return fixed[1]
 
     def _plan(self, centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
               list_terms: F32Array | None, l2: bool, list_no: I64Array, rec_addr: np.ndarray,
@@ -402,11 +400,15 @@ class ListTable:
         self.known = np.zeros(nlist, bool)
         self._held: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self._lock = threading.Lock()
-        #: The quantizer's arrays of the first table_plan, and an empty plan over them.
+        #: The addresses of known, rec_addr, rec_count, dead_addr and dead_count (the arrays
+        #: never move).
+        self.addresses = tuple(_ptr(a) for a in (self.known, self.rec_addr, self.rec_count,
+                                                 self.dead_addr, self.dead_count))
+        #: The quantizer's arrays a scan of the table was first given, and a checked plan of
+        #: no lists over them.
         self.fixed: tuple[tuple[object, ...], ScanPlan] | None = None
-        #: The quantizer's arrays of the first search_one, its fixed arguments, the arrays
-        #: they point into.
-        self.one: tuple[tuple[object, ...], tuple[Any, ...], tuple[np.ndarray, ...]] | None = None
+        #: The probe matrix a single-query search was first given, checked, and its address.
+        self.matrix: tuple[np.ndarray, F32Array, int] | None = None
 
     def __len__(self) -> int:
         return len(self._held)
@@ -437,6 +439,12 @@ class ScanPlan:
         self._fixed = fixed
         self._keep = keep
 
+    @property
+    def quantizer_args(self) -> tuple[Any, ...]:
+        """The scan's arguments that describe the quantizer: dim, m, ksub, l2 and the
+        addresses of the centroids, transposed codebooks, norms and list terms (or None)."""
+        return self._fixed[:8]
+
     def with_lists(self, list_no: I64Array, rec_addr: np.ndarray, rec_count: I64Array,
                    dead_addr: np.ndarray, dead_count: I64Array, owner: object) -> ScanPlan:
         """This plan's quantizer over other lists: their checked entries (contiguous int64 and
@@ -446,7 +454,7 @@ class ScanPlan:
         if any(a.shape != (n,) or a.dtype.itemsize != 8 or not a.flags.c_contiguous
                for a in arrays):
             raise ValueError("scan kernel: inconsistent list entries")
-        fixed = (*self._fixed[:8], n, _ptr(list_no), _ptr(rec_addr), _ptr(rec_count),
+        fixed = (*self.quantizer_args, n, _ptr(list_no), _ptr(rec_addr), _ptr(rec_count),
                  self._fixed[12], _ptr(dead_addr), _ptr(dead_count))
         return ScanPlan(self._fn, n, fixed, (self._keep, arrays, owner))
 

@@ -20,7 +20,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from . import _kernel
-from .training.kmeans import assign_block, l2_score_matrix, nearest_labels, with_ones
+from .training.kmeans import (
+    assign_block,
+    best_columns,
+    l2_score_matrix,
+    nearest_labels,
+    with_ones,
+)
 from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
 
 __all__ = ["ENCODE_BLOCK", "PIPELINE_BLOCK", "PROBE_BLOCK", "CoarseQuantizer", "Quantizer"]
@@ -86,14 +92,8 @@ class CoarseQuantizer:
         """The list (n,) of each vector of ``x``: its best probe, in blocks of
         :data:`ENCODE_BLOCK` vectors (fewer when nlist is large: :func:`assign_block`). Always
         BLAS: see :meth:`Quantizer.assign_and_encode`."""
-        out = np.empty(len(x), np.int64)
-        block = min(ENCODE_BLOCK, assign_block(self.nlist))
-        for s in range(0, len(x), block):
-            xb = x[s: s + block]
-            # probe(xb, 1)'s product and argmin, without its costs (10% of the assignment).
-            left = with_ones(xb) if self.metric is Metric.L2 else xb
-            out[s: s + len(xb)] = np.argmin(left @ self.probe_matrix, axis=1)
-        return out
+        return best_columns(x, self.probe_matrix, ones=self.metric is Metric.L2,
+                            block=min(ENCODE_BLOCK, assign_block(self.nlist)))
 
 
 class Quantizer(CoarseQuantizer):

@@ -105,7 +105,7 @@ def check_prelude_head(buf: bytes | memoryview, magic: bytes, version: tuple[int
     """The checks every 64-byte prelude of a file of rows shares (§5.4 checks 3-6, §5.5):
     its length, ``magic``, the major of ``version`` (before the CRC, as another major may
     lay the prelude out differently) and the CRC-32 in its last 4 bytes. ``kind`` names the
-    file in messages. Returns ``buf`` as bytes.
+    file in messages. Returns ``buf`` as a memoryview of bytes.
 
     Raises
     ------

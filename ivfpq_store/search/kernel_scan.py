@@ -60,19 +60,17 @@ def scan_kernel(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel,
                            list_no=list_nos[kept])
     if not len(rows):
         return Hits.empty(nq, k)
-    total = int(rows.sum())
+    cap = min(k, int(rows.sum()))
+    nthreads = (min(config.threads, len(rows))
+                if int(rows @ counts[kept]) >= config.thread_min_rows else 1)
     if nq == 1:  # the general case's pairs for one query, without its grouping steps
         ranks = np.flatnonzero(kept)
-        nthreads = min(config.threads, len(rows)) if total >= config.thread_min_rows else 1
         return Hits(*plan.scan(queries, np.arange(len(ranks) + 1), np.zeros(len(ranks), np.int64),
-                               ranks, k=k, cap=min(k, total), nthreads=nthreads))
+                               ranks, k=k, cap=cap, nthreads=nthreads))
     keep = np.repeat(kept, counts)  # drop the pairs of empty lists
     pair_list = np.repeat(np.cumsum(kept) - 1, counts)[keep]  # each pair's index in the plan
     order, counts = order[keep], counts[kept]
     pair_q, pair_rank = np.divmod(order, nprobe)
-    cap = min(k, total)
-    nthreads = (min(config.threads, len(rows)) if int(rows @ counts) >= config.thread_min_rows
-                else 1)
     # Per query: its terms (m tables of 256 floats) and a heap of cap per thread; per call,
     # the merge's nthreads * cap candidates. At least one query per call, so a huge k (heaps
     # of k candidates) can take more than the budget.

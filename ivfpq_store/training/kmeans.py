@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +14,8 @@ from .. import _kernel
 from ..errors import IvfpqWarning, TrainingError
 from ..types import F32Array, I64Array, ProgressFn
 
-__all__ = ["MIN_POINTS_PER_CENTROID", "KMeansResult", "assign_block", "cluster_sums", "kmeans",
+__all__ = ["MIN_POINTS_PER_CENTROID", "KMeansResult", "assign_block", "best_columns",
+           "cluster_sums", "kmeans",
            "l2_score_matrix", "nearest", "nearest_labels", "sample", "squared_norms", "sse",
            "update", "with_ones"]
 
@@ -75,31 +75,34 @@ def with_ones(x: F32Array) -> F32Array:
     return out
 
 
-def _scores(x: F32Array, centroids: F32Array, centroid_norms: F32Array | None,
-            block: int | None) -> Iterator[tuple[int, F32Array]]:
-    """``-2 x.c + |c|^2`` (n, k) per block of rows of ``x`` (default :func:`assign_block`),
-    as (start row, block): one BLAS product per block (see :func:`l2_score_matrix`); small
-    blocks keep the result in cache (2,048 rows by 1,024 centroids: 2x faster than 8,192)."""
-    scores = l2_score_matrix(centroids, centroid_norms)
-    if block is None:
-        block = assign_block(len(centroids))
+def best_columns(x: F32Array, matrix: F32Array, *, ones: bool, block: int) -> I64Array:
+    """For each row of ``x``, the column of ``[x, 1] @ matrix`` (with ``ones``) or
+    ``x @ matrix`` that is smallest, the first one on ties: one BLAS product per ``block``
+    rows, so that memory stays at ``block`` rows of scores whatever ``n`` is."""
+    labels = np.empty(x.shape[0], dtype=np.int64)
     for start in range(0, x.shape[0], block):
-        yield start, with_ones(x[start: start + block]) @ scores
+        xb = x[start: start + block]
+        labels[start: start + len(xb)] = np.argmin((with_ones(xb) if ones else xb) @ matrix,
+                                                   axis=1)
+    return labels
 
 
 def nearest(x: F32Array, centroids: F32Array, *, centroid_norms: F32Array | None = None,
             block: int | None = None) -> tuple[I64Array, F32Array]:
     """Index and squared L2 distance of the nearest centroid of each row of ``x``.
 
-    Uses ``|x|^2 - 2 x.c + |c|^2`` with one BLAS product per block of rows, so memory stays
-    at ``block * k`` floats whatever ``n`` is.
+    Uses ``|x|^2 - 2 x.c + |c|^2`` with one BLAS product per block of rows (default
+    :func:`assign_block`), so memory stays at ``block * k`` floats whatever ``n`` is.
     """
     n = x.shape[0]
+    block = assign_block(len(centroids)) if block is None else block
+    scores = l2_score_matrix(centroids, centroid_norms)
     labels = np.empty(n, dtype=np.int64)
     dist = np.empty(n, dtype=np.float32)
-    for start, d in _scores(x, centroids, centroid_norms, block):
+    for start in range(0, n, block):
+        xb = x[start: start + block]
+        d = with_ones(xb) @ scores
         idx = np.argmin(d, axis=1)
-        xb = x[start: start + len(d)]
         labels[start: start + len(d)] = idx
         best = d[np.arange(len(d)), idx] + np.einsum("ij,ij->i", xb, xb)
         dist[start: start + len(d)] = np.maximum(best, 0.0)
@@ -111,10 +114,8 @@ def nearest_labels(x: F32Array, centroids: F32Array, *,
                    block: int | None = None) -> I64Array:
     """Index of the nearest centroid of each row of ``x`` (the first one on ties), without
     the distances :func:`nearest` also computes."""
-    labels = np.empty(x.shape[0], dtype=np.int64)
-    for start, d in _scores(x, centroids, centroid_norms, block):
-        labels[start: start + len(d)] = np.argmin(d, axis=1)
-    return labels
+    return best_columns(x, l2_score_matrix(centroids, centroid_norms), ones=True,
+                        block=assign_block(len(centroids)) if block is None else block)
 
 
 def kmeans(
@@ -155,10 +156,7 @@ def kmeans(
     n_splits = 0
     block = assign_block(k)
     for it in range(niter):
-        labels = np.empty(n, dtype=np.int64)
-        scores = l2_score_matrix(centroids)
-        for start in range(0, n, block):
-            labels[start: start + block] = np.argmin(xo[start: start + block] @ scores, axis=1)
+        labels = best_columns(xo, l2_score_matrix(centroids), ones=False, block=block)
         sums, counts = cluster_sums(x, labels[:, None], k)
         objective.append(float(sse(norms, sums, counts, centroids[None])[0]))
         centroids, splits = update(sums[0], counts[0], centroids, rng)

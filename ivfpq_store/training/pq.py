@@ -12,15 +12,13 @@ from .. import _kernel
 from ..errors import TrainingError
 from ..types import F32Array, ProgressFn, U8Array
 from .kmeans import (
-    ASSIGN_BLOCK,
     KMeansResult,
     cluster_sums,
-    l2_score_matrix,
+    nearest_labels,
     sample,
     squared_norms,
     sse,
     update,
-    with_ones,
 )
 
 __all__ = ["train_pq"]
@@ -102,8 +100,6 @@ def _assign(x: F32Array, books: F32Array) -> U8Array:
                              nthreads=_kernel.THREADS)
     codes = np.empty((n, m), np.uint8)
     for j in range(m):
-        scores = l2_score_matrix(books[j], norms[j])
-        for start in range(0, n, ASSIGN_BLOCK):
-            sub = x[start: start + ASSIGN_BLOCK, j * dsub: (j + 1) * dsub]
-            codes[start: start + len(sub), j] = np.argmin(with_ones(sub) @ scores, axis=1)
+        codes[:, j] = nearest_labels(x[:, j * dsub: (j + 1) * dsub], books[j],
+                                     centroid_norms=norms[j])
     return codes
