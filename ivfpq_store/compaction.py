@@ -27,8 +27,10 @@ from .storage import (
     RecordFetcher,
     RowFiles,
     StoreLayout,
+    SyncJob,
     append_records,
     fsync_dir,
+    use_syncfs,
 )
 
 __all__ = ["CompactReport", "CompactionPlan", "Rewrite", "choose_lists", "plan_compaction",
@@ -100,9 +102,10 @@ class Rewrite:
 
 def rewrite_lists(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapshot,
                   list_nos: list[int], records_of: RecordFetcher,
-                  vectors_of: RecordFetcher) -> Rewrite:
+                  vectors_of: RecordFetcher, *, sync: str = "auto") -> Rewrite:
     """Write each list's live records to a new segment (next generation), and its live
-    vector rows to a new vector file when the store keeps them, and fsync them.
+    vector rows to a new vector file when the store keeps them, and sync them all (by the
+    store's ``sync`` policy: :func:`~ivfpq_store.storage.segments.use_syncfs`).
 
     ``records_of(list_no, record)`` returns the committed records of a list, and
     ``vectors_of`` its committed vector rows; each row copied is checked against its record
@@ -111,7 +114,7 @@ def rewrite_lists(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapsho
     """
     out = Rewrite()
     moved: list[IdPlaces] = []
-    created = False
+    written: list[Path] = []
     for list_no in list_nos:
         old = snapshot.lists[list_no]
         dead = snapshot.deleted.get(list_no, np.empty(0, np.int64))
@@ -130,12 +133,12 @@ def rewrite_lists(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapsho
         name = segment_file_name(list_no, gen)
         crc = 0
         if len(live):
-            crcs = [append_records(layout.segment(file), prelude, 0, data)
-                    for (file, _), prelude, data in zip(files.names(name),
-                                                        files.preludes(list_no, gen), data_of,
-                                                        strict=True)]
+            crcs = []
+            for (file, _), prelude, data in zip(files.names(name), files.preludes(list_no, gen),
+                                                data_of, strict=True):
+                written.append(layout.segment(file))
+                crcs.append(append_records(written[-1], prelude, 0, data, sync=False))
             crc = crcs[0]  # the segment's: a vector file's rows carry their own
-            created = True
             moved.append(IdPlaces.of(live["id"], list_no, gen, np.arange(len(live))))
         # An emptied list keeps a count-0 record so its generations stay monotonic: a file
         # name is never reused, even by a later add (docs/format.md §5.3).
@@ -144,7 +147,9 @@ def rewrite_lists(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapsho
         out.changes.dropped_segments.append((list_no, old.generation))
         out.old_files.extend(file for file, _ in files.names(old.file))
     out.changes.moved_ids = IdPlaces.concat(moved)
-    if created:
+    if written:
+        SyncJob(written, filesystem=layout.segments if use_syncfs(sync, len(written))
+                else None).wait()
         fsync_dir(layout.segments)
     return out
 

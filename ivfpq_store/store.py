@@ -88,7 +88,7 @@ class Store:
 
     def __init__(self, layout: StoreLayout, header: Header, catalog: Catalog, *, readonly: bool,
                  max_open_segments: int | None, lock_timeout: float,
-                 auto_compact_ratio: float | None) -> None:
+                 auto_compact_ratio: float | None, sync: str = "auto") -> None:
         self._layout = layout
         self._header = header
         self._catalog: Catalog | None = catalog
@@ -104,7 +104,8 @@ class Store:
         self._writer = Writer(layout=layout, header=header, quantizer=self._quantizer,
                               files=self._files, catalog=self._live_catalog, fetch=self._fetch,
                               fetch_vectors=self._fetch_vectors, readonly=readonly,
-                              lock_timeout=lock_timeout, auto_compact_ratio=auto_compact_ratio)
+                              lock_timeout=lock_timeout, auto_compact_ratio=auto_compact_ratio,
+                              sync=sync)
 
     # -- life cycle -------------------------------------------------------------------------
     def close(self) -> None:

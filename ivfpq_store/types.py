@@ -5,12 +5,12 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Callable
-from typing import TypeAlias
+from typing import Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["F32Array", "I64Array", "Metric", "PathArg", "ProgressFn", "U8Array"]
+__all__ = ["F32Array", "I64Array", "Metric", "PathArg", "ProgressFn", "SyncPolicy", "U8Array"]
 
 F32Array: TypeAlias = npt.NDArray[np.float32]
 U8Array: TypeAlias = npt.NDArray[np.uint8]
@@ -18,6 +18,8 @@ I64Array: TypeAlias = npt.NDArray[np.int64]
 ProgressFn: TypeAlias = Callable[[int], None]
 #: A file-system path as the standard library takes it; bytes are decoded with os.fsdecode.
 PathArg: TypeAlias = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+#: How a write makes its files durable (``open(sync=...)``).
+SyncPolicy: TypeAlias = Literal["auto", "files", "filesystem"]
 
 
 class Metric(enum.IntEnum):

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,6 +75,7 @@ from .storage import (
     append_records,
     discard_appended,
     fsync_dir,
+    use_syncfs,
     writer_lock,
 )
 from .types import I64Array, Metric, ProgressFn, U8Array
@@ -95,7 +96,7 @@ class Writer:
     def __init__(self, *, layout: StoreLayout, header: Header, quantizer: Quantizer,
                  files: RowFiles, catalog: Callable[[], Catalog], fetch: RecordFetcher,
                  fetch_vectors: RecordFetcher, readonly: bool, lock_timeout: float,
-                 auto_compact_ratio: float | None) -> None:
+                 auto_compact_ratio: float | None, sync: str = "auto") -> None:
         self._layout = layout
         self._header = header
         self._quantizer = quantizer
@@ -106,6 +107,7 @@ class Writer:
         self._readonly = readonly
         self._lock_timeout = lock_timeout
         self._auto_compact_ratio = auto_compact_ratio
+        self._sync = sync
         self._dtype = record_dtype(header.params.code_size)
         self._swept = False  # orphan segments are removed on this handle's first write
         self._thread_lock = threading.Lock()
@@ -313,7 +315,7 @@ class Writer:
         if not plan.lists:
             return
         done = rewrite_lists(self._layout, self._files, snap, list(plan.lists), self._fetch,
-                             self._fetch_vectors)
+                             self._fetch_vectors, sync=self._sync)
         s = snap.state
         catalog.apply(StateRecord(commit=s.commit + 1, ntotal=s.ntotal, next_id=s.next_id,
                                   ndeleted=s.ndeleted - plan.removed), done.changes)
@@ -351,8 +353,6 @@ class Writer:
         order = np.argsort(list_nos, kind="stable")
         touched, starts = np.unique(list_nos[order], return_index=True)
         ends = np.append(starts[1:], len(order))
-        rows = np.empty(len(ids), dtype=np.int64)
-        generations = np.empty(len(ids), dtype=np.int64)
         records = np.empty(len(ids), dtype=self._dtype)  # grouped by list
         records["id"] = ids[order]
         records["code"] = codes[order]
@@ -363,36 +363,45 @@ class Writer:
             vrows["v"] = vectors[order]
             vrows["crc"] = row_checksums(records["id"], vrows)
             rows_of.append(vrows)
+        # Plain strings: a pathlib join per file cost more than its append (1,024 lists).
+        folder = os.fspath(self._layout.segments) + os.sep
         updated: dict[int, ListRecord] = {}
-        written: list[Path] = []
-        created = False
+        written: list[str] = []
+        base = np.empty(len(touched), dtype=np.int64)  # each list's committed count
+        gens = np.empty(len(touched), dtype=np.int64)
         try:
-            for list_no, s, e in zip(touched.tolist(), starts.tolist(), ends.tolist(),
-                                     strict=True):
-                idx = order[s:e]
+            for i, (list_no, s, e) in enumerate(zip(touched.tolist(), starts.tolist(),
+                                                    ends.tolist(), strict=True)):
                 old = lists.get(list_no) or ListRecord(
                     file=segment_file_name(list_no, 0), generation=0, count=0, deleted=0,
                     crc32=0, tsum=0)
-                created |= old.count == 0  # a count-0 record (emptied by compaction): no file
+                # A count-0 record (emptied by compaction) has no file: it is created, with
+                # its prelude.
+                preludes = (self._files.preludes(list_no, old.generation) if old.count == 0
+                            else [None] * len(rows_of))
                 # Listed before its files are appended, so a failure cuts them all back.
                 updated[list_no] = old
                 crcs = []  # the segment's first: the CRC the catalog keeps
-                for (name, _), prelude, data in zip(
-                        self._files.names(old.file), self._files.preludes(list_no, old.generation),
-                        rows_of, strict=True):
-                    path = self._layout.segment(name)
-                    crcs.append(append_records(path, prelude, old.count, data[s:e],
+                for (name, _), prelude, data in zip(self._files.names(old.file), preludes,
+                                                    rows_of, strict=True):
+                    written.append(folder + name)
+                    crcs.append(append_records(written[-1], prelude, old.count, data[s:e],
                                                crc_start=old.crc32, sync=False))
-                    written.append(path)
-                rows[idx] = np.arange(old.count, old.count + (e - s))
-                generations[idx] = old.generation
+                base[i], gens[i] = old.count, old.generation
                 updated[list_no] = ListRecord(
                     file=old.file, generation=old.generation, count=old.count + (e - s),
                     deleted=old.deleted, crc32=crcs[0], tsum=old.tsum)
         except BaseException:
             self._discard(lists, updated)  # cutting back a file not appended to is harmless
             raise
-        synced = SyncJob(written)
+        sizes = ends - starts
+        rows = np.empty(len(ids), dtype=np.int64)
+        rows[order] = np.repeat(base - starts, sizes) + np.arange(len(ids))
+        generations = np.empty(len(ids), dtype=np.int64)
+        generations[order] = np.repeat(gens, sizes)
+        created = bool((base == 0).any())
+        synced = SyncJob(written, filesystem=self._layout.segments
+                         if use_syncfs(self._sync, len(written)) else None)
         if created:
             try:
                 fsync_dir(self._layout.segments)  # new files' directory entries must be durable

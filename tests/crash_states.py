@@ -112,7 +112,8 @@ def run_operation(spec_file: str) -> None:
     ``mutant``: a durability step to remove, so that a test can show the checker catching
     it (``segment-sync``: the fdatasync of segments and vector files before the commit;
     ``vector-sync``: that of the vector files alone; ``dir-sync``: the fsync of ``segments/``
-    after a new file).
+    after a new file; ``syncfs``: the syncfs(2) that replaces the fdatasyncs under
+    ``sync="filesystem"``), and ``sync``: open's sync policy.
     """
     import ivfpq_store
     from ivfpq_store import writing
@@ -124,7 +125,10 @@ def run_operation(spec_file: str) -> None:
         atomic.sync_file = lambda path: None
     elif spec.get("mutant") == "vector-sync":
         sync_file = atomic.sync_file
-        atomic.sync_file = lambda path: None if path.suffix == ".vec" else sync_file(path)
+        atomic.sync_file = lambda path: (None if os.fspath(path).endswith(".vec")
+                                         else sync_file(path))
+    elif spec.get("mutant") == "syncfs":
+        atomic.sync_filesystem = lambda path: None
     elif spec.get("mutant") == "dir-sync":
         writing.fsync_dir = lambda path: None  # type: ignore[attr-defined]
     kind = spec["kind"]
@@ -135,8 +139,8 @@ def run_operation(spec_file: str) -> None:
         os.write(2, ACK)
         store.close()
         return
-    with ivfpq_store.open(spec["store"],
-                          auto_compact_ratio=spec.get("auto_compact_ratio", 0.5)) as store:
+    with ivfpq_store.open(spec["store"], auto_compact_ratio=spec.get("auto_compact_ratio", 0.5),
+                          sync=spec.get("sync", "auto")) as store:
         if kind == "add":
             store.add(inputs["vectors"], ids=inputs["ids"])
         elif kind == "upsert":

@@ -301,7 +301,8 @@ def _fd_path(fd: int) -> str:
 
 def record_io(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     """Record, in order, every way a file or directory can be made durable (``os.fsync``,
-    ``os.fdatasync`` with the descriptor resolved to its path, ``atomic.sync_file``), every
+    ``os.fdatasync`` with the descriptor resolved to its path, ``atomic.sync_file``, and
+    ``atomic.sync_filesystem``, recorded as ("sync", "fs:<device number>")), every
     ``os.unlink`` and every catalog commit, as (event, real path) pairs; a commit is
     ("commit", "") and is recorded just before LMDB commits."""
     if not os.path.isdir("/proc/self/fd"):
@@ -309,6 +310,7 @@ def record_io(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     events: list[tuple[str, str]] = []
     real_fsync, real_fdatasync, real_unlink = os.fsync, os.fdatasync, os.unlink
     real_sync_file, real_apply = atomic.sync_file, Catalog.apply
+    real_sync_filesystem = atomic.sync_filesystem
 
     def fsync(fd):
         real_fsync(fd)
@@ -321,6 +323,10 @@ def record_io(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     def sync_file(path):
         real_sync_file(path)
         events.append(("sync", os.path.realpath(path)))
+
+    def sync_filesystem(path):
+        real_sync_filesystem(path)
+        events.append(("sync", f"fs:{os.stat(path).st_dev}"))
 
     def unlink(path, *args, **kwargs):
         real_unlink(path, *args, **kwargs)
@@ -338,6 +344,7 @@ def record_io(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     monkeypatch.setattr(os, "unlink", unlink)
     monkeypatch.setattr(atomic, "sync_file", sync_file)
+    monkeypatch.setattr(atomic, "sync_filesystem", sync_filesystem)
     monkeypatch.setattr(Catalog, "apply", apply)
     return events
 
@@ -348,8 +355,10 @@ def first_event(events: list[tuple[str, str]], event: str, path: str = "") -> in
 
 
 def synced_before(events: list[tuple[str, str]], path: str, at: int) -> bool:
-    """Whether ``path`` was made durable before event number ``at``."""
-    return ("sync", path) in events[:at]
+    """Whether ``path`` was made durable before event number ``at``: synced itself, or its
+    whole file system synced."""
+    filesystem = ("sync", f"fs:{os.stat(os.path.dirname(path)).st_dev}")
+    return ("sync", path) in events[:at] or filesystem in events[:at]
 
 
 # -- child processes ----------------------------------------------------------------------------

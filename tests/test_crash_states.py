@@ -63,7 +63,7 @@ class Case:
     """One operation to explore: the store call (run_operation's ``kind``), the store it starts
     from (None: nothing), its inputs, where the store is and where a copy goes (under the
     root), the outcomes its states must include (both sides of its commit), and the
-    ``store_vectors`` of its stores."""
+    ``store_vectors`` of its stores, and open's ``sync`` policy for it."""
 
     call: str
     start: str | None
@@ -72,6 +72,7 @@ class Case:
     dest: str | None = None
     sides: tuple[str, ...] = ("store:before", "store:after")
     vectors: str | None = None
+    sync: str = "auto"
 
 
 CASES = {
@@ -92,6 +93,10 @@ CASES = {
                                    "backups/dest:after store:unchanged")),
     # a store of format 1.2 (per-id entries) upgraded to the packed id map
     "upgrade": Case("upgrade", "legacy"),
+    # one syncfs(2) instead of an fdatasync per file (what sync="auto" does for big writes)
+    "add+syncfs": Case("add", "crashed", "add", sync="filesystem"),
+    "compact+syncfs": Case("compact", "tombstoned", sides=("store:unchanged",),
+                           sync="filesystem"),
 }
 #: Bigger batches, explored in the slow run only: commits of many LMDB pages, appends and
 #: compactions of many lists.
@@ -245,7 +250,8 @@ def explore_case(name: str, case: Case, stores: Stores, tmp_path: Path, scratch:
             "inputs": str(stores.inputs[case.inputs]) if case.inputs else None,
             "params": {"nlist": NLIST, "m": 4, "nbits": 6, "seed": 7, "niter": 5,
                        "store_vectors": case.vectors},
-            "ratio": 0.0, "dest": str(root / (case.dest or "dest")), "mutant": mutant}
+            "ratio": 0.0, "dest": str(root / (case.dest or "dest")), "mutant": mutant,
+            "sync": case.sync}
     rec, seconds = record(root, spec, work)
     states = CrashStates(rec)
     names = sorted({case.store, case.dest or case.store})
@@ -337,11 +343,13 @@ def test_many_crash_states_of_large_writes_keep_stored_vectors(strace, stores, t
 
 
 @pytest.mark.parametrize(("mutant", "name"), [("segment-sync", "add"), ("dir-sync", "add"),
-                                              ("vector-sync", "add+float16")])
+                                              ("vector-sync", "add+float16"),
+                                              ("syncfs", "add+syncfs")])
 def test_the_checker_finds_a_missing_sync(strace, stores, tmp_path, scratch, mutant, name):
     """Without the fdatasync of the segments before the commit, or of the vector files
-    alone, or without the fsync of ``segments/`` after a new file, some crash state loses
-    committed records or their vectors."""
+    alone, or without the syncfs(2) that replaces them, or without the fsync of
+    ``segments/`` after a new file, some crash state loses committed records or their
+    vectors."""
     case = (CASES | VECTOR_CASES_SLOW)[name]
     result = explore_case(name, case, stores, tmp_path, scratch, exhaustive=False,
                           mutant=mutant)

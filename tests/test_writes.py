@@ -168,6 +168,102 @@ def test_a_failing_commit_is_not_hidden_by_a_failing_sync(tmp_path, small_data, 
         assert store.verify().ok
 
 
+# -- the sync policy: an fdatasync per file, or one syncfs(2) -----------------------------------
+needs_syncfs = pytest.mark.skipif(not atomic.syncfs_available(),
+                                  reason="syncfs(2) reports errors from Linux 5.8 on")
+
+
+def test_the_auto_policy_syncs_the_file_system_from_sixteen_files():
+    from ivfpq_store.storage.segments import SYNCFS_MIN_FILES, use_syncfs
+
+    assert SYNCFS_MIN_FILES == 16
+    assert not use_syncfs("auto", 15)
+    assert use_syncfs("auto", 16) is atomic.syncfs_available()
+    assert not use_syncfs("files", 10_000)
+    assert use_syncfs("filesystem", 1)
+    assert not use_syncfs("filesystem", 0)  # nothing written, nothing to sync
+
+
+@needs_syncfs
+@pytest.mark.parametrize("sync", ["auto", "files", "filesystem"])
+def test_a_write_syncs_each_file_or_their_file_system_once_before_the_commit(
+        tmp_path, small_data, monkeypatch, sync):
+    """An add to eight lists with their vector files writes 16 files: "auto" and
+    "filesystem" make one syncfs(2) of the store's file system instead of 16 fdatasyncs,
+    "files" syncs each. A compaction of seven lists (14 files) syncs each under "auto".
+    Either way every file written is durable before the commit."""
+    from ivfpq_store.storage.segments import use_syncfs
+
+    path = tmp_path / "s"
+    make_store(path, small_data, add=False, store_vectors="float16").close()
+    filesystem = ("sync", f"fs:{os.stat(path / 'segments').st_dev}")
+    with ivfpq_store.open(path, sync=sync, auto_compact_ratio=None) as store:
+        for write, generation, nfiles in (
+                (lambda: store.add(small_data["base"]), 0, 2 * NLIST),
+                (lambda: store.compact(min_deleted_ratio=0.0), 1, 2 * (NLIST - 1))):
+            if generation:  # every list but the one of a single record loses some
+                store.delete(np.concatenate([store.list_contents(n)[0][1::2]
+                                             for n in range(NLIST)]))
+            events = record_io(monkeypatch)
+            write()
+            commit = first_event(events, "commit")
+            files = sorted(os.path.realpath(p)
+                           for p in (path / "segments").glob(f"*-{generation:06d}.*"))
+            assert len(files) == nfiles
+            for f in files:
+                assert synced_before(events, f, commit), f
+            own = {f for _, f in events[:commit] if f in files}
+            if use_syncfs(sync, nfiles):
+                assert events[:commit].count(filesystem) == 1
+                assert own == set()
+            else:
+                assert filesystem not in events
+                assert sorted(own) == files
+            monkeypatch.undo()
+
+
+@needs_syncfs
+@pytest.mark.parametrize(("err", "raised"), [(errno.EIO, OSError),
+                                             (errno.ENOSPC, ivfpq_store.DiskFullError)])
+def test_a_failed_syncfs_fails_the_write_and_leaves_the_store_as_it_was(
+        tmp_path, small_data, monkeypatch, err, raised):
+    import ctypes
+
+    path = tmp_path / "s"
+    with make_store(path, small_data, add=False) as store:
+        store.add(small_data["base"][:500])
+    with ivfpq_store.open(path, sync="filesystem") as store:
+        before = tree_fingerprint(path)
+
+        def failing(fd: int) -> int:
+            ctypes.set_errno(err)
+            return -1
+
+        monkeypatch.setattr(atomic, "_SYNCFS", failing)
+        with pytest.raises(raised, match="sync its file system" if err == errno.ENOSPC
+                           else "syncfs"):
+            store.add(small_data["base"][500:])
+        assert tree_fingerprint(path) == before  # the appends were cut back off
+        monkeypatch.undo()
+        assert len(store) == 500
+        store.add(small_data["base"][500:])
+        assert len(store) == 1500
+        assert store.verify().ok
+
+
+def test_open_checks_the_sync_policy(tmp_path, small_data, monkeypatch):
+    make_store(tmp_path / "s", small_data, add=False).close()
+    with pytest.raises(ivfpq_store.InvalidParamsError, match="sync: expected one of 'auto', "):
+        ivfpq_store.open(tmp_path / "s", sync="always")  # type: ignore[arg-type]
+    monkeypatch.setattr(atomic, "_SYNCFS", None)  # a system without syncfs(2)
+    with pytest.raises(ivfpq_store.InvalidParamsError, match=r"syncfs\(2\) is not available"):
+        ivfpq_store.open(tmp_path / "s", sync="filesystem")
+    with ivfpq_store.open(tmp_path / "s") as store:  # "auto" falls back to each file
+        events = record_io(monkeypatch)
+        store.add(small_data["base"])
+        assert not any(f.startswith("fs:") for _, f in events)
+
+
 # -- uncommitted tails ----------------------------------------------------------------------------
 def test_uncommitted_tail_is_ignored_then_trimmed(tmp_path, small_data):
     path = tmp_path / "s"

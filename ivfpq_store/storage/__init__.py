@@ -8,6 +8,7 @@ from .header_io import read_header, write_header
 from .layout import StoreLayout, as_path, check_new_store_path
 from .lmdb_env import MAX_MAP_SIZE
 from .segments import (
+    SYNC_POLICIES,
     MapCache,
     RecordFetcher,
     RowFiles,
@@ -17,10 +18,11 @@ from .segments import (
     committed_size,
     discard_appended,
     file_size,
+    use_syncfs,
 )
 
-__all__ = ["DEFAULT_MAP_SIZE", "MAX_MAP_SIZE", "Catalog", "CatalogSnapshot", "Changes",
-           "LockState", "MapCache", "RecordFetcher", "RowFiles", "SegmentReader", "StoreLayout",
-           "SyncJob", "append_records", "as_path", "build_directory", "check_new_store_path",
-           "committed_size", "discard_appended", "file_size", "fsync_dir", "probe_lock",
-           "read_header", "sync_file", "write_header", "writer_lock"]
+__all__ = ["DEFAULT_MAP_SIZE", "MAX_MAP_SIZE", "SYNC_POLICIES", "Catalog", "CatalogSnapshot",
+           "Changes", "LockState", "MapCache", "RecordFetcher", "RowFiles", "SegmentReader",
+           "StoreLayout", "SyncJob", "append_records", "as_path", "build_directory",
+           "check_new_store_path", "committed_size", "discard_appended", "file_size", "fsync_dir",
+           "probe_lock", "read_header", "sync_file", "use_syncfs", "write_header", "writer_lock"]
