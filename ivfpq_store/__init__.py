@@ -11,7 +11,7 @@ from __future__ import annotations
 from ._kernel import kernel_status as scan_backend
 from .compaction import CompactReport
 from .copying import CopyReport
-from .creation import create
+from .creation import create, from_faiss
 from .errors import (
     BadMagicError,
     CatalogBusyError,
@@ -96,6 +96,7 @@ __all__ = [
     "WrongProcessError",
     "__version__",
     "create",
+    "from_faiss",
     "open",
     "scan_backend",
 ]

@@ -1,14 +1,20 @@
-"""Creating a store: validate, train the quantizers, build the directory, rename into place."""
+"""Creating a store: validate, train the quantizers (or take a faiss index's), build the
+directory, rename into place."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from ._validate import as_matrix, as_vectors, normalize_rows
+from .errors import InvalidInputError, InvalidParamsError, IvfpqWarning
+from .faiss_interop import ivfpq_lists, load_faiss, unwrap_ivfpq
 from .format import FORMAT_VERSION, Header
 from .format.idmap import PACKED
 from .format.records import StateRecord, StoreMeta
@@ -29,7 +35,7 @@ from .training import kmeans, train_pq
 from .types import F32Array, Metric, PathArg, ProgressFn
 from .version import package_version
 
-__all__ = ["create"]
+__all__ = ["create", "create_trained", "from_faiss"]
 
 
 def create(
@@ -104,6 +110,121 @@ def create(
     with build_directory(root, "creating") as tmp:
         _build(StoreLayout(tmp), header, map_size, max_map_size)
     return open(root, map_size=map_size, max_map_size=max_map_size)
+
+
+@contextlib.contextmanager
+def create_trained(path: PathArg, params: IndexParams, centroids: F32Array, codebooks: F32Array,
+                   *, store_vectors: str | None = None, metadata: dict[str, Any] | None = None,
+                   map_size: int = DEFAULT_MAP_SIZE,
+                   max_map_size: int | None = None) -> Iterator[Store]:
+    """Build a store at ``path`` from quantizer arrays trained elsewhere (another index's):
+    yield it, open, to be filled, and move it into place only when the block succeeds. Until
+    then it lives in a hidden sibling directory, so a failure leaves nothing at ``path``."""
+    root = check_new_store_path(path)
+    vectors = check_store_vectors(store_vectors)
+    check_open_args(map_size=map_size, max_map_size=max_map_size)
+    for name, arr in (("centroids", centroids), ("codebooks", codebooks)):
+        if not np.isfinite(arr).all():
+            raise InvalidInputError(f"{name}: NaN or inf among the quantizer's values")
+    header = Header(params=params, store_uuid=uuid.uuid4(),
+                    centroids=np.ascontiguousarray(centroids, dtype=np.float32),
+                    codebooks=np.ascontiguousarray(codebooks, dtype=np.float32),
+                    metadata={"package_version": package_version(), "created": time.time(),
+                              **(metadata or {})}, vectors=vectors)
+    with build_directory(root, "creating") as tmp:
+        _build(StoreLayout(tmp), header, map_size, max_map_size)
+        with open(tmp, map_size=map_size, max_map_size=max_map_size) as store:
+            yield store
+
+
+#: Records written per transaction by :func:`from_faiss`.
+_IMPORT_BATCH = 1 << 20
+
+
+def from_faiss(index: Any, path: PathArg, *, store_vectors: str | None = None,
+               map_size: int = DEFAULT_MAP_SIZE, max_map_size: int | None = None) -> Store:
+    """Create a store at ``path`` holding a faiss index: its coarse centroids, its PQ
+    codebooks, and every inverted list with its ids and codes, unchanged.
+
+    Parameters
+    ----------
+    index : faiss.IndexIVFPQ
+        Trained, ``by_residual``, metric L2 or inner product, ``nbits`` 1..8, ids distinct
+        and non-negative. An ``IndexIVFPQR`` gives its IVF-PQ part (its refinement codes are
+        dropped with an :class:`IvfpqWarning`). An ``IndexRefineFlat`` over an IndexIVFPQ
+        gives it, and with ``store_vectors`` its raw vectors too. The store's metric is
+        ``"l2"`` or ``"ip"`` (faiss has no cosine: an index of normalised vectors becomes an
+        ``"ip"`` store).
+    path : str, bytes or os.PathLike
+        The store to create; it must not exist. Nothing is left there if the import fails.
+    store_vectors : {None, "float32", "float16"}
+        Keep each record's raw vector, from an IndexRefineFlat's flat index.
+    map_size, max_map_size
+        As in :func:`ivfpq_store.open`.
+
+    Returns
+    -------
+    Store
+        The new store, open for writing. Its searches return what faiss's do (the same ids,
+        distances within float rounding, except for the order of equal distances).
+
+    Raises
+    ------
+    InvalidParamsError
+        Another kind of index, untrained, not by residual, another metric, or
+        ``store_vectors`` without raw vectors to keep.
+    InvalidInputError
+        The index holds an id twice, or a negative id.
+    StoreExistsError
+        ``path`` exists.
+    """
+    faiss = load_faiss()
+    ivf, raw = unwrap_ivfpq(index)
+    if not ivf.is_trained:
+        raise InvalidParamsError("index: not trained")
+    if not ivf.by_residual:
+        raise InvalidParamsError("index: by_residual=False is not supported (a store encodes "
+                                 "each vector's residual to its list's centroid)")
+    metrics = {faiss.METRIC_L2: Metric.L2, faiss.METRIC_INNER_PRODUCT: Metric.IP}
+    if ivf.metric_type not in metrics:
+        raise InvalidParamsError(f"index: metric type {ivf.metric_type} is not supported "
+                                 "(L2 and inner product are)")
+    if store_vectors is not None and raw is None:
+        raise InvalidParamsError(
+            "store_vectors: this index holds no raw vectors (only an IndexRefineFlat does); "
+            "add the vectors to the new store with upsert instead")
+    if raw is not None and store_vectors is None:
+        warnings.warn(IvfpqWarning(
+            "index: the IndexRefineFlat's raw vectors are dropped; pass "
+            "store_vectors='float32' to keep them"), stacklevel=2)
+    pq = ivf.pq
+    params = IndexParams(dim=ivf.d, nlist=ivf.nlist, m=pq.M, nbits=pq.nbits,
+                         metric=metrics[ivf.metric_type])
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist).astype(np.float32)
+    codebooks = faiss.vector_to_array(pq.centroids).astype(np.float32).reshape(
+        params.m, params.ksub, params.dsub)
+    lists, codes, ids = ivfpq_lists(ivf, params)
+    if len(ids) != len(np.unique(ids)) or (len(ids) and int(ids.min()) < 0):
+        raise InvalidInputError("index: its ids must be distinct and non-negative, as a "
+                                "store's are; nothing was created")
+    vectors = None
+    if store_vectors is not None:
+        # An IndexRefineFlat numbers its vectors in the order they were added, and its base
+        # index holds the same numbers as ids.
+        vectors = faiss.rev_swig_ptr(raw.get_xb(), raw.ntotal * raw.d).reshape(raw.ntotal,
+                                                                               raw.d)
+        if len(ids) and int(ids.max()) >= raw.ntotal:
+            raise InvalidInputError("index: an id of the IVF-PQ part is not a vector number "
+                                    "of the IndexRefineFlat")
+    with create_trained(path, params, centroids, codebooks, store_vectors=store_vectors,
+                        metadata={"imported_from": type(ivf).__name__,
+                                  "faiss_version": faiss.__version__},
+                        map_size=map_size, max_map_size=max_map_size) as store:
+        for s in range(0, len(ids), _IMPORT_BATCH):
+            e = min(len(ids), s + _IMPORT_BATCH)
+            store.add_encoded(lists[s:e], codes[s:e], ids[s:e],
+                              None if vectors is None else vectors[ids[s:e]])
+    return open(path, map_size=map_size, max_map_size=max_map_size)
 
 
 def _train(x: F32Array, params: IndexParams, *, seed: int, niter: int,

@@ -31,6 +31,7 @@ from .errors import (
     UnknownIdError,
     WrongProcessError,
 )
+from .faiss_interop import build_ivfpq
 from .filters import Filter, check_filter
 from .format import Header, record_dtype
 from .format.records import ListRecord
@@ -478,6 +479,42 @@ class Store:
         ReadOnlyStoreError, StoreLockedError
         """
         return self._writer.write_vectors(vectors, ids, replace_live=False, progress=progress)
+
+    def add_encoded(self, list_nos: Any, codes: Any, ids: Any,
+                    vectors: Any = None) -> I64Array:
+        """Append records that are already assigned and encoded with this store's quantizer
+        (what :meth:`assign` returns, or another index's lists built with the same centroids
+        and codebooks); durable when this returns, as :meth:`add`.
+
+        Parameters
+        ----------
+        list_nos : array_like of int, shape (n,)
+            Each record's list, ``0..nlist-1``.
+        codes : numpy.ndarray of uint8, shape (n, m)
+            Each record's PQ code, one byte per sub-quantizer, each below ``2**nbits``.
+        ids : array_like of int, shape (n,)
+            Distinct non-negative ids not live in the store.
+        vectors : array_like, shape (n, dim), optional
+            Required by (and only kept in) a store that keeps its vectors.
+
+        Raises
+        ------
+        InvalidInputError
+            Bad shapes, dtypes or values, or missing vectors (nothing is written).
+        DuplicateIdError, ReadOnlyStoreError, StoreLockedError
+        """
+        return self._writer.write_encoded(list_nos, codes, ids, vectors)
+
+    def to_faiss(self) -> Any:
+        """An in-memory faiss ``IndexIVFPQ`` equal to this store (needs faiss: the ``faiss``
+        extra): its centroids (in an ``IndexFlatL2``, or an ``IndexFlatIP`` for ip and
+        cosine), codebooks, and live records with their ids. Its searches return what the
+        store's do (distances within float rounding, equal distances in either order). A
+        cosine store becomes an inner-product index: normalise the queries first, as the
+        store does for you. Stored vectors are not carried over."""
+        self._live_catalog()
+        return build_ivfpq(self.params, self.centroids, self.codebooks,
+                           ((n, *self.list_contents(n)) for n in range(self.params.nlist)))
 
     def upsert(self, vectors: Any, ids: Any, *, progress: ProgressFn | None = None) -> I64Array:
         """Add vectors, replacing the live vectors of ids that exist; one atomic step.

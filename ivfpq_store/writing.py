@@ -152,6 +152,45 @@ class Writer:
         if self._files.vectors is not None and self._files.vectors[0] == "float16":
             check_float16(x)
         list_nos, codes = self._quantizer.assign_and_encode(x, progress)
+        return self._commit_batch(list_nos, codes, given, x, replace_live=replace_live)
+
+    def write_encoded(self, list_nos: I64Array, codes: U8Array, ids: I64Array,
+                      vectors: np.ndarray | None = None) -> I64Array:
+        """Add records that are already assigned and encoded (another index's lists): each
+        given ``ids`` (new ones) in list ``list_nos`` with PQ code ``codes``, and, in a store
+        that keeps vectors, its vector (checked as ``add`` checks them; ``vectors`` is then
+        required). Steps 2-5 of the write order; returns the ids."""
+        self.check_writable()
+        params = self._header.params
+        n = len(ids)
+        given = as_ids(ids, n)
+        list_nos = np.asarray(list_nos)
+        codes = np.asarray(codes)
+        if list_nos.shape != (n,) or list_nos.dtype.kind not in "iu" or (n and (
+                int(list_nos.min()) < 0 or int(list_nos.max()) >= params.nlist)):
+            raise InvalidInputError(f"list numbers: expected {n} integers in 0..{params.nlist - 1}")
+        if codes.shape != (n, params.code_size) or codes.dtype != np.uint8 or (
+                n and int(codes.max()) >= params.ksub):
+            raise InvalidInputError(f"codes: expected a ({n}, {params.code_size}) uint8 array "
+                                    f"of values below {params.ksub}")
+        if self._files.vectors is None:
+            x = np.empty((n, params.dim), np.float32)  # not written: the store keeps none
+        elif vectors is None:
+            raise InvalidInputError("vectors: this store keeps its vectors; pass them")
+        else:
+            x, _ = as_vectors(vectors, params.dim)
+            if params.metric is Metric.COSINE:
+                x = normalize_rows(x)
+            if self._files.vectors[0] == "float16":
+                check_float16(x)
+        return self._commit_batch(list_nos.astype(np.int64), codes, given, x,
+                                  replace_live=False)
+
+    def _commit_batch(self, list_nos: I64Array, codes: U8Array, given: I64Array | None,
+                      x: np.ndarray, *, replace_live: bool) -> I64Array:
+        """Steps 2-5 for a batch assigned and encoded: its lists, codes, ids (None: new
+        automatic ones) and vectors (written only in a store that keeps them)."""
+        n = len(list_nos)
         with self.locked() as catalog:
             snap = catalog.snapshot()
             state = snap.state

@@ -1,8 +1,10 @@
-"""Commands that change a store: create, add, upsert, delete, compact, copy, upgrade."""
+"""Commands that change a store: create, add, upsert, delete, compact, copy, upgrade, and the
+exchange with faiss: import-faiss, export-faiss."""
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import numpy as np
 import ivfpq_store
 
 from ..errors import DimensionMismatchError, IvfpqError
+from ..faiss_interop import load_faiss
 from ..io import open_vectors, read_ids
 from .base import (
     PathType,
@@ -27,7 +30,8 @@ from .base import (
     store_options,
 )
 
-__all__ = ["add", "compact", "copy", "create", "delete", "upgrade", "upsert"]
+__all__ = ["add", "compact", "copy", "create", "delete", "export_faiss", "import_faiss", "upgrade",
+           "upsert"]
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
@@ -261,3 +265,78 @@ def upgrade(store: Path, as_json: bool) -> None:
             f"{r.catalog_bytes_before:,} -> {r.catalog_bytes_after:,} bytes"
             if r.upgraded else f"{store} has the packed id map already; nothing to do")
     emit(r.to_dict(), as_json=as_json, lines=[line])
+
+
+def _faiss_module() -> Any:
+    try:
+        return load_faiss()
+    except ImportError as err:
+        raise click.ClickException(str(err)) from err
+
+
+@cli.command("import-faiss")
+@click.argument("index_file", type=existing_file)
+@store_argument
+@click.option("--store-vectors", type=click.Choice(["float32", "float16"]), default=None,
+              help="Keep the raw vectors of an IndexRefineFlat in this type. Default: codes "
+                   "only.")
+@json_option
+def import_faiss(index_file: Path, store: Path, store_vectors: str | None,
+                 as_json: bool) -> None:
+    """Create STORE from INDEX_FILE, a faiss IndexIVFPQ written by faiss.write_index.
+
+    Keeps the index's centroids, codebooks, lists, ids and codes exactly, so STORE searches
+    as the index does. Also takes an IndexIVFPQR (its refinement codes are dropped) and an
+    IndexRefineFlat over an IndexIVFPQ (with --store-vectors, its raw vectors too). Needs
+    faiss (pip install 'ivfpq-store[faiss]'). STORE must not exist.
+
+    \b
+    Example:
+        ivfpq-store import-faiss sift.faissindex sift.ivfpq
+    """
+    faiss = _faiss_module()
+    try:
+        index = faiss.read_index(str(index_file))
+    except RuntimeError as err:
+        raise click.ClickException(f"{index_file}: not a faiss index file faiss can read "
+                                   f"({str(err).strip().splitlines()[-1]})") from err
+    with ivfpq_store.from_faiss(index, store, store_vectors=store_vectors,
+                                **store_options()) as s:
+        info = s.info()
+    emit(info.to_dict() | {"imported_from": str(index_file)}, as_json=as_json, lines=[
+        (f"imported {info.ntotal:,} vectors from {index_file} into {info.path}: dim={info.dim} "
+         f"nlist={info.nlist} m={info.m} nbits={info.nbits} metric={info.metric}")])
+
+
+@cli.command("export-faiss")
+@store_argument
+@click.argument("index_file", type=PathType(path_type=Path))
+@json_option
+def export_faiss(store: Path, index_file: Path, as_json: bool) -> None:
+    """Write STORE's live vectors as a faiss IndexIVFPQ to the new file INDEX_FILE.
+
+    faiss.read_index reads it back, and its searches return what STORE's do. A cosine store
+    becomes an inner-product index (normalise the queries). Stored vectors are not written.
+    Needs faiss (pip install 'ivfpq-store[faiss]'). INDEX_FILE must not exist; it appears
+    complete or not at all.
+
+    \b
+    Example:
+        ivfpq-store export-faiss sift.ivfpq sift.faissindex
+    """
+    faiss = _faiss_module()
+    if index_file.exists():
+        raise click.ClickException(f"{index_file}: exists; choose a new file name")
+    with ivfpq_store.open(store, readonly=True, **store_options()) as s:
+        index = s.to_faiss()
+    tmp = index_file.with_name(f".{index_file.name}.tmp-{os.getpid()}")
+    try:
+        faiss.write_index(index, str(tmp))
+        os.link(tmp, index_file)  # fails, rather than overwrite, if the name appeared since
+    except RuntimeError as err:
+        raise click.ClickException(f"{index_file}: faiss could not write it ({err})") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    emit({"store": str(store), "index_file": str(index_file), "ntotal": int(index.ntotal),
+          "bytes": index_file.stat().st_size}, as_json=as_json, lines=[
+        f"wrote {int(index.ntotal):,} vectors of {store} to {index_file} as a faiss IndexIVFPQ"])
