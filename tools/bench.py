@@ -35,6 +35,12 @@ Usage::
     python tools/bench.py --dataset siftsmall --nlist 100 --store-vectors float32,float16 \
         --refine 4 --refine-nprobe 10 --out bench-out/sift-refine
     python tools/bench.py --dataset synthetic --n 200000 --nlist 256 --profile --out bench-out/p
+    python tools/bench.py --dataset synthetic --n 200000 --nlist 256 --drift --out bench-out/d
+
+With ``--drift`` the synthetic data drifts (the first fifth of the base, which both systems
+train on and add first, comes from a quarter of the mixture; the rest and the queries from all
+of it): what a store that is never retrained or rebalanced gives, next to the same run without
+``--drift`` (trained on the final data).
 
 With ``--profile`` it trains and adds once more under cProfile and reports where the time goes,
 by phase (``TRAIN_PHASES``, ``ADD_PHASES``: coarse k-means, PQ training and its assignment and
@@ -78,25 +84,31 @@ from ivfpq_store.io import read_vectors
 
 
 # -- data ----------------------------------------------------------------------------------------
-def synthetic(n: int, nq: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def synthetic(n: int, nq: int, dim: int, seed: int,
+              drift: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """SIFT-like data: a 256-component Gaussian mixture in a 24-d latent space, projected to
     ``dim`` dimensions, plus small isotropic noise (isotropic data makes every ANN look broken).
-    Generated in blocks; deterministic in ``seed``."""
+    Generated in blocks; deterministic in ``seed``. With ``drift``, the first fifth of the
+    base comes from a quarter of the components only (the data a store is trained on and
+    first filled with), the rest and the queries from all of them."""
     rng = np.random.default_rng(seed)
     latent_dim, ncomp = 24, 256
     centers = rng.normal(0, 1, size=(ncomp, latent_dim))
     scales = rng.uniform(0.2, 0.6, size=ncomp)
     proj = rng.normal(0, 1, size=(latent_dim, dim)) / np.sqrt(latent_dim)
 
-    def draw(k: int) -> np.ndarray:
+    def draw(k: int, among: int = ncomp) -> np.ndarray:
         out = np.empty((k, dim), dtype=np.float32)
         for s in range(0, k, 100_000):
             b = min(100_000, k - s)
-            comp = rng.integers(0, ncomp, size=b)
+            comp = rng.integers(0, among, size=b)
             z = centers[comp] + scales[comp, None] * rng.normal(size=(b, latent_dim))
             out[s: s + b] = z @ proj + 0.05 * rng.normal(size=(b, dim))
         return out
 
+    if drift:
+        early = n // 5
+        return np.concatenate([draw(early, ncomp // 4), draw(n - early)]), draw(nq)
     return draw(n), draw(nq)
 
 
@@ -682,8 +694,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data = load_siftsmall()
         xb, xq, gt, name = data.base, data.queries, data.groundtruth, "siftsmall"
     else:
-        xb, xq = synthetic(args.n, args.nq, args.dim, args.seed)
-        gt, name = None, f"synthetic-{args.n}"
+        xb, xq = synthetic(args.n, args.nq, args.dim, args.seed, drift=args.drift)
+        gt, name = None, f"synthetic-{args.n}" + ("-drift" if args.drift else "")
     if gt is None:
         gt, gt_s = timed(ground_truth, xb, xq, 10)
         print(f"ground truth: {gt_s:.1f} s", file=sys.stderr)
@@ -691,7 +703,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     nlist = args.nlist or max(1, n // 1000)
     rng = np.random.default_rng(args.seed)
     ntrain = min(n, args.train_size or 256 * max(nlist, 1 << args.nbits))
-    xt = xb[np.sort(rng.choice(n, ntrain, replace=False))] if ntrain < n else xb
+    # With --drift, both systems train on the data that came first (the base's first fifth),
+    # as an application's store does, and then hold data that drifted away from it.
+    pool = n // 5 if args.drift else n
+    ntrain = min(ntrain, pool)
+    xt = xb[np.sort(rng.choice(pool, ntrain, replace=False))] if ntrain < pool else xb[:pool]
     work = Path(tempfile.mkdtemp(prefix="ivfpq-bench-", dir=args.tmp))
     path = work / "bench.ivfpq"
     res: dict[str, Any] = {"dataset": name, "n": n, "dim": dim, "nq": len(xq), "nlist": nlist,
@@ -1111,6 +1127,10 @@ def main() -> None:
     p.add_argument("--profile", action="store_true",
                    help="train and add again under cProfile and report time by phase, next "
                         "to faiss's coarse clustering, PQ training and add")
+    p.add_argument("--drift", action="store_true",
+                   help="synthetic data that drifts: train on, and add first, a fifth of the "
+                        "base drawn from a quarter of the mixture, then the rest from all of "
+                        "it (queries too)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tmp", default=None, help="where the benchmark store is built")
     p.add_argument("--keep", action="store_true", help="keep the store (its path goes to stderr)")
