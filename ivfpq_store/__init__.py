@@ -11,7 +11,7 @@ from __future__ import annotations
 from ._kernel import kernel_status as scan_backend
 from .compaction import CompactReport
 from .copying import CopyReport
-from .creation import create, from_faiss
+from .creation import create, from_faiss, from_faiss_file
 from .errors import (
     BadMagicError,
     CatalogBusyError,
@@ -97,6 +97,7 @@ __all__ = [
     "__version__",
     "create",
     "from_faiss",
+    "from_faiss_file",
     "open",
     "scan_backend",
 ]

@@ -3,7 +3,9 @@ directory, rename into place."""
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import os
 import time
 import uuid
 import warnings
@@ -14,7 +16,7 @@ import numpy as np
 
 from ._validate import as_matrix, as_vectors, normalize_rows
 from .errors import InvalidInputError, InvalidParamsError, IvfpqWarning
-from .faiss_interop import ivfpq_lists, load_faiss, unwrap_ivfpq
+from .faiss_interop import IVFPQParts, ivfpq_lists, load_faiss, read_faiss_ivfpq, unwrap_ivfpq
 from .format import FORMAT_VERSION, Header
 from .format.idmap import PACKED
 from .format.records import StateRecord, StoreMeta
@@ -35,7 +37,7 @@ from .training import kmeans, train_pq
 from .types import F32Array, Metric, PathArg, ProgressFn
 from .version import package_version
 
-__all__ = ["create", "create_trained", "from_faiss"]
+__all__ = ["create", "create_trained", "from_faiss", "from_faiss_file"]
 
 
 def create(
@@ -204,9 +206,8 @@ def from_faiss(index: Any, path: PathArg, *, store_vectors: str | None = None,
     codebooks = faiss.vector_to_array(pq.centroids).astype(np.float32).reshape(
         params.m, params.ksub, params.dsub)
     lists, codes, ids = ivfpq_lists(ivf, params)
-    if len(ids) != len(np.unique(ids)) or (len(ids) and int(ids.min()) < 0):
-        raise InvalidInputError("index: its ids must be distinct and non-negative, as a "
-                                "store's are; nothing was created")
+    parts = IVFPQParts(params=params, centroids=centroids, codebooks=codebooks, lists=lists,
+                       codes=codes, ids=ids)
     vectors = None
     if store_vectors is not None:
         # An IndexRefineFlat numbers its vectors in the order they were added, and its base
@@ -216,13 +217,66 @@ def from_faiss(index: Any, path: PathArg, *, store_vectors: str | None = None,
         if len(ids) and int(ids.max()) >= raw.ntotal:
             raise InvalidInputError("index: an id of the IVF-PQ part is not a vector number "
                                     "of the IndexRefineFlat")
-    with create_trained(path, params, centroids, codebooks, store_vectors=store_vectors,
-                        metadata={"imported_from": type(ivf).__name__,
-                                  "faiss_version": faiss.__version__},
-                        map_size=map_size, max_map_size=max_map_size) as store:
+    return _store_from_parts(parts, path, store_vectors=store_vectors, vectors=vectors,
+                             metadata={"imported_from": type(ivf).__name__,
+                                       "faiss_version": faiss.__version__},
+                             map_size=map_size, max_map_size=max_map_size)
+
+
+def from_faiss_file(file: PathArg, path: PathArg, *, map_size: int = DEFAULT_MAP_SIZE,
+                    max_map_size: int | None = None) -> Store:
+    """Create a store at ``path`` from ``file``, an IndexIVFPQ that ``faiss.write_index``
+    wrote, as :func:`from_faiss` does. An IndexIVFPQ with a flat quantizer is read without
+    faiss (:func:`~ivfpq_store.faiss_interop.read_faiss_ivfpq`); another index needs faiss
+    (``faiss.read_index``, then :func:`from_faiss`)."""
+    name = os.fsdecode(file)
+    with builtins.open(name, "rb") as fh:
+        fourcc = fh.read(4)
+    if fourcc == b"IwPQ":
+        parts: IVFPQParts | None = None
+        try:
+            parts = read_faiss_ivfpq(name)
+        except InvalidInputError:
+            if not _has_faiss():
+                raise
+            # a layout this reader does not know (another quantizer...): faiss reads it below
+        if parts is not None:
+            return _store_from_parts(parts, path, store_vectors=None, vectors=None,
+                                     metadata={"imported_from": "IndexIVFPQ",
+                                               "faiss_file": os.path.basename(name)},
+                                     map_size=map_size, max_map_size=max_map_size)
+    faiss = load_faiss()
+    try:
+        index = faiss.read_index(name)
+    except RuntimeError as err:
+        raise InvalidInputError(f"{name}: not a faiss index file faiss can read "
+                                f"({str(err).strip().splitlines()[-1]})") from err
+    return from_faiss(index, path, map_size=map_size, max_map_size=max_map_size)
+
+
+def _has_faiss() -> bool:
+    try:
+        load_faiss()
+    except ImportError:
+        return False
+    return True
+
+
+def _store_from_parts(parts: IVFPQParts, path: PathArg, *, store_vectors: str | None,
+                      vectors: Any, metadata: dict[str, Any], map_size: int,
+                      max_map_size: int | None) -> Store:
+    """The store of an IndexIVFPQ's parts (and, with ``store_vectors``, ``vectors`` indexed
+    by id), built aside and renamed into place once every record is written."""
+    ids = parts.ids
+    if len(ids) != len(np.unique(ids)) or (len(ids) and int(ids.min()) < 0):
+        raise InvalidInputError("index: its ids must be distinct and non-negative, as a "
+                                "store's are; nothing was created")
+    with create_trained(path, parts.params, parts.centroids, parts.codebooks,
+                        store_vectors=store_vectors, metadata=metadata, map_size=map_size,
+                        max_map_size=max_map_size) as store:
         for s in range(0, len(ids), _IMPORT_BATCH):
             e = min(len(ids), s + _IMPORT_BATCH)
-            store.add_encoded(lists[s:e], codes[s:e], ids[s:e],
+            store.add_encoded(parts.lists[s:e], parts.codes[s:e], ids[s:e],
                               None if vectors is None else vectors[ids[s:e]])
     return open(path, map_size=map_size, max_map_size=max_map_size)
 

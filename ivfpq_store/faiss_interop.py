@@ -11,18 +11,21 @@ functions runs, not before. The two layouts differ in one way: faiss packs the `
 
 from __future__ import annotations
 
+import struct
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import InvalidParamsError, IvfpqWarning
+from .errors import InvalidInputError, InvalidParamsError, IvfpqWarning
 from .params import IndexParams
 from .types import F32Array, I64Array, Metric, U8Array
 
-__all__ = ["build_ivfpq", "ivfpq_lists", "load_faiss", "pack_codes", "unpack_codes",
-           "unwrap_ivfpq"]
+__all__ = ["IVFPQParts", "build_ivfpq", "ivfpq_lists", "load_faiss", "pack_codes",
+           "read_faiss_ivfpq", "unpack_codes", "unwrap_ivfpq"]
 
 
 def load_faiss() -> Any:
@@ -133,3 +136,138 @@ def build_ivfpq(params: IndexParams, centroids: F32Array, codebooks: F32Array,
     if params.metric is Metric.L2:
         index.precompute_table()
     return index
+
+
+# -- reading a faiss index file without faiss ----------------------------------------------------
+@dataclass(frozen=True)
+class IVFPQParts:
+    """What a store needs of a faiss IndexIVFPQ: its parameters, coarse centroids (nlist, d),
+    PQ codebooks (m, ksub, dsub), and its records' list numbers, codes (n, m) one byte per
+    code, and ids."""
+
+    params: IndexParams
+    centroids: F32Array
+    codebooks: F32Array
+    lists: I64Array
+    codes: U8Array
+    ids: I64Array
+
+
+#: faiss's metric codes (faiss/MetricType.h): the two a store can hold.
+_FAISS_METRICS = {0: Metric.IP, 1: Metric.L2}
+
+
+class _Cursor:
+    """Reads faiss's little-endian I/O format (faiss/impl/index_write.cpp) from ``buf``; each
+    read is bounds-checked and a failure names ``source`` and the offset."""
+
+    def __init__(self, buf: bytes, source: str) -> None:
+        self.buf, self.source, self.at = buf, source, 0
+
+    def fail(self, what: str) -> InvalidInputError:
+        return InvalidInputError(f"{self.source}: {what} at byte {self.at}")
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.at + n > len(self.buf):
+            raise self.fail(f"the file ends before {n:,} more bytes")
+        out = self.buf[self.at: self.at + n]
+        self.at += n
+        return out
+
+    def unpack(self, fmt: str) -> tuple[Any, ...]:
+        size = struct.calcsize("<" + fmt)
+        return struct.unpack("<" + fmt, self.take(size))
+
+    def array(self, dtype: str, count: int) -> np.ndarray:
+        item = np.dtype(dtype).itemsize
+        if count < 0 or count > (len(self.buf) - self.at) // max(item, 1):
+            raise self.fail(f"an array of {count:,} items does not fit in the file")
+        return np.frombuffer(self.take(count * item), dtype=dtype)
+
+    def vector(self, dtype: str) -> np.ndarray:
+        (count,) = self.unpack("Q")
+        return self.array(dtype, count)
+
+    def index_header(self) -> tuple[int, int, int]:
+        """d, ntotal and the metric code of faiss's ``write_index_header``."""
+        d, ntotal, _, _, _, metric = self.unpack("iqqqBi")
+        if metric > 1:
+            self.unpack("f")  # metric_arg, of metrics a store cannot hold anyway
+        return d, ntotal, metric
+
+
+def read_faiss_ivfpq(path: str | Path) -> IVFPQParts:
+    """Read an ``IndexIVFPQ`` that ``faiss.write_index`` wrote (fourcc ``IwPQ``, a flat
+    quantizer ``IxF2``/``IxFI``, array inverted lists ``ilar``) without faiss, checking every
+    size against the file. Other indexes raise InvalidInputError: read them with faiss and
+    :func:`ivfpq_store.from_faiss`."""
+    source = str(path)
+    c = _Cursor(Path(path).read_bytes(), source)
+    fourcc = c.take(4)
+    if fourcc != b"IwPQ":
+        raise c.fail(f"index type {fourcc!r}: without faiss only an IndexIVFPQ ('IwPQ') can "
+                     "be read; install faiss (pip install 'ivfpq-store[faiss]') for others")
+    d, ntotal, metric = c.index_header()
+    if metric not in _FAISS_METRICS:
+        raise c.fail(f"metric type {metric} (only L2 and inner product are supported)")
+    nlist, _nprobe = c.unpack("QQ")
+    quantizer = c.take(4)
+    if quantizer not in (b"IxF2", b"IxFI"):
+        raise c.fail(f"coarse quantizer {quantizer!r}: without faiss only a flat one "
+                     "(IndexFlatL2 or IndexFlatIP) can be read")
+    qd, qn, _ = c.index_header()
+    centroids = c.vector("<f4")
+    if qd != d or qn != nlist or centroids.size != nlist * d:
+        raise c.fail(f"a quantizer of {qn} vectors of dimension {qd} ({centroids.size} "
+                     f"floats) for nlist={nlist}, d={d}")
+    direct_map, = c.unpack("B")
+    c.vector("<i8")
+    if direct_map == 2:  # a hashtable direct map: (id, list/offset) pairs
+        c.vector("<i8")
+    by_residual, code_size = c.unpack("BQ")
+    if not by_residual:
+        raise c.fail("by_residual=False is not supported (a store encodes residuals)")
+    pq_d, m, nbits = c.unpack("QQQ")
+    if pq_d != d or not 1 <= nbits <= 8 or m < 1 or d % m:
+        raise c.fail(f"a product quantizer of d={pq_d}, M={m}, nbits={nbits} for d={d}")
+    params = IndexParams(dim=d, nlist=nlist, m=m, nbits=nbits, metric=_FAISS_METRICS[metric])
+    codebooks = c.vector("<f4")
+    if codebooks.size != m * params.ksub * params.dsub or code_size != -(-m * nbits // 8):
+        raise c.fail(f"{codebooks.size} codebook floats and {code_size}-byte codes for M={m}, "
+                     f"nbits={nbits}")
+    if c.take(4) != b"ilar":
+        raise c.fail("inverted lists of a kind other than the array lists faiss keeps in RAM")
+    il_nlist, il_code_size = c.unpack("QQ")
+    if (il_nlist, il_code_size) != (nlist, code_size):
+        raise c.fail(f"inverted lists of nlist={il_nlist}, code_size={il_code_size}")
+    kind = c.take(4)
+    sizes = np.zeros(nlist, np.int64)
+    if kind == b"full":
+        full = c.vector("<u8")
+        if len(full) != nlist:
+            raise c.fail(f"{len(full)} list sizes for nlist={nlist}")
+        sizes[:] = full
+    elif kind == b"sprs":
+        pairs = c.vector("<u8").reshape(-1, 2)
+        if len(pairs) and int(pairs[:, 0].max()) >= nlist:
+            raise c.fail("a list number past nlist")
+        sizes[pairs[:, 0].astype(np.int64)] = pairs[:, 1]
+    else:
+        raise c.fail(f"list sizes of kind {kind!r}")
+    if int(sizes.sum()) != ntotal:
+        raise c.fail(f"lists of {int(sizes.sum()):,} records for ntotal={ntotal:,}")
+    lists, codes, ids = [], [], []
+    for list_no in np.flatnonzero(sizes).tolist():
+        n = int(sizes[list_no])
+        packed = c.array("u1", n * code_size).reshape(n, code_size)
+        codes.append(unpack_codes(packed, m, nbits))
+        ids.append(c.array("<i8", n).astype(np.int64))
+        lists.append(np.full(n, list_no, np.int64))
+    if c.at != len(c.buf):
+        raise c.fail(f"{len(c.buf) - c.at:,} bytes after the index")
+    return IVFPQParts(
+        params=params, centroids=centroids.reshape(nlist, d).copy(),
+        codebooks=codebooks.reshape(m, params.ksub, params.dsub).copy(),
+        lists=np.concatenate(lists) if lists else np.empty(0, np.int64),
+        codes=np.concatenate(codes) if codes else np.empty((0, m), np.uint8),
+        ids=np.concatenate(ids) if ids else np.empty(0, np.int64))

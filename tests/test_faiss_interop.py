@@ -331,3 +331,90 @@ def test_export_faiss_then_import_faiss_on_the_command_line(tmp_path, small_data
     assert bad.exit_code == 1
     assert "not a faiss index file" in bad.output
     assert not (tmp_path / "c").exists()
+
+
+# -- faiss index files, read without faiss -------------------------------------------------------
+@pytest.fixture
+def no_faiss(monkeypatch):
+    """``import faiss`` fails, as on a machine without the extra."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def refuse(name, *args, **kwargs):
+        if name == "faiss" or name.startswith("faiss."):
+            raise ImportError("No module named 'faiss'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", refuse)
+
+
+@pytest.mark.parametrize(("metric", "nbits", "n", "nlist"), [
+    ("l2", 8, 1500, NLIST), ("ip", 6, 1500, NLIST),  # every list holds records: "full" sizes
+    ("l2", 5, 7, 64),  # most lists empty: faiss writes "sprs" (list, size) pairs
+    ("ip", 8, 0, NLIST)])  # an empty index
+def test_a_faiss_file_is_read_without_faiss_as_faiss_reads_it(tmp_path, small_data, metric,
+                                                              nbits, n, nlist):
+    from ivfpq_store.faiss_interop import ivfpq_lists, read_faiss_ivfpq
+
+    x = small_data["base"]
+    index = trained_faiss(x, metric=metric, nbits=nbits, nlist=nlist, ids=np.arange(1500) * 5)
+    if n < len(x):
+        index.remove_ids(np.arange(n, 1500) * 5)
+    faiss.write_index(index, str(tmp_path / "i.faiss"))
+    parts = read_faiss_ivfpq(tmp_path / "i.faiss")
+    lists, codes, ids = ivfpq_lists(index, parts.params)
+    assert parts.params == ivfpq_store.IndexParams(dim=DIM, nlist=nlist, m=4, nbits=nbits,
+                                                   metric=metric)
+    np.testing.assert_array_equal(parts.centroids, index.quantizer.reconstruct_n(0, nlist))
+    np.testing.assert_array_equal(parts.codebooks.ravel(),
+                                  faiss.vector_to_array(index.pq.centroids))
+    for mine, theirs in ((parts.lists, lists), (parts.codes, codes), (parts.ids, ids)):
+        np.testing.assert_array_equal(mine, theirs)
+    assert len(ids) == n
+
+
+def test_import_faiss_needs_no_faiss_for_an_ivfpq_file(tmp_path, small_data, request):
+    q = small_data["queries"]
+    index = trained_faiss(small_data["base"])
+    faiss.write_index(index, str(tmp_path / "i.faiss"))
+    index.nprobe = 3
+    d_f, i_f = index.search(q, 10)
+    request.getfixturevalue("no_faiss")
+    with ivfpq_store.from_faiss_file(tmp_path / "i.faiss", tmp_path / "s") as store:
+        got = store.search(q, k=10, nprobe=3)
+        assert_same_results(got.distances, got.ids, d_f, i_f)
+    with ivfpq_store.open(tmp_path / "s") as store, \
+            pytest.raises(ImportError, match=r"ivfpq-store\[faiss\]"):
+        store.to_faiss()
+    (tmp_path / "flat.faiss").write_bytes(b"IxF2" + bytes(60))  # another index type
+    with pytest.raises(ImportError, match=r"ivfpq-store\[faiss\]"):
+        ivfpq_store.from_faiss_file(tmp_path / "flat.faiss", tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_damaged_faiss_file_is_refused_with_a_typed_error_and_nothing_created(
+        tmp_path, small_data, request):
+    from ivfpq_store.faiss_interop import read_faiss_ivfpq
+
+    index = trained_faiss(small_data["base"][:300], nbits=6)
+    faiss.write_index(index, str(tmp_path / "i.faiss"))
+    data = (tmp_path / "i.faiss").read_bytes()
+    request.getfixturevalue("no_faiss")
+    rng = np.random.default_rng(0)
+    cuts = sorted({*rng.integers(1, len(data), 40).tolist(), 3, 4, 40, len(data) - 1})
+    for cut in cuts:  # every truncation is a typed error naming the file
+        (tmp_path / "cut.faiss").write_bytes(data[:cut])
+        with pytest.raises(ivfpq_store.InvalidInputError, match=r"cut\.faiss"):
+            read_faiss_ivfpq(tmp_path / "cut.faiss")
+    (tmp_path / "long.faiss").write_bytes(data + b"\0")
+    with pytest.raises(ivfpq_store.InvalidInputError, match="1 bytes after the index"):
+        read_faiss_ivfpq(tmp_path / "long.faiss")
+    # a list size that no longer adds up to ntotal
+    bad = bytearray(data)
+    at = data.index(b"full") + 4 + 8
+    bad[at] ^= 0x01
+    (tmp_path / "sizes.faiss").write_bytes(bytes(bad))
+    with pytest.raises(ivfpq_store.InvalidInputError):
+        ivfpq_store.from_faiss_file(tmp_path / "sizes.faiss", tmp_path / "s")
+    assert not (tmp_path / "s").exists()

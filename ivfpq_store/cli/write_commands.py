@@ -286,22 +286,28 @@ def import_faiss(index_file: Path, store: Path, store_vectors: str | None,
     """Create STORE from INDEX_FILE, a faiss IndexIVFPQ written by faiss.write_index.
 
     Keeps the index's centroids, codebooks, lists, ids and codes exactly, so STORE searches
-    as the index does. Also takes an IndexIVFPQR (its refinement codes are dropped) and an
-    IndexRefineFlat over an IndexIVFPQ (with --store-vectors, its raw vectors too). Needs
-    faiss (pip install 'ivfpq-store[faiss]'). STORE must not exist.
+    as the index does. An IndexIVFPQ with a flat quantizer is read without faiss. With faiss
+    installed (pip install 'ivfpq-store[faiss]') it also takes an IndexIVFPQR (its refinement
+    codes are dropped) and an IndexRefineFlat over an IndexIVFPQ (with --store-vectors, its
+    raw vectors too). STORE must not exist.
 
     \b
     Example:
         ivfpq-store import-faiss sift.faissindex sift.ivfpq
     """
-    faiss = _faiss_module()
-    try:
-        index = faiss.read_index(str(index_file))
-    except RuntimeError as err:
-        raise click.ClickException(f"{index_file}: not a faiss index file faiss can read "
-                                   f"({str(err).strip().splitlines()[-1]})") from err
-    with ivfpq_store.from_faiss(index, store, store_vectors=store_vectors,
-                                **store_options()) as s:
+    if store_vectors is None:  # an IndexIVFPQ file needs no faiss
+        opened = ivfpq_store.from_faiss_file(index_file, store, **store_options())
+    else:
+        faiss = _faiss_module()
+        try:
+            index = faiss.read_index(str(index_file))
+        except RuntimeError as err:
+            raise click.ClickException(
+                f"{index_file}: not a faiss index file faiss can read "
+                f"({str(err).strip().splitlines()[-1]})") from err
+        opened = ivfpq_store.from_faiss(index, store, store_vectors=store_vectors,
+                                        **store_options())
+    with opened as s:
         info = s.info()
     emit(info.to_dict() | {"imported_from": str(index_file)}, as_json=as_json, lines=[
         (f"imported {info.ntotal:,} vectors from {index_file} into {info.path}: dim={info.dim} "
