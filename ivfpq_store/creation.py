@@ -34,7 +34,7 @@ from .storage import (
 )
 from .store import Store
 from .training import kmeans, train_pq
-from .types import F32Array, Metric, PathArg, ProgressFn
+from .types import F32Array, Metric, PathArg, ProgressFn, SyncPolicy
 from .version import package_version
 
 __all__ = ["create", "create_trained", "from_faiss", "from_faiss_file"]
@@ -55,6 +55,7 @@ def create(
     map_size: int = DEFAULT_MAP_SIZE,
     max_map_size: int | None = None,
     progress: ProgressFn | None = None,
+    sync: SyncPolicy = "auto",
 ) -> Store:
     """Train an index on ``training_vectors`` and create an empty store at ``path``.
 
@@ -79,9 +80,9 @@ def create(
         element type, for :meth:`Store.search` with ``refine`` and for
         :meth:`Store.get_vectors`. ``"float16"`` takes half the bytes (2 per dimension)
         and rounds each value to 11 significant bits. None (the default) keeps codes only.
-    map_size, max_map_size
-        The catalog's first address-space reservation and the most it may grow to, as in
-        :func:`open`.
+    map_size, max_map_size, sync
+        The catalog's first address-space reservation and the most it may grow to, and how
+        writes are synced, as in :func:`open`.
 
     Returns
     -------
@@ -99,7 +100,7 @@ def create(
                                         1 << 30)
     seed = check_int("seed", seed, 0, (1 << 63) - 1)
     vectors = check_store_vectors(store_vectors)
-    check_open_args(map_size=map_size, max_map_size=max_map_size)
+    check_open_args(map_size=map_size, max_map_size=max_map_size, sync=sync)
     arr = as_matrix(training_vectors, "training_vectors")
     params = IndexParams(dim=arr.shape[1], nlist=nlist, m=m, nbits=nbits,
                          metric=parse_metric(metric))
@@ -111,20 +112,20 @@ def create(
                     vectors=vectors)
     with build_directory(root, "creating") as tmp:
         _build(StoreLayout(tmp), header, map_size, max_map_size)
-    return open(root, map_size=map_size, max_map_size=max_map_size)
+    return open(root, map_size=map_size, max_map_size=max_map_size, sync=sync)
 
 
 @contextlib.contextmanager
 def create_trained(path: PathArg, params: IndexParams, centroids: F32Array, codebooks: F32Array,
                    *, store_vectors: str | None = None, metadata: dict[str, Any] | None = None,
-                   map_size: int = DEFAULT_MAP_SIZE,
-                   max_map_size: int | None = None) -> Iterator[Store]:
+                   map_size: int = DEFAULT_MAP_SIZE, max_map_size: int | None = None,
+                   sync: SyncPolicy = "auto") -> Iterator[Store]:
     """Build a store at ``path`` from quantizer arrays trained elsewhere (another index's):
     yield it, open, to be filled, and move it into place only when the block succeeds. Until
     then it lives in a hidden sibling directory, so a failure leaves nothing at ``path``."""
     root = check_new_store_path(path)
     vectors = check_store_vectors(store_vectors)
-    check_open_args(map_size=map_size, max_map_size=max_map_size)
+    check_open_args(map_size=map_size, max_map_size=max_map_size, sync=sync)
     for name, arr in (("centroids", centroids), ("codebooks", codebooks)):
         if not np.isfinite(arr).all():
             raise InvalidInputError(f"{name}: NaN or inf among the quantizer's values")
@@ -135,7 +136,7 @@ def create_trained(path: PathArg, params: IndexParams, centroids: F32Array, code
                               **(metadata or {})}, vectors=vectors)
     with build_directory(root, "creating") as tmp:
         _build(StoreLayout(tmp), header, map_size, max_map_size)
-        with open(tmp, map_size=map_size, max_map_size=max_map_size) as store:
+        with open(tmp, map_size=map_size, max_map_size=max_map_size, sync=sync) as store:
             yield store
 
 
@@ -144,7 +145,8 @@ _IMPORT_BATCH = 1 << 20
 
 
 def from_faiss(index: Any, path: PathArg, *, store_vectors: str | None = None,
-               map_size: int = DEFAULT_MAP_SIZE, max_map_size: int | None = None) -> Store:
+               map_size: int = DEFAULT_MAP_SIZE, max_map_size: int | None = None,
+               sync: SyncPolicy = "auto") -> Store:
     """Create a store at ``path`` holding a faiss index: its coarse centroids, its PQ
     codebooks, and every inverted list with its ids and codes, unchanged.
 
@@ -161,7 +163,7 @@ def from_faiss(index: Any, path: PathArg, *, store_vectors: str | None = None,
         The store to create; it must not exist. Nothing is left there if the import fails.
     store_vectors : {None, "float32", "float16"}
         Keep each record's raw vector, from an IndexRefineFlat's flat index.
-    map_size, max_map_size
+    map_size, max_map_size, sync
         As in :func:`ivfpq_store.open`.
 
     Returns
@@ -220,11 +222,11 @@ def from_faiss(index: Any, path: PathArg, *, store_vectors: str | None = None,
     return _store_from_parts(parts, path, store_vectors=store_vectors, vectors=vectors,
                              metadata={"imported_from": type(ivf).__name__,
                                        "faiss_version": faiss.__version__},
-                             map_size=map_size, max_map_size=max_map_size)
+                             map_size=map_size, max_map_size=max_map_size, sync=sync)
 
 
 def from_faiss_file(file: PathArg, path: PathArg, *, map_size: int = DEFAULT_MAP_SIZE,
-                    max_map_size: int | None = None) -> Store:
+                    max_map_size: int | None = None, sync: SyncPolicy = "auto") -> Store:
     """Create a store at ``path`` from ``file``, an IndexIVFPQ that ``faiss.write_index``
     wrote, as :func:`from_faiss` does. An IndexIVFPQ with a flat quantizer is read without
     faiss (:func:`~ivfpq_store.faiss_interop.read_faiss_ivfpq`); another index needs faiss
@@ -244,14 +246,15 @@ def from_faiss_file(file: PathArg, path: PathArg, *, map_size: int = DEFAULT_MAP
             return _store_from_parts(parts, path, store_vectors=None, vectors=None,
                                      metadata={"imported_from": "IndexIVFPQ",
                                                "faiss_file": os.path.basename(name)},
-                                     map_size=map_size, max_map_size=max_map_size)
+                                     map_size=map_size, max_map_size=max_map_size,
+                                     sync=sync)
     faiss = load_faiss()
     try:
         index = faiss.read_index(name)
     except RuntimeError as err:
         raise InvalidInputError(f"{name}: not a faiss index file faiss can read "
                                 f"({str(err).strip().splitlines()[-1]})") from err
-    return from_faiss(index, path, map_size=map_size, max_map_size=max_map_size)
+    return from_faiss(index, path, map_size=map_size, max_map_size=max_map_size, sync=sync)
 
 
 def _has_faiss() -> bool:
@@ -264,7 +267,7 @@ def _has_faiss() -> bool:
 
 def _store_from_parts(parts: IVFPQParts, path: PathArg, *, store_vectors: str | None,
                       vectors: Any, metadata: dict[str, Any], map_size: int,
-                      max_map_size: int | None) -> Store:
+                      max_map_size: int | None, sync: SyncPolicy) -> Store:
     """The store of an IndexIVFPQ's parts (and, with ``store_vectors``, ``vectors`` indexed
     by id), built aside and renamed into place once every record is written."""
     ids = parts.ids
@@ -273,12 +276,12 @@ def _store_from_parts(parts: IVFPQParts, path: PathArg, *, store_vectors: str | 
                                 "store's are; nothing was created")
     with create_trained(path, parts.params, parts.centroids, parts.codebooks,
                         store_vectors=store_vectors, metadata=metadata, map_size=map_size,
-                        max_map_size=max_map_size) as store:
+                        max_map_size=max_map_size, sync=sync) as store:
         for s in range(0, len(ids), _IMPORT_BATCH):
             e = min(len(ids), s + _IMPORT_BATCH)
             store.add_encoded(parts.lists[s:e], parts.codes[s:e], ids[s:e],
                               None if vectors is None else vectors[ids[s:e]])
-    return open(path, map_size=map_size, max_map_size=max_map_size)
+    return open(path, map_size=map_size, max_map_size=max_map_size, sync=sync)
 
 
 def _train(x: F32Array, params: IndexParams, *, seed: int, niter: int,

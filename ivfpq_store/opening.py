@@ -24,7 +24,7 @@ __all__ = ["check_open_args", "open"]
 
 def check_open_args(*, map_size: int, max_map_size: int | None = None,
                     max_open_segments: int | None = None, lock_timeout: float = 0.0,
-                    sync: str = "auto") -> None:
+                    sync: object = "auto") -> None:
     check_int("map_size", map_size, 1 << 20, MAX_MAP_SIZE)
     if max_map_size is not None:
         check_int("max_map_size", max_map_size, 1 << 20, MAX_MAP_SIZE)

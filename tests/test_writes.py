@@ -264,6 +264,34 @@ def test_open_checks_the_sync_policy(tmp_path, small_data, monkeypatch):
         assert not any(f.startswith("fs:") for _, f in events)
 
 
+def test_the_command_line_and_create_take_the_sync_policy(tmp_path, small_data, monkeypatch):
+    from click.testing import CliRunner
+
+    from ivfpq_store.cli import cli
+
+    with pytest.raises(ivfpq_store.InvalidParamsError, match="sync: expected one of"):
+        ivfpq_store.create(tmp_path / "x", small_data["train"], nlist=NLIST, m=4,
+                           sync="sometimes")  # type: ignore[arg-type]
+    assert not (tmp_path / "x").exists()
+    make_store(tmp_path / "s", small_data, add=False).close()
+    np.save(tmp_path / "v.npy", small_data["base"])
+    runner = CliRunner()
+    bad = runner.invoke(cli, ["--sync", "always", "add", str(tmp_path / "s"),
+                              str(tmp_path / "v.npy")])
+    assert bad.exit_code == 2
+    assert "'always' is not one of" in bad.output
+    segments = os.path.realpath(tmp_path / "s" / "segments")
+    for policy in ("filesystem", "files"):  # an add of 8 files: "auto" would sync each
+        events = record_io(monkeypatch)
+        ok = runner.invoke(cli, ["--sync", policy, "add", str(tmp_path / "s"),
+                                 str(tmp_path / "v.npy"), "-q"])
+        assert ok.exit_code == 0, ok.output
+        by_filesystem = any(f.startswith("fs:") for _, f in events)
+        by_file = any(e == "sync" and f.startswith(segments + os.sep) for e, f in events)
+        assert (by_filesystem, by_file) == (policy == "filesystem", policy == "files")
+        monkeypatch.undo()
+
+
 # -- uncommitted tails ----------------------------------------------------------------------------
 def test_uncommitted_tail_is_ignored_then_trimmed(tmp_path, small_data):
     path = tmp_path / "s"

@@ -138,15 +138,20 @@ def histogram(sizes: list[int], bins: int = 8, width: int = 40) -> list[str]:
               metavar="BYTES",
               help="Never grow the catalog's map past this; a write that needs more fails with "
                    "'catalog map is full' (default: no limit but the address space).")
+@click.option("--sync", type=click.Choice(["auto", "files", "filesystem"]), default=None,
+              help="How writes make their files durable: fdatasync each ('files'), one "
+                   "syncfs of the file system ('filesystem', Linux 5.8+), or syncfs for "
+                   "writes of 16 files or more ('auto', the default). docs/operations.md, "
+                   "'How writes are synced'.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, map_size: int | None,
-        max_map_size: int | None) -> None:
+        max_map_size: int | None, sync: str | None) -> None:
     """Create, fill, search, inspect and maintain persistent IVF-PQ vector stores."""
     if map_size is not None and max_map_size is not None and max_map_size < map_size:
         raise click.BadParameter(f"{max_map_size} is smaller than --map-size {map_size}",
                                  param_hint="--max-map-size")
-    ctx.obj = {k: v for k, v in (("map_size", map_size), ("max_map_size", max_map_size))
-               if v is not None}
+    ctx.obj = {k: v for k, v in (("map_size", map_size), ("max_map_size", max_map_size),
+                                 ("sync", sync)) if v is not None}
     if verbose:
         logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO,
                             format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
