@@ -193,6 +193,11 @@ def from_faiss(index: Any, path: PathArg, *, store_vectors: str | None = None,
     if ivf.metric_type not in metrics:
         raise InvalidParamsError(f"index: metric type {ivf.metric_type} is not supported "
                                  "(L2 and inner product are)")
+    if ivf.quantizer.metric_type != ivf.metric_type:
+        # A store probes its lists by its own metric: faiss would pick other lists.
+        raise InvalidParamsError(
+            f"index: its coarse quantizer's metric type ({ivf.quantizer.metric_type}) is not "
+            f"the index's ({ivf.metric_type}); a store probes and scores with one metric")
     if store_vectors is not None and raw is None:
         raise InvalidParamsError(
             "store_vectors: this index holds no raw vectors (only an IndexRefineFlat does); "

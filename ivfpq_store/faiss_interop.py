@@ -62,6 +62,8 @@ def unwrap_ivfpq(index: Any) -> tuple[Any, Any]:
     """The IndexIVFPQ inside ``index``, and the flat index of its raw vectors when ``index``
     is an IndexRefineFlat over one (else None)."""
     faiss = load_faiss()
+    if not isinstance(index, faiss.Index):
+        raise InvalidParamsError(f"index: expected a faiss index, got {type(index).__name__}")
     index = faiss.downcast_index(index)
     raw = None
     if isinstance(index, faiss.IndexPreTransform):

@@ -435,10 +435,15 @@ class Store:
         catalog = self._live_catalog()
         list_no = check_int("list_no", list_no, 0, self.params.nlist - 1)
         snap = catalog.snapshot()
+        return self._live_records(snap, self._fetch, list_no)
+
+    def _live_records(self, snap: CatalogSnapshot, fetch: RecordFetcher,
+                      list_no: int) -> tuple[I64Array, U8Array]:
+        """Copies of the live ids and codes of one list of ``snap``, in row order."""
         record = snap.lists.get(list_no)
         if record is None or record.count == 0:
             return np.empty(0, np.int64), np.empty((0, self.params.code_size), np.uint8)
-        recs = self._fetch(list_no, record)
+        recs = fetch(list_no, record)
         live = np.delete(np.arange(record.count), snap.deleted.get(list_no, []))
         return (np.array(recs["id"][live], dtype=np.int64),
                 np.array(recs["code"][live], dtype=np.uint8))
@@ -512,9 +517,15 @@ class Store:
         store's do (distances within float rounding, equal distances in either order). A
         cosine store becomes an inner-product index: normalise the queries first, as the
         store does for you. Stored vectors are not carried over."""
-        self._live_catalog()
-        return build_ivfpq(self.params, self.centroids, self.codebooks,
-                           ((n, *self.list_contents(n)) for n in range(self.params.nlist)))
+        catalog = self._live_catalog()
+
+        def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> Any:
+            # Every list from one snapshot: a write committed meanwhile is wholly absent.
+            return build_ivfpq(self.params, self.centroids, self.codebooks,
+                               ((n, *self._live_records(snap, fetch, n))
+                                for n in range(self.params.nlist)))
+
+        return self._on_snapshot(catalog, run)
 
     def upsert(self, vectors: Any, ids: Any, *, progress: ProgressFn | None = None) -> I64Array:
         """Add vectors, replacing the live vectors of ids that exist; one atomic step.

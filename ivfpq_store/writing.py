@@ -50,6 +50,7 @@ from .compaction import (
 )
 from .errors import (
     CorruptStoreError,
+    DimensionMismatchError,
     DuplicateIdError,
     InvalidInputError,
     IvfpqError,
@@ -162,15 +163,19 @@ class Writer:
         required). Steps 2-5 of the write order; returns the ids."""
         self.check_writable()
         params = self._header.params
-        n = len(ids)
-        given = as_ids(ids, n)
         list_nos = np.asarray(list_nos)
+        if list_nos.ndim != 1 or list_nos.dtype.kind not in "iu":
+            raise InvalidInputError(f"list numbers: expected a 1-D integer array, got "
+                                    f"{list_nos.dtype} of shape {list_nos.shape}")
+        n = len(list_nos)
+        if n == 0:
+            raise InvalidInputError("list numbers: empty batch — expected at least one record")
+        given = as_ids(ids, n)
         codes = np.asarray(codes)
-        if list_nos.shape != (n,) or list_nos.dtype.kind not in "iu" or (n and (
-                int(list_nos.min()) < 0 or int(list_nos.max()) >= params.nlist)):
+        if int(list_nos.min()) < 0 or int(list_nos.max()) >= params.nlist:
             raise InvalidInputError(f"list numbers: expected {n} integers in 0..{params.nlist - 1}")
         if codes.shape != (n, params.code_size) or codes.dtype != np.uint8 or (
-                n and int(codes.max()) >= params.ksub):
+                int(codes.max()) >= params.ksub):
             raise InvalidInputError(f"codes: expected a ({n}, {params.code_size}) uint8 array "
                                     f"of values below {params.ksub}")
         if self._files.vectors is None:
@@ -179,6 +184,9 @@ class Writer:
             raise InvalidInputError("vectors: this store keeps its vectors; pass them")
         else:
             x, _ = as_vectors(vectors, params.dim)
+            if len(x) != n:
+                raise DimensionMismatchError(
+                    f"vectors: {len(x)} rows for {n} records — expected one vector per record")
             if params.metric is Metric.COSINE:
                 x = normalize_rows(x)
             if self._files.vectors[0] == "float16":

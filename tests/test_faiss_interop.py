@@ -260,7 +260,7 @@ def test_add_encoded_refuses_bad_records_and_writes_nothing(tmp_path, small_data
         for bad_lists, bad_codes, vectors, match in (
                 (past_lists, codes, x, "list numbers"),
                 (lists - 1 - lists.max(), codes, x, "list numbers"),
-                (lists[:5], codes, x, "list numbers"),
+                (lists[:5], codes, x, "ids: expected shape"),
                 (lists, codes.astype(np.int64), x, "codes"),
                 (lists, past_codes, x, "codes"),
                 (lists, codes, None, "keeps its vectors"),

@@ -338,7 +338,17 @@ def export_faiss(store: Path, index_file: Path, as_json: bool) -> None:
     tmp = index_file.with_name(f".{index_file.name}.tmp-{os.getpid()}")
     try:
         faiss.write_index(index, str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data is durable before the name appears
+        finally:
+            os.close(fd)
         os.link(tmp, index_file)  # fails, rather than overwrite, if the name appeared since
+        fd = os.open(index_file.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)  # and the name is durable once this returns
+        finally:
+            os.close(fd)
     except RuntimeError as err:
         raise click.ClickException(f"{index_file}: faiss could not write it ({err})") from err
     finally:
