@@ -149,7 +149,11 @@ def test_sift10k_imports_and_searches_as_faiss(tmp_path):
     from ivfpq_store.datasets import load_siftsmall
 
     ds = load_siftsmall()
-    index = trained_faiss(ds.base, nlist=100, m=16, ids=np.arange(len(ds.base)))
+    quantizer = faiss.IndexFlatL2(128)
+    index = faiss.IndexIVFPQ(quantizer, 128, 100, 16, 8)
+    index.cp.niter = index.pq.cp.niter = 10  # any trained index will do; this one is quick
+    index.train(ds.base)
+    index.add(ds.base)
     index.nprobe = 10
     d_f, i_f = index.search(ds.queries, 10)
     with ivfpq_store.from_faiss(index, tmp_path / "s") as store:
@@ -212,8 +216,7 @@ def test_an_index_the_store_cannot_hold_is_refused_and_nothing_is_created(tmp_pa
         index.by_residual = False
         match = "by_residual"
     elif case == "opq":
-        index = faiss.index_factory(DIM, f"OPQ4,IVF{NLIST},PQ4")
-        index.train(x)
+        index = faiss.index_factory(DIM, f"OPQ4,IVF{NLIST},PQ4")  # refused before training
         match = "IndexPreTransform"
     elif case == "duplicate-ids":
         index = trained_faiss(x, ids=np.arange(len(x)) % 1000)

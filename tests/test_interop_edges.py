@@ -163,7 +163,8 @@ def test_export_faiss_syncs_the_file_before_it_appears(tmp_path, small_data, mon
 
 
 # -- every nbits, a non-flat quantizer, the sync threshold ---------------------------------------
-@pytest.mark.parametrize("nbits", range(1, 9))
+@pytest.mark.parametrize("nbits", [*range(1, 7), *(pytest.param(b, marks=pytest.mark.slow)
+                                                    for b in (7, 8))])
 def test_from_faiss_searches_as_faiss_for_every_nbits_and_through_an_hnsw_quantizer(
         tmp_path, small_data, nbits):
     """Every nbits 1..8 (the code packing of each), with an IndexHNSWFlat quantizer
