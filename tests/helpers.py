@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import os
 import struct
 import subprocess
@@ -410,3 +411,17 @@ class Bad:
 
 def case_id(case: Bad) -> str:
     return case.id
+
+
+# -- optional faiss -------------------------------------------------------------------------------
+def optional_faiss() -> Any:
+    """The faiss module, or None where the faiss (or bench) extra is not installed."""
+    try:
+        return importlib.import_module("faiss")
+    except ImportError:
+        return None
+
+
+#: Skips a test module (``pytestmark = needs_faiss``) where faiss is not installed.
+needs_faiss = pytest.mark.skipif(optional_faiss() is None,
+                                 reason="faiss-cpu (the faiss extra) is missing")

@@ -4,23 +4,19 @@ searches as the store does; ``add_encoded`` writes records encoded elsewhere."""
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import numpy as np
 import pytest
 from conftest import DIM, NLIST, make_store
+from helpers import needs_faiss, optional_faiss
 
 import ivfpq_store
 from ivfpq_store.faiss_interop import pack_codes, unpack_codes
 from ivfpq_store.storage import read_header
 
-faiss: Any
-try:
-    faiss = importlib.import_module("faiss")
-except ImportError:
-    faiss = None
-pytestmark = pytest.mark.skipif(faiss is None, reason="faiss-cpu (the faiss extra) is missing")
+faiss: Any = optional_faiss()
+pytestmark = needs_faiss
 
 
 def assert_same_results(d1, i1, d2, i2, *, rtol=1e-5):

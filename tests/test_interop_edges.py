@@ -5,7 +5,6 @@ quantizer, and the sync policy's threshold end to end."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
 from pathlib import Path
@@ -14,17 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import DIM, NLIST, make_store
-from helpers import record_io
+from helpers import needs_faiss, optional_faiss, record_io
 
 import ivfpq_store
 from ivfpq_store.storage import atomic
 
-faiss: Any
-try:
-    faiss = importlib.import_module("faiss")
-except ImportError:
-    faiss = None
-pytestmark = pytest.mark.skipif(faiss is None, reason="faiss-cpu (the faiss extra) is missing")
+faiss: Any = optional_faiss()
+pytestmark = needs_faiss
 
 
 def faiss_ids(index) -> np.ndarray:
