@@ -753,6 +753,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     faiss_bytes = faiss.serialize_index(index).nbytes
     res["bytes_per_vector"] = {"ours": {k: v / n for k, v in info.bytes_on_disk.items()},
                                "faiss_serialized": faiss_bytes / n}
+    # How balanced the lists are (a quantizer trained on data that drifted fills few lists).
+    invlists = index.invlists
+    assert invlists is not None
+    faiss_sizes = [invlists.list_size(i) for i in range(nlist)]
+    res["list_sizes"] = {"ours": {"largest": max(info.list_sizes), "mean": n / nlist},
+                         "faiss": {"largest": max(faiss_sizes), "mean": n / nlist}}
     print(f"train {ours_train:.1f}/{faiss_train:.1f} s", file=sys.stderr)
 
     # recall and batch QPS per nprobe
@@ -902,6 +908,9 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| bytes per vector on disk (segments / catalog / total) | "
                      f"{b['ours']['segments']:.1f} / {b['ours']['catalog']:.1f} / "
                      f"{b['ours']['total']:.1f} | {b['faiss_serialized']:.1f} (serialized) | |")
+    ls = res["list_sizes"]
+    lines.append(f"| largest list (mean {ls['ours']['mean']:,.0f}) | {ls['ours']['largest']:,} | "
+                 f"{ls['faiss']['largest']:,} | |")
     r = res["rss_anon_growth_bytes"]
     lines.append(f"| anonymous RSS growth of a searching process (MB) | {r['ours'] / 1e6:.1f} | "
                  f"{r['faiss_index_in_ram'] / 1e6:.1f} (index in RAM) | |")
