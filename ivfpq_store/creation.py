@@ -183,7 +183,7 @@ def from_faiss(index: Any, path: PathArg, *, store_vectors: str | None = None,
         ``path`` exists.
     """
     faiss = load_faiss()
-    ivf, raw = unwrap_ivfpq(index)
+    ivf, raw, id_map = unwrap_ivfpq(index)
     if not ivf.is_trained:
         raise InvalidParamsError("index: not trained")
     if not ivf.by_residual:
@@ -213,17 +213,21 @@ def from_faiss(index: Any, path: PathArg, *, store_vectors: str | None = None,
     codebooks = faiss.vector_to_array(pq.centroids).astype(np.float32).reshape(
         params.m, params.ksub, params.dsub)
     lists, codes, ids = ivfpq_lists(ivf, params)
-    parts = IVFPQParts(params=params, centroids=centroids, codebooks=codebooks, lists=lists,
-                       codes=codes, ids=ids)
     vectors = None
     if store_vectors is not None:
         # An IndexRefineFlat numbers its vectors in the order they were added, and its base
         # index holds the same numbers as ids.
-        vectors = faiss.rev_swig_ptr(raw.get_xb(), raw.ntotal * raw.d).reshape(raw.ntotal,
-                                                                               raw.d)
-        if len(ids) and int(ids.max()) >= raw.ntotal:
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= raw.ntotal):
             raise InvalidInputError("index: an id of the IVF-PQ part is not a vector number "
                                     "of the IndexRefineFlat")
+        vectors = faiss.rev_swig_ptr(raw.get_xb(), raw.ntotal * raw.d).reshape(
+            raw.ntotal, raw.d)[ids]
+    if id_map is not None:  # the IndexIDMap's ids, of the numbers the index inside holds
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(id_map)):
+            raise InvalidInputError("index: an id of the IVF-PQ part is not in the IndexIDMap")
+        ids = id_map[ids]
+    parts = IVFPQParts(params=params, centroids=centroids, codebooks=codebooks, lists=lists,
+                       codes=codes, ids=ids)
     return _store_from_parts(parts, path, store_vectors=store_vectors, vectors=vectors,
                              metadata={"imported_from": type(ivf).__name__,
                                        "faiss_version": faiss.__version__},
@@ -273,8 +277,8 @@ def _has_faiss() -> bool:
 def _store_from_parts(parts: IVFPQParts, path: PathArg, *, store_vectors: str | None,
                       vectors: Any, metadata: dict[str, Any], map_size: int,
                       max_map_size: int | None, sync: SyncPolicy) -> Store:
-    """The store of an IndexIVFPQ's parts (and, with ``store_vectors``, ``vectors`` indexed
-    by id), built aside and renamed into place once every record is written."""
+    """The store of an IndexIVFPQ's parts (and, with ``store_vectors``, ``vectors``: one row
+    per record), built aside and renamed into place once every record is written."""
     ids = parts.ids
     if len(ids) != len(np.unique(ids)) or (len(ids) and int(ids.min()) < 0):
         raise InvalidInputError("index: its ids must be distinct and non-negative, as a "
@@ -285,7 +289,7 @@ def _store_from_parts(parts: IVFPQParts, path: PathArg, *, store_vectors: str | 
         for s in range(0, len(ids), _IMPORT_BATCH):
             e = min(len(ids), s + _IMPORT_BATCH)
             store.add_encoded(parts.lists[s:e], parts.codes[s:e], ids[s:e],
-                              None if vectors is None else vectors[ids[s:e]])
+                              None if vectors is None else vectors[s:e])
     return open(path, map_size=map_size, max_map_size=max_map_size, sync=sync)
 
 

@@ -58,14 +58,18 @@ def pack_codes(codes: U8Array, nbits: int) -> U8Array:
     return np.packbits(bits.reshape(n, m * nbits).astype(np.uint8), axis=1, bitorder="little")
 
 
-def unwrap_ivfpq(index: Any) -> tuple[Any, Any]:
-    """The IndexIVFPQ inside ``index``, and the flat index of its raw vectors when ``index``
-    is an IndexRefineFlat over one (else None)."""
+def unwrap_ivfpq(index: Any) -> tuple[Any, Any, I64Array | None]:
+    """The IndexIVFPQ inside ``index``; the flat index of its raw vectors when ``index`` is an
+    IndexRefineFlat over one (else None); and, when an IndexIDMap (or IndexIDMap2) wraps
+    them, its id map: external id of each internal one (else None)."""
     faiss = load_faiss()
     if not isinstance(index, faiss.Index):
         raise InvalidParamsError(f"index: expected a faiss index, got {type(index).__name__}")
     index = faiss.downcast_index(index)
-    raw = None
+    raw = id_map = None
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        id_map = faiss.vector_to_array(index.id_map).astype(np.int64)
+        index = faiss.downcast_index(index.index)
     if isinstance(index, faiss.IndexPreTransform):
         raise InvalidParamsError(
             "index: an IndexPreTransform (an OPQ or other rotation before the IVF-PQ) is not "
@@ -81,12 +85,12 @@ def unwrap_ivfpq(index: Any) -> tuple[Any, Any]:
     if not isinstance(index, faiss.IndexIVFPQ):
         raise InvalidParamsError(
             f"index: expected a faiss IndexIVFPQ (or an IndexIVFPQR, or an IndexRefineFlat "
-            f"over one), got {type(index).__name__}")
+            f"over one, each maybe in an IndexIDMap), got {type(index).__name__}")
     if isinstance(index, faiss.IndexIVFPQR):
         warnings.warn(IvfpqWarning(
             "index: an IndexIVFPQR; its refinement codes are dropped, the store keeps the "
             "IVF-PQ part"), stacklevel=3)
-    return index, raw
+    return index, raw, id_map
 
 
 def ivfpq_lists(ivf: Any, params: IndexParams) -> tuple[np.ndarray, U8Array, np.ndarray]:

@@ -194,6 +194,30 @@ def test_an_index_refine_flat_gives_the_store_its_vectors(tmp_path, small_data):
         assert store.info().store_vectors is None
 
 
+@pytest.mark.parametrize("refine", [False, True])
+def test_an_index_in_an_id_map_keeps_the_id_maps_ids(tmp_path, small_data, refine):
+    """An IndexIDMap (or IndexIDMap2) around an IndexIVFPQ, or around an IndexRefineFlat
+    over one: the store holds the map's ids, and each its own raw vector."""
+    x, q = small_data["base"], small_data["queries"]
+    ivf = trained_faiss(x)
+    ivf.reset()
+    inner = faiss.IndexRefineFlat(ivf) if refine else ivf
+    wrapped = (faiss.IndexIDMap2 if refine else faiss.IndexIDMap)(inner)
+    ids = np.arange(len(x), dtype=np.int64)[::-1] * 11 + 3
+    wrapped.add_with_ids(x, ids)
+    ivf.nprobe = 3
+    d_f, i_f = wrapped.search(q, 10) if not refine else (None, None)
+    with ivfpq_store.from_faiss(wrapped, tmp_path / "s",
+                                store_vectors="float32" if refine else None) as store:
+        held = np.concatenate([store.list_contents(n)[0] for n in range(NLIST)])
+        assert sorted(held.tolist()) == sorted(ids.tolist())
+        if refine:
+            np.testing.assert_array_equal(store.get_vectors(ids[:50]), x[:50])
+        else:
+            got = store.search(q, k=10, nprobe=3)
+            assert_same_results(got.distances, got.ids, d_f, i_f)
+
+
 @pytest.mark.parametrize("case", ["flat", "untrained", "not-by-residual", "opq", "duplicate-ids",
                                   "negative-ids", "no-raw-vectors"])
 def test_an_index_the_store_cannot_hold_is_refused_and_nothing_is_created(tmp_path, small_data,
