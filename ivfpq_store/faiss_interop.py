@@ -24,7 +24,8 @@ from .errors import InvalidInputError, InvalidParamsError, IvfpqWarning
 from .params import IndexParams
 from .types import F32Array, I64Array, Metric, U8Array
 
-__all__ = ["IVFPQParts", "build_ivfpq", "ivfpq_lists", "load_faiss", "pack_codes",
+__all__ = ["IVFPQParts", "build_ivfpq", "build_refined", "ivfpq_lists", "load_faiss",
+           "pack_codes",
            "read_faiss_ivfpq", "unpack_codes", "unwrap_ivfpq"]
 
 
@@ -128,7 +129,17 @@ def build_ivfpq(params: IndexParams, centroids: F32Array, codebooks: F32Array,
     faiss.copy_array_to_vector(np.ascontiguousarray(codebooks, np.float32).ravel(),
                                index.pq.centroids)
     index.is_trained = True
-    total = 0
+    if params.metric is Metric.L2:
+        index.precompute_table()
+    _fill(index, params, lists)
+    return index
+
+
+def _fill(index: Any, params: IndexParams, lists: Iterable[tuple[int, I64Array, U8Array]]
+          ) -> None:
+    """Append ``lists`` ((list number, ids, codes (n, m)) each) to an IndexIVFPQ's inverted
+    lists, as they are: no assignment or encoding."""
+    faiss = load_faiss()
     for list_no, ids, codes in lists:
         if not len(ids):
             continue
@@ -137,11 +148,40 @@ def build_ivfpq(params: IndexParams, centroids: F32Array, codebooks: F32Array,
         assert packed.shape[1] == index.code_size
         index.invlists.add_entries(list_no, len(ids), faiss.swig_ptr(ids),
                                    faiss.swig_ptr(packed))
-        total += len(ids)
-    index.ntotal = total
-    if params.metric is Metric.L2:
-        index.precompute_table()
-    return index
+        index.ntotal += len(ids)
+
+
+def build_refined(params: IndexParams, centroids: F32Array, codebooks: F32Array,
+                  lists: Iterable[tuple[int, I64Array, U8Array, F32Array]]) -> Any:
+    """:func:`build_ivfpq` with each record's vector too: an ``IndexIDMap2`` (the records'
+    ids) around an ``IndexRefineFlat`` (the vectors) over the ``IndexIVFPQ``, whose records
+    are numbered 0..n-1 as the refine index wants. ``lists``: (list number, ids, codes,
+    vectors (n, dim) float32) each."""
+    faiss = load_faiss()
+    ids_in_order: list[I64Array] = []
+    vectors_in_order: list[F32Array] = []
+
+    def numbered() -> Iterable[tuple[int, I64Array, U8Array]]:
+        start = 0
+        for list_no, ids, codes, vectors in lists:
+            ids_in_order.append(ids)
+            vectors_in_order.append(vectors)
+            yield list_no, np.arange(start, start + len(ids), dtype=np.int64), codes
+            start += len(ids)
+
+    ivf = build_ivfpq(params, centroids, codebooks, ())
+    refined = faiss.IndexRefineFlat(ivf)  # both wrappers want an empty index to wrap
+    wrapped = faiss.IndexIDMap2(refined)
+    _fill(ivf, params, numbered())
+    vectors = np.ascontiguousarray(
+        np.concatenate(vectors_in_order).astype(np.float32, copy=False) if vectors_in_order
+        else np.empty((0, params.dim), np.float32))
+    refined.refine_index.add(vectors)
+    refined.ntotal = wrapped.ntotal = ivf.ntotal
+    ids = np.concatenate(ids_in_order) if ids_in_order else np.empty(0, np.int64)
+    faiss.copy_array_to_vector(np.ascontiguousarray(ids, dtype=np.int64), wrapped.id_map)
+    wrapped.construct_rev_map()
+    return wrapped
 
 
 # -- reading a faiss index file without faiss ----------------------------------------------------

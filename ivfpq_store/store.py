@@ -31,7 +31,7 @@ from .errors import (
     UnknownIdError,
     WrongProcessError,
 )
-from .faiss_interop import build_ivfpq
+from .faiss_interop import build_ivfpq, build_refined
 from .filters import Filter, check_filter
 from .format import Header, record_dtype
 from .format.records import ListRecord
@@ -437,6 +437,20 @@ class Store:
         snap = catalog.snapshot()
         return self._live_records(snap, self._fetch, list_no)
 
+    def _live_with_vectors(self, snap: CatalogSnapshot, fetch: RecordFetcher,
+                           rows_of: RecordFetcher, list_no: int
+                           ) -> tuple[int, I64Array, U8Array, F32Array]:
+        """One list's live ids, codes and stored vectors (float32), each vector row checked
+        against its record's checksum."""
+        ids, codes = self._live_records(snap, fetch, list_no)
+        record = snap.lists.get(list_no)
+        if not len(ids) or record is None:
+            return list_no, ids, codes, np.empty((0, self.params.dim), np.float32)
+        live = np.delete(np.arange(record.count), snap.deleted.get(list_no, []))
+        return list_no, ids, codes, gather_vectors(
+            ids, np.full(len(ids), list_no, np.int64), live.astype(np.int64), snap.lists,
+            rows_of, self.params.dim, self._layout.root)
+
     def _live_records(self, snap: CatalogSnapshot, fetch: RecordFetcher,
                       list_no: int) -> tuple[I64Array, U8Array]:
         """Copies of the live ids and codes of one list of ``snap``, in row order."""
@@ -510,20 +524,34 @@ class Store:
         """
         return self._writer.write_encoded(list_nos, codes, ids, vectors)
 
-    def to_faiss(self) -> Any:
+    def to_faiss(self, *, vectors: bool = False) -> Any:
         """An in-memory faiss ``IndexIVFPQ`` equal to this store (needs faiss: the ``faiss``
         extra): its centroids (in an ``IndexFlatL2``, or an ``IndexFlatIP`` for ip and
         cosine), codebooks, and live records with their ids. Its searches return what the
         store's do (distances within float rounding, equal distances in either order). A
         cosine store becomes an inner-product index: normalise the queries first, as the
-        store does for you. Stored vectors are not carried over."""
+        store does for you.
+
+        With ``vectors=True`` (a store that keeps them) the stored vectors come too: an
+        ``IndexIDMap2`` around an ``IndexRefineFlat`` over the IndexIVFPQ, whose search
+        with ``k_factor=R`` returns what ``search(refine=R)`` does. Each vector is checked
+        against its row checksum first (CorruptStoreError)."""
         catalog = self._live_catalog()
+        if vectors and self._header.vectors is None:
+            raise InvalidParamsError(
+                "vectors: this store keeps no vectors; create it with store_vectors to "
+                "export them")
 
         def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> Any:
             # Every list from one snapshot: a write committed meanwhile is wholly absent.
-            return build_ivfpq(self.params, self.centroids, self.codebooks,
-                               ((n, *self._live_records(snap, fetch, n))
-                                for n in range(self.params.nlist)))
+            if not vectors:
+                return build_ivfpq(self.params, self.centroids, self.codebooks,
+                                   ((n, *self._live_records(snap, fetch, n))
+                                    for n in range(self.params.nlist)))
+            rows_of = self._snapshot_fetcher(catalog, snap, vectors=True)
+            return build_refined(self.params, self.centroids, self.codebooks,
+                                 (self._live_with_vectors(snap, fetch, rows_of, n)
+                                  for n in range(self.params.nlist)))
 
         return self._on_snapshot(catalog, run)
 

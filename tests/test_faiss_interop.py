@@ -124,6 +124,44 @@ def test_a_store_becomes_a_faiss_index_that_searches_as_the_store(tmp_path, smal
             assert not np.isin(i_f, np.arange(0, 1500, 7)).any()
 
 
+@pytest.mark.parametrize("kept", ["float32", "float16"])
+def test_to_faiss_with_vectors_refines_as_the_store_does(tmp_path, small_data, kept):
+    """``to_faiss(vectors=True)``: an IndexIDMap2 around an IndexRefineFlat over the
+    IndexIVFPQ; with k_factor=R it returns what ``search(refine=R)`` does, and from_faiss
+    takes it back with its ids and vectors."""
+    q = small_data["queries"]
+    with make_store(tmp_path / "s", small_data, store_vectors=kept) as store:
+        store.delete(np.arange(0, 1500, 9))
+        index = store.to_faiss(vectors=True)
+        assert index.ntotal == len(store)
+        refine = faiss.downcast_index(index.index)
+        faiss.extract_index_ivf(index).nprobe = 4
+        refine.k_factor = 3
+        d_f, i_f = index.search(q, 10)
+        got = store.search(q, k=10, nprobe=4, refine=3)
+        assert_same_results(got.distances, got.ids, d_f, i_f)
+        with ivfpq_store.from_faiss(index, tmp_path / "b", store_vectors=kept) as back:
+            ids = np.setdiff1d(np.arange(1500), np.arange(0, 1500, 9))
+            np.testing.assert_array_equal(back.get_vectors(ids), store.get_vectors(ids))
+            again = back.search(q, k=10, nprobe=4, refine=3)
+            np.testing.assert_array_equal(again.ids, got.ids)
+    with make_store(tmp_path / "c", small_data) as store, \
+            pytest.raises(ivfpq_store.InvalidParamsError, match="keeps no vectors"):
+        store.to_faiss(vectors=True)
+
+
+def test_to_faiss_with_vectors_refuses_a_damaged_vector_row(tmp_path, small_data):
+    with make_store(tmp_path / "s", small_data, store_vectors="float32") as store:
+        vec = sorted((tmp_path / "s" / "segments").glob("*.vec"))[0]
+        data = bytearray(vec.read_bytes())
+        data[70] ^= 0xFF  # a value of the first row
+        vec.write_bytes(bytes(data))
+        store.refresh()
+        with pytest.raises(ivfpq_store.CorruptStoreError, match="does not match its checksum"):
+            store.to_faiss(vectors=True)
+        store.to_faiss()  # the codes alone are fine
+
+
 def test_a_round_trip_through_faiss_keeps_everything(tmp_path, small_data):
     with make_store(tmp_path / "a", small_data) as store:
         store.delete(np.arange(0, 1500, 5))
