@@ -30,7 +30,6 @@ from .storage import (
     SyncJob,
     append_records,
     fsync_dir,
-    use_syncfs,
 )
 
 __all__ = ["CompactReport", "CompactionPlan", "Rewrite", "choose_lists", "plan_compaction",
@@ -148,8 +147,7 @@ def rewrite_lists(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapsho
         out.old_files.extend(file for file, _ in files.names(old.file))
     out.changes.moved_ids = IdPlaces.concat(moved)
     if written:
-        SyncJob(written, filesystem=layout.segments if use_syncfs(sync, len(written))
-                else None).wait()
+        SyncJob(written, policy=sync, directory=layout.segments).wait()
         fsync_dir(layout.segments)
     return out
 

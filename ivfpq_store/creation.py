@@ -234,16 +234,18 @@ def from_faiss(index: Any, path: PathArg, *, store_vectors: str | None = None,
                              map_size=map_size, max_map_size=max_map_size, sync=sync)
 
 
-def from_faiss_file(file: PathArg, path: PathArg, *, map_size: int = DEFAULT_MAP_SIZE,
-                    max_map_size: int | None = None, sync: SyncPolicy = "auto") -> Store:
-    """Create a store at ``path`` from ``file``, an IndexIVFPQ that ``faiss.write_index``
-    wrote, as :func:`from_faiss` does. An IndexIVFPQ with a flat quantizer is read without
-    faiss (:func:`~ivfpq_store.faiss_interop.read_faiss_ivfpq`); another index needs faiss
-    (``faiss.read_index``, then :func:`from_faiss`)."""
+def from_faiss_file(file: PathArg, path: PathArg, *, store_vectors: str | None = None,
+                    map_size: int = DEFAULT_MAP_SIZE, max_map_size: int | None = None,
+                    sync: SyncPolicy = "auto") -> Store:
+    """Create a store at ``path`` from ``file``, an index that ``faiss.write_index`` wrote,
+    as :func:`from_faiss` does. An IndexIVFPQ with a flat quantizer is read without faiss
+    (:func:`~ivfpq_store.faiss_interop.read_faiss_ivfpq`); another index, or one whose raw
+    vectors ``store_vectors`` keeps, needs faiss (``faiss.read_index``, then
+    :func:`from_faiss`)."""
     name = os.fsdecode(file)
     with builtins.open(name, "rb") as fh:
         fourcc = fh.read(4)
-    if fourcc == b"IwPQ":
+    if fourcc == b"IwPQ" and store_vectors is None:
         parts: IVFPQParts | None = None
         try:
             parts = read_faiss_ivfpq(name)
@@ -263,7 +265,8 @@ def from_faiss_file(file: PathArg, path: PathArg, *, map_size: int = DEFAULT_MAP
     except RuntimeError as err:
         raise InvalidInputError(f"{name}: not a faiss index file faiss can read "
                                 f"({str(err).strip().splitlines()[-1]})") from err
-    return from_faiss(index, path, map_size=map_size, max_map_size=max_map_size, sync=sync)
+    return from_faiss(index, path, store_vectors=store_vectors, map_size=map_size,
+                      max_map_size=max_map_size, sync=sync)
 
 
 def _has_faiss() -> bool:

@@ -76,7 +76,6 @@ from .storage import (
     append_records,
     discard_appended,
     fsync_dir,
-    use_syncfs,
     writer_lock,
 )
 from .types import I64Array, Metric, ProgressFn, U8Array
@@ -178,11 +177,10 @@ class Writer:
                 int(codes.max()) >= params.ksub):
             raise InvalidInputError(f"codes: expected a ({n}, {params.code_size}) uint8 array "
                                     f"of values below {params.ksub}")
-        if self._files.vectors is None:
-            x = np.empty((n, params.dim), np.float32)  # not written: the store keeps none
-        elif vectors is None:
-            raise InvalidInputError("vectors: this store keeps its vectors; pass them")
-        else:
+        x = None  # only a store that keeps vectors writes them
+        if self._files.vectors is not None:
+            if vectors is None:
+                raise InvalidInputError("vectors: this store keeps its vectors; pass them")
             x, _ = as_vectors(vectors, params.dim)
             if len(x) != n:
                 raise DimensionMismatchError(
@@ -195,9 +193,9 @@ class Writer:
                                   replace_live=False)
 
     def _commit_batch(self, list_nos: I64Array, codes: U8Array, given: I64Array | None,
-                      x: np.ndarray, *, replace_live: bool) -> I64Array:
+                      x: np.ndarray | None, *, replace_live: bool) -> I64Array:
         """Steps 2-5 for a batch assigned and encoded: its lists, codes, ids (None: new
-        automatic ones) and vectors (written only in a store that keeps them)."""
+        automatic ones) and vectors (needed, and written, only in a store that keeps them)."""
         n = len(list_nos)
         with self.locked() as catalog:
             snap = catalog.snapshot()
@@ -389,7 +387,7 @@ class Writer:
                 f"touched failed: {err}"), stacklevel=4)
 
     def _append(self, lists: Mapping[int, ListRecord], list_nos: I64Array, codes: U8Array,
-                ids: I64Array, vectors: np.ndarray
+                ids: I64Array, vectors: np.ndarray | None
                 ) -> tuple[dict[int, ListRecord], I64Array, I64Array, SyncJob]:
         """§7 steps 1-2: append each list's new records to its segment (and ``vectors`` to
         its vector file, in a store that keeps them), then start syncing them all.
@@ -405,6 +403,7 @@ class Writer:
         records["code"] = codes[order]
         rows_of = [records]
         if self._files.vectors is not None:
+            assert vectors is not None
             dtype, dim = self._files.vectors
             vrows = np.empty(len(ids), dtype=vector_row_dtype(dim, dtype))
             vrows["v"] = vectors[order]
@@ -447,8 +446,7 @@ class Writer:
         generations = np.empty(len(ids), dtype=np.int64)
         generations[order] = np.repeat(gens, sizes)
         created = bool((base == 0).any())
-        synced = SyncJob(written, filesystem=self._layout.segments
-                         if use_syncfs(self._sync, len(written)) else None)
+        synced = SyncJob(written, policy=self._sync, directory=self._layout.segments)
         if created:
             try:
                 fsync_dir(self._layout.segments)  # new files' directory entries must be durable

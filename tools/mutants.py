@@ -63,8 +63,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_writes.py", "-k", "fsyncs_their_directory")),
     Mutant("compact-no-segment-sync",
            "compaction never fdatasyncs the new segments before the catalog switch",
-           "SyncJob(written, filesystem=layout.segments if use_syncfs(sync, len(written))",
-           "SyncJob([], filesystem=layout.segments if use_syncfs(sync, len(written))",
+           "SyncJob(written, policy=sync, directory=layout.segments).wait()",
+           "SyncJob([], policy=sync, directory=layout.segments).wait()",
            ("tests/test_mutation.py", "-k", "compaction_syncs")),
     Mutant("numpy-merge-row-before-rank",
            "numpy single-query block merge orders ties by row before probe rank",
@@ -303,15 +303,15 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_vectors.py", "-k", "compaction_refuses")),
     Mutant("compaction-no-vector-sync",
            "compaction fdatasyncs the new segments but not the new vector files",
-           "SyncJob(written, filesystem=layout.segments if use_syncfs(sync, len(written))",
-           "SyncJob([w for w in written if w.suffix == '.seg'], filesystem=layout.segments "
-           "if use_syncfs(sync, len(written))",
+           "SyncJob(written, policy=sync, directory=layout.segments).wait()",
+           "SyncJob([w for w in written if w.suffix == '.seg'], policy=sync, "
+           "directory=layout.segments).wait()",
            ("tests/test_vectors.py", "tests/test_writes.py", "-k", "synced or syncs_each_file")),
     Mutant("add-no-vector-sync",
            "an add syncs the segments it appended to but not their vector files",
-           "synced = SyncJob(written, filesystem=self._layout.segments",
-           "synced = SyncJob([w for w in written if w.endswith('.seg')], "
-           "filesystem=self._layout.segments",
+           "synced = SyncJob(written, policy=self._sync, directory=self._layout.segments)",
+           "synced = SyncJob([w for w in written if w.endswith('.seg')], policy=self._sync, "
+           "directory=self._layout.segments)",
            ("tests/test_vectors.py", "tests/test_writes.py", "-k", "synced or syncs_each_file")),
     Mutant("faiss-codes-big-endian",
            "faiss's packed codes are read most significant bit first",

@@ -295,18 +295,11 @@ def import_faiss(index_file: Path, store: Path, store_vectors: str | None,
     Example:
         ivfpq-store import-faiss sift.faissindex sift.ivfpq
     """
-    if store_vectors is None:  # an IndexIVFPQ file needs no faiss
-        opened = ivfpq_store.from_faiss_file(index_file, store, **store_options())
-    else:
-        faiss = _faiss_module()
-        try:
-            index = faiss.read_index(str(index_file))
-        except RuntimeError as err:
-            raise click.ClickException(
-                f"{index_file}: not a faiss index file faiss can read "
-                f"({str(err).strip().splitlines()[-1]})") from err
-        opened = ivfpq_store.from_faiss(index, store, store_vectors=store_vectors,
-                                        **store_options())
+    try:
+        opened = ivfpq_store.from_faiss_file(index_file, store, store_vectors=store_vectors,
+                                             **store_options())
+    except ImportError as err:  # another index than an IndexIVFPQ, and no faiss
+        raise click.ClickException(str(err)) from err
     with opened as s:
         info = s.info()
     emit(info.to_dict() | {"imported_from": str(index_file)}, as_json=as_json, lines=[

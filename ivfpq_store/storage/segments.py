@@ -128,8 +128,9 @@ def _sync_filesystem(path: Path) -> None:
 
 
 class SyncJob:
-    """Make files durable in the background: fdatasync each on a few threads, or, with
-    ``filesystem`` (a directory holding them all), one syncfs(2) of its file system.
+    """Make files durable in the background: fdatasync each on a few threads, or, when the
+    sync ``policy`` says so for this many files (:func:`use_syncfs`), one syncfs(2) of the
+    file system of ``directory``, which holds them all (without one, each file).
 
     It starts at once; :meth:`wait` joins the threads and raises the first error. Waiting
     after all the files are written is faster than syncing each while the next is written
@@ -137,7 +138,8 @@ class SyncJob:
     """
 
     def __init__(self, paths: Sequence[str | Path], workers: int | None = None, *,
-                 filesystem: Path | None = None) -> None:
+                 policy: str = "files", directory: Path | None = None) -> None:
+        filesystem = directory if use_syncfs(policy, len(paths)) else None
         workers = 1 if filesystem is not None else max(
             1, min(SYNC_WORKERS if workers is None else workers, len(paths)))
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ivfpq-sync")
