@@ -24,9 +24,9 @@ from .errors import InvalidInputError, InvalidParamsError, IvfpqWarning
 from .params import IndexParams
 from .types import F32Array, I64Array, Metric, U8Array
 
-__all__ = ["IVFPQParts", "build_ivfpq", "build_refined", "ivfpq_lists", "load_faiss",
-           "pack_codes",
-           "read_faiss_ivfpq", "unpack_codes", "unwrap_ivfpq"]
+__all__ = ["ORTHOGONAL_TOLERANCE", "IVFPQParts", "Unwrapped", "build_ivfpq", "build_refined",
+           "check_rotation", "ivfpq_lists", "load_faiss", "pack_codes", "read_faiss_ivfpq",
+           "unpack_codes", "unwrap_ivfpq"]
 
 
 def load_faiss() -> Any:
@@ -59,39 +59,121 @@ def pack_codes(codes: U8Array, nbits: int) -> U8Array:
     return np.packbits(bits.reshape(n, m * nbits).astype(np.uint8), axis=1, bitorder="little")
 
 
-def unwrap_ivfpq(index: Any) -> tuple[Any, Any, I64Array | None]:
-    """The IndexIVFPQ inside ``index``; the flat index of its raw vectors when ``index`` is an
-    IndexRefineFlat over one (else None); and, when an IndexIDMap (or IndexIDMap2) wraps
-    them, its id map: external id of each internal one (else None)."""
+@dataclass(frozen=True)
+class Unwrapped:
+    """What :func:`unwrap_ivfpq` finds around an IndexIVFPQ."""
+
+    ivf: Any  #: the IndexIVFPQ
+    #: The flat index of the raw vectors when an IndexRefineFlat holds them, else None.
+    raw: Any
+    #: The external id of each internal one, when an IndexIDMap (or IndexIDMap2) wraps the
+    #: rest, else None.
+    id_map: I64Array | None
+    #: The rotation (d, d) of an IndexPreTransform around the IVF-PQ, else None.
+    rotation: F32Array | None
+    #: Whether ``raw`` holds rotated vectors (the transform wraps the IndexRefineFlat).
+    raw_rotated: bool
+
+
+#: How far from the identity ``R R^T`` may be for a transform to count as a rotation.
+ORTHOGONAL_TOLERANCE = 1e-4
+
+
+def unwrap_ivfpq(index: Any) -> Unwrapped:
+    """The IndexIVFPQ inside ``index`` and the wrappers a store can take over: at most one
+    each of an IndexIDMap (or IndexIDMap2), an IndexPreTransform of one rotation (an
+    ``OPQMatrix``, or any orthogonal square linear transform without bias) and an
+    IndexRefineFlat, in any order."""
     faiss = load_faiss()
     if not isinstance(index, faiss.Index):
         raise InvalidParamsError(f"index: expected a faiss index, got {type(index).__name__}")
     index = faiss.downcast_index(index)
-    raw = id_map = None
-    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
-        id_map = faiss.vector_to_array(index.id_map).astype(np.int64)
-        index = faiss.downcast_index(index.index)
-    if isinstance(index, faiss.IndexPreTransform):
-        raise InvalidParamsError(
-            "index: an IndexPreTransform (an OPQ or other rotation before the IVF-PQ) is not "
-            "supported yet; import the IndexIVFPQ without its transform only if the vectors "
-            "were not transformed")
-    if isinstance(index, faiss.IndexRefine):
-        raw = faiss.downcast_index(index.refine_index)
-        if not isinstance(raw, faiss.IndexFlat):
-            raise InvalidParamsError(
-                f"index: an IndexRefine over a {type(raw).__name__}; only an IndexRefineFlat "
-                "(raw vectors) can give a store its vectors")
-        index = faiss.downcast_index(index.base_index)
+    raw = id_map = rotation = None
+    raw_rotated = False
+    seen: set[str] = set()
+    while True:
+        if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+            kind = "IndexIDMap"
+        elif isinstance(index, faiss.IndexPreTransform):
+            kind = "IndexPreTransform"
+        elif isinstance(index, faiss.IndexRefine):
+            kind = "IndexRefine"
+        else:
+            break
+        if kind in seen:
+            raise InvalidParamsError(f"index: two {kind} wrappers; a store takes at most one")
+        seen.add(kind)
+        if kind == "IndexIDMap":
+            if rotation is not None or raw is not None:
+                raise InvalidParamsError("index: an IndexIDMap inside another wrapper; a store "
+                                         "takes it only as the outermost one")
+            id_map = faiss.vector_to_array(index.id_map).astype(np.int64)
+            index = faiss.downcast_index(index.index)
+        elif kind == "IndexPreTransform":
+            rotation = _pretransform_rotation(faiss, index)
+            index = faiss.downcast_index(index.index)
+        else:
+            raw = faiss.downcast_index(index.refine_index)
+            if not isinstance(raw, faiss.IndexFlat):
+                raise InvalidParamsError(
+                    f"index: an IndexRefine over a {type(raw).__name__}; only an "
+                    "IndexRefineFlat (raw vectors) can give a store its vectors")
+            raw_rotated = rotation is not None
+            index = faiss.downcast_index(index.base_index)
     if not isinstance(index, faiss.IndexIVFPQ):
         raise InvalidParamsError(
-            f"index: expected a faiss IndexIVFPQ (or an IndexIVFPQR, or an IndexRefineFlat "
-            f"over one, each maybe in an IndexIDMap), got {type(index).__name__}")
+            f"index: expected a faiss IndexIVFPQ (or an IndexIVFPQR), maybe inside an "
+            f"IndexRefineFlat, an IndexPreTransform of an OPQ rotation and an IndexIDMap; "
+            f"got {type(index).__name__}")
     if isinstance(index, faiss.IndexIVFPQR):
         warnings.warn(IvfpqWarning(
             "index: an IndexIVFPQR; its refinement codes are dropped, the store keeps the "
             "IVF-PQ part"), stacklevel=3)
-    return index, raw, id_map
+    return Unwrapped(ivf=index, raw=raw, id_map=id_map, rotation=rotation,
+                     raw_rotated=raw_rotated)
+
+
+def _pretransform_rotation(faiss: Any, pre: Any) -> F32Array:
+    """The rotation (d, d) float32 of an IndexPreTransform: its chain must be one trained
+    square linear transform without bias whose matrix is orthogonal."""
+    if pre.chain.size() != 1:
+        raise InvalidParamsError(
+            f"index: an IndexPreTransform of {pre.chain.size()} transforms; a store takes one "
+            "rotation (an OPQMatrix)")
+    vt = faiss.downcast_VectorTransform(pre.chain.at(0))
+    if not isinstance(vt, faiss.LinearTransform):
+        raise InvalidParamsError(
+            f"index: an IndexPreTransform of a {type(vt).__name__}; a store takes a rotation "
+            "(an OPQMatrix, or an orthogonal LinearTransform)")
+    if not vt.is_trained:
+        raise InvalidParamsError("index: its transform is not trained")
+    bias = faiss.vector_to_array(vt.b) if vt.have_bias else np.zeros(0, np.float32)
+    return check_rotation(faiss.vector_to_array(vt.A), vt.d_in, vt.d_out, bias,
+                          what=f"its {type(vt).__name__}")
+
+
+def check_rotation(matrix: np.ndarray, d_in: int, d_out: int, bias: np.ndarray, *,
+                   what: str) -> F32Array:
+    """``matrix`` (d_out * d_in floats) as a (d, d) float32 rotation, or InvalidParamsError
+    naming ``what``: it must be square, finite, orthogonal within
+    :data:`ORTHOGONAL_TOLERANCE`, and ``bias`` zero (a store's distances are those of the
+    vectors as given, which only a rotation keeps)."""
+    if d_in != d_out or matrix.size != d_in * d_out:
+        raise InvalidParamsError(f"index: {what} maps {d_in} dimensions to {d_out}; a store "
+                                 "takes a rotation (as many dimensions out as in)")
+    if len(bias) and np.any(bias != 0):
+        raise InvalidParamsError(f"index: {what} adds a bias; a store takes a rotation")
+    rot = np.asarray(matrix, dtype=np.float32).reshape(d_out, d_in)
+    if not np.isfinite(rot).all():
+        raise InvalidParamsError(f"index: {what} has NaN or inf values")
+    err = float(np.abs(rot.astype(np.float64) @ rot.T.astype(np.float64)
+                       - np.eye(d_in)).max())
+    if err > ORTHOGONAL_TOLERANCE:
+        raise InvalidParamsError(
+            f"index: {what} is not a rotation (R R^T differs from the identity by {err:.3g}, "
+            f"more than {ORTHOGONAL_TOLERANCE:g}); a store keeps distances between the vectors "
+            "as given, which only an orthogonal transform preserves")
+    return np.ascontiguousarray(rot)
 
 
 def ivfpq_lists(ivf: Any, params: IndexParams) -> tuple[np.ndarray, U8Array, np.ndarray]:
@@ -115,10 +197,18 @@ def ivfpq_lists(ivf: Any, params: IndexParams) -> tuple[np.ndarray, U8Array, np.
 
 
 def build_ivfpq(params: IndexParams, centroids: F32Array, codebooks: F32Array,
-                lists: Iterable[tuple[int, I64Array, U8Array]]) -> Any:
+                lists: Iterable[tuple[int, I64Array, U8Array]],
+                rotation: F32Array | None = None) -> Any:
     """An in-memory faiss ``IndexIVFPQ`` with these centroids (in an ``IndexFlatL2``, or an
     ``IndexFlatIP`` for ip and cosine) and codebooks, holding ``lists``: (list number, ids,
-    codes (n, m) one byte per code) each."""
+    codes (n, m) one byte per code) each. With a ``rotation``, an ``IndexPreTransform`` of an
+    ``OPQMatrix`` holding it around the IndexIVFPQ (faiss's ``"OPQm,IVFn,PQm"``)."""
+    ivf = _empty_ivfpq(params, centroids, codebooks)
+    _fill(ivf, params, lists)
+    return ivf if rotation is None else _pretransform(ivf, rotation, params)
+
+
+def _empty_ivfpq(params: IndexParams, centroids: F32Array, codebooks: F32Array) -> Any:
     faiss = load_faiss()
     metric = faiss.METRIC_L2 if params.metric is Metric.L2 else faiss.METRIC_INNER_PRODUCT
     quantizer = (faiss.IndexFlatL2(params.dim) if params.metric is Metric.L2
@@ -131,8 +221,19 @@ def build_ivfpq(params: IndexParams, centroids: F32Array, codebooks: F32Array,
     index.is_trained = True
     if params.metric is Metric.L2:
         index.precompute_table()
-    _fill(index, params, lists)
     return index
+
+
+def _pretransform(ivf: Any, rotation: F32Array, params: IndexParams) -> Any:
+    """An ``IndexPreTransform`` of a trained ``OPQMatrix`` holding ``rotation`` around
+    ``ivf``, counting its records."""
+    faiss = load_faiss()
+    opq = faiss.OPQMatrix(params.dim, params.m)
+    faiss.copy_array_to_vector(np.ascontiguousarray(rotation, np.float32).ravel(), opq.A)
+    opq.is_trained = True
+    pre = faiss.IndexPreTransform(opq, ivf)  # faiss's wrapper keeps both referenced
+    pre.ntotal = ivf.ntotal
+    return pre
 
 
 def _fill(index: Any, params: IndexParams, lists: Iterable[tuple[int, I64Array, U8Array]]
@@ -152,11 +253,13 @@ def _fill(index: Any, params: IndexParams, lists: Iterable[tuple[int, I64Array, 
 
 
 def build_refined(params: IndexParams, centroids: F32Array, codebooks: F32Array,
-                  lists: Iterable[tuple[int, I64Array, U8Array, F32Array]]) -> Any:
+                  lists: Iterable[tuple[int, I64Array, U8Array, F32Array]],
+                  rotation: F32Array | None = None) -> Any:
     """:func:`build_ivfpq` with each record's vector too: an ``IndexIDMap2`` (the records'
-    ids) around an ``IndexRefineFlat`` (the vectors) over the ``IndexIVFPQ``, whose records
-    are numbered 0..n-1 as the refine index wants. ``lists``: (list number, ids, codes,
-    vectors (n, dim) float32) each."""
+    ids) around an ``IndexRefineFlat`` (the vectors, as given) over the ``IndexIVFPQ`` (or
+    the ``IndexPreTransform`` of its ``rotation``), whose records are numbered 0..n-1 as the
+    refine index wants. ``lists``: (list number, ids, codes, vectors (n, dim) float32)
+    each."""
     faiss = load_faiss()
     ids_in_order: list[I64Array] = []
     vectors_in_order: list[F32Array] = []
@@ -169,15 +272,16 @@ def build_refined(params: IndexParams, centroids: F32Array, codebooks: F32Array,
             yield list_no, np.arange(start, start + len(ids), dtype=np.int64), codes
             start += len(ids)
 
-    ivf = build_ivfpq(params, centroids, codebooks, ())
-    refined = faiss.IndexRefineFlat(ivf)  # both wrappers want an empty index to wrap
+    ivf = _empty_ivfpq(params, centroids, codebooks)
+    base = ivf if rotation is None else _pretransform(ivf, rotation, params)
+    refined = faiss.IndexRefineFlat(base)  # the wrappers want an empty index to wrap
     wrapped = faiss.IndexIDMap2(refined)
     _fill(ivf, params, numbered())
     vectors = np.ascontiguousarray(
         np.concatenate(vectors_in_order).astype(np.float32, copy=False) if vectors_in_order
         else np.empty((0, params.dim), np.float32))
     refined.refine_index.add(vectors)
-    refined.ntotal = wrapped.ntotal = ivf.ntotal
+    base.ntotal = refined.ntotal = wrapped.ntotal = ivf.ntotal
     ids = np.concatenate(ids_in_order) if ids_in_order else np.empty(0, np.int64)
     faiss.copy_array_to_vector(np.ascontiguousarray(ids, dtype=np.int64), wrapped.id_map)
     wrapped.construct_rev_map()
@@ -197,6 +301,8 @@ class IVFPQParts:
     lists: I64Array
     codes: U8Array
     ids: I64Array
+    #: The (d, d) rotation applied before the IVF-PQ (an IndexPreTransform's), or None.
+    rotation: F32Array | None = None
 
 
 #: faiss's metric codes (faiss/MetricType.h): the two a store can hold.
@@ -242,14 +348,45 @@ class _Cursor:
         return d, ntotal, metric
 
 
+def _read_rotation(c: _Cursor) -> F32Array:
+    """The rotation of an ``IxPT`` index (faiss's ``IndexPreTransform``) up to the index
+    inside it: the index header, then a chain of exactly one ``LTra`` or ``rrot`` transform
+    (have_bias u8, matrix and bias as float vectors, d_in and d_out i32, is_trained u8)."""
+    c.index_header()
+    (count,) = c.unpack("i")
+    if count != 1:
+        raise c.fail(f"an IndexPreTransform of {count} transforms (a store takes one rotation)")
+    kind = c.take(4)
+    if kind not in (b"LTra", b"rrot"):
+        raise c.fail(f"a transform of kind {kind!r}: a store takes a rotation (an OPQMatrix "
+                     "or other orthogonal linear transform, or a random rotation)")
+    (have_bias,) = c.unpack("B")
+    matrix = c.vector("<f4")
+    bias = c.vector("<f4")
+    d_in, d_out, is_trained = c.unpack("iiB")
+    if not is_trained:
+        raise c.fail("an untrained transform")
+    try:
+        return check_rotation(matrix, d_in, d_out, bias if have_bias else bias[:0],
+                              what=f"its {kind.decode()} transform")
+    except InvalidParamsError as err:
+        raise InvalidInputError(f"{c.source}: {err}") from err
+
+
 def read_faiss_ivfpq(path: str | Path) -> IVFPQParts:
     """Read an ``IndexIVFPQ`` that ``faiss.write_index`` wrote (fourcc ``IwPQ``, a flat
-    quantizer ``IxF2``/``IxFI``, array inverted lists ``ilar``) without faiss, checking every
-    size against the file. Other indexes raise InvalidInputError: read them with faiss and
+    quantizer ``IxF2``/``IxFI``, array inverted lists ``ilar``), maybe inside an
+    ``IndexPreTransform`` (``IxPT``) of one rotation (an OPQMatrix or other linear transform,
+    ``LTra``, or a random rotation, ``rrot``), without faiss, checking every size against
+    the file. Other indexes raise InvalidInputError: read them with faiss and
     :func:`ivfpq_store.from_faiss`."""
     source = str(path)
     c = _Cursor(Path(path).read_bytes(), source)
     fourcc = c.take(4)
+    rotation = None
+    if fourcc == b"IxPT":
+        rotation = _read_rotation(c)
+        fourcc = c.take(4)
     if fourcc != b"IwPQ":
         raise c.fail(f"index type {fourcc!r}: without faiss only an IndexIVFPQ ('IwPQ') can "
                      "be read; install faiss (pip install 'ivfpq-store[faiss]') for others")
@@ -311,7 +448,10 @@ def read_faiss_ivfpq(path: str | Path) -> IVFPQParts:
         lists.append(np.full(n, list_no, np.int64))
     if c.at != len(c.buf):
         raise c.fail(f"{len(c.buf) - c.at:,} bytes after the index")
+    if rotation is not None and rotation.shape[0] != d:
+        raise c.fail(f"a rotation of {rotation.shape[0]} dimensions before an index of d={d}")
     return IVFPQParts(
+        rotation=rotation,
         params=params, centroids=centroids.reshape(nlist, d).copy(),
         codebooks=codebooks.reshape(m, params.ksub, params.dsub).copy(),
         lists=np.concatenate(lists) if lists else np.empty(0, np.int64),

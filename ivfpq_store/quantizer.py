@@ -7,10 +7,11 @@ the training vectors with a :class:`CoarseQuantizer`; ``add`` assigns and encode
 operation picks the compiled kernel when it is built (:data:`ivfpq_store._kernel.KERNEL`,
 read at every call) and numpy otherwise.
 
-Where later stages plug in (docs/design.md, "Quantizer"): a pre-rotation (OPQ) transforms
-vectors before :meth:`CoarseQuantizer.probe` and :meth:`Quantizer.encode` see them and
-queries before the probe; a second-stage refiner re-scores what :meth:`Quantizer.decode`
-reconstructs. Nothing else needs to know about either.
+A store with an OPQ rotation keeps its centroids and codebooks in the rotated space: every
+method here takes and returns rotated vectors, and :meth:`Quantizer.rotate` maps a vector
+given to the store (added, or a query) into that space. The writer and the searcher call it
+at their entry; stored vectors and exact re-ranking stay in the space of the vectors as given
+(the rotation is orthogonal, so distances are the same in both).
 """
 
 from __future__ import annotations
@@ -103,11 +104,16 @@ class Quantizer(CoarseQuantizer):
     Read-only after construction, so one instance serves any number of threads.
     """
 
-    __slots__ = ("_codebook_items", "_offsets", "codebooks", "codebooks_t", "norms")
+    __slots__ = ("_codebook_items", "_offsets", "_rotation_t", "codebooks", "codebooks_t",
+                 "norms", "rotation")
 
-    def __init__(self, centroids: F32Array, codebooks: F32Array, metric: Metric) -> None:
+    def __init__(self, centroids: F32Array, codebooks: F32Array, metric: Metric,
+                 rotation: F32Array | None = None) -> None:
         super().__init__(centroids, metric)
         self.codebooks = codebooks
+        #: The orthogonal (dim, dim) OPQ rotation R (a vector x becomes ``R @ x``), or None.
+        self.rotation = rotation
+        self._rotation_t = None if rotation is None else np.ascontiguousarray(rotation.T)
         #: (m, ksub) squared norms of the sub-centroids.
         self.norms: F32Array = np.einsum("jkd,jkd->jk", codebooks, codebooks)
         #: (m, dsub, ksub) C-contiguous: the codebooks as the table products want them.
@@ -133,6 +139,14 @@ class Quantizer(CoarseQuantizer):
     @property
     def dsub(self) -> int:
         return int(self.codebooks.shape[2])
+
+    def rotate(self, x: F32Array) -> F32Array:
+        """``x`` (n, dim) float32 in the space of the centroids and codebooks: rotated by the
+        OPQ rotation, or ``x`` itself when there is none."""
+        if self._rotation_t is None:
+            return x
+        out: F32Array = x @ self._rotation_t
+        return out
 
     @property
     def kernel(self) -> _kernel.Kernel | None:

@@ -29,6 +29,7 @@ class StoreInfo:
     m: int
     nbits: int
     metric: str
+    opq: bool  # whether the vectors are rotated (OPQ) before the quantizers see them
     store_vectors: str | None  # element type of the stored vectors, None: codes only
     ntotal: int  # live vectors
     ndeleted: int  # deleted records still on disk (compaction reclaims them)
@@ -111,7 +112,8 @@ def store_info(layout: StoreLayout, header: Header, snap: CatalogSnapshot,
         path=str(layout.root), format_version="{}.{}".format(*meta.format),
         id_map="packed" if meta.schema == PACKED else "per-id",
         dim=p.dim, nlist=p.nlist, m=p.m, nbits=p.nbits, metric=p.metric.label,
-        store_vectors=header.vectors, ntotal=snap.state.ntotal, ndeleted=snap.state.ndeleted,
+        opq=header.rotation is not None, store_vectors=header.vectors,
+        ntotal=snap.state.ntotal, ndeleted=snap.state.ndeleted,
         list_sizes=tuple(sizes), list_deleted=tuple(deleted),
         n_segments=sum(1 for r in snap.lists.values() if r.count), bytes_on_disk=on_disk,
         reclaimable_bytes=(snap.state.ndeleted * row_bytes

@@ -95,7 +95,8 @@ class Store:
         self._catalog: Catalog | None = catalog
         self._readonly = readonly
         self._pid = os.getpid()
-        self._quantizer = Quantizer(header.centroids, header.codebooks, header.params.metric)
+        self._quantizer = Quantizer(header.centroids, header.codebooks, header.params.metric,
+                                    header.rotation)
         self._files = RowFiles(header.store_uuid, header.params.code_size,
                                None if header.vectors is None
                                else (header.vectors, header.params.dim))
@@ -155,15 +156,29 @@ class Store:
 
     @property
     def centroids(self) -> F32Array:
-        """Coarse centroids (nlist, dim) float32 (a read-only view)."""
+        """Coarse centroids (nlist, dim) float32 (a read-only view), of the rotated vectors
+        in a store with a :attr:`rotation`."""
         view = self._header.centroids.view()
         view.flags.writeable = False
         return view
 
     @property
     def codebooks(self) -> F32Array:
-        """PQ codebooks (m, ksub, dsub) float32 (a read-only view)."""
+        """PQ codebooks (m, ksub, dsub) float32 (a read-only view), of the rotated vectors'
+        residuals in a store with a :attr:`rotation`."""
         view = self._header.codebooks.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def rotation(self) -> F32Array | None:
+        """The OPQ rotation (dim, dim) float32 of a store created with ``opq=True`` (a
+        read-only view), or None. The quantizers see each vector x (added, or a query) as
+        ``rotation @ x``; results, stored vectors and :meth:`get_vectors` are of the vectors
+        as given."""
+        if self._header.rotation is None:
+            return None
+        view = self._header.rotation.view()
         view.flags.writeable = False
         return view
 
@@ -468,7 +483,7 @@ class Store:
         x, _ = as_vectors(vectors, self.params.dim)
         if self.params.metric is Metric.COSINE:
             x = normalize_rows(x)
-        return self._quantizer.assign_and_encode(x)
+        return self._quantizer.assign_and_encode(self._quantizer.rotate(x))
 
     # -- writing ----------------------------------------------------------------------------
     def add(self, vectors: Any, ids: Any = None, *, progress: ProgressFn | None = None) -> I64Array:
@@ -532,10 +547,13 @@ class Store:
         cosine store becomes an inner-product index: normalise the queries first, as the
         store does for you.
 
+        A store with a :attr:`rotation` gives an ``IndexPreTransform`` of an ``OPQMatrix``
+        holding it around the IndexIVFPQ, as ``index_factory(d, "OPQm,IVFn,PQm")`` builds.
         With ``vectors=True`` (a store that keeps them) the stored vectors come too: an
-        ``IndexIDMap2`` around an ``IndexRefineFlat`` over the IndexIVFPQ, whose search
-        with ``k_factor=R`` returns what ``search(refine=R)`` does. Each vector is checked
-        against its row checksum first (CorruptStoreError)."""
+        ``IndexIDMap2`` around an ``IndexRefineFlat`` over the IndexIVFPQ (or its
+        IndexPreTransform), whose search with ``k_factor=R`` returns what
+        ``search(refine=R)`` does. Each vector is checked against its row checksum first
+        (CorruptStoreError)."""
         catalog = self._live_catalog()
         if vectors and self._header.vectors is None:
             raise InvalidParamsError(
@@ -547,11 +565,11 @@ class Store:
             if not vectors:
                 return build_ivfpq(self.params, self.centroids, self.codebooks,
                                    ((n, *self._live_records(snap, fetch, n))
-                                    for n in range(self.params.nlist)))
+                                    for n in range(self.params.nlist)), self.rotation)
             rows_of = self._snapshot_fetcher(catalog, snap, vectors=True)
             return build_refined(self.params, self.centroids, self.codebooks,
                                  (self._live_with_vectors(snap, fetch, rows_of, n)
-                                  for n in range(self.params.nlist)))
+                                  for n in range(self.params.nlist)), self.rotation)
 
         return self._on_snapshot(catalog, run)
 

@@ -151,7 +151,7 @@ class Writer:
             x = normalize_rows(x)
         if self._files.vectors is not None and self._files.vectors[0] == "float16":
             check_float16(x)
-        list_nos, codes = self._quantizer.assign_and_encode(x, progress)
+        list_nos, codes = self._quantizer.assign_and_encode(self._quantizer.rotate(x), progress)
         return self._commit_batch(list_nos, codes, given, x, replace_live=replace_live)
 
     def write_encoded(self, list_nos: I64Array, codes: U8Array, ids: I64Array,

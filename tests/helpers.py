@@ -66,13 +66,17 @@ def adc_reference(store: Any, queries: np.ndarray, nprobe: int,
 
     Independent of ivfpq_store.search: probes by brute force over the centroids and scores every
     candidate of every probed list as its distance (l2) or inner product (ip, cosine) to its
-    reconstruction ``centroid + decoded residual``. Returns {id: score} per query.
+    reconstruction ``centroid + decoded residual``; in a store with an OPQ rotation R, the
+    centroids and codebooks are of rotated vectors, so each query q is scored as ``R q``.
+    Returns {id: score} per query.
     """
     c = store.centroids.astype(np.float64)
     cb = store.codebooks.astype(np.float64)
     q = queries.astype(np.float64)
     if metric == "cosine":
         q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    if store.rotation is not None:
+        q = q @ store.rotation.astype(np.float64).T
     higher = metric != "l2"
     coarse = q @ c.T if higher else ((q[:, None, :] - c[None]) ** 2).sum(-1)
     contents = [store.list_contents(l_no) for l_no in range(store.params.nlist)]

@@ -256,8 +256,9 @@ def test_an_index_in_an_id_map_keeps_the_id_maps_ids(tmp_path, small_data, refin
             assert_same_results(got.distances, got.ids, d_f, i_f)
 
 
-@pytest.mark.parametrize("case", ["flat", "untrained", "not-by-residual", "opq", "duplicate-ids",
-                                  "negative-ids", "no-raw-vectors"])
+@pytest.mark.parametrize("case", ["flat", "untrained", "not-by-residual", "opq-untrained",
+                                  "pca-reduces", "pca-centres", "two-transforms",
+                                  "duplicate-ids", "negative-ids", "no-raw-vectors"])
 def test_an_index_the_store_cannot_hold_is_refused_and_nothing_is_created(tmp_path, small_data,
                                                                           case):
     x = small_data["base"]
@@ -273,9 +274,18 @@ def test_an_index_the_store_cannot_hold_is_refused_and_nothing_is_created(tmp_pa
         index = trained_faiss(x)
         index.by_residual = False
         match = "by_residual"
-    elif case == "opq":
-        index = faiss.index_factory(DIM, f"OPQ4,IVF{NLIST},PQ4")  # refused before training
-        match = "IndexPreTransform"
+    elif case == "opq-untrained":
+        index = faiss.index_factory(DIM, f"OPQ4,IVF{NLIST},PQ4")
+        match = "transform is not trained"
+    elif case in ("pca-reduces", "pca-centres", "two-transforms"):
+        # A transform that is not a rotation changes distances: a store cannot hold it.
+        index = faiss.index_factory(DIM, {"pca-reduces": f"PCA{DIM // 2},IVF{NLIST},PQ4",
+                                          "pca-centres": f"PCA{DIM},IVF{NLIST},PQ4",
+                                          "two-transforms": f"RR{DIM},OPQ4,IVF{NLIST},PQ4"
+                                          }[case])
+        index.train(x)
+        match = {"pca-reduces": f"maps {DIM} dimensions to {DIM // 2}",
+                 "pca-centres": "adds a bias", "two-transforms": "of 2 transforms"}[case]
     elif case == "duplicate-ids":
         index = trained_faiss(x, ids=np.arange(len(x)) % 1000)
         expected, match = ivfpq_store.InvalidInputError, "distinct and non-negative"

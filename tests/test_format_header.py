@@ -35,6 +35,7 @@ from ivfpq_store import (
     ChecksumError,
     FormatError,
     IndexParams,
+    InvalidParamsError,
     Metric,
     TruncatedFileError,
     UnsupportedVersionError,
@@ -384,8 +385,10 @@ HEADER_BAD = [
     Bad("major-0", sealed("<HH", 8, 0, 9), UnsupportedVersionError, r"format version 0\.9"),
     Bad("flags-vectors-without-section", sealed("<I", 12, 1), FormatError,
         "flags bit 0 is 1 but the VECTORS section is missing — expected both or neither"),
-    Bad("flags-2", sealed("<I", 12, 2), UnsupportedVersionError,
-        "unknown header flags 0x00000002 — expected bits of 0x00000001"),
+    Bad("flags-rotation-without-section", sealed("<I", 12, 2), FormatError,
+        "flags bit 1 is 1 but the ROTATION section is missing — expected both or neither"),
+    Bad("flags-4", sealed("<I", 12, 4), UnsupportedVersionError,
+        "unknown header flags 0x00000004 — expected bits of 0x00000003"),
     Bad("flags-high-bit", sealed("<I", 12, 1 << 31), UnsupportedVersionError,
         "unknown header flags 0x80000000"),
     Bad("dim-not-divisible-by-m", sealed("<H", 24, 3), FormatError,
@@ -500,3 +503,50 @@ def test_metadata_section_is_optional() -> None:
 def test_segment_is_not_a_header() -> None:
     with pytest.raises(BadMagicError, match=r"not an ivfpq header .* got b'\\x89IVFSG"):
         decode_header(GOLDEN_SEGMENT.read_bytes())
+
+
+# -- the rotation (format 1.4) -------------------------------------------------------------------
+def test_golden_header_with_a_rotation():
+    """docs/format.md §8.7: flags bit 1, minor 2, a ROTATION section of the signed permutation
+    whose row i holds (-1)**i in column (i + 3) % 8, after METADATA."""
+    raw = (GOLDEN_HEADER.parent / "header-v1.2-rotation.ivfh").read_bytes()
+    header = decode_header(raw)
+    assert header.version == (1, 2)
+    assert struct.unpack_from("<HHI", raw, 8) == (1, 2, 2)
+    want = np.zeros((8, 8), np.float32)
+    want[np.arange(8), (np.arange(8) + 3) % 8] = np.where(np.arange(8) % 2, -1.0, 1.0)
+    np.testing.assert_array_equal(header.rotation, want)
+    assert header.vectors is None
+    kind, sec_crc, offset, nbytes, _ = SECTION.unpack_from(raw, 64 + 3 * 32)
+    assert (kind, offset, nbytes) == (SectionKind.ROTATION, 0x1C0, 256)
+    assert sec_crc == crc(raw[0x1C0:]) == 0xE8A9C408
+    assert raw[0x1CC:0x1D0] == b"\x00\x00\x80\x3f"  # R[0][3] = 1.0
+    assert encode_header(header) == raw
+
+
+@pytest.mark.parametrize("vectors", [None, "float32"])
+def test_a_rotation_round_trips_with_or_without_vectors(vectors):
+    h = golden_header()
+    rot = np.linalg.qr(np.random.default_rng(0).normal(size=(8, 8)))[0].astype(np.float32)
+    with_rot = Header(params=h.params, store_uuid=h.store_uuid, centroids=h.centroids,
+                      codebooks=h.codebooks, metadata=h.metadata, vectors=vectors, rotation=rot)
+    got = decode_header(encode_header(with_rot))
+    np.testing.assert_array_equal(got.rotation, rot)
+    assert got.vectors == vectors
+    assert got.version == (1, 2)
+
+
+def test_a_rotation_section_without_its_flag_or_of_another_size_is_refused():
+    h = golden_header()
+    rot = np.eye(8, dtype=np.float32).tobytes()
+    no_flag = build_header([*golden_sections(h), (SectionKind.ROTATION, rot)], params=h.params,
+                           store_uuid=h.store_uuid)
+    with pytest.raises(FormatError, match="flags bit 1 is 0 but the ROTATION section is present"):
+        decode_header(no_flag)
+    short = build_header([*golden_sections(h), (SectionKind.ROTATION, rot[:-4])],
+                         params=h.params, store_uuid=h.store_uuid, flags=2)
+    with pytest.raises(FormatError, match="section ROTATION is 252 bytes — expected 256"):
+        decode_header(short)
+    with pytest.raises(InvalidParamsError, match=r"header rotation: expected float32 \(8, 8\)"):
+        Header(params=h.params, store_uuid=h.store_uuid, centroids=h.centroids,
+               codebooks=h.codebooks, rotation=np.eye(4, dtype=np.float32))

@@ -105,7 +105,7 @@ def test_pq_training_does_the_same_work_whatever_m(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(pq, "_assign", counting("assign", pq._assign))
+    monkeypatch.setattr(pq, "assign_codes", counting("assign", pq.assign_codes))
     monkeypatch.setattr(pq, "cluster_sums", counting("sums", cluster_sums))
     x = synthetic(3000, 32, seed=6)
     for m in (2, 16):

@@ -593,7 +593,7 @@ TRAIN_PHASES = (
     ("- its update sums", "training/kmeans.py", "cluster_sums", "kmeans"),
     ("assign the training vectors", "quantizer.py", "assign", None),
     ("PQ training", "training/pq.py", "train_pq", None),
-    ("- its assignment (all sub-quantizers at once)", "training/pq.py", "_assign", "train_pq"),
+    ("- its assignment (all sub-quantizers at once)", "training/pq.py", "assign_codes", "train_pq"),
     ("- its update sums", "training/kmeans.py", "cluster_sums", "train_pq"),
     ("write the header and catalog", "creation.py", "_build", None),
 )

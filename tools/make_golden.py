@@ -9,7 +9,7 @@ binary diff before committing.
 
 Usage::
 
-    python tools/make_golden.py                # writes the five files below into tests/data
+    python tools/make_golden.py                # writes the six files below into tests/data
     python tools/make_golden.py --out-dir DIR  # writes them somewhere else (e.g. to compare)
     python tools/make_golden.py --check        # exit 1 if the files on disk differ
 
@@ -46,13 +46,25 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tests" / "data"
 HEADER_NAME = "header-v1.0.ivfh"
 SEGMENT_NAME = "segment-v1.0.seg"
 VECTORS_HEADER_NAME = "header-v1.1-vectors.ivfh"
+ROTATION_HEADER_NAME = "header-v1.2-rotation.ivfh"
 VECTORS_NAME = "vectors-v1.0.vec"
 IDMAP_NAME = "idmap-v1.3.bin"
 
 
-def golden_header(vectors: str | None = None) -> bytes:
+def golden_rotation() -> np.ndarray:
+    """The golden rotation (8, 8): a signed permutation, exactly orthogonal; row i holds
+    ``(-1)**i`` in column ``(i + 3) % 8``, so a vector's dimension i + 3 becomes its
+    dimension i, negated for odd i."""
+    rot = np.zeros((8, 8), np.float32)
+    rows = np.arange(8)
+    rot[rows, (rows + 3) % 8] = np.where(rows % 2, -1.0, 1.0)
+    return rot
+
+
+def golden_header(vectors: str | None = None, *, rotation: bool = False) -> bytes:
     """The golden header: dim 8, nlist 2, m 2, nbits 2, L2, store_uuid UUID(int=1); with
-    ``vectors``, the same store keeping its vectors in that element type (format 1.2)."""
+    ``vectors``, the same store keeping its vectors in that element type (format 1.2); with
+    ``rotation``, the same store with :func:`golden_rotation` (format 1.4)."""
     header = Header(
         params=IndexParams(dim=8, nlist=2, m=2, nbits=2),
         store_uuid=uuid.UUID(int=1),
@@ -60,6 +72,7 @@ def golden_header(vectors: str | None = None) -> bytes:
         codebooks=np.arange(32, dtype=np.float32).reshape(2, 4, 4) / 8,
         metadata={"seed": 0},
         vectors=vectors,
+        rotation=golden_rotation() if rotation else None,
     )
     return encode_header(header)
 
@@ -107,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     files = {HEADER_NAME: golden_header(), SEGMENT_NAME: golden_segment(),
              VECTORS_HEADER_NAME: golden_header("float16"), VECTORS_NAME: golden_vectors(),
+             ROTATION_HEADER_NAME: golden_header(rotation=True),
              IDMAP_NAME: golden_buckets()}
     status = 0
     for name, data in files.items():

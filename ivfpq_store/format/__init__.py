@@ -20,11 +20,15 @@ from .segment import (
 #: Version of the store format as a whole, recorded in ``meta/store`` at creation (§2.4). The
 #: header and each segment carry the version of their own layout; 1.1 added the catalog
 #: records' checksums, 1.2 stored vectors (a header flag and section, vector files beside the
-#: segments), 1.3 the packed id map (``meta/store`` schema version 2).
-FORMAT_VERSION = (1, 3)
+#: segments), 1.3 the packed id map (``meta/store`` schema version 2), 1.4 the OPQ rotation
+#: (a header flag and section).
+FORMAT_VERSION = (1, 4)
+#: The version a store without a rotation records: it is written exactly as 1.3 wrote it.
+FORMAT_VERSION_UNROTATED = (1, 3)
 
 __all__ = [
     "FORMAT_VERSION",
+    "FORMAT_VERSION_UNROTATED",
     "HEADER_VERSION",
     "SEGMENT_PRELUDE_SIZE",
     "SEGMENT_VERSION",

@@ -29,6 +29,7 @@ from .checksum import align_up, check_crc, crc32
 from .vectors import VECTOR_DTYPES
 
 __all__ = [
+    "FLAG_ROTATION",
     "FLAG_VECTORS",
     "HEADER_MAGIC",
     "HEADER_VERSION",
@@ -47,7 +48,14 @@ HEADER_VERSION_VECTORS = (1, 1)
 #: §4.1 flags bit 0: the store keeps its vectors (VECTORS section, vector files). A reader
 #: that does not know it must refuse the store: its writes would leave the vectors behind.
 FLAG_VECTORS = 0x1
-_KNOWN_FLAGS = FLAG_VECTORS
+#: The layout version of a header with a rotation (§4.1 flags bit 1, §4.3 ROTATION), with or
+#: without stored vectors.
+HEADER_VERSION_ROTATION = (1, 2)
+#: §4.1 flags bit 1: the store rotates every vector and query before its quantizers see it
+#: (OPQ; the ROTATION section). A reader that does not know it must refuse the store: it
+#: would encode and search unrotated vectors with codebooks trained on rotated ones.
+FLAG_ROTATION = 0x2
+_KNOWN_FLAGS = FLAG_VECTORS | FLAG_ROTATION
 # §4.3 VECTORS section: element type code (format.vectors.VECTOR_DTYPES), reserved, reserved
 _VECTORS = struct.Struct("<HHI")
 MAX_SECTIONS = 64
@@ -68,6 +76,7 @@ class SectionKind(enum.IntEnum):
     CODEBOOKS = 2  #: (m, ksub, dsub) little-endian float32, C order
     METADATA = 3  #: msgpack map with string keys (training provenance); informative only
     VECTORS = 4  #: the stored vectors' element type; present exactly when flags bit 0 is set
+    ROTATION = 5  #: (dim, dim) float32 orthogonal matrix; present exactly when flags bit 1 is set
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,13 +91,18 @@ class Header:
     version: tuple[int, int] = HEADER_VERSION
     #: The element type of stored vectors ("float32" or "float16"), or None: no vectors.
     vectors: str | None = None
+    #: The orthogonal (dim, dim) float32 matrix R that maps a vector x to ``R @ x`` (rows:
+    #: ``x @ R.T``) before the quantizers see it, or None. Centroids and codebooks are of the
+    #: rotated vectors.
+    rotation: F32Array | None = None
 
     def __post_init__(self) -> None:
         p = self.params
-        for name, arr, shape in (
-            ("centroids", self.centroids, (p.nlist, p.dim)),
-            ("codebooks", self.codebooks, (p.m, p.ksub, p.dsub)),
-        ):
+        arrays = [("centroids", self.centroids, (p.nlist, p.dim)),
+                  ("codebooks", self.codebooks, (p.m, p.ksub, p.dsub))]
+        if self.rotation is not None:
+            arrays.append(("rotation", self.rotation, (p.dim, p.dim)))
+        for name, arr, shape in arrays:
             if arr.shape != shape or arr.dtype != np.float32:
                 raise InvalidParamsError(
                     f"header {name}: expected float32 {shape}, got {arr.dtype} {arr.shape}"
@@ -111,6 +125,10 @@ def encode_header(header: Header) -> bytes:
         flags, version = FLAG_VECTORS, HEADER_VERSION_VECTORS
         payloads.append((SectionKind.VECTORS,
                          _VECTORS.pack(VECTOR_DTYPES[header.vectors][0], 0, 0)))
+    if header.rotation is not None:
+        flags, version = flags | FLAG_ROTATION, HEADER_VERSION_ROTATION
+        payloads.append((SectionKind.ROTATION,
+                         np.ascontiguousarray(header.rotation, dtype="<f4").tobytes()))
     table_offset = PRELUDE_SIZE
     offsets: list[int] = []
     offset = align_up(table_offset + _SECTION.size * len(payloads))
@@ -160,7 +178,8 @@ def decode_header(buf: bytes | memoryview, *, source: str = "<bytes>") -> Header
                   codebooks=codebooks,
                   metadata=_section_metadata(sections, source, prelude.table_offset),
                   version=prelude.version,
-                  vectors=_section_vectors(sections, source, prelude))
+                  vectors=_section_vectors(sections, source, prelude),
+                  rotation=_section_rotation(sections, source, prelude))
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +301,23 @@ def _section_metadata(sections: dict[int, memoryview], source: str,
     if not isinstance(metadata, dict):
         raise _fail(FormatError, source, "METADATA section is not a msgpack map", table_offset)
     return metadata
+
+
+def _section_rotation(sections: dict[int, memoryview], source: str,
+                      prelude: _Prelude) -> F32Array | None:
+    """The rotation: the ROTATION section, which must be present exactly when flags bit 1 is
+    set (§4.3); None for a store without one."""
+    has_flag = bool(prelude.flags & FLAG_ROTATION)
+    if (SectionKind.ROTATION in sections) != has_flag:
+        raise _fail(FormatError, source,
+                    f"flags bit 1 is {int(has_flag)} but the ROTATION section is "
+                    f"{'missing' if has_flag else 'present'} — expected both or neither",
+                    prelude.table_offset)
+    if not has_flag:
+        return None
+    dim = prelude.params.dim
+    return _section_array(sections, SectionKind.ROTATION, (dim, dim), source,
+                          prelude.table_offset)
 
 
 def _section_vectors(sections: dict[int, memoryview], source: str,

@@ -97,6 +97,8 @@ class Searcher:
                refiner: Refiner | None = None, *, snapshot: object = None) -> SearchResult:
         """Search ``queries`` (nq, dim) float32, already validated and (for cosine) normalised.
 
+        The scans see the queries rotated (:meth:`Quantizer.rotate`); the exact re-ranking
+        scores the queries as given against the stored vectors, which are not rotated.
         ``lists`` holds the committed record of every non-empty list, ``deleted`` the
         tombstoned rows of lists that have any, and ``fetch`` maps a list's records. Each
         probed list is fetched once per call, however many queries probe it. With
@@ -107,28 +109,29 @@ class Searcher:
         """
         qz, config = self.quantizer, self.config
         queries = np.asarray(queries, dtype=np.float32)
+        inner = qz.rotate(queries)
         k = params.scan_k
         kernel = qz.kernel
         if kernel is not None:
             terms = self._list_terms(kernel) if qz.metric is Metric.L2 else None
             table = None if snapshot is None else self._list_table(snapshot)
-            if table is not None and len(queries) == 1:
-                probed, hits = search_one(qz, config, kernel, queries, params.nprobe, lists,
+            if table is not None and len(inner) == 1:
+                probed, hits = search_one(qz, config, kernel, inner, params.nprobe, lists,
                                           deleted, fetch, k, terms, table)
             else:
-                nthreads = config.threads if len(queries) >= config.thread_min_queries else 1
-                _, probed = kernel.probe(queries, qz.probe_matrix, l2=qz.metric is Metric.L2,
+                nthreads = config.threads if len(inner) >= config.thread_min_queries else 1
+                _, probed = kernel.probe(inner, qz.probe_matrix, l2=qz.metric is Metric.L2,
                                          nprobe=params.nprobe, nthreads=nthreads)
-                hits = scan_kernel(qz, config, kernel, queries, probed, lists, deleted, fetch,
+                hits = scan_kernel(qz, config, kernel, inner, probed, lists, deleted, fetch,
                                    k, terms, table)
         else:
-            coarse, probed = qz.probe(queries, params.nprobe, block=config.probe_block)
-            if len(queries) == 1 and numpy_single.fits(qz, params.nprobe, config):
-                hits = numpy_single.scan_one(qz, config, queries[0], coarse[0], probed[0],
+            coarse, probed = qz.probe(inner, params.nprobe, block=config.probe_block)
+            if len(inner) == 1 and numpy_single.fits(qz, params.nprobe, config):
+                hits = numpy_single.scan_one(qz, config, inner[0], coarse[0], probed[0],
                                              lists, deleted, fetch, k)
             else:
-                top = TopK(len(queries), k, config.pool_budget)
-                scan_batch(qz, config, queries, coarse, probed, lists, deleted, fetch, top)
+                top = TopK(len(inner), k, config.pool_budget)
+                scan_batch(qz, config, inner, coarse, probed, lists, deleted, fetch, top)
                 hits = top.result()
         if not params.refine:
             return self._result(hits.cost, hits.ids)
@@ -151,8 +154,8 @@ class Searcher:
         (:func:`~.filtered.search_direct`); with ``params.refine``, the best
         ``params.scan_k`` of them re-ranked exactly."""
         queries = np.asarray(queries, dtype=np.float32)
-        cost, picks = search_direct(self.quantizer, self.config, queries, params.scan_k,
-                                    located)
+        cost, picks = search_direct(self.quantizer, self.config, self.quantizer.rotate(queries),
+                                    params.scan_k, located)
         found = picks >= 0
         at = np.where(found, picks, 0)  # any index, for the missing results (none if empty)
         def pick(values: I64Array) -> I64Array:
@@ -188,7 +191,7 @@ class Searcher:
         the tombstones by passing a mapping that merges them in.
         """
         qz, config = self.quantizer, self.config
-        queries = np.asarray(queries, dtype=np.float32)
+        queries = qz.rotate(np.asarray(queries, dtype=np.float32))
         # Always numpy's probe and scan: the kernel keeps a top-k, not every hit.
         coarse, probed = qz.probe(queries, params.nprobe, block=config.probe_block)
         lims, cost, ids = scan_range(qz, config, queries, coarse, probed, params.radius, lists,

@@ -21,7 +21,7 @@ from .kmeans import (
     update,
 )
 
-__all__ = ["train_pq"]
+__all__ = ["assign_codes", "train_pq"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +29,15 @@ logger = logging.getLogger(__name__)
 def train_pq(
     x: F32Array, m: int, nbits: int, *, niter: int = 25,
     seed: int | np.random.Generator | None = 0, max_points_per_centroid: int = 256,
-    progress: ProgressFn | None = None,
+    progress: ProgressFn | None = None, init: F32Array | None = None,
 ) -> tuple[F32Array, tuple[KMeansResult, ...]]:
     """Train ``m`` sub-quantizers of ``2**nbits`` centroids on ``x`` (n, dim) float32: the
     codebooks (m, 2**nbits, dim // m) float32, and each sub-quantizer's k-means result.
 
     The m k-means run together on one sample of ``max_points_per_centroid * 2**nbits``
     points (faiss's sub-quantizers share theirs too), each from its own random distinct
-    points: an iteration assigns every sub-vector at once (the kernel's PQ encoder, or one
+    points, or from the codebooks ``init`` (a warm start, as OPQ's alternation uses): an
+    iteration assigns every sub-vector at once (the kernel's PQ encoder, or one
     BLAS product per sub-quantizer and block) and computes every sub-quantizer's sums in one
     pass (:func:`~.kmeans.cluster_sums`). The kernel's assignment ranks sub-centroids by the
     same score as numpy's, summed in another order, so the two may differ on a float
@@ -61,13 +62,16 @@ def train_pq(
     rng = np.random.default_rng(seed)
     x = sample(x, ksub, max_points_per_centroid, rng, "PQ")
     n = len(x)
-    books = np.stack([x[rng.choice(n, size=ksub, replace=False), j * dsub: (j + 1) * dsub]
-                      for j in range(m)])
+    if init is not None:
+        books = np.array(init, dtype=np.float32)
+    else:
+        books = np.stack([x[rng.choice(n, size=ksub, replace=False),
+                            j * dsub: (j + 1) * dsub] for j in range(m)])
     norms = squared_norms(x.reshape(n, m, dsub))
     objective = np.empty((niter, m), np.float64)
     splits = np.zeros(m, np.int64)
     for it in range(niter):
-        codes = _assign(x, books)
+        codes = assign_codes(x, books)
         sums, counts = cluster_sums(x, codes.astype(np.int64), ksub)
         objective[it] = sse(norms, sums, counts, books)
         for j in range(m):
@@ -86,7 +90,7 @@ def train_pq(
     return np.ascontiguousarray(books, dtype=np.float32), results
 
 
-def _assign(x: F32Array, books: F32Array) -> U8Array:
+def assign_codes(x: F32Array, books: F32Array) -> U8Array:
     """The nearest sub-centroid (n, m) of every sub-vector of ``x`` (n, dim) among
     ``books`` (m, ksub, dsub), the first one on ties: the kernel's PQ encoder of the
     residuals to one zero centroid, or numpy's products."""
