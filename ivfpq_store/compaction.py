@@ -165,8 +165,9 @@ def remove_files(directory: Path, names: Iterable[str]) -> int:
 
 
 def remove_orphans(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapshot) -> int:
-    """Delete segment and vector files no list record commits rows of: leftovers of crashed
-    writes or compactions.
+    """Delete segment and vector files no list record commits rows of, and quantizer files of
+    other generations than the current one: leftovers of crashed writes, compactions or
+    retrains, and what a retrain left behind.
 
     Only safe under the writer lock (no other writer can be creating files).
     """
@@ -174,4 +175,8 @@ def remove_orphans(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapsh
                layout.orphan_segments(files.referenced(snapshot.segment_files()))]
     if orphans:
         logger.info("removing %d orphan segment files", len(orphans))
-    return remove_files(layout.segments, orphans)
+    quantizers = [p.name for p in layout.orphan_quantizers(snapshot.state.quantizer)]
+    if quantizers:
+        logger.info("removing %d quantizer files of other generations", len(quantizers))
+    return (remove_files(layout.segments, orphans)
+            + remove_files(layout.quantizers, quantizers))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .format import SEGMENT_PRELUDE_SIZE, Header, record_dtype
-from .format.idmap import PACKED
+from .format.idmap import PER_ID
 from .format.records import StoreMeta
 from .format.vectors import vector_row_dtype
 from .params import IndexParams
@@ -30,6 +30,7 @@ class StoreInfo:
     nbits: int
     metric: str
     opq: bool  # whether the vectors are rotated (OPQ) before the quantizers see them
+    quantizer_generation: int  # 0: the quantizer of creation; n: that of the n-th retrain
     store_vectors: str | None  # element type of the stored vectors, None: codes only
     ntotal: int  # live vectors
     ndeleted: int  # deleted records still on disk (compaction reclaims them)
@@ -94,10 +95,11 @@ def store_info(layout: StoreLayout, header: Header, snap: CatalogSnapshot,
     sizes = [0] * p.nlist
     deleted = [0] * p.nlist
     for list_no, record in snap.lists.items():
-        sizes[list_no] = record.count - record.deleted
-        deleted[list_no] = record.deleted
+        if list_no < p.nlist:  # past it: count-0 records a retrain to fewer lists left
+            sizes[list_no] = record.count - record.deleted
+            deleted[list_no] = record.deleted
     on_disk = {
-        "header": layout.header.stat().st_size,
+        "header": layout.header.stat().st_size + _dir_bytes(layout.quantizers, ".ivfh"),
         "catalog": _dir_bytes(layout.catalog),
         "segments": _dir_bytes(layout.segments, ".seg"),
         "vectors": _dir_bytes(layout.segments, ".vec"),
@@ -110,9 +112,10 @@ def store_info(layout: StoreLayout, header: Header, snap: CatalogSnapshot,
         emptied *= 2  # each emptied list frees two preludes
     return StoreInfo(
         path=str(layout.root), format_version="{}.{}".format(*meta.format),
-        id_map="packed" if meta.schema == PACKED else "per-id",
+        id_map="per-id" if meta.schema == PER_ID else "packed",
         dim=p.dim, nlist=p.nlist, m=p.m, nbits=p.nbits, metric=p.metric.label,
-        opq=header.rotation is not None, store_vectors=header.vectors,
+        opq=header.rotation is not None, quantizer_generation=snap.state.quantizer,
+        store_vectors=header.vectors,
         ntotal=snap.state.ntotal, ndeleted=snap.state.ndeleted,
         list_sizes=tuple(sizes), list_deleted=tuple(deleted),
         n_segments=sum(1 for r in snap.lists.values() if r.count), bytes_on_disk=on_disk,

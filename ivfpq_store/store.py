@@ -9,12 +9,14 @@ serves the reads itself and hands each write to its :class:`~ivfpq_store.writing
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, NamedTuple, Self, TypeVar
 
 import numpy as np
 
@@ -55,13 +57,14 @@ from .storage import (
     StoreLayout,
     as_path,
     probe_lock,
+    read_generation,
 )
 from .types import F32Array, I64Array, Metric, PathArg, ProgressFn, U8Array
 from .upgrading import UpgradeReport, upgrade_store
 from .verify import VerifyReport, verify_store
 from .writing import Writer
 
-__all__ = ["SNAPSHOT_ATTEMPTS", "Store"]
+__all__ = ["SNAPSHOT_ATTEMPTS", "Generation", "Store"]
 
 T = TypeVar("T")
 
@@ -81,6 +84,16 @@ def _commit_or_none(catalog: Catalog) -> int | None:
         return None
 
 
+class Generation(NamedTuple):
+    """One quantizer generation of a store: its number (0 for ``header.ivfh``), its header
+    (nlist, centroids, codebooks, rotation), and the quantizer and searcher built on it."""
+
+    number: int
+    header: Header
+    quantizer: Quantizer
+    searcher: Searcher
+
+
 class Store:
     """An open IVF-PQ store. Get one from :func:`create` or :func:`open`; use as a context manager.
 
@@ -91,23 +104,103 @@ class Store:
                  max_open_segments: int | None, lock_timeout: float,
                  auto_compact_ratio: float | None, sync: str = "auto") -> None:
         self._layout = layout
+        #: header.ivfh: the store's identity and quantizer generation 0.
         self._header = header
         self._catalog: Catalog | None = catalog
         self._readonly = readonly
         self._pid = os.getpid()
-        self._quantizer = Quantizer(header.centroids, header.codebooks, header.params.metric,
-                                    header.rotation)
         self._files = RowFiles(header.store_uuid, header.params.code_size,
                                None if header.vectors is None
                                else (header.vectors, header.params.dim))
         self._maps = MapCache(layout.segments, self._files, max_open=max_open_segments)
-        self._searcher = Searcher(self._quantizer, max_lists=self._maps.max_open)
+        self._max_open_segments = max_open_segments
+        #: The quantizer generations loaded, by number: the newest seen, and while a search
+        #: of an older snapshot needs it, that one (:meth:`_generation`).
+        self._gens: dict[int, Generation] = {}
+        self._gens_lock = threading.Lock()
+        #: The newest generation loaded: its quantizer and searcher (tests reach the searcher
+        #: through ivfpq_store.testing; a new generation's searcher takes its config).
+        self._latest = self._load_generation(0, header)
         self._dtype = record_dtype(header.params.code_size)
-        self._writer = Writer(layout=layout, header=header, quantizer=self._quantizer,
+        self._writer = Writer(layout=layout, header=header, generation=self._quantizer_of,
                               files=self._files, catalog=self._live_catalog, fetch=self._fetch,
                               fetch_vectors=self._fetch_vectors, readonly=readonly,
                               lock_timeout=lock_timeout, auto_compact_ratio=auto_compact_ratio,
                               sync=sync)
+
+    # -- quantizer generations --------------------------------------------------------------
+    def _load_generation(self, number: int, header: Header) -> Generation:
+        """A :class:`Generation` of ``header``; the newest loaded becomes :attr:`_latest`."""
+        searcher = Searcher(Quantizer(header.centroids, header.codebooks, header.params.metric,
+                                      header.rotation),
+                            max_lists=self._max_open_segments)
+        gen = Generation(number, header, searcher.quantizer, searcher)
+        latest = getattr(self, "_latest", None)
+        if latest is None or number > latest.number:
+            if latest is not None:
+                searcher.config = latest.searcher.config
+                latest.searcher.forget()
+            self._latest = gen
+            self._gens = {number: gen}
+        else:
+            searcher.config = latest.searcher.config
+            self._gens[number] = gen
+        return gen
+
+    def _generation(self, snap: CatalogSnapshot) -> Generation:
+        """The quantizer generation ``snap``'s lists are encoded with: loaded once (from
+        ``quantizers/``, checked to belong to this store) and kept while it is the newest.
+
+        Raises StaleSnapshotError when its file is gone because a later retrain removed it
+        (the caller takes a new snapshot), CorruptStoreError when it is missing or damaged
+        while ``snap`` is still the latest state."""
+        number = snap.state.quantizer
+        gen = self._gens.get(number)
+        if gen is not None:
+            return gen
+        with self._gens_lock:
+            gen = self._gens.get(number)
+            if gen is not None:
+                return gen
+            try:
+                header = read_generation(self._layout, number, self._header)
+            except FileNotFoundError as err:
+                catalog = self._live_catalog()
+                if catalog.snapshot().state.commit == snap.state.commit:
+                    raise CorruptStoreError(
+                        f"{self._layout.root}: the catalog names quantizer generation "
+                        f"{number}, but {err.filename} is missing (run verify)") from err
+                raise StaleSnapshotError(
+                    f"{self._layout.root}: quantizer generation {number} was replaced by a "
+                    "retrain during the read") from err
+            return self._load_generation(number, header)
+
+    def _quantizer_of(self, snap: CatalogSnapshot) -> Quantizer:
+        """The quantizer of ``snap``'s generation (the writer encodes with it)."""
+        return self._generation(snap).quantizer
+
+    def _current(self) -> Generation:
+        """The generation of the latest committed state; of a closed store (or one used in
+        a forked child), the newest it loaded."""
+        if self._catalog is None or os.getpid() != self._pid:
+            return self._latest
+        return self._generation(self._catalog.snapshot())
+
+    def _nlist_bound(self, nprobe: object) -> int:
+        """The nlist a call's ``nprobe`` is checked against before its snapshot: the newest
+        generation loaded, or (when ``nprobe`` passes it) the current one, read then."""
+        nlist = self._latest.header.params.nlist
+        if isinstance(nprobe, int) and nprobe > nlist:
+            return self._current().header.params.nlist
+        return nlist
+
+    @property
+    def _quantizer(self) -> Quantizer:
+        return self._latest.quantizer
+
+    @property
+    def _searcher(self) -> Searcher:
+        return self._latest.searcher
 
     # -- life cycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -116,7 +209,8 @@ class Store:
             self._catalog.close()
         self._catalog = None
         self._maps.clear()
-        self._searcher.forget()
+        for gen in list(self._gens.values()):
+            gen.searcher.forget()
 
     def __enter__(self) -> Self:
         return self
@@ -146,8 +240,9 @@ class Store:
 
     @property
     def params(self) -> IndexParams:
-        """The index parameters fixed at creation."""
-        return self._header.params
+        """The index parameters: dim, m, nbits and metric fixed at creation; nlist that of
+        the current quantizer generation (a :meth:`retrain` may change it)."""
+        return self._current().header.params
 
     @property
     def readonly(self) -> bool:
@@ -158,7 +253,7 @@ class Store:
     def centroids(self) -> F32Array:
         """Coarse centroids (nlist, dim) float32 (a read-only view), of the rotated vectors
         in a store with a :attr:`rotation`."""
-        view = self._header.centroids.view()
+        view = self._current().header.centroids.view()
         view.flags.writeable = False
         return view
 
@@ -166,7 +261,7 @@ class Store:
     def codebooks(self) -> F32Array:
         """PQ codebooks (m, ksub, dsub) float32 (a read-only view), of the rotated vectors'
         residuals in a store with a :attr:`rotation`."""
-        view = self._header.codebooks.view()
+        view = self._current().header.codebooks.view()
         view.flags.writeable = False
         return view
 
@@ -176,9 +271,10 @@ class Store:
         read-only view), or None. The quantizers see each vector x (added, or a query) as
         ``rotation @ x``; results, stored vectors and :meth:`get_vectors` are of the vectors
         as given."""
-        if self._header.rotation is None:
+        rotation = self._current().header.rotation
+        if rotation is None:
             return None
-        view = self._header.rotation.view()
+        view = rotation.view()
         view.flags.writeable = False
         return view
 
@@ -240,23 +336,26 @@ class Store:
             Wrong shape or dtype, NaN/inf, an empty batch, a zero query under cosine.
         """
         catalog = self._live_catalog()
-        params = SearchParams.checked(k, nprobe, self.params.nlist, refine,
-                                      vectors=self._header.vectors is not None)
+        base = self._header.params
+        checked = SearchParams.checked(k, nprobe, self._nlist_bound(nprobe), refine,
+                                       vectors=self._header.vectors is not None)
         flt = check_filter(filter)
-        q, _ = as_vectors(queries, self.params.dim, "queries")
-        if self.params.metric is Metric.COSINE:
+        q, _ = as_vectors(queries, base.dim, "queries")
+        if base.metric is Metric.COSINE:
             q = normalize_rows(q, "queries")
         def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> SearchResult:
+            gen = self._generation(snap)
+            searcher, params = gen.searcher, _within(checked, gen)
             refiner = (Refiner(snap.lists, self._snapshot_fetcher(catalog, snap, vectors=True),
                                self._layout.root) if params.refine else None)
             if flt is None:
-                return self._searcher.search(q, params, snap.lists, snap.deleted, fetch,
-                                             refiner, snapshot=snap)
+                return searcher.search(q, params, snap.lists, snap.deleted, fetch, refiner,
+                                       snapshot=snap)
             located = self._locate_admitted(catalog, snap, flt, params, len(q), fetch)
             if located is not None:
-                return self._searcher.search_direct(q, params, located, refiner)
-            seen = FilteredLists(flt, snap.lists, snap.deleted, fetch, self._searcher.config)
-            return self._searcher.search(
+                return searcher.search_direct(q, params, located, refiner)
+            seen = FilteredLists(flt, snap.lists, snap.deleted, fetch, searcher.config)
+            return searcher.search(
                 q, params, seen.lists, seen.skipped, seen.fetch,
                 None if refiner is None else refiner._replace(rows=seen.rows))
 
@@ -300,7 +399,7 @@ class Store:
                     f"deleted), first {missing[:5].tolist()}", ids=missing)
             vectors = gather_vectors(found.ids, found.list_nos, found.rows, snap.lists,
                                      self._snapshot_fetcher(catalog, snap, vectors=True),
-                                     self.params.dim, self._layout.root)
+                                     self._header.params.dim, self._layout.root)
             by_id = np.argsort(found.ids)  # found is in (list, row) order
             return vectors[by_id[np.searchsorted(found.ids, wanted, sorter=by_id)]]
 
@@ -333,10 +432,11 @@ class Store:
             ``nprobe`` outside ``1..nlist``, ``nq < 1``, or ``filter`` not a Filter.
         """
         catalog = self._live_catalog()
-        params = SearchParams.checked(1, nprobe, self.params.nlist)
+        checked = SearchParams.checked(1, nprobe, self._nlist_bound(nprobe))
         nq = check_int("nq", nq, 1, 2**62)
         flt = check_filter(filter)
         def plan(snap: CatalogSnapshot, fetch: RecordFetcher) -> SearchPlan:
+            params = _within(checked, self._generation(snap))
             located = (None if flt is None
                        else self._locate_admitted(catalog, snap, flt, params, nq, fetch))
             return (SearchPlan("scan", None) if located is None
@@ -349,7 +449,8 @@ class Store:
                          fetch: RecordFetcher) -> Located | None:
         """:func:`~.search.filtered.locate_admitted` for a search of ``nq`` queries with
         ``params`` on ``snap``, by this store's cost model."""
-        limit = direct_limit(self._searcher.config, nq, params.nprobe, self.params.nlist,
+        gen = self._generation(snap)
+        limit = direct_limit(gen.searcher.config, nq, params.nprobe, gen.header.params.nlist,
                              snap.state.ntotal)
         return locate_admitted(catalog, snap, flt, limit, fetch, self._layout.root)
 
@@ -397,16 +498,19 @@ class Store:
         >>> ids[lims[0]:lims[1]]  # query 0's results, nearest first  # doctest: +SKIP
         """
         catalog = self._live_catalog()
-        params = RangeParams.checked(radius, nprobe, self.params.nlist, self.params.metric)
+        base = self._header.params
+        checked = RangeParams.checked(radius, nprobe, self._nlist_bound(nprobe), base.metric)
         flt = check_filter(filter)
-        q, _ = as_vectors(queries, self.params.dim, "queries")
-        if self.params.metric is Metric.COSINE:
+        q, _ = as_vectors(queries, base.dim, "queries")
+        if base.metric is Metric.COSINE:
             q = normalize_rows(q, "queries")
         def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> RangeResult:
+            gen = self._generation(snap)
+            searcher, params = gen.searcher, _within(checked, gen)
             if flt is None:
-                return self._searcher.range_search(q, params, snap.lists, snap.deleted, fetch)
-            seen = FilteredLists(flt, snap.lists, snap.deleted, fetch, self._searcher.config)
-            return self._searcher.range_search(q, params, seen.lists, seen.skipped, seen.fetch)
+                return searcher.range_search(q, params, snap.lists, snap.deleted, fetch)
+            seen = FilteredLists(flt, snap.lists, snap.deleted, fetch, searcher.config)
+            return searcher.range_search(q, params, seen.lists, seen.skipped, seen.fetch)
 
         return self._on_snapshot(catalog, run)
 
@@ -448,8 +552,9 @@ class Store:
             ``list_no`` is not an integer (Python or numpy; not a bool) in ``0..nlist-1``.
         """
         catalog = self._live_catalog()
-        list_no = check_int("list_no", list_no, 0, self.params.nlist - 1)
         snap = catalog.snapshot()
+        list_no = check_int("list_no", list_no, 0,
+                            self._generation(snap).header.params.nlist - 1)
         return self._live_records(snap, self._fetch, list_no)
 
     def _live_with_vectors(self, snap: CatalogSnapshot, fetch: RecordFetcher,
@@ -460,18 +565,18 @@ class Store:
         ids, codes = self._live_records(snap, fetch, list_no)
         record = snap.lists.get(list_no)
         if not len(ids) or record is None:
-            return list_no, ids, codes, np.empty((0, self.params.dim), np.float32)
+            return list_no, ids, codes, np.empty((0, self._header.params.dim), np.float32)
         live = np.delete(np.arange(record.count), snap.deleted.get(list_no, []))
         return list_no, ids, codes, gather_vectors(
             ids, np.full(len(ids), list_no, np.int64), live.astype(np.int64), snap.lists,
-            rows_of, self.params.dim, self._layout.root)
+            rows_of, self._header.params.dim, self._layout.root)
 
     def _live_records(self, snap: CatalogSnapshot, fetch: RecordFetcher,
                       list_no: int) -> tuple[I64Array, U8Array]:
         """Copies of the live ids and codes of one list of ``snap``, in row order."""
         record = snap.lists.get(list_no)
         if record is None or record.count == 0:
-            return np.empty(0, np.int64), np.empty((0, self.params.code_size), np.uint8)
+            return np.empty(0, np.int64), np.empty((0, self._header.params.code_size), np.uint8)
         recs = fetch(list_no, record)
         live = np.delete(np.arange(record.count), snap.deleted.get(list_no, []))
         return (np.array(recs["id"][live], dtype=np.int64),
@@ -479,11 +584,11 @@ class Store:
 
     def assign(self, vectors: Any) -> tuple[I64Array, U8Array]:
         """The list number (n,) and PQ code (n, m) that ``add`` would give ``vectors``."""
-        self._live_catalog()
-        x, _ = as_vectors(vectors, self.params.dim)
-        if self.params.metric is Metric.COSINE:
+        quantizer = self._current().quantizer
+        x, _ = as_vectors(vectors, self._header.params.dim)
+        if self._header.params.metric is Metric.COSINE:
             x = normalize_rows(x)
-        return self._quantizer.assign_and_encode(self._quantizer.rotate(x))
+        return quantizer.assign_and_encode(quantizer.rotate(x))
 
     # -- writing ----------------------------------------------------------------------------
     def add(self, vectors: Any, ids: Any = None, *, progress: ProgressFn | None = None) -> I64Array:
@@ -562,14 +667,16 @@ class Store:
 
         def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> Any:
             # Every list from one snapshot: a write committed meanwhile is wholly absent.
+            h = self._generation(snap).header
+            nlist = h.params.nlist
             if not vectors:
-                return build_ivfpq(self.params, self.centroids, self.codebooks,
+                return build_ivfpq(h.params, h.centroids, h.codebooks,
                                    ((n, *self._live_records(snap, fetch, n))
-                                    for n in range(self.params.nlist)), self.rotation)
+                                    for n in range(nlist)), h.rotation)
             rows_of = self._snapshot_fetcher(catalog, snap, vectors=True)
-            return build_refined(self.params, self.centroids, self.codebooks,
+            return build_refined(h.params, h.centroids, h.codebooks,
                                  (self._live_with_vectors(snap, fetch, rows_of, n)
-                                  for n in range(self.params.nlist)), self.rotation)
+                                  for n in range(nlist)), h.rotation)
 
         return self._on_snapshot(catalog, run)
 
@@ -737,12 +844,14 @@ class Store:
     # -- inspecting -------------------------------------------------------------------------
     def lists(self) -> list[ListInfo]:
         """Every inverted list: live and deleted counts, segment file and its committed bytes."""
-        return list_infos(self._live_catalog().snapshot(), self.params)
+        snap = self._live_catalog().snapshot()
+        return list_infos(snap, self._generation(snap).header.params)
 
     def info(self) -> StoreInfo:
         """Parameters, vector count, per-list sizes and bytes on disk by kind."""
         catalog = self._live_catalog()
-        return store_info(self._layout, self._header, catalog.snapshot(),
+        snap = catalog.snapshot()
+        return store_info(self._layout, self._generation(snap).header, snap,
                           catalog.store_meta())
 
     def refresh(self) -> None:
@@ -753,4 +862,12 @@ class Store:
         """
         self._live_catalog().forget()
         self._maps.clear()
-        self._searcher.forget()
+        for gen in list(self._gens.values()):
+            gen.searcher.forget()
+
+
+def _within(params: SearchParams | RangeParams, gen: Generation) -> Any:
+    """``params`` with ``nprobe`` at most ``gen``'s nlist: a retrain to fewer lists may commit
+    between a call's check and its snapshot."""
+    nlist = gen.header.params.nlist
+    return params if params.nprobe <= nlist else dataclasses.replace(params, nprobe=nlist)

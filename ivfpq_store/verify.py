@@ -43,6 +43,7 @@ from .storage import (
     StoreLayout,
     file_size,
     probe_lock,
+    read_generation,
     read_header,
 )
 
@@ -145,6 +146,14 @@ def verify_store(layout: StoreLayout, files: RowFiles, catalog: Catalog, *,
     if header:
         found.run("catalog", str(layout.catalog),
                   lambda: check_store_meta(meta, header[0], str(layout.catalog)))
+    nlist = meta.nlist
+    qgen = snap.state.quantizer
+    if qgen and header:  # a retrained store: the lists are of that generation's quantizer
+        where = layout.quantizer(qgen)
+        current: list[Header] = []
+        if found.run("header", str(where), lambda: current.append(
+                read_generation(layout, qgen, header[0]))):
+            nlist = current[0].params.nlist
     records: dict[int, np.ndarray | None] = {}
     for n in snap.lists:
         try:
@@ -162,7 +171,7 @@ def verify_store(layout: StoreLayout, files: RowFiles, catalog: Catalog, *,
                     raise
                 found.problem("vectors", str(err),
                               str(layout.segment(vector_file_name(snap.lists[n].file))))
-    _check_lists_and_tombstones(snap, meta.nlist, prefixes, set(damaged), found)
+    _check_lists_and_tombstones(snap, nlist, prefixes, set(damaged), found)
     _check_ids(snap, ids, entries, records, found)
     _find_orphans(layout, files, snap, found)
     if lock is None:
@@ -282,7 +291,9 @@ def _check_lists_and_tombstones(snap: CatalogSnapshot, nlist: int,
     live = sum(r.count - r.deleted for r in snap.lists.values())
     dead = sum(r.deleted for r in snap.lists.values())
     for n, r in snap.lists.items():
-        if not 0 <= n < nlist:
+        # A retrain to fewer lists leaves count-0 records past nlist (their generations
+        # stay monotonic, docs/format.md §5.3).
+        if not 0 <= n < nlist and (n < 0 or r.count):
             found.problem("catalog", f"list record {n} — expected list numbers 0..{nlist - 1}")
         if r.deleted > r.count and n not in damaged:
             found.problem("tombstones", f"list {n}: deleted {r.deleted} — expected 0..{r.count}")
@@ -346,6 +357,9 @@ def _find_orphans(layout: StoreLayout, files: RowFiles, snap: CatalogSnapshot,
         found.leftovers.append(Problem("orphan", "segment or vector file named by no list "
                                                  "record (left by an interrupted write)",
                                        str(p)))
+    for p in layout.orphan_quantizers(snap.state.quantizer):
+        found.leftovers.append(Problem("orphan", "quantizer file of another generation than "
+                                                 "the catalog's (left by a retrain)", str(p)))
 
 
 def _repair(layout: StoreLayout, files: RowFiles, snap: CatalogSnapshot,
@@ -355,7 +369,11 @@ def _repair(layout: StoreLayout, files: RowFiles, snap: CatalogSnapshot,
     by_file = {name: (r.count, row_size) for r in snap.lists.values()
                for name, row_size in files.names(r.file)}
     for item in leftovers:
-        path = layout.segments / os.path.basename(item.path) if item.path else None
+        path = None
+        if item.path:
+            folder = (layout.quantizers if Path(item.path).parent.name == "quantizers"
+                      else layout.segments)
+            path = folder / os.path.basename(item.path)
         if item.kind == "tail" and path is not None:
             count, row_size = by_file[path.name]
             if count == 0:

@@ -62,7 +62,7 @@ from .errors import (
 from .format import Header, record_dtype, segment_file_name
 from .format.idmap import IdPlaces
 from .format.keys import tombstone_keys, tombstone_sum
-from .format.records import ListRecord, StateRecord
+from .format.records import ListRecord
 from .format.vectors import vector_row_dtype
 from .quantizer import Quantizer
 from .storage import (
@@ -89,17 +89,19 @@ class Writer:
     documents the public methods that call it.
 
     ``catalog`` returns the store's live catalog (it raises once the store is closed or used
-    from a forked child); ``fetch`` maps a list's committed records, and ``fetch_vectors``
-    its committed vector rows (a store that keeps vectors), for compaction.
+    from a forked child); ``generation`` the quantizer a snapshot's lists are encoded with;
+    ``fetch`` maps a list's committed records, and ``fetch_vectors`` its committed vector
+    rows (a store that keeps vectors), for compaction.
     """
 
-    def __init__(self, *, layout: StoreLayout, header: Header, quantizer: Quantizer,
+    def __init__(self, *, layout: StoreLayout, header: Header,
+                 generation: Callable[[CatalogSnapshot], Quantizer],
                  files: RowFiles, catalog: Callable[[], Catalog], fetch: RecordFetcher,
                  fetch_vectors: RecordFetcher, readonly: bool, lock_timeout: float,
                  auto_compact_ratio: float | None, sync: str = "auto") -> None:
         self._layout = layout
         self._header = header
-        self._quantizer = quantizer
+        self._quantizer_of = generation
         self._files = files
         self._catalog = catalog
         self._fetch = fetch
@@ -141,8 +143,11 @@ class Writer:
 
     def write_vectors(self, vectors: Any, ids: Any, *, replace_live: bool,
                       progress: ProgressFn | None) -> I64Array:
-        """Add (or with ``replace_live``, upsert) a batch: steps 1-5; returns its ids."""
-        self.check_writable()  # fail before the (possibly long) encoding
+        """Add (or with ``replace_live``, upsert) a batch: steps 1-5; returns its ids.
+
+        The batch is encoded with the quantizer of the latest commit; if a retrain commits a
+        new one before the writer lock is taken, it is encoded again under the lock."""
+        catalog = self.check_writable()  # fail before the (possibly long) encoding
         params = self._header.params
         x, _ = as_vectors(vectors, params.dim)
         n = x.shape[0]
@@ -151,16 +156,22 @@ class Writer:
             x = normalize_rows(x)
         if self._files.vectors is not None and self._files.vectors[0] == "float16":
             check_float16(x)
-        list_nos, codes = self._quantizer.assign_and_encode(self._quantizer.rotate(x), progress)
-        return self._commit_batch(list_nos, codes, given, x, replace_live=replace_live)
+        snap = catalog.snapshot()
+        quantizer = self._quantizer_of(snap)
+        list_nos, codes = quantizer.assign_and_encode(quantizer.rotate(x), progress)
+        return self._commit_batch(list_nos, codes, given, x, replace_live=replace_live,
+                                  encoded=(snap.state.quantizer, x))
 
     def write_encoded(self, list_nos: I64Array, codes: U8Array, ids: I64Array,
                       vectors: np.ndarray | None = None) -> I64Array:
         """Add records that are already assigned and encoded (another index's lists): each
         given ``ids`` (new ones) in list ``list_nos`` with PQ code ``codes``, and, in a store
         that keeps vectors, its vector (checked as ``add`` checks them; ``vectors`` is then
-        required). Steps 2-5 of the write order; returns the ids."""
-        self.check_writable()
+        required). Steps 2-5 of the write order; returns the ids. The codes must be of the
+        current quantizer generation: if a retrain commits another before the writer lock is
+        taken, InvalidInputError, and nothing is written."""
+        snap = self.check_writable().snapshot()
+        nlist = self._quantizer_of(snap).nlist
         params = self._header.params
         list_nos = np.asarray(list_nos)
         if list_nos.ndim != 1 or list_nos.dtype.kind not in "iu":
@@ -171,8 +182,8 @@ class Writer:
             raise InvalidInputError("list numbers: empty batch — expected at least one record")
         given = as_ids(ids, n)
         codes = np.asarray(codes)
-        if int(list_nos.min()) < 0 or int(list_nos.max()) >= params.nlist:
-            raise InvalidInputError(f"list numbers: expected {n} integers in 0..{params.nlist - 1}")
+        if int(list_nos.min()) < 0 or int(list_nos.max()) >= nlist:
+            raise InvalidInputError(f"list numbers: expected {n} integers in 0..{nlist - 1}")
         if codes.shape != (n, params.code_size) or codes.dtype != np.uint8 or (
                 int(codes.max()) >= params.ksub):
             raise InvalidInputError(f"codes: expected a ({n}, {params.code_size}) uint8 array "
@@ -190,16 +201,28 @@ class Writer:
             if self._files.vectors[0] == "float16":
                 check_float16(x)
         return self._commit_batch(list_nos.astype(np.int64), codes, given, x,
-                                  replace_live=False)
+                                  replace_live=False, encoded=(snap.state.quantizer, None))
 
     def _commit_batch(self, list_nos: I64Array, codes: U8Array, given: I64Array | None,
-                      x: np.ndarray | None, *, replace_live: bool) -> I64Array:
+                      x: np.ndarray | None, *, replace_live: bool,
+                      encoded: tuple[int, np.ndarray | None]) -> I64Array:
         """Steps 2-5 for a batch assigned and encoded: its lists, codes, ids (None: new
-        automatic ones) and vectors (needed, and written, only in a store that keeps them)."""
+        automatic ones) and vectors (needed, and written, only in a store that keeps them).
+        ``encoded`` is the quantizer generation the codes are of, and the vectors to encode
+        again if a retrain has made another current meanwhile (None: the caller's codes,
+        which cannot be)."""
         n = len(list_nos)
         with self.locked() as catalog:
             snap = catalog.snapshot()
             state = snap.state
+            if state.quantizer != encoded[0]:
+                if encoded[1] is None:
+                    raise InvalidInputError(
+                        f"codes: they are of quantizer generation {encoded[0]}, but a retrain "
+                        f"has made generation {state.quantizer} current; encode them again "
+                        "(Store.assign); nothing was written")
+                quantizer = self._quantizer_of(snap)
+                list_nos, codes = quantizer.assign_and_encode(quantizer.rotate(encoded[1]))
             changes = Changes()
             replaced = 0
             if given is None:
@@ -229,8 +252,8 @@ class Writer:
                         record, deleted=prior.deleted, tsum=prior.tsum))
                 placed = IdPlaces.of(new_ids, list_nos, generations, rows)
                 changes.moved_ids, changes.new_ids = placed.take(live), placed.take(~live)
-                new_state = StateRecord(
-                    commit=state.commit + 1, ntotal=state.ntotal + n - replaced,
+                new_state = replace(
+                    state, commit=state.commit + 1, ntotal=state.ntotal + n - replaced,
                     next_id=max(state.next_id, int(new_ids.max()) + 1),
                     ndeleted=state.ndeleted + replaced)
                 # §7: the segments are durable before the commit; the work above and the
@@ -276,9 +299,8 @@ class Writer:
             changes = Changes(removed_ids=wanted[found])
             removed = self._tombstone(snap, wanted[found], entries, changes)
             state = snap.state
-            catalog.apply(StateRecord(commit=state.commit + 1, ntotal=state.ntotal - removed,
-                                      next_id=state.next_id,
-                                      ndeleted=state.ndeleted + removed), changes)
+            catalog.apply(replace(state, commit=state.commit + 1, ntotal=state.ntotal - removed,
+                                  ndeleted=state.ndeleted + removed), changes)
         logger.debug("deleted %d of %d ids", removed, len(wanted))
         self._auto_compact(changes.lists)
         return removed
@@ -362,8 +384,8 @@ class Writer:
         done = rewrite_lists(self._layout, self._files, snap, list(plan.lists), self._fetch,
                              self._fetch_vectors, sync=self._sync)
         s = snap.state
-        catalog.apply(StateRecord(commit=s.commit + 1, ntotal=s.ntotal, next_id=s.next_id,
-                                  ndeleted=s.ndeleted - plan.removed), done.changes)
+        catalog.apply(replace(s, commit=s.commit + 1, ndeleted=s.ndeleted - plan.removed),
+                      done.changes)
         remove_files(self._layout.segments, done.old_files)
         logger.info("compacted %d lists: %d records removed", len(plan.lists), plan.removed)
 

@@ -36,11 +36,18 @@ Usage::
         --refine 4 --refine-nprobe 10 --out bench-out/sift-refine
     python tools/bench.py --dataset synthetic --n 200000 --nlist 256 --profile --out bench-out/p
     python tools/bench.py --dataset synthetic --n 200000 --nlist 256 --drift --out bench-out/d
+    python tools/bench.py --dataset embeddings --n 200000 --dim 384 --m 24 --nlist 256 \
+        --opq --out bench-out/opq
 
 With ``--drift`` the synthetic data drifts (the first fifth of the base, which both systems
 train on and add first, comes from a quarter of the mixture; the rest and the queries from all
 of it): what a store that is never retrained or rebalanced gives, next to the same run without
 ``--drift`` (trained on the final data).
+
+With ``--opq`` it builds a store with ``opq=True`` and faiss's ``OPQm,IVFn,PQm`` from the
+same sample and base, and reports both systems' recall 10@10 with and without the rotation,
+the gains, batch QPS and training times. ``--dataset embeddings`` is data that needs the
+rotation: an anisotropic mixture (``embeddings()``) like sentence embeddings.
 
 With ``--profile`` it trains and adds once more under cProfile and reports where the time goes,
 by phase (``TRAIN_PHASES``, ``ADD_PHASES``: coarse k-means, PQ training and its assignment and
@@ -109,6 +116,31 @@ def synthetic(n: int, nq: int, dim: int, seed: int,
     if drift:
         early = n // 5
         return np.concatenate([draw(early, ncomp // 4), draw(n - early)]), draw(nq)
+    return draw(n), draw(nq)
+
+
+def embeddings(n: int, nq: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sentence-embedding-like data that PQ without a rotation handles badly: a
+    256-component Gaussian mixture in a 64-d latent space, projected to ``dim`` dimensions
+    whose scale falls off as ``i ** -0.8`` (most of the variance in the first sub-spaces,
+    and the dimensions correlated), plus small noise of the same profile. Deterministic in
+    ``seed``."""
+    rng = np.random.default_rng(seed)
+    latent_dim, ncomp = 64, 256
+    centers = rng.normal(0, 1, size=(ncomp, latent_dim))
+    scales = rng.uniform(0.3, 0.8, size=ncomp)
+    profile = np.arange(1, dim + 1) ** -0.8
+    proj = rng.normal(0, 1, size=(latent_dim, dim)) / np.sqrt(latent_dim) * profile
+
+    def draw(k: int) -> np.ndarray:
+        out = np.empty((k, dim), dtype=np.float32)
+        for s in range(0, k, 100_000):
+            b = min(100_000, k - s)
+            comp = rng.integers(0, ncomp, size=b)
+            z = centers[comp] + scales[comp, None] * rng.normal(size=(b, latent_dim))
+            out[s: s + b] = z @ proj + 0.01 * profile * rng.normal(size=(b, dim))
+        return out
+
     return draw(n), draw(nq)
 
 
@@ -471,6 +503,53 @@ def measure_crossover(args: argparse.Namespace, store: Any, xb: np.ndarray,
 PAGE = 4096
 
 
+def measure_opq(args: argparse.Namespace, work: Path, plain: Any, index: Any, xt: np.ndarray,
+                xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, nlist: int) -> dict[str, Any]:
+    """Recall and batch QPS of four systems built from the same training sample and base:
+    the store and faiss index of the main run (no rotation), a store created with
+    ``opq=True``, and faiss's ``OPQm,IVFn,PQm`` (an IndexPreTransform of an OPQMatrix), with
+    their training times; the gain of each system's OPQ over its plain index."""
+    import faiss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+        store, ours_train = timed(ivfpq_store.create, work / "bench-opq.ivfpq", xt,
+                                  nlist=nlist, m=args.m, nbits=args.nbits, seed=args.seed,
+                                  niter=args.niter, opq=True)
+    dim = xb.shape[1]
+    opq = faiss.OPQMatrix(dim, args.m)
+    ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, nlist, args.m, args.nbits)
+    ivf.cp.niter = args.niter
+    ivf.pq.cp.niter = args.niter
+    rotated = faiss.IndexPreTransform(opq, ivf)
+    _, faiss_train = timed(rotated.train, xt)
+    for s in range(0, len(xb), args.add_batch):
+        e = min(len(xb), s + args.add_batch)
+        store.add(xb[s:e], ids=np.arange(s, e))
+        rotated.add(xb[s:e])
+    rows = []
+    for nprobe in [p for p in args.nprobe if p <= nlist]:
+        row: dict[str, Any] = {"nprobe": nprobe}
+        ivf.nprobe = index.nprobe = nprobe
+        for label, search in (
+                ("ours", lambda q, p=nprobe: plain.search(q, k=10, nprobe=p)),
+                ("ours_opq", lambda q, p=nprobe: store.search(q, k=10, nprobe=p)),
+                ("faiss", lambda q: index.search(q, 10)),
+                ("faiss_opq", lambda q: rotated.search(q, 10))):
+            (_, ids), t = best_of(args.repeat, search, xq)
+            row[label] = {"qps": len(xq) / t, "recall_10_at_10": recall_at(ids, gt, r=10, k=10)}
+        row["gain"] = {
+            "ours": row["ours_opq"]["recall_10_at_10"] - row["ours"]["recall_10_at_10"],
+            "faiss": row["faiss_opq"]["recall_10_at_10"] - row["faiss"]["recall_10_at_10"]}
+        print(f"opq nprobe {nprobe}: recall ours {row['ours']['recall_10_at_10']:.3f} -> "
+              f"{row['ours_opq']['recall_10_at_10']:.3f}, faiss "
+              f"{row['faiss']['recall_10_at_10']:.3f} -> "
+              f"{row['faiss_opq']['recall_10_at_10']:.3f}", file=sys.stderr)
+        rows.append(row)
+    store.close()
+    return {"train_s": {"ours_opq": ours_train, "faiss_opq": faiss_train}, "search": rows}
+
+
 def faiss_from_store(path: Path, xb: np.ndarray, batch: int) -> Any:
     """A faiss ``IndexIVFPQ`` with our store's centroids and codebooks (not trained by faiss),
     holding ``xb`` with ids 0..n-1: the same lists and codes as ours."""
@@ -693,6 +772,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elif args.dataset == "siftsmall":
         data = load_siftsmall()
         xb, xq, gt, name = data.base, data.queries, data.groundtruth, "siftsmall"
+    elif args.dataset == "embeddings":
+        xb, xq = embeddings(args.n, args.nq, args.dim, args.seed)
+        gt, name = None, f"embeddings-{args.n}x{args.dim}"
     else:
         xb, xq = synthetic(args.n, args.nq, args.dim, args.seed, drift=args.drift)
         gt, name = None, f"synthetic-{args.n}" + ("-drift" if args.drift else "")
@@ -845,6 +927,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 - got["rss_anon_before"]}
         res["refine"]["faiss_refine_bytes_in_ram"] = int(xb.nbytes)
 
+    if args.opq:
+        with ivfpq_store.open(path, readonly=True) as plain:
+            res["opq"] = measure_opq(args, work, plain, index, xt, xb, xq, gt, nlist)
     if args.filters or args.crossover:
         with ivfpq_store.open(path, readonly=True) as warm:
             if args.filters:
@@ -916,6 +1001,8 @@ def markdown(res: dict[str, Any]) -> str:
                  f"{r['faiss_index_in_ram'] / 1e6:.1f} (index in RAM) | |")
     if "refine" in res:
         lines += ["", *markdown_refine(res["refine"])]
+    if "opq" in res:
+        lines += ["", *markdown_opq(res["opq"])]
     if "filtered" in res:
         lines += ["", *markdown_filtered(res["filtered"])]
     if "crossover" in res:
@@ -928,6 +1015,25 @@ def markdown(res: dict[str, Any]) -> str:
                   f"ivfpq-store {e['ivfpq_store']} ({e.get('scan_backend', 'numpy')}), "
                   f"{e['cpus']} CPUs ({e['machine']}){'; ' + blas if blas else ''}.")]
     return "\n".join(lines) + "\n"
+
+
+def markdown_opq(opq: dict[str, Any]) -> list[str]:
+    """The ``--opq`` table: recall 10@10 and batch QPS with and without the rotation."""
+    train = opq["train_s"]
+    title = (f"OPQ (training with the rotation: ours {train['ours_opq']:.1f} s, faiss "
+             f"{train['faiss_opq']:.1f} s)")
+    head = ("| nprobe | recall ours | ours opq | gain | faiss | faiss OPQ | gain "
+            "| QPS ours opq / faiss OPQ |")
+    lines = [title, "", head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        f"| {row['nprobe']} | {row['ours']['recall_10_at_10']:.3f} "
+        f"| {row['ours_opq']['recall_10_at_10']:.3f} | {row['gain']['ours']:+.3f} "
+        f"| {row['faiss']['recall_10_at_10']:.3f} "
+        f"| {row['faiss_opq']['recall_10_at_10']:.3f} | {row['gain']['faiss']:+.3f} "
+        f"| {row['ours_opq']['qps']:,.0f} / {row['faiss_opq']['qps']:,.0f} "
+        f"({row['ours_opq']['qps'] / row['faiss_opq']['qps']:.2f}x) |"
+        for row in opq["search"]]
+    return lines
 
 
 def markdown_profile(prof: dict[str, Any]) -> list[str]:
@@ -1098,7 +1204,9 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dataset", choices=["siftsmall", "synthetic"], default="siftsmall")
+    p.add_argument("--dataset", choices=["siftsmall", "synthetic", "embeddings"],
+                   default="siftsmall",
+                   help="embeddings: anisotropic sentence-embedding-like data (--dim 384)")
     p.add_argument("--base", help="base vectors file (.fvecs/.bvecs/.npy); overrides --dataset")
     p.add_argument("--queries", help="query vectors file (with --base)")
     p.add_argument("--groundtruth", help="ground-truth ids (.ivecs/.npy); computed when absent")
@@ -1140,6 +1248,9 @@ def main() -> None:
                    help="synthetic data that drifts: train on, and add first, a fifth of the "
                         "base drawn from a quarter of the mixture, then the rest from all of "
                         "it (queries too)")
+    p.add_argument("--opq", action="store_true",
+                   help="also build a store with opq=True and faiss's OPQm,IVFn,PQm and "
+                        "compare their recall gains over the plain indexes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tmp", default=None, help="where the benchmark store is built")
     p.add_argument("--keep", action="store_true", help="keep the store (its path goes to stderr)")

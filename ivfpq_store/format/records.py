@@ -22,7 +22,8 @@ from ..errors import ChecksumError, CorruptStoreError, FormatError, UnsupportedV
 from .checksum import crc32
 from .header import HEADER_VERSION, Header
 
-__all__ = ["ID_ENTRY", "ID_ENTRY_DTYPE", "IdEntry", "ListRecord", "StateRecord", "StoreMeta",
+__all__ = ["ID_ENTRY", "ID_ENTRY_DTYPE", "SCHEMA_GENERATIONS", "IdEntry", "ListRecord",
+           "StateRecord", "StoreMeta",
            "check_store_meta", "decode_id_entries", "encode_id_entries", "pack", "unpack"]
 
 
@@ -172,11 +173,19 @@ def _check_record_crc(buf: bytes, crc: object, what: str) -> None:
                             expected=crc, actual=actual)
 
 
+#: ``meta/store`` schema version of a catalog with quantizer generations (format 1.4): the id
+#: map is packed, and ``meta/state.qgen`` names the quantizer. Readers of 1.3 and older
+#: refuse it, as they would search the lists with the header's quantizer.
+SCHEMA_GENERATIONS = 3
+
+
 @dataclass(frozen=True, slots=True)
 class StoreMeta(_Record):
-    """``meta/store``: written at creation, and again only by an upgrade of the id map; ties
-    the catalog to its header. Its schema version ``"v"`` (``schema``) says the layout of
-    the id map (:mod:`.idmap`): 1 one entry per id, 2 packed buckets (format 1.3)."""
+    """``meta/store``: written at creation, and again only by an upgrade of the id map or
+    a store's first retrain; ties the catalog to its header. Its schema version ``"v"``
+    (``schema``) says the layout of the catalog: 1 one id-map entry per id, 2 packed buckets
+    (format 1.3), 3 packed buckets and quantizer generations (``meta/state`` may name one
+    other than the header's: :data:`SCHEMA_GENERATIONS`, format 1.4)."""
 
     store_uuid: uuid.UUID
     format: list[int]  # [major, minor] of the store format the store was created with
@@ -189,12 +198,12 @@ class StoreMeta(_Record):
     schema: int = 2  # "v": the id map's layout
 
     SCHEMA_FIELD: ClassVar[str | None] = "schema"
-    VERSIONS: ClassVar[tuple[int, ...]] = (1, 2)
+    VERSIONS: ClassVar[tuple[int, ...]] = (1, 2, 3)
 
     def __post_init__(self) -> None:
         if self.schema not in self.VERSIONS:
             raise UnsupportedVersionError(
-                f"catalog StoreMeta: schema version {self.schema!r} — expected 1 or 2",
+                f"catalog StoreMeta: schema version {self.schema!r} — expected 1, 2 or 3",
                 path="catalog", expected=self.VERSIONS, actual=self.schema)
 
 
@@ -229,6 +238,16 @@ class StateRecord(_Record):
     ntotal: int  # live vectors
     next_id: int  # smallest id that add(ids=None) may hand out
     ndeleted: int  # tombstones (deleted records not yet compacted away), all lists
+    #: The quantizer generation the lists are encoded with (format 1.4): 0, or absent, is the
+    #: header's; q >= 1 is ``quantizers/<q>.ivfh`` (a retrain's).
+    qgen: int | None = None
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"qgen"})
+
+    @property
+    def quantizer(self) -> int:
+        """The quantizer generation (``qgen``, 0 when absent)."""
+        return self.qgen or 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .atomic import LockState, build_directory, fsync_dir, probe_lock, sync_file, writer_lock
 from .catalog import DEFAULT_MAP_SIZE, Catalog, CatalogSnapshot, Changes
-from .header_io import read_header, write_header
+from .header_io import read_generation, read_header, write_header
 from .layout import StoreLayout, as_path, check_new_store_path
 from .lmdb_env import MAX_MAP_SIZE
 from .segments import (
@@ -25,4 +25,5 @@ __all__ = ["DEFAULT_MAP_SIZE", "MAX_MAP_SIZE", "SYNC_POLICIES", "Catalog", "Cata
            "Changes", "LockState", "MapCache", "RecordFetcher", "RowFiles", "SegmentReader",
            "StoreLayout", "SyncJob", "append_records", "as_path", "build_directory",
            "check_new_store_path", "committed_size", "discard_appended", "file_size", "fsync_dir",
-           "probe_lock", "read_header", "sync_file", "use_syncfs", "write_header", "writer_lock"]
+           "probe_lock", "read_generation", "read_header", "sync_file", "use_syncfs",
+           "write_header", "writer_lock"]

@@ -24,7 +24,7 @@ from ..errors import (
     CorruptStoreError,
     WrongProcessError,
 )
-from ..format.idmap import PACKED, IdPlaces
+from ..format.idmap import PACKED, PER_ID, IdPlaces
 from ..format.keys import (
     META_STATE,
     META_STORE,
@@ -418,7 +418,8 @@ class Catalog:
 
     # -- writes -----------------------------------------------------------------------------
     def apply(self, state: StateRecord, changes: Changes, *,
-              before_commit: Callable[[], None] | None = None) -> None:
+              before_commit: Callable[[], None] | None = None,
+              store_meta: StoreMeta | None = None) -> None:
         """Apply one write transaction (§7.3): ``changes`` plus the new ``state``.
 
         The caller holds the writer lock and built ``changes`` from the snapshot whose commit is
@@ -428,7 +429,9 @@ class Catalog:
         there for its segment syncs, so the puts overlap them). When the catalog's map fills
         up, the transaction is aborted, the map grown and the whole transaction run again from
         ``changes`` (:meth:`SharedEnv.write <.lmdb_env.SharedEnv.write>`); ``before_commit``
-        runs once, in the first attempt that reaches it.
+        runs once, in the first attempt that reaches it. ``store_meta``, when given,
+        replaces ``meta/store`` in the same transaction (a retrain's schema version); the
+        id map must keep its layout.
         """
         before_done = before_commit is None
         # The records as written, for the decode caches once the commit has happened.
@@ -465,6 +468,8 @@ class Catalog:
                     while cursor.key().startswith(prefix):
                         if not cursor.delete():
                             break
+            if store_meta is not None:
+                txn.put(META_STORE, store_meta.to_msgpack(), db=meta)
             txn.put(META_STATE, raw_state, db=meta)
             if not before_done:
                 before_commit()  # type: ignore[misc]
@@ -521,7 +526,7 @@ class Catalog:
         def write(txn: Any) -> int | None:
             meta_db = self._dbs[b"meta"]
             meta = StoreMeta.from_msgpack(self._meta_raw(txn, META_STORE))
-            if meta.schema == PACKED:
+            if meta.schema != PER_ID:  # packed already
                 return None
             state = self._state(txn)
             where = str(self.path)

@@ -31,7 +31,12 @@ from ..format.idmap import (
     entries_of,
 )
 from ..format.keys import BUCKET_BITS, bucket_keys, check_key_sizes, decode_id_keys, id_keys
-from ..format.records import ListRecord, decode_id_entries, encode_id_entries
+from ..format.records import (
+    SCHEMA_GENERATIONS,
+    ListRecord,
+    decode_id_entries,
+    encode_id_entries,
+)
 from ..types import I64Array
 
 __all__ = ["GenerationOf", "IdMap", "PackedIdMap", "PerIdMap", "id_map_for"]
@@ -358,6 +363,7 @@ class PackedIdMap(IdMap):
 
 
 _MAPS: dict[int, IdMap] = {PER_ID: PerIdMap(), PACKED: PackedIdMap()}
+_MAPS[SCHEMA_GENERATIONS] = _MAPS[PACKED]  # packed, with quantizer generations (format 1.4)
 
 
 def id_map_for(schema: int) -> IdMap:

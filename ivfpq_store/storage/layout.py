@@ -35,6 +35,27 @@ class StoreLayout:
     def lock(self) -> Path:
         return self.root / "LOCK"
 
+    @property
+    def quantizers(self) -> Path:
+        """The folder of the quantizer generations a retrain writes (format 1.4); it exists
+        once a store has been retrained."""
+        return self.root / "quantizers"
+
+    def quantizer(self, generation: int) -> Path:
+        """The header file of quantizer generation ``generation``: ``header.ivfh`` for 0,
+        ``quantizers/<generation:06d>.ivfh`` after."""
+        if generation == 0:
+            return self.header
+        return self.quantizers / f"{generation:06d}.ivfh"
+
+    def orphan_quantizers(self, current: int) -> list[Path]:
+        """Files under ``quantizers/`` other than generation ``current``'s header: those of
+        earlier generations, and leftovers of a retrain that did not commit."""
+        if not self.quantizers.is_dir():
+            return []
+        keep = self.quantizer(current).name
+        return sorted(p for p in self.quantizers.iterdir() if p.name != keep)
+
     def segment(self, name: str) -> Path:
         """Path of a segment file given its catalog name."""
         return self.segments / name
