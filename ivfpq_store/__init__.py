@@ -44,6 +44,7 @@ from .filters import Filter
 from .opening import open
 from .params import IndexParams
 from .reports import ListInfo, StoreInfo
+from .retraining import RetrainReport
 from .search import RangeResult, SearchPlan, SearchResult
 from .store import Store
 from .types import Metric
@@ -78,6 +79,7 @@ __all__ = [
     "Problem",
     "RangeResult",
     "ReadOnlyStoreError",
+    "RetrainReport",
     "SearchPlan",
     "SearchResult",
     "StaleSnapshotError",

@@ -61,6 +61,12 @@ def copy_store(source: StoreLayout, files: RowFiles, dest: str | os.PathLike[str
         layout.make_skeleton()
         shutil.copyfile(source.header, layout.header)
         sync_file(layout.header)
+        if snap.state.quantizer:  # a retrained store: the current generation's quantizer
+            layout.quantizers.mkdir()
+            quantizer = layout.quantizer(snap.state.quantizer)
+            shutil.copyfile(source.quantizer(snap.state.quantizer), quantizer)
+            sync_file(quantizer)
+            fsync_dir(layout.quantizers)
         copied = 0
         for record in snap.lists.values():
             if record.count:

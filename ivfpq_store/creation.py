@@ -22,7 +22,6 @@ from .format.idmap import PACKED
 from .format.records import StateRecord, StoreMeta
 from .opening import check_open_args, open
 from .params import IndexParams, check_int, check_store_vectors, parse_metric
-from .quantizer import CoarseQuantizer
 from .storage import (
     DEFAULT_MAP_SIZE,
     Catalog,
@@ -33,7 +32,7 @@ from .storage import (
     write_header,
 )
 from .store import Store
-from .training import kmeans, train_opq, train_pq
+from .training.ivfpq import train_ivfpq
 from .types import F32Array, Metric, PathArg, ProgressFn, SyncPolicy
 from .version import package_version
 
@@ -328,40 +327,14 @@ def _store_from_parts(parts: IVFPQParts, path: PathArg, *, store_vectors: str | 
 def _train(x: F32Array, params: IndexParams, *, seed: int, niter: int,
            max_points_per_centroid: int, progress: ProgressFn | None,
            vectors: str | None, opq: bool) -> Header:
-    rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
-    rotation = None
-    extra: dict[str, Any] = {}
-    if opq:
-        found = train_opq(x, params.m, params.nbits, seed=rng, progress=progress)
-        rotation = found.rotation
-        x = x @ rotation.T
-        extra = {"opq_train_points": found.n_train, "opq_iterations": len(found.objective),
-                 "opq_pq_error": [found.objective[0], found.objective[-1]],
-                 "opq_seconds": found.seconds}
-    coarse = kmeans(x, params.nlist, niter=niter, seed=rng,
-                    max_points_per_centroid=max_points_per_centroid, progress=progress,
-                    name="coarse quantizer")
-    assigned = CoarseQuantizer(coarse.centroids, params.metric).assign(x)
-    codebooks, results = train_pq(x - coarse.centroids[assigned], params.m, params.nbits,
-                                  niter=niter, seed=rng,
-                                  max_points_per_centroid=max_points_per_centroid,
-                                  progress=progress)
-    metadata = {
-        "package_version": package_version(),
-        "created": time.time(),
-        "seed": seed,
-        "niter": niter,
-        "max_points_per_centroid": max_points_per_centroid,
-        "n_training_vectors": len(x),
-        "coarse_objective": coarse.objective[-1] if coarse.objective else None,
-        "coarse_splits": coarse.n_splits,
-        "pq_splits": sum(r.n_splits for r in results),
-        "train_seconds": time.perf_counter() - t0,
-        **extra,
-    }
-    return Header(params=params, store_uuid=uuid.uuid4(), centroids=coarse.centroids,
-                  codebooks=codebooks, metadata=metadata, vectors=vectors, rotation=rotation)
+    trained = train_ivfpq(x, params, seed=seed, niter=niter,
+                          max_points_per_centroid=max_points_per_centroid, opq=opq,
+                          progress=progress)
+    metadata = {"package_version": package_version(), "created": time.time(),
+                **trained.metadata}
+    return Header(params=params, store_uuid=uuid.uuid4(), centroids=trained.centroids,
+                  codebooks=trained.codebooks, metadata=metadata, vectors=vectors,
+                  rotation=trained.rotation)
 
 
 def _build(layout: StoreLayout, header: Header, map_size: int,

@@ -145,6 +145,10 @@ def _pretransform_rotation(faiss: Any, pre: Any) -> F32Array:
         raise InvalidParamsError(
             f"index: an IndexPreTransform of a {type(vt).__name__}; a store takes a rotation "
             "(an OPQMatrix, or an orthogonal LinearTransform)")
+    if vt.d_in != vt.d_out:
+        raise InvalidParamsError(f"index: its {type(vt).__name__} maps {vt.d_in} dimensions to "
+                                 f"{vt.d_out}; a store takes a rotation (as many dimensions out "
+                                 "as in)")
     if not vt.is_trained:
         raise InvalidParamsError("index: its transform is not trained")
     bias = faiss.vector_to_array(vt.b) if vt.have_bias else np.zeros(0, np.float32)

@@ -40,6 +40,7 @@ from .format.records import ListRecord
 from .params import IndexParams, RangeParams, SearchParams, check_bool, check_int, check_ratio
 from .quantizer import Quantizer
 from .reports import ListInfo, StoreInfo, list_infos, store_info
+from .retraining import RetrainReport
 from .search import RangeResult, RecordFetcher, Refiner, Searcher, SearchResult
 from .search.filtered import (
     FilteredLists,
@@ -113,7 +114,6 @@ class Store:
                                None if header.vectors is None
                                else (header.vectors, header.params.dim))
         self._maps = MapCache(layout.segments, self._files, max_open=max_open_segments)
-        self._max_open_segments = max_open_segments
         #: The quantizer generations loaded, by number: the newest seen, and while a search
         #: of an older snapshot needs it, that one (:meth:`_generation`).
         self._gens: dict[int, Generation] = {}
@@ -133,7 +133,7 @@ class Store:
         """A :class:`Generation` of ``header``; the newest loaded becomes :attr:`_latest`."""
         searcher = Searcher(Quantizer(header.centroids, header.codebooks, header.params.metric,
                                       header.rotation),
-                            max_lists=self._max_open_segments)
+                            max_lists=self._maps.max_open)
         gen = Generation(number, header, searcher.quantizer, searcher)
         latest = getattr(self, "_latest", None)
         if latest is None or number > latest.number:
@@ -757,6 +757,80 @@ class Store:
         return self._writer.compact(ratio, dry_run=check_bool("dry_run", dry_run))
 
     # -- checking and copying -------------------------------------------------------------
+    def retrain(self, sample: Any = None, *, nlist: int | None = None, m: int | None = None,
+                nbits: int | None = None, opq: bool | None = None, seed: int = 0,
+                niter: int = 25, max_points_per_centroid: int = 256,
+                progress: ProgressFn | None = None) -> RetrainReport:
+        """Train new quantizers and encode every live vector again with them, in place: the
+        answer to data that drifted away from what the store was trained on.
+
+        Trains on ``sample``, or else on the store's vectors: the stored ones when the store
+        keeps them, otherwise the reconstructions of their PQ codes (a quantizer trained on
+        its own approximations: it rebalances the lists and adapts to drift in the cells, but
+        cannot recover what the old codes lost; docs/benchmarks.md, "Retrain"). Each live
+        vector (stored, or reconstructed) is assigned and encoded again into a new segment
+        generation of its new list; one transaction then switches the header's quantizer,
+        every list and every id to the new generation, and the old files are removed.
+
+        Parameters
+        ----------
+        sample : array_like, shape (n, dim), optional
+            Training vectors (normalised under cosine). Default: the store's own.
+        nlist : int, optional
+            Lists of the new generation; default the current number.
+        m, nbits : int, optional
+            The code size stays: passing another value than the store's raises
+            InvalidParamsError (create a new store to change it).
+        opq : bool, optional
+            Learn a new rotation (True), drop it (False), or keep having one if the store
+            has one (None).
+        seed, niter, max_points_per_centroid
+            As in :func:`ivfpq_store.create`.
+
+        Returns
+        -------
+        RetrainReport
+            The new generation, the vectors encoded, what was trained on, nlist before and
+            after, a recall proxy of the old and new codes (stores with stored vectors), the
+            time of each phase and the bytes written.
+
+        Concurrency and crashes: the writer lock is held throughout, so adds, deletes and
+        compactions of other handles and processes wait for it (up to their
+        ``lock_timeout``); searches go on with the old generation until the switch and see
+        the new one after it, never a mix. A crash leaves the old generation or the new one;
+        the next writer (or ``verify(repair=True)``) removes the other's files.
+
+        Raises
+        ------
+        InvalidParamsError
+            Bad ``nlist``, ``m``, ``nbits``, ``opq``, ``seed``, ``niter``.
+        TrainingError
+            Too few training vectors for ``nlist`` or ``2**nbits``.
+        CorruptStoreError
+            A stored vector does not match its checksum (nothing is changed).
+        ReadOnlyStoreError, StoreLockedError
+        """
+        p = self._header.params
+        for name, value, have in (("m", m, p.m), ("nbits", nbits, p.nbits)):
+            if value is not None and value != have:
+                raise InvalidParamsError(
+                    f"{name}: a retrain keeps the code size (m={p.m}, nbits={p.nbits}); got "
+                    f"{name}={value!r}. Create a new store with the new code size and add the "
+                    "vectors to it instead")
+        if nlist is not None:
+            nlist = check_int("nlist", nlist, 1, 1 << 24)
+        if opq is not None and not isinstance(opq, bool):
+            raise InvalidParamsError(f"opq: expected True, False or None, got {opq!r}")
+        seed = check_int("seed", seed, 0, (1 << 63) - 1)
+        niter = check_int("niter", niter, 1, 1_000_000)
+        max_points_per_centroid = check_int("max_points_per_centroid", max_points_per_centroid,
+                                            1, 1 << 30)
+        report = self._writer.retrain(sample, nlist=nlist, opq=opq, seed=seed, niter=niter,
+                                      max_points_per_centroid=max_points_per_centroid,
+                                      progress=progress)
+        self._current()  # load the new generation now, not in the next search
+        return report
+
     def verify(self, *, repair: bool = False) -> VerifyReport:
         """Check every invariant of the store; report damage, never raise on it.
 

@@ -60,11 +60,20 @@ from .errors import (
     StoreLockedError,
 )
 from .format import Header, record_dtype, segment_file_name
-from .format.idmap import IdPlaces
+from .format.idmap import PER_ID, IdPlaces
 from .format.keys import tombstone_keys, tombstone_sum
-from .format.records import ListRecord
+from .format.records import SCHEMA_GENERATIONS, ListRecord
 from .format.vectors import vector_row_dtype
 from .quantizer import Quantizer
+from .retraining import (
+    RetrainReport,
+    check_sample,
+    encode_generation,
+    live_vectors,
+    recall_proxy,
+    train_generation,
+    write_generation_header,
+)
 from .storage import (
     Catalog,
     CatalogSnapshot,
@@ -388,6 +397,69 @@ class Writer:
                       done.changes)
         remove_files(self._layout.segments, done.old_files)
         logger.info("compacted %d lists: %d records removed", len(plan.lists), plan.removed)
+
+    def retrain(self, sample: Any, *, nlist: int | None, opq: bool | None, seed: int,
+                niter: int, max_points_per_centroid: int,
+                progress: ProgressFn | None) -> RetrainReport:
+        """Train a new quantizer generation and encode every live record with it, under the
+        writer lock (adds, deletes and compactions wait); one commit switches to it
+        (:mod:`ivfpq_store.retraining` says what is written when)."""
+        t0 = time.perf_counter()
+        params = self._header.params
+        given = None if sample is None else check_sample(sample, params.dim, params.metric)
+        with self.locked() as catalog:
+            if catalog.id_map_schema() == PER_ID:  # generations need the packed id map
+                catalog.upgrade_id_map()
+            snap = catalog.snapshot()
+            remove_orphans(self._layout, self._files, snap)
+            old = self._quantizer_of(snap)
+            ids, x, old_codes, old_lists, vrows = live_vectors(
+                snap, self._files, self._fetch, self._fetch_vectors, old, params.metric,
+                self._layout.root)
+            source = ("sample" if given is not None else
+                      "stored vectors" if vrows is not None else "decoded codes")
+            t1 = time.perf_counter()
+            header = train_generation(
+                x if given is None else given, self._header,
+                nlist=old.nlist if nlist is None else nlist,
+                opq=old.rotation is not None if opq is None else opq, seed=seed, niter=niter,
+                max_points_per_centroid=max_points_per_centroid, progress=progress)
+            new = Quantizer(header.centroids, header.codebooks, params.metric, header.rotation)
+            t2 = time.perf_counter()
+            list_nos, codes = new.assign_and_encode(new.rotate(x))
+            t3 = time.perf_counter()
+            recall: list[float | None] = [None, None]
+            if vrows is not None:
+                recall = list(recall_proxy(x, [(old, old_lists, old_codes),
+                                               (new, list_nos, codes)], seed))
+            number = snap.state.quantizer + 1
+            done = encode_generation(self._layout, self._files, snap, ids, list_nos, codes,
+                                     vrows, sync=self._sync)
+            try:
+                path = write_generation_header(self._layout, number, header)
+                done.bytes_written += path.stat().st_size
+                meta = catalog.store_meta()
+                catalog.apply(
+                    replace(snap.state, commit=snap.state.commit + 1, ndeleted=0, qgen=number),
+                    done.changes, store_meta=None if meta.schema == SCHEMA_GENERATIONS
+                    else replace(meta, schema=SCHEMA_GENERATIONS))
+            except BaseException:
+                if catalog.snapshot().state.commit == snap.state.commit:  # not committed
+                    remove_files(self._layout.segments, [p.name for p in done.written])
+                    remove_files(self._layout.quantizers, [self._layout.quantizer(number).name])
+                raise
+            remove_files(self._layout.segments, done.old_files)
+            if snap.state.quantizer:
+                remove_files(self._layout.quantizers,
+                             [self._layout.quantizer(snap.state.quantizer).name])
+        logger.info("retrained: generation %d, %d vectors, nlist %d -> %d", number, len(ids),
+                    old.nlist, header.params.nlist)
+        return RetrainReport(
+            generation=number, vectors=len(ids), source=source, nlist_before=old.nlist,
+            nlist_after=header.params.nlist, opq=header.rotation is not None,
+            recall_before=recall[0], recall_after=recall[1], train_seconds=t2 - t1,
+            encode_seconds=t3 - t2, write_seconds=time.perf_counter() - t3,
+            seconds=time.perf_counter() - t0, bytes_written=done.bytes_written)
 
     def _auto_compact(self, touched: Mapping[int, ListRecord | None]) -> None:
         """Compact the lists a delete or upsert touched once they pass auto_compact_ratio.

@@ -38,9 +38,23 @@ def op(i: int) -> tuple[str, Any, Any]:
     return kind, ids, vectors(rng, len(ids))
 
 
+def retrain_op(i: int) -> tuple[str, Any, Any]:
+    """:func:`op` ``i``, or, one time in six after the first three, ("retrain", nlist, opq):
+    a retrain to 6, 8 or 12 lists, with an OPQ rotation one time in four."""
+    rng = np.random.default_rng([i, 777])
+    if i >= 3 and rng.random() < 1 / 6:
+        return "retrain", int(rng.choice([6, 8, 12])), bool(rng.random() < 0.25)
+    return op(i)
+
+
+WORKLOADS = {"op": op, "retrain_op": retrain_op}
+
+
 def apply_to_store(store: Any, operation: tuple[str, Any, Any]) -> None:
     kind, a, b = operation
-    if kind == "add":
+    if kind == "retrain":
+        store.retrain(nlist=a, opq=b)
+    elif kind == "add":
         store.add(b, ids=a)
     elif kind == "delete":
         store.delete(a)
@@ -51,6 +65,7 @@ def apply_to_store(store: Any, operation: tuple[str, Any, Any]) -> None:
 
 
 def apply_to_model(model: dict[int, np.ndarray], operation: tuple[str, Any, Any]) -> None:
+    """The vectors after ``operation`` (a retrain or a compaction changes none)."""
     kind, a, b = operation
     if kind in ("add", "upsert"):
         model.update(zip(a.tolist(), b, strict=True))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import NLIST, make_store
-from crash_workload import apply_to_model, op, vectors
+from crash_workload import WORKLOADS, apply_to_model, vectors
 from helpers import run_child, segment_files
 
 import ivfpq_store
@@ -26,7 +26,8 @@ TESTS = Path(__file__).resolve().parent
 CHILD = """
 import sys
 import ivfpq_store
-from crash_workload import apply_to_store, op
+from crash_workload import WORKLOADS, apply_to_store
+op = WORKLOADS[sys.argv[3]]
 with ivfpq_store.open(sys.argv[1], lock_timeout=60) as store:
     print("ready", flush=True)
     i = int(sys.argv[2])
@@ -86,22 +87,29 @@ def check_stored_vectors(store: ivfpq_store.Store, model: dict[int, np.ndarray],
                                rtol=1e-4, atol=1e-3)
 
 
-def run_crash_rounds(path: Path, rounds: int, seed: int) -> dict[str, int]:
+def run_crash_rounds(path: Path, rounds: int, seed: int, *, workload: str = "op",
+                     pause: float = 0.25) -> dict[str, int]:
+    """Start a child that applies ``WORKLOADS[workload]`` ops from the next one on, kill it
+    after up to ``pause`` seconds, check the store against the model of the acknowledged
+    ops (the op in flight applied wholly or not at all), ``rounds`` times."""
+    op = WORKLOADS[workload]
     rng = np.random.default_rng(seed)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]))
     model: dict[int, np.ndarray] = {}
     next_op = 0
     stats = {"kills": 0, "in_flight_applied": 0, "in_flight_lost": 0, "acknowledged": 0,
-             "kills_leaving_leftovers": 0, "vector_checks": 0}
+             "kills_leaving_leftovers": 0, "vector_checks": 0, "kills_in_a_retrain": 0,
+             "generation": 0}
     queries = vectors(np.random.default_rng([seed, 7]), 3)
     for _ in range(rounds):
-        with subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(next_op)], env=env,
+        with subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(next_op), workload],
+                              env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
             assert child.stdout is not None
             assert child.stderr is not None
             ready = child.stdout.readline().strip()
             assert ready == "ready", child.stderr.read()
-            time.sleep(float(rng.uniform(0.0, 0.25)))
+            time.sleep(float(rng.uniform(0.0, pause)))
             child.send_signal(signal.SIGKILL)
             child.wait()
             acked = [int(x) for x in child.stdout.read().split()]
@@ -113,7 +121,14 @@ def run_crash_rounds(path: Path, rounds: int, seed: int) -> dict[str, int]:
         for i in acked:
             apply_to_model(model, op(i))
         in_flight = next_op + len(acked)
+        # A retrain changes no vector: whether it committed shows in the quantizer generation
+        # only, and the state equals the model either way (checked below, with the quantizer
+        # of whichever generation is current).
+        stats["kills_in_a_retrain"] += op(in_flight)[0] == "retrain"
         with ivfpq_store.open(path) as store:
+            generation = store.info().quantizer_generation
+            assert generation >= stats["generation"]
+            stats["generation"] = generation
             report = store.verify()
             assert report.ok, report.problems
             assert {p.kind for p in report.leftovers} <= {"tail", "orphan", "lock"}

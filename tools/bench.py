@@ -38,6 +38,8 @@ Usage::
     python tools/bench.py --dataset synthetic --n 200000 --nlist 256 --drift --out bench-out/d
     python tools/bench.py --dataset embeddings --n 200000 --dim 384 --m 24 --nlist 256 \
         --opq --out bench-out/opq
+    python tools/bench.py --dataset synthetic --n 200000 --nlist 256 --drift --retrain \
+        --store-vectors float32 --out bench-out/retrain
 
 With ``--drift`` the synthetic data drifts (the first fifth of the base, which both systems
 train on and add first, comes from a quarter of the mixture; the rest and the queries from all
@@ -48,6 +50,10 @@ With ``--opq`` it builds a store with ``opq=True`` and faiss's ``OPQm,IVFn,PQm``
 same sample and base, and reports both systems' recall 10@10 with and without the rotation,
 the gains, batch QPS and training times. ``--dataset embeddings`` is data that needs the
 rotation: an anisotropic mixture (``embeddings()``) like sentence embeddings.
+
+With ``--retrain`` (best with ``--drift``) it retrains the store at the end while a reader
+process searches it one query at a time, and reports the retrain's time against the store's
+create + add, the reader's latency before and during it, and recall and QPS after it.
 
 With ``--profile`` it trains and adds once more under cProfile and reports where the time goes,
 by phase (``TRAIN_PHASES``, ``ADD_PHASES``: coarse k-means, PQ training and its assignment and
@@ -279,6 +285,69 @@ def rss_growth(path: Path, queries: Path, searches: list[tuple[int, int]]) -> di
                           json.dumps(searches)], capture_output=True, text=True, check=True)
     rss: dict[str, int] = json.loads(out.stdout)
     return rss
+
+
+# -- retrain -------------------------------------------------------------------------------------
+#: A process that searches a store one query at a time (nprobe argv[3]) until the file argv[4]
+#: exists, then prints each search's latency in ms and the quantizer generation it ran on.
+READER_CHILD = """
+import sys, json, time, numpy as np, ivfpq_store
+xq = np.load(sys.argv[2])
+stop = sys.argv[4]
+import os
+lat = []
+with ivfpq_store.open(sys.argv[1], readonly=True) as store:
+    print("ready", flush=True)
+    i = 0
+    while not os.path.exists(stop):
+        t0 = time.perf_counter()
+        store.search(xq[i % len(xq)], k=10, nprobe=int(sys.argv[3]))
+        lat.append((time.perf_counter() - t0) * 1e3)
+        i += 1
+print(json.dumps(lat))
+"""
+
+
+def measure_retrain(args: argparse.Namespace, path: Path, work: Path, xq: np.ndarray,
+                    gt: np.ndarray, create_add_s: float, nlist: int) -> dict[str, Any]:
+    """Retrain the store at ``path`` while a reader process searches it one query at a time:
+    the retrain's report, its time over ``create_add_s`` (the store's create and add), the
+    reader's latency percentiles before and during it, and recall 10@10 and batch QPS after
+    it per nprobe."""
+    np16 = min(16, nlist)
+    np.save(work / "retrain-q.npy", xq)
+    stop = work / "retrain-stop"
+    lat_before = []
+    with ivfpq_store.open(path, readonly=True) as ro:
+        for q in xq[: args.single]:
+            t0 = time.perf_counter()
+            ro.search(q, k=10, nprobe=np16)
+            lat_before.append((time.perf_counter() - t0) * 1e3)
+    with subprocess.Popen([sys.executable, "-c", READER_CHILD, str(path),
+                           str(work / "retrain-q.npy"), str(np16), str(stop)],
+                          stdout=subprocess.PIPE, text=True) as reader:
+        assert reader.stdout is not None
+        assert reader.stdout.readline().strip() == "ready"
+        with ivfpq_store.open(path, lock_timeout=3600) as store, warnings.catch_warnings():
+            warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+            report, seconds = timed(store.retrain, seed=args.seed, niter=args.niter)
+        stop.touch()
+        lat_during = json.loads(reader.stdout.read())
+    rows = []
+    with ivfpq_store.open(path, readonly=True) as after:
+        for nprobe in [p for p in args.nprobe if p <= nlist]:
+            (_, ids), t = best_of(args.repeat, after.search, xq, k=10, nprobe=nprobe)
+            rows.append({"nprobe": nprobe, "qps": len(xq) / t,
+                         "recall_10_at_10": recall_at(ids, gt, r=10, k=10)})
+            print(f"after retrain, nprobe {nprobe}: recall {rows[-1]['recall_10_at_10']:.3f}",
+                  file=sys.stderr)
+        largest = max(after.info().list_sizes)
+    return {"report": report.to_dict(), "seconds": seconds, "create_add_s": create_add_s,
+            "over_create_add": seconds / create_add_s, "largest_list_after": largest,
+            "reader_single_ms": {"before": percentiles(lat_before),
+                                 "during": percentiles(lat_during),
+                                 "searches_during": len(lat_during)},
+            "search": rows}
 
 
 # -- filtered search -----------------------------------------------------------------------------
@@ -927,6 +996,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 - got["rss_anon_before"]}
         res["refine"]["faiss_refine_bytes_in_ram"] = int(xb.nbytes)
 
+    if args.retrain:
+        create_add = ours_train + sum(a["vectors"] / a["ours"] for a in adds.values())
+        res["retrain"] = measure_retrain(args, path, work, xq, gt, create_add, nlist)
     if args.opq:
         with ivfpq_store.open(path, readonly=True) as plain:
             res["opq"] = measure_opq(args, work, plain, index, xt, xb, xq, gt, nlist)
@@ -1001,6 +1073,8 @@ def markdown(res: dict[str, Any]) -> str:
                  f"{r['faiss_index_in_ram'] / 1e6:.1f} (index in RAM) | |")
     if "refine" in res:
         lines += ["", *markdown_refine(res["refine"])]
+    if "retrain" in res:
+        lines += ["", *markdown_retrain(res["retrain"])]
     if "opq" in res:
         lines += ["", *markdown_opq(res["opq"])]
     if "filtered" in res:
@@ -1015,6 +1089,23 @@ def markdown(res: dict[str, Any]) -> str:
                   f"ivfpq-store {e['ivfpq_store']} ({e.get('scan_backend', 'numpy')}), "
                   f"{e['cpus']} CPUs ({e['machine']}){'; ' + blas if blas else ''}.")]
     return "\n".join(lines) + "\n"
+
+
+def markdown_retrain(ret: dict[str, Any]) -> list[str]:
+    """The ``--retrain`` table."""
+    rep, lat = ret["report"], ret["reader_single_ms"]
+    lines = [(f"Retrain (on {rep['source']}): {ret['seconds']:.1f} s = "
+             f"{ret['over_create_add']:.2f}x the store's create + add "
+             f"({ret['create_add_s']:.1f} s); train {rep['train_seconds']:.1f} s, encode "
+             f"{rep['encode_seconds']:.1f} s, write {rep['write_seconds']:.1f} s; largest list "
+             f"after it {ret['largest_list_after']:,}"), "",
+             (f"A reader process's single queries: p50 {lat['before']['p50_ms']:.3f} ms, p99 "
+             f"{lat['before']['p99_ms']:.3f} ms before; p50 {lat['during']['p50_ms']:.3f} ms, p99 "
+             f"{lat['during']['p99_ms']:.3f} ms during ({lat['searches_during']:,} searches)"),
+             "", "| nprobe | recall 10@10 after | batch QPS after |", "| --- | --- | --- |"]
+    lines += [f"| {r['nprobe']} | {r['recall_10_at_10']:.3f} | {r['qps']:,.0f} |"
+              for r in ret["search"]]
+    return lines
 
 
 def markdown_opq(opq: dict[str, Any]) -> list[str]:
@@ -1248,6 +1339,9 @@ def main() -> None:
                    help="synthetic data that drifts: train on, and add first, a fifth of the "
                         "base drawn from a quarter of the mixture, then the rest from all of "
                         "it (queries too)")
+    p.add_argument("--retrain", action="store_true",
+                   help="at the end, retrain the store (a reader process searching it) and "
+                        "report its time, the reader's latency and recall after it")
     p.add_argument("--opq", action="store_true",
                    help="also build a store with opq=True and faiss's OPQm,IVFn,PQm and "
                         "compare their recall gains over the plain indexes")

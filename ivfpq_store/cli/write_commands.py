@@ -30,8 +30,8 @@ from .base import (
     store_options,
 )
 
-__all__ = ["add", "compact", "copy", "create", "delete", "export_faiss", "import_faiss", "upgrade",
-           "upsert"]
+__all__ = ["add", "compact", "copy", "create", "delete", "export_faiss", "import_faiss",
+           "retrain", "upgrade", "upsert"]
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
@@ -225,6 +225,46 @@ def compact(store: Path, min_deleted_ratio: float, dry_run: bool, as_json: bool)
         f"{r.records_kept:,} kept; segment bytes {r.segment_bytes_before:,} -> "
         f"{r.segment_bytes_after:,}" + (f"; {r.orphans_removed} orphan files removed"
                                          if r.orphans_removed else "")])
+
+
+@cli.command()
+@store_argument
+@click.option("--sample", "sample", type=existing_file, default=None,
+              help="Train on these vectors (.npy, .fvecs, .bvecs). Default: the store's stored "
+                   "vectors, or without them the reconstructions of its codes.")
+@click.option("--nlist", type=click.IntRange(1), default=None, metavar="N",
+              help="Lists of the new quantizer. Default: as many as now.")
+@click.option("--opq/--no-opq", default=None,
+              help="Learn a new OPQ rotation, or drop it. Default: keep one if the store has "
+                   "one.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), metavar="S",
+              help="Seed of every random choice in training.")
+@json_option
+def retrain(store: Path, sample: Path | None, nlist: int | None, opq: bool | None, seed: int,
+            as_json: bool) -> None:
+    """Train new quantizers for STORE and encode every vector again with them.
+
+    For data that drifted away from what STORE was trained on. Searches go on with the old
+    quantizer until one commit switches to the new one; writers wait. A store that keeps its
+    vectors is retrained on them; one without is retrained on its codes' reconstructions,
+    which loses recall (docs/benchmarks.md, "Retrain").
+
+    \b
+    Examples:
+        ivfpq-store retrain sift.ivfpq
+        ivfpq-store retrain emb.ivfpq --nlist 1024 --opq --json
+    """
+    x = None if sample is None else open_vectors(sample).read()
+    with ivfpq_store.open(store, **store_options()) as s:
+        r = s.retrain(x, nlist=nlist, opq=opq, seed=seed)
+    recall = ("" if r.recall_before is None else
+              f"; recall proxy {r.recall_before:.3f} -> {r.recall_after:.3f}")
+    rotation = ", with an OPQ rotation" if r.opq else ""
+    emit(r.to_dict(), as_json=as_json, lines=[
+        (f"retrained on {r.source}: quantizer generation {r.generation}, {r.vectors:,} vectors "
+         f"encoded again, nlist {r.nlist_before} -> {r.nlist_after}{rotation}{recall}; "
+         f"{r.seconds:.1f} s (train {r.train_seconds:.1f}, encode {r.encode_seconds:.1f}, "
+         f"write {r.write_seconds:.1f}), {r.bytes_written:,} bytes written")])
 
 
 @cli.command()
