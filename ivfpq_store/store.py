@@ -165,8 +165,8 @@ class Store:
             try:
                 header = read_generation(self._layout, number, self._header)
             except FileNotFoundError as err:
-                catalog = self._live_catalog()
-                if catalog.snapshot().state.commit == snap.state.commit:
+                latest = self._live_catalog().snapshot().state.commit
+                if latest == snap.state.commit:  # not replaced: the file is lost
                     raise CorruptStoreError(
                         f"{self._layout.root}: the catalog names quantizer generation "
                         f"{number}, but {err.filename} is missing (run verify)") from err
@@ -799,6 +799,12 @@ class Store:
         ``lock_timeout``); searches go on with the old generation until the switch and see
         the new one after it, never a mix. A crash leaves the old generation or the new one;
         the next writer (or ``verify(repair=True)``) removes the other's files.
+
+        Warns
+        -----
+        IvfpqWarning
+            The store keeps no vectors: they are encoded again from their codes'
+            reconstructions, which can lower recall.
 
         Raises
         ------

@@ -418,6 +418,12 @@ class Writer:
                 self._layout.root)
             source = ("sample" if given is not None else
                       "stored vectors" if vrows is not None else "decoded codes")
+            if vrows is None:
+                warnings.warn(IvfpqWarning(
+                    f"{self._layout.root}: the store keeps no vectors, so each is encoded "
+                    "again from its code's reconstruction, an approximation of an "
+                    "approximation: recall can fall (docs/benchmarks.md, 'Retrain'); "
+                    "create stores that will be retrained with store_vectors"), stacklevel=3)
             t1 = time.perf_counter()
             header = train_generation(
                 x if given is None else given, self._header,

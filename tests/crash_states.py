@@ -105,7 +105,8 @@ def run_operation(spec_file: str) -> None:
     """In the traced child: run one operation described by the JSON file ``spec_file``, then
     write :data:`ACK` to stderr.
 
-    Keys: ``kind`` (create, add, upsert, delete, compact, copy, upgrade), ``store`` (path),
+    Keys: ``kind`` (create, add, upsert, delete, compact, copy, upgrade, retrain: to 6
+    lists, trained on ``train``), ``store`` (path),
     ``inputs``
     (an .npz with ``train``, ``vectors``, ``ids``), ``params`` (create's keywords),
     ``ratio`` (compact's), ``dest`` (copy's), ``auto_compact_ratio`` (open's), and
@@ -153,6 +154,10 @@ def run_operation(spec_file: str) -> None:
             store.copy(spec["dest"])
         elif kind == "upgrade":
             store.upgrade()
+        elif kind == "retrain":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+                store.retrain(inputs["train"], nlist=6)
         else:
             raise ValueError(f"unknown operation {kind!r}")
         os.write(2, ACK)

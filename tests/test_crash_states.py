@@ -93,6 +93,8 @@ CASES = {
                                    "backups/dest:after store:unchanged")),
     # a store of format 1.2 (per-id entries) upgraded to the packed id map
     "upgrade": Case("upgrade", "legacy"),
+    # a new quantizer generation: every list rewritten, a quantizers/ file, one commit
+    "retrain": Case("retrain", "tombstoned", "train"),
     # one syncfs(2) instead of an fdatasync per file (what sync="auto" does for big writes)
     "add+syncfs": Case("add", "crashed", "add", sync="filesystem"),
     "compact+syncfs": Case("compact", "tombstoned", sides=("store:unchanged",),

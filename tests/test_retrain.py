@@ -156,7 +156,8 @@ def test_a_second_retrain_replaces_the_first_generation(tmp_path):
 def test_a_store_without_vectors_is_retrained_on_its_codes(tmp_path):
     store, _ = drifted_store(tmp_path / "s", store_vectors=None)
     before = live_ids(store)
-    report = retrain(store, nlist=12)
+    with pytest.warns(ivfpq_store.IvfpqWarning, match="approximation of an approximation"):
+        report = store.retrain(nlist=12)
     assert report.source == "decoded codes"
     assert report.recall_before is None
     np.testing.assert_array_equal(live_ids(store), before)
@@ -313,3 +314,83 @@ def test_readers_during_retrains_see_one_generation_or_the_next(tmp_path):
         seen.update(out.split())
     assert seen <= expected, f"{len(seen - expected)} results of no generation"
     assert len(seen) >= 3  # the readers saw several generations
+
+
+# -- a retrain between a write's encoding and its commit -----------------------------------------
+class RetrainAfterEncoding:
+    """A quantizer stand-in for the writer of one handle: it encodes with the real one, then
+    lets ``other`` (another handle of the store) retrain before the writer takes the lock."""
+
+    def __init__(self, real, other: ivfpq_store.Store) -> None:
+        self.real, self.other, self.done = real, other, False
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+    def assign_and_encode(self, x, progress=None):
+        out = self.real.assign_and_encode(x, progress)
+        if not self.done:
+            self.done = True
+            retrain(self.other, nlist=10)
+        return out
+
+
+def test_an_add_encoded_before_a_retrain_is_encoded_again_under_the_lock(tmp_path, monkeypatch):
+    store, _ = drifted_store(tmp_path / "s")
+    other = ivfpq_store.open(tmp_path / "s")
+    writer = store._writer
+    real_of = writer._quantizer_of
+    stand_in: list[RetrainAfterEncoding] = []
+
+    def quantizer_of(snap):
+        if not stand_in:
+            stand_in.append(RetrainAfterEncoding(real_of(snap), other))
+            return stand_in[0]
+        return real_of(snap)
+
+    monkeypatch.setattr(writer, "_quantizer_of", quantizer_of)
+    fresh = vectors(np.random.default_rng(3), 30)
+    store.add(fresh, ids=np.arange(20_000, 20_030))
+    assert stand_in[0].done  # the retrain ran between the encoding and the commit
+    assert store.info().quantizer_generation == 1
+    lists, codes = store.assign(fresh)
+    for j in range(30):
+        ids, got = store.list_contents(int(lists[j]))
+        at = ids.tolist().index(20_000 + j)
+        np.testing.assert_array_equal(got[at], codes[j])
+    assert store.verify().ok
+    other.close()
+
+
+def test_add_encoded_refuses_codes_of_a_generation_a_retrain_replaced(tmp_path):
+    store, base = drifted_store(tmp_path / "s")
+    lists, codes = store.assign(base[:5])
+    retrain(store)
+    with pytest.raises(ivfpq_store.InvalidInputError, match="encode them again"):
+        # the codes came from generation 0; the handle's check happens under the lock
+        store._writer._commit_batch(lists, codes, np.arange(50_000, 50_005),
+                                    base[:5].copy(), replace_live=False, encoded=(0, None))
+    assert len(store) == 3000
+
+
+def test_a_retrained_store_copies_and_exports_as_it_searches(tmp_path):
+    from helpers import optional_faiss
+    from test_faiss_interop import assert_same_results
+
+    store, base = drifted_store(tmp_path / "s")
+    retrain(store, nlist=9, opq=True)
+    queries = base[:10] + 0.05
+    want = store.search(queries, k=5, nprobe=4)
+    report = store.copy(tmp_path / "c")
+    assert report.vectors == 3000
+    with ivfpq_store.open(tmp_path / "c") as copy:
+        assert copy.verify().ok
+        got = copy.search(queries, k=5, nprobe=4)
+        np.testing.assert_array_equal(got.ids, want.ids)
+    faiss = optional_faiss()
+    if faiss is None:
+        return
+    index = store.to_faiss()
+    faiss.extract_index_ivf(index).nprobe = 4
+    d, i = index.search(queries, 5)
+    assert_same_results(want.distances, want.ids, d, i, rtol=1e-4)
