@@ -170,7 +170,7 @@ def encode_generation(layout: StoreLayout, files: RowFiles, snap: CatalogSnapsho
     out = Retrained()
     order = np.argsort(list_nos, kind="stable")
     touched, starts = np.unique(list_nos[order], return_index=True)
-    ends = np.append(starts[1:], len(order))
+    ends = np.append(starts[1:], len(order)) if len(order) else starts  # no live record
     placed: list[IdPlaces] = []
     dtype = record_dtype(codes.shape[1])
     try:

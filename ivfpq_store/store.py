@@ -184,7 +184,20 @@ class Store:
         a forked child), the newest it loaded."""
         if self._catalog is None or os.getpid() != self._pid:
             return self._latest
-        return self._generation(self._catalog.snapshot())
+        return self._latest_state(self._catalog)[1]
+
+    def _latest_state(self, catalog: Catalog) -> tuple[CatalogSnapshot, Generation]:
+        """The latest snapshot and its generation, taken again (up to
+        :data:`SNAPSHOT_ATTEMPTS` times) when a retrain removes the generation's file between
+        the two (:class:`StaleSnapshotError`)."""
+        for attempt in range(SNAPSHOT_ATTEMPTS):
+            snap = catalog.snapshot()
+            try:
+                return snap, self._generation(snap)
+            except StaleSnapshotError:
+                if attempt + 1 == SNAPSHOT_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _nlist_bound(self, nprobe: object) -> int:
         """The nlist a call's ``nprobe`` is checked against before its snapshot: the newest
@@ -283,6 +296,12 @@ class Store:
         """The element type of the stored vectors (``"float32"`` or ``"float16"``), or None
         for a store that keeps PQ codes only (fixed at creation)."""
         return self._header.vectors
+
+    @property
+    def quantizer_generation(self) -> int:
+        """The quantizer generation the store's lists are encoded with now: 0 for the
+        quantizer of creation, n after the n-th :meth:`retrain`."""
+        return self._live_catalog().snapshot().state.quantizer
 
     def __len__(self) -> int:
         return int(self._live_catalog().snapshot().state.ntotal)
@@ -551,10 +570,8 @@ class Store:
         InvalidParamsError
             ``list_no`` is not an integer (Python or numpy; not a bool) in ``0..nlist-1``.
         """
-        catalog = self._live_catalog()
-        snap = catalog.snapshot()
-        list_no = check_int("list_no", list_no, 0,
-                            self._generation(snap).header.params.nlist - 1)
+        snap, gen = self._latest_state(self._live_catalog())
+        list_no = check_int("list_no", list_no, 0, gen.header.params.nlist - 1)
         return self._live_records(snap, self._fetch, list_no)
 
     def _live_with_vectors(self, snap: CatalogSnapshot, fetch: RecordFetcher,
@@ -620,7 +637,7 @@ class Store:
         return self._writer.write_vectors(vectors, ids, replace_live=False, progress=progress)
 
     def add_encoded(self, list_nos: Any, codes: Any, ids: Any,
-                    vectors: Any = None) -> I64Array:
+                    vectors: Any = None, *, generation: int | None = None) -> I64Array:
         """Append records that are already assigned and encoded with this store's quantizer
         (what :meth:`assign` returns, or another index's lists built with the same centroids
         and codebooks); durable when this returns, as :meth:`add`.
@@ -635,14 +652,23 @@ class Store:
             Distinct non-negative ids not live in the store.
         vectors : array_like, shape (n, dim), optional
             Required by (and only kept in) a store that keeps its vectors.
+        generation : int, optional
+            The :attr:`quantizer_generation` the codes are of: read it before
+            :meth:`assign`, so that a :meth:`retrain` in between (by any handle or process)
+            makes this call refuse the codes instead of storing codes of a replaced
+            quantizer. Default: the generation current when the call starts.
 
         Raises
         ------
         InvalidInputError
-            Bad shapes, dtypes or values, or missing vectors (nothing is written).
+            Bad shapes, dtypes or values, missing vectors, or codes of another quantizer
+            generation than the current one (nothing is written).
         DuplicateIdError, ReadOnlyStoreError, StoreLockedError
         """
-        return self._writer.write_encoded(list_nos, codes, ids, vectors)
+        if generation is not None:
+            generation = check_int("generation", generation, 0, (1 << 63) - 1)
+        return self._writer.write_encoded(list_nos, codes, ids, vectors,
+                                          generation=generation)
 
     def to_faiss(self, *, vectors: bool = False) -> Any:
         """An in-memory faiss ``IndexIVFPQ`` equal to this store (needs faiss: the ``faiss``
@@ -924,14 +950,14 @@ class Store:
     # -- inspecting -------------------------------------------------------------------------
     def lists(self) -> list[ListInfo]:
         """Every inverted list: live and deleted counts, segment file and its committed bytes."""
-        snap = self._live_catalog().snapshot()
-        return list_infos(snap, self._generation(snap).header.params)
+        snap, gen = self._latest_state(self._live_catalog())
+        return list_infos(snap, gen.header.params)
 
     def info(self) -> StoreInfo:
         """Parameters, vector count, per-list sizes and bytes on disk by kind."""
         catalog = self._live_catalog()
-        snap = catalog.snapshot()
-        return store_info(self._layout, self._generation(snap).header, snap,
+        snap, gen = self._latest_state(catalog)
+        return store_info(self._layout, gen.header, snap,
                           catalog.store_meta())
 
     def refresh(self) -> None:

@@ -57,7 +57,9 @@ from .errors import (
     IvfpqWarning,
     ListFullError,
     ReadOnlyStoreError,
+    StaleSnapshotError,
     StoreLockedError,
+    TrainingError,
 )
 from .format import Header, record_dtype, segment_file_name
 from .format.idmap import PER_ID, IdPlaces
@@ -92,6 +94,11 @@ from .types import I64Array, Metric, ProgressFn, U8Array
 __all__ = ["Writer"]
 
 logger = logging.getLogger(__name__)
+
+#: A write whose snapshot's quantizer file a retrain removes this many times gives up
+#: (StaleSnapshotError), as a search does (``ivfpq_store.store.SNAPSHOT_ATTEMPTS``).
+SNAPSHOT_ATTEMPTS = 20
+
 
 class Writer:
     """The write side of one open store; :class:`~ivfpq_store.store.Store` holds one and
@@ -150,6 +157,19 @@ class Writer:
         finally:
             self._thread_lock.release()
 
+    def _latest_quantizer(self, catalog: Catalog) -> tuple[CatalogSnapshot, Quantizer]:
+        """The latest snapshot and its quantizer, outside the writer lock: taken again (up
+        to :data:`SNAPSHOT_ATTEMPTS` times) when a retrain removes the generation's file
+        between the two (:class:`StaleSnapshotError`)."""
+        for attempt in range(SNAPSHOT_ATTEMPTS):
+            snap = catalog.snapshot()
+            try:
+                return snap, self._quantizer_of(snap)
+            except StaleSnapshotError:
+                if attempt + 1 == SNAPSHOT_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def write_vectors(self, vectors: Any, ids: Any, *, replace_live: bool,
                       progress: ProgressFn | None) -> I64Array:
         """Add (or with ``replace_live``, upsert) a batch: steps 1-5; returns its ids.
@@ -165,22 +185,23 @@ class Writer:
             x = normalize_rows(x)
         if self._files.vectors is not None and self._files.vectors[0] == "float16":
             check_float16(x)
-        snap = catalog.snapshot()
-        quantizer = self._quantizer_of(snap)
+        snap, quantizer = self._latest_quantizer(catalog)
         list_nos, codes = quantizer.assign_and_encode(quantizer.rotate(x), progress)
         return self._commit_batch(list_nos, codes, given, x, replace_live=replace_live,
                                   encoded=(snap.state.quantizer, x))
 
     def write_encoded(self, list_nos: I64Array, codes: U8Array, ids: I64Array,
-                      vectors: np.ndarray | None = None) -> I64Array:
+                      vectors: np.ndarray | None = None, *,
+                      generation: int | None = None) -> I64Array:
         """Add records that are already assigned and encoded (another index's lists): each
         given ``ids`` (new ones) in list ``list_nos`` with PQ code ``codes``, and, in a store
         that keeps vectors, its vector (checked as ``add`` checks them; ``vectors`` is then
-        required). Steps 2-5 of the write order; returns the ids. The codes must be of the
-        current quantizer generation: if a retrain commits another before the writer lock is
-        taken, InvalidInputError, and nothing is written."""
-        snap = self.check_writable().snapshot()
-        nlist = self._quantizer_of(snap).nlist
+        required). Steps 2-5 of the write order; returns the ids. The codes must be of
+        quantizer generation ``generation`` (default: the current one when this starts): if
+        another is current once the writer lock is taken, InvalidInputError, and nothing is
+        written."""
+        snap, quantizer = self._latest_quantizer(self.check_writable())
+        nlist = quantizer.nlist
         params = self._header.params
         list_nos = np.asarray(list_nos)
         if list_nos.ndim != 1 or list_nos.dtype.kind not in "iu":
@@ -209,8 +230,9 @@ class Writer:
                 x = normalize_rows(x)
             if self._files.vectors[0] == "float16":
                 check_float16(x)
+        of = snap.state.quantizer if generation is None else generation
         return self._commit_batch(list_nos.astype(np.int64), codes, given, x,
-                                  replace_live=False, encoded=(snap.state.quantizer, None))
+                                  replace_live=False, encoded=(of, None))
 
     def _commit_batch(self, list_nos: I64Array, codes: U8Array, given: I64Array | None,
                       x: np.ndarray | None, *, replace_live: bool,
@@ -408,14 +430,17 @@ class Writer:
         params = self._header.params
         given = None if sample is None else check_sample(sample, params.dim, params.metric)
         with self.locked() as catalog:
-            if catalog.id_map_schema() == PER_ID:  # generations need the packed id map
-                catalog.upgrade_id_map()
             snap = catalog.snapshot()
             remove_orphans(self._layout, self._files, snap)
             old = self._quantizer_of(snap)
             ids, x, old_codes, old_lists, vrows = live_vectors(
                 snap, self._files, self._fetch, self._fetch_vectors, old, params.metric,
                 self._layout.root)
+            if given is None and not len(ids):
+                raise TrainingError(
+                    f"{self._layout.root}: the store has no live vectors to train on; pass "
+                    "a sample of the vectors it will hold (retrain(sample)); nothing was "
+                    "retrained")
             source = ("sample" if given is not None else
                       "stored vectors" if vrows is not None else "decoded codes")
             if vrows is None:
@@ -438,6 +463,11 @@ class Writer:
             if vrows is not None:
                 recall = list(recall_proxy(x, [(old, old_lists, old_codes),
                                                (new, list_nos, codes)], seed))
+            if catalog.id_map_schema() == PER_ID:
+                # Generations need the packed id map: upgraded only now that the retrain can
+                # no longer be refused for its arguments, so a refused one changes nothing.
+                catalog.upgrade_id_map()
+                snap = catalog.snapshot()  # the same lists, one commit later
             number = snap.state.quantizer + 1
             done = encode_generation(self._layout, self._files, snap, ids, list_nos, codes,
                                      vrows, sync=self._sync)

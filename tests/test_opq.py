@@ -6,6 +6,7 @@ out with their rotation."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -117,10 +118,24 @@ def test_a_store_without_opq_is_written_as_before(tmp_path, small_data):
     assert decode_header(raw).version == (1, 0)
 
 
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory, data):
+    """One filled OPQ store per metric, made on first use, for tests that only search."""
+    made: dict[str, Path] = {}
+
+    def path_of(metric: str) -> Path:
+        if metric not in made:
+            made[metric] = tmp_path_factory.mktemp("opq") / metric
+            opq_store(made[metric], data, metric=metric).close()
+        return made[metric]
+
+    return path_of
+
+
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
 @pytest.mark.parametrize("nprobe", [1, 3, NLIST])
-def test_search_equals_the_adc_of_the_rotated_queries(tmp_path, data, metric, nprobe, scan_impl):
-    with opq_store(tmp_path / "s", data, metric=metric) as store:
+def test_search_equals_the_adc_of_the_rotated_queries(filled, data, metric, nprobe, scan_impl):
+    with ivfpq_store.open(filled(metric), readonly=True) as store:
         q = data["queries"]
         batch = store.search(q, k=10, nprobe=nprobe)
         single = [store.search(row, k=10, nprobe=nprobe) for row in q]

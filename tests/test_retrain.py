@@ -367,10 +367,10 @@ def test_add_encoded_refuses_codes_of_a_generation_a_retrain_replaced(tmp_path):
     lists, codes = store.assign(base[:5])
     retrain(store)
     with pytest.raises(ivfpq_store.InvalidInputError, match="encode them again"):
-        # the codes came from generation 0; the handle's check happens under the lock
-        store._writer._commit_batch(lists, codes, np.arange(50_000, 50_005),
-                                    base[:5].copy(), replace_live=False, encoded=(0, None))
+        store.add_encoded(lists, codes, np.arange(50_000, 50_005), base[:5], generation=0)
     assert len(store) == 3000
+    with pytest.raises(ivfpq_store.InvalidParamsError, match="generation"):
+        store.add_encoded(lists, codes, np.arange(50_000, 50_005), base[:5], generation=-1)
 
 
 def test_a_retrained_store_copies_and_exports_as_it_searches(tmp_path):
