@@ -225,10 +225,11 @@ def write_generation_header(layout: StoreLayout, number: int, header: Header) ->
 
 
 def recall_proxy(x: F32Array, codes_of: list[tuple[Quantizer, I64Array, U8Array]],
-                 seed: int) -> list[float]:
+                 seed: int, metric: Metric = Metric.L2) -> list[float]:
     """For each (quantizer, list numbers, codes) encoding of ``x`` (n, dim): recall 10@10 of
     an exhaustive scan of the reconstructions, for :data:`PROXY_QUERIES` rows of ``x`` as
-    queries, against their exact neighbours in ``x`` (squared l2; each query finds itself).
+    queries, against their exact neighbours in ``x`` by ``metric`` (squared l2, or inner
+    product for ip and cosine).
     Blocks of :data:`PROXY_BLOCK` rows bound the memory."""
     n = len(x)
     k = min(10, n)
@@ -242,7 +243,8 @@ def recall_proxy(x: F32Array, codes_of: list[tuple[Quantizer, I64Array, U8Array]
         top_i = np.zeros((len(q), k), np.int64)
         for s in range(0, n, PROXY_BLOCK):
             block = rows_of(s, min(n, s + PROXY_BLOCK))
-            d = (np.einsum("ij,ij->i", block, block)[None, :] - 2 * q @ block.T)
+            d = -(q @ block.T) if metric is not Metric.L2 else (
+                np.einsum("ij,ij->i", block, block)[None, :] - 2 * q @ block.T)
             cand_d = np.concatenate([top_d, d.astype(np.float32)], axis=1)
             cand_i = np.concatenate([top_i, np.broadcast_to(np.arange(s, s + len(block)),
                                                             d.shape)], axis=1)

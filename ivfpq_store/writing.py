@@ -462,7 +462,7 @@ class Writer:
             recall: list[float | None] = [None, None]
             if vrows is not None:
                 recall = list(recall_proxy(x, [(old, old_lists, old_codes),
-                                               (new, list_nos, codes)], seed))
+                                               (new, list_nos, codes)], seed, params.metric))
             if catalog.id_map_schema() == PER_ID:
                 # Generations need the packed id map: upgraded only now that the retrain can
                 # no longer be refused for its arguments, so a refused one changes nothing.
