@@ -123,6 +123,7 @@ class Store:
         self._latest = self._load_generation(0, header)
         self._dtype = record_dtype(header.params.code_size)
         self._writer = Writer(layout=layout, header=header, generation=self._quantizer_of,
+                              latest=self._latest_quantizer,
                               files=self._files, catalog=self._live_catalog, fetch=self._fetch,
                               fetch_vectors=self._fetch_vectors, readonly=readonly,
                               lock_timeout=lock_timeout, auto_compact_ratio=auto_compact_ratio,
@@ -174,6 +175,11 @@ class Store:
                     f"{self._layout.root}: quantizer generation {number} was replaced by a "
                     "retrain during the read") from err
             return self._load_generation(number, header)
+
+    def _latest_quantizer(self, catalog: Catalog) -> tuple[CatalogSnapshot, Quantizer]:
+        """:meth:`_latest_state` with the generation's quantizer (the writer's)."""
+        snap, gen = self._latest_state(catalog)
+        return snap, gen.quantizer
 
     def _quantizer_of(self, snap: CatalogSnapshot) -> Quantizer:
         """The quantizer of ``snap``'s generation (the writer encodes with it)."""

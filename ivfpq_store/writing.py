@@ -57,7 +57,6 @@ from .errors import (
     IvfpqWarning,
     ListFullError,
     ReadOnlyStoreError,
-    StaleSnapshotError,
     StoreLockedError,
     TrainingError,
 )
@@ -95,29 +94,28 @@ __all__ = ["Writer"]
 
 logger = logging.getLogger(__name__)
 
-#: A write whose snapshot's quantizer file a retrain removes this many times gives up
-#: (StaleSnapshotError), as a search does (``ivfpq_store.store.SNAPSHOT_ATTEMPTS``).
-SNAPSHOT_ATTEMPTS = 20
-
-
 class Writer:
     """The write side of one open store; :class:`~ivfpq_store.store.Store` holds one and
     documents the public methods that call it.
 
     ``catalog`` returns the store's live catalog (it raises once the store is closed or used
-    from a forked child); ``generation`` the quantizer a snapshot's lists are encoded with;
+    from a forked child); ``generation`` the quantizer a snapshot's lists are encoded with,
+    and ``latest`` the latest snapshot with its quantizer (taken again when a retrain
+    removes the generation's file between the two);
     ``fetch`` maps a list's committed records, and ``fetch_vectors`` its committed vector
     rows (a store that keeps vectors), for compaction.
     """
 
     def __init__(self, *, layout: StoreLayout, header: Header,
                  generation: Callable[[CatalogSnapshot], Quantizer],
+                 latest: Callable[[Catalog], tuple[CatalogSnapshot, Quantizer]],
                  files: RowFiles, catalog: Callable[[], Catalog], fetch: RecordFetcher,
                  fetch_vectors: RecordFetcher, readonly: bool, lock_timeout: float,
                  auto_compact_ratio: float | None, sync: str = "auto") -> None:
         self._layout = layout
         self._header = header
         self._quantizer_of = generation
+        self._latest_quantizer = latest
         self._files = files
         self._catalog = catalog
         self._fetch = fetch
@@ -156,19 +154,6 @@ class Writer:
                 yield catalog
         finally:
             self._thread_lock.release()
-
-    def _latest_quantizer(self, catalog: Catalog) -> tuple[CatalogSnapshot, Quantizer]:
-        """The latest snapshot and its quantizer, outside the writer lock: taken again (up
-        to :data:`SNAPSHOT_ATTEMPTS` times) when a retrain removes the generation's file
-        between the two (:class:`StaleSnapshotError`)."""
-        for attempt in range(SNAPSHOT_ATTEMPTS):
-            snap = catalog.snapshot()
-            try:
-                return snap, self._quantizer_of(snap)
-            except StaleSnapshotError:
-                if attempt + 1 == SNAPSHOT_ATTEMPTS:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def write_vectors(self, vectors: Any, ids: Any, *, replace_live: bool,
                       progress: ProgressFn | None) -> I64Array:

@@ -339,16 +339,17 @@ def test_an_add_encoded_before_a_retrain_is_encoded_again_under_the_lock(tmp_pat
     store, _ = drifted_store(tmp_path / "s")
     other = ivfpq_store.open(tmp_path / "s")
     writer = store._writer
-    real_of = writer._quantizer_of
+    real_latest = writer._latest_quantizer
     stand_in: list[RetrainAfterEncoding] = []
 
-    def quantizer_of(snap):
-        if not stand_in:
-            stand_in.append(RetrainAfterEncoding(real_of(snap), other))
-            return stand_in[0]
-        return real_of(snap)
+    def latest(catalog):
+        snap, quantizer = real_latest(catalog)
+        if not stand_in:  # the add's encoding, outside the lock
+            stand_in.append(RetrainAfterEncoding(quantizer, other))
+            return snap, stand_in[0]
+        return snap, quantizer
 
-    monkeypatch.setattr(writer, "_quantizer_of", quantizer_of)
+    monkeypatch.setattr(writer, "_latest_quantizer", latest)
     fresh = vectors(np.random.default_rng(3), 30)
     store.add(fresh, ids=np.arange(20_000, 20_030))
     assert stand_in[0].done  # the retrain ran between the encoding and the commit

@@ -303,17 +303,24 @@ def _section_metadata(sections: dict[int, memoryview], source: str,
     return metadata
 
 
-def _section_rotation(sections: dict[int, memoryview], source: str,
-                      prelude: _Prelude) -> F32Array | None:
-    """The rotation: the ROTATION section, which must be present exactly when flags bit 1 is
-    set (§4.3); None for a store without one."""
-    has_flag = bool(prelude.flags & FLAG_ROTATION)
-    if (SectionKind.ROTATION in sections) != has_flag:
+def _flagged(sections: dict[int, memoryview], kind: SectionKind, bit: int, source: str,
+             prelude: _Prelude) -> bool:
+    """Whether flags bit ``bit`` is set; the section ``kind`` must be present exactly when it
+    is (§4.3), else FormatError."""
+    has_flag = bool(prelude.flags & (1 << bit))
+    if (kind in sections) != has_flag:
         raise _fail(FormatError, source,
-                    f"flags bit 1 is {int(has_flag)} but the ROTATION section is "
+                    f"flags bit {bit} is {int(has_flag)} but the {kind.name} section is "
                     f"{'missing' if has_flag else 'present'} — expected both or neither",
                     prelude.table_offset)
-    if not has_flag:
+    return has_flag
+
+
+def _section_rotation(sections: dict[int, memoryview], source: str,
+                      prelude: _Prelude) -> F32Array | None:
+    """The rotation: the ROTATION section of flags bit 1 (§4.3); None for a store without
+    one."""
+    if not _flagged(sections, SectionKind.ROTATION, 1, source, prelude):
         return None
     dim = prelude.params.dim
     return _section_array(sections, SectionKind.ROTATION, (dim, dim), source,
@@ -322,15 +329,9 @@ def _section_rotation(sections: dict[int, memoryview], source: str,
 
 def _section_vectors(sections: dict[int, memoryview], source: str,
                      prelude: _Prelude) -> str | None:
-    """The stored vectors' element type: the VECTORS section, which must be present exactly
-    when flags bit 0 is set (§4.3); None for a store without vectors."""
-    has_flag = bool(prelude.flags & FLAG_VECTORS)
-    if (SectionKind.VECTORS in sections) != has_flag:
-        raise _fail(FormatError, source,
-                    f"flags bit 0 is {int(has_flag)} but the VECTORS section is "
-                    f"{'missing' if has_flag else 'present'} — expected both or neither",
-                    prelude.table_offset)
-    if not has_flag:
+    """The stored vectors' element type: the VECTORS section of flags bit 0 (§4.3); None for
+    a store without vectors."""
+    if not _flagged(sections, SectionKind.VECTORS, 0, source, prelude):
         return None
     data = sections[SectionKind.VECTORS]
     by_code = {code: name for name, (code, _) in VECTOR_DTYPES.items()}
