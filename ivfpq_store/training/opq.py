@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import TrainingError
+from ..errors import IvfpqWarning, TrainingError
 from ..types import F32Array, ProgressFn
 from .pq import assign_codes, train_pq
 
@@ -86,8 +87,10 @@ def train_opq(x: F32Array, m: int, nbits: int, *, niter: int = 50, niter_pq: int
     for it in range(niter):
         r32 = rotation.astype(np.float32)
         xr = x @ r32.T
-        books, _ = train_pq(xr, m, nbits, niter=niter_pq_first if it == 0 else niter_pq,
-                            seed=rng, max_points_per_centroid=per_centroid, init=books)
+        with warnings.catch_warnings():  # too few points: the IVF-PQ training says so once
+            warnings.simplefilter("ignore", IvfpqWarning)
+            books, _ = train_pq(xr, m, nbits, niter=niter_pq_first if it == 0 else niter_pq,
+                                seed=rng, max_points_per_centroid=per_centroid, init=books)
         codes = assign_codes(xr, books)
         recon = _decode(codes, books)
         objective.append(float(np.square(xr - recon, dtype=np.float64).sum()))
