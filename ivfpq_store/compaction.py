@@ -33,7 +33,7 @@ from .storage import (
 )
 
 __all__ = ["CompactReport", "CompactionPlan", "Rewrite", "choose_lists", "plan_compaction",
-           "remove_orphans", "rewrite_lists"]
+           "remove_orphans", "rewrite_lists", "write_generation"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,12 +132,7 @@ def rewrite_lists(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapsho
         name = segment_file_name(list_no, gen)
         crc = 0
         if len(live):
-            crcs = []
-            for (file, _), prelude, data in zip(files.names(name), files.preludes(list_no, gen),
-                                                data_of, strict=True):
-                written.append(layout.segment(file))
-                crcs.append(append_records(written[-1], prelude, 0, data, sync=False))
-            crc = crcs[0]  # the segment's: a vector file's rows carry their own
+            crc = write_generation(layout, files, list_no, gen, data_of, written)
             moved.append(IdPlaces.of(live["id"], list_no, gen, np.arange(len(live))))
         # An emptied list keeps a count-0 record so its generations stay monotonic: a file
         # name is never reused, even by a later add (docs/format.md §5.3).
@@ -150,6 +145,21 @@ def rewrite_lists(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapsho
         SyncJob(written, policy=sync, directory=layout.segments).wait()
         fsync_dir(layout.segments)
     return out
+
+
+def write_generation(layout: StoreLayout, files: RowFiles, list_no: int, generation: int,
+                     data_of: list[np.ndarray], written: list[Path]) -> int:
+    """Write a new segment generation of a list from scratch, unsynced: ``data_of`` holds
+    its records and, in a store that keeps vectors, their vector rows. Each file is added to
+    ``written`` as it is created; returns the segment's CRC (a vector file's rows carry
+    their own)."""
+    crcs = []
+    for (file, _), prelude, data in zip(files.names(segment_file_name(list_no, generation)),
+                                        files.preludes(list_no, generation), data_of,
+                                        strict=True):
+        written.append(layout.segment(file))
+        crcs.append(append_records(written[-1], prelude, 0, data, sync=False))
+    return crcs[0]
 
 
 def remove_files(directory: Path, names: Iterable[str]) -> int:

@@ -148,6 +148,15 @@ class Quantizer(CoarseQuantizer):
         out: F32Array = x @ self._rotation_t
         return out
 
+    def unrotate(self, x: F32Array) -> F32Array:
+        """``x`` (n, dim) of the rotated space back in the space of the vectors as given
+        (R is orthogonal: its inverse is its transpose), or ``x`` itself without a
+        rotation."""
+        if self.rotation is None:
+            return x
+        out: F32Array = x @ self.rotation
+        return out
+
     @property
     def kernel(self) -> _kernel.Kernel | None:
         """The compiled kernel when it is built and enabled, else None (numpy)."""

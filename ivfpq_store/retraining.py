@@ -22,8 +22,8 @@ import numpy as np
 
 from ._kernel import bad_rows
 from ._validate import as_vectors, normalize_rows
-from .compaction import remove_files
-from .errors import CorruptStoreError, InvalidInputError
+from .compaction import remove_files, write_generation
+from .errors import CorruptStoreError
 from .format import Header, record_dtype, segment_file_name
 from .format.idmap import IdPlaces
 from .format.records import ListRecord
@@ -37,7 +37,6 @@ from .storage import (
     RowFiles,
     StoreLayout,
     SyncJob,
-    append_records,
     fsync_dir,
     write_header,
 )
@@ -119,9 +118,7 @@ def live_vectors(snap: CatalogSnapshot, files: RowFiles, fetch: RecordFetcher,
     if files.vectors is not None:
         stored = np.concatenate(rows)
         return all_ids, stored["v"].astype(np.float32), all_codes, all_lists, stored
-    x = quantizer.decode(all_lists, all_codes)
-    if quantizer.rotation is not None:  # rotated = x R^T, so x = rotated R
-        x = x @ quantizer.rotation
+    x = quantizer.unrotate(quantizer.decode(all_lists, all_codes))
     if metric is Metric.COSINE:
         norms = np.linalg.norm(x, axis=1)
         x = np.where(norms[:, None] > 0, x, 1.0).astype(np.float32)  # a zero reconstruction
@@ -184,15 +181,12 @@ def encode_generation(layout: StoreLayout, files: RowFiles, snap: CatalogSnapsho
             data_of: list[np.ndarray] = [recs]
             if vrows is not None:
                 data_of.append(vrows[sel])
-            name = segment_file_name(list_no, gen)
-            crcs = []
-            for (file, _), prelude, data in zip(files.names(name), files.preludes(list_no, gen),
-                                                data_of, strict=True):
-                out.written.append(layout.segment(file))
-                crcs.append(append_records(out.written[-1], prelude, 0, data, sync=False))
-                out.bytes_written += out.written[-1].stat().st_size
-            out.changes.lists[list_no] = ListRecord(file=name, generation=gen, count=len(sel),
-                                                    deleted=0, crc32=crcs[0], tsum=0)
+            first = len(out.written)
+            crc = write_generation(layout, files, list_no, gen, data_of, out.written)
+            out.bytes_written += sum(p.stat().st_size for p in out.written[first:])
+            out.changes.lists[list_no] = ListRecord(
+                file=segment_file_name(list_no, gen), generation=gen, count=len(sel),
+                deleted=0, crc32=crc, tsum=0)
             placed.append(IdPlaces.of(ids[sel], list_no, gen, np.arange(len(sel))))
         for list_no, old in snap.lists.items():
             if list_no not in out.changes.lists:
@@ -258,8 +252,7 @@ def recall_proxy(x: F32Array, codes_of: list[tuple[Quantizer, I64Array, U8Array]
     for quantizer, lists, codes in codes_of:
         def decoded(s: int, e: int, qz: Quantizer = quantizer, ln: I64Array = lists,
                     cd: U8Array = codes) -> np.ndarray:
-            rec = qz.decode(ln[s:e], cd[s:e])
-            return rec if qz.rotation is None else rec @ qz.rotation
+            return qz.unrotate(qz.decode(ln[s:e], cd[s:e]))
         found = best(decoded)
         out.append(float(np.mean([len(np.intersect1d(a, b)) for a, b in
                                   zip(found, truth, strict=True)]) / k))
@@ -268,9 +261,7 @@ def recall_proxy(x: F32Array, codes_of: list[tuple[Quantizer, I64Array, U8Array]
 
 def check_sample(sample: Any, dim: int, metric: Metric) -> F32Array:
     """A retrain's ``sample`` as float32 (n, dim), normalised for cosine."""
-    x, _ = as_vectors(sample, dim, "sample")
+    x, _ = as_vectors(sample, dim, "sample")  # refuses an empty one
     if metric is Metric.COSINE:
         x = normalize_rows(x, "sample")
-    if len(x) < 1:
-        raise InvalidInputError("sample: empty — expected training vectors")
     return x

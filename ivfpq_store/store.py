@@ -196,14 +196,7 @@ class Store:
         """The latest snapshot and its generation, taken again (up to
         :data:`SNAPSHOT_ATTEMPTS` times) when a retrain removes the generation's file between
         the two (:class:`StaleSnapshotError`)."""
-        for attempt in range(SNAPSHOT_ATTEMPTS):
-            snap = catalog.snapshot()
-            try:
-                return snap, self._generation(snap)
-            except StaleSnapshotError:
-                if attempt + 1 == SNAPSHOT_ATTEMPTS:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self._on_snapshot(catalog, lambda snap, _: (snap, self._generation(snap)))
 
     def _nlist_bound(self, nprobe: object) -> int:
         """The nlist a call's ``nprobe`` is checked against before its snapshot: the newest
@@ -212,10 +205,6 @@ class Store:
         if isinstance(nprobe, int) and nprobe > nlist:
             return self._current().header.params.nlist
         return nlist
-
-    @property
-    def _quantizer(self) -> Quantizer:
-        return self._latest.quantizer
 
     @property
     def _searcher(self) -> Searcher:

@@ -366,3 +366,21 @@ def test_opq_gains_at_least_what_faiss_opq_gains(tmp_path):
     theirs = recalls["faiss-True"] - recalls["faiss-False"]
     assert ours > 0, recalls
     assert ours >= 0.9 * theirs, recalls
+
+
+def test_a_store_without_vectors_retrained_out_of_opq_keeps_its_vectors_where_they_were(
+        tmp_path, data):
+    """A store without vectors is retrained on its codes' reconstructions, which are of
+    rotated vectors: they must be rotated back before the new quantizer (here without a
+    rotation) encodes them, or every vector lands far from where queries look for it."""
+    store = opq_store(tmp_path / "s", data)
+    x = data["base"][:100]
+    before = store.search(x, k=10, nprobe=NLIST).ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+        store.retrain(opq=False)
+    assert store.rotation is None
+    after = store.search(x, k=10, nprobe=NLIST).ids
+    found = np.mean([i in row for i, row in enumerate(after)])
+    assert found >= 0.8 * np.mean([i in row for i, row in enumerate(before)]), found
+    store.close()

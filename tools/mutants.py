@@ -549,6 +549,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "if state.quantizer != encoded[0]:",
            "if False:",
            ("tests/test_retrain.py", "-k", "encoded_again_under")),
+    Mutant("retrain-leaves-reconstructions-rotated",
+           "a retrain of a store without vectors encodes its codes' reconstructions without "
+           "rotating them back",
+           "out: F32Array = x @ self.rotation",
+           "out: F32Array = x",
+           ("tests/test_opq.py", "-k", "retrained_out_of_opq")),
     Mutant("retrain-keeps-old-tombstones",
            "a retrain re-encodes the tombstoned records too",
            "live = np.delete(np.arange(record.count), snap.deleted.get(list_no, []))\n"
