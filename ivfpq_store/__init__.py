@@ -43,6 +43,7 @@ from .errors import (
 from .filters import Filter
 from .opening import open
 from .params import IndexParams
+from .rebalancing import RebalanceReport
 from .reports import ListInfo, StoreInfo
 from .retraining import RetrainReport
 from .search import RangeResult, SearchPlan, SearchResult
@@ -79,6 +80,7 @@ __all__ = [
     "Problem",
     "RangeResult",
     "ReadOnlyStoreError",
+    "RebalanceReport",
     "RetrainReport",
     "SearchPlan",
     "SearchResult",

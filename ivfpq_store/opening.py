@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .errors import InvalidParamsError, StoreNotFoundError
 from .format.records import check_store_meta
-from .params import check_bool, check_int, check_ratio
+from .params import check_bool, check_int, check_ratio, check_split_factor
 from .storage import (
     DEFAULT_MAP_SIZE,
     MAX_MAP_SIZE,
@@ -57,6 +57,7 @@ def open(
     max_open_segments: int | None = None,
     lock_timeout: float = 30.0,
     auto_compact_ratio: float | None = 0.5,
+    auto_rebalance: float | None = None,
     sync: SyncPolicy = "auto",
 ) -> Store:
     """Open an existing store.
@@ -86,6 +87,11 @@ def open(
     auto_compact_ratio : float or None
         After a delete or upsert, compact the lists it touched whose deleted fraction reached
         this ratio (0..1). None turns automatic compaction off.
+    auto_rebalance : float or None
+        After an add or upsert that leaves a list with more live records than this multiple
+        of the mean (> 1), rebalance the store (:meth:`Store.rebalance` with this
+        ``split_factor``). Off (None) by default: it keeps the lists balanced as data
+        drifts, at a cost to add throughput (docs/benchmarks.md, "Rebalance").
     sync : {"auto", "files", "filesystem"}
         How a write makes the files it appended durable before its commit. ``"files"``
         fdatasyncs each file. ``"filesystem"`` makes one ``syncfs(2)`` call for the file
@@ -116,6 +122,8 @@ def open(
     readonly = check_bool("readonly", readonly)
     if auto_compact_ratio is not None:
         auto_compact_ratio = check_ratio("auto_compact_ratio", auto_compact_ratio)
+    if auto_rebalance is not None:
+        auto_rebalance = check_split_factor("auto_rebalance", auto_rebalance)
     layout = StoreLayout(as_path(path))
     if not layout.root.is_dir():
         raise StoreNotFoundError(f"{layout.root}: no such store directory")
@@ -129,7 +137,8 @@ def open(
         check_store_meta(catalog.store_meta(), header, str(layout.catalog))
         return Store(layout, header, catalog, readonly=readonly,
                      max_open_segments=max_open_segments, lock_timeout=lock_timeout,
-                     auto_compact_ratio=auto_compact_ratio, sync=sync)
+                     auto_compact_ratio=auto_compact_ratio, auto_rebalance=auto_rebalance,
+                     sync=sync)
     except BaseException:
         catalog.close()
         raise

@@ -19,9 +19,11 @@ __all__ = [
     "IndexParams",
     "RangeParams",
     "SearchParams",
+    "check_balance",
     "check_int",
     "check_radius",
     "check_ratio",
+    "check_split_factor",
     "check_store_vectors",
     "parse_metric",
 ]
@@ -116,6 +118,25 @@ def check_ratio(name: str, value: object) -> float:
     if not 0.0 <= ratio <= 1.0:
         raise InvalidParamsError(f"{name}: expected 0..1, got {ratio:g}")
     return ratio
+
+
+def check_split_factor(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a finite real number > 1 (a multiple of the mean
+    list size)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number) or (
+            not float(value) > 1.0 or not np.isfinite(float(value))):
+        raise InvalidParamsError(f"{name}: expected a finite number > 1 (a multiple of the "
+                                 f"mean list size), got {value!r}")
+    return float(value)
+
+
+def check_balance(split_factor: object, merge_factor: object,
+                  neighbours: object) -> tuple[float, float, int]:
+    """A rebalance's thresholds: ``split_factor`` a finite number > 1, ``merge_factor`` one
+    in 0..1, ``neighbours`` an int in 0..4096."""
+    return (check_split_factor("split_factor", split_factor),
+            check_ratio("merge_factor", merge_factor),
+            check_int("neighbours", neighbours, 0, 4096))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,15 +156,18 @@ class Retrained:
 
 def encode_generation(layout: StoreLayout, files: RowFiles, snap: CatalogSnapshot,
                       ids: I64Array, list_nos: I64Array, codes: U8Array,
-                      vrows: np.ndarray | None, *, sync: str) -> Retrained:
+                      vrows: np.ndarray | None, *, sync: str,
+                      replaced: Collection[int] | None = None) -> Retrained:
     """Write every record (``ids`` in new lists ``list_nos`` with new ``codes``, and their
     stored vector rows ``vrows``) to a new segment generation of its list, and sync them.
 
-    Each list the snapshot has a record of gets its next generation, a list it has none of
-    generation 0; a list of the snapshot left without records gets an empty record (its
-    generations stay monotonic: a file name is never reused, docs/format.md §5.3). Every old
-    segment's tombstones go with it. Returns the changes to commit and the old files to remove
-    after the commit; on failure, removes what it wrote."""
+    The records replace those of the lists ``replaced`` (default: every list of the
+    snapshot), which must include every list of ``list_nos`` that the snapshot has. Each list
+    the snapshot has a record of gets its next generation, a list it has none of generation
+    0; a replaced list left without records gets an empty record (its generations stay
+    monotonic: a file name is never reused, docs/format.md §5.3). Every replaced segment's
+    tombstones go with it. Returns the changes to commit and the old files to remove after
+    the commit; on failure, removes what it wrote."""
     out = Retrained()
     order = np.argsort(list_nos, kind="stable")
     touched, starts = np.unique(list_nos[order], return_index=True)
@@ -188,7 +192,10 @@ def encode_generation(layout: StoreLayout, files: RowFiles, snap: CatalogSnapsho
                 file=segment_file_name(list_no, gen), generation=gen, count=len(sel),
                 deleted=0, crc32=crc, tsum=0)
             placed.append(IdPlaces.of(ids[sel], list_no, gen, np.arange(len(sel))))
-        for list_no, old in snap.lists.items():
+        for list_no in (snap.lists if replaced is None else replaced):
+            old = snap.lists.get(list_no)
+            if old is None:
+                continue
             if list_no not in out.changes.lists:
                 out.changes.lists[list_no] = ListRecord(
                     file=segment_file_name(list_no, old.generation + 1),

@@ -37,8 +37,22 @@ from .faiss_interop import build_ivfpq, build_refined
 from .filters import Filter, check_filter
 from .format import Header, record_dtype
 from .format.records import ListRecord
-from .params import IndexParams, RangeParams, SearchParams, check_bool, check_int, check_ratio
+from .params import (
+    IndexParams,
+    RangeParams,
+    SearchParams,
+    check_balance,
+    check_bool,
+    check_int,
+    check_ratio,
+)
 from .quantizer import Quantizer
+from .rebalancing import (
+    DEFAULT_MERGE_FACTOR,
+    DEFAULT_NEIGHBOURS,
+    DEFAULT_SPLIT_FACTOR,
+    RebalanceReport,
+)
 from .reports import ListInfo, StoreInfo, list_infos, store_info
 from .retraining import RetrainReport
 from .search import RangeResult, RecordFetcher, Refiner, Searcher, SearchResult
@@ -103,7 +117,8 @@ class Store:
 
     def __init__(self, layout: StoreLayout, header: Header, catalog: Catalog, *, readonly: bool,
                  max_open_segments: int | None, lock_timeout: float,
-                 auto_compact_ratio: float | None, sync: str = "auto") -> None:
+                 auto_compact_ratio: float | None, auto_rebalance: float | None = None,
+                 sync: str = "auto") -> None:
         self._layout = layout
         #: header.ivfh: the store's identity and quantizer generation 0.
         self._header = header
@@ -127,7 +142,7 @@ class Store:
                               files=self._files, catalog=self._live_catalog, fetch=self._fetch,
                               fetch_vectors=self._fetch_vectors, readonly=readonly,
                               lock_timeout=lock_timeout, auto_compact_ratio=auto_compact_ratio,
-                              sync=sync)
+                              auto_rebalance=auto_rebalance, sync=sync)
 
     # -- quantizer generations --------------------------------------------------------------
     def _load_generation(self, number: int, header: Header) -> Generation:
@@ -856,6 +871,62 @@ class Store:
                                       max_points_per_centroid=max_points_per_centroid,
                                       progress=progress)
         self._current()  # load the new generation now, not in the next search
+        return report
+
+    def rebalance(self, *, split_factor: float = DEFAULT_SPLIT_FACTOR,
+                  merge_factor: float = DEFAULT_MERGE_FACTOR,
+                  neighbours: int = DEFAULT_NEIGHBOURS, seed: int = 0,
+                  progress: ProgressFn | None = None) -> RebalanceReport:
+        """Keep the lists near the mean size: split every list grown past ``split_factor``
+        times the mean in two, and merge every list under ``merge_factor`` times it into
+        its neighbours, moving only the records near each change.
+
+        A split clusters the list's vectors (stored, or its codes' reconstructions) in two
+        by a balanced 2-means: one half keeps the list's number, the other becomes list
+        ``nlist`` (nlist grows by one), or takes the number a merge freed. The list's
+        records go to their nearest centroid, and the records of the ``neighbours`` lists
+        nearest each half move to it when it is now nearer. A merge sends each record of
+        the list to its nearest other centroid, and its number goes to a split of the
+        largest list (so merges do not shrink nlist). Moved records, and those of a list
+        whose centroid moved, are encoded again; every other list keeps its files. A
+        rebalance is a partial retrain: a new quantizer generation (centroids changed,
+        codebooks and rotation kept) and the rewritten lists switch in one transaction,
+        with the crash and reader rules of :meth:`retrain`. Records of a store that keeps
+        no vectors are moved from their reconstructions, which costs recall on those.
+
+        Parameters
+        ----------
+        split_factor : float
+            Split the lists with more live records than this multiple of the mean (> 1).
+            Lists under 64 records are never split.
+        merge_factor : float
+            Merge the lists with fewer live records than this multiple of the mean (0 to
+            1; 0 never merges).
+        neighbours : int
+            Lists near a split whose records are checked for moving to its halves.
+        seed : int
+            Seeds the 2-means: the same store state and seed give the same result.
+
+        Returns
+        -------
+        RebalanceReport
+            Splits, merges, nlist before and after, lists rewritten, records moved and
+            encoded again, the largest list before and after, time and bytes.
+
+        Raises
+        ------
+        InvalidParamsError
+            A bad ``split_factor``, ``merge_factor``, ``neighbours`` or ``seed``.
+        CorruptStoreError
+            A stored vector does not match its checksum (nothing is changed).
+        ReadOnlyStoreError, StoreLockedError
+        """
+        split_factor, merge_factor, neighbours = check_balance(split_factor, merge_factor,
+                                                               neighbours)
+        seed = check_int("seed", seed, 0, (1 << 63) - 1)
+        report = self._writer.rebalance(split_factor=split_factor, merge_factor=merge_factor,
+                                        neighbours=neighbours, seed=seed, progress=progress)
+        self._current()
         return report
 
     def verify(self, *, repair: bool = False) -> VerifyReport:

@@ -63,10 +63,19 @@ from .errors import (
 from .format import Header, record_dtype, segment_file_name
 from .format.idmap import PER_ID, IdPlaces
 from .format.keys import tombstone_keys, tombstone_sum
-from .format.records import SCHEMA_GENERATIONS, ListRecord
+from .format.records import SCHEMA_GENERATIONS, ListRecord, StateRecord
 from .format.vectors import vector_row_dtype
 from .quantizer import Quantizer
+from .rebalancing import (
+    DEFAULT_MERGE_FACTOR,
+    DEFAULT_NEIGHBOURS,
+    MIN_SPLIT,
+    Balancer,
+    RebalanceReport,
+    rebalanced_header,
+)
 from .retraining import (
+    Retrained,
     RetrainReport,
     check_sample,
     encode_generation,
@@ -111,7 +120,8 @@ class Writer:
                  latest: Callable[[Catalog], tuple[CatalogSnapshot, Quantizer]],
                  files: RowFiles, catalog: Callable[[], Catalog], fetch: RecordFetcher,
                  fetch_vectors: RecordFetcher, readonly: bool, lock_timeout: float,
-                 auto_compact_ratio: float | None, sync: str = "auto") -> None:
+                 auto_compact_ratio: float | None, auto_rebalance: float | None = None,
+                 sync: str = "auto") -> None:
         self._layout = layout
         self._header = header
         self._quantizer_of = generation
@@ -123,6 +133,7 @@ class Writer:
         self._readonly = readonly
         self._lock_timeout = lock_timeout
         self._auto_compact_ratio = auto_compact_ratio
+        self._auto_rebalance = auto_rebalance
         self._sync = sync
         self._dtype = record_dtype(header.params.code_size)
         self._swept = False  # orphan segments are removed on this handle's first write
@@ -282,6 +293,8 @@ class Writer:
         logger.debug("wrote %d vectors to %d lists (%d replaced)", n, len(records), replaced)
         if replaced:
             self._auto_compact(changes.lists)
+        if self._auto_rebalance is not None:
+            self._auto_balance(changes.lists, new_state)
         return new_ids
 
     def _check_room(self, catalog: Catalog, lists: Mapping[int, ListRecord],
@@ -453,26 +466,9 @@ class Writer:
                 # no longer be refused for its arguments, so a refused one changes nothing.
                 catalog.upgrade_id_map()
                 snap = catalog.snapshot()  # the same lists, one commit later
-            number = snap.state.quantizer + 1
             done = encode_generation(self._layout, self._files, snap, ids, list_nos, codes,
                                      vrows, sync=self._sync)
-            try:
-                path = write_generation_header(self._layout, number, header)
-                done.bytes_written += path.stat().st_size
-                meta = catalog.store_meta()
-                catalog.apply(
-                    replace(snap.state, commit=snap.state.commit + 1, ndeleted=0, qgen=number),
-                    done.changes, store_meta=None if meta.schema == SCHEMA_GENERATIONS
-                    else replace(meta, schema=SCHEMA_GENERATIONS))
-            except BaseException:
-                if catalog.snapshot().state.commit == snap.state.commit:  # not committed
-                    remove_files(self._layout.segments, [p.name for p in done.written])
-                    remove_files(self._layout.quantizers, [self._layout.quantizer(number).name])
-                raise
-            remove_files(self._layout.segments, done.old_files)
-            if snap.state.quantizer:
-                remove_files(self._layout.quantizers,
-                             [self._layout.quantizer(snap.state.quantizer).name])
+            number = self._switch(catalog, snap, done, header, ndeleted=0)
         logger.info("retrained: generation %d, %d vectors, nlist %d -> %d", number, len(ids),
                     old.nlist, header.params.nlist)
         return RetrainReport(
@@ -481,6 +477,108 @@ class Writer:
             recall_before=recall[0], recall_after=recall[1], train_seconds=t2 - t1,
             encode_seconds=t3 - t2, write_seconds=time.perf_counter() - t3,
             seconds=time.perf_counter() - t0, bytes_written=done.bytes_written)
+
+    def _switch(self, catalog: Catalog, snap: CatalogSnapshot, done: Retrained,
+                header: Header, *, ndeleted: int) -> int:
+        """Make ``header`` the next quantizer generation with ``done``'s lists (written and
+        synced): its file under ``quantizers/``, one commit (``meta/store`` at the schema of
+        generations), then the replaced files removed (docs/format.md §7.3.6). Returns the
+        generation's number. Before the commit, a failure removes what was written."""
+        number = snap.state.quantizer + 1
+        try:
+            path = write_generation_header(self._layout, number, header)
+            done.bytes_written += path.stat().st_size
+            meta = catalog.store_meta()
+            catalog.apply(
+                replace(snap.state, commit=snap.state.commit + 1, ndeleted=ndeleted,
+                        qgen=number),
+                done.changes, store_meta=None if meta.schema == SCHEMA_GENERATIONS
+                else replace(meta, schema=SCHEMA_GENERATIONS))
+        except BaseException:
+            if catalog.snapshot().state.commit == snap.state.commit:  # not committed
+                remove_files(self._layout.segments, [p.name for p in done.written])
+                remove_files(self._layout.quantizers, [self._layout.quantizer(number).name])
+            raise
+        remove_files(self._layout.segments, done.old_files)
+        if snap.state.quantizer:
+            remove_files(self._layout.quantizers,
+                         [self._layout.quantizer(snap.state.quantizer).name])
+        return number
+
+    def rebalance(self, *, split_factor: float, merge_factor: float, neighbours: int,
+                  seed: int, progress: ProgressFn | None = None) -> RebalanceReport:
+        """Split the lists past ``split_factor`` x the mean and merge those under
+        ``merge_factor`` x it (:mod:`ivfpq_store.rebalancing`), under the writer lock; one
+        commit switches to the new generation. Nothing is written when no list needs it."""
+        t0 = time.perf_counter()
+        with self.locked() as catalog:
+            snap = catalog.snapshot()
+            old = self._quantizer_of(snap)
+            balancer = Balancer(snap, old, self._files, self._fetch, self._fetch_vectors,
+                                where=str(self._layout.root), neighbours=neighbours,
+                                seed=seed)
+            largest = int(balancer.counts.max(initial=0))
+            balancer.run(split_factor, merge_factor, progress)
+            number, written = snap.state.quantizer, 0
+            encoded, moved = 0, balancer.moved()
+            if balancer.dirty:
+                if catalog.id_map_schema() == PER_ID:
+                    catalog.upgrade_id_map()  # generations need the packed id map
+                    snap = catalog.snapshot()  # the same lists, one commit later
+                header = rebalanced_header(self._header, old, balancer.centroids,
+                                           splits=balancer.splits, merges=balancer.merges)
+                new = Quantizer(header.centroids, header.codebooks, old.metric,
+                                header.rotation)
+                lists = balancer.encoded(new)
+                encoded = balancer.fresh_count()
+                parts = [(np.full(len(i), n, np.int64), i, c, r)
+                         for n, (i, c, r) in lists.items()]
+                rows = [r for *_, r in parts]
+                replaced = [n for n in lists if n in snap.lists]
+                done = encode_generation(
+                    self._layout, self._files, snap,
+                    np.concatenate([i for _, i, _, _ in parts]),
+                    np.concatenate([n for n, _, _, _ in parts]),
+                    np.concatenate([c for _, _, c, _ in parts]),
+                    None if rows[0] is None else np.concatenate(rows),  # type: ignore[arg-type]
+                    sync=self._sync, replaced=replaced)
+                dropped = sum(snap.lists[n].deleted for n in replaced)
+                number = self._switch(catalog, snap, done, header,
+                                      ndeleted=snap.state.ndeleted - dropped)
+                written = done.bytes_written
+        counts = balancer.counts
+        report = RebalanceReport(
+            generation=number, splits=balancer.splits, merges=balancer.merges,
+            nlist_before=old.nlist, nlist_after=len(counts),
+            lists_rewritten=len(balancer.dirty), records_moved=moved,
+            records_encoded=encoded, largest_before=largest,
+            largest_after=int(counts.max(initial=0)),
+            mean_after=float(counts.sum() / max(len(counts), 1)),
+            seconds=time.perf_counter() - t0, bytes_written=written)
+        if balancer.dirty:
+            logger.info("rebalanced: generation %d, %d splits, %d merges, nlist %d -> %d",
+                        number, report.splits, report.merges, report.nlist_before,
+                        report.nlist_after)
+        return report
+
+    def _auto_balance(self, touched: Mapping[int, ListRecord | None],
+                      state: StateRecord) -> None:
+        """Rebalance once a list a write touched passes auto_rebalance x the mean size (a
+        second step after the write's commit, as automatic compaction is; a failure is an
+        IvfpqWarning, not an error)."""
+        assert self._auto_rebalance is not None
+        nlist = self._latest_quantizer(self._catalog())[1].nlist
+        limit = max(self._auto_rebalance * state.ntotal / max(nlist, 1), MIN_SPLIT)
+        if not any(r is not None and r.count - r.deleted > limit for r in touched.values()):
+            return
+        try:
+            self.rebalance(split_factor=self._auto_rebalance,
+                           merge_factor=DEFAULT_MERGE_FACTOR, neighbours=DEFAULT_NEIGHBOURS,
+                           seed=state.commit)
+        except (IvfpqError, OSError) as err:
+            warnings.warn(IvfpqWarning(
+                f"{self._layout.root}: the write is committed, but rebalancing the lists "
+                f"failed: {err}"), stacklevel=4)
 
     def _auto_compact(self, touched: Mapping[int, ListRecord | None]) -> None:
         """Compact the lists a delete or upsert touched once they pass auto_compact_ratio.

@@ -47,13 +47,25 @@ def retrain_op(i: int) -> tuple[str, Any, Any]:
     return op(i)
 
 
-WORKLOADS = {"op": op, "retrain_op": retrain_op}
+def rebalance_op(i: int) -> tuple[str, Any, Any]:
+    """:func:`op` ``i``, or, one time in five after the first three, ("rebalance",
+    split_factor, merge_factor): a rebalance that splits lists past 1.2 or 1.5 times the
+    mean and merges (or not) those under half of it."""
+    rng = np.random.default_rng([i, 919])
+    if i >= 3 and rng.random() < 1 / 5:
+        return "rebalance", float(rng.choice([1.2, 1.5])), float(rng.choice([0.0, 0.5]))
+    return op(i)
+
+
+WORKLOADS = {"op": op, "retrain_op": retrain_op, "rebalance_op": rebalance_op}
 
 
 def apply_to_store(store: Any, operation: tuple[str, Any, Any]) -> None:
     kind, a, b = operation
     if kind == "retrain":
         store.retrain(nlist=a, opq=b)
+    elif kind == "rebalance":
+        store.rebalance(split_factor=a, merge_factor=b)
     elif kind == "add":
         store.add(b, ids=a)
     elif kind == "delete":
@@ -65,7 +77,8 @@ def apply_to_store(store: Any, operation: tuple[str, Any, Any]) -> None:
 
 
 def apply_to_model(model: dict[int, np.ndarray], operation: tuple[str, Any, Any]) -> None:
-    """The vectors after ``operation`` (a retrain or a compaction changes none)."""
+    """The vectors after ``operation`` (a retrain, a rebalance or a compaction changes
+    none)."""
     kind, a, b = operation
     if kind in ("add", "upsert"):
         model.update(zip(a.tolist(), b, strict=True))

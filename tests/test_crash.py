@@ -20,6 +20,7 @@ from crash_workload import WORKLOADS, apply_to_model, vectors
 from helpers import run_child, segment_files
 
 import ivfpq_store
+from ivfpq_store import testing
 from ivfpq_store.format import SEGMENT_PRELUDE_SIZE
 
 TESTS = Path(__file__).resolve().parent
@@ -49,12 +50,25 @@ def live_state(store: ivfpq_store.Store) -> dict[int, tuple[int, bytes]]:
     return out
 
 
-def expected_state(store: ivfpq_store.Store,
-                   model: dict[int, np.ndarray]) -> dict[int, tuple[int, bytes]]:
+def expected_state(store: ivfpq_store.Store, model: dict[int, np.ndarray], *,
+                   placed: dict[int, tuple[int, bytes]] | None = None,
+                   ) -> dict[int, tuple[int, bytes]]:
+    """id -> (list, code) of every model vector: the list and code ``assign`` gives it, or,
+    with ``placed`` (the store's own placement, after rebalances that leave records in lists
+    other than their nearest), the list ``placed`` holds it in (-1 if none) and the code the
+    current quantizer gives it there."""
     if not model:
         return {}
     ids = list(model)
-    lists, codes = store.assign(np.stack([model[i] for i in ids]))
+    x = np.stack([model[i] for i in ids])
+    if placed is None:
+        lists, codes = store.assign(x)
+    else:
+        lists = np.array([placed.get(i, (-1, b""))[0] for i in ids], np.int64)
+        qz = testing.searcher(store).quantizer
+        codes = np.zeros((len(ids), qz.m), np.uint8)
+        held = lists >= 0
+        codes[held] = qz.encode(qz.rotate(x[held]), lists[held])
     return {i: (int(l_no), c.tobytes()) for i, l_no, c in zip(ids, lists, codes, strict=True)}
 
 
@@ -121,10 +135,10 @@ def run_crash_rounds(path: Path, rounds: int, seed: int, *, workload: str = "op"
         for i in acked:
             apply_to_model(model, op(i))
         in_flight = next_op + len(acked)
-        # A retrain changes no vector: whether it committed shows in the quantizer generation
-        # only, and the state equals the model either way (checked below, with the quantizer
-        # of whichever generation is current).
-        stats["kills_in_a_retrain"] += op(in_flight)[0] == "retrain"
+        # A retrain or a rebalance changes no vector: whether it committed shows in the
+        # quantizer generation only, and the state equals the model either way (checked
+        # below, with the quantizer of whichever generation is current).
+        stats["kills_in_a_retrain"] += op(in_flight)[0] in ("retrain", "rebalance")
         with ivfpq_store.open(path) as store:
             generation = store.info().quantizer_generation
             assert generation >= stats["generation"]
@@ -136,10 +150,11 @@ def run_crash_rounds(path: Path, rounds: int, seed: int, *, workload: str = "op"
             stats["kills_leaving_leftovers"] += any(p.kind != "lock" for p in report.leftovers)
             state = live_state(store)
             assert len(store) == len(state)
-            before = expected_state(store, model)
+            placed = state if workload == "rebalance_op" else None
+            before = expected_state(store, model, placed=placed)
             after_model = dict(model)
             apply_to_model(after_model, op(in_flight))
-            after = expected_state(store, after_model)
+            after = expected_state(store, after_model, placed=placed)
             if state == before:
                 stats["in_flight_lost"] += 1
                 next_op = in_flight  # not applied: the next child runs it again

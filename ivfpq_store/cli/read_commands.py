@@ -239,7 +239,7 @@ def info(store: Path, as_json: bool) -> None:
         + ("; 'ivfpq-store upgrade' packs it)" if i.id_map == "per-id" else ")"),
         f"index:    dim={i.dim} nlist={i.nlist} m={i.m} nbits={i.nbits} metric={i.metric}"
         + (" opq" if i.opq else "")
-        + (f" (quantizer generation {i.quantizer_generation}: retrained)"
+        + (f" (quantizer generation {i.quantizer_generation}: retrained or rebalanced)"
            if i.quantizer_generation else ""),
         f"vectors:  {i.ntotal:,} in {i.n_segments} non-empty lists"
         + (f", stored as {i.store_vectors}" if i.store_vectors else ", codes only"),

@@ -1,5 +1,5 @@
-"""Commands that change a store: create, add, upsert, delete, compact, copy, upgrade, and the
-exchange with faiss: import-faiss, export-faiss."""
+"""Commands that change a store: create, add, upsert, delete, compact, retrain, rebalance,
+copy, upgrade, and the exchange with faiss: import-faiss, export-faiss."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import ivfpq_store
 from ..errors import DimensionMismatchError, IvfpqError
 from ..faiss_interop import load_faiss
 from ..io import open_vectors, read_ids
+from ..rebalancing import DEFAULT_MERGE_FACTOR, DEFAULT_NEIGHBOURS, DEFAULT_SPLIT_FACTOR
 from .base import (
     PathType,
     batch_option,
@@ -31,7 +32,7 @@ from .base import (
 )
 
 __all__ = ["add", "compact", "copy", "create", "delete", "export_faiss", "import_faiss",
-           "retrain", "upgrade", "upsert"]
+           "rebalance", "retrain", "upgrade", "upsert"]
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
@@ -265,6 +266,51 @@ def retrain(store: Path, sample: Path | None, nlist: int | None, opq: bool | Non
          f"encoded again, nlist {r.nlist_before} -> {r.nlist_after}{rotation}{recall}; "
          f"{r.seconds:.1f} s (train {r.train_seconds:.1f}, encode {r.encode_seconds:.1f}, "
          f"write {r.write_seconds:.1f}), {r.bytes_written:,} bytes written")])
+
+
+@cli.command()
+@store_argument
+@click.option("--split-factor", type=click.FloatRange(1.0, min_open=True),
+              default=DEFAULT_SPLIT_FACTOR, show_default=True, metavar="F",
+              help="Split the lists with more live vectors than F times the mean.")
+@click.option("--merge-factor", type=click.FloatRange(0.0, 1.0),
+              default=DEFAULT_MERGE_FACTOR, show_default=True, metavar="F",
+              help="Merge away the lists with fewer live vectors than F times the mean "
+                   "(0: never).")
+@click.option("--neighbours", type=click.IntRange(0, 4096), default=DEFAULT_NEIGHBOURS,
+              show_default=True, metavar="N",
+              help="Lists near each split whose vectors may move to its halves.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), metavar="S",
+              help="Seed of the 2-means that splits a list.")
+@json_option
+def rebalance(store: Path, split_factor: float, merge_factor: float, neighbours: int,
+              seed: int, as_json: bool) -> None:
+    """Split oversized lists of STORE and merge tiny ones, moving only nearby vectors.
+
+    For a store whose lists grew unequal as its data drifted: cheaper than retrain, and
+    nlist grows by one per split. Only the lists that change are rewritten; one commit
+    switches to them (searches go on meanwhile, writers wait). Exit 0 also when no list
+    needs it.
+
+    \b
+    Examples:
+        ivfpq-store rebalance sift.ivfpq
+        ivfpq-store rebalance emb.ivfpq --split-factor 1.5 --json
+    """
+    with ivfpq_store.open(store, **store_options()) as s:
+        r = s.rebalance(split_factor=split_factor, merge_factor=merge_factor,
+                        neighbours=neighbours, seed=seed)
+    if not r.lists_rewritten:
+        line = (f"no list needs rebalancing: the largest holds {r.largest_before:,} vectors, "
+                f"the mean is {r.mean_after:,.0f}")
+    else:
+        line = (f"{r.splits} lists split, {r.merges} merged: quantizer generation "
+                f"{r.generation}, nlist {r.nlist_before} -> {r.nlist_after}, largest list "
+                f"{r.largest_before:,} -> {r.largest_after:,} (mean {r.mean_after:,.0f}); "
+                f"{r.lists_rewritten} lists rewritten, {r.records_moved:,} vectors moved, "
+                f"{r.records_encoded:,} encoded again; {r.seconds:.1f} s, "
+                f"{r.bytes_written:,} bytes written")
+    emit(r.to_dict(), as_json=as_json, lines=[line])
 
 
 @cli.command()

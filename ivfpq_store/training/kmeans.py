@@ -17,7 +17,7 @@ from ..types import F32Array, I64Array, ProgressFn
 __all__ = ["MIN_POINTS_PER_CENTROID", "KMeansResult", "assign_block", "best_columns",
            "cluster_sums", "kmeans",
            "l2_score_matrix", "nearest", "nearest_labels", "sample", "squared_norms", "sse",
-           "update", "with_ones"]
+           "two_means", "update", "with_ones"]
 
 logger = logging.getLogger(__name__)
 
@@ -253,3 +253,39 @@ def update(sums: np.ndarray, counts: I64Array, old: F32Array,
         counts[cj] -= counts[ci]
         splits += 1
     return centroids, splits
+
+
+def two_means(x: F32Array, *, niter: int = 10, balance: float = 0.25,
+              seed: int | np.random.Generator | None = 0) -> tuple[F32Array, I64Array]:
+    """Split ``x`` (n, d) float32, n >= 2, in two: centroids (2, d) and the side (n,) of each
+    point, by a balanced 2-means.
+
+    Starts from two distinct random points; each iteration sends a point to the nearer
+    centroid, except that the boundary moves (along ``|x - c0|^2 - |x - c1|^2``) so that
+    each side keeps at least a ``balance`` fraction of the points, then takes each side's
+    mean. A list split by it cannot leave one half almost as large as the whole.
+    """
+    n = x.shape[0]
+    if n < 2:
+        raise TrainingError(f"two-means: {n} point(s) — expected at least 2")
+    rng = np.random.default_rng(seed)
+    c = x[rng.choice(n, size=2, replace=False)].astype(np.float64)
+    side = np.zeros(n, dtype=np.int64)
+    lo, hi = max(1, int(np.ceil(balance * n))), n - max(1, int(np.ceil(balance * n)))
+    for it in range(niter):
+        # |x - c0|^2 - |x - c1|^2 = 2 x.(c1 - c0) + |c0|^2 - |c1|^2
+        gap = 2.0 * (x @ (c[1] - c[0]).astype(np.float32)).astype(np.float64) + (
+            c[0] @ c[0] - c[1] @ c[1])
+        order = np.argsort(gap, kind="stable")
+        # the points with the largest gaps (nearer c1) go to side 1: at least n - hi of
+        # them, at most n - lo
+        ones = int(np.count_nonzero(gap > 0))
+        ones = min(max(ones, n - hi), n - lo)
+        new = np.zeros(n, dtype=np.int64)
+        new[order[n - ones:]] = 1
+        if it and np.array_equal(new, side):
+            break
+        side = new
+        for s in (0, 1):
+            c[s] = x[side == s].mean(axis=0, dtype=np.float64)
+    return c.astype(np.float32), side
