@@ -173,9 +173,9 @@ def test_search_after_a_rebalance_is_the_adc_of_the_new_centroids(tmp_path, metr
     assert_exact_search(store, late, alive, queries, metric)
     np.testing.assert_array_equal(live_ids(store), alive)
     assert store.info().ndeleted == sum(store.info().list_deleted)
-    report = store.verify()
-    assert report.ok, report.problems
-    assert not report.leftovers
+    verified = store.verify()
+    assert verified.ok, verified.problems
+    assert not verified.leftovers
 
 
 def test_a_merge_empties_a_small_list_and_gives_its_number_to_a_split(tmp_path):
