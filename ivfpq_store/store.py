@@ -167,9 +167,9 @@ class Store:
         """The quantizer generation ``snap``'s lists are encoded with: loaded once (from
         ``quantizers/``, checked to belong to this store) and kept while it is the newest.
 
-        Raises StaleSnapshotError when its file is gone because a later retrain removed it
-        (the caller takes a new snapshot), CorruptStoreError when it is missing or damaged
-        while ``snap`` is still the latest state."""
+        Raises StaleSnapshotError when its file is gone because a later retrain or rebalance
+        removed it (the caller takes a new snapshot), CorruptStoreError when it is missing or
+        damaged while ``snap`` is still the latest state."""
         number = snap.state.quantizer
         gen = self._gens.get(number)
         if gen is not None:
@@ -188,7 +188,7 @@ class Store:
                         f"{number}, but {err.filename} is missing (run verify)") from err
                 raise StaleSnapshotError(
                     f"{self._layout.root}: quantizer generation {number} was replaced by a "
-                    "retrain during the read") from err
+                    "retrain or rebalance during the read") from err
             return self._load_generation(number, header)
 
     def _latest_quantizer(self, catalog: Catalog) -> tuple[CatalogSnapshot, Quantizer]:
@@ -264,7 +264,7 @@ class Store:
     @property
     def params(self) -> IndexParams:
         """The index parameters: dim, m, nbits and metric fixed at creation; nlist that of
-        the current quantizer generation (a :meth:`retrain` may change it)."""
+        the current quantizer generation (a :meth:`retrain` or :meth:`rebalance` may change it)."""
         return self._current().header.params
 
     @property
@@ -310,7 +310,8 @@ class Store:
     @property
     def quantizer_generation(self) -> int:
         """The quantizer generation the store's lists are encoded with now: 0 for the
-        quantizer of creation, n after the n-th :meth:`retrain`."""
+        quantizer of creation, n after the n-th :meth:`retrain` or :meth:`rebalance` that
+        changed something."""
         return self._live_catalog().snapshot().state.quantizer
 
     def __len__(self) -> int:
@@ -664,9 +665,9 @@ class Store:
             Required by (and only kept in) a store that keeps its vectors.
         generation : int, optional
             The :attr:`quantizer_generation` the codes are of: read it before
-            :meth:`assign`, so that a :meth:`retrain` in between (by any handle or process)
-            makes this call refuse the codes instead of storing codes of a replaced
-            quantizer. Default: the generation current when the call starts.
+            :meth:`assign`, so that a :meth:`retrain` or :meth:`rebalance` in between (by
+            any handle or process) makes this call refuse the codes instead of storing codes
+            of a replaced quantizer. Default: the generation current when the call starts.
 
         Raises
         ------

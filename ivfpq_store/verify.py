@@ -358,8 +358,9 @@ def _find_orphans(layout: StoreLayout, files: RowFiles, snap: CatalogSnapshot,
                                                  "record (left by an interrupted write)",
                                        str(p)))
     for p in layout.orphan_quantizers(snap.state.quantizer):
-        found.leftovers.append(Problem("orphan", "quantizer file of another generation than "
-                                                 "the catalog's (left by a retrain)", str(p)))
+        found.leftovers.append(Problem(
+            "orphan", "quantizer file of another generation than the catalog's (left by a "
+            "retrain or rebalance)", str(p)))
 
 
 def _repair(layout: StoreLayout, files: RowFiles, snap: CatalogSnapshot,

@@ -170,8 +170,9 @@ class Writer:
                       progress: ProgressFn | None) -> I64Array:
         """Add (or with ``replace_live``, upsert) a batch: steps 1-5; returns its ids.
 
-        The batch is encoded with the quantizer of the latest commit; if a retrain commits a
-        new one before the writer lock is taken, it is encoded again under the lock."""
+        The batch is encoded with the quantizer of the latest commit; if a retrain or
+        rebalance commits a new one before the writer lock is taken, it is encoded again
+        under the lock."""
         catalog = self.check_writable()  # fail before the (possibly long) encoding
         params = self._header.params
         x, _ = as_vectors(vectors, params.dim)
@@ -236,8 +237,8 @@ class Writer:
         """Steps 2-5 for a batch assigned and encoded: its lists, codes, ids (None: new
         automatic ones) and vectors (needed, and written, only in a store that keeps them).
         ``encoded`` is the quantizer generation the codes are of, and the vectors to encode
-        again if a retrain has made another current meanwhile (None: the caller's codes,
-        which cannot be)."""
+        again if a retrain or rebalance has made another current meanwhile (None: the
+        caller's codes, which cannot be)."""
         n = len(list_nos)
         with self.locked() as catalog:
             snap = catalog.snapshot()
@@ -246,8 +247,8 @@ class Writer:
                 if encoded[1] is None:
                     raise InvalidInputError(
                         f"codes: they are of quantizer generation {encoded[0]}, but a retrain "
-                        f"has made generation {state.quantizer} current; encode them again "
-                        "(Store.assign); nothing was written")
+                        f"or rebalance has made generation {state.quantizer} current; encode "
+                        "them again (Store.assign); nothing was written")
                 quantizer = self._quantizer_of(snap)
                 list_nos, codes = quantizer.assign_and_encode(quantizer.rotate(encoded[1]))
             changes = Changes()

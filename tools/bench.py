@@ -40,6 +40,8 @@ Usage::
         --opq --out bench-out/opq
     python tools/bench.py --dataset synthetic --n 200000 --nlist 256 --drift --retrain \
         --store-vectors float32 --out bench-out/retrain
+    python tools/bench.py --dataset synthetic --n 200000 --nlist 256 --drift --rebalance 2 \
+        --store-vectors float32 --out bench-out/rebalance
 
 With ``--drift`` the synthetic data drifts (the first fifth of the base, which both systems
 train on and add first, comes from a quarter of the mixture; the rest and the queries from all
@@ -54,6 +56,13 @@ rotation: an anisotropic mixture (``embeddings()``) like sentence embeddings.
 With ``--retrain`` (best with ``--drift``) it retrains the store at the end, alone and timed
 against the store's create + add, then again while a reader process searches it one query at
 a time (the reader's latency before and during it), and reports recall and QPS after it.
+
+With ``--rebalance F`` (best with ``--drift``) it compares, side by side, (a) the store as
+built (no maintenance), (b) the same data added in the same batches to a store opened with
+``auto_rebalance=F`` (its add throughput next to (a)'s), (b1) (a) rebalanced once at the end
+by ``Store.rebalance(split_factor=F)`` (on a copy), (d) a store trained on the final data
+with the same nlist and (d') one trained on it with the nlist (b) ended with: recall 10@10,
+batch QPS per nprobe, nlist and the largest list of each.
 
 With ``--profile`` it trains and adds once more under cProfile and reports where the time goes,
 by phase (``TRAIN_PHASES``, ``ADD_PHASES``: coarse k-means, PQ training and its assignment and
@@ -354,6 +363,78 @@ def measure_retrain(args: argparse.Namespace, path: Path, work: Path, xq: np.nda
                                  "searches_during": len(lat_during),
                                  "retrain_s": seconds_read},
             "search": rows}
+
+
+# -- rebalance -----------------------------------------------------------------------------------
+def fill(store: ivfpq_store.Store, xb: np.ndarray, add_batch: int) -> float:
+    """Add ``xb`` as the main part adds it (batches of 10k for the first 100k vectors, then of
+    ``add_batch``); returns the seconds."""
+    n = len(xb)
+    small = min(n, 100_000) if n > 10_000 else n
+    t0 = time.perf_counter()
+    for lo, hi, batch in ((0, small, 10_000), (small, n, add_batch)):
+        for s in range(lo, hi, batch):
+            e = min(hi, s + batch)
+            store.add(xb[s:e], ids=np.arange(s, e))
+    return time.perf_counter() - t0
+
+
+def search_rows(args: argparse.Namespace, store: ivfpq_store.Store, xq: np.ndarray,
+                gt: np.ndarray) -> dict[str, Any]:
+    """Recall 10@10 and batch QPS per nprobe, nlist and the largest list of ``store``."""
+    nlist = store.params.nlist
+    rows = []
+    for nprobe in [p for p in args.nprobe if p <= nlist]:
+        (_, ids), t = best_of(args.repeat, store.search, xq, k=10, nprobe=nprobe)
+        rows.append({"nprobe": nprobe, "qps": len(xq) / t,
+                     "recall_10_at_10": recall_at(ids, gt, r=10, k=10)})
+    sizes = store.info().list_sizes
+    return {"nlist": nlist, "largest": max(sizes), "mean": float(np.mean(sizes)),
+            "generation": store.quantizer_generation, "search": rows}
+
+
+def measure_rebalance(args: argparse.Namespace, path: Path, work: Path, xt: np.ndarray,
+                      xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, nlist: int,
+                      adds: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """(a) the store at ``path`` as built; (b) a store opened with auto_rebalance filled the
+    same way; (b1) a copy of (a) rebalanced once; (d) and (d') stores trained on the final
+    data with nlist and with (b)'s final nlist (see the module docstring)."""
+    factor = args.rebalance
+    kind = args.store_vectors[0] if args.store_vectors else None
+    out: dict[str, Any] = {"split_factor": factor}
+    with ivfpq_store.open(path, readonly=True) as a:
+        out["a"] = search_rows(args, a, xq, gt)
+    out["a"]["add_s"] = sum(v["vectors"] / v["ours"] for v in adds.values())
+    ivfpq_store.create(work / "auto.ivfpq", xt, nlist=nlist, m=args.m, nbits=args.nbits,
+                       seed=args.seed, niter=args.niter, store_vectors=kind).close()
+    with ivfpq_store.open(work / "auto.ivfpq", auto_rebalance=factor) as b:
+        out["b"] = {"add_s": fill(b, xb, args.add_batch)}
+        out["b"].update(search_rows(args, b, xq, gt))
+    print(f"(b) auto_rebalance={factor}: add {out['b']['add_s']:.1f} s vs "
+          f"{out['a']['add_s']:.1f} s, nlist {out['b']['nlist']}", file=sys.stderr)
+    shutil.rmtree(work / "auto.ivfpq")
+    with ivfpq_store.open(path) as a:  # a copy takes the writer lock
+        a.copy(work / "once.ivfpq")
+    with ivfpq_store.open(work / "once.ivfpq") as b1:
+        report, seconds = timed(b1.rebalance, split_factor=factor)
+        out["b1"] = {"rebalance_s": seconds, "report": report.to_dict()}
+        out["b1"].update(search_rows(args, b1, xq, gt))
+    print(f"(b1) one rebalance: {seconds:.1f} s, nlist {out['b1']['nlist']}", file=sys.stderr)
+    shutil.rmtree(work / "once.ivfpq")
+    rng = np.random.default_rng(args.seed)
+    for label, lists in (("d", nlist), ("d_same_nlist", out["b"]["nlist"])):
+        ntrain = min(len(xb), args.train_size or 256 * max(lists, 1 << args.nbits))
+        sample = xb[np.sort(rng.choice(len(xb), ntrain, replace=False))]
+        fresh, t = timed(ivfpq_store.create, work / f"{label}.ivfpq", sample, nlist=lists,
+                         m=args.m, nbits=args.nbits, seed=args.seed, niter=args.niter,
+                         store_vectors=kind)
+        with fresh:
+            out[label] = {"train_s": t, "add_s": fill(fresh, xb, args.add_batch)}
+            out[label].update(search_rows(args, fresh, xq, gt))
+        print(f"({label}) fresh, nlist {lists}: recall "
+              f"{[r['recall_10_at_10'] for r in out[label]['search']]}", file=sys.stderr)
+        shutil.rmtree(work / f"{label}.ivfpq")
+    return out
 
 
 # -- filtered search -----------------------------------------------------------------------------
@@ -1002,6 +1083,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 - got["rss_anon_before"]}
         res["refine"]["faiss_refine_bytes_in_ram"] = int(xb.nbytes)
 
+    if args.rebalance is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+            res["rebalance"] = measure_rebalance(args, path, work, xt, xb, xq, gt, nlist,
+                                                 adds)
     if args.retrain:
         create_add = ours_train + sum(a["vectors"] / a["ours"] for a in adds.values())
         res["retrain"] = measure_retrain(args, path, work, xq, gt, create_add, nlist)
@@ -1079,6 +1165,8 @@ def markdown(res: dict[str, Any]) -> str:
                  f"{r['faiss_index_in_ram'] / 1e6:.1f} (index in RAM) | |")
     if "refine" in res:
         lines += ["", *markdown_refine(res["refine"])]
+    if "rebalance" in res:
+        lines += ["", *markdown_rebalance(res["rebalance"])]
     if "retrain" in res:
         lines += ["", *markdown_retrain(res["retrain"])]
     if "opq" in res:
@@ -1112,6 +1200,34 @@ def markdown_retrain(ret: dict[str, Any]) -> list[str]:
              "", "| nprobe | recall 10@10 after | batch QPS after |", "| --- | --- | --- |"]
     lines += [f"| {r['nprobe']} | {r['recall_10_at_10']:.3f} | {r['qps']:,.0f} |"
               for r in ret["search"]]
+    return lines
+
+
+def markdown_rebalance(reb: dict[str, Any]) -> list[str]:
+    """The ``--rebalance`` table: each variant's nlist, largest list, add time, and recall
+    10@10 / batch QPS per nprobe."""
+    labels = {"a": "(a) no maintenance",
+              "b": f"(b) auto_rebalance={reb['split_factor']:g}",
+              "b1": f"(b1) one rebalance at the end (split_factor={reb['split_factor']:g})",
+              "d": "(d) trained on the final data",
+              "d_same_nlist": "(d') trained on the final data, (b)'s nlist"}
+    nprobes = [r["nprobe"] for r in reb["a"]["search"]]
+    head = ("| store | nlist | largest list | add s | "
+            + " | ".join(f"nprobe={p}: recall / QPS" for p in nprobes) + " |")
+    lines = [head, "|" + " --- |" * (4 + len(nprobes))]
+    for key, label in labels.items():
+        v = reb[key]
+        add = (f"{v['add_s']:.1f}" if "add_s" in v else
+               f"+{v['rebalance_s']:.1f} (rebalance)")
+        cells = [f"{r['recall_10_at_10']:.3f} / {r['qps']:,.0f}" for r in v["search"]]
+        cells += ["-"] * (len(nprobes) - len(cells))
+        lines.append(f"| {label} | {v['nlist']:,} | {v['largest']:,} | {add} | "
+                     + " | ".join(cells) + " |")
+    r = reb["b1"]["report"]
+    lines += ["", (f"The one rebalance: {r['splits']} splits, {r['merges']} merges, "
+                   f"{r['lists_rewritten']} lists rewritten, {r['records_moved']:,} vectors "
+                   f"moved, {r['records_encoded']:,} encoded again, "
+                   f"{r['bytes_written'] / 1e6:,.1f} MB written in {r['seconds']:.1f} s")]
     return lines
 
 
@@ -1349,6 +1465,10 @@ def main() -> None:
     p.add_argument("--retrain", action="store_true",
                    help="at the end, retrain the store (a reader process searching it) and "
                         "report its time, the reader's latency and recall after it")
+    p.add_argument("--rebalance", type=float, default=None, metavar="F",
+                   help="also build a store with auto_rebalance=F, rebalance a copy of the "
+                        "store once (split_factor=F), and build fresh stores on the final data; "
+                        "compare recall, QPS, list sizes and add throughput")
     p.add_argument("--opq", action="store_true",
                    help="also build a store with opq=True and faiss's OPQm,IVFn,PQm and "
                         "compare their recall gains over the plain indexes")

@@ -38,7 +38,7 @@ def read_generation(layout: StoreLayout, generation: int, base: Header) -> Heade
     Raises
     ------
     FileNotFoundError
-        The file is gone (a later retrain removed it: take a new snapshot).
+        The file is gone (a later retrain or rebalance removed it: take a new snapshot).
     FormatError, CorruptStoreError
         The file is damaged, or belongs to another store or other parameters.
     """
