@@ -33,17 +33,24 @@ from .training.kmeans import two_means
 from .types import F32Array, I64Array, Metric, U8Array
 from .version import package_version
 
-__all__ = ["DEFAULT_MERGE_FACTOR", "DEFAULT_NEIGHBOURS", "DEFAULT_SPLIT_FACTOR", "Balancer",
-           "RebalanceReport", "live_counts", "needs_rebalance", "rebalanced_header"]
+__all__ = ["DEFAULT_AUTO_REBALANCE", "DEFAULT_MERGE_FACTOR", "DEFAULT_NEIGHBOURS",
+           "DEFAULT_SPLIT_FACTOR", "MIN_SPLIT", "Balancer", "RebalanceReport", "live_counts",
+           "rebalanced_header"]
 
 logger = logging.getLogger(__name__)
 
 #: A list with more live records than this multiple of the mean is split.
 DEFAULT_SPLIT_FACTOR = 2.0
+#: Automatic rebalancing (``open(auto_rebalance=)``) starts when a write leaves a list past
+#: this multiple of the mean: past what a k-means trained on the data itself leaves (3.3x at
+#: 200k and at 1M vectors, docs/benchmarks.md "Rebalance"), so only drift sets it off.
+DEFAULT_AUTO_REBALANCE = 4.0
 #: A list with fewer live records than this multiple of the mean is merged away.
 DEFAULT_MERGE_FACTOR = 0.25
 #: Lists nearest the two halves of a split whose records are checked for moving to them.
 DEFAULT_NEIGHBOURS = 8
+#: The least fraction of a list's records on each side of the 2-means that splits it.
+SPLIT_BALANCE = 0.25
 #: No list is split below this many live records, whatever the mean.
 MIN_SPLIT = 64
 
@@ -78,16 +85,6 @@ def live_counts(snap: CatalogSnapshot, nlist: int) -> I64Array:
         if list_no < nlist:
             counts[list_no] = record.count - record.deleted
     return counts
-
-
-def needs_rebalance(counts: I64Array, split_factor: float, merge_factor: float) -> bool:
-    """Whether a list of ``counts`` is past the split or under the merge threshold."""
-    if not len(counts):
-        return False
-    mean = counts.sum() / len(counts)
-    return bool(counts.max() > max(split_factor * mean, MIN_SPLIT)
-                or (len(counts) > 1 and counts.min() < merge_factor * mean
-                    and counts.max() >= MIN_SPLIT))
 
 
 class _Pool:
@@ -128,6 +125,16 @@ class _Pool:
         return np.arange(at.start, at.stop, dtype=np.int64)
 
 
+@dataclass(frozen=True, slots=True)
+class _Split:
+    """How one list splits (:meth:`Balancer.plan_split`)."""
+
+    list_no: int
+    halves: F32Array  # (2, dim): the list's new centroid, and that of its new list
+    near: I64Array  # lists whose records may move to a half
+    dest: I64Array  # the list each of the split list's records goes to
+
+
 def _grown(a: np.ndarray, cap: int) -> np.ndarray:
     out = np.empty((cap, *a.shape[1:]), a.dtype)
     out[: len(a)] = a
@@ -157,6 +164,8 @@ class Balancer:
                            else vector_row_dtype(dim, files.vectors[0]))
         self.members: dict[int, I64Array] = {}  # loaded list -> its records' pool places
         self.dirty: set[int] = set()  # lists whose records or centroid change
+        #: Lists a split cannot part (:meth:`plan_split`), left as they are.
+        self.stuck: set[int] = set()
         self.splits = 0
         self.merges = 0
 
@@ -179,13 +188,8 @@ class Balancer:
             codes = np.ascontiguousarray(recs["code"], dtype=np.uint8)
             rows = None
             if self._files.vectors is not None:
+                # checked against their records in encoded(), for the lists rewritten
                 rows = np.asarray(self._fetch_vectors(list_no, record))[live]
-                bad = bad_rows(rows, ids)
-                if len(bad):
-                    raise CorruptStoreError(
-                        f"{self._where}: {len(bad)} vector row(s) of list {list_no} do not "
-                        f"match their records, e.g. that of id {int(ids[bad[0]])}; nothing "
-                        "was rebalanced (run verify)")
                 x = self._old.rotate(np.ascontiguousarray(rows["v"], dtype=np.float32))
             else:
                 x = self._old.decode(np.full(len(ids), list_no, np.int64), codes)
@@ -194,21 +198,21 @@ class Balancer:
         return got
 
     def _costs(self, x: F32Array, list_nos: I64Array) -> np.ndarray:
-        """(n, len(list_nos)) probe costs of ``x`` to those lists' current centroids, up to a
-        constant per row: ``|c|^2 - 2 x.c`` for l2, ``-x.c`` for ip and cosine."""
-        c = self.centroids[list_nos]
+        """(n, len(list_nos)) probe costs of ``x`` to those lists' current centroids."""
+        return self._costs_to(x, self.centroids[list_nos])
+
+    def _costs_to(self, x: F32Array, c: F32Array) -> np.ndarray:
+        """(n, len(c)) probe costs of ``x`` to the centroids ``c``, up to a constant per
+        row: ``|c|^2 - 2 x.c`` for l2, ``-x.c`` for ip and cosine."""
         out: np.ndarray = -(x @ c.T)
         if self.metric is Metric.L2:
             out = 2.0 * out + (c * c).sum(1)[None, :]
         return out
 
-    def _nearest(self, x: F32Array, exclude: int | None = None) -> I64Array:
+    def _nearest_other(self, x: F32Array, exclude: int) -> I64Array:
         """The list of each row of ``x`` among all current centroids but ``exclude``, as the
         writer assigns (the probe's costs, the lower list on ties)."""
-        coarse = CoarseQuantizer(self.centroids, self.metric)
-        if exclude is None:
-            return coarse.assign(x)
-        _, best = coarse.probe(x, 2)
+        _, best = CoarseQuantizer(self.centroids, self.metric).probe(x, 2)
         return np.where(best[:, 0] == exclude, best[:, 1], best[:, 0])
 
     def _move(self, src: int, leave: np.ndarray, dest: I64Array) -> None:
@@ -227,32 +231,55 @@ class Balancer:
         self.counts[src] -= len(going)
         np.add.at(self.counts, dest, 1)
 
-    def split(self, list_no: int, slot: int) -> None:
-        """Split list ``list_no`` by a balanced 2-means: one half keeps its number, the other
-        takes ``slot`` (a new one past the last, or one a merge freed). Its records go to
-        their nearest centroid; the records of the lists nearest the two halves that are now
-        nearer one of them move there."""
-        places = self._records(list_no)
+    def plan_split(self, list_no: int, slot: int) -> _Split | None:
+        """How list ``list_no`` would split, its second half taking number ``slot``: the
+        two centroids a balanced 2-means gives its records, the list each record would then
+        go to (its nearest centroid), and the lists near the halves and its old centroid
+        (but ``slot``, whose centroid the split replaces), whose records may move to a half.
+        None when no record would go to one of the halves (copies of one vector; under ip,
+        vectors along one ray): such a list cannot be split."""
+        places = self._records(list_no)  # first: loading it may grow the pool's arrays
         x = self._pool.x[places]
-        halves, _ = two_means(x, seed=self._rng)
-        before = self.centroids[list_no].copy()
+        # Balanced first; a few far records can drag the half that the balance forced
+        # through a dense part past it, so that no record is nearest it: then a plain
+        # 2-means, which parts them from the rest (the next split parts the rest).
+        for balance in (SPLIT_BALANCE, 0.0):
+            halves, _ = two_means(x, balance=balance, seed=self._rng)
+            after = (np.vstack([self.centroids, halves[1:]]) if slot == len(self.centroids)
+                     else self.centroids.copy())
+            after[[list_no, slot]] = halves
+            dest = CoarseQuantizer(after, self.metric).assign(x)
+            if (dest == list_no).any() and (dest == slot).any():
+                points = np.vstack([halves, self.centroids[list_no][None]])
+                return _Split(list_no, halves, self._near(points, exclude=[list_no, slot]),
+                              dest)
+        return None
+
+    def split(self, plan: _Split, slot: int) -> None:
+        """Split list ``plan.list_no`` by :meth:`plan_split`'s ``plan``: the first half
+        keeps its number, the second takes ``slot`` (a new one past the last, or one a merge
+        freed). Its records go to their nearest centroid; the records of the lists near the
+        halves that are now nearer a half move there (only the two changed centroids can
+        have become nearer)."""
+        list_no = plan.list_no
+        places = self._records(list_no)
         if slot == len(self.centroids):
-            self.centroids = np.vstack([self.centroids, halves[1:]])
+            self.centroids = np.vstack([self.centroids, plan.halves[1:]])
             self.counts = np.append(self.counts, 0)
         else:
-            self.centroids[slot] = halves[1]
-        self.centroids[list_no] = halves[0]
+            self.centroids[slot] = plan.halves[1]
+        self.centroids[list_no] = plan.halves[0]
         self._records(slot)
         self.dirty.update((list_no, slot))
         self._pool.fresh[places] = True  # its centroid moved
-        dest = self._nearest(x)
-        self._move(list_no, dest != list_no, dest[dest != list_no])
-        # Only the two changed centroids can have become nearer for other lists' records:
-        # check those of the lists nearest the old centroid and the two halves.
         pair = np.array([list_no, slot], np.int64)
-        for other in self._neighbours(pair, before).tolist():
-            near = self._records(other)  # first: loading it may grow the pool's arrays
-            xo = self._pool.x[near]
+        dest = plan.dest
+        if len(dest) != len(places):  # a merge since the plan added records: assign all
+            dest = CoarseQuantizer(self.centroids, self.metric).assign(self._pool.x[places])
+        self._move(list_no, dest != list_no, dest[dest != list_no])
+        for other in plan.near.tolist():
+            theirs = self._records(other)  # first: loading it may grow the pool's arrays
+            xo = self._pool.x[theirs]
             if not len(xo):
                 continue
             own = self._costs(xo, np.array([other]))[:, 0]
@@ -262,16 +289,16 @@ class Balancer:
             self._move(other, gain, pair[best[gain]])
         self.splits += 1
 
-    def _neighbours(self, changed: I64Array, old: F32Array) -> I64Array:
-        """The lists nearest each of ``changed``'s centroids and ``old`` (the centroid they
-        replaced), but for those lists themselves."""
-        count = min(self._neighbours_checked, len(self.centroids) - len(changed))
+    def _near(self, points: F32Array, exclude: list[int]) -> I64Array:
+        """The lists whose centroids are among the ``neighbours`` nearest (l2) one of
+        ``points``, but ``exclude``."""
+        excluded = [n for n in exclude if n < len(self.centroids)]
+        count = min(self._neighbours_checked, len(self.centroids) - len(excluded))
         if count <= 0:
             return np.empty(0, np.int64)
-        points = np.vstack([self.centroids[changed], old[None]])
         d = ((points * points).sum(1)[:, None] - 2.0 * (points @ self.centroids.T)
              + (self.centroids * self.centroids).sum(1)[None, :])
-        d[:, changed] = np.inf
+        d[:, excluded] = np.inf
         near = np.argpartition(d, count - 1, axis=1)[:, :count]
         return np.unique(near).astype(np.int64)
 
@@ -281,36 +308,54 @@ class Balancer:
         places = self._records(list_no)
         self.dirty.add(list_no)
         if len(places):
-            dest = self._nearest(self._pool.x[places], exclude=list_no)
+            dest = self._nearest_other(self._pool.x[places], list_no)
             self._move(list_no, np.ones(len(places), bool), dest)
         self.merges += 1
+
+    def _splittable(self, above: float, slot: int) -> _Split | None:
+        """The plan (:meth:`plan_split`) of splitting into ``slot`` the largest list (but
+        ``slot``) with more than ``above`` live records that a split parts; None when there
+        is none. Lists found not to part go to :attr:`stuck` and are skipped from then on."""
+        while True:
+            counts = self.counts.copy()
+            counts[[n for n in (*self.stuck, slot) if n < len(counts)]] = -1
+            largest = int(np.argmax(counts))
+            if counts[largest] <= above:
+                return None
+            plan = self.plan_split(largest, slot)
+            if plan is not None:
+                return plan
+            self.stuck.add(largest)
 
     def run(self, split_factor: float, merge_factor: float,
             progress: Callable[[int], None] | None = None) -> None:
         """Merge the lists under ``merge_factor`` x the mean (smallest first), each freed
-        slot taken by a split of the then largest list; then split every list past
-        ``split_factor`` x the mean (largest first), each into a new slot, until none is.
-        Each step is counted by ``progress``."""
+        number taken by a split of the then largest list past the mean (none is merged
+        when no such list can be split); then split every list past ``split_factor`` x the
+        mean (largest first), each into a new number, until none is. A list a split would
+        not part is left as it is (:meth:`plan_split`). Each step is counted by ``progress``."""
         total = int(self.counts.sum())
         tried: set[int] = set()
         while len(self.counts) > 1 and total:
             mean = total / len(self.counts)
             small = [int(i) for i in np.argsort(self.counts, kind="stable")
                      if self.counts[i] < merge_factor * mean and int(i) not in tried]
-            largest = int(np.argmax(self.counts))
-            if not small or self.counts[largest] < MIN_SPLIT or small[0] == largest:
+            if not small:
+                break
+            plan = self._splittable(max(mean, MIN_SPLIT - 1), small[0])
+            if plan is None:
                 break
             tried.add(small[0])
             self.merge(small[0])
-            self.split(int(np.argmax(self.counts)), small[0])
+            self.split(plan, small[0])
             if progress is not None:
                 progress(1)
         while total:
             mean = total / len(self.counts)
-            largest = int(np.argmax(self.counts))
-            if self.counts[largest] <= max(split_factor * mean, MIN_SPLIT):
+            plan = self._splittable(max(split_factor * mean, MIN_SPLIT), len(self.counts))
+            if plan is None:
                 break
-            self.split(largest, len(self.counts))
+            self.split(plan, len(self.counts))
             if progress is not None:
                 progress(1)
 
@@ -331,6 +376,14 @@ class Balancer:
         out = {}
         for list_no in sorted(self.dirty):
             places = self.members[list_no]
+            if pool.rows is not None:
+                bad = bad_rows(pool.rows[places], pool.ids[places])
+                if len(bad):
+                    raise CorruptStoreError(
+                        f"{self._where}: {len(bad)} vector row(s) do not match their records, "
+                        f"e.g. that of id {int(pool.ids[places[bad[0]]])} (list "
+                        f"{int(pool.origin[places[bad[0]]])}); nothing was rebalanced (run "
+                        "verify)")
             codes = pool.codes[places]
             fresh = np.flatnonzero(pool.fresh[places])
             if len(fresh):

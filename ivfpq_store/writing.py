@@ -69,6 +69,7 @@ from .quantizer import Quantizer
 from .rebalancing import (
     DEFAULT_MERGE_FACTOR,
     DEFAULT_NEIGHBOURS,
+    DEFAULT_SPLIT_FACTOR,
     MIN_SPLIT,
     Balancer,
     RebalanceReport,
@@ -134,6 +135,8 @@ class Writer:
         self._lock_timeout = lock_timeout
         self._auto_compact_ratio = auto_compact_ratio
         self._auto_rebalance = auto_rebalance
+        #: Lists the last rebalance of this handle could not split -> their live records.
+        self._stuck: dict[int, int] = {}
         self._sync = sync
         self._dtype = record_dtype(header.params.code_size)
         self._swept = False  # orphan segments are removed on this handle's first write
@@ -294,7 +297,8 @@ class Writer:
         logger.debug("wrote %d vectors to %d lists (%d replaced)", n, len(records), replaced)
         if replaced:
             self._auto_compact(changes.lists)
-        if self._auto_rebalance is not None:
+        if self._auto_rebalance is not None and encoded[1] is not None:
+            # (not after add_encoded: its caller holds codes of the current generation)
             self._auto_balance(changes.lists, new_state)
         return new_ids
 
@@ -520,6 +524,7 @@ class Writer:
                                 seed=seed)
             largest = int(balancer.counts.max(initial=0))
             balancer.run(split_factor, merge_factor, progress)
+            self._stuck = {n: int(balancer.counts[n]) for n in balancer.stuck}
             number, written = snap.state.quantizer, 0
             encoded, moved = 0, balancer.moved()
             if balancer.dirty:
@@ -564,16 +569,19 @@ class Writer:
 
     def _auto_balance(self, touched: Mapping[int, ListRecord | None],
                       state: StateRecord) -> None:
-        """Rebalance once a list a write touched passes auto_rebalance x the mean size (a
-        second step after the write's commit, as automatic compaction is; a failure is an
-        IvfpqWarning, not an error)."""
+        """Rebalance (every list past min(auto_rebalance, 2) x the mean split) once a list a
+        write touched passes auto_rebalance x the mean size: a second step after the write's
+        commit, as automatic compaction is; a failure is an IvfpqWarning, not an error. A
+        list the last rebalance could not split (:attr:`Balancer.stuck`) sets it off again
+        only once it has doubled since."""
         assert self._auto_rebalance is not None
-        nlist = self._latest_quantizer(self._catalog())[1].nlist
-        limit = max(self._auto_rebalance * state.ntotal / max(nlist, 1), MIN_SPLIT)
-        if not any(r is not None and r.count - r.deleted > limit for r in touched.values()):
-            return
         try:
-            self.rebalance(split_factor=self._auto_rebalance,
+            nlist = self._latest_quantizer(self._catalog())[1].nlist
+            limit = max(self._auto_rebalance * state.ntotal / max(nlist, 1), MIN_SPLIT)
+            if not any(r is not None and r.count - r.deleted > max(
+                    limit, 2 * self._stuck.get(n, 0)) for n, r in touched.items()):
+                return
+            self.rebalance(split_factor=min(self._auto_rebalance, DEFAULT_SPLIT_FACTOR),
                            merge_factor=DEFAULT_MERGE_FACTOR, neighbours=DEFAULT_NEIGHBOURS,
                            seed=state.commit)
         except (IvfpqError, OSError) as err:

@@ -113,7 +113,7 @@ def test_a_rebalance_splits_the_large_lists_and_raises_recall(tmp_path):
     assert 0 < report.records_moved <= len(base)
     assert report.records_encoded >= report.records_moved
     assert report.bytes_written > 0
-    assert after > before + 0.05, (before, after)
+    assert after > before + 0.03, (before, after)  # at scale: docs/benchmarks.md, "Rebalance"
     assert store.verify().ok
     np.testing.assert_array_equal(live_ids(store), np.arange(len(base)))
     np.testing.assert_array_equal(store.get_vectors(np.arange(len(base))), base)
@@ -368,10 +368,45 @@ def test_adds_that_push_a_list_past_auto_rebalance_rebalance_the_store(tmp_path)
         assert store.quantizer_generation >= 1
         np.testing.assert_array_equal(live_ids(store), np.arange(3000))
         assert store.verify().ok
-    with ivfpq_store.open(tmp_path / "s") as plain:  # off by default
-        generation = plain.quantizer_generation
-        plain.add(late * 0.1 + 30)
-        assert plain.quantizer_generation == generation
+    with ivfpq_store.open(tmp_path / "s", auto_rebalance=None) as off:
+        generation = off.quantizer_generation
+        off.add(late * 0.1 + 30)  # one dense spot: one list far past the mean
+        assert off.quantizer_generation == generation
+        assert max(off.info().list_sizes) > 4 * len(off) / off.params.nlist
+
+
+def test_by_default_a_list_past_four_times_the_mean_rebalances_down_to_two(tmp_path):
+    early, late = drifted(3000, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+        store = ivfpq_store.create(tmp_path / "s", early, nlist=8, m=4, nbits=6,
+                                   store_vectors="float32")
+    store.add(late[:1500])
+    sizes = store.info().list_sizes
+    below = max(sizes) <= 4 * len(store) / len(sizes)
+    assert store.quantizer_generation == (0 if below else 1)
+    store.add(late[:2000] * 0.1 + 30)  # one dense spot: one list far past 4x the mean
+    assert store.quantizer_generation >= 1
+    sizes = store.info().list_sizes
+    assert max(sizes) <= 2 * len(store) / len(sizes)
+    assert store.verify().ok
+
+
+def test_add_encoded_never_rebalances(tmp_path):
+    """Its caller holds codes of the current generation (an import adds batch after batch
+    with them), so a rebalance after it would make the next batch's codes stale."""
+    store, base = drifted_store(tmp_path / "s")
+    store.close()
+    with ivfpq_store.open(tmp_path / "s", auto_rebalance=1.5) as s:
+        x = base[:1000] * 0.1 + 30
+        generation = s.quantizer_generation
+        lists, codes = s.assign(x)
+        s.add_encoded(lists, codes, np.arange(10_000, 11_000), vectors=x,
+                      generation=generation)
+        assert s.quantizer_generation == generation
+        s.add_encoded(lists, codes, np.arange(20_000, 21_000), vectors=x,
+                      generation=generation)
+        assert s.quantizer_generation == generation
 
 
 # -- the CLI ------------------------------------------------------------------------------------

@@ -57,12 +57,14 @@ With ``--retrain`` (best with ``--drift``) it retrains the store at the end, alo
 against the store's create + add, then again while a reader process searches it one query at
 a time (the reader's latency before and during it), and reports recall and QPS after it.
 
+With ``--drift`` or ``--rebalance`` the main store is opened with ``auto_rebalance=None``.
 With ``--rebalance F`` (best with ``--drift``) it compares, side by side, (a) the store as
 built (no maintenance), (b) the same data added in the same batches to a store opened with
 ``auto_rebalance=F`` (its add throughput next to (a)'s), (b1) (a) rebalanced once at the end
-by ``Store.rebalance(split_factor=F)`` (on a copy), (d) a store trained on the final data
-with the same nlist and (d') one trained on it with the nlist (b) ended with: recall 10@10,
-batch QPS per nprobe, nlist and the largest list of each.
+by ``Store.rebalance(split_factor=min(F, 2))``, as the automatic one splits (on a copy),
+(d) a store trained on the final data with the same nlist and (d') one trained on it with
+the nlist (b) ended with (both without automatic rebalancing): recall 10@10, batch QPS per
+nprobe, nlist and the largest list of each.
 
 With ``--profile`` it trains and adds once more under cProfile and reports where the time goes,
 by phase (``TRAIN_PHASES``, ``ADD_PHASES``: coarse k-means, PQ training and its assignment and
@@ -400,8 +402,9 @@ def measure_rebalance(args: argparse.Namespace, path: Path, work: Path, xt: np.n
     same way; (b1) a copy of (a) rebalanced once; (d) and (d') stores trained on the final
     data with nlist and with (b)'s final nlist (see the module docstring)."""
     factor = args.rebalance
+    split = min(factor, 2.0)  # what an automatic rebalance splits to
     kind = args.store_vectors[0] if args.store_vectors else None
-    out: dict[str, Any] = {"split_factor": factor}
+    out: dict[str, Any] = {"auto_rebalance": factor, "split_factor": split}
     with ivfpq_store.open(path, readonly=True) as a:
         out["a"] = search_rows(args, a, xq, gt)
     out["a"]["add_s"] = sum(v["vectors"] / v["ours"] for v in adds.values())
@@ -416,7 +419,7 @@ def measure_rebalance(args: argparse.Namespace, path: Path, work: Path, xt: np.n
     with ivfpq_store.open(path) as a:  # a copy takes the writer lock
         a.copy(work / "once.ivfpq")
     with ivfpq_store.open(work / "once.ivfpq") as b1:
-        report, seconds = timed(b1.rebalance, split_factor=factor)
+        report, seconds = timed(b1.rebalance, split_factor=split)
         out["b1"] = {"rebalance_s": seconds, "report": report.to_dict()}
         out["b1"].update(search_rows(args, b1, xq, gt))
     print(f"(b1) one rebalance: {seconds:.1f} s, nlist {out['b1']['nlist']}", file=sys.stderr)
@@ -425,10 +428,11 @@ def measure_rebalance(args: argparse.Namespace, path: Path, work: Path, xt: np.n
     for label, lists in (("d", nlist), ("d_same_nlist", out["b"]["nlist"])):
         ntrain = min(len(xb), args.train_size or 256 * max(lists, 1 << args.nbits))
         sample = xb[np.sort(rng.choice(len(xb), ntrain, replace=False))]
-        fresh, t = timed(ivfpq_store.create, work / f"{label}.ivfpq", sample, nlist=lists,
-                         m=args.m, nbits=args.nbits, seed=args.seed, niter=args.niter,
-                         store_vectors=kind)
-        with fresh:
+        made, t = timed(ivfpq_store.create, work / f"{label}.ivfpq", sample, nlist=lists,
+                        m=args.m, nbits=args.nbits, seed=args.seed, niter=args.niter,
+                        store_vectors=kind)
+        made.close()
+        with ivfpq_store.open(work / f"{label}.ivfpq", auto_rebalance=None) as fresh:
             out[label] = {"train_s": t, "add_s": fill(fresh, xb, args.add_batch)}
             out[label].update(search_rows(args, fresh, xq, gt))
         print(f"({label}) fresh, nlist {lists}: recall "
@@ -961,6 +965,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         store, ours_train = timed(ivfpq_store.create, path, xt, nlist=nlist, m=args.m,
                                   nbits=args.nbits, seed=args.seed, niter=args.niter,
                                   store_vectors=kinds[0] if kinds else None)
+    if args.drift or args.rebalance is not None:
+        # the drifted store as an application left alone would have it: never rebalanced
+        store.close()
+        store = ivfpq_store.open(path, auto_rebalance=None)
     quantizer = faiss.IndexFlatL2(dim)
     index = faiss.IndexIVFPQ(quantizer, dim, nlist, args.m, args.nbits)
     index.cp.niter = args.niter
@@ -1207,7 +1215,7 @@ def markdown_rebalance(reb: dict[str, Any]) -> list[str]:
     """The ``--rebalance`` table: each variant's nlist, largest list, add time, and recall
     10@10 / batch QPS per nprobe."""
     labels = {"a": "(a) no maintenance",
-              "b": f"(b) auto_rebalance={reb['split_factor']:g}",
+              "b": f"(b) auto_rebalance={reb.get('auto_rebalance', reb['split_factor']):g}",
               "b1": f"(b1) one rebalance at the end (split_factor={reb['split_factor']:g})",
               "d": "(d) trained on the final data",
               "d_same_nlist": "(d') trained on the final data, (b)'s nlist"}
@@ -1467,8 +1475,8 @@ def main() -> None:
                         "report its time, the reader's latency and recall after it")
     p.add_argument("--rebalance", type=float, default=None, metavar="F",
                    help="also build a store with auto_rebalance=F, rebalance a copy of the "
-                        "store once (split_factor=F), and build fresh stores on the final data; "
-                        "compare recall, QPS, list sizes and add throughput")
+                        "store once (split_factor=min(F, 2)), and build fresh stores on the "
+                        "final data; compare recall, QPS, list sizes and add throughput")
     p.add_argument("--opq", action="store_true",
                    help="also build a store with opq=True and faiss's OPQm,IVFn,PQm and "
                         "compare their recall gains over the plain indexes")
