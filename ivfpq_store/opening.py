@@ -6,7 +6,6 @@ from __future__ import annotations
 from .errors import InvalidParamsError, StoreNotFoundError
 from .format.records import check_store_meta
 from .params import check_bool, check_int, check_ratio, check_split_factor
-from .rebalancing import DEFAULT_AUTO_REBALANCE
 from .storage import (
     DEFAULT_MAP_SIZE,
     MAX_MAP_SIZE,
@@ -58,7 +57,7 @@ def open(
     max_open_segments: int | None = None,
     lock_timeout: float = 30.0,
     auto_compact_ratio: float | None = 0.5,
-    auto_rebalance: float | None = DEFAULT_AUTO_REBALANCE,
+    auto_rebalance: float | None = None,
     sync: SyncPolicy = "auto",
 ) -> Store:
     """Open an existing store.
@@ -90,12 +89,13 @@ def open(
         this ratio (0..1). None turns automatic compaction off.
     auto_rebalance : float or None
         After an add or upsert that leaves a list with more live records than this multiple
-        of the mean (> 1; default 4, past what a quantizer trained on the data itself
-        leaves), rebalance the store in a second atomic step: :meth:`Store.rebalance` with
-        its defaults (every list past twice the mean split), or with this
-        ``split_factor`` when it is below 2. It keeps the lists balanced as data drifts, at
-        a cost to add throughput when it runs (docs/benchmarks.md, "Rebalance"). None
-        turns automatic rebalancing off. ``add_encoded`` never rebalances.
+        of the mean (> 1), rebalance the store in a second atomic step:
+        :meth:`Store.rebalance` with its defaults (every list past twice the mean split), or
+        with this ``split_factor`` when it is below 2. 4.0 suits a store whose data drifts:
+        a quantizer trained on the data itself leaves lists up to about 3.3 times the mean.
+        It keeps the lists balanced as data drifts, at a cost to add throughput when it runs
+        (docs/benchmarks.md, "Rebalance"). None (the default) never rebalances
+        automatically. ``add_encoded`` never rebalances.
     sync : {"auto", "files", "filesystem"}
         How a write makes the files it appended durable before its commit. ``"files"``
         fdatasyncs each file. ``"filesystem"`` makes one ``syncfs(2)`` call for the file

@@ -16,6 +16,7 @@ lock. :class:`Balancer` plans in memory and loads only the lists it touches.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -33,7 +34,7 @@ from .training.kmeans import two_means
 from .types import F32Array, I64Array, Metric, U8Array
 from .version import package_version
 
-__all__ = ["DEFAULT_AUTO_REBALANCE", "DEFAULT_MERGE_FACTOR", "DEFAULT_NEIGHBOURS",
+__all__ = ["DEFAULT_MERGE_FACTOR", "DEFAULT_NEIGHBOURS",
            "DEFAULT_SPLIT_FACTOR", "MIN_SPLIT", "Balancer", "RebalanceReport", "live_counts",
            "rebalanced_header"]
 
@@ -41,10 +42,6 @@ logger = logging.getLogger(__name__)
 
 #: A list with more live records than this multiple of the mean is split.
 DEFAULT_SPLIT_FACTOR = 2.0
-#: Automatic rebalancing (``open(auto_rebalance=)``) starts when a write leaves a list past
-#: this multiple of the mean: past what a k-means trained on the data itself leaves (3.3x at
-#: 200k and at 1M vectors, docs/benchmarks.md "Rebalance"), so only drift sets it off.
-DEFAULT_AUTO_REBALANCE = 4.0
 #: A list with fewer live records than this multiple of the mean is merged away.
 DEFAULT_MERGE_FACTOR = 0.25
 #: Lists nearest the two halves of a split whose records are checked for moving to them.
@@ -231,28 +228,37 @@ class Balancer:
         self.counts[src] -= len(going)
         np.add.at(self.counts, dest, 1)
 
-    def plan_split(self, list_no: int, slot: int) -> _Split | None:
+    def plan_split(self, list_no: int, slot: int, least: int = 1) -> _Split | None:
         """How list ``list_no`` would split, its second half taking number ``slot``: the
         two centroids a balanced 2-means gives its records, the list each record would then
         go to (its nearest centroid), and the lists near the halves and its old centroid
         (but ``slot``, whose centroid the split replaces), whose records may move to a half.
-        None when no record would go to one of the halves (copies of one vector; under ip,
-        vectors along one ray): such a list cannot be split."""
+        None when fewer than ``least`` records (at least 1) would go to one of the halves
+        (copies of one vector; under ip, vectors along one ray; a few records apart from
+        many copies, which a later merge would send back): such a list is not split."""
         places = self._records(list_no)  # first: loading it may grow the pool's arrays
         x = self._pool.x[places]
-        # Balanced first; a few far records can drag the half that the balance forced
-        # through a dense part past it, so that no record is nearest it: then a plain
-        # 2-means, which parts them from the rest (the next split parts the rest).
-        for balance in (SPLIT_BALANCE, 0.0):
-            halves, _ = two_means(x, balance=balance, seed=self._rng)
+        # Balanced first. A few far records can drag the half that the balance forced
+        # through a dense part past it, so that few records are nearest it: then a plain
+        # 2-means, which parts them from the rest, and if that leaves a side too small, a
+        # balanced one of the rest alone (the few then go to their nearest centroid).
+        part = x
+        for attempt in range(3):
+            halves, side = two_means(part, balance=0.0 if attempt == 1 else SPLIT_BALANCE,
+                                     seed=self._rng)
             after = (np.vstack([self.centroids, halves[1:]]) if slot == len(self.centroids)
                      else self.centroids.copy())
             after[[list_no, slot]] = halves
             dest = CoarseQuantizer(after, self.metric).assign(x)
-            if (dest == list_no).any() and (dest == slot).any():
+            if min(np.count_nonzero(dest == list_no),
+                   np.count_nonzero(dest == slot)) >= max(least, 1):
                 points = np.vstack([halves, self.centroids[list_no][None]])
                 return _Split(list_no, halves, self._near(points, exclude=[list_no, slot]),
                               dest)
+            if attempt == 1:
+                part = part[side == np.argmax(np.bincount(side, minlength=2))]
+                if len(part) < 2:
+                    break
         return None
 
     def split(self, plan: _Split, slot: int) -> None:
@@ -312,17 +318,18 @@ class Balancer:
             self._move(list_no, np.ones(len(places), bool), dest)
         self.merges += 1
 
-    def _splittable(self, above: float, slot: int) -> _Split | None:
+    def _splittable(self, above: float, slot: int, least: int) -> _Split | None:
         """The plan (:meth:`plan_split`) of splitting into ``slot`` the largest list (but
-        ``slot``) with more than ``above`` live records that a split parts; None when there
-        is none. Lists found not to part go to :attr:`stuck` and are skipped from then on."""
+        ``slot``) with more than ``above`` live records that a split parts, ``least``
+        records at least on each side; None when there is none. Lists found not to part go
+        to :attr:`stuck` and are skipped from then on."""
         while True:
             counts = self.counts.copy()
             counts[[n for n in (*self.stuck, slot) if n < len(counts)]] = -1
             largest = int(np.argmax(counts))
             if counts[largest] <= above:
                 return None
-            plan = self.plan_split(largest, slot)
+            plan = self.plan_split(largest, slot, least)
             if plan is not None:
                 return plan
             self.stuck.add(largest)
@@ -333,7 +340,8 @@ class Balancer:
         number taken by a split of the then largest list past the mean (none is merged
         when no such list can be split); then split every list past ``split_factor`` x the
         mean (largest first), each into a new number, until none is. A list a split would
-        not part is left as it is (:meth:`plan_split`). Each step is counted by ``progress``."""
+        not part, each half holding ``merge_factor`` x the mean at least, is left as it is
+        (:meth:`plan_split`). Each step is counted by ``progress``."""
         total = int(self.counts.sum())
         tried: set[int] = set()
         while len(self.counts) > 1 and total:
@@ -342,7 +350,8 @@ class Balancer:
                      if self.counts[i] < merge_factor * mean and int(i) not in tried]
             if not small:
                 break
-            plan = self._splittable(max(mean, MIN_SPLIT - 1), small[0])
+            plan = self._splittable(max(mean, MIN_SPLIT - 1), small[0],
+                                    math.ceil(merge_factor * mean))
             if plan is None:
                 break
             tried.add(small[0])
@@ -352,7 +361,11 @@ class Balancer:
                 progress(1)
         while total:
             mean = total / len(self.counts)
-            plan = self._splittable(max(split_factor * mean, MIN_SPLIT), len(self.counts))
+            # each half at least the merge floor of the mean after it: a smaller one would
+            # be merged back by the next rebalance
+            least = math.ceil(merge_factor * total / (len(self.counts) + 1))
+            plan = self._splittable(max(split_factor * mean, MIN_SPLIT), len(self.counts),
+                                    least)
             if plan is None:
                 break
             self.split(plan, len(self.counts))

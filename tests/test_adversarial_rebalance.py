@@ -55,12 +55,15 @@ def _ray(n: int, seed: int) -> np.ndarray:
             + rng.normal(0, 0.01, (n, DIM))).astype(np.float32)
 
 
-@pytest.mark.parametrize(("metric", "kind"), [("l2", "duplicates"), ("ip", "ray")])
+@pytest.mark.parametrize(("metric", "kind"), [("l2", "duplicates"), ("ip", "ray"),
+                                              ("cosine", "duplicates")])
 def test_a_list_no_split_can_part_is_left_as_it_is(tmp_path, bounded_splits, metric, kind):
     """A list past the split threshold whose records a 2-means cannot part (300 copies of
-    one vector; under ip, vectors along one ray) is not split: the rebalance ends, splits
-    only what it can, adds no list that gets none of the records, keeps every id once,
-    and a second rebalance finds nothing to do."""
+    one vector; under ip, vectors along one ray; under cosine, copies among which a split
+    would only chip off a few other records, which the next rebalance would merge back)
+    is not split: the rebalance ends, splits only what it can, adds no list that gets
+    none of the records, keeps every id once, and a second rebalance finds nothing to
+    do."""
     store, train = _create(tmp_path / "s", metric=metric)
     store.add(train[:800])
     extra = np.repeat(train[:1], 300, axis=0) if kind == "duplicates" else _ray(400, seed=0)

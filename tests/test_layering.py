@@ -46,7 +46,7 @@ ALLOWED = {
               "format", "params",
               "quantizer", "rebalancing", "reports", "retraining", "search", "storage", "types",
               "upgrading", "verify", "writing"},
-    "opening": {"errors", "format", "params", "rebalancing", "storage", "store", "types"},
+    "opening": {"errors", "format", "params", "storage", "store", "types"},
     "creation": {"_validate", "errors", "faiss_interop", "format", "opening", "params",
                  "quantizer", "storage", "store", "training", "types", "version"},
     "demo": {"creation", "opening", "datasets", "evaluation"},

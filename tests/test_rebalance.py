@@ -160,7 +160,7 @@ def test_search_after_a_rebalance_is_the_adc_of_the_new_centroids(tmp_path, metr
                                    store_vectors="float32", opq=opq)
     store.add(late)
     store.delete(np.arange(0, 3000, 7))
-    report = store.rebalance(split_factor=1.5, merge_factor=0.5)
+    report = store.rebalance(split_factor=1.5)
     assert report.splits
     assert report.generation == 1
     queries = late[:20] + 0.1
@@ -368,19 +368,22 @@ def test_adds_that_push_a_list_past_auto_rebalance_rebalance_the_store(tmp_path)
         assert store.quantizer_generation >= 1
         np.testing.assert_array_equal(live_ids(store), np.arange(3000))
         assert store.verify().ok
-    with ivfpq_store.open(tmp_path / "s", auto_rebalance=None) as off:
+    with ivfpq_store.open(tmp_path / "s") as off:  # off by default
         generation = off.quantizer_generation
         off.add(late * 0.1 + 30)  # one dense spot: one list far past the mean
         assert off.quantizer_generation == generation
         assert max(off.info().list_sizes) > 4 * len(off) / off.params.nlist
 
 
-def test_by_default_a_list_past_four_times_the_mean_rebalances_down_to_two(tmp_path):
+def test_auto_rebalance_of_four_rebalances_down_to_twice_the_mean(tmp_path):
+    """A list past four times the mean sets it off; every list past twice the mean is then
+    split."""
     early, late = drifted(3000, seed=5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
-        store = ivfpq_store.create(tmp_path / "s", early, nlist=8, m=4, nbits=6,
-                                   store_vectors="float32")
+        ivfpq_store.create(tmp_path / "s", early, nlist=8, m=4, nbits=6,
+                           store_vectors="float32").close()
+    store = ivfpq_store.open(tmp_path / "s", auto_rebalance=4.0)
     store.add(late[:1500])
     sizes = store.info().list_sizes
     below = max(sizes) <= 4 * len(store) / len(sizes)
@@ -602,17 +605,14 @@ class RebalanceMachine(RuleBasedStateMachine):
             k = min(5, len(ids))
             got = store.search(queries, k=k, nprobe=store.params.nlist,
                                refine=-(-len(ids) // k))
-            d, i = brute_force_knn(base[ids], queries, k, metric=self.metric, ids=ids)
-            if self.metric == "l2":
-                np.testing.assert_allclose(got.distances, d, rtol=1e-5, atol=1e-3)
-            else:
-                np.testing.assert_allclose(-got.distances if (got.distances < 0).all() and
-                                           (d > 0).all() else got.distances, d, rtol=1e-5,
-                                           atol=1e-3)
-            # ids may differ only among exactly equal distances
-            for row_got, row_ref, dist in zip(got.ids, i, d, strict=True):
-                if len(set(np.round(dist, 4).tolist())) == len(dist):
-                    np.testing.assert_array_equal(row_got, row_ref)
+            d, _ = brute_force_knn(base[ids], queries, k, metric=self.metric, ids=ids)
+            np.testing.assert_allclose(got.distances, d, rtol=1e-5, atol=1e-3)
+            # each id returned is live and at the distance returned (any order among ties)
+            exact = (((queries[:, None, :] - base[got.ids]) ** 2).sum(-1)
+                     if self.metric == "l2" else (queries[:, None, :] * base[got.ids]).sum(-1))
+            assert all(int(i) in self.model for i in got.ids.ravel())
+            assert all(len(set(row.tolist())) == k for row in got.ids)
+            np.testing.assert_allclose(got.distances, exact, rtol=1e-5, atol=1e-3)
         report = store.verify()
         assert report.ok, report.problems
         assert report.leftovers == ()
