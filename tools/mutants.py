@@ -602,8 +602,9 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_rebalance.py", "-k", "two_means")),
     Mutant("auto-rebalance-never-runs",
            "adds never rebalance, whatever auto_rebalance says",
-           "if not any(r is not None and r.count - r.deleted > limit for r in touched.values()):",
-           "if True:",
+           "            if not any(r is not None and r.count - r.deleted > max(\n"
+           "                    limit, 2 * self._stuck.get(n, 0)) for n, r in touched.items()):",
+           "            if True:",
            ("tests/test_rebalance.py", "-k", "auto_rebalance_rebalance")),
 )
 
