@@ -7,11 +7,7 @@ search (every list probed, every candidate re-ranked) stays the brute-force answ
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,8 +19,8 @@ from helpers import adc_reference, assert_valid_topk, brute_force_knn, tree_fing
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from test_crash import make_crash_store, run_crash_rounds
-from test_retrain import READER, drifted, drifted_store, live_ids
+from test_crash import live_state, make_crash_store, run_crash_rounds
+from test_retrain import digest, drifted, drifted_store, live_ids, results_of_readers
 
 import ivfpq_store
 from ivfpq_store import testing
@@ -32,24 +28,11 @@ from ivfpq_store.evaluation import recall_at
 from ivfpq_store.storage import read_header
 from ivfpq_store.training.kmeans import two_means
 
-TESTS = Path(__file__).resolve().parent
-
-
-def placement(store: ivfpq_store.Store) -> dict[int, tuple[int, bytes]]:
-    """id -> (list, code) of every live record; each id once."""
-    out: dict[int, tuple[int, bytes]] = {}
-    for list_no in range(store.params.nlist):
-        ids, codes = store.list_contents(list_no)
-        for i, code in zip(ids.tolist(), codes, strict=True):
-            assert i not in out, f"id {i} is live twice"
-            out[i] = (list_no, code.tobytes())
-    return out
-
 
 def assert_codes_are_of_their_lists(store: ivfpq_store.Store) -> None:
     """Every live record's code is what the current quantizer gives its stored vector in
     the list that holds it: no record keeps a code of a centroid that moved."""
-    placed = placement(store)
+    placed = live_state(store)
     if not placed:
         return
     ids = np.array(sorted(placed), np.int64)
@@ -255,7 +238,7 @@ def test_writes_after_a_rebalance_use_its_generation(tmp_path):
     new = store.add(extra)
     lists, codes = store.assign(extra)
     assert lists.max() < nlist
-    got = placement(store)
+    got = live_state(store)
     for i, lst, code in zip(new.tolist(), lists.tolist(), codes, strict=True):
         assert got[i] == (lst, code.tobytes())
     store.upsert(base[:5] + 5, ids=np.arange(5))
@@ -458,35 +441,19 @@ def test_readers_during_rebalances_see_one_generation_or_the_next(tmp_path):
     store, base = drifted_store(tmp_path / "s", nlist=6)
     # near the vectors already there and near each round's additions
     queries = np.vstack([base[:10] + 0.05, *[base[:5] * 0.3 + r + 0.05 for r in range(4)]])
-    np.save(tmp_path / "q.npy", queries)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]))
 
-    def digest() -> str:
-        return hashlib.sha1(store.search(queries, k=5, nprobe=3).ids.tobytes()).hexdigest()
-
-    expected = {digest()}
-    readers = [subprocess.Popen([sys.executable, "-c", READER, str(tmp_path / "s"),
-                                 str(tmp_path / "q.npy")], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    try:
-        for r in readers:
-            assert r.stdout is not None
-            assert r.stdout.readline().strip() == "ready"
+    def adds_and_rebalances() -> set[str]:
+        expected = {digest(store, queries)}
         for round_ in range(4):
             store.add(base[:600] * 0.3 + round_)
-            expected.add(digest())
-            report = store.rebalance(split_factor=1.5)
-            assert report.splits
-            expected.add(digest())
+            expected.add(digest(store, queries))
+            assert store.rebalance(split_factor=1.5).splits
+            expected.add(digest(store, queries))
             time.sleep(0.2)
-    finally:
-        for r in readers:
-            r.kill()
-    seen: set[str] = set()
-    for r in readers:
-        out, err = r.communicate()
-        assert r.returncode == -9, err  # killed while searching, not dead of an error
-        seen.update(out.split())
+        return expected
+
+    seen, expected = results_of_readers(tmp_path, tmp_path / "s", queries,
+                                        adds_and_rebalances)
     assert seen <= expected, f"{len(seen - expected)} results of no state"
     assert len(seen) >= 3  # the readers saw several generations
 
@@ -594,7 +561,7 @@ class RebalanceMachine(RuleBasedStateMachine):
         assert self.store is not None
         store = self.store
         assert len(store) == len(self.model)
-        placed = placement(store)
+        placed = live_state(store)
         assert set(placed) == set(self.model)
         assert_codes_are_of_their_lists(store)
         if self.model:

@@ -5,11 +5,13 @@ acknowledged vector exactly once; writes after it use the new generation."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -281,29 +283,27 @@ with ivfpq_store.open(sys.argv[1], readonly=True) as store:
 """
 
 
-def test_readers_during_retrains_see_one_generation_or_the_next(tmp_path):
-    """Two reader processes search while this process retrains four times. Every result a
-    reader got is the result of one whole generation (each computed here after its retrain),
-    and no reader errs."""
-    import hashlib
+def digest(store: ivfpq_store.Store, queries: np.ndarray) -> str:
+    """The digest a :data:`READER` prints for ``store``'s results now."""
+    return hashlib.sha1(store.search(queries, k=5, nprobe=3).ids.tobytes()).hexdigest()
 
-    store, base = drifted_store(tmp_path / "s")
-    queries = base[:30] + 0.05
+
+def results_of_readers(tmp_path: Path, store_path: Path, queries: np.ndarray,
+                       change: Callable[[], set[str]]) -> tuple[set[str], set[str]]:
+    """Two :data:`READER` processes search ``queries`` in a loop while ``change()`` writes
+    to the store; returns the digests the readers printed and those ``change`` returned
+    (the results of whole states, each computed after its write). Asserts that no reader
+    died of an error (each is killed while searching)."""
     np.save(tmp_path / "q.npy", queries)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]))
-    expected = {hashlib.sha1(store.search(queries, k=5, nprobe=3).ids.tobytes()).hexdigest()}
-    readers = [subprocess.Popen([sys.executable, "-c", READER, str(tmp_path / "s"),
+    readers = [subprocess.Popen([sys.executable, "-c", READER, str(store_path),
                                  str(tmp_path / "q.npy")], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
     try:
         for r in readers:
             assert r.stdout is not None
             assert r.stdout.readline().strip() == "ready"
-        for nlist, opq in ((9, False), (6, True), (12, False), (8, True)):
-            retrain(store, nlist=nlist, opq=opq)
-            expected.add(hashlib.sha1(store.search(queries, k=5, nprobe=3).ids.tobytes())
-                         .hexdigest())
-            time.sleep(0.2)
+        expected = change()
     finally:
         for r in readers:
             r.kill()
@@ -312,6 +312,25 @@ def test_readers_during_retrains_see_one_generation_or_the_next(tmp_path):
         out, err = r.communicate()
         assert r.returncode == -9, err  # killed while searching, not dead of an error
         seen.update(out.split())
+    return seen, expected
+
+
+def test_readers_during_retrains_see_one_generation_or_the_next(tmp_path):
+    """Two reader processes search while this process retrains four times. Every result a
+    reader got is the result of one whole generation (each computed here after its retrain),
+    and no reader errs."""
+    store, base = drifted_store(tmp_path / "s")
+    queries = base[:30] + 0.05
+
+    def retrains() -> set[str]:
+        expected = {digest(store, queries)}
+        for nlist, opq in ((9, False), (6, True), (12, False), (8, True)):
+            retrain(store, nlist=nlist, opq=opq)
+            expected.add(digest(store, queries))
+            time.sleep(0.2)
+        return expected
+
+    seen, expected = results_of_readers(tmp_path, tmp_path / "s", queries, retrains)
     assert seen <= expected, f"{len(seen - expected)} results of no generation"
     assert len(seen) >= 3  # the readers saw several generations
 
