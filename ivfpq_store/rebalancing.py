@@ -34,9 +34,8 @@ from .training.kmeans import two_means
 from .types import F32Array, I64Array, Metric, U8Array
 from .version import package_version
 
-__all__ = ["DEFAULT_MERGE_FACTOR", "DEFAULT_NEIGHBOURS",
-           "DEFAULT_SPLIT_FACTOR", "MIN_SPLIT", "Balancer", "RebalanceReport", "live_counts",
-           "rebalanced_header"]
+__all__ = ["DEFAULT_MERGE_FACTOR", "DEFAULT_NEIGHBOURS", "DEFAULT_SPLIT_FACTOR", "MIN_SPLIT",
+           "SPLIT_BALANCE", "Balancer", "RebalanceReport", "live_counts", "rebalanced_header"]
 
 logger = logging.getLogger(__name__)
 
