@@ -92,7 +92,8 @@ def open(
         of the mean (> 1), rebalance the store in a second atomic step:
         :meth:`Store.rebalance` with its defaults (every list past twice the mean split), or
         with this ``split_factor`` when it is below 2. 4.0 suits a store whose data drifts:
-        a quantizer trained on the data itself leaves lists up to about 3.3 times the mean.
+        a quantizer trained on the data itself leaves a largest list of 3 to 4 times the
+        mean.
         It keeps the lists balanced as data drifts, at a cost to add throughput when it runs
         (docs/benchmarks.md, "Rebalance"). None (the default) never rebalances
         automatically. ``add_encoded`` never rebalances.
