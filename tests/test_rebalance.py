@@ -199,6 +199,14 @@ def test_a_balanced_store_is_left_as_it_is(tmp_path):
     assert tree_fingerprint(tmp_path / "s") == before
 
 
+def test_progress_is_called_once_per_split(tmp_path):
+    store, _ = drifted_store(tmp_path / "s")
+    calls: list[int] = []
+    report = store.rebalance(progress=calls.append)
+    assert report.splits
+    assert calls == [1] * report.splits
+
+
 def test_repeated_rebalances_settle(tmp_path):
     store, _ = drifted_store(tmp_path / "s")
     rounds = 0
