@@ -528,15 +528,17 @@ class Writer:
             number, written = snap.state.quantizer, 0
             encoded, moved = 0, balancer.moved()
             if balancer.dirty:
-                if catalog.id_map_schema() == PER_ID:
-                    catalog.upgrade_id_map()  # generations need the packed id map
-                    snap = catalog.snapshot()  # the same lists, one commit later
                 header = rebalanced_header(self._header, old, balancer.centroids,
                                            splits=balancer.splits, merges=balancer.merges)
                 new = Quantizer(header.centroids, header.codebooks, old.metric,
                                 header.rotation)
-                lists = balancer.encoded(new)
+                lists = balancer.encoded(new)  # checks the vector rows it carries
                 encoded = balancer.fresh_count()
+                if catalog.id_map_schema() == PER_ID:
+                    # Generations need the packed id map: upgraded only once nothing can
+                    # refuse the rebalance but a failing write, as for a retrain.
+                    catalog.upgrade_id_map()
+                    snap = catalog.snapshot()  # the same lists, one commit later
                 parts = [(np.full(len(i), n, np.int64), i, c, r)
                          for n, (i, c, r) in lists.items()]
                 rows = [r for *_, r in parts]

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import DIM
-from helpers import adc_reference, assert_valid_topk, brute_force_knn, tree_fingerprint
+from helpers import (
+    adc_reference,
+    assert_valid_topk,
+    brute_force_knn,
+    downgrade_id_map,
+    tree_fingerprint,
+)
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -329,11 +335,16 @@ def test_a_read_only_handle_cannot_rebalance(tmp_path):
         ro.rebalance()
 
 
-def test_a_damaged_vector_row_stops_the_rebalance_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize("id_map", ["packed", "per-id"])
+def test_a_damaged_vector_row_stops_the_rebalance_before_anything_is_written(tmp_path,
+                                                                             id_map):
+    """Even in a store of an older format, whose id map a rebalance packs first."""
     store, _ = drifted_store(tmp_path / "s")
     largest = int(np.argmax(store.info().list_sizes))
     vfile = tmp_path / "s" / "segments" / f"{largest:06d}-000000.vec"
     store.close()
+    if id_map == "per-id":
+        downgrade_id_map(tmp_path / "s")
     data = bytearray(vfile.read_bytes())
     data[-7] ^= 0xFF  # a byte of the last row's vector
     vfile.write_bytes(bytes(data))
