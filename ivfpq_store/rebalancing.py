@@ -194,12 +194,9 @@ class Balancer:
         return got
 
     def _costs(self, x: F32Array, list_nos: I64Array) -> np.ndarray:
-        """(n, len(list_nos)) probe costs of ``x`` to those lists' current centroids."""
-        return self._costs_to(x, self.centroids[list_nos])
-
-    def _costs_to(self, x: F32Array, c: F32Array) -> np.ndarray:
-        """(n, len(c)) probe costs of ``x`` to the centroids ``c``, up to a constant per
-        row: ``|c|^2 - 2 x.c`` for l2, ``-x.c`` for ip and cosine."""
+        """(n, len(list_nos)) probe costs of ``x`` to those lists' current centroids, up to
+        a constant per row: ``|c|^2 - 2 x.c`` for l2, ``-x.c`` for ip and cosine."""
+        c = self.centroids[list_nos]
         out: np.ndarray = -(x @ c.T)
         if self.metric is Metric.L2:
             out = 2.0 * out + (c * c).sum(1)[None, :]
@@ -380,12 +377,13 @@ class Balancer:
         """Records of the dirty lists that :meth:`encoded` encodes again."""
         return sum(int(self._pool.fresh[self.members[n]].sum()) for n in self.dirty)
 
-    def encoded(self, quantizer: Quantizer) -> dict[int, tuple[I64Array, U8Array,
-                                                             np.ndarray | None]]:
-        """Each dirty list's records as (ids, codes, stored vector rows), the fresh ones
-        encoded by ``quantizer`` (the new generation's) into that list."""
+    def encoded(self, quantizer: Quantizer
+                ) -> tuple[I64Array, I64Array, U8Array, np.ndarray | None]:
+        """The records of the dirty lists, list by list, as ids, list numbers, codes and
+        stored vector rows (None without them), the fresh ones encoded by ``quantizer``
+        (the new generation's) into their list."""
         pool = self._pool
-        out = {}
+        parts = []
         for list_no in sorted(self.dirty):
             places = self.members[list_no]
             if pool.rows is not None:
@@ -401,9 +399,11 @@ class Balancer:
             if len(fresh):
                 codes[fresh] = quantizer.encode(np.ascontiguousarray(pool.x[places[fresh]]),
                                                 np.full(len(fresh), list_no, np.int64))
-            out[list_no] = (pool.ids[places], codes,
-                            None if pool.rows is None else pool.rows[places])
-        return out
+            parts.append((pool.ids[places], np.full(len(places), list_no, np.int64), codes,
+                          None if pool.rows is None else pool.rows[places]))
+        ids_of, lists_of, codes_of, rows_of = zip(*parts, strict=True)
+        return (np.concatenate(ids_of), np.concatenate(lists_of), np.concatenate(codes_of),
+                None if pool.rows is None else np.concatenate(rows_of))
 
 
 def rebalanced_header(base: Header, quantizer: Quantizer, centroids: F32Array,

@@ -885,16 +885,16 @@ class Store:
         A split clusters the list's vectors (stored, or its codes' reconstructions) in two
         by a balanced 2-means: one half keeps the list's number, the other becomes list
         ``nlist`` (nlist grows by one), or takes the number a merge freed. The list's
-        records go to the nearest of the two halves and the ``neighbours`` lists nearest
-        each half (and the old centroid), and the records of those lists move to a half
-        when it is now nearer. A merge sends each record of
-        the list to its nearest other centroid, and its number goes to a split of the
-        largest list (so merges do not shrink nlist). Moved records, and those of a list
-        whose centroid moved, are encoded again; every other list keeps its files. A
-        rebalance is a partial retrain: a new quantizer generation (centroids changed,
-        codebooks and rotation kept) and the rewritten lists switch in one transaction,
-        with the crash and reader rules of :meth:`retrain`. Records of a store that keeps
-        no vectors are moved from their reconstructions, which costs recall on those.
+        records go to their nearest centroid, and the records of the ``neighbours`` lists
+        nearest each half (and the old centroid) move to a half when it is now nearer. A
+        merge sends each record of the list to its nearest other centroid, and its number
+        goes to a split of the largest list (so merges do not shrink nlist). Moved records,
+        and those of a list whose centroid moved, are encoded again; every other list keeps
+        its files. A rebalance is a partial retrain: a new quantizer generation (centroids
+        changed, codebooks and rotation kept) and the rewritten lists switch in one
+        transaction, with the crash and reader rules of :meth:`retrain`. Records of a store
+        that keeps no vectors are moved from their reconstructions, which costs recall on
+        those.
 
         Parameters
         ----------

@@ -532,24 +532,16 @@ class Writer:
                                            splits=balancer.splits, merges=balancer.merges)
                 new = Quantizer(header.centroids, header.codebooks, old.metric,
                                 header.rotation)
-                lists = balancer.encoded(new)  # checks the vector rows it carries
+                ids, list_nos, codes, vrows = balancer.encoded(new)  # checks the vector rows
                 encoded = balancer.fresh_count()
                 if catalog.id_map_schema() == PER_ID:
                     # Generations need the packed id map: upgraded only once nothing can
                     # refuse the rebalance but a failing write, as for a retrain.
                     catalog.upgrade_id_map()
                     snap = catalog.snapshot()  # the same lists, one commit later
-                parts = [(np.full(len(i), n, np.int64), i, c, r)
-                         for n, (i, c, r) in lists.items()]
-                rows = [r for *_, r in parts]
-                replaced = [n for n in lists if n in snap.lists]
-                done = encode_generation(
-                    self._layout, self._files, snap,
-                    np.concatenate([i for _, i, _, _ in parts]),
-                    np.concatenate([n for n, _, _, _ in parts]),
-                    np.concatenate([c for _, _, c, _ in parts]),
-                    None if rows[0] is None else np.concatenate(rows),  # type: ignore[arg-type]
-                    sync=self._sync, replaced=replaced)
+                replaced = [n for n in balancer.dirty if n in snap.lists]
+                done = encode_generation(self._layout, self._files, snap, ids, list_nos,
+                                         codes, vrows, sync=self._sync, replaced=replaced)
                 dropped = sum(snap.lists[n].deleted for n in replaced)
                 number = self._switch(catalog, snap, done, header,
                                       ndeleted=snap.state.ndeleted - dropped)

@@ -112,7 +112,7 @@ def run_crash_rounds(path: Path, rounds: int, seed: int, *, workload: str = "op"
     model: dict[int, np.ndarray] = {}
     next_op = 0
     stats = {"kills": 0, "in_flight_applied": 0, "in_flight_lost": 0, "acknowledged": 0,
-             "kills_leaving_leftovers": 0, "vector_checks": 0, "kills_in_a_retrain": 0,
+             "kills_leaving_leftovers": 0, "vector_checks": 0, "kills_changing_generation": 0,
              "generation": 0}
     queries = vectors(np.random.default_rng([seed, 7]), 3)
     for _ in range(rounds):
@@ -138,7 +138,7 @@ def run_crash_rounds(path: Path, rounds: int, seed: int, *, workload: str = "op"
         # A retrain or a rebalance changes no vector: whether it committed shows in the
         # quantizer generation only, and the state equals the model either way (checked
         # below, with the quantizer of whichever generation is current).
-        stats["kills_in_a_retrain"] += op(in_flight)[0] in ("retrain", "rebalance")
+        stats["kills_changing_generation"] += op(in_flight)[0] in ("retrain", "rebalance")
         with ivfpq_store.open(path) as store:
             generation = store.info().quantizer_generation
             assert generation >= stats["generation"]
