@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -25,6 +26,20 @@ def test_reopen_gives_identical_results(tmp_path, small_data):
         assert len(store) == n == len(small_data["base"])
     np.testing.assert_array_equal(before.ids, after.ids)
     np.testing.assert_array_equal(before.distances, after.distances)
+
+
+def test_store_created_again_where_one_is_still_open(tmp_path, small_data):
+    """A store removed and created again at a path this process still holds open (a
+    long-lived worker) opens as the new store, and the old handle keeps reading its own."""
+    path = tmp_path / "s.ivfpq"
+    old = make_store(path, small_data)
+    shutil.rmtree(path)
+    with make_store(path, small_data, add=False) as new:
+        new.add(small_data["base"][:7])
+        with ivfpq_store.open(path, readonly=True) as again:
+            assert len(again) == 7 and again.store_uuid == new.store_uuid
+    assert len(old) == len(small_data["base"])
+    old.close()
 
 
 def test_use_after_fork_is_refused(tmp_path, small_data):

@@ -120,6 +120,9 @@ class SharedEnv:
         self.max_map_size = max_map_size
         self.refs = 0
         self.pid = os.getpid()  # the only process that may use or close ``env``
+        #: (device, inode) of the environment's data file, to tell a directory replaced
+        #: since (a store removed and created again at the same path) from this one.
+        self.file_id = file_id(path)
         self._gate = TransactionGate()
         self._broken: str | None = None  # why ``env`` can no longer be used
         self.dbs: dict[bytes, Any] = {}
@@ -509,6 +512,10 @@ def acquire_env(path: Path, *, create: bool, readonly: bool = False,
     key = os.path.realpath(path)
     with _REGISTRY_LOCK:
         shared = _REGISTRY.get(key)
+        if shared is not None and (create or shared.file_id != file_id(path)):
+            # The directory was replaced while this process held the old one open: its
+            # holders keep the old environment, and the new file gets its own.
+            shared = None
         if shared is None:
             data_bytes = 0
             if not create:
@@ -535,6 +542,15 @@ def acquire_env(path: Path, *, create: bool, readonly: bool = False,
             raise _not_writable(path, "this process opened it read-only: it is not writable")
         shared.refs += 1
         return shared
+
+
+def file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the catalog directory's data file, None when there is none."""
+    try:
+        st = os.stat(path / "data.mdb")
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def release_env(path: Path, shared: SharedEnv) -> None:
