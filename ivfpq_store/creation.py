@@ -103,6 +103,22 @@ def create(
     TrainingError
     """
     root = check_new_store_path(path)
+    check_open_args(map_size=map_size, max_map_size=max_map_size, sync=sync)
+    header = trained_header(training_vectors, nlist=nlist, m=m, nbits=nbits, metric=metric,
+                            seed=seed, niter=niter,
+                            max_points_per_centroid=max_points_per_centroid,
+                            store_vectors=store_vectors, opq=opq, progress=progress)
+    with build_directory(root, "creating") as tmp:
+        _build(StoreLayout(tmp), header, map_size, max_map_size)
+    return open(root, map_size=map_size, max_map_size=max_map_size, sync=sync)
+
+
+def trained_header(training_vectors: Any, *, nlist: int, m: int, nbits: int,
+                   metric: str | Metric, seed: int, niter: int, max_points_per_centroid: int,
+                   store_vectors: str | None, opq: bool,
+                   progress: ProgressFn | None) -> Header:
+    """The header :func:`create` trains from these arguments (checked first, as it
+    documents): the same arguments give the same quantizer."""
     niter = check_int("niter", niter, 1, 1_000_000)
     max_points_per_centroid = check_int("max_points_per_centroid", max_points_per_centroid, 1,
                                         1 << 30)
@@ -110,19 +126,15 @@ def create(
     vectors = check_store_vectors(store_vectors)
     if not isinstance(opq, bool):
         raise InvalidParamsError(f"opq: expected True or False, got {opq!r}")
-    check_open_args(map_size=map_size, max_map_size=max_map_size, sync=sync)
     arr = as_matrix(training_vectors, "training_vectors")
     params = IndexParams(dim=arr.shape[1], nlist=nlist, m=m, nbits=nbits,
                          metric=parse_metric(metric))
     x, _ = as_vectors(arr, params.dim, "training_vectors")
     if params.metric is Metric.COSINE:
         x = normalize_rows(x, "training_vectors")
-    header = _train(x, params, seed=seed, niter=niter,
-                    max_points_per_centroid=max_points_per_centroid, progress=progress,
-                    vectors=vectors, opq=opq)
-    with build_directory(root, "creating") as tmp:
-        _build(StoreLayout(tmp), header, map_size, max_map_size)
-    return open(root, map_size=map_size, max_map_size=max_map_size, sync=sync)
+    return _train(x, params, seed=seed, niter=niter,
+                  max_points_per_centroid=max_points_per_centroid, progress=progress,
+                  vectors=vectors, opq=opq)
 
 
 @contextlib.contextmanager

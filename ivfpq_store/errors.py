@@ -24,6 +24,8 @@ __all__ = [
     "IvfpqWarning",
     "ListFullError",
     "ReadOnlyStoreError",
+    "ShardMismatchError",
+    "ShardUnavailableError",
     "StaleSnapshotError",
     "StoreClosedError",
     "StoreExistsError",
@@ -200,6 +202,26 @@ class ListFullError(IvfpqError):
 
 class CorruptStoreError(IvfpqError):
     """Files of one store disagree with each other (header vs catalog vs segments)."""
+
+
+class ShardMismatchError(CorruptStoreError):
+    """A shard of a sharded store (docs/scale-out.md) is not the store its manifest names: a
+    store with another quantizer (or one retrained or rebalanced alone), or another store
+    put in its place. Merging its results would be silently wrong, so it is refused.
+    ``shard`` is its number."""
+
+    def __init__(self, message: str, *, shard: int | None = None) -> None:
+        super().__init__(message)
+        self.shard = shard
+
+
+class ShardUnavailableError(IvfpqError):
+    """A shard of a sharded store did not answer: its worker died or cannot open it, or it
+    did not answer in time. ``shard`` is its number (the first of several)."""
+
+    def __init__(self, message: str, *, shard: int | None = None) -> None:
+        super().__init__(message)
+        self.shard = shard
 
 
 class StaleSnapshotError(IvfpqError):

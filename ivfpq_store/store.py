@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -55,7 +56,15 @@ from .rebalancing import (
 )
 from .reports import ListInfo, StoreInfo, list_infos, store_info
 from .retraining import RetrainReport
-from .search import RangeResult, RecordFetcher, Refiner, Searcher, SearchResult
+from .search import (
+    Probe,
+    ProbedResult,
+    RangeResult,
+    RecordFetcher,
+    Refiner,
+    Searcher,
+    SearchResult,
+)
 from .search.filtered import (
     FilteredLists,
     Located,
@@ -302,6 +311,12 @@ class Store:
         return view
 
     @property
+    def store_uuid(self) -> uuid.UUID:
+        """The store's identity, drawn at creation (its segment files carry it; :meth:`copy`
+        keeps it)."""
+        return self._header.store_uuid
+
+    @property
     def store_vectors(self) -> str | None:
         """The element type of the stored vectors (``"float32"`` or ``"float16"``), or None
         for a store that keeps PQ codes only (fixed at creation)."""
@@ -366,13 +381,10 @@ class Store:
             Wrong shape or dtype, NaN/inf, an empty batch, a zero query under cosine.
         """
         catalog = self._live_catalog()
-        base = self._header.params
         checked = SearchParams.checked(k, nprobe, self._nlist_bound(nprobe), refine,
                                        vectors=self._header.vectors is not None)
         flt = check_filter(filter)
-        q, _ = as_vectors(queries, base.dim, "queries")
-        if base.metric is Metric.COSINE:
-            q = normalize_rows(q, "queries")
+        q = self._queries(queries)
         def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> SearchResult:
             gen = self._generation(snap)
             searcher, params = gen.searcher, _within(checked, gen)
@@ -390,6 +402,78 @@ class Store:
                 None if refiner is None else refiner._replace(rows=seen.rows))
 
         return self._on_snapshot(catalog, run)
+
+    def probe(self, queries: Any, nprobe: int = 8) -> Probe:
+        """The coarse probe :meth:`search` makes of ``queries``: each query's ``nprobe`` lists,
+        best first, and their coarse costs (:class:`~ivfpq_store.search.Probe`), with the
+        current quantizer generation (:attr:`quantizer_generation`).
+
+        Raises
+        ------
+        InvalidParamsError, DimensionMismatchError, InvalidInputError
+            As for :meth:`search`.
+        """
+        self._live_catalog()
+        nprobe = SearchParams.checked(1, nprobe, self._nlist_bound(nprobe)).nprobe
+        q = self._queries(queries)
+        gen = self._current()
+        return gen.searcher.probe(q, _within(SearchParams(k=1, nprobe=nprobe), gen).nprobe)
+
+    def search_probed(self, queries: Any, probe: Probe, k: int = 10, *, refine: int = 0,
+                      generation: int | None = None) -> ProbedResult:
+        """Scan the lists of ``probe`` for ``queries`` and keep each query's best candidates:
+        the seam of a sharded search (:mod:`ivfpq_store.dask`), where the client probes once
+        with the shared quantizer and each shard scans the probed lists of its own store.
+
+        ``probe`` is a :class:`~ivfpq_store.search.Probe` of this store's quantizer (its
+        :meth:`probe`, or that of a store or header with the same quantizer), one row per
+        query. With ``refine=0`` the result holds the best ``k`` by PQ distance; with
+        ``refine=R`` the best ``R * k`` by PQ distance and the exact distance of each
+        (:class:`~ivfpq_store.search.ProbedResult` says how several stores' results merge
+        into the search of one store holding all their vectors). Each list is scanned with
+        :meth:`search`'s kernel and tie rules.
+
+        Raises
+        ------
+        InvalidParamsError
+            ``k``, ``refine`` as for :meth:`search`; ``probe`` not (costs, lists) arrays of
+            shape (nq, nprobe) with list numbers in ``0..nlist-1``; or ``generation`` given
+            and not the store's current quantizer generation (the probe was computed with
+            another quantizer).
+        DimensionMismatchError, InvalidInputError, CorruptStoreError
+            As for :meth:`search`.
+        """
+        catalog = self._live_catalog()
+        q = self._queries(queries)
+        costs, lists = _checked_probe(probe, len(q))
+        checked = SearchParams.checked(k, lists.shape[1], self._nlist_bound(lists.shape[1]),
+                                       refine, vectors=self._header.vectors is not None)
+        if generation is not None:
+            generation = check_int("generation", generation, 0, 2**63 - 1)
+
+        def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> ProbedResult:
+            if generation is not None and snap.state.quantizer != generation:
+                raise InvalidParamsError(
+                    f"probe: computed with quantizer generation {generation}, and "
+                    f"{self._layout.root} is at generation {snap.state.quantizer}")
+            gen = self._generation(snap)
+            nlist = gen.header.params.nlist
+            if len(lists) and (lists.min() < 0 or lists.max() >= nlist):
+                raise InvalidParamsError(
+                    f"probe: list numbers must be in 0..{nlist - 1}, got "
+                    f"{int(lists.min())}..{int(lists.max())}")
+            refiner = (Refiner(snap.lists, self._snapshot_fetcher(catalog, snap, vectors=True),
+                               self._layout.root) if checked.refine else None)
+            return gen.searcher.search_probed(q, checked, Probe(costs, lists), snap.lists,
+                                              snap.deleted, fetch, refiner, snapshot=snap)
+
+        return self._on_snapshot(catalog, run)
+
+    def _queries(self, queries: Any) -> F32Array:
+        """``queries`` validated as float32 (nq, dim), normalised under cosine."""
+        base = self._header.params
+        q, _ = as_vectors(queries, base.dim, "queries")
+        return normalize_rows(q, "queries") if base.metric is Metric.COSINE else q
 
     def get_vectors(self, ids: Any) -> F32Array:
         """The stored vectors of ``ids``, float32 (n, dim), in the order of ``ids``.
@@ -434,6 +518,28 @@ class Store:
             return vectors[by_id[np.searchsorted(found.ids, wanted, sorter=by_id)]]
 
         return self._on_snapshot(catalog, read)
+
+    def contains(self, ids: Any) -> np.ndarray:
+        """Whether each of ``ids`` is live in the store (added, and not deleted since): a
+        bool array in the order of ``ids``, from the id map.
+
+        Raises
+        ------
+        DimensionMismatchError
+            ``ids`` is not an integer array.
+        CorruptStoreError
+            The id map names a record that does not hold the id.
+        """
+        catalog = self._live_catalog()
+        wanted = as_id_sequence(ids)
+        unique = np.unique(wanted)
+        def look(snap: CatalogSnapshot, fetch: RecordFetcher) -> np.ndarray:
+            found = locate_admitted(catalog, snap, Filter.allow(unique), len(unique), fetch,
+                                    self._layout.root)
+            assert found is not None  # the filter's bound is ``unique``, within the limit
+            return np.isin(wanted, found.ids)
+
+        return self._on_snapshot(catalog, look)
 
     def _on_snapshot(self, catalog: Catalog,
                      read: Callable[[CatalogSnapshot, RecordFetcher], T]) -> T:
@@ -531,9 +637,7 @@ class Store:
         base = self._header.params
         checked = RangeParams.checked(radius, nprobe, self._nlist_bound(nprobe), base.metric)
         flt = check_filter(filter)
-        q, _ = as_vectors(queries, base.dim, "queries")
-        if base.metric is Metric.COSINE:
-            q = normalize_rows(q, "queries")
+        q = self._queries(queries)
         def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> RangeResult:
             gen = self._generation(snap)
             searcher, params = gen.searcher, _within(checked, gen)
@@ -1045,3 +1149,24 @@ def _within(params: SearchParams | RangeParams, gen: Generation) -> Any:
     between a call's check and its snapshot."""
     nlist = gen.header.params.nlist
     return params if params.nprobe <= nlist else dataclasses.replace(params, nprobe=nlist)
+
+
+def _checked_probe(probe: object, nq: int) -> tuple[F32Array, I64Array]:
+    """``probe``'s costs float32 and lists int64, both (nq, nprobe) with finite costs (or
+    +inf) and nprobe >= 1; InvalidParamsError naming what is wrong otherwise."""
+    if not isinstance(probe, tuple) or len(probe) != 2:
+        raise InvalidParamsError(
+            f"probe: expected a Probe (costs, lists), got {type(probe).__name__}")
+    costs, lists = (np.asarray(part) for part in probe)
+    if lists.dtype.kind not in "iu" or costs.dtype.kind != "f":
+        raise InvalidParamsError(
+            f"probe: expected float costs and integer lists, got {costs.dtype} and "
+            f"{lists.dtype}")
+    if lists.ndim != 2 or costs.shape != lists.shape or lists.shape[0] != nq or not lists.shape[1]:
+        raise InvalidParamsError(
+            f"probe: expected costs and lists of shape ({nq}, nprobe), one row per query, got "
+            f"{costs.shape} and {lists.shape}")
+    if np.isnan(costs).any():
+        raise InvalidParamsError("probe: NaN among the costs")
+    return (np.ascontiguousarray(costs, dtype=np.float32),
+            np.ascontiguousarray(lists, dtype=np.int64))

@@ -50,8 +50,15 @@ ALLOWED = {
     "creation": {"_validate", "errors", "faiss_interop", "format", "opening", "params",
                  "quantizer", "storage", "store", "training", "types", "version"},
     "demo": {"creation", "opening", "datasets", "evaluation"},
-    # verify: cannot_check(); faiss_interop: load_faiss(); rebalancing: the defaults
-    "cli": {"ivfpq_store", "demo", "errors", "faiss_interop", "io", "rebalancing", "verify"},
+    "sharding": {"creation", "errors", "format", "opening", "params", "reports", "search",
+                 "storage", "store", "types", "verify"},
+    # the Dask side of sharded stores: the only module that imports dask
+    "dask": {"_validate", "compaction", "creation", "errors", "params", "quantizer", "reports",
+             "search", "sharding", "store", "types", "verify"},
+    # verify: cannot_check(); faiss_interop: load_faiss(); rebalancing: the defaults;
+    # sharding: info and verify of a sharded store
+    "cli": {"ivfpq_store", "demo", "errors", "faiss_interop", "io", "rebalancing", "sharding",
+            "verify"},
     "__init__": {"_kernel", "compaction", "copying", "creation", "errors", "filters", "opening",
                  "params", "rebalancing", "reports", "retraining", "search", "store", "types",
                  "upgrading", "verify", "version"},
@@ -59,7 +66,7 @@ ALLOWED = {
     "testing": {"format", "search", "storage", "store"},  # imported by tests only
 }
 THIRD_PARTY = {"lmdb": {"storage"}, "click": {"cli"}, "msgpack": {"format"},
-               "faiss": {"faiss_interop"}}
+               "faiss": {"faiss_interop"}, "dask": {"dask"}, "distributed": {"dask"}}
 
 
 def layer_of(path: Path) -> str:

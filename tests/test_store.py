@@ -37,7 +37,8 @@ def test_store_created_again_where_one_is_still_open(tmp_path, small_data):
     with make_store(path, small_data, add=False) as new:
         new.add(small_data["base"][:7])
         with ivfpq_store.open(path, readonly=True) as again:
-            assert len(again) == 7 and again.store_uuid == new.store_uuid
+            assert len(again) == 7
+            assert again.store_uuid == new.store_uuid
     assert len(old) == len(small_data["base"])
     old.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +14,17 @@ import numpy as np
 import ivfpq_store
 
 from ..demo import run_demo
-from ..errors import CatalogError, CorruptStoreError, FormatError, IvfpqError, StoreNotFoundError
+from ..errors import (
+    CatalogError,
+    CorruptStoreError,
+    FormatError,
+    IvfpqError,
+    ShardMismatchError,
+    ShardUnavailableError,
+    StoreNotFoundError,
+)
 from ..io import open_vectors, read_ids
+from ..sharding import is_sharded, local_info, read_layout
 from ..verify import cannot_check
 from .base import (
     EXIT_DAMAGED,
@@ -226,10 +236,17 @@ def info(store: Path, as_json: bool) -> None:
     compaction would reclaim, bytes on disk by kind, and the scan implementation this
     installation uses (the C kernel, or numpy with the reason). STORE is opened read-only.
 
+    For a sharded store (its directory or its manifest.ivfs; docs/scale-out.md), one line
+    per shard and the totals; each shard is opened here, so its path must be readable from
+    this machine.
+
     \b
     Example:
         ivfpq-store info sift.ivfpq --json
     """
+    if is_sharded(store):
+        _sharded_info(store, as_json)
+        return
     with ivfpq_store.open(store, readonly=True, **store_options()) as s:
         i = s.info()
     sizes = sorted(i.list_sizes)
@@ -251,6 +268,26 @@ def info(store: Path, as_json: bool) -> None:
         "list sizes (live vectors per list):",
         *histogram(list(i.list_sizes)),
     ])
+
+
+def _sharded_info(store: Path, as_json: bool) -> None:
+    info = local_info(read_layout(store))
+    lines = [
+        f"sharded:  {info.path} ({info.nshards} shards, routing {info.routing})",
+        (f"index:    dim={info.dim} nlist={info.nlist} m={info.m} nbits={info.nbits} "
+         f"metric={info.metric}"),
+        f"vectors:  {info.ntotal:,} live, {info.ndeleted:,} deleted awaiting compaction",
+        f"disk:     {info.bytes_on_disk['total']:,} bytes",
+    ]
+    for n, shard in enumerate(info.shards):
+        if shard is None:
+            lines.append(f"shard {n}:  UNAVAILABLE: {info.unavailable[n]}")
+        else:
+            lines.append(f"shard {n}:  {shard.ntotal:,} live, {shard.ndeleted:,} deleted, "
+                         f"{shard.bytes_on_disk['total']:,} bytes  {shard.path}")
+    emit({**info.to_dict(), "sharded": True}, as_json=as_json, lines=lines)
+    if info.unavailable:
+        raise click.exceptions.Exit(EXIT_DAMAGED)
 
 
 @cli.command("lists")
@@ -299,34 +336,83 @@ def verify(store: Path, repair: bool, as_json: bool) -> None:
     I/O error), memory or address space ran out, another writer held the lock (--repair), or
     the disk was full (--repair). The reason is printed on stderr.
 
+    For a sharded store (its directory or its manifest.ivfs), the manifest and the shared
+    header are checked, then each shard: that it is the store the manifest names, with its
+    quantizer, and every invariant above; one report per shard. A missing shard is damage.
+
     \b
     Example:
         ivfpq-store verify sift.ivfpq --json
     """
+    if is_sharded(store):
+        _verify_sharded(store, repair, as_json)
+        return
+    doc = _verify_doc(store, lambda: ivfpq_store.open(store, readonly=not repair,
+                                                      **store_options()), repair)
+    lines = [f"{'ok' if doc['ok'] else 'DAMAGED'}: {store}", *_verify_lines(doc, "  ")]
+    emit(doc, as_json=as_json, lines=lines)
+    if not doc["ok"]:
+        raise click.exceptions.Exit(EXIT_DAMAGED)
+
+
+def _verify_doc(store: Path, opener: Callable[[], ivfpq_store.Store], repair: bool, *,
+                sharded: bool = False) -> dict[str, Any]:
+    """The verify report of the store ``opener`` opens, as a JSON-ready dict; a store too
+    damaged to open (or, in a sharded store, not the shard its manifest names) is a report
+    with that problem. Exits with EXIT_UNCHECKED when it could not be checked; raises
+    StoreNotFoundError for a single store that is not there (a missing shard is damage)."""
     try:
-        with ivfpq_store.open(store, readonly=not repair, **store_options()) as s:
-            doc: dict[str, Any] = s.verify(repair=repair).to_dict()
+        with opener() as s:
+            return s.verify(repair=repair).to_dict()
     except (IvfpqError, OSError, MemoryError) as err:
-        if isinstance(err, StoreNotFoundError):
+        if isinstance(err, StoreNotFoundError) and not sharded:
             raise  # exit 1: no store here to check
         if cannot_check(err):
             click.echo(f"Error: could not check {store} (this is not damage): {_reason(err)}",
                        err=True)
             raise click.exceptions.Exit(EXIT_UNCHECKED) from err
-        if not isinstance(err, FormatError | CorruptStoreError | CatalogError):
+        if not isinstance(err, FormatError | CorruptStoreError | CatalogError
+                          | ShardUnavailableError):
             raise
-        doc = {"ok": False, "problems": [  # too damaged to open
-            {"kind": "open", "message": str(err), "path": getattr(err, "path", str(store))}],
+        kind = "shard" if isinstance(err, ShardMismatchError | ShardUnavailableError) else "open"
+        return {"ok": False, "problems": [  # too damaged to open, missing, or another store
+            {"kind": kind, "message": str(err), "path": getattr(err, "path", str(store))}],
             "leftovers": [], "repaired": [], "writer_active": False, "checked": {}}
-    lines = [f"{'ok' if doc['ok'] else 'DAMAGED'}: {store}"]
-    lines += [f"  problem ({p['kind']}): {p['message']}" for p in doc["problems"]]
-    lines += [f"  leftover ({p['kind']}): {p['message']} {p['path']}" for p in doc["leftovers"]]
-    lines += [f"  repaired: {r}" for r in doc["repaired"]]
+
+
+def _verify_lines(doc: dict[str, Any], indent: str) -> list[str]:
+    lines = [f"{indent}problem ({p['kind']}): {p['message']}" for p in doc["problems"]]
+    lines += [f"{indent}leftover ({p['kind']}): {p['message']} {p['path']}"
+              for p in doc["leftovers"]]
+    lines += [f"{indent}repaired: {r}" for r in doc["repaired"]]
     if doc["checked"]:
-        lines.append("  checked: " + ", ".join(f"{v:,} {k.replace('_', ' ')}"
-                                               for k, v in doc["checked"].items()))
-    emit(doc, as_json=as_json, lines=lines)
-    if not doc["ok"]:
+        lines.append(f"{indent}checked: " + ", ".join(f"{v:,} {k.replace('_', ' ')}"
+                                                      for k, v in doc["checked"].items()))
+    return lines
+
+
+def _verify_sharded(store: Path, repair: bool, as_json: bool) -> None:
+    try:
+        layout = read_layout(store)
+    except (FormatError, ShardMismatchError) as err:
+        doc = {"ok": False, "sharded": True, "shards": [], "problems": [
+            {"kind": "manifest", "message": str(err), "path": getattr(err, "path", str(store))}]}
+        emit(doc, as_json=as_json, lines=[f"DAMAGED: {store}", f"  problem (manifest): {err}"])
+        raise click.exceptions.Exit(EXIT_DAMAGED) from err
+    shards = []
+    lines = []
+    for n in range(layout.nshards):
+        path = layout.shard_path(n)
+        doc = _verify_doc(path, functools.partial(layout.open_shard, n, readonly=not repair,
+                                                  **store_options()), repair, sharded=True)
+        shards.append({"shard": n, "path": str(path), **doc})
+        lines.append(f"  shard {n} {'ok' if doc['ok'] else 'DAMAGED'}: {path}")
+        lines += _verify_lines(doc, "    ")
+    ok = all(d["ok"] for d in shards)
+    lines.insert(0, f"{'ok' if ok else 'DAMAGED'}: {layout.root} ({layout.nshards} shards)")
+    emit({"ok": ok, "sharded": True, "shards": shards, "problems": []}, as_json=as_json,
+         lines=lines)
+    if not ok:
         raise click.exceptions.Exit(EXIT_DAMAGED)
 
 

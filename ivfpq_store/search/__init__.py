@@ -18,7 +18,7 @@ from __future__ import annotations
 from .config import DEFAULT_CONFIG, SearchConfig
 from .filtered import SearchPlan
 from .plan import RecordFetcher
-from .searcher import RangeResult, Refiner, Searcher, SearchResult
+from .searcher import Probe, ProbedResult, RangeResult, Refiner, Searcher, SearchResult
 
-__all__ = ["DEFAULT_CONFIG", "RangeResult", "RecordFetcher", "Refiner", "SearchConfig",
-           "SearchPlan", "SearchResult", "Searcher"]
+__all__ = ["DEFAULT_CONFIG", "Probe", "ProbedResult", "RangeResult", "RecordFetcher", "Refiner",
+           "SearchConfig", "SearchPlan", "SearchResult", "Searcher"]

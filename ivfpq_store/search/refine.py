@@ -22,7 +22,7 @@ from ..types import F32Array, I64Array, Metric
 from .config import SearchConfig
 from .plan import RecordFetcher
 
-__all__ = ["gather_vectors", "refine"]
+__all__ = ["exact_costs", "gather_vectors", "refine"]
 
 
 def gather_vectors(ids: I64Array, list_nos: I64Array, rows: I64Array,
@@ -64,19 +64,11 @@ def refine(metric: Metric, config: SearchConfig, queries: F32Array, k: int, ids:
     """The best ``k`` (costs, ids) of each query's candidates ``ids`` (nq, c), at
     (``list_nos``, ``rows``), by exact cost: the squared l2 distance, or the negated inner
     product, to the stored vector. Missing candidates (id -1) and missing results are +inf and
-    -1. Equal costs keep the candidates' order (the scan's, best first).
-
-    The compiled kernel reads each candidate's row in place, checks it and scores it in one
-    pass; numpy gathers the rows in blocks of queries whose vectors fit
-    ``config.refine_budget`` floats.
+    -1. Equal costs keep the candidates' order (the scan's, best first). Costs by
+    :func:`exact_costs`.
     """
-    kernel = _kernel.KERNEL
-    if kernel is not None:
-        cost = _costs_in_place(kernel, metric, queries, ids, list_nos, rows, lists,
-                               fetch_vectors, where)
-    else:
-        cost = _costs_gathered(metric, config, queries, ids, list_nos, rows, lists,
-                               fetch_vectors, where)
+    cost = exact_costs(metric, config, queries, ids, list_nos, rows, lists, fetch_vectors,
+                       where)
     order = np.argsort(cost, axis=1, kind="stable")[:, :k]
     at = (np.arange(len(ids))[:, None], order)
     cost_out = np.full((len(ids), k), np.inf, np.float32)
@@ -85,6 +77,21 @@ def refine(metric: Metric, config: SearchConfig, queries: F32Array, k: int, ids:
     ids_out[:, :order.shape[1]] = ids[at]
     ids_out[~np.isfinite(cost_out)] = -1
     return cost_out, ids_out
+
+
+def exact_costs(metric: Metric, config: SearchConfig, queries: F32Array, ids: I64Array,
+                list_nos: I64Array, rows: I64Array, lists: Mapping[int, ListRecord],
+                fetch_vectors: RecordFetcher, where: Path) -> F32Array:
+    """The exact cost (nq, c) of each candidate ``ids`` (nq, c) at (``list_nos``, ``rows``),
+    +inf where there is none (id -1): by the compiled kernel, which reads each row where its
+    list's vector file is mapped, or by numpy over the rows gathered in blocks of queries
+    whose vectors fit ``config.refine_budget`` floats."""
+    kernel = _kernel.KERNEL
+    if kernel is not None:
+        return _costs_in_place(kernel, metric, queries, ids, list_nos, rows, lists,
+                               fetch_vectors, where)
+    return _costs_gathered(metric, config, queries, ids, list_nos, rows, lists, fetch_vectors,
+                           where)
 
 
 def _costs_in_place(kernel: _kernel.Kernel, metric: Metric, queries: F32Array, ids: I64Array,

@@ -28,10 +28,10 @@ from .kernel_scan import scan_kernel, search_one
 from .numpy_batch import scan_batch
 from .plan import RecordFetcher
 from .range import scan_range
-from .refine import refine
-from .topk import TopK
+from .refine import exact_costs, refine
+from .topk import Hits, TopK
 
-__all__ = ["RangeResult", "Refiner", "SearchResult", "Searcher"]
+__all__ = ["Probe", "ProbedResult", "RangeResult", "Refiner", "SearchResult", "Searcher"]
 
 
 class SearchResult(NamedTuple):
@@ -43,6 +43,32 @@ class SearchResult(NamedTuple):
 
     distances: F32Array
     ids: I64Array
+
+
+class Probe(NamedTuple):
+    """A coarse probe of a batch of queries: the ``nprobe`` lists each query scans, best
+    first, and their coarse costs ("smaller is better": the squared l2 distance to the
+    centroid, or the negated inner product), both (nq, nprobe)."""
+
+    costs: F32Array
+    lists: I64Array
+
+
+class ProbedResult(NamedTuple):
+    """What a scan of given probed lists keeps (:meth:`Store.search_probed`), arrays (nq, c)
+    best first: ``c = k``, or ``refine * k`` with ``refine``.
+
+    ``distances`` and ``ids`` as in :class:`SearchResult` (by PQ distance); ``ranks`` the
+    probe rank of each result's list (-1 for a missing result); ``exact`` (with ``refine``
+    only, else None) the exact distance of each result to its stored vector, in the same
+    places. Merging several stores' results by (distance, rank) and re-ranking the best
+    ``refine * k`` by ``exact`` gives the search of one store holding all their vectors.
+    """
+
+    distances: F32Array
+    ids: I64Array
+    ranks: I64Array
+    exact: F32Array | None
 
 
 class RangeResult(NamedTuple):
@@ -107,35 +133,75 @@ class Searcher:
         catalog snapshot that ``lists`` and ``deleted`` are of: the kernel's scans then fetch
         each list once per snapshot, not once per call.
         """
-        qz, config = self.quantizer, self.config
         queries = np.asarray(queries, dtype=np.float32)
+        probed, hits = self._scan(queries, params, lists, deleted, fetch, snapshot, None)
+        if not params.refine:
+            return self._result(hits.cost, hits.ids)
+        assert refiner is not None, "refine needs the stored vectors"
+        list_nos, rows = self._located(probed, hits, refiner)
+        return self._refined(queries, params, hits.ids, list_nos, rows, refiner)
+
+    def search_probed(self, queries: F32Array, params: SearchParams, probe: Probe,
+                      lists: Mapping[int, ListRecord], deleted: Mapping[int, np.ndarray],
+                      fetch: RecordFetcher, refiner: Refiner | None = None, *,
+                      snapshot: object = None) -> ProbedResult:
+        """The scan's best ``params.scan_k`` of ``probe``'s lists for each query, with their
+        exact distances when ``params.refine`` (:class:`ProbedResult`); arguments as for
+        :meth:`search`, ``probe`` checked against this quantizer by the caller."""
+        queries = np.asarray(queries, dtype=np.float32)
+        probed, hits = self._scan(queries, params, lists, deleted, fetch, snapshot, probe)
+        exact = None
+        if params.refine:
+            assert refiner is not None, "refine needs the stored vectors"
+            list_nos, rows = self._located(probed, hits, refiner)
+            cost = exact_costs(self.quantizer.metric, self.config, queries, hits.ids, list_nos,
+                               rows, refiner.lists, refiner.fetch_vectors, refiner.where)
+            exact = self._result(cost, hits.ids).distances
+        found = self._result(hits.cost, hits.ids)
+        return ProbedResult(found.distances, found.ids, hits.rank.astype(np.int64), exact)
+
+    def probe(self, queries: F32Array, nprobe: int) -> Probe:
+        """The probe :meth:`search` makes of ``queries`` (nq, dim) float32, already validated
+        and (for cosine) normalised."""
+        return self._probe(self.quantizer.rotate(np.asarray(queries, dtype=np.float32)), nprobe)
+
+    def _probe(self, inner: F32Array, nprobe: int) -> Probe:
+        qz, kernel = self.quantizer, self.quantizer.kernel
+        if kernel is None:
+            return Probe(*qz.probe(inner, nprobe, block=self.config.probe_block))
+        nthreads = self.config.threads if len(inner) >= self.config.thread_min_queries else 1
+        return Probe(*kernel.probe(inner, qz.probe_matrix, l2=qz.metric is Metric.L2,
+                                   nprobe=nprobe, nthreads=nthreads))
+
+    def _scan(self, queries: F32Array, params: SearchParams, lists: Mapping[int, ListRecord],
+              deleted: Mapping[int, np.ndarray], fetch: RecordFetcher, snapshot: object,
+              probe: Probe | None) -> tuple[I64Array, Hits]:
+        """The probed lists (nq, nprobe) of ``queries`` (``probe``'s, or the quantizer's) and
+        the best ``params.scan_k`` hits of their scan."""
+        qz, config = self.quantizer, self.config
         inner = qz.rotate(queries)
         k = params.scan_k
         kernel = qz.kernel
         if kernel is not None:
             terms = self._list_terms(kernel) if qz.metric is Metric.L2 else None
             table = None if snapshot is None else self._list_table(snapshot)
-            if table is not None and len(inner) == 1:
-                probed, hits = search_one(qz, config, kernel, inner, params.nprobe, lists,
-                                          deleted, fetch, k, terms, table)
-            else:
-                nthreads = config.threads if len(inner) >= config.thread_min_queries else 1
-                _, probed = kernel.probe(inner, qz.probe_matrix, l2=qz.metric is Metric.L2,
-                                         nprobe=params.nprobe, nthreads=nthreads)
-                hits = scan_kernel(qz, config, kernel, inner, probed, lists, deleted, fetch,
-                                   k, terms, table)
-        else:
-            coarse, probed = qz.probe(inner, params.nprobe, block=config.probe_block)
-            if len(inner) == 1 and numpy_single.fits(qz, params.nprobe, config):
-                hits = numpy_single.scan_one(qz, config, inner[0], coarse[0], probed[0],
-                                             lists, deleted, fetch, k)
-            else:
-                top = TopK(len(inner), k, config.pool_budget)
-                scan_batch(qz, config, inner, coarse, probed, lists, deleted, fetch, top)
-                hits = top.result()
-        if not params.refine:
-            return self._result(hits.cost, hits.ids)
-        assert refiner is not None, "refine needs the stored vectors"
+            if probe is None and table is not None and len(inner) == 1:
+                return search_one(qz, config, kernel, inner, params.nprobe, lists, deleted,
+                                  fetch, k, terms, table)
+            probed = (self._probe(inner, params.nprobe) if probe is None else probe).lists
+            return probed, scan_kernel(qz, config, kernel, inner, probed, lists, deleted,
+                                       fetch, k, terms, table)
+        coarse, probed = self._probe(inner, params.nprobe) if probe is None else probe
+        if len(inner) == 1 and numpy_single.fits(qz, params.nprobe, config):
+            return probed, numpy_single.scan_one(qz, config, inner[0], coarse[0], probed[0],
+                                                 lists, deleted, fetch, k)
+        top = TopK(len(inner), k, config.pool_budget)
+        scan_batch(qz, config, inner, coarse, probed, lists, deleted, fetch, top)
+        return probed, top.result()
+
+    @staticmethod
+    def _located(probed: I64Array, hits: Hits, refiner: Refiner) -> tuple[I64Array, I64Array]:
+        """The list and row (in the list's own rows) of each hit; -1 for a missing one."""
         found = hits.rank >= 0
         list_nos = np.where(found, probed[np.arange(len(probed))[:, None],
                                           np.where(found, hits.rank, 0)], -1)
@@ -145,7 +211,7 @@ class Searcher:
             for list_no in np.unique(list_nos[found]).tolist():
                 at = list_nos == list_no
                 rows[at] = refiner.rows(list_no, rows[at])
-        return self._refined(queries, params, hits.ids, list_nos, rows, refiner)
+        return list_nos, rows
 
     def search_direct(self, queries: F32Array, params: SearchParams, located: Located,
                       refiner: Refiner | None = None) -> SearchResult:
