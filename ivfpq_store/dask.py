@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -31,6 +32,7 @@ import numpy as np
 try:
     import dask.array as da
     import distributed
+    from dask.delayed import delayed
 except ImportError as err:  # pragma: no cover - the extra is installed wherever tests run
     raise ImportError("ivfpq_store.dask needs dask.distributed; install the extra: "
                       "pip install 'ivfpq-store[dask]'") from err
@@ -64,6 +66,7 @@ from .sharding import (
     sharded_info,
     verify_report,
 )
+from .storage.layout import check_new_store_path
 from .store import Store
 from .types import F32Array, I64Array, Metric, PathArg, ProgressFn
 from .verify import VerifyReport
@@ -100,6 +103,7 @@ def create_sharded(client: distributed.Client, path: PathArg, training_vectors: 
         As :func:`ivfpq_store.create`; ``nshards`` outside ``1..4096``.
     """
     nshards = check_int("nshards", nshards, 1, MAX_SHARDS)
+    check_new_store_path(path)  # before the training, which may take long
     if isinstance(training_vectors, da.Array):
         training_vectors = client.compute(training_vectors).result()
     header = trained_header(training_vectors, nlist=nlist, m=m, nbits=nbits, metric=metric,
@@ -419,7 +423,7 @@ class ShardedStore:
             fn, str(self._layout.root), self._layout.manifest.uuid.hex, index, *args,
             retries=DEFAULT_RETRIES, pure=False, **where)
 
-    def _gather(self, futures: dict[int, distributed.Future[Any]]) -> dict[int, Any]:
+    def _gather(self, futures: dict[int, Any]) -> dict[int, Any]:
         """The tasks' results by shard, once every task has finished; the first failure
         (by shard) raised: the store's own error as is, any other as
         :class:`ShardUnavailableError`."""
@@ -432,7 +436,7 @@ class ShardedStore:
                                         f"{err})", shard=i) from err
         return done
 
-    def _settle(self, futures: dict[int, distributed.Future[Any]], *,
+    def _settle(self, futures: dict[int, Any], *,
                 keep_errors: bool = False) -> tuple[dict[int, Any], dict[int, Any]]:
         """Wait for every task; results by shard, and the failures by shard (their
         exceptions with ``keep_errors``, else ``"Type: message"``)."""
@@ -453,14 +457,15 @@ class ShardedStore:
         p = self._layout.header.params
         if isinstance(ids, da.Array):
             ids = self._client.compute(ids).result()
+        blocks: list[tuple[Any, int, int]]  # (rows or a dask block, first row, rows)
         if isinstance(vectors, da.Array):
-            blocks, n = self._dask_blocks(vectors)
+            blocks = self._dask_blocks(vectors)
         else:
             x, _ = as_vectors(vectors, p.dim, "vectors")
             if p.metric is Metric.COSINE:
                 normalize_rows(x.copy(), "vectors")  # the check only: shards normalise
-            blocks, n = [(x, 0)], len(x)
-        wanted = as_ids(ids, n)
+            blocks = [(x, 0, len(x))]
+        wanted = as_ids(ids, sum(rows for _, _, rows in blocks))
         if check_new:
             live = self.contains(wanted)
             if live.any():
@@ -469,26 +474,32 @@ class ShardedStore:
                     f"ids: {len(dup)} id(s) are already in the sharded store, first "
                     f"{dup[:5].tolist()}; nothing was added (upsert replaces them)")
         where = shard_of(wanted, self.nshards)
-        last: dict[int, distributed.Future[Any]] = {}
-        for block, start in blocks:
-            rows = len(block) if isinstance(block, np.ndarray) else block[1]
-            part_ids, part_where = (wanted[start:start + rows], where[start:start + rows])
+        last: dict[int, Any] = {}  # each shard's latest part, which the next one waits for
+        for block, start, rows in blocks:
+            part_ids, part_where = wanted[start:start + rows], where[start:start + rows]
             for i in np.unique(part_where).tolist():
                 sel = np.flatnonzero(part_where == i)
                 for s in range(0, len(sel), batch_size):
                     chunk = sel[s:s + batch_size]
-                    if isinstance(block, np.ndarray):
-                        data, pick = block[chunk], None
-                    else:
-                        data, pick = block[0], chunk
-                    last[i] = self._submit(_upsert_part, i, data, pick, part_ids[chunk],
-                                           last.get(i))
-        self._gather(last)
+                    data, pick = ((block[chunk], None) if isinstance(block, np.ndarray)
+                                  else (block, chunk))
+                    last[i] = delayed(_upsert_part, pure=False)(
+                        str(self._layout.root), self._layout.manifest.uuid.hex, i, data, pick,
+                        part_ids[chunk], last.get(i))
+        shards = sorted(last)
+        with warnings.catch_warnings():
+            # A numpy batch's rows travel in the task graph, which Dask warns about past
+            # 10 MB: there they stay until the task is done, so a task run again after its
+            # worker died still has them (scattered data would die with the worker).
+            warnings.filterwarnings("ignore", message="Sending large graph",
+                                    category=UserWarning)
+            futures = self._client.compute([last[i] for i in shards], retries=DEFAULT_RETRIES)
+        self._gather(dict(zip(shards, futures, strict=True)))
         return wanted
 
-    def _dask_blocks(self, vectors: da.Array) -> tuple[list[tuple[Any, int]], int]:
-        """The row blocks of a dask array as (future, rows) with each block's first row,
-        after a check of its shape and values (one pass over the array)."""
+    def _dask_blocks(self, vectors: da.Array) -> list[tuple[Any, int, int]]:
+        """The row blocks of a dask array as (delayed block, first row, rows), after a check
+        of its shape and values (one pass over the array: its blocks are computed twice)."""
         p = self._layout.header.params
         if vectors.ndim != 2 or vectors.shape[1] != p.dim:
             raise DimensionMismatchError(
@@ -507,10 +518,9 @@ class ShardedStore:
             raise InvalidInputError(
                 "vectors: NaN or inf among the values, or (cosine) a zero vector; nothing "
                 "was added")
-        futures = self._client.compute(list(vectors.to_delayed().ravel()))
-        starts = np.concatenate(([0], np.cumsum(vectors.chunks[0])[:-1])).tolist()
-        return ([((f, n), s) for f, n, s in zip(futures, vectors.chunks[0], starts,
-                                                strict=True)], int(vectors.shape[0]))
+        sizes = [int(c) for c in vectors.chunks[0]]
+        starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).tolist()
+        return list(zip(vectors.to_delayed().ravel(), starts, sizes, strict=True))
 
 
 class _Failed:

@@ -8,7 +8,6 @@ through this module alone.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from collections.abc import Sequence
@@ -33,16 +32,17 @@ from .format.manifest import (
     ShardEntry,
     decode_manifest,
     encode_manifest,
+    quantizer_fingerprint,
 )
 from .opening import open as open_store
-from .params import IndexParams, check_int
+from .params import check_int
 from .reports import StoreInfo
 from .search import ProbedResult, SearchResult
 from .storage.atomic import atomic_write, build_directory
 from .storage.header_io import read_header, write_header
 from .storage.layout import as_path, check_new_store_path
 from .store import Store
-from .types import F32Array, I64Array, Metric, PathArg
+from .types import I64Array, Metric, PathArg
 from .verify import VerifyReport
 
 __all__ = ["HEADER_NAME", "MANIFEST_NAME", "MAX_SHARDS", "ShardedInfo", "ShardedLayout",
@@ -69,20 +69,6 @@ def shard_of(ids: I64Array, nshards: int) -> I64Array:
         z = (z ^ (z >> np.uint64(27))) * _MIX2
     z ^= z >> np.uint64(31)
     return (z % np.uint64(nshards)).astype(np.int64)
-
-
-def quantizer_fingerprint(params: IndexParams, centroids: F32Array, codebooks: F32Array,
-                          rotation: F32Array | None) -> bytes:
-    """SHA-256 over the parameters and the quantizer's arrays (§10.2): equal fingerprints,
-    equal codes and distances for every vector."""
-    h = hashlib.sha256()
-    fields = (params.dim, params.nlist, params.m, params.nbits, params.metric.label)
-    h.update((",".join(map(str, fields)) + ";").encode("ascii"))
-    for arr in (centroids, codebooks, rotation):
-        if arr is not None:
-            h.update(np.ascontiguousarray(arr, dtype="<f4").tobytes())
-        h.update(b";")
-    return h.digest()
 
 
 def store_fingerprint(store: Store) -> bytes:

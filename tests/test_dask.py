@@ -33,7 +33,7 @@ pytestmark = pytest.mark.filterwarnings(
 @pytest.fixture(scope="module")
 def client():
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, silence_logs=40) as cluster, \
+                                  dashboard_address=":0", silence_logs=40) as cluster, \
             distributed.Client(cluster) as c:
         yield c
 
@@ -139,6 +139,39 @@ def test_add_checks_the_whole_batch_first(client, tmp_path):
             sh.search(xt[:2], refine=2)  # no stored vectors
     with pytest.raises(ivfpq_store.StoreClosedError):
         sh.search(xt[:2])
+
+
+def test_edges(client, tmp_path):
+    xt = _data("l2", 10_000)
+    with pytest.raises(ivfpq_store.StoreNotFoundError):
+        ivd.open_sharded(client, tmp_path / "nothing")
+    with pytest.raises(ivfpq_store.InvalidParamsError, match="nshards"):
+        ivd.create_sharded(client, tmp_path / "sh", xt, nshards=0, nlist=NLIST, m=M)
+    sh = ivd.create_sharded(client, tmp_path / "sh", xt, nshards=3, nlist=NLIST, m=M,
+                            store_vectors="float32")
+    with pytest.raises(ivfpq_store.StoreExistsError):
+        ivd.create_sharded(client, tmp_path / "sh", xt, nshards=3, nlist=NLIST, m=M)
+    assert len(sh) == 0
+    empty = sh.search(xt[:2], k=4)
+    assert (empty.ids == -1).all()
+    assert np.isinf(empty.distances).all()
+    sh.add(xt[:500], np.arange(500) * 11)
+    assert sh.delete([]) == 0
+    assert sh.delete([3, 5, 10**12]) == 0  # not live
+    one = sh.search(xt[7], k=3, nprobe=NLIST)  # one query as a 1-D vector
+    assert one.ids.shape == (1, 3)
+    assert one.ids[0, 0] == 77
+    with pytest.raises(ivfpq_store.UnknownIdError) as err:
+        sh.get_vectors([11, 12])
+    assert err.value.ids.tolist() == [12]
+    assert sh.contains([]).shape == (0,)
+    assert repr(sh).endswith("3 shards open>")
+    sh.close()
+    sh.close()
+    assert "closed" in repr(sh)
+    again = ivd.open_sharded(client, tmp_path / "sh" / "manifest.ivfs")
+    assert len(again) == 500
+    again.close()
 
 
 def _kill_when(client, root, nshards, address, at_least, seen):

@@ -83,7 +83,8 @@ def hexdump(data: bytes) -> list[str]:
                                                  ("### 8.2", "segment-v1.0.seg"),
                                                  ("### 8.4", "header-v1.1-vectors.ivfh"),
                                                  ("### 8.5", "vectors-v1.0.vec"),
-                                                 ("### 8.6", "idmap-v1.3.bin")])
+                                                 ("### 8.6", "idmap-v1.3.bin"),
+                                                 ("### 10.4", "manifest-v1.0.ivfs")])
 def test_worked_example_dumps_match_golden_files(section, golden):
     text = (DOCS / "format.md").read_text().split(section, 1)[1].split("\n### ", 1)[0]
     blocks = re.findall(r"```\n(0{8}  .*?)```", text, flags=re.S)
@@ -99,8 +100,10 @@ def test_readme_links_resolve():
             assert (root / target).exists(), target
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/api.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/api.md", "docs/scale-out.md"])
 def test_python_examples_run(doc, tmp_path, monkeypatch):
+    if doc == "docs/scale-out.md":
+        pytest.importorskip("distributed", reason="the sharded example needs the dask extra")
     text = (DOCS.parent / doc).read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks, f"{doc} has no python example"

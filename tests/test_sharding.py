@@ -5,9 +5,11 @@ sharded store. The Dask side is tests/test_dask.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import struct
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,8 @@ from ivfpq_store.errors import (
     TruncatedFileError,
     UnsupportedVersionError,
 )
-from ivfpq_store.format.manifest import decode_manifest, encode_manifest
+from ivfpq_store.format import decode_header
+from ivfpq_store.format.manifest import decode_manifest, encode_manifest, quantizer_fingerprint
 from ivfpq_store.search import Probe
 from ivfpq_store.sharding import (
     MANIFEST_NAME,
@@ -41,6 +44,7 @@ from ivfpq_store.sharding import (
     read_layout,
     shard_of,
 )
+from ivfpq_store.types import Metric
 
 DIM, NLIST, M, NBITS = 16, 16, 4, 6
 
@@ -159,6 +163,40 @@ def _layout(tmp_path: Path, nshards: int, metric: str = "l2", *, vectors: str | 
                             max_points_per_centroid=256, store_vectors=vectors, opq=False,
                             progress=None)
     return create_layout(tmp_path / "sh", header, nshards), x
+
+
+GOLDEN = Path(__file__).parent / "data" / "manifest-v1.0.ivfs"
+
+
+def test_golden_manifest_decodes_and_encodes_to_the_same_bytes():
+    """tests/data/manifest-v1.0.ivfs (tools/make_golden.py) freezes the manifest's bytes:
+    its fields, and its fingerprint is that of the golden header's quantizer."""
+    data = GOLDEN.read_bytes()
+    manifest = decode_manifest(data, source=str(GOLDEN))
+    assert manifest.uuid == uuid.UUID(int=2)
+    assert manifest.created == 0.0
+    assert manifest.params == {"dim": 8, "nlist": 2, "m": 2, "nbits": 2, "metric": "l2"}
+    assert manifest.routing == "splitmix64-mod"
+    assert [(e.path, e.uuid.int) for e in manifest.shards] == [("shards/0000.ivfpq", 3),
+                                                                ("shards/0001.ivfpq", 4)]
+    header = decode_header((GOLDEN.parent / "header-v1.0.ivfh").read_bytes())
+    assert manifest.quantizer == quantizer_fingerprint(header.params, header.centroids,
+                                                       header.codebooks, None)
+    assert encode_manifest(manifest) == data
+
+
+def test_fingerprint_sees_every_part_of_the_quantizer():
+    header = decode_header((GOLDEN.parent / "header-v1.0.ivfh").read_bytes())
+    p, c, b = header.params, header.centroids, header.codebooks
+    base = quantizer_fingerprint(p, c, b, None)
+    c2 = c.copy()
+    c2[1, 7] = np.nextafter(c2[1, 7], np.float32(np.inf))
+    b2 = b.copy()
+    b2[0, 0, 0] += 1
+    variants = [quantizer_fingerprint(p, c2, b, None), quantizer_fingerprint(p, c, b2, None),
+                quantizer_fingerprint(p, c, b, np.eye(8, dtype=np.float32)),
+                quantizer_fingerprint(dataclasses.replace(p, metric=Metric.IP), c, b, None)]
+    assert len({base, *variants}) == 5
 
 
 def test_manifest_round_trip_and_layout(tmp_path):

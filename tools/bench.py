@@ -42,6 +42,8 @@ Usage::
         --store-vectors float32 --out bench-out/retrain
     python tools/bench.py --dataset synthetic --n 200000 --nlist 256 --drift --rebalance 2 \
         --store-vectors float32 --out bench-out/rebalance
+    python tools/bench.py --dataset synthetic --n 1000000 --nlist 1024 --nprobe 16 --shards 4 \
+        --out bench-out/sharded
 
 With ``--drift`` the synthetic data drifts (the first fifth of the base, which both systems
 train on and add first, comes from a quarter of the mixture; the rest and the queries from all
@@ -65,6 +67,14 @@ by ``Store.rebalance(split_factor=min(F, 2))``, as the automatic one splits (on 
 (d) a store trained on the final data with the same nlist and (d') one trained on it with
 the nlist (b) ended with (both without automatic rebalancing): recall 10@10, batch QPS per
 nprobe, nlist and the largest list of each.
+
+With ``--shards N`` (the ``dask`` extra) it builds, after the main part, a sharded store of N
+shards on a Dask ``LocalCluster`` of ``--shard-workers`` worker processes (one thread each)
+and one store, from the same sample and base: build time (train + add) of each, recall
+10@10, the share of queries whose results are identical, batch time of the same queries per
+nprobe (in turn, best of ``--repeat``), single-query p50, bytes on disk, and the bytes
+client and workers exchange per query: measured on the loopback interface during a batch
+(everything the cluster sent meanwhile, heartbeats included) and the arrays themselves.
 
 With ``--profile`` it trains and adds once more under cProfile and reports where the time goes,
 by phase (``TRAIN_PHASES``, ``ADD_PHASES``: coarse k-means, PQ training and its assignment and
@@ -439,6 +449,121 @@ def measure_rebalance(args: argparse.Namespace, path: Path, work: Path, xt: np.n
               f"{[r['recall_10_at_10'] for r in out[label]['search']]}", file=sys.stderr)
         shutil.rmtree(work / f"{label}.ivfpq")
     return out
+
+
+# -- sharded stores on Dask ---------------------------------------------------------------------
+def loopback_bytes() -> int:
+    """Bytes received on the loopback interface so far (a LocalCluster's traffic: each byte
+    sent between processes is received once)."""
+    with open("/proc/net/dev") as fh:
+        for line in fh:
+            name, _, rest = line.partition(":")
+            if name.strip() == "lo":
+                return int(rest.split()[0])
+    return 0
+
+
+def measure_sharded(args: argparse.Namespace, work: Path, xt: np.ndarray, xb: np.ndarray,
+                    xq: np.ndarray, gt: np.ndarray, nlist: int) -> dict[str, Any]:
+    """A sharded store of ``--shards`` shards on a LocalCluster of ``--shard-workers`` worker
+    processes against one store, built from the same sample and base on the same machine:
+    build time (train + add), recall, whether the results are the same, batch time per
+    nprobe (in turn, best of ``--repeat``), single-query p50, and the bytes client and
+    workers exchange per query (loopback bytes during a batch, and the arrays sent)."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from ivfpq_store import dask as ivd
+
+    kind = args.store_vectors[0] if args.store_vectors else None
+    create_args = {"nlist": nlist, "m": args.m, "nbits": args.nbits, "seed": args.seed,
+                   "niter": args.niter, "store_vectors": kind}
+    ids = np.arange(len(xb), dtype=np.int64)
+    out: dict[str, Any] = {"nshards": args.shards, "workers": args.shard_workers}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+        one, train_s = timed(ivfpq_store.create, work / "one.ivfpq", xt, **create_args)
+    add_s = fill(one, xb, args.add_batch)
+    out["single"] = {"train_s": train_s, "add_s": add_s, "build_s": train_s + add_s}
+    print(f"single store: train {train_s:.1f} s, add {add_s:.1f} s", file=sys.stderr)
+    with LocalCluster(n_workers=args.shard_workers, threads_per_worker=1, processes=True,
+                      dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
+            Client(cluster) as client:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+            sh, train_s = timed(ivd.create_sharded, client, work / "sharded", xt,
+                                nshards=args.shards, **create_args)
+        _, add_s = timed(sh.add, xb, ids, batch_size=args.add_batch)
+        out["sharded"] = {"train_s": train_s, "add_s": add_s, "build_s": train_s + add_s}
+        out["build_ratio"] = out["sharded"]["build_s"] / out["single"]["build_s"]
+        print(f"sharded: train {train_s:.1f} s, add {add_s:.1f} s "
+              f"({out['build_ratio']:.2f}x)", file=sys.stderr)
+        rows = []
+        for nprobe in [p for p in args.nprobe if p <= nlist]:
+            outs, best = interleaved_best(args.repeat, {
+                "single": functools.partial(one.search, xq, k=10, nprobe=nprobe),
+                "sharded": functools.partial(sh.search, xq, k=10, nprobe=nprobe)})
+            a, b = outs["single"], outs["sharded"]
+            before = loopback_bytes()
+            sh.search(xq, k=10, nprobe=nprobe)
+            wire = loopback_bytes() - before
+            probe = sh._searcher.probe(xq[:1], nprobe)
+            sent = xq[:1].nbytes + probe.costs.nbytes + probe.lists.nbytes
+            back = 10 * (4 + 8 + 8)  # distances, ids, probe ranks
+            rows.append({
+                "nprobe": nprobe,
+                "recall_single": recall_at(a.ids, gt, r=10, k=10),
+                "recall_sharded": recall_at(b.ids, gt, r=10, k=10),
+                "same_distances": float(np.mean((a.distances == b.distances).all(axis=1))),
+                "same_ids": float(np.mean((a.ids == b.ids).all(axis=1))),
+                "batch_s_single": best["single"], "batch_s_sharded": best["sharded"],
+                "batch_ratio": best["sharded"] / best["single"],
+                "loopback_bytes_per_query": wire / len(xq),
+                "payload_bytes_per_query": args.shards * (sent + back)})
+            print(f"nprobe {nprobe}: batch {best['sharded']:.3f} s vs {best['single']:.3f} s",
+                  file=sys.stderr)
+        out["search"] = rows
+        nprobe = min(16, nlist)
+        out["single_query"] = interleaved_latencies({
+            "single": functools.partial(one.search, k=10, nprobe=nprobe),
+            "sharded": functools.partial(sh.search, k=10, nprobe=nprobe)},
+            xq[:args.single])
+        out["single_query"]["nprobe"] = nprobe
+        info = sh.info()
+        out["bytes_on_disk"] = {"single": one.info().bytes_on_disk["total"],
+                                "sharded": info.bytes_on_disk["total"]}
+        out["shard_sizes"] = [s.ntotal for s in info.shards if s is not None]
+        sh.close()
+    one.close()
+    shutil.rmtree(work / "one.ivfpq", ignore_errors=True)
+    shutil.rmtree(work / "sharded", ignore_errors=True)
+    return out
+
+
+def markdown_sharded(shd: dict[str, Any]) -> list[str]:
+    s1, s2 = shd["single"], shd["sharded"]
+    lines = [
+        "", (f"## Sharded: {shd['nshards']} shards on a LocalCluster of {shd['workers']} worker "
+        "processes, against one store"), "",
+        "| | train s | add s | build s |", "| --- | --- | --- | --- |",
+        f"| one store | {s1['train_s']:.1f} | {s1['add_s']:.1f} | {s1['build_s']:.1f} |",
+        (f"| sharded | {s2['train_s']:.1f} | {s2['add_s']:.1f} | {s2['build_s']:.1f} "
+        f"({shd['build_ratio']:.2f}x) |"), "",
+        ("| nprobe | recall one | recall sharded | same results | batch s one | batch s sharded "
+        "| ratio | loopback bytes/query | payload bytes/query |"),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['nprobe']} | {r['recall_single']:.3f} | {r['recall_sharded']:.3f} | "
+              f"{r['same_distances']:.3f} | {r['batch_s_single']:.3f} | "
+              f"{r['batch_s_sharded']:.3f} | {r['batch_ratio']:.2f}x | "
+              f"{r['loopback_bytes_per_query']:,.0f} | {r['payload_bytes_per_query']:,} |"
+              for r in shd["search"]]
+    q = shd["single_query"]
+    lines += ["", (f"Single query at nprobe={q['nprobe']}: p50 {q['single']['p50_ms']:.2f} ms "
+              f"one store, {q['sharded']['p50_ms']:.2f} ms sharded. Shard sizes: "
+              f"{shd['shard_sizes']}. Bytes on disk: {shd['bytes_on_disk']['single']:,} one "
+              f"store, {shd['bytes_on_disk']['sharded']:,} sharded.")]
+    return lines
 
 
 # -- filtered search -----------------------------------------------------------------------------
@@ -1115,6 +1240,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 res["crossover"] = measure_crossover(args, warm, xb, xq)
     if args.profile:
         res["profile"] = profile_phases(args, work, xt, xb, nlist)
+    if args.shards:
+        res["sharded"] = measure_sharded(args, work, xt, xb, xq, gt, nlist)
     res["environment"] = {"python": platform.python_version(), "numpy": np.__version__,
                           "faiss": faiss.__version__, "ivfpq_store": ivfpq_store.__version__,
                           "cpus": os.cpu_count(), "machine": platform.machine(),
@@ -1180,6 +1307,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", *markdown_refine(res["refine"])]
     if "rebalance" in res:
         lines += ["", *markdown_rebalance(res["rebalance"])]
+    if "sharded" in res:
+        lines += markdown_sharded(res["sharded"])
     if "retrain" in res:
         lines += ["", *markdown_retrain(res["retrain"])]
     if "opq" in res:
@@ -1488,6 +1617,11 @@ def main() -> None:
     p.add_argument("--opq", action="store_true",
                    help="also build a store with opq=True and faiss's OPQm,IVFn,PQm and "
                         "compare their recall gains over the plain indexes")
+    p.add_argument("--shards", type=int, default=0, metavar="N",
+                   help="compare a sharded store of N shards on a Dask LocalCluster (needs the "
+                        "dask extra) with one store")
+    p.add_argument("--shard-workers", type=int, default=2, metavar="W",
+                   help="worker processes of the --shards cluster")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tmp", default=None, help="where the benchmark store is built")
     p.add_argument("--keep", action="store_true", help="keep the store (its path goes to stderr)")

@@ -2,14 +2,14 @@
 
 The golden files freeze the on-disk format: ``tests/test_format_header.py``,
 ``tests/test_format_segment.py``, ``tests/test_format_vectors.py`` and
-``tests/test_idmap.py`` (the packed id map's buckets) decode them and check that re-encoding
-gives the same bytes.
+``tests/test_idmap.py`` (the packed id map's buckets) and ``tests/test_sharding.py`` (a
+sharded store's manifest) decode them and check that re-encoding gives the same bytes.
 Changing them needs a format version bump and a changelog entry in docs/format.md; review the
 binary diff before committing.
 
 Usage::
 
-    python tools/make_golden.py                # writes the six files below into tests/data
+    python tools/make_golden.py                # writes the seven files below into tests/data
     python tools/make_golden.py --out-dir DIR  # writes them somewhere else (e.g. to compare)
     python tools/make_golden.py --check        # exit 1 if the files on disk differ
 
@@ -30,11 +30,19 @@ from ivfpq_store import IndexParams
 from ivfpq_store.format import (
     Header,
     SegmentPrelude,
+    decode_header,
     encode_header,
     encode_segment_prelude,
     record_dtype,
 )
 from ivfpq_store.format.idmap import encode_buckets
+from ivfpq_store.format.manifest import (
+    ROUTING,
+    Manifest,
+    ShardEntry,
+    encode_manifest,
+    quantizer_fingerprint,
+)
 from ivfpq_store.format.vectors import (
     VectorPrelude,
     encode_vector_prelude,
@@ -49,6 +57,7 @@ VECTORS_HEADER_NAME = "header-v1.1-vectors.ivfh"
 ROTATION_HEADER_NAME = "header-v1.2-rotation.ivfh"
 VECTORS_NAME = "vectors-v1.0.vec"
 IDMAP_NAME = "idmap-v1.3.bin"
+MANIFEST_NAME = "manifest-v1.0.ivfs"
 
 
 def golden_rotation() -> np.ndarray:
@@ -110,6 +119,22 @@ def golden_buckets() -> bytes:
     return b"".join(key + value for key, value in zip(keys, values, strict=True))
 
 
+def golden_manifest() -> bytes:
+    """The golden manifest of a sharded store (§10): the golden header's quantizer, uuid
+    UUID(int=2), created at 0.0, two shards at ``shards/0000.ivfpq`` and
+    ``shards/0001.ivfpq`` with store uuids UUID(int=3) and UUID(int=4)."""
+    h = decode_header(golden_header())
+    p = h.params
+    return encode_manifest(Manifest(
+        uuid=uuid.UUID(int=2), created=0.0,
+        params={"dim": p.dim, "nlist": p.nlist, "m": p.m, "nbits": p.nbits,
+                "metric": p.metric.label},
+        quantizer=quantizer_fingerprint(p, h.centroids, h.codebooks, h.rotation),
+        routing=ROUTING,
+        shards=(ShardEntry("shards/0000.ivfpq", uuid.UUID(int=3)),
+                ShardEntry("shards/0001.ivfpq", uuid.UUID(int=4)))))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT,
@@ -121,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     files = {HEADER_NAME: golden_header(), SEGMENT_NAME: golden_segment(),
              VECTORS_HEADER_NAME: golden_header("float16"), VECTORS_NAME: golden_vectors(),
              ROTATION_HEADER_NAME: golden_header(rotation=True),
-             IDMAP_NAME: golden_buckets()}
+             IDMAP_NAME: golden_buckets(), MANIFEST_NAME: golden_manifest()}
     status = 0
     for name, data in files.items():
         path = args.out_dir / name

@@ -5,18 +5,22 @@ Layout: a 16-byte prelude (magic, major, minor, CRC32 of the body) and a msgpack
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from ..errors import BadMagicError, FormatError, TruncatedFileError, UnsupportedVersionError
+from ..params import IndexParams
+from ..types import F32Array
 from .checksum import check_crc, crc32
 
 __all__ = ["MANIFEST_MAGIC", "MANIFEST_VERSION", "ROUTING", "Manifest", "ShardEntry",
-           "decode_manifest", "encode_manifest"]
+           "decode_manifest", "encode_manifest", "quantizer_fingerprint"]
 
 MANIFEST_MAGIC = b"\x89IVFSH\r\n"
 MANIFEST_VERSION = (1, 0)
@@ -52,6 +56,20 @@ class Manifest:
     @property
     def nshards(self) -> int:
         return len(self.shards)
+
+
+def quantizer_fingerprint(params: IndexParams, centroids: F32Array, codebooks: F32Array,
+                          rotation: F32Array | None) -> bytes:
+    """SHA-256 over the parameters and the quantizer's arrays (§10.2): equal fingerprints,
+    equal codes and distances for every vector."""
+    h = hashlib.sha256()
+    fields = (params.dim, params.nlist, params.m, params.nbits, params.metric.label)
+    h.update((",".join(map(str, fields)) + ";").encode("ascii"))
+    for arr in (centroids, codebooks, rotation):
+        if arr is not None:
+            h.update(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+        h.update(b";")
+    return h.digest()
 
 
 def encode_manifest(manifest: Manifest) -> bytes:
