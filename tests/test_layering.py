@@ -54,7 +54,7 @@ ALLOWED = {
                  "storage", "store", "types", "verify"},
     # the Dask side of sharded stores: the only module that imports dask
     "dask": {"_validate", "compaction", "creation", "errors", "params", "quantizer", "reports",
-             "search", "sharding", "store", "types", "verify"},
+             "search", "sharding", "storage", "store", "types", "verify"},
     # verify: cannot_check(); faiss_interop: load_faiss(); rebalancing: the defaults;
     # sharding: info and verify of a sharded store
     "cli": {"ivfpq_store", "demo", "errors", "faiss_interop", "io", "rebalancing", "sharding",

@@ -33,7 +33,7 @@ from ivfpq_store.errors import (
 )
 from ivfpq_store.format import decode_header
 from ivfpq_store.format.manifest import decode_manifest, encode_manifest, quantizer_fingerprint
-from ivfpq_store.search import Probe
+from ivfpq_store.search import Probe, ProbedResult
 from ivfpq_store.sharding import (
     MANIFEST_NAME,
     create_layout,
@@ -364,6 +364,40 @@ def test_merged_shards_equal_one_store(tmp_path, nshards, metric):
     for store in shards:
         store.close()
     one.close()
+
+
+def _probed(distances, ids, ranks, exact=None):
+    def arr(values, dtype):
+        return None if values is None else np.array([values], dtype)
+    return ProbedResult(arr(distances, np.float32), arr(ids, np.int64), arr(ranks, np.int64),
+                        arr(exact, np.float32))
+
+
+def test_merge_rules():
+    """By (distance, probe rank), then shard order; missing results last; under ip larger is
+    better; with refine, only the best R * k of all shards by PQ distance are re-ranked."""
+    inf = float("inf")
+    a = _probed([1.0, 2.0, inf], [10, 11, -1], [1, 0, -1])
+    b = _probed([1.0, 1.0, 3.0], [20, 21, 22], [0, 1, 2])
+    got = merge_probed([a, b], 3, refine=0, metric=Metric.L2)
+    assert got.ids.tolist() == [[20, 10, 21]]
+    assert got.distances.tolist() == [[1.0, 1.0, 1.0]]
+    got = merge_probed([a, b], 6, refine=0, metric=Metric.L2)
+    assert got.ids.tolist() == [[20, 10, 21, 11, 22, -1]]
+    ip_a = _probed([5.0, 1.0], [1, 2], [0, 0])
+    ip_b = _probed([7.0, -inf], [3, -1], [1, -1])
+    got = merge_probed([ip_a, ip_b], 3, refine=0, metric=Metric.IP)
+    assert got.ids.tolist() == [[3, 1, 2]]
+    # refine 2, k 1: the best two by PQ distance are 10 and 20; 11's exact distance is the
+    # smallest, but one store would not have re-ranked it
+    a = _probed([1.0, 2.0], [10, 11], [0, 0], exact=[5.0, 0.1])
+    b = _probed([1.5, 3.0], [20, 21], [0, 0], exact=[4.0, 9.0])
+    got = merge_probed([a, b], 1, refine=2, metric=Metric.L2)
+    assert got.ids.tolist() == [[20]]
+    assert got.distances.tolist() == [[4.0]]
+    with pytest.raises(InvalidParamsError, match="exact"):
+        merge_probed([a, _probed([1.5, 3.0], [20, 21], [0, 0])], 1, refine=2,
+                     metric=Metric.L2)
 
 
 def test_merge_pads_when_the_shards_hold_fewer_than_k(tmp_path):
