@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from .errors import InvalidParamsError, StoreNotFoundError
+from .format.manifest import MANIFEST_NAME
 from .format.records import check_store_meta
 from .params import check_bool, check_int, check_ratio, check_split_factor
 from .storage import (
@@ -133,6 +134,11 @@ def open(
     if not layout.root.is_dir():
         raise StoreNotFoundError(f"{layout.root}: no such store directory")
     if not layout.looks_like_store():
+        if (layout.root / MANIFEST_NAME).is_file():
+            raise StoreNotFoundError(
+                f"{layout.root}: a sharded store, not a store: open it with "
+                "ivfpq_store.dask.open_sharded (docs/scale-out.md); 'ivfpq-store info' and "
+                "'verify' read it")
         raise StoreNotFoundError(
             f"{layout.root}: not an ivfpq store — expected header.ivfh and catalog/ inside")
     header = read_header(layout.header)

@@ -27,6 +27,7 @@ from .errors import (
 )
 from .format import Header
 from .format.manifest import (
+    MANIFEST_NAME,
     ROUTING,
     Manifest,
     ShardEntry,
@@ -49,7 +50,6 @@ __all__ = ["HEADER_NAME", "MANIFEST_NAME", "MAX_SHARDS", "ShardedInfo", "Sharded
            "ShardedVerifyReport", "create_layout", "is_sharded", "merge_probed",
            "quantizer_fingerprint", "read_layout", "shard_of"]
 
-MANIFEST_NAME = "manifest.ivfs"
 HEADER_NAME = "header.ivfh"
 SHARDS_DIR = "shards"
 #: The most shards a sharded store may have (a bound for checks, not a measured limit).

@@ -74,7 +74,10 @@ and one store, from the same sample and base: build time (train + add) of each, 
 10@10, the share of queries whose results are identical, batch time of the same queries per
 nprobe (in turn, best of ``--repeat``), single-query p50, bytes on disk, and the bytes
 client and workers exchange per query: measured on the loopback interface during a batch
-(everything the cluster sent meanwhile, heartbeats included) and the arrays themselves.
+(everything the cluster sent meanwhile, heartbeats included) and the arrays themselves;
+then the shards' scans run one after another in the benchmark's own process, without Dask,
+against one store's search (what the fan-out costs by itself), and one round of trivial
+actor calls (``len``).
 
 With ``--profile`` it trains and adds once more under cProfile and reports where the time goes,
 by phase (``TRAIN_PHASES``, ``ADD_PHASES``: coarse k-means, PQ training and its assignment and
@@ -469,12 +472,15 @@ def measure_sharded(args: argparse.Namespace, work: Path, xt: np.ndarray, xb: np
     processes against one store, built from the same sample and base on the same machine:
     build time (train + add), recall, whether the results are the same, batch time per
     nprobe (in turn, best of ``--repeat``), single-query p50, and the bytes client and
-    workers exchange per query (loopback bytes during a batch, and the arrays sent)."""
+    workers exchange per query (loopback bytes during a batch, and the arrays sent); then
+    the shards' scans in this process without Dask against one store's search, and one
+    round of trivial actor calls."""
     import logging
 
     from distributed import Client, LocalCluster
 
     from ivfpq_store import dask as ivd
+    from ivfpq_store.sharding import read_layout
 
     kind = args.store_vectors[0] if args.store_vectors else None
     create_args = {"nlist": nlist, "m": args.m, "nbits": args.nbits, "seed": args.seed,
@@ -525,6 +531,26 @@ def measure_sharded(args: argparse.Namespace, work: Path, xt: np.ndarray, xb: np
                   file=sys.stderr)
         out["search"] = rows
         nprobe = min(16, nlist)
+        # The shards' scans in this process, one after another, without Dask: what the
+        # fan-out costs by itself. And one round of trivial actor calls (len asks every
+        # shard at once).
+        layout = read_layout(work / "sharded")
+        local = [layout.open_shard(i) for i in range(args.shards)]
+
+        def scans() -> None:
+            probe = one.probe(xq, nprobe)
+            for shard in local:
+                shard.search_probed(xq, probe, 10)
+
+        _, best = interleaved_best(args.repeat, {
+            "single": functools.partial(one.search, xq, k=10, nprobe=nprobe),
+            "shards": scans})
+        out["in_process"] = {"nprobe": nprobe, "single_s": best["single"],
+                             "shards_s": best["shards"],
+                             "ratio": best["shards"] / best["single"]}
+        for shard in local:
+            shard.close()
+        _, out["actor_round_s"] = best_of(20, len, sh)
         out["single_query"] = interleaved_latencies({
             "single": functools.partial(one.search, k=10, nprobe=nprobe),
             "sharded": functools.partial(sh.search, k=10, nprobe=nprobe)},
@@ -558,6 +584,13 @@ def markdown_sharded(shd: dict[str, Any]) -> list[str]:
               f"{r['batch_s_sharded']:.3f} | {r['batch_ratio']:.2f}x | "
               f"{r['loopback_bytes_per_query']:,.0f} | {r['payload_bytes_per_query']:,} |"
               for r in shd["search"]]
+    if "in_process" in shd:
+        ip = shd["in_process"]
+        lines += ["", (f"Without Dask, in one process at nprobe={ip['nprobe']}: the "
+                       f"{shd['nshards']} shards' scans one after another {ip['shards_s']:.3f} "
+                       f"s, one store's search {ip['single_s']:.3f} s ({ip['ratio']:.2f}x). One "
+                       "round of trivial actor calls to every shard: "
+                       f"{shd['actor_round_s'] * 1e3:.1f} ms.")]
     q = shd["single_query"]
     lines += ["", (f"Single query at nprobe={q['nprobe']}: p50 {q['single']['p50_ms']:.2f} ms "
               f"one store, {q['sharded']['p50_ms']:.2f} ms sharded. Shard sizes: "

@@ -19,9 +19,11 @@ from ..params import IndexParams
 from ..types import F32Array
 from .checksum import check_crc, crc32
 
-__all__ = ["MANIFEST_MAGIC", "MANIFEST_VERSION", "ROUTING", "Manifest", "ShardEntry",
-           "decode_manifest", "encode_manifest", "quantizer_fingerprint"]
+__all__ = ["MANIFEST_MAGIC", "MANIFEST_NAME", "MANIFEST_VERSION", "ROUTING", "Manifest",
+           "ShardEntry", "decode_manifest", "encode_manifest", "quantizer_fingerprint"]
 
+#: The manifest's file name in a sharded store's directory (§10.1).
+MANIFEST_NAME = "manifest.ivfs"
 MANIFEST_MAGIC = b"\x89IVFSH\r\n"
 MANIFEST_VERSION = (1, 0)
 #: The only routing rule of version 1.0: ``splitmix64(id) mod nshards`` (§10.3).
