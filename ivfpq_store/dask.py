@@ -163,7 +163,8 @@ class ShardedStore:
 
     def __init__(self, client: distributed.Client, layout: ShardedLayout, *,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
-        if not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
+        if (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                or not 0 < timeout < float("inf")):
             raise InvalidParamsError(f"timeout: expected a positive number of seconds, got "
                                      f"{timeout!r}")
         self._client = client
@@ -175,8 +176,7 @@ class ShardedStore:
         self._actors: list[Any] = [None] * layout.nshards
         self._lock = threading.Lock()
         self._closed = False
-        for i in range(layout.nshards):
-            self._actors[i] = self._start(i)
+        self._actors = self._start(range(layout.nshards))
 
     # -- life cycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -356,24 +356,28 @@ class ShardedStore:
         if self._closed:
             raise StoreClosedError(f"{self._layout.root}: the sharded store is closed")
 
-    def _start(self, index: int) -> Any:
-        """A new actor for shard ``index``, on the worker that shard maps to (any worker
-        when that one is gone)."""
+    def _start(self, shards: Sequence[int]) -> list[Any]:
+        """New actors for ``shards``, all started at once, each on the worker its shard maps
+        to (any worker when that one is gone); the first shard that fails raises."""
         workers = sorted(self._client.scheduler_info()["workers"])
         if not workers:
-            raise ShardUnavailableError(f"shard {index}: the cluster has no workers",
-                                        shard=index)
-        future = self._client.submit(
-            _ShardServer, str(self._layout.root), index, self._layout.manifest.uuid.hex,
-            actor=True, workers=[workers[index % len(workers)]], allow_other_workers=True,
-            pure=False, key=f"ivfpq-shard-{index}-{uuid.uuid4().hex}")
-        try:
-            return future.result(timeout=self._timeout)
-        except IvfpqError:
-            raise
-        except Exception as err:
-            raise ShardUnavailableError(f"shard {index}: could not be opened on the cluster "
-                                        f"({type(err).__name__}: {err})", shard=index) from err
+            raise ShardUnavailableError(f"shard {shards[0]}: the cluster has no workers",
+                                        shard=shards[0])
+        futures = [self._client.submit(
+            _ShardServer, str(self._layout.root), i, self._layout.manifest.uuid.hex,
+            actor=True, workers=[workers[i % len(workers)]], allow_other_workers=True,
+            pure=False, key=f"ivfpq-shard-{i}-{uuid.uuid4().hex}") for i in shards]
+        actors = []
+        for i, future in zip(shards, futures, strict=True):
+            try:
+                actors.append(future.result(timeout=self._timeout))
+            except IvfpqError:
+                raise
+            except Exception as err:
+                raise ShardUnavailableError(
+                    f"shard {i}: could not be opened on the cluster ({type(err).__name__}: "
+                    f"{err})", shard=i) from err
+        return actors
 
     def _call_all(self, method: str, args: Callable[[int], tuple[Any, ...]], *,
                   only: Any = None) -> tuple[dict[int, Any], dict[int, str]]:
@@ -396,7 +400,7 @@ class ShardedStore:
                 first = f"{type(err).__name__}: {err}"
             try:  # the actor's worker died: a new actor, on any worker that can open it
                 with self._lock:
-                    self._actors[i] = self._start(i)
+                    self._actors[i] = self._start([i])[0]
                 answers[i] = _result(self._actor_call(i, method, args(i)), self._timeout)
             except (ShardMismatchError, InvalidParamsError):
                 raise
