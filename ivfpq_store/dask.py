@@ -246,9 +246,10 @@ class ShardedStore:
             raise InvalidParamsError(f"allow_partial: expected True or False, got "
                                      f"{allow_partial!r}")
         q, _ = as_vectors(queries, p.dim, "queries")
-        if p.metric is Metric.COSINE:
-            q = normalize_rows(q, "queries")
-        probe = self._searcher.probe(q, checked.nprobe)
+        # The shards get the queries as given, and normalise them (cosine) as one store
+        # would: normalising twice can change the last bits.
+        probe = self._searcher.probe(normalize_rows(q, "queries")
+                                     if p.metric is Metric.COSINE else q, checked.nprobe)
         answers, missing = self._call_all(
             "search", lambda i: (q, probe.costs, probe.lists, checked.k, checked.refine))
         if missing and not allow_partial:

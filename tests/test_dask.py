@@ -52,8 +52,8 @@ def _single(tmp_path, sh):
     return ivfpq_store.open(tmp_path / "one")
 
 
-@pytest.mark.parametrize("nshards", [2, 3, 5])
-@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize(("nshards", "metric"), [(2, "l2"), (3, "l2"), (5, "l2"), (2, "ip"),
+                                                 (3, "ip"), (5, "ip"), (3, "cosine")])
 def test_sharded_equals_one_store(client, tmp_path, nshards, metric):
     """The same results as one store, through every kind of write; create_sharded trains as
     create does (the same quantizer from the same sample and seed)."""

@@ -328,7 +328,7 @@ def untied_at(store, xq, probe, cut):
 
 
 @pytest.mark.parametrize("nshards", [1, 2, 3, 5])
-@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
 def test_merged_shards_equal_one_store(tmp_path, nshards, metric):
     """Each shard scans the client's probe; the merge equals one store holding every vector
     with the same quantizer, after deletes; with refine, wherever the candidates' cut is not
