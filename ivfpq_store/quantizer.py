@@ -16,11 +16,13 @@ at their entry; stored vectors and exact re-ranking stay in the space of the vec
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 
 import numpy as np
 
 from . import _kernel
+from ._threads import pool
 from .training.kmeans import (
     assign_block,
     best_columns,
@@ -193,8 +195,9 @@ class Quantizer(CoarseQuantizer):
             codes[s:e] = kernel.encode(x[s:e], list_nos[s:e], self.centroids, self.codebooks_t,
                                        self.norms, nthreads=_kernel.THREADS)
 
-        with ThreadPoolExecutor(1, thread_name_prefix="ivfpq-encode") as pool:
-            pending: tuple[Future[None], int] | None = None
+        encoder = pool("encode", _kernel.THREADS)  # kept: see ivfpq_store._threads
+        pending: tuple[Future[None], int] | None = None
+        try:
             for s in range(0, n, PIPELINE_BLOCK):
                 e = min(n, s + PIPELINE_BLOCK)
                 list_nos[s:e] = self.assign(x[s:e])
@@ -202,11 +205,14 @@ class Quantizer(CoarseQuantizer):
                     pending[0].result()
                     if progress is not None:
                         progress(pending[1])
-                pending = (pool.submit(encode, s, e), e - s)
+                pending = (encoder.submit(encode, s, e), e - s)
             if pending is not None:
                 pending[0].result()
                 if progress is not None:
                     progress(pending[1])
+        finally:  # an error here leaves no encode running
+            if pending is not None:
+                futures_wait([pending[0]])
         return list_nos, codes
 
     def encode(self, x: F32Array, list_nos: I64Array,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 import time
 import warnings
@@ -32,8 +33,16 @@ pytestmark = pytest.mark.filterwarnings(
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0", silence_logs=40) as cluster, \
+    # Under CPython 3.11 the workers' profiler (sys._current_frames every 10 ms) can deadlock
+    # a worker when any thread exits during a garbage collection (cpython#106883, fixed in
+    # 3.12): one such hang was seen here before the package kept its threads
+    # (ivfpq_store/_threads.py). Dask's own threads remain, so the tests turn it off there,
+    # as docs/scale-out.md advises.
+    import dask
+
+    with dask.config.set({"distributed.worker.profile.enabled": sys.version_info >= (3, 12)}), \
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                     dashboard_address=":0", silence_logs=40) as cluster, \
             distributed.Client(cluster) as c:
         yield c
 

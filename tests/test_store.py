@@ -43,6 +43,25 @@ def test_store_created_again_where_one_is_still_open(tmp_path, small_data):
     old.close()
 
 
+def test_writes_keep_their_threads(tmp_path, small_data):
+    """Adds and their syncs run on threads kept for the process, not on threads started and
+    joined per write (threads that exit can deadlock CPython 3.11 under a profiler that
+    calls sys._current_frames, as Dask's does: ivfpq_store/_threads.py)."""
+    import threading
+
+    def ours() -> set[int]:
+        return {t.ident or 0 for t in threading.enumerate() if t.name.startswith("ivfpq-")}
+
+    with make_store(tmp_path / "s", small_data, add=False) as store:
+        store.add(small_data["base"][:200])
+        before = ours()
+        for s in range(200, 1000, 200):
+            store.add(small_data["base"][s:s + 200])
+        store.delete(np.arange(0, 1000, 3))
+        assert before
+        assert ours() == before
+
+
 def test_use_after_fork_is_refused(tmp_path, small_data):
     if not hasattr(os, "fork"):
         pytest.skip("no fork on this platform")

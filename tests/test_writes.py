@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,9 +151,15 @@ def test_a_failed_sync_fails_the_add_and_commits_nothing(tmp_path, small_data, m
 
 def test_a_failing_commit_is_not_hidden_by_a_failing_sync(tmp_path, small_data, monkeypatch):
     """When the catalog refuses the commit and a segment sync fails too, the caller sees
-    the catalog's error (the write failed for that reason); no sync thread is left."""
+    the catalog's error (the write failed for that reason), and only once every sync has
+    ended (none still runs on the kept sync threads)."""
+    started: list[Path] = []
+    ended: list[Path] = []
     with make_store(tmp_path / "s", small_data, add=False) as store:
         def failing_sync(path: Path) -> None:
+            started.append(path)
+            time.sleep(0.005)
+            ended.append(path)
             raise OSError(errno.EIO, "injected I/O error", str(path))
 
         def full(self, state, changes, *, before_commit=None):
@@ -162,7 +169,8 @@ def test_a_failing_commit_is_not_hidden_by_a_failing_sync(tmp_path, small_data, 
         monkeypatch.setattr(Catalog, "apply", full)
         with pytest.raises(ivfpq_store.CatalogFullError, match="injected"):
             store.add(small_data["base"][:300])
-        assert not [t for t in threading.enumerate() if t.name.startswith("ivfpq-sync")]
+        assert started
+        assert len(ended) == len(started)
         monkeypatch.undo()
         assert len(store) == 0
         assert store.verify().ok
