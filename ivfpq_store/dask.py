@@ -266,28 +266,24 @@ class ShardedStore:
     def get_vectors(self, ids: Any) -> F32Array:
         """The stored vectors of ``ids``, as :meth:`Store.get_vectors`, each read from its
         shard."""
-        self._check_open()
-        wanted = as_id_sequence(ids)
-        where = shard_of(wanted, self.nshards)
-        asked = {i: wanted[where == i] for i in np.unique(where).tolist()}
-        found, missing = self._call_all("get_vectors", lambda i: (asked[i],), only=asked)
-        _raise_missing(missing)
-        out = np.empty((len(wanted), self.params.dim), np.float32)
-        for i, vectors in found.items():
-            out[where == i] = vectors
-        return out
+        return self._by_id("get_vectors", ids, np.empty((0, self.params.dim), np.float32))
 
     def contains(self, ids: Any) -> np.ndarray:
         """Whether each of ``ids`` is live, as :meth:`Store.contains`."""
+        return self._by_id("contains", ids, np.zeros(0, bool))
+
+    def _by_id(self, method: str, ids: Any, empty: np.ndarray) -> np.ndarray:
+        """The actors' ``method`` of each id's shard, one row (or value) per id in the
+        order of ``ids``; ``empty`` gives the answer's dtype and row shape."""
         self._check_open()
         wanted = as_id_sequence(ids)
         where = shard_of(wanted, self.nshards)
         asked = {i: wanted[where == i] for i in np.unique(where).tolist()}
-        found, missing = self._call_all("contains", lambda i: (asked[i],), only=asked)
+        found, missing = self._call_all(method, lambda i: (asked[i],), only=asked)
         _raise_missing(missing)
-        out = np.zeros(len(wanted), bool)
-        for i, live in found.items():
-            out[where == i] = live
+        out = np.empty((len(wanted), *empty.shape[1:]), empty.dtype)
+        for i, rows in found.items():
+            out[where == i] = rows
         return out
 
     # -- writing ----------------------------------------------------------------------------

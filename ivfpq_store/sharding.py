@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -54,6 +54,8 @@ HEADER_NAME = "header.ivfh"
 SHARDS_DIR = "shards"
 #: The most shards a sharded store may have (a bound for checks, not a measured limit).
 MAX_SHARDS = 4096
+
+T = TypeVar("T")
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -294,31 +296,29 @@ def sharded_info(layout: ShardedLayout, infos: Sequence[StoreInfo | None],
 
 def local_info(layout: ShardedLayout) -> ShardedInfo:
     """:func:`sharded_info` with each shard opened here, one after another."""
-    infos: list[StoreInfo | None] = []
-    unavailable: dict[int, str] = {}
-    for i in range(layout.nshards):
-        try:
-            with layout.open_shard(i) as store:
-                infos.append(store.info())
-        except IvfpqError as err:  # missing, mismatched, damaged: reported, not raised
-            infos.append(None)
-            unavailable[i] = f"{type(err).__name__}: {err}"
-    return sharded_info(layout, infos, unavailable)
+    return sharded_info(layout, *_each_shard(layout, Store.info))
 
 
 def local_verify(layout: ShardedLayout) -> ShardedVerifyReport:
     """Verify every shard here, one after another: each opened and checked against the
     manifest, then :meth:`Store.verify`."""
-    reports: list[VerifyReport | None] = []
+    return verify_report(*_each_shard(layout, Store.verify))
+
+
+def _each_shard(layout: ShardedLayout, fn: Callable[[Store], T]
+                ) -> tuple[list[T | None], dict[int, str]]:
+    """``fn`` of each shard opened here (None for a shard that could not be opened), and
+    why each such shard could not."""
+    out: list[T | None] = []
     unavailable: dict[int, str] = {}
     for i in range(layout.nshards):
         try:
             with layout.open_shard(i) as store:
-                reports.append(store.verify())
+                out.append(fn(store))
         except IvfpqError as err:  # missing, mismatched, damaged: reported, not raised
-            reports.append(None)
+            out.append(None)
             unavailable[i] = f"{type(err).__name__}: {err}"
-    return verify_report(reports, unavailable)
+    return out, unavailable
 
 
 def verify_report(reports: Sequence[VerifyReport | None],
