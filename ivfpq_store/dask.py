@@ -173,10 +173,9 @@ class ShardedStore:
         header = layout.header
         self._searcher = Searcher(Quantizer(header.centroids, header.codebooks,
                                             header.params.metric, header.rotation))
-        self._actors: list[Any] = [None] * layout.nshards
         self._lock = threading.Lock()
         self._closed = False
-        self._actors = self._start(range(layout.nshards))
+        self._actors: list[Any] = self._start(range(layout.nshards))
 
     # -- life cycle -------------------------------------------------------------------------
     def close(self) -> None:
