@@ -4,8 +4,8 @@ write's syncs) submits its work to them instead of starting and joining threads 
 Threads that come and go are a hazard under CPython 3.11: a thread that exits while another
 is in ``sys._current_frames()`` and a garbage collection there frees an object whose
 finaliser releases the GIL (a memory map) deadlocks the process (cpython#106883, fixed in
-3.12). Dask's profiler calls ``sys._current_frames()`` in every worker every 10 ms, and a
-worker killed this way hung a sharded add in tests/test_dask.py before these pools.
+3.12). Dask's profiler calls ``sys._current_frames()`` in every worker every 10 ms, and the
+shards a worker writes are memory-mapped, so a sync thread ending there can hang a write.
 
 A forked child starts with no pools (the parent's threads do not exist there) and makes its
 own on first use.

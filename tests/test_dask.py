@@ -35,9 +35,8 @@ pytestmark = pytest.mark.filterwarnings(
 def client():
     # Under CPython 3.11 the workers' profiler (sys._current_frames every 10 ms) can deadlock
     # a worker when any thread exits during a garbage collection (cpython#106883, fixed in
-    # 3.12): one such hang was seen here before the package kept its threads
-    # (ivfpq_store/_threads.py). Dask's own threads remain, so the tests turn it off there,
-    # as docs/scale-out.md advises.
+    # 3.12). The package keeps its own threads (ivfpq_store/_threads.py), Dask's still come
+    # and go, so the tests turn the profiler off there, as docs/scale-out.md advises.
     import dask
 
     with dask.config.set({"distributed.worker.profile.enabled": sys.version_info >= (3, 12)}), \
