@@ -50,10 +50,10 @@ from .errors import (
     ShardUnavailableError,
     StoreClosedError,
 )
-from .params import SearchParams, check_int, check_ratio
+from .params import IndexParams, SearchParams, check_int, check_ratio
 from .quantizer import Quantizer
 from .reports import StoreInfo
-from .search import ProbedResult, Searcher, SearchResult
+from .search import Probe, ProbedResult, Searcher, SearchResult
 from .sharding import (
     MAX_SHARDS,
     ShardedInfo,
@@ -205,7 +205,7 @@ class ShardedStore:
         return self._layout.nshards
 
     @property
-    def params(self) -> Any:
+    def params(self) -> IndexParams:
         """The shared quantizer's :class:`~ivfpq_store.IndexParams`."""
         return self._layout.header.params
 
@@ -388,7 +388,7 @@ class ShardedStore:
         missing: dict[int, str] = {}
         for i, call in pending.items():
             try:
-                answers[i] = _result(call, self._timeout)
+                answers[i] = call.result(timeout=self._timeout)
                 continue
             except IvfpqError:
                 raise
@@ -397,7 +397,7 @@ class ShardedStore:
             try:  # the actor's worker died: a new actor, on any worker that can open it
                 with self._lock:
                     self._actors[i] = self._start([i])[0]
-                answers[i] = _result(self._actor_call(i, method, args(i)), self._timeout)
+                answers[i] = self._actor_call(i, method, args(i)).result(timeout=self._timeout)
             except (ShardMismatchError, InvalidParamsError):
                 raise
             except Exception as err:
@@ -533,10 +533,6 @@ class _Failed:
         raise self.err
 
 
-def _result(call: Any, timeout: float) -> Any:
-    return call.result(timeout=timeout)
-
-
 def _raise_missing(missing: dict[int, str]) -> None:
     if missing:
         first = min(missing)
@@ -577,7 +573,6 @@ class _ShardServer:
 
     def search(self, queries: F32Array, costs: F32Array, lists: I64Array, k: int,
                refine: int) -> ProbedResult:
-        from .search import Probe
         try:
             return self._store.search_probed(queries, Probe(costs, lists), k, refine=refine,
                                              generation=self._generation)

@@ -414,10 +414,10 @@ class Store:
             As for :meth:`search`.
         """
         self._live_catalog()
-        nprobe = SearchParams.checked(1, nprobe, self._nlist_bound(nprobe)).nprobe
+        checked = SearchParams.checked(1, nprobe, self._nlist_bound(nprobe))
         q = self._queries(queries)
         gen = self._current()
-        return gen.searcher.probe(q, _within(SearchParams(k=1, nprobe=nprobe), gen).nprobe)
+        return gen.searcher.probe(q, _within(checked, gen).nprobe)
 
     def search_probed(self, queries: Any, probe: Probe, k: int = 10, *, refine: int = 0,
                       generation: int | None = None) -> ProbedResult:
