@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ __all__ = ["KERNEL", "THREADS", "Kernel", "ListTable", "ScanPlan", "bad_rows", "
            "row_checksums"]
 
 #: The version of the ``ivfpq_scan`` contract this module speaks (``IVFPQ_SCAN_ABI`` in C).
-ABI = 8
+ABI = 9
 #: Entries per sub-table in the kernel's tables (``TSTRIDE`` in C): 256 whatever ksub.
 TSTRIDE = 256
 
@@ -33,7 +34,7 @@ _P: Any = ctypes.c_void_p
 _I: Any = ctypes.c_int64
 _SCAN_ARGS = [_I, _I, _I, _I, ctypes.c_int,  # nq, dim, m, ksub, l2
               _P, _P, _P, _P, _P,  # queries, centroids, codebooks_t, norms, list_terms
-              _I, _P, _P, _P, _I,  # nlists, list_no, rec_addr, rec_count, stride
+              _I, _P, _P, _P, _P, _I,  # nlists, list_no, seg_start, rec_addr, rec_count, stride
               _P, _P,  # dead_addr, dead_count
               _P, _P, _P,  # pair_start, pair_q, pair_rank
               _I, _I, ctypes.c_int, _P, _P,  # k, cap, nthreads, out_cost, out_id
@@ -269,6 +270,36 @@ class Kernel:
         return empty.with_lists(list_no, table.rec_addr[list_no], table.rec_count[list_no],
                                 table.dead_addr[list_no], table.dead_count[list_no], table)
 
+    def tables_plan(self, *, centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
+                    list_terms: F32Array | None, l2: bool, tables: Sequence[ListTable],
+                    list_no: I64Array) -> ScanPlan:
+        """:meth:`table_plan` over several tables of one quantizer (the stores of a sharded
+        store's shards on one machine): list ``list_no[l]`` of every table, in table order,
+        is scanned as one list, each (query, list) pair's lookup table built once for all
+        of them. A result's row counts on through the tables' entries of its list: row ``r``
+        is row ``r - sum(counts before)`` of the first table whose entries reach past it."""
+        if not tables:
+            raise ValueError("scan kernel: no list tables")
+        first = tables[0]
+        empty = self._table_quantizer(first, centroids, codebooks_t, norms, list_terms, l2)
+        list_no = _i64(list_no)
+        if list_no.ndim != 1:
+            raise ValueError("scan kernel: list numbers must be 1-D")
+        for table in tables:
+            if table.nlist != first.nlist or table.dtype != first.dtype:
+                raise ValueError("scan kernel: the list tables belong to other quantizers")
+            if len(list_no) and (list_no.min() < 0 or list_no.max() >= table.nlist
+                                 or not table.known[list_no].all()):
+                raise ValueError("scan kernel: a list is not in the list table")
+        n = len(tables)
+
+        def segments(name: str) -> np.ndarray:
+            return np.stack([getattr(t, name)[list_no] for t in tables], axis=1).ravel()
+
+        return empty.with_lists(list_no, segments("rec_addr"), segments("rec_count"),
+                                segments("dead_addr"), segments("dead_count"), tuple(tables),
+                                seg_start=np.arange(0, n * len(list_no) + 1, n, dtype=np.int64))
+
     def search_one(self, *, table: ListTable, query: F32Array, matrix: F32Array,
                    centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
                    list_terms: F32Array | None, l2: bool, nprobe: int, k: int, nthreads: int,
@@ -349,7 +380,7 @@ class Kernel:
         keep = (centroids, codebooks_t, norms, list_terms, list_no, rec_addr, rec_count,
                 dead_addr, dead_count, owner)
         fixed = (dim, m, ksub, int(l2), _ptr(centroids), _ptr(codebooks_t), _ptr(norms),
-                 None if list_terms is None else _ptr(list_terms), n, _ptr(list_no),
+                 None if list_terms is None else _ptr(list_terms), n, _ptr(list_no), None,
                  _ptr(rec_addr), _ptr(rec_count), _record_dtype(m).itemsize, _ptr(dead_addr),
                  _ptr(dead_count))
         return ScanPlan(self._scan, n, fixed, keep)
@@ -446,24 +477,38 @@ class ScanPlan:
         return self._fixed[:8]
 
     def with_lists(self, list_no: I64Array, rec_addr: np.ndarray, rec_count: I64Array,
-                   dead_addr: np.ndarray, dead_count: I64Array, owner: object) -> ScanPlan:
+                   dead_addr: np.ndarray, dead_count: I64Array, owner: object, *,
+                   seg_start: I64Array | None = None) -> ScanPlan:
         """This plan's quantizer over other lists: their checked entries (contiguous int64 and
-        uint64 arrays of one length), ``owner`` holding the arrays they point into."""
+        uint64 arrays of one length), ``owner`` holding the arrays they point into.
+
+        With ``seg_start`` (int64, one more than the lists), list ``l`` has the segments
+        ``seg_start[l]:seg_start[l+1]`` of ``rec_addr`` .. ``dead_count`` instead of entry ``l``
+        alone: several stores' records of the same list (:meth:`Kernel.tables_plan`)."""
         n = len(list_no)
-        arrays = (list_no, rec_addr, rec_count, dead_addr, dead_count)
-        if any(a.shape != (n,) or a.dtype.itemsize != 8 or not a.flags.c_contiguous
-               for a in arrays):
+        size = n if seg_start is None else int(seg_start[-1])
+        if seg_start is not None and (
+                seg_start.shape != (n + 1,) or seg_start.dtype != np.int64
+                or not seg_start.flags.c_contiguous or seg_start[0] != 0
+                or (seg_start[1:] < seg_start[:-1]).any()):
+            raise ValueError("scan kernel: inconsistent segment starts")
+        segments = (rec_addr, rec_count, dead_addr, dead_count)
+        if (list_no.shape != (n,) or any(a.shape != (size,) for a in segments)
+                or any(a.dtype.itemsize != 8 or not a.flags.c_contiguous
+                       for a in (list_no, *segments))):
             raise ValueError("scan kernel: inconsistent list entries")
-        fixed = (*self.quantizer_args, n, _ptr(list_no), _ptr(rec_addr), _ptr(rec_count),
-                 self._fixed[12], _ptr(dead_addr), _ptr(dead_count))
-        return ScanPlan(self._fn, n, fixed, (self._keep, arrays, owner))
+        fixed = (*self.quantizer_args, n, _ptr(list_no),
+                 None if seg_start is None else _ptr(seg_start), _ptr(rec_addr),
+                 _ptr(rec_count), self._fixed[13], _ptr(dead_addr), _ptr(dead_count))
+        return ScanPlan(self._fn, n, fixed, (self._keep, list_no, segments, seg_start, owner))
 
     def scan(self, queries: F32Array, pair_start: I64Array, pair_q: I64Array,
              pair_rank: np.ndarray, *, k: int, cap: int,
              nthreads: int) -> tuple[F32Array, I64Array, np.ndarray, I64Array]:
         """Best ``k`` (costs, ids, probe ranks, rows), each (nq, k), of (query, list) pairs
         grouped by list: a result is row ``rows[q, i]`` of query q's list of probe rank
-        ``ranks[q, i]`` (int32).
+        ``ranks[q, i]`` (int32); in a plan of several segments per list, rows count on from
+        one segment to the next, in the plan's order.
 
         The pairs of the plan's list l are ``pair_start[l]:pair_start[l+1]`` of ``pair_q``
         (query) and ``pair_rank`` (probe rank). A query must not be paired with the same list

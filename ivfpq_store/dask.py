@@ -10,7 +10,8 @@
 A sharded store is a directory (:mod:`ivfpq_store.sharding`): a manifest, the shared
 quantizer's header, and ordinary stores as shards. Each id lives in one shard
 (``splitmix64(id) mod nshards``). Reads go to one Dask actor per shard, which holds its
-store open on a worker; writes are Dask tasks, each one shard's part of a batch as one
+store open on a worker; a search asks one actor per worker, which scans all the shards its
+worker serves in one pass. Writes are Dask tasks, each one shard's part of a batch as one
 atomic upsert, retried by Dask when a worker dies. Every worker must be able to open every
 shard's path (one machine, or a shared file system).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import threading
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -67,7 +69,7 @@ from .sharding import (
     verify_report,
 )
 from .storage.layout import check_new_store_path
-from .store import Store
+from .store import Store, search_probed_together
 from .types import F32Array, I64Array, Metric, PathArg, ProgressFn
 from .verify import VerifyReport
 
@@ -175,6 +177,8 @@ class ShardedStore:
                                             header.params.metric, header.rotation))
         self._lock = threading.Lock()
         self._closed = False
+        #: Each shard's actor, and the worker it lives on.
+        self._homes: list[str] = [""] * layout.nshards
         self._actors: list[Any] = self._start(range(layout.nshards))
 
     # -- life cycle -------------------------------------------------------------------------
@@ -249,18 +253,46 @@ class ShardedStore:
         # would: normalising twice can change the last bits.
         probe = self._searcher.probe(normalize_rows(q, "queries")
                                      if p.metric is Metric.COSINE else q, checked.nprobe)
-        answers, missing = self._call_all(
-            "search", lambda i: (q, probe.costs, probe.lists, checked.k, checked.refine))
+        parts, answered, missing = self._search_by_worker(
+            (q, probe.costs, probe.lists, checked.k, checked.refine))
         if missing and not allow_partial:
             _raise_missing(missing)
-        answered = sorted(answers)
-        if not answered:
+        if not parts:
             fill = np.float32(np.inf if p.metric is Metric.L2 else -np.inf)
             return ShardedSearchResult(np.full((len(q), checked.k), fill, np.float32),
                                        np.full((len(q), checked.k), -1, np.int64), (), missing)
-        merged = merge_probed([answers[i] for i in answered], checked.k,
-                              refine=checked.refine, metric=p.metric)
+        merged = merge_probed(parts, checked.k, refine=checked.refine, metric=p.metric)
         return ShardedSearchResult(merged.distances, merged.ids, answered, missing)
+
+    def _search_by_worker(self, args: tuple[Any, ...]
+                          ) -> tuple[list[ProbedResult], tuple[int, ...], dict[int, str]]:
+        """The scans of every shard for one search: each worker's shards in one call to one
+        of its actors, which scans them together (each probed table built once for all of
+        them); the shards that call did not cover (its worker died, an actor moved) one by
+        one, with :meth:`_call_all`'s restarts. Returns the results, the shards they cover,
+        and why each missing shard did not answer."""
+        groups: dict[str, list[int]] = {}
+        for i, home in enumerate(self._homes):
+            if self._actors[i] is not None:
+                groups.setdefault(home, []).append(i)
+        calls = {tuple(shards): self._actor_call(shards[0], "search_together", (shards, *args))
+                 for shards in groups.values()}
+        parts: list[ProbedResult] = []
+        covered: set[int] = set()
+        for call in calls.values():
+            try:
+                result, shards = call.result(timeout=self._timeout)
+            except IvfpqError:
+                raise
+            except Exception:  # its shards are asked one by one below
+                continue
+            parts.append(result)
+            covered.update(shards)
+        rest = [i for i in range(self.nshards) if i not in covered]
+        answers, missing = (self._call_all("search", lambda i: args, only=rest) if rest
+                            else ({}, {}))
+        parts += [answers[i] for i in sorted(answers)]
+        return parts, tuple(sorted(covered | set(answers))), missing
 
     def get_vectors(self, ids: Any) -> F32Array:
         """The stored vectors of ``ids``, as :meth:`Store.get_vectors`, each read from its
@@ -373,6 +405,9 @@ class ShardedStore:
                 raise ShardUnavailableError(
                     f"shard {i}: could not be opened on the cluster ({type(err).__name__}: "
                     f"{err})", shard=i) from err
+        homes = self._client.who_has(futures)
+        for i, future in zip(shards, futures, strict=True):
+            self._homes[i] = min(homes.get(future.key, ()), default="")
         return actors
 
     def _call_all(self, method: str, args: Callable[[int], tuple[Any, ...]], *,
@@ -562,6 +597,11 @@ def _layout(root: str, manifest_uuid: str) -> ShardedLayout:
         return layout
 
 
+#: The shard servers of this worker process by (root, manifest uuid), then shard: what one
+#: actor scans together with its own shard. Weak, so a released actor's store can close.
+_SERVED: dict[tuple[str, str], weakref.WeakValueDictionary[int, _ShardServer]] = {}
+
+
 class _ShardServer:
     """The Dask actor of one shard: its store held open read-only on a worker."""
 
@@ -570,14 +610,37 @@ class _ShardServer:
         self._index = index
         self._store: Store = self._layout.open_shard(index)
         self._generation = self._store.quantizer_generation
+        with _LAYOUTS_LOCK:
+            _SERVED.setdefault((root, manifest_uuid), weakref.WeakValueDictionary())[index] = self
+        self._key = (root, manifest_uuid)
 
     def search(self, queries: F32Array, costs: F32Array, lists: I64Array, k: int,
                refine: int) -> ProbedResult:
+        return self._search([self], queries, costs, lists, k, refine)
+
+    def search_together(self, shards: list[int], queries: F32Array, costs: F32Array,
+                        lists: I64Array, k: int, refine: int) -> tuple[ProbedResult, list[int]]:
+        """This shard and those of ``shards`` served in this process (at this quantizer
+        generation) scanned as one (:func:`~ivfpq_store.store.search_probed_together`): the
+        result, and the shards it covers."""
+        with _LAYOUTS_LOCK:
+            served = dict(_SERVED.get(self._key, {}))
+        servers = [self] + [served[i] for i in shards
+                            if i != self._index and i in served
+                            and served[i]._generation == self._generation]
+        servers.sort(key=lambda server: server._index)
+        return (self._search(servers, queries, costs, lists, k, refine),
+                [server._index for server in servers])
+
+    def _search(self, servers: list[_ShardServer], queries: F32Array, costs: F32Array,
+                lists: I64Array, k: int, refine: int) -> ProbedResult:
         try:
-            return self._store.search_probed(queries, Probe(costs, lists), k, refine=refine,
-                                             generation=self._generation)
+            return search_probed_together([server._store for server in servers], queries,
+                                          Probe(costs, lists), k, refine=refine,
+                                          generation=self._generation)
         except InvalidParamsError:
-            self._layout.check_shard(self._store, self._index)  # names a changed quantizer
+            for server in servers:  # names a shard whose quantizer changed
+                server._layout.check_shard(server._store, server._index)
             raise
 
     def count(self) -> int:

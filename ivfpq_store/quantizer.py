@@ -142,6 +142,19 @@ class Quantizer(CoarseQuantizer):
     def dsub(self) -> int:
         return int(self.codebooks.shape[2])
 
+    def same_as(self, other: Quantizer) -> bool:
+        """Whether ``other`` quantizes exactly as this one (metric, centroids, codebooks and
+        rotation equal), so that distances of the two may be compared."""
+        if other is self:
+            return True
+        if self.rotation is None or other.rotation is None:
+            same_rotation = self.rotation is None and other.rotation is None
+        else:
+            same_rotation = np.array_equal(self.rotation, other.rotation)
+        return (same_rotation and self.metric is other.metric
+                and np.array_equal(self.centroids, other.centroids)
+                and np.array_equal(self.codebooks, other.codebooks))
+
     def rotate(self, x: F32Array) -> F32Array:
         """``x`` (n, dim) float32 in the space of the centroids and codebooks: rotated by the
         OPQ rotation, or ``x`` itself when there is none."""

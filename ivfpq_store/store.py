@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self, TypeVar
@@ -62,6 +62,7 @@ from .search import (
     RangeResult,
     RecordFetcher,
     Refiner,
+    ScanSource,
     Searcher,
     SearchResult,
 )
@@ -88,7 +89,7 @@ from .upgrading import UpgradeReport, upgrade_store
 from .verify import VerifyReport, verify_store
 from .writing import Writer
 
-__all__ = ["SNAPSHOT_ATTEMPTS", "Generation", "Store"]
+__all__ = ["SNAPSHOT_ATTEMPTS", "Generation", "Store", "search_probed_together"]
 
 T = TypeVar("T")
 
@@ -443,31 +444,8 @@ class Store:
         DimensionMismatchError, InvalidInputError, CorruptStoreError
             As for :meth:`search`.
         """
-        catalog = self._live_catalog()
-        q = self._queries(queries)
-        costs, lists = _checked_probe(probe, len(q))
-        checked = SearchParams.checked(k, lists.shape[1], self._nlist_bound(lists.shape[1]),
-                                       refine, vectors=self._header.vectors is not None)
-        if generation is not None:
-            generation = check_int("generation", generation, 0, 2**63 - 1)
-
-        def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> ProbedResult:
-            if generation is not None and snap.state.quantizer != generation:
-                raise InvalidParamsError(
-                    f"probe: computed with quantizer generation {generation}, and "
-                    f"{self._layout.root} is at generation {snap.state.quantizer}")
-            gen = self._generation(snap)
-            nlist = gen.header.params.nlist
-            if len(lists) and (lists.min() < 0 or lists.max() >= nlist):
-                raise InvalidParamsError(
-                    f"probe: list numbers must be in 0..{nlist - 1}, got "
-                    f"{int(lists.min())}..{int(lists.max())}")
-            refiner = (Refiner(snap.lists, self._snapshot_fetcher(catalog, snap, vectors=True),
-                               self._layout.root) if checked.refine else None)
-            return gen.searcher.search_probed(q, checked, Probe(costs, lists), snap.lists,
-                                              snap.deleted, fetch, refiner, snapshot=snap)
-
-        return self._on_snapshot(catalog, run)
+        return search_probed_together([self], queries, probe, k, refine=refine,
+                                      generation=generation)
 
     def _queries(self, queries: Any) -> F32Array:
         """``queries`` validated as float32 (nq, dim), normalised under cosine."""
@@ -1142,6 +1120,65 @@ class Store:
         self._maps.clear()
         for gen in list(self._gens.values()):
             gen.searcher.forget()
+
+
+def search_probed_together(stores: Sequence[Store], queries: Any, probe: Probe, k: int = 10, *,
+                           refine: int = 0, generation: int | None = None) -> ProbedResult:
+    """:meth:`Store.search_probed` of several stores with one quantizer (the shards of a
+    sharded store open in one process) as one store holding all their vectors: the same
+    results as each store's ``search_probed`` merged by (distance, probe rank), stores in
+    the order given, in one scan that builds each (query, list) lookup table once for all
+    of them rather than once per store. Arguments and errors as for
+    :meth:`Store.search_probed`, checked against the first store; ``generation`` is
+    required of every store.
+
+    Raises
+    ------
+    InvalidParamsError
+        No stores, or a store whose quantizer differs from the first's (its results could
+        not be merged), besides :meth:`Store.search_probed`'s errors.
+    """
+    if not stores:
+        raise InvalidParamsError("stores: expected at least one store")
+    first = stores[0]
+    catalogs = [store._live_catalog() for store in stores]
+    q = first._queries(queries)
+    costs, lists = _checked_probe(probe, len(q))
+    checked = SearchParams.checked(k, lists.shape[1], first._nlist_bound(lists.shape[1]), refine,
+                                   vectors=all(s._header.vectors is not None for s in stores))
+    if generation is not None:
+        generation = check_int("generation", generation, 0, 2**63 - 1)
+    sources: list[ScanSource] = []
+
+    def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> ProbedResult:
+        store = stores[len(sources)]
+        if generation is not None and snap.state.quantizer != generation:
+            raise InvalidParamsError(
+                f"probe: computed with quantizer generation {generation}, and "
+                f"{store._layout.root} is at generation {snap.state.quantizer}")
+        gen = store._generation(snap)
+        if sources and not sources[0].searcher.quantizer.same_as(gen.searcher.quantizer):
+            raise InvalidParamsError(
+                f"stores: {store._layout.root} has another quantizer than "
+                f"{first._layout.root}; their results cannot be merged")
+        nlist = gen.header.params.nlist
+        if len(lists) and (lists.min() < 0 or lists.max() >= nlist):
+            raise InvalidParamsError(
+                f"probe: list numbers must be in 0..{nlist - 1}, got "
+                f"{int(lists.min())}..{int(lists.max())}")
+        refiner = (Refiner(snap.lists, store._snapshot_fetcher(catalogs[len(sources)], snap,
+                                                               vectors=True),
+                           store._layout.root) if checked.refine else None)
+        sources.append(ScanSource(snap.lists, snap.deleted, fetch, gen.searcher, snap, refiner))
+        try:
+            if len(sources) < len(stores):  # the next store's snapshot, taken as this one's
+                nxt = stores[len(sources)]
+                return nxt._on_snapshot(catalogs[len(sources)], run)
+            return sources[0].searcher.search_probed(q, checked, Probe(costs, lists), sources)
+        finally:
+            sources.pop()
+
+    return first._on_snapshot(catalogs[0], run)
 
 
 def _within(params: SearchParams | RangeParams, gen: Generation) -> Any:

@@ -119,6 +119,26 @@ def test_sharded_equals_one_store(client, tmp_path, nshards, metric):
     sh.close()
 
 
+def test_a_search_asks_one_actor_per_worker(client, tmp_path):
+    """Five shards on two workers: a search makes two actor calls, each scanning all the
+    shards of its worker together, and answers from every shard."""
+    xt = _data("l2", 10_000)
+    sh = ivd.create_sharded(client, tmp_path / "sh", xt, nshards=5, nlist=NLIST, m=M)
+    sh.add(xt[:3000], np.arange(3000))
+    calls: list[tuple[int, str]] = []
+    send = sh._actor_call
+
+    def counted(index, method, args):
+        calls.append((index, method))
+        return send(index, method, args)
+
+    sh._actor_call = counted
+    found = sh.search(xt[:20], k=5, nprobe=4)
+    assert found.answered == (0, 1, 2, 3, 4)
+    assert sorted(method for _, method in calls) == ["search_together"] * 2
+    sh.close()
+
+
 def test_add_checks_the_whole_batch_first(client, tmp_path):
     """Bad input is refused before any shard is written; add refuses live ids."""
     xt = _data("l2", 10_000)

@@ -1,7 +1,7 @@
-"""Sharded stores without a cluster: the search seam (``Store.probe`` and
-``Store.search_probed``), the routing rule, the manifest's bytes, the identity checks of a
-shard, the merge of shards' results against one store, and the CLI's info and verify of a
-sharded store. The Dask side is tests/test_dask.py."""
+"""Sharded stores without a cluster: the search seam (``Store.probe``,
+``Store.search_probed`` and ``search_probed_together``), the routing rule, the manifest's
+bytes, the identity checks of a shard, the merge of shards' results against one store, and
+the CLI's info and verify of a sharded store. The Dask side is tests/test_dask.py."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from ivfpq_store.sharding import (
     read_layout,
     shard_of,
 )
+from ivfpq_store.store import search_probed_together
 from ivfpq_store.types import Metric
 
 DIM, NLIST, M, NBITS = 16, 16, 4, 6
@@ -364,6 +365,69 @@ def test_merged_shards_equal_one_store(tmp_path, nshards, metric):
     for store in shards:
         store.close()
     one.close()
+
+
+def _merged_in_order(parts, width, metric):
+    """Per-store ProbedResults merged as one scan of the stores in order keeps them: by
+    (cost, probe rank), equal keys in store order (each store's own are in row order)."""
+    sign = 1.0 if metric is Metric.L2 else -1.0
+    fields = [np.concatenate(f, axis=1) for f in zip(*[p[:3] for p in parts], strict=True)]
+    dist, _, ranks = fields
+    key = np.where(ranks < 0, np.iinfo(np.int64).max, ranks)
+    order = np.lexsort((key, dist * sign), axis=1)[:, :width]
+    exact = (None if parts[0].exact is None
+             else np.take_along_axis(np.concatenate([p.exact for p in parts], axis=1), order, 1))
+    return ProbedResult(*(np.take_along_axis(f, order, axis=1) for f in fields), exact)
+
+
+@pytest.mark.parametrize("nq", [1, 40])
+@pytest.mark.parametrize("nshards", [2, 3])
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+def test_shards_scanned_together_equal_their_merge(tmp_path, scan_impl, nshards, metric, nq):
+    """search_probed_together scans several shards as one (each pair's table built once)
+    and keeps exactly what their own scans merged in shard order keep: the same distances,
+    ids, probe ranks and exact distances, in the same order, ties included (6-bit codes
+    tie often), after deletes, with and without refine."""
+    layout, x = _layout(tmp_path, nshards, metric, vectors="float32")
+    ids = np.random.default_rng(4).permutation(10**6)[:len(x)].astype(np.int64)
+    _fill_shards(layout, x, ids)
+    shards = [layout.open_shard(i, readonly=False) for i in range(nshards)]
+    gone = ids[::5]
+    for i, store in enumerate(shards):
+        store.delete(gone[shard_of(gone, nshards) == i])
+    xq = synthetic(nq, DIM, seed=9)
+    probe = shards[0].probe(xq, 5)
+    ties = 0
+    for k, refine in ((10, 0), (7, 3), (3000, 0)):
+        got = search_probed_together(shards, xq, probe, k, refine=refine, generation=0)
+        want = _merged_in_order([s.search_probed(xq, probe, k, refine=refine) for s in shards],
+                                k * max(refine, 1), shards[0].params.metric)
+        for a, b in zip(got, want, strict=True):
+            if b is None:
+                assert a is None
+            else:
+                np.testing.assert_array_equal(a, b)
+        d = got.distances
+        ties += int(((d[:, 1:] == d[:, :-1]) & np.isfinite(d[:, 1:])).sum())
+    assert ties > 0  # the tie order was exercised
+    for store in shards:
+        store.close()
+
+
+def test_scanning_together_refuses_another_quantizer(tmp_path):
+    layout, x = _layout(tmp_path, 2)
+    _fill_shards(layout, x, np.arange(len(x), dtype=np.int64))
+    other = ivfpq_store.create(tmp_path / "other", x, nlist=NLIST, m=M, nbits=NBITS, seed=3)
+    other.add(x[:100], np.arange(100))
+    with layout.open_shard(0) as shard:
+        probe = shard.probe(x[:2], 3)
+        with pytest.raises(InvalidParamsError, match="another quantizer"):
+            search_probed_together([shard, other], x[:2], probe, 5)
+        with pytest.raises(InvalidParamsError, match="at least one store"):
+            search_probed_together([], x[:2], probe, 5)
+        with pytest.raises(InvalidParamsError, match="generation"):
+            search_probed_together([shard], x[:2], probe, 5, generation=1)
+    other.close()
 
 
 def _probed(distances, ids, ranks, exact=None):

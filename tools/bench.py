@@ -75,9 +75,10 @@ and one store, from the same sample and base: build time (train + add) of each, 
 nprobe (in turn, best of ``--repeat``), single-query p50, bytes on disk, and the bytes
 client and workers exchange per query: measured on the loopback interface during a batch
 (everything the cluster sent meanwhile, heartbeats included) and the arrays themselves;
-then the shards' scans run one after another in the benchmark's own process, without Dask,
-against one store's search (what the fan-out costs by itself), and one round of trivial
-actor calls (``len``).
+then the shards' scans in the benchmark's own process, without Dask, each shard alone one
+after another and all shards in one scan (``search_probed_together``, as a worker scans the
+shards it serves), against one store's search (what the fan-out costs by itself), and one
+round of trivial actor calls (``len``).
 
 With ``--profile`` it trains and adds once more under cProfile and reports where the time goes,
 by phase (``TRAIN_PHASES``, ``ADD_PHASES``: coarse k-means, PQ training and its assignment and
@@ -473,14 +474,15 @@ def measure_sharded(args: argparse.Namespace, work: Path, xt: np.ndarray, xb: np
     build time (train + add), recall, whether the results are the same, batch time per
     nprobe (in turn, best of ``--repeat``), single-query p50, and the bytes client and
     workers exchange per query (loopback bytes during a batch, and the arrays sent); then
-    the shards' scans in this process without Dask against one store's search, and one
-    round of trivial actor calls."""
+    the shards' scans in this process without Dask (each alone, and all together) against
+    one store's search, and one round of trivial actor calls."""
     import logging
 
     from distributed import Client, LocalCluster
 
     from ivfpq_store import dask as ivd
     from ivfpq_store.sharding import read_layout
+    from ivfpq_store.store import search_probed_together
 
     kind = args.store_vectors[0] if args.store_vectors else None
     create_args = {"nlist": nlist, "m": args.m, "nbits": args.nbits, "seed": args.seed,
@@ -531,23 +533,29 @@ def measure_sharded(args: argparse.Namespace, work: Path, xt: np.ndarray, xb: np
                   file=sys.stderr)
         out["search"] = rows
         nprobe = min(16, nlist)
-        # The shards' scans in this process, one after another, without Dask: what the
-        # fan-out costs by itself. And one round of trivial actor calls (len asks every
-        # shard at once).
+        # The shards' scans in this process without Dask, what the fan-out costs by itself:
+        # each shard alone, one after another, and all of them in one scan (as a worker
+        # scans the shards it serves). And one round of trivial actor calls (len asks
+        # every shard at once).
         layout = read_layout(work / "sharded")
         local = [layout.open_shard(i) for i in range(args.shards)]
 
-        def scans() -> None:
+        def alone() -> None:
             probe = one.probe(xq, nprobe)
             for shard in local:
                 shard.search_probed(xq, probe, 10)
 
+        def together() -> None:
+            search_probed_together(local, xq, one.probe(xq, nprobe), 10)
+
         _, best = interleaved_best(args.repeat, {
             "single": functools.partial(one.search, xq, k=10, nprobe=nprobe),
-            "shards": scans})
+            "shards": alone, "together": together})
         out["in_process"] = {"nprobe": nprobe, "single_s": best["single"],
                              "shards_s": best["shards"],
-                             "ratio": best["shards"] / best["single"]}
+                             "ratio": best["shards"] / best["single"],
+                             "together_s": best["together"],
+                             "together_ratio": best["together"] / best["single"]}
         for shard in local:
             shard.close()
         _, out["actor_round_s"] = best_of(20, len, sh)
@@ -589,7 +597,9 @@ def markdown_sharded(shd: dict[str, Any]) -> list[str]:
         ip = shd["in_process"]
         lines += ["", (f"Without Dask, in one process at nprobe={ip['nprobe']}: the "
                        f"{shd['nshards']} shards' scans one after another {ip['shards_s']:.3f} "
-                       f"s, one store's search {ip['single_s']:.3f} s ({ip['ratio']:.2f}x). One "
+                       f"s, one store's search {ip['single_s']:.3f} s ({ip['ratio']:.2f}x); "
+                       f"the shards scanned together {ip.get('together_s', float('nan')):.3f} "
+                       f"s ({ip.get('together_ratio', float('nan')):.2f}x). One "
                        "round of trivial actor calls to every shard: "
                        f"{shd['actor_round_s'] * 1e3:.1f} ms. The client's probe of the "
                        f"batch: {shd.get('client_probe_s', float('nan')) * 1e3:.1f} ms.")]

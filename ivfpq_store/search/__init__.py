@@ -18,7 +18,15 @@ from __future__ import annotations
 from .config import DEFAULT_CONFIG, SearchConfig
 from .filtered import SearchPlan
 from .plan import RecordFetcher
-from .searcher import Probe, ProbedResult, RangeResult, Refiner, Searcher, SearchResult
+from .searcher import (
+    Probe,
+    ProbedResult,
+    RangeResult,
+    Refiner,
+    ScanSource,
+    Searcher,
+    SearchResult,
+)
 
 __all__ = ["DEFAULT_CONFIG", "Probe", "ProbedResult", "RangeResult", "RecordFetcher", "Refiner",
-           "SearchConfig", "SearchPlan", "SearchResult", "Searcher"]
+           "ScanSource", "SearchConfig", "SearchPlan", "SearchResult", "Searcher"]

@@ -4,7 +4,8 @@ the list's codes and keeps an exact top-k per query, on several threads."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -16,7 +17,17 @@ from .config import SearchConfig
 from .plan import RecordFetcher, pairs_by_list
 from .topk import Hits
 
-__all__ = ["fill_table", "scan_kernel", "search_one"]
+__all__ = ["TableSource", "fill_table", "scan_kernel", "scan_tables", "search_one"]
+
+
+class TableSource(NamedTuple):
+    """One store's lists in a scan of several stores (:func:`scan_tables`): its snapshot's
+    ``lists`` and ``deleted``, its fetcher, and the kernel's list table of that snapshot."""
+
+    lists: Mapping[int, ListRecord]
+    deleted: Mapping[int, np.ndarray]
+    fetch: RecordFetcher
+    table: _kernel.ListTable
 
 
 def scan_kernel(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel,
@@ -31,11 +42,8 @@ def scan_kernel(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel,
     fetched and checked once per snapshot rather than once per call; the lists it lacks are
     fetched and put there.
     """
-    nq, nprobe = probed.shape
-    if nq == 1:  # one query: its lists in probe order, each its own pair
-        list_nos, counts, order = probed[0], np.ones(nprobe, np.int64), np.arange(nprobe)
-    else:
-        order, list_nos, _, counts = pairs_by_list(probed)
+    nprobe = probed.shape[1]
+    order, list_nos, counts = _pairs(probed)
     l2 = qz.metric is Metric.L2
     if table is not None:
         fill_table(table, list_nos, lists, deleted, fetch)
@@ -58,6 +66,58 @@ def scan_kernel(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel,
         plan = kernel.plan(centroids=qz.centroids, codebooks_t=qz.codebooks_t, norms=qz.norms,
                            list_terms=list_terms, l2=l2, records=records, dead=dead,
                            list_no=list_nos[kept])
+    return _run(plan, qz, config, queries, order, counts, kept, rows, nprobe, k)
+
+
+def scan_tables(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel, queries: F32Array,
+                probed: I64Array, sources: Sequence[TableSource], k: int,
+                list_terms: F32Array | None) -> tuple[Hits, I64Array]:
+    """Best ``k`` of every (query, probed list) pair over the lists of several stores with
+    this quantizer, as :func:`scan_kernel` of one store holding them all: each pair's lookup
+    table is built once and summed over every store's records of the list, in the order of
+    ``sources``. Returns the hits, each row in its own store's list, and the index in
+    ``sources`` of each hit's store (-1 for a missing hit); equal (cost, rank) go to the
+    earlier source, then the earlier row."""
+    nprobe = probed.shape[1]
+    order, list_nos, counts = _pairs(probed)
+    tables = [source.table for source in sources]
+    for source in sources:
+        fill_table(source.table, list_nos, source.lists, source.deleted, source.fetch)
+    total = np.stack([table.rec_count[list_nos] for table in tables]).sum(axis=0)
+    kept = total > 0
+    plan = kernel.tables_plan(centroids=qz.centroids, codebooks_t=qz.codebooks_t,
+                              norms=qz.norms, list_terms=list_terms,
+                              l2=qz.metric is Metric.L2, tables=tables, list_no=list_nos[kept])
+    hits = _run(plan, qz, config, queries, order, counts, kept, total[kept], nprobe, k)
+    found = hits.rank >= 0
+    hit_lists = np.take_along_axis(probed, np.where(found, hits.rank, 0), axis=1)
+    # each source's records of a hit's list, and where they end in the rows the scan numbered
+    each = np.stack([table.rec_count[hit_lists] for table in tables])
+    ends = np.cumsum(each, axis=0)
+    at = np.minimum((hits.row >= ends).sum(axis=0), len(tables) - 1)
+    start = np.take_along_axis(ends - each, at[None], axis=0)[0]
+    return (Hits(hits.cost, hits.ids, hits.rank, np.where(found, hits.row - start, -1)),
+            np.where(found, at, -1))
+
+
+def _pairs(probed: I64Array) -> tuple[I64Array, I64Array, I64Array]:
+    """The (query, list) pairs of ``probed`` grouped by list: ``order``, ``list_nos`` and
+    ``counts`` of :func:`pairs_by_list`, or for one query its lists in probe order, each its
+    own pair (what :func:`_run` expects of one query)."""
+    if len(probed) == 1:
+        nprobe = probed.shape[1]
+        return np.arange(nprobe), probed[0], np.ones(nprobe, np.int64)
+    order, list_nos, _, counts = pairs_by_list(probed)
+    return order, list_nos, counts
+
+
+def _run(plan: _kernel.ScanPlan, qz: Quantizer, config: SearchConfig, queries: F32Array,
+         order: I64Array, counts: I64Array, kept: np.ndarray, rows: I64Array, nprobe: int,
+         k: int) -> Hits:
+    """The scan of ``plan``, whose lists are the ``kept`` ones of the pairs grouped by list
+    (``order``, ``counts``) and hold ``rows`` records each, in blocks of queries that fit
+    the kernel's budget."""
+    nq = len(queries)
     if not len(rows):
         return Hits.empty(nq, k)
     cap = min(k, int(rows.sum()))

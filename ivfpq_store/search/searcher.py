@@ -10,7 +10,7 @@ caller's :data:`~ivfpq_store.search.plan.RecordFetcher`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,14 +24,15 @@ from ..types import F32Array, I64Array, Metric
 from . import numpy_single
 from .config import DEFAULT_CONFIG, SearchConfig
 from .filtered import Located, search_direct
-from .kernel_scan import scan_kernel, search_one
+from .kernel_scan import TableSource, scan_kernel, scan_tables, search_one
 from .numpy_batch import scan_batch
 from .plan import RecordFetcher
 from .range import scan_range
 from .refine import exact_costs, refine
 from .topk import Hits, TopK
 
-__all__ = ["Probe", "ProbedResult", "RangeResult", "Refiner", "SearchResult", "Searcher"]
+__all__ = ["Probe", "ProbedResult", "RangeResult", "Refiner", "ScanSource", "SearchResult",
+           "Searcher"]
 
 
 class SearchResult(NamedTuple):
@@ -98,6 +99,20 @@ class Refiner(NamedTuple):
     rows: Callable[[int, I64Array], I64Array] | None = None
 
 
+class ScanSource(NamedTuple):
+    """One store's part of :meth:`Searcher.search_probed`: the snapshot's ``lists`` and
+    ``deleted`` and a ``fetch``er of its records, as for :meth:`Searcher.search`; the
+    store's own ``searcher`` and the ``snapshot`` (whose list table it caches); and with
+    refine, the store's ``refiner``."""
+
+    lists: Mapping[int, ListRecord]
+    deleted: Mapping[int, np.ndarray]
+    fetch: RecordFetcher
+    searcher: Searcher
+    snapshot: object
+    refiner: Refiner | None = None
+
+
 class Searcher:
     """Search over one store's quantizer, with the tuning of ``config``.
 
@@ -142,21 +157,39 @@ class Searcher:
         return self._refined(queries, params, hits.ids, list_nos, rows, refiner)
 
     def search_probed(self, queries: F32Array, params: SearchParams, probe: Probe,
-                      lists: Mapping[int, ListRecord], deleted: Mapping[int, np.ndarray],
-                      fetch: RecordFetcher, refiner: Refiner | None = None, *,
-                      snapshot: object = None) -> ProbedResult:
-        """The scan's best ``params.scan_k`` of ``probe``'s lists for each query, with their
-        exact distances when ``params.refine`` (:class:`ProbedResult`); arguments as for
-        :meth:`search`, ``probe`` checked against this quantizer by the caller."""
+                      sources: Sequence[ScanSource]) -> ProbedResult:
+        """The best ``params.scan_k`` of ``probe``'s lists for each query over the stores of
+        ``sources`` (one, or several with this quantizer: a sharded store's shards), as one
+        store holding all their vectors would scan them, with their exact distances when
+        ``params.refine`` (:class:`ProbedResult`). Equal (cost, probe rank) go to the
+        earlier source, then the earlier row. ``queries`` as for :meth:`search`; ``probe``
+        checked against this quantizer by the caller."""
         queries = np.asarray(queries, dtype=np.float32)
-        probed, hits = self._scan(queries, params, lists, deleted, fetch, snapshot, probe)
+        qz = self.quantizer
+        kernel = qz.kernel
+        if kernel is not None:
+            terms = self._list_terms(kernel) if qz.metric is Metric.L2 else None
+            hits, source = scan_tables(
+                qz, self.config, kernel, qz.rotate(queries), probe.lists,
+                [TableSource(s.lists, s.deleted, s.fetch, s.searcher._list_table(s.snapshot))
+                 for s in sources], params.scan_k, terms)
+        else:
+            hits, source = _merged([
+                self._scan(queries, params, s.lists, s.deleted, s.fetch, None, probe)[1]
+                for s in sources], params.scan_k)
         exact = None
         if params.refine:
-            assert refiner is not None, "refine needs the stored vectors"
-            list_nos, rows = self._located(probed, hits, refiner)
-            cost = exact_costs(self.quantizer.metric, self.config, queries, hits.ids, list_nos,
-                               rows, refiner.lists, refiner.fetch_vectors, refiner.where)
-            exact = self._result(cost, hits.ids).distances
+            refiners = [s.refiner for s in sources if s.refiner is not None]
+            assert len(refiners) == len(sources), "refine needs the stored vectors"
+            list_nos, rows = self._located(probe.lists, hits, refiners[0])
+            exact = np.full(hits.cost.shape, np.inf, np.float32)
+            for i, refiner in enumerate(refiners):  # each candidate from its own store
+                mine = source == i
+                cost = exact_costs(qz.metric, self.config, queries, np.where(mine, hits.ids, -1),
+                                   list_nos, rows, refiner.lists, refiner.fetch_vectors,
+                                   refiner.where)
+                exact = np.where(mine, cost, exact)
+            exact = self._result(exact, hits.ids).distances
         found = self._result(hits.cost, hits.ids)
         return ProbedResult(found.distances, found.ids, hits.rank.astype(np.int64), exact)
 
@@ -292,3 +325,19 @@ class Searcher:
             if self._terms is None:
                 self._terms = kernel.list_terms(qz.centroids, qz.codebooks_t, qz.norms)
             return self._terms
+
+
+def _merged(parts: Sequence[Hits], k: int) -> tuple[Hits, I64Array]:
+    """The best ``k`` of several stores' :class:`Hits` of the same queries and probe, by
+    (cost, probe rank), equal keys in the order of ``parts`` (so in the order the kernel's
+    scan of them together gives), and the index of each hit's part (-1 for none)."""
+    if len(parts) == 1:
+        return parts[0], np.where(parts[0].rank >= 0, 0, -1)
+    cost, ids, rank, row = (np.concatenate(field, axis=1) for field in zip(*parts, strict=True))
+    part = np.repeat(np.arange(len(parts)), [len(p.ids[0]) for p in parts])
+    key = np.where(rank < 0, np.iinfo(np.int64).max, rank)
+    order = np.lexsort((key, cost), axis=1)[:, :k]
+    rank = np.take_along_axis(rank, order, axis=1)
+    return (Hits(np.take_along_axis(cost, order, axis=1), np.take_along_axis(ids, order, axis=1),
+                 rank, np.take_along_axis(row, order, axis=1)),
+            np.where(rank >= 0, part[order], -1))
