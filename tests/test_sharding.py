@@ -377,7 +377,8 @@ def _merged_in_order(parts, width, metric):
     order = np.lexsort((key, dist * sign), axis=1)[:, :width]
     exact = (None if parts[0].exact is None
              else np.take_along_axis(np.concatenate([p.exact for p in parts], axis=1), order, 1))
-    return ProbedResult(*(np.take_along_axis(f, order, axis=1) for f in fields), exact)
+    dist, ids, ranks = (np.take_along_axis(f, order, axis=1) for f in fields)
+    return ProbedResult(dist, ids, ranks, exact)
 
 
 @pytest.mark.parametrize("nq", [1, 40])
