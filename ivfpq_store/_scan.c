@@ -150,7 +150,8 @@ typedef struct {
 /* t[j][c] = (init ? init[j][c] : 0) + scale * v_j.C_jc for c < ksub, and pad for c >= ksub:
  * products of the sub-vectors of v (dim,) with every sub-centroid, in (m, TSTRIDE). Each
  * block of PRODUCT_BLOCK sub-centroids is summed over the dsub dimensions in registers and
- * stored once (a sum over d in memory was 3.6x slower at dsub=8); every entry adds its
+ * stored once, rather than loaded and stored again for each d (Kernel.list_terms of 1,000
+ * vectors at m=16, dsub=8: 5.0 ms against 9.2 ms, best of five); every entry adds its
  * terms in the order d = 0, 1, ..., as the tail does. */
 HOT static void sub_products(const float *v, float scale, const float *init, float pad,
                          const float *codebooks_t, int64_t m, int64_t dsub, int64_t ksub,

@@ -528,7 +528,8 @@ def measure_sharded(args: argparse.Namespace, work: Path, xt: np.ndarray, xb: np
                 "batch_s_single": best["single"], "batch_s_sharded": best["sharded"],
                 "batch_ratio": best["sharded"] / best["single"],
                 "loopback_bytes_per_query": wire / len(xq),
-                "payload_bytes_per_query": args.shards * (sent + back)})
+                # one call per worker that serves shards, each with the query and probe
+                "payload_bytes_per_query": len(set(sh._homes)) * (sent + back)})
             print(f"nprobe {nprobe}: batch {best['sharded']:.3f} s vs {best['single']:.3f} s",
                   file=sys.stderr)
         out["search"] = rows
