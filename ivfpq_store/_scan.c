@@ -152,7 +152,7 @@ typedef struct {
  * block of PRODUCT_BLOCK sub-centroids is summed over the dsub dimensions in registers and
  * stored once, rather than loaded and stored again for each d (Kernel.list_terms of 1,000
  * vectors at m=16, dsub=8: 5.0 ms against 9.2 ms, best of five); every entry adds its
- * terms in the order d = 0, 1, ..., as the tail does. */
+ * terms in the order d = 0, 1, ..., as the rest does. */
 HOT static void sub_products(const float *v, float scale, const float *init, float pad,
                          const float *codebooks_t, int64_t m, int64_t dsub, int64_t ksub,
                          float *t) {
@@ -171,10 +171,15 @@ HOT static void sub_products(const float *v, float scale, const float *init, flo
             }
             memcpy(tj + c0, acc, sizeof(acc));
         }
-        for (; c0 < ksub; c0++) {
-            float s = init ? init[j * ksub + c0] : 0.0f;
-            for (int64_t d = 0; d < dsub; d++) s += (scale * v[j * dsub + d]) * cbj[d * ksub + c0];
-            tj[c0] = s;
+        if (c0 < ksub) { /* the rest (all of ksub < PRODUCT_BLOCK), summed in memory */
+            const int64_t rest = ksub - c0;
+            if (init) memcpy(tj + c0, init + j * ksub + c0, (size_t)rest * sizeof(float));
+            else memset(tj + c0, 0, (size_t)rest * sizeof(float));
+            for (int64_t d = 0; d < dsub; d++) {
+                const float a = scale * v[j * dsub + d];
+                const float *cb = cbj + d * ksub;
+                for (int64_t c = c0; c < ksub; c++) tj[c] += a * cb[c];
+            }
         }
         for (int64_t c = ksub; c < TSTRIDE; c++) tj[c] = pad;
     }
