@@ -83,6 +83,14 @@ def as_vectors(x: Any, dim: int, name: str = "vectors") -> tuple[F32Array, bool]
         f"{MAX_SQUARED_NORM:g} so that distances fit in float32; scale the vectors down")
 
 
+def _not_integer_ids(name: str, arr: np.ndarray) -> str:
+    """What is wrong with ids that are not integers: ids are int64 numbers, and an
+    application's own keys (strings, UUIDs) map to them outside the store."""
+    return (f"{name}: expected an integer array (ids are int64), got dtype {arr.dtype}; "
+            "map string or other keys to int64 ids in your application, e.g. with a table "
+            "of your own")
+
+
 def as_ids(ids: Any, n: int, name: str = "ids") -> I64Array:
     """Return ``ids`` as a contiguous int64 (n,) array of distinct non-negative ids."""
     if isinstance(ids, list | tuple) and ids and all(
@@ -97,7 +105,7 @@ def as_ids(ids: Any, n: int, name: str = "ids") -> I64Array:
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.dtype.kind not in "iu":
-        raise DimensionMismatchError(f"{name}: expected an integer array, got dtype {arr.dtype}")
+        raise InvalidInputError(_not_integer_ids(name, arr))
     if arr.ndim != 1 or arr.shape[0] != n:
         raise DimensionMismatchError(
             f"{name}: expected shape ({n},) to match the vectors, got {arr.shape}")
@@ -143,7 +151,7 @@ def _id_array(ids: Any, name: str) -> np.ndarray:
         return np.empty(0, dtype=np.int64)
     arr = _as_array(ids, name)
     if arr.dtype.kind not in "iu":
-        raise DimensionMismatchError(f"{name}: expected integer ids, got dtype {arr.dtype}")
+        raise InvalidInputError(_not_integer_ids(name, arr))
     if arr.ndim > 1:
         raise DimensionMismatchError(f"{name}: expected a scalar or a 1-D array, got shape "
                                      f"{arr.shape}")

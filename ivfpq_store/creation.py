@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ._validate import as_matrix, as_vectors, normalize_rows
-from .errors import InvalidInputError, InvalidParamsError, IvfpqWarning
+from .errors import InvalidInputError, InvalidParamsError, IvfpqWarning, StoreExistsError
 from .faiss_interop import IVFPQParts, ivfpq_lists, load_faiss, read_faiss_ivfpq, unwrap_ivfpq
 from .format import FORMAT_VERSION, FORMAT_VERSION_UNROTATED, Header
 from .format.idmap import PACKED
@@ -26,14 +26,25 @@ from .storage import (
     DEFAULT_MAP_SIZE,
     Catalog,
     StoreLayout,
+    as_path,
     build_directory,
     check_new_store_path,
     fsync_dir,
+    replace_directory,
     write_header,
 )
 from .store import Store
 from .training.ivfpq import train_ivfpq
-from .types import F32Array, Metric, PathArg, ProgressFn, SyncPolicy
+from .types import (
+    F32Array,
+    IfExists,
+    Metric,
+    MetricName,
+    PathArg,
+    ProgressFn,
+    SyncPolicy,
+    VectorType,
+)
 from .version import package_version
 
 __all__ = ["create", "create_trained", "from_faiss", "from_faiss_file"]
@@ -46,16 +57,17 @@ def create(
     nlist: int,
     m: int,
     nbits: int = 8,
-    metric: str | Metric = "l2",
+    metric: MetricName | Metric = "l2",
     seed: int = 0,
     niter: int = 25,
     max_points_per_centroid: int = 256,
-    store_vectors: str | None = None,
+    store_vectors: VectorType | None = None,
     opq: bool = False,
     map_size: int = DEFAULT_MAP_SIZE,
     max_map_size: int | None = None,
     progress: ProgressFn | None = None,
     sync: SyncPolicy = "auto",
+    if_exists: IfExists = "error",
 ) -> Store:
     """Train an index on ``training_vectors`` and create an empty store at ``path``.
 
@@ -65,8 +77,8 @@ def create(
     Parameters
     ----------
     path : str, bytes or os.PathLike
-        Directory to create; it must not exist (parents are created). Bytes are decoded with
-        ``os.fsdecode``.
+        Directory to create (parents are created); what happens when it exists is
+        ``if_exists``'s choice. Bytes are decoded with ``os.fsdecode``.
     training_vectors : array_like, shape (n, dim)
         Sample to train the coarse quantizer and the PQ codebooks on.
     nlist, m, nbits, metric
@@ -91,31 +103,96 @@ def create(
     map_size, max_map_size, sync
         The catalog's first address-space reservation and the most it may grow to, and how
         writes are synced, as in :func:`open`.
+    if_exists : {"error", "open", "replace"}
+        When ``path`` exists: ``"error"`` (the default) raises :class:`StoreExistsError`.
+        ``"open"`` opens the store there instead of training one, after checking that it
+        was created with the dim of ``training_vectors`` and the same ``nlist``, ``m``,
+        ``nbits``, ``metric``, ``store_vectors`` and ``opq`` (:class:`InvalidParamsError`
+        naming each that differs); ``seed`` and the training options are not recorded, so
+        not compared. ``"replace"`` trains and builds the new store beside the old one, then
+        holds the old one's writer lock and swaps the new one in; the old store is deleted.
+        A path that is not a store is never opened or replaced (:class:`StoreExistsError`).
 
     Returns
     -------
     Store
-        The new store, open for writing.
+        The new store (or with ``if_exists="open"``, the existing one), open for writing.
 
     Raises
     ------
     StoreExistsError, InvalidParamsError, DimensionMismatchError, InvalidInputError,
     TrainingError
+    StoreLockedError
+        ``if_exists="replace"`` and another process writes to the store there for longer
+        than 30 seconds.
     """
-    root = check_new_store_path(path)
+    mode = _check_if_exists(if_exists)
+    root = as_path(path)
     check_open_args(map_size=map_size, max_map_size=max_map_size, sync=sync)
+    if mode == "error" or not (root.exists() or root.is_symlink()):
+        root = check_new_store_path(path)
+    elif not StoreLayout(root).looks_like_store():
+        raise StoreExistsError(f"{root}: exists and is not an ivfpq-store store; it is never "
+                               f"opened or replaced by create(if_exists={mode!r})")
+    elif mode == "open":
+        return _open_matching(root, training_vectors, nlist=nlist, m=m, nbits=nbits,
+                              metric=metric, store_vectors=store_vectors, opq=opq,
+                              map_size=map_size, max_map_size=max_map_size, sync=sync)
     header = trained_header(training_vectors, nlist=nlist, m=m, nbits=nbits, metric=metric,
                             seed=seed, niter=niter,
                             max_points_per_centroid=max_points_per_centroid,
                             store_vectors=store_vectors, opq=opq, progress=progress)
-    with build_directory(root, "creating") as tmp:
-        _build(StoreLayout(tmp), header, map_size, max_map_size)
+    if root.exists() or root.is_symlink():  # if_exists="replace"
+        with replace_directory(root, "replacing", StoreLayout(root).lock,
+                               REPLACE_LOCK_TIMEOUT) as tmp:
+            _build(StoreLayout(tmp), header, map_size, max_map_size)
+    else:
+        with build_directory(root, "creating") as tmp:
+            _build(StoreLayout(tmp), header, map_size, max_map_size)
     return open(root, map_size=map_size, max_map_size=max_map_size, sync=sync)
 
 
+#: Seconds ``create(if_exists="replace")`` waits for the old store's writer lock.
+REPLACE_LOCK_TIMEOUT = 30.0
+
+_IF_EXISTS = ("error", "open", "replace")
+
+
+def _check_if_exists(if_exists: object) -> IfExists:
+    if if_exists not in _IF_EXISTS:
+        raise InvalidParamsError(f"if_exists: expected one of {', '.join(map(repr, _IF_EXISTS))}"
+                                 f", got {if_exists!r}")
+    return if_exists  # type: ignore[return-value]
+
+
+def _open_matching(root: builtins.str | os.PathLike[builtins.str], training_vectors: Any, *,
+                   nlist: int, m: int, nbits: int, metric: MetricName | Metric,
+                   store_vectors: VectorType | None, opq: bool, map_size: int,
+                   max_map_size: int | None, sync: SyncPolicy) -> Store:
+    """The store at ``root``, open, once it is checked to have been created with these
+    parameters and the dim of ``training_vectors``; InvalidParamsError naming every one
+    that differs (the store stays closed)."""
+    dim = as_matrix(training_vectors, "training_vectors").shape[1]
+    asked = {"dim": dim, "nlist": nlist, "m": m, "nbits": nbits,
+             "metric": parse_metric(metric).label, "store_vectors": check_store_vectors(
+                 store_vectors), "opq": opq}
+    store = open(root, map_size=map_size, max_map_size=max_map_size, sync=sync)
+    created = store.created_params
+    has = {"dim": created.dim, "nlist": created.nlist, "m": created.m, "nbits": created.nbits,
+           "metric": created.metric.label, "store_vectors": store.store_vectors,
+           "opq": store.rotation is not None}
+    differ = [f"{name} {has[name]!r} (asked {asked[name]!r})" for name in asked
+              if has[name] != asked[name]]
+    if differ:
+        store.close()
+        raise InvalidParamsError(f"{root}: the store there was created with other parameters: "
+                                 f"{', '.join(differ)}; nothing was changed")
+    return store
+
+
 def trained_header(training_vectors: Any, *, nlist: int, m: int, nbits: int,
-                   metric: str | Metric, seed: int, niter: int, max_points_per_centroid: int,
-                   store_vectors: str | None, opq: bool,
+                   metric: MetricName | Metric, seed: int, niter: int, max_points_per_centroid: int,
+                   store_vectors: VectorType | None, opq: bool,
                    progress: ProgressFn | None) -> Header:
     """The header :func:`create` trains from these arguments (checked first, as it
     documents): the same arguments give the same quantizer."""
@@ -139,7 +216,7 @@ def trained_header(training_vectors: Any, *, nlist: int, m: int, nbits: int,
 
 @contextlib.contextmanager
 def create_trained(path: PathArg, params: IndexParams, centroids: F32Array, codebooks: F32Array,
-                   *, rotation: F32Array | None = None, store_vectors: str | None = None,
+                   *, rotation: F32Array | None = None, store_vectors: VectorType | None = None,
                    metadata: dict[str, Any] | None = None, map_size: int = DEFAULT_MAP_SIZE,
                    max_map_size: int | None = None,
                    sync: SyncPolicy = "auto") -> Iterator[Store]:
@@ -173,7 +250,7 @@ def create_trained(path: PathArg, params: IndexParams, centroids: F32Array, code
 _IMPORT_BATCH = 1 << 20
 
 
-def from_faiss(index: Any, path: PathArg, *, store_vectors: str | None = None,
+def from_faiss(index: Any, path: PathArg, *, store_vectors: VectorType | None = None,
                map_size: int = DEFAULT_MAP_SIZE, max_map_size: int | None = None,
                sync: SyncPolicy = "auto") -> Store:
     """Create a store at ``path`` holding a faiss index: its coarse centroids, its PQ
@@ -271,7 +348,7 @@ def from_faiss(index: Any, path: PathArg, *, store_vectors: str | None = None,
                              map_size=map_size, max_map_size=max_map_size, sync=sync)
 
 
-def from_faiss_file(file: PathArg, path: PathArg, *, store_vectors: str | None = None,
+def from_faiss_file(file: PathArg, path: PathArg, *, store_vectors: VectorType | None = None,
                     map_size: int = DEFAULT_MAP_SIZE, max_map_size: int | None = None,
                     sync: SyncPolicy = "auto") -> Store:
     """Create a store at ``path`` from ``file``, an index that ``faiss.write_index`` wrote,
@@ -317,7 +394,7 @@ def _has_faiss() -> bool:
     return True
 
 
-def _store_from_parts(parts: IVFPQParts, path: PathArg, *, store_vectors: str | None,
+def _store_from_parts(parts: IVFPQParts, path: PathArg, *, store_vectors: VectorType | None,
                       vectors: Any, metadata: dict[str, Any], map_size: int,
                       max_map_size: int | None, sync: SyncPolicy) -> Store:
     """The store of an IndexIVFPQ's parts (and, with ``store_vectors``, ``vectors``: one row

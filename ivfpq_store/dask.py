@@ -70,7 +70,7 @@ from .sharding import (
 )
 from .storage.layout import check_new_store_path
 from .store import Store, search_probed_together
-from .types import F32Array, I64Array, Metric, PathArg, ProgressFn
+from .types import F32Array, I64Array, Metric, MetricName, PathArg, ProgressFn, VectorType
 from .verify import VerifyReport
 
 __all__ = ["ShardMismatchError", "ShardUnavailableError", "ShardedInfo", "ShardedSearchResult",
@@ -87,8 +87,8 @@ DEFAULT_BATCH = 100_000
 
 def create_sharded(client: distributed.Client, path: PathArg, training_vectors: Any, *,
                    nshards: int, nlist: int, m: int, nbits: int = 8,
-                   metric: str | Metric = "l2", seed: int = 0, niter: int = 25,
-                   max_points_per_centroid: int = 256, store_vectors: str | None = None,
+                   metric: MetricName | Metric = "l2", seed: int = 0, niter: int = 25,
+                   max_points_per_centroid: int = 256, store_vectors: VectorType | None = None,
                    opq: bool = False, progress: ProgressFn | None = None,
                    timeout: float = DEFAULT_TIMEOUT) -> ShardedStore:
     """Train a quantizer on ``training_vectors`` and create an empty sharded store of

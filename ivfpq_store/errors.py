@@ -17,6 +17,7 @@ __all__ = [
     "DimensionMismatchError",
     "DiskFullError",
     "DuplicateIdError",
+    "EmptyProbeWarning",
     "FormatError",
     "InvalidInputError",
     "InvalidParamsError",
@@ -232,3 +233,9 @@ class StaleSnapshotError(IvfpqError):
 
 class IvfpqWarning(UserWarning):
     """Something works but is probably not what you want (for example too little training data)."""
+
+
+class EmptyProbeWarning(IvfpqWarning):
+    """A search found nothing for some queries because the lists they probed are empty,
+    while other lists of the store hold vectors: ``nprobe`` is too small for how the
+    vectors are spread (typically a store of few vectors with a large ``nlist``)."""

@@ -164,8 +164,11 @@ def _open_npy(p: Path) -> VectorFile:
         raise VectorFileError(f"{p}: not a readable .npy file: {err!r}") from err
     if dtype.kind not in "fiu" or dtype.hasobject:
         raise VectorFileError(f"{p}: .npy dtype {dtype} — expected a real numeric dtype")
+    if len(shape) == 1:  # one vector, as the API takes it
+        shape = (1, *shape)
     if len(shape) != 2 or 0 in shape:
-        raise VectorFileError(f"{p}: expected a non-empty 2-D array, got shape {shape}")
+        raise VectorFileError(f"{p}: expected a non-empty 2-D array (or a 1-D one: one "
+                              f"vector), got shape {shape}")
     if fortran and shape[1] > 1:
         raise VectorFileError(f"{p}: Fortran-ordered .npy — expected C order (np.save does that)")
     need = offset + shape[0] * shape[1] * dtype.itemsize

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidParamsError
-from .types import Metric
+from .types import Metric, VectorType
 
 __all__ = [
     "MAX_DIM",
@@ -101,11 +101,15 @@ def check_radius(name: str, value: object, metric: Metric) -> float:
     return radius
 
 
-def check_store_vectors(value: object) -> str | None:
+def check_store_vectors(value: object) -> VectorType | None:
     """``store_vectors`` of :func:`~ivfpq_store.create`: None, ``"float32"`` or
     ``"float16"``."""
-    if value is None or (isinstance(value, str) and value in ("float32", "float16")):
-        return value
+    if value is None:
+        return None
+    if value == "float32":
+        return "float32"
+    if value == "float16":
+        return "float16"
     raise InvalidParamsError(f"store_vectors: expected None, 'float32' or 'float16', got "
                              f"{value!r}")
 

@@ -36,7 +36,7 @@ from .format.manifest import (
     quantizer_fingerprint,
 )
 from .opening import open as open_store
-from .params import check_int
+from .params import check_int, check_store_vectors
 from .reports import StoreInfo
 from .search import ProbedResult, SearchResult
 from .storage.atomic import atomic_write, build_directory
@@ -158,7 +158,8 @@ def create_layout(path: PathArg, header: Header, nshards: int) -> ShardedLayout:
         for i in range(nshards):
             rel = f"{SHARDS_DIR}/{i:04d}.ivfpq"
             with create_trained(tmp / rel, p, header.centroids, header.codebooks,
-                                rotation=header.rotation, store_vectors=header.vectors,
+                                rotation=header.rotation,
+                                store_vectors=check_store_vectors(header.vectors),
                                 metadata={"shard": i, "nshards": nshards}) as store:
                 entries.append(ShardEntry(rel, store.store_uuid))
         manifest = Manifest(uuid=uuid.uuid4(), created=time.time(),

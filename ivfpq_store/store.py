@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +27,7 @@ from .compaction import CompactReport
 from .copying import CopyReport, copy_store
 from .errors import (
     CorruptStoreError,
+    EmptyProbeWarning,
     InvalidInputError,
     InvalidParamsError,
     IvfpqError,
@@ -318,6 +320,12 @@ class Store:
         return self._header.store_uuid
 
     @property
+    def created_params(self) -> IndexParams:
+        """The index parameters the store was created with: :attr:`params` as they were
+        before any :meth:`retrain` or :meth:`rebalance` changed nlist."""
+        return self._header.params
+
+    @property
     def store_vectors(self) -> str | None:
         """The element type of the stored vectors (``"float32"`` or ``"float16"``), or None
         for a store that keeps PQ codes only (fixed at creation)."""
@@ -386,23 +394,34 @@ class Store:
                                        vectors=self._header.vectors is not None)
         flt = check_filter(filter)
         q = self._queries(queries)
-        def run(snap: CatalogSnapshot, fetch: RecordFetcher) -> SearchResult:
+        def run(snap: CatalogSnapshot,
+                fetch: RecordFetcher) -> tuple[SearchResult, tuple[int, int] | None]:
+            """The result, and unfiltered, the live vectors and the lists holding records."""
             gen = self._generation(snap)
             searcher, params = gen.searcher, _within(checked, gen)
             refiner = (Refiner(snap.lists, self._snapshot_fetcher(catalog, snap, vectors=True),
                                self._layout.root) if params.refine else None)
             if flt is None:
-                return searcher.search(q, params, snap.lists, snap.deleted, fetch, refiner,
-                                       snapshot=snap)
+                return (searcher.search(q, params, snap.lists, snap.deleted, fetch, refiner,
+                                        snapshot=snap), (snap.state.ntotal, len(snap.lists)))
             located = self._locate_admitted(catalog, snap, flt, params, len(q), fetch)
             if located is not None:
-                return searcher.search_direct(q, params, located, refiner)
+                return searcher.search_direct(q, params, located, refiner), None
             seen = FilteredLists(flt, snap.lists, snap.deleted, fetch, searcher.config)
             return searcher.search(
                 q, params, seen.lists, seen.skipped, seen.fetch,
-                None if refiner is None else refiner._replace(rows=seen.rows))
+                None if refiner is None else refiner._replace(rows=seen.rows)), None
 
-        return self._on_snapshot(catalog, run)
+        result, held = self._on_snapshot(catalog, run)
+        empty = int((result.ids[:, 0] < 0).sum())
+        if empty and held is not None and held[0]:
+            warnings.warn(EmptyProbeWarning(
+                f"search: {empty} of {len(q)} queries found nothing: the {checked.nprobe} "
+                f"list(s) each probed hold no live vectors, while the store holds {held[0]:,} "
+                f"in at most {held[1]:,} of its {self.params.nlist:,} lists; raise nprobe "
+                "(nprobe=nlist scans every list), or give a store this small fewer lists"),
+                stacklevel=2)
+        return result
 
     def probe(self, queries: Any, nprobe: int = 8) -> Probe:
         """The coarse probe :meth:`search` makes of ``queries``: each query's ``nprobe`` lists,
@@ -464,8 +483,8 @@ class Store:
         ------
         InvalidParamsError
             The store keeps no vectors (it was created without ``store_vectors``).
-        DimensionMismatchError
-            ``ids`` is not an integer array.
+        InvalidInputError
+            ``ids`` is not a scalar or 1-D integer array (ids are int64).
         UnknownIdError
             Some ids are not live in the store (unknown or deleted); the message names them,
             its ``ids`` holds them all. A KeyError.
@@ -503,8 +522,8 @@ class Store:
 
         Raises
         ------
-        DimensionMismatchError
-            ``ids`` is not an integer array.
+        InvalidInputError
+            ``ids`` is not a scalar or 1-D integer array (ids are int64).
         CorruptStoreError
             The id map names a record that does not hold the id.
         """
@@ -844,8 +863,9 @@ class Store:
 
         Raises
         ------
-        DimensionMismatchError
-            ``ids`` is not an integer array (nothing is deleted).
+        InvalidInputError
+            ``ids`` is not a scalar or 1-D integer array (ids are int64; nothing is
+            deleted).
         ReadOnlyStoreError, StoreLockedError
         """
         return self._writer.delete(ids)

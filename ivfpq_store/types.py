@@ -10,7 +10,8 @@ from typing import Literal, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["F32Array", "I64Array", "Metric", "PathArg", "ProgressFn", "SyncPolicy", "U8Array"]
+__all__ = ["F32Array", "I64Array", "IfExists", "Metric", "MetricName", "PathArg", "ProgressFn",
+           "SyncPolicy", "U8Array", "VectorType"]
 
 F32Array: TypeAlias = npt.NDArray[np.float32]
 U8Array: TypeAlias = npt.NDArray[np.uint8]
@@ -20,6 +21,12 @@ ProgressFn: TypeAlias = Callable[[int], None]
 PathArg: TypeAlias = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 #: How a write makes its files durable (``open(sync=...)``).
 SyncPolicy: TypeAlias = Literal["auto", "files", "filesystem"]
+#: A metric by name (``create(metric=...)``); :class:`Metric` is the same as an enum.
+MetricName: TypeAlias = Literal["l2", "ip", "cosine"]
+#: What ``create`` does when its path exists.
+IfExists: TypeAlias = Literal["error", "open", "replace"]
+#: The element type of stored vectors (``create(store_vectors=...)``).
+VectorType: TypeAlias = Literal["float32", "float16"]
 
 
 class Metric(enum.IntEnum):

@@ -12,6 +12,7 @@ from helpers import synthetic
 from hypothesis import HealthCheck, settings
 
 import ivfpq_store
+from ivfpq_store.types import MetricName, VectorType
 
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True,
@@ -66,8 +67,8 @@ def small_data() -> dict[str, np.ndarray]:
     }
 
 
-def make_store(path: Path, data: dict[str, np.ndarray], *, metric: str = "l2",
-               add: bool = True, store_vectors: str | None = None) -> ivfpq_store.Store:
+def make_store(path: Path, data: dict[str, np.ndarray], *, metric: MetricName = "l2",
+               add: bool = True, store_vectors: VectorType | None = None) -> ivfpq_store.Store:
     """A small trained store (dim 16, nlist 8, m 4, nbits 6) at ``path``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)

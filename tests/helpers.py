@@ -27,6 +27,7 @@ import ivfpq_store
 from ivfpq_store.errors import FormatError
 from ivfpq_store.storage import atomic
 from ivfpq_store.storage.catalog import Catalog
+from ivfpq_store.types import MetricName
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -43,7 +44,7 @@ def synthetic(n: int, dim: int, *, seed: int, nclusters: int = 20) -> np.ndarray
     return (centers[labels] + rng.normal(0, 1, size=(n, dim))).astype(np.float32)
 
 
-def brute_force_knn(xb: np.ndarray, xq: np.ndarray, k: int, metric: str = "l2",
+def brute_force_knn(xb: np.ndarray, xq: np.ndarray, k: int, metric: MetricName = "l2",
                     ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours in float64: (distances, ids), best first."""
     xb64, xq64 = xb.astype(np.float64), xq.astype(np.float64)

@@ -15,12 +15,13 @@ from test_retrain import live_ids
 
 import ivfpq_store
 from ivfpq_store import rebalancing
+from ivfpq_store.types import MetricName, VectorType
 
 #: More splits than any rebalance of these small stores needs: past it, a rebalance loops.
 MAX_SPLITS = 100
 
 
-def _create(path: Path, *, metric: str = "l2", store_vectors: str | None = "float32",
+def _create(path: Path, *, metric: MetricName = "l2", store_vectors: VectorType | None = "float32",
             nlist: int = 8) -> tuple[ivfpq_store.Store, np.ndarray]:
     train = synthetic(2000, DIM, seed=1)
     with warnings.catch_warnings():

@@ -13,9 +13,10 @@ from conftest import DIM
 from helpers import DATA, synthetic, tree_fingerprint
 
 import ivfpq_store
+from ivfpq_store.types import VectorType
 
 
-def _create(path: Path, *, n: int = 0, store_vectors: str | None = "float32", nlist: int = 8,
+def _create(path: Path, *, n: int = 0, store_vectors: VectorType | None = "float32", nlist: int = 8,
             **kwargs) -> tuple[ivfpq_store.Store, np.ndarray]:
     train = synthetic(2000, DIM, seed=1)
     with warnings.catch_warnings():

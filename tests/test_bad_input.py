@@ -20,6 +20,7 @@ from conftest import DIM, NLIST, make_store
 from helpers import assert_clean_error, synthetic, tree_fingerprint, tree_snapshot
 
 import ivfpq_store
+from ivfpq_store.types import IfExists
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -190,17 +191,18 @@ CASES: list[Bad] = [
         r"ids: expected shape \(3,\) to match the vectors, got \(4,\)"),
     Bad("ids-scalar-for-batch", _add_ids(5000), DME,
         r"ids: expected shape \(3,\) to match the vectors, got \(1,\)"),
-    Bad("ids-empty", _add_ids([]), DME, r"ids: expected an integer array, got dtype float64"),
-    Bad("ids-float", _add_ids(np.array([5000.0, 5001.0, 5002.0])), DME,
-        r"ids: expected an integer array, got dtype float64"),
+    Bad("ids-empty", _add_ids([]), IIE,
+        r"ids: expected an integer array \(ids are int64\), got dtype float64"),
+    Bad("ids-float", _add_ids(np.array([5000.0, 5001.0, 5002.0])), IIE,
+        r"ids: expected an integer array \(ids are int64\), got dtype float64"),
     Bad("ids-2d", _add_ids(np.array([[5000], [5001], [5002]])), DME,
         r"ids: expected shape \(3,\) to match the vectors, got \(3, 1\)"),
-    Bad("ids-strings", _add_ids(["5000", "5001", "5002"]), DME,
-        r"ids: expected an integer array, got dtype <U4"),
-    Bad("ids-bool", _add_ids(np.array([True, False, True])), DME,
-        r"ids: expected an integer array, got dtype bool"),
-    Bad("ids-object", _add_ids(np.array([5000, 5001, 5002], dtype=object)), DME,
-        r"ids: expected an integer array, got dtype object"),
+    Bad("ids-strings", _add_ids(["5000", "5001", "5002"]), IIE,
+        r"ids: expected an integer array \(ids are int64\), got dtype <U4"),
+    Bad("ids-bool", _add_ids(np.array([True, False, True])), IIE,
+        r"ids: expected an integer array \(ids are int64\), got dtype bool"),
+    Bad("ids-object", _add_ids(np.array([5000, 5001, 5002], dtype=object)), IIE,
+        r"ids: expected an integer array \(ids are int64\), got dtype object"),
     Bad("ids-python-int-2**64", _add_ids([5000, 5001, 2**64]), IIE,
         r"ids: ids above 2\*\*63-1 — expected non-negative int64 ids"),
     Bad("ids-duplicate-in-batch", _add_ids([5007, 5008, 5007]), DUP,
@@ -482,13 +484,27 @@ def test_create_on_existing_path(tmp_path: Path, shared_store_path: Path,
     before = tree_snapshot(tmp_path)
     link_before = path.readlink() if path.is_symlink() else None
     with pytest.raises(ivfpq_store.StoreExistsError,
-                       match=r"already exists; choose a new path or open\(\) it") as excinfo:
+                       match=r"already exists; choose a new path, open it, or create it "
+                             r"with if_exists='open' or 'replace'") as excinfo:
         ivfpq_store.create(path, small_data["train"][:500], nlist=2, m=4, nbits=2)
     assert_clean_error(excinfo.value, ivfpq_store.StoreExistsError)
     assert isinstance(excinfo.value, FileExistsError)
     assert tree_snapshot(tmp_path) == before  # no temp sibling left, the existing thing unchanged
     if link_before is not None:
         assert path.readlink() == link_before
+
+
+@pytest.mark.parametrize("make", CREATE_EXISTING[1:])
+@pytest.mark.parametrize("if_exists", ["open", "replace"])
+def test_create_never_opens_or_replaces_what_is_not_a_store(
+        tmp_path: Path, shared_store_path: Path, small_data: dict[str, np.ndarray],
+        make: Callable[[Path, Path], Path], if_exists: IfExists) -> None:
+    path = make(tmp_path, shared_store_path)
+    before = tree_snapshot(tmp_path)
+    with pytest.raises(ivfpq_store.StoreExistsError, match="is not an ivfpq-store store"):
+        ivfpq_store.create(path, small_data["train"][:500], nlist=2, m=4, nbits=2,
+                           if_exists=if_exists)
+    assert tree_snapshot(tmp_path) == before
 
 
 # --------------------------------------------------------------------------------------------
@@ -637,7 +653,7 @@ BAD_DELETE_IDS = [
 
 @pytest.mark.parametrize("ids", BAD_DELETE_IDS)
 def test_delete_with_non_integer_ids_raises_and_changes_nothing(store, ids):
-    with _unchanged(store), pytest.raises(ivfpq_store.DimensionMismatchError, match=r"^ids: "):
+    with _unchanged(store), pytest.raises(ivfpq_store.InvalidInputError, match=r"^ids: "):
         store.delete(ids)
 
 
@@ -668,7 +684,7 @@ def test_delete_of_ids_not_in_the_store_returns_0_and_changes_nothing(store, sma
                  r"ids: expected shape \(1,\)", id="one-vector-two-ids"),
     pytest.param(V3, [[0, 1, 2]], ivfpq_store.DimensionMismatchError,
                  r"ids: expected shape \(3,\)", id="2d-ids"),
-    pytest.param(V3, [0.0, 1.0, 2.0], ivfpq_store.DimensionMismatchError, r"integer",
+    pytest.param(V3, [0.0, 1.0, 2.0], ivfpq_store.InvalidInputError, r"integer.*int64",
                  id="float-ids"),
     pytest.param(V3, None, ivfpq_store.InvalidInputError, r"upsert needs explicit ids",
                  id="ids-none"),

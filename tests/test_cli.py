@@ -331,7 +331,7 @@ def test_commands_run_under_an_address_space_limit_without_map_size(tmp_path, sm
     (["add", "{d}/s.ivfpq", "{d}/wide.npy"], "vectors of dimension 17 — expected 16"),
     (["add", "{d}/s.ivfpq", "{d}/base.npy", "--ids", "{d}/short.txt"], "has 2 ids but"),
     (["create", "{d}/s.ivfpq", "--train", "{d}/train.npy", "--nlist", "4", "--m", "4"],
-     "already exists"),
+     "already exists; choose another path, or pass --if-exists open"),
     (["create", "{d}/new", "--train", "{d}/train.npy", "--nlist", "4", "--m", "5"],
      "must be divisible by m"),
 ], ids=["missing", "not-a-store", "malformed-fvecs", "wrong-dim", "ids-length", "exists",
@@ -347,6 +347,36 @@ def test_errors_are_one_line_on_stderr_with_exit_1(runner, files, args, message)
     assert message in result.stderr
     assert "Traceback" not in result.output
     assert result.stdout == ""
+
+
+def test_create_if_exists(runner, files):
+    """--if-exists open uses the store there when its parameters are those given (and names
+    those that differ), --if-exists replace trains and builds it again."""
+    store = created(runner, files)
+    run(runner, "add", store, files["base"], "-q")
+    again = ["create", store, "--train", files["train"], "--nlist", NLIST, "--m", 4, "--nbits",
+             6, "--json"]
+    doc = json.loads(run(runner, *again, "--if-exists", "open").stdout)
+    assert (doc["action"], doc["ntotal"], doc["n_training_vectors"]) == ("opened", 1500, 0)
+    wrong = run(runner, *again[:-2], 8, "--if-exists", "open", code=1)
+    assert "nbits 6 (asked 8)" in wrong.stderr
+    doc = json.loads(run(runner, *again, "--if-exists", "replace").stdout)
+    assert (doc["action"], doc["ntotal"], doc["n_training_vectors"]) == ("replaced", 0, 3000)
+    doc = json.loads(run(runner, *again[:1], files["dir"] / "new", *again[2:], "--if-exists",
+                         "replace").stdout)
+    assert doc["action"] == "created"
+
+
+def test_search_takes_a_one_d_npy_as_one_query(runner, files, small_data):
+    store = created(runner, files)
+    run(runner, "add", store, files["base"], "-q")
+    np.save(files["dir"] / "q.npy", small_data["queries"][3])
+    one = json.loads(run(runner, "search", store, files["dir"] / "q.npy", "-k", 4,
+                         "--json").stdout)
+    np.save(files["dir"] / "q2.npy", small_data["queries"][3:4])
+    two = json.loads(run(runner, "search", store, files["dir"] / "q2.npy", "-k", 4,
+                         "--json").stdout)
+    assert one == two
 
 
 @pytest.mark.parametrize("big", ["99999999999999999999999", str(2**63)], ids=["huge", "2**63"])

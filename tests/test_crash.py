@@ -22,6 +22,7 @@ from helpers import run_child, segment_files
 import ivfpq_store
 from ivfpq_store import testing
 from ivfpq_store.format import SEGMENT_PRELUDE_SIZE
+from ivfpq_store.types import VectorType
 
 TESTS = Path(__file__).resolve().parent
 CHILD = """
@@ -172,7 +173,7 @@ def run_crash_rounds(path: Path, rounds: int, seed: int, *, workload: str = "op"
     return stats
 
 
-def make_crash_store(path: Path, store_vectors: str | None = None) -> None:
+def make_crash_store(path: Path, store_vectors: VectorType | None = None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
         ivfpq_store.create(path, vectors(np.random.default_rng(1), 3000), nlist=8, m=4, nbits=6,

@@ -72,9 +72,9 @@ def test_a_filter_admits_what_its_set_algebra_says(case: tuple[Filter, set[int]]
 
 
 def test_filter_inputs_are_checked() -> None:
-    with pytest.raises(ivfpq_store.DimensionMismatchError, match=r"Filter\.allow ids"):
+    with pytest.raises(ivfpq_store.InvalidInputError, match=r"Filter\.allow ids.*int64"):
         Filter.allow(["7"])
-    with pytest.raises(ivfpq_store.DimensionMismatchError, match=r"Filter\.allow ids"):
+    with pytest.raises(ivfpq_store.InvalidInputError, match=r"Filter\.allow ids.*int64"):
         Filter.allow(np.array([1.5, 2.0]))
     with pytest.raises(ivfpq_store.InvalidParamsError, match=r"lo <= hi"):
         Filter.id_range(5, 2)

@@ -41,14 +41,19 @@ def test_add_encoded_of_an_empty_batch_is_an_invalid_input(tmp_path, small_data)
         assert store.verify().ok
 
 
-@pytest.mark.parametrize("ids", [5, None], ids=["scalar", "none"])
-def test_add_encoded_with_a_scalar_or_missing_id_raises_a_typed_error(tmp_path, small_data, ids):
-    """Ids are checked as ``add`` checks them: one scalar id for two records, or None, is a
-    DimensionMismatchError, and nothing is written."""
+@pytest.mark.parametrize(("ids", "error"), [
+    (5, ivfpq_store.DimensionMismatchError), (None, ivfpq_store.InvalidInputError)],
+    ids=["scalar", "none"])
+def test_add_encoded_with_a_scalar_or_missing_id_raises_a_typed_error(tmp_path, small_data, ids,
+                                                                       error):
+    """Ids are checked as ``add`` checks them: one scalar id for two records is a
+    DimensionMismatchError, None (not integers) an InvalidInputError, and nothing is
+    written."""
     with make_store(tmp_path / "s", small_data, add=False) as store:
         lists, codes = store.assign(small_data["base"][:2])
-        with pytest.raises(ivfpq_store.DimensionMismatchError):
+        with pytest.raises(error) as err:
             store.add_encoded(lists, codes, ids)
+        assert type(err.value) is error
         assert len(store) == 0
 
 

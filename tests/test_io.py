@@ -69,7 +69,8 @@ def _dims(*dims: int) -> bytes:
     ("mixed-dims.fvecs", _dims(4, 4, 4, 9, 4)[:100], "record 3 declares dimension 9"),
     ("x.txt", b"1 2 3", "unknown vector file type '.txt'"),
     ("garbage.npy", b"not numpy", "not a readable .npy file"),
-    ("one-d.npy", np.zeros(5, np.float32), "expected a non-empty 2-D array, got shape (5,)"),
+    ("empty-one-d.npy", np.zeros(0, np.float32), "got shape (1, 0)"),
+    ("three-d.npy", np.zeros((2, 3, 4), np.float32), "got shape (2, 3, 4)"),
     ("empty.npy", np.zeros((0, 4), np.float32), "expected a non-empty 2-D array"),
     ("strings.npy", np.array([["a", "b"]]), "expected a real numeric dtype"),
 ], ids=lambda v: v if isinstance(v, str) and "." in v else None)
@@ -77,6 +78,15 @@ def test_malformed_vector_files_are_named_errors(tmp_path, name, content, messag
     path = _bad(tmp_path, name, content)
     with pytest.raises(VectorFileError, match=rf"{re.escape(path.name)}.*{re.escape(message)}"):
         open_vectors(path)
+
+
+def test_a_one_d_npy_is_one_vector(tmp_path):
+    """As the API takes a 1-D array as one vector, so do the commands' vector files."""
+    v = np.arange(5, dtype=np.float32)
+    np.save(tmp_path / "q.npy", v)
+    vf = open_vectors(tmp_path / "q.npy")
+    assert (vf.n, vf.dim) == (1, 5)
+    np.testing.assert_array_equal(vf.read(), v[None])
 
 
 def test_inconsistent_dims_found_deep_in_a_large_file(tmp_path):

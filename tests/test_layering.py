@@ -57,9 +57,9 @@ ALLOWED = {
     "dask": {"_validate", "compaction", "creation", "errors", "params", "quantizer", "reports",
              "search", "sharding", "storage", "store", "types", "verify"},
     # verify: cannot_check(); faiss_interop: load_faiss(); rebalancing: the defaults;
-    # sharding: info and verify of a sharded store
-    "cli": {"ivfpq_store", "demo", "errors", "faiss_interop", "io", "rebalancing", "sharding",
-            "verify"},
+    # sharding: info and verify of a sharded store; datasets: export; types: the Literals
+    "cli": {"ivfpq_store", "datasets", "demo", "errors", "faiss_interop", "io", "rebalancing",
+            "sharding", "types", "verify"},
     "__init__": {"_kernel", "compaction", "copying", "creation", "errors", "filters", "opening",
                  "params", "rebalancing", "reports", "retraining", "search", "store", "types",
                  "upgrading", "verify", "version"},

@@ -23,6 +23,7 @@ from ivfpq_store.format.header import FLAG_ROTATION
 from ivfpq_store.storage import read_header
 from ivfpq_store.training import train_opq, train_pq
 from ivfpq_store.training.pq import assign_codes
+from ivfpq_store.types import MetricName
 
 faiss: Any = optional_faiss()
 M, NBITS = 4, 6
@@ -223,7 +224,7 @@ def test_the_cli_creates_an_opq_store_and_info_says_so(tmp_path, data):
 
 
 # -- faiss ---------------------------------------------------------------------------------------
-def faiss_opq(x: np.ndarray, *, metric: str = "l2", refine: bool = False) -> Any:
+def faiss_opq(x: np.ndarray, *, metric: MetricName = "l2", refine: bool = False) -> Any:
     fm = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
     desc = f"OPQ{M},IVF{NLIST},PQ{M}x{NBITS}" + (",RFlat" if refine else "")
     index = faiss.index_factory(x.shape[1], desc, fm)

@@ -33,6 +33,7 @@ from ivfpq_store import testing
 from ivfpq_store.evaluation import recall_at
 from ivfpq_store.storage import read_header
 from ivfpq_store.training.kmeans import two_means
+from ivfpq_store.types import MetricName
 
 
 def assert_codes_are_of_their_lists(store: ivfpq_store.Store) -> None:
@@ -50,7 +51,7 @@ def assert_codes_are_of_their_lists(store: ivfpq_store.Store) -> None:
 
 
 def assert_exact_search(store: ivfpq_store.Store, base: np.ndarray, alive: np.ndarray,
-                        queries: np.ndarray, metric: str = "l2") -> None:
+                        queries: np.ndarray, metric: MetricName = "l2") -> None:
     """Every list probed and every live vector re-ranked: the brute-force neighbours."""
     k = 5
     got = store.search(queries, k=k, nprobe=store.params.nlist, refine=-(-len(alive) // k))
@@ -506,7 +507,7 @@ class RebalanceMachine(RuleBasedStateMachine):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     @initialize(metric=st.sampled_from(["l2", "ip"]), auto=st.sampled_from([None, 1.5]))
-    def create(self, metric: str, auto: float | None) -> None:
+    def create(self, metric: MetricName, auto: float | None) -> None:
         rng = np.random.default_rng(0)
         train = (_CENTERS[rng.integers(0, 2, 800)] + rng.normal(size=(800, DIM))).astype(
             np.float32)

@@ -25,6 +25,7 @@ import ivfpq_store
 from ivfpq_store.evaluation import recall_at
 from ivfpq_store.format.records import SCHEMA_GENERATIONS
 from ivfpq_store.storage import read_header
+from ivfpq_store.types import VectorType
 
 TESTS = Path(__file__).resolve().parent
 
@@ -41,7 +42,7 @@ def drifted(n: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return early, late
 
 
-def drifted_store(path: Path, *, store_vectors: str | None = "float32",
+def drifted_store(path: Path, *, store_vectors: VectorType | None = "float32",
                   nlist: int = 8) -> tuple[ivfpq_store.Store, np.ndarray]:
     early, late = drifted(3000, seed=5)
     with warnings.catch_warnings():

@@ -17,6 +17,7 @@ import ivfpq_store
 from ivfpq_store import _kernel, testing
 from ivfpq_store.search import numpy_single
 from ivfpq_store.search import searcher as searcher_module
+from ivfpq_store.types import MetricName
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
@@ -113,7 +114,8 @@ def test_lists_are_read_once_per_batch(shared_store_path, small_data, monkeypatc
 
 
 def test_ip_scores_are_descending_and_l2_ascending(tmp_path, small_data):
-    for metric, sign in (("l2", 1), ("ip", -1)):
+    cases: tuple[tuple[MetricName, int], ...] = (("l2", 1), ("ip", -1))
+    for metric, sign in cases:
         with warnings.catch_warnings(), make_store(tmp_path / metric, small_data,
                                                    metric=metric) as store:
             distances, _ = store.search(small_data["queries"], k=10, nprobe=4)

@@ -45,7 +45,7 @@ from ivfpq_store.sharding import (
     shard_of,
 )
 from ivfpq_store.store import search_probed_together
-from ivfpq_store.types import Metric
+from ivfpq_store.types import Metric, MetricName, VectorType
 
 DIM, NLIST, M, NBITS = 16, 16, 4, 6
 
@@ -157,8 +157,9 @@ def test_contains(filled):
 
 
 # -- the manifest ---------------------------------------------------------------------------
-def _layout(tmp_path: Path, nshards: int, metric: str = "l2", *, vectors: str | None = None,
-            nbits: int = NBITS, x: np.ndarray | None = None):
+def _layout(tmp_path: Path, nshards: int, metric: MetricName = "l2", *,
+            vectors: VectorType | None = None, nbits: int = NBITS,
+            x: np.ndarray | None = None):
     x = synthetic(3000, DIM, seed=1) if x is None else x
     header = trained_header(x, nlist=NLIST, m=M, nbits=nbits, metric=metric, seed=0, niter=25,
                             max_points_per_centroid=256, store_vectors=vectors, opq=False,

@@ -190,7 +190,7 @@ def test_get_vectors_of_unknown_or_deleted_ids_raises_and_changes_nothing(tmp_pa
         np.testing.assert_array_equal(err.value.ids, [4, 5, 9999])
         with pytest.raises(KeyError):  # UnknownIdError is a KeyError
             store.get_vectors(-1)
-        with pytest.raises(InvalidInputError, match="integer ids"):
+        with pytest.raises(InvalidInputError, match="integer array"):
             store.get_vectors([1.5])
         assert tree_fingerprint(store.path) == before
 

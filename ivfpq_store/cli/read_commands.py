@@ -13,6 +13,7 @@ import numpy as np
 
 import ivfpq_store
 
+from ..datasets import DATASETS, export_dataset
 from ..demo import run_demo
 from ..errors import (
     CatalogError,
@@ -423,6 +424,45 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, OSError) and not isinstance(err, IvfpqError) and err.strerror:
         return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
     return str(err)
+
+
+@cli.group()
+def datasets() -> None:
+    """The datasets bundled with the package (SIFT10K), for trying the commands."""
+
+
+@datasets.command("list")
+@json_option
+def datasets_list(as_json: bool) -> None:
+    """List the bundled datasets and the files `datasets export` writes."""
+    doc = {name: {dest: {"bundled": str(src), "bytes": src.stat().st_size}
+                  for dest, src in files.items()} for name, files in DATASETS.items()}
+    emit(doc, as_json=as_json, lines=[
+        f"{name}: " + ", ".join(f"{dest} ({f['bytes']:,} bytes)" for dest, f in files.items())
+        for name, files in doc.items()])
+
+
+@datasets.command("export")
+@click.argument("name", type=click.Choice(sorted(DATASETS)))
+@click.argument("directory", type=PathType(path_type=Path, file_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite files of the same names.")
+@json_option
+def datasets_export(name: str, directory: Path, force: bool, as_json: bool) -> None:
+    """Write the bundled dataset NAME into DIRECTORY as base.fvecs, queries.fvecs and
+    groundtruth.ivecs (the names the README's examples use).
+
+    \b
+    Example:
+        ivfpq-store datasets export siftsmall data && cd data
+        ivfpq-store create sift.ivfpq --train base.fvecs --nlist 100 --m 16
+    """
+    try:
+        written = export_dataset(name, directory, overwrite=force)
+    except FileExistsError as err:
+        raise click.ClickException(f"{err.filename}: already there; pass --force to "
+                                   "overwrite them") from err
+    emit({"dataset": name, "files": [str(p) for p in written]}, as_json=as_json,
+         lines=[f"wrote {p}" for p in written])
 
 
 @cli.command()

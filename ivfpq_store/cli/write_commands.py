@@ -14,10 +14,11 @@ import numpy as np
 
 import ivfpq_store
 
-from ..errors import DimensionMismatchError, IvfpqError
+from ..errors import DimensionMismatchError, IvfpqError, StoreExistsError
 from ..faiss_interop import load_faiss
 from ..io import open_vectors, read_ids
 from ..rebalancing import DEFAULT_MERGE_FACTOR, DEFAULT_NEIGHBOURS, DEFAULT_SPLIT_FACTOR
+from ..types import IfExists, MetricName, VectorType
 from .base import (
     PathType,
     batch_option,
@@ -63,32 +64,59 @@ _INT64_MAX = int(np.iinfo(np.int64).max)
 @click.option("--opq", is_flag=True,
               help="Learn an OPQ rotation before the quantizers (better recall at the same "
                    "code size on data whose variance is spread unevenly; longer training).")
+@click.option("--if-exists", "if_exists", default="error", show_default=True,
+              type=click.Choice(["error", "open", "replace"]),
+              help="When STORE exists: fail; use the store there (its parameters must be "
+                   "those given; nothing is trained); or train and build it again in its "
+                   "place (the old store is deleted). A path that is not a store is never "
+                   "used or replaced.")
 @json_option
-def create(store: Path, train: Path, nlist: int, m: int, nbits: int, metric: str, seed: int,
-           max_train: int | None, store_vectors: str | None, opq: bool, as_json: bool) -> None:
+def create(store: Path, train: Path, nlist: int, m: int, nbits: int, metric: MetricName,
+           seed: int, max_train: int | None, store_vectors: VectorType | None, opq: bool,
+           if_exists: IfExists, as_json: bool) -> None:
     """Train an index on the vectors in --train and create the empty STORE.
 
     Trains the coarse quantizer and the product quantizer, then creates STORE, a directory
-    that must not exist.
+    that must not exist unless --if-exists says what to do with it.
 
     \b
     Examples:
         ivfpq-store create sift.ivfpq --train base.fvecs --nlist 100 --m 16
         ivfpq-store create sift.ivfpq --train base.fvecs --nlist 100 --m 16 \\
-            --store-vectors float16
+            --store-vectors float16 --if-exists replace
         ivfpq-store create emb.ivfpq --train emb.npy --nlist 256 --m 48 --opq
     """
     vf = open_vectors(train)
-    x = vf.sample(max_train, seed) if max_train else vf.read()
-    with ivfpq_store.create(store, x, nlist=nlist, m=m, nbits=nbits, metric=metric,
-                            seed=seed, store_vectors=store_vectors, opq=opq,
-                            **store_options()) as s:
+    existed = store.exists() or store.is_symlink()
+    reuse = if_exists == "open" and existed
+    # Opening an existing store needs only the sample's dimension.
+    x = (np.zeros((1, vf.dim), np.float32) if reuse
+         else vf.sample(max_train, seed) if max_train else vf.read())
+    try:
+        opened = ivfpq_store.create(store, x, nlist=nlist, m=m, nbits=nbits, metric=metric,
+                                    seed=seed, store_vectors=store_vectors, opq=opq,
+                                    if_exists=if_exists, **store_options())
+    except StoreExistsError as err:
+        if if_exists != "error":
+            raise
+        raise click.ClickException(
+            f"{store}: already exists; choose another path, or pass --if-exists open (use "
+            "the store there) or --if-exists replace (train and build it again)") from err
+    with opened as s:
         info = s.info()
+    if reuse:
+        line = (f"opened {info.path}: it exists with these parameters, {info.ntotal:,} "
+                "vectors; nothing was trained")
+        emit(info.to_dict() | {"action": "opened", "n_training_vectors": 0}, as_json=as_json,
+             lines=[line])
+        return
     kept = (", with an OPQ rotation" if opq else "") + (
         f", keeping vectors as {store_vectors}" if store_vectors else "")
-    emit(info.to_dict() | {"n_training_vectors": len(x)}, as_json=as_json, lines=[
-        (f"created {info.path}: dim={info.dim} nlist={info.nlist} m={info.m} nbits={info.nbits} "
-        f"metric={info.metric}, trained on {len(x):,} vectors{kept}")])
+    verb = "replaced" if if_exists == "replace" and existed else "created"
+    line = (f"{verb} {info.path}: dim={info.dim} nlist={info.nlist} m={info.m} "
+            f"nbits={info.nbits} metric={info.metric}, trained on {len(x):,} vectors{kept}")
+    emit(info.to_dict() | {"action": verb, "n_training_vectors": len(x)}, as_json=as_json,
+         lines=[line])
 
 
 def _write_batches(store: Path, vectors: Path, ids_file: Path | None, batch_size: int,
@@ -373,7 +401,7 @@ def _faiss_module() -> Any:
               help="Keep the raw vectors of an IndexRefineFlat in this type. Default: codes "
                    "only.")
 @json_option
-def import_faiss(index_file: Path, store: Path, store_vectors: str | None,
+def import_faiss(index_file: Path, store: Path, store_vectors: VectorType | None,
                  as_json: bool) -> None:
     """Create STORE from INDEX_FILE, a faiss IndexIVFPQ written by faiss.write_index.
 

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from .atomic import LockState, build_directory, fsync_dir, probe_lock, sync_file, writer_lock
+from .atomic import (
+    LockState,
+    build_directory,
+    fsync_dir,
+    probe_lock,
+    replace_directory,
+    sync_file,
+    writer_lock,
+)
 from .catalog import DEFAULT_MAP_SIZE, Catalog, CatalogSnapshot, Changes
 from .header_io import read_generation, read_header, write_header
 from .layout import StoreLayout, as_path, check_new_store_path
@@ -25,5 +33,5 @@ __all__ = ["DEFAULT_MAP_SIZE", "MAX_MAP_SIZE", "SYNC_POLICIES", "Catalog", "Cata
            "Changes", "LockState", "MapCache", "RecordFetcher", "RowFiles", "SegmentReader",
            "StoreLayout", "SyncJob", "append_records", "as_path", "build_directory",
            "check_new_store_path", "committed_size", "discard_appended", "file_size", "fsync_dir",
-           "probe_lock", "read_generation", "read_header", "sync_file", "use_syncfs",
-           "write_header", "writer_lock"]
+           "probe_lock", "read_generation", "read_header", "replace_directory", "sync_file",
+           "use_syncfs", "write_header", "writer_lock"]

@@ -18,8 +18,8 @@ from pathlib import Path
 from ..errors import DiskFullError, StoreExistsError, StoreLockedError
 
 __all__ = ["DISK_FULL_ERRNOS", "LockState", "atomic_write", "build_directory", "disk_full_errors",
-           "fsync_dir", "probe_lock", "sync_file", "sync_filesystem", "syncfs_available",
-           "writer_lock"]
+           "fsync_dir", "probe_lock", "replace_directory", "sync_file", "sync_filesystem",
+           "syncfs_available", "writer_lock"]
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +179,34 @@ def build_directory(dest: Path, purpose: str) -> Iterator[Path]:
         except OSError as err:
             raise StoreExistsError(f"{dest}: appeared while it was being built") from err
         fsync_dir(dest.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def replace_directory(dest: Path, purpose: str, lock: Path, timeout: float) -> Iterator[Path]:
+    """Build a directory to take the place of ``dest``, an existing one: yield a hidden
+    temporary sibling (``.NAME.<purpose>-<12 hex>``) to fill; when the block succeeds, hold
+    ``dest``'s writer lock file ``lock`` (up to ``timeout`` seconds, else StoreLockedError),
+    rename ``dest`` to a hidden sibling (``.NAME.replaced-<12 hex>``), rename the new
+    directory to ``dest``, fsync the parent and remove the old one. A failure before the
+    first rename leaves ``dest`` as it was and removes the temporary; a crash between the two
+    renames leaves the old directory under its hidden name. Processes that have ``dest``
+    open keep the old directory's files until they close them."""
+    tmp = dest.parent / f".{dest.name}.{purpose}-{uuid.uuid4().hex[:12]}"
+    try:
+        yield tmp
+        old = dest.parent / f".{dest.name}.replaced-{uuid.uuid4().hex[:12]}"
+        with writer_lock(lock, timeout):
+            os.rename(dest, old)
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                os.rename(old, dest)
+                raise
+            fsync_dir(dest.parent)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -98,7 +98,8 @@ def check_new_store_path(path: object, name: str = "path") -> Path:
     :func:`as_path`); return it."""
     root = as_path(path, name)
     if root.exists() or root.is_symlink():
-        raise StoreExistsError(f"{root}: already exists; choose a new path or open() it")
+        raise StoreExistsError(f"{root}: already exists; choose a new path, open it, or "
+                               "create it with if_exists='open' or 'replace'")
     ancestor = root.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
