@@ -256,28 +256,18 @@ class Kernel:
                           rec_count, dead_addr, dead_count, (records, dead))
 
     def table_plan(self, *, centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
-                   list_terms: F32Array | None, l2: bool, table: ListTable,
+                   list_terms: F32Array | None, l2: bool, tables: Sequence[ListTable],
                    list_no: I64Array) -> ScanPlan:
-        """:meth:`plan` of lists ``list_no`` whose entries ``table`` holds (each checked as
+        """:meth:`plan` of lists ``list_no`` whose entries ``tables`` hold (each checked as
         :meth:`plan` checks it when it was put there), without a Python step per list. The
-        quantizer's arrays are checked once per table, for the first call that passes them."""
-        empty = self._table_quantizer(table, centroids, codebooks_t, norms, list_terms, l2)
-        list_no = _i64(list_no)
-        if list_no.ndim != 1 or (len(list_no) and (
-                list_no.min() < 0 or list_no.max() >= table.nlist
-                or not table.known[list_no].all())):
-            raise ValueError("scan kernel: a list is not in the list table")
-        return empty.with_lists(list_no, table.rec_addr[list_no], table.rec_count[list_no],
-                                table.dead_addr[list_no], table.dead_count[list_no], table)
+        quantizer's arrays are checked once per table, for the first call that passes them.
 
-    def tables_plan(self, *, centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
-                    list_terms: F32Array | None, l2: bool, tables: Sequence[ListTable],
-                    list_no: I64Array) -> ScanPlan:
-        """:meth:`table_plan` over several tables of one quantizer (the stores of a sharded
-        store's shards on one machine): list ``list_no[l]`` of every table, in table order,
-        is scanned as one list, each (query, list) pair's lookup table built once for all
-        of them. A result's row counts on through the tables' entries of its list: row ``r``
-        is row ``r - sum(counts before)`` of the first table whose entries reach past it."""
+        Several tables of one quantizer (the stores of a sharded store's shards on one
+        machine) are scanned as one store: list ``list_no[l]`` of every table, in table
+        order, is one list, each (query, list) pair's lookup table built once for all of
+        them, and a result's row counts on through the tables' entries of its list (row
+        ``r`` is row ``r - sum(counts before)`` of the first table whose entries reach past
+        it)."""
         if not tables:
             raise ValueError("scan kernel: no list tables")
         first = tables[0]
@@ -292,6 +282,9 @@ class Kernel:
                                  or not table.known[list_no].all()):
                 raise ValueError("scan kernel: a list is not in the list table")
         n = len(tables)
+        if n == 1:  # each list one segment
+            return empty.with_lists(list_no, first.rec_addr[list_no], first.rec_count[list_no],
+                                    first.dead_addr[list_no], first.dead_count[list_no], first)
 
         def segments(name: str) -> np.ndarray:
             return np.stack([getattr(t, name)[list_no] for t in tables], axis=1).ravel()
@@ -484,7 +477,7 @@ class ScanPlan:
 
         With ``seg_start`` (int64, one more than the lists), list ``l`` has the segments
         ``seg_start[l]:seg_start[l+1]`` of ``rec_addr`` .. ``dead_count`` instead of entry ``l``
-        alone: several stores' records of the same list (:meth:`Kernel.tables_plan`)."""
+        alone: several stores' records of the same list (:meth:`Kernel.table_plan`)."""
         n = len(list_no)
         size = n if seg_start is None else int(seg_start[-1])
         if seg_start is not None and (

@@ -10,6 +10,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -129,7 +130,9 @@ def create(
     mode = _check_if_exists(if_exists)
     root = as_path(path)
     check_open_args(map_size=map_size, max_map_size=max_map_size, sync=sync)
-    if mode == "error" or not (root.exists() or root.is_symlink()):
+    # Decided now: a path that appears during the training is refused, not replaced.
+    existing = mode != "error" and (root.exists() or root.is_symlink())
+    if not existing:
         root = check_new_store_path(path)
     elif not StoreLayout(root).looks_like_store():
         raise StoreExistsError(f"{root}: exists and is not an ivfpq-store store; it is never "
@@ -142,7 +145,7 @@ def create(
                             seed=seed, niter=niter,
                             max_points_per_centroid=max_points_per_centroid,
                             store_vectors=store_vectors, opq=opq, progress=progress)
-    if root.exists() or root.is_symlink():  # if_exists="replace"
+    if existing:  # if_exists="replace"
         with replace_directory(root, "replacing", StoreLayout(root).lock,
                                REPLACE_LOCK_TIMEOUT) as tmp:
             _build(StoreLayout(tmp), header, map_size, max_map_size)
@@ -165,7 +168,7 @@ def _check_if_exists(if_exists: object) -> IfExists:
     return if_exists  # type: ignore[return-value]
 
 
-def _open_matching(root: builtins.str | os.PathLike[builtins.str], training_vectors: Any, *,
+def _open_matching(root: Path, training_vectors: Any, *,
                    nlist: int, m: int, nbits: int, metric: MetricName | Metric,
                    store_vectors: VectorType | None, opq: bool, map_size: int,
                    max_map_size: int | None, sync: SyncPolicy) -> Store:

@@ -275,11 +275,11 @@ class ShardedStore:
         for i, home in enumerate(self._homes):
             if self._actors[i] is not None:
                 groups.setdefault(home, []).append(i)
-        calls = {tuple(shards): self._actor_call(shards[0], "search_together", (shards, *args))
-                 for shards in groups.values()}
+        calls = [self._actor_call(shards[0], "search_together", (shards, *args))
+                 for shards in groups.values()]
         parts: list[ProbedResult] = []
         covered: set[int] = set()
-        for call in calls.values():
+        for call in calls:
             try:
                 result, shards = call.result(timeout=self._timeout)
             except IvfpqError:
@@ -610,9 +610,9 @@ class _ShardServer:
         self._index = index
         self._store: Store = self._layout.open_shard(index)
         self._generation = self._store.quantizer_generation
-        with _LAYOUTS_LOCK:
-            _SERVED.setdefault((root, manifest_uuid), weakref.WeakValueDictionary())[index] = self
         self._key = (root, manifest_uuid)
+        with _LAYOUTS_LOCK:
+            _SERVED.setdefault(self._key, weakref.WeakValueDictionary())[index] = self
 
     def search(self, queries: F32Array, costs: F32Array, lists: I64Array, k: int,
                refine: int) -> ProbedResult:

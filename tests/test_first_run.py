@@ -151,3 +151,22 @@ def test_a_search_of_empty_lists_says_why(tmp_path):
         s.search(queries, k=3, nprobe=1, filter=ivfpq_store.Filter.allow([0, 1]))
         s.delete(np.arange(5))
         s.search(queries, k=3, nprobe=1)  # nothing live: nothing to point at
+
+
+def test_a_store_that_appears_during_training_is_not_replaced(made, tmp_path, monkeypatch):
+    """Whether to replace is decided before the training: a store created at the path
+    meanwhile (by another process) is refused, not swapped out."""
+    other, x = made
+    path = tmp_path / "late.ivfpq"
+    train = creation.trained_header
+
+    def appearing(*args, **kwargs):
+        header = train(*args, **kwargs)
+        other.rename(path)  # another process's store lands at the path
+        return header
+
+    monkeypatch.setattr(creation, "trained_header", appearing)
+    with pytest.raises(ivfpq_store.StoreExistsError, match="appeared while it was being built"):
+        _create(path, x, if_exists="replace")
+    with ivfpq_store.open(path, readonly=True) as s:
+        assert len(s) == 500

@@ -42,30 +42,24 @@ def scan_kernel(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel,
     fetched and checked once per snapshot rather than once per call; the lists it lacks are
     fetched and put there.
     """
+    if table is not None:
+        return scan_tables(qz, config, kernel, queries, probed,
+                           [TableSource(lists, deleted, fetch, table)], k, list_terms)[0]
     nprobe = probed.shape[1]
     order, list_nos, counts = _pairs(probed)
-    l2 = qz.metric is Metric.L2
-    if table is not None:
-        fill_table(table, list_nos, lists, deleted, fetch)
-        kept = table.rec_count[list_nos] > 0
-        rows = table.rec_count[list_nos[kept]]
-        plan = kernel.table_plan(centroids=qz.centroids, codebooks_t=qz.codebooks_t,
-                                 norms=qz.norms, list_terms=list_terms, l2=l2, table=table,
-                                 list_no=list_nos[kept])
-    else:
-        records: list[np.ndarray] = []
-        dead: list[np.ndarray | None] = []
-        kept = np.zeros(len(list_nos), bool)
-        for i, list_no in enumerate(list_nos.tolist()):
-            record = lists.get(list_no)
-            if record is not None and record.count > 0:
-                kept[i] = True
-                records.append(fetch(list_no, record))
-                dead.append(deleted.get(list_no))
-        rows = np.array([len(r) for r in records], np.int64)
-        plan = kernel.plan(centroids=qz.centroids, codebooks_t=qz.codebooks_t, norms=qz.norms,
-                           list_terms=list_terms, l2=l2, records=records, dead=dead,
-                           list_no=list_nos[kept])
+    records: list[np.ndarray] = []
+    dead: list[np.ndarray | None] = []
+    kept = np.zeros(len(list_nos), bool)
+    for i, list_no in enumerate(list_nos.tolist()):
+        record = lists.get(list_no)
+        if record is not None and record.count > 0:
+            kept[i] = True
+            records.append(fetch(list_no, record))
+            dead.append(deleted.get(list_no))
+    rows = np.array([len(r) for r in records], np.int64)
+    plan = kernel.plan(centroids=qz.centroids, codebooks_t=qz.codebooks_t, norms=qz.norms,
+                       list_terms=list_terms, l2=qz.metric is Metric.L2, records=records,
+                       dead=dead, list_no=list_nos[kept])
     return _run(plan, qz, config, queries, order, counts, kept, rows, nprobe, k)
 
 
@@ -85,11 +79,13 @@ def scan_tables(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel, que
         fill_table(source.table, list_nos, source.lists, source.deleted, source.fetch)
     total = np.stack([table.rec_count[list_nos] for table in tables]).sum(axis=0)
     kept = total > 0
-    plan = kernel.tables_plan(centroids=qz.centroids, codebooks_t=qz.codebooks_t,
-                              norms=qz.norms, list_terms=list_terms,
-                              l2=qz.metric is Metric.L2, tables=tables, list_no=list_nos[kept])
+    plan = kernel.table_plan(centroids=qz.centroids, codebooks_t=qz.codebooks_t,
+                             norms=qz.norms, list_terms=list_terms,
+                             l2=qz.metric is Metric.L2, tables=tables, list_no=list_nos[kept])
     hits = _run(plan, qz, config, queries, order, counts, kept, total[kept], nprobe, k)
     found = hits.rank >= 0
+    if len(tables) == 1:  # rows are the store's own
+        return hits, np.where(found, 0, -1)
     hit_lists = np.take_along_axis(probed, np.where(found, hits.rank, 0), axis=1)
     # each source's records of a hit's list, and where they end in the rows the scan numbered
     each = np.stack([table.rec_count[hit_lists] for table in tables])
