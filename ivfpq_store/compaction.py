@@ -31,6 +31,7 @@ from .storage import (
     append_records,
     fsync_dir,
 )
+from .types import StepFn
 
 __all__ = ["CompactReport", "CompactionPlan", "Rewrite", "choose_lists", "plan_compaction",
            "remove_orphans", "rewrite_lists", "write_generation"]
@@ -101,7 +102,8 @@ class Rewrite:
 
 def rewrite_lists(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapshot,
                   list_nos: list[int], records_of: RecordFetcher,
-                  vectors_of: RecordFetcher, *, sync: str = "auto") -> Rewrite:
+                  vectors_of: RecordFetcher, *, sync: str = "auto",
+                  advance: StepFn | None = None) -> Rewrite:
     """Write each list's live records to a new segment (next generation), and its live
     vector rows to a new vector file when the store keeps them, and sync them all (by the
     store's ``sync`` policy: :func:`~ivfpq_store.storage.segments.use_syncfs`).
@@ -110,6 +112,7 @@ def rewrite_lists(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapsho
     ``vectors_of`` its committed vector rows; each row copied is checked against its record
     (CorruptStoreError: damage is not carried into the new generation). Returns the catalog
     changes that switch to the new files; nothing is visible before they commit.
+    ``advance`` counts the lists written.
     """
     out = Rewrite()
     moved: list[IdPlaces] = []
@@ -140,6 +143,8 @@ def rewrite_lists(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapsho
                                                 deleted=0, crc32=crc, tsum=0)
         out.changes.dropped_segments.append((list_no, old.generation))
         out.old_files.extend(file for file, _ in files.names(old.file))
+        if advance is not None:
+            advance(1)
     out.changes.moved_ids = IdPlaces.concat(moved)
     if written:
         SyncJob(written, policy=sync, directory=layout.segments).wait()

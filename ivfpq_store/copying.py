@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CorruptStoreError
+from .progress import Stage
 from .storage import (
     Catalog,
     RowFiles,
@@ -23,6 +24,7 @@ from .storage import (
     fsync_dir,
     sync_file,
 )
+from .types import ProgressFn
 
 __all__ = ["CopyReport", "copy_store"]
 
@@ -43,13 +45,14 @@ class CopyReport:
 
 
 def copy_store(source: StoreLayout, files: RowFiles, dest: str | os.PathLike[str],
-               locked: Callable[[], AbstractContextManager[Catalog]]) -> CopyReport:
+               locked: Callable[[], AbstractContextManager[Catalog]],
+               progress: ProgressFn | None = None) -> CopyReport:
     """Copy the store at ``source`` to the new directory ``dest``.
 
     ``locked()`` holds the source's writer lock and yields its catalog: writers wait, readers
     go on. Only committed bytes are copied (segment and vector file prefixes, the catalog
-    compacted), into a
-    hidden sibling of ``dest``. Every file there is synced, then every directory, and only
+    compacted), into a hidden sibling of ``dest`` (``progress`` sees the stage ``copy``,
+    list by list). Every file there is synced, then every directory, and only
     then is it renamed to ``dest`` and the parent directory synced: once this returns, a
     power cut leaves ``dest`` complete.
     """
@@ -68,12 +71,14 @@ def copy_store(source: StoreLayout, files: RowFiles, dest: str | os.PathLike[str
             sync_file(quantizer)
             fsync_dir(layout.quantizers)
         copied = 0
+        stage = Stage(progress, "copy", sum(1 for r in snap.lists.values() if r.count))
         for record in snap.lists.values():
             if record.count:
                 for name, row_size in files.names(record.file):
                     _copy_prefix(source.segment(name), layout.segment(name),
                                  file_size(record.count, row_size))
                 copied += 1
+                stage.advance()
         catalog.copy_to(layout.catalog)
         # LMDB writes the copy (with O_DIRECT on some systems) and closes it without a sync:
         # sync its files by path (and the empty LOCK, so that every file is), then every

@@ -22,7 +22,7 @@ from .format import FORMAT_VERSION, FORMAT_VERSION_UNROTATED, Header
 from .format.idmap import PACKED
 from .format.records import StateRecord, StoreMeta
 from .opening import check_open_args, open
-from .params import IndexParams, check_int, check_store_vectors, parse_metric
+from .params import IndexParams, check_int, check_progress, check_store_vectors, parse_metric
 from .storage import (
     DEFAULT_MAP_SIZE,
     Catalog,
@@ -104,6 +104,10 @@ def create(
     map_size, max_map_size, sync
         The catalog's first address-space reservation and the most it may grow to, and how
         writes are synced, as in :func:`open`.
+    progress : callable, optional
+        ``progress(stage, done, total)`` with the training stages: ``train-opq`` (with
+        ``opq``, in outer iterations), ``train-coarse`` (k-means iterations) and
+        ``train-pq`` (sub-quantizer iterations: ``m * niter``); docs/api.md, "Progress".
     if_exists : {"error", "open", "replace"}
         When ``path`` exists: ``"error"`` (the default) raises :class:`StoreExistsError`.
         ``"open"`` opens the store there instead of training one, after checking that it
@@ -130,6 +134,7 @@ def create(
     mode = _check_if_exists(if_exists)
     root = as_path(path)
     check_open_args(map_size=map_size, max_map_size=max_map_size, sync=sync)
+    check_progress(progress)
     # Decided now: a path that appears during the training is refused, not replaced.
     existing = mode != "error" and (root.exists() or root.is_symlink())
     if not existing:
@@ -203,6 +208,7 @@ def trained_header(training_vectors: Any, *, nlist: int, m: int, nbits: int,
     max_points_per_centroid = check_int("max_points_per_centroid", max_points_per_centroid, 1,
                                         1 << 30)
     seed = check_int("seed", seed, 0, (1 << 63) - 1)
+    progress = check_progress(progress)
     vectors = check_store_vectors(store_vectors)
     if not isinstance(opq, bool):
         raise InvalidParamsError(f"opq: expected True or False, got {opq!r}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidParamsError
-from .types import Metric, VectorType
+from .types import Metric, ProgressFn, VectorType
 
 __all__ = [
     "MAX_DIM",
@@ -21,6 +21,7 @@ __all__ = [
     "SearchParams",
     "check_balance",
     "check_int",
+    "check_progress",
     "check_radius",
     "check_ratio",
     "check_split_factor",
@@ -75,6 +76,16 @@ def check_bool(name: str, value: object) -> bool:
         raise InvalidParamsError(
             f"{name}: expected True or False, got {type(value).__name__} {value!r}")
     return bool(value)
+
+
+def check_progress(value: object) -> ProgressFn | None:
+    """Return ``value`` if it is None or callable: a ``progress`` callback
+    (:mod:`ivfpq_store.progress`)."""
+    if value is not None and not callable(value):
+        raise InvalidParamsError(
+            f"progress: expected a callable progress(stage, done, total) or None, got "
+            f"{type(value).__name__} {value!r}")
+    return value
 
 
 def check_radius(name: str, value: object, metric: Metric) -> float:

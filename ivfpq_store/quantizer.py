@@ -30,7 +30,7 @@ from .training.kmeans import (
     nearest_labels,
     with_ones,
 )
-from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
+from .types import F32Array, I64Array, Metric, StepFn, U8Array
 
 __all__ = ["ENCODE_BLOCK", "PIPELINE_BLOCK", "PROBE_BLOCK", "CoarseQuantizer", "Quantizer"]
 
@@ -178,10 +178,10 @@ class Quantizer(CoarseQuantizer):
         return _kernel.KERNEL
 
     def assign_and_encode(self, x: F32Array,
-                          progress: ProgressFn | None = None) -> tuple[I64Array, U8Array]:
+                          advance: StepFn | None = None) -> tuple[I64Array, U8Array]:
         """The list (n,) and PQ code (n, m) of each vector of ``x`` (n, dim), in blocks of
         :data:`ENCODE_BLOCK` (numpy) or :data:`PIPELINE_BLOCK` (the kernel, which encodes a
-        block on a worker thread while the next is assigned); ``progress`` is called with
+        block on a worker thread while the next is assigned); ``advance`` is called with
         each block's size once it is encoded."""
         n = x.shape[0]
         kernel = self.kernel
@@ -193,8 +193,8 @@ class Quantizer(CoarseQuantizer):
                 list_nos[s: s + len(xb)] = self.probe(xb, 1)[1][:, 0]
                 codes[s: s + len(xb)] = self.encode_residuals(
                     xb - self.centroids[list_nos[s: s + len(xb)]])
-                if progress is not None:
-                    progress(len(xb))
+                if advance is not None:
+                    advance(len(xb))
             return list_nos, codes
         # Pipelined: the kernel encodes a block on a worker thread while BLAS assigns the
         # next one here, so the encoder never waits beside the BLAS thread that keeps
@@ -216,20 +216,20 @@ class Quantizer(CoarseQuantizer):
                 list_nos[s:e] = self.assign(x[s:e])
                 if pending is not None:
                     pending[0].result()
-                    if progress is not None:
-                        progress(pending[1])
+                    if advance is not None:
+                        advance(pending[1])
                 pending = (encoder.submit(encode, s, e), e - s)
             if pending is not None:
                 pending[0].result()
-                if progress is not None:
-                    progress(pending[1])
+                if advance is not None:
+                    advance(pending[1])
         finally:  # an error here leaves no encode running
             if pending is not None:
                 futures_wait([pending[0]])
         return list_nos, codes
 
     def encode(self, x: F32Array, list_nos: I64Array,
-               progress: ProgressFn | None = None) -> U8Array:
+               advance: StepFn | None = None) -> U8Array:
         """PQ codes (n, m) of the residuals ``x - centroids[list_nos]``, in blocks of
         :data:`ENCODE_BLOCK`. The kernel never materialises the residuals; its codes are
         numpy's but for rare float near-ties."""
@@ -244,8 +244,8 @@ class Quantizer(CoarseQuantizer):
                 codes[s:e] = kernel.encode(x[s:e], list_nos[s:e], self.centroids,
                                            self.codebooks_t, self.norms,
                                            nthreads=_kernel.THREADS)
-            if progress is not None:
-                progress(e - s)
+            if advance is not None:
+                advance(e - s)
         return codes
 
     def encode_residuals(self, r: F32Array) -> U8Array:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -31,7 +30,7 @@ from .format.vectors import vector_row_dtype
 from .quantizer import CoarseQuantizer, Quantizer
 from .storage import CatalogSnapshot, RecordFetcher, RowFiles
 from .training.kmeans import two_means
-from .types import F32Array, I64Array, Metric, U8Array
+from .types import F32Array, I64Array, Metric, StepFn, U8Array
 from .version import package_version
 
 __all__ = ["DEFAULT_MERGE_FACTOR", "DEFAULT_NEIGHBOURS", "DEFAULT_SPLIT_FACTOR", "MIN_SPLIT",
@@ -331,13 +330,14 @@ class Balancer:
             self.stuck.add(largest)
 
     def run(self, split_factor: float, merge_factor: float,
-            progress: Callable[[int], None] | None = None) -> None:
+            advance: StepFn | None = None) -> None:
         """Merge the lists under ``merge_factor`` x the mean (smallest first), each freed
         number taken by a split of the then largest list past the mean (none is merged
         when no such list can be split); then split every list past ``split_factor`` x the
         mean (largest first), each into a new number, until none is. A list a split would
         not part, each half holding ``merge_factor`` x the mean at least, is left as it is
-        (:meth:`plan_split`). Each step is counted by ``progress``."""
+        (:meth:`plan_split`). Each step (a merge with its split, or a split) is counted by
+        ``advance``."""
         total = int(self.counts.sum())
         tried: set[int] = set()
         while len(self.counts) > 1 and total:
@@ -353,8 +353,8 @@ class Balancer:
             tried.add(small[0])
             self.merge(small[0])
             self.split(plan, small[0])
-            if progress is not None:
-                progress(1)
+            if advance is not None:
+                advance(1)
         while total:
             mean = total / len(self.counts)
             # each half at least the merge floor of the mean after it: a smaller one would
@@ -365,8 +365,8 @@ class Balancer:
             if plan is None:
                 break
             self.split(plan, len(self.counts))
-            if progress is not None:
-                progress(1)
+            if advance is not None:
+                advance(1)
 
     def moved(self) -> int:
         """Records of the dirty lists that are in another list than they were."""
@@ -377,11 +377,12 @@ class Balancer:
         """Records of the dirty lists that :meth:`encoded` encodes again."""
         return sum(int(self._pool.fresh[self.members[n]].sum()) for n in self.dirty)
 
-    def encoded(self, quantizer: Quantizer
+    def encoded(self, quantizer: Quantizer, advance: StepFn | None = None
                 ) -> tuple[I64Array, I64Array, U8Array, np.ndarray | None]:
         """The records of the dirty lists, list by list, as ids, list numbers, codes and
         stored vector rows (None without them), the fresh ones encoded by ``quantizer``
-        (the new generation's) into their list."""
+        (the new generation's) into their list; ``advance`` counts the records encoded
+        (:meth:`fresh_count` in all)."""
         pool = self._pool
         parts = []
         for list_no in sorted(self.dirty):
@@ -399,6 +400,8 @@ class Balancer:
             if len(fresh):
                 codes[fresh] = quantizer.encode(np.ascontiguousarray(pool.x[places[fresh]]),
                                                 np.full(len(fresh), list_no, np.int64))
+                if advance is not None:
+                    advance(len(fresh))
             parts.append((pool.ids[places], np.full(len(places), list_no, np.int64), codes,
                           None if pool.rows is None else pool.rows[places]))
         ids_of, lists_of, codes_of, rows_of = zip(*parts, strict=True)

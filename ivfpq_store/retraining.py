@@ -42,7 +42,7 @@ from .storage import (
     write_header,
 )
 from .training.ivfpq import train_ivfpq
-from .types import F32Array, I64Array, Metric, ProgressFn, U8Array
+from .types import F32Array, I64Array, Metric, ProgressFn, StepFn, U8Array
 from .version import package_version
 
 __all__ = ["RetrainReport", "Retrained", "check_sample", "encode_generation", "live_vectors",
@@ -157,7 +157,8 @@ class Retrained:
 def encode_generation(layout: StoreLayout, files: RowFiles, snap: CatalogSnapshot,
                       ids: I64Array, list_nos: I64Array, codes: U8Array,
                       vrows: np.ndarray | None, *, sync: str,
-                      replaced: Collection[int] | None = None) -> Retrained:
+                      replaced: Collection[int] | None = None,
+                      advance: StepFn | None = None) -> Retrained:
     """Write every record (``ids`` in new lists ``list_nos`` with new ``codes``, and their
     stored vector rows ``vrows``) to a new segment generation of its list, and sync them.
 
@@ -166,8 +167,9 @@ def encode_generation(layout: StoreLayout, files: RowFiles, snap: CatalogSnapsho
     the snapshot has a record of gets its next generation, a list it has none of generation
     0; a replaced list left without records gets an empty record (its generations stay
     monotonic: a file name is never reused, docs/format.md §5.3). Every replaced segment's
-    tombstones go with it. Returns the changes to commit and the old files to remove after
-    the commit; on failure, removes what it wrote."""
+    tombstones go with it. ``advance`` counts the records written, list by list. Returns
+    the changes to commit and the old files to remove after the commit; on failure, removes
+    what it wrote."""
     out = Retrained()
     order = np.argsort(list_nos, kind="stable")
     touched, starts = np.unique(list_nos[order], return_index=True)
@@ -192,6 +194,8 @@ def encode_generation(layout: StoreLayout, files: RowFiles, snap: CatalogSnapsho
                 file=segment_file_name(list_no, gen), generation=gen, count=len(sel),
                 deleted=0, crc32=crc, tsum=0)
             placed.append(IdPlaces.of(ids[sel], list_no, gen, np.arange(len(sel))))
+            if advance is not None:
+                advance(len(sel))
         for list_no in (snap.lists if replaced is None else replaced):
             old = snap.lists.get(list_no)
             if old is None:

@@ -47,6 +47,7 @@ from .params import (
     check_balance,
     check_bool,
     check_int,
+    check_progress,
     check_ratio,
 )
 from .quantizer import Quantizer
@@ -731,7 +732,8 @@ class Store:
             Distinct non-negative ids not live in the store. When None, ids are assigned
             consecutively from one past the largest id ever added.
         progress : callable, optional
-            Called with the number of vectors encoded after each block.
+            ``progress(stage, done, total)`` with the stages ``encode`` and ``write``, in
+            vectors (docs/api.md, "Progress").
 
         Returns
         -------
@@ -746,7 +748,8 @@ class Store:
             An id is already live or repeats within the batch (nothing is added).
         ReadOnlyStoreError, StoreLockedError
         """
-        return self._writer.write_vectors(vectors, ids, replace_live=False, progress=progress)
+        return self._writer.write_vectors(vectors, ids, replace_live=False,
+                                          progress=check_progress(progress))
 
     def add_encoded(self, list_nos: Any, codes: Any, ids: Any,
                     vectors: Any = None, *, generation: int | None = None) -> I64Array:
@@ -829,6 +832,8 @@ class Store:
         vectors : array_like, shape (dim,) or (n, dim)
         ids : array_like of int, shape (n,)
             Distinct non-negative ids; required.
+        progress : callable, optional
+            As in :meth:`add`.
 
         Returns
         -------
@@ -843,7 +848,8 @@ class Store:
         if ids is None:
             raise InvalidInputError("ids: upsert needs explicit ids — expected an integer array, "
                                     "got None")
-        return self._writer.write_vectors(vectors, ids, replace_live=True, progress=progress)
+        return self._writer.write_vectors(vectors, ids, replace_live=True,
+                                          progress=check_progress(progress))
 
     def delete(self, ids: Any) -> int:
         """Delete vectors by id; durable when this returns. Unknown ids are ignored.
@@ -870,7 +876,8 @@ class Store:
         """
         return self._writer.delete(ids)
 
-    def compact(self, min_deleted_ratio: float = 0.0, *, dry_run: bool = False) -> CompactReport:
+    def compact(self, min_deleted_ratio: float = 0.0, *, dry_run: bool = False,
+                progress: ProgressFn | None = None) -> CompactReport:
         """Rewrite lists whose deleted fraction is at least ``min_deleted_ratio``.
 
         Each chosen list's live records go to a new segment file; one transaction switches
@@ -883,6 +890,8 @@ class Store:
             0..1; 0 rewrites every list with at least one deleted record.
         dry_run : bool
             Report what would be rewritten without changing anything.
+        progress : callable, optional
+            ``progress(stage, done, total)`` with the stage ``compact``, in lists.
 
         Returns
         -------
@@ -893,7 +902,8 @@ class Store:
         InvalidParamsError, ReadOnlyStoreError, StoreLockedError
         """
         ratio = check_ratio("min_deleted_ratio", min_deleted_ratio)
-        return self._writer.compact(ratio, dry_run=check_bool("dry_run", dry_run))
+        return self._writer.compact(ratio, dry_run=check_bool("dry_run", dry_run),
+                                    progress=check_progress(progress))
 
     # -- checking and copying -------------------------------------------------------------
     def retrain(self, sample: Any = None, *, nlist: int | None = None, m: int | None = None,
@@ -925,6 +935,9 @@ class Store:
             has one (None).
         seed, niter, max_points_per_centroid
             As in :func:`ivfpq_store.create`.
+        progress : callable, optional
+            ``progress(stage, done, total)`` with the training stages of
+            :func:`ivfpq_store.create`, then ``encode`` and ``write``.
 
         Returns
         -------
@@ -972,7 +985,7 @@ class Store:
                                             1, 1 << 30)
         report = self._writer.retrain(sample, nlist=nlist, opq=opq, seed=seed, niter=niter,
                                       max_points_per_centroid=max_points_per_centroid,
-                                      progress=progress)
+                                      progress=check_progress(progress))
         self._current()  # load the new generation now, not in the next search
         return report
 
@@ -1010,6 +1023,9 @@ class Store:
             Lists near a split whose records are checked for moving to its halves.
         seed : int
             Seeds the 2-means: the same store state and seed give the same result.
+        progress : callable, optional
+            ``progress(stage, done, total)`` with the stages ``rebalance`` (its size
+            unknown until it ends), ``encode`` and ``write``.
 
         Returns
         -------
@@ -1029,11 +1045,13 @@ class Store:
                                                                neighbours)
         seed = check_int("seed", seed, 0, (1 << 63) - 1)
         report = self._writer.rebalance(split_factor=split_factor, merge_factor=merge_factor,
-                                        neighbours=neighbours, seed=seed, progress=progress)
+                                        neighbours=neighbours, seed=seed,
+                                        progress=check_progress(progress))
         self._current()
         return report
 
-    def verify(self, *, repair: bool = False) -> VerifyReport:
+    def verify(self, *, repair: bool = False,
+               progress: ProgressFn | None = None) -> VerifyReport:
         """Check every invariant of the store; report damage, never raise on it.
 
         Checks the header (magic, version, checksums), that the catalog belongs to it, every
@@ -1045,6 +1063,9 @@ class Store:
         repair : bool
             Also remove crash leftovers: cut uncommitted tails, delete orphan segment files,
             clear a dead writer's pid from LOCK. Takes the writer lock. Damage is not repaired.
+        progress : callable, optional
+            ``progress(stage, done, total)`` with the stage ``verify``, in lists (run again
+            when a compaction moved the store on meanwhile).
 
         Returns
         -------
@@ -1060,17 +1081,18 @@ class Store:
             denied, out of memory or address space, an I/O error, a full disk on repair
             (:func:`ivfpq_store.verify.cannot_check` tells these apart from damage).
         """
+        progress = check_progress(progress)
         if check_bool("repair", repair):
             # Look at LOCK before taking it: taking it overwrites a dead writer's pid.
             lock = probe_lock(self._layout.lock)
             with self._writer.locked(sweep=False) as catalog:
                 catalog.forget()
                 return verify_store(self._layout, self._files, catalog, repair=True,
-                                    lock=lock)
+                                    lock=lock, progress=progress)
         catalog = self._live_catalog()
         for _ in range(SNAPSHOT_ATTEMPTS):
             before = _commit_or_none(catalog)
-            report = verify_store(self._layout, self._files, catalog)
+            report = verify_store(self._layout, self._files, catalog, progress=progress)
             # Without the lock a compaction may unlink files mid-check: trust only a report
             # whose state did not move, or a clean one. An unreadable catalog is reported by
             # verify_store itself (it reads everything the snapshot reads).
@@ -1078,14 +1100,15 @@ class Store:
                 return report
         return report
 
-    def copy(self, dest: PathArg) -> CopyReport:
+    def copy(self, dest: PathArg, *, progress: ProgressFn | None = None) -> CopyReport:
         """Write a consistent backup of the store to the new directory ``dest`` (a str, bytes
         or os.PathLike; bytes are decoded with ``os.fsdecode``).
 
         Readers keep searching and writers simply wait (the copy holds the writer lock), so it
         is safe on a live store. Only committed bytes are copied: no crash leftovers, and the
         catalog is copied compacted (its free pages left out). The copy is built in a hidden
-        sibling directory and renamed into place, like :func:`create`.
+        sibling directory and renamed into place, like :func:`create`. ``progress`` is called
+        as ``progress(stage, done, total)`` with the stage ``copy``, in lists.
 
         Raises
         ------
@@ -1094,7 +1117,8 @@ class Store:
         StoreLockedError
         """
         return copy_store(self._layout, self._files, as_path(dest, "dest"),
-                          lambda: self._writer.locked(sweep=False))
+                          lambda: self._writer.locked(sweep=False),
+                          progress=check_progress(progress))
 
     def upgrade(self) -> UpgradeReport:
         """Rewrite the catalog of a store of format 1.0-1.2 with the packed id map of format

@@ -11,12 +11,15 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = ["F32Array", "I64Array", "IfExists", "Metric", "MetricName", "PathArg", "ProgressFn",
-           "SyncPolicy", "U8Array", "VectorType"]
+           "StepFn", "SyncPolicy", "U8Array", "VectorType"]
 
 F32Array: TypeAlias = npt.NDArray[np.float32]
 U8Array: TypeAlias = npt.NDArray[np.uint8]
 I64Array: TypeAlias = npt.NDArray[np.int64]
-ProgressFn: TypeAlias = Callable[[int], None]
+#: ``progress(stage, done, total)``: a long operation's progress (:mod:`ivfpq_store.progress`).
+ProgressFn: TypeAlias = Callable[[str, int, int], None]
+#: ``advance(n)``: ``n`` more steps of the stage in progress done.
+StepFn: TypeAlias = Callable[[int], None]
 #: A file-system path as the standard library takes it; bytes are decoded with os.fsdecode.
 PathArg: TypeAlias = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 #: How a write makes its files durable (``open(sync=...)``).

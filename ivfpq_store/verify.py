@@ -35,6 +35,7 @@ from .format.vectors import (
     vector_file_name,
     vector_row_dtype,
 )
+from .progress import Stage
 from .storage import (
     Catalog,
     CatalogSnapshot,
@@ -46,6 +47,7 @@ from .storage import (
     read_generation,
     read_header,
 )
+from .types import ProgressFn
 
 __all__ = ["Problem", "VerifyReport", "cannot_check", "verify_store"]
 
@@ -119,12 +121,14 @@ class _Findings:
 
 
 def verify_store(layout: StoreLayout, files: RowFiles, catalog: Catalog, *,
-                 repair: bool = False, lock: LockState | None = None) -> VerifyReport:
+                 repair: bool = False, lock: LockState | None = None,
+                 progress: ProgressFn | None = None) -> VerifyReport:
     """Check the store at ``layout`` against its ``catalog``; see the module docstring.
     ``files`` says which files each list has (the open store's header says it).
 
     With ``repair`` the caller must hold the writer lock, and pass ``lock``: the state of the
-    lock file probed before taking it (holding it hides a dead writer's pid).
+    lock file probed before taking it (holding it hides a dead writer's pid). ``progress``
+    sees the stage ``verify``, list by list.
     """
     found = _Findings()
     header: list[Header] = []
@@ -155,6 +159,7 @@ def verify_store(layout: StoreLayout, files: RowFiles, catalog: Catalog, *,
                 read_generation(layout, qgen, header[0]))):
             nlist = current[0].params.nlist
     records: dict[int, np.ndarray | None] = {}
+    stage = Stage(progress, "verify", len(snap.lists))
     for n in snap.lists:
         try:
             records[n] = _check_segment(layout, snap, n, meta.m, meta.store_uuid, found)
@@ -171,6 +176,7 @@ def verify_store(layout: StoreLayout, files: RowFiles, catalog: Catalog, *,
                     raise
                 found.problem("vectors", str(err),
                               str(layout.segment(vector_file_name(snap.lists[n].file))))
+        stage.advance()
     _check_lists_and_tombstones(snap, nlist, prefixes, set(damaged), found)
     _check_ids(snap, ids, entries, records, found)
     _find_orphans(layout, files, snap, found)

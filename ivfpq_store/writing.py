@@ -65,6 +65,7 @@ from .format.idmap import PER_ID, IdPlaces
 from .format.keys import tombstone_keys, tombstone_sum
 from .format.records import SCHEMA_GENERATIONS, ListRecord, StateRecord
 from .format.vectors import vector_row_dtype
+from .progress import Stage
 from .quantizer import Quantizer
 from .rebalancing import (
     DEFAULT_MERGE_FACTOR,
@@ -186,9 +187,10 @@ class Writer:
         if self._files.vectors is not None and self._files.vectors[0] == "float16":
             check_float16(x)
         snap, quantizer = self._latest_quantizer(catalog)
-        list_nos, codes = quantizer.assign_and_encode(quantizer.rotate(x), progress)
+        list_nos, codes = quantizer.assign_and_encode(quantizer.rotate(x),
+                                                      Stage(progress, "encode", n).advance)
         return self._commit_batch(list_nos, codes, given, x, replace_live=replace_live,
-                                  encoded=(snap.state.quantizer, x))
+                                  encoded=(snap.state.quantizer, x), progress=progress)
 
     def write_encoded(self, list_nos: I64Array, codes: U8Array, ids: I64Array,
                       vectors: np.ndarray | None = None, *,
@@ -236,12 +238,14 @@ class Writer:
 
     def _commit_batch(self, list_nos: I64Array, codes: U8Array, given: I64Array | None,
                       x: np.ndarray | None, *, replace_live: bool,
-                      encoded: tuple[int, np.ndarray | None]) -> I64Array:
+                      encoded: tuple[int, np.ndarray | None],
+                      progress: ProgressFn | None = None) -> I64Array:
         """Steps 2-5 for a batch assigned and encoded: its lists, codes, ids (None: new
         automatic ones) and vectors (needed, and written, only in a store that keeps them).
         ``encoded`` is the quantizer generation the codes are of, and the vectors to encode
         again if a retrain or rebalance has made another current meanwhile (None: the
-        caller's codes, which cannot be)."""
+        caller's codes, which cannot be). ``progress`` sees the stage ``write`` (and
+        ``encode`` again, for a batch encoded again)."""
         n = len(list_nos)
         with self.locked() as catalog:
             snap = catalog.snapshot()
@@ -253,7 +257,9 @@ class Writer:
                         f"or rebalance has made generation {state.quantizer} current; encode "
                         "them again (Store.assign); nothing was written")
                 quantizer = self._quantizer_of(snap)
-                list_nos, codes = quantizer.assign_and_encode(quantizer.rotate(encoded[1]))
+                list_nos, codes = quantizer.assign_and_encode(
+                    quantizer.rotate(encoded[1]), Stage(progress, "encode", n).advance)
+            written = Stage(progress, "write", n)
             changes = Changes()
             replaced = 0
             if given is None:
@@ -294,6 +300,7 @@ class Writer:
                 synced.join()  # no sync thread outlives a failed write; its error stands
                 self._undo_appends(catalog, state.commit, snap.lists, records)
                 raise
+            written.advance(n)
         logger.debug("wrote %d vectors to %d lists (%d replaced)", n, len(records), replaced)
         if replaced:
             self._auto_compact(changes.lists)
@@ -395,9 +402,11 @@ class Writer:
                 f"{int(rows[0])}, but {why}; the catalog is damaged and nothing was changed "
                 "(run verify)")
 
-    def compact(self, min_deleted_ratio: float, *, dry_run: bool) -> CompactReport:
+    def compact(self, min_deleted_ratio: float, *, dry_run: bool,
+                progress: ProgressFn | None = None) -> CompactReport:
         """Rewrite the lists whose deleted fraction reaches ``min_deleted_ratio`` (checked by
-        the caller), and remove orphan segment files."""
+        the caller), and remove orphan segment files; ``progress`` sees the stage
+        ``compact`` (not in a dry run)."""
         t0 = time.perf_counter()
         with self.locked() as catalog:
             snap = catalog.snapshot()
@@ -405,18 +414,20 @@ class Writer:
             orphans = 0
             if not dry_run:
                 orphans = remove_orphans(self._layout, self._files, snap)
-                self._rewrite(catalog, snap, plan)
+                self._rewrite(catalog, snap, plan, progress)
         return CompactReport(dry_run=dry_run, lists=plan.lists, records_removed=plan.removed,
                              records_kept=plan.kept, segment_bytes_before=plan.bytes_before,
                              segment_bytes_after=plan.bytes_after, orphans_removed=orphans,
                              seconds=time.perf_counter() - t0)
 
-    def _rewrite(self, catalog: Catalog, snap: CatalogSnapshot, plan: CompactionPlan) -> None:
+    def _rewrite(self, catalog: Catalog, snap: CatalogSnapshot, plan: CompactionPlan,
+                 progress: ProgressFn | None = None) -> None:
         """Compact the planned lists: new segments, one commit, then unlink the old files."""
+        stage = Stage(progress, "compact", len(plan.lists))
         if not plan.lists:
             return
         done = rewrite_lists(self._layout, self._files, snap, list(plan.lists), self._fetch,
-                             self._fetch_vectors, sync=self._sync)
+                             self._fetch_vectors, sync=self._sync, advance=stage.advance)
         s = snap.state
         catalog.apply(replace(s, commit=s.commit + 1, ndeleted=s.ndeleted - plan.removed),
                       done.changes)
@@ -460,7 +471,8 @@ class Writer:
                 max_points_per_centroid=max_points_per_centroid, progress=progress)
             new = Quantizer(header.centroids, header.codebooks, params.metric, header.rotation)
             t2 = time.perf_counter()
-            list_nos, codes = new.assign_and_encode(new.rotate(x))
+            list_nos, codes = new.assign_and_encode(new.rotate(x),
+                                                    Stage(progress, "encode", len(x)).advance)
             t3 = time.perf_counter()
             recall: list[float | None] = [None, None]
             if vrows is not None:
@@ -472,7 +484,8 @@ class Writer:
                 catalog.upgrade_id_map()
                 snap = catalog.snapshot()  # the same lists, one commit later
             done = encode_generation(self._layout, self._files, snap, ids, list_nos, codes,
-                                     vrows, sync=self._sync)
+                                     vrows, sync=self._sync,
+                                     advance=Stage(progress, "write", len(ids)).advance)
             number = self._switch(catalog, snap, done, header, ndeleted=0)
         logger.info("retrained: generation %d, %d vectors, nlist %d -> %d", number, len(ids),
                     old.nlist, header.params.nlist)
@@ -523,7 +536,9 @@ class Writer:
                                 where=str(self._layout.root), neighbours=neighbours,
                                 seed=seed)
             largest = int(balancer.counts.max(initial=0))
-            balancer.run(split_factor, merge_factor, progress)
+            planned = Stage(progress, "rebalance", 0)
+            balancer.run(split_factor, merge_factor, planned.advance)
+            planned.finish()
             self._stuck = {n: int(balancer.counts[n]) for n in balancer.stuck}
             number, written = snap.state.quantizer, 0
             encoded, moved = 0, balancer.moved()
@@ -532,8 +547,9 @@ class Writer:
                                            splits=balancer.splits, merges=balancer.merges)
                 new = Quantizer(header.centroids, header.codebooks, old.metric,
                                 header.rotation)
-                ids, list_nos, codes, vrows = balancer.encoded(new)  # checks the vector rows
                 encoded = balancer.fresh_count()
+                ids, list_nos, codes, vrows = balancer.encoded(  # checks the vector rows
+                    new, Stage(progress, "encode", encoded).advance)
                 if catalog.id_map_schema() == PER_ID:
                     # Generations need the packed id map: upgraded only once nothing can
                     # refuse the rebalance but a failing write, as for a retrain.
@@ -541,7 +557,8 @@ class Writer:
                     snap = catalog.snapshot()  # the same lists, one commit later
                 replaced = [n for n in balancer.dirty if n in snap.lists]
                 done = encode_generation(self._layout, self._files, snap, ids, list_nos,
-                                         codes, vrows, sync=self._sync, replaced=replaced)
+                                         codes, vrows, sync=self._sync, replaced=replaced,
+                                         advance=Stage(progress, "write", len(ids)).advance)
                 dropped = sum(snap.lists[n].deleted for n in replaced)
                 number = self._switch(catalog, snap, done, header,
                                       ndeleted=snap.state.ndeleted - dropped)

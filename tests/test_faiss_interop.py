@@ -379,7 +379,7 @@ def test_export_faiss_then_import_faiss_on_the_command_line(tmp_path, small_data
     out = runner.invoke(cli, ["export-faiss", str(tmp_path / "a"), str(tmp_path / "a.faiss"),
                               "--json"])
     assert out.exit_code == 0, out.output
-    report = json.loads(out.output)
+    report = json.loads(out.stdout)
     assert report["ntotal"] == 1125
     assert report["bytes"] == (tmp_path / "a.faiss").stat().st_size
     index = faiss.read_index(str(tmp_path / "a.faiss"))

@@ -206,12 +206,21 @@ def test_a_balanced_store_is_left_as_it_is(tmp_path):
     assert tree_fingerprint(tmp_path / "s") == before
 
 
-def test_progress_is_called_once_per_split(tmp_path):
+def test_progress_counts_each_split_then_the_encode_and_the_write(tmp_path):
     store, _ = drifted_store(tmp_path / "s")
-    calls: list[int] = []
-    report = store.rebalance(progress=calls.append)
+    calls: list[tuple[str, int, int]] = []
+    report = store.rebalance(progress=lambda *event: calls.append(event))
     assert report.splits
-    assert calls == [1] * report.splits
+    steps = report.splits  # each step splits a list (after a merge, into the freed number)
+    assert calls[: steps + 2] == [("rebalance", 0, 0), *[("rebalance", i, 0) for i in
+                                                         range(1, steps + 1)],
+                                  ("rebalance", steps, steps)]
+    rest = calls[steps + 2:]
+    assert [c for c in rest if c[0] == "encode"][-1] == (
+        "encode", report.records_encoded, report.records_encoded)
+    written = [c for c in rest if c[0] == "write"]
+    assert written[0] == ("write", 0, written[0][2]) and written[-1][1] == written[0][2]
+    assert [c[0] for c in rest] == sorted((c[0] for c in rest), key=["encode", "write"].index)
 
 
 def test_repeated_rebalances_settle(tmp_path):
@@ -425,7 +434,7 @@ def test_the_cli_rebalances_and_reports_json(tmp_path):
     store.close()
     out = CliRunner().invoke(cli, ["rebalance", str(tmp_path / "s"), "--json"])
     assert out.exit_code == 0, out.output
-    report = json.loads(out.output)
+    report = json.loads(out.stdout)
     assert report["splits"] >= 1
     assert report["generation"] == 1
     out = CliRunner().invoke(cli, ["rebalance", str(tmp_path / "s"), "--split-factor", "50",

@@ -251,7 +251,7 @@ def test_the_cli_retrains_and_reports_json(tmp_path):
         out = CliRunner().invoke(cli, ["retrain", str(tmp_path / "s"), "--nlist", "10",
                                        "--json"])
     assert out.exit_code == 0, out.output
-    doc = json.loads(out.output)
+    doc = json.loads(out.stdout)
     assert doc["generation"] == 1
     assert doc["nlist_after"] == 10
     info = CliRunner().invoke(cli, ["info", str(tmp_path / "s")])
@@ -347,8 +347,8 @@ class RetrainAfterEncoding:
     def __getattr__(self, name: str):
         return getattr(self.real, name)
 
-    def assign_and_encode(self, x, progress=None):
-        out = self.real.assign_and_encode(x, progress)
+    def assign_and_encode(self, x, advance=None):
+        out = self.real.assign_and_encode(x, advance)
         if not self.done:
             self.done = True
             retrain(self.other, nlist=10)

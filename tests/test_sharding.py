@@ -500,7 +500,7 @@ def test_cli_info_and_verify_of_a_sharded_store(tmp_path):
     assert doc == json.loads(json.dumps(local_info(layout).to_dict() | {"sharded": True}))
     result = runner.invoke(cli, ["verify", str(layout.root), "--json"])
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.output)
+    doc = json.loads(result.stdout)
     assert doc["ok"]
     assert [s["ok"] for s in doc["shards"]] == [True] * 3
     # a shard swapped for another store, and a missing one: damage, exit 3, named
@@ -526,4 +526,4 @@ def test_cli_verify_of_a_damaged_manifest(tmp_path):
     file.write_bytes(bytes(data))
     result = CliRunner().invoke(cli, ["verify", str(layout.root), "--json"])
     assert result.exit_code == 3
-    assert json.loads(result.output)["problems"][0]["kind"] == "manifest"
+    assert json.loads(result.stdout)["problems"][0]["kind"] == "manifest"

@@ -48,12 +48,17 @@ def test_a_live_id_rejects_the_whole_add_and_points_to_upsert(store, small_data)
 
 
 def test_add_reports_progress_per_encoded_block(store, monkeypatch, scan_impl):
-    """numpy encodes in blocks of ENCODE_BLOCK, the kernel's pipeline in PIPELINE_BLOCK."""
+    """numpy encodes in blocks of ENCODE_BLOCK, the kernel's pipeline in PIPELINE_BLOCK;
+    the write is one step, reported once the batch is committed."""
     monkeypatch.setattr("ivfpq_store.quantizer.ENCODE_BLOCK", 400)
     monkeypatch.setattr("ivfpq_store.quantizer.PIPELINE_BLOCK", 400)
-    seen: list[int] = []
-    store.add(np.ones((1000, DIM), np.float32), progress=seen.append)
-    assert seen == [400, 400, 200]
+    seen: list[tuple[str, int, int, int]] = []
+    store.add(np.ones((1000, DIM), np.float32),
+              progress=lambda stage, done, total: seen.append((stage, done, total, len(store))))
+    n0 = seen[0][3]
+    assert seen == [("encode", 0, 1000, n0), ("encode", 400, 1000, n0),
+                    ("encode", 800, 1000, n0), ("encode", 1000, 1000, n0),
+                    ("write", 0, 1000, n0), ("write", 1000, 1000, n0 + 1000)]
 
 
 def test_empty_lists_have_no_segment_file(tmp_path, small_data):

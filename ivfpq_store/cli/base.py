@@ -7,9 +7,11 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import signal
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,27 @@ import click
 import numpy as np
 
 from ..errors import IvfpqError
+from ..progress import STAGES
 
-__all__ = ["EXIT_DAMAGED", "EXIT_UNCHECKED", "FiniteFloat", "PathType", "batch_option",
-           "bytes_line", "cli", "emit", "existing_file", "histogram", "json_option", "main",
-           "progress", "quiet_option", "store_argument", "store_options"]
+__all__ = [
+    "EXIT_DAMAGED",
+    "EXIT_UNCHECKED",
+    "FiniteFloat",
+    "PathType",
+    "ProgressDisplay",
+    "batch_option",
+    "bytes_line",
+    "cli",
+    "emit",
+    "existing_file",
+    "histogram",
+    "json_option",
+    "main",
+    "progress",
+    "quiet_option",
+    "store_argument",
+    "store_options",
+]
 
 #: Exit code of ``verify`` when the store is damaged.
 EXIT_DAMAGED = 3
@@ -96,14 +115,91 @@ def emit(doc: dict[str, Any], *, as_json: bool, lines: list[str]) -> None:
         click.echo("\n".join(lines))
 
 
+class ProgressDisplay:
+    """Draws a library ``progress(stage, done, total)`` on stderr.
+
+    On a terminal, a bar per stage, redrawn in place (at most every 0.1 s) and left on its
+    own line once the stage ends. Otherwise one line per stage when it ends, with its count
+    and seconds, e.g. ``training the coarse quantizer: 25 iterations in 3.1 s``. A stage
+    given a total in ``totals`` (an ``add`` in batches: each batch encodes, then writes) is
+    one bar over all its runs, their counts and seconds summed. Quiet draws nothing.
+    """
+
+    def __init__(self, *, quiet: bool, totals: dict[str, int] | None = None) -> None:
+        self._quiet = quiet
+        self._totals = dict(totals or {})
+        self._stream = sys.stderr
+        self._tty = self._stream.isatty()
+        # stage -> [done, seconds] of its runs before the current one; in start order
+        self._kept: dict[str, list[float]] = {}
+        self._run: tuple[str, int, int, float] | None = None  # stage, done, total, start
+        self._drawn = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self._quiet:
+            return
+        now = time.monotonic()
+        if self._run is not None and (self._run[0] != stage or done == 0):
+            self._fold(now)  # another stage, or this one run again
+        start = now if self._run is None else self._run[3]
+        self._run = (stage, done, total, start)
+        self._kept.setdefault(stage, [0, 0.0])
+        goal = self._totals.get(stage, total)
+        if goal and self._kept[stage][0] + done >= goal:
+            self._end(stage, now)
+        elif self._tty and now - self._drawn >= 0.1:
+            self._draw(stage, now, end="")
+
+    def close(self) -> None:
+        """End every stage not ended: one of unknown size, or one an error stopped."""
+        now = time.monotonic()
+        for stage in list(self._kept):
+            self._end(stage, now)
+
+    def _fold(self, now: float) -> None:
+        assert self._run is not None
+        stage, done, _, start = self._run
+        kept = self._kept[stage]
+        kept[0] += done
+        kept[1] += now - start
+        self._run = None
+
+    def _end(self, stage: str, now: float) -> None:
+        if self._run is not None and self._run[0] == stage:
+            self._fold(now)
+        self._draw(stage, now, end="\n")
+        del self._kept[stage]
+
+    def _draw(self, stage: str, now: float, *, end: str) -> None:
+        info = STAGES.get(stage)
+        label, unit = (info.label, info.unit) if info else (stage, "steps")
+        done, seconds = int(self._kept[stage][0]), self._kept[stage][1]
+        total = self._totals.get(stage, 0)
+        if self._run is not None and self._run[0] == stage:
+            done += self._run[1]
+            seconds += now - self._run[3]
+            total = total or self._run[2]
+        if not self._tty:
+            self._stream.write(f"{label}: {done:,} {unit} in {seconds:.1f} s\n")
+        else:
+            total = total or done
+            filled = min(24, 24 * done // total) if total else 0
+            bar = "#" * filled + "-" * (24 - filled)
+            line = f"{label:<30} [{bar}] {done:,}/{total:,} {unit} {seconds:5.1f} s"
+            width = shutil.get_terminal_size().columns - 1  # a wrapped line is not redrawn
+            self._stream.write(f"\r{line[:width]}\x1b[K{end}")
+        self._stream.flush()
+        self._drawn = now
+
+
 @contextlib.contextmanager
-def progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr (click prints only the label when stderr is not a terminal)."""
-    if quiet:
-        yield lambda n: None
-        return
-    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
-        yield bar.update
+def progress(quiet: bool, totals: dict[str, int] | None = None) -> Iterator[ProgressDisplay]:
+    """A :class:`ProgressDisplay` for one command, its last stage ended on exit."""
+    display = ProgressDisplay(quiet=quiet, totals=totals)
+    try:
+        yield display
+    finally:
+        display.close()
 
 
 def store_options() -> dict[str, Any]:

@@ -32,12 +32,15 @@ from .base import (
     EXIT_UNCHECKED,
     FiniteFloat,
     PathType,
+    ProgressDisplay,
     bytes_line,
     cli,
     emit,
     existing_file,
     histogram,
     json_option,
+    progress,
+    quiet_option,
     store_argument,
     store_options,
 )
@@ -322,8 +325,9 @@ def lists_(store: Path, as_json: bool) -> None:
 @click.option("--repair", is_flag=True,
               help="Remove crash leftovers (uncommitted tails, orphan files, a dead writer's pid "
                    "in LOCK). Damage is never repaired.")
+@quiet_option
 @json_option
-def verify(store: Path, repair: bool, as_json: bool) -> None:
+def verify(store: Path, repair: bool, quiet: bool, as_json: bool) -> None:
     """Check every invariant of STORE. Exit code 3 when damage is found, 4 when STORE could
     not be checked.
 
@@ -346,25 +350,26 @@ def verify(store: Path, repair: bool, as_json: bool) -> None:
         ivfpq-store verify sift.ivfpq --json
     """
     if is_sharded(store):
-        _verify_sharded(store, repair, as_json)
+        _verify_sharded(store, repair, quiet, as_json)
         return
-    doc = _verify_doc(store, lambda: ivfpq_store.open(store, readonly=not repair,
-                                                      **store_options()), repair)
+    with progress(quiet) as display:
+        doc = _verify_doc(store, lambda: ivfpq_store.open(store, readonly=not repair,
+                                                          **store_options()), repair, display)
     lines = [f"{'ok' if doc['ok'] else 'DAMAGED'}: {store}", *_verify_lines(doc, "  ")]
     emit(doc, as_json=as_json, lines=lines)
     if not doc["ok"]:
         raise click.exceptions.Exit(EXIT_DAMAGED)
 
 
-def _verify_doc(store: Path, opener: Callable[[], ivfpq_store.Store], repair: bool, *,
-                sharded: bool = False) -> dict[str, Any]:
+def _verify_doc(store: Path, opener: Callable[[], ivfpq_store.Store], repair: bool,
+                display: ProgressDisplay, *, sharded: bool = False) -> dict[str, Any]:
     """The verify report of the store ``opener`` opens, as a JSON-ready dict; a store too
     damaged to open (or, in a sharded store, not the shard its manifest names) is a report
     with that problem. Exits with EXIT_UNCHECKED when it could not be checked; raises
     StoreNotFoundError for a single store that is not there (a missing shard is damage)."""
     try:
         with opener() as s:
-            return s.verify(repair=repair).to_dict()
+            return s.verify(repair=repair, progress=display).to_dict()
     except (IvfpqError, OSError, MemoryError) as err:
         if isinstance(err, StoreNotFoundError) and not sharded:
             raise  # exit 1: no store here to check
@@ -392,7 +397,7 @@ def _verify_lines(doc: dict[str, Any], indent: str) -> list[str]:
     return lines
 
 
-def _verify_sharded(store: Path, repair: bool, as_json: bool) -> None:
+def _verify_sharded(store: Path, repair: bool, quiet: bool, as_json: bool) -> None:
     try:
         layout = read_layout(store)
     except (FormatError, ShardMismatchError) as err:
@@ -404,8 +409,10 @@ def _verify_sharded(store: Path, repair: bool, as_json: bool) -> None:
     lines = []
     for n in range(layout.nshards):
         path = layout.shard_path(n)
-        doc = _verify_doc(path, functools.partial(layout.open_shard, n, readonly=not repair,
-                                                  **store_options()), repair, sharded=True)
+        with progress(quiet) as display:
+            doc = _verify_doc(path, functools.partial(layout.open_shard, n, readonly=not repair,
+                                                      **store_options()), repair, display,
+                              sharded=True)
         shards.append({"shard": n, "path": str(path), **doc})
         lines.append(f"  shard {n} {'ok' if doc['ok'] else 'DAMAGED'}: {path}")
         lines += _verify_lines(doc, "    ")

@@ -21,6 +21,7 @@ from ..rebalancing import DEFAULT_MERGE_FACTOR, DEFAULT_NEIGHBOURS, DEFAULT_SPLI
 from ..types import IfExists, MetricName, VectorType
 from .base import (
     PathType,
+    ProgressDisplay,
     batch_option,
     cli,
     emit,
@@ -70,14 +71,16 @@ _INT64_MAX = int(np.iinfo(np.int64).max)
                    "those given; nothing is trained); or train and build it again in its "
                    "place (the old store is deleted). A path that is not a store is never "
                    "used or replaced.")
+@quiet_option
 @json_option
 def create(store: Path, train: Path, nlist: int, m: int, nbits: int, metric: MetricName,
            seed: int, max_train: int | None, store_vectors: VectorType | None, opq: bool,
-           if_exists: IfExists, as_json: bool) -> None:
+           if_exists: IfExists, quiet: bool, as_json: bool) -> None:
     """Train an index on the vectors in --train and create the empty STORE.
 
     Trains the coarse quantizer and the product quantizer, then creates STORE, a directory
-    that must not exist unless --if-exists says what to do with it.
+    that must not exist unless --if-exists says what to do with it. Each training stage
+    shows its progress on stderr (-q: none).
 
     \b
     Examples:
@@ -93,9 +96,11 @@ def create(store: Path, train: Path, nlist: int, m: int, nbits: int, metric: Met
     x = (np.zeros((1, vf.dim), np.float32) if reuse
          else vf.sample(max_train, seed) if max_train else vf.read())
     try:
-        opened = ivfpq_store.create(store, x, nlist=nlist, m=m, nbits=nbits, metric=metric,
-                                    seed=seed, store_vectors=store_vectors, opq=opq,
-                                    if_exists=if_exists, **store_options())
+        with progress(quiet) as display:
+            opened = ivfpq_store.create(store, x, nlist=nlist, m=m, nbits=nbits, metric=metric,
+                                        seed=seed, store_vectors=store_vectors, opq=opq,
+                                        if_exists=if_exists, progress=display,
+                                        **store_options())
     except StoreExistsError as err:
         if if_exists != "error":
             raise
@@ -120,8 +125,8 @@ def create(store: Path, train: Path, nlist: int, m: int, nbits: int, metric: Met
 
 
 def _write_batches(store: Path, vectors: Path, ids_file: Path | None, batch_size: int,
-                   quiet: bool, write: Callable[[ivfpq_store.Store, Any, Any], Any],
-                   label: str) -> dict[str, Any]:
+                   quiet: bool, write: Callable[[ivfpq_store.Store, Any, Any, ProgressDisplay],
+                                                Any]) -> dict[str, Any]:
     vf = open_vectors(vectors)
     ids = read_ids(ids_file) if ids_file is not None else None
     if ids is not None and len(ids) != vf.n:
@@ -132,17 +137,16 @@ def _write_batches(store: Path, vectors: Path, ids_file: Path | None, batch_size
         if vf.dim != s.params.dim:
             raise DimensionMismatchError(f"{vectors}: vectors of dimension {vf.dim} — expected "
                                          f"{s.params.dim}, the dimension of {store}")
-        with progress(vf.n, label, quiet) as advance:
+        with progress(quiet, {"encode": vf.n, "write": vf.n}) as display:
             for batch in vf.batches(batch_size):
                 chunk = None if ids is None else ids[done: done + len(batch)]
                 try:
-                    write(s, batch, chunk)
+                    write(s, batch, chunk, display)
                 except IvfpqError as err:
                     raise click.ClickException(
                         f"{err} (in rows {done}..{done + len(batch) - 1} of {vectors}; the "
                         f"{done} rows before them were written)") from err
                 done += len(batch)
-                advance(len(batch))
         return {"written": done, "ntotal": len(s), "batches": math.ceil(vf.n / batch_size)}
 
 
@@ -168,7 +172,7 @@ def add(store: Path, vectors: Path, ids_file: Path | None, batch_size: int, quie
         ivfpq-store add sift.ivfpq base.fvecs --batch-size 50000
     """
     doc = _write_batches(store, vectors, ids_file, batch_size, quiet,
-                         lambda s, x, ids: s.add(x, ids=ids), "adding")
+                         lambda s, x, ids, shown: s.add(x, ids=ids, progress=shown))
     emit(doc, as_json=as_json, lines=[(f"added {doc['written']:,} vectors; the store holds "
                                       f"{doc['ntotal']:,}")])
 
@@ -193,7 +197,7 @@ def upsert(store: Path, vectors: Path, ids_file: Path, batch_size: int, quiet: b
         ivfpq-store upsert sift.ivfpq fixes.npy --ids fixes-ids.txt
     """
     doc = _write_batches(store, vectors, ids_file, batch_size, quiet,
-                         lambda s, x, ids: s.upsert(x, ids=ids), "upserting")
+                         lambda s, x, ids, shown: s.upsert(x, ids=ids, progress=shown))
     emit(doc, as_json=as_json, lines=[(f"upserted {doc['written']:,} vectors; the store holds "
                                       f"{doc['ntotal']:,}")])
 
@@ -234,8 +238,10 @@ def delete(store: Path, ids: tuple[int, ...], ids_file: Path | None, as_json: bo
               help="Rewrite lists whose deleted fraction is at least R; 0 rewrites every list "
                    "with a deleted record.")
 @click.option("--dry-run", is_flag=True, help="Report what would be rewritten; change nothing.")
+@quiet_option
 @json_option
-def compact(store: Path, min_deleted_ratio: float, dry_run: bool, as_json: bool) -> None:
+def compact(store: Path, min_deleted_ratio: float, dry_run: bool, quiet: bool,
+            as_json: bool) -> None:
     """Rewrite lists of STORE without their deleted records, reclaiming space.
 
     Each chosen list is written to a new segment file; one commit switches to the new files,
@@ -246,8 +252,8 @@ def compact(store: Path, min_deleted_ratio: float, dry_run: bool, as_json: bool)
     Example:
         ivfpq-store compact sift.ivfpq --min-deleted-ratio 0.2 --dry-run
     """
-    with ivfpq_store.open(store, **store_options()) as s:
-        r = s.compact(min_deleted_ratio, dry_run=dry_run)
+    with ivfpq_store.open(store, **store_options()) as s, progress(quiet) as display:
+        r = s.compact(min_deleted_ratio, dry_run=dry_run, progress=display)
     verb = "would rewrite" if r.dry_run else "rewrote"
     emit(r.to_dict(), as_json=as_json, lines=[
         f"{verb} {len(r.lists)} lists: {r.records_removed:,} deleted records dropped, "
@@ -268,9 +274,10 @@ def compact(store: Path, min_deleted_ratio: float, dry_run: bool, as_json: bool)
                    "one.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), metavar="S",
               help="Seed of every random choice in training.")
+@quiet_option
 @json_option
 def retrain(store: Path, sample: Path | None, nlist: int | None, opq: bool | None, seed: int,
-            as_json: bool) -> None:
+            quiet: bool, as_json: bool) -> None:
     """Train new quantizers for STORE and encode every vector again with them.
 
     For data that drifted away from what STORE was trained on. Searches go on with the old
@@ -284,8 +291,8 @@ def retrain(store: Path, sample: Path | None, nlist: int | None, opq: bool | Non
         ivfpq-store retrain emb.ivfpq --nlist 1024 --opq --json
     """
     x = None if sample is None else open_vectors(sample).read()
-    with ivfpq_store.open(store, **store_options()) as s:
-        r = s.retrain(x, nlist=nlist, opq=opq, seed=seed)
+    with ivfpq_store.open(store, **store_options()) as s, progress(quiet) as display:
+        r = s.retrain(x, nlist=nlist, opq=opq, seed=seed, progress=display)
     recall = ("" if r.recall_before is None else
               f"; recall proxy {r.recall_before:.3f} -> {r.recall_after:.3f}")
     rotation = ", with an OPQ rotation" if r.opq else ""
@@ -310,9 +317,10 @@ def retrain(store: Path, sample: Path | None, nlist: int | None, opq: bool | Non
               help="Lists near each split whose vectors may move to its halves.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), metavar="S",
               help="Seed of the 2-means that splits a list.")
+@quiet_option
 @json_option
 def rebalance(store: Path, split_factor: float, merge_factor: float, neighbours: int,
-              seed: int, as_json: bool) -> None:
+              seed: int, quiet: bool, as_json: bool) -> None:
     """Split oversized lists of STORE and merge tiny ones, moving only nearby vectors.
 
     For a store whose lists grew unequal as its data drifted: cheaper than retrain, and
@@ -325,9 +333,9 @@ def rebalance(store: Path, split_factor: float, merge_factor: float, neighbours:
         ivfpq-store rebalance sift.ivfpq
         ivfpq-store rebalance emb.ivfpq --split-factor 1.5 --json
     """
-    with ivfpq_store.open(store, **store_options()) as s:
+    with ivfpq_store.open(store, **store_options()) as s, progress(quiet) as display:
         r = s.rebalance(split_factor=split_factor, merge_factor=merge_factor,
-                        neighbours=neighbours, seed=seed)
+                        neighbours=neighbours, seed=seed, progress=display)
     if not r.lists_rewritten:
         line = (f"no list needs rebalancing: the largest holds {r.largest_before:,} vectors, "
                 f"the mean is {r.mean_after:,.0f}")
@@ -344,8 +352,9 @@ def rebalance(store: Path, split_factor: float, merge_factor: float, neighbours:
 @cli.command()
 @store_argument
 @click.argument("dest", type=PathType(path_type=Path))
+@quiet_option
 @json_option
-def copy(store: Path, dest: Path, as_json: bool) -> None:
+def copy(store: Path, dest: Path, quiet: bool, as_json: bool) -> None:
     """Write a consistent backup of STORE to the new directory DEST.
 
     DEST must not exist. Safe while readers search and a writer writes (the writer waits for
@@ -356,8 +365,8 @@ def copy(store: Path, dest: Path, as_json: bool) -> None:
     Example:
         ivfpq-store copy sift.ivfpq backups/sift-2026-11-21.ivfpq
     """
-    with ivfpq_store.open(store, **store_options()) as s:
-        r = s.copy(dest)
+    with ivfpq_store.open(store, **store_options()) as s, progress(quiet) as display:
+        r = s.copy(dest, progress=display)
     emit(r.to_dict(), as_json=as_json, lines=[
         (f"copied {r.vectors:,} vectors ({r.segments} segments, {r.bytes:,} bytes) to {r.dest} "
         f"in {r.seconds:.2f} s")])

@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 
 from ..params import IndexParams
+from ..progress import Stage
 from ..quantizer import CoarseQuantizer
 from ..types import F32Array, ProgressFn
 from .kmeans import kmeans
-from .opq import train_opq
+from .opq import OPQ_NITER, train_opq
 from .pq import train_pq
 
 __all__ = ["TrainedQuantizer", "train_ivfpq"]
@@ -36,26 +37,28 @@ def train_ivfpq(x: F32Array, params: IndexParams, *, seed: int, niter: int,
     """Train the quantizer of ``params`` on ``x`` (n, dim) float32, already normalised for
     cosine: with ``opq``, a rotation first (:func:`~.opq.train_opq`), then the coarse
     k-means and the codebooks of the residuals, all on the rotated sample. Seeded: the same
-    ``x`` and ``seed`` give the same arrays."""
+    ``x`` and ``seed`` give the same arrays. ``progress`` sees the stages ``train-opq``
+    (with ``opq``), ``train-coarse`` and ``train-pq``."""
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     rotation = None
     extra: dict[str, Any] = {}
     if opq:
-        found = train_opq(x, params.m, params.nbits, seed=rng, progress=progress)
+        found = train_opq(x, params.m, params.nbits, niter=OPQ_NITER, seed=rng,
+                          advance=Stage(progress, "train-opq", OPQ_NITER).advance)
         rotation = found.rotation
         x = x @ rotation.T
         extra = {"opq_train_points": found.n_train, "opq_iterations": len(found.objective),
                  "opq_pq_error": [found.objective[0], found.objective[-1]],
                  "opq_seconds": found.seconds}
     coarse = kmeans(x, params.nlist, niter=niter, seed=rng,
-                    max_points_per_centroid=max_points_per_centroid, progress=progress,
-                    name="coarse quantizer")
+                    max_points_per_centroid=max_points_per_centroid,
+                    advance=Stage(progress, "train-coarse", niter).advance, name="coarse quantizer")
     assigned = CoarseQuantizer(coarse.centroids, params.metric).assign(x)
     codebooks, results = train_pq(x - coarse.centroids[assigned], params.m, params.nbits,
                                   niter=niter, seed=rng,
                                   max_points_per_centroid=max_points_per_centroid,
-                                  progress=progress)
+                                  advance=Stage(progress, "train-pq", niter * params.m).advance)
     metadata = {
         "seed": seed,
         "niter": niter,

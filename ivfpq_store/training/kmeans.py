@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import _kernel
 from ..errors import IvfpqWarning, TrainingError
-from ..types import F32Array, I64Array, ProgressFn
+from ..types import F32Array, I64Array, StepFn
 
 __all__ = ["MIN_POINTS_PER_CENTROID", "KMeansResult", "assign_block", "best_columns",
            "cluster_sums", "kmeans",
@@ -125,7 +125,7 @@ def kmeans(
     niter: int = 25,
     seed: int | np.random.Generator | None = 0,
     max_points_per_centroid: int = 256,
-    progress: ProgressFn | None = None,
+    advance: StepFn | None = None,
     name: str = "k-means",
 ) -> KMeansResult:
     """Cluster ``x`` (n, d) float32 into ``k`` centroids.
@@ -161,8 +161,8 @@ def kmeans(
         objective.append(float(sse(norms, sums, counts, centroids[None])[0]))
         centroids, splits = update(sums[0], counts[0], centroids, rng)
         n_splits += splits
-        if progress is not None:
-            progress(1)
+        if advance is not None:
+            advance(1)
         logger.debug("%s iteration %d: objective %.6g, splits %d", name, it, objective[-1], splits)
     seconds = time.perf_counter() - t0
     logger.info("%s: %d centroids from %d points in %.2f s", name, k, n, seconds)

@@ -22,15 +22,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import IvfpqWarning, TrainingError
-from ..types import F32Array, ProgressFn
+from ..types import F32Array, StepFn
 from .pq import assign_codes, train_pq
 
-__all__ = ["OPQResult", "random_rotation", "train_opq"]
+__all__ = ["OPQ_NITER", "OPQResult", "random_rotation", "train_opq"]
 
 logger = logging.getLogger(__name__)
 
 #: Training points at most (faiss's ``OPQMatrix.max_train_points``, 256 * 256).
 OPQ_MAX_POINTS = 1 << 16
+#: Outer iterations of the rotation's training (faiss's default).
+OPQ_NITER = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,16 +55,16 @@ def random_rotation(dim: int, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def train_opq(x: F32Array, m: int, nbits: int, *, niter: int = 50, niter_pq: int = 4,
+def train_opq(x: F32Array, m: int, nbits: int, *, niter: int = OPQ_NITER, niter_pq: int = 4,
               niter_pq_first: int = 40, seed: int | np.random.Generator | None = 0,
               max_points: int = OPQ_MAX_POINTS,
-              progress: ProgressFn | None = None) -> OPQResult:
+              advance: StepFn | None = None) -> OPQResult:
     """An orthogonal rotation (dim, dim) float32 for ``m`` sub-quantizers of ``2**nbits``
     centroids, trained on ``x`` (n, dim) float32 (at most ``max_points`` random rows of it).
 
     ``niter`` outer iterations; the PQ codebooks get ``niter_pq_first`` k-means iterations in
     the first and ``niter_pq`` (warm-started) in each later one: faiss's defaults.
-    ``progress`` is called with 1 after each outer iteration.
+    ``advance`` is called with 1 after each outer iteration.
 
     Raises
     ------
@@ -98,8 +100,8 @@ def train_opq(x: F32Array, m: int, nbits: int, *, niter: int = 50, niter_pq: int
         # recon^T x = U S V^T (products in float64: their sums run over every point).
         u, _, vt = np.linalg.svd(recon.astype(np.float64).T @ x64)
         rotation = u @ vt
-        if progress is not None:
-            progress(1)
+        if advance is not None:
+            advance(1)
         logger.debug("OPQ iteration %d: PQ error %.6g", it, objective[-1])
     seconds = time.perf_counter() - t0
     logger.info("OPQ: rotation of %d dimensions from %d points in %.2f s (PQ error %.6g -> "

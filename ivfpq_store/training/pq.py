@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import _kernel
 from ..errors import TrainingError
-from ..types import F32Array, ProgressFn, U8Array
+from ..types import F32Array, StepFn, U8Array
 from .kmeans import (
     KMeansResult,
     cluster_sums,
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 def train_pq(
     x: F32Array, m: int, nbits: int, *, niter: int = 25,
     seed: int | np.random.Generator | None = 0, max_points_per_centroid: int = 256,
-    progress: ProgressFn | None = None, init: F32Array | None = None,
+    advance: StepFn | None = None, init: F32Array | None = None,
 ) -> tuple[F32Array, tuple[KMeansResult, ...]]:
     """Train ``m`` sub-quantizers of ``2**nbits`` centroids on ``x`` (n, dim) float32: the
     codebooks (m, 2**nbits, dim // m) float32, and each sub-quantizer's k-means result.
@@ -77,8 +77,8 @@ def train_pq(
         for j in range(m):
             books[j], s = update(sums[j], counts[j], books[j], rng)
             splits[j] += s
-        if progress is not None:
-            progress(m)
+        if advance is not None:
+            advance(m)
         logger.debug("PQ iteration %d: objective %.6g, splits %d", it,
                      float(objective[it].sum()), int(splits.sum()))
     seconds = time.perf_counter() - t0
