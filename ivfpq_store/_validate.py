@@ -13,8 +13,8 @@ import numpy as np
 from .errors import DimensionMismatchError, DuplicateIdError, InvalidInputError
 from .types import F32Array, I64Array
 
-__all__ = ["FLOAT16_MAX", "MAX_SQUARED_NORM", "as_id_list", "as_id_sequence", "as_ids",
-           "as_matrix", "as_vectors", "check_float16", "normalize_rows"]
+__all__ = ["FLOAT16_MAX", "MAX_SQUARED_NORM", "as_groundtruth", "as_id_list", "as_id_sequence",
+           "as_ids", "as_matrix", "as_vectors", "check_float16", "normalize_rows"]
 
 #: The largest finite float16: a store keeping float16 vectors refuses larger values.
 FLOAT16_MAX = 65504.0
@@ -124,6 +124,19 @@ def as_ids(ids: Any, n: int, name: str = "ids") -> I64Array:
             f"{name}: {len(dup)} id(s) appear more than once in the batch, first "
             f"{dup[:_MAX_SHOWN].tolist()}; nothing was added")
     return out
+
+
+def as_groundtruth(groundtruth: Any, nq: int, k: int) -> I64Array:
+    """The ids of each query's true nearest neighbours, nearest first: an integer array
+    (nq, at least k), returned as int64 (nq, k)."""
+    arr = _as_array(groundtruth, "groundtruth")
+    if arr.dtype.kind not in "iu":
+        raise InvalidInputError(_not_integer_ids("groundtruth", arr))
+    if arr.ndim != 2 or arr.shape[0] != nq or arr.shape[1] < k:
+        raise DimensionMismatchError(
+            f"groundtruth: expected one row of at least k={k} ids per query, ({nq}, >={k}), "
+            f"got shape {arr.shape}")
+    return np.ascontiguousarray(arr[:, :k], dtype=np.int64)
 
 
 def as_id_list(ids: Any, name: str = "ids") -> I64Array:

@@ -21,6 +21,7 @@ __all__ = [
     "SearchParams",
     "check_balance",
     "check_int",
+    "check_int_values",
     "check_progress",
     "check_radius",
     "check_ratio",
@@ -76,6 +77,15 @@ def check_bool(name: str, value: object) -> bool:
         raise InvalidParamsError(
             f"{name}: expected True or False, got {type(value).__name__} {value!r}")
     return bool(value)
+
+
+def check_int_values(name: str, values: object, lo: int, hi: int) -> tuple[int, ...]:
+    """``values`` (an int, or a non-empty sequence of them) as distinct ints in ``lo..hi``,
+    sorted."""
+    items = [values] if not isinstance(values, list | tuple | np.ndarray | range) else values
+    if not len(items):
+        raise InvalidParamsError(f"{name}: expected at least one value, got none")
+    return tuple(sorted({check_int(name, v, lo, hi) for v in items}))
 
 
 def check_progress(value: object) -> ProgressFn | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from ._kernel import bad_rows
 from ._validate import as_vectors, normalize_rows
 from .compaction import remove_files, write_generation
 from .errors import CorruptStoreError
+from .evaluation import ExactNeighbours, recall_at
 from .format import Header, record_dtype, segment_file_name
 from .format.idmap import IdPlaces
 from .format.records import ListRecord
@@ -46,7 +47,7 @@ from .types import F32Array, I64Array, Metric, ProgressFn, StepFn, U8Array
 from .version import package_version
 
 __all__ = ["RetrainReport", "Retrained", "check_sample", "encode_generation", "live_vectors",
-           "recall_proxy", "train_generation", "write_generation_header"]
+           "recall_proxy", "reconstruct", "train_generation", "write_generation_header"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,12 +120,21 @@ def live_vectors(snap: CatalogSnapshot, files: RowFiles, fetch: RecordFetcher,
     if files.vectors is not None:
         stored = np.concatenate(rows)
         return all_ids, stored["v"].astype(np.float32), all_codes, all_lists, stored
-    x = quantizer.unrotate(quantizer.decode(all_lists, all_codes))
+    return (all_ids, reconstruct(quantizer, all_lists, all_codes, metric), all_codes,
+            all_lists, None)
+
+
+def reconstruct(quantizer: Quantizer, list_nos: I64Array, codes: U8Array,
+                metric: Metric) -> F32Array:
+    """The vectors that the codes ``codes`` (n, m) in lists ``list_nos`` (n,) stand for, in
+    the space of the vectors as given (rotated back), normalised under cosine (a zero
+    reconstruction becomes the all-ones direction)."""
+    x = quantizer.unrotate(quantizer.decode(list_nos, codes))
     if metric is Metric.COSINE:
         norms = np.linalg.norm(x, axis=1)
         x = np.where(norms[:, None] > 0, x, 1.0).astype(np.float32)  # a zero reconstruction
         x = normalize_rows(x)
-    return all_ids, np.ascontiguousarray(x, dtype=np.float32), all_codes, all_lists, None
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def train_generation(sample: F32Array, base: Header, *, nlist: int, opq: bool, seed: int,
@@ -234,8 +244,7 @@ def recall_proxy(x: F32Array, codes_of: list[tuple[Quantizer, I64Array, U8Array]
     """For each (quantizer, list numbers, codes) encoding of ``x`` (n, dim): recall 10@10 of
     an exhaustive scan of the reconstructions, for :data:`PROXY_QUERIES` rows of ``x`` as
     queries, against their exact neighbours in ``x`` by ``metric`` (squared l2, or inner
-    product for ip and cosine).
-    Blocks of :data:`PROXY_BLOCK` rows bound the memory."""
+    product for ip and cosine). Blocks of :data:`PROXY_BLOCK` rows bound the memory."""
     n = len(x)
     k = min(10, n)
     if k == 0:
@@ -243,30 +252,20 @@ def recall_proxy(x: F32Array, codes_of: list[tuple[Quantizer, I64Array, U8Array]
     rng = np.random.default_rng(seed)
     q = x[np.sort(rng.choice(n, size=min(PROXY_QUERIES, n), replace=False))]
 
-    def best(rows_of: Any) -> np.ndarray:
-        top_d = np.full((len(q), k), np.inf, np.float32)
-        top_i = np.zeros((len(q), k), np.int64)
+    def nearest(rows_of: Callable[[int, int], np.ndarray]) -> I64Array:
+        found = ExactNeighbours(q, k, metric)
         for s in range(0, n, PROXY_BLOCK):
-            block = rows_of(s, min(n, s + PROXY_BLOCK))
-            d = -(q @ block.T) if metric is not Metric.L2 else (
-                np.einsum("ij,ij->i", block, block)[None, :] - 2 * q @ block.T)
-            cand_d = np.concatenate([top_d, d.astype(np.float32)], axis=1)
-            cand_i = np.concatenate([top_i, np.broadcast_to(np.arange(s, s + len(block)),
-                                                            d.shape)], axis=1)
-            pick = np.argpartition(cand_d, k - 1, axis=1)[:, :k]
-            top_d = np.take_along_axis(cand_d, pick, axis=1)
-            top_i = np.take_along_axis(cand_i, pick, axis=1)
-        return top_i
+            e = min(n, s + PROXY_BLOCK)
+            found.add(np.arange(s, e, dtype=np.int64), rows_of(s, e))
+        return found.result()[1]
 
-    truth = best(lambda s, e: x[s:e])
+    truth = nearest(lambda s, e: x[s:e])
     out = []
     for quantizer, lists, codes in codes_of:
         def decoded(s: int, e: int, qz: Quantizer = quantizer, ln: I64Array = lists,
                     cd: U8Array = codes) -> np.ndarray:
             return qz.unrotate(qz.decode(ln[s:e], cd[s:e]))
-        found = best(decoded)
-        out.append(float(np.mean([len(np.intersect1d(a, b)) for a, b in
-                                  zip(found, truth, strict=True)]) / k))
+        out.append(recall_at(nearest(decoded), truth, r=k, k=k))
     return out
 
 

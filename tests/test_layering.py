@@ -28,7 +28,7 @@ ALLOWED = {
     "_validate": {"errors", "types"},
     "faiss_interop": {"errors", "params", "types"},
     "filters": {"_validate", "errors", "params", "types"},
-    "evaluation": set(),
+    "evaluation": {"types"},
     "_kernel": {"format", "types"},
     "quantizer": {"_kernel", "_threads", "training", "types"},
     "search": {"search", "_kernel", "errors", "filters", "format", "params", "quantizer",
@@ -37,14 +37,15 @@ ALLOWED = {
     "verify": {"_kernel", "errors", "format", "progress", "storage", "types"},
     "copying": {"errors", "progress", "storage", "types"},
     "upgrading": {"storage"},
-    "retraining": {"_kernel", "_validate", "compaction", "errors", "format", "params",
+    "retraining": {"_kernel", "_validate", "compaction", "errors", "evaluation", "format", "params",
                    "quantizer", "storage", "training", "types", "version"},
     "rebalancing": {"_kernel", "errors", "format", "quantizer", "storage", "training",
                     "types", "version"},
     "writing": {"_kernel", "_validate", "compaction", "errors", "format", "progress",
                 "quantizer", "rebalancing", "retraining", "storage", "types"},
     "reports": {"format", "params", "storage"},
-    "store": {"_validate", "compaction", "copying", "errors", "faiss_interop", "filters",
+    "store": {"_validate", "compaction", "copying", "errors", "evaluation", "faiss_interop",
+              "filters",
               "format", "params",
               "quantizer", "rebalancing", "reports", "retraining", "search", "storage", "types",
               "upgrading", "verify", "writing"},
@@ -59,8 +60,9 @@ ALLOWED = {
              "search", "sharding", "storage", "store", "types", "verify"},
     # verify: cannot_check(); faiss_interop: load_faiss(); rebalancing: the defaults;
     # sharding: info and verify of a sharded store; datasets: export; types: the Literals;
-    # progress: the stages' labels
-    "cli": {"ivfpq_store", "datasets", "demo", "errors", "faiss_interop", "io", "progress",
+    # progress: the stages' labels; evaluation: plot_report
+    "cli": {"ivfpq_store", "datasets", "demo", "errors", "evaluation", "faiss_interop", "io",
+            "progress",
             "rebalancing", "sharding", "types", "verify"},
     "__init__": {"_kernel", "compaction", "copying", "creation", "errors", "filters", "opening",
                  "params", "rebalancing", "reports", "retraining", "search", "store", "types",
@@ -69,7 +71,8 @@ ALLOWED = {
     "testing": {"format", "search", "storage", "store"},  # imported by tests only
 }
 THIRD_PARTY = {"lmdb": {"storage"}, "click": {"cli"}, "msgpack": {"format"},
-               "faiss": {"faiss_interop"}, "dask": {"dask"}, "distributed": {"dask"}}
+               "faiss": {"faiss_interop"},
+               "matplotlib": {"evaluation"}, "dask": {"dask"}, "distributed": {"dask"}}
 
 
 def layer_of(path: Path) -> str:

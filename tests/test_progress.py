@@ -31,7 +31,7 @@ def runs(events: list[Event]) -> list[tuple[str, int]]:
     out: list[tuple[str, int]] = []
     current: list[Event] = []
     for event in [*events, ("", 0, 0)]:
-        stage, done, total = event
+        stage, done, _total = event
         if current and (stage != current[0][0] or done == 0):
             first, last = current[0], current[-1]
             assert first[1] == 0, current
@@ -196,7 +196,8 @@ def test_a_terminal_sees_a_bar_per_stage_for_create_and_add(files):
     bars = _bars(screen)
     coarse = bars["training the coarse quantizer"]
     pq = bars["training the sub-quantizers"]
-    assert coarse[-1] == f"[{'#' * 24}] 25/25" and pq[-1] == f"[{'#' * 24}] 100/100"
+    assert coarse[-1] == f"[{'#' * 24}] 25/25"
+    assert pq[-1] == f"[{'#' * 24}] 100/100"
     # no line wraps (a wrapped line is not redrawn in place)
     assert max(len(line) for line in re.split(r"[\r\n]", screen.replace("\x1b[K", ""))) <= 79
     out, screen = _in_terminal("add", files["store"], base, "--batch-size", 5000)
@@ -218,6 +219,7 @@ def test_without_a_terminal_each_stage_is_one_line_and_quiet_is_silent(files):
         "training the coarse quantizer: 25 iterations in T s",
         "training the sub-quantizers: 100 sub-quantizer iterations in T s"]
     res = _cli("verify", files["store"], "-q")
-    assert res.stderr == "" and res.stdout.startswith("ok:")
+    assert res.stderr == ""
+    assert res.stdout.startswith("ok:")
     res = _cli("copy", files["store"], files["dir"] / "c.ivfpq", "--json")
     assert res.stderr == "copying: 0 lists in 0.0 s\n"

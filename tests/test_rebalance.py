@@ -219,7 +219,8 @@ def test_progress_counts_each_split_then_the_encode_and_the_write(tmp_path):
     assert [c for c in rest if c[0] == "encode"][-1] == (
         "encode", report.records_encoded, report.records_encoded)
     written = [c for c in rest if c[0] == "write"]
-    assert written[0] == ("write", 0, written[0][2]) and written[-1][1] == written[0][2]
+    assert written[0] == ("write", 0, written[0][2])
+    assert written[-1][1] == written[0][2]
     assert [c[0] for c in rest] == sorted((c[0] for c in rest), key=["encode", "write"].index)
 
 

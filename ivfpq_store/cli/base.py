@@ -25,6 +25,7 @@ __all__ = [
     "EXIT_DAMAGED",
     "EXIT_UNCHECKED",
     "FiniteFloat",
+    "IntList",
     "PathType",
     "ProgressDisplay",
     "batch_option",
@@ -94,6 +95,27 @@ class FiniteFloat(click.types.FloatParamType):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
+
+
+class IntList(click.ParamType):  # type: ignore[type-arg]
+    """A comma-separated list of integers of at least ``lo``, e.g. ``1,2,4,8``."""
+
+    name = "list"
+
+    def __init__(self, lo: int) -> None:
+        self.lo = lo
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        try:
+            items = tuple(int(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if any(v < self.lo for v in items):
+            self.fail(f"{value!r}: every value must be at least {self.lo}", param, ctx)
+        return items
 
 
 existing_file = PathType(exists=True, dir_okay=False, path_type=Path)

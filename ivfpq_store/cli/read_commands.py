@@ -24,6 +24,7 @@ from ..errors import (
     ShardUnavailableError,
     StoreNotFoundError,
 )
+from ..evaluation import plot_report
 from ..io import open_vectors, read_ids
 from ..sharding import is_sharded, local_info, read_layout
 from ..verify import cannot_check
@@ -31,6 +32,7 @@ from .base import (
     EXIT_DAMAGED,
     EXIT_UNCHECKED,
     FiniteFloat,
+    IntList,
     PathType,
     ProgressDisplay,
     bytes_line,
@@ -45,7 +47,7 @@ from .base import (
     store_options,
 )
 
-__all__ = ["demo", "get", "info", "lists_", "range_search", "search", "verify"]
+__all__ = ["demo", "eval_", "get", "info", "lists_", "range_search", "search", "verify"]
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
@@ -470,6 +472,81 @@ def datasets_export(name: str, directory: Path, force: bool, as_json: bool) -> N
                                    "overwrite them") from err
     emit({"dataset": name, "files": [str(p) for p in written]}, as_json=as_json,
          lines=[f"wrote {p}" for p in written])
+
+
+@cli.command("eval")
+@store_argument
+@click.option("--queries", "queries", type=existing_file, default=None,
+              help="Queries (a vector file). Default: --nq vectors drawn from the stored "
+                   "ones, each leaving itself out (needs a store with --store-vectors).")
+@click.option("--gt", "gt", type=existing_file, default=None,
+              help="The true neighbours' ids of --queries, nearest first, at least k per "
+                   "query (.ivecs or a 2-D integer .npy). Default: found here by brute force.")
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), metavar="K",
+              help="Neighbours per query; recall is K@K.")
+@click.option("--nq", default=1000, show_default=True, type=click.IntRange(1), metavar="N",
+              help="Queries drawn from the stored vectors (without --queries).")
+@click.option("--nprobe", "nprobe", type=IntList(1), default=None, metavar="LIST",
+              help="nprobe values to try, e.g. 1,4,16. Default: 1,2,4,... up to "
+                   "min(nlist, 256).")
+@click.option("--refine", "refine", type=IntList(0), default=None, metavar="LIST",
+              help="refine values to try, e.g. 0,2,8. Default: 0,4 with stored vectors, "
+                   "else 0.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), metavar="S",
+              help="Seed of the draw of queries.")
+@click.option("--plot", "plot", type=PathType(dir_okay=False, path_type=Path), default=None,
+              metavar="PNG", help="Also draw recall against QPS to this PNG (needs "
+                                  "matplotlib).")
+@json_option
+def eval_(store: Path, queries: Path | None, gt: Path | None, k: int, nq: int,
+          nprobe: tuple[int, ...] | None, refine: tuple[int, ...] | None, seed: int,
+          plot: Path | None, as_json: bool) -> None:
+    """Measure STORE's recall and search speed over a sweep of --nprobe and --refine.
+
+    No ground truth of your own is needed: the exact neighbours of the queries are found by
+    brute force over STORE's stored vectors (or, in a store that keeps none, over its codes'
+    reconstructions, which reads higher than true recall: pass --gt then). Recall is K@K:
+    the fraction of each query's K true nearest among its first K results. QPS is of
+    searches of all the queries in one call (the fastest of up to five). STORE is opened
+    read-only; measure while nothing writes to it.
+
+    \b
+    Examples:
+        ivfpq-store eval sift.ivfpq
+        ivfpq-store eval sift.ivfpq --queries queries.fvecs --gt groundtruth.ivecs
+        ivfpq-store eval emb.ivfpq --nprobe 4,8,16,32 --refine 0,2,8 --plot recall.png
+    """
+    q = None if queries is None else open_vectors(queries).read()
+    truth = None if gt is None else open_vectors(gt).read()
+    with ivfpq_store.open(store, readonly=True, **store_options()) as s:
+        r = s.evaluate(q, k=k, nq=nq, nprobe=nprobe, refine=refine, groundtruth=truth,
+                       seed=seed)
+    if plot is not None:
+        try:
+            plot_report(r, plot)
+        except ImportError as err:
+            raise click.ClickException(str(err)) from err
+    if r.groundtruth == "decoded vectors":
+        click.echo("note: the store keeps no vectors, so the exact neighbours are of its codes' "
+                   "reconstructions and recall reads higher than against the vectors as "
+                   "added; pass --gt for true recall", err=True)
+    source = (f"{r.nq:,} queries drawn from the stored vectors" if r.queries == "sampled"
+              else f"{r.nq:,} queries from {queries}")
+    truth_line = ("given" if r.groundtruth == "given" else
+                  f"exact over the {r.groundtruth} ({r.groundtruth_seconds:.2f} s)")
+    lines = [f"{store}: {r.ntotal:,} vectors; {source}; ground truth {truth_line}",
+             f"{'nprobe':>7} {'refine':>7} {f'recall {r.k}@{r.k}':>12} {'QPS':>10}",
+             *(f"{row.nprobe:>7} {row.refine:>7} {row.recall:>12.3f} {row.qps:>10,.0f}"
+               for row in r.rows)]
+    for target in (0.9, 0.95, 0.99):
+        best = r.best(target)
+        if best is not None:
+            lines.append(f"fastest with recall >= {target}: nprobe {best.nprobe}, refine "
+                         f"{best.refine} ({best.qps:,.0f} QPS)")
+    if plot is not None:
+        lines.append(f"plot: {plot}")
+    emit(r.to_dict() | ({"plot": str(plot)} if plot is not None else {}), as_json=as_json,
+         lines=lines)
 
 
 @cli.command()
