@@ -51,13 +51,18 @@ class ExactNeighbours:
     per query, or -1) is never a query's neighbour: a query taken from the vectors leaves
     itself out.
 
-    float32 products (in blocks of :data:`SCORE_BLOCK` scores) choose ``k +`` :data:`MARGIN`
-    candidates per query and block, whose distances are computed again in float64, so the
-    order is exact but for vectors nearer each other than float32 can tell."""
+    float32 products (in blocks of :data:`SCORE_BLOCK` scores; for l2, of vectors moved by
+    the queries' mean, which l2 distances do not see, so that data far from the origin keeps
+    its precision) choose ``k +`` :data:`MARGIN` candidates per query and block, whose
+    distances are computed again in float64: the order is exact unless more than
+    :data:`MARGIN` vectors are nearer each other than float32 can tell."""
 
     def __init__(self, queries: F32Array, k: int, metric: Metric,
                  exclude: I64Array | None = None) -> None:
         self.queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self._center = (self.queries.mean(axis=0, dtype=np.float64).astype(np.float32)
+                        if metric is Metric.L2 and len(queries) else None)
+        self._qc = self.queries if self._center is None else self.queries - self._center
         self.k = k
         self.metric = metric
         self.exclude = exclude
@@ -98,22 +103,23 @@ class ExactNeighbours:
             self._merge(ids[s: s + self._rows], x[s: s + self._rows])
 
     def _merge(self, ids: I64Array, x: F32Array) -> None:
-        scores = self.queries @ x.T
-        if self.metric is Metric.L2:
-            scores = np.einsum("ij,ij->i", x, x)[None, :] - 2 * scores
-        else:
+        if self._center is None:
+            scores = self.queries @ x.T
             np.negative(scores, out=scores)
+        else:
+            xc = x - self._center
+            scores = np.einsum("ij,ij->i", xc, xc)[None, :] - 2 * (self._qc @ xc.T)
         if self.exclude is not None:
             scores[ids[None, :] == self.exclude[:, None]] = np.inf
         t = min(len(ids), self.k + MARGIN)
         cand = (np.argpartition(scores, t - 1, axis=1)[:, :t] if t < len(ids)
                 else np.broadcast_to(np.arange(len(ids)), scores.shape))
         excluded = np.isinf(np.take_along_axis(scores, cand, axis=1))
-        xc = x[cand].astype(np.float64)  # (nq, t, dim)
+        xd = x[cand].astype(np.float64)  # (nq, t, dim)
         if self.metric is Metric.L2:
-            d = np.square(xc - self._q64[:, None, :]).sum(axis=2)
+            d = np.square(xd - self._q64[:, None, :]).sum(axis=2)
         else:
-            d = -np.einsum("qtd,qd->qt", xc, self._q64)
+            d = -np.einsum("qtd,qd->qt", xd, self._q64)
         d[excluded] = np.inf
         all_d = np.concatenate([self._best_d, d], axis=1)
         all_i = np.concatenate([self._best_i, np.where(excluded, -1, ids[cand])], axis=1)

@@ -53,6 +53,23 @@ def test_exact_neighbours_are_brute_force_in_any_blocks(metric: MetricName, monk
         np.testing.assert_array_equal(found.result()[1], want)
 
 
+def test_exact_neighbours_are_exact_where_float32_products_are_not():
+    """Two queries 2,000 apart, each with 20 vectors within 0.05 of it: the float32 products
+    (about 1 apart at that magnitude) cannot order a query's 20, the float64 distances can."""
+    rng = np.random.default_rng(4)
+    q = np.array([[1000.0] * DIM, [-1000.0] * DIM], np.float32)
+    near = q[np.repeat([0, 1], 20)] + rng.uniform(-0.05, 0.05, (40, DIM)).astype(np.float32)
+    far = synthetic(500, DIM, seed=5) * 50
+    xb = np.concatenate([far, near])
+    ids = np.arange(len(xb), dtype=np.int64)
+    _, want = brute_force_knn(xb, q, 5, ids=ids)
+    assert set(want[0]) <= set(range(500, 520))
+    assert set(want[1]) <= set(range(520, 540))
+    found = ExactNeighbours(q, 5, Metric.L2)
+    found.add(ids, xb)
+    np.testing.assert_array_equal(found.result()[1], want)
+
+
 def test_exact_neighbours_break_ties_by_id_and_leave_each_query_out():
     xb = np.repeat(np.eye(4, dtype=np.float32), 3, axis=0)  # each vector three times
     ids = np.array([9, 2, 5, 8, 1, 4, 7, 0, 3, 6, 11, 10], np.int64)
