@@ -4,6 +4,7 @@ eval``. Nothing here reads a store: the caller feeds vectors and a search functi
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -14,8 +15,8 @@ import numpy as np
 
 from .types import F32Array, I64Array, Metric
 
-__all__ = ["DEFAULT_NPROBES", "EvalReport", "EvalRow", "ExactNeighbours", "plot_report",
-           "recall_at", "sweep"]
+__all__ = ["DEFAULT_NPROBES", "EvalReport", "EvalRow", "ExactNeighbours", "check_plotting",
+           "plot_report", "recall_at", "sweep"]
 
 #: The nprobe values :meth:`Store.evaluate` tries by default (those up to nlist).
 DEFAULT_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -200,6 +201,14 @@ def _without(ids: I64Array, exclude: I64Array | None, k: int) -> I64Array:
     return np.take_along_axis(ids, order, axis=1)
 
 
+def check_plotting() -> None:
+    """Raise ImportError, saying how to install it, when matplotlib is not installed (before
+    a long evaluation whose plot would fail)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("the plot needs matplotlib: pip install 'ivfpq-store[bench]' "
+                          "(or matplotlib)")
+
+
 def plot_report(report: EvalReport, path: str | Path) -> None:
     """Write ``report``'s recall against QPS, one line per refine, to the PNG ``path``.
 
@@ -208,11 +217,9 @@ def plot_report(report: EvalReport, path: str | Path) -> None:
     ImportError
         matplotlib is not installed (it is in the ``bench`` extra).
     """
-    try:
-        import matplotlib
-    except ImportError as err:
-        raise ImportError("the plot needs matplotlib: pip install 'ivfpq-store[bench]' "
-                          "(or matplotlib)") from err
+    check_plotting()
+    import matplotlib
+
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 

@@ -3,6 +3,7 @@ against exact neighbours found by brute force (or given), and the brute force it
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -239,6 +240,23 @@ def test_eval_prints_a_table_and_draws_a_png(sift_store, tmp_path):
                                                          ["8", "4"]]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert lines[-1] == f"plot: {png}"
+
+
+def test_a_plot_without_matplotlib_is_refused_before_the_evaluation(sift_store, tmp_path,
+                                                                    monkeypatch):
+    store, _ = sift_store
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+
+    def no_evaluation(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("evaluated although the plot cannot be drawn")
+
+    monkeypatch.setattr(ivfpq_store.Store, "evaluate", no_evaluation)
+    res = CliRunner().invoke(cli, ["eval", str(store), "--plot", str(tmp_path / "p.png")])
+    assert res.exit_code == 1
+    assert "the plot needs matplotlib: pip install 'ivfpq-store[bench]'" in res.stderr
+    assert not (tmp_path / "p.png").exists()
 
 
 def test_eval_of_a_store_without_vectors_says_its_recall_reads_high(tmp_path):

@@ -24,7 +24,7 @@ from ..errors import (
     ShardUnavailableError,
     StoreNotFoundError,
 )
-from ..evaluation import plot_report
+from ..evaluation import check_plotting, plot_report
 from ..io import open_vectors, read_ids
 from ..sharding import is_sharded, local_info, read_layout
 from ..verify import cannot_check
@@ -516,16 +516,18 @@ def eval_(store: Path, queries: Path | None, gt: Path | None, k: int, nq: int,
         ivfpq-store eval sift.ivfpq --queries queries.fvecs --gt groundtruth.ivecs
         ivfpq-store eval emb.ivfpq --nprobe 4,8,16,32 --refine 0,2,8 --plot recall.png
     """
+    if plot is not None:
+        try:
+            check_plotting()
+        except ImportError as err:
+            raise click.ClickException(str(err)) from err
     q = None if queries is None else open_vectors(queries).read()
     truth = None if gt is None else open_vectors(gt).read()
     with ivfpq_store.open(store, readonly=True, **store_options()) as s:
         r = s.evaluate(q, k=k, nq=nq, nprobe=nprobe, refine=refine, groundtruth=truth,
                        seed=seed)
     if plot is not None:
-        try:
-            plot_report(r, plot)
-        except ImportError as err:
-            raise click.ClickException(str(err)) from err
+        plot_report(r, plot)
     if r.groundtruth == "decoded vectors":
         click.echo("note: the store keeps no vectors, so the exact neighbours are of its codes' "
                    "reconstructions and recall reads higher than against the vectors as "
