@@ -601,7 +601,7 @@ class Store:
         params = self.params
         k = check_int("k", k, 1, MAX_K)
         seed = check_int("seed", seed, 0, (1 << 63) - 1)
-        nlist = self._current().header.params.nlist
+        nlist = params.nlist  # the current generation's
         nprobes = check_int_values("nprobe", [n for n in DEFAULT_NPROBES if n <= nlist] or [1]
                                    if nprobe is None else nprobe, 1, nlist)
         stored = self._header.vectors is not None
