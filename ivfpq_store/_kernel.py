@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .format import vectors
+from .format.blocks import block_dtype
 from .format.segment import record_dtype
 from .types import F32Array, I64Array
 
@@ -26,7 +27,7 @@ __all__ = ["KERNEL", "THREADS", "Kernel", "ListTable", "ScanPlan", "bad_rows", "
            "row_checksums"]
 
 #: The version of the ``ivfpq_scan`` contract this module speaks (``IVFPQ_SCAN_ABI`` in C).
-ABI = 9
+ABI = 10
 #: Entries per sub-table in the kernel's tables (``TSTRIDE`` in C): 256 whatever ksub.
 TSTRIDE = 256
 
@@ -36,6 +37,7 @@ _SCAN_ARGS = [_I, _I, _I, _I, ctypes.c_int,  # nq, dim, m, ksub, l2
               _P, _P, _P, _P, _P,  # queries, centroids, codebooks_t, norms, list_terms
               _I, _P, _P, _P, _P, _I,  # nlists, list_no, seg_start, rec_addr, rec_count, stride
               _P, _P,  # dead_addr, dead_count
+              _P, _P,  # blk_addr, blk_count (the fast scan's blocks; None: no blocks)
               _P, _P, _P,  # pair_start, pair_q, pair_rank
               _I, _I, ctypes.c_int, _P, _P,  # k, cap, nthreads, out_cost, out_id
               _P, _P]  # out_rank, out_row
@@ -109,14 +111,59 @@ class Kernel:
             _I, _I, _I, ctypes.c_int, _P, _P,  # dim, m, ksub, l2, query, matrix
             _I, _I, _P, _P, _P, _P,  # nlist, nprobe, centroids, codebooks_t, norms, list_terms
             _P, _P, _P, _I, _P, _P,  # known, rec_addr, rec_count, stride, dead_addr, dead_count
+            _P, _P,  # blk_addr, blk_count
             _I, ctypes.c_int, _I,  # k, nthreads, thread_min_rows
             _P, _P, _P, _P, _P]  # out_list, out_cost, out_id, out_rank, out_row
         self._sums = lib.ivfpq_cluster_sums
         self._sums.restype = ctypes.c_int
         self._sums.argtypes = [_I, _I, _I, _I, _P, _P, ctypes.c_int, _P, _P]
+        self._fast_tables = lib.ivfpq_fast_tables
+        self._fast_tables.restype = ctypes.c_int
+        # npairs, dim, m, l2, queries, pair_list, centroids, codebooks_t, norms, list_terms,
+        # out_lut, out_base, out_inv
+        self._fast_tables.argtypes = [_I, _I, _I, ctypes.c_int, _P, _P, _P, _P, _P, _P, _P, _P,
+                                      _P]
+        self._fast_level = lib.ivfpq_fast_level
+        self._fast_level.restype = ctypes.c_int
+        self._fast_level.argtypes = [ctypes.c_int]
         self._row_crcs = lib.ivfpq_row_crcs
         self._row_crcs.restype = None
         self._row_crcs.argtypes = [_I, _P, _I, _I, _P, _P]  # n, rows, row_size, nbytes, ids, out
+
+    def fast_tables(self, queries: F32Array, pair_list: I64Array, centroids: F32Array,
+                    codebooks_t: F32Array, norms: F32Array, list_terms: F32Array | None, *,
+                    l2: bool) -> tuple[np.ndarray, F32Array, F32Array]:
+        """The fast scan's 8-bit tables of (query, list) pairs exactly as the scan builds
+        them: ``queries`` (P, dim), one per pair, of lists ``pair_list`` (P,); returns the
+        tables (P, m, 16) uint8 and each pair's ``base`` and ``inv`` (P,) float32: a row
+        whose entries sum to s costs ``float32(float64(base) + s * float64(inv))``."""
+        queries, centroids, codebooks_t, norms = (
+            _f32(a) for a in (queries, centroids, codebooks_t, norms))
+        pair_list = _i64(pair_list)
+        p, dim = queries.shape
+        m, dsub, ksub = codebooks_t.shape
+        _check_shape(m, dsub, ksub, dim)
+        if (ksub != 16 or centroids.shape[1] != dim or norms.shape != (m, ksub)
+                or pair_list.shape != (p,) or (p and (pair_list.min() < 0
+                                                      or pair_list.max() >= len(centroids)))):
+            raise ValueError("scan kernel: inconsistent fast-table arguments")
+        if list_terms is not None and list_terms.shape != (len(centroids), m, TSTRIDE):
+            raise ValueError("scan kernel: list terms must be (nlist, m, 256) float32")
+        lut = np.empty((p, m, 16), np.uint8)
+        base = np.empty(p, np.float32)
+        inv = np.empty(p, np.float32)
+        if self._fast_tables(p, dim, m, int(l2), _ptr(queries), _ptr(pair_list),
+                             _ptr(centroids), _ptr(codebooks_t), _ptr(norms),
+                             None if list_terms is None else _ptr(_f32(list_terms)), _ptr(lut),
+                             _ptr(base), _ptr(inv)) != 0:
+            raise MemoryError("scan kernel: could not allocate the tables' scratch")
+        return lut, base, inv
+
+    def fast_level(self, limit: int | None = None) -> int:
+        """The block sums the fast scan runs on this CPU: 0 the plain loop, 1 AVX2, 2
+        AVX-512BW; ``limit`` first sets the widest it may use (for tests that compare them;
+        it applies to every scan of the process)."""
+        return int(self._fast_level(-1 if limit is None else limit))
 
     def refine_costs(self, queries: F32Array, qidx: I64Array, addr: np.ndarray,
                      ids: I64Array, *, half: bool, l2: bool) -> tuple[F32Array, int]:
@@ -231,13 +278,18 @@ class Kernel:
 
     def plan(self, *, centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
              list_terms: F32Array | None, l2: bool, records: list[np.ndarray],
-             dead: list[np.ndarray | None], list_no: I64Array) -> ScanPlan:
+             dead: list[np.ndarray | None], list_no: I64Array,
+             blocks: list[np.ndarray] | None = None) -> ScanPlan:
         """What a scan of these lists reads, checked once for all the query blocks of a batch.
 
         ``records[l]`` are list ``list_no[l]``'s committed records (structured id/code,
         C-contiguous) and ``dead[l]`` its tombstoned rows (strictly increasing int64) or None.
         ``list_terms`` are :meth:`list_terms` of all the centroids, or None (l2: the kernel then
         computes each scanned list's own).
+
+        With ``blocks`` (4-bit codes: the fast scan), ``blocks[l]`` are the list's blocks
+        (:func:`~ivfpq_store.format.blocks.block_dtype`, C-contiguous) and ``records[l]``
+        its tail, the records after them: rows ``32 * len(blocks[l])`` on.
         """
         centroids, codebooks_t, norms = _f32(centroids), _f32(codebooks_t), _f32(norms)
         list_no = _i64(list_no)
@@ -252,8 +304,15 @@ class Kernel:
         for i, (recs, gone) in enumerate(zip(records, dead, strict=True)):
             rec_addr[i], rec_count[i], dead_addr[i], dead_count[i] = _list_entry(
                 recs, gone, expected)
+        fast = None
+        if blocks is not None:
+            if len(blocks) != n:
+                raise ValueError("scan kernel: inconsistent arguments")
+            fast = (np.empty(n, np.uint64), np.empty(n, np.int64))
+            for i, blks in enumerate(blocks):
+                fast[0][i], fast[1][i] = _block_entry(blks, codebooks_t.shape[0])
         return self._plan(centroids, codebooks_t, norms, list_terms, l2, list_no, rec_addr,
-                          rec_count, dead_addr, dead_count, (records, dead))
+                          rec_count, dead_addr, dead_count, (records, dead, blocks), fast)
 
     def table_plan(self, *, centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
                    list_terms: F32Array | None, l2: bool, tables: Sequence[ListTable],
@@ -276,22 +335,28 @@ class Kernel:
         if list_no.ndim != 1:
             raise ValueError("scan kernel: list numbers must be 1-D")
         for table in tables:
-            if table.nlist != first.nlist or table.dtype != first.dtype:
+            if (table.nlist != first.nlist or table.dtype != first.dtype
+                    or table.fast != first.fast):
                 raise ValueError("scan kernel: the list tables belong to other quantizers")
             if len(list_no) and (list_no.min() < 0 or list_no.max() >= table.nlist
                                  or not table.known[list_no].all()):
                 raise ValueError("scan kernel: a list is not in the list table")
         n = len(tables)
         if n == 1:  # each list one segment
-            return empty.with_lists(list_no, first.rec_addr[list_no], first.rec_count[list_no],
-                                    first.dead_addr[list_no], first.dead_count[list_no], first)
+            return empty.with_lists(
+                list_no, first.rec_addr[list_no], first.rec_count[list_no],
+                first.dead_addr[list_no], first.dead_count[list_no], first,
+                blocks=(first.blk_addr[list_no], first.blk_count[list_no]) if first.fast
+                else None)
 
         def segments(name: str) -> np.ndarray:
             return np.stack([getattr(t, name)[list_no] for t in tables], axis=1).ravel()
 
         return empty.with_lists(list_no, segments("rec_addr"), segments("rec_count"),
                                 segments("dead_addr"), segments("dead_count"), tuple(tables),
-                                seg_start=np.arange(0, n * len(list_no) + 1, n, dtype=np.int64))
+                                seg_start=np.arange(0, n * len(list_no) + 1, n, dtype=np.int64),
+                                blocks=(segments("blk_addr"), segments("blk_count"))
+                                if first.fast else None)
 
     def search_one(self, *, table: ListTable, query: F32Array, matrix: F32Array,
                    centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
@@ -321,11 +386,14 @@ class Kernel:
         out = np.empty(nprobe * 8 + k * 24, np.uint8)
         at = [nprobe * 8 + k * o for o in (0, 8, 16, 20, 24)]  # ids, rows, costs, ranks, end
         base = _ptr(out)
-        known, rec_addr, rec_count, dead_addr, dead_count = table.addresses
+        known, rec_addr, rec_count, dead_addr, dead_count, blk_addr, blk_count = table.addresses
+        if not table.fast:
+            blk_addr = blk_count = None
         rc = self._search_one(dim, m, ksub, l2_flag, _ptr(query), probe[2], table.nlist, nprobe,
                               *quantizer, known, rec_addr, rec_count, table.dtype.itemsize,
-                              dead_addr, dead_count, k, nthreads, thread_min_rows, base,
-                              base + at[2], base + at[0], base + at[3], base + at[1])
+                              dead_addr, dead_count, blk_addr, blk_count, k, nthreads,
+                              thread_min_rows, base, base + at[2], base + at[0], base + at[3],
+                              base + at[1])
         if rc < 0:
             raise MemoryError("scan kernel: could not allocate a search's scratch")
         lists = out[: at[0]].view(np.int64).reshape(1, nprobe)
@@ -354,8 +422,9 @@ class Kernel:
     def _plan(self, centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
               list_terms: F32Array | None, l2: bool, list_no: I64Array, rec_addr: np.ndarray,
               rec_count: I64Array, dead_addr: np.ndarray, dead_count: I64Array,
-              owner: object) -> ScanPlan:
-        """The plan of checked list entries; ``owner`` holds the arrays they point into."""
+              owner: object, blocks: tuple[np.ndarray, I64Array] | None = None) -> ScanPlan:
+        """The plan of checked list entries; ``owner`` holds the arrays they point into.
+        ``blocks`` (the fast scan): each entry's block address and count."""
         nlist, dim = centroids.shape
         m, dsub, ksub = codebooks_t.shape
         _check_shape(m, dsub, ksub, dim)
@@ -370,12 +439,16 @@ class Kernel:
             raise ValueError("scan kernel: list terms must be (nlist, m, 256) float32")
         if n and (list_no.min() < 0 or list_no.max() >= nlist):
             raise ValueError("scan kernel: list number out of range")
+        if blocks is not None and (ksub != 16 or any(a.shape != (n,) for a in blocks)):
+            raise ValueError("scan kernel: the fast scan needs 4-bit codes and a block entry "
+                             "per list")
         keep = (centroids, codebooks_t, norms, list_terms, list_no, rec_addr, rec_count,
-                dead_addr, dead_count, owner)
+                dead_addr, dead_count, owner, blocks)
         fixed = (dim, m, ksub, int(l2), _ptr(centroids), _ptr(codebooks_t), _ptr(norms),
                  None if list_terms is None else _ptr(list_terms), n, _ptr(list_no), None,
                  _ptr(rec_addr), _ptr(rec_count), _record_dtype(m).itemsize, _ptr(dead_addr),
-                 _ptr(dead_count))
+                 _ptr(dead_count), *((None, None) if blocks is None
+                                     else (_ptr(blocks[0]), _ptr(blocks[1]))))
         return ScanPlan(self._scan, n, fixed, keep)
 
 
@@ -405,29 +478,42 @@ def _list_entry(recs: np.ndarray, gone: np.ndarray | None,
     return addr, len(recs), _ptr(gone), len(gone)
 
 
+def _block_entry(blocks: np.ndarray, m: int) -> tuple[int, int]:
+    """A list's (blocks address, count), checked: ``blocks`` its committed blocks."""
+    if blocks.dtype != block_dtype(m) or not blocks.flags.c_contiguous or blocks.ndim != 1:
+        raise ValueError("scan kernel: blocks must be a C-contiguous array of blocks of m codes")
+    return (blocks.ctypes.data if len(blocks) else 0), len(blocks)
+
+
 class ListTable:
     """Where each list's committed records and tombstones are, for the scans of one catalog
     snapshot: entries are put list by list on first use, each checked once, and the arrays
     they point into are held here, so that a scan of any lists of the table (``table_plan``)
     gathers its arguments in one step instead of one per list.
 
-    ``put`` is thread-safe; an entry, once known, never changes.
+    ``put`` is thread-safe; an entry, once known, never changes. A table of a fast-scan
+    store (``fast``) holds each list's blocks too, and its records are the tails.
     """
 
-    def __init__(self, nlist: int, m: int) -> None:
+    def __init__(self, nlist: int, m: int, *, fast: bool = False) -> None:
         self.nlist = nlist
+        self.m = m
+        self.fast = fast
         self.dtype = _record_dtype(m)
         self.rec_addr = np.zeros(nlist, np.uint64)
         self.rec_count = np.zeros(nlist, np.int64)
         self.dead_addr = np.zeros(nlist, np.uint64)
         self.dead_count = np.zeros(nlist, np.int64)
+        self.blk_addr = np.zeros(nlist, np.uint64)
+        self.blk_count = np.zeros(nlist, np.int64)
         self.known = np.zeros(nlist, bool)
-        self._held: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._held: dict[int, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
         self._lock = threading.Lock()
-        #: The addresses of known, rec_addr, rec_count, dead_addr and dead_count (the arrays
-        #: never move).
+        #: The addresses of known, rec_addr, rec_count, dead_addr, dead_count, blk_addr and
+        #: blk_count (the arrays never move).
         self.addresses = tuple(_ptr(a) for a in (self.known, self.rec_addr, self.rec_count,
-                                                 self.dead_addr, self.dead_count))
+                                                 self.dead_addr, self.dead_count,
+                                                 self.blk_addr, self.blk_count))
         #: The quantizer's arrays a scan of the table was first given, and a checked plan of
         #: no lists over them.
         self.fixed: tuple[tuple[object, ...], ScanPlan] | None = None
@@ -437,16 +523,32 @@ class ListTable:
     def __len__(self) -> int:
         return len(self._held)
 
-    def put(self, list_no: int, records: np.ndarray, dead: np.ndarray | None) -> None:
+    def rows(self, list_nos: I64Array) -> I64Array:
+        """The rows of lists ``list_nos`` (known ones): their records, or in a fast table
+        their blocks' rows and their tails."""
+        count: I64Array = self.rec_count[list_nos]
+        if self.fast:
+            count = count + 32 * self.blk_count[list_nos]
+        return count
+
+    def put(self, list_no: int, records: np.ndarray, dead: np.ndarray | None,
+            blocks: np.ndarray | None = None) -> None:
         """Enter list ``list_no``: its committed ``records`` and tombstoned rows ``dead`` (as
-        :meth:`Kernel.plan` takes them)."""
+        :meth:`Kernel.plan` takes them); in a fast table, its ``blocks`` (None: none) and
+        ``records`` its tail."""
         entry = _list_entry(records, dead, self.dtype)
+        blk = (0, 0)
+        if blocks is not None:
+            if not self.fast:
+                raise ValueError("scan kernel: blocks in a list table of another scan")
+            blk = _block_entry(blocks, self.m)
         with self._lock:
             if self.known[list_no]:
                 return
-            self._held[list_no] = (records, dead)
+            self._held[list_no] = (records, dead, blocks)
             (self.rec_addr[list_no], self.rec_count[list_no], self.dead_addr[list_no],
              self.dead_count[list_no]) = entry
+            self.blk_addr[list_no], self.blk_count[list_no] = blk
             self.known[list_no] = True
 
 
@@ -471,13 +573,15 @@ class ScanPlan:
 
     def with_lists(self, list_no: I64Array, rec_addr: np.ndarray, rec_count: I64Array,
                    dead_addr: np.ndarray, dead_count: I64Array, owner: object, *,
-                   seg_start: I64Array | None = None) -> ScanPlan:
+                   seg_start: I64Array | None = None,
+                   blocks: tuple[np.ndarray, I64Array] | None = None) -> ScanPlan:
         """This plan's quantizer over other lists: their checked entries (contiguous int64 and
         uint64 arrays of one length), ``owner`` holding the arrays they point into.
 
         With ``seg_start`` (int64, one more than the lists), list ``l`` has the segments
         ``seg_start[l]:seg_start[l+1]`` of ``rec_addr`` .. ``dead_count`` instead of entry ``l``
-        alone: several stores' records of the same list (:meth:`Kernel.table_plan`)."""
+        alone: several stores' records of the same list (:meth:`Kernel.table_plan`).
+        ``blocks``: each entry's block address and count (the fast scan)."""
         n = len(list_no)
         size = n if seg_start is None else int(seg_start[-1])
         if seg_start is not None and (
@@ -485,14 +589,17 @@ class ScanPlan:
                 or not seg_start.flags.c_contiguous or seg_start[0] != 0
                 or (seg_start[1:] < seg_start[:-1]).any()):
             raise ValueError("scan kernel: inconsistent segment starts")
-        segments = (rec_addr, rec_count, dead_addr, dead_count)
+        segments = (rec_addr, rec_count, dead_addr, dead_count, *(blocks or ()))
         if (list_no.shape != (n,) or any(a.shape != (size,) for a in segments)
                 or any(a.dtype.itemsize != 8 or not a.flags.c_contiguous
                        for a in (list_no, *segments))):
             raise ValueError("scan kernel: inconsistent list entries")
+        if blocks is not None and self._fixed[2] != 16:
+            raise ValueError("scan kernel: the fast scan needs 4-bit codes")
         fixed = (*self.quantizer_args, n, _ptr(list_no),
                  None if seg_start is None else _ptr(seg_start), _ptr(rec_addr),
-                 _ptr(rec_count), self._fixed[13], _ptr(dead_addr), _ptr(dead_count))
+                 _ptr(rec_count), self._fixed[13], _ptr(dead_addr), _ptr(dead_count),
+                 *((None, None) if blocks is None else (_ptr(blocks[0]), _ptr(blocks[1]))))
         return ScanPlan(self._fn, n, fixed, (self._keep, list_no, segments, seg_start, owner))
 
     def scan(self, queries: F32Array, pair_start: I64Array, pair_q: I64Array,

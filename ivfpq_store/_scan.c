@@ -15,6 +15,7 @@
 #include <Python.h>
 
 #include <float.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -37,8 +38,15 @@
 #define HOT
 #endif
 
+/* The fast scan's block sums use the shuffles of AVX2 or AVX-512BW where the CPU has them,
+ * chosen once at run time; a plain loop elsewhere (and in a build without x86 intrinsics). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(IVFPQ_NO_SIMD)
+#include <immintrin.h>
+#define FAST_SIMD 1
+#endif
+
 /* Version of the ivfpq_scan contract; _kernel.py refuses a library of another version. */
-#define IVFPQ_SCAN_ABI 9
+#define IVFPQ_SCAN_ABI 10
 /* Every sub-table has 256 entries, whatever ksub: a code byte can never index out of the
  * tables, and entries >= ksub (impossible codes of a damaged file) are +inf, never results. */
 #define TSTRIDE 256
@@ -51,6 +59,11 @@ typedef struct {
     int64_t row;
     int64_t id;
 } cand_t;
+
+/* The 16-bit sums (32,) of a block's rows over the 8-bit tables lut, in row order, and the
+ * mask of the rows whose sum is at most thr (bit i: row i). */
+typedef uint32_t (*block_sums_fn)(const uint8_t *codes, const uint8_t *lut, int64_t m,
+                                  int64_t thr, uint16_t *out);
 
 /* Is a after b in the result order (cost, rank, row)? */
 static inline int after(const cand_t *a, const cand_t *b) {
@@ -134,6 +147,11 @@ typedef struct {
     const int64_t *pair_q;      /* (P,) query of each pair */
     const int32_t *pair_rank;   /* (P,) probe rank of the list for that query */
     float *query_terms;         /* (nq, m, TSTRIDE), filled by the first phase */
+    /* The fast scan (4-bit codes in blocks), or NULL: (S,) address of the segment's first
+     * block and its number of blocks; rec_addr and rec_count are then the segment's tail,
+     * the records after its blocks, and a segment holds 32 * blk_count + rec_count rows. */
+    const uint64_t *blk_addr;
+    const int64_t *blk_count;
 } job_t;
 
 typedef struct {
@@ -142,6 +160,8 @@ typedef struct {
     heap_t *heaps;   /* (nq,) */
     float *table;    /* (m, TSTRIDE) */
     float *lterm;    /* (m, TSTRIDE): the current list's terms, when not precomputed */
+    uint8_t *lut;    /* the fast scan: (m rounded up to 4, 16) 8-bit tables, zero padded */
+    block_sums_fn sums; /* the fast scan's block sums */
 } worker_t;
 
 /* Sub-centroids whose products are summed in registers at once: four AVX-512 vectors. */
@@ -260,6 +280,277 @@ static void scan_any(const uint8_t *base, int64_t n, int64_t stride, int64_t m, 
     }
 }
 
+/* ---- the fast scan: 4-bit codes in blocks of 32, 8-bit tables ------------------------- */
+
+/* Rows per block (docs/format.md §5.6): block b of a list holds rows 32b .. 32b + 31, their
+ * codes sub-quantizer by sub-quantizer (16 bytes each: row i's code in the low 4 bits of byte
+ * i, row i + 16's in the high 4 bits), then their 32 ids. */
+#define BLOCK_ROWS 32
+#define FAST_KSUB 16
+
+/* The largest 8-bit table entry for m sub-quantizers, so that a row's sum fits 16 bits. */
+static inline int64_t lut_range(int64_t m) {
+    const int64_t r = 65535 / m;
+    return r < 255 ? r : 255;
+}
+
+/* Sub-quantizer rows of an 8-bit table, rounded up so that the widest shuffle (4 rows at a
+ * time) reads only zero rows past m. */
+static inline int64_t lut_rows(int64_t m) { return (m + 3) & ~(int64_t)3; }
+
+/* The cost of a row whose 8-bit entries sum to s: exact in double (s < 2^16 and a float's
+ * 24 bits make at most 40), rounded once, then to float; fused or not, the same bits, in C and
+ * in numpy. */
+static inline float fast_cost(int64_t s, float base, float inv) {
+    return (float)((double)base + (double)s * (double)inv);
+}
+
+/*
+ * A pair's 8-bit tables from its float table t (m rows of TSTRIDE, entries 0..15 used) and
+ * constant bias: entry (j, c) is rint((t[j][c] - min_j) * a), a = R / span, span the widest
+ * of the rows' ranges and R = lut_range(m); rows m .. lut_rows(m) are zero. A row whose
+ * entries sum to s costs fast_cost(s, base, inv) with base = bias + the rows' minima and
+ * inv = span / R. Non-finite tables give entries 0 and costs that no heap keeps.
+ */
+static void quantize_table(const float *t, float bias, int64_t m, uint8_t *lut, float *base,
+                           float *inv) {
+    const float range = (float)lut_range(m);
+    float span = 0.0f;
+    double mins = 0.0;
+    for (int64_t j = 0; j < m; j++) {
+        const float *tj = t + j * TSTRIDE;
+        float lo = tj[0], hi = tj[0];
+        for (int c = 1; c < FAST_KSUB; c++) {
+            lo = tj[c] < lo ? tj[c] : lo;
+            hi = tj[c] > hi ? tj[c] : hi;
+        }
+        if (hi - lo > span || !(hi - lo == hi - lo)) span = hi - lo;
+        mins += (double)lo;
+    }
+    const float a = span > 0.0f ? range / span : 0.0f;
+    for (int64_t j = 0; j < m; j++) {
+        const float *tj = t + j * TSTRIDE;
+        float lo = tj[0];
+        for (int c = 1; c < FAST_KSUB; c++) lo = tj[c] < lo ? tj[c] : lo;
+        for (int c = 0; c < FAST_KSUB; c++) {
+            float v = rintf((tj[c] - lo) * a);
+            if (!(v >= 0.0f)) v = 0.0f; /* also NaN */
+            if (v > range) v = range;
+            lut[j * FAST_KSUB + c] = (uint8_t)v;
+        }
+    }
+    memset(lut + m * FAST_KSUB, 0, (size_t)(lut_rows(m) - m) * FAST_KSUB);
+    *base = (float)((double)bias + mins);
+    *inv = span > 0.0f ? span / range : 0.0f;
+}
+
+/* The largest sum s whose cost is at most bound: -1 when none is, 65535 when every one is.
+ * The float estimate is corrected by stepping, so the bound is exact: a row of sum s enters
+ * a heap of that bound exactly when s <= sum_bound(bound). */
+static inline int64_t sum_bound(float bound, float base, float inv) {
+    if (!(base <= bound)) return -1;
+    if (!(inv > 0.0f)) return 65535;
+    const double est = ((double)bound - (double)base) / (double)inv;
+    int64_t s = est >= 65535.0 ? 65535 : (int64_t)est;
+    while (s < 65535 && fast_cost(s + 1, base, inv) <= bound) s++;
+    while (s >= 0 && !(fast_cost(s, base, inv) <= bound)) s--;
+    return s;
+}
+
+static uint32_t block_sums_scalar(const uint8_t *codes, const uint8_t *lut, int64_t m,
+                                  int64_t thr, uint16_t *out) {
+    uint32_t acc[BLOCK_ROWS] = {0};
+    for (int64_t j = 0; j < m; j++) {
+        const uint8_t *cj = codes + 16 * j, *tj = lut + FAST_KSUB * j;
+        for (int i = 0; i < 16; i++) {
+            acc[i] += tj[cj[i] & 15];
+            acc[i + 16] += tj[cj[i] >> 4];
+        }
+    }
+    uint32_t mask = 0;
+    for (int i = 0; i < BLOCK_ROWS; i++) {
+        out[i] = (uint16_t)acc[i];
+        mask |= (uint32_t)((int64_t)acc[i] <= thr) << i;
+    }
+    return mask;
+}
+
+#ifdef FAST_SIMD
+/* Rows 0-7, 8-15, 16-23 and 24-31 from the even- and odd-row sums of rows 0-15 (e0, o0) and
+ * 16-31 (e1, o1); stored, and compared with thr (unsigned 16-bit). */
+__attribute__((target("avx2"))) static inline uint32_t block_finish(
+        __m128i e0, __m128i o0, __m128i e1, __m128i o1, int64_t thr, uint16_t *out) {
+    const __m128i r0 = _mm_unpacklo_epi16(e0, o0), r1 = _mm_unpackhi_epi16(e0, o0);
+    const __m128i r2 = _mm_unpacklo_epi16(e1, o1), r3 = _mm_unpackhi_epi16(e1, o1);
+    _mm_storeu_si128((__m128i *)out, r0);
+    _mm_storeu_si128((__m128i *)(out + 8), r1);
+    _mm_storeu_si128((__m128i *)(out + 16), r2);
+    _mm_storeu_si128((__m128i *)(out + 24), r3);
+    const __m128i tv = _mm_set1_epi16((short)(uint16_t)thr);
+#define LE(v) _mm_cmpeq_epi16(_mm_min_epu16((v), tv), (v))
+    const uint32_t lo = (uint32_t)_mm_movemask_epi8(_mm_packs_epi16(LE(r0), LE(r1)));
+    const uint32_t hi = (uint32_t)_mm_movemask_epi8(_mm_packs_epi16(LE(r2), LE(r3)));
+#undef LE
+    return lo | hi << 16;
+}
+
+/* Two sub-quantizers per step: a 32-byte load holds their codes (one per 128-bit lane), the
+ * table rows beside them, and one in-lane shuffle per nibble looks up 16 rows of each. The
+ * bytes are summed as 16-bit words: the odd rows' bytes shifted down, the even rows' as the
+ * words' sums less the odd bytes' (every sum stays below 2^16). */
+__attribute__((target("avx2"))) static uint32_t block_sums_avx2(
+        const uint8_t *codes, const uint8_t *lut, int64_t m, int64_t thr, uint16_t *out) {
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    __m256i elo = _mm256_setzero_si256(), olo = elo, ehi = elo, ohi = elo;
+    for (int64_t j = 0; j < m; j += 2) {
+        const __m256i c = _mm256_loadu_si256((const __m256i *)(codes + 16 * j));
+        const __m256i t = _mm256_loadu_si256((const __m256i *)(lut + FAST_KSUB * j));
+        const __m256i vlo = _mm256_shuffle_epi8(t, _mm256_and_si256(c, low));
+        const __m256i vhi = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(c, 4), low));
+        elo = _mm256_add_epi16(elo, vlo);
+        olo = _mm256_add_epi16(olo, _mm256_srli_epi16(vlo, 8));
+        ehi = _mm256_add_epi16(ehi, vhi);
+        ohi = _mm256_add_epi16(ohi, _mm256_srli_epi16(vhi, 8));
+    }
+    elo = _mm256_sub_epi16(elo, _mm256_slli_epi16(olo, 8));
+    ehi = _mm256_sub_epi16(ehi, _mm256_slli_epi16(ohi, 8));
+#define LANES2(v) _mm_add_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256((v), 1))
+    return block_finish(LANES2(elo), LANES2(olo), LANES2(ehi), LANES2(ohi), thr, out);
+#undef LANES2
+}
+
+/* Four sub-quantizers per step, as block_sums_avx2 does two. */
+__attribute__((target("avx512bw"))) static uint32_t block_sums_avx512(
+        const uint8_t *codes, const uint8_t *lut, int64_t m, int64_t thr, uint16_t *out) {
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    __m512i elo = _mm512_setzero_si512(), olo = elo, ehi = elo, ohi = elo;
+    for (int64_t j = 0; j < m; j += 4) {
+        const __m512i c = _mm512_loadu_si512((const void *)(codes + 16 * j));
+        const __m512i t = _mm512_loadu_si512((const void *)(lut + FAST_KSUB * j));
+        const __m512i vlo = _mm512_shuffle_epi8(t, _mm512_and_si512(c, low));
+        const __m512i vhi = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(c, 4), low));
+        elo = _mm512_add_epi16(elo, vlo);
+        olo = _mm512_add_epi16(olo, _mm512_srli_epi16(vlo, 8));
+        ehi = _mm512_add_epi16(ehi, vhi);
+        ohi = _mm512_add_epi16(ohi, _mm512_srli_epi16(vhi, 8));
+    }
+    elo = _mm512_sub_epi16(elo, _mm512_slli_epi16(olo, 8));
+    ehi = _mm512_sub_epi16(ehi, _mm512_slli_epi16(ohi, 8));
+#define LANES4(v)                                                                          \
+    _mm_add_epi16(                                                                         \
+        _mm_add_epi16(_mm512_castsi512_si128(v), _mm512_extracti32x4_epi32((v), 1)),        \
+        _mm_add_epi16(_mm512_extracti32x4_epi32((v), 2), _mm512_extracti32x4_epi32((v), 3)))
+    return block_finish(LANES4(elo), LANES4(olo), LANES4(ehi), LANES4(ohi), thr, out);
+#undef LANES4
+}
+#endif
+
+/* The widest block sums this CPU runs, at most `limit` (0 scalar, 1 AVX2, 2 AVX-512BW):
+ * ivfpq_fast_level sets the limit, for the tests that compare the three. */
+static int fast_limit = 2;
+
+static int fast_level(void) {
+#ifdef FAST_SIMD
+    __builtin_cpu_init();
+    if (fast_limit >= 2 && __builtin_cpu_supports("avx512bw")) return 2;
+    if (fast_limit >= 1 && __builtin_cpu_supports("avx2")) return 1;
+#endif
+    return 0;
+}
+
+static block_sums_fn block_sums_of(int level) {
+#ifdef FAST_SIMD
+    if (level == 2) return block_sums_avx512;
+    if (level == 1) return block_sums_avx2;
+#endif
+    (void)level;
+    return block_sums_scalar;
+}
+
+/* Set the widest block sums the scans may use (limit >= 0; -1 keeps it) and return the level
+ * they use on this CPU now. */
+int ivfpq_fast_level(int limit) {
+    if (limit >= 0) fast_limit = limit;
+    return fast_level();
+}
+
+/* One pair's fast scan over the segments [s0, s1) of a list (blocks, then tail records):
+ * rows whose 16-bit sum is above the heap's bound are skipped without a cost; the others are
+ * offered as the ordinary scan offers them, so the result is the exact top-k of the costs. */
+static void scan_fast(const job_t *jb, block_sums_fn sums_of, const uint8_t *lut, float base,
+                      float inv, int64_t s0, int64_t s1, int32_t rank, heap_t *h, int64_t cap) {
+    const int64_t m = jb->m, bsize = 16 * m + ID_BYTES * BLOCK_ROWS;
+    float bound = h->n < cap ? FLT_MAX : h->c[0].cost;
+    int64_t thr = sum_bound(bound, base, inv);
+    int64_t row0 = 0;
+    uint16_t sums[BLOCK_ROWS];
+    for (int64_t s = s0; s < s1 && thr >= 0; s++) {
+        const uint8_t *blk = (const uint8_t *)(uintptr_t)jb->blk_addr[s];
+        const int64_t nb = jb->blk_count[s], nt = jb->rec_count[s];
+        const int64_t *dead = (const int64_t *)(uintptr_t)jb->dead_addr[s];
+        const int64_t nd = dead ? jb->dead_count[s] : 0;
+        int64_t di = 0;
+        for (int64_t b = 0; b < nb && thr >= 0; b++) {
+            const uint8_t *bp = blk + b * bsize;
+            uint32_t mask = sums_of(bp, lut, m, thr, sums);
+            while (mask) {
+                const int i = __builtin_ctz(mask);
+                mask &= mask - 1;
+                if (!(sums[i] <= thr)) continue; /* the bound tightened since the mask */
+                const int64_t row = b * BLOCK_ROWS + i;
+                while (di < nd && dead[di] < row) di++;
+                if (di < nd && dead[di] == row) continue; /* tombstoned */
+                cand_t cand;
+                cand.cost = fast_cost(sums[i], base, inv);
+                if (!(cand.cost <= bound)) continue;
+                cand.rank = rank;
+                cand.row = row0 + row;
+                memcpy(&cand.id, bp + 16 * m + ID_BYTES * i, sizeof(int64_t));
+                heap_offer(h, cap, &cand);
+                if (h->n == cap && h->c[0].cost != bound) {
+                    bound = h->c[0].cost;
+                    thr = sum_bound(bound, base, inv);
+                }
+            }
+        }
+        const uint8_t *tail = (const uint8_t *)(uintptr_t)jb->rec_addr[s];
+        for (int64_t i = 0; i < nt && thr >= 0; i++) {
+            const uint8_t *code = tail + i * jb->stride + ID_BYTES;
+            int64_t sum = 0;
+            uint8_t any = 0;
+            for (int64_t j = 0; j < m; j++) {
+                any |= code[j];
+                sum += lut[j * FAST_KSUB + (code[j] & 15)];
+            }
+            if (any >= FAST_KSUB || sum > thr) continue; /* an impossible code: never a result */
+            const int64_t row = nb * BLOCK_ROWS + i;
+            while (di < nd && dead[di] < row) di++;
+            if (di < nd && dead[di] == row) continue;
+            cand_t cand;
+            cand.cost = fast_cost(sum, base, inv);
+            if (!(cand.cost <= bound)) continue;
+            cand.rank = rank;
+            cand.row = row0 + row;
+            memcpy(&cand.id, tail + i * jb->stride, sizeof(int64_t));
+            heap_offer(h, cap, &cand);
+            if (h->n == cap && h->c[0].cost != bound) {
+                bound = h->c[0].cost;
+                thr = sum_bound(bound, base, inv);
+            }
+        }
+        row0 += nb * BLOCK_ROWS + nt;
+    }
+}
+
+/* A pair's float table for the fast scan (entries 0..15 of each of the m rows of TSTRIDE):
+ * l2 the list's terms plus the query's, ip the query's. */
+static void fast_pair_table(const float *lterm, const float *qterm, int64_t m, float *t) {
+    for (int64_t j = 0; j < m; j++)
+        for (int c = 0; c < FAST_KSUB; c++)
+            t[j * TSTRIDE + c] = lterm ? lterm[j * TSTRIDE + c] + qterm[j * TSTRIDE + c]
+                                       : qterm[j * TSTRIDE + c];
+}
+
 /* A pair's l2 table: the list's terms plus the query's. */
 HOT static void add_terms(const float *a, const float *b, int64_t n, float *out) {
     for (int64_t e = 0; e < n; e++) out[e] = a[e] + b[e];
@@ -312,10 +603,20 @@ static void *list_phase(void *arg) {
             float bias = 0.0f;
             if (jb->l2) {
                 for (int64_t d = 0; d < dim; d++) bias += (qv[d] - cent[d]) * (qv[d] - cent[d]);
-                add_terms(lterm, qterm, size, w->table);
-                t = w->table;
             } else {
                 for (int64_t d = 0; d < dim; d++) bias -= qv[d] * cent[d];
+            }
+            if (jb->blk_addr) { /* the fast scan: 8-bit tables over blocks and tails */
+                float base, inv;
+                fast_pair_table(lterm, qterm, jb->m, w->table);
+                quantize_table(w->table, bias, jb->m, w->lut, &base, &inv);
+                scan_fast(jb, w->sums, w->lut, base, inv, s0, s1, jb->pair_rank[p],
+                          &w->heaps[q], jb->cap);
+                continue;
+            }
+            if (jb->l2) {
+                add_terms(lterm, qterm, size, w->table);
+                t = w->table;
             }
             int64_t row0 = 0;
             for (int64_t s = s0; s < s1; s++) {
@@ -335,9 +636,12 @@ static void *list_phase(void *arg) {
 static double list_work(const job_t *jb, int64_t l) {
     int64_t s0, s1, rows = 0;
     entry_segments(jb, l, &s0, &s1);
-    for (int64_t s = s0; s < s1; s++) rows += jb->rec_count[s];
+    for (int64_t s = s0; s < s1; s++) {
+        rows += jb->rec_count[s];
+        if (jb->blk_addr) rows += jb->blk_count[s] * (BLOCK_ROWS / 8); /* 8 rows a step */
+    }
     return (double)(jb->pair_start[l + 1] - jb->pair_start[l]) *
-           (double)(rows + jb->m * TSTRIDE / 8);
+           (double)(rows + jb->m * (jb->blk_addr ? FAST_KSUB : TSTRIDE / 8));
 }
 
 static int cmp_cand(const void *a, const void *b) {
@@ -366,12 +670,14 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
                const float *norms, const float *list_terms, int64_t nlists,
                const int64_t *list_no, const int64_t *seg_start, const uint64_t *rec_addr,
                const int64_t *rec_count, int64_t stride, const uint64_t *dead_addr,
-               const int64_t *dead_count, const int64_t *pair_start, const int64_t *pair_q,
+               const int64_t *dead_count, const uint64_t *blk_addr, const int64_t *blk_count,
+               const int64_t *pair_start, const int64_t *pair_q,
                const int32_t *pair_rank, int64_t k, int64_t cap, int nthreads,
                float *out_cost, int64_t *out_id, int32_t *out_rank, int64_t *out_row) {
     job_t jb = {nq, dim, m, ksub, dim / m, stride, cap, l2, queries, centroids, codebooks_t,
                 norms, list_terms, list_no, seg_start, rec_addr, rec_count, dead_addr,
-                dead_count, pair_start, pair_q, pair_rank, NULL};
+                dead_count, pair_start, pair_q, pair_rank, NULL, blk_addr, blk_count};
+    if (blk_addr && ksub != FAST_KSUB) return -2;
     if (nthreads > nlists) nthreads = (int)nlists; /* a thread without a list only costs heaps */
     if (nthreads < 1) nthreads = 1;
     const int64_t size = m * TSTRIDE;
@@ -381,9 +687,11 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
     cand_t *pool = malloc((size_t)nthreads * (size_t)nq * (size_t)cap * sizeof(cand_t) + 1);
     heap_t *heaps = calloc((size_t)nthreads * (size_t)nq + 1, sizeof(heap_t));
     float *scratch = malloc((size_t)nthreads * (size_t)(2 * size) * sizeof(float));
+    uint8_t *luts = malloc((size_t)nthreads * (size_t)(lut_rows(m) * FAST_KSUB));
+    const block_sums_fn sums = block_sums_of(fast_level());
     float *qterms = malloc((size_t)nq * (size_t)size * sizeof(float) + 1);
     cand_t *merge = malloc((size_t)nthreads * (size_t)cap * sizeof(cand_t) + 1);
-    if (!ws || !tids || !pool || !heaps || !scratch || !qterms || !merge) goto done;
+    if (!ws || !tids || !pool || !heaps || !scratch || !luts || !qterms || !merge) goto done;
     jb.query_terms = qterms;
 
     for (int t = 0; t < nthreads; t++) {
@@ -394,6 +702,8 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
             w->heaps[q].c = pool + ((size_t)t * (size_t)nq + (size_t)q) * (size_t)cap;
         w->table = scratch + (size_t)t * (size_t)(2 * size);
         w->lterm = w->table + size;
+        w->lut = luts + (size_t)t * (size_t)(lut_rows(m) * FAST_KSUB);
+        w->sums = sums;
         w->b0 = nq * t / nthreads;
         w->b1 = nq * (t + 1) / nthreads;
     }
@@ -434,9 +744,52 @@ done:
     free(pool);
     free(heaps);
     free(scratch);
+    free(luts);
     free(qterms);
     free(merge);
     return rc;
+}
+
+/* The fast scan's 8-bit tables of P (query, list) pairs, as ivfpq_scan builds them: queries
+ * (P, dim) one per pair, pair_list (P,); out_lut (P, m, 16), out_base and out_inv (P,). For
+ * the tests, which score with them in numpy. Returns 0, or -1 without memory. */
+int ivfpq_fast_tables(int64_t npairs, int64_t dim, int64_t m, int l2, const float *queries,
+                      const int64_t *pair_list, const float *centroids,
+                      const float *codebooks_t, const float *norms, const float *list_terms,
+                      uint8_t *out_lut, float *out_base, float *out_inv) {
+    const int64_t size = m * TSTRIDE, dsub = dim / m;
+    float *buf = malloc((size_t)(3 * size) * sizeof(float));
+    uint8_t *lut = malloc((size_t)(lut_rows(m) * FAST_KSUB));
+    if (!buf || !lut) {
+        free(buf);
+        free(lut);
+        return -1;
+    }
+    float *qterm = buf, *lterm = buf + size, *table = buf + 2 * size;
+    for (int64_t p = 0; p < npairs; p++) {
+        const float *qv = queries + p * dim, *cent = centroids + pair_list[p] * dim;
+        sub_products(qv, l2 ? -2.0f : -1.0f, NULL, l2 ? 0.0f : INFINITY, codebooks_t, m, dsub,
+                     FAST_KSUB, qterm);
+        const float *lt = NULL;
+        float bias = 0.0f;
+        if (l2) {
+            if (list_terms) {
+                lt = list_terms + pair_list[p] * size;
+            } else {
+                sub_products(cent, 2.0f, norms, INFINITY, codebooks_t, m, dsub, FAST_KSUB, lterm);
+                lt = lterm;
+            }
+            for (int64_t d = 0; d < dim; d++) bias += (qv[d] - cent[d]) * (qv[d] - cent[d]);
+        } else {
+            for (int64_t d = 0; d < dim; d++) bias -= qv[d] * cent[d];
+        }
+        fast_pair_table(lt, qterm, m, table);
+        quantize_table(table, bias, m, lut, out_base + p, out_inv + p);
+        memcpy(out_lut + p * m * FAST_KSUB, lut, (size_t)(m * FAST_KSUB));
+    }
+    free(buf);
+    free(lut);
+    return 0;
 }
 
 /* ---- coarse probe --------------------------------------------------------------------- */
@@ -581,13 +934,14 @@ int ivfpq_search_one(int64_t dim, int64_t m, int64_t ksub, int l2, const float *
                      const float *codebooks_t, const float *norms, const float *list_terms,
                      const uint8_t *known, const uint64_t *rec_addr, const int64_t *rec_count,
                      int64_t stride, const uint64_t *dead_addr, const int64_t *dead_count,
+                     const uint64_t *blk_addr, const int64_t *blk_count,
                      int64_t k, int nthreads, int64_t thread_min_rows, int64_t *out_list,
                      float *out_cost, int64_t *out_id, int32_t *out_rank, int64_t *out_row) {
     int rc = -1;
     float *scores = malloc((size_t)nlist * sizeof(float));
     scored_t *tmp = malloc((size_t)nlist * sizeof(scored_t));
     float *probe_cost = malloc((size_t)nprobe * sizeof(float));
-    int64_t *lists = malloc((size_t)nprobe * 7 * sizeof(int64_t) + sizeof(int64_t));
+    int64_t *lists = malloc((size_t)nprobe * 9 * sizeof(int64_t) + sizeof(int64_t));
     if (!scores || !tmp || !probe_cost || !lists) goto done;
     if (l2) memcpy(scores, matrix + dim * nlist, (size_t)nlist * sizeof(float));
     else memset(scores, 0, (size_t)nlist * sizeof(float));
@@ -609,27 +963,35 @@ int ivfpq_search_one(int64_t dim, int64_t m, int64_t ksub, int l2, const float *
     int64_t *start = lists + 3 * nprobe, *pq = lists + 4 * nprobe + 1;
     uint64_t *addr = (uint64_t *)(lists + 5 * nprobe + 1);
     uint64_t *daddr = (uint64_t *)(lists + 6 * nprobe + 1);
+    uint64_t *baddr = (uint64_t *)(lists + 7 * nprobe + 1);
+    int64_t *bcount = lists + 8 * nprobe + 1;
     int32_t *rank = (int32_t *)tmp; /* the probe is done with it */
     int64_t n = 0, total = 0;
     for (int64_t i = 0; i < nprobe; i++) {
         const int64_t l = out_list[i];
-        if (rec_count[l] <= 0) continue;
+        const int64_t rows = rec_count[l] + (blk_addr ? BLOCK_ROWS * blk_count[l] : 0);
+        if (rows <= 0) continue;
         list_no[n] = l;
         addr[n] = rec_addr[l];
         count[n] = rec_count[l];
         daddr[n] = dead_addr[l];
         dcount[n] = dead_count[l];
+        if (blk_addr) {
+            baddr[n] = blk_addr[l];
+            bcount[n] = blk_count[l];
+        }
         start[n] = n;
         pq[n] = 0;
         rank[n] = (int32_t)i;
-        total += rec_count[l];
+        total += rows;
         n++;
     }
     start[n] = n;
     rc = 0;
     if (n == 0) goto done;
     rc = ivfpq_scan(1, dim, m, ksub, l2, query, centroids, codebooks_t, norms, list_terms, n,
-                    list_no, NULL, addr, count, stride, daddr, dcount, start, pq, rank, k,
+                    list_no, NULL, addr, count, stride, daddr, dcount, blk_addr ? baddr : NULL,
+                    blk_addr ? bcount : NULL, start, pq, rank, k,
                     total < k ? total : k, total >= thread_min_rows ? nthreads : 1, out_cost,
                     out_id, out_rank, out_row);
 done:

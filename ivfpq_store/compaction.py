@@ -29,12 +29,22 @@ from .storage import (
     StoreLayout,
     SyncJob,
     append_records,
+    block_append,
     fsync_dir,
 )
 from .types import StepFn
 
-__all__ = ["CompactReport", "CompactionPlan", "Rewrite", "choose_lists", "plan_compaction",
-           "remove_orphans", "rewrite_lists", "write_generation"]
+__all__ = [
+    "CompactReport",
+    "CompactionPlan",
+    "Rewrite",
+    "choose_lists",
+    "empty_record",
+    "plan_compaction",
+    "remove_orphans",
+    "rewrite_lists",
+    "write_generation",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -132,17 +142,15 @@ def rewrite_lists(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapsho
                     "the vector file is damaged and nothing was compacted (run verify)")
             data_of.append(vrows)
         gen = old.generation + 1
-        name = segment_file_name(list_no, gen)
-        crc = 0
-        if len(live):
-            crc = write_generation(layout, files, list_no, gen, data_of, written)
-            moved.append(IdPlaces.of(live["id"], list_no, gen, np.arange(len(live))))
         # An emptied list keeps a count-0 record so its generations stay monotonic: a file
         # name is never reused, even by a later add (docs/format.md §5.3).
-        out.changes.lists[list_no] = ListRecord(file=name, generation=gen, count=len(live),
-                                                deleted=0, crc32=crc, tsum=0)
+        out.changes.lists[list_no] = empty_record(files, list_no, gen)
+        if len(live):
+            out.changes.lists[list_no] = write_generation(layout, files, list_no, gen, data_of,
+                                                          written)
+            moved.append(IdPlaces.of(live["id"], list_no, gen, np.arange(len(live))))
         out.changes.dropped_segments.append((list_no, old.generation))
-        out.old_files.extend(file for file, _ in files.names(old.file))
+        out.old_files.extend(f.name for f in files.names(old.file))
         if advance is not None:
             advance(1)
     out.changes.moved_ids = IdPlaces.concat(moved)
@@ -153,18 +161,32 @@ def rewrite_lists(layout: StoreLayout, files: RowFiles, snapshot: CatalogSnapsho
 
 
 def write_generation(layout: StoreLayout, files: RowFiles, list_no: int, generation: int,
-                     data_of: list[np.ndarray], written: list[Path]) -> int:
+                     data_of: list[np.ndarray], written: list[Path]) -> ListRecord:
     """Write a new segment generation of a list from scratch, unsynced: ``data_of`` holds
-    its records and, in a store that keeps vectors, their vector rows. Each file is added to
-    ``written`` as it is created; returns the segment's CRC (a vector file's rows carry
-    their own)."""
+    its records and, in a store that keeps vectors, their vector rows; a fast-scan store's
+    block file is packed from the records. Each file is added to ``written`` as it is
+    created; returns the generation's list record (no tombstones)."""
+    name = segment_file_name(list_no, generation)
+    fields = {}
+    if files.blocks:
+        add = block_append(data_of[0][:0], data_of[0], 0)
+        fields = {"bcrc": add.bcrc, "tcrc": add.tcrc}
+        if len(add.blocks):
+            data_of = [*data_of, add.blocks]
     crcs = []
-    for (file, _), prelude, data in zip(files.names(segment_file_name(list_no, generation)),
-                                        files.preludes(list_no, generation), data_of,
-                                        strict=True):
-        written.append(layout.segment(file))
+    for f, prelude, data in zip(files.names(name), files.preludes(list_no, generation),
+                                data_of, strict=False):
+        written.append(layout.segment(f.name))
         crcs.append(append_records(written[-1], prelude, 0, data, sync=False))
-    return crcs[0]
+    return ListRecord(file=name, generation=generation, count=len(data_of[0]), deleted=0,
+                      crc32=crcs[0], tsum=0, **fields)
+
+
+def empty_record(files: RowFiles, list_no: int, generation: int) -> ListRecord:
+    """The record of a list generation with no records (and no files yet)."""
+    fields = {"bcrc": 0, "tcrc": 0} if files.blocks else {}
+    return ListRecord(file=segment_file_name(list_no, generation), generation=generation,
+                      count=0, deleted=0, crc32=0, tsum=0, **fields)
 
 
 def remove_files(directory: Path, names: Iterable[str]) -> int:

@@ -20,7 +20,6 @@ from .storage import (
     StoreLayout,
     build_directory,
     check_new_store_path,
-    file_size,
     fsync_dir,
     sync_file,
 )
@@ -74,9 +73,10 @@ def copy_store(source: StoreLayout, files: RowFiles, dest: str | os.PathLike[str
         stage = Stage(progress, "copy", sum(1 for r in snap.lists.values() if r.count))
         for record in snap.lists.values():
             if record.count:
-                for name, row_size in files.names(record.file):
-                    _copy_prefix(source.segment(name), layout.segment(name),
-                                 file_size(record.count, row_size))
+                for f in files.names(record.file):
+                    if f.rows(record.count):  # a block file exists from 32 records on
+                        _copy_prefix(source.segment(f.name), layout.segment(f.name),
+                                     f.size(record.count))
                 copied += 1
                 stage.advance()
         catalog.copy_to(layout.catalog)

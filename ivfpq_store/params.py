@@ -135,6 +135,20 @@ def check_store_vectors(value: object) -> VectorType | None:
                              f"{value!r}")
 
 
+def check_fast_scan(value: object, nbits: int) -> bool:
+    """``fast_scan`` of :func:`~ivfpq_store.create` for codes of ``nbits`` bits: True or
+    False, and None for the default, which is True exactly for 4-bit codes."""
+    if value is None:
+        return nbits == 4
+    if not isinstance(value, bool | np.bool_):
+        raise InvalidParamsError(f"fast_scan: expected True, False or None, got {value!r}")
+    if value and nbits != 4:
+        raise InvalidParamsError(
+            f"fast_scan: the fast scan looks up 4-bit codes, so it needs nbits=4, got "
+            f"nbits={nbits}")
+    return bool(value)
+
+
 def check_ratio(name: str, value: object) -> float:
     """Return ``value`` as a float if it is a real number in 0..1."""
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):

@@ -416,7 +416,7 @@ def rebalanced_header(base: Header, quantizer: Quantizer, centroids: F32Array,
     params = replace(base.params, nlist=len(centroids))
     return Header(params=params, store_uuid=base.store_uuid,
                   centroids=np.ascontiguousarray(centroids, dtype=np.float32),
-                  codebooks=quantizer.codebooks, vectors=base.vectors,
+                  codebooks=quantizer.codebooks, vectors=base.vectors, fast_scan=base.fast_scan,
                   rotation=quantizer.rotation,
                   metadata={"package_version": package_version(), "created": time.time(),
                             "rebalanced": True, **metadata})

@@ -23,12 +23,11 @@ import numpy as np
 
 from ._kernel import bad_rows
 from ._validate import as_vectors, normalize_rows
-from .compaction import remove_files, write_generation
+from .compaction import empty_record, remove_files, write_generation
 from .errors import CorruptStoreError
 from .evaluation import ExactNeighbours, recall_at
-from .format import Header, record_dtype, segment_file_name
+from .format import Header, record_dtype
 from .format.idmap import IdPlaces
-from .format.records import ListRecord
 from .format.vectors import vector_row_dtype
 from .params import IndexParams
 from .quantizer import Quantizer
@@ -150,6 +149,7 @@ def train_generation(sample: F32Array, base: Header, *, nlist: int, opq: bool, s
                           progress=progress)
     return Header(params=params, store_uuid=base.store_uuid, centroids=trained.centroids,
                   codebooks=trained.codebooks, vectors=base.vectors, rotation=trained.rotation,
+                  fast_scan=base.fast_scan,
                   metadata={"package_version": package_version(), "created": time.time(),
                             "retrained": True, **trained.metadata})
 
@@ -198,11 +198,9 @@ def encode_generation(layout: StoreLayout, files: RowFiles, snap: CatalogSnapsho
             if vrows is not None:
                 data_of.append(vrows[sel])
             first = len(out.written)
-            crc = write_generation(layout, files, list_no, gen, data_of, out.written)
+            out.changes.lists[list_no] = write_generation(layout, files, list_no, gen, data_of,
+                                                          out.written)
             out.bytes_written += sum(p.stat().st_size for p in out.written[first:])
-            out.changes.lists[list_no] = ListRecord(
-                file=segment_file_name(list_no, gen), generation=gen, count=len(sel),
-                deleted=0, crc32=crc, tsum=0)
             placed.append(IdPlaces.of(ids[sel], list_no, gen, np.arange(len(sel))))
             if advance is not None:
                 advance(len(sel))
@@ -211,12 +209,10 @@ def encode_generation(layout: StoreLayout, files: RowFiles, snap: CatalogSnapsho
             if old is None:
                 continue
             if list_no not in out.changes.lists:
-                out.changes.lists[list_no] = ListRecord(
-                    file=segment_file_name(list_no, old.generation + 1),
-                    generation=old.generation + 1, count=0, deleted=0, crc32=0, tsum=0)
+                out.changes.lists[list_no] = empty_record(files, list_no, old.generation + 1)
             out.changes.dropped_segments.append((list_no, old.generation))
             if old.count:
-                out.old_files.extend(file for file, _ in files.names(old.file))
+                out.old_files.extend(f.name for f in files.names(old.file))
         out.changes.moved_ids = IdPlaces.concat(placed) if placed else IdPlaces.empty()
         if out.written:
             SyncJob(out.written, policy=sync, directory=layout.segments).wait()

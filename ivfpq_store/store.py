@@ -41,6 +41,7 @@ from .evaluation import DEFAULT_NPROBES, EvalReport, ExactNeighbours, sweep
 from .faiss_interop import build_ivfpq, build_refined
 from .filters import Filter, check_filter
 from .format import Header, record_dtype
+from .format.blocks import BLOCK_ROWS, block_dtype
 from .format.records import ListRecord
 from .params import (
     MAX_K,
@@ -88,6 +89,7 @@ from .storage import (
     RowFiles,
     StoreLayout,
     as_path,
+    check_tail,
     probe_lock,
     read_generation,
 )
@@ -144,7 +146,8 @@ class Store:
         self._pid = os.getpid()
         self._files = RowFiles(header.store_uuid, header.params.code_size,
                                None if header.vectors is None
-                               else (header.vectors, header.params.dim))
+                               else (header.vectors, header.params.dim),
+                               blocks=header.fast_scan)
         self._maps = MapCache(layout.segments, self._files, max_open=max_open_segments)
         #: The quantizer generations loaded, by number: the newest seen, and while a search
         #: of an older snapshot needs it, that one (:meth:`_generation`).
@@ -166,7 +169,7 @@ class Store:
         """A :class:`Generation` of ``header``; the newest loaded becomes :attr:`_latest`."""
         searcher = Searcher(Quantizer(header.centroids, header.codebooks, header.params.metric,
                                       header.rotation),
-                            max_lists=self._maps.max_open)
+                            max_lists=self._maps.max_open, fast_scan=header.fast_scan)
         gen = Generation(number, header, searcher.quantizer, searcher)
         latest = getattr(self, "_latest", None)
         if latest is None or number > latest.number:
@@ -335,6 +338,12 @@ class Store:
         """The element type of the stored vectors (``"float32"`` or ``"float16"``), or None
         for a store that keeps PQ codes only (fixed at creation)."""
         return self._header.vectors
+
+    @property
+    def fast_scan(self) -> bool:
+        """Whether the store keeps its 4-bit codes in blocks for the fast scan (fixed at
+        creation: ``create(fast_scan=)``, docs/design.md "fast scan")."""
+        return self._header.fast_scan
 
     @property
     def quantizer_generation(self) -> int:
@@ -788,23 +797,33 @@ class Store:
         reader checks the rows it reads)."""
         return self._maps.vectors_of(record.file, list_no, record.generation, record.count)
 
+    def _fetch_blocks(self, list_no: int, record: ListRecord) -> tuple[np.ndarray, np.ndarray]:
+        """A fast-scan list's committed blocks (its block file, mapped on first use, checked
+        once against the catalog's ``bcrc``) and its tail (the segment's records after them,
+        checked against ``tcrc`` at each call): what its scan reads, never the segment's
+        other records."""
+        path = self._layout.segment(record.file)
+        if record.bcrc is None or record.tcrc is None:
+            raise CorruptStoreError(f"{path}: the catalog's record of list {list_no} has no "
+                                    "block checksums, which a fast-scan store's lists have")
+        nblocks = record.count // BLOCK_ROWS
+        blocks = (self._maps.blocks_of(record.file, list_no, record.generation, nblocks,
+                                       record.bcrc) if nblocks
+                  else np.empty(0, block_dtype(self._header.params.m)))
+        tail = self._maps.segment(record.file, list_no, record.generation,
+                                  record.count)[nblocks * BLOCK_ROWS:]
+        check_tail(path, tail.tobytes(), record)
+        return blocks, tail
+
     def _snapshot_fetcher(self, catalog: Catalog, snap: CatalogSnapshot, *,
-                          vectors: bool = False) -> RecordFetcher:
+                          vectors: bool = False) -> SnapshotFetcher:
         """:meth:`_fetch` (or, with ``vectors``, :meth:`_fetch_vectors`) for a search on
-        ``snap``: a file that cannot be read because a compaction committed since ``snap``
-        was taken (and unlinked the file) raises :class:`StaleSnapshotError`, so that the
-        search retries on the new state. Damage stays :class:`CorruptStoreError`."""
-        read = self._fetch_vectors if vectors else self._fetch
-        def fetch(list_no: int, record: ListRecord) -> np.ndarray:
-            try:
-                return read(list_no, record)
-            except CorruptStoreError as err:
-                if catalog.snapshot().state.commit == snap.state.commit:
-                    raise
-                raise StaleSnapshotError(
-                    f"{self._layout.root}: list {list_no} was rewritten by a compaction "
-                    f"during the search ({err})") from err
-        return fetch
+        ``snap``, and in a fast-scan store :meth:`_fetch_blocks` as its ``blocks``: a file
+        that cannot be read because a compaction committed since ``snap`` was taken (and
+        unlinked the file) raises :class:`StaleSnapshotError`, so that the search retries on
+        the new state. Damage stays :class:`CorruptStoreError`."""
+        return SnapshotFetcher(self._fetch_vectors if vectors else self._fetch,
+                               self._fetch_blocks, catalog, snap, self._layout.root)
 
     def list_contents(self, list_no: int) -> tuple[I64Array, U8Array]:
         """Live ``(ids, codes)`` of one inverted list in row order, as copies (for tools).
@@ -1295,6 +1314,39 @@ class Store:
         self._maps.clear()
         for gen in list(self._gens.values()):
             gen.searcher.forget()
+
+
+class SnapshotFetcher:
+    """The reads of one snapshot's lists (a :class:`~ivfpq_store.storage.BlockFetcher`):
+    calling it reads a list's records (or vector rows), ``blocks`` a fast-scan list's blocks
+    and tail. A read that fails once a later commit exists (a compaction removed the file)
+    raises :class:`StaleSnapshotError`, so that the caller retries on a new snapshot."""
+
+    __slots__ = ("_blocks", "_catalog", "_read", "_root", "_snap")
+
+    def __init__(self, read: RecordFetcher,
+                 blocks: Callable[[int, ListRecord], tuple[np.ndarray, np.ndarray]],
+                 catalog: Catalog, snap: CatalogSnapshot, root: Path) -> None:
+        self._read, self._blocks = read, blocks
+        self._catalog, self._snap, self._root = catalog, snap, root
+
+    def __call__(self, list_no: int, record: ListRecord, /) -> np.ndarray:
+        try:
+            return self._read(list_no, record)
+        except CorruptStoreError as err:
+            raise self._stale(list_no, err) from err
+
+    def blocks(self, list_no: int, record: ListRecord, /) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            return self._blocks(list_no, record)
+        except CorruptStoreError as err:
+            raise self._stale(list_no, err) from err
+
+    def _stale(self, list_no: int, err: CorruptStoreError) -> IvfpqError:
+        if self._catalog.snapshot().state.commit == self._snap.state.commit:
+            return err
+        return StaleSnapshotError(f"{self._root}: list {list_no} was rewritten by a compaction "
+                                  f"during the search ({err})")
 
 
 def search_probed_together(stores: Sequence[Store], queries: Any, probe: Probe, k: int = 10, *,

@@ -29,6 +29,13 @@ from .format import (
     record_dtype,
     segment_file_name,
 )
+from .format.blocks import (
+    BLOCK_ROWS,
+    block_dtype,
+    block_file_name,
+    decode_block_prelude,
+    pack_blocks,
+)
 from .format.records import check_store_meta
 from .format.vectors import (
     decode_vector_prelude,
@@ -74,7 +81,7 @@ def cannot_check(err: BaseException) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """One finding: ``kind`` names the area (header, catalog, segment, vectors, ids,
+    """One finding: ``kind`` names the area (header, catalog, segment, vectors, blocks, ids,
     tombstones, counters, orphan, tail, lock), ``path`` the file when there is one."""
 
     kind: str
@@ -176,6 +183,14 @@ def verify_store(layout: StoreLayout, files: RowFiles, catalog: Catalog, *,
                     raise
                 found.problem("vectors", str(err),
                               str(layout.segment(vector_file_name(snap.lists[n].file))))
+        if files.blocks:
+            try:
+                _check_blocks(layout, files, snap, n, records[n], found)
+            except (IvfpqError, OSError, ValueError) as err:
+                if cannot_check(err):
+                    raise
+                found.problem("blocks", str(err),
+                              str(layout.segment(block_file_name(snap.lists[n].file))))
         stage.advance()
     _check_lists_and_tombstones(snap, nlist, prefixes, set(damaged), found)
     _check_ids(snap, ids, entries, records, found)
@@ -253,16 +268,57 @@ def _check_vectors(layout: StoreLayout, files: RowFiles, snap: CatalogSnapshot, 
                                  f"{int(records['id'][bad[0]])})", str(path))
 
 
+def _check_blocks(layout: StoreLayout, files: RowFiles, snap: CatalogSnapshot, list_no: int,
+                  records: np.ndarray | None, found: _Findings) -> None:
+    """Validate one list's block file (§5.6): present when the list has a block, long
+    enough, its prelude, its blocks against the record's ``bcrc`` and against the packing of
+    the segment's records, and the segment's tail against ``tcrc``."""
+    record = snap.lists[list_no]
+    path = layout.segment(block_file_name(record.file))
+    if record.bcrc is None or record.tcrc is None:
+        found.problem("blocks", f"list {list_no}'s record has no block checksums (bcrc, "
+                                "tcrc), which every list of a fast-scan store has", str(path))
+        return
+    nblocks = record.count // BLOCK_ROWS
+    dtype = block_dtype(files.code_size)
+    expected = files.preludes(list_no, record.generation)[-1]
+    read = _read_committed(path, list_no, nblocks, dtype.itemsize, "block file",
+                           lambda head: decode_block_prelude(head, source=str(path)).check_is(
+                               expected, str(path)), found)  # type: ignore[arg-type]
+    if read is not None:
+        _bump(found, "block_files")
+        _bump(found, "blocks", nblocks)
+        actual = crc32(read[0])
+        if actual != record.bcrc:
+            found.problem("blocks", f"checksum mismatch in the committed blocks — expected "
+                                    f"0x{record.bcrc:08x}, got 0x{actual:08x}", str(path))
+        elif records is not None:
+            packed = pack_blocks(records["id"][:nblocks * BLOCK_ROWS],
+                                 records["code"][:nblocks * BLOCK_ROWS])
+            differ = np.flatnonzero(np.frombuffer(read[0], dtype) != packed)
+            if len(differ):
+                found.problem("blocks", f"{len(differ)} committed block(s) differ from the "
+                                        f"packing of their segment records, first block "
+                                        f"{int(differ[0])}", str(path))
+    if records is not None:
+        tail = records[nblocks * BLOCK_ROWS:]
+        actual = crc32(tail.tobytes())
+        if actual != record.tcrc:
+            found.problem("blocks", f"the tail's checksum (its last {len(tail)} records) — "
+                                    f"expected 0x{record.tcrc:08x}, got 0x{actual:08x}",
+                          str(layout.segment(record.file)))
+
+
 def _read_committed(path: Path, list_no: int, count: int, row_size: int, kind: str,
                     check_prelude: Callable[[bytes], None],
                     found: _Findings) -> tuple[bytes, bool] | None:
     """The committed rows of one list's ``kind`` of file (``"segment"`` or ``"vector
     file"``), as bytes, and whether ``check_prelude`` passed on its prelude. None when there
     is nothing to read: an empty list (a file there is a leftover), or a missing or truncated
-    file (a problem of the area ``segment`` or ``vectors``). Bytes past the committed rows
-    are a leftover."""
+    file (a problem of the area ``segment``, ``vectors`` or ``blocks``). Bytes past the
+    committed rows are a leftover."""
     where = str(path)
-    area = "segment" if kind == "segment" else "vectors"
+    area = {"segment": "segment", "block file": "blocks"}.get(kind, "vectors")
     if count == 0:
         if path.exists():
             found.leftovers.append(Problem("tail", f"list {list_no} is empty but {path.name} "
@@ -360,7 +416,7 @@ def _find_orphans(layout: StoreLayout, files: RowFiles, snap: CatalogSnapshot,
         found.problem("segment", "segments/ directory is missing", str(layout.segments))
         return
     for p in layout.orphan_segments(files.referenced(snap.segment_files())):
-        found.leftovers.append(Problem("orphan", "segment or vector file named by no list "
+        found.leftovers.append(Problem("orphan", "segment, vector or block file named by no list "
                                                  "record (left by an interrupted write)",
                                        str(p)))
     for p in layout.orphan_quantizers(snap.state.quantizer):
@@ -373,8 +429,8 @@ def _repair(layout: StoreLayout, files: RowFiles, snap: CatalogSnapshot,
             leftovers: list[Problem]) -> list[str]:
     """Remove what the leftovers name: cut tails, delete orphans, clear a dead writer's pid."""
     done = []
-    by_file = {name: (r.count, row_size) for r in snap.lists.values()
-               for name, row_size in files.names(r.file)}
+    by_file = {f.name: (f.rows(r.count), f.row_size) for r in snap.lists.values()
+               for f in files.names(r.file)}
     for item in leftovers:
         path = None
         if item.path:

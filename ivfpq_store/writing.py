@@ -43,6 +43,7 @@ from .compaction import (
     CompactionPlan,
     CompactReport,
     choose_lists,
+    empty_record,
     plan_compaction,
     remove_files,
     remove_orphans,
@@ -60,7 +61,7 @@ from .errors import (
     StoreLockedError,
     TrainingError,
 )
-from .format import Header, record_dtype, segment_file_name
+from .format import Header, record_dtype
 from .format.idmap import PER_ID, IdPlaces
 from .format.keys import tombstone_keys, tombstone_sum
 from .format.records import SCHEMA_GENERATIONS, ListRecord, StateRecord
@@ -95,8 +96,10 @@ from .storage import (
     StoreLayout,
     SyncJob,
     append_records,
+    block_append,
     discard_appended,
     fsync_dir,
+    read_tail,
     writer_lock,
 )
 from .types import I64Array, Metric, ProgressFn, U8Array
@@ -651,25 +654,33 @@ class Writer:
         try:
             for i, (list_no, s, e) in enumerate(zip(touched.tolist(), starts.tolist(),
                                                     ends.tolist(), strict=True)):
-                old = lists.get(list_no) or ListRecord(
-                    file=segment_file_name(list_no, 0), generation=0, count=0, deleted=0,
-                    crc32=0, tsum=0)
+                old = lists.get(list_no) or empty_record(self._files, list_no, 0)
                 # A count-0 record (emptied by compaction) has no file: it is created, with
                 # its prelude.
-                preludes = (self._files.preludes(list_no, old.generation) if old.count == 0
-                            else [None] * len(rows_of))
+                files = self._files.names(old.file)
+                preludes = self._files.preludes(list_no, old.generation)
                 # Listed before its files are appended, so a failure cuts them all back.
                 updated[list_no] = old
                 crcs = []  # the segment's first: the CRC the catalog keeps
-                for (name, _), prelude, data in zip(self._files.names(old.file), preludes,
-                                                    rows_of, strict=True):
-                    written.append(folder + name)
-                    crcs.append(append_records(written[-1], prelude, old.count, data[s:e],
-                                               crc_start=old.crc32, sync=False))
+                for f, prelude, data in zip(files, preludes, rows_of, strict=False):
+                    written.append(folder + f.name)
+                    crcs.append(append_records(written[-1], prelude if old.count == 0 else None,
+                                               old.count, data[s:e], crc_start=old.crc32,
+                                               sync=False))
+                fields = {}
+                if self._files.blocks:  # the blocks the new rows complete (§5.6)
+                    tail = read_tail(folder + old.file, old, self._dtype)
+                    add = block_append(tail, records[s:e], old.bcrc or 0)
+                    if len(add.blocks):
+                        f, committed = files[-1], files[-1].rows(old.count)
+                        written.append(folder + f.name)
+                        append_records(written[-1], preludes[-1] if committed == 0 else None,
+                                       committed, add.blocks, sync=False)
+                    fields = {"bcrc": add.bcrc, "tcrc": add.tcrc}
                 base[i], gens[i] = old.count, old.generation
                 updated[list_no] = ListRecord(
                     file=old.file, generation=old.generation, count=old.count + (e - s),
-                    deleted=old.deleted, crc32=crcs[0], tsum=old.tsum)
+                    deleted=old.deleted, crc32=crcs[0], tsum=old.tsum, **fields)
         except BaseException:
             self._discard(lists, updated)  # cutting back a file not appended to is harmless
             raise
@@ -708,5 +719,6 @@ class Writer:
         """Cut each list in ``appended`` back to its committed count in ``lists``."""
         for list_no, record in appended.items():
             old = lists.get(list_no)
-            for name, row_size in self._files.names(record.file):
-                discard_appended(self._layout.segment(name), old.count if old else 0, row_size)
+            for f in self._files.names(record.file):
+                discard_appended(self._layout.segment(f.name), f.rows(old.count if old else 0),
+                                 f.row_size)

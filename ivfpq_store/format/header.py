@@ -29,6 +29,7 @@ from .checksum import align_up, check_crc, crc32
 from .vectors import VECTOR_DTYPES
 
 __all__ = [
+    "FLAG_FAST_SCAN",
     "FLAG_ROTATION",
     "FLAG_VECTORS",
     "HEADER_MAGIC",
@@ -55,7 +56,13 @@ HEADER_VERSION_ROTATION = (1, 2)
 #: (OPQ; the ROTATION section). A reader that does not know it must refuse the store: it
 #: would encode and search unrotated vectors with codebooks trained on rotated ones.
 FLAG_ROTATION = 0x2
-_KNOWN_FLAGS = FLAG_VECTORS | FLAG_ROTATION
+#: The layout version of a header with flags bit 2 (a fast-scan store), whatever else it has.
+HEADER_VERSION_FAST_SCAN = (1, 3)
+#: §4.1 flags bit 2: every list generation keeps a block file (§5.6) beside its segment, for
+#: the 4-bit fast scan. A reader that does not know it must refuse the store: its writes
+#: would append rows without their blocks.
+FLAG_FAST_SCAN = 0x4
+_KNOWN_FLAGS = FLAG_VECTORS | FLAG_ROTATION | FLAG_FAST_SCAN
 # §4.3 VECTORS section: element type code (format.vectors.VECTOR_DTYPES), reserved, reserved
 _VECTORS = struct.Struct("<HHI")
 MAX_SECTIONS = 64
@@ -95,9 +102,15 @@ class Header:
     #: ``x @ R.T``) before the quantizers see it, or None. Centroids and codebooks are of the
     #: rotated vectors.
     rotation: F32Array | None = None
+    #: Whether each list generation keeps a block file for the 4-bit fast scan (flags bit 2;
+    #: only with ``nbits == 4``).
+    fast_scan: bool = False
 
     def __post_init__(self) -> None:
         p = self.params
+        if self.fast_scan and p.nbits != 4:
+            raise InvalidParamsError(
+                f"fast_scan: the fast scan needs nbits=4, got nbits={p.nbits}")
         arrays = [("centroids", self.centroids, (p.nlist, p.dim)),
                   ("codebooks", self.codebooks, (p.m, p.ksub, p.dsub))]
         if self.rotation is not None:
@@ -129,6 +142,8 @@ def encode_header(header: Header) -> bytes:
         flags, version = flags | FLAG_ROTATION, HEADER_VERSION_ROTATION
         payloads.append((SectionKind.ROTATION,
                          np.ascontiguousarray(header.rotation, dtype="<f4").tobytes()))
+    if header.fast_scan:
+        flags, version = flags | FLAG_FAST_SCAN, HEADER_VERSION_FAST_SCAN
     table_offset = PRELUDE_SIZE
     offsets: list[int] = []
     offset = align_up(table_offset + _SECTION.size * len(payloads))
@@ -179,7 +194,19 @@ def decode_header(buf: bytes | memoryview, *, source: str = "<bytes>") -> Header
                   metadata=_section_metadata(sections, source, prelude.table_offset),
                   version=prelude.version,
                   vectors=_section_vectors(sections, source, prelude),
-                  rotation=_section_rotation(sections, source, prelude))
+                  rotation=_section_rotation(sections, source, prelude),
+                  fast_scan=_fast_scan(source, prelude))
+
+
+def _fast_scan(source: str, prelude: _Prelude) -> bool:
+    """Flags bit 2 (§4.1): the store keeps block files, which only 4-bit codes have."""
+    if not prelude.flags & FLAG_FAST_SCAN:
+        return False
+    if prelude.params.nbits != 4:
+        raise _fail(FormatError, source,
+                    f"flags bit 2 (fast scan) with nbits={prelude.params.nbits} — expected "
+                    "nbits=4", 12, expected=4, actual=prelude.params.nbits)
+    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -262,9 +262,15 @@ class ListRecord(_Record):
     #: The sum of the tombstoned rows' hashes (format.keys.tombstone_sum); None in a record
     #: written before format 1.1, whose tombstones are then read unchecked.
     tsum: int | None = None
+    #: In a fast-scan store (format 1.5; None in any other): the CRC-32 of the committed
+    #: blocks of the list's block file (``count // 32`` blocks after its prelude), extended
+    #: block by block, and the CRC-32 of the tail, the segment's last ``count % 32`` records.
+    bcrc: int | None = None
+    tcrc: int | None = None
 
-    LIMITS: ClassVar[dict[str, int]] = {"generation": _U32_MAX, "crc32": _U32_MAX}
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"tsum"})
+    LIMITS: ClassVar[dict[str, int]] = {"generation": _U32_MAX, "crc32": _U32_MAX,
+                                        "bcrc": _U32_MAX, "tcrc": _U32_MAX}
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"tsum", "bcrc", "tcrc"})
 
     def __post_init__(self) -> None:
         # The name is joined to segments/: never let the catalog point outside it (§6.3).

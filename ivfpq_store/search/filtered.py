@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,6 +29,7 @@ from ..quantizer import Quantizer
 from ..storage import Catalog, CatalogSnapshot
 from ..types import F32Array, I64Array, Metric
 from .config import SearchConfig
+from .fastscan import costs, pair_tables, sums
 from .plan import RecordFetcher
 
 __all__ = ["FilteredLists", "Located", "SearchPlan", "direct_limit", "locate_admitted",
@@ -202,14 +203,49 @@ def locate_admitted(catalog: Catalog, snap: CatalogSnapshot, flt: Filter, limit:
     return Located(ids, list_nos, rows, np.concatenate(codes))
 
 
+def _decoded_costs(qz: Quantizer, located: Located) -> Callable[[F32Array], F32Array]:
+    """The costs (nq, n) of queries to the reconstructions of the ``located`` vectors."""
+    recon = qz.decode(located.list_nos, located.codes)
+    l2 = qz.metric is Metric.L2
+    norms = np.einsum("ij,ij->i", recon, recon) if l2 else None
+
+    def score(q: F32Array) -> F32Array:
+        cost: F32Array = q @ recon.T
+        if norms is not None:
+            cost *= -2
+            cost += norms
+            cost += np.einsum("ij,ij->i", q, q)[:, None]
+        else:
+            np.negative(cost, out=cost)
+        return cost
+    return score
+
+
+def _fast_costs(qz: Quantizer, located: Located) -> Callable[[F32Array], F32Array]:
+    """The fast scan's costs (nq, n) of queries to the ``located`` vectors, each under the
+    8-bit tables of its (query, list) pair."""
+    lists, at = np.unique(located.list_nos, return_inverse=True)
+    members = [np.flatnonzero(at == i) for i in range(len(lists))]
+
+    def score(q: F32Array) -> F32Array:
+        cost = np.empty((len(q), len(located.ids)), np.float32)
+        for list_no, rows in zip(lists.tolist(), members, strict=True):
+            coarse = -(q @ qz.centroids[list_no])  # ip's pair constant; l2 does not use it
+            tables = pair_tables(qz, q, np.full(len(q), list_no, np.int64), coarse)
+            cost[:, rows] = costs(tables, sums(tables.lut, located.codes[rows]))
+        return cost
+    return score
+
+
 def search_direct(qz: Quantizer, config: SearchConfig, queries: F32Array, k: int,
-                  located: Located) -> tuple[F32Array, I64Array]:
+                  located: Located, *, fast: bool = False) -> tuple[F32Array, I64Array]:
     """The best ``k`` of the ``located`` vectors for each query: (costs, picks), costs as the
     scans return them (ascending; for ip/cosine the negated score) and picks the indices of
     the vectors in ``located``, padded with +inf and -1.
 
     Each vector is scored by its distance to its reconstruction (centroid plus decoded
-    residual), which equals the ADC distance a scan computes up to float rounding. Ties are
+    residual), which equals the ADC distance a scan computes up to float rounding; with
+    ``fast`` (a fast-scan store), by the fast scan's cost of its code in its list. Ties are
     broken by (list, row). Memory: at most ``config.pool_budget`` costs per query block.
     """
     nq, n = len(queries), len(located.ids)
@@ -217,21 +253,16 @@ def search_direct(qz: Quantizer, config: SearchConfig, queries: F32Array, k: int
     ids_out = np.full((nq, k), -1, dtype=np.int64)
     if n == 0:
         return cost_out, ids_out
-    recon = qz.decode(located.list_nos, located.codes)
-    l2 = qz.metric is Metric.L2
-    norms = np.einsum("ij,ij->i", recon, recon) if l2 else None
     take = min(k, n)
-    block = max(1, min(nq, config.pool_budget // n))
+    if fast:  # the sums gather m entries per (query, vector)
+        block = max(1, min(nq, config.pool_budget // n, config.scan_budget // (n * (qz.m + 4))))
+        score = _fast_costs(qz, located)
+    else:
+        block = max(1, min(nq, config.pool_budget // n))
+        score = _decoded_costs(qz, located)
     for q0 in range(0, nq, block):
         q = queries[q0: q0 + block]
-        cost = q @ recon.T  # (block, n)
-        if l2:
-            assert norms is not None
-            cost *= -2
-            cost += norms
-            cost += np.einsum("ij,ij->i", q, q)[:, None]
-        else:
-            np.negative(cost, out=cost)
+        cost = score(q)  # (block, n)
         # The exact best ``take`` of each row, ties at the cut taken by (list, row): every
         # cost below the take-th smallest, then the first of those equal to it.
         kth = np.partition(cost, take - 1, axis=1)[:, take - 1: take]

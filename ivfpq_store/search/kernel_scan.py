@@ -12,6 +12,7 @@ import numpy as np
 from .. import _kernel
 from ..format.records import ListRecord
 from ..quantizer import Quantizer
+from ..storage import BlockFetcher
 from ..types import F32Array, I64Array, Metric
 from .config import SearchConfig
 from .plan import RecordFetcher, pairs_by_list
@@ -77,7 +78,7 @@ def scan_tables(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel, que
     tables = [source.table for source in sources]
     for source in sources:
         fill_table(source.table, list_nos, source.lists, source.deleted, source.fetch)
-    total = np.stack([table.rec_count[list_nos] for table in tables]).sum(axis=0)
+    total = np.stack([table.rows(list_nos) for table in tables]).sum(axis=0)
     kept = total > 0
     plan = kernel.table_plan(centroids=qz.centroids, codebooks_t=qz.codebooks_t,
                              norms=qz.norms, list_terms=list_terms,
@@ -88,7 +89,7 @@ def scan_tables(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel, que
         return hits, np.where(found, 0, -1)
     hit_lists = np.take_along_axis(probed, np.where(found, hits.rank, 0), axis=1)
     # each source's records of a hit's list, and where they end in the rows the scan numbered
-    each = np.stack([table.rec_count[hit_lists] for table in tables])
+    each = np.stack([table.rows(hit_lists) for table in tables])
     ends = np.cumsum(each, axis=0)
     at = np.minimum((hits.row >= ends).sum(axis=0), len(tables) - 1)
     start = np.take_along_axis(ends - each, at[None], axis=0)[0]
@@ -167,10 +168,16 @@ def search_one(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel, quer
 def fill_table(table: _kernel.ListTable, list_nos: I64Array, lists: Mapping[int, ListRecord],
                deleted: Mapping[int, np.ndarray], fetch: RecordFetcher) -> None:
     """Put the lists of ``list_nos`` that ``table`` lacks there: each fetched (an empty list
-    as no records) with its tombstones."""
+    as no records) with its tombstones. A fast table takes a list's blocks and tail from a
+    :class:`~ivfpq_store.storage.BlockFetcher`; from any other fetcher (a filter's copy of
+    some rows), all its records as the tail."""
+    blocks = fetch if table.fast and isinstance(fetch, BlockFetcher) else None
     for list_no in list_nos[~table.known[list_nos]].tolist():
         record = lists.get(list_no)
-        if record is not None and record.count > 0:
-            table.put(list_no, fetch(list_no, record), deleted.get(list_no))
-        else:
+        if record is None or record.count == 0:
             table.put(list_no, np.empty(0, table.dtype), None)
+        elif blocks is not None:
+            found, tail = blocks.blocks(list_no, record)
+            table.put(list_no, tail, deleted.get(list_no), found)
+        else:
+            table.put(list_no, fetch(list_no, record), deleted.get(list_no))

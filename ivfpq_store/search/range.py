@@ -22,6 +22,7 @@ from ..format.records import ListRecord
 from ..quantizer import Quantizer
 from ..types import F32Array, I64Array, Metric
 from .config import SearchConfig
+from .fastscan import costs, pair_tables, sums
 from .plan import RecordFetcher, pairs_by_list
 from .tables import RowRange, gather, pair_terms, tables
 from .topk import Candidates
@@ -41,9 +42,12 @@ class RangeCosts(NamedTuple):
 
 def scan_range(qz: Quantizer, config: SearchConfig, queries: F32Array, coarse: F32Array,
                probed: I64Array, radius: float, lists: Mapping[int, ListRecord],
-               deleted: Mapping[int, np.ndarray], fetch: RecordFetcher) -> RangeCosts:
+               deleted: Mapping[int, np.ndarray], fetch: RecordFetcher, *,
+               fast: bool = False) -> RangeCosts:
     """Every record of each (query, probed list) pair within ``radius``: l2 distance below
-    it, or ip/cosine score above it (both strict, as faiss's ``range_search``).
+    it, or ip/cosine score above it (both strict, as faiss's ``range_search``). With
+    ``fast`` (a fast-scan store), records are scored by the fast scan's costs, as its
+    searches score them.
 
     ``queries`` (nq, dim) float32 with their probe ``coarse`` and ``probed`` (nq, nprobe)
     from :meth:`~ivfpq_store.quantizer.CoarseQuantizer.probe`. The rows ``deleted`` names for
@@ -60,7 +64,7 @@ def scan_range(qz: Quantizer, config: SearchConfig, queries: F32Array, coarse: F
     edges = query_blocks(probed, lists, config.range_budget)
     for q0, q1 in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
         found = _scan_block(qz, config, queries[q0:q1], coarse[q0:q1], probed[q0:q1], bound,
-                            lists, deleted, fetch)
+                            lists, deleted, fetch, fast)
         if found is None:
             continue
         # Best first; equal costs in storage order: the better-ranked list, then the earlier
@@ -99,7 +103,8 @@ def query_blocks(probed: I64Array, lists: Mapping[int, ListRecord], budget: int)
 
 def _scan_block(qz: Quantizer, config: SearchConfig, queries: F32Array, coarse: F32Array,
                 probed: I64Array, bound: np.float32, lists: Mapping[int, ListRecord],
-                deleted: Mapping[int, np.ndarray], fetch: RecordFetcher) -> Candidates | None:
+                deleted: Mapping[int, np.ndarray], fetch: RecordFetcher,
+                fast: bool) -> Candidates | None:
     """The candidates within ``bound`` of a block of queries (query numbers local to the
     block), unsorted; None when there are none."""
     nprobe = probed.shape[1]
@@ -111,7 +116,8 @@ def _scan_block(qz: Quantizer, config: SearchConfig, queries: F32Array, coarse: 
             continue
         recs = fetch(list_no, record)
         qi, rank = np.divmod(order[s: s + n], nprobe)  # each query probes a list at most once
-        score = _score_product if n >= config.few_queries else _score_tables
+        score = (_score_fast if fast else _score_product if n >= config.few_queries
+                 else _score_tables)
         score(qz, config, queries, coarse, qi, rank, list_no, record.count, recs,
               deleted.get(list_no), bound, parts)
     if not parts:
@@ -177,6 +183,27 @@ def _score_tables(qz: Quantizer, config: SearchConfig, queries: F32Array, coarse
                       dead_rows)[0].reshape(p, r1 - r0)
         if qz.metric is Metric.L2:
             np.maximum(cost, 0.0, out=cost)
+        pair, rows = np.divmod(np.flatnonzero(cost < bound), r1 - r0)
+        if len(rows):
+            parts.append(Candidates(qi[pair], cost[pair, rows], rank[pair], rows + r0,
+                                    np.asarray(recs["id"][rows + r0], dtype=np.int64)))
+
+
+def _score_fast(qz: Quantizer, config: SearchConfig, queries: F32Array, coarse: F32Array,
+                qi: I64Array, rank: I64Array, list_no: int, count: int, recs: np.ndarray,
+                dead: np.ndarray | None, bound: np.float32, parts: list[Candidates]) -> None:
+    """A list of a fast-scan store: each pair's 8-bit tables, and the costs of the list's
+    codes under them (:mod:`.fastscan`), in row blocks."""
+    p = len(qi)
+    tables = pair_tables(qz, queries[qi], np.full(p, list_no, np.int64), coarse[qi, rank])
+    rows_per_block = max(1, config.scan_budget // (p * (qz.m + 4)))
+    for r0 in range(0, count, rows_per_block):
+        r1 = min(count, r0 + rows_per_block)
+        cost = costs(tables, sums(tables.lut, recs["code"][r0:r1]))  # (P, rows)
+        if qz.metric is Metric.L2:
+            np.maximum(cost, 0.0, out=cost)
+        if dead is not None:  # tombstoned rows are never results
+            cost[:, _rows_in(dead, r0, r1)] = np.inf
         pair, rows = np.divmod(np.flatnonzero(cost < bound), r1 - r0)
         if len(rows):
             parts.append(Candidates(qi[pair], cost[pair, rows], rank[pair], rows + r0,

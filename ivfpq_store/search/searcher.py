@@ -23,6 +23,7 @@ from ..quantizer import Quantizer
 from ..types import F32Array, I64Array, Metric
 from . import numpy_single
 from .config import DEFAULT_CONFIG, SearchConfig
+from .fastscan import scan_fast
 from .filtered import Located, search_direct
 from .kernel_scan import TableSource, scan_kernel, scan_tables, search_one
 from .numpy_batch import scan_batch
@@ -124,9 +125,12 @@ class Searcher:
     """
 
     def __init__(self, quantizer: Quantizer, config: SearchConfig = DEFAULT_CONFIG, *,
-                 max_lists: int | None = None) -> None:
+                 max_lists: int | None = None, fast_scan: bool = False) -> None:
         self.quantizer = quantizer
         self.config = config
+        #: Whether the store's lists keep 4-bit codes in blocks: every scan then scores rows
+        #: by the fast scan's 8-bit tables (:mod:`.fastscan`).
+        self.fast_scan = fast_scan
         self._terms: F32Array | None = None
         self._terms_lock = threading.Lock()
         #: The kernel's list table of the latest snapshot searched, and that snapshot.
@@ -218,6 +222,8 @@ class Searcher:
         if kernel is not None:
             terms = self._list_terms(kernel) if qz.metric is Metric.L2 else None
             table = None if snapshot is None else self._list_table(snapshot)
+            if table is None and self.fast_scan:  # the fast scan reads lists from a table
+                table = _kernel.ListTable(qz.nlist, qz.m, fast=True)
             if probe is None and table is not None and len(inner) == 1:
                 return search_one(qz, config, kernel, inner, params.nprobe, lists, deleted,
                                   fetch, k, terms, table)
@@ -225,6 +231,10 @@ class Searcher:
             return probed, scan_kernel(qz, config, kernel, inner, probed, lists, deleted,
                                        fetch, k, terms, table)
         coarse, probed = self._probe(inner, params.nprobe) if probe is None else probe
+        if self.fast_scan:
+            top = TopK(len(inner), k, config.pool_budget)
+            scan_fast(qz, config, inner, coarse, probed, lists, deleted, fetch, top)
+            return probed, top.result()
         if len(inner) == 1 and numpy_single.fits(qz, params.nprobe, config):
             return probed, numpy_single.scan_one(qz, config, inner[0], coarse[0], probed[0],
                                                  lists, deleted, fetch, k)
@@ -254,7 +264,7 @@ class Searcher:
         ``params.scan_k`` of them re-ranked exactly."""
         queries = np.asarray(queries, dtype=np.float32)
         cost, picks = search_direct(self.quantizer, self.config, self.quantizer.rotate(queries),
-                                    params.scan_k, located)
+                                    params.scan_k, located, fast=self.fast_scan)
         found = picks >= 0
         at = np.where(found, picks, 0)  # any index, for the missing results (none if empty)
         def pick(values: I64Array) -> I64Array:
@@ -294,7 +304,7 @@ class Searcher:
         # Always numpy's probe and scan: the kernel keeps a top-k, not every hit.
         coarse, probed = qz.probe(queries, params.nprobe, block=config.probe_block)
         lims, cost, ids = scan_range(qz, config, queries, coarse, probed, params.radius, lists,
-                                     deleted, fetch)
+                                     deleted, fetch, fast=self.fast_scan)
         if qz.metric is not Metric.L2:  # l2 costs are distances, already floored at 0
             np.negative(cost, out=cost)
         return RangeResult(lims, cost, ids)
@@ -310,7 +320,7 @@ class Searcher:
         cached = self._table
         if cached is not None and cached[0] is snapshot and len(cached[1]) <= self._max_lists:
             return cached[1]
-        table = _kernel.ListTable(self.quantizer.nlist, self.quantizer.m)
+        table = _kernel.ListTable(self.quantizer.nlist, self.quantizer.m, fast=self.fast_scan)
         self._table = (snapshot, table)
         return table
 

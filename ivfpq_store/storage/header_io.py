@@ -32,8 +32,8 @@ def read_header(path: Path) -> Header:
 def read_generation(layout: StoreLayout, generation: int, base: Header) -> Header:
     """The header of quantizer generation ``generation`` (``base``, the store's
     ``header.ivfh``, for 0), checked to belong to the same store: its uuid, dim, m, nbits,
-    metric and stored vectors are ``base``'s; nlist, centroids, codebooks and rotation are
-    its own.
+    metric, stored vectors and fast scan are ``base``'s; nlist, centroids, codebooks and
+    rotation are its own.
 
     Raises
     ------
@@ -47,10 +47,12 @@ def read_generation(layout: StoreLayout, generation: int, base: Header) -> Heade
     path = layout.quantizer(generation)
     header = read_header(path)
     p, b = header.params, base.params
-    if (header.store_uuid, p.dim, p.m, p.nbits, p.metric, header.vectors) != (
-            base.store_uuid, b.dim, b.m, b.nbits, b.metric, base.vectors):
+    if (header.store_uuid, p.dim, p.m, p.nbits, p.metric, header.vectors,
+            header.fast_scan) != (base.store_uuid, b.dim, b.m, b.nbits, b.metric, base.vectors,
+                                  base.fast_scan):
         raise CorruptStoreError(
             f"{path}: quantizer generation {generation} does not belong to this store — "
             f"expected uuid {base.store_uuid}, dim {b.dim}, m {b.m}, nbits {b.nbits}, "
-            f"metric {b.metric.label} and stored vectors {base.vectors} as in header.ivfh")
+            f"metric {b.metric.label}, stored vectors {base.vectors} and fast scan "
+            f"{base.fast_scan} as in header.ivfh")
     return header

@@ -68,10 +68,10 @@ class StoreLayout:
         self.lock.touch()
 
     def orphan_segments(self, referenced: set[str]) -> list[Path]:
-        """Segment and vector files under ``segments/`` whose names are not in
+        """Segment, vector and block files under ``segments/`` whose names are not in
         ``referenced``, sorted."""
         return sorted(p for p in self.segments.iterdir()
-                      if p.name.endswith((".seg", ".vec")) and p.name not in referenced)
+                      if p.name.endswith((".seg", ".vec", ".blk")) and p.name not in referenced)
 
     def looks_like_store(self) -> bool:
         """True when the header file and the catalog folder are both present."""

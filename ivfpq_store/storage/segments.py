@@ -21,11 +21,20 @@ from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
 from .._threads import pool
 from ..errors import CorruptStoreError
+from ..format.blocks import (
+    BLOCK_ROWS,
+    BlockPrelude,
+    block_dtype,
+    block_file_name,
+    decode_block_prelude,
+    pack_blocks,
+)
 from ..format.checksum import crc32
 from ..format.records import ListRecord
 from ..format.segment import (
@@ -45,23 +54,29 @@ from . import atomic
 
 __all__ = [
     "SYNC_POLICIES",
+    "BlockAppend",
+    "BlockFetcher",
     "MapCache",
     "RecordFetcher",
+    "RowFile",
     "RowFiles",
     "SegmentReader",
     "SyncJob",
     "append_records",
+    "block_append",
+    "check_tail",
     "committed_size",
     "default_max_open",
     "discard_appended",
     "file_size",
+    "read_tail",
     "use_syncfs",
 ]
 
 assert SEGMENT_PRELUDE_SIZE == VECTOR_PRELUDE_SIZE  # both kinds: rows from byte 64 on
 
-#: The prelude of a file of fixed-size rows: a segment's or a vector file's.
-Prelude = SegmentPrelude | VectorPrelude
+#: The prelude of a file of fixed-size rows: a segment's, a vector file's or a block file's.
+Prelude = SegmentPrelude | VectorPrelude | BlockPrelude
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +96,17 @@ def default_max_open() -> int:
 #: Called with (list_no, record) and returns that list's committed records (fields id, code):
 #: the one way searches and compaction read a list.
 RecordFetcher = Callable[[int, ListRecord], np.ndarray]
+
+@runtime_checkable
+class BlockFetcher(Protocol):
+    """A :data:`RecordFetcher` that also reads a fast-scan list as its scan wants it:
+    ``blocks(list_no, record)`` returns its committed blocks, checked against ``bcrc``, and
+    its tail (the records after them), checked against ``tcrc``."""
+
+    def __call__(self, list_no: int, record: ListRecord, /) -> np.ndarray: ...
+
+    def blocks(self, list_no: int, record: ListRecord, /) -> tuple[np.ndarray, np.ndarray]: ...
+
 
 #: Errors of a process limit (descriptors, memory) rather than of the store's files.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
@@ -170,18 +196,38 @@ class SyncJob:
         futures_wait(self._futures)
 
 
+class RowFile(NamedTuple):
+    """One file of a list generation: its ``name``, the bytes of each of its rows, and how
+    many of the generation's records make one row (1; 32 for a block file)."""
+
+    name: str
+    row_size: int
+    per: int = 1
+
+    def rows(self, count: int) -> int:
+        """The committed rows of this file when the generation commits ``count`` records."""
+        return count // self.per
+
+    def size(self, count: int) -> int:
+        """Bytes the file must have when the generation commits ``count`` records."""
+        return file_size(self.rows(count), self.row_size)
+
+
 @dataclass(frozen=True, slots=True)
 class RowFiles:
-    """The files of fixed-size rows a store keeps for each list generation: its segment and,
+    """The files of fixed-size rows a store keeps for each list generation: its segment;
     when the store keeps vectors (``vectors`` = (element type, dim)), the vector file beside
-    it, whose row r belongs to the segment's record r (docs/format.md §5.5)."""
+    it, whose row r belongs to the segment's record r (docs/format.md §5.5); and in a
+    fast-scan store (``blocks``), the block file, whose row b holds records 32b..32b+31
+    packed (§5.6)."""
 
     store_uuid: uuid.UUID
     code_size: int
     vectors: tuple[str, int] | None = None
+    blocks: bool = False
 
     def preludes(self, list_no: int, generation: int) -> list[Prelude]:
-        """The preludes of the generation's files: the segment's, then the vector file's."""
+        """The preludes of the generation's files, in the order of :meth:`names`."""
         out: list[Prelude] = [SegmentPrelude(list_no=list_no, generation=generation,
                                              code_size=self.code_size,
                                              store_uuid=self.store_uuid)]
@@ -189,26 +235,95 @@ class RowFiles:
             out.append(VectorPrelude(list_no=list_no, generation=generation,
                                      dtype=self.vectors[0], dim=self.vectors[1],
                                      store_uuid=self.store_uuid))
+        if self.blocks:
+            out.append(BlockPrelude(list_no=list_no, generation=generation, m=self.code_size,
+                                    store_uuid=self.store_uuid))
         return out
 
-    def names(self, segment_file: str) -> list[tuple[str, int]]:
-        """(file name, row size) of each file of the generation whose segment is
-        ``segment_file``, the segment first."""
-        out = [(segment_file, record_dtype(self.code_size).itemsize)]
+    def names(self, segment_file: str) -> list[RowFile]:
+        """Each file of the generation whose segment is ``segment_file``: the segment, then
+        the vector file and the block file of a store that keeps them."""
+        out = [RowFile(segment_file, record_dtype(self.code_size).itemsize)]
         if self.vectors is not None:
-            out.append((vector_file_name(segment_file),
-                        vector_row_dtype(self.vectors[1], self.vectors[0]).itemsize))
+            out.append(RowFile(vector_file_name(segment_file),
+                               vector_row_dtype(self.vectors[1], self.vectors[0]).itemsize))
+        if self.blocks:
+            out.append(RowFile(block_file_name(segment_file),
+                               block_dtype(self.code_size).itemsize, BLOCK_ROWS))
         return out
 
     def referenced(self, segment_files: set[str]) -> set[str]:
         """Every file name the catalog's segments ``segment_files`` commit rows of."""
-        return {name for f in segment_files for name, _ in self.names(f)}
+        return {f.name for name in segment_files for f in self.names(name)}
 
     def committed_bytes(self, count: int) -> int:
-        """Bytes of a generation's files that hold ``count`` committed rows (0 when none)."""
+        """Bytes of a generation's files that hold ``count`` committed records (0 when
+        none)."""
         if not count:
             return 0
-        return sum(file_size(count, size) for _, size in self.names("0-0.seg"))
+        return sum(f.size(count) for f in self.names("0-0.seg") if f.rows(count))
+
+
+class BlockAppend(NamedTuple):
+    """What an append of records to a fast-scan list adds to its block file: the
+    ``blocks`` its rows complete (maybe none), the CRC-32 ``bcrc`` of all its committed and
+    new blocks, and the CRC-32 ``tcrc`` of its new tail (docs/format.md §5.6)."""
+
+    blocks: np.ndarray
+    bcrc: int
+    tcrc: int
+
+
+def block_append(tail: np.ndarray, new: np.ndarray, bcrc: int) -> BlockAppend:
+    """The :class:`BlockAppend` of records ``new`` appended to a list whose committed tail
+    (its last ``count % 32`` records) is ``tail`` and whose committed blocks have CRC-32
+    ``bcrc``. Also what a new generation's files need, with an empty ``tail`` and 0."""
+    rows = np.concatenate([tail, new]) if len(tail) else new
+    full = len(rows) - len(rows) % BLOCK_ROWS
+    blocks = pack_blocks(rows["id"][:full], rows["code"][:full])
+    return BlockAppend(blocks, crc32(blocks.tobytes(), bcrc) if len(blocks) else bcrc,
+                       crc32(rows[full:].tobytes()))
+
+
+def read_tail(path: str | Path, record: ListRecord, dtype: np.dtype[np.void]) -> np.ndarray:
+    """The committed tail of a fast-scan list (its last ``count % 32`` records), read from
+    its segment at ``path`` and checked against the record's ``tcrc``.
+
+    Raises
+    ------
+    CorruptStoreError
+        The segment is missing or shorter than its committed size, or the tail's bytes do
+        not match ``tcrc``.
+    """
+    start = record.count - record.count % BLOCK_ROWS
+    if start == record.count:
+        return np.empty(0, dtype)
+    offset = file_size(start, dtype.itemsize)
+    want = (record.count - start) * dtype.itemsize
+    try:
+        with open(path, "rb") as f:
+            data = os.pread(f.fileno(), want, offset)
+    except OSError as err:
+        if err.errno in _RESOURCE_ERRNOS:
+            raise
+        raise CorruptStoreError(f"{path}: segment cannot be read: {err}") from err
+    if len(data) != want:
+        raise CorruptStoreError(
+            f"{path}: segment ends before its {record.count} committed records; the store is "
+            "damaged")
+    check_tail(path, data, record)
+    return np.frombuffer(data, dtype).copy()
+
+
+def check_tail(path: str | Path, data: bytes | memoryview, record: ListRecord) -> None:
+    """Raise :class:`CorruptStoreError` unless ``data``, a fast-scan list's tail records,
+    match the record's ``tcrc``."""
+    actual = crc32(data)
+    if actual != record.tcrc:
+        raise CorruptStoreError(
+            f"{path}: checksum mismatch in the last {record.count % BLOCK_ROWS} committed "
+            f"records (the tail) — expected 0x{record.tcrc or 0:08x} (the catalog's), got "
+            f"0x{actual:08x}; the segment is damaged")
 
 
 def file_size(count: int, row_size: int) -> int:
@@ -331,6 +446,10 @@ class SegmentReader:
             self.dtype = record_dtype(expected.code_size)
             self._decode = decode_segment_prelude
             self.kind = "segment"
+        elif isinstance(expected, BlockPrelude):
+            self.dtype = block_dtype(expected.m)
+            self._decode = decode_block_prelude
+            self.kind = "block file"
         else:
             self.dtype = vector_row_dtype(expected.dim, expected.dtype)
             self._decode = decode_vector_prelude
@@ -449,6 +568,19 @@ class MapCache:
         (mapped on first use), unchecked: each reader of a row checks its ``crc``."""
         assert self.files.vectors is not None, "the store keeps no vectors"
         return self._reader(vector_file_name(name), list_no, generation, 1).records(count)
+
+    def blocks_of(self, name: str, list_no: int, generation: int, nblocks: int,
+                  crc: int) -> np.ndarray:
+        """The first ``nblocks`` blocks of the block file beside segment ``name`` (mapped on
+        first use), checked against the catalog's CRC-32 ``crc`` of them."""
+        assert self.files.blocks, "the store keeps no block files"
+        return self._reader(block_file_name(name), list_no, generation, -1).records(nblocks,
+                                                                                   crc)
+
+    def segment(self, name: str, list_no: int, generation: int, count: int) -> np.ndarray:
+        """The first ``count`` records of segment ``name``, unchecked: for a caller that
+        checks the rows it reads itself (a fast scan reads only a list's tail)."""
+        return self._reader(name, list_no, generation, 0).records(count)
 
     def _reader(self, name: str, list_no: int, generation: int, kind: int) -> SegmentReader:
         """The cached reader of file ``name``, made on first use: the generation's file
