@@ -386,12 +386,11 @@ class Kernel:
         out = np.empty(nprobe * 8 + k * 24, np.uint8)
         at = [nprobe * 8 + k * o for o in (0, 8, 16, 20, 24)]  # ids, rows, costs, ranks, end
         base = _ptr(out)
-        known, rec_addr, rec_count, dead_addr, dead_count, blk_addr, blk_count = table.addresses
-        if not table.fast:
-            blk_addr = blk_count = None
+        known, rec_addr, rec_count, dead_addr, dead_count, *blocks = table.addresses
         rc = self._search_one(dim, m, ksub, l2_flag, _ptr(query), probe[2], table.nlist, nprobe,
                               *quantizer, known, rec_addr, rec_count, table.dtype.itemsize,
-                              dead_addr, dead_count, blk_addr, blk_count, k, nthreads,
+                              dead_addr, dead_count, *(blocks if table.fast else (None, None)),
+                              k, nthreads,
                               thread_min_rows, base, base + at[2], base + at[0], base + at[3],
                               base + at[1])
         if rc < 0:

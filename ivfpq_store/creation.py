@@ -282,8 +282,8 @@ _IMPORT_BATCH = 1 << 20
 
 
 def from_faiss(index: Any, path: PathArg, *, store_vectors: VectorType | None = None,
-               map_size: int = DEFAULT_MAP_SIZE, max_map_size: int | None = None,
-               sync: SyncPolicy = "auto") -> Store:
+               fast_scan: bool = False, map_size: int = DEFAULT_MAP_SIZE,
+               max_map_size: int | None = None, sync: SyncPolicy = "auto") -> Store:
     """Create a store at ``path`` holding a faiss index: its coarse centroids, its PQ
     codebooks, and every inverted list with its ids and codes, unchanged.
 
@@ -304,6 +304,11 @@ def from_faiss(index: Any, path: PathArg, *, store_vectors: VectorType | None = 
         The store to create; it must not exist. Nothing is left there if the import fails.
     store_vectors : {None, "float32", "float16"}
         Keep each record's raw vector, from an IndexRefineFlat's flat index.
+    fast_scan : bool
+        For a 4-bit index: keep the codes in blocks for the fast scan, as
+        :func:`create` does by default for ``nbits=4``. Its searches then score with 8-bit
+        tables, no longer exactly as the IndexIVFPQ does; the default (False) keeps them
+        faiss's.
     map_size, max_map_size, sync
         As in :func:`ivfpq_store.open`.
 
@@ -311,7 +316,8 @@ def from_faiss(index: Any, path: PathArg, *, store_vectors: VectorType | None = 
     -------
     Store
         The new store, open for writing. Its searches return what faiss's do (the same ids,
-        distances within float rounding, except for the order of equal distances).
+        distances within float rounding, except for the order of equal distances), unless
+        ``fast_scan``.
 
     Raises
     ------
@@ -376,12 +382,13 @@ def from_faiss(index: Any, path: PathArg, *, store_vectors: VectorType | None = 
     return _store_from_parts(parts, path, store_vectors=store_vectors, vectors=vectors,
                              metadata={"imported_from": type(ivf).__name__,
                                        "faiss_version": faiss.__version__},
-                             map_size=map_size, max_map_size=max_map_size, sync=sync)
+                             fast_scan=fast_scan, map_size=map_size,
+                             max_map_size=max_map_size, sync=sync)
 
 
 def from_faiss_file(file: PathArg, path: PathArg, *, store_vectors: VectorType | None = None,
-                    map_size: int = DEFAULT_MAP_SIZE, max_map_size: int | None = None,
-                    sync: SyncPolicy = "auto") -> Store:
+                    fast_scan: bool = False, map_size: int = DEFAULT_MAP_SIZE,
+                    max_map_size: int | None = None, sync: SyncPolicy = "auto") -> Store:
     """Create a store at ``path`` from ``file``, an index that ``faiss.write_index`` wrote,
     as :func:`from_faiss` does. An IndexIVFPQ with a flat quantizer, maybe inside an
     IndexPreTransform of a rotation, is read without faiss
@@ -405,16 +412,16 @@ def from_faiss_file(file: PathArg, path: PathArg, *, store_vectors: VectorType |
                                                parts.rotation is None else
                                                "IndexPreTransform(IndexIVFPQ)",
                                                "faiss_file": os.path.basename(name)},
-                                     map_size=map_size, max_map_size=max_map_size,
-                                     sync=sync)
+                                     fast_scan=fast_scan, map_size=map_size,
+                                     max_map_size=max_map_size, sync=sync)
     faiss = load_faiss()
     try:
         index = faiss.read_index(name)
     except RuntimeError as err:
         raise InvalidInputError(f"{name}: not a faiss index file faiss can read "
                                 f"({str(err).strip().splitlines()[-1]})") from err
-    return from_faiss(index, path, store_vectors=store_vectors, map_size=map_size,
-                      max_map_size=max_map_size, sync=sync)
+    return from_faiss(index, path, store_vectors=store_vectors, fast_scan=fast_scan,
+                      map_size=map_size, max_map_size=max_map_size, sync=sync)
 
 
 def _has_faiss() -> bool:
@@ -426,7 +433,7 @@ def _has_faiss() -> bool:
 
 
 def _store_from_parts(parts: IVFPQParts, path: PathArg, *, store_vectors: VectorType | None,
-                      vectors: Any, metadata: dict[str, Any], map_size: int,
+                      vectors: Any, metadata: dict[str, Any], fast_scan: bool, map_size: int,
                       max_map_size: int | None, sync: SyncPolicy) -> Store:
     """The store of an IndexIVFPQ's parts (and, with ``store_vectors``, ``vectors``: one row
     per record), built aside and renamed into place once every record is written."""
@@ -436,7 +443,8 @@ def _store_from_parts(parts: IVFPQParts, path: PathArg, *, store_vectors: Vector
                                 "store's are; nothing was created")
     with create_trained(path, parts.params, parts.centroids, parts.codebooks,
                         rotation=parts.rotation, store_vectors=store_vectors, metadata=metadata,
-                        map_size=map_size, max_map_size=max_map_size, sync=sync) as store:
+                        map_size=map_size, max_map_size=max_map_size, sync=sync,
+                        fast_scan=fast_scan) as store:
         for s in range(0, len(ids), _IMPORT_BATCH):
             e = min(len(ids), s + _IMPORT_BATCH)
             store.add_encoded(parts.lists[s:e], parts.codes[s:e], ids[s:e],

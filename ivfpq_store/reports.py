@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .format import SEGMENT_PRELUDE_SIZE, Header, record_dtype
+from .format.blocks import BLOCK_ROWS, block_dtype
 from .format.idmap import PER_ID
 from .format.records import StoreMeta
 from .format.vectors import vector_row_dtype
@@ -32,12 +33,15 @@ class StoreInfo:
     opq: bool  # whether the vectors are rotated (OPQ) before the quantizers see them
     quantizer_generation: int  # 0: the quantizer of creation; n: that of the n-th retrain
     store_vectors: str | None  # element type of the stored vectors, None: codes only
+    #: How the lists keep their codes: "row-major" (records of id and code), or "fast-scan
+    #: blocks" (4-bit codes also in blocks of 32 for the fast scan, docs/format.md §5.6)
+    layout: str
     ntotal: int  # live vectors
     ndeleted: int  # deleted records still on disk (compaction reclaims them)
     list_sizes: tuple[int, ...]  # live vectors per list
     list_deleted: tuple[int, ...]  # deleted records per list
     n_segments: int
-    bytes_on_disk: dict[str, int]  # header, catalog, segments, vectors, total
+    bytes_on_disk: dict[str, int]  # header, catalog, segments, vectors, blocks, total
     reclaimable_bytes: int  # segment and vector file bytes a full compaction would free
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +107,7 @@ def store_info(layout: StoreLayout, header: Header, snap: CatalogSnapshot,
         "catalog": _dir_bytes(layout.catalog),
         "segments": _dir_bytes(layout.segments, ".seg"),
         "vectors": _dir_bytes(layout.segments, ".vec"),
+        "blocks": _dir_bytes(layout.segments, ".blk"),
     }
     on_disk["total"] = sum(on_disk.values())
     emptied = sum(1 for r in snap.lists.values() if r.count and r.count == r.deleted)
@@ -110,12 +115,15 @@ def store_info(layout: StoreLayout, header: Header, snap: CatalogSnapshot,
     if header.vectors is not None:
         row_bytes += vector_row_dtype(p.dim, header.vectors).itemsize
         emptied *= 2  # each emptied list frees two preludes
+    if header.fast_scan:  # a record's share of a block: its codes and id, 8 + m / 2 bytes
+        row_bytes += block_dtype(p.m).itemsize // BLOCK_ROWS
     return StoreInfo(
         path=str(layout.root), format_version="{}.{}".format(*meta.format),
         id_map="per-id" if meta.schema == PER_ID else "packed",
         dim=p.dim, nlist=p.nlist, m=p.m, nbits=p.nbits, metric=p.metric.label,
         opq=header.rotation is not None, quantizer_generation=snap.state.quantizer,
         store_vectors=header.vectors,
+        layout="fast-scan blocks" if header.fast_scan else "row-major",
         ntotal=snap.state.ntotal, ndeleted=snap.state.ndeleted,
         list_sizes=tuple(sizes), list_deleted=tuple(deleted),
         n_segments=sum(1 for r in snap.lists.values() if r.count), bytes_on_disk=on_disk,

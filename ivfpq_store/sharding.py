@@ -160,7 +160,8 @@ def create_layout(path: PathArg, header: Header, nshards: int) -> ShardedLayout:
             with create_trained(tmp / rel, p, header.centroids, header.codebooks,
                                 rotation=header.rotation,
                                 store_vectors=check_store_vectors(header.vectors),
-                                metadata={"shard": i, "nshards": nshards}) as store:
+                                metadata={"shard": i, "nshards": nshards},
+                                fast_scan=header.fast_scan) as store:
                 entries.append(ShardEntry(rel, store.store_uuid))
         manifest = Manifest(uuid=uuid.uuid4(), created=time.time(),
                             params={"dim": p.dim, "nlist": p.nlist, "m": p.m, "nbits": p.nbits,

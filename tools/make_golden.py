@@ -1,15 +1,17 @@
 """Regenerate the golden format files in ``tests/data/``.
 
 The golden files freeze the on-disk format: ``tests/test_format_header.py``,
-``tests/test_format_segment.py``, ``tests/test_format_vectors.py`` and
-``tests/test_idmap.py`` (the packed id map's buckets) and ``tests/test_sharding.py`` (a
-sharded store's manifest) decode them and check that re-encoding gives the same bytes.
+``tests/test_format_segment.py``, ``tests/test_format_vectors.py``,
+``tests/test_idmap.py`` (the packed id map's buckets), ``tests/test_sharding.py`` (a
+sharded store's manifest) and ``tests/test_fastscan.py`` (a fast-scan store's header, a
+segment of two full blocks and a partial one, and its block file) decode them and check
+that re-encoding gives the same bytes.
 Changing them needs a format version bump and a changelog entry in docs/format.md; review the
 binary diff before committing.
 
 Usage::
 
-    python tools/make_golden.py                # writes the seven files below into tests/data
+    python tools/make_golden.py                # writes the ten files below into tests/data
     python tools/make_golden.py --out-dir DIR  # writes them somewhere else (e.g. to compare)
     python tools/make_golden.py --check        # exit 1 if the files on disk differ
 
@@ -35,6 +37,7 @@ from ivfpq_store.format import (
     encode_segment_prelude,
     record_dtype,
 )
+from ivfpq_store.format.blocks import BlockPrelude, encode_block_prelude, pack_blocks
 from ivfpq_store.format.idmap import encode_buckets
 from ivfpq_store.format.manifest import (
     ROUTING,
@@ -58,6 +61,11 @@ ROTATION_HEADER_NAME = "header-v1.2-rotation.ivfh"
 VECTORS_NAME = "vectors-v1.0.vec"
 IDMAP_NAME = "idmap-v1.3.bin"
 MANIFEST_NAME = "manifest-v1.0.ivfs"
+FAST_HEADER_NAME = "header-v1.3-fastscan.ivfh"
+FAST_SEGMENT_NAME = "segment-v1.0-fastscan.seg"
+BLOCKS_NAME = "blocks-v1.0.blk"
+#: Records of the golden fast-scan segment: two full blocks of 32 and a tail of 6.
+FAST_RECORDS = 70
 
 
 def golden_rotation() -> np.ndarray:
@@ -84,6 +92,44 @@ def golden_header(vectors: str | None = None, *, rotation: bool = False) -> byte
         rotation=golden_rotation() if rotation else None,
     )
     return encode_header(header)
+
+
+def golden_fast_header() -> bytes:
+    """The golden fast-scan header (format 1.5): dim 8, nlist 2, m 2, nbits 4, L2, store_uuid
+    UUID(int=5), flags bit 2."""
+    header = Header(
+        params=IndexParams(dim=8, nlist=2, m=2, nbits=4),
+        store_uuid=uuid.UUID(int=5),
+        centroids=np.arange(16, dtype=np.float32).reshape(2, 8),
+        codebooks=np.arange(128, dtype=np.float32).reshape(2, 16, 4) / 16,
+        metadata={"seed": 0},
+        fast_scan=True,
+    )
+    return encode_header(header)
+
+
+def golden_fast_records() -> np.ndarray:
+    """The records of the golden fast-scan segment: ids 100..169, code j of row i
+    ``(7·i + 3·j) % 16``."""
+    records = np.zeros(FAST_RECORDS, dtype=record_dtype(2))
+    rows = np.arange(FAST_RECORDS)
+    records["id"] = 100 + rows
+    records["code"] = (7 * rows[:, None] + 3 * np.arange(2)[None, :]) % 16
+    return records
+
+
+def golden_fast_segment() -> bytes:
+    """The golden fast-scan segment: list 1, generation 0, m 2, :func:`golden_fast_records`
+    (its last 6, the tail, have no block)."""
+    prelude = SegmentPrelude(list_no=1, generation=0, code_size=2, store_uuid=uuid.UUID(int=5))
+    return encode_segment_prelude(prelude) + golden_fast_records().tobytes()
+
+
+def golden_blocks() -> bytes:
+    """The golden block file beside the golden fast-scan segment: its two full blocks."""
+    prelude = BlockPrelude(list_no=1, generation=0, m=2, store_uuid=uuid.UUID(int=5))
+    records = golden_fast_records()[:64]
+    return encode_block_prelude(prelude) + pack_blocks(records["id"], records["code"]).tobytes()
 
 
 def golden_vectors() -> bytes:
@@ -146,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     files = {HEADER_NAME: golden_header(), SEGMENT_NAME: golden_segment(),
              VECTORS_HEADER_NAME: golden_header("float16"), VECTORS_NAME: golden_vectors(),
              ROTATION_HEADER_NAME: golden_header(rotation=True),
-             IDMAP_NAME: golden_buckets(), MANIFEST_NAME: golden_manifest()}
+             IDMAP_NAME: golden_buckets(), MANIFEST_NAME: golden_manifest(),
+             FAST_HEADER_NAME: golden_fast_header(), FAST_SEGMENT_NAME: golden_fast_segment(),
+             BLOCKS_NAME: golden_blocks()}
     status = 0
     for name, data in files.items():
         path = args.out_dir / name

@@ -232,8 +232,9 @@ def store_options() -> dict[str, Any]:
 
 def bytes_line(b: dict[str, int]) -> str:
     vectors = f", vectors {b['vectors']:,}" if b.get("vectors") else ""
+    blocks = f", blocks {b['blocks']:,}" if b.get("blocks") else ""
     return (f"{b['total']:,} bytes (header {b['header']:,}, catalog {b['catalog']:,}, "
-            f"segments {b['segments']:,}{vectors})")
+            f"segments {b['segments']:,}{vectors}{blocks})")
 
 
 def histogram(sizes: list[int], bins: int = 8, width: int = 40) -> list[str]:

@@ -266,6 +266,9 @@ def info(store: Path, as_json: bool) -> None:
            if i.quantizer_generation else ""),
         f"vectors:  {i.ntotal:,} in {i.n_segments} non-empty lists"
         + (f", stored as {i.store_vectors}" if i.store_vectors else ", codes only"),
+        f"layout:   {i.layout}"
+        + (" (4-bit codes in blocks of 32 for the fast scan)" if i.layout != "row-major"
+           else ""),
         f"lists:    min {sizes[0]}, median {sizes[len(sizes) // 2]}, max {sizes[-1]}",
         (f"deleted:  {i.ndeleted:,} records awaiting compaction "
          f"({i.reclaimable_bytes:,} bytes reclaimable)"),

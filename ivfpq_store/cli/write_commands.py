@@ -50,7 +50,8 @@ _INT64_MAX = int(np.iinfo(np.int64).max)
               help="PQ sub-quantizers, which is also the bytes per code; must divide the "
                    "dimension.")
 @click.option("--nbits", default=8, show_default=True, type=click.IntRange(1, 8), metavar="B",
-              help="Bits per sub-quantizer index (2^B centroids per sub-quantizer).")
+              help="Bits per sub-quantizer index (2^B centroids per sub-quantizer). 4 gives "
+                   "the fast scan (see --fast-scan).")
 @click.option("--metric", default="l2", show_default=True,
               type=click.Choice(["l2", "ip", "cosine"]),
               help="l2: squared distances, smallest first; ip and cosine: scores, largest first.")
@@ -65,6 +66,10 @@ _INT64_MAX = int(np.iinfo(np.int64).max)
 @click.option("--opq", is_flag=True,
               help="Learn an OPQ rotation before the quantizers (better recall at the same "
                    "code size on data whose variance is spread unevenly; longer training).")
+@click.option("--fast-scan/--no-fast-scan", "fast_scan", default=None,
+              help="With --nbits 4: keep the codes also in blocks of 32 for the fast scan "
+                   "(8-bit tables summed 32 rows at a time; several times faster than 8-bit "
+                   "codes). Default: on for --nbits 4, off otherwise.")
 @click.option("--if-exists", "if_exists", default="error", show_default=True,
               type=click.Choice(["error", "open", "replace"]),
               help="When STORE exists: fail; use the store there (its parameters must be "
@@ -75,7 +80,7 @@ _INT64_MAX = int(np.iinfo(np.int64).max)
 @json_option
 def create(store: Path, train: Path, nlist: int, m: int, nbits: int, metric: MetricName,
            seed: int, max_train: int | None, store_vectors: VectorType | None, opq: bool,
-           if_exists: IfExists, quiet: bool, as_json: bool) -> None:
+           fast_scan: bool | None, if_exists: IfExists, quiet: bool, as_json: bool) -> None:
     """Train an index on the vectors in --train and create the empty STORE.
 
     Trains the coarse quantizer and the product quantizer, then creates STORE, a directory
@@ -88,6 +93,8 @@ def create(store: Path, train: Path, nlist: int, m: int, nbits: int, metric: Met
         ivfpq-store create sift.ivfpq --train base.fvecs --nlist 100 --m 16 \\
             --store-vectors float16 --if-exists replace
         ivfpq-store create emb.ivfpq --train emb.npy --nlist 256 --m 48 --opq
+        ivfpq-store create fast.ivfpq --train base.fvecs --nlist 100 --m 32 --nbits 4 \\
+            --store-vectors float16
     """
     vf = open_vectors(train)
     existed = store.exists() or store.is_symlink()
@@ -99,7 +106,8 @@ def create(store: Path, train: Path, nlist: int, m: int, nbits: int, metric: Met
         with progress(quiet) as display:
             opened = ivfpq_store.create(store, x, nlist=nlist, m=m, nbits=nbits, metric=metric,
                                         seed=seed, store_vectors=store_vectors, opq=opq,
-                                        if_exists=if_exists, progress=display,
+                                        fast_scan=fast_scan, if_exists=if_exists,
+                                        progress=display,
                                         **store_options())
     except StoreExistsError as err:
         if if_exists != "error":
@@ -116,7 +124,8 @@ def create(store: Path, train: Path, nlist: int, m: int, nbits: int, metric: Met
              lines=[line])
         return
     kept = (", with an OPQ rotation" if opq else "") + (
-        f", keeping vectors as {store_vectors}" if store_vectors else "")
+        f", keeping vectors as {store_vectors}" if store_vectors else "") + (
+        ", fast-scan blocks" if info.layout != "row-major" else "")
     verb = "replaced" if if_exists == "replace" and existed else "created"
     line = (f"{verb} {info.path}: dim={info.dim} nlist={info.nlist} m={info.m} "
             f"nbits={info.nbits} metric={info.metric}, trained on {len(x):,} vectors{kept}")

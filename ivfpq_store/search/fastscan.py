@@ -84,7 +84,8 @@ def sums(lut: np.ndarray, codes: np.ndarray) -> I64Array:
     (P, m, 16)."""
     p, m, _ = lut.shape
     idx = codes.astype(np.intp) + KSUB * np.arange(m)
-    return lut.reshape(p, m * KSUB)[:, idx].sum(axis=2, dtype=np.int64)
+    out: I64Array = lut.reshape(p, m * KSUB)[:, idx].sum(axis=2, dtype=np.int64)
+    return out
 
 
 def costs(tables: FastTables, s: I64Array, pairs: np.ndarray | slice = slice(None)) -> F32Array:

@@ -202,7 +202,7 @@ def _score_fast(qz: Quantizer, config: SearchConfig, queries: F32Array, coarse: 
         cost = costs(tables, sums(tables.lut, recs["code"][r0:r1]))  # (P, rows)
         if qz.metric is Metric.L2:
             np.maximum(cost, 0.0, out=cost)
-        if dead is not None:  # tombstoned rows are never results
+        if dead is not None:  # tombstoned rows: +inf, which no radius passes
             cost[:, _rows_in(dead, r0, r1)] = np.inf
         pair, rows = np.divmod(np.flatnonzero(cost < bound), r1 - r0)
         if len(rows):
