@@ -41,7 +41,10 @@ _SCAN_ARGS = [_I, _I, _I, _I, ctypes.c_int,  # nq, dim, m, ksub, l2
               _P, _P, _P,  # pair_start, pair_q, pair_rank
               _I, _I, ctypes.c_int, _P, _P,  # k, cap, nthreads, out_cost, out_id
               _P, _P]  # out_rank, out_row
-_TERMS_ARGS = [_I, _I, _I, _I, _P, _P, _P, _P]  # n, dim, m, ksub, centroids, cb_t, norms, out
+# n, dim, m, ksub, centroids, cb_t, norms, stride, out
+_TERMS_ARGS = [_I, _I, _I, _I, _P, _P, _P, _I, _P]
+#: Entries per sub-table of the fast scan's terms (FAST_KSUB in C): 4-bit codes.
+FAST_STRIDE = 16
 _ENCODE_ARGS = [_I, _I, _I, _I, _P, _P, _P, _P, _P,  # n, dim, m, ksub, x, lists, c, cb_t, norms
                 ctypes.c_int, _P]  # nthreads, out codes
 _PROBE_ARGS = [_I, _I, _I, ctypes.c_int, _P, _P,  # nq, dim, nlist, l2, queries, matrix
@@ -147,8 +150,8 @@ class Kernel:
                 or pair_list.shape != (p,) or (p and (pair_list.min() < 0
                                                       or pair_list.max() >= len(centroids)))):
             raise ValueError("scan kernel: inconsistent fast-table arguments")
-        if list_terms is not None and list_terms.shape != (len(centroids), m, TSTRIDE):
-            raise ValueError("scan kernel: list terms must be (nlist, m, 256) float32")
+        if list_terms is not None and list_terms.shape != (len(centroids), m, FAST_STRIDE):
+            raise ValueError("scan kernel: list terms must be (nlist, m, 16) float32")
         lut = np.empty((p, m, 16), np.uint8)
         base = np.empty(p, np.float32)
         inv = np.empty(p, np.float32)
@@ -263,17 +266,19 @@ class Kernel:
         return sums, counts
 
     def list_terms(self, centroids: F32Array, codebooks_t: F32Array,
-                   norms: F32Array) -> F32Array:
-        """The l2 list terms (n, m, 256) of ``centroids`` (n, dim): entry [i, j, c] is
-        |C_jc|^2 + 2 c_ij.C_jc, and +inf for c >= ksub (see ``_scan.c``)."""
+                   norms: F32Array, stride: int = TSTRIDE) -> F32Array:
+        """The l2 list terms (n, m, stride) of ``centroids`` (n, dim): entry [i, j, c] is
+        |C_jc|^2 + 2 c_ij.C_jc, and +inf for ksub <= c < stride (see ``_scan.c``). The scans
+        take stride 256; the fast scan 16 (:data:`FAST_STRIDE`)."""
         centroids, codebooks_t, norms = _f32(centroids), _f32(codebooks_t), _f32(norms)
         n, dim = centroids.shape
         m, dsub, ksub = codebooks_t.shape
         _check_shape(m, dsub, ksub, dim)
-        if norms.shape != (m, ksub):
+        if norms.shape != (m, ksub) or stride not in (TSTRIDE, FAST_STRIDE) or ksub > stride:
             raise ValueError("scan kernel: inconsistent list-term arguments")
-        out = np.empty((n, m, TSTRIDE), np.float32)
-        self._terms(n, dim, m, ksub, _ptr(centroids), _ptr(codebooks_t), _ptr(norms), _ptr(out))
+        out = np.empty((n, m, stride), np.float32)
+        self._terms(n, dim, m, ksub, _ptr(centroids), _ptr(codebooks_t), _ptr(norms), stride,
+                    _ptr(out))
         return out
 
     def plan(self, *, centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
@@ -306,8 +311,9 @@ class Kernel:
                 recs, gone, expected)
         fast = None
         if blocks is not None:
-            if len(blocks) != n:
-                raise ValueError("scan kernel: inconsistent arguments")
+            if len(blocks) != n or (n and rec_count.max() >= 32):
+                raise ValueError("scan kernel: inconsistent arguments (a fast scan's tails "
+                                 "hold fewer than 32 records)")
             fast = (np.empty(n, np.uint64), np.empty(n, np.int64))
             for i, blks in enumerate(blocks):
                 fast[0][i], fast[1][i] = _block_entry(blks, codebooks_t.shape[0])
@@ -412,7 +418,7 @@ class Kernel:
         if fixed is None or any(a is not b for a, b in zip(fixed[0], given, strict=True)):
             none, nowhere = np.empty(0, np.int64), np.empty(0, np.uint64)
             empty = self._plan(_f32(centroids), _f32(codebooks_t), _f32(norms), list_terms, l2,
-                               none, nowhere, none, nowhere, none, None)
+                               none, nowhere, none, nowhere, none, None, fast=table.fast)
             if table.nlist != len(centroids) or table.dtype != _record_dtype(len(codebooks_t)):
                 raise ValueError("scan kernel: the list table belongs to another quantizer")
             fixed = table.fixed = (given, empty)
@@ -421,9 +427,13 @@ class Kernel:
     def _plan(self, centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
               list_terms: F32Array | None, l2: bool, list_no: I64Array, rec_addr: np.ndarray,
               rec_count: I64Array, dead_addr: np.ndarray, dead_count: I64Array,
-              owner: object, blocks: tuple[np.ndarray, I64Array] | None = None) -> ScanPlan:
+              owner: object, blocks: tuple[np.ndarray, I64Array] | None = None, *,
+              fast: bool = False) -> ScanPlan:
         """The plan of checked list entries; ``owner`` holds the arrays they point into.
-        ``blocks`` (the fast scan): each entry's block address and count."""
+        ``blocks`` (the fast scan, ``fast``): each entry's block address and count; the
+        fast scan's list terms have 16 entries per sub-table, not 256."""
+        fast = fast or blocks is not None
+        stride = FAST_STRIDE if fast else TSTRIDE
         nlist, dim = centroids.shape
         m, dsub, ksub = codebooks_t.shape
         _check_shape(m, dsub, ksub, dim)
@@ -434,11 +444,11 @@ class Kernel:
         if list_terms is not None and (list_terms.dtype != np.float32
                                        or not list_terms.flags.c_contiguous
                                        or not list_terms.flags.aligned
-                                       or list_terms.shape != (nlist, m, TSTRIDE)):
-            raise ValueError("scan kernel: list terms must be (nlist, m, 256) float32")
+                                       or list_terms.shape != (nlist, m, stride)):
+            raise ValueError(f"scan kernel: list terms must be (nlist, m, {stride}) float32")
         if n and (list_no.min() < 0 or list_no.max() >= nlist):
             raise ValueError("scan kernel: list number out of range")
-        if blocks is not None and (ksub != 16 or any(a.shape != (n,) for a in blocks)):
+        if fast and (ksub != 16 or (blocks is not None and any(a.shape != (n,) for a in blocks))):
             raise ValueError("scan kernel: the fast scan needs 4-bit codes and a block entry "
                              "per list")
         keep = (centroids, codebooks_t, norms, list_terms, list_no, rec_addr, rec_count,
@@ -448,7 +458,7 @@ class Kernel:
                  _ptr(rec_addr), _ptr(rec_count), _record_dtype(m).itemsize, _ptr(dead_addr),
                  _ptr(dead_count), *((None, None) if blocks is None
                                      else (_ptr(blocks[0]), _ptr(blocks[1]))))
-        return ScanPlan(self._scan, n, fixed, keep)
+        return ScanPlan(self._scan, n, fixed, keep, fast=fast)
 
 
 def _record_dtype(m: int) -> np.dtype[Any]:
@@ -537,10 +547,13 @@ class ListTable:
         ``records`` its tail."""
         entry = _list_entry(records, dead, self.dtype)
         blk = (0, 0)
-        if blocks is not None:
-            if not self.fast:
-                raise ValueError("scan kernel: blocks in a list table of another scan")
-            blk = _block_entry(blocks, self.m)
+        if blocks is not None and not self.fast:
+            raise ValueError("scan kernel: blocks in a list table of another scan")
+        if self.fast:
+            if len(records) >= 32:
+                raise ValueError("scan kernel: a fast scan's tail holds fewer than 32 records")
+            if blocks is not None:
+                blk = _block_entry(blocks, self.m)
         with self._lock:
             if self.known[list_no]:
                 return
@@ -558,11 +571,13 @@ class ScanPlan:
     """
 
     def __init__(self, fn: Any, nlists: int, fixed: tuple[Any, ...],
-                 keep: tuple[object, ...]) -> None:
+                 keep: tuple[object, ...], *, fast: bool = False) -> None:
         self._fn = fn
         self._nlists = nlists
         self._fixed = fixed
         self._keep = keep
+        #: Whether it is a fast scan's plan (its lists have blocks; 16-entry terms).
+        self.fast = fast
 
     @property
     def quantizer_args(self) -> tuple[Any, ...]:
@@ -593,13 +608,14 @@ class ScanPlan:
                 or any(a.dtype.itemsize != 8 or not a.flags.c_contiguous
                        for a in (list_no, *segments))):
             raise ValueError("scan kernel: inconsistent list entries")
-        if blocks is not None and self._fixed[2] != 16:
-            raise ValueError("scan kernel: the fast scan needs 4-bit codes")
+        if (blocks is not None) != self.fast:
+            raise ValueError("scan kernel: blocks given to a plan of another scan, or missing")
         fixed = (*self.quantizer_args, n, _ptr(list_no),
                  None if seg_start is None else _ptr(seg_start), _ptr(rec_addr),
                  _ptr(rec_count), self._fixed[13], _ptr(dead_addr), _ptr(dead_count),
                  *((None, None) if blocks is None else (_ptr(blocks[0]), _ptr(blocks[1]))))
-        return ScanPlan(self._fn, n, fixed, (self._keep, list_no, segments, seg_start, owner))
+        return ScanPlan(self._fn, n, fixed, (self._keep, list_no, segments, seg_start, owner),
+                        fast=self.fast)
 
     def scan(self, queries: F32Array, pair_start: I64Array, pair_q: I64Array,
              pair_rank: np.ndarray, *, k: int, cap: int,

@@ -136,7 +136,7 @@ typedef struct {
     const float *centroids;   /* (nlist, dim) */
     const float *codebooks_t; /* (m, dsub, ksub) */
     const float *norms;       /* (m, ksub): |sub-centroid|^2 */
-    const float *list_terms;  /* l2: (nlist, m, TSTRIDE) from ivfpq_list_terms, or NULL */
+    const float *list_terms;  /* l2: (nlist, m, tstride) from ivfpq_list_terms, or NULL */
     const int64_t *list_no;   /* (L,) */
     const int64_t *seg_start; /* (L + 1,) segments of list l: seg_start[l] .. [l+1], or NULL */
     const uint64_t *rec_addr; /* (S,) address of the segment's first record */
@@ -146,12 +146,15 @@ typedef struct {
     const int64_t *pair_start;  /* (L + 1,) pairs of list l: pair_start[l] .. pair_start[l+1] */
     const int64_t *pair_q;      /* (P,) query of each pair */
     const int32_t *pair_rank;   /* (P,) probe rank of the list for that query */
-    float *query_terms;         /* (nq, m, TSTRIDE), filled by the first phase */
+    float *query_terms;         /* (nq, m, tstride), filled by the first phase */
     /* The fast scan (4-bit codes in blocks), or NULL: (S,) address of the segment's first
      * block and its number of blocks; rec_addr and rec_count are then the segment's tail,
      * the records after its blocks, and a segment holds 32 * blk_count + rec_count rows. */
     const uint64_t *blk_addr;
     const int64_t *blk_count;
+    /* Entries per sub-table of the terms: TSTRIDE, or FAST_KSUB (16) in the fast scan,
+     * whose tables are built from the first 16 of each and which reads no code past 15. */
+    int64_t tstride;
 } job_t;
 
 typedef struct {
@@ -161,6 +164,8 @@ typedef struct {
     float *table;    /* (m, TSTRIDE) */
     float *lterm;    /* (m, TSTRIDE): the current list's terms, when not precomputed */
     uint8_t *lut;    /* the fast scan: (m rounded up to 4, 16) 8-bit tables, zero padded */
+    uint8_t *tails;  /* the fast scan: the current list's segments' tails, packed as blocks */
+    uint32_t *tail_rows; /* and the rows each holds */
     block_sums_fn sums; /* the fast scan's block sums */
 } worker_t;
 
@@ -175,9 +180,9 @@ typedef struct {
  * terms in the order d = 0, 1, ..., as the rest does. */
 HOT static void sub_products(const float *v, float scale, const float *init, float pad,
                          const float *codebooks_t, int64_t m, int64_t dsub, int64_t ksub,
-                         float *t) {
+                         int64_t stride, float *t) {
     for (int64_t j = 0; j < m; j++) {
-        float *tj = t + j * TSTRIDE;
+        float *tj = t + j * stride;
         const float *cbj = codebooks_t + j * dsub * ksub;
         int64_t c0 = 0;
         for (; c0 + PRODUCT_BLOCK <= ksub; c0 += PRODUCT_BLOCK) {
@@ -201,7 +206,7 @@ HOT static void sub_products(const float *v, float scale, const float *init, flo
                 for (int64_t c = c0; c < ksub; c++) tj[c] += a * cb[c];
             }
         }
-        for (int64_t c = ksub; c < TSTRIDE; c++) tj[c] = pad;
+        for (int64_t c = ksub; c < stride; c++) tj[c] = pad;
     }
 }
 
@@ -213,10 +218,11 @@ HOT static void sub_products(const float *v, float scale, const float *init, flo
  * constant. Impossible codes (>= ksub) get +inf, from the list term (l2) or query term (ip).
  */
 void ivfpq_list_terms(int64_t n, int64_t dim, int64_t m, int64_t ksub, const float *centroids,
-                      const float *codebooks_t, const float *norms, float *out) {
+                      const float *codebooks_t, const float *norms, int64_t stride,
+                      float *out) {
     for (int64_t i = 0; i < n; i++)
         sub_products(centroids + i * dim, 2.0f, norms, INFINITY, codebooks_t, m, dim / m, ksub,
-                     out + i * m * TSTRIDE);
+                     stride, out + i * m * stride);
 }
 
 /* Table sums of one list's rows for one pair, offered to the query's heap. M is a
@@ -305,52 +311,96 @@ static inline float fast_cost(int64_t s, float base, float inv) {
     return (float)((double)base + (double)s * (double)inv);
 }
 
+/* A sub-quantizer's 16 table entries as one vector (GCC vector extensions: one AVX-512
+ * register in the x86-64-v4 clone, two AVX2 ones in v3, four SSE ones elsewhere; the same
+ * operations, so the same bits, in every clone). */
+typedef float f16v __attribute__((vector_size(FAST_KSUB * sizeof(float))));
+typedef int32_t i16v __attribute__((vector_size(FAST_KSUB * sizeof(int32_t))));
+typedef uint8_t u16v __attribute__((vector_size(FAST_KSUB)));
+
+static inline __attribute__((always_inline)) f16v pick(i16v mask, f16v a, f16v b) {
+    return (f16v)((mask & (i16v)a) | (~mask & (i16v)b));
+}
+
+/* The least and greatest of x's 16 lanes, by halving. */
+static inline __attribute__((always_inline)) void min_max16(f16v x, float *lo, float *hi) {
+    const i16v h8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+    const i16v h4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+    const i16v h2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+    const i16v h1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+    f16v a = x, b = x, y;
+#define HALVE(H)                                                                           \
+    y = __builtin_shuffle(a, H);                                                           \
+    a = pick(y < a, y, a);                                                                 \
+    y = __builtin_shuffle(b, H);                                                           \
+    b = pick(y > b, y, b);
+    HALVE(h8) HALVE(h4) HALVE(h2) HALVE(h1)
+#undef HALVE
+    *lo = a[0];
+    *hi = b[0];
+}
+
 /*
- * A pair's 8-bit tables from its float table t (m rows of TSTRIDE, entries 0..15 used) and
- * constant bias: entry (j, c) is rint((t[j][c] - min_j) * a), a = R / span, span the widest
- * of the rows' ranges and R = lut_range(m); rows m .. lut_rows(m) are zero. A row whose
- * entries sum to s costs fast_cost(s, base, inv) with base = bias + the rows' minima and
- * inv = span / R. Non-finite tables give entries 0 and costs that no heap keeps.
+ * A pair's 8-bit tables: row j of its float table is lterm[j] + qterm[j] (l2) or qterm[j]
+ * (ip: lterm NULL), terms of 16 entries per sub-quantizer, bias its constant. Entry (j, c) is
+ * trunc(min(max((t[j][c] - min_j) * a, 0), R) + 1/2), a = R / span, span the widest of the
+ * rows' ranges and R = lut_range(m); rows m .. lut_rows(m) are zero. A row whose entries
+ * sum to s costs fast_cost(s, base, inv) with base = bias + the rows' minima and
+ * inv = span / R. t is scratch of m * 16 floats. Non-finite tables give costs no heap keeps.
  */
-static void quantize_table(const float *t, float bias, int64_t m, uint8_t *lut, float *base,
-                           float *inv) {
+HOT static void fast_tables(const float *lterm, const float *qterm, float bias, int64_t m,
+                            float *t, uint8_t *lut, float *base, float *inv) {
     const float range = (float)lut_range(m);
     float span = 0.0f;
     double mins = 0.0;
     for (int64_t j = 0; j < m; j++) {
-        const float *tj = t + j * TSTRIDE;
-        float lo = tj[0], hi = tj[0];
-        for (int c = 1; c < FAST_KSUB; c++) {
-            lo = tj[c] < lo ? tj[c] : lo;
-            hi = tj[c] > hi ? tj[c] : hi;
+        f16v row, add;
+        memcpy(&row, qterm + j * FAST_KSUB, sizeof(row));
+        if (lterm) {
+            memcpy(&add, lterm + j * FAST_KSUB, sizeof(add));
+            row += add;
         }
+        float lo, hi;
+        min_max16(row, &lo, &hi);
+        row -= lo;
+        memcpy(t + j * FAST_KSUB, &row, sizeof(row));
         if (hi - lo > span || !(hi - lo == hi - lo)) span = hi - lo;
         mins += (double)lo;
     }
     const float a = span > 0.0f ? range / span : 0.0f;
+    const f16v zero = {0}, top = zero + range;
     for (int64_t j = 0; j < m; j++) {
-        const float *tj = t + j * TSTRIDE;
-        float lo = tj[0];
-        for (int c = 1; c < FAST_KSUB; c++) lo = tj[c] < lo ? tj[c] : lo;
-        for (int c = 0; c < FAST_KSUB; c++) {
-            float v = rintf((tj[c] - lo) * a);
-            if (!(v >= 0.0f)) v = 0.0f; /* also NaN */
-            if (v > range) v = range;
-            lut[j * FAST_KSUB + c] = (uint8_t)v;
-        }
+        f16v v;
+        memcpy(&v, t + j * FAST_KSUB, sizeof(v));
+        v *= a;
+        v = pick(v > zero, v, zero); /* NaN: 0 */
+        v = pick(v < top, v, top);
+        const u16v q = __builtin_convertvector(__builtin_convertvector(v + 0.5f, i16v), u16v);
+        memcpy(lut + j * FAST_KSUB, &q, sizeof(q));
     }
     memset(lut + m * FAST_KSUB, 0, (size_t)(lut_rows(m) - m) * FAST_KSUB);
     *base = (float)((double)bias + mins);
     *inv = span > 0.0f ? span / range : 0.0f;
 }
 
-/* The largest sum s whose cost is at most bound: -1 when none is, 65535 when every one is.
- * The float estimate is corrected by stepping, so the bound is exact: a row of sum s enters
- * a heap of that bound exactly when s <= sum_bound(bound). */
-static inline int64_t sum_bound(float bound, float base, float inv) {
+/* |q - c|^2 in four interleaved sums (the fast scan's pair constant; its tables, not the
+ * float scan's, so the order is its own). */
+HOT static float l2_bias(const float *q, const float *c, int64_t dim) {
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t d = 0;
+    for (; d + 4 <= dim; d += 4)
+        for (int u = 0; u < 4; u++) s[u] += (q[d + u] - c[d + u]) * (q[d + u] - c[d + u]);
+    for (; d < dim; d++) s[0] += (q[d] - c[d]) * (q[d] - c[d]);
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+/* The largest sum s whose cost is at most bound: -1 when none is, 65535 when every one is;
+ * ra = 1 / inv. The estimate is corrected by stepping, so the bound is exact: a row of sum s
+ * enters a heap of that bound exactly when s <= sum_bound(bound). */
+static inline int64_t sum_bound(float bound, float base, float inv, double ra) {
     if (!(base <= bound)) return -1;
     if (!(inv > 0.0f)) return 65535;
-    const double est = ((double)bound - (double)base) / (double)inv;
+    const double est = ((double)bound - (double)base) * ra;
     int64_t s = est >= 65535.0 ? 65535 : (int64_t)est;
     while (s < 65535 && fast_cost(s + 1, base, inv) <= bound) s++;
     while (s >= 0 && !(fast_cost(s, base, inv) <= bound)) s--;
@@ -377,20 +427,22 @@ static uint32_t block_sums_scalar(const uint8_t *codes, const uint8_t *lut, int6
 
 #ifdef FAST_SIMD
 /* Rows 0-7, 8-15, 16-23 and 24-31 from the even- and odd-row sums of rows 0-15 (e0, o0) and
- * 16-31 (e1, o1); stored, and compared with thr (unsigned 16-bit). */
+ * 16-31 (e1, o1), compared with thr (unsigned 16-bit); stored when some row is under it. */
 __attribute__((target("avx2"))) static inline uint32_t block_finish(
         __m128i e0, __m128i o0, __m128i e1, __m128i o1, int64_t thr, uint16_t *out) {
     const __m128i r0 = _mm_unpacklo_epi16(e0, o0), r1 = _mm_unpackhi_epi16(e0, o0);
     const __m128i r2 = _mm_unpacklo_epi16(e1, o1), r3 = _mm_unpackhi_epi16(e1, o1);
-    _mm_storeu_si128((__m128i *)out, r0);
-    _mm_storeu_si128((__m128i *)(out + 8), r1);
-    _mm_storeu_si128((__m128i *)(out + 16), r2);
-    _mm_storeu_si128((__m128i *)(out + 24), r3);
     const __m128i tv = _mm_set1_epi16((short)(uint16_t)thr);
 #define LE(v) _mm_cmpeq_epi16(_mm_min_epu16((v), tv), (v))
     const uint32_t lo = (uint32_t)_mm_movemask_epi8(_mm_packs_epi16(LE(r0), LE(r1)));
     const uint32_t hi = (uint32_t)_mm_movemask_epi8(_mm_packs_epi16(LE(r2), LE(r3)));
 #undef LE
+    if (lo | hi) { /* most blocks have no row under the bound: nothing to store */
+        _mm_storeu_si128((__m128i *)out, r0);
+        _mm_storeu_si128((__m128i *)(out + 8), r1);
+        _mm_storeu_si128((__m128i *)(out + 16), r2);
+        _mm_storeu_si128((__m128i *)(out + 24), r3);
+    }
     return lo | hi << 16;
 }
 
@@ -474,25 +526,52 @@ int ivfpq_fast_level(int limit) {
     return fast_level();
 }
 
-/* One pair's fast scan over the segments [s0, s1) of a list (blocks, then tail records):
- * rows whose 16-bit sum is above the heap's bound are skipped without a cost; the others are
- * offered as the ordinary scan offers them, so the result is the exact top-k of the costs. */
+/* A segment's tail, its nt < 32 records of `stride` bytes after its blocks, packed as one
+ * more block at out (bsize bytes); returns the mask of the rows it holds whose codes are all
+ * possible (below 16): a damaged code is never a result. */
+static uint32_t pack_tail(const uint8_t *recs, int64_t nt, int64_t stride, int64_t m,
+                          uint8_t *out) {
+    memset(out, 0, (size_t)(16 * m));
+    uint32_t valid = 0;
+    for (int64_t i = 0; i < nt; i++) {
+        const uint8_t *code = recs + i * stride + ID_BYTES;
+        const int lane = (int)(i & 15), shift = i >= 16 ? 4 : 0;
+        uint8_t any = 0;
+        for (int64_t j = 0; j < m; j++) {
+            any |= code[j];
+            out[16 * j + lane] |= (uint8_t)((code[j] & 15) << shift);
+        }
+        memcpy(out + 16 * m + ID_BYTES * i, recs + i * stride, ID_BYTES);
+        if (any < FAST_KSUB) valid |= (uint32_t)1 << i;
+    }
+    return valid;
+}
+
+/* One pair's fast scan over the segments [s0, s1) of a list: each segment's blocks, then
+ * its tail, packed by the caller as one more block (tails, `bsize` bytes a segment, with
+ * the mask of its rows in tail_rows). Rows whose 16-bit sum is above the heap's bound are
+ * skipped without a cost; the others are offered as the ordinary scan offers them, so the
+ * result is the exact top-k of the costs. */
 static void scan_fast(const job_t *jb, block_sums_fn sums_of, const uint8_t *lut, float base,
-                      float inv, int64_t s0, int64_t s1, int32_t rank, heap_t *h, int64_t cap) {
+                      float inv, int64_t s0, int64_t s1, const uint8_t *tails,
+                      const uint32_t *tail_rows, int32_t rank, heap_t *h, int64_t cap) {
     const int64_t m = jb->m, bsize = 16 * m + ID_BYTES * BLOCK_ROWS;
+    const double ra = 1.0 / (double)inv;
     float bound = h->n < cap ? FLT_MAX : h->c[0].cost;
-    int64_t thr = sum_bound(bound, base, inv);
+    int64_t thr = sum_bound(bound, base, inv, ra);
     int64_t row0 = 0;
     uint16_t sums[BLOCK_ROWS];
     for (int64_t s = s0; s < s1 && thr >= 0; s++) {
         const uint8_t *blk = (const uint8_t *)(uintptr_t)jb->blk_addr[s];
-        const int64_t nb = jb->blk_count[s], nt = jb->rec_count[s];
+        const int64_t nb = jb->blk_count[s];
         const int64_t *dead = (const int64_t *)(uintptr_t)jb->dead_addr[s];
         const int64_t nd = dead ? jb->dead_count[s] : 0;
         int64_t di = 0;
-        for (int64_t b = 0; b < nb && thr >= 0; b++) {
-            const uint8_t *bp = blk + b * bsize;
-            uint32_t mask = sums_of(bp, lut, m, thr, sums);
+        for (int64_t b = 0; b <= nb && thr >= 0; b++) { /* block nb: the tail */
+            const uint32_t rows = b < nb ? ~(uint32_t)0 : tail_rows[s - s0];
+            if (!rows) break;
+            const uint8_t *bp = b < nb ? blk + b * bsize : tails + (s - s0) * bsize;
+            uint32_t mask = sums_of(bp, lut, m, thr, sums) & rows;
             while (mask) {
                 const int i = __builtin_ctz(mask);
                 mask &= mask - 1;
@@ -509,46 +588,12 @@ static void scan_fast(const job_t *jb, block_sums_fn sums_of, const uint8_t *lut
                 heap_offer(h, cap, &cand);
                 if (h->n == cap && h->c[0].cost != bound) {
                     bound = h->c[0].cost;
-                    thr = sum_bound(bound, base, inv);
+                    thr = sum_bound(bound, base, inv, ra);
                 }
             }
         }
-        const uint8_t *tail = (const uint8_t *)(uintptr_t)jb->rec_addr[s];
-        for (int64_t i = 0; i < nt && thr >= 0; i++) {
-            const uint8_t *code = tail + i * jb->stride + ID_BYTES;
-            int64_t sum = 0;
-            uint8_t any = 0;
-            for (int64_t j = 0; j < m; j++) {
-                any |= code[j];
-                sum += lut[j * FAST_KSUB + (code[j] & 15)];
-            }
-            if (any >= FAST_KSUB || sum > thr) continue; /* an impossible code: never a result */
-            const int64_t row = nb * BLOCK_ROWS + i;
-            while (di < nd && dead[di] < row) di++;
-            if (di < nd && dead[di] == row) continue;
-            cand_t cand;
-            cand.cost = fast_cost(sum, base, inv);
-            if (!(cand.cost <= bound)) continue;
-            cand.rank = rank;
-            cand.row = row0 + row;
-            memcpy(&cand.id, tail + i * jb->stride, sizeof(int64_t));
-            heap_offer(h, cap, &cand);
-            if (h->n == cap && h->c[0].cost != bound) {
-                bound = h->c[0].cost;
-                thr = sum_bound(bound, base, inv);
-            }
-        }
-        row0 += nb * BLOCK_ROWS + nt;
+        row0 += nb * BLOCK_ROWS + jb->rec_count[s];
     }
-}
-
-/* A pair's float table for the fast scan (entries 0..15 of each of the m rows of TSTRIDE):
- * l2 the list's terms plus the query's, ip the query's. */
-static void fast_pair_table(const float *lterm, const float *qterm, int64_t m, float *t) {
-    for (int64_t j = 0; j < m; j++)
-        for (int c = 0; c < FAST_KSUB; c++)
-            t[j * TSTRIDE + c] = lterm ? lterm[j * TSTRIDE + c] + qterm[j * TSTRIDE + c]
-                                       : qterm[j * TSTRIDE + c];
 }
 
 /* A pair's l2 table: the list's terms plus the query's. */
@@ -560,11 +605,11 @@ HOT static void add_terms(const float *a, const float *b, int64_t n, float *out)
 static void *query_phase(void *arg) {
     worker_t *w = (worker_t *)arg;
     const job_t *jb = w->job;
-    const int64_t size = jb->m * TSTRIDE;
+    const int64_t size = jb->m * jb->tstride;
     for (int64_t q = w->b0; q < w->b1; q++)
         sub_products(jb->queries + q * jb->dim, jb->l2 ? -2.0f : -1.0f, NULL,
                      jb->l2 ? 0.0f : INFINITY, jb->codebooks_t, jb->m, jb->dsub, jb->ksub,
-                     jb->query_terms + q * size);
+                     jb->tstride, jb->query_terms + q * size);
     return NULL;
 }
 
@@ -580,7 +625,7 @@ static inline void entry_segments(const job_t *jb, int64_t l, int64_t *s0, int64
 static void *list_phase(void *arg) {
     worker_t *w = (worker_t *)arg;
     const job_t *jb = w->job;
-    const int64_t dim = jb->dim, size = jb->m * TSTRIDE;
+    const int64_t dim = jb->dim, size = jb->m * jb->tstride;
     for (int64_t l = w->b0; l < w->b1; l++) {
         const int64_t p0 = jb->pair_start[l], p1 = jb->pair_start[l + 1];
         if (p0 == p1) continue;
@@ -588,11 +633,16 @@ static void *list_phase(void *arg) {
         entry_segments(jb, l, &s0, &s1);
         const float *cent = jb->centroids + jb->list_no[l] * dim;
         const float *lterm = NULL;
+        if (jb->blk_addr) /* each segment's tail as a block, once for all the list's pairs */
+            for (int64_t s = s0; s < s1; s++)
+                w->tail_rows[s - s0] = pack_tail(
+                    (const uint8_t *)(uintptr_t)jb->rec_addr[s], jb->rec_count[s], jb->stride,
+                    jb->m, w->tails + (s - s0) * (16 * jb->m + ID_BYTES * BLOCK_ROWS));
         if (jb->l2 && jb->list_terms) {
             lterm = jb->list_terms + jb->list_no[l] * size;
         } else if (jb->l2) {
             sub_products(cent, 2.0f, jb->norms, INFINITY, jb->codebooks_t, jb->m, jb->dsub,
-                         jb->ksub, w->lterm);
+                         jb->ksub, jb->tstride, w->lterm);
             lterm = w->lterm;
         }
         for (int64_t p = p0; p < p1; p++) {
@@ -601,22 +651,22 @@ static void *list_phase(void *arg) {
             const float *qterm = jb->query_terms + q * size;
             const float *t = qterm;
             float bias = 0.0f;
-            if (jb->l2) {
-                for (int64_t d = 0; d < dim; d++) bias += (qv[d] - cent[d]) * (qv[d] - cent[d]);
-            } else {
-                for (int64_t d = 0; d < dim; d++) bias -= qv[d] * cent[d];
-            }
             if (jb->blk_addr) { /* the fast scan: 8-bit tables over blocks and tails */
                 float base, inv;
-                fast_pair_table(lterm, qterm, jb->m, w->table);
-                quantize_table(w->table, bias, jb->m, w->lut, &base, &inv);
-                scan_fast(jb, w->sums, w->lut, base, inv, s0, s1, jb->pair_rank[p],
-                          &w->heaps[q], jb->cap);
+                if (jb->l2) bias = l2_bias(qv, cent, dim);
+                else
+                    for (int64_t d = 0; d < dim; d++) bias -= qv[d] * cent[d];
+                fast_tables(lterm, qterm, bias, jb->m, w->table, w->lut, &base, &inv);
+                scan_fast(jb, w->sums, w->lut, base, inv, s0, s1, w->tails, w->tail_rows,
+                          jb->pair_rank[p], &w->heaps[q], jb->cap);
                 continue;
             }
             if (jb->l2) {
+                for (int64_t d = 0; d < dim; d++) bias += (qv[d] - cent[d]) * (qv[d] - cent[d]);
                 add_terms(lterm, qterm, size, w->table);
                 t = w->table;
+            } else {
+                for (int64_t d = 0; d < dim; d++) bias -= qv[d] * cent[d];
             }
             int64_t row0 = 0;
             for (int64_t s = s0; s < s1; s++) {
@@ -638,7 +688,8 @@ static double list_work(const job_t *jb, int64_t l) {
     entry_segments(jb, l, &s0, &s1);
     for (int64_t s = s0; s < s1; s++) {
         rows += jb->rec_count[s];
-        if (jb->blk_addr) rows += jb->blk_count[s] * (BLOCK_ROWS / 8); /* 8 rows a step */
+        /* a block of 32 rows costs about as much as 32 table entries (ivfpq_fast_tables) */
+        if (jb->blk_addr) rows += jb->blk_count[s] * BLOCK_ROWS;
     }
     return (double)(jb->pair_start[l + 1] - jb->pair_start[l]) *
            (double)(rows + jb->m * (jb->blk_addr ? FAST_KSUB : TSTRIDE / 8));
@@ -676,11 +727,12 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
                float *out_cost, int64_t *out_id, int32_t *out_rank, int64_t *out_row) {
     job_t jb = {nq, dim, m, ksub, dim / m, stride, cap, l2, queries, centroids, codebooks_t,
                 norms, list_terms, list_no, seg_start, rec_addr, rec_count, dead_addr,
-                dead_count, pair_start, pair_q, pair_rank, NULL, blk_addr, blk_count};
+                dead_count, pair_start, pair_q, pair_rank, NULL, blk_addr, blk_count,
+                blk_addr ? FAST_KSUB : TSTRIDE};
     if (blk_addr && ksub != FAST_KSUB) return -2;
     if (nthreads > nlists) nthreads = (int)nlists; /* a thread without a list only costs heaps */
     if (nthreads < 1) nthreads = 1;
-    const int64_t size = m * TSTRIDE;
+    const int64_t size = m * jb.tstride;
     int rc = -1;
     worker_t *ws = calloc((size_t)nthreads, sizeof(worker_t));
     pthread_t *tids = calloc((size_t)nthreads, sizeof(pthread_t));
@@ -688,10 +740,20 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
     heap_t *heaps = calloc((size_t)nthreads * (size_t)nq + 1, sizeof(heap_t));
     float *scratch = malloc((size_t)nthreads * (size_t)(2 * size) * sizeof(float));
     uint8_t *luts = malloc((size_t)nthreads * (size_t)(lut_rows(m) * FAST_KSUB));
+    int64_t maxseg = 1; /* the most segments of a list entry: scratch for their tails */
+    if (seg_start)
+        for (int64_t l = 0; l < nlists; l++)
+            if (seg_start[l + 1] - seg_start[l] > maxseg) maxseg = seg_start[l + 1] - seg_start[l];
+    const size_t tail_bytes = blk_addr ? (size_t)maxseg * (size_t)(16 * m + ID_BYTES * BLOCK_ROWS)
+                                       : 0;
+    uint8_t *tails = malloc((size_t)nthreads * tail_bytes + 1);
+    uint32_t *tail_rows = malloc((size_t)nthreads * (size_t)maxseg * sizeof(uint32_t));
     const block_sums_fn sums = block_sums_of(fast_level());
     float *qterms = malloc((size_t)nq * (size_t)size * sizeof(float) + 1);
     cand_t *merge = malloc((size_t)nthreads * (size_t)cap * sizeof(cand_t) + 1);
-    if (!ws || !tids || !pool || !heaps || !scratch || !luts || !qterms || !merge) goto done;
+    if (!ws || !tids || !pool || !heaps || !scratch || !luts || !tails || !tail_rows || !qterms ||
+        !merge)
+        goto done;
     jb.query_terms = qterms;
 
     for (int t = 0; t < nthreads; t++) {
@@ -704,6 +766,8 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
         w->lterm = w->table + size;
         w->lut = luts + (size_t)t * (size_t)(lut_rows(m) * FAST_KSUB);
         w->sums = sums;
+        w->tails = tails + (size_t)t * tail_bytes;
+        w->tail_rows = tail_rows + (size_t)t * (size_t)maxseg;
         w->b0 = nq * t / nthreads;
         w->b1 = nq * (t + 1) / nthreads;
     }
@@ -745,6 +809,8 @@ done:
     free(heaps);
     free(scratch);
     free(luts);
+    free(tails);
+    free(tail_rows);
     free(qterms);
     free(merge);
     return rc;
@@ -757,7 +823,7 @@ int ivfpq_fast_tables(int64_t npairs, int64_t dim, int64_t m, int l2, const floa
                       const int64_t *pair_list, const float *centroids,
                       const float *codebooks_t, const float *norms, const float *list_terms,
                       uint8_t *out_lut, float *out_base, float *out_inv) {
-    const int64_t size = m * TSTRIDE, dsub = dim / m;
+    const int64_t size = m * FAST_KSUB, dsub = dim / m;
     float *buf = malloc((size_t)(3 * size) * sizeof(float));
     uint8_t *lut = malloc((size_t)(lut_rows(m) * FAST_KSUB));
     if (!buf || !lut) {
@@ -769,22 +835,22 @@ int ivfpq_fast_tables(int64_t npairs, int64_t dim, int64_t m, int l2, const floa
     for (int64_t p = 0; p < npairs; p++) {
         const float *qv = queries + p * dim, *cent = centroids + pair_list[p] * dim;
         sub_products(qv, l2 ? -2.0f : -1.0f, NULL, l2 ? 0.0f : INFINITY, codebooks_t, m, dsub,
-                     FAST_KSUB, qterm);
+                     FAST_KSUB, FAST_KSUB, qterm);
         const float *lt = NULL;
         float bias = 0.0f;
         if (l2) {
             if (list_terms) {
                 lt = list_terms + pair_list[p] * size;
             } else {
-                sub_products(cent, 2.0f, norms, INFINITY, codebooks_t, m, dsub, FAST_KSUB, lterm);
+                sub_products(cent, 2.0f, norms, INFINITY, codebooks_t, m, dsub, FAST_KSUB,
+                             FAST_KSUB, lterm);
                 lt = lterm;
             }
-            for (int64_t d = 0; d < dim; d++) bias += (qv[d] - cent[d]) * (qv[d] - cent[d]);
+            bias = l2_bias(qv, cent, dim);
         } else {
             for (int64_t d = 0; d < dim; d++) bias -= qv[d] * cent[d];
         }
-        fast_pair_table(lt, qterm, m, table);
-        quantize_table(table, bias, m, lut, out_base + p, out_inv + p);
+        fast_tables(lt, qterm, bias, m, table, lut, out_base + p, out_inv + p);
         memcpy(out_lut + p * m * FAST_KSUB, lut, (size_t)(m * FAST_KSUB));
     }
     free(buf);

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _kernel
+from ..format.blocks import BLOCK_ROWS, pack_blocks
 from ..format.records import ListRecord
 from ..quantizer import Quantizer
 from ..storage import BlockFetcher
@@ -170,7 +171,7 @@ def fill_table(table: _kernel.ListTable, list_nos: I64Array, lists: Mapping[int,
     """Put the lists of ``list_nos`` that ``table`` lacks there: each fetched (an empty list
     as no records) with its tombstones. A fast table takes a list's blocks and tail from a
     :class:`~ivfpq_store.storage.BlockFetcher`; from any other fetcher (a filter's copy of
-    some rows), all its records as the tail."""
+    some rows), its records packed into blocks here."""
     blocks = fetch if table.fast and isinstance(fetch, BlockFetcher) else None
     for list_no in list_nos[~table.known[list_nos]].tolist():
         record = lists.get(list_no)
@@ -179,5 +180,10 @@ def fill_table(table: _kernel.ListTable, list_nos: I64Array, lists: Mapping[int,
         elif blocks is not None:
             found, tail = blocks.blocks(list_no, record)
             table.put(list_no, tail, deleted.get(list_no), found)
+        elif table.fast:  # rows without blocks (a filter's copy of some): packed here
+            recs = fetch(list_no, record)
+            full = len(recs) - len(recs) % BLOCK_ROWS
+            table.put(list_no, np.ascontiguousarray(recs[full:]), deleted.get(list_no),
+                      pack_blocks(recs["id"][:full], recs["code"][:full]))
         else:
             table.put(list_no, fetch(list_no, record), deleted.get(list_no))

@@ -327,13 +327,14 @@ class Searcher:
     def _list_terms(self, kernel: _kernel.Kernel) -> F32Array | None:
         """The l2 list terms of every list, computed on first use; None past the budget."""
         qz = self.quantizer
-        if qz.nlist * qz.m * _kernel.TSTRIDE * 4 > self.config.list_terms_budget:
+        stride = _kernel.FAST_STRIDE if self.fast_scan else _kernel.TSTRIDE
+        if qz.nlist * qz.m * stride * 4 > self.config.list_terms_budget:
             return None
         if self._terms is not None:
             return self._terms
         with self._terms_lock:
             if self._terms is None:
-                self._terms = kernel.list_terms(qz.centroids, qz.codebooks_t, qz.norms)
+                self._terms = kernel.list_terms(qz.centroids, qz.codebooks_t, qz.norms, stride)
             return self._terms
 
 
