@@ -63,10 +63,12 @@ def encodable(store: ivfpq_store.Store, n: int, *, values: int, seed: int) -> np
 
 
 def reference(store: ivfpq_store.Store, queries: np.ndarray, k: int, nprobe: int, *,
-              admit: set[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The exact top k of every live (and admitted) row of each query's probed lists, each
-    scored with the kernel's 8-bit tables of its (query, list) pair, in (cost, rank, row)
-    order; as (distances, ids) of a search."""
+              admit: set[int] | None = None,
+              lists: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top k of every live (and admitted) row of each query's probed lists (or of
+    ``lists``, (nq, nprobe) in probe-rank order), each scored with the kernel's 8-bit tables
+    of its (query, list) pair, in (cost, rank, row) order; as (distances, ids) of a
+    search."""
     kernel = _kernel.KERNEL
     assert kernel is not None
     searcher = testing.searcher(store)
@@ -75,14 +77,14 @@ def reference(store: ivfpq_store.Store, queries: np.ndarray, k: int, nprobe: int
     if qz.metric is Metric.COSINE:
         q = normalize_rows(q)
     inner = qz.rotate(q)
-    probe = searcher.probe(q, nprobe)
+    probed = searcher.probe(q, nprobe).lists if lists is None else lists
     snap = testing.snapshot(store)
     fetch = testing.fetcher(store)
     out_d = np.full((len(q), k), np.inf, np.float32)
     out_i = np.full((len(q), k), -1, np.int64)
     for qi in range(len(q)):
         cands = []
-        for rank, list_no in enumerate(probe.lists[qi].tolist()):
+        for rank, list_no in enumerate(probed[qi].tolist()):
             record = snap.lists.get(list_no)
             if record is None or record.count == 0:
                 continue
@@ -290,6 +292,42 @@ def test_kernel_ties_on_exactly_encodable_data(tmp_path, metric, each_level):
             assert _kernel.KERNEL is not None
             _kernel.KERNEL.fast_level(level)
             assert_same(store.search(queries, k=20, nprobe=3), want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_equal_costs_in_lists_scanned_later_go_to_the_better_ranked_list(tmp_path, threads,
+                                                                         each_level):
+    """Every list has the same centroid, so equal codes cost the same in every list; the
+    probe ranks the lists in another order than the kernel scans them (by list number). A
+    row of a list scanned later that ties the heap's worst must still displace it when its
+    list ranks better: the sum bound and the block mask must keep rows *equal* to the
+    bound."""
+    from ivfpq_store.creation import create_trained
+    from ivfpq_store.params import IndexParams
+    from ivfpq_store.search import Probe
+
+    rng = np.random.default_rng(3)
+    params = IndexParams(dim=16, nlist=6, m=8, nbits=4)
+    books = rng.normal(size=(8, 16, 2)).astype(np.float32)
+    with create_trained(tmp_path / "s", params, np.zeros((6, 16), np.float32), books) as store:
+        n = 6 * 70
+        store.add_encoded(np.repeat(np.arange(6), 70), rng.integers(0, 2, (n, 8)).astype(
+            np.uint8), np.arange(n))
+        store.delete(np.arange(0, n, 13))
+        queries = rng.normal(size=(20, 16)).astype(np.float32)
+        order = np.array([5, 2, 4, 0, 3, 1])  # rank r probes list order[r]
+        probe = Probe(np.zeros((20, 6), np.float32), np.tile(order, (20, 1)))
+        want_d, want_i = reference(store, queries, 25, 6, lists=probe.lists)
+        for level in each_level:
+            assert _kernel.KERNEL is not None
+            _kernel.KERNEL.fast_level(level)
+            with testing.search_config(store, threads=threads, thread_min_rows=0):
+                got = store.search_probed(queries, probe, k=25)
+            np.testing.assert_array_equal(got.ids, want_i)
+            np.testing.assert_array_equal(got.distances, want_d)
+        # the data ties across lists: the k-th cost is shared by rows of several lists
+        assert min(len(set(d.tolist())) for d in want_d) < 8
 
 
 @needs_kernel

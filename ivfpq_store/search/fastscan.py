@@ -2,9 +2,10 @@
 costs of codes under them (docs/design.md, "fast scan").
 
 A store of 4-bit codes kept in blocks (``create(fast_scan=True)``) scores a row of a pair by
-its table's entries quantized to 8 bits: entry ``(j, c)`` is ``rint((T[j, c] - min_j) * a)``,
-``a = R / span`` with ``span`` the widest of the m rows' ranges and ``R = min(255, 65535 //
-m)``, so a row's sum ``s`` of m entries fits 16 bits; the row costs ``base + s * inv``
+its table's entries quantized to 8 bits: entry ``(j, c)`` is ``(T[j, c] - min_j) * a``
+clamped to ``[0, R]`` and rounded half up, ``a = R / span`` with ``span`` the widest of the
+m rows' ranges and ``R = min(255, 65535 // m)``, so a row's sum ``s`` of m entries fits 16
+bits; the row costs ``base + s * inv``
 (``base`` the pair's constant plus the rows' minima, ``inv = span / R``), computed in float64
 and rounded to float32. The compiled kernel builds the same tables from its own float tables
 (:meth:`~ivfpq_store._kernel.Kernel.fast_tables`) and sums blocks of 32 rows with SIMD
@@ -55,8 +56,8 @@ def quantize(t: F32Array, bias: F32Array) -> FastTables:
     span = (t.max(axis=2) - lo).max(axis=1)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         a = np.where(span > 0, rng / span, np.float32(0)).astype(np.float32)
-        v = np.rint((t - lo[:, :, None]) * a[:, None, None])
-        v = np.clip(np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0), 0, rng)
+        v = (t - lo[:, :, None]) * a[:, None, None]
+        v = np.floor(np.clip(np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0), 0, rng) + 0.5)
         inv = np.where(span > 0, span / rng, np.float32(0)).astype(np.float32)
     base = (bias.astype(np.float64) + lo.astype(np.float64).sum(axis=1)).astype(np.float32)
     return FastTables(v.astype(np.uint8), base, inv)
