@@ -29,7 +29,7 @@ from .storage import (
     StoreLayout,
     SyncJob,
     append_records,
-    block_append,
+    block_appends,
     fsync_dir,
 )
 from .types import StepFn
@@ -169,7 +169,8 @@ def write_generation(layout: StoreLayout, files: RowFiles, list_no: int, generat
     name = segment_file_name(list_no, generation)
     fields = {}
     if files.blocks:
-        add = block_append(data_of[0][:0], data_of[0], 0)
+        records = data_of[0]
+        add = block_appends([records[:0]], records, [0], [len(records)], [0])[0]
         fields = {"bcrc": add.bcrc, "tcrc": add.tcrc}
         if len(add.blocks):
             data_of = [*data_of, add.blocks]

@@ -89,9 +89,9 @@ from .storage import (
     RowFiles,
     StoreLayout,
     as_path,
-    check_tail,
     probe_lock,
     read_generation,
+    read_tail,
 )
 from .types import F32Array, I64Array, Metric, PathArg, ProgressFn, U8Array
 from .upgrading import UpgradeReport, upgrade_store
@@ -810,10 +810,7 @@ class Store:
         blocks = (self._maps.blocks_of(record.file, list_no, record.generation, nblocks,
                                        record.bcrc) if nblocks
                   else np.empty(0, block_dtype(self._header.params.m)))
-        tail = self._maps.segment(record.file, list_no, record.generation,
-                                  record.count)[nblocks * BLOCK_ROWS:]
-        check_tail(path, tail.tobytes(), record)
-        return blocks, tail
+        return blocks, read_tail(path, record, record_dtype(self._header.params.code_size))
 
     def _snapshot_fetcher(self, catalog: Catalog, snap: CatalogSnapshot, *,
                           vectors: bool = False) -> SnapshotFetcher:

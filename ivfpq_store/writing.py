@@ -96,7 +96,7 @@ from .storage import (
     StoreLayout,
     SyncJob,
     append_records,
-    block_append,
+    block_appends,
     discard_appended,
     fsync_dir,
     read_tail,
@@ -651,10 +651,16 @@ class Writer:
         written: list[str] = []
         base = np.empty(len(touched), dtype=np.int64)  # each list's committed count
         gens = np.empty(len(touched), dtype=np.int64)
+        olds = [lists.get(n) or empty_record(self._files, n, 0) for n in touched.tolist()]
+        blocks = None
+        if self._files.blocks:  # the blocks the new rows complete (§5.6)
+            blocks = block_appends([read_tail(folder + r.file, r, self._dtype) for r in olds],
+                                   records, starts.tolist(), ends.tolist(),
+                                   [r.bcrc or 0 for r in olds])
         try:
-            for i, (list_no, s, e) in enumerate(zip(touched.tolist(), starts.tolist(),
-                                                    ends.tolist(), strict=True)):
-                old = lists.get(list_no) or empty_record(self._files, list_no, 0)
+            for i, (list_no, old, s, e) in enumerate(zip(touched.tolist(), olds,
+                                                         starts.tolist(), ends.tolist(),
+                                                         strict=True)):
                 # A count-0 record (emptied by compaction) has no file: it is created, with
                 # its prelude.
                 files = self._files.names(old.file)
@@ -668,9 +674,8 @@ class Writer:
                                                old.count, data[s:e], crc_start=old.crc32,
                                                sync=False))
                 fields = {}
-                if self._files.blocks:  # the blocks the new rows complete (§5.6)
-                    tail = read_tail(folder + old.file, old, self._dtype)
-                    add = block_append(tail, records[s:e], old.bcrc or 0)
+                if blocks is not None:
+                    add = blocks[i]
                     if len(add.blocks):
                         f, committed = files[-1], files[-1].rows(old.count)
                         written.append(folder + f.name)

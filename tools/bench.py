@@ -885,6 +885,17 @@ def measure_opq(args: argparse.Namespace, work: Path, plain: Any, index: Any, xt
     return {"train_s": {"ours_opq": ours_train, "faiss_opq": faiss_train}, "search": rows}
 
 
+def probed_bytes_of(store: ivfpq_store.Store, li: Any) -> int:
+    """The bytes a scan of list ``li`` needs: its committed segment; in a fast-scan store its
+    committed blocks (block file prelude and 16·m + 256 bytes per 32 records) and its tail
+    (the last count % 32 records of its segment)."""
+    if not store.fast_scan:
+        return int(li.segment_bytes)
+    count, m = li.live + li.deleted, store.params.m
+    nblocks = count // 32
+    return (64 + nblocks * (16 * m + 256) if nblocks else 0) + (count % 32) * (8 + m)
+
+
 def faiss_from_store(path: Path, xb: np.ndarray, batch: int) -> Any:
     """A faiss ``IndexIVFPQ`` with our store's centroids and codebooks (not trained by faiss),
     holding ``xb`` with ids 0..n-1: the same lists and codes as ours."""
@@ -951,13 +962,14 @@ def measure_refine(args: argparse.Namespace, paths: dict[str, Path],
 def cold_refined(path: Path, queries: np.ndarray, nprobe: int, refines: list[int],
                  k: int) -> list[dict[str, Any]]:
     """Bytes read from a cold page cache by one query at a time, unrefined and with each R,
-    against the bound: the probed lists' committed segment bytes plus ``R * k`` pages."""
+    against the bound: the bytes the probed lists' scans need (:func:`probed_bytes_of`) plus
+    ``R * k`` pages."""
     files = [p for p in path.rglob("*") if p.is_file() and p.name != "lock.mdb"]
     per: dict[int, dict[str, list[float]]] = {
         r: {"read": [], "ms": []} for r in [0, *refines]}
     probed_bytes = []
     with ivfpq_store.open(path, readonly=True) as cold:
-        lists = {li.list_no: li.segment_bytes for li in cold.lists()}
+        lists = {li.list_no: probed_bytes_of(cold, li) for li in cold.lists()}
         centroids = np.asarray(cold.centroids)
         for q in queries:
             near = np.argsort(((centroids - q) ** 2).sum(1))[:nprobe]
@@ -1227,7 +1239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     files = [p for p in path.rglob("*") if p.is_file() and p.name != "lock.mdb"]
     cold_lat, cold_read, probed_bytes = [], [], []
     with ivfpq_store.open(path, readonly=True) as cold:
-        lists = {li.list_no: li.segment_bytes for li in cold.lists()}
+        lists = {li.list_no: probed_bytes_of(cold, li) for li in cold.lists()}
         centroids = np.asarray(cold.centroids)
         for q in xq[: args.cold]:
             cold.refresh()  # drop our maps so the pages can really be evicted

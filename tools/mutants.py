@@ -762,13 +762,13 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_fastscan.py", "-k", "reference")),
     Mutant("fast-blocks-without-the-old-tail",
            "an append packs blocks from its new records only, not after the list's tail",
-           "    rows = np.concatenate([tail, new]) if len(tail) else new",
-           "    rows = new",
+           "            ids += [tail[\"id\"], records[\"id\"][s: s + full - len(tail)]]",
+           "            ids += [records[\"id\"][s: s + full - len(tail)]]",
            ("tests/test_fastscan.py", "-k", "packing_of_the_segments")),
     Mutant("fast-tail-unchecked",
            "a fast scan reads a list's tail without checking it against tcrc",
-           "        check_tail(path, tail.tobytes(), record)\n        return blocks, tail",
-           "        return blocks, tail",
+           "    check_tail(path, data, record)\n    return np.frombuffer(data, dtype).copy()",
+           "    return np.frombuffer(data, dtype).copy()",
            ("tests/test_fastscan.py", "-k", "damaged_tail")),
 )
 

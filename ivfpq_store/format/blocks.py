@@ -70,12 +70,13 @@ def pack_blocks(ids: np.ndarray, codes: np.ndarray) -> np.ndarray:
     assert n % BLOCK_ROWS == 0, n
     assert len(ids) == n, (n, len(ids))
     nb = n // BLOCK_ROWS
-    out = np.empty(nb, dtype=block_dtype(m))
+    raw = np.empty((nb, 16 * m + 8 * BLOCK_ROWS), np.uint8)  # plain bytes: no field copies
     c = codes.reshape(nb, 2, 16, m)  # rows 0-15 and 16-31 of each block
-    packed = c[:, 0] | (c[:, 1] << 4)  # (nb, 16, m): low nibble row i, high row i + 16
-    out["codes"] = packed.transpose(0, 2, 1).reshape(nb, 16 * m)
-    out["ids"] = np.asarray(ids, "<i8").reshape(nb, BLOCK_ROWS)
-    return out
+    packed = raw[:, :16 * m].reshape(nb, m, 16)
+    np.left_shift(c[:, 1].transpose(0, 2, 1), 4, out=packed)  # high nibble: row i + 16
+    packed |= c[:, 0].transpose(0, 2, 1)  # low nibble: row i
+    raw[:, 16 * m:].view("<i8")[:] = np.asarray(ids).reshape(nb, BLOCK_ROWS)
+    return raw.view(block_dtype(m)).reshape(nb)
 
 
 def unpack_blocks(blocks: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:

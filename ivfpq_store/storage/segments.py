@@ -63,8 +63,7 @@ __all__ = [
     "SegmentReader",
     "SyncJob",
     "append_records",
-    "block_append",
-    "check_tail",
+    "block_appends",
     "committed_size",
     "default_max_open",
     "discard_appended",
@@ -274,20 +273,48 @@ class BlockAppend(NamedTuple):
     tcrc: int
 
 
-def block_append(tail: np.ndarray, new: np.ndarray, bcrc: int) -> BlockAppend:
-    """The :class:`BlockAppend` of records ``new`` appended to a list whose committed tail
-    (its last ``count % 32`` records) is ``tail`` and whose committed blocks have CRC-32
-    ``bcrc``. Also what a new generation's files need, with an empty ``tail`` and 0."""
-    rows = np.concatenate([tail, new]) if len(tail) else new
-    full = len(rows) - len(rows) % BLOCK_ROWS
-    blocks = pack_blocks(rows["id"][:full], rows["code"][:full])
-    return BlockAppend(blocks, crc32(blocks.tobytes(), bcrc) if len(blocks) else bcrc,
-                       crc32(rows[full:].tobytes()))
+def block_appends(tails: Sequence[np.ndarray], records: np.ndarray, starts: Sequence[int],
+                  ends: Sequence[int], bcrcs: Sequence[int]) -> list[BlockAppend]:
+    """The :class:`BlockAppend` of each of several lists: list ``i``, whose committed tail
+    (its last ``count % 32`` records) is ``tails[i]`` and whose committed blocks have CRC-32
+    ``bcrcs[i]``, gets ``records[starts[i]:ends[i]]``. Also what a new generation's files
+    need, with an empty tail and 0. Every list's new blocks are packed in one call (a call
+    per list cost more than the packing, at 256 lists an add)."""
+    ids: list[np.ndarray] = []
+    codes: list[np.ndarray] = []
+    fulls = []
+    for tail, s, e in zip(tails, starts, ends, strict=True):
+        total = len(tail) + e - s
+        full = total - total % BLOCK_ROWS
+        fulls.append(full)
+        if full:  # the tail's rows, then the new ones up to the last full block
+            ids += [tail["id"], records["id"][s: s + full - len(tail)]]
+            codes += [tail["code"], records["code"][s: s + full - len(tail)]]
+    blocks = pack_blocks(np.concatenate(ids) if ids else records["id"][:0],
+                         np.concatenate(codes) if codes else records["code"][:0])
+    out = []
+    at = 0
+    for tail, s, e, bcrc, full in zip(tails, starts, ends, bcrcs, fulls, strict=True):
+        if full == 0:  # no block completed: the new tail is the old one and the new records
+            out.append(BlockAppend(blocks[:0], bcrc,
+                                   crc32(records[s:e].tobytes(), crc32(tail.tobytes()))))
+            continue
+        mine = blocks[at: at + full // BLOCK_ROWS]
+        at += len(mine)
+        out.append(BlockAppend(mine, crc32(mine.tobytes(), bcrc),
+                               crc32(records[s + full - len(tail): e].tobytes())))
+    return out
 
 
 def read_tail(path: str | Path, record: ListRecord, dtype: np.dtype[np.void]) -> np.ndarray:
     """The committed tail of a fast-scan list (its last ``count % 32`` records), read from
     its segment at ``path`` and checked against the record's ``tcrc``.
+
+    A plain read, told not to read ahead: a search reads these bytes and nothing else of
+    the segment (the rest of its records are in the block file), so a cold one reads a
+    page or two here, not the kernel's readahead window. The segment's prelude is checked
+    where the segment is mapped (its records' reads, compaction, verify); the tail's CRC
+    ties these bytes to the catalog.
 
     Raises
     ------
@@ -301,8 +328,13 @@ def read_tail(path: str | Path, record: ListRecord, dtype: np.dtype[np.void]) ->
     offset = file_size(start, dtype.itemsize)
     want = (record.count - start) * dtype.itemsize
     try:
-        with open(path, "rb") as f:
-            data = os.pread(f.fileno(), want, offset)
+        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, offset, want, os.POSIX_FADV_RANDOM)
+            data = os.pread(fd, want, offset)
+        finally:
+            os.close(fd)
     except OSError as err:
         if err.errno in _RESOURCE_ERRNOS:
             raise
@@ -576,11 +608,6 @@ class MapCache:
         assert self.files.blocks, "the store keeps no block files"
         return self._reader(block_file_name(name), list_no, generation, -1).records(nblocks,
                                                                                    crc)
-
-    def segment(self, name: str, list_no: int, generation: int, count: int) -> np.ndarray:
-        """The first ``count`` records of segment ``name``, unchecked: for a caller that
-        checks the rows it reads itself (a fast scan reads only a list's tail)."""
-        return self._reader(name, list_no, generation, 0).records(count)
 
     def _reader(self, name: str, list_no: int, generation: int, kind: int) -> SegmentReader:
         """The cached reader of file ``name``, made on first use: the generation's file
