@@ -199,7 +199,6 @@ def test_sigkill_with_stored_vectors_keeps_vectors_with_their_codes(tmp_path):
     assert stats["acknowledged"] > 20
 
 
-@pytest.mark.slow
 def test_sigkill_in_a_fast_scan_store_across_block_boundaries(tmp_path):
     """A 4-bit store appends blocks of 32 beside its segments: adds of 5-120 vectors to 8
     lists fill and cross block boundaries, upserts and compactions rewrite them. After every
@@ -220,6 +219,7 @@ def test_sigkill_in_a_fast_scan_store_across_block_boundaries(tmp_path):
             np.testing.assert_array_equal(np.sort(row), ids)
 
 
+@pytest.mark.slow
 def test_sigkill_a_thousand_times(tmp_path):
     """The target of docs/operations.md: 1,000 kills, no acknowledged write lost (the figures
     there come from ``pytest -m slow -s -k thousand``, which prints the counts)."""
