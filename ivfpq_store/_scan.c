@@ -314,6 +314,9 @@ static inline float fast_cost(int64_t s, float base, float inv) {
 /* A sub-quantizer's 16 table entries as one vector (GCC vector extensions: one AVX-512
  * register in the x86-64-v4 clone, two AVX2 ones in v3, four SSE ones elsewhere; the same
  * operations, so the same bits, in every clone). */
+/* Vectors passed between always-inline helpers only: no call ever uses the vector ABI that
+ * GCC warns of (-Wpsabi) when the baseline clone has no AVX-512. */
+#pragma GCC diagnostic ignored "-Wpsabi"
 typedef float f16v __attribute__((vector_size(FAST_KSUB * sizeof(float))));
 typedef int32_t i16v __attribute__((vector_size(FAST_KSUB * sizeof(int32_t))));
 typedef uint8_t u16v __attribute__((vector_size(FAST_KSUB)));

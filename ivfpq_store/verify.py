@@ -167,6 +167,8 @@ def verify_store(layout: StoreLayout, files: RowFiles, catalog: Catalog, *,
             nlist = current[0].params.nlist
     records: dict[int, np.ndarray | None] = {}
     stage = Stage(progress, "verify", len(snap.lists))
+    beside = ([("vectors", _check_vectors, vector_file_name)] if files.vectors is not None
+              else []) + ([("blocks", _check_blocks, block_file_name)] if files.blocks else [])
     for n in snap.lists:
         try:
             records[n] = _check_segment(layout, snap, n, meta.m, meta.store_uuid, found)
@@ -175,22 +177,13 @@ def verify_store(layout: StoreLayout, files: RowFiles, catalog: Catalog, *,
                 raise
             found.problem("segment", str(err), str(layout.segment(snap.lists[n].file)))
             records[n] = None
-        if files.vectors is not None:
+        for area, check, name_of in beside:  # the files beside the segment
             try:
-                _check_vectors(layout, files, snap, n, records[n], found)
+                check(layout, files, snap, n, records[n], found)
             except (IvfpqError, OSError, ValueError) as err:
                 if cannot_check(err):
                     raise
-                found.problem("vectors", str(err),
-                              str(layout.segment(vector_file_name(snap.lists[n].file))))
-        if files.blocks:
-            try:
-                _check_blocks(layout, files, snap, n, records[n], found)
-            except (IvfpqError, OSError, ValueError) as err:
-                if cannot_check(err):
-                    raise
-                found.problem("blocks", str(err),
-                              str(layout.segment(block_file_name(snap.lists[n].file))))
+                found.problem(area, str(err), str(layout.segment(name_of(snap.lists[n].file))))
         stage.advance()
     _check_lists_and_tombstones(snap, nlist, prefixes, set(damaged), found)
     _check_ids(snap, ids, entries, records, found)
