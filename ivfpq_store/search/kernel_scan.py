@@ -129,10 +129,11 @@ def _run(plan: _kernel.ScanPlan, qz: Quantizer, config: SearchConfig, queries: F
     pair_list = np.repeat(np.cumsum(kept) - 1, counts)[keep]  # each pair's index in the plan
     order, counts = order[keep], counts[kept]
     pair_q, pair_rank = np.divmod(order, nprobe)
-    # Per query: its terms (m tables of 256 floats) and a heap of cap per thread; per call,
-    # the merge's nthreads * cap candidates. At least one query per call, so a huge k (heaps
-    # of k candidates) can take more than the budget.
-    per_query = 4 * qz.m * _kernel.TSTRIDE + 24 * cap * nthreads
+    # Per query: its terms (m tables of 256 floats, 16 in the fast scan) and a heap of cap
+    # per thread; per call, the merge's nthreads * cap candidates. At least one query per
+    # call, so a huge k (heaps of k candidates) can take more than the budget.
+    stride = _kernel.FAST_STRIDE if plan.fast else _kernel.TSTRIDE
+    per_query = 4 * qz.m * stride + 24 * cap * nthreads
     block = max(1, (config.kernel_budget - 24 * cap * nthreads) // per_query)  # queries a call
     parts = []
     for q0 in range(0, nq, block):

@@ -106,14 +106,14 @@ def _costs_in_place(kernel: _kernel.Kernel, metric: Metric, queries: F32Array, i
         return cost
     cand_ids, cand_lists = ids.ravel()[flat], list_nos.ravel()[flat]
     cand_rows = rows.ravel()[flat]
-    each = cand_lists.tolist()  # a dict per list: cheaper than np.unique for a few dozen
-    parts = {n: fetch_vectors(n, lists[n]) for n in set(each)}  # held during the call
-    if (cand_rows >= np.array([len(parts[n]) for n in each])).any() or (cand_rows < 0).any():
+    # Per list, not per candidate: a refined batch has tens of thousands of candidates.
+    uniq, which = np.unique(cand_lists, return_inverse=True)
+    parts = [fetch_vectors(n, lists[n]) for n in uniq.tolist()]  # held during the call
+    if (cand_rows >= np.array([len(p) for p in parts])[which]).any() or (cand_rows < 0).any():
         raise CorruptStoreError(f"{where}: a refine candidate's row is past its list's "
                                 "committed rows; the catalog is damaged (run verify)")
-    row_dtype = next(iter(parts.values())).dtype
-    bases = {n: part.ctypes.data for n, part in parts.items()}
-    addr = (np.array([bases[n] for n in each], np.uint64)
+    row_dtype = parts[0].dtype
+    addr = (np.array([p.ctypes.data for p in parts], np.uint64)[which]
             + cand_rows.astype(np.uint64) * np.uint64(row_dtype.itemsize))
     assert row_dtype.fields is not None
     half = row_dtype.fields["v"][0].base == np.float16
