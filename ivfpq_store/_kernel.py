@@ -283,18 +283,14 @@ class Kernel:
 
     def plan(self, *, centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
              list_terms: F32Array | None, l2: bool, records: list[np.ndarray],
-             dead: list[np.ndarray | None], list_no: I64Array,
-             blocks: list[np.ndarray] | None = None) -> ScanPlan:
+             dead: list[np.ndarray | None], list_no: I64Array) -> ScanPlan:
         """What a scan of these lists reads, checked once for all the query blocks of a batch.
 
         ``records[l]`` are list ``list_no[l]``'s committed records (structured id/code,
         C-contiguous) and ``dead[l]`` its tombstoned rows (strictly increasing int64) or None.
         ``list_terms`` are :meth:`list_terms` of all the centroids, or None (l2: the kernel then
-        computes each scanned list's own).
-
-        With ``blocks`` (4-bit codes: the fast scan), ``blocks[l]`` are the list's blocks
-        (:func:`~ivfpq_store.format.blocks.block_dtype`, C-contiguous) and ``records[l]``
-        its tail, the records after them: rows ``32 * len(blocks[l])`` on.
+        computes each scanned list's own). The fast scan's lists come from a fast
+        :class:`ListTable` (:meth:`table_plan`).
         """
         centroids, codebooks_t, norms = _f32(centroids), _f32(codebooks_t), _f32(norms)
         list_no = _i64(list_no)
@@ -309,16 +305,8 @@ class Kernel:
         for i, (recs, gone) in enumerate(zip(records, dead, strict=True)):
             rec_addr[i], rec_count[i], dead_addr[i], dead_count[i] = _list_entry(
                 recs, gone, expected)
-        fast = None
-        if blocks is not None:
-            if len(blocks) != n or (n and rec_count.max() >= 32):
-                raise ValueError("scan kernel: inconsistent arguments (a fast scan's tails "
-                                 "hold fewer than 32 records)")
-            fast = (np.empty(n, np.uint64), np.empty(n, np.int64))
-            for i, blks in enumerate(blocks):
-                fast[0][i], fast[1][i] = _block_entry(blks, codebooks_t.shape[0])
         return self._plan(centroids, codebooks_t, norms, list_terms, l2, list_no, rec_addr,
-                          rec_count, dead_addr, dead_count, (records, dead, blocks), fast)
+                          rec_count, dead_addr, dead_count, (records, dead))
 
     def table_plan(self, *, centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
                    list_terms: F32Array | None, l2: bool, tables: Sequence[ListTable],
@@ -427,12 +415,10 @@ class Kernel:
     def _plan(self, centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
               list_terms: F32Array | None, l2: bool, list_no: I64Array, rec_addr: np.ndarray,
               rec_count: I64Array, dead_addr: np.ndarray, dead_count: I64Array,
-              owner: object, blocks: tuple[np.ndarray, I64Array] | None = None, *,
-              fast: bool = False) -> ScanPlan:
+              owner: object, *, fast: bool = False) -> ScanPlan:
         """The plan of checked list entries; ``owner`` holds the arrays they point into.
-        ``blocks`` (the fast scan, ``fast``): each entry's block address and count; the
-        fast scan's list terms have 16 entries per sub-table, not 256."""
-        fast = fast or blocks is not None
+        A fast scan's plan (``fast``: its lists come with blocks, :meth:`ScanPlan.with_lists`)
+        takes list terms of 16 entries per sub-table, not 256."""
         stride = FAST_STRIDE if fast else TSTRIDE
         nlist, dim = centroids.shape
         m, dsub, ksub = codebooks_t.shape
@@ -448,16 +434,14 @@ class Kernel:
             raise ValueError(f"scan kernel: list terms must be (nlist, m, {stride}) float32")
         if n and (list_no.min() < 0 or list_no.max() >= nlist):
             raise ValueError("scan kernel: list number out of range")
-        if fast and (ksub != 16 or (blocks is not None and any(a.shape != (n,) for a in blocks))):
-            raise ValueError("scan kernel: the fast scan needs 4-bit codes and a block entry "
-                             "per list")
+        if fast and (ksub != 16 or n):
+            raise ValueError("scan kernel: the fast scan needs 4-bit codes and a list table")
         keep = (centroids, codebooks_t, norms, list_terms, list_no, rec_addr, rec_count,
-                dead_addr, dead_count, owner, blocks)
+                dead_addr, dead_count, owner)
         fixed = (dim, m, ksub, int(l2), _ptr(centroids), _ptr(codebooks_t), _ptr(norms),
                  None if list_terms is None else _ptr(list_terms), n, _ptr(list_no), None,
                  _ptr(rec_addr), _ptr(rec_count), _record_dtype(m).itemsize, _ptr(dead_addr),
-                 _ptr(dead_count), *((None, None) if blocks is None
-                                     else (_ptr(blocks[0]), _ptr(blocks[1]))))
+                 _ptr(dead_count), None, None)
         return ScanPlan(self._scan, n, fixed, keep, fast=fast)
 
 

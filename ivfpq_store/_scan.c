@@ -386,9 +386,15 @@ HOT static void fast_tables(const float *lterm, const float *qterm, float bias, 
     *inv = span > 0.0f ? span / range : 0.0f;
 }
 
-/* |q - c|^2 in four interleaved sums (the fast scan's pair constant; its tables, not the
- * float scan's, so the order is its own). */
-HOT static float l2_bias(const float *q, const float *c, int64_t dim) {
+/* The fast scan's pair constant: l2 |q - c|^2 in four interleaved sums (its own order: the
+ * float scan's tables are not these), ip -<q, c>. One function for the scan and for
+ * ivfpq_fast_tables, so that the tests' tables are the scan's, bit for bit. */
+HOT static float fast_bias(int l2, const float *q, const float *c, int64_t dim) {
+    if (!l2) {
+        float bias = 0.0f;
+        for (int64_t d = 0; d < dim; d++) bias -= q[d] * c[d];
+        return bias;
+    }
     float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     int64_t d = 0;
     for (; d + 4 <= dim; d += 4)
@@ -656,10 +662,8 @@ static void *list_phase(void *arg) {
             float bias = 0.0f;
             if (jb->blk_addr) { /* the fast scan: 8-bit tables over blocks and tails */
                 float base, inv;
-                if (jb->l2) bias = l2_bias(qv, cent, dim);
-                else
-                    for (int64_t d = 0; d < dim; d++) bias -= qv[d] * cent[d];
-                fast_tables(lterm, qterm, bias, jb->m, w->table, w->lut, &base, &inv);
+                fast_tables(lterm, qterm, fast_bias(jb->l2, qv, cent, dim), jb->m, w->table,
+                            w->lut, &base, &inv);
                 scan_fast(jb, w->sums, w->lut, base, inv, s0, s1, w->tails, w->tail_rows,
                           jb->pair_rank[p], &w->heaps[q], jb->cap);
                 continue;
@@ -840,20 +844,15 @@ int ivfpq_fast_tables(int64_t npairs, int64_t dim, int64_t m, int l2, const floa
         sub_products(qv, l2 ? -2.0f : -1.0f, NULL, l2 ? 0.0f : INFINITY, codebooks_t, m, dsub,
                      FAST_KSUB, FAST_KSUB, qterm);
         const float *lt = NULL;
-        float bias = 0.0f;
-        if (l2) {
-            if (list_terms) {
-                lt = list_terms + pair_list[p] * size;
-            } else {
-                sub_products(cent, 2.0f, norms, INFINITY, codebooks_t, m, dsub, FAST_KSUB,
-                             FAST_KSUB, lterm);
-                lt = lterm;
-            }
-            bias = l2_bias(qv, cent, dim);
-        } else {
-            for (int64_t d = 0; d < dim; d++) bias -= qv[d] * cent[d];
+        if (l2 && list_terms) {
+            lt = list_terms + pair_list[p] * size;
+        } else if (l2) {
+            sub_products(cent, 2.0f, norms, INFINITY, codebooks_t, m, dsub, FAST_KSUB,
+                         FAST_KSUB, lterm);
+            lt = lterm;
         }
-        fast_tables(lt, qterm, bias, m, table, lut, out_base + p, out_inv + p);
+        fast_tables(lt, qterm, fast_bias(l2, qv, cent, dim), m, table, lut, out_base + p,
+                    out_inv + p);
         memcpy(out_lut + p * m * FAST_KSUB, lut, (size_t)(m * FAST_KSUB));
     }
     free(buf);

@@ -78,32 +78,24 @@ def golden_rotation() -> np.ndarray:
     return rot
 
 
-def golden_header(vectors: str | None = None, *, rotation: bool = False) -> bytes:
+def golden_header(vectors: str | None = None, *, rotation: bool = False,
+                  fast_scan: bool = False) -> bytes:
     """The golden header: dim 8, nlist 2, m 2, nbits 2, L2, store_uuid UUID(int=1); with
     ``vectors``, the same store keeping its vectors in that element type (format 1.2); with
-    ``rotation``, the same store with :func:`golden_rotation` (format 1.4)."""
+    ``rotation``, the same store with :func:`golden_rotation` (format 1.4). With
+    ``fast_scan``, the fast-scan store (format 1.5, flags bit 2) of nbits 4 and store_uuid
+    UUID(int=5) whose segment and block file are the golden fast-scan ones."""
+    nbits, scale = (4, 16) if fast_scan else (2, 8)
+    ksub = 1 << nbits
     header = Header(
-        params=IndexParams(dim=8, nlist=2, m=2, nbits=2),
-        store_uuid=uuid.UUID(int=1),
+        params=IndexParams(dim=8, nlist=2, m=2, nbits=nbits),
+        store_uuid=uuid.UUID(int=5 if fast_scan else 1),
         centroids=np.arange(16, dtype=np.float32).reshape(2, 8),
-        codebooks=np.arange(32, dtype=np.float32).reshape(2, 4, 4) / 8,
+        codebooks=np.arange(8 * ksub, dtype=np.float32).reshape(2, ksub, 4) / scale,
         metadata={"seed": 0},
         vectors=vectors,
         rotation=golden_rotation() if rotation else None,
-    )
-    return encode_header(header)
-
-
-def golden_fast_header() -> bytes:
-    """The golden fast-scan header (format 1.5): dim 8, nlist 2, m 2, nbits 4, L2, store_uuid
-    UUID(int=5), flags bit 2."""
-    header = Header(
-        params=IndexParams(dim=8, nlist=2, m=2, nbits=4),
-        store_uuid=uuid.UUID(int=5),
-        centroids=np.arange(16, dtype=np.float32).reshape(2, 8),
-        codebooks=np.arange(128, dtype=np.float32).reshape(2, 16, 4) / 16,
-        metadata={"seed": 0},
-        fast_scan=True,
+        fast_scan=fast_scan,
     )
     return encode_header(header)
 
@@ -193,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
              VECTORS_HEADER_NAME: golden_header("float16"), VECTORS_NAME: golden_vectors(),
              ROTATION_HEADER_NAME: golden_header(rotation=True),
              IDMAP_NAME: golden_buckets(), MANIFEST_NAME: golden_manifest(),
-             FAST_HEADER_NAME: golden_fast_header(), FAST_SEGMENT_NAME: golden_fast_segment(),
-             BLOCKS_NAME: golden_blocks()}
+             FAST_HEADER_NAME: golden_header(fast_scan=True),
+             FAST_SEGMENT_NAME: golden_fast_segment(), BLOCKS_NAME: golden_blocks()}
     status = 0
     for name, data in files.items():
         path = args.out_dir / name

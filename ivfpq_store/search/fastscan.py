@@ -22,10 +22,10 @@ import numpy as np
 
 from ..format.records import ListRecord
 from ..quantizer import Quantizer
-from ..types import F32Array, I64Array, Metric
+from ..types import F32Array, I64Array
 from .config import SearchConfig
 from .plan import RecordFetcher, pairs_by_list
-from .tables import pair_terms
+from .tables import pair_terms, tables
 from .topk import TopK
 
 __all__ = ["FastTables", "costs", "lut_range", "pair_tables", "quantize", "scan_fast", "sums"]
@@ -70,14 +70,10 @@ def pair_tables(qz: Quantizer, queries: F32Array, list_nos: I64Array,
     :func:`~.tables.pair_terms` takes)."""
     x, bias = pair_terms(qz, queries, list_nos, coarse)
     p = len(list_nos)
-    r = np.ascontiguousarray(x).reshape(p, qz.m, qz.dsub)
-    t = np.einsum("pjd,jdk->pjk", r, qz.codebooks_t, optimize=False)
-    if qz.metric is Metric.L2:  # |x_j - C_jk|^2 less |x_j|^2, which the bias holds
-        t *= -2.0
-        t += qz.norms[None]
-    else:
-        np.negative(t, out=t)
-    return quantize(t.astype(np.float32, copy=False), np.asarray(bias, np.float32))
+    # the float tables every numpy scan builds, the constant kept apart: (m, P, 16) -> (P, m, 16)
+    flat, _ = tables(qz, x, np.zeros(p, np.float32))
+    t = flat.reshape(qz.m, p, KSUB).transpose(1, 0, 2)
+    return quantize(np.ascontiguousarray(t, np.float32), np.asarray(bias, np.float32))
 
 
 def sums(lut: np.ndarray, codes: np.ndarray) -> I64Array:
@@ -89,11 +85,11 @@ def sums(lut: np.ndarray, codes: np.ndarray) -> I64Array:
     return out
 
 
-def costs(tables: FastTables, s: I64Array, pairs: np.ndarray | slice = slice(None)) -> F32Array:
-    """The costs of sums ``s`` (P', n) of the pairs ``pairs`` of ``tables``: base + s * inv in
+def costs(luts: FastTables, s: I64Array, pairs: np.ndarray | slice = slice(None)) -> F32Array:
+    """The costs of sums ``s`` (P', n) of the pairs ``pairs`` of ``luts``: base + s * inv in
     float64, rounded to float32 (the kernel's arithmetic, bit for bit)."""
-    base = tables.base[pairs].astype(np.float64)[:, None]
-    inv = tables.inv[pairs].astype(np.float64)[:, None]
+    base = luts.base[pairs].astype(np.float64)[:, None]
+    inv = luts.inv[pairs].astype(np.float64)[:, None]
     out: F32Array = (base + s.astype(np.float64) * inv).astype(np.float32)
     return out
 
@@ -111,13 +107,13 @@ def scan_fast(qz: Quantizer, config: SearchConfig, queries: F32Array, coarse: F3
             continue
         recs = fetch(list_no, record)
         qi, pi = np.divmod(order[s: s + n], nprobe)
-        tables = pair_tables(qz, queries[qi], np.full(n, list_no, np.int64), coarse[qi, pi])
+        luts = pair_tables(qz, queries[qi], np.full(n, list_no, np.int64), coarse[qi, pi])
         dead = deleted.get(list_no)
         # Per row: the P costs (and their float64 and int64 steps), and the gather of m.
         rows_per_block = max(1, config.scan_budget // (n * (qz.m + 4)))
         for r0 in range(0, record.count, rows_per_block):
             r1 = min(record.count, r0 + rows_per_block)
-            cost = costs(tables, sums(tables.lut, recs["code"][r0:r1]))  # (P, rows)
+            cost = costs(luts, sums(luts.lut, recs["code"][r0:r1]))  # (P, rows)
             if dead is not None:  # tombstoned rows lose to every live row
                 lo, hi = np.searchsorted(dead, [r0, r1])
                 cost[:, dead[lo:hi] - r0] = np.inf

@@ -231,8 +231,8 @@ def _fast_costs(qz: Quantizer, located: Located) -> Callable[[F32Array], F32Arra
         cost = np.empty((len(q), len(located.ids)), np.float32)
         for list_no, rows in zip(lists.tolist(), members, strict=True):
             coarse = -(q @ qz.centroids[list_no])  # ip's pair constant; l2 does not use it
-            tables = pair_tables(qz, q, np.full(len(q), list_no, np.int64), coarse)
-            cost[:, rows] = costs(tables, sums(tables.lut, located.codes[rows]))
+            luts = pair_tables(qz, q, np.full(len(q), list_no, np.int64), coarse)
+            cost[:, rows] = costs(luts, sums(luts.lut, located.codes[rows]))
         return cost
     return score
 

@@ -173,8 +173,12 @@ def fill_table(table: _kernel.ListTable, list_nos: I64Array, lists: Mapping[int,
     as no records) with its tombstones. A fast table takes a list's blocks and tail from a
     :class:`~ivfpq_store.storage.BlockFetcher`; from any other fetcher (a filter's copy of
     some rows), its records packed into blocks here."""
+    missing = list_nos[~table.known[list_nos]].tolist()
+    if not missing:
+        return
+    # a Protocol's isinstance check costs more than a warm fill: only when a list is missing
     blocks = fetch if table.fast and isinstance(fetch, BlockFetcher) else None
-    for list_no in list_nos[~table.known[list_nos]].tolist():
+    for list_no in missing:
         record = lists.get(list_no)
         if record is None or record.count == 0:
             table.put(list_no, np.empty(0, table.dtype), None)

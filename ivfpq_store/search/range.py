@@ -195,11 +195,11 @@ def _score_fast(qz: Quantizer, config: SearchConfig, queries: F32Array, coarse: 
     """A list of a fast-scan store: each pair's 8-bit tables, and the costs of the list's
     codes under them (:mod:`.fastscan`), in row blocks."""
     p = len(qi)
-    tables = pair_tables(qz, queries[qi], np.full(p, list_no, np.int64), coarse[qi, rank])
+    luts = pair_tables(qz, queries[qi], np.full(p, list_no, np.int64), coarse[qi, rank])
     rows_per_block = max(1, config.scan_budget // (p * (qz.m + 4)))
     for r0 in range(0, count, rows_per_block):
         r1 = min(count, r0 + rows_per_block)
-        cost = costs(tables, sums(tables.lut, recs["code"][r0:r1]))  # (P, rows)
+        cost = costs(luts, sums(luts.lut, recs["code"][r0:r1]))  # (P, rows)
         if qz.metric is Metric.L2:
             np.maximum(cost, 0.0, out=cost)
         if dead is not None:  # tombstoned rows: +inf, which no radius passes
