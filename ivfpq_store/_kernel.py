@@ -27,7 +27,7 @@ __all__ = ["KERNEL", "THREADS", "Kernel", "ListTable", "ScanPlan", "bad_rows", "
            "row_checksums"]
 
 #: The version of the ``ivfpq_scan`` contract this module speaks (``IVFPQ_SCAN_ABI`` in C).
-ABI = 10
+ABI = 11
 #: Entries per sub-table in the kernel's tables (``TSTRIDE`` in C): 256 whatever ksub.
 TSTRIDE = 256
 
@@ -106,8 +106,12 @@ class Kernel:
         self._encode.argtypes = _ENCODE_ARGS
         self._refine = lib.ivfpq_refine_costs
         self._refine.restype = ctypes.c_int64
-        # n, dim, half, l2, queries, qidx, addr, ids, out
-        self._refine.argtypes = [_I, _I, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P]
+        # n, dim, half, l2, queries, qidx, addr, ids, nthreads, out
+        self._refine.argtypes = [_I, _I, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P,
+                                 ctypes.c_int, _P]
+        self._crc_fold = lib.ivfpq_crc_fold
+        self._crc_fold.restype = ctypes.c_int
+        self._crc_fold.argtypes = [ctypes.c_int]
         self._search_one = lib.ivfpq_search_one
         self._search_one.restype = ctypes.c_int
         self._search_one.argtypes = [
@@ -168,13 +172,21 @@ class Kernel:
         it applies to every scan of the process)."""
         return int(self._fast_level(-1 if limit is None else limit))
 
+    def crc_fold(self, enable: bool | None = None) -> bool:
+        """Whether row checksums fold runs of 64 bytes and more by carry-less multiplication
+        (PCLMULQDQ, where the CPU has it) rather than by tables alone; ``enable`` first allows
+        or forbids it (for tests that compare the two; it applies to the whole process)."""
+        return bool(self._crc_fold(-1 if enable is None else int(enable)))
+
     def refine_costs(self, queries: F32Array, qidx: I64Array, addr: np.ndarray,
-                     ids: I64Array, *, half: bool, l2: bool) -> tuple[F32Array, int]:
+                     ids: I64Array, *, half: bool, l2: bool,
+                     nthreads: int = 1) -> tuple[F32Array, int]:
         """Exact costs (n,) of refine candidates whose stored-vector rows are at addresses
         ``addr`` (uint64, each a committed row of a mapped vector file: the caller keeps the
         maps alive and the rows in range), for queries ``queries[qidx]``, each row checked
         against its CRC-32 and record ``ids``: squared l2 distances or negated inner
-        products. Also the index of the first row that fails its check, or -1."""
+        products, on up to ``nthreads`` threads (one per 512 candidates at most). Also the
+        index of the first row that fails its check, or -1."""
         queries, qidx, ids = _f32(queries), _i64(qidx), _i64(ids)
         addr = np.ascontiguousarray(addr, np.uint64)
         n = len(qidx)
@@ -183,7 +195,9 @@ class Kernel:
             raise ValueError("scan kernel: inconsistent refine arguments")
         out = np.empty(n, np.float32)
         bad = self._refine(n, queries.shape[1], int(half), int(l2), _ptr(queries), _ptr(qidx),
-                           _ptr(addr), _ptr(ids), _ptr(out)) if n else 0
+                           _ptr(addr), _ptr(ids), max(1, nthreads), _ptr(out)) if n else 0
+        if bad < 0:
+            raise MemoryError("scan kernel: could not allocate the refine's threads")
         return out, int(bad) - 1
 
     def row_checksums(self, ids: I64Array, rows: np.ndarray) -> np.ndarray:

@@ -357,12 +357,25 @@ def test_kernel_cached_list_terms_are_those_of_the_probed_lists(tmp_path, small_
                       np.concatenate([s.ids for s in single]), reference, higher=False)
 
 
+@pytest.fixture(params=[True, False], ids=["fold", "tables"])
+def crc_fold(request):
+    """Row checksums by carry-less folding where the CPU has it, then by tables alone."""
+    kernel = _kernel.KERNEL
+    assert kernel is not None
+    kernel.crc_fold(request.param)
+    yield request.param
+    kernel.crc_fold(True)
+
+
 @needs_kernel
 @pytest.mark.parametrize(("dim", "dtype"), [(1, "float16"), (3, "float32"), (7, "float16"),
-                                            (128, "float16"), (100, "float32")])
-def test_row_checksums_equal_the_reference(dim, dtype):
-    """The kernel's CRC-32 of (id, vector) rows is zlib's, for row widths that leave every
-    remainder of its 8-byte steps, and for ids with every byte set."""
+                                            (15, "float32"), (16, "float32"), (17, "float32"),
+                                            (40, "float16"), (33, "float32"), (128, "float16"),
+                                            (100, "float32"), (128, "float32")])
+def test_row_checksums_equal_the_reference(dim, dtype, crc_fold):
+    """The kernel's CRC-32 of (id, vector) rows is zlib's, folded or by tables, for row
+    widths under, at and past the 64 bytes folding starts at, with every remainder of its
+    16-byte and 8-byte steps, and for ids with every byte set."""
     rng = np.random.default_rng(dim)
     rows = np.zeros(50, vector_row_dtype(dim, dtype))
     rows["v"] = rng.normal(size=(50, dim))
@@ -370,6 +383,7 @@ def test_row_checksums_equal_the_reference(dim, dtype):
     ids[0], ids[1] = 0, 2**63 - 1
     kernel = _kernel.KERNEL
     assert kernel is not None
+    assert kernel.crc_fold() == (crc_fold and kernel.crc_fold(True))
     want = row_checksums(ids, rows["v"])
     np.testing.assert_array_equal(kernel.row_checksums(ids, rows), want)
     rows["crc"] = want
@@ -410,6 +424,41 @@ def test_refine_costs_equal_numpy_and_stop_at_a_bad_row(dtype, l2):
     wrong[3] += 1  # row 29 read for another record
     assert kernel.refine_costs(queries, qidx, addr, wrong, half=dtype == "float16",
                                l2=l2)[1] == 3
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_refine_costs_on_threads_equal_one_thread_and_name_the_first_bad_row(dtype, crc_fold):
+    """Candidates split over threads get the costs one thread gives, bit for bit, folded
+    checksums or not; with bad rows in both threads' runs, the first bad one is named."""
+    rng = np.random.default_rng(4)
+    dim, n = 100, 3000
+    rows = np.zeros(200, vector_row_dtype(dim, dtype))
+    rows["v"] = rng.normal(size=(200, dim))
+    ids = rng.integers(0, 2**40, size=200)
+    rows["crc"] = row_checksums(ids, rows["v"])
+    queries = rng.normal(size=(5, dim)).astype(np.float32)
+    pick = rng.integers(0, 200, size=n)
+    qidx = rng.integers(0, 5, size=n)
+    addr = (rows.ctypes.data + pick * rows.dtype.itemsize).astype(np.uint64)
+    kernel = _kernel.KERNEL
+    assert kernel is not None
+    half = dtype == "float16"
+    one, bad = kernel.refine_costs(queries, qidx, addr, ids[pick], half=half, l2=True)
+    assert bad == -1
+    two, bad = kernel.refine_costs(queries, qidx, addr, ids[pick], half=half, l2=True,
+                                   nthreads=2)
+    assert bad == -1
+    np.testing.assert_array_equal(one, two)
+    v = rows["v"][pick].astype(np.float64)
+    np.testing.assert_allclose(one, ((v - queries[qidx]) ** 2).sum(axis=1), rtol=1e-5)
+    wrong = ids[pick].copy()
+    wrong[[700, 2500]] += 1
+    assert kernel.refine_costs(queries, qidx, addr, wrong, half=half, l2=True,
+                               nthreads=2)[1] == 700
+    wrong[700] -= 1
+    assert kernel.refine_costs(queries, qidx, addr, wrong, half=half, l2=True,
+                               nthreads=2)[1] == 2500
 
 
 @needs_kernel

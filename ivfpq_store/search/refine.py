@@ -89,16 +89,16 @@ def exact_costs(metric: Metric, config: SearchConfig, queries: F32Array, ids: I6
     kernel = _kernel.KERNEL
     if kernel is not None:
         return _costs_in_place(kernel, metric, queries, ids, list_nos, rows, lists,
-                               fetch_vectors, where)
+                               fetch_vectors, where, config.threads)
     return _costs_gathered(metric, config, queries, ids, list_nos, rows, lists, fetch_vectors,
                            where)
 
 
 def _costs_in_place(kernel: _kernel.Kernel, metric: Metric, queries: F32Array, ids: I64Array,
                     list_nos: I64Array, rows: I64Array, lists: Mapping[int, ListRecord],
-                    fetch_vectors: RecordFetcher, where: Path) -> F32Array:
+                    fetch_vectors: RecordFetcher, where: Path, threads: int) -> F32Array:
     """Exact costs (nq, c) of the candidates, +inf where there is none, by the kernel, which
-    reads each row where its list's vector file is mapped."""
+    reads each row where its list's vector file is mapped, on up to ``threads`` threads."""
     nq, c = ids.shape
     cost = np.full((nq, c), np.inf, np.float32)
     flat = np.flatnonzero(ids.ravel() >= 0)
@@ -118,7 +118,7 @@ def _costs_in_place(kernel: _kernel.Kernel, metric: Metric, queries: F32Array, i
     assert row_dtype.fields is not None
     half = row_dtype.fields["v"][0].base == np.float16
     got, bad = kernel.refine_costs(queries, flat // c, addr, cand_ids, half=half,
-                                   l2=metric is Metric.L2)
+                                   l2=metric is Metric.L2, nthreads=threads)
     if bad >= 0:
         raise CorruptStoreError(
             f"{where}: the stored vector of id {int(cand_ids[bad])} (list "
