@@ -72,9 +72,9 @@ static inline int after(const cand_t *a, const cand_t *b) {
     return a->row > b->row;
 }
 
-/* A bounded max-heap: c[0] is the worst of the best `cap` candidates so far. limit: a cost
- * that cap candidates of the query already have (elsewhere), so that no worse one can be
- * among its best (FLT_MAX: none known). */
+/* A bounded max-heap: c[0] is the worst of the best `cap` candidates so far. limit: the
+ * largest cost a candidate may have and still be among the query's best, when cap better
+ * candidates are known elsewhere (FLT_MAX: none are). */
 typedef struct {
     cand_t *c;
     int64_t n;
@@ -437,12 +437,21 @@ HOT static float fast_bias(int l2, const float *q, const float *c, int64_t dim) 
 }
 
 /* The largest sum s whose cost is at most bound: -1 when none is, 65535 when every one is;
- * ra = 1 / inv. The estimate is corrected by stepping, so the bound is exact: a row of sum s
- * enters a heap of that bound exactly when s <= sum_bound(bound). */
+ * ra = 1 / inv. Costs are rounded to float, so that many sums can share bound's cost: the
+ * estimate aims at the top of the interval of values that round to bound, and is corrected
+ * by stepping (a step or none, mostly), so the bound is exact: a row of sum s enters a heap
+ * of that bound exactly when s <= sum_bound(bound). */
 static inline int64_t sum_bound(float bound, float base, float inv, double ra) {
     if (!(base <= bound)) return -1;
     if (!(inv > 0.0f)) return 65535;
-    const double est = ((double)bound - (double)base) * ra;
+    uint32_t bits; /* the next float up from bound, finite and not NaN here */
+    memcpy(&bits, &bound, 4);
+    float up;
+    if (bound == 0.0f) bits = 1;
+    else bits += bound > 0.0f ? 1 : (uint32_t)-1;
+    memcpy(&up, &bits, 4);
+    const double edge = 0.5 * ((double)bound + (double)up);
+    const double est = (edge - (double)base) * ra;
     int64_t s = est >= 65535.0 ? 65535 : (int64_t)est;
     while (s < 65535 && fast_cost(s + 1, base, inv) <= bound) s++;
     while (s >= 0 && !(fast_cost(s, base, inv) <= bound)) s--;
@@ -614,10 +623,10 @@ static void scan_fast(const job_t *jb, block_sums_fn sums_of, const uint8_t *lut
             if (!rows) break;
             const uint8_t *bp = b < nb ? blk + b * bsize : tails + (s - s0) * bsize;
             uint32_t mask = sums_of(bp, lut, m, thr, sums) & rows;
+            const float was = bound;
             while (mask) {
                 const int i = __builtin_ctz(mask);
                 mask &= mask - 1;
-                if (!(sums[i] <= thr)) continue; /* the bound tightened since the mask */
                 const int64_t row = b * BLOCK_ROWS + i;
                 while (di < nd && dead[di] < row) di++;
                 if (di < nd && dead[di] == row) continue; /* tombstoned */
@@ -628,11 +637,9 @@ static void scan_fast(const job_t *jb, block_sums_fn sums_of, const uint8_t *lut
                 cand.row = row0 + row;
                 memcpy(&cand.id, bp + 16 * m + ID_BYTES * i, sizeof(int64_t));
                 heap_offer(h, cap, &cand);
-                if (heap_bound(h, cap) != bound) {
-                    bound = heap_bound(h, cap);
-                    thr = sum_bound(bound, base, inv, ra);
-                }
+                bound = heap_bound(h, cap); /* the block's later rows are held to it by cost */
             }
+            if (bound != was) thr = sum_bound(bound, base, inv, ra); /* once a block */
         }
         row0 += nb * BLOCK_ROWS + jb->rec_count[s];
     }
@@ -847,11 +854,13 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
             ws[t].b1 = l;
         }
         run_parallel(nthreads, ws, sizeof(worker_t), tids, list_phase);
-        for (int64_t q = 0; q < nq && pass == 0; q++) { /* each full heap bounds them all */
+        /* A full heap of the first pass bounds the query's later pairs: their candidates
+         * come after its worst on a tie of cost (a worse rank), so only a lower cost counts. */
+        for (int64_t q = 0; q < nq && pass == 0; q++) {
             float limit = FLT_MAX;
             for (int t = 0; t < nthreads; t++)
                 if (ws[t].heaps[q].n == cap && ws[t].heaps[q].c[0].cost < limit)
-                    limit = ws[t].heaps[q].c[0].cost;
+                    limit = nextafterf(ws[t].heaps[q].c[0].cost, -INFINITY);
             for (int t = 0; t < nthreads; t++) ws[t].heaps[q].limit = limit;
         }
     }

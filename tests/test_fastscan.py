@@ -276,6 +276,23 @@ def test_kernel_equals_the_reference_with_its_tables(tmp_path, metric, m, each_l
 
 
 @needs_kernel
+def test_first_lists_shorter_than_k_bound_no_later_list(tmp_path):
+    """A query's best-ranked list, scanned first, bounds its later lists only once it holds
+    k candidates: with every list shorter than k, batch and single queries equal the
+    reference."""
+    with fast_store(tmp_path / "s") as store:
+        store.add(synthetic(40, 16, seed=2))
+        assert max(len(store.list_contents(n)[0]) for n in range(6)) < 20
+        queries = synthetic(12, 16, seed=4)
+        want = reference(store, queries, 20, 6)
+        assert_same(store.search(queries, k=20, nprobe=6), want)
+        for i in range(12):
+            one = store.search(queries[i], k=20, nprobe=6)
+            np.testing.assert_array_equal(one.ids[0], want[1][i])
+            np.testing.assert_array_equal(one.distances[0], want[0][i])
+
+
+@needs_kernel
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_kernel_ties_on_exactly_encodable_data(tmp_path, metric, each_level):
     """Codes from two values per sub-quantizer: thousands of rows share a cost, and the k

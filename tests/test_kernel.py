@@ -357,6 +357,23 @@ def test_kernel_cached_list_terms_are_those_of_the_probed_lists(tmp_path, small_
                       np.concatenate([s.ids for s in single]), reference, higher=False)
 
 
+@needs_kernel
+def test_first_lists_shorter_than_k_bound_no_later_list(tmp_path, small_data):
+    """Each query's best-ranked list is scanned first and bounds its other lists only once it
+    holds k candidates: with lists shorter than k, batch and single queries give the
+    exhaustive ADC's best k (tests/test_fastscan.py checks the same of the fast scan)."""
+    with make_store(tmp_path / "s", small_data, add=False) as store:
+        store.add(small_data["base"][:40])
+        queries = small_data["queries"][:12]
+        assert max(len(store.list_contents(n)[0]) for n in range(NLIST)) < 20
+        reference = adc_reference(store, queries, NLIST, "l2")
+        batch = store.search(queries, k=20, nprobe=NLIST)
+        assert_valid_topk(batch.distances, batch.ids, reference, higher=False)
+        single = [store.search(q, k=20, nprobe=NLIST) for q in queries]
+        assert_valid_topk(np.concatenate([r.distances for r in single]),
+                          np.concatenate([r.ids for r in single]), reference, higher=False)
+
+
 @pytest.fixture(params=[True, False], ids=["fold", "tables"])
 def crc_fold(request):
     """Row checksums by carry-less folding where the CPU has it, then by tables alone."""
