@@ -335,38 +335,51 @@ static inline __attribute__((always_inline)) f16v pick(i16v mask, f16v a, f16v b
     return (f16v)((mask & (i16v)a) | (~mask & (i16v)b));
 }
 
-/* The least and greatest entry of each of 16 rows (lane r of *lo and *hi: row r), by a tree
- * that halves the lanes a row keeps while doubling the rows a vector holds: 4 levels of two
- * two-vector shuffles and a compare, 74 operations for 16 rows (halving each row alone takes
- * 24 a row). */
-static inline __attribute__((always_inline)) void min_max_rows(const f16v *rows, f16v *lo,
-                                                               f16v *hi) {
+/* The least (greatest: 0 or 1) entry of each of 16 rows, lane r for row r, by a tree that
+ * halves the lanes a row keeps while doubling the rows a vector holds: 4 levels of two
+ * two-vector shuffles and a compare, 45 operations for 16 rows (halving each row alone takes
+ * 12 a row). */
+static inline __attribute__((always_inline)) f16v extreme_rows(const f16v *rows,
+                                                               const int greatest) {
     const i16v x1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
     const i16v x2 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
     const i16v x3 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
     const i16v x4 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-    f16v a[8], b[8];
+    f16v a[8];
+#define KEEP(x, y) (greatest ? pick(y > x, y, x) : pick(y < x, y, x))
     for (int i = 0; i < 8; i++) { /* rows 2i, 2i + 1: 8 lanes each */
         const f16v x = __builtin_shuffle(rows[2 * i], rows[2 * i + 1], x1);
         const f16v y = __builtin_shuffle(rows[2 * i], rows[2 * i + 1], x1 + 8);
-        a[i] = pick(y < x, y, x);
-        b[i] = pick(y > x, y, x);
+        a[i] = KEEP(x, y);
     }
 #define LEVEL(X, STEP, N)                                                                  \
     for (int i = 0; i < N; i++) {                                                          \
-        f16v x = __builtin_shuffle(a[2 * i], a[2 * i + 1], X);                              \
-        f16v y = __builtin_shuffle(a[2 * i], a[2 * i + 1], X + STEP);                       \
-        a[i] = pick(y < x, y, x);                                                          \
-        x = __builtin_shuffle(b[2 * i], b[2 * i + 1], X);                                   \
-        y = __builtin_shuffle(b[2 * i], b[2 * i + 1], X + STEP);                            \
-        b[i] = pick(y > x, y, x);                                                          \
+        const f16v x = __builtin_shuffle(a[2 * i], a[2 * i + 1], X);                        \
+        const f16v y = __builtin_shuffle(a[2 * i], a[2 * i + 1], X + STEP);                 \
+        a[i] = KEEP(x, y);                                                                 \
     }
     LEVEL(x2, 4, 4) /* 4 rows of 4 lanes a vector */
     LEVEL(x3, 2, 2) /* 8 rows of 2 */
     LEVEL(x4, 1, 1) /* 16 rows of 1 */
 #undef LEVEL
-    *lo = a[0];
-    *hi = b[0];
+#undef KEEP
+    return a[0];
+}
+
+/* Rows j0 .. j0 + 15 of a pair's float table (the last of the m rows repeated past m): the
+ * list's terms plus the query's (l2), or the query's (ip: lterm NULL). */
+static inline __attribute__((always_inline)) void table_rows(const float *lterm,
+                                                             const float *qterm, int64_t m,
+                                                             int64_t j0, f16v *rows) {
+    for (int64_t r = 0; r < 16; r++) {
+        const int64_t j = j0 + r < m ? j0 + r : m - 1;
+        memcpy(&rows[r], qterm + j * FAST_KSUB, sizeof(f16v));
+        if (lterm) {
+            f16v add;
+            memcpy(&add, lterm + j * FAST_KSUB, sizeof(add));
+            rows[r] += add;
+        }
+    }
 }
 
 /*
@@ -375,65 +388,78 @@ static inline __attribute__((always_inline)) void min_max_rows(const f16v *rows,
  * trunc(min(max((t[j][c] - min_j) * a, 0), R) + 1/2), a = R / span, span the widest of the
  * rows' ranges and R = lut_range(m); rows m .. lut_rows(m) are zero. A row whose entries
  * sum to s costs fast_cost(s, base, inv) with base = bias + the rows' minima and
- * inv = span / R. t is scratch of m * 16 floats. Non-finite tables give costs no heap keeps.
+ * inv = span / R. t is scratch of m floats. Non-finite tables give costs no heap keeps.
+ * Returns 1; 0 without writing lut or inv when base is above `bound`, so that no row of the
+ * pair can cost at most bound (a scan's pairs that cannot enter their query's heap).
  */
-HOT static void fast_tables(const float *lterm, const float *qterm, float bias, int64_t m,
-                            float *t, uint8_t *lut, float *base, float *inv) {
+HOT static int fast_tables(const float *lterm, const float *qterm, float bias, int64_t m,
+                           float bound, float *t, uint8_t *lut, float *base, float *inv) {
+    /* The rows' least entries (to t[0 .. m)) and base first: most pairs of a scan stop here */
+    double mins = 0.0;
+    f16v rows[16];
+    for (int64_t j0 = 0; j0 < m; j0 += 16) {
+        const int64_t nr = m - j0 < 16 ? m - j0 : 16;
+        table_rows(lterm, qterm, m, j0, rows);
+        const f16v lo = extreme_rows(rows, 0);
+        for (int64_t r = 0; r < nr; r++) {
+            t[j0 + r] = lo[r];
+            mins += (double)lo[r];
+        }
+    }
+    *base = (float)((double)bias + mins);
+    if (*base > bound) return 0;
     const float range = (float)lut_range(m);
     float span = 0.0f;
-    double mins = 0.0;
-    for (int64_t j0 = 0; j0 < m; j0 += 16) { /* 16 rows at a time, the last repeated */
+    for (int64_t j0 = 0; j0 < m; j0 += 16) {
         const int64_t nr = m - j0 < 16 ? m - j0 : 16;
-        f16v rows[16], lo, hi;
-        for (int64_t r = 0; r < 16; r++) {
-            const int64_t j = j0 + (r < nr ? r : nr - 1);
-            memcpy(&rows[r], qterm + j * FAST_KSUB, sizeof(f16v));
-            if (lterm) {
-                f16v add;
-                memcpy(&add, lterm + j * FAST_KSUB, sizeof(add));
-                rows[r] += add;
-            }
-        }
-        min_max_rows(rows, &lo, &hi);
+        table_rows(lterm, qterm, m, j0, rows);
+        const f16v hi = extreme_rows(rows, 1);
         for (int64_t r = 0; r < nr; r++) {
-            const f16v row = rows[r] - lo[r];
-            memcpy(t + (j0 + r) * FAST_KSUB, &row, sizeof(row));
-            const float d = hi[r] - lo[r];
+            const float d = hi[r] - t[j0 + r];
             if (d > span || !(d == d)) span = d;
-            mins += (double)lo[r];
         }
     }
     const float a = span > 0.0f ? range / span : 0.0f;
     const f16v zero = {0}, top = zero + range;
-    for (int64_t j = 0; j < m; j++) {
-        f16v v;
-        memcpy(&v, t + j * FAST_KSUB, sizeof(v));
-        v *= a;
-        v = pick(v > zero, v, zero); /* NaN: 0 */
-        v = pick(v < top, v, top);
-        const u16v q = __builtin_convertvector(__builtin_convertvector(v + 0.5f, i16v), u16v);
-        memcpy(lut + j * FAST_KSUB, &q, sizeof(q));
+    for (int64_t j0 = 0; j0 < m; j0 += 16) {
+        const int64_t nr = m - j0 < 16 ? m - j0 : 16;
+        table_rows(lterm, qterm, m, j0, rows);
+        for (int64_t r = 0; r < nr; r++) {
+            f16v v = (rows[r] - t[j0 + r]) * a;
+            v = pick(v > zero, v, zero); /* NaN: 0 */
+            v = pick(v < top, v, top);
+            const u16v q = __builtin_convertvector(__builtin_convertvector(v + 0.5f, i16v), u16v);
+            memcpy(lut + (j0 + r) * FAST_KSUB, &q, sizeof(q));
+        }
     }
     memset(lut + m * FAST_KSUB, 0, (size_t)(lut_rows(m) - m) * FAST_KSUB);
-    *base = (float)((double)bias + mins);
     *inv = span > 0.0f ? span / range : 0.0f;
+    return 1;
 }
 
-/* The fast scan's pair constant: l2 |q - c|^2 in four interleaved sums (its own order: the
- * float scan's tables are not these), ip -<q, c>. One function for the scan and for
- * ivfpq_fast_tables, so that the tests' tables are the scan's, bit for bit. */
+/* The fast scan's pair constant: l2 |q - c|^2, ip -<q, c>, in 16 interleaved sums added
+ * pairwise (its own order: the float scan's tables are not these). One function for the scan
+ * and for ivfpq_fast_tables, so that the tests' tables are the scan's, bit for bit. */
 HOT static float fast_bias(int l2, const float *q, const float *c, int64_t dim) {
-    if (!l2) {
-        float bias = 0.0f;
-        for (int64_t d = 0; d < dim; d++) bias -= q[d] * c[d];
-        return bias;
-    }
-    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    f16v acc = {0};
     int64_t d = 0;
-    for (; d + 4 <= dim; d += 4)
-        for (int u = 0; u < 4; u++) s[u] += (q[d + u] - c[d + u]) * (q[d + u] - c[d + u]);
-    for (; d < dim; d++) s[0] += (q[d] - c[d]) * (q[d] - c[d]);
-    return (s[0] + s[1]) + (s[2] + s[3]);
+    for (; d + FAST_KSUB <= dim; d += FAST_KSUB) {
+        f16v a, b;
+        memcpy(&a, q + d, sizeof(a));
+        memcpy(&b, c + d, sizeof(b));
+        if (l2) {
+            const f16v e = a - b;
+            acc += e * e;
+        } else {
+            acc -= a * b;
+        }
+    }
+    float lanes[FAST_KSUB], rest = 0.0f;
+    for (; d < dim; d++) rest += l2 ? (q[d] - c[d]) * (q[d] - c[d]) : -(q[d] * c[d]);
+    memcpy(lanes, &acc, sizeof(lanes));
+    for (int h = FAST_KSUB / 2; h >= 1; h /= 2)
+        for (int u = 0; u < h; u++) lanes[u] += lanes[u + h];
+    return lanes[0] + rest;
 }
 
 /* The largest sum s whose cost is at most bound: -1 when none is, 65535 when every one is;
@@ -710,11 +736,14 @@ static void *list_phase(void *arg) {
             const float *t = qterm;
             float bias = 0.0f;
             if (jb->blk_addr) { /* the fast scan: 8-bit tables over blocks and tails */
+                /* A pair whose least cost is above its query's bound stops at its base: with
+                 * its best-ranked list scanned first, most of a query's pairs do. */
                 float base, inv;
-                fast_tables(lterm, qterm, fast_bias(jb->l2, qv, cent, dim), jb->m, w->table,
-                            w->lut, &base, &inv);
-                scan_fast(jb, w->sums, w->lut, base, inv, s0, s1, w->tails, w->tail_rows,
-                          jb->pair_rank[p], &w->heaps[q], jb->cap);
+                if (fast_tables(lterm, qterm, fast_bias(jb->l2, qv, cent, dim), jb->m,
+                                heap_bound(&w->heaps[q], jb->cap), w->table, w->lut, &base,
+                                &inv))
+                    scan_fast(jb, w->sums, w->lut, base, inv, s0, s1, w->tails, w->tail_rows,
+                              jb->pair_rank[p], &w->heaps[q], jb->cap);
                 continue;
             }
             if (jb->l2) {
@@ -925,8 +954,8 @@ int ivfpq_fast_tables(int64_t npairs, int64_t dim, int64_t m, int l2, const floa
                          FAST_KSUB, lterm);
             lt = lterm;
         }
-        fast_tables(lt, qterm, fast_bias(l2, qv, cent, dim), m, table, lut, out_base + p,
-                    out_inv + p);
+        fast_tables(lt, qterm, fast_bias(l2, qv, cent, dim), m, INFINITY, table, lut,
+                    out_base + p, out_inv + p);
         memcpy(out_lut + p * m * FAST_KSUB, lut, (size_t)(m * FAST_KSUB));
     }
     free(buf);
@@ -960,14 +989,40 @@ static int cmp_scored(const void *a, const void *b) {
 }
 
 /* The nprobe best (cost, list) of one row of scores, by (cost, list), best first. Small
- * nprobe: insertion into a sorted run (most scores fail one compare); large: a full sort. */
-static void best_lists(const float *row, int64_t nlist, int64_t nprobe, float add,
-                       scored_t *tmp, float *out_cost, int64_t *out_list) {
+ * nprobe: insertion into a sorted run of the scores up to a bound (most fail one compare,
+ * most runs of 16 one vector compare); large: a full sort. The bound is the largest of the
+ * least scores of nprobe slices of the row: nprobe scores are at most it, so the nprobe best
+ * are too. NaN ranks last, as +inf. */
+HOT static void best_lists(const float *row, int64_t nlist, int64_t nprobe, float add,
+                           scored_t *tmp, float *out_cost, int64_t *out_list) {
     int64_t n = 0;
     if (nprobe <= 64) {
+        float bound = INFINITY;
+        if (nlist >= 4 * nprobe) {
+            bound = -INFINITY;
+            for (int64_t g = 0; g < nprobe; g++) {
+                float lo = INFINITY;
+                for (int64_t c = nlist * g / nprobe; c < nlist * (g + 1) / nprobe; c++)
+                    lo = row[c] < lo ? row[c] : lo; /* NaN: skipped */
+                bound = lo > bound ? lo : bound;
+            }
+        }
         for (int64_t c = 0; c < nlist; c++) {
+            const float limit = n == nprobe && tmp[n - 1].cost < bound ? tmp[n - 1].cost : bound;
+            if ((c & 15) == 0 && c + 16 <= nlist && limit < INFINITY) { /* 16 at a time */
+                f16v v16;
+                memcpy(&v16, row + c, sizeof(v16));
+                const i16v under = v16 <= (f16v){0} + limit; /* NaN: no */
+                int any = 0;
+                for (int u = 0; u < 16; u++) any |= under[u];
+                if (!any) {
+                    c += 15;
+                    continue;
+                }
+            }
             float v = row[c];
-            if (v != v) v = INFINITY; /* NaN ranks last */
+            if (v != v) v = INFINITY;
+            if (v > bound) continue;
             if (n == nprobe && !(v < tmp[n - 1].cost)) continue; /* ties: lower list wins */
             int64_t i = n < nprobe ? n++ : n - 1;
             while (i > 0 && v < tmp[i - 1].cost) {
