@@ -63,6 +63,16 @@ def _cpus() -> int:
 THREADS = max(1, min(_cpus(), 64))
 
 
+#: The int64 slots that open ivfpq_search_one's frame, in order (``enum`` F_* in _scan.c);
+#: the query and the outputs follow them.
+FRAME_SLOTS = ("dim", "m", "ksub", "l2", "matrix", "nlist", "nprobe", "centroids",
+               "codebooks_t", "norms", "list_terms", "known", "rec_addr", "rec_count", "stride",
+               "dead_addr", "dead_count", "blk_addr", "blk_count", "k", "nthreads",
+               "thread_min_rows")
+_F_NPROBE, _F_K, _F_NTHREADS, _F_THREAD_MIN_ROWS = (
+    FRAME_SLOTS.index(n) for n in ("nprobe", "k", "nthreads", "thread_min_rows"))
+
+
 def _f32(a: np.ndarray) -> F32Array:
     """``a`` as a C-contiguous, aligned float32 array (a copy only when it is not already
     one): C reads it in place."""
@@ -114,13 +124,7 @@ class Kernel:
         self._crc_fold.argtypes = [ctypes.c_int]
         self._search_one = lib.ivfpq_search_one
         self._search_one.restype = ctypes.c_int
-        self._search_one.argtypes = [
-            _I, _I, _I, ctypes.c_int, _P, _P,  # dim, m, ksub, l2, query, matrix
-            _I, _I, _P, _P, _P, _P,  # nlist, nprobe, centroids, codebooks_t, norms, list_terms
-            _P, _P, _P, _I, _P, _P,  # known, rec_addr, rec_count, stride, dead_addr, dead_count
-            _P, _P,  # blk_addr, blk_count
-            _I, ctypes.c_int, _I,  # k, nthreads, thread_min_rows
-            _P, _P, _P, _P, _P]  # out_list, out_cost, out_id, out_rank, out_row
+        self._search_one.argtypes = [_P]  # the frame: FRAME_SLOTS, query, outputs
         self._sums = lib.ivfpq_cluster_sums
         self._sums.restype = ctypes.c_int
         self._sums.argtypes = [_I, _I, _I, _I, _P, _P, ctypes.c_int, _P, _P]
@@ -379,37 +383,57 @@ class Kernel:
         and call again). ``query`` is (1, dim) float32; the scan runs on one thread below
         ``thread_min_rows`` rows. The quantizer's arrays and the probe ``matrix`` are
         checked once per table."""
-        dim, m, ksub, l2_flag, *quantizer = self._table_quantizer(
-            table, centroids, codebooks_t, norms, list_terms, l2).quantizer_args
-        probe = table.matrix
-        if probe is None or probe[0] is not matrix:
-            checked = _f32(matrix)
-            if checked.shape != (dim + l2_flag, table.nlist):
-                raise ValueError("scan kernel: the probe matrix belongs to another quantizer")
-            probe = table.matrix = (matrix, checked, _ptr(checked))
+        given = (matrix, centroids, codebooks_t, norms, list_terms, l2)
+        made = table.frame
+        if made is None or not all(a is b for a, b in zip(made[0], given, strict=True)):
+            made = table.frame = (given, self._frame(table, *given))
+        head = made[1]
+        dim = int(head[FRAME_SLOTS.index("dim")])
         query = _f32(query)
         if query.shape != (1, dim) or not 1 <= nprobe <= table.nlist or k < 1:
             raise ValueError("scan kernel: inconsistent search arguments")
-        # One buffer, every part aligned: lists, ids, rows (int64), costs, ranks (4 bytes).
-        out = np.empty(nprobe * 8 + k * 24, np.uint8)
-        at = [nprobe * 8 + k * o for o in (0, 8, 16, 20, 24)]  # ids, rows, costs, ranks, end
-        base = _ptr(out)
-        known, rec_addr, rec_count, dead_addr, dead_count, *blocks = table.addresses
-        rc = self._search_one(dim, m, ksub, l2_flag, _ptr(query), probe[2], table.nlist, nprobe,
-                              *quantizer, known, rec_addr, rec_count, table.dtype.itemsize,
-                              dead_addr, dead_count, *(blocks if table.fast else (None, None)),
-                              k, nthreads,
-                              thread_min_rows, base, base + at[2], base + at[0], base + at[3],
-                              base + at[1])
+        # The frame ivfpq_search_one reads: its slots, the query, then the outputs: lists,
+        # ids, rows (int64), costs and ranks (4 bytes each).
+        q_slots = (dim + 1) // 2
+        frame = np.empty(len(FRAME_SLOTS) + q_slots + nprobe + 3 * k, np.int64)
+        frame[: len(head)] = head
+        frame[_F_NPROBE], frame[_F_K] = nprobe, k
+        frame[_F_NTHREADS], frame[_F_THREAD_MIN_ROWS] = nthreads, thread_min_rows
+        at = len(FRAME_SLOTS) + q_slots
+        frame[len(FRAME_SLOTS): at].view(np.float32)[:dim] = query[0]
+        rc = self._search_one(frame.ctypes.data)
         if rc < 0:
             raise MemoryError("scan kernel: could not allocate a search's scratch")
-        lists = out[: at[0]].view(np.int64).reshape(1, nprobe)
+        lists = frame[at: at + nprobe].reshape(1, nprobe)
         if rc == 1:
             return lists, None
-        return lists, (out[at[2]: at[3]].view(np.float32).reshape(1, k),
-                       out[at[0]: at[1]].view(np.int64).reshape(1, k),
-                       out[at[3]: at[4]].view(np.int32).reshape(1, k),
-                       out[at[1]: at[2]].view(np.int64).reshape(1, k))
+        at += nprobe
+        tail = frame[at + 2 * k: at + 3 * k]
+        return lists, (tail.view(np.float32)[:k].reshape(1, k),
+                       frame[at: at + k].reshape(1, k),
+                       tail.view(np.int32)[k:].reshape(1, k),
+                       frame[at + k: at + 2 * k].reshape(1, k))
+
+    def _frame(self, table: ListTable, matrix: F32Array, centroids: F32Array,
+               codebooks_t: F32Array, norms: F32Array, list_terms: F32Array | None,
+               l2: bool) -> I64Array:
+        """The slots of ivfpq_search_one's frame that a table's searches share (the quantizer's
+        arrays and the probe ``matrix``, checked; nprobe, k and threads left 0)."""
+        dim, m, ksub, l2_flag, *quantizer = self._table_quantizer(
+            table, centroids, codebooks_t, norms, list_terms, l2).quantizer_args
+        checked = _f32(matrix)
+        if checked.shape != (dim + l2_flag, table.nlist):
+            raise ValueError("scan kernel: the probe matrix belongs to another quantizer")
+        table.matrix = checked  # held: the frame points into it
+        known, rec_addr, rec_count, dead_addr, dead_count, *blocks = table.addresses
+        values = dict(zip(("centroids", "codebooks_t", "norms", "list_terms"), quantizer,
+                          strict=True))
+        values.update(dim=dim, m=m, ksub=ksub, l2=l2_flag, matrix=_ptr(checked),
+                      nlist=table.nlist, known=known, rec_addr=rec_addr, rec_count=rec_count,
+                      stride=table.dtype.itemsize, dead_addr=dead_addr, dead_count=dead_count,
+                      blk_addr=blocks[0] if table.fast else 0,
+                      blk_count=blocks[1] if table.fast else 0)
+        return np.array([values.get(name) or 0 for name in FRAME_SLOTS], np.int64)
 
     def _table_quantizer(self, table: ListTable, centroids: F32Array, codebooks_t: F32Array,
                          norms: F32Array, list_terms: F32Array | None, l2: bool) -> ScanPlan:
@@ -524,8 +548,12 @@ class ListTable:
         #: The quantizer's arrays a scan of the table was first given, and a checked plan of
         #: no lists over them.
         self.fixed: tuple[tuple[object, ...], ScanPlan] | None = None
-        #: The probe matrix a single-query search was first given, checked, and its address.
-        self.matrix: tuple[np.ndarray, F32Array, int] | None = None
+        #: The probe matrix of the single-query searches' frame, checked (held: the frame
+        #: points into it).
+        self.matrix: F32Array | None = None
+        #: The arguments the single-query searches were given (compared by identity) and
+        #: the frame slots made of them (:meth:`Kernel.search_one`).
+        self.frame: tuple[tuple[object, ...], I64Array] | None = None
 
     def __len__(self) -> int:
         return len(self._held)

@@ -624,14 +624,18 @@ static uint32_t pack_tail(const uint8_t *recs, int64_t nt, int64_t stride, int64
     return valid;
 }
 
+/* A tail_rows entry of a segment whose tail is not packed yet (a tail holds under 32 rows). */
+#define UNPACKED UINT32_MAX
+
 /* One pair's fast scan over the segments [s0, s1) of a list: each segment's blocks, then
- * its tail, packed by the caller as one more block (tails, `bsize` bytes a segment, with
- * the mask of its rows in tail_rows). Rows whose 16-bit sum is above the heap's bound are
- * skipped without a cost; the others are offered as the ordinary scan offers them, so the
- * result is the exact top-k of the costs. */
+ * its tail as one more block, packed the first time one of the list's pairs reaches it
+ * (tails, `bsize` bytes a segment, with the mask of its rows in tail_rows; UNPACKED before).
+ * Rows whose 16-bit sum is above the heap's bound are skipped without a cost; the others
+ * are offered as the ordinary scan offers them, so the result is the exact top-k of the
+ * costs. */
 static void scan_fast(const job_t *jb, block_sums_fn sums_of, const uint8_t *lut, float base,
-                      float inv, int64_t s0, int64_t s1, const uint8_t *tails,
-                      const uint32_t *tail_rows, int32_t rank, heap_t *h, int64_t cap) {
+                      float inv, int64_t s0, int64_t s1, uint8_t *tails, uint32_t *tail_rows,
+                      int32_t rank, heap_t *h, int64_t cap) {
     const int64_t m = jb->m, bsize = 16 * m + ID_BYTES * BLOCK_ROWS;
     const double ra = 1.0 / (double)inv;
     float bound = heap_bound(h, cap);
@@ -645,6 +649,10 @@ static void scan_fast(const job_t *jb, block_sums_fn sums_of, const uint8_t *lut
         const int64_t nd = dead ? jb->dead_count[s] : 0;
         int64_t di = 0;
         for (int64_t b = 0; b <= nb && thr >= 0; b++) { /* block nb: the tail */
+            if (b == nb && tail_rows[s - s0] == UNPACKED)
+                tail_rows[s - s0] = pack_tail((const uint8_t *)(uintptr_t)jb->rec_addr[s],
+                                              jb->rec_count[s], jb->stride, m,
+                                              tails + (s - s0) * bsize);
             const uint32_t rows = b < nb ? ~(uint32_t)0 : tail_rows[s - s0];
             if (!rows) break;
             const uint8_t *bp = b < nb ? blk + b * bsize : tails + (s - s0) * bsize;
@@ -716,11 +724,8 @@ static void *list_phase(void *arg) {
         entry_segments(jb, l, &s0, &s1);
         const float *cent = jb->centroids + jb->list_no[l] * dim;
         const float *lterm = NULL;
-        if (jb->blk_addr) /* each segment's tail as a block, once for all the list's pairs */
-            for (int64_t s = s0; s < s1; s++)
-                w->tail_rows[s - s0] = pack_tail(
-                    (const uint8_t *)(uintptr_t)jb->rec_addr[s], jb->rec_count[s], jb->stride,
-                    jb->m, w->tails + (s - s0) * (16 * jb->m + ID_BYTES * BLOCK_ROWS));
+        if (jb->blk_addr) /* each segment's tail packed once for the list's pairs, if needed */
+            for (int64_t s = s0; s < s1; s++) w->tail_rows[s - s0] = UNPACKED;
         if (jb->l2 && jb->list_terms) {
             lterm = jb->list_terms + jb->list_no[l] * size;
         } else if (jb->l2) {
@@ -1154,16 +1159,16 @@ done:
  * entry of list l is filled; rec_count 0 for an empty list). The same results as ivfpq_probe
  * followed by ivfpq_scan over the probed non-empty lists in probe order. Returns 0; 1 when a
  * probed list is not known yet (nothing scanned: the caller fills those entries and calls
- * again); -1 when memory could not be had.
+ * again); -1 when memory could not be had. Called through ivfpq_search_one's frame.
  */
-int ivfpq_search_one(int64_t dim, int64_t m, int64_t ksub, int l2, const float *query,
-                     const float *matrix, int64_t nlist, int64_t nprobe, const float *centroids,
-                     const float *codebooks_t, const float *norms, const float *list_terms,
-                     const uint8_t *known, const uint64_t *rec_addr, const int64_t *rec_count,
-                     int64_t stride, const uint64_t *dead_addr, const int64_t *dead_count,
-                     const uint64_t *blk_addr, const int64_t *blk_count,
-                     int64_t k, int nthreads, int64_t thread_min_rows, int64_t *out_list,
-                     float *out_cost, int64_t *out_id, int32_t *out_rank, int64_t *out_row) {
+static int search_one(int64_t dim, int64_t m, int64_t ksub, int l2, const float *query,
+                      const float *matrix, int64_t nlist, int64_t nprobe, const float *centroids,
+                      const float *codebooks_t, const float *norms, const float *list_terms,
+                      const uint8_t *known, const uint64_t *rec_addr, const int64_t *rec_count,
+                      int64_t stride, const uint64_t *dead_addr, const int64_t *dead_count,
+                      const uint64_t *blk_addr, const int64_t *blk_count,
+                      int64_t k, int nthreads, int64_t thread_min_rows, int64_t *out_list,
+                      float *out_cost, int64_t *out_id, int32_t *out_rank, int64_t *out_row) {
     int rc = -1;
     float *scores = malloc((size_t)nlist * sizeof(float));
     scored_t *tmp = malloc((size_t)nlist * sizeof(scored_t));
@@ -1227,6 +1232,41 @@ done:
     free(probe_cost);
     free(lists);
     return rc;
+}
+
+/* The slots of ivfpq_search_one's frame: search_one's scalar arguments and addresses, in
+ * this order, as int64 (_kernel.py's FRAME_SLOTS names them too). */
+enum {
+    F_DIM, F_M, F_KSUB, F_L2, F_MATRIX, F_NLIST, F_NPROBE, F_CENTROIDS, F_CODEBOOKS_T, F_NORMS,
+    F_LIST_TERMS, F_KNOWN, F_REC_ADDR, F_REC_COUNT, F_STRIDE, F_DEAD_ADDR, F_DEAD_COUNT,
+    F_BLK_ADDR, F_BLK_COUNT, F_K, F_NTHREADS, F_THREAD_MIN_ROWS, F_SLOTS
+};
+
+/*
+ * search_one with its arguments in one frame, so that a call from Python passes one address
+ * instead of 30 converted arguments: the F_SLOTS slots, then the query (dim float32, padded
+ * to whole slots), then the outputs: lists (nprobe int64), ids (k int64), rows (k int64),
+ * costs (k float32) and ranks (k int32). A pointer slot holds an address, 0 for NULL.
+ */
+int ivfpq_search_one(int64_t *frame) {
+    const int64_t dim = frame[F_DIM], nprobe = frame[F_NPROBE], k = frame[F_K];
+#define PTR(T, slot) ((T)(uintptr_t)frame[slot])
+    const float *query = (const float *)(frame + F_SLOTS);
+    int64_t *out_list = frame + F_SLOTS + (dim + 1) / 2;
+    int64_t *out_id = out_list + nprobe, *out_row = out_id + k;
+    float *out_cost = (float *)(out_row + k);
+    int32_t *out_rank = (int32_t *)(out_cost + k);
+    return search_one(dim, frame[F_M], frame[F_KSUB], (int)frame[F_L2], query,
+                      PTR(const float *, F_MATRIX), frame[F_NLIST], nprobe,
+                      PTR(const float *, F_CENTROIDS), PTR(const float *, F_CODEBOOKS_T),
+                      PTR(const float *, F_NORMS), PTR(const float *, F_LIST_TERMS),
+                      PTR(const uint8_t *, F_KNOWN), PTR(const uint64_t *, F_REC_ADDR),
+                      PTR(const int64_t *, F_REC_COUNT), frame[F_STRIDE],
+                      PTR(const uint64_t *, F_DEAD_ADDR), PTR(const int64_t *, F_DEAD_COUNT),
+                      PTR(const uint64_t *, F_BLK_ADDR), PTR(const int64_t *, F_BLK_COUNT), k,
+                      (int)frame[F_NTHREADS], frame[F_THREAD_MIN_ROWS], out_list, out_cost,
+                      out_id, out_rank, out_row);
+#undef PTR
 }
 
 /* ---- PQ encoding ------------------------------------------------------------------------ */
