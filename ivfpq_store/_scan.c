@@ -1677,10 +1677,20 @@ typedef struct {
     float *out_cost;
 } refine_t;
 
+/* Candidates ahead whose rows are prefetched: rows are scattered over the vector files, and
+ * each is several cache lines read whole (its checksum), so the loads of the next few overlap
+ * the work on this one. */
+#define REFINE_AHEAD 8
+
 static void *refine_phase(void *arg) {
     refine_t *rt = (refine_t *)arg;
     const int64_t nbytes = rt->dim * (rt->half ? 2 : 4);
     for (int64_t c = rt->c0; c < rt->c1; c++) {
+        if (c + REFINE_AHEAD < rt->c1) {
+            const char *ahead = (const char *)(uintptr_t)rt->addr[c + REFINE_AHEAD];
+            for (int64_t o = 0; o < nbytes + 4; o += 64) __builtin_prefetch(ahead + o);
+            __builtin_prefetch(ahead + nbytes + 3);
+        }
         const uint8_t *row = (const uint8_t *)(uintptr_t)rt->addr[c];
         uint8_t id[8];
         uint32_t stored;

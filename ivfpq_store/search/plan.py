@@ -30,6 +30,14 @@ class PairsByList(NamedTuple):
 def pairs_by_list(probed: I64Array) -> PairsByList:
     """Group the pairs of ``probed`` (nq, nprobe) by list (a stable sort: queries in order)."""
     flat = probed.reshape(-1)
-    order = np.argsort(flat, kind="stable")
-    list_nos, starts, counts = np.unique(flat[order], return_index=True, return_counts=True)
-    return PairsByList(order, list_nos, starts, counts)
+    if not flat.size or flat.min() < 0 or flat.max() >= 1 << 16:
+        order = np.argsort(flat, kind="stable")
+        list_nos, starts, counts = np.unique(flat[order], return_index=True, return_counts=True)
+        return PairsByList(order, list_nos, starts, counts)
+    # list numbers under 2**16: numpy's stable sort of uint16 is a radix sort, and counting
+    # replaces the sort np.unique would make
+    order = np.argsort(flat.astype(np.uint16), kind="stable")
+    per_list = np.bincount(flat)
+    list_nos = np.flatnonzero(per_list)
+    counts = per_list[list_nos]
+    return PairsByList(order, list_nos, np.cumsum(counts) - counts, counts)
