@@ -276,6 +276,33 @@ def test_kernel_equals_the_reference_with_its_tables(tmp_path, metric, m, each_l
 
 
 @needs_kernel
+@pytest.mark.parametrize("k", [2, 10, 40])
+def test_first_pairs_summed_ahead_or_not_equal_the_reference(tmp_path, k, each_level):
+    """A query's first pair sums its list ahead and bounds it by its own k best when its heap
+    holds a 32nd of the list's rows or more (k 10 and 40 here), and is scanned block by block
+    otherwise (k 2): with most rows tombstoned, with ties, and with queries so far away that
+    consecutive sums round to one float cost, both equal the reference."""
+    with fast_store(tmp_path / "s", dim=16, m=8) as store:
+        store.add(encodable(store, 600, values=3, seed=5))
+        store.add(synthetic(400, 16, seed=2))
+        store.delete(np.arange(0, 1000, 3))
+        queries = synthetic(20, 16, seed=4)
+        far = queries + np.float32(3e5)
+        for qs in (queries, far):
+            want = reference(store, qs, k, 3)
+            for level in each_level:
+                assert _kernel.KERNEL is not None
+                _kernel.KERNEL.fast_level(level)
+                assert_same(store.search(qs, k=k, nprobe=3), want)
+                one = store.search(qs[5], k=k, nprobe=3)
+                np.testing.assert_array_equal(one.ids[0], want[1][5])
+        keep = np.arange(0, 1000, 9)
+        store.delete(np.setdiff1d(np.arange(1000), np.union1d(keep, np.arange(0, 1000, 3))))
+        want = reference(store, queries, k, 3)
+        assert_same(store.search(queries, k=k, nprobe=3), want)
+
+
+@needs_kernel
 def test_first_lists_shorter_than_k_bound_no_later_list(tmp_path):
     """A query's best-ranked list, scanned first, bounds its later lists only once it holds
     k candidates: with every list shorter than k, batch and single queries equal the
