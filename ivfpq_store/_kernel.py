@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -554,9 +554,35 @@ class ListTable:
         #: The arguments the single-query searches were given (compared by identity) and
         #: the frame slots made of them (:meth:`Kernel.search_one`).
         self.frame: tuple[tuple[object, ...], I64Array] | None = None
+        # The lists' stored-vector rows (:meth:`vector_rows`): address, count, known.
+        self._vectors: tuple[np.ndarray, I64Array, np.ndarray] | None = None
+        self._held_vectors: dict[int, np.ndarray] = {}
+        self._vector_dtype: np.dtype[Any] | None = None
 
     def __len__(self) -> int:
         return len(self._held)
+
+    def vector_rows(self, list_nos: I64Array, fetch: Callable[[int], np.ndarray]
+                    ) -> tuple[np.ndarray, I64Array, np.dtype[Any] | None]:
+        """Where the stored-vector rows of each of ``list_nos`` start (uint64 addresses) and
+        how many rows each list has, and their dtype: a list's rows are fetched
+        (``fetch(list_no)``, a refined search's fetcher) on its first use and held here, so
+        that a refined search of a snapshot already seen fetches no list (a batch names
+        hundreds)."""
+        if self._vectors is None:
+            self._vectors = (np.zeros(self.nlist, np.uint64), np.zeros(self.nlist, np.int64),
+                             np.zeros(self.nlist, bool))
+        addr, count, known = self._vectors
+        for list_no in np.unique(list_nos[~known[list_nos]]).tolist():
+            rows = fetch(list_no)
+            with self._lock:
+                if not known[list_no]:
+                    self._held_vectors[list_no] = rows
+                    self._vector_dtype = rows.dtype
+                    addr[list_no] = rows.ctypes.data if len(rows) else 0
+                    count[list_no] = len(rows)
+                    known[list_no] = True
+        return addr[list_nos], count[list_nos], self._vector_dtype
 
     def rows(self, list_nos: I64Array) -> I64Array:
         """The rows of lists ``list_nos`` (known ones): their records, or in a fast table

@@ -60,15 +60,17 @@ def gather_vectors(ids: I64Array, list_nos: I64Array, rows: I64Array,
 
 def refine(metric: Metric, config: SearchConfig, queries: F32Array, k: int, ids: I64Array,
            list_nos: I64Array, rows: I64Array, lists: Mapping[int, ListRecord],
-           fetch_vectors: RecordFetcher, where: Path) -> tuple[F32Array, I64Array]:
+           fetch_vectors: RecordFetcher, where: Path,
+           table: _kernel.ListTable | None = None) -> tuple[F32Array, I64Array]:
     """The best ``k`` (costs, ids) of each query's candidates ``ids`` (nq, c), at
     (``list_nos``, ``rows``), by exact cost: the squared l2 distance, or the negated inner
     product, to the stored vector. Missing candidates (id -1) and missing results are +inf and
     -1. Equal costs keep the candidates' order (the scan's, best first). Costs by
-    :func:`exact_costs`.
+    :func:`exact_costs` (``table``: the snapshot's kernel list table, which keeps the lists'
+    vector rows from one search to the next).
     """
     cost = exact_costs(metric, config, queries, ids, list_nos, rows, lists, fetch_vectors,
-                       where)
+                       where, table)
     order = np.argsort(cost, axis=1, kind="stable")[:, :k]
     at = (np.arange(len(ids))[:, None], order)
     cost_out = np.full((len(ids), k), np.inf, np.float32)
@@ -81,7 +83,8 @@ def refine(metric: Metric, config: SearchConfig, queries: F32Array, k: int, ids:
 
 def exact_costs(metric: Metric, config: SearchConfig, queries: F32Array, ids: I64Array,
                 list_nos: I64Array, rows: I64Array, lists: Mapping[int, ListRecord],
-                fetch_vectors: RecordFetcher, where: Path) -> F32Array:
+                fetch_vectors: RecordFetcher, where: Path,
+                table: _kernel.ListTable | None = None) -> F32Array:
     """The exact cost (nq, c) of each candidate ``ids`` (nq, c) at (``list_nos``, ``rows``),
     +inf where there is none (id -1): by the compiled kernel, which reads each row where its
     list's vector file is mapped, or by numpy over the rows gathered in blocks of queries
@@ -89,16 +92,18 @@ def exact_costs(metric: Metric, config: SearchConfig, queries: F32Array, ids: I6
     kernel = _kernel.KERNEL
     if kernel is not None:
         return _costs_in_place(kernel, metric, queries, ids, list_nos, rows, lists,
-                               fetch_vectors, where, config.threads)
+                               fetch_vectors, where, config.threads, table)
     return _costs_gathered(metric, config, queries, ids, list_nos, rows, lists, fetch_vectors,
                            where)
 
 
 def _costs_in_place(kernel: _kernel.Kernel, metric: Metric, queries: F32Array, ids: I64Array,
                     list_nos: I64Array, rows: I64Array, lists: Mapping[int, ListRecord],
-                    fetch_vectors: RecordFetcher, where: Path, threads: int) -> F32Array:
+                    fetch_vectors: RecordFetcher, where: Path, threads: int,
+                    table: _kernel.ListTable | None) -> F32Array:
     """Exact costs (nq, c) of the candidates, +inf where there is none, by the kernel, which
-    reads each row where its list's vector file is mapped, on up to ``threads`` threads."""
+    reads each row where its list's vector file is mapped, on up to ``threads`` threads;
+    the lists' rows are fetched per call, or kept in ``table`` from call to call."""
     nq, c = ids.shape
     cost = np.full((nq, c), np.inf, np.float32)
     flat = np.flatnonzero(ids.ravel() >= 0)
@@ -107,14 +112,20 @@ def _costs_in_place(kernel: _kernel.Kernel, metric: Metric, queries: F32Array, i
     cand_ids, cand_lists = ids.ravel()[flat], list_nos.ravel()[flat]
     cand_rows = rows.ravel()[flat]
     # Per list, not per candidate: a refined batch has tens of thousands of candidates.
-    uniq, which = _lists_of(cand_lists)
-    parts = [fetch_vectors(n, lists[n]) for n in uniq.tolist()]  # held during the call
-    if (cand_rows >= np.array([len(p) for p in parts])[which]).any() or (cand_rows < 0).any():
+    if table is not None:
+        start, count, row_dtype = table.vector_rows(
+            cand_lists, lambda n: fetch_vectors(n, lists[n]))
+    else:
+        uniq, which = _lists_of(cand_lists)
+        parts = [fetch_vectors(n, lists[n]) for n in uniq.tolist()]  # held during the call
+        start = np.array([p.ctypes.data for p in parts], np.uint64)[which]
+        count = np.array([len(p) for p in parts], np.int64)[which]
+        row_dtype = parts[0].dtype
+    if (cand_rows >= count).any() or (cand_rows < 0).any():
         raise CorruptStoreError(f"{where}: a refine candidate's row is past its list's "
                                 "committed rows; the catalog is damaged (run verify)")
-    row_dtype = parts[0].dtype
-    addr = (np.array([p.ctypes.data for p in parts], np.uint64)[which]
-            + cand_rows.astype(np.uint64) * np.uint64(row_dtype.itemsize))
+    assert row_dtype is not None
+    addr = start + cand_rows.astype(np.uint64) * np.uint64(row_dtype.itemsize)
     assert row_dtype.fields is not None
     half = row_dtype.fields["v"][0].base == np.float16
     got, bad = kernel.refine_costs(queries, flat // c, addr, cand_ids, half=half,

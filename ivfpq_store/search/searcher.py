@@ -158,7 +158,9 @@ class Searcher:
             return self._result(hits.cost, hits.ids)
         assert refiner is not None, "refine needs the stored vectors"
         list_nos, rows = self._located(probed, hits, refiner)
-        return self._refined(queries, params, hits.ids, list_nos, rows, refiner)
+        table = (self._list_table(snapshot)
+                 if snapshot is not None and self.quantizer.kernel is not None else None)
+        return self._refined(queries, params, hits.ids, list_nos, rows, refiner, table)
 
     def search_probed(self, queries: F32Array, params: SearchParams, probe: Probe,
                       sources: Sequence[ScanSource]) -> ProbedResult:
@@ -277,9 +279,11 @@ class Searcher:
                              refiner)
 
     def _refined(self, queries: F32Array, params: SearchParams, ids: I64Array,
-                 list_nos: I64Array, rows: I64Array, refiner: Refiner) -> SearchResult:
+                 list_nos: I64Array, rows: I64Array, refiner: Refiner,
+                 table: _kernel.ListTable | None = None) -> SearchResult:
         cost, best = refine(self.quantizer.metric, self.config, queries, params.k, ids,
-                            list_nos, rows, refiner.lists, refiner.fetch_vectors, refiner.where)
+                            list_nos, rows, refiner.lists, refiner.fetch_vectors, refiner.where,
+                            table)
         return self._result(cost, best)
 
     def _result(self, cost: F32Array, ids: I64Array) -> SearchResult:
