@@ -1052,7 +1052,7 @@ typedef struct {
 } probe_t;
 
 /* Queries scored together: each row of the matrix is read once for all of them. */
-#define PROBE_BLOCK 4
+#define PROBE_BLOCK 8
 
 typedef struct {
     float cost;
@@ -1067,47 +1067,63 @@ static int cmp_scored(const void *a, const void *b) {
 
 /* The nprobe best (cost, list) of one row of scores, by (cost, list), best first. Small
  * nprobe: insertion into a sorted run of the scores up to a bound (most fail one compare,
- * most runs of 16 one vector compare); large: a full sort. The bound is the largest of the
- * least scores of nprobe slices of the row: nprobe scores are at most it, so the nprobe best
- * are too. NaN ranks last, as +inf. */
+ * most runs of 16 one vector compare); large: a full sort. The bound is the nprobe-th least
+ * of the least scores of the row's runs of 16 (nprobe scores are at most it, so the nprobe
+ * best are too), +inf when the row has fewer runs. NaN ranks last, as +inf. */
 HOT static void best_lists(const float *row, int64_t nlist, int64_t nprobe, float add,
                            scored_t *tmp, float *out_cost, int64_t *out_list) {
     int64_t n = 0;
     if (nprobe <= 64) {
         float bound = INFINITY;
-        if (nlist >= 4 * nprobe) {
-            bound = -INFINITY;
-            for (int64_t g = 0; g < nprobe; g++) {
-                float lo = INFINITY;
-                for (int64_t c = nlist * g / nprobe; c < nlist * (g + 1) / nprobe; c++)
-                    lo = row[c] < lo ? row[c] : lo; /* NaN: skipped */
-                bound = lo > bound ? lo : bound;
-            }
-        }
-        for (int64_t c = 0; c < nlist; c++) {
-            const float limit = n == nprobe && tmp[n - 1].cost < bound ? tmp[n - 1].cost : bound;
-            if ((c & 15) == 0 && c + 16 <= nlist && limit < INFINITY) { /* 16 at a time */
-                f16v v16;
-                memcpy(&v16, row + c, sizeof(v16));
-                const i16v under = v16 <= (f16v){0} + limit; /* NaN: no */
-                int any = 0;
-                for (int u = 0; u < 16; u++) any |= under[u];
-                if (!any) {
-                    c += 15;
-                    continue;
+        if (nlist / 16 >= nprobe) {
+            float least[64] = {0}; /* the nprobe least run minima so far, ascending */
+            int64_t nl = 0;
+            const f16v inf = (f16v){0} + INFINITY;
+            const int64_t runs = nlist / 16;
+            for (int64_t r0 = 0; r0 < runs; r0 += 16) { /* 16 runs' minima at once */
+                f16v v[16], lo;
+                for (int64_t r = 0; r < 16; r++) {
+                    memcpy(&v[r], row + 16 * (r0 + r < runs ? r0 + r : runs - 1), sizeof(f16v));
+                    v[r] = pick(v[r] == v[r], v[r], inf); /* NaN: +inf */
+                }
+                lo = extreme_rows(v, 0);
+                for (int64_t r = 0; r < 16 && r0 + r < runs; r++) {
+                    if (nl == nprobe && !(lo[r] < least[nl - 1])) continue;
+                    int64_t i = nl < nprobe ? nl++ : nl - 1;
+                    while (i > 0 && lo[r] < least[i - 1]) {
+                        least[i] = least[i - 1];
+                        i--;
+                    }
+                    least[i] = lo[r];
                 }
             }
-            float v = row[c];
-            if (v != v) v = INFINITY;
-            if (v > bound) continue;
-            if (n == nprobe && !(v < tmp[n - 1].cost)) continue; /* ties: lower list wins */
-            int64_t i = n < nprobe ? n++ : n - 1;
-            while (i > 0 && v < tmp[i - 1].cost) {
-                tmp[i] = tmp[i - 1];
-                i--;
+            bound = least[nprobe - 1];
+        }
+        for (int64_t c0 = 0; c0 < nlist; c0 += 16) { /* 16 at a time: those under the limit */
+            const float limit = n == nprobe && tmp[n - 1].cost < bound ? tmp[n - 1].cost : bound;
+            uint32_t mask = nlist - c0 < 16 ? (1u << (nlist - c0)) - 1 : 0xFFFFu;
+            if (nlist - c0 >= 16 && limit < INFINITY) {
+                f16v v16;
+                memcpy(&v16, row + c0, sizeof(v16));
+                const i16v under = v16 <= (f16v){0} + limit; /* NaN: no */
+                mask = 0;
+                for (int u = 0; u < 16; u++) mask |= (uint32_t)(under[u] & 1) << u;
             }
-            tmp[i].cost = v;
-            tmp[i].list = c;
+            while (mask) {
+                const int64_t c = c0 + __builtin_ctz(mask);
+                mask &= mask - 1;
+                float v = row[c];
+                if (v != v) v = INFINITY;
+                if (v > bound) continue;
+                if (n == nprobe && !(v < tmp[n - 1].cost)) continue; /* ties: lower list wins */
+                int64_t i = n < nprobe ? n++ : n - 1;
+                while (i > 0 && v < tmp[i - 1].cost) {
+                    tmp[i] = tmp[i - 1];
+                    i--;
+                }
+                tmp[i].cost = v;
+                tmp[i].list = c;
+            }
         }
     } else {
         for (int64_t c = 0; c < nlist; c++) {
@@ -1123,12 +1139,23 @@ HOT static void best_lists(const float *row, int64_t nlist, int64_t nprobe, floa
     }
 }
 
+/* Whether the probe's tiles of 8 queries fit the registers: 16 vectors of 16 sums, which
+ * AVX-512 holds (32 registers of 16 floats) and narrower vectors would spill. */
+static int wide_tiles(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}
+
 /* scores[b][c0 .. c0 + 16 * NV) += queries[b] . matrix[:dim][same columns] for NB queries:
  * NB * NV vectors of sums kept in registers over the dim rows, each sum taken in row order. */
 static inline __attribute__((always_inline)) void probe_tile(
         const float *queries, int64_t dim, const float *matrix, int64_t nlist, float *scores,
         int64_t c0, const int NB, const int NV) {
-    f16v acc[4][4];
+    f16v acc[8][4];
     for (int b = 0; b < NB; b++)
         for (int v = 0; v < NV; v++) memcpy(&acc[b][v], scores + b * nlist + c0 + 16 * v, 64);
     for (int64_t d = 0; d < dim; d++) {
@@ -1149,10 +1176,24 @@ static inline __attribute__((always_inline)) void probe_tile(
 HOT static void probe_scores(const float *queries, int64_t nb, int64_t dim, const float *matrix,
                              int64_t nlist, float *scores) {
     int64_t c0 = 0;
-    if (nb == PROBE_BLOCK)
+    if (nb == PROBE_BLOCK && wide_tiles())
         for (; c0 + 32 <= nlist; c0 += 32)
             probe_tile(queries, dim, matrix, nlist, scores, c0, PROBE_BLOCK, 2);
-    else
+    else if (nb >= 4)
+        for (; c0 + 32 <= nlist; c0 += 32)
+            for (int64_t b = 0; b + 4 <= nb; b += 4)
+                probe_tile(queries + b * dim, dim, matrix, nlist, scores + b * nlist, c0, 4, 2);
+    if (nb % 4 && nb >= 4) { /* the queries past the last 4 of a partial block */
+        for (int64_t d = 0; d < dim; d++) {
+            const float *row = matrix + d * nlist;
+            for (int64_t b = nb - nb % 4; b < nb; b++) {
+                const float a = queries[b * dim + d];
+                float *sc = scores + b * nlist;
+                for (int64_t c = 0; c < c0; c++) sc[c] += a * row[c];
+            }
+        }
+    }
+    if (nb < 4)
         for (; c0 + 64 <= nlist; c0 += 64)
             for (int64_t b = 0; b < nb; b++)
                 probe_tile(queries + b * dim, dim, matrix, nlist, scores + b * nlist, c0, 1, 4);
