@@ -853,11 +853,19 @@ static double list_work(const job_t *jb, int64_t l, int pass) {
     return (double)pairs * (double)(rows + jb->m * (jb->blk_addr ? FAST_KSUB : TSTRIDE / 8));
 }
 
-static int cmp_cand(const void *a, const void *b) {
-    const cand_t *x = (const cand_t *)a, *y = (const cand_t *)b;
-    if (after(x, y)) return 1;
-    if (after(y, x)) return -1;
-    return 0;
+/* Sift c[i] down the heap c[0 .. n) whose root is its best, by (cost, rank, row). */
+static void sift_best(cand_t *c, int64_t n, int64_t i) {
+    const cand_t x = c[i];
+    for (;;) {
+        int64_t l = 2 * i + 1, r = l + 1, best = i;
+        const cand_t *bv = &x;
+        if (l < n && after(bv, &c[l])) { best = l; bv = &c[l]; }
+        if (r < n && after(bv, &c[r])) best = r;
+        if (best == i) break;
+        c[i] = c[best];
+        i = best;
+    }
+    c[i] = x;
 }
 
 /*
@@ -977,13 +985,15 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
             memcpy(merge + n, h->c, (size_t)h->n * sizeof(cand_t));
             n += h->n;
         }
-        qsort(merge, (size_t)n, sizeof(cand_t), cmp_cand);
-        if (n > k) n = k;
-        for (int64_t i = 0; i < n; i++) {
-            out_cost[q * k + i] = merge[i].cost;
-            out_id[q * k + i] = merge[i].id;
-            out_rank[q * k + i] = merge[i].rank;
-            out_row[q * k + i] = merge[i].row;
+        /* the best first, from a heap of them all: k pops, not a sort of the threads' all */
+        for (int64_t i = n / 2 - 1; i >= 0; i--) sift_best(merge, n, i);
+        for (int64_t i = 0; i < k && n > 0; i++) {
+            out_cost[q * k + i] = merge[0].cost;
+            out_id[q * k + i] = merge[0].id;
+            out_rank[q * k + i] = merge[0].rank;
+            out_row[q * k + i] = merge[0].row;
+            merge[0] = merge[--n];
+            sift_best(merge, n, 0);
         }
     }
     rc = 0;
