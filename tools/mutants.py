@@ -412,7 +412,7 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_kernel.py", "-k", "refine_costs")),
     Mutant("kernel-rank-zero",
            "the kernel reports every result in the query's first probed list",
-           "out_rank[q * k + i] = merge[i].rank;",
+           "out_rank[q * k + i] = merge[0].rank;",
            "out_rank[q * k + i] = 0;",
            ("tests/test_vectors.py", "-k", "refine_equals")),
     # -- performance II: training, one-call single queries, caches, syncs --------------------
