@@ -527,8 +527,9 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_opq.py", "-k", "encodes_the_rotated")),
     Mutant("refine-scores-rotated-queries",
            "exact re-ranking scores the rotated queries against the stored vectors",
-           "return self._refined(queries, params, hits.ids, list_nos, rows, refiner)",
-           "return self._refined(inner, params, hits.ids, list_nos, rows, refiner)",
+           "return self._refined(queries, params, hits.ids, list_nos, rows, refiner, table)",
+           "return self._refined(self.quantizer.rotate(queries), params, hits.ids, list_nos,"
+           " rows, refiner, table)",
            ("tests/test_opq.py", "-k", "as_given")),
     Mutant("faiss-refine-vectors-left-rotated",
            "from_faiss keeps the raw vectors of a RefineFlat inside the transform rotated",
