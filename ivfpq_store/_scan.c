@@ -628,6 +628,16 @@ static uint32_t pack_tail(const uint8_t *recs, int64_t nt, int64_t stride, int64
 /* A tail_rows entry of a segment whose tail is not packed yet (a tail holds under 32 rows). */
 #define UNPACKED UINT32_MAX
 
+/* The mask of the rows of segment s's tail, packed as a block at `tail` on first use
+ * (*tail_rows UNPACKED until then). */
+static inline uint32_t tail_block(const job_t *jb, int64_t s, uint8_t *tail,
+                                  uint32_t *tail_rows) {
+    if (*tail_rows == UNPACKED)
+        *tail_rows = pack_tail((const uint8_t *)(uintptr_t)jb->rec_addr[s], jb->rec_count[s],
+                               jb->stride, jb->m, tail);
+    return *tail_rows;
+}
+
 /*
  * The sums of every row of segment s for one pair, block by block, to presums ((blocks + 1)
  * * 32: the tail packed as the last block), and the largest sum a row of the pair may have
@@ -650,10 +660,7 @@ static int64_t presum_bound(const job_t *jb, block_sums_fn sums_of, const uint8_
     while ((m * lut_range(m)) >> shift >= 256) shift++;
     int64_t di = 0;
     for (int64_t b = 0; b <= nb; b++) {
-        if (b == nb && *tail_rows == UNPACKED)
-            *tail_rows = pack_tail((const uint8_t *)(uintptr_t)jb->rec_addr[s],
-                                   jb->rec_count[s], jb->stride, m, tail);
-        const uint32_t rows = b < nb ? ~(uint32_t)0 : *tail_rows;
+        const uint32_t rows = b < nb ? ~(uint32_t)0 : tail_block(jb, s, tail, tail_rows);
         if (!rows) break;
         uint16_t *out = presums + b * BLOCK_ROWS;
         sums_of(b < nb ? blk + b * bsize : tail, lut, m, 65535, out); /* every row stored */
@@ -706,11 +713,9 @@ static void scan_fast(const job_t *jb, block_sums_fn sums_of, const uint8_t *lut
         const int64_t nd = dead ? jb->dead_count[s] : 0;
         int64_t di = 0;
         for (int64_t b = 0; b <= nb && thr >= 0; b++) { /* block nb: the tail */
-            if (b == nb && tail_rows[s - s0] == UNPACKED)
-                tail_rows[s - s0] = pack_tail((const uint8_t *)(uintptr_t)jb->rec_addr[s],
-                                              jb->rec_count[s], jb->stride, m,
-                                              tails + (s - s0) * bsize);
-            const uint32_t rows = b < nb ? ~(uint32_t)0 : tail_rows[s - s0];
+            const uint32_t rows = b < nb ? ~(uint32_t)0
+                                         : tail_block(jb, s, tails + (s - s0) * bsize,
+                                                      tail_rows + (s - s0));
             if (!rows) break;
             const uint8_t *bp = b < nb ? blk + b * bsize : tails + (s - s0) * bsize;
             const uint16_t *sums = block;
@@ -963,13 +968,15 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
             const double goal = total * (double)(t + 1) / (double)nthreads;
             ws[t].b0 = l;
             ws[t].pass = pass;
-            while (l < nlists && (t == nthreads - 1 || acc < goal)) acc += list_work(&jb, l++, pass);
+            while (l < nlists && (t == nthreads - 1 || acc < goal))
+                acc += list_work(&jb, l++, pass);
             ws[t].b1 = l;
         }
         run_parallel(nthreads, ws, sizeof(worker_t), tids, list_phase);
+        if (pass > 0) break;
         /* A full heap of the first pass bounds the query's later pairs: their candidates
          * come after its worst on a tie of cost (a worse rank), so only a lower cost counts. */
-        for (int64_t q = 0; q < nq && pass == 0; q++) {
+        for (int64_t q = 0; q < nq; q++) {
             float limit = FLT_MAX;
             for (int t = 0; t < nthreads; t++)
                 if (ws[t].heaps[q].n == cap && ws[t].heaps[q].c[0].cost < limit)
@@ -1186,27 +1193,22 @@ static inline __attribute__((always_inline)) void probe_tile(
 HOT static void probe_scores(const float *queries, int64_t nb, int64_t dim, const float *matrix,
                              int64_t nlist, float *scores) {
     int64_t c0 = 0;
-    if (nb == PROBE_BLOCK && wide_tiles())
-        for (; c0 + 32 <= nlist; c0 += 32)
-            probe_tile(queries, dim, matrix, nlist, scores, c0, PROBE_BLOCK, 2);
-    else if (nb >= 4)
-        for (; c0 + 32 <= nlist; c0 += 32)
-            for (int64_t b = 0; b + 4 <= nb; b += 4)
-                probe_tile(queries + b * dim, dim, matrix, nlist, scores + b * nlist, c0, 4, 2);
-    if (nb % 4 && nb >= 4) { /* the queries past the last 4 of a partial block */
-        for (int64_t d = 0; d < dim; d++) {
-            const float *row = matrix + d * nlist;
-            for (int64_t b = nb - nb % 4; b < nb; b++) {
-                const float a = queries[b * dim + d];
-                float *sc = scores + b * nlist;
-                for (int64_t c = 0; c < c0; c++) sc[c] += a * row[c];
-            }
-        }
-    }
-    if (nb < 4)
+    if (nb < 4) { /* a query alone: 64 columns a tile */
         for (; c0 + 64 <= nlist; c0 += 64)
             for (int64_t b = 0; b < nb; b++)
                 probe_tile(queries + b * dim, dim, matrix, nlist, scores + b * nlist, c0, 1, 4);
+    } else { /* 32 columns a tile, for 8 queries, 4, or the one left over */
+        const int wide = nb == PROBE_BLOCK && wide_tiles();
+        for (; c0 + 32 <= nlist; c0 += 32) {
+            int64_t b = 0;
+            for (; wide && b + PROBE_BLOCK <= nb; b += PROBE_BLOCK)
+                probe_tile(queries, dim, matrix, nlist, scores, c0, PROBE_BLOCK, 2);
+            for (; b + 4 <= nb; b += 4)
+                probe_tile(queries + b * dim, dim, matrix, nlist, scores + b * nlist, c0, 4, 2);
+            for (; b < nb; b++)
+                probe_tile(queries + b * dim, dim, matrix, nlist, scores + b * nlist, c0, 1, 2);
+        }
+    }
     for (int64_t d = 0; d < dim; d++) {
         const float *row = matrix + d * nlist;
         for (int64_t b = 0; b < nb; b++) {

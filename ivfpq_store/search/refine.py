@@ -116,7 +116,7 @@ def _costs_in_place(kernel: _kernel.Kernel, metric: Metric, queries: F32Array, i
         start, count, row_dtype = table.vector_rows(
             cand_lists, lambda n: fetch_vectors(n, lists[n]))
     else:
-        uniq, which = _lists_of(cand_lists)
+        uniq, which = np.unique(cand_lists, return_inverse=True)
         parts = [fetch_vectors(n, lists[n]) for n in uniq.tolist()]  # held during the call
         start = np.array([p.ctypes.data for p in parts], np.uint64)[which]
         count = np.array([len(p) for p in parts], np.int64)[which]
@@ -137,19 +137,6 @@ def _costs_in_place(kernel: _kernel.Kernel, metric: Metric, queries: F32Array, i
             " the vector file is damaged (run verify)")
     cost.ravel()[flat] = got
     return cost
-
-
-def _lists_of(list_nos: I64Array) -> tuple[I64Array, I64Array]:
-    """The distinct lists of ``list_nos`` (>= 0), ascending, and the index of each entry's
-    list among them: ``np.unique(..., return_inverse=True)``, by counting when the list
-    numbers are small (a refined batch names tens of thousands)."""
-    top = int(list_nos.max()) + 1
-    if top > 1 << 20:
-        uniq, which = np.unique(list_nos, return_inverse=True)
-        return uniq, which
-    present = np.zeros(top, np.int64)
-    present[list_nos] = 1
-    return np.flatnonzero(present), (np.cumsum(present) - 1)[list_nos]
 
 
 def _costs_gathered(metric: Metric, config: SearchConfig, queries: F32Array, ids: I64Array,
