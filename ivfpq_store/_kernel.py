@@ -14,7 +14,7 @@ import ctypes
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -23,11 +23,11 @@ from .format.blocks import block_dtype
 from .format.segment import record_dtype
 from .types import F32Array, I64Array
 
-__all__ = ["KERNEL", "THREADS", "Kernel", "ListTable", "ScanPlan", "bad_rows", "kernel_status",
-           "row_checksums"]
+__all__ = ["BAD_CHECKSUM", "BAD_ROW", "KERNEL", "THREADS", "Kernel", "ListTable", "Refine",
+           "Refined", "ScanPlan", "bad_rows", "kernel_status", "row_checksums"]
 
 #: The version of the ``ivfpq_scan`` contract this module speaks (``IVFPQ_SCAN_ABI`` in C).
-ABI = 11
+ABI = 12
 #: Entries per sub-table in the kernel's tables (``TSTRIDE`` in C): 256 whatever ksub.
 TSTRIDE = 256
 
@@ -40,7 +40,7 @@ _SCAN_ARGS = [_I, _I, _I, _I, ctypes.c_int,  # nq, dim, m, ksub, l2
               _P, _P,  # blk_addr, blk_count (the fast scan's blocks; None: no blocks)
               _P, _P, _P,  # pair_start, pair_q, pair_rank
               _I, _I, ctypes.c_int, _P, _P,  # k, cap, nthreads, out_cost, out_id
-              _P, _P]  # out_rank, out_row
+              _P, _P, _P]  # out_rank, out_row, refine frame (REFINE_SLOTS) or None
 # n, dim, m, ksub, centroids, cb_t, norms, stride, out
 _TERMS_ARGS = [_I, _I, _I, _I, _P, _P, _P, _I, _P]
 #: Entries per sub-table of the fast scan's terms (FAST_KSUB in C): 4-bit codes.
@@ -68,9 +68,69 @@ THREADS = max(1, min(_cpus(), 64))
 FRAME_SLOTS = ("dim", "m", "ksub", "l2", "matrix", "nlist", "nprobe", "centroids",
                "codebooks_t", "norms", "list_terms", "known", "rec_addr", "rec_count", "stride",
                "dead_addr", "dead_count", "blk_addr", "blk_count", "k", "nthreads",
-               "thread_min_rows")
-_F_NPROBE, _F_K, _F_NTHREADS, _F_THREAD_MIN_ROWS = (
-    FRAME_SLOTS.index(n) for n in ("nprobe", "k", "nthreads", "thread_min_rows"))
+               "thread_min_rows", "refine")
+_F_NPROBE, _F_K, _F_NTHREADS, _F_THREAD_MIN_ROWS, _F_REFINE = (
+    FRAME_SLOTS.index(n) for n in ("nprobe", "k", "nthreads", "thread_min_rows", "refine"))
+
+#: The int64 slots of a refine frame (``enum`` R_* in _scan.c): what makes a scan re-rank
+#: its results against the stored vectors (:class:`Refine`).
+REFINE_SLOTS = ("queries", "addr", "count", "known", "size", "half", "kout", "out_cost",
+                "out_id", "bad", "bad_kind")
+#: Why a refined scan stopped at a result (the frame's ``bad_kind``): its row is past its
+#: list's committed vector rows, or fails its checksum.
+BAD_ROW, BAD_CHECKSUM = 1, 2
+
+
+class Refine(NamedTuple):
+    """A scan's exact re-ranking (the refine frame, ``_scan.c``): ``queries`` (nq, dim) as
+    given, not rotated; ``addr`` and ``rows`` (uint64 and int64, one per list entry of the
+    plan, or in :meth:`Kernel.search_one` one per list number) the address of each list's
+    first stored-vector row (a row of ``dtype``: structured ``v``, ``crc``) and how many it
+    commits (the caller keeps the maps alive); ``kout`` how many results a query keeps, 0 for
+    every result's exact cost in its place."""
+
+    queries: F32Array
+    addr: np.ndarray
+    rows: I64Array
+    dtype: np.dtype[Any]
+    kout: int
+
+
+class Refined(NamedTuple):
+    """What a refined scan found: ``cost`` and ``ids`` (nq, kout) by exact cost, best first
+    (equal costs in the scan's order; id -1 where the cost is not finite or there is no
+    result), or with ``kout`` 0 ``cost`` (nq, k) in the scan's places and ``ids`` None; and
+    ``bad``, the first result (``q * k + i`` of the scan's) whose row is bad, or -1, with
+    ``kind`` (:data:`BAD_ROW`, :data:`BAD_CHECKSUM`); the costs are not all written then."""
+
+    cost: F32Array
+    ids: I64Array | None
+    bad: int
+    kind: int
+
+
+def _refine_frame(refine: Refine, k: int, nq: int) -> tuple[I64Array, Refined, tuple[Any, ...]]:
+    """The refine frame of ``refine`` for a scan of ``nq`` queries keeping ``k`` each, its
+    outputs (their ``bad`` read from the frame later), and the arrays it points into."""
+    dtype = refine.dtype
+    fields = dtype.fields
+    if (fields is None or dtype.names != ("v", "crc") or fields["crc"][1] != dtype.itemsize - 4
+            or fields["v"][0].base not in (np.float32, np.float16)
+            or refine.queries.shape != (nq, fields["v"][0].shape[0])
+            or not 0 <= refine.kout <= k):
+        raise ValueError("scan kernel: inconsistent refine arguments")
+    queries = _f32(refine.queries)
+    addr = np.ascontiguousarray(refine.addr, np.uint64)
+    count = _i64(refine.rows)
+    if addr.shape != count.shape or addr.ndim != 1:
+        raise ValueError("scan kernel: inconsistent refine rows")
+    cost = np.empty((nq, refine.kout or k), np.float32)
+    ids = np.empty((nq, refine.kout), np.int64) if refine.kout else None
+    frame = np.zeros(len(REFINE_SLOTS), np.int64)
+    frame[:] = (_ptr(queries), _ptr(addr), _ptr(count), 0, dtype.itemsize,
+                int(fields["v"][0].base == np.float16), refine.kout, _ptr(cost),
+                0 if ids is None else _ptr(ids), -1, 0)
+    return frame, Refined(cost, ids, -1, 0), (queries, addr, count)
 
 
 def _f32(a: np.ndarray) -> F32Array:
@@ -373,8 +433,9 @@ class Kernel:
     def search_one(self, *, table: ListTable, query: F32Array, matrix: F32Array,
                    centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
                    list_terms: F32Array | None, l2: bool, nprobe: int, k: int, nthreads: int,
-                   thread_min_rows: int) -> tuple[I64Array, tuple[F32Array, I64Array,
-                                                               np.ndarray, I64Array] | None]:
+                   thread_min_rows: int, refine: tuple[F32Array, int] | None = None
+                   ) -> tuple[I64Array, tuple[F32Array, I64Array, np.ndarray, I64Array] | None,
+                              Refined | None]:
         """One query's search in one call: its ``nprobe`` best lists (:meth:`probe`'s, (1,
         nprobe)) and, when ``table`` knows every one of them, the best ``k`` (costs, ids, probe
         ranks, rows), each (1, k), of their records: what :meth:`probe` and a
@@ -382,7 +443,12 @@ class Kernel:
         instead of the results when some probed list is not in the table yet (put it there
         and call again). ``query`` is (1, dim) float32; the scan runs on one thread below
         ``thread_min_rows`` rows. The quantizer's arrays and the probe ``matrix`` are
-        checked once per table."""
+        checked once per table.
+
+        With ``refine`` (the query as given, not rotated, and ``kout`` > 0), the results are
+        also re-ranked (:class:`Refine`) against the probed lists' stored-vector rows, which
+        ``table`` must know too (:meth:`ListTable.vector_rows`; None until it does), and the
+        third value is their :class:`Refined`."""
         given = (matrix, centroids, codebooks_t, norms, list_terms, l2)
         made = table.frame
         if made is None or not all(a is b for a, b in zip(made[0], given, strict=True)):
@@ -401,18 +467,33 @@ class Kernel:
         frame[_F_NTHREADS], frame[_F_THREAD_MIN_ROWS] = nthreads, thread_min_rows
         at = len(FRAME_SLOTS) + q_slots
         frame[len(FRAME_SLOTS): at].view(np.float32)[:dim] = query[0]
+        rframe = refined = None
+        if refine is not None:
+            addr, count, known = table.vectors
+            dtype = table.vector_dtype
+            if dtype is None:  # no list's rows are known yet: the kernel asks for them
+                dtype = np.dtype([("v", np.float32, (dim,)), ("crc", "<u4")])
+            rframe, refined, held = _refine_frame(
+                Refine(refine[0], addr, count, dtype, refine[1]), k, 1)
+            if not refine[1]:
+                raise ValueError("scan kernel: a single query's refine keeps kout > 0")
+            rframe[REFINE_SLOTS.index("known")] = _ptr(known)
+            frame[_F_REFINE] = rframe.ctypes.data
         rc = self._search_one(frame.ctypes.data)
         if rc < 0:
             raise MemoryError("scan kernel: could not allocate a search's scratch")
         lists = frame[at: at + nprobe].reshape(1, nprobe)
         if rc == 1:
-            return lists, None
+            return lists, None, None
         at += nprobe
         tail = frame[at + 2 * k: at + 3 * k]
-        return lists, (tail.view(np.float32)[:k].reshape(1, k),
-                       frame[at: at + k].reshape(1, k),
-                       tail.view(np.int32)[k:].reshape(1, k),
-                       frame[at + k: at + 2 * k].reshape(1, k))
+        found = (tail.view(np.float32)[:k].reshape(1, k), frame[at: at + k].reshape(1, k),
+                 tail.view(np.int32)[k:].reshape(1, k), frame[at + k: at + 2 * k].reshape(1, k))
+        if rframe is not None and refined is not None:
+            del held  # the frame's arrays lived through the call
+            refined = refined._replace(bad=int(rframe[REFINE_SLOTS.index("bad")]),
+                                       kind=int(rframe[REFINE_SLOTS.index("bad_kind")]))
+        return lists, found, refined
 
     def _frame(self, table: ListTable, matrix: F32Array, centroids: F32Array,
                codebooks_t: F32Array, norms: F32Array, list_terms: F32Array | None,
@@ -562,6 +643,22 @@ class ListTable:
     def __len__(self) -> int:
         return len(self._held)
 
+    @property
+    def vectors(self) -> tuple[np.ndarray, I64Array, np.ndarray]:
+        """Per list number: the address of its first stored-vector row (uint64), how many
+        rows it commits, and whether it is known yet (bool); filled by :meth:`vector_rows`."""
+        if self._vectors is None:
+            with self._lock:
+                if self._vectors is None:
+                    self._vectors = (np.zeros(self.nlist, np.uint64),
+                                     np.zeros(self.nlist, np.int64), np.zeros(self.nlist, bool))
+        return self._vectors
+
+    @property
+    def vector_dtype(self) -> np.dtype[Any] | None:
+        """The stored-vector rows' dtype, once a list's are known."""
+        return self._vector_dtype
+
     def vector_rows(self, list_nos: I64Array, fetch: Callable[[int], np.ndarray]
                     ) -> tuple[np.ndarray, I64Array, np.dtype[Any] | None]:
         """Where the stored-vector rows of each of ``list_nos`` start (uint64 addresses) and
@@ -569,10 +666,7 @@ class ListTable:
         (``fetch(list_no)``, a refined search's fetcher) on its first use and held here, so
         that a refined search of a snapshot already seen fetches no list (a batch names
         hundreds)."""
-        if self._vectors is None:
-            self._vectors = (np.zeros(self.nlist, np.uint64), np.zeros(self.nlist, np.int64),
-                             np.zeros(self.nlist, bool))
-        addr, count, known = self._vectors
+        addr, count, known = self.vectors
         for list_no in np.unique(list_nos[~known[list_nos]]).tolist():
             rows = fetch(list_no)
             with self._lock:
@@ -623,9 +717,12 @@ class ScanPlan:
     """
 
     def __init__(self, fn: Any, nlists: int, fixed: tuple[Any, ...],
-                 keep: tuple[object, ...], *, fast: bool = False) -> None:
+                 keep: tuple[object, ...], *, fast: bool = False,
+                 segments: int | None = None) -> None:
         self._fn = fn
         self._nlists = nlists
+        #: List entries' segments: one per list, or more in a plan of several stores.
+        self._segments = nlists if segments is None else segments
         self._fixed = fixed
         self._keep = keep
         #: Whether it is a fast scan's plan (its lists have blocks; 16-entry terms).
@@ -667,7 +764,7 @@ class ScanPlan:
                  _ptr(rec_count), self._fixed[13], _ptr(dead_addr), _ptr(dead_count),
                  *((None, None) if blocks is None else (_ptr(blocks[0]), _ptr(blocks[1]))))
         return ScanPlan(self._fn, n, fixed, (self._keep, list_no, segments, seg_start, owner),
-                        fast=self.fast)
+                        fast=self.fast, segments=size)
 
     def scan(self, queries: F32Array, pair_start: I64Array, pair_q: I64Array,
              pair_rank: np.ndarray, *, k: int, cap: int,
@@ -686,6 +783,22 @@ class ScanPlan:
         Called once per block of queries, so it makes no Python-level call of its own: the
         regression test on Python work per search counts them.
         """
+        return self._call(queries, pair_start, pair_q, pair_rank, k, cap, nthreads, None)[0]
+
+    def scan_refined(self, queries: F32Array, pair_start: I64Array, pair_q: I64Array,
+                     pair_rank: np.ndarray, refine: Refine, *, k: int, cap: int, nthreads: int
+                     ) -> tuple[tuple[F32Array, I64Array, np.ndarray, I64Array], Refined]:
+        """:meth:`scan`, and its results re-ranked exactly (:class:`Refine`, one entry of
+        ``refine.addr`` and ``refine.rows`` per list of the plan; in a plan of several
+        segments per list, one per segment), in the same call and threads."""
+        found, refined = self._call(queries, pair_start, pair_q, pair_rank, k, cap, nthreads,
+                                    refine)
+        assert refined is not None
+        return found, refined
+
+    def _call(self, queries: F32Array, pair_start: I64Array, pair_q: I64Array,
+              pair_rank: np.ndarray, k: int, cap: int, nthreads: int, refine: Refine | None
+              ) -> tuple[tuple[F32Array, I64Array, np.ndarray, I64Array], Refined | None]:
         # np.ascontiguousarray and .copy() are C: no Python-level calls, as for the rest here.
         queries = np.ascontiguousarray(queries, np.float32)
         pair_start = np.ascontiguousarray(pair_start, np.int64)
@@ -711,6 +824,11 @@ class ScanPlan:
         out_rank.fill(-1)
         out_row = np.empty((nq, k), np.int64)
         out_row.fill(-1)
+        frame = refined = None
+        if refine is not None:
+            frame, refined, held = _refine_frame(refine, k, nq)
+            if refine.addr.shape != (self._segments,):
+                raise ValueError("scan kernel: refine rows must be one per segment")
         rc = self._fn(nq, *self._fixed[:4], queries.__array_interface__["data"][0],
                       *self._fixed[4:], pair_start.__array_interface__["data"][0],
                       pair_q.__array_interface__["data"][0],
@@ -718,10 +836,15 @@ class ScanPlan:
                       out_cost.__array_interface__["data"][0],
                       out_id.__array_interface__["data"][0],
                       out_rank.__array_interface__["data"][0],
-                      out_row.__array_interface__["data"][0])
+                      out_row.__array_interface__["data"][0],
+                      None if frame is None else frame.ctypes.data)
         if rc != 0:
             raise MemoryError("scan kernel: could not allocate its tables and heaps")
-        return out_cost, out_id, out_rank, out_row
+        if frame is not None and refined is not None:
+            del held  # the frame's arrays lived through the call
+            refined = refined._replace(bad=int(frame[REFINE_SLOTS.index("bad")]),
+                                       kind=int(frame[REFINE_SLOTS.index("bad_kind")]))
+        return (out_cost, out_id, out_rank, out_row), refined
 
 
 def _load() -> tuple[Kernel | None, str]:

@@ -46,7 +46,7 @@
 #endif
 
 /* Version of the ivfpq_scan contract; _kernel.py refuses a library of another version. */
-#define IVFPQ_SCAN_ABI 11
+#define IVFPQ_SCAN_ABI 12
 /* Every sub-table has 256 entries, whatever ksub: a code byte can never index out of the
  * tables, and entries >= ksub (impossible codes of a damaged file) are +inf, never results. */
 #define TSTRIDE 256
@@ -114,6 +114,74 @@ static void heap_offer(heap_t *h, int64_t cap, const cand_t *x) {
     c[i] = *x;
 }
 
+/* Scratch memory kept from call to call. A batch's scratch (heaps, terms, tables: megabytes)
+ * taken fresh from malloc comes as new pages, each faulted in and zeroed on first touch:
+ * about 1,100 faults in a refined 1,000-query batch at 1M, 0.9-1.4 ms of its 23 (measured by
+ * perf stat -e page-faults over python tools/bench.py's batch, and against mallopt keeping
+ * the heap). The blocks go back to a few spares instead: at most SPARE_BLOCKS, each at most
+ * SPARE_BYTES; a call takes the smallest spare that fits. */
+#define SPARE_BLOCKS 4
+#define SPARE_BYTES ((size_t)64 << 20)
+#define SCRATCH_ALIGN 64
+static pthread_mutex_t spare_lock = PTHREAD_MUTEX_INITIALIZER;
+static void *spare[SPARE_BLOCKS];
+static size_t spare_size[SPARE_BLOCKS];
+
+/* A block of at least `size` bytes, aligned to SCRATCH_ALIGN (its size to *got), or NULL. */
+static void *scratch_take(size_t size, size_t *got) {
+    void *p = NULL;
+    int best = -1;
+    pthread_mutex_lock(&spare_lock);
+    for (int i = 0; i < SPARE_BLOCKS; i++)
+        if (spare[i] && spare_size[i] >= size && (best < 0 || spare_size[i] < spare_size[best]))
+            best = i;
+    if (best >= 0) {
+        p = spare[best];
+        *got = spare_size[best];
+        spare[best] = NULL;
+    }
+    pthread_mutex_unlock(&spare_lock);
+    if (p) return p;
+    size = (size + SCRATCH_ALIGN - 1) & ~(size_t)(SCRATCH_ALIGN - 1);
+    if (posix_memalign(&p, SCRATCH_ALIGN, size ? size : SCRATCH_ALIGN)) return NULL;
+    *got = size;
+    return p;
+}
+
+/* Give back a block of scratch_take's (NULL: none): kept as a spare in an empty slot or in
+ * place of a smaller one, else freed. */
+static void scratch_give(void *p, size_t size) {
+    if (p && size <= SPARE_BYTES) {
+        int slot = -1;
+        pthread_mutex_lock(&spare_lock);
+        for (int i = 0; i < SPARE_BLOCKS && slot < 0; i++)
+            if (!spare[i]) slot = i;
+        if (slot < 0) /* all full: in place of the smallest smaller one, if any */
+            for (int i = 0; i < SPARE_BLOCKS; i++)
+                if (spare_size[i] < size && (slot < 0 || spare_size[i] < spare_size[slot]))
+                    slot = i;
+        if (slot >= 0) {
+            void *old = spare[slot];
+            spare[slot] = p;
+            spare_size[slot] = size;
+            p = old;
+        }
+        pthread_mutex_unlock(&spare_lock);
+    }
+    free(p);
+}
+
+/* Offsets at[i] of n parts of sizes[i] bytes laid out in one block, each aligned to
+ * SCRATCH_ALIGN; returns the block's size. */
+static size_t lay_out(const size_t *sizes, size_t *at, int n) {
+    size_t total = 0;
+    for (int i = 0; i < n; i++) {
+        at[i] = total;
+        total += (sizes[i] + SCRATCH_ALIGN - 1) & ~(size_t)(SCRATCH_ALIGN - 1);
+    }
+    return total;
+}
+
 /* Run fn on items[0..n) (each item_size bytes): n - 1 new threads and this one; a thread that
  * cannot be started has its share run here instead. Returns whether any fn returned non-NULL
  * (a failure). */
@@ -164,11 +232,22 @@ typedef struct {
     /* Entries per sub-table of the terms: TSTRIDE, or FAST_KSUB (16) in the fast scan,
      * whose tables are built from the first 16 of each and which reads no code past 15. */
     int64_t tstride;
+    /* The merge's outputs (nq, k), and the refine frame (R_* slots) or NULL; with it, the
+     * list entry of each query's probe ranks (nq, nrank), -1 for a rank it does not scan. */
+    int64_t k;
+    float *out_cost;
+    int64_t *out_id;
+    int32_t *out_rank;
+    int64_t *out_row;
+    const int64_t *refine;
+    int32_t *entry_of;
+    int64_t nrank;
 } job_t;
 
-typedef struct {
+typedef struct worker {
     const job_t *job;
-    int64_t b0, b1;  /* queries [b0, b1) in the first phase, lists [b0, b1) in the others */
+    int64_t b0, b1;  /* queries [b0, b1) in the first and last phases, lists [b0, b1) in the
+                        others */
     int pass;        /* the list phase's pass: 0 each query's first pair, 1 the others */
     heap_t *heaps;   /* (nq,) */
     float *table;    /* (m, TSTRIDE) */
@@ -178,6 +257,15 @@ typedef struct {
     uint32_t *tail_rows; /* and the rows each holds */
     uint16_t *presums;   /* the fast scan: a pair's sums of a list's every row (scan_fast) */
     block_sums_fn sums; /* the fast scan's block sums */
+    /* The merge: every thread's workers (nall), scratch for a query's candidates, and for
+     * refine its queries' row addresses and exact costs ((b1 - b0) * k each); the first
+     * result whose row is bad (-1: none) and why (R_BAD_KIND). */
+    const struct worker *all;
+    int nall;
+    cand_t *merge;
+    uint64_t *raddr;
+    float *rcost;
+    int64_t bad, bad_kind;
 } worker_t;
 
 /* Sub-centroids whose products are summed in registers at once: four AVX-512 vectors. */
@@ -873,6 +961,161 @@ static void sift_best(cand_t *c, int64_t n, int64_t i) {
     c[i] = x;
 }
 
+/* The slots of a refine frame (int64; a pointer slot holds an address): what makes a scan
+ * re-rank its results exactly against the stored vectors (docs/format.md, vector files).
+ * R_QUERIES: the queries as given (nq, dim) float32, not rotated. R_ADDR, R_COUNT: per
+ * segment (S,) (search_one: per list number, with R_KNOWN (nlist,) uint8 saying which are
+ * filled), the address of its first stored-vector row and how many rows it commits; a row
+ * is R_SIZE bytes, dim values (float32, float16 when R_HALF) and the u32 CRC-32 of the
+ * record's id and values. R_KOUT 0: each result's exact cost to R_OUT_COST (nq, k) in its
+ * place (+inf where there is none); else the best R_KOUT of a query's results by exact cost
+ * (equal costs in the scan's order; NaN after all) to R_OUT_COST and R_OUT_ID (nq, kout), id
+ * -1 where the cost is not finite. R_BAD: written -1, or the first result q * k + i whose row
+ * is bad; R_BAD_KIND then says why: 1 its row is past its segment's rows, 2 it fails its
+ * checksum (the outputs are then not all written). */
+enum {
+    R_QUERIES, R_ADDR, R_COUNT, R_KNOWN, R_SIZE, R_HALF, R_KOUT, R_OUT_COST, R_OUT_ID, R_BAD,
+    R_BAD_KIND, R_SLOTS
+};
+#define BAD_ROW 1
+#define BAD_SUM 2
+
+/* Defined with the rest of refine, below. */
+static void crc_ready(void);
+static int checked_cost(const uint8_t *row, int64_t nbytes, int64_t id, const float *q,
+                        int64_t dim, int half, int l2, float *cost);
+static void prefetch_row(const uint8_t *row, int64_t nbytes);
+/* Candidates ahead whose rows are prefetched (prefetch_row). */
+#define REFINE_AHEAD 8
+
+/* Is exact result i before j (costs e)? By cost, NaN after every number, then by place. */
+static inline int exact_before(const float *e, int32_t i, int32_t j) {
+    const int ni = e[i] != e[i], nj = e[j] != e[j];
+    if (ni != nj) return nj;
+    if (!ni && e[i] != e[j]) return e[i] < e[j];
+    return i < j;
+}
+
+/* The places [0, n) ordered by exact_before, into idx (tmp: n more), merged bottom up. */
+static void sort_exact(const float *e, int32_t *idx, int32_t *tmp, int64_t n) {
+    for (int64_t i = 0; i < n; i++) idx[i] = (int32_t)i;
+    for (int64_t w = 1; w < n; w *= 2) {
+        for (int64_t lo = 0; lo < n; lo += 2 * w) {
+            const int64_t mid = lo + w < n ? lo + w : n, hi = lo + 2 * w < n ? lo + 2 * w : n;
+            int64_t a = lo, b = mid, o = lo;
+            while (a < mid && b < hi) tmp[o++] = exact_before(e, idx[b], idx[a]) ? idx[b++] : idx[a++];
+            while (a < mid) tmp[o++] = idx[a++];
+            while (b < hi) tmp[o++] = idx[b++];
+        }
+        memcpy(idx, tmp, (size_t)n * sizeof(int32_t));
+    }
+}
+
+/* Refine the merged results of queries [b0, b1) (the refine frame's contract): each found
+ * result's stored-vector row located from its list entry and row, read in order with the
+ * rows REFINE_AHEAD on prefetched, checked and scored; then each query's best kout. */
+static void refine_results(worker_t *w) {
+    const job_t *jb = w->job;
+    const int64_t *rf = jb->refine, k = jb->k, dim = jb->dim, kout = rf[R_KOUT];
+    const uint64_t *vaddr = (const uint64_t *)(uintptr_t)rf[R_ADDR];
+    const int64_t *vcount = (const int64_t *)(uintptr_t)rf[R_COUNT];
+    const float *raw = (const float *)(uintptr_t)rf[R_QUERIES];
+    const int64_t size = rf[R_SIZE], nbytes = size - 4, n = (w->b1 - w->b0) * k;
+    const int half = (int)rf[R_HALF];
+    const int64_t f0 = w->b0 * k; /* results f0 + c, c < n */
+    for (int64_t c = 0; c < n; c++) { /* where each result's row is: 0 none, 1 past its rows */
+        const int64_t f = f0 + c;
+        w->raddr[c] = 0;
+        if (jb->out_rank[f] < 0) continue;
+        int64_t s0, s1, row = jb->out_row[f];
+        entry_segments(jb, jb->entry_of[(f / k) * jb->nrank + jb->out_rank[f]], &s0, &s1);
+        int64_t s = s0;
+        for (; s < s1; s++) { /* rows count on from one segment to the next */
+            const int64_t rows = jb->rec_count[s] + (jb->blk_addr ? BLOCK_ROWS * jb->blk_count[s] : 0);
+            if (row < rows) break;
+            row -= rows;
+        }
+        w->raddr[c] = s < s1 && row < vcount[s] ? vaddr[s] + (uint64_t)row * (uint64_t)size : 1;
+    }
+    for (int64_t c = 0; c < n; c++) {
+        if (c + REFINE_AHEAD < n && w->raddr[c + REFINE_AHEAD] > 1)
+            prefetch_row((const uint8_t *)(uintptr_t)w->raddr[c + REFINE_AHEAD], nbytes);
+        const int64_t f = f0 + c;
+        w->rcost[c] = INFINITY;
+        if (!w->raddr[c]) continue;
+        if (w->raddr[c] == 1) {
+            w->bad = f;
+            w->bad_kind = BAD_ROW;
+            return;
+        }
+        if (checked_cost((const uint8_t *)(uintptr_t)w->raddr[c], nbytes, jb->out_id[f],
+                         raw + (f / k) * dim, dim, half, jb->l2, &w->rcost[c])) {
+            w->bad = f;
+            w->bad_kind = BAD_SUM;
+            return;
+        }
+    }
+    float *out_cost = (float *)(uintptr_t)rf[R_OUT_COST];
+    int64_t *out_id = (int64_t *)(uintptr_t)rf[R_OUT_ID];
+    if (!kout) {
+        memcpy(out_cost + f0, w->rcost, (size_t)n * sizeof(float));
+        return;
+    }
+    int32_t *idx = (int32_t *)w->merge, *tmp = idx + k; /* the merge is done with it */
+    for (int64_t q = w->b0; q < w->b1; q++) {
+        const float *e = w->rcost + (q - w->b0) * k;
+        int64_t kept = 0;
+        if (kout <= 32) { /* the best kout by insertion: most results lose to the worst kept */
+            for (int64_t i = 0; i < k; i++) {
+                if (kept == kout && !exact_before(e, (int32_t)i, idx[kept - 1])) continue;
+                int64_t at = kept < kout ? kept++ : kout - 1;
+                while (at > 0 && exact_before(e, (int32_t)i, idx[at - 1])) {
+                    idx[at] = idx[at - 1];
+                    at--;
+                }
+                idx[at] = (int32_t)i;
+            }
+        } else {
+            sort_exact(e, idx, tmp, k);
+            kept = kout < k ? kout : k;
+        }
+        for (int64_t j = 0; j < kout; j++) {
+            const int found = j < kept;
+            const float cost = found ? e[idx[j]] : INFINITY;
+            out_cost[q * kout + j] = cost;
+            out_id[q * kout + j] = found && isfinite(cost) ? jb->out_id[q * k + idx[j]] : -1;
+        }
+    }
+}
+
+/* Last phase: the best k of queries [b0, b1) from every thread's heap, by (cost, rank, row),
+ * then refined when the scan has a refine frame. */
+static void *merge_phase(void *arg) {
+    worker_t *w = (worker_t *)arg;
+    const job_t *jb = w->job;
+    const int64_t k = jb->k;
+    for (int64_t q = w->b0; q < w->b1; q++) {
+        int64_t n = 0;
+        for (int t = 0; t < w->nall; t++) {
+            const heap_t *h = &w->all[t].heaps[q];
+            memcpy(w->merge + n, h->c, (size_t)h->n * sizeof(cand_t));
+            n += h->n;
+        }
+        /* the best first, from a heap of them all: k pops, not a sort of the threads' all */
+        for (int64_t i = n / 2 - 1; i >= 0; i--) sift_best(w->merge, n, i);
+        for (int64_t i = 0; i < k && n > 0; i++) {
+            jb->out_cost[q * k + i] = w->merge[0].cost;
+            jb->out_id[q * k + i] = w->merge[0].id;
+            jb->out_rank[q * k + i] = w->merge[0].rank;
+            jb->out_row[q * k + i] = w->merge[0].row;
+            w->merge[0] = w->merge[--n];
+            sift_best(w->merge, n, 0);
+        }
+    }
+    if (jb->refine) refine_results(w);
+    return NULL;
+}
+
 /*
  * Scan L lists for the (query, list) pairs grouped by list, and write each query's best k
  * (cost, id) to out_cost, out_id (nq, k), best first, and where each is: the probe rank of its
@@ -895,42 +1138,78 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
                const int64_t *dead_count, const uint64_t *blk_addr, const int64_t *blk_count,
                const int64_t *pair_start, const int64_t *pair_q,
                const int32_t *pair_rank, int64_t k, int64_t cap, int nthreads,
-               float *out_cost, int64_t *out_id, int32_t *out_rank, int64_t *out_row) {
+               float *out_cost, int64_t *out_id, int32_t *out_rank, int64_t *out_row,
+               int64_t *refine) {
     job_t jb = {nq, dim, m, ksub, dim / m, stride, cap, l2, queries, centroids, codebooks_t,
                 norms, list_terms, list_no, seg_start, rec_addr, rec_count, dead_addr,
                 dead_count, pair_start, pair_q, pair_rank, NULL, NULL, blk_addr, blk_count,
-                blk_addr ? FAST_KSUB : TSTRIDE};
+                blk_addr ? FAST_KSUB : TSTRIDE, k, out_cost, out_id, out_rank, out_row, refine,
+                NULL, 0};
     if (blk_addr && ksub != FAST_KSUB) return -2;
     if (nthreads > nlists) nthreads = (int)nlists; /* a thread without a list only costs heaps */
     if (nthreads < 1) nthreads = 1;
     const int64_t size = m * jb.tstride;
-    int rc = -1;
-    worker_t *ws = calloc((size_t)nthreads, sizeof(worker_t));
-    pthread_t *tids = calloc((size_t)nthreads, sizeof(pthread_t));
-    cand_t *pool = malloc((size_t)nthreads * (size_t)nq * (size_t)cap * sizeof(cand_t) + 1);
-    heap_t *heaps = calloc((size_t)nthreads * (size_t)nq + 1, sizeof(heap_t));
-    float *scratch = malloc((size_t)nthreads * (size_t)(2 * size) * sizeof(float));
-    uint8_t *luts = malloc((size_t)nthreads * (size_t)(lut_rows(m) * FAST_KSUB));
     int64_t maxseg = 1; /* the most segments of a list entry: scratch for their tails */
     if (seg_start)
         for (int64_t l = 0; l < nlists; l++)
             if (seg_start[l + 1] - seg_start[l] > maxseg) maxseg = seg_start[l + 1] - seg_start[l];
     const size_t tail_bytes = blk_addr ? (size_t)maxseg * (size_t)(16 * m + ID_BYTES * BLOCK_ROWS)
                                        : 0;
-    uint8_t *tails = malloc((size_t)nthreads * tail_bytes + 1);
-    uint32_t *tail_rows = malloc((size_t)nthreads * (size_t)maxseg * sizeof(uint32_t));
     int64_t maxblk = 0; /* the most blocks of a segment: scratch for a pair's every sum */
     for (int64_t g = 0; blk_addr && g < (seg_start ? seg_start[nlists] : nlists); g++)
         if (blk_count[g] > maxblk) maxblk = blk_count[g];
     const size_t presum_rows = blk_addr ? (size_t)(maxblk + 1) * BLOCK_ROWS : 0;
-    uint16_t *presums = malloc((size_t)nthreads * presum_rows * sizeof(uint16_t) + 1);
+    /* a merge's candidates, or refine's order of a query's k results (twice k int32) */
+    size_t merge_size = (size_t)nthreads * (size_t)cap * sizeof(cand_t);
+    if (refine && merge_size < 2 * (size_t)k * sizeof(int32_t))
+        merge_size = 2 * (size_t)k * sizeof(int32_t);
+    merge_size = (merge_size + sizeof(cand_t) - 1) / sizeof(cand_t); /* in candidates */
+    int64_t nrank = 0;
+    for (int64_t p = 0; refine && p < pair_start[nlists]; p++)
+        if (pair_rank[p] >= nrank) nrank = (int64_t)pair_rank[p] + 1;
+    const size_t nres = refine ? (size_t)nq * (size_t)k : 0, nt = (size_t)nthreads;
+    enum { P_WS, P_TIDS, P_POOL, P_HEAPS, P_TABLES, P_LUTS, P_TAILS, P_TAIL_ROWS, P_PRESUMS,
+           P_QTERMS, P_MERGE, P_FIRST, P_ENTRY, P_RADDR, P_RCOST, P_PARTS };
+    const size_t part[P_PARTS] = {
+        nt * sizeof(worker_t), nt * sizeof(pthread_t),
+        nt * (size_t)nq * (size_t)cap * sizeof(cand_t), nt * (size_t)nq * sizeof(heap_t),
+        nt * (size_t)(2 * size) * sizeof(float), nt * (size_t)(lut_rows(m) * FAST_KSUB),
+        nt * tail_bytes, nt * (size_t)maxseg * sizeof(uint32_t),
+        nt * presum_rows * sizeof(uint16_t), (size_t)nq * (size_t)size * sizeof(float),
+        nt * merge_size * sizeof(cand_t), (size_t)nq * sizeof(int32_t),
+        (size_t)nq * (size_t)nrank * sizeof(int32_t), nres * sizeof(uint64_t),
+        nres * sizeof(float)};
+    size_t at[P_PARTS], have = 0;
+    char *block = scratch_take(lay_out(part, at, P_PARTS), &have);
+    if (!block) return -1;
+    worker_t *ws = (worker_t *)(block + at[P_WS]);
+    pthread_t *tids = (pthread_t *)(block + at[P_TIDS]);
+    cand_t *pool = (cand_t *)(block + at[P_POOL]);
+    heap_t *heaps = (heap_t *)(block + at[P_HEAPS]);
+    float *scratch = (float *)(block + at[P_TABLES]);
+    uint8_t *luts = (uint8_t *)block + at[P_LUTS], *tails = (uint8_t *)block + at[P_TAILS];
+    uint32_t *tail_rows = (uint32_t *)(block + at[P_TAIL_ROWS]);
+    uint16_t *presums = (uint16_t *)(block + at[P_PRESUMS]);
+    float *qterms = (float *)(block + at[P_QTERMS]);
+    cand_t *merge = (cand_t *)(block + at[P_MERGE]);
+    int32_t *first = (int32_t *)(block + at[P_FIRST]);
+    int32_t *entry_of = (int32_t *)(block + at[P_ENTRY]);
+    uint64_t *raddr = (uint64_t *)(block + at[P_RADDR]);
+    float *rcost = (float *)(block + at[P_RCOST]);
+    memset(ws, 0, part[P_WS]);
+    memset(heaps, 0, part[P_HEAPS]);
     const block_sums_fn sums = block_sums_of(fast_level());
-    float *qterms = malloc((size_t)nq * (size_t)size * sizeof(float) + 1);
-    cand_t *merge = malloc((size_t)nthreads * (size_t)cap * sizeof(cand_t) + 1);
-    int32_t *first = malloc((size_t)nq * sizeof(int32_t) + 1);
-    if (!ws || !tids || !pool || !heaps || !scratch || !luts || !tails || !tail_rows || !qterms ||
-        !merge || !first || !presums)
-        goto done;
+    if (refine) {
+        crc_ready();
+        jb.entry_of = entry_of;
+        jb.nrank = nrank;
+        for (size_t e = 0; e < (size_t)nq * (size_t)nrank; e++) entry_of[e] = -1;
+        for (int64_t l = 0; l < nlists; l++)
+            for (int64_t p = pair_start[l]; p < pair_start[l + 1]; p++)
+                entry_of[pair_q[p] * nrank + pair_rank[p]] = (int32_t)l;
+        refine[R_BAD] = -1;
+        refine[R_BAD_KIND] = 0;
+    }
     jb.query_terms = qterms;
     jb.first_rank = first;
     for (int64_t q = 0; q < nq; q++) first[q] = INT32_MAX;
@@ -985,39 +1264,28 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
         }
     }
 
-    for (int64_t q = 0; q < nq; q++) { /* merge the threads' best, by (cost, rank, row) */
-        int64_t n = 0;
-        for (int t = 0; t < nthreads; t++) {
-            const heap_t *h = &ws[t].heaps[q];
-            memcpy(merge + n, h->c, (size_t)h->n * sizeof(cand_t));
-            n += h->n;
-        }
-        /* the best first, from a heap of them all: k pops, not a sort of the threads' all */
-        for (int64_t i = n / 2 - 1; i >= 0; i--) sift_best(merge, n, i);
-        for (int64_t i = 0; i < k && n > 0; i++) {
-            out_cost[q * k + i] = merge[0].cost;
-            out_id[q * k + i] = merge[0].id;
-            out_rank[q * k + i] = merge[0].rank;
-            out_row[q * k + i] = merge[0].row;
-            merge[0] = merge[--n];
-            sift_best(merge, n, 0);
-        }
+    /* The merge (and refine), each thread a run of queries: at most one thread a query. */
+    const int nmerge = nq < nthreads ? (int)nq : nthreads;
+    for (int t = 0; t < nmerge; t++) {
+        worker_t *w = &ws[t];
+        w->all = ws;
+        w->nall = nthreads;
+        w->merge = merge + (size_t)t * merge_size;
+        w->b0 = nq * t / nmerge;
+        w->b1 = nq * (t + 1) / nmerge;
+        w->raddr = raddr + (size_t)w->b0 * (size_t)k;
+        w->rcost = rcost + (size_t)w->b0 * (size_t)k;
+        w->bad = -1;
     }
-    rc = 0;
-done:
-    free(ws);
-    free(tids);
-    free(pool);
-    free(heaps);
-    free(scratch);
-    free(luts);
-    free(tails);
-    free(tail_rows);
-    free(presums);
-    free(qterms);
-    free(merge);
-    free(first);
-    return rc;
+    if (nmerge > 0) run_parallel(nmerge, ws, sizeof(worker_t), tids, merge_phase);
+    for (int t = 0; refine && t < nmerge; t++)
+        if (ws[t].bad >= 0) { /* the first bad result: threads hold runs of queries in order */
+            refine[R_BAD] = ws[t].bad;
+            refine[R_BAD_KIND] = ws[t].bad_kind;
+            break;
+        }
+    scratch_give(block, have);
+    return 0;
 }
 
 /* The fast scan's 8-bit tables of P (query, list) pairs, as ivfpq_scan builds them: queries
@@ -1259,7 +1527,9 @@ int ivfpq_probe(int64_t nq, int64_t dim, int64_t nlist, int l2, const float *que
     int rc = -1;
     probe_t *ps = calloc((size_t)nthreads, sizeof(probe_t));
     pthread_t *tids = calloc((size_t)nthreads, sizeof(pthread_t));
-    float *scores = malloc((size_t)nthreads * PROBE_BLOCK * (size_t)nlist * sizeof(float));
+    size_t have = 0; /* the scores are kept from call to call (scratch_take) */
+    float *scores = scratch_take((size_t)nthreads * PROBE_BLOCK * (size_t)nlist * sizeof(float),
+                                 &have);
     if (!ps || !tids || !scores) goto done;
     for (int t = 0; t < nthreads; t++) {
         probe_t pt = {nq * t / nthreads, nq * (t + 1) / nthreads, dim, nlist, nprobe, l2,
@@ -1271,7 +1541,7 @@ int ivfpq_probe(int64_t nq, int64_t dim, int64_t nlist, int l2, const float *que
 done:
     free(ps);
     free(tids);
-    free(scores);
+    scratch_give(scores, have);
     return rc;
 }
 
@@ -1284,7 +1554,9 @@ done:
  * entry of list l is filled; rec_count 0 for an empty list). The same results as ivfpq_probe
  * followed by ivfpq_scan over the probed non-empty lists in probe order. Returns 0; 1 when a
  * probed list is not known yet (nothing scanned: the caller fills those entries and calls
- * again); -1 when memory could not be had. Called through ivfpq_search_one's frame.
+ * again); -1 when memory could not be had. With a refine frame (per list number: its R_KNOWN
+ * must name every probed list too, else 1), the results are refined as ivfpq_scan refines
+ * them. Called through ivfpq_search_one's frame.
  */
 static int search_one(int64_t dim, int64_t m, int64_t ksub, int l2, const float *query,
                       const float *matrix, int64_t nlist, int64_t nprobe, const float *centroids,
@@ -1293,12 +1565,13 @@ static int search_one(int64_t dim, int64_t m, int64_t ksub, int l2, const float 
                       int64_t stride, const uint64_t *dead_addr, const int64_t *dead_count,
                       const uint64_t *blk_addr, const int64_t *blk_count,
                       int64_t k, int nthreads, int64_t thread_min_rows, int64_t *out_list,
-                      float *out_cost, int64_t *out_id, int32_t *out_rank, int64_t *out_row) {
+                      float *out_cost, int64_t *out_id, int32_t *out_rank, int64_t *out_row,
+                      int64_t *refine) {
     int rc = -1;
     float *scores = malloc((size_t)nlist * sizeof(float));
     scored_t *tmp = malloc((size_t)nlist * sizeof(scored_t));
     float *probe_cost = malloc((size_t)nprobe * sizeof(float));
-    int64_t *lists = malloc((size_t)nprobe * 9 * sizeof(int64_t) + sizeof(int64_t));
+    int64_t *lists = malloc((size_t)nprobe * 11 * sizeof(int64_t) + sizeof(int64_t));
     if (!scores || !tmp || !probe_cost || !lists) goto done;
     if (l2) memcpy(scores, matrix + dim * nlist, (size_t)nlist * sizeof(float));
     else memset(scores, 0, (size_t)nlist * sizeof(float));
@@ -1308,6 +1581,7 @@ static int search_one(int64_t dim, int64_t m, int64_t ksub, int l2, const float 
         for (int64_t d = 0; d < dim; d++) norm += query[d] * query[d];
     best_lists(scores, nlist, nprobe, norm, tmp, probe_cost, out_list);
     rc = 1;
+    const uint8_t *vknown = refine ? (const uint8_t *)(uintptr_t)refine[R_KNOWN] : NULL;
     for (int64_t i = 0; i < nprobe; i++)
         if (!known[out_list[i]]) goto done;
     for (int64_t i = 0; i < k; i++) {
@@ -1322,12 +1596,18 @@ static int search_one(int64_t dim, int64_t m, int64_t ksub, int l2, const float 
     uint64_t *daddr = (uint64_t *)(lists + 6 * nprobe + 1);
     uint64_t *baddr = (uint64_t *)(lists + 7 * nprobe + 1);
     int64_t *bcount = lists + 8 * nprobe + 1;
+    uint64_t *vaddr = (uint64_t *)(lists + 9 * nprobe + 1);
+    int64_t *vcount = lists + 10 * nprobe + 1;
     int32_t *rank = (int32_t *)tmp; /* the probe is done with it */
     int64_t n = 0, total = 0;
     for (int64_t i = 0; i < nprobe; i++) {
         const int64_t l = out_list[i];
         const int64_t rows = rec_count[l] + (blk_addr ? BLOCK_ROWS * blk_count[l] : 0);
         if (rows <= 0) continue;
+        if (vknown && !vknown[l]) { /* rc 1: a scanned list's vector rows are not known */
+            rc = 1;
+            goto done;
+        }
         list_no[n] = l;
         addr[n] = rec_addr[l];
         count[n] = rec_count[l];
@@ -1337,6 +1617,10 @@ static int search_one(int64_t dim, int64_t m, int64_t ksub, int l2, const float 
             baddr[n] = blk_addr[l];
             bcount[n] = blk_count[l];
         }
+        if (refine) {
+            vaddr[n] = ((const uint64_t *)(uintptr_t)refine[R_ADDR])[l];
+            vcount[n] = ((const int64_t *)(uintptr_t)refine[R_COUNT])[l];
+        }
         start[n] = n;
         pq[n] = 0;
         rank[n] = (int32_t)i;
@@ -1344,13 +1628,33 @@ static int search_one(int64_t dim, int64_t m, int64_t ksub, int l2, const float 
         n++;
     }
     start[n] = n;
+    int64_t frame[R_SLOTS]; /* the refine frame, with the scanned lists' vector rows */
+    if (refine) {
+        memcpy(frame, refine, sizeof(frame));
+        frame[R_ADDR] = (int64_t)(uintptr_t)vaddr;
+        frame[R_COUNT] = (int64_t)(uintptr_t)vcount;
+        refine[R_BAD] = -1;
+        refine[R_BAD_KIND] = 0;
+        if (refine[R_KOUT]) { /* no list to scan: no result */
+            float *rcost = (float *)(uintptr_t)refine[R_OUT_COST];
+            int64_t *rid = (int64_t *)(uintptr_t)refine[R_OUT_ID];
+            for (int64_t i = 0; i < refine[R_KOUT]; i++) {
+                rcost[i] = INFINITY;
+                rid[i] = -1;
+            }
+        }
+    }
     rc = 0;
     if (n == 0) goto done;
     rc = ivfpq_scan(1, dim, m, ksub, l2, query, centroids, codebooks_t, norms, list_terms, n,
                     list_no, NULL, addr, count, stride, daddr, dcount, blk_addr ? baddr : NULL,
                     blk_addr ? bcount : NULL, start, pq, rank, k,
                     total < k ? total : k, total >= thread_min_rows ? nthreads : 1, out_cost,
-                    out_id, out_rank, out_row);
+                    out_id, out_rank, out_row, refine ? frame : NULL);
+    if (refine) {
+        refine[R_BAD] = frame[R_BAD];
+        refine[R_BAD_KIND] = frame[R_BAD_KIND];
+    }
 done:
     free(scores);
     free(tmp);
@@ -1364,14 +1668,15 @@ done:
 enum {
     F_DIM, F_M, F_KSUB, F_L2, F_MATRIX, F_NLIST, F_NPROBE, F_CENTROIDS, F_CODEBOOKS_T, F_NORMS,
     F_LIST_TERMS, F_KNOWN, F_REC_ADDR, F_REC_COUNT, F_STRIDE, F_DEAD_ADDR, F_DEAD_COUNT,
-    F_BLK_ADDR, F_BLK_COUNT, F_K, F_NTHREADS, F_THREAD_MIN_ROWS, F_SLOTS
+    F_BLK_ADDR, F_BLK_COUNT, F_K, F_NTHREADS, F_THREAD_MIN_ROWS, F_REFINE, F_SLOTS
 };
 
 /*
  * search_one with its arguments in one frame, so that a call from Python passes one address
  * instead of 30 converted arguments: the F_SLOTS slots, then the query (dim float32, padded
  * to whole slots), then the outputs: lists (nprobe int64), ids (k int64), rows (k int64),
- * costs (k float32) and ranks (k int32). A pointer slot holds an address, 0 for NULL.
+ * costs (k float32) and ranks (k int32). A pointer slot holds an address, 0 for NULL;
+ * F_REFINE a refine frame's (R_* slots, per list number), or 0.
  */
 int ivfpq_search_one(int64_t *frame) {
     const int64_t dim = frame[F_DIM], nprobe = frame[F_NPROBE], k = frame[F_K];
@@ -1390,7 +1695,7 @@ int ivfpq_search_one(int64_t *frame) {
                       PTR(const uint64_t *, F_DEAD_ADDR), PTR(const int64_t *, F_DEAD_COUNT),
                       PTR(const uint64_t *, F_BLK_ADDR), PTR(const int64_t *, F_BLK_COUNT), k,
                       (int)frame[F_NTHREADS], frame[F_THREAD_MIN_ROWS], out_list, out_cost,
-                      out_id, out_rank, out_row);
+                      out_id, out_rank, out_row, PTR(int64_t *, F_REFINE));
 #undef PTR
 }
 
@@ -1802,31 +2107,41 @@ typedef struct {
     float *out_cost;
 } refine_t;
 
-/* Candidates ahead whose rows are prefetched: rows are scattered over the vector files, and
- * each is several cache lines read whole (its checksum), so the loads of the next few overlap
- * the work on this one. */
-#define REFINE_AHEAD 8
+static void crc_ready(void) { pthread_once(&crc_once, crc_init); }
+
+/* Fetch a stored-vector row (nbytes of values, then its checksum) into the cache ahead of
+ * use: rows are scattered over the vector files, and each is several cache lines read whole
+ * (its checksum), so the loads of the next REFINE_AHEAD overlap the work on this one. */
+static void prefetch_row(const uint8_t *row, int64_t nbytes) {
+    for (int64_t o = 0; o < nbytes + 4; o += 64) __builtin_prefetch(row + o);
+    __builtin_prefetch(row + nbytes + 3);
+}
+
+/* A stored-vector row's exact cost against q, to *cost; 1 (and no cost) when the row fails
+ * its checksum for record `id`, else 0. */
+static int checked_cost(const uint8_t *row, int64_t nbytes, int64_t id, const float *q,
+                        int64_t dim, int half, int l2, float *cost) {
+    uint8_t idb[8];
+    uint32_t stored;
+    memcpy(idb, &id, 8); /* little-endian: checked at the top of this file */
+    memcpy(&stored, row + nbytes, 4);
+    if (crc_update(crc_update(0, idb, 8), row, nbytes) != stored) return 1;
+    *cost = row_cost(row, q, dim, half, l2);
+    return 0;
+}
 
 static void *refine_phase(void *arg) {
     refine_t *rt = (refine_t *)arg;
     const int64_t nbytes = rt->dim * (rt->half ? 2 : 4);
     for (int64_t c = rt->c0; c < rt->c1; c++) {
-        if (c + REFINE_AHEAD < rt->c1) {
-            const char *ahead = (const char *)(uintptr_t)rt->addr[c + REFINE_AHEAD];
-            for (int64_t o = 0; o < nbytes + 4; o += 64) __builtin_prefetch(ahead + o);
-            __builtin_prefetch(ahead + nbytes + 3);
-        }
-        const uint8_t *row = (const uint8_t *)(uintptr_t)rt->addr[c];
-        uint8_t id[8];
-        uint32_t stored;
-        memcpy(id, &rt->ids[c], 8);
-        memcpy(&stored, row + nbytes, 4);
-        if (crc_update(crc_update(0, id, 8), row, nbytes) != stored) {
+        if (c + REFINE_AHEAD < rt->c1)
+            prefetch_row((const uint8_t *)(uintptr_t)rt->addr[c + REFINE_AHEAD], nbytes);
+        if (checked_cost((const uint8_t *)(uintptr_t)rt->addr[c], nbytes, rt->ids[c],
+                         rt->queries + rt->qidx[c] * rt->dim, rt->dim, rt->half, rt->l2,
+                         &rt->out_cost[c])) {
             rt->bad = c;
             break;
         }
-        rt->out_cost[c] =
-            row_cost(row, rt->queries + rt->qidx[c] * rt->dim, rt->dim, rt->half, rt->l2);
     }
     return NULL;
 }
@@ -1845,7 +2160,7 @@ static void *refine_phase(void *arg) {
 int64_t ivfpq_refine_costs(int64_t n, int64_t dim, int half, int l2, const float *queries,
                            const int64_t *qidx, const uint64_t *addr, const int64_t *ids,
                            int nthreads, float *out_cost) {
-    pthread_once(&crc_once, crc_init);
+    crc_ready();
     if (nthreads > n / REFINE_PER_THREAD) nthreads = (int)(n / REFINE_PER_THREAD);
     if (nthreads < 1) nthreads = 1;
     refine_t *rs = calloc((size_t)nthreads, sizeof(refine_t));

@@ -15,11 +15,12 @@ import numpy as np
 
 from .format.records import ListRecord
 from .search import SearchConfig, Searcher
+from .search.searcher import Refiner
 from .storage import Catalog, CatalogSnapshot, RecordFetcher
 from .store import Store
 
 __all__ = ["catalog", "counting_fetches", "fetcher", "forget_list_terms", "list_terms_cached",
-           "open_segment_maps", "search_config", "searcher", "snapshot"]
+           "open_segment_maps", "refiner", "search_config", "searcher", "snapshot"]
 
 
 def searcher(store: Store) -> Searcher:
@@ -35,6 +36,12 @@ def catalog(store: Store) -> Catalog:
 def snapshot(store: Store) -> CatalogSnapshot:
     """The latest committed state of the store's catalog."""
     return store._live_catalog().snapshot()
+
+
+def refiner(store: Store, snap: CatalogSnapshot) -> Refiner:
+    """What a refined search of ``snap`` reads the store's vectors with."""
+    return Refiner(snap.lists, store._snapshot_fetcher(store._live_catalog(), snap,
+                                                       vectors=True), store._layout.root)
 
 
 def fetcher(store: Store) -> RecordFetcher:

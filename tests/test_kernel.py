@@ -542,3 +542,55 @@ def test_one_call_search_equals_probe_and_scan(tmp_path, small_data, metric, mon
                     np.testing.assert_array_equal(one.distances, general.distances)
     assert ids.shape == (1, 5)
     assert len(calls) >= 12 * 3 * 2  # one call each, two when the table lacked a list
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_refined_scan_stops_at_its_first_bad_result(tmp_path, small_data, threads):
+    """The kernel's refine in the scan's call re-ranks as the store's refined search does,
+    and stops at the first result, in (query, place) order, whose row fails its checksum
+    (BAD_CHECKSUM) or is past its list's vector rows (BAD_ROW), whatever the threads."""
+    with make_store(tmp_path / "s", small_data, store_vectors="float32") as store:
+        searcher = testing.searcher(store)
+        qz = searcher.quantizer
+        snap = testing.snapshot(store)
+        fetch, refiner = testing.fetcher(store), testing.refiner(store, snap)
+        list_nos = np.array(sorted(snap.lists))
+        records = [fetch(n, snap.lists[n]) for n in list_nos.tolist()]
+        vectors = [np.array(refiner.fetch_vectors(n, snap.lists[n])) for n in list_nos.tolist()]
+        queries = small_data["queries"][:30]
+        want = store.search(queries, k=5, nprobe=3, refine=2)
+        entry = np.searchsorted(list_nos, searcher.probe(queries, 3).lists)
+    kernel = _kernel.KERNEL
+    assert kernel is not None
+    plan = kernel.plan(centroids=qz.centroids, codebooks_t=qz.codebooks_t, norms=qz.norms,
+                       list_terms=None, l2=True, records=records, dead=[None] * len(records),
+                       list_no=list_nos)
+    order = np.argsort(entry.ravel(), kind="stable")
+    pair_q, pair_rank = np.divmod(order, 3)
+    pair_start = np.r_[0, np.cumsum(np.bincount(entry.ravel(), minlength=len(list_nos)))]
+    addr = np.array([v.ctypes.data for v in vectors], np.uint64)
+
+    def run(counts):
+        refine = _kernel.Refine(queries, addr, counts, vectors[0].dtype, 5)
+        return plan.scan_refined(qz.rotate(queries), pair_start, pair_q, pair_rank, refine,
+                                 k=10, cap=10, nthreads=threads)
+
+    counts = np.array([len(v) for v in vectors])
+    (_, _, ranks, rows), refined = run(counts)
+    assert refined.bad == -1
+    np.testing.assert_array_equal(refined.ids, want.ids)
+    np.testing.assert_array_equal(np.maximum(refined.cost, 0), want.distances)
+    where = np.take_along_axis(entry, ranks, axis=1) * 10_000 + rows  # (list entry, row)
+    e, r = divmod(int(where[4, 3]), 10_000)
+    vectors[e]["crc"][r] ^= 1
+    _, refined = run(counts)
+    assert (refined.bad, refined.kind) == (int(np.flatnonzero(where == where[4, 3])[0]),
+                                           _kernel.BAD_CHECKSUM)
+    vectors[e]["crc"][r] ^= 1
+    e, r = divmod(int(where[9, 6]), 10_000)
+    short = counts.copy()
+    short[e] = r  # row r and after are past the list's vector rows
+    _, refined = run(short)
+    past = (where // 10_000 == e) & (where % 10_000 >= r)
+    assert (refined.bad, refined.kind) == (int(np.flatnonzero(past)[0]), _kernel.BAD_ROW)

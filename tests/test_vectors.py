@@ -7,13 +7,14 @@ import json
 import os
 import struct
 import uuid
+import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import NLIST, make_store
+from conftest import KERNEL_REQUIRED, NLIST, make_store
 from helpers import (
     DATA,
     brute_force_knn,
@@ -24,7 +25,7 @@ from helpers import (
 )
 
 import ivfpq_store
-from ivfpq_store import Filter, testing
+from ivfpq_store import Filter, _kernel, testing
 from ivfpq_store._kernel import bad_rows
 from ivfpq_store.cli import cli
 from ivfpq_store.errors import (
@@ -39,6 +40,7 @@ from ivfpq_store.format.vectors import (
     decode_vector_prelude,
     vector_row_dtype,
 )
+from ivfpq_store.params import SearchParams
 
 ALWAYS_DIRECT = {"direct_per_candidate": 0.0, "direct_per_pair": 0.0}
 NEVER_DIRECT = {"direct_per_candidate": 1e30}
@@ -92,6 +94,53 @@ def test_refine_equals_the_numpy_reference(tmp_path, small_data, metric, dtype, 
                                      metric)
             singles = [store.search(q, k=5, nprobe=3, refine=refine) for q in queries]
             np.testing.assert_array_equal(np.vstack([s.ids for s in singles]), got.ids)
+
+
+@pytest.mark.skipif(_kernel.KERNEL is None and not KERNEL_REQUIRED,
+                    reason=_kernel.kernel_status())
+@pytest.mark.parametrize("nbits", [4, 6])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_refine_in_the_scans_call_equals_refine_after_it(tmp_path, small_data, nbits, metric,
+                                                         dtype):
+    """The kernel refines a snapshot's scan in the scan's own call, each result's row
+    located from its list entry: the bits of the scan followed by the re-ranking of its
+    candidates, for a batch and single queries, kout under 32 (kept by insertion) or past
+    it (sorted), scan k and kout past the probed rows, with tombstones, on one thread or
+    three in blocks of queries; in the fast scan (nbits 4) and the byte-code scan."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+        store = ivfpq_store.create(tmp_path / "s", small_data["train"], nlist=NLIST,
+                                   m=8 if nbits == 4 else 4, nbits=nbits, metric=metric,
+                                   seed=7, store_vectors=dtype)
+    with store:
+        store.add(small_data["base"])
+        store.add(small_data["base"][100:130], ids=np.arange(5000, 5030))  # equal costs
+        store.delete(np.r_[0:40, 700:760, 1490:1500])
+        snap = testing.snapshot(store)
+        searcher, fetch = testing.searcher(store), testing.fetcher(store)
+        refiner = testing.refiner(store, snap)
+        queries = np.vstack([small_data["queries"][:20], small_data["base"][105:107]])
+        fused = []
+        for k, refine, nprobe in ((5, 3, 3), (40, 2, 4), (300, 2, 1), (10, 200, NLIST)):
+            params = SearchParams.checked(k, nprobe, NLIST, refine, vectors=True)
+            after = searcher.search(queries, params, snap.lists, snap.deleted, fetch, refiner)
+            for knobs in ({"threads": 1}, {"threads": 3, "thread_min_rows": 0,
+                                           "kernel_budget": 1}):
+                with testing.search_config(store, **knobs):
+                    got = searcher.search(queries, params, snap.lists, snap.deleted, fetch,
+                                          refiner, snapshot=snap)
+                    single = [searcher.search(q[None], params, snap.lists, snap.deleted, fetch,
+                                              refiner, snapshot=snap) for q in queries[:6]]
+                np.testing.assert_array_equal(got.ids, after.ids)
+                np.testing.assert_array_equal(got.distances, after.distances)
+                np.testing.assert_array_equal(np.vstack([s.ids for s in single]),
+                                              after.ids[:6])
+                np.testing.assert_array_equal(np.vstack([s.distances for s in single]),
+                                              after.distances[:6])
+            fused.append(got)
+        assert (fused[2].ids == -1).any()  # kout past the probed rows
+        if metric == "l2":  # a vector and its twin, equally near: in the scan's order
+            assert set(fused[1].ids[20, :2].tolist()) == {105, 5005}
 
 
 def test_refine_over_everything_is_brute_force(tmp_path, small_data):
@@ -369,6 +418,24 @@ def test_a_damaged_vector_file_is_reported_and_never_scored(tmp_path, small_data
         with pytest.raises((CorruptStoreError, FormatError)):
             store.search(small_data["base"], k=10, nprobe=NLIST, refine=200)
         store.search(small_data["queries"], k=5, nprobe=3)  # PQ search never reads them
+
+
+@pytest.mark.parametrize("nq", [1, 6])
+def test_a_damaged_row_among_a_scans_candidates_is_named(tmp_path, small_data, nq):
+    """A refined search (one query, or a batch, each refined in the scan's kernel call)
+    that meets a damaged row raises, naming the row's record, list and row."""
+    with make_store(tmp_path / "s", small_data, store_vectors="float32") as store:
+        path = vector_file(store)
+        snap = testing.snapshot(store)
+        list_no = max(snap.lists, key=lambda n: snap.lists[n].count)
+        victim = int(store.list_contents(list_no)[0][7])  # no tombstones: row 7
+        flip_byte(path, 64 + 7 * (16 * 4 + 4) + 8)
+    queries = np.vstack([small_data["queries"][:nq - 1], small_data["base"][victim]])
+    with ivfpq_store.open(tmp_path / "s") as store:
+        with pytest.raises(CorruptStoreError,
+                           match=rf"id {victim} \(list {list_no}, row 7\) does not match"):
+            store.search(queries, k=5, nprobe=2, refine=2)
+        store.search(queries, k=5, nprobe=2)  # the scan alone reads no vector
 
 
 def test_rows_moved_to_other_records_fail_their_checksums(tmp_path, small_data):

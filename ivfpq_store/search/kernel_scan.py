@@ -4,8 +4,8 @@ the list's codes and keeps an exact top-k per query, on several threads."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -19,7 +19,8 @@ from .config import SearchConfig
 from .plan import RecordFetcher, pairs_by_list
 from .topk import Hits
 
-__all__ = ["TableSource", "fill_table", "scan_kernel", "scan_tables", "search_one"]
+__all__ = ["ExactRows", "TableSource", "fill_table", "scan_kernel", "scan_tables",
+           "search_one"]
 
 
 class TableSource(NamedTuple):
@@ -30,6 +31,17 @@ class TableSource(NamedTuple):
     deleted: Mapping[int, np.ndarray]
     fetch: RecordFetcher
     table: _kernel.ListTable
+
+
+class ExactRows(NamedTuple):
+    """What a kernel scan needs to re-rank its results exactly in the same call
+    (:class:`~ivfpq_store._kernel.Refine`): the ``queries`` as given (not rotated), the
+    ``kout`` best a query keeps (0: every result's exact cost in its place), and for each
+    store scanned, a fetcher of a list's stored-vector rows by list number."""
+
+    queries: F32Array
+    kout: int
+    fetch_vectors: Sequence[Callable[[int], np.ndarray]]
 
 
 def scan_kernel(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel,
@@ -62,32 +74,39 @@ def scan_kernel(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel,
     plan = kernel.plan(centroids=qz.centroids, codebooks_t=qz.codebooks_t, norms=qz.norms,
                        list_terms=list_terms, l2=qz.metric is Metric.L2, records=records,
                        dead=dead, list_no=list_nos[kept])
-    return _run(plan, qz, config, queries, order, counts, kept, rows, nprobe, k)
+    return _run(plan, qz, config, queries, order, counts, kept, rows, nprobe, k)[0]
 
 
 def scan_tables(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel, queries: F32Array,
                 probed: I64Array, sources: Sequence[TableSource], k: int,
-                list_terms: F32Array | None) -> tuple[Hits, I64Array]:
+                list_terms: F32Array | None, exact: ExactRows | None = None
+                ) -> tuple[Hits, I64Array, _kernel.Refined | None]:
     """Best ``k`` of every (query, probed list) pair over the lists of several stores with
     this quantizer, as :func:`scan_kernel` of one store holding them all: each pair's lookup
     table is built once and summed over every store's records of the list, in the order of
     ``sources``. Returns the hits, each row in its own store's list, and the index in
     ``sources`` of each hit's store (-1 for a missing hit); equal (cost, rank) go to the
-    earlier source, then the earlier row."""
+    earlier source, then the earlier row. With ``exact`` (one fetcher per source), the hits
+    re-ranked exactly too (:class:`~ivfpq_store._kernel.Refined`), else None."""
     nprobe = probed.shape[1]
     order, list_nos, counts = _pairs(probed)
     tables = [source.table for source in sources]
     for source in sources:
         fill_table(source.table, list_nos, source.lists, source.deleted, source.fetch)
-    total = np.stack([table.rows(list_nos) for table in tables]).sum(axis=0)
+    each = np.stack([table.rows(list_nos) for table in tables])
+    total = each.sum(axis=0)
     kept = total > 0
     plan = kernel.table_plan(centroids=qz.centroids, codebooks_t=qz.codebooks_t,
                              norms=qz.norms, list_terms=list_terms,
                              l2=qz.metric is Metric.L2, tables=tables, list_no=list_nos[kept])
-    hits = _run(plan, qz, config, queries, order, counts, kept, total[kept], nprobe, k)
+    rows = None
+    if exact is not None and kept.any():  # no rows to refine: _run finds no result
+        rows = _vector_rows(tables, list_nos[kept], each[:, kept], exact.fetch_vectors)
+    hits, refined = _run(plan, qz, config, queries, order, counts, kept, total[kept], nprobe,
+                         k, exact, rows)
     found = hits.rank >= 0
     if len(tables) == 1:  # rows are the store's own
-        return hits, np.where(found, 0, -1)
+        return hits, np.where(found, 0, -1), refined
     hit_lists = np.take_along_axis(probed, np.where(found, hits.rank, 0), axis=1)
     # each source's records of a hit's list, and where they end in the rows the scan numbered
     each = np.stack([table.rows(hit_lists) for table in tables])
@@ -95,7 +114,29 @@ def scan_tables(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel, que
     at = np.minimum((hits.row >= ends).sum(axis=0), len(tables) - 1)
     start = np.take_along_axis(ends - each, at[None], axis=0)[0]
     return (Hits(hits.cost, hits.ids, hits.rank, np.where(found, hits.row - start, -1)),
-            np.where(found, at, -1))
+            np.where(found, at, -1), refined)
+
+
+def _vector_rows(tables: Sequence[_kernel.ListTable], list_nos: I64Array, each: I64Array,
+                 fetch_vectors: Sequence[Callable[[int], np.ndarray]]
+                 ) -> tuple[np.ndarray, I64Array, np.dtype[Any]]:
+    """The stored-vector rows of lists ``list_nos`` in each of ``tables`` (each[t]: the rows
+    table t's list has; a store's empty list has no vector rows to fetch), one segment per
+    (list, table) in the plan's order: addresses, counts and their dtype."""
+    addrs, counts = [], []
+    dtype = None
+    for table, rows, fetch in zip(tables, each, fetch_vectors, strict=True):
+        has = rows > 0
+        addr = np.zeros(len(list_nos), np.uint64)
+        count = np.zeros(len(list_nos), np.int64)
+        addr[has], count[has], got = table.vector_rows(list_nos[has], fetch)
+        if got is not None and dtype is not None and got != dtype:
+            raise ValueError("refine: the stores keep their vectors in different dtypes")
+        dtype = got if got is not None else dtype
+        addrs.append(addr)
+        counts.append(count)
+    assert dtype is not None, "a scanned list has rows"
+    return np.stack(addrs, axis=1).ravel(), np.stack(counts, axis=1).ravel(), dtype
 
 
 def _pairs(probed: I64Array) -> tuple[I64Array, I64Array, I64Array]:
@@ -111,20 +152,35 @@ def _pairs(probed: I64Array) -> tuple[I64Array, I64Array, I64Array]:
 
 def _run(plan: _kernel.ScanPlan, qz: Quantizer, config: SearchConfig, queries: F32Array,
          order: I64Array, counts: I64Array, kept: np.ndarray, rows: I64Array, nprobe: int,
-         k: int) -> Hits:
+         k: int, exact: ExactRows | None = None,
+         vector_rows: tuple[np.ndarray, I64Array, np.dtype[Any]] | None = None
+         ) -> tuple[Hits, _kernel.Refined | None]:
     """The scan of ``plan``, whose lists are the ``kept`` ones of the pairs grouped by list
     (``order``, ``counts``) and hold ``rows`` records each, in blocks of queries that fit
-    the kernel's budget."""
+    the kernel's budget; with ``exact``, refined against the plan's segments' stored-vector
+    ``vector_rows`` (addresses, counts, dtype) in the same calls."""
     nq = len(queries)
     if not len(rows):
-        return Hits.empty(nq, k)
+        return Hits.empty(nq, k), None if exact is None else _no_results(nq, k, exact.kout)
     cap = min(k, int(rows.sum()))
     nthreads = (min(config.threads, len(rows))
                 if int(rows @ counts[kept]) >= config.thread_min_rows else 1)
+
+    def scan(q0: int, q1: int, starts: I64Array, pair_q: I64Array, pair_rank: np.ndarray
+             ) -> tuple[tuple[F32Array, I64Array, np.ndarray, I64Array], _kernel.Refined | None]:
+        if exact is None:
+            return plan.scan(queries[q0:q1], starts, pair_q, pair_rank, k=k, cap=cap,
+                             nthreads=nthreads), None
+        assert vector_rows is not None
+        refine = _kernel.Refine(exact.queries[q0:q1], *vector_rows, exact.kout)
+        return plan.scan_refined(queries[q0:q1], starts, pair_q, pair_rank, refine, k=k,
+                                 cap=cap, nthreads=nthreads)
+
     if nq == 1:  # the general case's pairs for one query, without its grouping steps
         ranks = np.flatnonzero(kept)
-        return Hits(*plan.scan(queries, np.arange(len(ranks) + 1), np.zeros(len(ranks), np.int64),
-                               ranks, k=k, cap=cap, nthreads=nthreads))
+        found, refined = scan(0, 1, np.arange(len(ranks) + 1), np.zeros(len(ranks), np.int64),
+                              ranks)
+        return Hits(*found), refined
     keep = np.repeat(kept, counts)  # drop the pairs of empty lists
     pair_list = np.repeat(np.cumsum(kept) - 1, counts)[keep]  # each pair's index in the plan
     order, counts = order[keep], counts[kept]
@@ -133,7 +189,9 @@ def _run(plan: _kernel.ScanPlan, qz: Quantizer, config: SearchConfig, queries: F
     # per thread; per call, the merge's nthreads * cap candidates. At least one query per
     # call, so a huge k (heaps of k candidates) can take more than the budget.
     stride = _kernel.FAST_STRIDE if plan.fast else _kernel.TSTRIDE
-    per_query = 4 * qz.m * stride + 24 * cap * nthreads
+    # A refined scan keeps an address and a cost per result, and the list of each rank.
+    per_query = (4 * qz.m * stride + 24 * cap * nthreads
+                 + (0 if exact is None else 12 * k + 4 * nprobe))
     block = max(1, (config.kernel_budget - 24 * cap * nthreads) // per_query)  # queries a call
     parts = []
     for q0 in range(0, nq, block):
@@ -142,29 +200,49 @@ def _run(plan: _kernel.ScanPlan, qz: Quantizer, config: SearchConfig, queries: F
         sel = slice(None) if q1 - q0 == nq else np.flatnonzero((pair_q >= q0) & (pair_q < q1))
         starts = np.concatenate(
             ([0], np.cumsum(np.bincount(pair_list[sel], minlength=len(rows)))))
-        parts.append(plan.scan(queries[q0:q1], starts, pair_q[sel] - q0, pair_rank[sel],
-                               k=k, cap=cap, nthreads=nthreads))
-    if len(parts) == 1:
-        return Hits(*parts[0])
-    return Hits(*(np.concatenate(field) for field in zip(*parts, strict=True)))
+        parts.append(scan(q0, q1, starts, pair_q[sel] - q0, pair_rank[sel]))
+        refined = parts[-1][1]
+        if refined is not None and refined.bad >= 0:  # stop at the first bad row
+            parts[-1] = (parts[-1][0], refined._replace(bad=q0 * k + refined.bad))
+            break
+    hits = (Hits(*parts[0][0]) if len(parts) == 1 else
+            Hits(*(np.concatenate(field) for field in zip(*(p[0] for p in parts), strict=True))))
+    if exact is None:
+        return hits, None
+    done = [p[1] for p in parts if p[1] is not None]
+    cost = np.concatenate([r.cost for r in done])
+    ids = None if exact.kout == 0 else np.concatenate([r.ids for r in done if r.ids is not None])
+    return hits, _kernel.Refined(cost, ids, done[-1].bad, done[-1].kind)
+
+
+def _no_results(nq: int, k: int, kout: int) -> _kernel.Refined:
+    """What a refined scan of no rows finds: no result for any query."""
+    return _kernel.Refined(np.full((nq, kout or k), np.inf, np.float32),
+                           np.full((nq, kout), -1, np.int64) if kout else None, -1, 0)
 
 
 def search_one(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel, query: F32Array,
                nprobe: int, lists: Mapping[int, ListRecord], deleted: Mapping[int, np.ndarray],
                fetch: RecordFetcher, k: int, list_terms: F32Array | None,
-               table: _kernel.ListTable) -> tuple[I64Array, Hits]:
+               table: _kernel.ListTable, exact: ExactRows | None = None
+               ) -> tuple[I64Array, Hits, _kernel.Refined | None]:
     """One query (1, dim): its probed lists (1, nprobe) and best ``k`` (:class:`Hits`), in
     one kernel call (:meth:`~ivfpq_store._kernel.Kernel.search_one`) once ``table`` knows
-    the probed lists; the same results as the probe and :func:`scan_kernel`."""
+    the probed lists; the same results as the probe and :func:`scan_kernel`. With
+    ``exact`` (``kout`` > 0), refined in the same call, as :func:`scan_tables` refines."""
     while True:
-        probed, found = kernel.search_one(
+        probed, found, refined = kernel.search_one(
             table=table, query=query, matrix=qz.probe_matrix, centroids=qz.centroids,
             codebooks_t=qz.codebooks_t, norms=qz.norms, list_terms=list_terms,
             l2=qz.metric is Metric.L2, nprobe=nprobe, k=k, nthreads=config.threads,
-            thread_min_rows=config.thread_min_rows)
+            thread_min_rows=config.thread_min_rows,
+            refine=None if exact is None else (exact.queries, exact.kout))
         if found is not None:
-            return probed, Hits(*found)
+            return probed, Hits(*found), refined
         fill_table(table, probed[0], lists, deleted, fetch)
+        if exact is not None:
+            scanned = probed[0][table.rows(probed[0]) > 0]
+            table.vector_rows(scanned, exact.fetch_vectors[0])
 
 
 def fill_table(table: _kernel.ListTable, list_nos: I64Array, lists: Mapping[int, ListRecord],

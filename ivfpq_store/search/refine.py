@@ -22,7 +22,23 @@ from ..types import F32Array, I64Array, Metric
 from .config import SearchConfig
 from .plan import RecordFetcher
 
-__all__ = ["exact_costs", "gather_vectors", "refine"]
+__all__ = ["damaged_row", "exact_costs", "gather_vectors", "past_rows", "refine"]
+
+
+def damaged_row(where: Path, record_id: int, list_no: int, row: int,
+                count: int = 1) -> CorruptStoreError:
+    """The error of a stored-vector row (of record ``record_id``, at ``row`` of list
+    ``list_no``) that fails its checksum, the first of ``count`` bad rows read."""
+    read = f" ({count} bad row(s) read; run verify)" if count > 1 else " (run verify)"
+    return CorruptStoreError(
+        f"{where}: the stored vector of id {record_id} (list {list_no}, row {row}) does not "
+        f"match its checksum; the vector file is damaged{read}")
+
+
+def past_rows(where: Path) -> CorruptStoreError:
+    """The error of a refine candidate whose row is past its list's committed vector rows."""
+    return CorruptStoreError(f"{where}: a refine candidate's row is past its list's "
+                             "committed rows; the catalog is damaged (run verify)")
 
 
 def gather_vectors(ids: I64Array, list_nos: I64Array, rows: I64Array,
@@ -51,26 +67,23 @@ def gather_vectors(ids: I64Array, list_nos: I64Array, rows: I64Array,
     assert got is not None
     bad = bad_rows(got, ids)  # one pass over every row read, whatever its list
     if len(bad):
-        raise CorruptStoreError(
-            f"{where}: the stored vector of id {int(ids[bad[0]])} (list "
-            f"{int(list_nos[bad[0]])}, row {int(rows[bad[0]])}) does not match its "
-            f"checksum; the vector file is damaged ({len(bad)} bad row(s) read; run verify)")
+        raise damaged_row(where, int(ids[bad[0]]), int(list_nos[bad[0]]), int(rows[bad[0]]),
+                          len(bad))
     return got["v"].astype(np.float32)
 
 
 def refine(metric: Metric, config: SearchConfig, queries: F32Array, k: int, ids: I64Array,
            list_nos: I64Array, rows: I64Array, lists: Mapping[int, ListRecord],
-           fetch_vectors: RecordFetcher, where: Path,
-           table: _kernel.ListTable | None = None) -> tuple[F32Array, I64Array]:
+           fetch_vectors: RecordFetcher, where: Path) -> tuple[F32Array, I64Array]:
     """The best ``k`` (costs, ids) of each query's candidates ``ids`` (nq, c), at
     (``list_nos``, ``rows``), by exact cost: the squared l2 distance, or the negated inner
     product, to the stored vector. Missing candidates (id -1) and missing results are +inf and
     -1. Equal costs keep the candidates' order (the scan's, best first). Costs by
-    :func:`exact_costs` (``table``: the snapshot's kernel list table, which keeps the lists'
-    vector rows from one search to the next).
+    :func:`exact_costs`. (A kernel scan of a snapshot refines its results in its own call,
+    with the same order: ``ExactRows`` in :mod:`.kernel_scan`.)
     """
     cost = exact_costs(metric, config, queries, ids, list_nos, rows, lists, fetch_vectors,
-                       where, table)
+                       where)
     order = np.argsort(cost, axis=1, kind="stable")[:, :k]
     at = (np.arange(len(ids))[:, None], order)
     cost_out = np.full((len(ids), k), np.inf, np.float32)
@@ -83,8 +96,7 @@ def refine(metric: Metric, config: SearchConfig, queries: F32Array, k: int, ids:
 
 def exact_costs(metric: Metric, config: SearchConfig, queries: F32Array, ids: I64Array,
                 list_nos: I64Array, rows: I64Array, lists: Mapping[int, ListRecord],
-                fetch_vectors: RecordFetcher, where: Path,
-                table: _kernel.ListTable | None = None) -> F32Array:
+                fetch_vectors: RecordFetcher, where: Path) -> F32Array:
     """The exact cost (nq, c) of each candidate ``ids`` (nq, c) at (``list_nos``, ``rows``),
     +inf where there is none (id -1): by the compiled kernel, which reads each row where its
     list's vector file is mapped, or by numpy over the rows gathered in blocks of queries
@@ -92,18 +104,16 @@ def exact_costs(metric: Metric, config: SearchConfig, queries: F32Array, ids: I6
     kernel = _kernel.KERNEL
     if kernel is not None:
         return _costs_in_place(kernel, metric, queries, ids, list_nos, rows, lists,
-                               fetch_vectors, where, config.threads, table)
+                               fetch_vectors, where, config.threads)
     return _costs_gathered(metric, config, queries, ids, list_nos, rows, lists, fetch_vectors,
                            where)
 
 
 def _costs_in_place(kernel: _kernel.Kernel, metric: Metric, queries: F32Array, ids: I64Array,
                     list_nos: I64Array, rows: I64Array, lists: Mapping[int, ListRecord],
-                    fetch_vectors: RecordFetcher, where: Path, threads: int,
-                    table: _kernel.ListTable | None) -> F32Array:
+                    fetch_vectors: RecordFetcher, where: Path, threads: int) -> F32Array:
     """Exact costs (nq, c) of the candidates, +inf where there is none, by the kernel, which
-    reads each row where its list's vector file is mapped, on up to ``threads`` threads;
-    the lists' rows are fetched per call, or kept in ``table`` from call to call."""
+    reads each row where its list's vector file is mapped, on up to ``threads`` threads."""
     nq, c = ids.shape
     cost = np.full((nq, c), np.inf, np.float32)
     flat = np.flatnonzero(ids.ravel() >= 0)
@@ -112,29 +122,20 @@ def _costs_in_place(kernel: _kernel.Kernel, metric: Metric, queries: F32Array, i
     cand_ids, cand_lists = ids.ravel()[flat], list_nos.ravel()[flat]
     cand_rows = rows.ravel()[flat]
     # Per list, not per candidate: a refined batch has tens of thousands of candidates.
-    if table is not None:
-        start, count, row_dtype = table.vector_rows(
-            cand_lists, lambda n: fetch_vectors(n, lists[n]))
-    else:
-        uniq, which = np.unique(cand_lists, return_inverse=True)
-        parts = [fetch_vectors(n, lists[n]) for n in uniq.tolist()]  # held during the call
-        start = np.array([p.ctypes.data for p in parts], np.uint64)[which]
-        count = np.array([len(p) for p in parts], np.int64)[which]
-        row_dtype = parts[0].dtype
+    uniq, which = np.unique(cand_lists, return_inverse=True)
+    parts = [fetch_vectors(n, lists[n]) for n in uniq.tolist()]  # held during the call
+    start = np.array([p.ctypes.data for p in parts], np.uint64)[which]
+    count = np.array([len(p) for p in parts], np.int64)[which]
+    row_dtype = parts[0].dtype
     if (cand_rows >= count).any() or (cand_rows < 0).any():
-        raise CorruptStoreError(f"{where}: a refine candidate's row is past its list's "
-                                "committed rows; the catalog is damaged (run verify)")
-    assert row_dtype is not None
+        raise past_rows(where)
     addr = start + cand_rows.astype(np.uint64) * np.uint64(row_dtype.itemsize)
     assert row_dtype.fields is not None
     half = row_dtype.fields["v"][0].base == np.float16
     got, bad = kernel.refine_costs(queries, flat // c, addr, cand_ids, half=half,
                                    l2=metric is Metric.L2, nthreads=threads)
     if bad >= 0:
-        raise CorruptStoreError(
-            f"{where}: the stored vector of id {int(cand_ids[bad])} (list "
-            f"{int(cand_lists[bad])}, row {int(cand_rows[bad])}) does not match its checksum;"
-            " the vector file is damaged (run verify)")
+        raise damaged_row(where, int(cand_ids[bad]), int(cand_lists[bad]), int(cand_rows[bad]))
     cost.ravel()[flat] = got
     return cost
 

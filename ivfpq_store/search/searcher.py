@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _kernel
+from ..errors import CorruptStoreError
 from ..format.records import ListRecord
 from ..params import RangeParams, SearchParams
 from ..quantizer import Quantizer
@@ -25,11 +26,11 @@ from . import numpy_single
 from .config import DEFAULT_CONFIG, SearchConfig
 from .fastscan import scan_fast
 from .filtered import Located, search_direct
-from .kernel_scan import TableSource, scan_kernel, scan_tables, search_one
+from .kernel_scan import ExactRows, TableSource, scan_kernel, scan_tables, search_one
 from .numpy_batch import scan_batch
 from .plan import RecordFetcher
 from .range import scan_range
-from .refine import exact_costs, refine
+from .refine import damaged_row, exact_costs, past_rows, refine
 from .topk import Hits, TopK
 
 __all__ = ["Probe", "ProbedResult", "RangeResult", "Refiner", "ScanSource", "SearchResult",
@@ -153,14 +154,24 @@ class Searcher:
         each list once per snapshot, not once per call.
         """
         queries = np.asarray(queries, dtype=np.float32)
-        probed, hits = self._scan(queries, params, lists, deleted, fetch, snapshot, None)
+        exact = None
+        if (params.refine and refiner is not None and refiner.rows is None
+                and snapshot is not None and self.quantizer.kernel is not None):
+            # the kernel refines in the scan's call: it knows each result's list and row
+            exact = ExactRows(queries, params.k, [_vector_fetcher(refiner)])
+        probed, hits, refined = self._scan(queries, params, lists, deleted, fetch, snapshot,
+                                           None, exact)
+        if refined is not None:
+            assert refined.ids is not None
+            assert refiner is not None
+            if refined.bad >= 0:
+                raise _bad_row(refined, probed, hits, refiner.where)
+            return self._result(refined.cost, refined.ids)
         if not params.refine:
             return self._result(hits.cost, hits.ids)
         assert refiner is not None, "refine needs the stored vectors"
         list_nos, rows = self._located(probed, hits, refiner)
-        table = (self._list_table(snapshot)
-                 if snapshot is not None and self.quantizer.kernel is not None else None)
-        return self._refined(queries, params, hits.ids, list_nos, rows, refiner, table)
+        return self._refined(queries, params, hits.ids, list_nos, rows, refiner)
 
     def search_probed(self, queries: F32Array, params: SearchParams, probe: Probe,
                       sources: Sequence[ScanSource]) -> ProbedResult:
@@ -173,20 +184,28 @@ class Searcher:
         queries = np.asarray(queries, dtype=np.float32)
         qz = self.quantizer
         kernel = qz.kernel
+        refiners = [s.refiner for s in sources if s.refiner is not None]
+        assert not params.refine or len(refiners) == len(sources), "refine needs the vectors"
+        exact = None
         if kernel is not None:
             terms = self._list_terms(kernel) if qz.metric is Metric.L2 else None
-            hits, source = scan_tables(
+            request = None
+            if params.refine and all(r.rows is None for r in refiners):
+                request = ExactRows(queries, 0, [_vector_fetcher(r) for r in refiners])
+            hits, source, refined = scan_tables(
                 qz, self.config, kernel, qz.rotate(queries), probe.lists,
                 [TableSource(s.lists, s.deleted, s.fetch, s.searcher._list_table(s.snapshot))
-                 for s in sources], params.scan_k, terms)
+                 for s in sources], params.scan_k, terms, request)
+            if refined is not None:
+                if refined.bad >= 0:
+                    at = int(source.ravel()[refined.bad])
+                    raise _bad_row(refined, probe.lists, hits, refiners[at].where)
+                exact = refined.cost
         else:
             hits, source = _merged([
                 self._scan(queries, params, s.lists, s.deleted, s.fetch, None, probe)[1]
                 for s in sources], params.scan_k)
-        exact = None
-        if params.refine:
-            refiners = [s.refiner for s in sources if s.refiner is not None]
-            assert len(refiners) == len(sources), "refine needs the stored vectors"
+        if params.refine and exact is None:
             list_nos, rows = self._located(probe.lists, hits, refiners[0])
             exact = np.full(hits.cost.shape, np.inf, np.float32)
             for i, refiner in enumerate(refiners):  # each candidate from its own store
@@ -195,6 +214,7 @@ class Searcher:
                                    list_nos, rows, refiner.lists, refiner.fetch_vectors,
                                    refiner.where)
                 exact = np.where(mine, cost, exact)
+        if exact is not None:
             exact = self._result(exact, hits.ids).distances
         found = self._result(hits.cost, hits.ids)
         return ProbedResult(found.distances, found.ids, hits.rank.astype(np.int64), exact)
@@ -214,9 +234,11 @@ class Searcher:
 
     def _scan(self, queries: F32Array, params: SearchParams, lists: Mapping[int, ListRecord],
               deleted: Mapping[int, np.ndarray], fetch: RecordFetcher, snapshot: object,
-              probe: Probe | None) -> tuple[I64Array, Hits]:
+              probe: Probe | None, exact: ExactRows | None = None
+              ) -> tuple[I64Array, Hits, _kernel.Refined | None]:
         """The probed lists (nq, nprobe) of ``queries`` (``probe``'s, or the quantizer's) and
-        the best ``params.scan_k`` hits of their scan."""
+        the best ``params.scan_k`` hits of their scan; with ``exact`` (the kernel's scan of
+        a ``snapshot`` only), the hits refined in the same call, else None."""
         qz, config = self.quantizer, self.config
         inner = qz.rotate(queries)
         k = params.scan_k
@@ -228,21 +250,26 @@ class Searcher:
                 table = _kernel.ListTable(qz.nlist, qz.m, fast=True)
             if probe is None and table is not None and len(inner) == 1:
                 return search_one(qz, config, kernel, inner, params.nprobe, lists, deleted,
-                                  fetch, k, terms, table)
+                                  fetch, k, terms, table, exact)
             probed = (self._probe(inner, params.nprobe) if probe is None else probe).lists
+            if exact is not None and table is not None:
+                hits, _, refined = scan_tables(qz, config, kernel, inner, probed,
+                                               [TableSource(lists, deleted, fetch, table)], k,
+                                               terms, exact)
+                return probed, hits, refined
             return probed, scan_kernel(qz, config, kernel, inner, probed, lists, deleted,
-                                       fetch, k, terms, table)
+                                       fetch, k, terms, table), None
         coarse, probed = self._probe(inner, params.nprobe) if probe is None else probe
         if self.fast_scan:
             top = TopK(len(inner), k, config.pool_budget)
             scan_fast(qz, config, inner, coarse, probed, lists, deleted, fetch, top)
-            return probed, top.result()
+            return probed, top.result(), None
         if len(inner) == 1 and numpy_single.fits(qz, params.nprobe, config):
             return probed, numpy_single.scan_one(qz, config, inner[0], coarse[0], probed[0],
-                                                 lists, deleted, fetch, k)
+                                                 lists, deleted, fetch, k), None
         top = TopK(len(inner), k, config.pool_budget)
         scan_batch(qz, config, inner, coarse, probed, lists, deleted, fetch, top)
-        return probed, top.result()
+        return probed, top.result(), None
 
     @staticmethod
     def _located(probed: I64Array, hits: Hits, refiner: Refiner) -> tuple[I64Array, I64Array]:
@@ -279,11 +306,9 @@ class Searcher:
                              refiner)
 
     def _refined(self, queries: F32Array, params: SearchParams, ids: I64Array,
-                 list_nos: I64Array, rows: I64Array, refiner: Refiner,
-                 table: _kernel.ListTable | None = None) -> SearchResult:
+                 list_nos: I64Array, rows: I64Array, refiner: Refiner) -> SearchResult:
         cost, best = refine(self.quantizer.metric, self.config, queries, params.k, ids,
-                            list_nos, rows, refiner.lists, refiner.fetch_vectors, refiner.where,
-                            table)
+                            list_nos, rows, refiner.lists, refiner.fetch_vectors, refiner.where)
         return self._result(cost, best)
 
     def _result(self, cost: F32Array, ids: I64Array) -> SearchResult:
@@ -340,6 +365,22 @@ class Searcher:
             if self._terms is None:
                 self._terms = kernel.list_terms(qz.centroids, qz.codebooks_t, qz.norms, stride)
             return self._terms
+
+
+def _vector_fetcher(refiner: Refiner) -> Callable[[int], np.ndarray]:
+    """A fetcher of a list's committed stored-vector rows by list number, from ``refiner``."""
+    return lambda list_no: refiner.fetch_vectors(list_no, refiner.lists[list_no])
+
+
+def _bad_row(refined: _kernel.Refined, probed: I64Array, hits: Hits,
+             where: Path) -> CorruptStoreError:
+    """The error of a refined scan that stopped at a bad row (``refined.bad``, a result
+    ``q * k + i`` of ``hits``; probe ranks of ``probed``)."""
+    q, i = divmod(refined.bad, hits.ids.shape[1])
+    list_no = int(probed[q, hits.rank[q, i]])
+    if refined.kind == _kernel.BAD_ROW:
+        return past_rows(where)
+    return damaged_row(where, int(hits.ids[q, i]), list_no, int(hits.row[q, i]))
 
 
 def _merged(parts: Sequence[Hits], k: int) -> tuple[Hits, I64Array]:
