@@ -109,16 +109,27 @@ class Refined(NamedTuple):
     kind: int
 
 
-def _refine_frame(refine: Refine, k: int, nq: int) -> tuple[I64Array, Refined, tuple[Any, ...]]:
-    """The refine frame of ``refine`` for a scan of ``nq`` queries keeping ``k`` each, its
-    outputs (their ``bad`` read from the frame later), and the arrays it points into."""
-    dtype = refine.dtype
+_R_QUERIES, _R_KOUT, _R_OUT_COST, _R_OUT_ID, _R_BAD, _R_BAD_KIND = (
+    REFINE_SLOTS.index(n) for n in ("queries", "kout", "out_cost", "out_id", "bad", "bad_kind"))
+
+
+def _row_layout(dtype: np.dtype[Any], dim: int) -> tuple[int, int]:
+    """A stored-vector row's size in bytes and whether its values are float16, checked:
+    structured ``v`` (dim float32 or float16 values) then ``crc`` (its last 4 bytes)."""
     fields = dtype.fields
     if (fields is None or dtype.names != ("v", "crc") or fields["crc"][1] != dtype.itemsize - 4
             or fields["v"][0].base not in (np.float32, np.float16)
-            or refine.queries.shape != (nq, fields["v"][0].shape[0])
-            or not 0 <= refine.kout <= k):
+            or fields["v"][0].shape != (dim,)):
+        raise ValueError("scan kernel: stored-vector rows of another layout")
+    return dtype.itemsize, int(fields["v"][0].base == np.float16)
+
+
+def _refine_frame(refine: Refine, k: int, nq: int) -> tuple[I64Array, Refined, tuple[Any, ...]]:
+    """The refine frame of ``refine`` for a scan of ``nq`` queries keeping ``k`` each, its
+    outputs (their ``bad`` read from the frame later), and the arrays it points into."""
+    if refine.queries.ndim != 2 or len(refine.queries) != nq or not 0 <= refine.kout <= k:
         raise ValueError("scan kernel: inconsistent refine arguments")
+    size, half = _row_layout(refine.dtype, refine.queries.shape[1])
     queries = _f32(refine.queries)
     addr = np.ascontiguousarray(refine.addr, np.uint64)
     count = _i64(refine.rows)
@@ -127,8 +138,7 @@ def _refine_frame(refine: Refine, k: int, nq: int) -> tuple[I64Array, Refined, t
     cost = np.empty((nq, refine.kout or k), np.float32)
     ids = np.empty((nq, refine.kout), np.int64) if refine.kout else None
     frame = np.zeros(len(REFINE_SLOTS), np.int64)
-    frame[:] = (_ptr(queries), _ptr(addr), _ptr(count), 0, dtype.itemsize,
-                int(fields["v"][0].base == np.float16), refine.kout, _ptr(cost),
+    frame[:] = (_ptr(queries), _ptr(addr), _ptr(count), 0, size, half, refine.kout, _ptr(cost),
                 0 if ids is None else _ptr(ids), -1, 0)
     return frame, Refined(cost, ids, -1, 0), (queries, addr, count)
 
@@ -459,27 +469,33 @@ class Kernel:
         if query.shape != (1, dim) or not 1 <= nprobe <= table.nlist or k < 1:
             raise ValueError("scan kernel: inconsistent search arguments")
         # The frame ivfpq_search_one reads: its slots, the query, then the outputs: lists,
-        # ids, rows (int64), costs and ranks (4 bytes each).
+        # ids, rows (int64), costs and ranks (4 bytes each); with refine, a refine frame
+        # after them: its slots, the query as given, then the costs (float32) and ids.
         q_slots = (dim + 1) // 2
-        frame = np.empty(len(FRAME_SLOTS) + q_slots + nprobe + 3 * k, np.int64)
+        size = len(FRAME_SLOTS) + q_slots + nprobe + 3 * k
+        kout = 0
+        if refine is not None:
+            raw, kout = _f32(refine[0]), refine[1]
+            if raw.shape != (1, dim) or not 1 <= kout <= k:
+                raise ValueError("scan kernel: inconsistent refine arguments")
+        frame = np.empty(size + (len(REFINE_SLOTS) + q_slots + (kout + 1) // 2 + kout
+                                 if kout else 0), np.int64)
         frame[: len(head)] = head
         frame[_F_NPROBE], frame[_F_K] = nprobe, k
         frame[_F_NTHREADS], frame[_F_THREAD_MIN_ROWS] = nthreads, thread_min_rows
         at = len(FRAME_SLOTS) + q_slots
         frame[len(FRAME_SLOTS): at].view(np.float32)[:dim] = query[0]
-        rframe = refined = None
-        if refine is not None:
-            addr, count, known = table.vectors
-            dtype = table.vector_dtype
-            if dtype is None:  # no list's rows are known yet: the kernel asks for them
-                dtype = np.dtype([("v", np.float32, (dim,)), ("crc", "<u4")])
-            rframe, refined, held = _refine_frame(
-                Refine(refine[0], addr, count, dtype, refine[1]), k, 1)
-            if not refine[1]:
-                raise ValueError("scan kernel: a single query's refine keeps kout > 0")
-            rframe[REFINE_SLOTS.index("known")] = _ptr(known)
-            frame[_F_REFINE] = rframe.ctypes.data
-        rc = self._search_one(frame.ctypes.data)
+        base = _ptr(frame)
+        if kout:
+            r_at = size + len(REFINE_SLOTS)  # the refine frame's query, then its outputs
+            frame[size: r_at] = self._vector_slots(table, dim)
+            frame[size + _R_QUERIES] = base + 8 * r_at
+            frame[size + _R_KOUT] = kout
+            frame[size + _R_OUT_COST] = base + 8 * (r_at + q_slots)
+            frame[size + _R_OUT_ID] = base + 8 * (r_at + q_slots + (kout + 1) // 2)
+            frame[r_at: r_at + q_slots].view(np.float32)[:dim] = raw[0]
+            frame[_F_REFINE] = base + 8 * size
+        rc = self._search_one(base)
         if rc < 0:
             raise MemoryError("scan kernel: could not allocate a search's scratch")
         lists = frame[at: at + nprobe].reshape(1, nprobe)
@@ -489,11 +505,29 @@ class Kernel:
         tail = frame[at + 2 * k: at + 3 * k]
         found = (tail.view(np.float32)[:k].reshape(1, k), frame[at: at + k].reshape(1, k),
                  tail.view(np.int32)[k:].reshape(1, k), frame[at + k: at + 2 * k].reshape(1, k))
-        if rframe is not None and refined is not None:
-            del held  # the frame's arrays lived through the call
-            refined = refined._replace(bad=int(rframe[REFINE_SLOTS.index("bad")]),
-                                       kind=int(rframe[REFINE_SLOTS.index("bad_kind")]))
-        return lists, found, refined
+        if not kout:
+            return lists, found, None
+        out = frame[size + len(REFINE_SLOTS) + q_slots:]
+        cost = out[: (kout + 1) // 2].view(np.float32)[:kout].reshape(1, kout)
+        return lists, found, Refined(cost, out[(kout + 1) // 2:].reshape(1, kout),
+                                     int(frame[size + _R_BAD]), int(frame[size + _R_BAD_KIND]))
+
+    @staticmethod
+    def _vector_slots(table: ListTable, dim: int) -> I64Array:
+        """A single query's refine frame slots for ``table``'s vector rows (the query and
+        the outputs left for the call to fill), cached once the rows' dtype is known: until
+        then no list's rows are known, and the kernel asks for them before it reads any."""
+        cached = table.vector_frame
+        if cached is not None:
+            return cached
+        addr, count, known = table.vectors
+        dtype = table.vector_dtype
+        size, half = (0, 0) if dtype is None else _row_layout(dtype, dim)
+        slots = np.array([0, _ptr(addr), _ptr(count), _ptr(known), size, half, 0, 0, 0, -1, 0],
+                         np.int64)
+        if dtype is not None:
+            table.vector_frame = slots
+        return slots
 
     def _frame(self, table: ListTable, matrix: F32Array, centroids: F32Array,
                codebooks_t: F32Array, norms: F32Array, list_terms: F32Array | None,
@@ -639,6 +673,8 @@ class ListTable:
         self._vectors: tuple[np.ndarray, I64Array, np.ndarray] | None = None
         self._held_vectors: dict[int, np.ndarray] = {}
         self._vector_dtype: np.dtype[Any] | None = None
+        #: The single-query refine frame's slots over the vector rows (Kernel.search_one).
+        self.vector_frame: I64Array | None = None
 
     def __len__(self) -> int:
         return len(self._held)
