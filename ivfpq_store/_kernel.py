@@ -59,7 +59,8 @@ def _cpus() -> int:
 
 
 #: Threads the kernel runs on by default: one per CPU this process may run on, as faiss's
-#: OpenMP does. Each call starts and joins its own; none outlive it.
+#: OpenMP does. They are kept from call to call (started on first use, spinning 2 ms for
+#: the next phase, then asleep); a call made while another uses them starts its own.
 THREADS = max(1, min(_cpus(), 64))
 
 

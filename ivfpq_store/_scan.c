@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the kernel reads little-endian record ids in place; this build falls back to numpy"
@@ -182,12 +183,150 @@ static size_t lay_out(const size_t *sizes, size_t *at, int n) {
     return total;
 }
 
-/* Run fn on items[0..n) (each item_size bytes): n - 1 new threads and this one; a thread that
- * cannot be started has its share run here instead. Returns whether any fn returned non-NULL
- * (a failure). */
+/* ---- worker threads kept from call to call ----------------------------------------------
+ *
+ * A scan runs up to five parallel phases (probe, query terms, two list passes, merge). Threads
+ * started and joined for each left the other CPUs idle between phases, and on a virtual
+ * machine an idle CPU halts: every phase then waited for the host to wake one again. After
+ * half a second idle, a refined 1,000-query batch at 1M took 30 ms for 6 calls or more,
+ * against 19 ms back to back (python tools/bench.py, which pauses before each timed call;
+ * faiss's OpenMP threads spin between calls and were not slowed). Workers now wait for the
+ * next phase spinning for POOL_SPIN_NS, then sleep. One call at a time uses the pool; a call
+ * made while another holds it starts and joins its own threads, as before. A forked child
+ * starts a pool of its own. */
+#define POOL_MAX 64
+#define POOL_SPIN_NS 2000000 /* 2 ms */
+
+/* A worker's mailbox: the caller writes fn and item, then bumps seq (release); the worker
+ * runs fn(item) for each new seq. The caller gives a worker an item only when it has finished
+ * its last one, so a mailbox is never written while its worker reads it. */
+typedef struct {
+    uint64_t seq;
+    void *(*fn)(void *);
+    void *item;
+} __attribute__((aligned(64))) pool_slot_t;
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;  /* held by the pool's user */
+static pthread_mutex_t pool_sleep = PTHREAD_MUTEX_INITIALIZER; /* guards the two below */
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;    /* some mailbox has an item */
+static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;    /* the last item finished */
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static int pool_workers;      /* started (under pool_lock) */
+static int pool_sleepers;     /* workers asleep on pool_wake (under pool_sleep) */
+static int pool_caller_waits; /* the caller asleep on pool_done (under pool_sleep) */
+static int pool_remaining;    /* the workers' items of the task not finished (atomic) */
+static int pool_failed;       /* some fn of the task returned non-NULL (atomic) */
+static pool_slot_t pool_slots[POOL_MAX];
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void *pool_worker(void *arg) {
+    pool_slot_t *slot = &pool_slots[(intptr_t)arg];
+    uint64_t seen = 0; /* a new worker's mailbox starts at 0 (pool_run) */
+    for (;;) {
+        const uint64_t start = now_ns();
+        for (unsigned i = 1; __atomic_load_n(&slot->seq, __ATOMIC_ACQUIRE) == seen; i++) {
+            cpu_relax();
+            if (!(i & 255) && now_ns() - start > POOL_SPIN_NS) { /* sleep till an item */
+                pthread_mutex_lock(&pool_sleep);
+                pool_sleepers++;
+                while (__atomic_load_n(&slot->seq, __ATOMIC_ACQUIRE) == seen)
+                    pthread_cond_wait(&pool_wake, &pool_sleep);
+                pool_sleepers--;
+                pthread_mutex_unlock(&pool_sleep);
+                break;
+            }
+        }
+        seen = __atomic_load_n(&slot->seq, __ATOMIC_ACQUIRE);
+        if (slot->fn(slot->item) != NULL) __atomic_store_n(&pool_failed, 1, __ATOMIC_RELAXED);
+        if (__atomic_sub_fetch(&pool_remaining, 1, __ATOMIC_ACQ_REL) == 0) {
+            pthread_mutex_lock(&pool_sleep);
+            if (pool_caller_waits) pthread_cond_signal(&pool_done);
+            pthread_mutex_unlock(&pool_sleep);
+        }
+    }
+    return NULL;
+}
+
+/* A forked child has none of the parent's workers: it starts its own. */
+static void pool_after_fork(void) {
+    pthread_mutex_init(&pool_lock, NULL);
+    pthread_mutex_init(&pool_sleep, NULL);
+    pthread_cond_init(&pool_wake, NULL);
+    pthread_cond_init(&pool_done, NULL);
+    pool_workers = pool_sleepers = pool_caller_waits = 0;
+}
+
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+/* Run the task on the pool (the caller holds pool_lock): item 0 here, items 1.. in the
+ * mailboxes of workers, started as needed; items past the workers there are run here too. */
+static int pool_run(int n, char *at, size_t item_size, void *(*fn)(void *)) {
+    while (pool_workers < n - 1 && pool_workers < POOL_MAX) {
+        pthread_t tid;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        __atomic_store_n(&pool_slots[pool_workers].seq, 0, __ATOMIC_RELAXED);
+        const int ok = pthread_create(&tid, &attr, pool_worker,
+                                      (void *)(intptr_t)pool_workers) == 0;
+        pthread_attr_destroy(&attr);
+        if (!ok) break;
+        pool_workers++;
+    }
+    const int shared = n - 1 < pool_workers ? n : pool_workers + 1; /* items the pool takes */
+    __atomic_store_n(&pool_failed, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool_remaining, shared - 1, __ATOMIC_RELAXED);
+    for (int w = 0; w + 1 < shared; w++) {
+        pool_slots[w].fn = fn;
+        pool_slots[w].item = at + (size_t)(w + 1) * item_size;
+        __atomic_add_fetch(&pool_slots[w].seq, 1, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_lock(&pool_sleep);
+    if (pool_sleepers) pthread_cond_broadcast(&pool_wake);
+    pthread_mutex_unlock(&pool_sleep);
+    int failed = fn(at) != NULL;
+    for (int u = shared; u < n; u++) failed |= fn(at + (size_t)u * item_size) != NULL;
+    const uint64_t start = now_ns();
+    for (unsigned i = 1; __atomic_load_n(&pool_remaining, __ATOMIC_ACQUIRE) > 0; i++) {
+        cpu_relax();
+        if (!(i & 255) && now_ns() - start > POOL_SPIN_NS) {
+            pthread_mutex_lock(&pool_sleep);
+            pool_caller_waits = 1;
+            while (__atomic_load_n(&pool_remaining, __ATOMIC_ACQUIRE) > 0)
+                pthread_cond_wait(&pool_done, &pool_sleep);
+            pool_caller_waits = 0;
+            pthread_mutex_unlock(&pool_sleep);
+            break;
+        }
+    }
+    return failed | __atomic_load_n(&pool_failed, __ATOMIC_RELAXED);
+}
+
+/* Run fn on items[0..n) (each item_size bytes): item 0 on this thread, the others on the
+ * pool's workers, or when another call holds the pool, on n - 1 new threads (a thread that
+ * cannot be started has its share run here instead). Returns whether any fn returned
+ * non-NULL (a failure). */
 static int run_parallel(int n, void *items, size_t item_size, pthread_t *tids,
                         void *(*fn)(void *)) {
     char *at = (char *)items;
+    if (n <= 1) return n == 1 && fn(at) != NULL;
+    pthread_once(&pool_once, pool_init);
+    if (pthread_mutex_trylock(&pool_lock) == 0) {
+        const int failed = pool_run(n, at, item_size, fn);
+        pthread_mutex_unlock(&pool_lock);
+        return failed;
+    }
     int started = 0, failed = 0;
     for (int t = 1; t < n; t++) {
         if (pthread_create(&tids[t], NULL, fn, at + (size_t)t * item_size) != 0) {

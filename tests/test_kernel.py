@@ -6,6 +6,8 @@ scan path are checked in test_search.py, for every metric."""
 from __future__ import annotations
 
 import itertools
+import os
+import threading
 import warnings
 from typing import Any
 
@@ -594,3 +596,71 @@ def test_a_refined_scan_stops_at_its_first_bad_result(tmp_path, small_data, thre
     _, refined = run(short)
     past = (where // 10_000 == e) & (where % 10_000 >= r)
     assert (refined.bad, refined.kind) == (int(np.flatnonzero(past)[0]), _kernel.BAD_ROW)
+
+
+def _threads() -> int:
+    """Threads of this process now (Linux: its tasks)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+@needs_kernel
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_worker_threads_are_kept_and_shared_by_concurrent_searches(tmp_path, small_data):
+    """The kernel's workers outlive a call and are reused: repeated searches start no more
+    threads than one does; searches from several Python threads at once (one uses the
+    pool, the others start their own threads) return what one thread searching alone does."""
+    queries = small_data["queries"]
+    with make_store(tmp_path / "s", small_data, store_vectors="float32") as store:
+        knobs = {"threads": 2, "thread_min_rows": 0, "thread_min_queries": 0}
+        with testing.search_config(store, **knobs):
+            want = [store.search(queries[i::4], k=7, nprobe=3, refine=2) for i in range(4)]
+            after_one = _threads()
+            for _ in range(20):
+                store.search(queries, k=7, nprobe=3, refine=2)
+            assert _threads() == after_one
+            got: dict[int, list[Any]] = {}
+
+            def search(i: int) -> None:
+                got[i] = [store.search(queries[i::4], k=7, nprobe=3, refine=2)
+                          for _ in range(15)]
+
+            workers = [threading.Thread(target=search, args=(i,)) for i in range(4)]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+    for i in range(4):
+        for result in got[i]:
+            np.testing.assert_array_equal(result.ids, want[i].ids)
+            np.testing.assert_array_equal(result.distances, want[i].distances)
+
+
+def _search_in_child(path: str, queries: np.ndarray, want: np.ndarray,
+                     out: Any) -> None:
+    with ivfpq_store.open(path, readonly=True) as store:
+        got = store.search(queries, k=7, nprobe=3, refine=2).ids
+    out.put(bool((got == want).all()))
+
+
+@needs_kernel
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_searches_with_workers_of_its_own(tmp_path, small_data):
+    """A child forked after the parent's searches started the kernel's workers has none of
+    them: its searches start their own instead of waiting for threads it does not have."""
+    import multiprocessing
+
+    queries = small_data["queries"]
+    with (make_store(tmp_path / "s", small_data, store_vectors="float32") as store,
+          testing.search_config(store, threads=2, thread_min_rows=0, thread_min_queries=0)):
+        want = store.search(queries, k=7, nprobe=3, refine=2).ids
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    with warnings.catch_warnings():  # fork of a process with threads: here on purpose
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child = ctx.Process(target=_search_in_child,
+                            args=(str(tmp_path / "s"), queries, want, out))
+        child.start()
+    child.join(30)
+    assert not child.is_alive(), "the child's search hung"
+    assert child.exitcode == 0
+    assert out.get(timeout=5)
