@@ -460,13 +460,17 @@ class Kernel:
         also re-ranked (:class:`Refine`) against the probed lists' stored-vector rows, which
         ``table`` must know too (:meth:`ListTable.vector_rows`; None until it does), and the
         third value is their :class:`Refined`."""
-        given = (matrix, centroids, codebooks_t, norms, list_terms, l2)
         made = table.frame
-        if made is None or not all(a is b for a, b in zip(made[0], given, strict=True)):
+        if (made is None or made[0][0] is not matrix or made[0][1] is not centroids
+                or made[0][2] is not codebooks_t or made[0][3] is not norms
+                or made[0][4] is not list_terms or made[0][5] is not l2):
+            given = (matrix, centroids, codebooks_t, norms, list_terms, l2)
             made = table.frame = (given, self._frame(table, *given))
         head = made[1]
-        dim = int(head[FRAME_SLOTS.index("dim")])
-        query = _f32(query)
+        dim = table.dim
+        if (query.dtype != np.float32 or not query.flags.c_contiguous
+                or not query.flags.aligned):
+            query = _f32(query)
         if query.shape != (1, dim) or not 1 <= nprobe <= table.nlist or k < 1:
             raise ValueError("scan kernel: inconsistent search arguments")
         # The frame ivfpq_search_one reads: its slots, the query, then the outputs: lists,
@@ -541,6 +545,7 @@ class Kernel:
         if checked.shape != (dim + l2_flag, table.nlist):
             raise ValueError("scan kernel: the probe matrix belongs to another quantizer")
         table.matrix = checked  # held: the frame points into it
+        table.dim = dim
         known, rec_addr, rec_count, dead_addr, dead_count, *blocks = table.addresses
         values = dict(zip(("centroids", "codebooks_t", "norms", "list_terms"), quantizer,
                           strict=True))
@@ -665,8 +670,9 @@ class ListTable:
         #: no lists over them.
         self.fixed: tuple[tuple[object, ...], ScanPlan] | None = None
         #: The probe matrix of the single-query searches' frame, checked (held: the frame
-        #: points into it).
+        #: points into it), and the queries' dimension.
         self.matrix: F32Array | None = None
+        self.dim = 0
         #: The arguments the single-query searches were given (compared by identity) and
         #: the frame slots made of them (:meth:`Kernel.search_one`).
         self.frame: tuple[tuple[object, ...], I64Array] | None = None
