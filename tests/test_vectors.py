@@ -563,3 +563,42 @@ def test_a_delete_whose_automatic_compaction_meets_damage_stands_and_warns(tmp_p
         assert removed == len(ids) - 1
         assert len(store) == 1500 - removed
         assert [p.kind for p in store.verify().problems] == ["vectors"]
+
+
+def _read_bytes() -> int:
+    with open("/proc/self/io") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("read_bytes:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io") or not hasattr(os, "posix_fadvise"),
+                    reason="counts the bytes read from the disk in /proc/self/io")
+def test_a_cold_refined_search_reads_little_beyond_its_rows(tmp_path):
+    """From a cold page cache, a refined search reads the probed lists' codes and about a
+    page per candidate, not the rows read ahead of each vector file it maps (every scanned
+    list's, whether or not a candidate lies there)."""
+    x = np.random.default_rng(5).normal(size=(4000, 64)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ivfpq_store.IvfpqWarning)
+        store = ivfpq_store.create(tmp_path / "s", x, nlist=4, m=8, nbits=8, seed=1,
+                                   store_vectors="float32")
+    with store:
+        store.add(x)
+        probed = sum(li.segment_bytes for li in store.lists())
+    files = [p for p in (tmp_path / "s").rglob("*") if p.is_file() and p.name != "lock.mdb"]
+    with ivfpq_store.open(tmp_path / "s", readonly=True) as cold:
+        cold.search(x[:1], k=5, nprobe=4)  # the catalog and header read before measuring
+        cold.refresh()
+        for path in files:
+            if path.suffix in (".seg", ".vec"):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        before = _read_bytes()
+        cold.search(x[:1], k=5, nprobe=4, refine=1)
+        read = _read_bytes() - before
+    if read == 0:
+        pytest.skip("this file system's reads are not counted in /proc/self/io")
+    bound = probed + 5 * 4096  # the codes of the 4 lists, a page per candidate
+    assert read <= 1.5 * bound, (read, bound)
