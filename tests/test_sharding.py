@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import struct
 import uuid
@@ -23,6 +24,7 @@ from ivfpq_store.creation import trained_header
 from ivfpq_store.errors import (
     BadMagicError,
     ChecksumError,
+    CorruptStoreError,
     FormatError,
     InvalidParamsError,
     ShardMismatchError,
@@ -527,3 +529,33 @@ def test_cli_verify_of_a_damaged_manifest(tmp_path):
     result = CliRunner().invoke(cli, ["verify", str(layout.root), "--json"])
     assert result.exit_code == 3
     assert json.loads(result.stdout)["problems"][0]["kind"] == "manifest"
+
+
+def test_a_damaged_row_of_a_shard_scanned_together_names_that_shard(tmp_path):
+    """Shards scanned as one store number a list's rows on from one shard to the next; a
+    damaged stored vector met by the refine is named with its own shard's path, its list
+    and its row there: here row 0 of the second shard's list, the first row past the first
+    shard's."""
+    layout, x = _layout(tmp_path, 2, vectors="float32")
+    _fill_shards(layout, x, np.arange(len(x), dtype=np.int64))
+    shards = [layout.open_shard(i, readonly=False) for i in range(2)]
+    try:
+        second = shards[1]
+        lists = {li.list_no: li for li in second.lists()}
+        list_no = max(lists, key=lambda n: lists[n].live)
+        victim = int(second.list_contents(list_no)[0][0])  # row 0: nothing deleted
+        vec = next((second.path / "segments").glob(f"{list_no:06d}-*.vec"))
+        with open(vec, "r+b") as fh:  # a value byte of row 0, after the 64-byte prelude
+            fh.seek(64 + 8)
+            byte = fh.read(1)
+            fh.seek(64 + 8)
+            fh.write(bytes([byte[0] ^ 0x10]))
+        query = x[victim][None]
+        probe = shards[0].probe(query, NLIST)
+        with pytest.raises(CorruptStoreError,
+                           match=rf"^{re.escape(str(second.path))}: .*id {victim} "
+                                 rf"\(list {list_no}, row 0\)"):
+            search_probed_together(shards, query, probe, 5, refine=2, generation=0)
+    finally:
+        for store in shards:
+            store.close()
