@@ -128,10 +128,13 @@ static pthread_mutex_t spare_lock = PTHREAD_MUTEX_INITIALIZER;
 static void *spare[SPARE_BLOCKS];
 static size_t spare_size[SPARE_BLOCKS];
 
+static void pool_ready(void); /* the fork handler that resets spare_lock too */
+
 /* A block of at least `size` bytes, aligned to SCRATCH_ALIGN (its size to *got), or NULL. */
 static void *scratch_take(size_t size, size_t *got) {
     void *p = NULL;
     int best = -1;
+    pool_ready();
     pthread_mutex_lock(&spare_lock);
     for (int i = 0; i < SPARE_BLOCKS; i++)
         if (spare[i] && spare_size[i] >= size && (best < 0 || spare_size[i] < spare_size[best]))
@@ -258,8 +261,10 @@ static void *pool_worker(void *arg) {
     return NULL;
 }
 
-/* A forked child has none of the parent's workers: it starts its own. */
+/* A forked child has none of the parent's workers: it starts its own. Its locks may have
+ * been held by the parent's other threads at the fork: they start unlocked. */
 static void pool_after_fork(void) {
+    pthread_mutex_init(&spare_lock, NULL);
     pthread_mutex_init(&pool_lock, NULL);
     pthread_mutex_init(&pool_sleep, NULL);
     pthread_cond_init(&pool_wake, NULL);
@@ -268,6 +273,8 @@ static void pool_after_fork(void) {
 }
 
 static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+static void pool_ready(void) { pthread_once(&pool_once, pool_init); }
 
 /* Run the task on the pool (the caller holds pool_lock): item 0 here, items 1.. in the
  * mailboxes of workers, started as needed; items past the workers there are run here too. */
@@ -321,7 +328,7 @@ static int run_parallel(int n, void *items, size_t item_size, pthread_t *tids,
                         void *(*fn)(void *)) {
     char *at = (char *)items;
     if (n <= 1) return n == 1 && fn(at) != NULL;
-    pthread_once(&pool_once, pool_init);
+    pool_ready();
     if (pthread_mutex_trylock(&pool_lock) == 0) {
         const int failed = pool_run(n, at, item_size, fn);
         pthread_mutex_unlock(&pool_lock);
