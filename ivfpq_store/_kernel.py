@@ -114,6 +114,13 @@ _R_QUERIES, _R_KOUT, _R_OUT_COST, _R_OUT_ID, _R_BAD, _R_BAD_KIND = (
     REFINE_SLOTS.index(n) for n in ("queries", "kout", "out_cost", "out_id", "bad", "bad_kind"))
 
 
+def _refine_slots(**values: int) -> I64Array:
+    """A refine frame's slots by name (:data:`REFINE_SLOTS`): 0 where not given, and ``bad``
+    -1 (no bad result yet)."""
+    return np.array([values.get(name, -1 if name == "bad" else 0) for name in REFINE_SLOTS],
+                    np.int64)
+
+
 def _row_layout(dtype: np.dtype[Any], dim: int) -> tuple[int, int]:
     """A stored-vector row's size in bytes and whether its values are float16, checked:
     structured ``v`` (dim float32 or float16 values) then ``crc`` (its last 4 bytes)."""
@@ -138,9 +145,9 @@ def _refine_frame(refine: Refine, k: int, nq: int) -> tuple[I64Array, Refined, t
         raise ValueError("scan kernel: inconsistent refine rows")
     cost = np.empty((nq, refine.kout or k), np.float32)
     ids = np.empty((nq, refine.kout), np.int64) if refine.kout else None
-    frame = np.zeros(len(REFINE_SLOTS), np.int64)
-    frame[:] = (_ptr(queries), _ptr(addr), _ptr(count), 0, size, half, refine.kout, _ptr(cost),
-                0 if ids is None else _ptr(ids), -1, 0)
+    frame = _refine_slots(queries=_ptr(queries), addr=_ptr(addr), count=_ptr(count), size=size,
+                          half=half, kout=refine.kout, out_cost=_ptr(cost),
+                          out_id=0 if ids is None else _ptr(ids))
     return frame, Refined(cost, ids, -1, 0), (queries, addr, count)
 
 
@@ -528,8 +535,8 @@ class Kernel:
         addr, count, known = table.vectors
         dtype = table.vector_dtype
         size, half = (0, 0) if dtype is None else _row_layout(dtype, dim)
-        slots = np.array([0, _ptr(addr), _ptr(count), _ptr(known), size, half, 0, 0, 0, -1, 0],
-                         np.int64)
+        slots = _refine_slots(addr=_ptr(addr), count=_ptr(count), known=_ptr(known), size=size,
+                              half=half)
         if dtype is not None:
             table.vector_frame = slots
         return slots
@@ -885,8 +892,7 @@ class ScanPlan:
             raise MemoryError("scan kernel: could not allocate its tables and heaps")
         if frame is not None and refined is not None:
             del held  # the frame's arrays lived through the call
-            refined = refined._replace(bad=int(frame[REFINE_SLOTS.index("bad")]),
-                                       kind=int(frame[REFINE_SLOTS.index("bad_kind")]))
+            refined = refined._replace(bad=int(frame[_R_BAD]), kind=int(frame[_R_BAD_KIND]))
         return (out_cost, out_id, out_rank, out_row), refined
 
 

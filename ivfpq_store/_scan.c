@@ -1006,6 +1006,11 @@ static inline void entry_segments(const job_t *jb, int64_t l, int64_t *s0, int64
     *s1 = jb->seg_start ? jb->seg_start[l + 1] : l + 1;
 }
 
+/* The rows of segment s: its records, and in the fast scan its blocks' rows before them. */
+static inline int64_t segment_rows(const job_t *jb, int64_t s) {
+    return jb->rec_count[s] + (jb->blk_addr ? BLOCK_ROWS * jb->blk_count[s] : 0);
+}
+
 /* Is pair p in pass `pass` of the list phase: a query's first pair (its best-ranked list) in
  * pass 0, its others in pass 1? */
 static inline int in_pass(const job_t *jb, int64_t p, int pass) {
@@ -1084,11 +1089,8 @@ static double list_work(const job_t *jb, int64_t l, int pass) {
         pairs += in_pass(jb, p, pass);
     if (!pairs) return 0.0;
     entry_segments(jb, l, &s0, &s1);
-    for (int64_t s = s0; s < s1; s++) {
-        rows += jb->rec_count[s];
-        /* a block of 32 rows costs about as much as 32 table entries (ivfpq_fast_tables) */
-        if (jb->blk_addr) rows += jb->blk_count[s] * BLOCK_ROWS;
-    }
+    /* a block of 32 rows costs about as much as 32 table entries (ivfpq_fast_tables) */
+    for (int64_t s = s0; s < s1; s++) rows += segment_rows(jb, s);
     return (double)pairs * (double)(rows + jb->m * (jb->blk_addr ? FAST_KSUB : TSTRIDE / 8));
 }
 
@@ -1176,11 +1178,8 @@ static void refine_results(worker_t *w) {
         int64_t s0, s1, row = jb->out_row[f];
         entry_segments(jb, jb->entry_of[(f / k) * jb->nrank + jb->out_rank[f]], &s0, &s1);
         int64_t s = s0;
-        for (; s < s1; s++) { /* rows count on from one segment to the next */
-            const int64_t rows = jb->rec_count[s] + (jb->blk_addr ? BLOCK_ROWS * jb->blk_count[s] : 0);
-            if (row < rows) break;
-            row -= rows;
-        }
+        for (; s < s1 && row >= segment_rows(jb, s); s++) /* rows count on from one segment */
+            row -= segment_rows(jb, s);
         w->raddr[c] = s < s1 && row < vcount[s] ? vaddr[s] + (uint64_t)row * (uint64_t)size : 1;
     }
     for (int64_t c = 0; c < n; c++) {
@@ -1266,9 +1265,11 @@ static void *merge_phase(void *arg) {
  * Scan L lists for the (query, list) pairs grouped by list, and write each query's best k
  * (cost, id) to out_cost, out_id (nq, k), best first, and where each is: the probe rank of its
  * list for the query to out_rank and its row in the list to out_row (nq, k). They must come
- * filled with +inf, -1, -1 and -1, which stay where a query has fewer than k candidates. Each heap holds at most cap <= k
- * candidates. list_terms (l2 only) may be NULL: each list's terms are then computed when it
- * is scanned. Lists are split into nthreads contiguous runs of about equal work.
+ * filled with +inf, -1, -1 and -1, which stay where a query has fewer than k candidates.
+ * Each heap holds at most cap <= k candidates. list_terms (l2 only) may be NULL: each list's
+ * terms are then computed when it is scanned. Lists are split into nthreads contiguous runs
+ * of about equal work. refine, when not NULL, is a refine frame (R_* slots, per segment): the
+ * results are then also re-ranked exactly, as the frame's contract says.
  *
  * A list's records are one segment (seg_start NULL: rec_addr .. dead_count are (L,)) or
  * several (segments seg_start[l] .. seg_start[l+1] of the (S,) arrays: the same list of

@@ -93,15 +93,15 @@ def scan_tables(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel, que
     tables = [source.table for source in sources]
     for source in sources:
         fill_table(source.table, list_nos, source.lists, source.deleted, source.fetch)
-    each = np.stack([table.rows(list_nos) for table in tables])
-    total = each.sum(axis=0)
+    per_table = np.stack([table.rows(list_nos) for table in tables])
+    total = per_table.sum(axis=0)
     kept = total > 0
     plan = kernel.table_plan(centroids=qz.centroids, codebooks_t=qz.codebooks_t,
                              norms=qz.norms, list_terms=list_terms,
                              l2=qz.metric is Metric.L2, tables=tables, list_no=list_nos[kept])
     rows = None
     if exact is not None and kept.any():  # no rows to refine: _run finds no result
-        rows = _vector_rows(tables, list_nos[kept], each[:, kept], exact.fetch_vectors)
+        rows = _vector_rows(tables, list_nos[kept], per_table[:, kept], exact.fetch_vectors)
     hits, refined = _run(plan, qz, config, queries, order, counts, kept, total[kept], nprobe,
                          k, exact, rows)
     found = hits.rank >= 0

@@ -376,11 +376,11 @@ def _bad_row(refined: _kernel.Refined, probed: I64Array, hits: Hits,
              where: Path) -> CorruptStoreError:
     """The error of a refined scan that stopped at a bad row (``refined.bad``, a result
     ``q * k + i`` of ``hits``; probe ranks of ``probed``)."""
-    q, i = divmod(refined.bad, hits.ids.shape[1])
-    list_no = int(probed[q, hits.rank[q, i]])
     if refined.kind == _kernel.BAD_ROW:
         return past_rows(where)
-    return damaged_row(where, int(hits.ids[q, i]), list_no, int(hits.row[q, i]))
+    q, i = divmod(refined.bad, hits.ids.shape[1])
+    return damaged_row(where, int(hits.ids[q, i]), int(probed[q, hits.rank[q, i]]),
+                       int(hits.row[q, i]))
 
 
 def _merged(parts: Sequence[Hits], k: int) -> tuple[Hits, I64Array]:
