@@ -23,11 +23,12 @@ from .format.blocks import block_dtype
 from .format.segment import record_dtype
 from .types import F32Array, I64Array
 
-__all__ = ["BAD_CHECKSUM", "BAD_ROW", "KERNEL", "THREADS", "Kernel", "ListTable", "Refine",
-           "Refined", "ScanPlan", "bad_rows", "kernel_status", "row_checksums"]
+__all__ = ["BAD_CHECKSUM", "BAD_ROW", "KERNEL", "THREADS", "Kernel", "ListTable", "OneFound",
+           "OneLayout", "QuantizerArrays", "Refine", "Refined", "ScanPlan", "bad_rows",
+           "kernel_status", "row_checksums"]
 
 #: The version of the ``ivfpq_scan`` contract this module speaks (``IVFPQ_SCAN_ABI`` in C).
-ABI = 12
+ABI = 13
 #: Entries per sub-table in the kernel's tables (``TSTRIDE`` in C): 256 whatever ksub.
 TSTRIDE = 256
 
@@ -82,6 +83,21 @@ REFINE_SLOTS = ("queries", "addr", "count", "known", "size", "half", "kout", "ou
 BAD_ROW, BAD_CHECKSUM = 1, 2
 
 
+class QuantizerArrays(NamedTuple):
+    """What a single query's search (:meth:`Kernel.search_one`) reads of the quantizer: its
+    probe ``matrix`` (:attr:`~ivfpq_store.quantizer.CoarseQuantizer.probe_matrix`), the
+    ``centroids``, transposed codebooks ``codebooks_t`` (m, dsub, ksub), their ``norms``,
+    the l2 ``list_terms`` (or None), and whether the metric is ``l2``. A searcher makes it
+    once, so that a table checks it once."""
+
+    matrix: F32Array
+    centroids: F32Array
+    codebooks_t: F32Array
+    norms: F32Array
+    list_terms: F32Array | None
+    l2: bool
+
+
 class Refine(NamedTuple):
     """A scan's exact re-ranking (the refine frame, ``_scan.c``): ``queries`` (nq, dim) as
     given, not rotated; ``addr`` and ``rows`` (uint64 and int64, one per list entry of the
@@ -110,8 +126,7 @@ class Refined(NamedTuple):
     kind: int
 
 
-_R_QUERIES, _R_KOUT, _R_OUT_COST, _R_OUT_ID, _R_BAD, _R_BAD_KIND = (
-    REFINE_SLOTS.index(n) for n in ("queries", "kout", "out_cost", "out_id", "bad", "bad_kind"))
+_R_BAD, _R_BAD_KIND = (REFINE_SLOTS.index(n) for n in ("bad", "bad_kind"))
 
 
 def _refine_slots(**values: int) -> I64Array:
@@ -218,6 +233,27 @@ class Kernel:
         self._row_crcs = lib.ivfpq_row_crcs
         self._row_crcs.restype = None
         self._row_crcs.argtypes = [_I, _P, _I, _I, _P, _P]  # n, rows, row_size, nbytes, ids, out
+        self._pack_tail = lib.ivfpq_pack_tail
+        self._pack_tail.restype = ctypes.c_int
+        self._pack_tail.argtypes = [_P, _I, _I, _I, _P]  # records, count, stride, m, out
+        lib.ivfpq_tail_bytes.restype = _I
+        lib.ivfpq_tail_bytes.argtypes = [_I]
+        self._tail_bytes = lib.ivfpq_tail_bytes
+
+    def pack_tail(self, records: np.ndarray, m: int) -> np.ndarray:
+        """A fast-scan list's tail (its fewer than 32 ``records`` after its blocks, id/code
+        of ``m`` codes) packed as the scan reads it: one block of 32 rows (``records`` then
+        zeros), then the uint32 mask of the rows scanned (a row with a code above 15 is
+        not), as uint8."""
+        if (records.dtype != _record_dtype(m) or not records.flags.c_contiguous
+                or records.ndim != 1 or len(records) >= 32):
+            raise ValueError("scan kernel: a tail is a C-contiguous id/code array of under"
+                             " 32 records")
+        out = np.empty(int(self._tail_bytes(m)), np.uint8)
+        if self._pack_tail(records.ctypes.data if len(records) else None, len(records),
+                           records.dtype.itemsize, m, _ptr(out)) != 0:
+            raise ValueError("scan kernel: a tail holds fewer than 32 records")
+        return out
 
     def fast_tables(self, queries: F32Array, pair_list: I64Array, centroids: F32Array,
                     codebooks_t: F32Array, norms: F32Array, list_terms: F32Array | None, *,
@@ -448,98 +484,43 @@ class Kernel:
                                 blocks=(segments("blk_addr"), segments("blk_count"))
                                 if first.fast else None)
 
-    def search_one(self, *, table: ListTable, query: F32Array, matrix: F32Array,
-                   centroids: F32Array, codebooks_t: F32Array, norms: F32Array,
-                   list_terms: F32Array | None, l2: bool, nprobe: int, k: int, nthreads: int,
-                   thread_min_rows: int, refine: tuple[F32Array, int] | None = None
-                   ) -> tuple[I64Array, tuple[F32Array, I64Array, np.ndarray, I64Array] | None,
-                              Refined | None]:
-        """One query's search in one call: its ``nprobe`` best lists (:meth:`probe`'s, (1,
-        nprobe)) and, when ``table`` knows every one of them, the best ``k`` (costs, ids, probe
-        ranks, rows), each (1, k), of their records: what :meth:`probe` and a
-        :meth:`table_plan`'s scan of the non-empty probed lists in probe order return. None
-        instead of the results when some probed list is not in the table yet (put it there
-        and call again). ``query`` is (1, dim) float32; the scan runs on one thread below
-        ``thread_min_rows`` rows. The quantizer's arrays and the probe ``matrix`` are
-        checked once per table.
+    def search_one(self, *, table: ListTable, query: F32Array, arrays: QuantizerArrays,
+                   nprobe: int, k: int, nthreads: int, thread_min_rows: int,
+                   refine: tuple[F32Array, int] | None = None) -> OneFound:
+        """One query's search in one call: its ``nprobe`` best lists (:meth:`probe`'s) and,
+        when ``table`` knows every one of them, the best ``k`` of their records: what
+        :meth:`probe` and a :meth:`table_plan`'s scan of the non-empty probed lists in probe
+        order return (:class:`OneFound`: not ``known`` when some probed list is not in the
+        table yet; put it there and call again). ``query`` is (1, dim); the scan runs on one
+        thread below ``thread_min_rows`` rows. The quantizer's ``arrays`` are checked once
+        per table (and compared by identity from call to call).
 
         With ``refine`` (the query as given, not rotated, and ``kout`` > 0), the results are
         also re-ranked (:class:`Refine`) against the probed lists' stored-vector rows, which
-        ``table`` must know too (:meth:`ListTable.vector_rows`; None until it does), and the
-        third value is their :class:`Refined`."""
+        ``table`` must know too (:meth:`ListTable.vector_rows`; not ``known`` until it
+        does): :attr:`OneFound.refined`."""
         made = table.frame
-        if (made is None or made[0][0] is not matrix or made[0][1] is not centroids
-                or made[0][2] is not codebooks_t or made[0][3] is not norms
-                or made[0][4] is not list_terms or made[0][5] is not l2):
-            given = (matrix, centroids, codebooks_t, norms, list_terms, l2)
-            made = table.frame = (given, self._frame(table, *given))
-        head = made[1]
-        dim = table.dim
-        if (query.dtype != np.float32 or not query.flags.c_contiguous
-                or not query.flags.aligned):
-            query = _f32(query)
-        if query.shape != (1, dim) or not 1 <= nprobe <= table.nlist or k < 1:
+        if made is None or made[0] is not arrays:
+            made = table.frame = (arrays, self._frame(table, *arrays), {})
+        kout = 0 if refine is None else refine[1]
+        key = (nprobe, k, kout, nthreads, thread_min_rows)
+        lay = made[2].get(key)
+        if lay is None:
+            lay = _one_layout(table, made[1], *key)
+            if not kout or table.vector_dtype is not None:  # else its rows' layout is unknown
+                made[2][key] = lay
+        if query.shape != lay.shape or (refine is not None
+                                        and (kout < 1 or refine[0].shape != lay.shape)):
             raise ValueError("scan kernel: inconsistent search arguments")
-        # The frame ivfpq_search_one reads: its slots, the query, then the outputs: lists,
-        # ids, rows (int64), costs and ranks (4 bytes each); with refine, a refine frame
-        # after them: its slots, the query as given, then the costs (float32) and ids.
-        q_slots = (dim + 1) // 2
-        size = len(FRAME_SLOTS) + q_slots + nprobe + 3 * k
-        kout = 0
+        frame = lay.template.copy()  # no slot points into the frame: a copy is a frame
+        values = frame.view(np.float32)
+        values[lay.query] = query  # float32, whatever the query's dtype and strides
         if refine is not None:
-            raw, kout = _f32(refine[0]), refine[1]
-            if raw.shape != (1, dim) or not 1 <= kout <= k:
-                raise ValueError("scan kernel: inconsistent refine arguments")
-        frame = np.empty(size + (len(REFINE_SLOTS) + q_slots + (kout + 1) // 2 + kout
-                                 if kout else 0), np.int64)
-        frame[: len(head)] = head
-        frame[_F_NPROBE], frame[_F_K] = nprobe, k
-        frame[_F_NTHREADS], frame[_F_THREAD_MIN_ROWS] = nthreads, thread_min_rows
-        at = len(FRAME_SLOTS) + q_slots
-        frame[len(FRAME_SLOTS): at].view(np.float32)[:dim] = query[0]
-        base = _ptr(frame)
-        if kout:
-            r_at = size + len(REFINE_SLOTS)  # the refine frame's query, then its outputs
-            frame[size: r_at] = self._vector_slots(table, dim)
-            frame[size + _R_QUERIES] = base + 8 * r_at
-            frame[size + _R_KOUT] = kout
-            frame[size + _R_OUT_COST] = base + 8 * (r_at + q_slots)
-            frame[size + _R_OUT_ID] = base + 8 * (r_at + q_slots + (kout + 1) // 2)
-            frame[r_at: r_at + q_slots].view(np.float32)[:dim] = raw[0]
-            frame[_F_REFINE] = base + 8 * size
-        rc = self._search_one(base)
+            values[lay.raw] = refine[0]
+        rc = self._search_one(ctypes.addressof(ctypes.c_char.from_buffer(frame.data)))
         if rc < 0:
             raise MemoryError("scan kernel: could not allocate a search's scratch")
-        lists = frame[at: at + nprobe].reshape(1, nprobe)
-        if rc == 1:
-            return lists, None, None
-        at += nprobe
-        tail = frame[at + 2 * k: at + 3 * k]
-        found = (tail.view(np.float32)[:k].reshape(1, k), frame[at: at + k].reshape(1, k),
-                 tail.view(np.int32)[k:].reshape(1, k), frame[at + k: at + 2 * k].reshape(1, k))
-        if not kout:
-            return lists, found, None
-        out = frame[size + len(REFINE_SLOTS) + q_slots:]
-        cost = out[: (kout + 1) // 2].view(np.float32)[:kout].reshape(1, kout)
-        return lists, found, Refined(cost, out[(kout + 1) // 2:].reshape(1, kout),
-                                     int(frame[size + _R_BAD]), int(frame[size + _R_BAD_KIND]))
-
-    @staticmethod
-    def _vector_slots(table: ListTable, dim: int) -> I64Array:
-        """A single query's refine frame slots for ``table``'s vector rows (the query and
-        the outputs left for the call to fill), cached once the rows' dtype is known: until
-        then no list's rows are known, and the kernel asks for them before it reads any."""
-        cached = table.vector_frame
-        if cached is not None:
-            return cached
-        addr, count, known = table.vectors
-        dtype = table.vector_dtype
-        size, half = (0, 0) if dtype is None else _row_layout(dtype, dim)
-        slots = _refine_slots(addr=_ptr(addr), count=_ptr(count), known=_ptr(known), size=size,
-                              half=half)
-        if dtype is not None:
-            table.vector_frame = slots
-        return slots
+        return OneFound(rc == 0, frame, values, lay)
 
     def _frame(self, table: ListTable, matrix: F32Array, centroids: F32Array,
                codebooks_t: F32Array, norms: F32Array, list_terms: F32Array | None,
@@ -611,6 +592,111 @@ class Kernel:
         return ScanPlan(self._scan, n, fixed, keep, fast=fast)
 
 
+class OneLayout(NamedTuple):
+    """A single query's frame for ``ivfpq_search_one`` (its slots in ``template``, the
+    query and the outputs left to fill) and where each part of it is: slices of the frame as
+    int64 (lists, ids, rows; refined ids), as float32 (query, costs; the refine frame's
+    query and costs) and as int32 (ranks); ``bad`` and ``bad_kind`` the refine frame's
+    slots of those names (-1 without refine); ``shape`` the query's, (1, dim)."""
+
+    template: I64Array
+    shape: tuple[int, int]
+    query: slice
+    lists: slice
+    ids: slice
+    rows: slice
+    cost: slice
+    rank: slice
+    raw: slice
+    refined_cost: slice
+    refined_ids: slice
+    bad: int
+    bad_kind: int
+
+
+class OneFound:
+    """What a single query's search (:meth:`Kernel.search_one`) wrote to its frame, viewed
+    on demand (a search reads two or three of these): ``lists`` (1, nprobe) its probed
+    lists; when ``known`` (the table knew every one, and with refine their vector rows),
+    its best k as ``cost`` (float32), ``ids``, ``rank`` (int32: the probe rank of the list)
+    and ``row`` (the row within the list), each (1, k), and with refine, ``refined``."""
+
+    __slots__ = ("_frame", "_lay", "_values", "known")
+
+    def __init__(self, known: bool, frame: I64Array, values: F32Array,
+                 lay: OneLayout) -> None:
+        self.known = known
+        self._frame, self._values, self._lay = frame, values, lay
+
+    @property
+    def lists(self) -> I64Array:
+        return self._frame[None, self._lay.lists]
+
+    @property
+    def cost(self) -> F32Array:
+        return self._values[None, self._lay.cost]
+
+    @property
+    def ids(self) -> I64Array:
+        return self._frame[None, self._lay.ids]
+
+    @property
+    def rank(self) -> np.ndarray:
+        return self._frame.view(np.int32)[None, self._lay.rank]
+
+    @property
+    def row(self) -> I64Array:
+        return self._frame[None, self._lay.rows]
+
+    @property
+    def refined(self) -> Refined | None:
+        """The re-ranked results (:class:`Refined`, kout each), or None without refine."""
+        lay, frame = self._lay, self._frame
+        if lay.bad < 0:
+            return None
+        return Refined(self._values[None, lay.refined_cost], frame[None, lay.refined_ids],
+                       int(frame[lay.bad]), int(frame[lay.bad_kind]))
+
+
+def _one_layout(table: ListTable, head: I64Array, nprobe: int, k: int, kout: int,
+                nthreads: int, thread_min_rows: int) -> OneLayout:
+    """The frame of a table's single-query search with these settings, checked: the
+    shared ``head`` slots, then the query (float32, padded to whole slots) and the outputs
+    (lists, ids, rows as int64; costs float32 and ranks int32, k each); with ``kout``, a
+    refine frame after them over the table's vector rows (:meth:`ListTable.vector_rows`;
+    the size of a row is 0 while no list's rows are known: the call then asks for them
+    before it reads one), the query as given, then its costs and ids."""
+    dim = table.dim
+    if not 1 <= nprobe <= table.nlist or k < 1 or not 0 <= kout <= k:
+        raise ValueError("scan kernel: inconsistent search arguments")
+    q_slots = (dim + 1) // 2
+    at = len(FRAME_SLOTS) + q_slots  # the outputs
+    size = at + nprobe + 3 * k  # the refine frame, if any
+    raw = size + len(REFINE_SLOTS)
+    template = np.zeros(raw + q_slots + (kout + 1) // 2 + kout if kout else size, np.int64)
+    template[: len(head)] = head
+    template[_F_NPROBE], template[_F_K] = nprobe, k
+    template[_F_NTHREADS], template[_F_THREAD_MIN_ROWS] = nthreads, thread_min_rows
+    if kout:
+        addr, count, known = table.vectors
+        dtype = table.vector_dtype
+        row_size, half = (0, 0) if dtype is None else _row_layout(dtype, dim)
+        template[size: raw] = _refine_slots(addr=_ptr(addr), count=_ptr(count),
+                                            known=_ptr(known), size=row_size, half=half,
+                                            kout=kout)
+        template[_F_REFINE] = 1
+    costs = 2 * (at + nprobe + 2 * k)
+    refined = raw + q_slots  # the refine frame's costs, then its ids
+    return OneLayout(
+        template, (1, dim), slice(2 * len(FRAME_SLOTS), 2 * len(FRAME_SLOTS) + dim),
+        slice(at, at + nprobe), slice(at + nprobe, at + nprobe + k),
+        slice(at + nprobe + k, at + nprobe + 2 * k), slice(costs, costs + k),
+        slice(costs + k, costs + 2 * k), slice(2 * raw, 2 * raw + dim),
+        slice(2 * refined, 2 * refined + kout),
+        slice(refined + (kout + 1) // 2, refined + (kout + 1) // 2 + kout),
+        size + _R_BAD if kout else -1, size + _R_BAD_KIND if kout else -1)
+
+
 def _record_dtype(m: int) -> np.dtype[Any]:
     """The segment record of an m-byte code, checked to hold the id at 0 and the code at 8
     (``ID_BYTES`` in C)."""
@@ -651,13 +737,19 @@ class ListTable:
     gathers its arguments in one step instead of one per list.
 
     ``put`` is thread-safe; an entry, once known, never changes. A table of a fast-scan
-    store (``fast``) holds each list's blocks too, and its records are the tails.
+    store (``fast``, with the ``kernel`` that packs its tails) holds each list's blocks too,
+    and its records are the tails, packed as one more block when the list is put
+    (:meth:`Kernel.pack_tail`): once per snapshot, not once per scan.
     """
 
-    def __init__(self, nlist: int, m: int, *, fast: bool = False) -> None:
+    def __init__(self, nlist: int, m: int, *, fast: bool = False,
+                 kernel: Kernel | None = None) -> None:
+        if fast and kernel is None:
+            raise ValueError("scan kernel: a fast scan's list table packs tails with a kernel")
         self.nlist = nlist
         self.m = m
         self.fast = fast
+        self._kernel = kernel
         self.dtype = _record_dtype(m)
         self.rec_addr = np.zeros(nlist, np.uint64)
         self.rec_count = np.zeros(nlist, np.int64)
@@ -680,15 +772,15 @@ class ListTable:
         #: points into it), and the queries' dimension.
         self.matrix: F32Array | None = None
         self.dim = 0
-        #: The arguments the single-query searches were given (compared by identity) and
-        #: the frame slots made of them (:meth:`Kernel.search_one`).
-        self.frame: tuple[tuple[object, ...], I64Array] | None = None
+        #: The quantizer's arrays the single-query searches were given (compared by
+        #: identity), the frame slots made of them, and the frames made of those slots by
+        #: (nprobe, k, kout, nthreads, thread_min_rows) (:meth:`Kernel.search_one`).
+        self.frame: tuple[QuantizerArrays, I64Array,
+                          dict[tuple[int, ...], OneLayout]] | None = None
         # The lists' stored-vector rows (:meth:`vector_rows`): address, count, known.
         self._vectors: tuple[np.ndarray, I64Array, np.ndarray] | None = None
         self._held_vectors: dict[int, np.ndarray] = {}
         self._vector_dtype: np.dtype[Any] | None = None
-        #: The single-query refine frame's slots over the vector rows (Kernel.search_one).
-        self.vector_frame: I64Array | None = None
 
     def __len__(self) -> int:
         return len(self._held)
@@ -740,14 +832,15 @@ class ListTable:
             blocks: np.ndarray | None = None) -> None:
         """Enter list ``list_no``: its committed ``records`` and tombstoned rows ``dead`` (as
         :meth:`Kernel.plan` takes them); in a fast table, its ``blocks`` (None: none) and
-        ``records`` its tail."""
+        ``records`` its tail (packed here: the table holds the packed copy)."""
         entry = _list_entry(records, dead, self.dtype)
         blk = (0, 0)
         if blocks is not None and not self.fast:
             raise ValueError("scan kernel: blocks in a list table of another scan")
         if self.fast:
-            if len(records) >= 32:
-                raise ValueError("scan kernel: a fast scan's tail holds fewer than 32 records")
+            assert self._kernel is not None
+            records = self._kernel.pack_tail(records, self.m)
+            entry = (_ptr(records), *entry[1:])
             if blocks is not None:
                 blk = _block_entry(blocks, self.m)
         with self._lock:

@@ -47,7 +47,7 @@
 #endif
 
 /* Version of the ivfpq_scan contract; _kernel.py refuses a library of another version. */
-#define IVFPQ_SCAN_ABI 12
+#define IVFPQ_SCAN_ABI 13
 /* Every sub-table has 256 entries, whatever ksub: a code byte can never index out of the
  * tables, and entries >= ksub (impossible codes of a damaged file) are +inf, never results. */
 #define TSTRIDE 256
@@ -372,7 +372,8 @@ typedef struct {
     int32_t *first_rank;        /* (nq,) the best probe rank among each query's pairs */
     /* The fast scan (4-bit codes in blocks), or NULL: (S,) address of the segment's first
      * block and its number of blocks; rec_addr and rec_count are then the segment's tail,
-     * the records after its blocks, and a segment holds 32 * blk_count + rec_count rows. */
+     * the records after its blocks, packed as one more block (ivfpq_pack_tail), and a
+     * segment holds 32 * blk_count + rec_count rows. */
     const uint64_t *blk_addr;
     const int64_t *blk_count;
     /* Entries per sub-table of the terms: TSTRIDE, or FAST_KSUB (16) in the fast scan,
@@ -399,8 +400,6 @@ typedef struct worker {
     float *table;    /* (m, TSTRIDE) */
     float *lterm;    /* (m, TSTRIDE): the current list's terms, when not precomputed */
     uint8_t *lut;    /* the fast scan: (m rounded up to 4, 16) 8-bit tables, zero padded */
-    uint8_t *tails;  /* the fast scan: the current list's segments' tails, packed as blocks */
-    uint32_t *tail_rows; /* and the rows each holds */
     uint16_t *presums;   /* the fast scan: a pair's sums of a list's every row (scan_fast) */
     block_sums_fn sums; /* the fast scan's block sums */
     /* The merge: every thread's workers (nall), scratch for a query's candidates, and for
@@ -859,17 +858,32 @@ static uint32_t pack_tail(const uint8_t *recs, int64_t nt, int64_t stride, int64
     return valid;
 }
 
-/* A tail_rows entry of a segment whose tail is not packed yet (a tail holds under 32 rows). */
-#define UNPACKED UINT32_MAX
+/*
+ * A fast scan's tail, packed once when its list enters a table: the nt (< 32) records at
+ * recs (stride bytes each: id, then m codes of one byte) as one block at out (16 * m code
+ * bytes, then 32 ids, rows past nt zero), followed by the mask of its rows (uint32: row i
+ * is scanned when bit i is set; a row with a code above 15 is not). out holds
+ * ivfpq_tail_bytes(m). Returns 0, or -1 for nt outside 0 .. 31 (nothing written).
+ */
+int ivfpq_pack_tail(const uint8_t *recs, int64_t nt, int64_t stride, int64_t m, uint8_t *out) {
+    if (nt < 0 || nt >= BLOCK_ROWS) return -1;
+    memset(out + 16 * m, 0, (size_t)(ID_BYTES * BLOCK_ROWS));
+    const uint32_t valid = pack_tail(recs, nt, stride, m, out);
+    memcpy(out + 16 * m + ID_BYTES * BLOCK_ROWS, &valid, sizeof(valid));
+    return 0;
+}
 
-/* The mask of the rows of segment s's tail, packed as a block at `tail` on first use
- * (*tail_rows UNPACKED until then). */
-static inline uint32_t tail_block(const job_t *jb, int64_t s, uint8_t *tail,
-                                  uint32_t *tail_rows) {
-    if (*tail_rows == UNPACKED)
-        *tail_rows = pack_tail((const uint8_t *)(uintptr_t)jb->rec_addr[s], jb->rec_count[s],
-                               jb->stride, jb->m, tail);
-    return *tail_rows;
+/* The bytes of a packed tail (ivfpq_pack_tail): a block, then its mask, padded to 8. */
+int64_t ivfpq_tail_bytes(int64_t m) { return 16 * m + ID_BYTES * BLOCK_ROWS + 8; }
+
+/* The mask of the rows of segment s's packed tail (the block at rec_addr[s]; none read for
+ * an empty tail). */
+static inline uint32_t tail_rows(const job_t *jb, int64_t s) {
+    uint32_t rows = 0;
+    if (!jb->rec_count[s]) return 0;
+    memcpy(&rows, (const uint8_t *)(uintptr_t)jb->rec_addr[s] + 16 * jb->m +
+                      ID_BYTES * BLOCK_ROWS, sizeof(rows));
+    return rows;
 }
 
 /*
@@ -882,8 +896,7 @@ static inline uint32_t tail_block(const job_t *jb, int64_t s, uint8_t *tail,
  * fewer than cap live rows.
  */
 static int64_t presum_bound(const job_t *jb, block_sums_fn sums_of, const uint8_t *lut,
-                            float base, float inv, int64_t s, uint8_t *tail,
-                            uint32_t *tail_rows, uint16_t *presums, int64_t cap) {
+                            float base, float inv, int64_t s, uint16_t *presums, int64_t cap) {
     const int64_t m = jb->m, bsize = 16 * m + ID_BYTES * BLOCK_ROWS;
     const uint8_t *blk = (const uint8_t *)(uintptr_t)jb->blk_addr[s];
     const int64_t nb = jb->blk_count[s];
@@ -894,10 +907,11 @@ static int64_t presum_bound(const job_t *jb, block_sums_fn sums_of, const uint8_
     while ((m * lut_range(m)) >> shift >= 256) shift++;
     int64_t di = 0;
     for (int64_t b = 0; b <= nb; b++) {
-        const uint32_t rows = b < nb ? ~(uint32_t)0 : tail_block(jb, s, tail, tail_rows);
+        const uint32_t rows = b < nb ? ~(uint32_t)0 : tail_rows(jb, s);
         if (!rows) break;
         uint16_t *out = presums + b * BLOCK_ROWS;
-        sums_of(b < nb ? blk + b * bsize : tail, lut, m, 65535, out); /* every row stored */
+        sums_of(b < nb ? blk + b * bsize : (const uint8_t *)(uintptr_t)jb->rec_addr[s], lut, m,
+                65535, out); /* every row stored */
         for (int i = 0; i < BLOCK_ROWS; i++) {
             if (!(rows >> i & 1)) continue;
             const int64_t row = b * BLOCK_ROWS + i;
@@ -918,14 +932,12 @@ static int64_t presum_bound(const job_t *jb, block_sums_fn sums_of, const uint8_
 }
 
 /* One pair's fast scan over the segments [s0, s1) of a list: each segment's blocks, then
- * its tail as one more block, packed the first time one of the list's pairs reaches it
- * (tails, `bsize` bytes a segment, with the mask of its rows in tail_rows; UNPACKED before).
- * Rows whose 16-bit sum is above the heap's bound are skipped without a cost; the others
- * are offered as the ordinary scan offers them, so the result is the exact top-k of the
- * costs. */
+ * its tail as one more block (packed by ivfpq_pack_tail, at rec_addr[s]). Rows whose 16-bit
+ * sum is above the heap's bound are skipped without a cost; the others are offered as the
+ * ordinary scan offers them, so the result is the exact top-k of the costs. */
 static void scan_fast(const job_t *jb, block_sums_fn sums_of, const uint8_t *lut, float base,
-                      float inv, int64_t s0, int64_t s1, uint8_t *tails, uint32_t *tail_rows,
-                      uint16_t *presums, int32_t rank, heap_t *h, int64_t cap) {
+                      float inv, int64_t s0, int64_t s1, uint16_t *presums, int32_t rank,
+                      heap_t *h, int64_t cap) {
     const int64_t m = jb->m, bsize = 16 * m + ID_BYTES * BLOCK_ROWS;
     const double ra = 1.0 / (double)inv;
     float bound = heap_bound(h, cap);
@@ -937,7 +949,7 @@ static void scan_fast(const job_t *jb, block_sums_fn sums_of, const uint8_t *lut
      * a refined batch (cap 40, lists of 1,000); with cap 10 the extra pass cost 7% more. */
     const int presum = bound == FLT_MAX && s1 == s0 + 1 && presums &&
                        cap * BLOCK_ROWS >= jb->blk_count[s0] * BLOCK_ROWS + jb->rec_count[s0];
-    if (presum) thr = presum_bound(jb, sums_of, lut, base, inv, s0, tails, tail_rows, presums, cap);
+    if (presum) thr = presum_bound(jb, sums_of, lut, base, inv, s0, presums, cap);
     int64_t row0 = 0;
     uint16_t block[BLOCK_ROWS];
     for (int64_t s = s0; s < s1 && thr >= 0; s++) {
@@ -947,11 +959,10 @@ static void scan_fast(const job_t *jb, block_sums_fn sums_of, const uint8_t *lut
         const int64_t nd = dead ? jb->dead_count[s] : 0;
         int64_t di = 0;
         for (int64_t b = 0; b <= nb && thr >= 0; b++) { /* block nb: the tail */
-            const uint32_t rows = b < nb ? ~(uint32_t)0
-                                         : tail_block(jb, s, tails + (s - s0) * bsize,
-                                                      tail_rows + (s - s0));
+            const uint32_t rows = b < nb ? ~(uint32_t)0 : tail_rows(jb, s);
             if (!rows) break;
-            const uint8_t *bp = b < nb ? blk + b * bsize : tails + (s - s0) * bsize;
+            const uint8_t *bp = b < nb ? blk + b * bsize
+                                       : (const uint8_t *)(uintptr_t)jb->rec_addr[s];
             const uint16_t *sums = block;
             uint32_t mask = 0;
             if (presum) {
@@ -1033,8 +1044,6 @@ static void *list_phase(void *arg) {
         entry_segments(jb, l, &s0, &s1);
         const float *cent = jb->centroids + jb->list_no[l] * dim;
         const float *lterm = NULL;
-        if (jb->blk_addr) /* each segment's tail packed once for the list's pairs, if needed */
-            for (int64_t s = s0; s < s1; s++) w->tail_rows[s - s0] = UNPACKED;
         if (jb->l2 && jb->list_terms) {
             lterm = jb->list_terms + jb->list_no[l] * size;
         } else if (jb->l2) {
@@ -1056,8 +1065,8 @@ static void *list_phase(void *arg) {
                 if (fast_tables(lterm, qterm, fast_bias(jb->l2, qv, cent, dim), jb->m,
                                 heap_bound(&w->heaps[q], jb->cap), w->table, w->lut, &base,
                                 &inv))
-                    scan_fast(jb, w->sums, w->lut, base, inv, s0, s1, w->tails, w->tail_rows,
-                              w->presums, jb->pair_rank[p], &w->heaps[q], jb->cap);
+                    scan_fast(jb, w->sums, w->lut, base, inv, s0, s1, w->presums,
+                              jb->pair_rank[p], &w->heaps[q], jb->cap);
                 continue;
             }
             if (jb->l2) {
@@ -1296,12 +1305,6 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
     if (nthreads > nlists) nthreads = (int)nlists; /* a thread without a list only costs heaps */
     if (nthreads < 1) nthreads = 1;
     const int64_t size = m * jb.tstride;
-    int64_t maxseg = 1; /* the most segments of a list entry: scratch for their tails */
-    if (seg_start)
-        for (int64_t l = 0; l < nlists; l++)
-            if (seg_start[l + 1] - seg_start[l] > maxseg) maxseg = seg_start[l + 1] - seg_start[l];
-    const size_t tail_bytes = blk_addr ? (size_t)maxseg * (size_t)(16 * m + ID_BYTES * BLOCK_ROWS)
-                                       : 0;
     int64_t maxblk = 0; /* the most blocks of a segment: scratch for a pair's every sum */
     for (int64_t g = 0; blk_addr && g < (seg_start ? seg_start[nlists] : nlists); g++)
         if (blk_count[g] > maxblk) maxblk = blk_count[g];
@@ -1315,13 +1318,12 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
     for (int64_t p = 0; refine && p < pair_start[nlists]; p++)
         if (pair_rank[p] >= nrank) nrank = (int64_t)pair_rank[p] + 1;
     const size_t nres = refine ? (size_t)nq * (size_t)k : 0, nt = (size_t)nthreads;
-    enum { P_WS, P_TIDS, P_POOL, P_HEAPS, P_TABLES, P_LUTS, P_TAILS, P_TAIL_ROWS, P_PRESUMS,
+    enum { P_WS, P_TIDS, P_POOL, P_HEAPS, P_TABLES, P_LUTS, P_PRESUMS,
            P_QTERMS, P_MERGE, P_FIRST, P_ENTRY, P_RADDR, P_RCOST, P_PARTS };
     const size_t part[P_PARTS] = {
         nt * sizeof(worker_t), nt * sizeof(pthread_t),
         nt * (size_t)nq * (size_t)cap * sizeof(cand_t), nt * (size_t)nq * sizeof(heap_t),
         nt * (size_t)(2 * size) * sizeof(float), nt * (size_t)(lut_rows(m) * FAST_KSUB),
-        nt * tail_bytes, nt * (size_t)maxseg * sizeof(uint32_t),
         nt * presum_rows * sizeof(uint16_t), (size_t)nq * (size_t)size * sizeof(float),
         nt * merge_size * sizeof(cand_t), (size_t)nq * sizeof(int32_t),
         (size_t)nq * (size_t)nrank * sizeof(int32_t), nres * sizeof(uint64_t),
@@ -1334,8 +1336,7 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
     cand_t *pool = (cand_t *)(block + at[P_POOL]);
     heap_t *heaps = (heap_t *)(block + at[P_HEAPS]);
     float *scratch = (float *)(block + at[P_TABLES]);
-    uint8_t *luts = (uint8_t *)block + at[P_LUTS], *tails = (uint8_t *)block + at[P_TAILS];
-    uint32_t *tail_rows = (uint32_t *)(block + at[P_TAIL_ROWS]);
+    uint8_t *luts = (uint8_t *)block + at[P_LUTS];
     uint16_t *presums = (uint16_t *)(block + at[P_PRESUMS]);
     float *qterms = (float *)(block + at[P_QTERMS]);
     cand_t *merge = (cand_t *)(block + at[P_MERGE]);
@@ -1375,8 +1376,6 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
         w->lterm = w->table + size;
         w->lut = luts + (size_t)t * (size_t)(lut_rows(m) * FAST_KSUB);
         w->sums = sums;
-        w->tails = tails + (size_t)t * tail_bytes;
-        w->tail_rows = tail_rows + (size_t)t * (size_t)maxseg;
         w->presums = blk_addr ? presums + (size_t)t * presum_rows : NULL;
         w->b0 = nq * t / nthreads;
         w->b1 = nq * (t + 1) / nthreads;
@@ -1822,17 +1821,30 @@ enum {
  * search_one with its arguments in one frame, so that a call from Python passes one address
  * instead of 30 converted arguments: the F_SLOTS slots, then the query (dim float32, padded
  * to whole slots), then the outputs: lists (nprobe int64), ids (k int64), rows (k int64),
- * costs (k float32) and ranks (k int32). A pointer slot holds an address, 0 for NULL;
- * F_REFINE a refine frame's (R_* slots, per list number), or 0.
+ * costs (k float32) and ranks (k int32). A pointer slot holds an address, 0 for NULL. With
+ * F_REFINE not 0, a refine frame follows the outputs in the frame: its R_* slots (per list
+ * number; R_QUERIES, R_OUT_COST and R_OUT_ID are written here), the query as given (dim
+ * float32, padded to whole slots), then its outputs: costs (R_KOUT float32, padded to whole
+ * slots) and ids (R_KOUT int64). No slot holds an address within the frame, so that a
+ * frame may be copied and the copy called.
  */
 int ivfpq_search_one(int64_t *frame) {
     const int64_t dim = frame[F_DIM], nprobe = frame[F_NPROBE], k = frame[F_K];
 #define PTR(T, slot) ((T)(uintptr_t)frame[slot])
+    const int64_t q_slots = (dim + 1) / 2;
     const float *query = (const float *)(frame + F_SLOTS);
-    int64_t *out_list = frame + F_SLOTS + (dim + 1) / 2;
+    int64_t *out_list = frame + F_SLOTS + q_slots;
     int64_t *out_id = out_list + nprobe, *out_row = out_id + k;
     float *out_cost = (float *)(out_row + k);
     int32_t *out_rank = (int32_t *)(out_cost + k);
+    int64_t *refine = NULL;
+    if (frame[F_REFINE]) {
+        refine = out_list + nprobe + 3 * k;
+        int64_t *raw = refine + R_SLOTS, *costs = raw + q_slots;
+        refine[R_QUERIES] = (int64_t)(uintptr_t)raw;
+        refine[R_OUT_COST] = (int64_t)(uintptr_t)costs;
+        refine[R_OUT_ID] = (int64_t)(uintptr_t)(costs + (refine[R_KOUT] + 1) / 2);
+    }
     return search_one(dim, frame[F_M], frame[F_KSUB], (int)frame[F_L2], query,
                       PTR(const float *, F_MATRIX), frame[F_NLIST], nprobe,
                       PTR(const float *, F_CENTROIDS), PTR(const float *, F_CODEBOOKS_T),
@@ -1842,7 +1854,7 @@ int ivfpq_search_one(int64_t *frame) {
                       PTR(const uint64_t *, F_DEAD_ADDR), PTR(const int64_t *, F_DEAD_COUNT),
                       PTR(const uint64_t *, F_BLK_ADDR), PTR(const int64_t *, F_BLK_COUNT), k,
                       (int)frame[F_NTHREADS], frame[F_THREAD_MIN_ROWS], out_list, out_cost,
-                      out_id, out_rank, out_row, PTR(int64_t *, F_REFINE));
+                      out_id, out_rank, out_row, refine);
 #undef PTR
 }
 

@@ -48,6 +48,12 @@ def as_vectors(x: Any, dim: int, name: str = "vectors") -> tuple[F32Array, bool]
 
     Accepts one vector (1-D) or a batch (2-D) of any real numeric dtype.
     """
+    # One float32 vector, as a single query usually comes: no copy, no errstate, and BLAS's
+    # dot (which raises no floating-point warning) for its squared norm.
+    if (type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous
+            and x.flags.aligned and x.size == dim and x.shape in ((dim,), (1, dim))
+            and np.vdot(x, x) <= MAX_SQUARED_NORM):
+        return (x if x.ndim == 2 else x[None, :]), x.ndim == 1
     arr = _as_array(x, name)
     if arr.dtype.kind not in "fiu":
         raise DimensionMismatchError(

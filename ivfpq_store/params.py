@@ -254,7 +254,14 @@ class SearchParams:
                 vectors: bool = False) -> SearchParams:
         """Validate ``k >= 1``, ``1 <= nprobe <= nlist`` and ``refine >= 0`` (``refine * k``
         at most the largest ``k``; ``refine >= 1`` only on a store that keeps vectors) and
-        build the value."""
+        build the value (kept for the next call with the same plain ints: a single query
+        checks its parameters on every call)."""
+        key = (k, nprobe, refine, nlist, vectors)
+        plain = type(k) is int and type(nprobe) is int and type(refine) is int
+        if plain:
+            seen = _CHECKED.get(key)
+            if seen is not None:
+                return seen
         k = check_int("k", k, 1, MAX_K)
         nprobe = check_int("nprobe", nprobe, 1, nlist)
         refine = check_int("refine", refine, 0, MAX_K // k)
@@ -262,7 +269,17 @@ class SearchParams:
             raise InvalidParamsError(
                 f"refine: {refine} needs stored vectors, and this store keeps none; create "
                 "the store with store_vectors='float32' or 'float16' to re-rank")
-        return cls(k=k, nprobe=nprobe, refine=refine)
+        params = cls(k=k, nprobe=nprobe, refine=refine)
+        if plain:
+            if len(_CHECKED) >= _CHECKED_MAX:
+                _CHECKED.clear()
+            _CHECKED[key] = params
+        return params
+
+
+#: Search parameters already checked, by (k, nprobe, refine, nlist, vectors) of plain ints.
+_CHECKED: dict[tuple[object, ...], SearchParams] = {}
+_CHECKED_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

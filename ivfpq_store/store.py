@@ -427,7 +427,8 @@ class Store:
                 None if refiner is None else refiner._replace(rows=seen.rows)), None
 
         result, held = self._on_snapshot(catalog, run)
-        empty = int((result.ids[:, 0] < 0).sum())
+        first = result.ids[:, 0]
+        empty = int(first[0] < 0) if len(first) == 1 else int((first < 0).sum())
         if empty and held is not None and held[0]:
             warnings.warn(EmptyProbeWarning(
                 f"search: {empty} of {len(q)} queries found nothing: the {checked.nprobe} "

@@ -221,28 +221,26 @@ def _no_results(nq: int, k: int, kout: int) -> _kernel.Refined:
                            np.full((nq, kout), -1, np.int64) if kout else None, -1, 0)
 
 
-def search_one(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel, query: F32Array,
-               nprobe: int, lists: Mapping[int, ListRecord], deleted: Mapping[int, np.ndarray],
-               fetch: RecordFetcher, k: int, list_terms: F32Array | None,
-               table: _kernel.ListTable, exact: ExactRows | None = None
-               ) -> tuple[I64Array, Hits, _kernel.Refined | None]:
-    """One query (1, dim): its probed lists (1, nprobe) and best ``k`` (:class:`Hits`), in
-    one kernel call (:meth:`~ivfpq_store._kernel.Kernel.search_one`) once ``table`` knows
-    the probed lists; the same results as the probe and :func:`scan_kernel`. With
-    ``exact`` (``kout`` > 0), refined in the same call, as :func:`scan_tables` refines."""
+def search_one(arrays: _kernel.QuantizerArrays, config: SearchConfig, kernel: _kernel.Kernel,
+               query: F32Array, nprobe: int, lists: Mapping[int, ListRecord],
+               deleted: Mapping[int, np.ndarray], fetch: RecordFetcher, k: int,
+               table: _kernel.ListTable, exact: ExactRows | None = None) -> _kernel.OneFound:
+    """One query (1, dim): its probed lists and best ``k`` (:class:`~ivfpq_store._kernel.
+    OneFound`), in one kernel call (:meth:`~ivfpq_store._kernel.Kernel.search_one`, over
+    the quantizer's ``arrays``) once ``table`` knows the probed lists; the same results as
+    the probe and :func:`scan_kernel`. With ``exact`` (``kout`` > 0), refined in the same
+    call, as :func:`scan_tables` refines."""
+    refine = None if exact is None else (exact.queries, exact.kout)
     while True:
-        probed, found, refined = kernel.search_one(
-            table=table, query=query, matrix=qz.probe_matrix, centroids=qz.centroids,
-            codebooks_t=qz.codebooks_t, norms=qz.norms, list_terms=list_terms,
-            l2=qz.metric is Metric.L2, nprobe=nprobe, k=k, nthreads=config.threads,
-            thread_min_rows=config.thread_min_rows,
-            refine=None if exact is None else (exact.queries, exact.kout))
-        if found is not None:
-            return probed, Hits(*found), refined
-        fill_table(table, probed[0], lists, deleted, fetch)
+        found = kernel.search_one(table=table, query=query, arrays=arrays, nprobe=nprobe, k=k,
+                                  nthreads=config.threads,
+                                  thread_min_rows=config.thread_min_rows, refine=refine)
+        if found.known:
+            return found
+        probed = found.lists[0]
+        fill_table(table, probed, lists, deleted, fetch)
         if exact is not None:
-            scanned = probed[0][table.rows(probed[0]) > 0]
-            table.vector_rows(scanned, exact.fetch_vectors[0])
+            table.vector_rows(probed[table.rows(probed) > 0], exact.fetch_vectors[0])
 
 
 def fill_table(table: _kernel.ListTable, list_nos: I64Array, lists: Mapping[int, ListRecord],

@@ -134,6 +134,8 @@ class Searcher:
         self.fast_scan = fast_scan
         self._terms: F32Array | None = None
         self._terms_lock = threading.Lock()
+        #: The config and terms the single-query searches' arrays were made with, and them.
+        self._arrays: tuple[SearchConfig, F32Array | None, _kernel.QuantizerArrays] | None = None
         #: The kernel's list table of the latest snapshot searched, and that snapshot.
         self._table: tuple[object, _kernel.ListTable] | None = None
         self._max_lists = quantizer.nlist if max_lists is None else max(1, max_lists)
@@ -155,10 +157,15 @@ class Searcher:
         """
         queries = np.asarray(queries, dtype=np.float32)
         exact = None
+        kernel = self.quantizer.kernel
         if (params.refine and refiner is not None and refiner.rows is None
-                and snapshot is not None and self.quantizer.kernel is not None):
+                and snapshot is not None and kernel is not None):
             # the kernel refines in the scan's call: it knows each result's list and row
             exact = ExactRows(queries, params.k, [_vector_fetcher(refiner)])
+        if kernel is not None and len(queries) == 1 and (snapshot is not None
+                                                          or self.fast_scan):
+            return self._search_one(kernel, queries, params, lists, deleted, fetch, refiner,
+                                    snapshot, exact)
         probed, hits, refined = self._scan(queries, params, lists, deleted, fetch, snapshot,
                                            None, exact)
         if refined is not None:
@@ -232,25 +239,50 @@ class Searcher:
         return Probe(*kernel.probe(inner, qz.probe_matrix, l2=qz.metric is Metric.L2,
                                    nprobe=nprobe, nthreads=nthreads))
 
+    def _search_one(self, kernel: _kernel.Kernel, query: F32Array, params: SearchParams,
+                    lists: Mapping[int, ListRecord], deleted: Mapping[int, np.ndarray],
+                    fetch: RecordFetcher, refiner: Refiner | None, snapshot: object,
+                    exact: ExactRows | None) -> SearchResult:
+        """:meth:`search` of one query (1, dim) in one kernel call (:func:`search_one`): what
+        the probe and the scan of :meth:`_scan` find, refined as :meth:`search` refines."""
+        qz = self.quantizer
+        table = (self._list_table(snapshot) if snapshot is not None
+                 else _kernel.ListTable(qz.nlist, qz.m, fast=True, kernel=kernel))
+        found = search_one(self._quantizer_arrays(kernel), self.config, kernel,
+                           qz.rotate(query), params.nprobe, lists, deleted, fetch,
+                           params.scan_k, table, exact)
+        if exact is not None:
+            assert refiner is not None
+            refined = found.refined
+            assert refined is not None
+            assert refined.ids is not None
+            if refined.bad >= 0:
+                raise _bad_row(refined, found.lists, _hits(found), refiner.where)
+            return self._result(refined.cost, refined.ids)
+        if not params.refine:
+            return self._result(found.cost, found.ids)
+        assert refiner is not None, "refine needs the stored vectors"
+        hits = _hits(found)
+        list_nos, rows = self._located(found.lists, hits, refiner)
+        return self._refined(query, params, hits.ids, list_nos, rows, refiner)
+
     def _scan(self, queries: F32Array, params: SearchParams, lists: Mapping[int, ListRecord],
               deleted: Mapping[int, np.ndarray], fetch: RecordFetcher, snapshot: object,
               probe: Probe | None, exact: ExactRows | None = None
               ) -> tuple[I64Array, Hits, _kernel.Refined | None]:
         """The probed lists (nq, nprobe) of ``queries`` (``probe``'s, or the quantizer's) and
         the best ``params.scan_k`` hits of their scan; with ``exact`` (the kernel's scan of
-        a ``snapshot`` only), the hits refined in the same call, else None."""
+        a ``snapshot`` only), the hits refined in the same call, else None. A single query
+        with the kernel goes to :meth:`_search_one` instead."""
         qz, config = self.quantizer, self.config
         inner = qz.rotate(queries)
         k = params.scan_k
         kernel = qz.kernel
         if kernel is not None:
-            terms = self._list_terms(kernel) if qz.metric is Metric.L2 else None
             table = None if snapshot is None else self._list_table(snapshot)
             if table is None and self.fast_scan:  # the fast scan reads lists from a table
-                table = _kernel.ListTable(qz.nlist, qz.m, fast=True)
-            if probe is None and table is not None and len(inner) == 1:
-                return search_one(qz, config, kernel, inner, params.nprobe, lists, deleted,
-                                  fetch, k, terms, table, exact)
+                table = _kernel.ListTable(qz.nlist, qz.m, fast=True, kernel=kernel)
+            terms = self._list_terms(kernel) if qz.metric is Metric.L2 else None
             probed = (self._probe(inner, params.nprobe) if probe is None else probe).lists
             if exact is not None and table is not None:
                 hits, _, refined = scan_tables(qz, config, kernel, inner, probed,
@@ -349,9 +381,24 @@ class Searcher:
         cached = self._table
         if cached is not None and cached[0] is snapshot and len(cached[1]) <= self._max_lists:
             return cached[1]
-        table = _kernel.ListTable(self.quantizer.nlist, self.quantizer.m, fast=self.fast_scan)
+        qz = self.quantizer
+        table = _kernel.ListTable(qz.nlist, qz.m, fast=self.fast_scan, kernel=qz.kernel)
         self._table = (snapshot, table)
         return table
+
+    def _quantizer_arrays(self, kernel: _kernel.Kernel) -> _kernel.QuantizerArrays:
+        """The quantizer's arrays for single-query searches, with the l2 list terms
+        (:meth:`_list_terms`): made again only when the config or the cached terms change,
+        so that a table checks them once."""
+        made = self._arrays
+        if made is not None and made[0] is self.config and made[1] is self._terms:
+            return made[2]
+        qz = self.quantizer
+        terms = self._list_terms(kernel) if qz.metric is Metric.L2 else None
+        arrays = _kernel.QuantizerArrays(qz.probe_matrix, qz.centroids, qz.codebooks_t,
+                                         qz.norms, terms, qz.metric is Metric.L2)
+        self._arrays = (self.config, self._terms, arrays)
+        return arrays
 
     def _list_terms(self, kernel: _kernel.Kernel) -> F32Array | None:
         """The l2 list terms of every list, computed on first use; None past the budget."""
@@ -381,6 +428,11 @@ def _bad_row(refined: _kernel.Refined, probed: I64Array, hits: Hits,
     q, i = divmod(refined.bad, hits.ids.shape[1])
     return damaged_row(where, int(hits.ids[q, i]), int(probed[q, hits.rank[q, i]]),
                        int(hits.row[q, i]))
+
+
+def _hits(found: _kernel.OneFound) -> Hits:
+    """A single query's best k (:meth:`Searcher._search_one`) as :class:`Hits`."""
+    return Hits(found.cost, found.ids, found.rank, found.row)
 
 
 def _merged(parts: Sequence[Hits], k: int) -> tuple[Hits, I64Array]:

@@ -213,9 +213,15 @@ class Catalog:
         only when its (generation, deleted) pair changed; everything comes from one read
         transaction, so the snapshot is never torn.
         """
+        shared = self._live()
+        meta = shared.dbs[b"meta"]
+
         def read(txn: Any) -> CatalogSnapshot:
+            cached, last = self._cache, self._last_state
+            if (cached is not None and last is not None and cached.state is last[1]
+                    and txn.get(META_STATE, db=meta) == last[0]):
+                return cached  # the state's bytes did not change: nothing to decode
             state = self._state(txn)
-            cached = self._cache
             if cached is not None and cached.state.commit == state.commit:
                 return cached
             lists = self._lists(txn)
@@ -231,7 +237,7 @@ class Catalog:
                     deleted[list_no] = self._tombstones(txn, list_no, record)
             return CatalogSnapshot(state=state, lists=lists, deleted=deleted)
 
-        snap = self._read("read the list table", read)
+        snap = shared.read("read the list table", read)
         if snap is self._cache:
             return snap
         with self._cache_lock:
