@@ -20,6 +20,7 @@ from conftest import DIM, NLIST, make_store
 from helpers import assert_clean_error, synthetic, tree_fingerprint, tree_snapshot
 
 import ivfpq_store
+from ivfpq_store.params import SearchParams
 from ivfpq_store.types import IfExists
 
 # --------------------------------------------------------------------------------------------
@@ -88,6 +89,14 @@ def _with(value: float, row: int = 1, col: int = 3) -> np.ndarray:
     return x
 
 
+def _one(value: float, *, row: bool = False) -> np.ndarray:
+    """One float32 vector (1-D, or a (1, dim) row) holding ``value``: a single query's usual
+    form, checked by its own shortcut."""
+    x = np.array(V1, dtype=np.float32)  # a copy: V1 is shared
+    x[3] = value
+    return x[None, :] if row else x
+
+
 DME = ivfpq_store.DimensionMismatchError
 IIE = ivfpq_store.InvalidInputError
 IPE = ivfpq_store.InvalidParamsError
@@ -124,6 +133,12 @@ def _vector_cases(op: str) -> list[Bad]:
             rf"{name}: 1 row\(s\) contain NaN or inf .*\[0\] — expected finite"),
         Bad(f"{op}-float64-beyond-float32", call(_with(1e39)), IIE,
             rf"{name}: 1 row\(s\) contain NaN or inf \(or values beyond float32 range\)"),
+        Bad(f"{op}-one-float32-nan", call(_one(np.nan)), IIE,
+            rf"{name}: 1 row\(s\) contain NaN or inf .*first at row\(s\) \[0\]"),
+        Bad(f"{op}-one-float32-row-inf", call(_one(-np.inf, row=True)), IIE,
+            rf"{name}: 1 row\(s\) contain NaN or inf .*first at row\(s\) \[0\]"),
+        Bad(f"{op}-one-float32-norm-above", call(_one(2e18)), IIE,
+            rf"{name}: 1 row\(s\) have a squared norm above 1e\+36, first at row\(s\) \[0\]"),
         Bad(f"{op}-float32-near-max", call(np.full((2, DIM), 3e38, np.float32)), IIE,
             rf"{name}: 2 row\(s\) have a squared norm above 1e\+36, first at row\(s\) \[0, 1\]"
             r" — expected squared norms"),
@@ -848,3 +863,19 @@ def test_flags_take_numpy_booleans(store: ivfpq_store.Store) -> None:
         assert reader.readonly
     assert store.compact(dry_run=np.True_).dry_run  # type: ignore[arg-type]
     assert store.verify(repair=np.False_).ok  # type: ignore[arg-type]
+
+
+def test_checked_search_parameters_are_reused_only_for_the_same_bounds() -> None:
+    """Checked search parameters kept for the next call are reused only for the same nlist
+    and kind of store: an nprobe valid for 64 lists is refused for 8, a refine for a store
+    without vectors, a bool k after the int 1, whatever was checked before."""
+    first = SearchParams.checked(1, 64, 64, 2, vectors=True)
+    assert SearchParams.checked(1, 64, 64, 2, vectors=True) == first
+    with pytest.raises(IPE, match=r"nprobe: expected 1\.\.8, got 64"):
+        SearchParams.checked(1, 64, 8, 2, vectors=True)
+    with pytest.raises(IPE, match=r"refine: 2 needs stored vectors"):
+        SearchParams.checked(1, 64, 64, 2, vectors=False)
+    with pytest.raises(IPE, match=r"k: expected an int, got bool"):
+        SearchParams.checked(True, 64, 64, 2, vectors=True)
+    with pytest.raises(IPE, match=r"nprobe: expected an int, got float"):
+        SearchParams.checked(1, 64.0, 64, 2, vectors=True)
