@@ -9,7 +9,8 @@ temporary copy of the repository (never the real tree); a C mutant is rebuilt th
 read pyproject.toml, setup.py's extension alone with the same flags) and the copy's kernel is
 checked to load from the copy. Then
 ``python -m pytest -x -q -p no:cacheprovider <args>`` runs in the copy (cwd and PYTHONPATH
-the copy). A mutant is *killed* when pytest reports failures, *survived* when it passes.
+the copy). A mutant is *killed* when pytest reports failures, hangs past ``TIMEOUT`` or dies
+of a signal (a crash is a detected bug), *survived* when it passes.
 
 Usage (from anywhere; the repository is this file's parent's parent)::
 
@@ -1006,6 +1007,8 @@ def run_mutant(mutant: Mutant) -> Outcome:
     seconds = time.perf_counter() - t0
     if rc is None or rc == 1:  # failures, or a hang
         return Outcome(mutant, "killed", detail, seconds)
+    if rc < 0:  # pytest died of a signal (a crash such as SIGSEGV or SIGBUS)
+        return Outcome(mutant, "killed", f"the tests crashed (signal {-rc}): {detail}", seconds)
     if rc == 0:
         return Outcome(mutant, "survived", detail, seconds)
     return Outcome(mutant, "error", f"pytest exit status {rc}: {detail}", seconds)
