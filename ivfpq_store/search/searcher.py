@@ -346,7 +346,7 @@ class Searcher:
     def _result(self, cost: F32Array, ids: I64Array) -> SearchResult:
         """Costs (ascending; negated scores for ip/cosine) as distances."""
         if self.quantizer.metric is Metric.L2:  # rounding can make a tiny square distance < 0
-            return SearchResult(np.maximum(cost, 0.0, out=cost), ids)
+            return SearchResult(np.maximum(cost, _ZERO, out=cost), ids)
         return SearchResult(np.negative(cost, out=cost), ids)
 
     def range_search(self, queries: F32Array, params: RangeParams,
@@ -412,6 +412,10 @@ class Searcher:
             if self._terms is None:
                 self._terms = kernel.list_terms(qz.centroids, qz.codebooks_t, qz.norms, stride)
             return self._terms
+
+
+#: 0 as a float32 array: ``np.maximum`` with it skips converting a Python float on every call.
+_ZERO = np.zeros((), np.float32)
 
 
 def _vector_fetcher(refiner: Refiner) -> Callable[[int], np.ndarray]:
