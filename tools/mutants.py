@@ -840,6 +840,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "const f16v y = __builtin_shuffle(rows[2 * i], rows[2 * i + 1], x1 + 8);",
            "const f16v y = __builtin_shuffle(rows[2 * i], rows[2 * i + 1], x1 + 7);",
            ("tests/test_fastscan.py",)),
+    Mutant("fast-tables-minima-half-summed",
+           "a pair's base adds only the first 8 of each 16 rows' minima",
+           "            acc += __builtin_convertvector(half[0], d8v)"
+           " + __builtin_convertvector(half[1], d8v);",
+           "            acc += __builtin_convertvector(half[0], d8v);",
+           ("tests/test_fastscan.py",)),
     Mutant("packed-tail-scans-every-row",
            "a tail packed into its list table scans all 32 rows, not only its records",
            "    memcpy(out + 16 * m + ID_BYTES * BLOCK_ROWS, &valid, sizeof(valid));",
