@@ -443,6 +443,31 @@ def test_numpy_path_and_direct_filter_agree_with_the_reference(tmp_path, metric,
         assert set(direct.ids.ravel().tolist()) - {-1} <= set(few)
 
 
+@needs_kernel
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("m", [8, 16, 32])
+def test_kernel_tables_are_the_numpy_tables(tmp_path, metric, m):
+    """The kernel's 8-bit tables of (query, list) pairs are numpy's (``fastscan.pair_tables``)
+    but for float rounding: each pair's base and step agree to float32 precision, every
+    entry within one step. m 8 and 16 fill one group of 16 rows in part or whole, 32 two."""
+    kernel = _kernel.KERNEL
+    assert kernel is not None
+    with fast_store(tmp_path / "s", dim=32, m=m, metric=metric) as store:
+        qz = testing.searcher(store).quantizer
+        queries = synthetic(20, 32, seed=5)
+        probe = store.probe(queries, nprobe=4)
+        pair_q = np.repeat(np.arange(len(queries)), 4)
+        lists, coarse = probe.lists.ravel(), probe.costs.ravel()
+        want = fastscan.pair_tables(qz, queries[pair_q], lists, coarse)
+        lut, base, inv = kernel.fast_tables(queries[pair_q], lists, qz.centroids,
+                                            qz.codebooks_t, qz.norms, None,
+                                            l2=qz.metric is Metric.L2)
+    scale = np.abs(coarse).max()
+    np.testing.assert_allclose(base, want.base, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(inv, want.inv, rtol=1e-4)
+    assert np.abs(lut.astype(np.int16) - want.lut.astype(np.int16)).max() <= 1
+
+
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_fast_costs_stay_near_the_float_adc(tmp_path, metric, scan_impl):
     """The 8-bit tables cost at most m / 2 steps of a pair's scale: the results' costs are
