@@ -74,6 +74,10 @@ FRAME_SLOTS = ("dim", "m", "ksub", "l2", "matrix", "nlist", "nprobe", "centroids
 _F_NPROBE, _F_K, _F_NTHREADS, _F_THREAD_MIN_ROWS, _F_REFINE = (
     FRAME_SLOTS.index(n) for n in ("nprobe", "k", "nthreads", "thread_min_rows", "refine"))
 
+#: The single-query frames a list table keeps, one per (nprobe, k, kout, threads): past
+#: this many, it forgets them all and starts again (a frame holds 3 * k + nprobe slots).
+ONE_LAYOUTS = 32
+
 #: The int64 slots of a refine frame (``enum`` R_* in _scan.c): what makes a scan re-rank
 #: its results against the stored vectors (:class:`Refine`).
 REFINE_SLOTS = ("queries", "addr", "count", "known", "size", "half", "kout", "out_cost",
@@ -508,6 +512,8 @@ class Kernel:
         if lay is None:
             lay = _one_layout(table, made[1], *key)
             if not kout or table.vector_dtype is not None:  # else its rows' layout is unknown
+                if len(made[2]) >= ONE_LAYOUTS:  # settings that vary call by call: bounded
+                    made[2].clear()
                 made[2][key] = lay
         if query.shape != lay.shape or (refine is not None
                                         and (kout < 1 or refine[0].shape != lay.shape)):

@@ -547,6 +547,22 @@ def test_one_call_search_equals_probe_and_scan(tmp_path, small_data, metric, mon
 
 
 @needs_kernel
+def test_a_tables_single_query_frames_are_bounded(shared_store_path, small_data):
+    """However many (k, nprobe) single queries ask for, a snapshot's list table keeps at most
+    ONE_LAYOUTS frames, and each answer is still the batch scan's."""
+    with ivfpq_store.open(shared_store_path, readonly=True) as store:
+        q = small_data["queries"][0]
+        for k in range(1, 41):
+            one = store.search(q, k=k, nprobe=3)
+            batch = store.search(np.stack([q, small_data["queries"][1]]), k=k, nprobe=3)
+            np.testing.assert_array_equal(one.ids[0], batch.ids[0])
+            np.testing.assert_array_equal(one.distances[0], batch.distances[0])
+        table = testing.searcher(store)._list_table(testing.snapshot(store))
+        assert table.frame is not None
+        assert 0 < len(table.frame[2]) <= _kernel.ONE_LAYOUTS
+
+
+@needs_kernel
 @pytest.mark.parametrize("threads", [1, 3])
 def test_a_refined_scan_stops_at_its_first_bad_result(tmp_path, small_data, threads):
     """The kernel's refine in the scan's call re-ranks as the store's refined search does,
