@@ -416,6 +416,7 @@ class Searcher:
 
 #: 0 as a float32 array: ``np.maximum`` with it skips converting a Python float on every call.
 _ZERO = np.zeros((), np.float32)
+_ZERO.flags.writeable = False
 
 
 def _vector_fetcher(refiner: Refiner) -> Callable[[int], np.ndarray]:
