@@ -162,12 +162,15 @@ class Searcher:
                 and snapshot is not None and kernel is not None):
             # the kernel refines in the scan's call: it knows each result's list and row
             exact = ExactRows(queries, params.k, [_vector_fetcher(refiner)])
+        hits: Hits | _kernel.OneFound
         if kernel is not None and len(queries) == 1 and (snapshot is not None
                                                           or self.fast_scan):
-            return self._search_one(kernel, queries, params, lists, deleted, fetch, refiner,
-                                    snapshot, exact)
-        probed, hits, refined = self._scan(queries, params, lists, deleted, fetch, snapshot,
-                                           None, exact)
+            hits = self._search_one(kernel, queries, params, lists, deleted, fetch, snapshot,
+                                    exact)
+            probed, refined = hits.lists, hits.refined  # its results, viewed when read
+        else:
+            probed, hits, refined = self._scan(queries, params, lists, deleted, fetch,
+                                               snapshot, None, exact)
         if refined is not None:
             assert refined.ids is not None
             assert refiner is not None
@@ -241,30 +244,17 @@ class Searcher:
 
     def _search_one(self, kernel: _kernel.Kernel, query: F32Array, params: SearchParams,
                     lists: Mapping[int, ListRecord], deleted: Mapping[int, np.ndarray],
-                    fetch: RecordFetcher, refiner: Refiner | None, snapshot: object,
-                    exact: ExactRows | None) -> SearchResult:
-        """:meth:`search` of one query (1, dim) in one kernel call (:func:`search_one`): what
-        the probe and the scan of :meth:`_scan` find, refined as :meth:`search` refines."""
+                    fetch: RecordFetcher, snapshot: object,
+                    exact: ExactRows | None) -> _kernel.OneFound:
+        """What :meth:`_scan` finds of one query (1, dim), in one kernel call
+        (:func:`search_one`): its probed lists, its best ``params.scan_k`` (read as
+        :class:`Hits` are) and with ``exact`` their refined results."""
         qz = self.quantizer
         table = (self._list_table(snapshot) if snapshot is not None
                  else _kernel.ListTable(qz.nlist, qz.m, fast=True, kernel=kernel))
-        found = search_one(self._quantizer_arrays(kernel), self.config, kernel,
-                           qz.rotate(query), params.nprobe, lists, deleted, fetch,
-                           params.scan_k, table, exact)
-        if exact is not None:
-            assert refiner is not None
-            refined = found.refined
-            assert refined is not None
-            assert refined.ids is not None
-            if refined.bad >= 0:
-                raise _bad_row(refined, found.lists, _hits(found), refiner.where)
-            return self._result(refined.cost, refined.ids)
-        if not params.refine:
-            return self._result(found.cost, found.ids)
-        assert refiner is not None, "refine needs the stored vectors"
-        hits = _hits(found)
-        list_nos, rows = self._located(found.lists, hits, refiner)
-        return self._refined(query, params, hits.ids, list_nos, rows, refiner)
+        return search_one(self._quantizer_arrays(kernel), self.config, kernel,
+                          qz.rotate(query), params.nprobe, lists, deleted, fetch,
+                          params.scan_k, table, exact)
 
     def _scan(self, queries: F32Array, params: SearchParams, lists: Mapping[int, ListRecord],
               deleted: Mapping[int, np.ndarray], fetch: RecordFetcher, snapshot: object,
@@ -272,8 +262,8 @@ class Searcher:
               ) -> tuple[I64Array, Hits, _kernel.Refined | None]:
         """The probed lists (nq, nprobe) of ``queries`` (``probe``'s, or the quantizer's) and
         the best ``params.scan_k`` hits of their scan; with ``exact`` (the kernel's scan of
-        a ``snapshot`` only), the hits refined in the same call, else None. A single query
-        with the kernel goes to :meth:`_search_one` instead."""
+        a ``snapshot`` only), the hits refined in the same call, else None. (:meth:`search`
+        sends a single query with the kernel to :meth:`_search_one` instead.)"""
         qz, config = self.quantizer, self.config
         inner = qz.rotate(queries)
         k = params.scan_k
@@ -304,7 +294,8 @@ class Searcher:
         return probed, top.result(), None
 
     @staticmethod
-    def _located(probed: I64Array, hits: Hits, refiner: Refiner) -> tuple[I64Array, I64Array]:
+    def _located(probed: I64Array, hits: Hits | _kernel.OneFound,
+                 refiner: Refiner) -> tuple[I64Array, I64Array]:
         """The list and row (in the list's own rows) of each hit; -1 for a missing one."""
         found = hits.rank >= 0
         list_nos = np.where(found, probed[np.arange(len(probed))[:, None],
@@ -424,7 +415,7 @@ def _vector_fetcher(refiner: Refiner) -> Callable[[int], np.ndarray]:
     return lambda list_no: refiner.fetch_vectors(list_no, refiner.lists[list_no])
 
 
-def _bad_row(refined: _kernel.Refined, probed: I64Array, hits: Hits,
+def _bad_row(refined: _kernel.Refined, probed: I64Array, hits: Hits | _kernel.OneFound,
              where: Path) -> CorruptStoreError:
     """The error of a refined scan that stopped at a bad row (``refined.bad``, a result
     ``q * k + i`` of ``hits``; probe ranks of ``probed``)."""
@@ -433,11 +424,6 @@ def _bad_row(refined: _kernel.Refined, probed: I64Array, hits: Hits,
     q, i = divmod(refined.bad, hits.ids.shape[1])
     return damaged_row(where, int(hits.ids[q, i]), int(probed[q, hits.rank[q, i]]),
                        int(hits.row[q, i]))
-
-
-def _hits(found: _kernel.OneFound) -> Hits:
-    """A single query's best k (:meth:`Searcher._search_one`) as :class:`Hits`."""
-    return Hits(found.cost, found.ids, found.rank, found.row)
 
 
 def _merged(parts: Sequence[Hits], k: int) -> tuple[Hits, I64Array]:

@@ -217,11 +217,8 @@ class Catalog:
         meta = shared.dbs[b"meta"]
 
         def read(txn: Any) -> CatalogSnapshot:
-            cached, last = self._cache, self._last_state
-            if (cached is not None and last is not None and cached.state is last[1]
-                    and txn.get(META_STATE, db=meta) == last[0]):
-                return cached  # the state's bytes did not change: nothing to decode
-            state = self._state(txn)
+            state = self._state(txn, meta)
+            cached = self._cache
             if cached is not None and cached.state.commit == state.commit:
                 return cached
             lists = self._lists(txn)
@@ -250,10 +247,10 @@ class Catalog:
         with self._cache_lock:
             self._cache = None
 
-    def _state(self, txn: Any) -> StateRecord:
+    def _state(self, txn: Any, meta: Any = None) -> StateRecord:
         """The state record, decoded and checked again only when its bytes changed (a search
-        reads it on every call)."""
-        raw = self._meta_raw(txn, META_STATE)
+        reads it on every call, passing the ``meta`` database it looked up once)."""
+        raw = self._meta_raw(txn, META_STATE, meta)
         last = self._last_state
         if last is not None and last[0] == raw:
             return last[1]
@@ -296,10 +293,10 @@ class Catalog:
         except CorruptStoreError as err:
             raise CorruptStoreError(f"{self.path}: {err}") from err
 
-    def _meta_raw(self, txn: Any, key: bytes) -> bytes:
-        """The bytes of record ``key`` of ``meta`` (``b"store"`` or ``b"state"``), which must
-        exist."""
-        raw = txn.get(key, db=self._dbs[b"meta"])
+    def _meta_raw(self, txn: Any, key: bytes, meta: Any = None) -> bytes:
+        """The bytes of record ``key`` of ``meta`` (``b"store"`` or ``b"state"``; the
+        database, when given), which must exist."""
+        raw = txn.get(key, db=self._dbs[b"meta"] if meta is None else meta)
         if raw is None:
             raise CorruptStoreError(
                 f"{self.path}: catalog has no {key.decode()!r} record in 'meta'")
