@@ -9,6 +9,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -294,25 +295,36 @@ def results_of_readers(tmp_path: Path, store_path: Path, queries: np.ndarray,
     """Two :data:`READER` processes search ``queries`` in a loop while ``change()`` writes
     to the store; returns the digests the readers printed and those ``change`` returned
     (the results of whole states, each computed after its write). Asserts that no reader
-    died of an error (each is killed while searching)."""
+    died of an error (each is killed while searching). The readers' output is read while
+    they search: a full pipe would stop a reader at its first states."""
     np.save(tmp_path / "q.npy", queries)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]))
     readers = [subprocess.Popen([sys.executable, "-c", READER, str(store_path),
                                  str(tmp_path / "q.npy")], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs: list[list[str]] = [[] for _ in readers]
+    drains = [threading.Thread(target=lambda r=r, out=out: out.extend(r.stdout), daemon=True)
+              for r, out in zip(readers, outs, strict=True)]
     try:
         for r in readers:
             assert r.stdout is not None
             assert r.stdout.readline().strip() == "ready"
+        for drain in drains:
+            drain.start()
         expected = change()
     finally:
         for r in readers:
             r.kill()
     seen: set[str] = set()
-    for r in readers:
-        out, err = r.communicate()
+    for r, drain, out in zip(readers, drains, outs, strict=True):
+        r.wait()
+        drain.join()
+        assert r.stdout is not None
+        assert r.stderr is not None
+        with r.stdout, r.stderr:
+            err = r.stderr.read()
         assert r.returncode == -9, err  # killed while searching, not dead of an error
-        seen.update(out.split())
+        seen.update(line.strip() for line in out)
     return seen, expected
 
 
