@@ -66,6 +66,10 @@ typedef struct {
 typedef uint32_t (*block_sums_fn)(const uint8_t *codes, const uint8_t *lut, int64_t m,
                                   int64_t thr, uint16_t *out);
 
+/* A pair's 8-bit tables (fast_tables, or its AVX-512 copy: the same bits). */
+typedef int (*fast_tables_fn)(const float *lterm, const float *qterm, float bias, int64_t m,
+                              float bound, float *t, uint8_t *lut, float *base, float *inv);
+
 /* Is a after b in the result order (cost, rank, row)? */
 static inline int after(const cand_t *a, const cand_t *b) {
     if (a->cost != b->cost) return a->cost > b->cost;
@@ -402,6 +406,7 @@ typedef struct worker {
     uint8_t *lut;    /* the fast scan: (m rounded up to 4, 16) 8-bit tables, zero padded */
     uint16_t *presums;   /* the fast scan: a pair's sums of a list's every row (scan_fast) */
     block_sums_fn sums; /* the fast scan's block sums */
+    fast_tables_fn tables; /* and its pair tables */
     /* The merge: every thread's workers (nall), scratch for a query's candidates, and for
      * refine its queries' row addresses and exact costs ((b1 - b0) * k each); the first
      * result whose row is bad (-1: none) and why (R_BAD_KIND). */
@@ -686,6 +691,102 @@ HOT static int fast_tables(const float *lterm, const float *qterm, float bias, i
     return 1;
 }
 
+#ifdef FAST_SIMD
+/* The least (greatest) entry of each of 16 rows of 16, lane r for row r: extreme_rows's tree
+ * in AVX-512, its shuffles the same lanes and its picks a vminps (vmaxps), which pick as it
+ * does (the second operand on a NaN or a tie), so the same bits. */
+__attribute__((target("avx512f"))) static inline __m512 extreme_rows_avx512(const __m512 *rows,
+                                                                           const int greatest) {
+    const __m512i x1 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    const __m512i x2 = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+    const __m512i x3 = _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
+    const __m512i x4 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    __m512 a[8];
+#define KEEP(x, y) (greatest ? _mm512_max_ps((y), (x)) : _mm512_min_ps((y), (x)))
+#define STEP(X, S, N)                                                                      \
+    for (int i = 0; i < N; i++) {                                                          \
+        const __m512 x = _mm512_permutex2var_ps(a[2 * i], X, a[2 * i + 1]);                \
+        const __m512 y = _mm512_permutex2var_ps(                                           \
+                a[2 * i], _mm512_add_epi32(X, _mm512_set1_epi32(S)), a[2 * i + 1]);          \
+        a[i] = KEEP(x, y);                                                                 \
+    }
+    for (int i = 0; i < 8; i++) {
+        const __m512 x = _mm512_permutex2var_ps(rows[2 * i], x1, rows[2 * i + 1]);
+        const __m512 y = _mm512_permutex2var_ps(rows[2 * i], _mm512_add_epi32(x1, _mm512_set1_epi32(8)),
+                                                rows[2 * i + 1]);
+        a[i] = KEEP(x, y);
+    }
+    STEP(x2, 4, 4)
+    STEP(x3, 2, 2)
+    STEP(x4, 1, 1)
+#undef STEP
+#undef KEEP
+    return a[0];
+}
+
+/* Rows j0 .. j0 + 15 (all below m) of a pair's float table, as table_rows. */
+__attribute__((target("avx512f"))) static inline void table_rows_avx512(const float *lterm,
+                                                                       const float *qterm,
+                                                                       int64_t j0, __m512 *rows) {
+    for (int r = 0; r < 16; r++) {
+        rows[r] = _mm512_loadu_ps(qterm + (j0 + r) * FAST_KSUB);
+        if (lterm) rows[r] = _mm512_add_ps(rows[r], _mm512_loadu_ps(lterm + (j0 + r) * FAST_KSUB));
+    }
+}
+
+/* fast_tables for m a multiple of 16 in AVX-512, the same operations in the same order (so
+ * the same bits), with the rows held in registers where the vector-extension code keeps
+ * them on the stack, and a vminps (vmaxps) for each pick: 130-150 ns a pair against 180 at
+ * m=32 (a C loop of each over 1,600 pairs of random terms). */
+__attribute__((target("avx512f"))) static int fast_tables_avx512(
+        const float *lterm, const float *qterm, float bias, int64_t m, float bound, float *t,
+        uint8_t *lut, float *base, float *inv) {
+    __m512d acc = _mm512_setzero_pd();
+    __m512 rows[16];
+    for (int64_t j0 = 0; j0 < m; j0 += 16) {
+        table_rows_avx512(lterm, qterm, j0, rows);
+        const __m512 lo = extreme_rows_avx512(rows, 0);
+        _mm512_storeu_ps(t + j0, lo);
+        const __m512d l0 = _mm512_cvtps_pd(_mm512_castps512_ps256(lo));
+        const __m512d l1 = _mm512_cvtps_pd(
+                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lo), 1)));
+        acc = _mm512_add_pd(acc, _mm512_add_pd(l0, l1));
+    }
+    double lanes[8], mins = 0.0;
+    _mm512_storeu_pd(lanes, acc);
+    for (int i = 0; i < 8; i++) mins += lanes[i];
+    *base = (float)((double)bias + mins);
+    if (*base > bound) return 0;
+    const float range = (float)lut_range(m);
+    __m512 spans = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < m; j0 += 16) {
+        table_rows_avx512(lterm, qterm, j0, rows);
+        const __m512 d = _mm512_sub_ps(extreme_rows_avx512(rows, 1), _mm512_loadu_ps(t + j0));
+        const __mmask16 take = _mm512_cmp_ps_mask(d, spans, _CMP_GT_OQ) |
+                               _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q);
+        spans = _mm512_mask_blend_ps(take, spans, d);
+    }
+    float sp[16], span = 0.0f; /* the rows' order: a NaN range, once met, stays */
+    _mm512_storeu_ps(sp, spans);
+    for (int r = 0; r < 16; r++)
+        if (sp[r] > span || !(sp[r] == sp[r])) span = sp[r];
+    const float a = span > 0.0f ? range / span : 0.0f;
+    const __m512 va = _mm512_set1_ps(a), zero = _mm512_setzero_ps(), top = _mm512_set1_ps(range);
+    const __m512 half = _mm512_set1_ps(0.5f);
+    for (int64_t j0 = 0; j0 < m; j0 += 16) {
+        table_rows_avx512(lterm, qterm, j0, rows);
+        for (int r = 0; r < 16; r++) {
+            __m512 v = _mm512_mul_ps(_mm512_sub_ps(rows[r], _mm512_set1_ps(t[j0 + r])), va);
+            v = _mm512_min_ps(_mm512_max_ps(v, zero), top); /* NaN: 0 */
+            _mm_storeu_si128((__m128i *)(lut + (j0 + r) * FAST_KSUB),
+                             _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_add_ps(v, half))));
+        }
+    }
+    *inv = span > 0.0f ? span / range : 0.0f;
+    return 1;
+}
+#endif
+
 /* The fast scan's pair constant: l2 |q - c|^2, ip -<q, c>, in 16 interleaved sums added
  * pairwise (its own order: the float scan's tables are not these). One function for the scan
  * and for ivfpq_fast_tables, so that the tests' tables are the scan's, bit for bit. */
@@ -834,6 +935,17 @@ static int fast_level(void) {
     if (fast_limit >= 1 && __builtin_cpu_supports("avx2")) return 1;
 #endif
     return 0;
+}
+
+/* The pair tables the scans use at a level of fast_level: the AVX-512 copy at level 2 for m
+ * a multiple of 16 (whole chunks of rows), else the vector-extension code. */
+static fast_tables_fn fast_tables_of(int level, int64_t m) {
+#ifdef FAST_SIMD
+    if (level == 2 && m % 16 == 0) return fast_tables_avx512;
+#endif
+    (void)level;
+    (void)m;
+    return fast_tables;
 }
 
 static block_sums_fn block_sums_of(int level) {
@@ -1077,7 +1189,7 @@ static void *list_phase(void *arg) {
                 /* A pair whose least cost is above its query's bound stops at its base: with
                  * its best-ranked list scanned first, most of a query's pairs do. */
                 float base, inv;
-                if (fast_tables(lterm, qterm, fast_bias(jb->l2, qv, cent, dim), jb->m,
+                if (w->tables(lterm, qterm, fast_bias(jb->l2, qv, cent, dim), jb->m,
                                 heap_bound(&w->heaps[q], jb->cap), w->table, w->lut, &base,
                                 &inv))
                     scan_fast(jb, w->sums, w->lut, base, inv, s0, s1, w->presums,
@@ -1361,7 +1473,9 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
     float *rcost = (float *)(block + at[P_RCOST]);
     memset(ws, 0, part[P_WS]);
     memset(heaps, 0, part[P_HEAPS]);
-    const block_sums_fn sums = block_sums_of(fast_level());
+    const int level = fast_level();
+    const block_sums_fn sums = block_sums_of(level);
+    const fast_tables_fn tables = fast_tables_of(level, m);
     if (refine) {
         crc_ready();
         jb.entry_of = entry_of;
@@ -1391,6 +1505,7 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
         w->lterm = w->table + size;
         w->lut = luts + (size_t)t * (size_t)(lut_rows(m) * FAST_KSUB);
         w->sums = sums;
+        w->tables = tables;
         w->presums = blk_addr ? presums + (size_t)t * presum_rows : NULL;
         w->b0 = nq * t / nthreads;
         w->b1 = nq * (t + 1) / nthreads;
@@ -1465,6 +1580,7 @@ int ivfpq_fast_tables(int64_t npairs, int64_t dim, int64_t m, int l2, const floa
         return -1;
     }
     float *qterm = buf, *lterm = buf + size, *table = buf + 2 * size;
+    const fast_tables_fn tables = fast_tables_of(fast_level(), m);
     for (int64_t p = 0; p < npairs; p++) {
         const float *qv = queries + p * dim, *cent = centroids + pair_list[p] * dim;
         sub_products(qv, l2 ? -2.0f : -1.0f, NULL, l2 ? 0.0f : INFINITY, codebooks_t, m, dsub,
@@ -1477,7 +1593,7 @@ int ivfpq_fast_tables(int64_t npairs, int64_t dim, int64_t m, int l2, const floa
                          FAST_KSUB, lterm);
             lt = lterm;
         }
-        fast_tables(lt, qterm, fast_bias(l2, qv, cent, dim), m, INFINITY, table, lut,
+        tables(lt, qterm, fast_bias(l2, qv, cent, dim), m, INFINITY, table, lut,
                     out_base + p, out_inv + p);
         memcpy(out_lut + p * m * FAST_KSUB, lut, (size_t)(m * FAST_KSUB));
     }

@@ -468,6 +468,37 @@ def test_kernel_tables_are_the_numpy_tables(tmp_path, metric, m):
     assert np.abs(lut.astype(np.int16) - want.lut.astype(np.int16)).max() <= 1
 
 
+@needs_kernel
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("m", [8, 16, 32, 48])
+def test_kernel_tables_are_the_same_bits_on_every_level(tmp_path, metric, m, each_level):
+    """The pair tables have a copy in AVX-512 for m a multiple of 16 (16, 32 and 48 here; 8
+    takes the vector-extension code on every level): every level builds the same bits, for
+    queries near the data, far from it (costs that round), and with entries of every
+    magnitude (a row's range from 0 to 1e30)."""
+    kernel = _kernel.KERNEL
+    assert kernel is not None
+    dim = 2 * m
+    with fast_store(tmp_path / "s", dim=dim, m=m, metric=metric) as store:
+        qz = testing.searcher(store).quantizer
+        near = synthetic(20, dim, seed=5)
+        wild = near * np.float32(10.0) ** np.random.default_rng(6).integers(-6, 15, near.shape)
+        for queries in (near, near + np.float32(3e5), wild.astype(np.float32)):
+            probe = store.probe(queries, nprobe=4)
+            pair_q = np.repeat(np.arange(len(queries)), 4)
+            lists = probe.lists.ravel()
+            got = []
+            for level in each_level:
+                kernel.fast_level(level)
+                got.append(kernel.fast_tables(queries[pair_q], lists, qz.centroids,
+                                              qz.codebooks_t, qz.norms, None,
+                                              l2=qz.metric is Metric.L2))
+            for lut, base, inv in got[1:]:
+                np.testing.assert_array_equal(lut, got[0][0])
+                np.testing.assert_array_equal(base.view(np.uint32), got[0][1].view(np.uint32))
+                np.testing.assert_array_equal(inv.view(np.uint32), got[0][2].view(np.uint32))
+
+
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_fast_costs_stay_near_the_float_adc(tmp_path, metric, scan_impl):
     """The 8-bit tables cost at most m / 2 steps of a pair's scale: the results' costs are
