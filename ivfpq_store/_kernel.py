@@ -23,12 +23,12 @@ from .format.blocks import block_dtype
 from .format.segment import record_dtype
 from .types import F32Array, I64Array
 
-__all__ = ["BAD_CHECKSUM", "BAD_ROW", "KERNEL", "THREADS", "Kernel", "ListTable", "OneFound",
-           "OneLayout", "QuantizerArrays", "Refine", "Refined", "ScanPlan", "bad_rows",
+__all__ = ["BAD_CHECKSUM", "BAD_ROW", "KERNEL", "THREADS", "BatchFound", "Kernel", "ListTable",
+           "OneFound", "OneLayout", "QuantizerArrays", "Refine", "Refined", "ScanPlan", "bad_rows",
            "kernel_status", "row_checksums"]
 
 #: The version of the ``ivfpq_scan`` contract this module speaks (``IVFPQ_SCAN_ABI`` in C).
-ABI = 13
+ABI = 14
 #: Entries per sub-table in the kernel's tables (``TSTRIDE`` in C): 256 whatever ksub.
 TSTRIDE = 256
 
@@ -222,6 +222,11 @@ class Kernel:
         self._search_one = lib.ivfpq_search_one
         self._search_one.restype = ctypes.c_int
         self._search_one.argtypes = [_P]  # the frame: FRAME_SLOTS, query, outputs
+        self._search_batch = lib.ivfpq_search_batch
+        self._search_batch.restype = ctypes.c_int
+        # head (FRAME_SLOTS), nq, queries, probe threads, out_list, out_cost, out_id,
+        # out_rank, out_row, refine frame or None
+        self._search_batch.argtypes = [_P, _I, _P, ctypes.c_int, _P, _P, _P, _P, _P, _P]
         self._sums = lib.ivfpq_cluster_sums
         self._sums.restype = ctypes.c_int
         self._sums.argtypes = [_I, _I, _I, _I, _P, _P, ctypes.c_int, _P, _P]
@@ -528,6 +533,60 @@ class Kernel:
             raise MemoryError("scan kernel: could not allocate a search's scratch")
         return OneFound(rc == 0, frame, values, lay)
 
+    def search_batch(self, *, table: ListTable, queries: F32Array, arrays: QuantizerArrays,
+                     nprobe: int, k: int, nthreads: int, thread_min_rows: int,
+                     probe_threads: int, refine: tuple[F32Array, int] | None = None
+                     ) -> BatchFound:
+        """A batch's search in one call, as :meth:`search_one` makes a single query's: the
+        ``nprobe`` best lists of each of ``queries`` (nq, dim) (:meth:`probe`'s, on
+        ``probe_threads``) and, when ``table`` knows every one of them (and with
+        ``refine``, their vector rows), the best ``k`` of their records: what :meth:`probe`
+        and a :meth:`table_plan`'s scan of the non-empty probed lists (grouped by list in
+        list order; one query's in probe order) return (:class:`BatchFound`; not
+        ``known``: fill the table, call again). The scan runs on one thread below
+        ``thread_min_rows`` rows summed over the (query, list) pairs. ``refine``: the
+        queries as given and ``kout`` > 0."""
+        made = table.frame
+        if made is None or made[0] is not arrays:
+            made = table.frame = (arrays, self._frame(table, *arrays), {})
+        if (not 1 <= nprobe <= table.nlist or k < 1 or nthreads < 1 or probe_threads < 1
+                or queries.ndim != 2 or len(queries) < 1 or queries.shape[1] != table.dim):
+            raise ValueError("scan kernel: inconsistent search arguments")
+        head = made[1].copy()
+        head[_F_NPROBE], head[_F_K] = nprobe, k
+        head[_F_NTHREADS], head[_F_THREAD_MIN_ROWS] = nthreads, thread_min_rows
+        nq = len(queries)
+        queries = _f32(queries)
+        lists = np.empty((nq, nprobe), np.int64)
+        cost = np.empty((nq, k), np.float32)
+        ids = np.empty((nq, k), np.int64)
+        rank = np.empty((nq, k), np.int32)
+        row = np.empty((nq, k), np.int64)
+        frame, refined, keep = None, None, None
+        if refine is not None:
+            raw, kout = refine
+            if raw.shape != queries.shape or not 1 <= kout <= k:
+                raise ValueError("scan kernel: inconsistent refine arguments")
+            addr, count, known = table.vectors
+            dtype = table.vector_dtype
+            size, half = (0, 0) if dtype is None else _row_layout(dtype, table.dim)
+            keep = _f32(raw)
+            refined = Refined(np.empty((nq, kout), np.float32), np.empty((nq, kout), np.int64),
+                              -1, 0)
+            assert refined.ids is not None
+            frame = _refine_slots(queries=_ptr(keep), addr=_ptr(addr), count=_ptr(count),
+                                  known=_ptr(known), size=size, half=half, kout=kout,
+                                  out_cost=_ptr(refined.cost), out_id=_ptr(refined.ids))
+        rc = self._search_batch(_ptr(head), nq, _ptr(queries), probe_threads, _ptr(lists),
+                                _ptr(cost), _ptr(ids), _ptr(rank), _ptr(row),
+                                None if frame is None else _ptr(frame))
+        if rc < 0:
+            raise MemoryError("scan kernel: could not allocate a search's scratch")
+        if refined is not None:
+            assert frame is not None
+            refined = refined._replace(bad=int(frame[_R_BAD]), kind=int(frame[_R_BAD_KIND]))
+        return BatchFound(rc == 0, lists, cost, ids, rank, row, refined)
+
     def _frame(self, table: ListTable, matrix: F32Array, centroids: F32Array,
                codebooks_t: F32Array, norms: F32Array, list_terms: F32Array | None,
                l2: bool) -> I64Array:
@@ -618,6 +677,21 @@ class OneLayout(NamedTuple):
     refined_ids: slice
     bad: int
     bad_kind: int
+
+
+class BatchFound(NamedTuple):
+    """What a batch's search (:meth:`Kernel.search_batch`) found: ``lists`` (nq, nprobe)
+    the probed lists; when ``known``, each query's best k as ``cost`` (float32), ``ids``,
+    ``rank`` (int32: the probe rank of the list) and ``row`` (the row within the list), each
+    (nq, k), and with refine, ``refined``."""
+
+    known: bool
+    lists: I64Array
+    cost: F32Array
+    ids: I64Array
+    rank: np.ndarray
+    row: I64Array
+    refined: Refined | None
 
 
 class OneFound:

@@ -47,7 +47,7 @@
 #endif
 
 /* Version of the ivfpq_scan contract; _kernel.py refuses a library of another version. */
-#define IVFPQ_SCAN_ABI 13
+#define IVFPQ_SCAN_ABI 14
 /* Every sub-table has 256 entries, whatever ksub: a code byte can never index out of the
  * tables, and entries >= ksub (impossible codes of a damaged file) are +inf, never results. */
 #define TSTRIDE 256
@@ -1822,69 +1822,83 @@ done:
     return rc;
 }
 
-/* ---- one query, probe and scan in one call ----------------------------------------------- */
+/* ---- probe and scan in one call ------------------------------------------------------- */
 
 /*
- * One query's search: its nprobe best lists (ivfpq_probe's, written to out_list) and the best k
- * of their records (ivfpq_scan's, on one thread below thread_min_rows rows, else on up to
- * nthreads), with the lists' entries taken from a table indexed by list number (known[l]: the
- * entry of list l is filled; rec_count 0 for an empty list). The same results as ivfpq_probe
- * followed by ivfpq_scan over the probed non-empty lists in probe order. Returns 0; 1 when a
- * probed list is not known yet (nothing scanned: the caller fills those entries and calls
- * again); -1 when memory could not be had. With a refine frame (per list number: its R_KNOWN
- * must name every probed list too, else 1), the results are refined as ivfpq_scan refines
- * them. Called through ivfpq_search_one's frame.
+ * The search of nq queries (nq, dim): their nprobe best lists (ivfpq_probe's, written to
+ * out_list (nq, nprobe); a batch's probe on probe_threads) and the best k of their records
+ * (ivfpq_scan's, on one thread below thread_min_rows rows summed over the pairs, else on up
+ * to nthreads), with the lists' entries taken from a table indexed by list number (known[l]:
+ * the entry of list l is filled; rec_count 0 for an empty list). The same results as
+ * ivfpq_probe followed by ivfpq_scan over the probed non-empty lists: one query's in probe
+ * order, a batch's grouped by list in list order, each list's pairs by query then rank.
+ * Returns 0; 1 when a probed list is not known yet (nothing scanned: the caller fills those
+ * entries and calls again); -1 when memory could not be had. With a refine frame (per list
+ * number: its R_KNOWN must name every probed list too, else 1), the results are refined as
+ * ivfpq_scan refines them. Called through ivfpq_search_one's frame and ivfpq_search_batch.
  */
-static int search_one(int64_t dim, int64_t m, int64_t ksub, int l2, const float *query,
-                      const float *matrix, int64_t nlist, int64_t nprobe, const float *centroids,
-                      const float *codebooks_t, const float *norms, const float *list_terms,
-                      const uint8_t *known, const uint64_t *rec_addr, const int64_t *rec_count,
-                      int64_t stride, const uint64_t *dead_addr, const int64_t *dead_count,
-                      const uint64_t *blk_addr, const int64_t *blk_count,
-                      int64_t k, int nthreads, int64_t thread_min_rows, int64_t *out_list,
-                      float *out_cost, int64_t *out_id, int32_t *out_rank, int64_t *out_row,
-                      int64_t *refine) {
+static int search_queries(int64_t nq, int probe_threads, int64_t dim, int64_t m, int64_t ksub,
+                          int l2, const float *queries, const float *matrix, int64_t nlist,
+                          int64_t nprobe, const float *centroids, const float *codebooks_t,
+                          const float *norms, const float *list_terms, const uint8_t *known,
+                          const uint64_t *rec_addr, const int64_t *rec_count, int64_t stride,
+                          const uint64_t *dead_addr, const int64_t *dead_count,
+                          const uint64_t *blk_addr, const int64_t *blk_count, int64_t k,
+                          int nthreads, int64_t thread_min_rows, int64_t *out_list,
+                          float *out_cost, int64_t *out_id, int32_t *out_rank,
+                          int64_t *out_row, int64_t *refine) {
     int rc = -1;
-    float *scores = malloc((size_t)nlist * sizeof(float));
-    scored_t *tmp = malloc((size_t)nlist * sizeof(scored_t));
-    float *probe_cost = malloc((size_t)nprobe * sizeof(float));
-    int64_t *lists = malloc((size_t)nprobe * 11 * sizeof(int64_t) + sizeof(int64_t));
-    if (!scores || !tmp || !probe_cost || !lists) goto done;
-    if (l2) memcpy(scores, matrix + dim * nlist, (size_t)nlist * sizeof(float));
-    else memset(scores, 0, (size_t)nlist * sizeof(float));
-    probe_scores(query, 1, dim, matrix, nlist, scores);
-    float norm = 0.0f;
-    if (l2)
-        for (int64_t d = 0; d < dim; d++) norm += query[d] * query[d];
-    best_lists(scores, nlist, nprobe, norm, tmp, probe_cost, out_list);
+    const int64_t npairs = nq * nprobe;
+    /* list entries: one per probed list of one query, at most one per list of a batch */
+    const int64_t ne = nq == 1 ? nprobe : (npairs < nlist ? npairs : nlist);
+    float *scores = nq == 1 ? malloc((size_t)nlist * sizeof(float)) : NULL;
+    scored_t *tmp = nq == 1 ? malloc((size_t)nlist * sizeof(scored_t)) : NULL;
+    float *probe_cost = malloc((size_t)npairs * sizeof(float));
+    int64_t *lists = malloc(((size_t)ne * 10 + 1 + (size_t)npairs) * sizeof(int64_t));
+    int32_t *rank = malloc((size_t)npairs * sizeof(int32_t));
+    int64_t *entry = nq == 1 ? NULL : malloc((size_t)nlist * sizeof(int64_t));
+    if (!probe_cost || !lists || !rank || (nq == 1 ? !scores || !tmp : !entry)) goto done;
+    if (nq == 1) { /* one query: probed here, without the probe's threads */
+        if (l2) memcpy(scores, matrix + dim * nlist, (size_t)nlist * sizeof(float));
+        else memset(scores, 0, (size_t)nlist * sizeof(float));
+        probe_scores(queries, 1, dim, matrix, nlist, scores);
+        float norm = 0.0f;
+        if (l2)
+            for (int64_t d = 0; d < dim; d++) norm += queries[d] * queries[d];
+        best_lists(scores, nlist, nprobe, norm, tmp, probe_cost, out_list);
+    } else if (ivfpq_probe(nq, dim, nlist, l2, queries, matrix, nprobe, probe_threads,
+                           probe_cost, out_list)) {
+        goto done;
+    }
     rc = 1;
     const uint8_t *vknown = refine ? (const uint8_t *)(uintptr_t)refine[R_KNOWN] : NULL;
-    for (int64_t i = 0; i < nprobe; i++)
+    for (int64_t i = 0; i < npairs; i++)
         if (!known[out_list[i]]) goto done;
-    for (int64_t i = 0; i < k; i++) {
+    for (int64_t i = 0; i < nq * k; i++) {
         out_cost[i] = INFINITY;
         out_id[i] = -1;
         out_rank[i] = -1;
         out_row[i] = -1;
     }
-    int64_t *list_no = lists, *count = lists + nprobe, *dcount = lists + 2 * nprobe;
-    int64_t *start = lists + 3 * nprobe, *pq = lists + 4 * nprobe + 1;
-    uint64_t *addr = (uint64_t *)(lists + 5 * nprobe + 1);
-    uint64_t *daddr = (uint64_t *)(lists + 6 * nprobe + 1);
-    uint64_t *baddr = (uint64_t *)(lists + 7 * nprobe + 1);
-    int64_t *bcount = lists + 8 * nprobe + 1;
-    uint64_t *vaddr = (uint64_t *)(lists + 9 * nprobe + 1);
-    int64_t *vcount = lists + 10 * nprobe + 1;
-    int32_t *rank = (int32_t *)tmp; /* the probe is done with it */
-    int64_t n = 0, total = 0;
-    for (int64_t i = 0; i < nprobe; i++) {
-        const int64_t l = out_list[i];
-        const int64_t rows = rec_count[l] + (blk_addr ? BLOCK_ROWS * blk_count[l] : 0);
+    int64_t *list_no = lists, *count = lists + ne, *dcount = lists + 2 * ne;
+    int64_t *start = lists + 3 * ne, *pq = lists + 4 * ne + 1;
+    uint64_t *addr = (uint64_t *)(pq + npairs);
+    uint64_t *daddr = addr + ne, *baddr = daddr + ne, *vaddr = baddr + ne;
+    int64_t *bcount = (int64_t *)(vaddr + ne), *vcount = bcount + ne;
+    int64_t n = 0, total = 0, work = 0;
+    start[0] = 0;
+#define LIST_ROWS(l) (rec_count[l] + (blk_addr ? BLOCK_ROWS * blk_count[l] : 0))
+    if (nq > 1) { /* the pairs of each list: entry[l] counts them, then numbers the entry */
+        memset(entry, 0, (size_t)nlist * sizeof(int64_t));
+        for (int64_t i = 0; i < npairs; i++) entry[out_list[i]]++;
+    }
+    for (int64_t i = 0; i < (nq == 1 ? nprobe : nlist); i++) {
+        const int64_t l = nq == 1 ? out_list[i] : i;
+        const int64_t pairs = nq == 1 ? 1 : entry[l];
+        const int64_t rows = pairs ? LIST_ROWS(l) : 0;
+        if (nq > 1) entry[l] = -1;
         if (rows <= 0) continue;
-        if (vknown && !vknown[l]) { /* rc 1: a scanned list's vector rows are not known */
-            rc = 1;
-            goto done;
-        }
+        if (vknown && !vknown[l]) goto done; /* rc 1: a scanned list's vector rows unknown */
         list_no[n] = l;
         addr[n] = rec_addr[l];
         count[n] = rec_count[l];
@@ -1898,13 +1912,30 @@ static int search_one(int64_t dim, int64_t m, int64_t ksub, int l2, const float 
             vaddr[n] = ((const uint64_t *)(uintptr_t)refine[R_ADDR])[l];
             vcount[n] = ((const int64_t *)(uintptr_t)refine[R_COUNT])[l];
         }
-        start[n] = n;
-        pq[n] = 0;
-        rank[n] = (int32_t)i;
+        if (nq == 1) {
+            pq[n] = 0;
+            rank[n] = (int32_t)i;
+        } else {
+            entry[l] = n;
+        }
         total += rows;
+        work += rows * pairs;
+        start[n + 1] = start[n] + pairs;
         n++;
     }
-    start[n] = n;
+#undef LIST_ROWS
+    if (nq > 1) { /* each list's pairs in the order of the queries, then of their ranks:
+                     start[e] the cursor of entry e's, then moved back a place */
+        for (int64_t i = 0; i < npairs; i++) {
+            const int64_t e = entry[out_list[i]];
+            if (e < 0) continue;
+            pq[start[e]] = i / nprobe;
+            rank[start[e]] = (int32_t)(i % nprobe);
+            start[e]++;
+        }
+        for (int64_t e = n; e > 0; e--) start[e] = start[e - 1];
+        start[0] = 0;
+    }
     int64_t frame[R_SLOTS]; /* the refine frame, with the scanned lists' vector rows */
     if (refine) {
         memcpy(frame, refine, sizeof(frame));
@@ -1915,7 +1946,7 @@ static int search_one(int64_t dim, int64_t m, int64_t ksub, int l2, const float 
         if (refine[R_KOUT]) { /* no list to scan: no result */
             float *rcost = (float *)(uintptr_t)refine[R_OUT_COST];
             int64_t *rid = (int64_t *)(uintptr_t)refine[R_OUT_ID];
-            for (int64_t i = 0; i < refine[R_KOUT]; i++) {
+            for (int64_t i = 0; i < nq * refine[R_KOUT]; i++) {
                 rcost[i] = INFINITY;
                 rid[i] = -1;
             }
@@ -1923,10 +1954,10 @@ static int search_one(int64_t dim, int64_t m, int64_t ksub, int l2, const float 
     }
     rc = 0;
     if (n == 0) goto done;
-    rc = ivfpq_scan(1, dim, m, ksub, l2, query, centroids, codebooks_t, norms, list_terms, n,
+    rc = ivfpq_scan(nq, dim, m, ksub, l2, queries, centroids, codebooks_t, norms, list_terms, n,
                     list_no, NULL, addr, count, stride, daddr, dcount, blk_addr ? baddr : NULL,
                     blk_addr ? bcount : NULL, start, pq, rank, k,
-                    total < k ? total : k, total >= thread_min_rows ? nthreads : 1, out_cost,
+                    total < k ? total : k, work >= thread_min_rows ? nthreads : 1, out_cost,
                     out_id, out_rank, out_row, refine ? frame : NULL);
     if (refine) {
         refine[R_BAD] = frame[R_BAD];
@@ -1937,11 +1968,13 @@ done:
     free(tmp);
     free(probe_cost);
     free(lists);
+    free(rank);
+    free(entry);
     return rc;
 }
 
-/* The slots of ivfpq_search_one's frame: search_one's scalar arguments and addresses, in
- * this order, as int64 (_kernel.py's FRAME_SLOTS names them too). */
+/* The slots of ivfpq_search_one's frame: search_queries's scalar arguments and addresses,
+ * in this order, as int64 (_kernel.py's FRAME_SLOTS names them too). */
 enum {
     F_DIM, F_M, F_KSUB, F_L2, F_MATRIX, F_NLIST, F_NPROBE, F_CENTROIDS, F_CODEBOOKS_T, F_NORMS,
     F_LIST_TERMS, F_KNOWN, F_REC_ADDR, F_REC_COUNT, F_STRIDE, F_DEAD_ADDR, F_DEAD_COUNT,
@@ -1949,8 +1982,8 @@ enum {
 };
 
 /*
- * search_one with its arguments in one frame, so that a call from Python passes one address
- * instead of 30 converted arguments: the F_SLOTS slots, then the query (dim float32, padded
+ * One query's search_queries with its arguments in one frame, so that a call from Python
+ * passes one address instead of 30 converted arguments: the F_SLOTS slots, then the query (dim float32, padded
  * to whole slots), then the outputs: lists (nprobe int64), ids (k int64), rows (k int64),
  * costs (k float32) and ranks (k int32). A pointer slot holds an address, 0 for NULL. With
  * F_REFINE not 0, a refine frame follows the outputs in the frame: its R_* slots (per list
@@ -1976,7 +2009,7 @@ int ivfpq_search_one(int64_t *frame) {
         refine[R_OUT_COST] = (int64_t)(uintptr_t)costs;
         refine[R_OUT_ID] = (int64_t)(uintptr_t)(costs + (refine[R_KOUT] + 1) / 2);
     }
-    return search_one(dim, frame[F_M], frame[F_KSUB], (int)frame[F_L2], query,
+    return search_queries(1, 1, dim, frame[F_M], frame[F_KSUB], (int)frame[F_L2], query,
                       PTR(const float *, F_MATRIX), frame[F_NLIST], nprobe,
                       PTR(const float *, F_CENTROIDS), PTR(const float *, F_CODEBOOKS_T),
                       PTR(const float *, F_NORMS), PTR(const float *, F_LIST_TERMS),
@@ -1986,6 +2019,32 @@ int ivfpq_search_one(int64_t *frame) {
                       PTR(const uint64_t *, F_BLK_ADDR), PTR(const int64_t *, F_BLK_COUNT), k,
                       (int)frame[F_NTHREADS], frame[F_THREAD_MIN_ROWS], out_list, out_cost,
                       out_id, out_rank, out_row, refine);
+#undef PTR
+}
+
+/*
+ * A batch's search_queries: nq >= 1 queries (nq, dim), the F_SLOTS slots of a search_one
+ * frame in head (its F_REFINE ignored), the probe on probe_threads; outputs out_list (nq,
+ * nprobe), out_cost, out_id, out_rank, out_row (nq, k). refine, when not NULL, is a refine
+ * frame per list number (R_KNOWN filled) whose R_QUERIES (nq, dim), R_OUT_COST and
+ * R_OUT_ID (nq, R_KOUT) are the caller's. Returns as search_queries does.
+ */
+int ivfpq_search_batch(const int64_t *head, int64_t nq, const float *queries, int probe_threads,
+                       int64_t *out_list, float *out_cost, int64_t *out_id, int32_t *out_rank,
+                       int64_t *out_row, int64_t *refine) {
+#define PTR(T, slot) ((T)(uintptr_t)head[slot])
+    if (nq < 1) return -2;
+    return search_queries(nq, probe_threads, head[F_DIM], head[F_M], head[F_KSUB],
+                          (int)head[F_L2], queries, PTR(const float *, F_MATRIX), head[F_NLIST],
+                          head[F_NPROBE], PTR(const float *, F_CENTROIDS),
+                          PTR(const float *, F_CODEBOOKS_T), PTR(const float *, F_NORMS),
+                          PTR(const float *, F_LIST_TERMS), PTR(const uint8_t *, F_KNOWN),
+                          PTR(const uint64_t *, F_REC_ADDR), PTR(const int64_t *, F_REC_COUNT),
+                          head[F_STRIDE], PTR(const uint64_t *, F_DEAD_ADDR),
+                          PTR(const int64_t *, F_DEAD_COUNT), PTR(const uint64_t *, F_BLK_ADDR),
+                          PTR(const int64_t *, F_BLK_COUNT), head[F_K], (int)head[F_NTHREADS],
+                          head[F_THREAD_MIN_ROWS], out_list, out_cost, out_id, out_rank,
+                          out_row, refine);
 #undef PTR
 }
 

@@ -376,14 +376,17 @@ def test_equal_costs_in_lists_scanned_later_go_to_the_better_ranked_list(tmp_pat
 
 @needs_kernel
 def test_kernel_results_do_not_depend_on_threads_or_query_blocks(tmp_path):
+    """A batch is searched in blocks of queries that fit the kernel's budget: one block, or
+    several; 7,280 bytes on one thread make blocks of 5 of the 41 queries, the last of one
+    (a query's terms, 16 * 16 floats, and its heap of 15 candidates of 24 bytes)."""
     with fast_store(tmp_path / "s", dim=32, m=16, nlist=8) as store:
         store.add(encodable(store, 5000, values=3, seed=1))
         store.add(synthetic(3000, 32, seed=2))
         queries = np.concatenate([encodable(store, 20, values=3, seed=3),
-                                  synthetic(20, 32, seed=4)])
+                                  synthetic(21, 32, seed=4)])
         want = reference(store, queries, 15, 5)
         for threads in (1, 2, 5):
-            for budget in (1 << 25, 20_000):
+            for budget in (1 << 25, 20_000, 7_280):
                 with testing.search_config(store, threads=threads, thread_min_rows=0,
                                            kernel_budget=budget):
                     assert_same(store.search(queries, k=15, nprobe=5), want)

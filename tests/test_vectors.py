@@ -420,10 +420,12 @@ def test_a_damaged_vector_file_is_reported_and_never_scored(tmp_path, small_data
         store.search(small_data["queries"], k=5, nprobe=3)  # PQ search never reads them
 
 
-@pytest.mark.parametrize("nq", [1, 6])
-def test_a_damaged_row_among_a_scans_candidates_is_named(tmp_path, small_data, nq):
-    """A refined search (one query, or a batch, each refined in the scan's kernel call)
-    that meets a damaged row raises, naming the row's record, list and row."""
+@pytest.mark.parametrize(("nq", "budget"), [(1, None), (6, None), (6, 1)])
+def test_a_damaged_row_among_a_scans_candidates_is_named(tmp_path, small_data, nq, budget):
+    """A refined search (one query, or a batch, each refined in the scan's kernel call;
+    the batch in one block, or with a budget of one byte in blocks of one query, the
+    damaged row's query the last) that meets a damaged row raises, naming the row's record,
+    list and row."""
     with make_store(tmp_path / "s", small_data, store_vectors="float32") as store:
         path = vector_file(store)
         snap = testing.snapshot(store)
@@ -431,7 +433,8 @@ def test_a_damaged_row_among_a_scans_candidates_is_named(tmp_path, small_data, n
         victim = int(store.list_contents(list_no)[0][7])  # no tombstones: row 7
         flip_byte(path, 64 + 7 * (16 * 4 + 4) + 8)
     queries = np.vstack([small_data["queries"][:nq - 1], small_data["base"][victim]])
-    with ivfpq_store.open(tmp_path / "s") as store:
+    knobs = {} if budget is None else {"kernel_budget": budget}
+    with ivfpq_store.open(tmp_path / "s") as store, testing.search_config(store, **knobs):
         with pytest.raises(CorruptStoreError,
                            match=rf"id {victim} \(list {list_no}, row 7\) does not match"):
             store.search(queries, k=5, nprobe=2, refine=2)

@@ -882,6 +882,23 @@ MUTANTS: tuple[Mutant, ...] = (
            "            if not kout or table.vector_dtype is not None:",
            "            if True:",
            ("tests/test_vectors.py",)),
+    Mutant("fast-tables-avx512-minima-half-summed",
+           "the AVX-512 pair tables' base adds only the first 8 of each 16 rows' minima",
+           "        acc = _mm512_add_pd(acc, _mm512_add_pd(l0, l1));",
+           "        acc = _mm512_add_pd(acc, l0);",
+           ("tests/test_fastscan.py",)),
+    Mutant("batch-pair-cursors-kept",
+           "a batch's pairs are placed by cursors that are not moved back: each list's pairs"
+           " start where the next list's do",
+           "        for (int64_t e = n; e > 0; e--) start[e] = start[e - 1];\n"
+           "        start[0] = 0;",
+           "        (void)0;",
+           ("tests/test_fastscan.py", "tests/test_kernel.py")),
+    Mutant("batch-block-bad-row-not-offset",
+           "a bad row found in a later block of a batch is reported as the first block's",
+           "                bad=q0 * k + found.refined.bad))",
+           "                bad=found.refined.bad))",
+           ("tests/test_vectors.py",)),
 )
 
 

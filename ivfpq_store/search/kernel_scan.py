@@ -20,7 +20,7 @@ from .plan import RecordFetcher, pairs_by_list
 from .topk import Hits
 
 __all__ = ["ExactRows", "TableSource", "fill_table", "scan_kernel", "scan_tables",
-           "search_one"]
+           "search_batch", "search_one"]
 
 
 class TableSource(NamedTuple):
@@ -241,6 +241,58 @@ def search_one(arrays: _kernel.QuantizerArrays, config: SearchConfig, kernel: _k
         fill_table(table, probed, lists, deleted, fetch)
         if exact is not None:
             table.vector_rows(probed[table.rows(probed) > 0], exact.fetch_vectors[0])
+
+
+def search_batch(arrays: _kernel.QuantizerArrays, config: SearchConfig, kernel: _kernel.Kernel,
+                 queries: F32Array, nprobe: int, lists: Mapping[int, ListRecord],
+                 deleted: Mapping[int, np.ndarray], fetch: RecordFetcher, k: int,
+                 table: _kernel.ListTable, exact: ExactRows | None = None
+                 ) -> tuple[I64Array, Hits, _kernel.Refined | None]:
+    """A batch of queries (nq, dim): their probed lists, best ``k`` (:class:`Hits`)
+    and with ``exact`` (``kout`` > 0) their refined results, one kernel call
+    (:meth:`~ivfpq_store._kernel.Kernel.search_batch`) per block of queries that fits the
+    kernel's budget once ``table`` knows the probed lists; the same results as the probe
+    and :func:`scan_tables`."""
+    nq = len(queries)
+    threads = config.threads
+    probe_threads = threads if nq >= config.thread_min_queries else 1
+    # Per query: its terms, a heap of k per thread, its outputs (and refine's); as _run.
+    per_query = (4 * len(arrays.codebooks_t) * _kernel.FAST_STRIDE + 24 * k * threads
+                 + (0 if exact is None else 12 * k + 4 * nprobe))
+    block = max(1, (config.kernel_budget - 24 * k * threads) // per_query)
+    parts = []
+    for q0 in range(0, nq, block):
+        q1 = min(nq, q0 + block)
+        refine = None if exact is None else (exact.queries[q0:q1], exact.kout)
+        while True:
+            found = kernel.search_batch(table=table, queries=queries[q0:q1], arrays=arrays,
+                                        nprobe=nprobe, k=k, nthreads=threads,
+                                        thread_min_rows=config.thread_min_rows,
+                                        probe_threads=probe_threads, refine=refine)
+            if found.known:
+                break
+            probed = np.unique(found.lists)
+            fill_table(table, probed, lists, deleted, fetch)
+            if exact is not None:
+                table.vector_rows(probed[table.rows(probed) > 0], exact.fetch_vectors[0])
+        parts.append(found)
+        if found.refined is not None and found.refined.bad >= 0:  # stop at the first bad row
+            parts[-1] = found._replace(refined=found.refined._replace(
+                bad=q0 * k + found.refined.bad))
+            break
+    if len(parts) == 1:
+        one = parts[0]
+        return one.lists, Hits(one.cost, one.ids, one.rank, one.row), one.refined
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([getattr(p, name) for p in parts])
+    refined = None
+    if exact is not None:
+        done = [p.refined for p in parts if p.refined is not None]
+        refined = _kernel.Refined(np.concatenate([r.cost for r in done]),
+                                  np.concatenate([r.ids for r in done if r.ids is not None]),
+                                  done[-1].bad, done[-1].kind)
+    return (joined("lists"), Hits(joined("cost"), joined("ids"), joined("rank"), joined("row")),
+            refined)
 
 
 def fill_table(table: _kernel.ListTable, list_nos: I64Array, lists: Mapping[int, ListRecord],

@@ -26,7 +26,14 @@ from . import numpy_single
 from .config import DEFAULT_CONFIG, SearchConfig
 from .fastscan import scan_fast
 from .filtered import Located, search_direct
-from .kernel_scan import ExactRows, TableSource, scan_kernel, scan_tables, search_one
+from .kernel_scan import (
+    ExactRows,
+    TableSource,
+    scan_kernel,
+    scan_tables,
+    search_batch,
+    search_one,
+)
 from .numpy_batch import scan_batch
 from .plan import RecordFetcher
 from .range import scan_range
@@ -168,6 +175,12 @@ class Searcher:
             hits = self._search_one(kernel, queries, params, lists, deleted, fetch, snapshot,
                                     exact)
             probed, refined = hits.lists, hits.refined  # its results, viewed when read
+        elif kernel is not None and (snapshot is not None or self.fast_scan):
+            qz = self.quantizer
+            probed, hits, refined = search_batch(
+                self._quantizer_arrays(kernel), self.config, kernel, qz.rotate(queries),
+                params.nprobe, lists, deleted, fetch, params.scan_k,
+                self._table_of(kernel, snapshot), exact)
         else:
             probed, hits, refined = self._scan(queries, params, lists, deleted, fetch,
                                                snapshot, None, exact)
@@ -249,12 +262,17 @@ class Searcher:
         """What :meth:`_scan` finds of one query (1, dim), in one kernel call
         (:func:`search_one`): its probed lists, its best ``params.scan_k`` (read as
         :class:`Hits` are) and with ``exact`` their refined results."""
-        qz = self.quantizer
-        table = (self._list_table(snapshot) if snapshot is not None
-                 else _kernel.ListTable(qz.nlist, qz.m, fast=True, kernel=kernel))
         return search_one(self._quantizer_arrays(kernel), self.config, kernel,
-                          qz.rotate(query), params.nprobe, lists, deleted, fetch,
-                          params.scan_k, table, exact)
+                          self.quantizer.rotate(query), params.nprobe, lists, deleted, fetch,
+                          params.scan_k, self._table_of(kernel, snapshot), exact)
+
+    def _table_of(self, kernel: _kernel.Kernel, snapshot: object) -> _kernel.ListTable:
+        """The kernel's list table of ``snapshot``, or for none (a fast-scan store's
+        search of lists not from a snapshot) a table of this call only."""
+        if snapshot is not None:
+            return self._list_table(snapshot)
+        qz = self.quantizer
+        return _kernel.ListTable(qz.nlist, qz.m, fast=True, kernel=kernel)
 
     def _scan(self, queries: F32Array, params: SearchParams, lists: Mapping[int, ListRecord],
               deleted: Mapping[int, np.ndarray], fetch: RecordFetcher, snapshot: object,
