@@ -1712,14 +1712,15 @@ static int wide_tiles(void) {
 #endif
 }
 
-/* scores[b][c0 .. c0 + 16 * NV) += queries[b] . matrix[:dim][same columns] for NB queries:
- * NB * NV vectors of sums kept in registers over the dim rows, each sum taken in row order. */
+/* scores[b * sstride + 16 * v + i] += queries[b] . matrix[:dim][c0 + 16 * v + i] for NB
+ * queries, i < 16, v < NV: NB * NV vectors of sums kept in registers over the dim rows (of
+ * nlist columns), each sum taken in row order. */
 static inline __attribute__((always_inline)) void probe_tile(
         const float *queries, int64_t dim, const float *matrix, int64_t nlist, float *scores,
-        int64_t c0, const int NB, const int NV) {
+        int64_t sstride, int64_t c0, const int NB, const int NV) {
     f16v acc[8][4];
     for (int b = 0; b < NB; b++)
-        for (int v = 0; v < NV; v++) memcpy(&acc[b][v], scores + b * nlist + c0 + 16 * v, 64);
+        for (int v = 0; v < NV; v++) memcpy(&acc[b][v], scores + b * sstride + 16 * v, 64);
     for (int64_t d = 0; d < dim; d++) {
         f16v row[4];
         for (int v = 0; v < NV; v++) memcpy(&row[v], matrix + d * nlist + c0 + 16 * v, 64);
@@ -1729,30 +1730,53 @@ static inline __attribute__((always_inline)) void probe_tile(
         }
     }
     for (int b = 0; b < NB; b++)
-        for (int v = 0; v < NV; v++) memcpy(scores + b * nlist + c0 + 16 * v, &acc[b][v], 64);
+        for (int v = 0; v < NV; v++) memcpy(scores + b * sstride + 16 * v, &acc[b][v], 64);
 }
 
-/* scores[b] += queries[b] . matrix[:dim] for nb queries: tiles of columns whose sums stay in
- * registers, then the last columns one matrix row at a time. Every sum is taken in row order,
- * whichever way (the same bits). */
+/* scores[b] += queries[b] . matrix[:dim] for nb <= PROBE_BLOCK queries: tiles of columns
+ * whose sums stay in registers, then tiles of 16 columns; then, of at least 16 columns, the
+ * last few in one tile of 16 that ends at nlist, summed aside from the scores as they were
+ * and only its columns no other tile summed copied (nlist 100 leaves 4 columns: one matrix
+ * row at a time, they cost as much as the tiles); else those one row at a time. Every sum
+ * is taken in row order, whichever way (the same bits). */
 HOT static void probe_scores(const float *queries, int64_t nb, int64_t dim, const float *matrix,
                              int64_t nlist, float *scores) {
+    float aside[PROBE_BLOCK * 16];
     int64_t c0 = 0;
+    const int64_t last = nlist - 16; /* the tile that ends at nlist, when nlist >= 16 */
+    if (nlist % 16 && nlist >= 16) /* aside, before the tiles add to the scores */
+        for (int64_t b = 0; b < nb; b++) {
+            memcpy(aside + b * 16, scores + b * nlist + last, 16 * sizeof(float));
+            probe_tile(queries + b * dim, dim, matrix, nlist, aside + b * 16, 16, last, 1, 1);
+        }
     if (nb < 4) { /* a query alone: 64 columns a tile */
         for (; c0 + 64 <= nlist; c0 += 64)
             for (int64_t b = 0; b < nb; b++)
-                probe_tile(queries + b * dim, dim, matrix, nlist, scores + b * nlist, c0, 1, 4);
+                probe_tile(queries + b * dim, dim, matrix, nlist, scores + b * nlist + c0,
+                           nlist, c0, 1, 4);
     } else { /* 32 columns a tile, for 8 queries, 4, or the one left over */
         const int wide = nb == PROBE_BLOCK && wide_tiles();
         for (; c0 + 32 <= nlist; c0 += 32) {
             int64_t b = 0;
             for (; wide && b + PROBE_BLOCK <= nb; b += PROBE_BLOCK)
-                probe_tile(queries, dim, matrix, nlist, scores, c0, PROBE_BLOCK, 2);
+                probe_tile(queries, dim, matrix, nlist, scores + c0, nlist, c0, PROBE_BLOCK, 2);
             for (; b + 4 <= nb; b += 4)
-                probe_tile(queries + b * dim, dim, matrix, nlist, scores + b * nlist, c0, 4, 2);
+                probe_tile(queries + b * dim, dim, matrix, nlist, scores + b * nlist + c0,
+                           nlist, c0, 4, 2);
             for (; b < nb; b++)
-                probe_tile(queries + b * dim, dim, matrix, nlist, scores + b * nlist, c0, 1, 2);
+                probe_tile(queries + b * dim, dim, matrix, nlist, scores + b * nlist + c0,
+                           nlist, c0, 1, 2);
         }
+    }
+    for (; c0 + 16 <= nlist; c0 += 16) /* whole groups of 16 past the tiles */
+        for (int64_t b = 0; b < nb; b++)
+            probe_tile(queries + b * dim, dim, matrix, nlist, scores + b * nlist + c0, nlist,
+                       c0, 1, 1);
+    if (c0 < nlist && nlist >= 16) {
+        for (int64_t b = 0; b < nb; b++)
+            memcpy(scores + b * nlist + c0, aside + b * 16 + (c0 - last),
+                   (size_t)(nlist - c0) * sizeof(float));
+        return;
     }
     for (int64_t d = 0; d < dim; d++) {
         const float *row = matrix + d * nlist;

@@ -131,24 +131,34 @@ def test_equal_costs_go_to_the_better_ranked_list(tmp_path, small_data, threads)
 
 @needs_kernel
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-@pytest.mark.parametrize("nprobe", [1, 5, 70, 100])
-def test_probe_matches_the_blas_probe(metric, nprobe):
+@pytest.mark.parametrize(("nlist", "nprobe"), [(100, 1), (100, 5), (100, 70), (100, 100),
+                                               (7, 3), (16, 5), (47, 5), (130, 9), (150, 9)])
+def test_probe_matches_the_blas_probe(metric, nlist, nprobe):
     """The kernel's probe (its own products, no BLAS threads) picks the numpy probe's lists in
-    the same order, with the same coarse costs up to rounding; nprobe > 64 takes its sort."""
+    the same order, with the same coarse costs up to rounding; nprobe > 64 takes its sort.
+    Its column tiles (64 for one query, 32 for several, then 16, then the last few summed in
+    a tile of 16 that ends at nlist) sum each cost in the same order: a query probed alone
+    and in a batch of 50 gets the same bits, for every nlist here."""
     from ivfpq_store.types import Metric
 
     rng = np.random.default_rng(3)
-    centroids = rng.standard_normal((100, 16)).astype(np.float32)
+    centroids = rng.standard_normal((nlist, 16)).astype(np.float32)
     searcher = CoarseQuantizer(centroids, Metric[metric.upper()])
     queries = rng.standard_normal((50, 16)).astype(np.float32)
     want_cost, want = searcher.probe(queries, nprobe)
     kernel = _kernel.KERNEL
     assert kernel is not None
+    l2 = metric == "l2"
     for threads in (1, 2):
-        cost, got = kernel.probe(queries, searcher.probe_matrix, l2=metric == "l2",
-                                 nprobe=nprobe, nthreads=threads)
+        cost, got = kernel.probe(queries, searcher.probe_matrix, l2=l2, nprobe=nprobe,
+                                 nthreads=threads)
         np.testing.assert_array_equal(got, want)
         np.testing.assert_allclose(cost, want_cost, rtol=1e-5, atol=1e-4)
+    for i in (0, 9, 49):
+        one_cost, one = kernel.probe(queries[i:i + 1], searcher.probe_matrix, l2=l2,
+                                     nprobe=nprobe, nthreads=1)
+        np.testing.assert_array_equal(one[0], got[i])
+        np.testing.assert_array_equal(one_cost[0].view(np.uint32), cost[i].view(np.uint32))
 
 
 @needs_kernel
