@@ -54,6 +54,22 @@
 /* Bytes of the id that starts every record (docs/format.md, segment records). */
 #define ID_BYTES 8
 
+/* Rows per block (docs/format.md §5.6): block b of a list holds rows 32b .. 32b + 31, their
+ * codes sub-quantizer by sub-quantizer (16 bytes each: row i's code in the low 4 bits of byte
+ * i, row i + 16's in the high 4 bits), then their 32 ids. */
+#define BLOCK_ROWS 32
+#define FAST_KSUB 16
+
+/* A sub-quantizer's 16 table entries as one vector (GCC vector extensions: one AVX-512
+ * register in the x86-64-v4 clone, two AVX2 ones in v3, four SSE ones elsewhere; the same
+ * operations, so the same bits, in every clone). */
+/* Vectors passed between always-inline helpers only: no call ever uses the vector ABI that
+ * GCC warns of (-Wpsabi) when the baseline clone has no AVX-512. */
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float f16v __attribute__((vector_size(FAST_KSUB * sizeof(float))));
+typedef int32_t i16v __attribute__((vector_size(FAST_KSUB * sizeof(int32_t))));
+typedef uint8_t u16v __attribute__((vector_size(FAST_KSUB)));
+
 typedef struct {
     float cost;
     int32_t rank;
@@ -430,6 +446,20 @@ typedef struct worker {
 HOT static void sub_products(const float *v, float scale, const float *init, float pad,
                          const float *codebooks_t, int64_t m, int64_t dsub, int64_t ksub,
                          int64_t stride, float *t) {
+    if (ksub == FAST_KSUB && stride == FAST_KSUB) { /* the fast scan's: a vector a table */
+        for (int64_t j = 0; j < m; j++) {
+            const float *cbj = codebooks_t + j * dsub * FAST_KSUB;
+            f16v acc = {0};
+            if (init) memcpy(&acc, init + j * FAST_KSUB, sizeof(acc));
+            for (int64_t d = 0; d < dsub; d++) {
+                f16v cb;
+                memcpy(&cb, cbj + d * FAST_KSUB, sizeof(cb));
+                acc += (scale * v[j * dsub + d]) * cb;
+            }
+            memcpy(t + j * FAST_KSUB, &acc, sizeof(acc));
+        }
+        return;
+    }
     for (int64_t j = 0; j < m; j++) {
         float *tj = t + j * stride;
         const float *cbj = codebooks_t + j * dsub * ksub;
@@ -537,11 +567,6 @@ static void scan_any(const uint8_t *base, int64_t n, int64_t stride, int64_t m, 
 
 /* ---- the fast scan: 4-bit codes in blocks of 32, 8-bit tables ------------------------- */
 
-/* Rows per block (docs/format.md §5.6): block b of a list holds rows 32b .. 32b + 31, their
- * codes sub-quantizer by sub-quantizer (16 bytes each: row i's code in the low 4 bits of byte
- * i, row i + 16's in the high 4 bits), then their 32 ids. */
-#define BLOCK_ROWS 32
-#define FAST_KSUB 16
 
 /* The largest 8-bit table entry for m sub-quantizers, so that a row's sum fits 16 bits. */
 static inline int64_t lut_range(int64_t m) {
@@ -560,15 +585,6 @@ static inline float fast_cost(int64_t s, float base, float inv) {
     return (float)((double)base + (double)s * (double)inv);
 }
 
-/* A sub-quantizer's 16 table entries as one vector (GCC vector extensions: one AVX-512
- * register in the x86-64-v4 clone, two AVX2 ones in v3, four SSE ones elsewhere; the same
- * operations, so the same bits, in every clone). */
-/* Vectors passed between always-inline helpers only: no call ever uses the vector ABI that
- * GCC warns of (-Wpsabi) when the baseline clone has no AVX-512. */
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float f16v __attribute__((vector_size(FAST_KSUB * sizeof(float))));
-typedef int32_t i16v __attribute__((vector_size(FAST_KSUB * sizeof(int32_t))));
-typedef uint8_t u16v __attribute__((vector_size(FAST_KSUB)));
 
 static inline __attribute__((always_inline)) f16v pick(i16v mask, f16v a, f16v b) {
     return (f16v)((mask & (i16v)a) | (~mask & (i16v)b));
