@@ -413,8 +413,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_kernel.py", "-k", "refine_costs")),
     Mutant("kernel-rank-zero",
            "the kernel reports every result in the query's first probed list",
-           "jb->out_rank[q * k + i] = w->merge[0].rank;",
-           "jb->out_rank[q * k + i] = 0;",
+           "jb->out_rank[q * k + at] = c[i].rank;",
+           "jb->out_rank[q * k + at] = 0;",
            ("tests/test_vectors.py", "-k", "refine_equals")),
     # -- performance II: training, one-call single queries, caches, syncs --------------------
     Mutant("kernel-cluster-sums-overwrite",
