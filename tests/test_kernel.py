@@ -43,10 +43,20 @@ def test_kernel_is_built_where_required():
 
 @needs_kernel
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_results_do_not_depend_on_threads_blocks_or_cached_terms(tmp_path, small_data, metric):
-    """One thread with cached list terms, and three threads in blocks of 5 queries computing
+def test_results_do_not_depend_on_threads_blocks_or_cached_terms(tmp_path, small_data, metric,
+                                                                 monkeypatch):
+    """One thread with cached list terms, and three threads in blocks of 4 queries computing
     each list's terms as they go, give bit-identical results: each pair is scored the same
-    way wherever it runs, and the merge orders by (cost, rank, row)."""
+    way wherever it runs, and the merge orders by (cost, rank, row). A block is sized by
+    the terms of 256 entries a sub-quantizer that an 8-bit scan builds per query."""
+    sizes = []
+    search_batch = _kernel.Kernel.search_batch
+
+    def counted(self, **kwargs):
+        sizes.append(len(kwargs["queries"]))
+        return search_batch(self, **kwargs)
+
+    monkeypatch.setattr(_kernel.Kernel, "search_batch", counted)
     with make_store(tmp_path / "s", small_data, metric=metric) as store:
         store.delete(np.r_[0:40, 700:760, 1490:1500])  # runs of tombstones, at list ends too
         queries = synthetic(60, store.params.dim, seed=11)
@@ -54,10 +64,12 @@ def test_results_do_not_depend_on_threads_blocks_or_cached_terms(tmp_path, small
             one = store.search(queries, k=15, nprobe=5)
         per_query = 4 * store.params.m * _kernel.TSTRIDE + 24 * 15 * 3
         testing.forget_list_terms(store)
+        sizes.clear()
         with testing.search_config(store, threads=3, thread_min_rows=0, thread_min_queries=0,
                                    list_terms_budget=0, kernel_budget=5 * per_query):
             many = store.search(queries, k=15, nprobe=5)
         assert not testing.list_terms_cached(store)  # terms were not cached this time
+        assert max(sizes) == 4  # (5 * per_query - 24 * 15 * 3) // per_query
     np.testing.assert_array_equal(one.ids, many.ids)
     np.testing.assert_array_equal(one.distances, many.distances)
     assert not np.isin(one.ids, np.r_[0:40, 700:760, 1490:1500]).any()

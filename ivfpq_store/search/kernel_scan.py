@@ -257,7 +257,8 @@ def search_batch(arrays: _kernel.QuantizerArrays, config: SearchConfig, kernel: 
     threads = config.threads
     probe_threads = threads if nq >= config.thread_min_queries else 1
     # Per query: its terms, a heap of k per thread, its outputs (and refine's); as _run.
-    per_query = (4 * len(arrays.codebooks_t) * _kernel.FAST_STRIDE + 24 * k * threads
+    stride = _kernel.FAST_STRIDE if table.fast else _kernel.TSTRIDE
+    per_query = (4 * len(arrays.codebooks_t) * stride + 24 * k * threads
                  + (0 if exact is None else 12 * k + 4 * nprobe))
     block = max(1, (config.kernel_budget - 24 * k * threads) // per_query)
     parts = []
