@@ -140,6 +140,17 @@ def _refine_slots(**values: int) -> I64Array:
                     np.int64)
 
 
+def _table_refine_slots(table: ListTable, kout: int, **values: int) -> I64Array:
+    """A refine frame over ``table``'s vector rows, per list number (:attr:`ListTable.vectors`;
+    a row's size 0 while no list's rows are known: the call then asks for them before it
+    reads one), keeping ``kout`` a query, with the other ``values`` given."""
+    addr, count, known = table.vectors
+    dtype = table.vector_dtype
+    size, half = (0, 0) if dtype is None else _row_layout(dtype, table.dim)
+    return _refine_slots(addr=_ptr(addr), count=_ptr(count), known=_ptr(known), size=size,
+                         half=half, kout=kout, **values)
+
+
 def _row_layout(dtype: np.dtype[Any], dim: int) -> tuple[int, int]:
     """A stored-vector row's size in bytes and whether its values are float16, checked:
     structured ``v`` (dim float32 or float16 values) then ``crc`` (its last 4 bytes)."""
@@ -508,9 +519,7 @@ class Kernel:
         also re-ranked (:class:`Refine`) against the probed lists' stored-vector rows, which
         ``table`` must know too (:meth:`ListTable.vector_rows`; not ``known`` until it
         does): :attr:`OneFound.refined`."""
-        made = table.frame
-        if made is None or made[0] is not arrays:
-            made = table.frame = (arrays, self._frame(table, *arrays), {})
+        made = self._made(table, arrays)
         kout = 0 if refine is None else refine[1]
         key = (nprobe, k, kout, nthreads, thread_min_rows)
         lay = made[2].get(key)
@@ -546,9 +555,7 @@ class Kernel:
         ``known``: fill the table, call again). The scan runs on one thread below
         ``thread_min_rows`` rows summed over the (query, list) pairs. ``refine``: the
         queries as given and ``kout`` > 0."""
-        made = table.frame
-        if made is None or made[0] is not arrays:
-            made = table.frame = (arrays, self._frame(table, *arrays), {})
+        made = self._made(table, arrays)
         if (not 1 <= nprobe <= table.nlist or k < 1 or nthreads < 1 or probe_threads < 1
                 or queries.ndim != 2 or len(queries) < 1 or queries.shape[1] != table.dim):
             raise ValueError("scan kernel: inconsistent search arguments")
@@ -567,16 +574,12 @@ class Kernel:
             raw, kout = refine
             if raw.shape != queries.shape or not 1 <= kout <= k:
                 raise ValueError("scan kernel: inconsistent refine arguments")
-            addr, count, known = table.vectors
-            dtype = table.vector_dtype
-            size, half = (0, 0) if dtype is None else _row_layout(dtype, table.dim)
             keep = _f32(raw)
             refined = Refined(np.empty((nq, kout), np.float32), np.empty((nq, kout), np.int64),
                               -1, 0)
             assert refined.ids is not None
-            frame = _refine_slots(queries=_ptr(keep), addr=_ptr(addr), count=_ptr(count),
-                                  known=_ptr(known), size=size, half=half, kout=kout,
-                                  out_cost=_ptr(refined.cost), out_id=_ptr(refined.ids))
+            frame = _table_refine_slots(table, kout, queries=_ptr(keep),
+                                        out_cost=_ptr(refined.cost), out_id=_ptr(refined.ids))
         rc = self._search_batch(_ptr(head), nq, _ptr(queries), probe_threads, _ptr(lists),
                                 _ptr(cost), _ptr(ids), _ptr(rank), _ptr(row),
                                 None if frame is None else _ptr(frame))
@@ -586,6 +589,15 @@ class Kernel:
             assert frame is not None
             refined = refined._replace(bad=int(frame[_R_BAD]), kind=int(frame[_R_BAD_KIND]))
         return BatchFound(rc == 0, lists, cost, ids, rank, row, refined)
+
+    def _made(self, table: ListTable, arrays: QuantizerArrays
+              ) -> tuple[QuantizerArrays, I64Array, dict[tuple[int, ...], OneLayout]]:
+        """The table's searches' shared frame slots (:meth:`_frame`) over ``arrays`` and its
+        single-query layouts: made again when the arrays are not the ones it was made with."""
+        made = table.frame
+        if made is None or made[0] is not arrays:
+            made = table.frame = (arrays, self._frame(table, *arrays), {})
+        return made
 
     def _frame(self, table: ListTable, matrix: F32Array, centroids: F32Array,
                codebooks_t: F32Array, norms: F32Array, list_terms: F32Array | None,
@@ -758,12 +770,7 @@ def _one_layout(table: ListTable, head: I64Array, nprobe: int, k: int, kout: int
     template[_F_NPROBE], template[_F_K] = nprobe, k
     template[_F_NTHREADS], template[_F_THREAD_MIN_ROWS] = nthreads, thread_min_rows
     if kout:
-        addr, count, known = table.vectors
-        dtype = table.vector_dtype
-        row_size, half = (0, 0) if dtype is None else _row_layout(dtype, dim)
-        template[size: raw] = _refine_slots(addr=_ptr(addr), count=_ptr(count),
-                                            known=_ptr(known), size=row_size, half=half,
-                                            kout=kout)
+        template[size: raw] = _table_refine_slots(table, kout)
         template[_F_REFINE] = 1
     costs = 2 * (at + nprobe + 2 * k)
     refined = raw + q_slots  # the refine frame's costs, then its ids

@@ -719,22 +719,17 @@ __attribute__((target("avx512f"))) static inline __m512 extreme_rows_avx512(cons
     const __m512i x4 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     __m512 a[8];
 #define KEEP(x, y) (greatest ? _mm512_max_ps((y), (x)) : _mm512_min_ps((y), (x)))
-#define STEP(X, S, N)                                                                      \
+#define STEP(FROM, X, S, N)                                                                \
     for (int i = 0; i < N; i++) {                                                          \
-        const __m512 x = _mm512_permutex2var_ps(a[2 * i], X, a[2 * i + 1]);                \
+        const __m512 x = _mm512_permutex2var_ps(FROM[2 * i], X, FROM[2 * i + 1]);          \
         const __m512 y = _mm512_permutex2var_ps(                                           \
-                a[2 * i], _mm512_add_epi32(X, _mm512_set1_epi32(S)), a[2 * i + 1]);          \
+                FROM[2 * i], _mm512_add_epi32(X, _mm512_set1_epi32(S)), FROM[2 * i + 1]);    \
         a[i] = KEEP(x, y);                                                                 \
     }
-    for (int i = 0; i < 8; i++) {
-        const __m512 x = _mm512_permutex2var_ps(rows[2 * i], x1, rows[2 * i + 1]);
-        const __m512 y = _mm512_permutex2var_ps(rows[2 * i], _mm512_add_epi32(x1, _mm512_set1_epi32(8)),
-                                                rows[2 * i + 1]);
-        a[i] = KEEP(x, y);
-    }
-    STEP(x2, 4, 4)
-    STEP(x3, 2, 2)
-    STEP(x4, 1, 1)
+    STEP(rows, x1, 8, 8) /* rows 2i, 2i + 1: 8 lanes each */
+    STEP(a, x2, 4, 4)    /* 4 rows of 4 lanes a vector */
+    STEP(a, x3, 2, 2)    /* 8 rows of 2 */
+    STEP(a, x4, 1, 1)    /* 16 rows of 1 */
 #undef STEP
 #undef KEEP
     return a[0];
@@ -1825,6 +1820,28 @@ HOT static void probe_scores(const float *queries, int64_t nb, int64_t dim, cons
     }
 }
 
+/* The nprobe best lists of nb <= PROBE_BLOCK queries and their coarse costs (ivfpq_probe's
+ * contract) to out_cost and out_list (nb, nprobe); scores (nb, nlist) and tmp (nlist) are
+ * scratch. */
+static void probe_block(const float *queries, int64_t nb, int64_t dim, int l2,
+                        const float *matrix, int64_t nlist, int64_t nprobe, float *scores,
+                        scored_t *tmp, float *out_cost, int64_t *out_list) {
+    for (int64_t b = 0; b < nb; b++) {
+        float *s = scores + b * nlist;
+        if (l2) memcpy(s, matrix + dim * nlist, (size_t)nlist * sizeof(float));
+        else memset(s, 0, (size_t)nlist * sizeof(float));
+    }
+    probe_scores(queries, nb, dim, matrix, nlist, scores);
+    for (int64_t b = 0; b < nb; b++) {
+        const float *q = queries + b * dim;
+        float norm = 0.0f;
+        if (l2)
+            for (int64_t d = 0; d < dim; d++) norm += q[d] * q[d];
+        best_lists(scores + b * nlist, nlist, nprobe, norm, tmp, out_cost + b * nprobe,
+                   out_list + b * nprobe);
+    }
+}
+
 static void *probe_phase(void *arg) {
     probe_t *pt = (probe_t *)arg;
     const int64_t dim = pt->dim, nlist = pt->nlist;
@@ -1832,20 +1849,9 @@ static void *probe_phase(void *arg) {
     if (!tmp) return (void *)1;
     for (int64_t q0 = pt->q0; q0 < pt->q1; q0 += PROBE_BLOCK) {
         const int64_t nb = pt->q1 - q0 < PROBE_BLOCK ? pt->q1 - q0 : PROBE_BLOCK;
-        for (int64_t b = 0; b < nb; b++) {
-            float *s = pt->scores + b * nlist;
-            if (pt->l2) memcpy(s, pt->matrix + dim * nlist, (size_t)nlist * sizeof(float));
-            else memset(s, 0, (size_t)nlist * sizeof(float));
-        }
-        probe_scores(pt->queries + q0 * dim, nb, dim, pt->matrix, nlist, pt->scores);
-        for (int64_t b = 0; b < nb; b++) {
-            const float *q = pt->queries + (q0 + b) * dim;
-            float norm = 0.0f;
-            if (pt->l2)
-                for (int64_t d = 0; d < dim; d++) norm += q[d] * q[d];
-            best_lists(pt->scores + b * nlist, nlist, pt->nprobe, norm, tmp,
-                       pt->out_cost + (q0 + b) * pt->nprobe, pt->out_list + (q0 + b) * pt->nprobe);
-        }
+        probe_block(pt->queries + q0 * dim, nb, dim, pt->l2, pt->matrix, nlist, pt->nprobe,
+                    pt->scores, tmp, pt->out_cost + q0 * pt->nprobe,
+                    pt->out_list + q0 * pt->nprobe);
     }
     free(tmp);
     return NULL;
@@ -1920,13 +1926,8 @@ static int search_queries(int64_t nq, int probe_threads, int64_t dim, int64_t m,
     int64_t *entry = nq == 1 ? NULL : malloc((size_t)nlist * sizeof(int64_t));
     if (!probe_cost || !lists || !rank || (nq == 1 ? !scores || !tmp : !entry)) goto done;
     if (nq == 1) { /* one query: probed here, without the probe's threads */
-        if (l2) memcpy(scores, matrix + dim * nlist, (size_t)nlist * sizeof(float));
-        else memset(scores, 0, (size_t)nlist * sizeof(float));
-        probe_scores(queries, 1, dim, matrix, nlist, scores);
-        float norm = 0.0f;
-        if (l2)
-            for (int64_t d = 0; d < dim; d++) norm += queries[d] * queries[d];
-        best_lists(scores, nlist, nprobe, norm, tmp, probe_cost, out_list);
+        probe_block(queries, 1, dim, l2, matrix, nlist, nprobe, scores, tmp, probe_cost,
+                    out_list);
     } else if (ivfpq_probe(nq, dim, nlist, l2, queries, matrix, nprobe, probe_threads,
                            probe_cost, out_list)) {
         goto done;
@@ -2044,14 +2045,14 @@ enum {
 
 /*
  * One query's search_queries with its arguments in one frame, so that a call from Python
- * passes one address instead of 30 converted arguments: the F_SLOTS slots, then the query (dim float32, padded
- * to whole slots), then the outputs: lists (nprobe int64), ids (k int64), rows (k int64),
- * costs (k float32) and ranks (k int32). A pointer slot holds an address, 0 for NULL. With
- * F_REFINE not 0, a refine frame follows the outputs in the frame: its R_* slots (per list
- * number; R_QUERIES, R_OUT_COST and R_OUT_ID are written here), the query as given (dim
- * float32, padded to whole slots), then its outputs: costs (R_KOUT float32, padded to whole
- * slots) and ids (R_KOUT int64). No slot holds an address within the frame, so that a
- * frame may be copied and the copy called.
+ * passes one address instead of 30 converted arguments: the F_SLOTS slots, then the query
+ * (dim float32, padded to whole slots), then the outputs: lists (nprobe int64), ids (k
+ * int64), rows (k int64), costs (k float32) and ranks (k int32). A pointer slot holds an
+ * address, 0 for NULL. With F_REFINE not 0, a refine frame follows the outputs in the
+ * frame: its R_* slots (per list number; R_QUERIES, R_OUT_COST and R_OUT_ID are written
+ * here), the query as given (dim float32, padded to whole slots), then its outputs: costs
+ * (R_KOUT float32, padded to whole slots) and ids (R_KOUT int64). No slot holds an address
+ * within the frame, so that a frame may be copied and the copy called.
  */
 int ivfpq_search_one(int64_t *frame) {
     const int64_t dim = frame[F_DIM], nprobe = frame[F_NPROBE], k = frame[F_K];
@@ -2071,15 +2072,15 @@ int ivfpq_search_one(int64_t *frame) {
         refine[R_OUT_ID] = (int64_t)(uintptr_t)(costs + (refine[R_KOUT] + 1) / 2);
     }
     return search_queries(1, 1, dim, frame[F_M], frame[F_KSUB], (int)frame[F_L2], query,
-                      PTR(const float *, F_MATRIX), frame[F_NLIST], nprobe,
-                      PTR(const float *, F_CENTROIDS), PTR(const float *, F_CODEBOOKS_T),
-                      PTR(const float *, F_NORMS), PTR(const float *, F_LIST_TERMS),
-                      PTR(const uint8_t *, F_KNOWN), PTR(const uint64_t *, F_REC_ADDR),
-                      PTR(const int64_t *, F_REC_COUNT), frame[F_STRIDE],
-                      PTR(const uint64_t *, F_DEAD_ADDR), PTR(const int64_t *, F_DEAD_COUNT),
-                      PTR(const uint64_t *, F_BLK_ADDR), PTR(const int64_t *, F_BLK_COUNT), k,
-                      (int)frame[F_NTHREADS], frame[F_THREAD_MIN_ROWS], out_list, out_cost,
-                      out_id, out_rank, out_row, refine);
+                          PTR(const float *, F_MATRIX), frame[F_NLIST], nprobe,
+                          PTR(const float *, F_CENTROIDS), PTR(const float *, F_CODEBOOKS_T),
+                          PTR(const float *, F_NORMS), PTR(const float *, F_LIST_TERMS),
+                          PTR(const uint8_t *, F_KNOWN), PTR(const uint64_t *, F_REC_ADDR),
+                          PTR(const int64_t *, F_REC_COUNT), frame[F_STRIDE],
+                          PTR(const uint64_t *, F_DEAD_ADDR), PTR(const int64_t *, F_DEAD_COUNT),
+                          PTR(const uint64_t *, F_BLK_ADDR), PTR(const int64_t *, F_BLK_COUNT), k,
+                          (int)frame[F_NTHREADS], frame[F_THREAD_MIN_ROWS], out_list, out_cost,
+                          out_id, out_rank, out_row, refine);
 #undef PTR
 }
 

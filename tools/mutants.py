@@ -911,13 +911,13 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_kernel.py", "tests/test_fastscan.py")),
     Mutant("batch-blocks-sized-by-fast-terms",
            "an 8-bit store's batch is cut into blocks as if its terms were the fast scan's",
-           "    stride = _kernel.FAST_STRIDE if table.fast else _kernel.TSTRIDE",
-           "    stride = _kernel.FAST_STRIDE",
+           "    block = _query_block(config, len(arrays.codebooks_t), table.fast, k * threads,",
+           "    block = _query_block(config, len(arrays.codebooks_t), True, k * threads,",
            ("tests/test_kernel.py", "-k", "threads_blocks")),
     Mutant("batch-block-bad-row-not-offset",
            "a bad row found in a later block of a batch is reported as the first block's",
-           "                bad=q0 * k + found.refined.bad))",
-           "                bad=found.refined.bad))",
+           "            parts.append((found, refined._replace(bad=q0 * k + refined.bad)))",
+           "            parts.append((found, refined._replace(bad=refined.bad)))",
            ("tests/test_vectors.py",)),
 )
 

@@ -47,18 +47,14 @@ class ExactRows(NamedTuple):
 def scan_kernel(qz: Quantizer, config: SearchConfig, kernel: _kernel.Kernel,
                 queries: F32Array, probed: I64Array, lists: Mapping[int, ListRecord],
                 deleted: Mapping[int, np.ndarray], fetch: RecordFetcher, k: int,
-                list_terms: F32Array | None, table: _kernel.ListTable | None = None) -> Hits:
-    """Best ``k`` (:class:`Hits`, each (nq, k)) of every (query, probed list) pair.
+                list_terms: F32Array | None) -> Hits:
+    """Best ``k`` (:class:`Hits`, each (nq, k)) of every (query, probed list) pair, each
+    probed list fetched for this call (a snapshot's searches keep theirs in a list table:
+    :func:`search_batch`).
 
     ``list_terms`` are the l2 list terms of every list (:meth:`Kernel.list_terms`); None for
-    ip, or to have the kernel compute those of each scanned list. ``table`` (for the lists and
-    tombstones of one catalog snapshot) holds the lists it has seen, so that each list is
-    fetched and checked once per snapshot rather than once per call; the lists it lacks are
-    fetched and put there.
+    ip, or to have the kernel compute those of each scanned list.
     """
-    if table is not None:
-        return scan_tables(qz, config, kernel, queries, probed,
-                           [TableSource(lists, deleted, fetch, table)], k, list_terms)[0]
     nprobe = probed.shape[1]
     order, list_nos, counts = _pairs(probed)
     records: list[np.ndarray] = []
@@ -185,34 +181,56 @@ def _run(plan: _kernel.ScanPlan, qz: Quantizer, config: SearchConfig, queries: F
     pair_list = np.repeat(np.cumsum(kept) - 1, counts)[keep]  # each pair's index in the plan
     order, counts = order[keep], counts[kept]
     pair_q, pair_rank = np.divmod(order, nprobe)
-    # Per query: its terms (m tables of 256 floats, 16 in the fast scan) and a heap of cap
-    # per thread; per call, the merge's nthreads * cap candidates. At least one query per
-    # call, so a huge k (heaps of k candidates) can take more than the budget.
-    stride = _kernel.FAST_STRIDE if plan.fast else _kernel.TSTRIDE
-    # A refined scan keeps an address and a cost per result, and the list of each rank.
-    per_query = (4 * qz.m * stride + 24 * cap * nthreads
-                 + (0 if exact is None else 12 * k + 4 * nprobe))
-    block = max(1, (config.kernel_budget - 24 * cap * nthreads) // per_query)  # queries a call
-    parts = []
-    for q0 in range(0, nq, block):
-        q1 = min(nq, q0 + block)
+
+    def block_scan(q0: int, q1: int
+                   ) -> tuple[tuple[F32Array, I64Array, np.ndarray, I64Array],
+                              _kernel.Refined | None]:
         # the pairs of this block's queries, still grouped by list
         sel = slice(None) if q1 - q0 == nq else np.flatnonzero((pair_q >= q0) & (pair_q < q1))
         starts = np.concatenate(
             ([0], np.cumsum(np.bincount(pair_list[sel], minlength=len(rows)))))
-        parts.append(scan(q0, q1, starts, pair_q[sel] - q0, pair_rank[sel]))
-        refined = parts[-1][1]
+        return scan(q0, q1, starts, pair_q[sel] - q0, pair_rank[sel])
+
+    block = _query_block(config, qz.m, plan.fast, cap * nthreads, k, nprobe, exact is not None)
+    joined, refined = _blockwise(nq, block, k, block_scan)
+    return Hits(*joined), refined
+
+
+def _query_block(config: SearchConfig, m: int, fast: bool, heaps: int, k: int, nprobe: int,
+                 refined: bool) -> int:
+    """Queries a kernel call takes within ``config.kernel_budget``: per query, its terms (m
+    tables of 256 floats, 16 in the ``fast`` scan), its ``heaps`` candidates (a heap per
+    thread) and with refine an address and a cost per result and the list of each rank;
+    per call, the merge's candidates. At least one query per call, so a huge k (heaps of k
+    candidates) can take more than the budget."""
+    stride = _kernel.FAST_STRIDE if fast else _kernel.TSTRIDE
+    per_query = 4 * m * stride + 24 * heaps + (12 * k + 4 * nprobe if refined else 0)
+    return max(1, (config.kernel_budget - 24 * heaps) // per_query)
+
+
+def _blockwise(nq: int, block: int, k: int,
+               scan: Callable[[int, int], tuple[tuple[np.ndarray, ...], _kernel.Refined | None]]
+               ) -> tuple[tuple[np.ndarray, ...], _kernel.Refined | None]:
+    """``scan(q0, q1)`` (its outputs, and its refined results or None) of each block of
+    ``block`` queries of ``nq``, joined; a refined block that met a bad row ends the batch,
+    its bad result counted from the batch's first (``k`` results a query)."""
+    parts: list[tuple[tuple[np.ndarray, ...], _kernel.Refined | None]] = []
+    for q0 in range(0, nq, block):
+        found, refined = scan(q0, min(nq, q0 + block))
         if refined is not None and refined.bad >= 0:  # stop at the first bad row
-            parts[-1] = (parts[-1][0], refined._replace(bad=q0 * k + refined.bad))
+            parts.append((found, refined._replace(bad=q0 * k + refined.bad)))
             break
-    hits = (Hits(*parts[0][0]) if len(parts) == 1 else
-            Hits(*(np.concatenate(field) for field in zip(*(p[0] for p in parts), strict=True))))
-    if exact is None:
-        return hits, None
+        parts.append((found, refined))
+    if len(parts) == 1:
+        return parts[0]
+    found = tuple(np.concatenate(field) for field in zip(*(p[0] for p in parts), strict=True))
     done = [p[1] for p in parts if p[1] is not None]
-    cost = np.concatenate([r.cost for r in done])
-    ids = None if exact.kout == 0 else np.concatenate([r.ids for r in done if r.ids is not None])
-    return hits, _kernel.Refined(cost, ids, done[-1].bad, done[-1].kind)
+    if not done:
+        return found, None
+    ids = None if done[0].ids is None else np.concatenate([r.ids for r in done
+                                                           if r.ids is not None])
+    return found, _kernel.Refined(np.concatenate([r.cost for r in done]), ids, done[-1].bad,
+                                  done[-1].kind)
 
 
 def _no_results(nq: int, k: int, kout: int) -> _kernel.Refined:
@@ -253,17 +271,12 @@ def search_batch(arrays: _kernel.QuantizerArrays, config: SearchConfig, kernel: 
     (:meth:`~ivfpq_store._kernel.Kernel.search_batch`) per block of queries that fits the
     kernel's budget once ``table`` knows the probed lists; the same results as the probe
     and :func:`scan_tables`."""
-    nq = len(queries)
     threads = config.threads
-    probe_threads = threads if nq >= config.thread_min_queries else 1
-    # Per query: its terms, a heap of k per thread, its outputs (and refine's); as _run.
-    stride = _kernel.FAST_STRIDE if table.fast else _kernel.TSTRIDE
-    per_query = (4 * len(arrays.codebooks_t) * stride + 24 * k * threads
-                 + (0 if exact is None else 12 * k + 4 * nprobe))
-    block = max(1, (config.kernel_budget - 24 * k * threads) // per_query)
-    parts = []
-    for q0 in range(0, nq, block):
-        q1 = min(nq, q0 + block)
+    probe_threads = threads if len(queries) >= config.thread_min_queries else 1
+
+    def block_search(q0: int, q1: int
+                     ) -> tuple[tuple[I64Array, F32Array, I64Array, np.ndarray, I64Array],
+                                _kernel.Refined | None]:
         refine = None if exact is None else (exact.queries[q0:q1], exact.kout)
         while True:
             found = kernel.search_batch(table=table, queries=queries[q0:q1], arrays=arrays,
@@ -271,29 +284,16 @@ def search_batch(arrays: _kernel.QuantizerArrays, config: SearchConfig, kernel: 
                                         thread_min_rows=config.thread_min_rows,
                                         probe_threads=probe_threads, refine=refine)
             if found.known:
-                break
+                return (found.lists, found.cost, found.ids, found.rank, found.row), found.refined
             probed = np.unique(found.lists)
             fill_table(table, probed, lists, deleted, fetch)
             if exact is not None:
                 table.vector_rows(probed[table.rows(probed) > 0], exact.fetch_vectors[0])
-        parts.append(found)
-        if found.refined is not None and found.refined.bad >= 0:  # stop at the first bad row
-            parts[-1] = found._replace(refined=found.refined._replace(
-                bad=q0 * k + found.refined.bad))
-            break
-    if len(parts) == 1:
-        one = parts[0]
-        return one.lists, Hits(one.cost, one.ids, one.rank, one.row), one.refined
-    def joined(name: str) -> np.ndarray:
-        return np.concatenate([getattr(p, name) for p in parts])
-    refined = None
-    if exact is not None:
-        done = [p.refined for p in parts if p.refined is not None]
-        refined = _kernel.Refined(np.concatenate([r.cost for r in done]),
-                                  np.concatenate([r.ids for r in done if r.ids is not None]),
-                                  done[-1].bad, done[-1].kind)
-    return (joined("lists"), Hits(joined("cost"), joined("ids"), joined("rank"), joined("row")),
-            refined)
+
+    block = _query_block(config, len(arrays.codebooks_t), table.fast, k * threads, k, nprobe,
+                         exact is not None)
+    (probed, *hits), refined = _blockwise(len(queries), block, k, block_search)
+    return probed, Hits(*hits), refined
 
 
 def fill_table(table: _kernel.ListTable, list_nos: I64Array, lists: Mapping[int, ListRecord],

@@ -170,20 +170,21 @@ class Searcher:
             # the kernel refines in the scan's call: it knows each result's list and row
             exact = ExactRows(queries, params.k, [_vector_fetcher(refiner)])
         hits: Hits | _kernel.OneFound
-        if kernel is not None and len(queries) == 1 and (snapshot is not None
-                                                          or self.fast_scan):
-            hits = self._search_one(kernel, queries, params, lists, deleted, fetch, snapshot,
-                                    exact)
-            probed, refined = hits.lists, hits.refined  # its results, viewed when read
-        elif kernel is not None and (snapshot is not None or self.fast_scan):
-            qz = self.quantizer
-            probed, hits, refined = search_batch(
-                self._quantizer_arrays(kernel), self.config, kernel, qz.rotate(queries),
-                params.nprobe, lists, deleted, fetch, params.scan_k,
-                self._table_of(kernel, snapshot), exact)
+        refined = None
+        if kernel is not None and (snapshot is not None or self.fast_scan):
+            # probe and scan in one kernel call over a list table (per block of queries)
+            arrays, table = self._quantizer_arrays(kernel), self._table_of(kernel, snapshot)
+            inner = self.quantizer.rotate(queries)
+            if len(queries) == 1:
+                hits = search_one(arrays, self.config, kernel, inner, params.nprobe, lists,
+                                  deleted, fetch, params.scan_k, table, exact)
+                probed, refined = hits.lists, hits.refined  # its results, viewed when read
+            else:
+                probed, hits, refined = search_batch(arrays, self.config, kernel, inner,
+                                                     params.nprobe, lists, deleted, fetch,
+                                                     params.scan_k, table, exact)
         else:
-            probed, hits, refined = self._scan(queries, params, lists, deleted, fetch,
-                                               snapshot, None, exact)
+            probed, hits = self._scan(queries, params, lists, deleted, fetch, None)
         if refined is not None:
             assert refined.ids is not None
             assert refiner is not None
@@ -226,7 +227,7 @@ class Searcher:
                 exact = refined.cost
         else:
             hits, source = _merged([
-                self._scan(queries, params, s.lists, s.deleted, s.fetch, None, probe)[1]
+                self._scan(queries, params, s.lists, s.deleted, s.fetch, probe)[1]
                 for s in sources], params.scan_k)
         if params.refine and exact is None:
             list_nos, rows = self._located(probe.lists, hits, refiners[0])
@@ -255,17 +256,6 @@ class Searcher:
         return Probe(*kernel.probe(inner, qz.probe_matrix, l2=qz.metric is Metric.L2,
                                    nprobe=nprobe, nthreads=nthreads))
 
-    def _search_one(self, kernel: _kernel.Kernel, query: F32Array, params: SearchParams,
-                    lists: Mapping[int, ListRecord], deleted: Mapping[int, np.ndarray],
-                    fetch: RecordFetcher, snapshot: object,
-                    exact: ExactRows | None) -> _kernel.OneFound:
-        """What :meth:`_scan` finds of one query (1, dim), in one kernel call
-        (:func:`search_one`): its probed lists, its best ``params.scan_k`` (read as
-        :class:`Hits` are) and with ``exact`` their refined results."""
-        return search_one(self._quantizer_arrays(kernel), self.config, kernel,
-                          self.quantizer.rotate(query), params.nprobe, lists, deleted, fetch,
-                          params.scan_k, self._table_of(kernel, snapshot), exact)
-
     def _table_of(self, kernel: _kernel.Kernel, snapshot: object) -> _kernel.ListTable:
         """The kernel's list table of ``snapshot``, or for none (a fast-scan store's
         search of lists not from a snapshot) a table of this call only."""
@@ -275,41 +265,32 @@ class Searcher:
         return _kernel.ListTable(qz.nlist, qz.m, fast=True, kernel=kernel)
 
     def _scan(self, queries: F32Array, params: SearchParams, lists: Mapping[int, ListRecord],
-              deleted: Mapping[int, np.ndarray], fetch: RecordFetcher, snapshot: object,
-              probe: Probe | None, exact: ExactRows | None = None
-              ) -> tuple[I64Array, Hits, _kernel.Refined | None]:
+              deleted: Mapping[int, np.ndarray], fetch: RecordFetcher,
+              probe: Probe | None) -> tuple[I64Array, Hits]:
         """The probed lists (nq, nprobe) of ``queries`` (``probe``'s, or the quantizer's) and
-        the best ``params.scan_k`` hits of their scan; with ``exact`` (the kernel's scan of
-        a ``snapshot`` only), the hits refined in the same call, else None. (:meth:`search`
-        sends a single query with the kernel to :meth:`_search_one` instead.)"""
+        the best ``params.scan_k`` hits of their scan, without a list table: the kernel's scan
+        of lists fetched for this call, or numpy's. (:meth:`search` sends a snapshot's
+        queries, and a fast-scan store's, to the kernel's calls over a table instead.)"""
         qz, config = self.quantizer, self.config
         inner = qz.rotate(queries)
         k = params.scan_k
         kernel = qz.kernel
         if kernel is not None:
-            table = None if snapshot is None else self._list_table(snapshot)
-            if table is None and self.fast_scan:  # the fast scan reads lists from a table
-                table = _kernel.ListTable(qz.nlist, qz.m, fast=True, kernel=kernel)
             terms = self._list_terms(kernel) if qz.metric is Metric.L2 else None
             probed = (self._probe(inner, params.nprobe) if probe is None else probe).lists
-            if exact is not None and table is not None:
-                hits, _, refined = scan_tables(qz, config, kernel, inner, probed,
-                                               [TableSource(lists, deleted, fetch, table)], k,
-                                               terms, exact)
-                return probed, hits, refined
             return probed, scan_kernel(qz, config, kernel, inner, probed, lists, deleted,
-                                       fetch, k, terms, table), None
+                                       fetch, k, terms)
         coarse, probed = self._probe(inner, params.nprobe) if probe is None else probe
         if self.fast_scan:
             top = TopK(len(inner), k, config.pool_budget)
             scan_fast(qz, config, inner, coarse, probed, lists, deleted, fetch, top)
-            return probed, top.result(), None
+            return probed, top.result()
         if len(inner) == 1 and numpy_single.fits(qz, params.nprobe, config):
             return probed, numpy_single.scan_one(qz, config, inner[0], coarse[0], probed[0],
-                                                 lists, deleted, fetch, k), None
+                                                 lists, deleted, fetch, k)
         top = TopK(len(inner), k, config.pool_budget)
         scan_batch(qz, config, inner, coarse, probed, lists, deleted, fetch, top)
-        return probed, top.result(), None
+        return probed, top.result()
 
     @staticmethod
     def _located(probed: I64Array, hits: Hits | _kernel.OneFound,
