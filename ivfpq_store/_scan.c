@@ -409,6 +409,7 @@ typedef struct {
     const int64_t *refine;
     int32_t *entry_of;
     int64_t nrank;
+    int64_t nlists; /* L */
 } job_t;
 
 typedef struct worker {
@@ -416,6 +417,7 @@ typedef struct worker {
     int64_t b0, b1;  /* queries [b0, b1) in the first and last phases, lists [b0, b1) in the
                         others */
     int pass;        /* the list phase's pass: 0 each query's first pair, 1 the others */
+    int64_t q0, q1;  /* the list phase takes the pairs of queries [q0, q1) only */
     heap_t *heaps;   /* (nq,) */
     float *table;    /* (m, TSTRIDE) */
     float *lterm;    /* (m, TSTRIDE): the current list's terms, when not precomputed */
@@ -1166,6 +1168,12 @@ static inline int in_pass(const job_t *jb, int64_t p, int pass) {
     return (jb->pair_rank[p] == jb->first_rank[jb->pair_q[p]]) == (pass == 0);
 }
 
+/* Does the worker's list phase take pair p: of its queries, in its pass? */
+static inline int takes(const worker_t *w, int64_t p) {
+    const int64_t q = w->job->pair_q[p];
+    return q >= w->q0 && q < w->q1 && in_pass(w->job, p, w->pass);
+}
+
 /* Second phase, in two passes: the pairs of lists [b0, b1) in pass w->pass, list by list (its
  * codes stay in cache). A pair's table is built once and scanned over each of the list's
  * segments in turn, whose rows are numbered on from the previous segment's. */
@@ -1176,7 +1184,7 @@ static void *list_phase(void *arg) {
     for (int64_t l = w->b0; l < w->b1; l++) {
         const int64_t p1 = jb->pair_start[l + 1];
         int64_t p0 = jb->pair_start[l];
-        while (p0 < p1 && !in_pass(jb, p0, w->pass)) p0++;
+        while (p0 < p1 && !takes(w, p0)) p0++;
         if (p0 == p1) continue;
         int64_t s0, s1;
         entry_segments(jb, l, &s0, &s1);
@@ -1190,7 +1198,7 @@ static void *list_phase(void *arg) {
             lterm = w->lterm;
         }
         for (int64_t p = p0; p < p1; p++) {
-            if (!in_pass(jb, p, w->pass)) continue;
+            if (!takes(w, p)) continue;
             const int64_t q = jb->pair_q[p];
             const float *qv = jb->queries + q * dim;
             const float *qterm = jb->query_terms + q * size;
@@ -1228,17 +1236,35 @@ static void *list_phase(void *arg) {
     return NULL;
 }
 
-/* Work of a list in a pass: its pairs' table sums and row scans, plus its terms if computed
- * here. */
-static double list_work(const job_t *jb, int64_t l, int pass) {
-    int64_t s0, s1, rows = 0, pairs = 0;
-    for (int64_t p = jb->pair_start[l]; p < jb->pair_start[l + 1]; p++)
-        pairs += in_pass(jb, p, pass);
-    if (!pairs) return 0.0;
+/* Work of one pair of list entry l: its table's sums and its rows' scan, plus the list's
+ * terms if computed here. */
+static double pair_work(const job_t *jb, int64_t l) {
+    int64_t s0, s1, rows = 0;
     entry_segments(jb, l, &s0, &s1);
     /* a block of 32 rows costs about as much as 32 table entries (ivfpq_fast_tables) */
     for (int64_t s = s0; s < s1; s++) rows += segment_rows(jb, s);
-    return (double)pairs * (double)(rows + jb->m * (jb->blk_addr ? FAST_KSUB : TSTRIDE / 8));
+    return (double)(rows + jb->m * (jb->blk_addr ? FAST_KSUB : TSTRIDE / 8));
+}
+
+/* Work of a list in a pass: its pairs'. */
+static double list_work(const job_t *jb, int64_t l, int pass) {
+    int64_t pairs = 0;
+    for (int64_t p = jb->pair_start[l]; p < jb->pair_start[l + 1]; p++)
+        pairs += in_pass(jb, p, pass);
+    return pairs ? (double)pairs * pair_work(jb, l) : 0.0;
+}
+
+/* After the first pass: a full heap of a query bounds its later pairs, on every thread. Their
+ * candidates come after its worst on a tie of cost (a worse rank), so only a lower cost
+ * counts. For queries [q0, q1). */
+static void set_limits(const worker_t *ws, int nthreads, int64_t q0, int64_t q1, int64_t cap) {
+    for (int64_t q = q0; q < q1; q++) {
+        float limit = FLT_MAX;
+        for (int t = 0; t < nthreads; t++)
+            if (ws[t].heaps[q].n == cap && ws[t].heaps[q].c[0].cost < limit)
+                limit = nextafterf(ws[t].heaps[q].c[0].cost, -INFINITY);
+        for (int t = 0; t < nthreads; t++) ws[t].heaps[q].limit = limit;
+    }
 }
 
 /* The slots of a refine frame (int64; a pointer slot holds an address): what makes a scan
@@ -1365,24 +1391,41 @@ static void refine_results(worker_t *w) {
     }
 }
 
-/* How many of cost[0 .. padded) (padded a multiple of 16) are below `mine`, and in *same
- * how many equal it: 16 at a time, without branches. */
-HOT static int64_t costs_below(const float *cost, int64_t padded, float mine, int64_t *same) {
-    const f16v at = (f16v){0} + mine;
-    i16v below = {0}, equal = {0};
-    for (int64_t j = 0; j < padded; j += 16) {
+/* For each of the 16 costs mine[0 .. 16): how many of cost[0 .. n) are below it, to below,
+ * and how many equal it, to same. Each cost is held against all 16 at once, without
+ * branches and without a sum across lanes. */
+HOT static void costs_below(const float *cost, int64_t n, const float *mine, int32_t *below,
+                            int32_t *same) {
+    f16v at;
+    memcpy(&at, mine, sizeof(at));
+    i16v lt = {0}, eq = {0};
+    for (int64_t j = 0; j < n; j++) {
+        const f16v v = (f16v){0} + cost[j];
+        lt -= v < at;
+        eq -= v == at;
+    }
+    memcpy(below, &lt, sizeof(lt));
+    memcpy(same, &eq, sizeof(eq));
+}
+
+/* How many of candidates c[0 .. n) of cost[i]'s cost come before c[i] by (rank, row): the
+ * equal costs found 16 at a time (cost padded to whole vectors; no lane past n counts). */
+HOT static int64_t ties_before(const float *cost, const cand_t *c, int64_t n, int64_t i) {
+    const f16v mine = (f16v){0} + cost[i];
+    int64_t at = 0;
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
         f16v v;
-        memcpy(&v, cost + j, sizeof(v));
-        below -= v < at;
-        equal -= v == at;
+        memcpy(&v, cost + j0, sizeof(v));
+        const i16v eq = v == mine;
+        uint32_t bits = 0;
+        for (int u = 0; u < 16; u++) bits |= (uint32_t)(eq[u] & 1) << u;
+        while (bits) {
+            const int64_t j = j0 + __builtin_ctz(bits);
+            bits &= bits - 1;
+            at += j < n && j != i && after(&c[i], &c[j]);
+        }
     }
-    int64_t n = 0, e = 0;
-    for (int u = 0; u < 16; u++) {
-        n += below[u];
-        e += equal[u];
-    }
-    *same = e;
-    return n;
+    return at;
 }
 
 /* Last phase: the best k of queries [b0, b1) from every thread's heap, by (cost, rank, row),
@@ -1401,30 +1444,51 @@ static void *merge_phase(void *arg) {
             n += h->n;
         }
         /* Each candidate's place among them all is how many come before it: the costs below
-         * its own, counted 16 at a time, and among equal costs (rare) those before it by
-         * (rank, row). No compare branches, where a heap's pops mispredict about half of
-         * theirs: a SIFT10K batch at k=40 went from 0.65-0.68 to 0.56-0.61 ms (best of 300
-         * of Store.search, two builds alternated three times). Heap costs are never NaN or
-         * +inf (a heap takes a cost at most its bound, at most FLT_MAX): +inf pads the costs
-         * to whole vectors. */
+         * its own, counted for 16 candidates at a time, and among equal costs (rare) those
+         * before it by (rank, row). No compare branches, where a heap's pops mispredict about
+         * half of theirs: a SIFT10K batch at k=40 went from 0.65-0.68 to 0.56-0.61 ms (best
+         * of 300 of Store.search, two builds alternated three times). The costs are padded
+         * to whole vectors (+inf), whose lanes past n are read but never counted. */
         const int64_t padded = (n + 15) & ~(int64_t)15;
         for (int64_t i = 0; i < n; i++) cost[i] = c[i].cost;
         for (int64_t i = n; i < padded; i++) cost[i] = INFINITY;
-        for (int64_t i = 0; i < n; i++) {
-            int64_t ties;
-            int64_t at = costs_below(cost, padded, cost[i], &ties);
-            if (ties > 1) /* others of its cost: those before it by (rank, row) */
-                for (int64_t j = 0; j < n; j++)
-                    at += j != i && cost[j] == cost[i] && after(&c[i], &c[j]);
-            if (at >= k) continue;
-            jb->out_cost[q * k + at] = c[i].cost;
-            jb->out_id[q * k + at] = c[i].id;
-            jb->out_rank[q * k + at] = c[i].rank;
-            jb->out_row[q * k + at] = c[i].row;
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {
+            int32_t below[16], same[16];
+            costs_below(cost, n, cost + i0, below, same);
+            for (int64_t i = i0; i < n && i < i0 + 16; i++) {
+                int64_t at = below[i - i0];
+                if (same[i - i0] > 1) /* others of its cost: those before it by (rank, row) */
+                    at += ties_before(cost, c, n, i);
+                if (at >= k) continue;
+                jb->out_cost[q * k + at] = c[i].cost;
+                jb->out_id[q * k + at] = c[i].id;
+                jb->out_rank[q * k + at] = c[i].rank;
+                jb->out_row[q * k + at] = c[i].row;
+            }
         }
     }
     if (jb->refine) refine_results(w);
     return NULL;
+}
+
+/* Every phase of the queries [q0, q1) over every list, one after another: their terms, the
+ * list phase's two passes, then their merge. No other thread holds a heap of these queries,
+ * so none waits for another between the phases. */
+static void *batch_phase(void *arg) {
+    worker_t *w = (worker_t *)arg;
+    w->b0 = w->q0;
+    w->b1 = w->q1;
+    query_phase(w);
+    for (int pass = 0; pass < 2; pass++) {
+        w->b0 = 0;
+        w->b1 = w->job->nlists;
+        w->pass = pass;
+        list_phase(w);
+        if (pass == 0) set_limits(w->all, w->nall, w->q0, w->q1, w->job->cap);
+    }
+    w->b0 = w->q0;
+    w->b1 = w->q1;
+    return merge_phase(w);
 }
 
 /*
@@ -1433,8 +1497,8 @@ static void *merge_phase(void *arg) {
  * list for the query to out_rank and its row in the list to out_row (nq, k). They must come
  * filled with +inf, -1, -1 and -1, which stay where a query has fewer than k candidates.
  * Each heap holds at most cap <= k candidates. list_terms (l2 only) may be NULL: each list's
- * terms are then computed when it is scanned. Lists are split into nthreads contiguous runs
- * of about equal work. refine, when not NULL, is a refine frame (R_* slots, per segment): the
+ * terms are then computed when it is scanned. The queries (at least two a thread), or else
+ * the lists, are split into nthreads contiguous runs of about equal work. refine, when not NULL, is a refine frame (R_* slots, per segment): the
  * results are then also re-ranked exactly, as the frame's contract says.
  *
  * A list's records are one segment (seg_start NULL: rec_addr .. dead_count are (L,)) or
@@ -1459,8 +1523,11 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
                 blk_addr ? FAST_KSUB : TSTRIDE, k, out_cost, out_id, out_rank, out_row, refine,
                 NULL, 0};
     if (blk_addr && ksub != FAST_KSUB) return -2;
-    if (nthreads > nlists) nthreads = (int)nlists; /* a thread without a list only costs heaps */
     if (nthreads < 1) nthreads = 1;
+    /* A batch of at least two queries a thread is split by queries (batch_phase), else by
+     * lists, where a thread without a list would only cost heaps. */
+    const int by_query = nq >= 2 * (int64_t)nthreads;
+    if (!by_query && nthreads > nlists) nthreads = nlists < 1 ? 1 : (int)nlists;
     const int64_t size = m * jb.tstride;
     int64_t maxblk = 0; /* the most blocks of a segment: scratch for a pair's every sum */
     for (int64_t g = 0; blk_addr && g < (seg_start ? seg_start[nlists] : nlists); g++)
@@ -1478,7 +1545,7 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
         if (pair_rank[p] >= nrank) nrank = (int64_t)pair_rank[p] + 1;
     const size_t nres = refine ? (size_t)nq * (size_t)k : 0, nt = (size_t)nthreads;
     enum { P_WS, P_TIDS, P_POOL, P_HEAPS, P_TABLES, P_LUTS, P_PRESUMS,
-           P_QTERMS, P_MERGE, P_FIRST, P_ENTRY, P_RADDR, P_RCOST, P_PARTS };
+           P_QTERMS, P_MERGE, P_FIRST, P_ENTRY, P_RADDR, P_RCOST, P_QWORK, P_PARTS };
     const size_t part[P_PARTS] = {
         nt * sizeof(worker_t), nt * sizeof(pthread_t),
         nt * (size_t)nq * (size_t)cap * sizeof(cand_t), nt * (size_t)nq * sizeof(heap_t),
@@ -1486,7 +1553,7 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
         nt * presum_rows * sizeof(uint16_t), (size_t)nq * (size_t)size * sizeof(float),
         nt * merge_size * sizeof(cand_t), (size_t)nq * sizeof(int32_t),
         (size_t)nq * (size_t)nrank * sizeof(int32_t), nres * sizeof(uint64_t),
-        nres * sizeof(float)};
+        nres * sizeof(float), (size_t)nq * sizeof(double)};
     size_t at[P_PARTS], have = 0;
     char *block = scratch_take(lay_out(part, at, P_PARTS), &have);
     if (!block) return -1;
@@ -1503,6 +1570,7 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
     int32_t *entry_of = (int32_t *)(block + at[P_ENTRY]);
     uint64_t *raddr = (uint64_t *)(block + at[P_RADDR]);
     float *rcost = (float *)(block + at[P_RCOST]);
+    double *qwork = (double *)(block + at[P_QWORK]);
     memset(ws, 0, part[P_WS]);
     memset(heaps, 0, part[P_HEAPS]);
     const int level = fast_level();
@@ -1520,6 +1588,7 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
         refine[R_BAD_KIND] = 0;
     }
     jb.query_terms = qterms;
+    jb.nlists = nlists;
     jb.first_rank = first;
     for (int64_t q = 0; q < nq; q++) first[q] = INT32_MAX;
     for (int64_t p = 0; p < pair_start[nlists]; p++)
@@ -1542,50 +1611,66 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
         w->b0 = nq * t / nthreads;
         w->b1 = nq * (t + 1) / nthreads;
     }
-    run_parallel(nthreads, ws, sizeof(worker_t), tids, query_phase); /* cannot fail */
-
-    /* Each query's best-ranked list first: its best cap bound every other list's rows (most
-     * of a query's best are in its nearest lists), so that far fewer enter a heap. */
-    for (int pass = 0; pass < 2; pass++) {
-        double total = 0.0;
-        for (int64_t l = 0; l < nlists; l++) total += list_work(&jb, l, pass);
-        int64_t l = 0;
-        double acc = 0.0;
+    /* The list phase takes each query's best-ranked list first: its best cap bound every
+     * other list's rows (most of a query's best are in its nearest lists), so that far fewer
+     * enter a heap. A batch of at least two queries a thread is split into runs of queries
+     * of about equal work, each run scanned over every list on one thread, every phase in
+     * one go (batch_phase): a query then has one heap, not one on each thread, and the
+     * threads wait for each other once. Fewer queries are split by lists, phase by phase. */
+    int nmerge = nthreads;
+    if (by_query) {
+        double total = 0.0, acc = 0.0;
+        for (int64_t q = 0; q < nq; q++) qwork[q] = 0.0;
+        for (int64_t l = 0; l < nlists; l++) {
+            const double each = pair_work(&jb, l);
+            for (int64_t p = pair_start[l]; p < pair_start[l + 1]; p++) qwork[pair_q[p]] += each;
+        }
+        for (int64_t q = 0; q < nq; q++) total += qwork[q];
+        int64_t q = 0;
         for (int t = 0; t < nthreads; t++) {
             const double goal = total * (double)(t + 1) / (double)nthreads;
-            ws[t].b0 = l;
-            ws[t].pass = pass;
-            while (l < nlists && (t == nthreads - 1 || acc < goal))
-                acc += list_work(&jb, l++, pass);
-            ws[t].b1 = l;
+            ws[t].q0 = q;
+            while (q < nq && (t == nthreads - 1 || acc < goal)) acc += qwork[q++];
+            ws[t].q1 = q;
         }
-        run_parallel(nthreads, ws, sizeof(worker_t), tids, list_phase);
-        if (pass > 0) break;
-        /* A full heap of the first pass bounds the query's later pairs: their candidates
-         * come after its worst on a tie of cost (a worse rank), so only a lower cost counts. */
-        for (int64_t q = 0; q < nq; q++) {
-            float limit = FLT_MAX;
-            for (int t = 0; t < nthreads; t++)
-                if (ws[t].heaps[q].n == cap && ws[t].heaps[q].c[0].cost < limit)
-                    limit = nextafterf(ws[t].heaps[q].c[0].cost, -INFINITY);
-            for (int t = 0; t < nthreads; t++) ws[t].heaps[q].limit = limit;
+    } else {
+        run_parallel(nthreads, ws, sizeof(worker_t), tids, query_phase); /* cannot fail */
+        for (int pass = 0; pass < 2; pass++) {
+            double total = 0.0;
+            for (int64_t l = 0; l < nlists; l++) total += list_work(&jb, l, pass);
+            int64_t l = 0;
+            double acc = 0.0;
+            for (int t = 0; t < nthreads; t++) {
+                const double goal = total * (double)(t + 1) / (double)nthreads;
+                ws[t].b0 = l;
+                ws[t].pass = pass;
+                ws[t].q0 = 0;
+                ws[t].q1 = nq;
+                while (l < nlists && (t == nthreads - 1 || acc < goal))
+                    acc += list_work(&jb, l++, pass);
+                ws[t].b1 = l;
+            }
+            run_parallel(nthreads, ws, sizeof(worker_t), tids, list_phase);
+            if (pass == 0) set_limits(ws, nthreads, 0, nq, cap);
         }
+        nmerge = nq < nthreads ? (int)nq : nthreads; /* at most one thread a query */
     }
-
-    /* The merge (and refine), each thread a run of queries: at most one thread a query. */
-    const int nmerge = nq < nthreads ? (int)nq : nthreads;
+    /* The merge (and refine): each thread a run of queries, its own when split by queries. */
     for (int t = 0; t < nmerge; t++) {
         worker_t *w = &ws[t];
         w->all = ws;
         w->nall = nthreads;
         w->merge = merge + (size_t)t * merge_size;
-        w->b0 = nq * t / nmerge;
-        w->b1 = nq * (t + 1) / nmerge;
+        w->b0 = by_query ? w->q0 : nq * t / nmerge;
+        w->b1 = by_query ? w->q1 : nq * (t + 1) / nmerge;
         w->raddr = raddr + (size_t)w->b0 * (size_t)k;
         w->rcost = rcost + (size_t)w->b0 * (size_t)k;
         w->bad = -1;
     }
-    if (nmerge > 0) run_parallel(nmerge, ws, sizeof(worker_t), tids, merge_phase);
+    if (by_query)
+        run_parallel(nthreads, ws, sizeof(worker_t), tids, batch_phase);
+    else if (nmerge > 0)
+        run_parallel(nmerge, ws, sizeof(worker_t), tids, merge_phase);
     for (int t = 0; refine && t < nmerge; t++)
         if (ws[t].bad >= 0) { /* the first bad result: threads hold runs of queries in order */
             refine[R_BAD] = ws[t].bad;
@@ -2480,33 +2565,59 @@ static inline float half_to_float(uint16_t h) {
     return out;
 }
 
-/* A stored row's exact cost against query q: the squared l2 distance, or the negated inner
- * product, summed in 16 interleaved partial sums (vectorized) and then pairwise. */
-HOT static float row_cost(const uint8_t *row, const float *q, int64_t dim, int half, int l2) {
-    float acc[16] = {0.0f}, v[16];
+/* Sixteen values of a stored row from p: float32, or float16 when half. */
+static inline __attribute__((always_inline)) f16v row_values(const uint8_t *p, int half) {
+    f16v v;
+    if (half) {
+        uint16_t h[16];
+        memcpy(h, p, sizeof(h));
+        for (int u = 0; u < 16; u++) v[u] = half_to_float(h[u]);
+    } else {
+        memcpy(&v, p, sizeof(v));
+    }
+    return v;
+}
+
+/* row_cost's sums with half and l2 known when inlined: the whole runs of 16 values as
+ * vectors, the last (dim % 16) values one at a time into the first lanes. */
+static inline __attribute__((always_inline)) float row_sums(const uint8_t *row, const float *q,
+                                                            int64_t dim, int half, int l2) {
+    const int64_t width = half ? 2 : 4;
+    f16v acc = {0.0f};
     int64_t d = 0;
-    for (; d < dim; d += 16) {
-        const int64_t w = dim - d < 16 ? dim - d : 16;
-        if (half) {
-            for (int64_t u = 0; u < w; u++) {
+    for (; d + 16 <= dim; d += 16) {
+        const f16v v = row_values(row + width * d, half);
+        f16v qv;
+        memcpy(&qv, q + d, sizeof(qv));
+        if (l2)
+            acc += (v - qv) * (v - qv);
+        else
+            acc += -(v * qv);
+    }
+    if (d < dim) {
+        float v[16];
+        for (int64_t u = 0; u < dim - d; u++) {
+            if (half) {
                 uint16_t h;
                 memcpy(&h, row + 2 * (d + u), 2);
                 v[u] = half_to_float(h);
+            } else {
+                memcpy(&v[u], row + 4 * (d + u), 4);
             }
-        } else {
-            memcpy(v, row + 4 * d, (size_t)w * 4);
-        }
-        if (w == 16) {
-            for (int u = 0; u < 16; u++)
-                acc[u] += l2 ? (v[u] - q[d + u]) * (v[u] - q[d + u]) : -(v[u] * q[d + u]);
-        } else {
-            for (int64_t u = 0; u < w; u++)
-                acc[u] += l2 ? (v[u] - q[d + u]) * (v[u] - q[d + u]) : -(v[u] * q[d + u]);
+            acc[u] += l2 ? (v[u] - q[d + u]) * (v[u] - q[d + u]) : -(v[u] * q[d + u]);
         }
     }
     for (int h = 8; h >= 1; h /= 2)
         for (int u = 0; u < h; u++) acc[u] += acc[u + h];
     return acc[0];
+}
+
+/* A stored row's exact cost against query q: the squared l2 distance, or the negated inner
+ * product, summed in 16 interleaved partial sums (lane u takes values u, u + 16, ...) and
+ * then pairwise. */
+HOT static float row_cost(const uint8_t *row, const float *q, int64_t dim, int half, int l2) {
+    if (half) return l2 ? row_sums(row, q, dim, 1, 1) : row_sums(row, q, dim, 1, 0);
+    return l2 ? row_sums(row, q, dim, 0, 1) : row_sums(row, q, dim, 0, 0);
 }
 
 typedef struct {
