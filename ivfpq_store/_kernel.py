@@ -310,11 +310,11 @@ class Kernel:
         it applies to every scan of the process)."""
         return int(self._fast_level(-1 if limit is None else limit))
 
-    def crc_fold(self, enable: bool | None = None) -> bool:
-        """Whether row checksums fold runs of 64 bytes and more by carry-less multiplication
-        (PCLMULQDQ, where the CPU has it) rather than by tables alone; ``enable`` first allows
-        or forbids it (for tests that compare the two; it applies to the whole process)."""
-        return bool(self._crc_fold(-1 if enable is None else int(enable)))
+    def crc_fold(self, limit: int | None = None) -> int:
+        """The fold row checksums use on this CPU: 2 VPCLMULQDQ (four 128-bit lanes in one
+        AVX-512 register), 1 PCLMULQDQ, 0 none (tables alone); ``limit`` first sets the
+        widest it may use (for tests that compare them; it applies to the whole process)."""
+        return int(self._crc_fold(-1 if limit is None else limit))
 
     def refine_costs(self, queries: F32Array, qidx: I64Array, addr: np.ndarray,
                      ids: I64Array, *, half: bool, l2: bool,
