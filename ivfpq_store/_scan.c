@@ -1750,34 +1750,71 @@ static int cmp_scored(const void *a, const void *b) {
  * nprobe: insertion into a sorted run of the scores up to a bound (most fail one compare,
  * most runs of 16 one vector compare); large: a full sort. The bound is the nprobe-th least
  * of the least scores of the row's runs of 16 (nprobe scores are at most it, so the nprobe
- * best are too), +inf when the row has fewer runs. NaN ranks last, as +inf. */
+ * best are too), or of 8 or 4 when there are fewer than nprobe runs of 16 (at nlist=100,
+ * nprobe=16, 630 to 450 ns a query: C loop of 100 random rows, best of 2,000), +inf when
+ * the row has fewer than nprobe runs of 4. NaN ranks last, as +inf. */
+/* v into least[0 .. nl), the at most cap least values so far, ascending; returns their
+ * number now. */
+static inline int64_t keep_least(float *least, int64_t nl, int64_t cap, float v) {
+    if (nl == cap && !(v < least[nl - 1])) return nl;
+    int64_t i = nl < cap ? nl++ : nl - 1;
+    while (i > 0 && v < least[i - 1]) {
+        least[i] = least[i - 1];
+        i--;
+    }
+    least[i] = v;
+    return nl;
+}
+
 HOT static void best_lists(const float *row, int64_t nlist, int64_t nprobe, float add,
                            scored_t *tmp, float *out_cost, int64_t *out_list) {
     int64_t n = 0;
     if (nprobe <= 64) {
         float bound = INFINITY;
-        if (nlist / 16 >= nprobe) {
-            float least[64] = {0}; /* the nprobe least run minima so far, ascending */
-            int64_t nl = 0;
-            const f16v inf = (f16v){0} + INFINITY;
+        float least[64] = {0}; /* the nprobe least run minima so far, ascending */
+        int64_t nl = 0;
+        const f16v inf = (f16v){0} + INFINITY;
+        if (nlist / 16 >= nprobe) { /* runs of 16: 16 runs' minima at once */
             const int64_t runs = nlist / 16;
-            for (int64_t r0 = 0; r0 < runs; r0 += 16) { /* 16 runs' minima at once */
+            for (int64_t r0 = 0; r0 < runs; r0 += 16) {
                 f16v v[16], lo;
                 for (int64_t r = 0; r < 16; r++) {
                     memcpy(&v[r], row + 16 * (r0 + r < runs ? r0 + r : runs - 1), sizeof(f16v));
                     v[r] = pick(v[r] == v[r], v[r], inf); /* NaN: +inf */
                 }
                 lo = extreme_rows(v, 0);
-                for (int64_t r = 0; r < 16 && r0 + r < runs; r++) {
-                    if (nl == nprobe && !(lo[r] < least[nl - 1])) continue;
-                    int64_t i = nl < nprobe ? nl++ : nl - 1;
-                    while (i > 0 && lo[r] < least[i - 1]) {
-                        least[i] = least[i - 1];
-                        i--;
-                    }
-                    least[i] = lo[r];
-                }
+                for (int64_t r = 0; r < 16 && r0 + r < runs; r++) nl = keep_least(least, nl, nprobe, lo[r]);
             }
+            bound = least[nprobe - 1];
+        } else if (nlist / 4 >= nprobe) { /* runs of 8 or 4 (fewer than 256): 16 scores at a
+                                             time folded to each run's first lane */
+            const int64_t width = nlist / 8 >= nprobe ? 8 : 4, runs = nlist / width;
+            const int64_t per = 16 / width; /* runs a vector */
+            const i16v swap1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+            const i16v swap2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+            const i16v swap4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+            float mins[256 + 16];
+            int64_t r = 0;
+            for (; r + per <= runs; r += per) {
+                f16v x, y;
+                memcpy(&x, row + width * r, sizeof(x));
+                x = pick(x == x, x, inf);
+                y = __builtin_shuffle(x, swap1);
+                x = pick(y < x, y, x);
+                y = __builtin_shuffle(x, swap2);
+                x = pick(y < x, y, x);
+                if (width == 8) {
+                    y = __builtin_shuffle(x, swap4);
+                    x = pick(y < x, y, x);
+                }
+                for (int64_t k = 0; k < per; k++) mins[r + k] = x[k * width];
+            }
+            for (; r < runs; r++) { /* the last runs, fewer than a vector's */
+                mins[r] = INFINITY;
+                for (int64_t c = width * r; c < width * (r + 1); c++)
+                    if (row[c] < mins[r]) mins[r] = row[c]; /* NaN: never less */
+            }
+            for (r = 0; r < runs; r++) nl = keep_least(least, nl, nprobe, mins[r]);
             bound = least[nprobe - 1];
         }
         for (int64_t c0 = 0; c0 < nlist; c0 += 16) { /* 16 at a time: those under the limit */

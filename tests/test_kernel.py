@@ -143,11 +143,14 @@ def test_equal_costs_go_to_the_better_ranked_list(tmp_path, small_data, threads)
 
 @needs_kernel
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-@pytest.mark.parametrize(("nlist", "nprobe"), [(100, 1), (100, 5), (100, 70), (100, 100),
-                                               (7, 3), (16, 5), (47, 5), (130, 9), (150, 9)])
+@pytest.mark.parametrize(("nlist", "nprobe"), [(100, 1), (100, 5), (100, 16), (100, 70),
+                                               (100, 100), (7, 3), (16, 5), (47, 5), (47, 11),
+                                               (130, 9), (150, 9)])
 def test_probe_matches_the_blas_probe(metric, nlist, nprobe):
     """The kernel's probe (its own products, no BLAS threads) picks the numpy probe's lists in
-    the same order, with the same coarse costs up to rounding; nprobe > 64 takes its sort.
+    the same order, with the same coarse costs up to rounding; nprobe > 64 takes its sort,
+    and the others a bound from runs of 16, 8 or 4 scores (with a last run or two past the
+    last whole vector), or none.
     Its column tiles (64 for one query, 32 for several, then 16, then the last few summed in
     a tile of 16 that ends at nlist) sum each cost in the same order: a query probed alone
     and in a batch of 50 gets the same bits, for every nlist here."""
