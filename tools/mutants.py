@@ -922,7 +922,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("merge-equal-costs-unordered",
            "the merge places candidates of equal cost by cost alone: they share a place",
            "                if (same[i - i0] > 1) /* others of its cost: those before it by",
-           "                if (0)",
+           "                if (0) /* others of its cost: those before it by",
            ("tests/test_kernel.py", "tests/test_fastscan.py")),
     Mutant("batch-blocks-sized-by-fast-terms",
            "an 8-bit store's batch is cut into blocks as if its terms were the fast scan's",
