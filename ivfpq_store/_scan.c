@@ -1330,34 +1330,39 @@ static void refine_results(worker_t *w) {
     const float *raw = (const float *)(uintptr_t)rf[R_QUERIES];
     const int64_t size = rf[R_SIZE], nbytes = size - 4, n = (w->b1 - w->b0) * k;
     const int half = (int)rf[R_HALF];
-    const int64_t f0 = w->b0 * k; /* results f0 + c, c < n */
-    for (int64_t c = 0; c < n; c++) { /* where each result's row is: 0 none, 1 past its rows */
-        const int64_t f = f0 + c;
-        w->raddr[c] = 0;
-        if (jb->out_rank[f] < 0) continue;
-        int64_t s0, s1, row = jb->out_row[f];
-        entry_segments(jb, jb->entry_of[(f / k) * jb->nrank + jb->out_rank[f]], &s0, &s1);
-        int64_t s = s0;
-        for (; s < s1 && row >= segment_rows(jb, s); s++) /* rows count on from one segment */
-            row -= segment_rows(jb, s);
-        w->raddr[c] = s < s1 && row < vcount[s] ? vaddr[s] + (uint64_t)row * (uint64_t)size : 1;
-    }
-    for (int64_t c = 0; c < n; c++) {
-        if (c + REFINE_AHEAD < n && w->raddr[c + REFINE_AHEAD] > 1)
-            prefetch_row((const uint8_t *)(uintptr_t)w->raddr[c + REFINE_AHEAD], nbytes);
-        const int64_t f = f0 + c;
-        w->rcost[c] = INFINITY;
-        if (!w->raddr[c]) continue;
-        if (w->raddr[c] == 1) {
-            w->bad = f;
-            w->bad_kind = BAD_ROW;
-            return;
+    const int64_t f0 = w->b0 * k; /* results f0 + c, c < n: query q's i-th is q * k + i */
+    for (int64_t q = w->b0, c = 0; q < w->b1; q++) { /* no division by k a result */
+        for (int64_t i = 0; i < k; i++, c++) { /* where its row is: 0 none, 1 past its rows */
+            const int64_t f = f0 + c;
+            w->raddr[c] = 0;
+            if (jb->out_rank[f] < 0) continue;
+            int64_t s0, s1, row = jb->out_row[f];
+            entry_segments(jb, jb->entry_of[q * jb->nrank + jb->out_rank[f]], &s0, &s1);
+            int64_t s = s0;
+            for (; s < s1 && row >= segment_rows(jb, s); s++) /* rows count on from one segment */
+                row -= segment_rows(jb, s);
+            w->raddr[c] = s < s1 && row < vcount[s] ? vaddr[s] + (uint64_t)row * (uint64_t)size
+                                                    : 1;
         }
-        if (checked_cost((const uint8_t *)(uintptr_t)w->raddr[c], nbytes, jb->out_id[f],
-                         raw + (f / k) * dim, dim, half, jb->l2, &w->rcost[c])) {
-            w->bad = f;
-            w->bad_kind = BAD_SUM;
-            return;
+    }
+    for (int64_t q = w->b0, c = 0; q < w->b1; q++) {
+        for (int64_t i = 0; i < k; i++, c++) {
+            if (c + REFINE_AHEAD < n && w->raddr[c + REFINE_AHEAD] > 1)
+                prefetch_row((const uint8_t *)(uintptr_t)w->raddr[c + REFINE_AHEAD], nbytes);
+            const int64_t f = f0 + c;
+            w->rcost[c] = INFINITY;
+            if (!w->raddr[c]) continue;
+            if (w->raddr[c] == 1) {
+                w->bad = f;
+                w->bad_kind = BAD_ROW;
+                return;
+            }
+            if (checked_cost((const uint8_t *)(uintptr_t)w->raddr[c], nbytes, jb->out_id[f],
+                             raw + q * dim, dim, half, jb->l2, &w->rcost[c])) {
+                w->bad = f;
+                w->bad_kind = BAD_SUM;
+                return;
+            }
         }
     }
     float *out_cost = (float *)(uintptr_t)rf[R_OUT_COST];
