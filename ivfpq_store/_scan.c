@@ -1505,8 +1505,9 @@ static void *batch_phase(void *arg) {
  * filled with +inf, -1, -1 and -1, which stay where a query has fewer than k candidates.
  * Each heap holds at most cap <= k candidates. list_terms (l2 only) may be NULL: each list's
  * terms are then computed when it is scanned. The queries (at least two a thread), or else
- * the lists, are split into nthreads contiguous runs of about equal work. refine, when not NULL, is a refine frame (R_* slots, per segment): the
- * results are then also re-ranked exactly, as the frame's contract says.
+ * the lists, are split into nthreads contiguous runs of about equal work. refine, when not
+ * NULL, is a refine frame (R_* slots, per segment): the results are then also re-ranked
+ * exactly, as the frame's contract says.
  *
  * A list's records are one segment (seg_start NULL: rec_addr .. dead_count are (L,)) or
  * several (segments seg_start[l] .. seg_start[l+1] of the (S,) arrays: the same list of
@@ -1788,7 +1789,8 @@ HOT static void best_lists(const float *row, int64_t nlist, int64_t nprobe, floa
                     v[r] = pick(v[r] == v[r], v[r], inf); /* NaN: +inf */
                 }
                 lo = extreme_rows(v, 0);
-                for (int64_t r = 0; r < 16 && r0 + r < runs; r++) nl = keep_least(least, nl, nprobe, lo[r]);
+                for (int64_t r = 0; r < 16 && r0 + r < runs; r++)
+                    nl = keep_least(least, nl, nprobe, lo[r]);
             }
             bound = least[nprobe - 1];
         } else if (nlist / 4 >= nprobe) { /* runs of 8 or 4 (fewer than 256): 16 scores at a
