@@ -1907,11 +1907,19 @@ HOT static void probe_scores(const float *queries, int64_t nb, int64_t dim, cons
     float aside[PROBE_BLOCK * 16];
     int64_t c0 = 0;
     const int64_t last = nlist - 16; /* the tile that ends at nlist, when nlist >= 16 */
-    if (nlist % 16 && nlist >= 16) /* aside, before the tiles add to the scores */
-        for (int64_t b = 0; b < nb; b++) {
+    if (nlist % 16 && nlist >= 16) { /* aside, before the tiles add to the scores; several
+                                         queries a tile, so that their sums run side by side */
+        for (int64_t b = 0; b < nb; b++)
             memcpy(aside + b * 16, scores + b * nlist + last, 16 * sizeof(float));
+        int64_t b = 0;
+        for (; b + PROBE_BLOCK <= nb; b += PROBE_BLOCK)
+            probe_tile(queries + b * dim, dim, matrix, nlist, aside + b * 16, 16, last,
+                       PROBE_BLOCK, 1);
+        for (; b + 4 <= nb; b += 4)
+            probe_tile(queries + b * dim, dim, matrix, nlist, aside + b * 16, 16, last, 4, 1);
+        for (; b < nb; b++)
             probe_tile(queries + b * dim, dim, matrix, nlist, aside + b * 16, 16, last, 1, 1);
-        }
+    }
     if (nb < 4) { /* a query alone: 64 columns a tile */
         for (; c0 + 64 <= nlist; c0 += 64)
             for (int64_t b = 0; b < nb; b++)
