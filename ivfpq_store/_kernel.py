@@ -195,8 +195,14 @@ def _i64(a: np.ndarray) -> I64Array:
 
 
 def _ptr(a: np.ndarray) -> int:
-    """The address of a plain (not structured) array's data."""
-    return int(a.__array_interface__["data"][0])
+    """The address of a plain (not structured) array's data: through the buffer protocol
+    (about 0.3 µs; a batch's call takes 14), or for an array that exports no writable
+    contiguous buffer (read-only, empty, strided) its array interface (about 1 µs). (An
+    ndarray exports the buffer protocol; the stubs' ``Buffer`` does not name it.)"""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))  # type: ignore[arg-type]
+    except (TypeError, ValueError, BufferError):
+        return int(a.__array_interface__["data"][0])
 
 
 def _check_shape(m: int, dsub: int, ksub: int, dim: int) -> None:

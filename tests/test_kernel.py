@@ -199,6 +199,19 @@ def test_probe_ties_go_to_the_lower_list(nprobe):
                 assert a < b
 
 
+def test_array_addresses_the_kernel_is_given():
+    """An array's address, taken through its buffer where it exports a writable contiguous
+    one, is its data's: for views at an offset, and through the array interface for
+    read-only, empty, strided and structured arrays."""
+    a = np.arange(40, dtype=np.float32).reshape(4, 10)
+    frozen = a.copy()
+    frozen.setflags(write=False)
+    rows = np.zeros(3, [("v", "<f4", (4,)), ("crc", "<u4")])
+    for x in (a, a[1:], a[:, 2:], a.T, frozen, np.empty(0, np.int64), rows,
+              np.frombuffer(b"abcdefgh", np.uint8)):
+        assert _kernel._ptr(x) == x.__array_interface__["data"][0]
+
+
 @needs_kernel
 def test_kernel_rejects_inconsistent_arguments(tmp_path, small_data):
     """The C side trusts what it is given; the binding refuses what would make it read out

@@ -810,6 +810,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "                             raw + q * dim, dim, half, jb->l2, &w->rcost[c])) {",
            "                             raw + w->b0 * dim, dim, half, jb->l2, &w->rcost[c])) {",
            ("tests/test_vectors.py", "-k", "refine")),
+    Mutant("ptr-fallback-address-zero",
+           "an array without a writable contiguous buffer is given to the kernel at address 0",
+           "    except (TypeError, ValueError, BufferError):\n"
+           "        return int(a.__array_interface__[\"data\"][0])",
+           "    except (TypeError, ValueError, BufferError):\n        return 0",
+           ("tests/test_kernel.py", "-k", "addresses")),
     Mutant("crc-fold512-wrong-constant",
            "the AVX-512 fold folds 512 bits with a wrong constant",
            "_mm512_broadcast_i32x4(_mm_set_epi64x(0x1c6e41596, 0x154442bd4));",
