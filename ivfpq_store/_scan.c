@@ -1532,8 +1532,8 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
                 NULL, 0};
     if (blk_addr && ksub != FAST_KSUB) return -2;
     if (nthreads < 1) nthreads = 1;
-    /* A batch of at least two queries a thread is split by queries (batch_phase), else by
-     * lists, where a thread without a list would only cost heaps. */
+    /* split by queries or by lists (below); by lists, a thread without a list only costs
+     * heaps */
     const int by_query = nq >= 2 * (int64_t)nthreads;
     if (!by_query && nthreads > nlists) nthreads = nlists < 1 ? 1 : (int)nlists;
     const int64_t size = m * jb.tstride;
@@ -1752,13 +1752,6 @@ static int cmp_scored(const void *a, const void *b) {
     return x->list < y->list ? -1 : (x->list > y->list);
 }
 
-/* The nprobe best (cost, list) of one row of scores, by (cost, list), best first. Small
- * nprobe: insertion into a sorted run of the scores up to a bound (most fail one compare,
- * most runs of 16 one vector compare); large: a full sort. The bound is the nprobe-th least
- * of the least scores of the row's runs of 16 (nprobe scores are at most it, so the nprobe
- * best are too), or of 8 or 4 when there are fewer than nprobe runs of 16 (at nlist=100,
- * nprobe=16, 630 to 450 ns a query: C loop of 100 random rows, best of 2,000), +inf when
- * the row has fewer than nprobe runs of 4. NaN ranks last, as +inf. */
 /* v into least[0 .. nl), the at most cap least values so far, ascending; returns their
  * number now. */
 static inline int64_t keep_least(float *least, int64_t nl, int64_t cap, float v) {
@@ -1772,6 +1765,13 @@ static inline int64_t keep_least(float *least, int64_t nl, int64_t cap, float v)
     return nl;
 }
 
+/* The nprobe best (cost, list) of one row of scores, by (cost, list), best first. Small
+ * nprobe: insertion into a sorted run of the scores up to a bound (most fail one compare,
+ * most runs of 16 one vector compare); large: a full sort. The bound is the nprobe-th least
+ * of the least scores of the row's runs of 16 (nprobe scores are at most it, so the nprobe
+ * best are too), or of 8 or 4 when there are fewer than nprobe runs of 16 (at nlist=100,
+ * nprobe=16, 630 to 450 ns a query: C loop of 100 random rows, best of 2,000), +inf when
+ * the row has fewer than nprobe runs of 4. NaN ranks last, as +inf. */
 HOT static void best_lists(const float *row, int64_t nlist, int64_t nprobe, float add,
                            scored_t *tmp, float *out_cost, int64_t *out_list) {
     int64_t n = 0;
@@ -1792,7 +1792,6 @@ HOT static void best_lists(const float *row, int64_t nlist, int64_t nprobe, floa
                 for (int64_t r = 0; r < 16 && r0 + r < runs; r++)
                     nl = keep_least(least, nl, nprobe, lo[r]);
             }
-            bound = least[nprobe - 1];
         } else if (nlist / 4 >= nprobe) { /* runs of 8 or 4 (fewer than 256): 16 scores at a
                                              time folded to each run's first lane */
             const int64_t width = nlist / 8 >= nprobe ? 8 : 4, runs = nlist / width;
@@ -1822,8 +1821,8 @@ HOT static void best_lists(const float *row, int64_t nlist, int64_t nprobe, floa
                     if (row[c] < mins[r]) mins[r] = row[c]; /* NaN: never less */
             }
             for (r = 0; r < runs; r++) nl = keep_least(least, nl, nprobe, mins[r]);
-            bound = least[nprobe - 1];
         }
+        if (nl == nprobe) bound = least[nprobe - 1]; /* runs enough for a bound */
         for (int64_t c0 = 0; c0 < nlist; c0 += 16) { /* 16 at a time: those under the limit */
             const float limit = n == nprobe && tmp[n - 1].cost < bound ? tmp[n - 1].cost : bound;
             uint32_t mask = nlist - c0 < 16 ? (1u << (nlist - c0)) - 1 : 0xFFFFu;
