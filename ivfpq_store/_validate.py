@@ -54,6 +54,13 @@ def as_vectors(x: Any, dim: int, name: str = "vectors") -> tuple[F32Array, bool]
             and x.flags.aligned and x.size == dim and x.shape in ((dim,), (1, dim))
             and np.vdot(x, x) <= MAX_SQUARED_NORM):
         return (x if x.ndim == 2 else x[None, :]), x.ndim == 1
+    # A float32 batch, as batches usually come: no cast (so nothing to overflow and no
+    # errstate) and the greatest squared norm, NaN when a row holds NaN, decides. Any other
+    # outcome goes the general way below, which says what is wrong.
+    if (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2 and x.shape[0]
+            and x.shape[1] == dim and x.flags.c_contiguous and x.flags.aligned
+            and np.einsum("ij,ij->i", x, x).max() <= MAX_SQUARED_NORM):
+        return x, False
     arr = _as_array(x, name)
     if arr.dtype.kind not in "fiu":
         raise DimensionMismatchError(

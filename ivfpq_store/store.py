@@ -428,8 +428,8 @@ class Store:
 
         result, held = self._on_snapshot(catalog, run)
         first = result.ids[:, 0]
-        empty = int(first[0] < 0) if len(first) == 1 else int((first < 0).sum())
-        if empty and held is not None and held[0]:
+        if held is not None and held[0] and (first[0] if len(first) == 1 else first.min()) < 0:
+            empty = int((first < 0).sum())
             warnings.warn(EmptyProbeWarning(
                 f"search: {empty} of {len(q)} queries found nothing: the {checked.nprobe} "
                 f"list(s) each probed hold no live vectors, while the store holds {held[0]:,} "
