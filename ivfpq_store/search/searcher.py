@@ -190,7 +190,7 @@ class Searcher:
             assert refiner is not None
             if refined.bad >= 0:
                 raise _bad_row(refined, probed, hits, refiner.where)
-            return self._result(refined.cost, refined.ids)
+            return self._result(refined.cost, refined.ids, exact=True)
         if not params.refine:
             return self._result(hits.cost, hits.ids)
         assert refiner is not None, "refine needs the stored vectors"
@@ -333,10 +333,11 @@ class Searcher:
                             list_nos, rows, refiner.lists, refiner.fetch_vectors, refiner.where)
         return self._result(cost, best)
 
-    def _result(self, cost: F32Array, ids: I64Array) -> SearchResult:
-        """Costs (ascending; negated scores for ip/cosine) as distances."""
+    def _result(self, cost: F32Array, ids: I64Array, *, exact: bool = False) -> SearchResult:
+        """Costs (ascending; negated scores for ip/cosine) as distances. ``exact``: the
+        kernel's re-ranked costs, whose l2 costs are sums of squares, never below 0."""
         if self.quantizer.metric is Metric.L2:  # rounding can make a tiny square distance < 0
-            return SearchResult(np.maximum(cost, _ZERO, out=cost), ids)
+            return SearchResult(cost if exact else np.maximum(cost, _ZERO, out=cost), ids)
         return SearchResult(np.negative(cost, out=cost), ids)
 
     def range_search(self, queries: F32Array, params: RangeParams,
