@@ -473,6 +473,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "if (sq <= MAX_SQUARED_NORM).all():",
            "if not np.isinf(sq).any():",
            ("tests/test_bad_input.py",)),
+    Mutant("validate-float32-batch-unchecked",
+           "a float32 batch skips the check of its rows' norms",
+           "            and np.einsum(\"ij,ij->i\", x, x).max() <= MAX_SQUARED_NORM):\n"
+           "        return x, False",
+           "            ):\n        return x, False",
+           ("tests/test_bad_input.py",)),
     # -- the packed id map (format 1.3) -------------------------------------------------------
     Mutant("bucket-crc-unchecked",
            "buckets of the packed id map are decoded without checking their CRC",
