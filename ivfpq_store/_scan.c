@@ -2141,12 +2141,14 @@ static int search_queries(int64_t nq, int probe_threads, int64_t dim, int64_t m,
 #undef LIST_ROWS
     if (nq > 1) { /* each list's pairs in the order of the queries, then of their ranks:
                      start[e] the cursor of entry e's, then moved back a place */
-        for (int64_t i = 0; i < npairs; i++) {
-            const int64_t e = entry[out_list[i]];
-            if (e < 0) continue;
-            pq[start[e]] = i / nprobe;
-            rank[start[e]] = (int32_t)(i % nprobe);
-            start[e]++;
+        for (int64_t q = 0, i = 0; q < nq; q++) { /* pair i is query q's rank r: no division */
+            for (int32_t r = 0; r < (int32_t)nprobe; r++, i++) {
+                const int64_t e = entry[out_list[i]];
+                if (e < 0) continue;
+                pq[start[e]] = q;
+                rank[start[e]] = r;
+                start[e]++;
+            }
         }
         for (int64_t e = n; e > 0; e--) start[e] = start[e - 1];
         start[0] = 0;
