@@ -543,8 +543,9 @@ class Kernel:
         key = (nprobe, k, kout, nthreads, thread_min_rows)
         lay = made[2].get(key)
         if lay is None:
+            sized = table.vector_dtype is not None  # read first: another thread may set it
             lay = _one_layout(table, made[1], *key)
-            if not kout or table.vector_dtype is not None:  # else its rows' layout is unknown
+            if not kout or sized:  # else its rows' layout is unknown
                 if len(made[2]) >= ONE_LAYOUTS:  # settings that vary call by call: bounded
                     made[2].clear()
                 made[2][key] = lay

@@ -1275,7 +1275,7 @@ static void set_limits(const worker_t *ws, int nthreads, int64_t q0, int64_t q1,
  * segment (S,) (search_one: per list number, with R_KNOWN (nlist,) uint8 saying which are
  * filled), the address of its first stored-vector row and how many rows it commits; a row
  * is R_SIZE bytes, dim values (float32, float16 when R_HALF) and the u32 CRC-32 of the
- * record's id and values. R_KOUT 0: each result's exact cost to R_OUT_COST (nq, k) in its
+ * record's id and values (with R_KNOWN, R_SIZE 0: no list's rows are known yet). R_KOUT 0: each result's exact cost to R_OUT_COST (nq, k) in its
  * place (+inf where there is none); else the best R_KOUT of a query's results by exact cost
  * (equal costs in the scan's order; NaN after all) to R_OUT_COST and R_OUT_ID (nq, kout), id
  * -1 where the cost is not finite. R_BAD: written -1, or the first result q * k + i whose row
@@ -2087,6 +2087,9 @@ static int search_queries(int64_t nq, int probe_threads, int64_t dim, int64_t m,
     }
     rc = 1;
     const uint8_t *vknown = refine ? (const uint8_t *)(uintptr_t)refine[R_KNOWN] : NULL;
+    /* A frame made before any list's vector rows were known has row size 0, though another
+     * thread may have filled some since: to it no list's rows are known. */
+    const int vsized = refine && refine[R_SIZE] > 4;
     for (int64_t i = 0; i < npairs; i++)
         if (!known[out_list[i]]) goto done;
     for (int64_t i = 0; i < nq * k; i++) {
@@ -2113,7 +2116,7 @@ static int search_queries(int64_t nq, int probe_threads, int64_t dim, int64_t m,
         const int64_t rows = pairs ? LIST_ROWS(l) : 0;
         if (nq > 1) entry[l] = -1;
         if (rows <= 0) continue;
-        if (vknown && !vknown[l]) goto done; /* rc 1: a scanned list's vector rows unknown */
+        if (vknown && (!vsized || !vknown[l])) goto done; /* rc 1: its vector rows unknown */
         list_no[n] = l;
         addr[n] = rec_addr[l];
         count[n] = rec_count[l];

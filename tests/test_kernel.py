@@ -603,6 +603,42 @@ def test_a_tables_single_query_frames_are_bounded(shared_store_path, small_data)
 
 
 @needs_kernel
+def test_a_refine_frame_made_before_any_rows_were_known_asks_for_them(tmp_path, small_data):
+    """A refine frame made while no list's vector rows were known (row size 0) reads none,
+    though another thread has filled the table since: the call asks for the rows again
+    (not ``known``) instead of reading rows of an unknown size, and the next frame, made
+    with their size, gives the store's refined results."""
+    with make_store(tmp_path / "s", small_data, store_vectors="float32") as store:
+        queries = small_data["queries"][:20]
+        want = store.search(queries, k=5, nprobe=3, refine=2)  # fills the table's rows
+        searcher = testing.searcher(store)
+        kernel = _kernel.KERNEL
+        assert kernel is not None
+        table = searcher._table_of(kernel, testing.snapshot(store))
+        arrays = searcher._quantizer_arrays(kernel)
+        addr, count, known = table.vectors
+        assert known.any()
+        assert table.vector_dtype is not None
+        table.refine_slots = (table.vector_dtype, _kernel._refine_slots(  # made before then
+            addr=_kernel._ptr(addr), count=_kernel._ptr(count), known=_kernel._ptr(known)))
+
+        def search() -> Any:
+            return kernel.search_batch(table=table, queries=searcher.quantizer.rotate(queries),
+                                       arrays=arrays, nprobe=3, k=10, nthreads=2,
+                                       thread_min_rows=1, probe_threads=1,
+                                       refine=(queries, 5))
+
+        assert not search().known
+        table.refine_slots = None  # made again, with the rows' size
+        found = search()
+        assert found.known
+        assert found.refined is not None
+        assert found.refined.bad == -1
+        np.testing.assert_array_equal(found.refined.ids, want.ids)
+        np.testing.assert_array_equal(found.refined.cost, want.distances)
+
+
+@needs_kernel
 @pytest.mark.parametrize("threads", [1, 3])
 def test_a_refined_scan_stops_at_its_first_bad_result(tmp_path, small_data, threads):
     """The kernel's refine in the scan's call re-ranks as the store's refined search does,
