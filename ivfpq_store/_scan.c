@@ -1275,12 +1275,13 @@ static void set_limits(const worker_t *ws, int nthreads, int64_t q0, int64_t q1,
  * segment (S,) (search_one: per list number, with R_KNOWN (nlist,) uint8 saying which are
  * filled), the address of its first stored-vector row and how many rows it commits; a row
  * is R_SIZE bytes, dim values (float32, float16 when R_HALF) and the u32 CRC-32 of the
- * record's id and values (with R_KNOWN, R_SIZE 0: no list's rows are known yet). R_KOUT 0: each result's exact cost to R_OUT_COST (nq, k) in its
- * place (+inf where there is none); else the best R_KOUT of a query's results by exact cost
- * (equal costs in the scan's order; NaN after all) to R_OUT_COST and R_OUT_ID (nq, kout), id
- * -1 where the cost is not finite. R_BAD: written -1, or the first result q * k + i whose row
- * is bad; R_BAD_KIND then says why: 1 its row is past its segment's rows, 2 it fails its
- * checksum (the outputs are then not all written). */
+ * record's id and values (with R_KNOWN, R_SIZE 0: no list's rows are known yet). R_KOUT 0:
+ * each result's exact cost to R_OUT_COST (nq, k) in its place (+inf where there is none);
+ * else the best R_KOUT of a query's results by exact cost (equal costs in the scan's order;
+ * NaN after all) to R_OUT_COST and R_OUT_ID (nq, kout), id -1 where the cost is not finite.
+ * R_BAD: written -1, or the first result q * k + i whose row is bad; R_BAD_KIND then says
+ * why: 1 its row is past its segment's rows, 2 it fails its checksum (the outputs are then
+ * not all written). */
 enum {
     R_QUERIES, R_ADDR, R_COUNT, R_KNOWN, R_SIZE, R_HALF, R_KOUT, R_OUT_COST, R_OUT_ID, R_BAD,
     R_BAD_KIND, R_SLOTS
@@ -2144,14 +2145,12 @@ static int search_queries(int64_t nq, int probe_threads, int64_t dim, int64_t m,
 #undef LIST_ROWS
     if (nq > 1) { /* each list's pairs in the order of the queries, then of their ranks:
                      start[e] the cursor of entry e's, then moved back a place */
-        for (int64_t q = 0, i = 0; q < nq; q++) { /* pair i is query q's rank r: no division */
-            for (int32_t r = 0; r < (int32_t)nprobe; r++, i++) {
-                const int64_t e = entry[out_list[i]];
-                if (e < 0) continue;
-                pq[start[e]] = q;
-                rank[start[e]] = r;
-                start[e]++;
-            }
+        for (int64_t i = 0; i < npairs; i++) {
+            const int64_t e = entry[out_list[i]];
+            if (e < 0) continue;
+            pq[start[e]] = i / nprobe;
+            rank[start[e]] = (int32_t)(i % nprobe);
+            start[e]++;
         }
         for (int64_t e = n; e > 0; e--) start[e] = start[e - 1];
         start[0] = 0;

@@ -54,13 +54,6 @@ def as_vectors(x: Any, dim: int, name: str = "vectors") -> tuple[F32Array, bool]
             and x.flags.aligned and x.size == dim and x.shape in ((dim,), (1, dim))
             and np.vdot(x, x) <= MAX_SQUARED_NORM):
         return (x if x.ndim == 2 else x[None, :]), x.ndim == 1
-    # A float32 batch, as batches usually come: no cast (so nothing to overflow and no
-    # errstate) and the greatest squared norm, NaN when a row holds NaN, decides. Any other
-    # outcome goes the general way below, which says what is wrong.
-    if (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2 and x.shape[0]
-            and x.shape[1] == dim and x.flags.c_contiguous and x.flags.aligned
-            and np.einsum("ij,ij->i", x, x).max() <= MAX_SQUARED_NORM):
-        return x, False
     arr = _as_array(x, name)
     if arr.dtype.kind not in "fiu":
         raise DimensionMismatchError(
@@ -77,11 +70,16 @@ def as_vectors(x: Any, dim: int, name: str = "vectors") -> tuple[F32Array, bool]
             f"{name}: expected dimension {dim}, got {arr.shape[1]} (shape {arr.shape})")
     if arr.shape[0] == 0:
         raise InvalidInputError(f"{name}: empty batch — expected at least one vector")
-    # One pass decides for valid input: a row with NaN or inf has a NaN or inf squared norm.
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = np.ascontiguousarray(arr, dtype=np.float32)
-        sq = np.einsum("ij,ij->i", out, out)
-    if (sq <= MAX_SQUARED_NORM).all():
+    # One pass decides for valid input: a row with NaN or inf has a NaN or inf squared norm,
+    # and the greatest norm (NaN when any is) is then not within the bound. Only a cast can
+    # warn (of overflow): a float32 batch, as batches usually come, is taken as it is.
+    if arr.dtype == np.float32:
+        out = np.ascontiguousarray(arr)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.ascontiguousarray(arr, dtype=np.float32)
+    sq = np.einsum("ij,ij->i", out, out)
+    if sq.max() <= MAX_SQUARED_NORM:
         return out, single
     bad = ~np.isfinite(out).all(axis=1)
     if bad.any():
