@@ -920,7 +920,7 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_concurrency.py", "tests/test_store.py")),
     Mutant("single-frame-cached-before-vector-rows",
            "a single query's refine frame is kept before any list's vector rows are known",
-           "            if not kout or table.vector_dtype is not None:",
+           "            if not kout or sized:",
            "            if True:",
            ("tests/test_vectors.py",)),
     Mutant("fast-tables-avx512-minima-half-summed",
